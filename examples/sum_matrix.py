@@ -1,0 +1,33 @@
+"""Sum a matrix on the workers: the seed's first example.
+
+An n x n matrix holds a random permutation of 1..n^2, so its sum is known:
+n^2 (n^2 + 1) / 2. Each worker sums its rows; the master adds the sums.
+
+    python examples/sum_matrix.py [n]            # local workers, n=1000
+    QJAMFAB_HOSTS=a,b python examples/sum_matrix.py 2000
+    inv run examples/sum_matrix.py --hosts=a,b 2000
+"""
+import sys
+
+import numpy as np
+
+from qjamfab import DataSet, Master
+
+
+def mapfunc(params, rows):
+    return int(rows.sum())
+
+
+def main(n: int) -> int:
+    matrix = np.random.default_rng().permutation(n * n).reshape(n, n) + 1
+    expected = n * n * (n * n + 1) // 2
+    with Master() as master:
+        total = master.run(mapfunc, dataset=DataSet(matrix))
+        print(f"expected sum: {expected}")
+        print(f"computed sum: {total}")
+        print(master.last_run)
+    return 0 if total == expected else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 1000))

@@ -1,0 +1,27 @@
+"""qjamfab: iterative, data-parallel Python on machines you reach with SSH.
+
+    from qjamfab import Master, DataSet
+    with Master("local:2") as m:
+        total = m.run(lambda p, xs: p * sum(xs), params=3,
+                      dataset=DataSet(list(range(100))))
+
+The public names live in private-ish modules and are re-exported here.
+"""
+from .dataset import (ArrayDataSet, BaseDataSet, DataSet, ListDataSet,
+                      NpyFileDataSet, TextMatrixDataSet)
+from .errors import (AuthenticationFailed, BadDataSet, BadHostSpec, BadJob,
+                     BadParams, HostError, HostKeyError, HostUnreachable,
+                     JobError, PreflightFailed, ProtocolError, QjamfabError,
+                     ReduceError, RemoteError, WorkerLost)
+from .master import Master, RunStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Master", "RunStats", "DataSet", "BaseDataSet", "ListDataSet",
+    "ArrayDataSet", "NpyFileDataSet", "TextMatrixDataSet",
+    "QjamfabError", "HostError", "BadHostSpec", "HostUnreachable",
+    "AuthenticationFailed", "HostKeyError", "PreflightFailed",
+    "ProtocolError", "WorkerLost", "RemoteError", "JobError", "BadJob",
+    "BadParams", "BadDataSet", "ReduceError",
+]

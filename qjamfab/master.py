@@ -1,0 +1,539 @@
+"""The Master: owns the worker handles; `run()` = plan, dispatch, collect, reduce.
+
+One `_WorkerHandle` per worker wraps a Transport, reads its frames on a
+thread and posts them to the Master's single event queue; `run()` works
+through that queue on the caller's thread, so user-visible output and errors
+all happen there. Every message names its task, so anything left over from
+an earlier, interrupted run is recognised and dropped.
+"""
+from __future__ import annotations
+
+import itertools
+import linecache
+import logging
+import os
+import queue
+import re
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from . import protocol, scheduler, serialize
+from .dataset import BaseDataSet, DataSet
+from .errors import (BadJob, ProtocolError, QjamfabError, ReduceError,
+                     RemoteError, WorkerLost)
+from .hosts import HostSpec, parse_hosts
+from .reduce import ReduceMismatch, reduce_all
+from .runtime import default_base
+from .transport import LocalPipeTransport, Transport
+
+log = logging.getLogger("qjamfab")
+
+_LOST = -1              # event kind posted by a reader thread at end of stream
+_HANDSHAKE_TIMEOUT_S = 30.0
+
+
+@dataclass
+class RunStats:
+    """What one `Master.run` did."""
+    elapsed_s: float = 0.0
+    workers: int = 0
+    slices: int = 0
+    slices_sent: int = 0
+    slices_cached: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    dataset_bytes_sent: int = 0
+    worker_compute_s: dict = field(default_factory=dict)
+    lost_workers: list = field(default_factory=list)
+    rerun_slices: int = 0
+
+    def __repr__(self) -> str:
+        compute = ", ".join(f"{name} {secs:.3f}s"
+                            for name, secs in self.worker_compute_s.items())
+        lost = (f"; lost {', '.join(self.lost_workers)}, "
+                f"re-ran {self.rerun_slices} slices" if self.lost_workers else "")
+        return (f"RunStats({self.elapsed_s * 1e3:.1f} ms on {self.workers} "
+                f"workers: {self.slices} slices, {self.slices_cached} cached, "
+                f"{self.slices_sent} sent ({_size(self.dataset_bytes_sent)}); "
+                f"{_size(self.bytes_sent)} sent, "
+                f"{_size(self.bytes_received)} received; compute: "
+                f"{compute or '-'}{lost})")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+class _WorkerHandle:
+    """One connected worker: its transport, reader thread and what it holds."""
+
+    def __init__(self, name: str, transport: Transport, events: queue.Queue):
+        self.name = name
+        self.transport = transport
+        self.reader = protocol.FrameReader(transport.readinto)
+        self.funcs: set[str] = set()
+        self.refs: set[str] = set()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.alive = True
+        self._lock = threading.Lock()
+        self.hello = self._handshake()
+        self.last_seen = time.monotonic()
+        self._events = events
+        threading.Thread(target=self._read_loop, name=f"qjamfab-{name}",
+                         daemon=True).start()
+
+    def _handshake(self) -> dict:
+        timer = threading.Timer(_HANDSHAKE_TIMEOUT_S, self.transport.close)
+        timer.start()
+        try:
+            kind, head, _ = self.reader.read()
+        except (EOFError, ProtocolError, OSError) as exc:
+            self.transport.close()
+            status, tail = self.transport.exit_report(None)
+            raise WorkerLost(
+                f"worker {self.name} did not start (exit status {status}): "
+                f"see its output below\n{tail}", worker=self.name,
+                exit_status=status, stderr_tail=tail) from exc
+        finally:
+            timer.cancel()
+        if kind != protocol.HELLO or head.get("version") != protocol.VERSION:
+            self.transport.close()
+            raise ProtocolError(
+                f"worker {self.name} speaks protocol {head.get('version')}, "
+                f"not {protocol.VERSION}: restart it with this qjamfab's "
+                "runtime (stop-workers, then start-workers)")
+        return head
+
+    def send(self, kind: int, head: dict, payload: Sequence = ()) -> int:
+        buffers = protocol.frame(kind, head, payload)
+        size = protocol.frame_size(buffers)
+        with self._lock:
+            protocol.write_all(self.transport.writev, buffers)
+            self.bytes_sent += size
+        return size
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                kind, head, parts = self.reader.read()
+                self.last_seen = time.monotonic()
+                self.bytes_received += sum(len(p) for p in parts)
+                if kind != protocol.HEARTBEAT:
+                    self._events.put((self, kind, head, parts))
+        except (EOFError, OSError, ProtocolError, QjamfabError) as exc:
+            self._events.put((self, _LOST, {"reason": str(exc)}, []))
+
+    def close(self) -> None:
+        self.alive = False
+        self.transport.close()
+
+
+class _Task:
+    __slots__ = ("id", "worker", "slices")
+
+    def __init__(self, task_id: int, worker: _WorkerHandle, slices: list[int]):
+        self.id = task_id
+        self.worker = worker
+        self.slices = slices
+
+
+class Master:
+    """Runs jobs on workers: `local[:N]` processes, or SSH hosts.
+
+    `hosts=None` means $QJAMFAB_HOSTS, else `local` with one worker per core.
+    """
+
+    def __init__(self, hosts: None | str | Sequence[str] = None, *,
+                 workers_per_host: int | None = None,
+                 ssh_config: str | None = None,
+                 heartbeat_timeout: float = 10.0):
+        if workers_per_host is not None and (
+                not isinstance(workers_per_host, int) or workers_per_host < 1):
+            raise ValueError(
+                f"workers_per_host must be a positive int, not "
+                f"{workers_per_host!r}: give e.g. 2, or None for one per core")
+        self.hosts: list[HostSpec] = parse_hosts(hosts)
+        self.ssh_config = ssh_config
+        self.heartbeat_timeout = heartbeat_timeout
+        self.last_run: RunStats | None = None
+        self._base = default_base()
+        self._events: queue.Queue = queue.Queue()
+        self._task_ids = itertools.count(1)
+        self._slots = self._slot_names(workers_per_host)
+        self._handles: dict[str, _WorkerHandle] = {}
+        self._finalizer = weakref.finalize(self, _close_all, self._handles)
+        self._start_missing()
+
+    # --- workers --------------------------------------------------------
+
+    def _slot_names(self, workers_per_host: int | None
+                    ) -> list[tuple[str, HostSpec]]:
+        slots, seen = [], set()
+        for spec in self.hosts:
+            count = spec.workers or workers_per_host or os.cpu_count() or 1
+            label = spec.raw.split(":")[0] if spec.is_local else spec.raw
+            while label in seen:
+                label += "'"
+            seen.add(label)
+            slots += [(f"{label}-{k}", spec) for k in range(count)]
+        return slots
+
+    def _open_transport(self, name: str, spec: HostSpec) -> Transport:
+        if spec.is_local:
+            return LocalPipeTransport(name, self._base)
+        raise QjamfabError(f"SSH host {spec.raw!r} is not supported yet: "
+                           "use local workers")
+
+    def _start_missing(self) -> None:
+        """Start a worker for every slot that has none (or a lost one)."""
+        missing = [(n, s) for n, s in self._slots
+                   if n not in self._handles or not self._handles[n].alive]
+        transports = []
+        try:
+            for name, spec in missing:
+                old = self._handles.pop(name, None)
+                if old is not None:
+                    old.close()
+                transports.append((name, self._open_transport(name, spec)))
+            while transports:
+                name, transport = transports.pop(0)
+                self._handles[name] = _WorkerHandle(name, transport,
+                                                    self._events)
+        finally:
+            for _, transport in transports:
+                transport.close()
+
+    @property
+    def workers(self) -> list[str]:
+        return [name for name, _ in self._slots]
+
+    def close(self) -> None:
+        """End this session: stop local workers, drop connections."""
+        self._finalizer()
+
+    def __enter__(self) -> "Master":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if not self._finalizer.alive else \
+            f"{sum(h.alive for h in self._handles.values())} workers up"
+        return (f"Master({', '.join(s.raw for s in self.hosts)}: "
+                f"{len(self._slots)} workers, {state})")
+
+    def _live(self) -> list[_WorkerHandle]:
+        if not self._finalizer.alive:
+            raise QjamfabError("this Master is closed: create a new Master")
+        return [self._handles[n] for n, _ in self._slots
+                if n in self._handles and self._handles[n].alive]
+
+    # --- runs -----------------------------------------------------------
+
+    def run(self, job: object, params: object = None, dataset: object = None,
+            *, reduce: Callable | None = None) -> object:
+        """mapfunc(params, slice) over the dataset's slices, reduced.
+
+        `job` is a module with `mapfunc` (and optional `reduce`) or a
+        function. Without a dataset every worker runs mapfunc(params, None)
+        once. Results combine with `reduce`, else `+` (element-wise for
+        lists and tuples), in slice order.
+        """
+        self._live()
+        started = time.perf_counter()
+        mapfunc, reduce = serialize.job_functions(job, reduce)
+        func_hash, func_bytes = serialize.encode_job(mapfunc, reduce)
+        params_parts = serialize.encode_params(params)
+        if dataset is not None and not isinstance(dataset, BaseDataSet):
+            dataset = DataSet(dataset)
+        self._start_missing()
+        workers = self._live()
+        if dataset is not None:
+            dataset = dataset.for_workers(len(workers))
+        run = _Run(self, workers, func_hash, func_bytes, params_parts,
+                   dataset, reduce)
+        try:
+            value = run.execute()
+        finally:
+            run.stats.elapsed_s = time.perf_counter() - started
+            self.last_run = run.stats
+        log.info("run: %r", run.stats)
+        return value
+
+    def clear_cache(self) -> dict[str, dict]:
+        """Empty every worker's cache, memory and disk; what each removed."""
+        replies = {}
+        for handle in self._live():
+            handle.refs.clear()
+            handle.funcs.clear()
+            handle.send(protocol.CLEAR, {})
+            replies[handle.name] = self._await(handle, protocol.CLEAR)
+        return replies
+
+    def worker_stats(self) -> dict[str, dict]:
+        """Each worker's cache entries, bytes, pid and uptime."""
+        replies = {}
+        for handle in self._live():
+            handle.send(protocol.STATS, {})
+            replies[handle.name] = self._await(handle, protocol.STATS)
+        return replies
+
+    def _await(self, handle: _WorkerHandle, kind: int) -> dict:
+        deadline = time.monotonic() + self.heartbeat_timeout
+        while time.monotonic() < deadline:
+            try:
+                source, got, head, _ = self._events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if source is handle and got == kind:
+                return head
+            if source is handle and got == _LOST:
+                handle.alive = False
+                break
+        raise WorkerLost(f"worker {handle.name} did not answer: it will be "
+                         "restarted before the next run", worker=handle.name)
+
+
+class _Run:
+    """The state of one `Master.run`: tasks out, results in."""
+
+    def __init__(self, master: Master, workers: list[_WorkerHandle],
+                 func_hash: str, func_bytes: bytes, params_parts: list,
+                 dataset: BaseDataSet | None, reduce: Callable | None):
+        self.master = master
+        self.workers = workers
+        self.func_hash = func_hash
+        self.func_bytes = func_bytes
+        self.params_parts = params_parts
+        self.dataset = dataset
+        self.refs = dataset.refs() if dataset is not None else None
+        self.reduce = reduce
+        self.open: dict[int, _Task] = {}
+        self.results: dict[int, object] = {}
+        self.kills: dict[int, list[str]] = {}
+        self.sent_refs: set[str] = set()
+        self.counters = {h: (h.bytes_sent, h.bytes_received) for h in workers}
+        self.stats = RunStats(workers=len(workers))
+
+    def execute(self) -> object:
+        if self.refs is None:
+            # No dataset: every worker runs mapfunc(params, None) once.
+            plan = {h.name: [i] for i, h in enumerate(self.workers)}
+            self.stats.slices = 0
+        else:
+            plan = scheduler.plan(self.refs, [h.name for h in self.workers],
+                                  {h.name: h.refs for h in self.workers})
+            self.stats.slices = len(self.refs)
+        by_name = {h.name: h for h in self.workers}
+        for name, slices in plan.items():
+            self._send_task(by_name[name], slices)
+        try:
+            self._collect()
+        finally:
+            self._count_bytes()
+        values = [self.results[k] for k in sorted(self.results)]
+        try:
+            return reduce_all(values, self.reduce)
+        except ReduceMismatch as exc:
+            raise ReduceError(f"{exc}") from exc
+        except Exception as exc:
+            raise ReduceError(
+                f"reduce failed on the master ({type(exc).__name__}: {exc}): "
+                "fix reduce(a, b) so it combines two results") from exc
+
+    def _send_task(self, handle: _WorkerHandle, slices: list[int]) -> None:
+        task = _Task(next(self.master._task_ids), handle, slices)
+        self.open[task.id] = task
+        if self.func_hash not in handle.funcs:
+            handle.send(protocol.FUNC, {"hash": self.func_hash},
+                        [self.func_bytes])
+            handle.funcs.add(self.func_hash)
+        refs = None if self.refs is None else [self.refs[i] for i in slices]
+        try:
+            handle.send(protocol.TASK, {"task": task.id, "func": self.func_hash,
+                                        "refs": refs}, self.params_parts)
+        except WorkerLost:
+            handle.alive = False  # its reader thread reports the loss
+
+    def _collect(self) -> None:
+        events = self.master._events
+        while self.open:
+            try:
+                handle, kind, head, parts = events.get(
+                    timeout=min(1.0, self.master.heartbeat_timeout / 4))
+            except queue.Empty:
+                self._check_heartbeats()
+                continue
+            if kind == _LOST:
+                self._lost(handle, head["reason"])
+                continue
+            if kind == protocol.LOG:
+                _print_log(handle.name, head["text"])
+                continue
+            task = self.open.get(head.get("task"))
+            if task is None or task.worker is not handle:
+                continue  # left over from an earlier, interrupted run
+            if kind == protocol.STATE:
+                self._supply(handle, head)
+            elif kind == protocol.RESULT:
+                self._result(task, head, parts)
+            elif kind == protocol.ERROR:
+                raise self._remote_error(handle, task, head)
+            else:
+                raise ProtocolError(
+                    f"worker {handle.name} sent an unexpected "
+                    f"{protocol.KIND_NAMES.get(kind, kind)} frame: restart it")
+            if not self.open:
+                break
+            self._check_heartbeats()
+
+    def _supply(self, handle: _WorkerHandle, head: dict) -> None:
+        """The worker is blocked: send the function and slices it lacks."""
+        if head.get("func"):
+            handle.send(protocol.FUNC, {"hash": self.func_hash},
+                        [self.func_bytes])
+        index = {ref: i for i, ref in enumerate(self.refs or ())}
+        for ref in head.get("refs") or ():
+            i = index[ref]
+            payload = serialize.encode_slice(self.dataset.slice(i), i)
+            size = handle.send(protocol.REFS, {"ref": ref}, payload)
+            handle.refs.add(ref)
+            self.sent_refs.add(ref)
+            self.stats.slices_sent += 1
+            self.stats.dataset_bytes_sent += size
+
+    def _result(self, task: _Task, head: dict, parts: list) -> None:
+        del self.open[task.id]
+        handle = task.worker
+        self.results[task.slices[0]] = protocol.decode(parts)
+        if self.refs is not None:
+            handle.refs.update(self.refs[i] for i in task.slices)
+            self.stats.slices_cached += sum(
+                self.refs[i] not in self.sent_refs for i in task.slices)
+        compute = self.stats.worker_compute_s
+        compute[handle.name] = compute.get(handle.name, 0.0) + head["compute_s"]
+
+    def _remote_error(self, handle: _WorkerHandle, task: _Task,
+                      head: dict) -> QjamfabError:
+        where = self._slice_names(task.slices)
+        trace = _with_source_lines(head["traceback"].rstrip())
+        if head["type"] == "ReduceMismatch":
+            return ReduceError(f"{head['message']}\n(on worker {handle.name}, "
+                               f"{where})\n{trace}")
+        if head["phase"] == "loading the job":
+            return BadJob(
+                f"worker {handle.name} cannot load the job ({head['type']}: "
+                f"{head['message']}): make what it uses importable there, "
+                f"or define it in your script\n{trace}")
+        return RemoteError(
+            f"{head['phase']} raised {head['type']}: {head['message']} "
+            f"(worker {handle.name}, {where}); fix the job and run again\n"
+            f"--- remote traceback ---\n{trace}",
+            worker=handle.name, remote_type=head["type"],
+            remote_traceback=head["traceback"])
+
+    def _slice_names(self, slices: list[int]) -> str:
+        if self.refs is None:
+            return "mapfunc(params, None)"
+        return f"dataset slice{'s' if len(slices) > 1 else ''} " + \
+            ", ".join(map(str, slices))
+
+    def _check_heartbeats(self) -> None:
+        deadline = time.monotonic() - self.master.heartbeat_timeout
+        for task in list(self.open.values()):
+            handle = task.worker
+            if handle.alive and handle.last_seen < deadline:
+                handle.close()
+                self._lost(handle, f"no heartbeat for "
+                           f"{self.master.heartbeat_timeout:.0f} s")
+
+    def _lost(self, handle: _WorkerHandle, reason: str) -> None:
+        """A worker ended: re-plan its open slices onto the survivors."""
+        was_alive = handle.alive
+        handle.alive = False
+        lost_tasks = [t for t in self.open.values() if t.worker is handle]
+        if not lost_tasks and not was_alive and \
+                handle.name in self.stats.lost_workers:
+            return
+        handle.transport.close()
+        status, tail = handle.transport.exit_report(handle.hello.get("log"))
+        if handle.name not in self.stats.lost_workers:
+            self.stats.lost_workers.append(handle.name)
+        detail = f"exit status {status}" if status is not None else reason
+        for task in lost_tasks:
+            del self.open[task.id]
+        slices = [i for t in lost_tasks for i in t.slices]
+        for i in slices:
+            self.kills.setdefault(i, []).append(handle.name)
+            if len(self.kills[i]) >= 2:
+                raise WorkerLost(
+                    f"{self._slice_names([i])} killed workers "
+                    f"{' and '.join(self.kills[i])} (last: {detail}): fix "
+                    f"mapfunc for this input; the workers are restarted for "
+                    f"the next run\n--- stderr tail of {handle.name} ---\n{tail}",
+                    worker=handle.name, exit_status=status, stderr_tail=tail)
+        survivors = [h for h in self.workers if h.alive]
+        if slices and not survivors:
+            raise WorkerLost(
+                f"worker {handle.name} was lost ({detail}) running "
+                f"{self._slice_names(slices)}, and no worker is left: they are "
+                f"restarted for the next run; check the job and the hosts\n"
+                f"--- stderr tail of {handle.name} ---\n{tail}",
+                worker=handle.name, exit_status=status, stderr_tail=tail)
+        log.warning("worker %s lost (%s); re-running %s on the others",
+                    handle.name, detail, self._slice_names(slices))
+        busy: dict[str, int] = {}
+        for task in self.open.values():
+            busy[task.worker.name] = busy.get(task.worker.name, 0) + 1
+        by_name = {h.name: h for h in survivors}
+        for name, i in scheduler.replan(
+                slices, self.refs, list(by_name),
+                {h.name: h.refs for h in survivors}, busy):
+            self.stats.rerun_slices += 1
+            self._send_task(by_name[name], [i])
+
+    def _count_bytes(self) -> None:
+        for handle, (sent, received) in self.counters.items():
+            self.stats.bytes_sent += handle.bytes_sent - sent
+            self.stats.bytes_received += handle.bytes_received - received
+
+
+_FRAME = re.compile(r'^  File "(.+)", line (\d+), in ')
+
+
+def _with_source_lines(trace: str) -> str:
+    """Add the master's copy of a source line where the worker had none."""
+    lines = trace.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        frame = _FRAME.match(line)
+        has_source = i + 1 < len(lines) and lines[i + 1].startswith("    ")
+        if frame and not has_source:
+            source = linecache.getline(frame[1], int(frame[2])).strip()
+            if source:
+                out.append(f"    {source}")
+    return "\n".join(out)
+
+
+def _print_log(worker: str, text: str) -> None:
+    prefix = f"[{worker}] "
+    sys.stdout.write("".join(prefix + line + "\n"
+                             for line in text.rstrip("\n").split("\n")))
+    sys.stdout.flush()
+
+
+def _close_all(handles: dict[str, _WorkerHandle]) -> None:
+    for handle in list(handles.values()):
+        handle.close()
+    handles.clear()

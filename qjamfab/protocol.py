@@ -1,0 +1,156 @@
+"""The wire protocol: frames, message kinds and object encoding.
+
+Standard library only: this module is shipped to workers as source and runs
+on both ends. A frame is
+
+    "QJ" | kind: u8 | nparts: u16 | nparts x length: u64 | part 0 | part 1 ...
+
+Part 0 is the message head, a small pickled dict. The other parts are the
+payload, a pickled object split by pickle protocol 5 into its main stream and
+out-of-band buffers, so numpy arrays cross without being copied into a pickle
+(`encode` / `decode`). A REFS frame's payload is stored on the worker's disk
+exactly as it arrived.
+"""
+from __future__ import annotations
+
+import pickle
+import struct
+from typing import Callable, Sequence
+
+from .errors import ProtocolError
+
+VERSION = 1
+
+# Message kinds. qjam's five (TASK, STATE, REFS, RESULT, ERROR) plus what a
+# long-lived worker needs.
+HELLO = 1      # worker -> master, first frame: version, name, pid, versions
+TASK = 2       # master -> worker: {task, func, refs}; payload = params
+STATE = 3      # worker -> master: {task, state: "blocked", refs, func}
+REFS = 4       # master -> worker: {ref}; payload = the slice
+RESULT = 5     # worker -> master: {task, compute_s, slices}; payload = value
+ERROR = 6      # worker -> master: {task, type, message, traceback}
+FUNC = 7       # master -> worker: {hash}; payload = [cloudpickled job]
+HEARTBEAT = 8  # worker -> master, every HEARTBEAT_INTERVAL_S while connected
+LOG = 9        # worker -> master: {text} captured from fds 1 and 2
+CLEAR = 10     # master -> worker; answered by CLEAR {entries, bytes}
+STATS = 11     # master -> worker; answered by STATS {...}
+
+KIND_NAMES = {v: k for k, v in dict(globals()).items()
+              if k.isupper() and isinstance(v, int) and 0 < v < 64}
+
+HEARTBEAT_INTERVAL_S = 1.0
+
+_MAGIC = b"QJ"
+_HEADER = struct.Struct("!2sBH")
+_LENGTH = struct.Struct("!Q")
+_IOV_MAX = 512
+
+
+def encode(obj: object, dumps: Callable = pickle.dumps) -> list:
+    """Pickle obj (protocol 5) into [main stream, *out-of-band buffers]."""
+    buffers: list = []
+    main = dumps(obj, protocol=5, buffer_callback=buffers.append)
+    return [main, *(b.raw() for b in buffers)]
+
+
+def decode(parts: Sequence) -> object:
+    """The inverse of encode."""
+    return pickle.loads(parts[0], buffers=parts[1:])
+
+
+def frame(kind: int, head: dict, payload: Sequence = ()) -> list:
+    """The buffers that make up one frame, ready for a vectored write."""
+    head_bytes = pickle.dumps(head, protocol=5)
+    lengths = [len(head_bytes), *(memoryview(p).nbytes for p in payload)]
+    prefix = _HEADER.pack(_MAGIC, kind, len(lengths)) + b"".join(
+        _LENGTH.pack(n) for n in lengths)
+    if sum(lengths) - lengths[0] < 4096:
+        # Small frames leave in one piece: one syscall, one SSH packet.
+        return [b"".join([prefix, head_bytes, *payload])]
+    return [prefix + head_bytes, *payload]
+
+
+def frame_size(buffers: Sequence) -> int:
+    return sum(memoryview(b).nbytes for b in buffers)
+
+
+def write_all(writev: Callable[[list], int], buffers: Sequence) -> None:
+    """Write every byte of buffers with writev, which may write partially."""
+    views = [memoryview(b).cast("B") for b in buffers if memoryview(b).nbytes]
+    while views:
+        written = writev(views[:_IOV_MAX])
+        while written:
+            if written >= len(views[0]):
+                written -= len(views.pop(0))
+            else:
+                views[0] = views[0][written:]
+                written = 0
+
+
+class FrameReader:
+    """Reads frames from `readinto(memoryview) -> int` (0 at end of stream).
+
+    Small reads are served from an internal buffer; large parts are read
+    straight into their own bytearray, so a big slice is copied only once.
+    """
+
+    def __init__(self, readinto: Callable[[memoryview], int],
+                 buffer_size: int = 1 << 16):
+        self._readinto = readinto
+        self._buf = bytearray(buffer_size)
+        self._start = 0
+        self._end = 0
+
+    def _fill(self) -> None:
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._end == len(self._buf):
+            remaining = self._end - self._start
+            self._buf[:remaining] = self._buf[self._start:self._end]
+            self._start, self._end = 0, remaining
+        n = self._readinto(memoryview(self._buf)[self._end:])
+        if not n:
+            raise EOFError("stream closed")
+        self._end += n
+
+    def _read_small(self, n: int) -> bytes:
+        while self._end - self._start < n:
+            self._fill()
+        data = bytes(self._buf[self._start:self._start + n])
+        self._start += n
+        return data
+
+    def _read_part(self, n: int) -> bytearray:
+        out = bytearray(n)
+        view = memoryview(out)
+        have = min(n, self._end - self._start)
+        view[:have] = self._buf[self._start:self._start + have]
+        self._start += have
+        pos = have
+        while pos < n:
+            if n - pos < len(self._buf) // 4:
+                self._fill()
+                take = min(n - pos, self._end - self._start)
+                view[pos:pos + take] = self._buf[self._start:self._start + take]
+                self._start += take
+                pos += take
+            else:
+                got = self._readinto(view[pos:])
+                if not got:
+                    raise EOFError("stream closed inside a frame")
+                pos += got
+        return out
+
+    def read(self) -> tuple[int, dict, list]:
+        """Next frame as (kind, head, payload parts). EOFError at the end."""
+        magic, kind, nparts = _HEADER.unpack(self._read_small(_HEADER.size))
+        if magic != _MAGIC or nparts < 1:
+            raise ProtocolError(
+                f"bad frame header {magic!r}: the peer is not a qjamfab "
+                f"endpoint of protocol version {VERSION}, or the stream was "
+                "corrupted")
+        raw = self._read_small(_LENGTH.size * nparts)
+        lengths = [_LENGTH.unpack_from(raw, i * _LENGTH.size)[0]
+                   for i in range(nparts)]
+        head = pickle.loads(self._read_part(lengths[0]))
+        return kind, head, [self._read_part(n) for n in lengths[1:]]

@@ -1,0 +1,86 @@
+"""The worker side of qjamfab, and the bundle that ships it.
+
+Everything a worker runs is standard library plus the master's own
+cloudpickle, vendored. `bundle_files()` gathers those sources: a stub
+`qjamfab/__init__.py` (so the master's dependencies are never imported on a
+worker), `errors.py`, `protocol.py`, `reduce.py`, this package, and
+cloudpickle. A bundle is named by the hash of its content and lives in
+`<base>/runtime/<hash>/` on every host, local or remote, so workers
+everywhere run the same code.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import tempfile
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SHIPPED = ("errors.py", "protocol.py", "reduce.py")
+_STUB = '"""qjamfab worker runtime bundle (the master-side package is not here)."""\n'
+
+
+def default_base() -> str:
+    """The base directory on this host: $QJAMFAB_HOME, else ~/.cache/qjamfab."""
+    return os.environ.get("QJAMFAB_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache", "qjamfab")
+
+
+@functools.lru_cache(maxsize=1)
+def bundle_files() -> dict[str, bytes]:
+    """Relative path -> content of every file a worker needs."""
+    import cloudpickle  # the master's own copy, shipped as source
+    files = {"qjamfab/__init__.py": _STUB.encode()}
+    names = [*_SHIPPED, *(os.path.join("runtime", n) for n in
+                          sorted(os.listdir(os.path.dirname(__file__)))
+                          if n.endswith(".py"))]
+    for name in names:
+        with open(os.path.join(_PACKAGE_DIR, name), "rb") as f:
+            files[f"qjamfab/{name}"] = f.read()
+    cp_dir = os.path.dirname(cloudpickle.__file__)
+    for name in sorted(os.listdir(cp_dir)):
+        if name.endswith(".py"):
+            with open(os.path.join(cp_dir, name), "rb") as f:
+                files[f"cloudpickle/{name}"] = f.read()
+    return files
+
+
+@functools.lru_cache(maxsize=1)
+def bundle_hash() -> str:
+    digest = hashlib.sha256()
+    for path, content in sorted(bundle_files().items()):
+        digest.update(f"{path}\0{len(content)}\0".encode())
+        digest.update(content)
+    return digest.hexdigest()[:16]
+
+
+def ensure_local_bundle(base: str) -> str:
+    """Write the bundle under <base>/runtime/ unless present; its directory."""
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    root = os.path.join(base, "runtime")
+    target = os.path.join(root, bundle_hash())
+    if os.path.isdir(target):
+        return target
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".staging-", dir=root)
+    for path, content in bundle_files().items():
+        dest = os.path.join(staging, path)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with open(dest, "wb") as f:
+            f.write(content)
+    try:
+        os.rename(staging, target)
+    except OSError:  # another process installed it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def boot_code(bundle_dir: str, module: str) -> str:
+    """`python -c` code that runs module.main() from the bundle.
+
+    sys.path[0] (the current directory) is replaced so a `qjamfab/` folder
+    there can never shadow the bundle.
+    """
+    return (f"import sys; sys.path[0:1] = [{bundle_dir!r}]; "
+            f"from qjamfab.runtime.{module} import main; main()")

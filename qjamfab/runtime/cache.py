@@ -1,0 +1,79 @@
+"""The worker's slice cache: refs held in memory and in `<base>/cache/`.
+
+A slice is stored on disk exactly as its REFS payload arrived (pickle
+protocol 5 main stream plus out-of-band buffers), written to a temporary file
+and renamed, so a crash never leaves a half-written entry and a restarted
+worker, or another worker on the same host, reads it instead of the network.
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+from .. import protocol
+
+_COUNT = struct.Struct("!I")
+_LENGTH = struct.Struct("!Q")
+
+
+class RefCache:
+    def __init__(self, directory: str):
+        self.directory = directory
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._memory: dict[str, object] = {}
+
+    def _path(self, ref: str) -> str:
+        return os.path.join(self.directory, ref)
+
+    def missing(self, refs) -> list[str]:
+        return [r for r in refs
+                if r not in self._memory and not os.path.exists(self._path(r))]
+
+    def put(self, ref: str, parts: list) -> None:
+        tmp = f"{self._path(ref)}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            header = _COUNT.pack(len(parts)) + b"".join(
+                _LENGTH.pack(len(p)) for p in parts)
+            protocol.write_all(lambda views: os.writev(fd, views),
+                               [header, *parts])
+        finally:
+            os.close(fd)
+        os.replace(tmp, self._path(ref))
+        self._memory[ref] = protocol.decode(parts)
+
+    def get(self, ref: str) -> object:
+        try:
+            return self._memory[ref]
+        except KeyError:
+            pass
+        with open(self._path(ref), "rb") as f:
+            data = memoryview(bytearray(f.read()))
+        (count,) = _COUNT.unpack_from(data, 0)
+        pos = _COUNT.size + count * _LENGTH.size
+        parts = []
+        for i in range(count):
+            (n,) = _LENGTH.unpack_from(data, _COUNT.size + i * _LENGTH.size)
+            parts.append(data[pos:pos + n])
+            pos += n
+        value = self._memory[ref] = protocol.decode(parts)
+        return value
+
+    def clear(self) -> dict:
+        stats = self.stats()
+        self._memory.clear()
+        for name in os.listdir(self.directory):
+            try:
+                os.unlink(os.path.join(self.directory, name))
+            except FileNotFoundError:
+                pass  # another worker on this host removed it first
+        return stats
+
+    def stats(self) -> dict:
+        entries = disk_bytes = 0
+        for entry in os.scandir(self.directory):
+            if not entry.name.endswith(".tmp"):
+                entries += 1
+                disk_bytes += entry.stat().st_size
+        return {"entries": entries, "bytes": disk_bytes,
+                "in_memory": len(self._memory)}

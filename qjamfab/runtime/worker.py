@@ -1,0 +1,319 @@
+"""The worker: message loop, output capture and heartbeats.
+
+Runs as `python -c ... worker.main()` from a runtime bundle (see
+runtime/__init__.py), in one of two modes:
+
+- `--pipe`: the protocol runs over the process's stdin and stdout; the
+  worker ends when stdin closes. Local workers of a Master use this.
+- `--socket PATH`: a daemon listening on a Unix socket (0600 in a 0700
+  directory), serving one connection at a time and keeping its cache
+  between them; it ends after `--idle-timeout` seconds without one.
+
+Before any user code runs, the protocol moves off fds 0 and 1, and fds 1 and
+2 point at a capture file, so nothing a job prints (from Python or C) can
+corrupt a frame. The capture is forwarded to the master as LOG frames; being
+a file, its tail survives a crash for the master to show.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+
+from .. import protocol
+from ..reduce import default_reduce
+from .cache import RefCache
+
+_LOG_POLL_S = 0.05
+
+
+class Channel:
+    """One framed connection to the master; writes are thread-safe."""
+
+    def __init__(self, readinto, writev):
+        self.reader = protocol.FrameReader(readinto)
+        self._writev = writev
+        self._lock = threading.Lock()
+        self.open = True
+
+    def send(self, kind: int, head: dict, payload=()) -> None:
+        buffers = protocol.frame(kind, head, payload)
+        with self._lock:
+            if self.open:
+                protocol.write_all(self._writev, buffers)
+
+
+class Capture:
+    """fds 1 and 2 -> an append-only file, forwarded as LOG frames."""
+
+    def __init__(self, path: str):
+        self.path = path
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
+                     0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False),
+                                      line_buffering=True, errors="replace")
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False),
+                                      line_buffering=True, errors="replace")
+        self._reader = open(path, "rb")
+        self._lock = threading.Lock()
+        self.channel: Channel | None = None
+        self._busy = threading.Event()
+        threading.Thread(target=self._poll, daemon=True).start()
+
+    def _forward(self) -> None:
+        with self._lock:
+            data = self._reader.read()
+            if data and self.channel is not None:
+                try:
+                    self.channel.send(protocol.LOG, {
+                        "text": data.decode("utf-8", "replace")})
+                except OSError:
+                    pass  # the master is gone; the text stays in the file
+            if self._reader.tell() > (1 << 20):
+                os.ftruncate(1, 0)
+                self._reader.seek(0)
+
+    def _poll(self) -> None:
+        while True:
+            self._busy.wait()
+            time.sleep(_LOG_POLL_S)
+            self._forward()
+
+    def begin(self) -> None:
+        self._busy.set()
+
+    def end(self) -> None:
+        """Flush everything user code printed, before its result is sent."""
+        self._busy.clear()
+        _c_stdio_flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        self._forward()
+
+
+def _c_stdio_flush() -> None:
+    """Flush C stdio buffers too: a C extension's printf sits in them."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
+
+
+class Worker:
+    def __init__(self, name: str, base: str, capture: Capture):
+        self.name = name
+        self.base = base
+        self.capture = capture
+        self.cache = RefCache(os.path.join(base, "cache"))
+        self.jobs: dict[str, tuple] = {}     # function hash -> (mapfunc, reduce)
+        self.job_bytes: dict[str, bytes] = {}
+        self.started = time.time()
+        self.pending: tuple | None = None    # (head, params parts) of a blocked task
+
+    def hello(self) -> dict:
+        import cloudpickle
+        return {"version": protocol.VERSION, "name": self.name,
+                "pid": os.getpid(), "python": list(sys.version_info[:3]),
+                "cloudpickle": cloudpickle.__version__,
+                "cores": os.cpu_count(), "base": self.base,
+                "host": socket.gethostname(), "log": self.capture.path}
+
+    def serve(self, channel: Channel) -> None:
+        """Answer frames until the master closes the connection."""
+        self.capture.channel = channel
+        self.pending = None
+        channel.send(protocol.HELLO, self.hello())
+        stop = threading.Event()
+        threading.Thread(target=_heartbeat, args=(channel, stop),
+                         daemon=True).start()
+        try:
+            while True:
+                try:
+                    kind, head, parts = channel.reader.read()
+                except (EOFError, OSError):
+                    return
+                self.handle(channel, kind, head, parts)
+        finally:
+            stop.set()
+            self.capture.channel = None
+
+    def handle(self, channel: Channel, kind: int, head: dict, parts) -> None:
+        if kind == protocol.FUNC:
+            self.job_bytes[head["hash"]] = bytes(parts[0])
+        elif kind == protocol.REFS:
+            self.cache.put(head["ref"], parts)
+        elif kind == protocol.TASK:
+            self.pending = (head, parts)
+        elif kind == protocol.CLEAR:
+            self.jobs.clear()
+            self.job_bytes.clear()
+            channel.send(protocol.CLEAR, self.cache.clear())
+            return
+        elif kind == protocol.STATS:
+            stats = self.cache.stats()
+            stats.update(pid=os.getpid(), name=self.name,
+                         uptime_s=time.time() - self.started)
+            channel.send(protocol.STATS, stats)
+            return
+        else:
+            raise SystemExit(f"qjamfab worker: unexpected frame kind {kind}")
+        if self.pending is not None and (kind == protocol.TASK
+                                         or self._ready(self.pending[0])):
+            self._try_run(channel)
+
+    def _ready(self, head: dict) -> bool:
+        return (head["func"] in self.jobs or head["func"] in self.job_bytes) \
+            and not self.cache.missing(head["refs"] or ())
+
+    def _try_run(self, channel: Channel) -> None:
+        head, params_parts = self.pending
+        missing_func = head["func"] not in self.jobs \
+            and head["func"] not in self.job_bytes
+        missing_refs = self.cache.missing(head["refs"] or ())
+        if missing_func or missing_refs:
+            channel.send(protocol.STATE, {
+                "task": head["task"], "state": "blocked",
+                "refs": missing_refs, "func": missing_func})
+            return
+        self.pending = None
+        self._run(channel, head, params_parts)
+
+    def _job(self, func_hash: str) -> tuple:
+        job = self.jobs.get(func_hash)
+        if job is None:
+            data = self.job_bytes.pop(func_hash)
+            if hashlib.sha256(data).hexdigest() != func_hash:
+                raise ValueError("job bytes do not match their hash")
+            job = self.jobs[func_hash] = pickle.loads(data)
+        return job
+
+    def _run(self, channel: Channel, head: dict, params_parts) -> None:
+        task = head["task"]
+        phase = "loading the job"
+        self.capture.begin()
+        started = time.perf_counter()
+        try:
+            mapfunc, reduce = self._job(head["func"])
+            phase = "loading params"
+            params = protocol.decode(params_parts)
+            reduce = reduce or default_reduce
+            refs = head["refs"]
+            phase = "mapfunc"
+            if refs is None:
+                value = mapfunc(params, None)
+            else:
+                value = None
+                for i, ref in enumerate(refs):
+                    phase = "mapfunc"
+                    result = mapfunc(params, self.cache.get(ref))
+                    phase = "reduce"
+                    value = result if i == 0 else reduce(value, result)
+            phase = "pickling the result"
+            import cloudpickle
+            payload = protocol.encode(value, cloudpickle.dumps)
+        except Exception as exc:
+            self.capture.end()
+            channel.send(protocol.ERROR, {
+                "task": task, "phase": phase, "type": type(exc).__name__,
+                "message": str(exc), "traceback": traceback.format_exc()})
+            return
+        compute_s = time.perf_counter() - started
+        self.capture.end()
+        channel.send(protocol.RESULT, {
+            "task": task, "compute_s": compute_s,
+            "slices": 0 if head["refs"] is None else len(head["refs"])},
+            payload)
+
+
+def _heartbeat(channel: Channel, stop: threading.Event) -> None:
+    while not stop.wait(protocol.HEARTBEAT_INTERVAL_S):
+        try:
+            channel.send(protocol.HEARTBEAT, {})
+        except OSError:
+            return
+
+
+def _fd_channel(read_fd: int, write_fd: int) -> Channel:
+    reader = io.FileIO(read_fd, "r", closefd=False)
+    return Channel(reader.readinto, lambda views: os.writev(write_fd, views))
+
+
+def _socket_channel(conn: socket.socket) -> Channel:
+    return Channel(conn.recv_into, conn.sendmsg)
+
+
+def _serve_socket(worker: Worker, path: str, idle_timeout: float) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    old_umask = os.umask(0o177)  # the socket is born 0600
+    try:
+        listener.bind(tmp)
+    finally:
+        os.umask(old_umask)
+    os.replace(tmp, path)  # a restarted daemon takes over the name atomically
+    bound_inode = os.stat(path).st_ino
+    listener.listen(8)
+    listener.settimeout(idle_timeout if idle_timeout > 0 else None)
+    try:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                return
+            conn.settimeout(None)
+            with conn:
+                worker.serve(_socket_channel(conn))
+    finally:
+        listener.close()
+        try:
+            if os.stat(path).st_ino == bound_inode:  # not a successor's
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="qjamfab-worker")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--base", required=True)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--pipe", action="store_true")
+    mode.add_argument("--socket")
+    parser.add_argument("--idle-timeout", type=float, default=3600.0)
+    args = parser.parse_args(argv)
+
+    os.umask(0o077)
+    base = os.path.expanduser(args.base)
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    os.makedirs(os.path.join(base, "log"), mode=0o700, exist_ok=True)
+    # Ctrl-C at the master's terminal is the master's to handle.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    protocol_in, protocol_out = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    capture = Capture(os.path.join(
+        base, "log", f"{args.name}-{os.getpid()}.out"))
+    worker = Worker(args.name, base, capture)
+    if args.pipe:
+        worker.serve(_fd_channel(protocol_in, protocol_out))
+    else:
+        _serve_socket(worker, args.socket, args.idle_timeout)
+    capture.end()
+    os.unlink(capture.path)

@@ -1,0 +1,57 @@
+"""Which worker runs which slices: pure logic, no I/O.
+
+Placement is deterministic, so the same dataset on the same workers lands
+the same way on every run (and on a new Master), and the workers' caches
+hit. A slice goes to a worker known to hold it while that worker has room;
+the rest fill contiguous blocks in worker order.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+
+def plan(refs: Sequence[str], workers: Sequence[str],
+         held: Mapping[str, set]) -> dict[str, list[int]]:
+    """Slice indices for each worker, balanced to within one slice."""
+    if not workers:
+        raise ValueError("no workers to plan onto")
+    n, count = len(refs), len(workers)
+    capacity = -(-n // count)
+    load = {w: [] for w in workers}
+    unplaced = []
+    for i, ref in enumerate(refs):
+        holders = [w for w in workers
+                   if ref in held.get(w, ()) and len(load[w]) < capacity]
+        if holders:
+            load[min(holders, key=lambda w: len(load[w]))].append(i)
+        else:
+            unplaced.append(i)
+    for i in unplaced:
+        home = workers[i * count // n]
+        if len(load[home]) >= capacity:
+            home = min(workers, key=lambda w: len(load[w]))
+        load[home].append(i)
+    return {w: sorted(slices) for w, slices in load.items() if slices}
+
+
+def replan(slices: Sequence[int], refs: Sequence[str], survivors: Sequence[str],
+           held: Mapping[str, set], busy: Mapping[str, int]
+           ) -> list[tuple[str, int]]:
+    """Place a lost worker's slices one by one onto survivors.
+
+    Each slice becomes its own task, so a slice that kills its worker again
+    is known exactly. A survivor holding the slice is preferred, then the
+    least busy one.
+    """
+    if not survivors:
+        raise ValueError("no surviving workers")
+    busy = {w: busy.get(w, 0) for w in survivors}
+    placed = []
+    for i in slices:
+        ref = refs[i] if refs else None
+        holders = [w for w in survivors if ref is not None
+                   and ref in held.get(w, ())]
+        worker = min(holders or survivors, key=lambda w: busy[w])
+        busy[worker] += 1
+        placed.append((worker, i))
+    return placed

@@ -1,0 +1,119 @@
+"""Master-side pickling of jobs, params and slices, with errors that say why.
+
+Functions travel by value with cloudpickle. cloudpickle sends a function of
+an importable module by reference, which a worker can only load if it has
+that module; so every loaded module that lives outside the standard library
+and site-packages (a script's helpers, a notebook's local modules, the test
+suite) is pickled by value.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+import sysconfig
+import types
+from collections import ChainMap
+from typing import Callable
+
+import cloudpickle
+
+from . import protocol
+from .errors import BadDataSet, BadJob, BadParams
+
+_INSTALLED_PREFIXES = tuple(
+    os.path.realpath(p) + os.sep
+    for p in {sysconfig.get_paths()[k]
+              for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+_PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__)) + os.sep
+_local_by_name: dict[str, bool] = {}
+
+
+def _code_reduce_keeping_filename(code: types.CodeType):
+    # cloudpickle blanks co_filename to "<dynamic-code>"; keeping it lets a
+    # remote traceback name the user's file and line.
+    constructor, args = cloudpickle.cloudpickle._code_reduce(code)
+    return constructor, tuple(code.co_filename if a == "<dynamic-code>" else a
+                              for a in args)
+
+
+class _JobPickler(cloudpickle.Pickler):
+    dispatch_table = ChainMap({types.CodeType: _code_reduce_keeping_filename},
+                              cloudpickle.Pickler.dispatch_table)
+
+
+def _dumps(obj: object, protocol: int = 5, buffer_callback=None) -> bytes:
+    out = io.BytesIO()
+    _JobPickler(out, protocol=protocol, buffer_callback=buffer_callback
+                ).dump(obj)
+    return out.getvalue()
+
+
+def _is_local(module: types.ModuleType) -> bool:
+    path = getattr(module, "__file__", None)
+    if not path or module.__name__ == "__main__":
+        return False
+    path = os.path.realpath(path)
+    return not path.startswith(_INSTALLED_PREFIXES + (_PACKAGE_DIR,))
+
+
+def _register_local_modules() -> None:
+    for name, module in list(sys.modules.items()):
+        if name not in _local_by_name and module is not None:
+            _local_by_name[name] = _is_local(module)
+            if _local_by_name[name]:
+                cloudpickle.register_pickle_by_value(module)
+
+
+def job_functions(job: object, reduce: Callable | None
+                  ) -> tuple[Callable, Callable | None]:
+    """(mapfunc, reduce) from a module with mapfunc, or a callable."""
+    if isinstance(job, types.ModuleType):
+        mapfunc = getattr(job, "mapfunc", None)
+        if not callable(mapfunc):
+            raise BadJob(
+                f"module {job.__name__} has no mapfunc(params, slice): "
+                "define one in it, or pass a function to run()")
+        reduce = reduce if reduce is not None else getattr(job, "reduce", None)
+    elif callable(job):
+        mapfunc = job
+    else:
+        raise BadJob(
+            f"cannot run a {type(job).__name__}: pass a module with "
+            "mapfunc(params, slice), or a function of (params, slice)")
+    if reduce is not None and not callable(reduce):
+        raise BadJob(f"reduce must be a function of (a, b), not a "
+                     f"{type(reduce).__name__}: pass a callable or None")
+    return mapfunc, reduce
+
+
+def encode_job(mapfunc: Callable, reduce: Callable | None) -> tuple[str, bytes]:
+    """(hash, bytes) of the job, pickled by value."""
+    _register_local_modules()
+    try:
+        data = _dumps((mapfunc, reduce))
+    except Exception as exc:
+        raise BadJob(f"the job cannot be pickled ({type(exc).__name__}: "
+                     f"{exc}): keep the function free of open files, locks "
+                     "and sockets") from exc
+    return hashlib.sha256(data).hexdigest(), data
+
+
+def _encode(value: object, error: type, what: str) -> list:
+    try:
+        return protocol.encode(value, _dumps)
+    except Exception as exc:
+        raise error(f"{what} of type {type(value).__name__} cannot be pickled "
+                    f"({type(exc).__name__}: {exc}): send data that pickle "
+                    "can copy (no open files, locks, sockets, generators)"
+                    ) from exc
+
+
+def encode_params(params: object) -> list:
+    _register_local_modules()
+    return _encode(params, BadParams, "params")
+
+
+def encode_slice(value: object, index: int) -> list:
+    return _encode(value, BadDataSet, f"dataset slice {index}")

@@ -1,0 +1,2 @@
+def not_a_mapfunc(params, dataset):
+    return 1

@@ -1,0 +1,5 @@
+from tests.jobs.helpers import scaled
+
+
+def mapfunc(params, dataset):
+    return sum(scaled(x) for x in dataset)

@@ -1,0 +1,391 @@
+"""Master.run end to end on local worker processes: the original qjam cases,
+functions by value, output isolation, caching, datasets, and every bad input.
+"""
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+from qjamfab import (BadDataSet, BadHostSpec, BadJob, BadParams, BaseDataSet,
+                     DataSet, Master, QjamfabError, ReduceError, RemoteError,
+                     RunStats, WorkerLost)
+from tests.conftest import processes_mentioning
+from tests.jobs import (constant, exiting, hard_exit, inner_product, killed,
+                        multiply_sum, no_mapfunc, printing, raising, sum_params,
+                        uses_helpers, with_reduce)
+
+pytestmark = pytest.mark.timeout(60)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"{n}workers")
+def master(request):
+    with Master(f"local:{request.param}") as m:
+        yield m
+
+
+@pytest.fixture
+def master2():
+    with Master("local:2") as m:
+        yield m
+
+
+# --- the original qjam cases ---------------------------------------------
+
+def test_constant_job_gives_42_per_worker(master):
+    assert master.run(constant) == 42 * len(master.workers)
+
+
+def test_sum_of_params_per_worker(master):
+    assert master.run(sum_params, params=[1, 2, 3, 6, 7, 9]) == \
+        28 * len(master.workers)
+
+
+def test_multiply_sum(master):
+    assert master.run(multiply_sum, params=3,
+                      dataset=DataSet(list(range(100)))) == 14850
+
+
+def test_inner_product_on_lists_and_arrays(master):
+    data = [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]]
+    assert master.run(inner_product, params=[2, 4], dataset=DataSet(data)) == 170
+    assert master.run(inner_product, params=np.array([2, 4]),
+                      dataset=DataSet(np.array(data))) == 170
+
+
+def test_printing_job_returns_42_and_output_reaches_master(master2, capfd):
+    assert master2.run(printing) == 84
+    out = capfd.readouterr().out
+    for worker in master2.workers:
+        for text in ("hello from python print", "hello from python stderr",
+                     "hello from fd 1", "hello from C printf"):
+            assert f"[{worker}] {text}" in out
+
+
+def test_module_reduce_is_used(master):
+    assert master.run(with_reduce, dataset=DataSet(list(range(3, 60)))) == [3, 59]
+
+
+# --- functions by value ----------------------------------------------------
+
+def test_lambda_and_closure(master2):
+    assert master2.run(lambda p, xs: p * sum(xs), params=3,
+                       dataset=DataSet(list(range(100)))) == 14850
+    offset = 1000
+
+    def shifted(params, xs):
+        return sum(x + offset for x in xs)
+    assert master2.run(shifted, dataset=list(range(10))) == 45 + 10 * offset
+
+
+def test_local_module_the_worker_cannot_import(master2):
+    # tests.jobs.uses_helpers imports tests.jobs.helpers; neither is on the
+    # workers' path, so both must travel by value.
+    assert master2.run(uses_helpers, dataset=list(range(10))) == 450
+
+
+def test_function_defined_in_main_script(tmp_path):
+    script = tmp_path / "job_script.py"
+    script.write_text(textwrap.dedent("""
+        from qjamfab import Master, DataSet
+        def mapfunc(params, rows):
+            return params * sum(rows)
+        with Master("local:2") as m:
+            print("result", m.run(mapfunc, params=2, dataset=DataSet(list(range(10)))))
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": REPO})
+    assert "result 90" in out.stdout, out.stderr
+
+
+def test_function_sent_once_per_worker_params_every_call(master2):
+    big = list(range(20000))
+
+    def job(params, xs):
+        return params + len(big) * 0 + sum(xs)
+    data = DataSet(list(range(8)))
+    assert master2.run(job, params=1, dataset=data) == 28 + master2.last_run.slices
+    first = master2.last_run.bytes_sent
+    assert master2.run(job, params=2, dataset=data) == 28 + 2 * master2.last_run.slices
+    second = master2.last_run.bytes_sent
+    assert first > 50000 > second  # the closure's list went once
+
+
+# --- caching ------------------------------------------------------------
+
+def test_second_run_sends_no_dataset_bytes(master2):
+    data = DataSet(np.arange(100000, dtype=np.float64).reshape(1000, 100))
+    expected = float(data_sum := np.arange(100000).sum())
+    assert master2.run(lambda p, x: float(x.sum()), dataset=data) == expected
+    first = master2.last_run
+    assert first.slices_sent == first.slices > 0
+    assert first.dataset_bytes_sent > 800000
+    assert master2.run(lambda p, x: float(x.sum()), dataset=data) == data_sum
+    second = master2.last_run
+    assert second.dataset_bytes_sent == 0 and second.slices_sent == 0
+    assert second.slices_cached == second.slices
+    assert second.bytes_sent < 5000
+
+
+def test_new_master_reads_slices_from_disk(qjamfab_home):
+    data = np.arange(50000, dtype=np.int64).reshape(500, 100)
+    with Master("local:2") as m:
+        m.run(lambda p, x: int(x.sum()), dataset=DataSet(data))
+        assert m.last_run.slices_sent > 0
+    assert len(os.listdir(qjamfab_home / "cache")) == m.last_run.slices
+    with Master("local:2") as m:
+        assert m.run(lambda p, x: int(x.sum()), dataset=DataSet(data)) == \
+            int(data.sum())
+        assert m.last_run.slices_sent == 0
+        assert m.last_run.dataset_bytes_sent == 0
+
+
+def test_cache_directories_are_private(master2, qjamfab_home):
+    master2.run(multiply_sum, params=1, dataset=list(range(10)))
+    for sub in ("", "cache", "runtime", "log"):
+        assert (qjamfab_home / sub).stat().st_mode & 0o077 == 0
+
+
+def test_clear_cache_empties_memory_and_disk(master2, qjamfab_home):
+    master2.run(multiply_sum, params=1, dataset=list(range(40)))
+    removed = master2.clear_cache()
+    assert sum(r["entries"] for r in removed.values()) >= 1
+    assert os.listdir(qjamfab_home / "cache") == []
+    assert master2.run(multiply_sum, params=1, dataset=list(range(40))) == 780
+    assert master2.last_run.slices_sent == master2.last_run.slices
+
+
+# --- datasets -----------------------------------------------------------
+
+def test_all_dataset_types(master2, tmp_path):
+    matrix = np.arange(60, dtype=np.float64).reshape(12, 5)
+    rowsum = lambda p, x: float(np.asarray(x).sum())  # noqa: E731
+    np.save(tmp_path / "m.npy", matrix)
+    np.savetxt(tmp_path / "m.txt", matrix)
+    total = float(matrix.sum())
+    assert master2.run(rowsum, dataset=DataSet(matrix.tolist())) == total
+    assert master2.run(rowsum, dataset=DataSet(tuple(range(10)))) == 45
+    assert master2.run(rowsum, dataset=DataSet(matrix)) == total
+    assert master2.run(rowsum, dataset=DataSet(matrix, row_major=False)) == total
+    assert master2.run(rowsum, dataset=DataSet(str(tmp_path / "m.npy"))) == total
+    assert master2.run(rowsum, dataset=DataSet(str(tmp_path / "m.txt"))) == total
+    columns = master2.run(lambda p, x: [x.shape[0]],
+                          dataset=DataSet(matrix, row_major=False))
+    assert columns == [12 * master2.last_run.slices]
+
+
+def test_custom_dataset_subclass(master2):
+    class Squares(BaseDataSet):
+        def chunks(self):
+            return 5
+
+        def slice(self, i):
+            return [i * i]
+    assert master2.run(lambda p, xs: sum(xs), dataset=Squares()) == 30
+
+
+def test_explicit_slice_size_is_kept(master2):
+    master2.run(lambda p, xs: len(xs), dataset=DataSet(list(range(120)),
+                                                       slice_size=5))
+    assert master2.last_run.slices == 24
+
+
+# --- run statistics -------------------------------------------------------
+
+def test_run_stats(master2):
+    master2.run(multiply_sum, params=3, dataset=list(range(100)))
+    stats = master2.last_run
+    assert isinstance(stats, RunStats)
+    assert stats.elapsed_s > 0 and stats.workers == 2
+    assert stats.bytes_sent > stats.dataset_bytes_sent > 0
+    assert stats.bytes_received > 0
+    assert set(stats.worker_compute_s) == set(master2.workers)
+    text = repr(stats)
+    assert "2 workers" in text and "sent" in text and "local-0" in text
+
+
+# --- bad input: each error says what happened, and the Master goes on -----
+
+def _still_usable(m):
+    assert m.run(multiply_sum, params=3, dataset=list(range(100))) == 14850
+
+
+def test_module_without_mapfunc(master2):
+    with pytest.raises(BadJob, match=r"^module tests\.jobs\.no_mapfunc has no "
+                       r"mapfunc\(params, slice\): define one"):
+        master2.run(no_mapfunc)
+    with pytest.raises(BadJob, match="^cannot run a int: pass a module"):
+        master2.run(5)
+    with pytest.raises(BadJob, match="^reduce must be a function"):
+        master2.run(constant, reduce=3)
+    _still_usable(master2)
+
+
+def test_unpicklable_params(master2):
+    with pytest.raises(BadParams, match=r"^params of type lock cannot be "
+                       "pickled .*: send data that pickle can copy"):
+        master2.run(constant, params=threading.Lock())
+    _still_usable(master2)
+
+
+def test_unpicklable_slice(master2):
+    data = DataSet([1, 2, threading.Lock(), 4], slice_size=1)
+    with pytest.raises(QjamfabError):
+        master2.run(lambda p, xs: 1, dataset=data)
+    _still_usable(master2)
+
+
+def test_dataset_it_cannot_slice_or_empty(master2):
+    with pytest.raises(BadDataSet, match="^cannot slice a dict"):
+        master2.run(constant, dataset={"a": 1})
+    with pytest.raises(BadDataSet, match="empty"):
+        master2.run(constant, dataset=[])
+    _still_usable(master2)
+
+
+@pytest.mark.parametrize("hosts", ["local:0", "local:x", "", "a b",
+                                   ["local", ""]])
+def test_malformed_host_string(hosts):
+    with pytest.raises(BadHostSpec):
+        Master(hosts)
+
+
+def test_workers_per_host_must_be_positive():
+    with pytest.raises(ValueError, match="^workers_per_host must be a positive"):
+        Master("local", workers_per_host=0)
+
+
+def test_mapfunc_raising_gives_remote_traceback(master2):
+    with pytest.raises(RemoteError) as info:
+        master2.run(raising, params=5)
+    err = info.value
+    first = str(err).splitlines()[0]
+    assert first.startswith("mapfunc raised ValueError: bad value 5 (worker local-")
+    assert "fix the job" in first
+    assert "helper_that_fails" in err.remote_traceback
+    assert err.remote_type == "ValueError"
+    assert 'raising.py", line 2, in helper_that_fails' in str(err)
+    assert 'raise ValueError(f"bad value {x}")' in str(err)  # source line shown
+    _still_usable(master2)
+
+
+@pytest.mark.parametrize("job,status,said", [
+    (exiting, 3, "about to exit"),
+    (hard_exit, 7, "leaving with os._exit"),
+    (killed, -9, None),
+], ids=["sys.exit", "os._exit", "SIGKILL"])
+def test_mapfunc_killing_its_worker(job, status, said):
+    with Master("local:1") as m:
+        before = m.worker_stats()["local-0"]["pid"]
+        with pytest.raises(WorkerLost) as info:
+            m.run(job)
+        err = info.value
+        assert err.worker == "local-0" and err.exit_status == status
+        first = str(err).splitlines()[0]
+        assert first.startswith("worker local-0 was lost (exit status "
+                                f"{status}) running mapfunc(params, None)")
+        assert "restarted for the next run" in first
+        if said:
+            assert said in err.stderr_tail and said in str(err)
+        _still_usable(m)  # a new worker replaced the lost one
+        assert m.worker_stats()["local-0"]["pid"] != before
+
+
+def test_slice_that_kills_two_workers_is_named(master2):
+    def dies_on_7(params, xs):
+        if 7 in xs:
+            os._exit(5)
+        return sum(xs)
+    with pytest.raises(WorkerLost, match=r"^dataset slice \d+ killed workers "
+                       r"local-\d and local-\d \(last: exit status 5\): fix "
+                       "mapfunc for this input"):
+        master2.run(dies_on_7, dataset=DataSet(list(range(16)), slice_size=2))
+    _still_usable(master2)
+
+
+def test_lost_worker_slices_rerun_on_survivor(master2):
+    # The job kills the first worker that runs slice 0; the rerun succeeds.
+    def dies_once(params, xs):
+        flag = os.path.join(params, "died")
+        if 0 in xs and not os.path.exists(flag):
+            open(flag, "w").close()
+            os._exit(1)
+        return sum(xs)
+    import tempfile
+    with tempfile.TemporaryDirectory() as scratch:
+        assert master2.run(dies_once, params=scratch,
+                           dataset=DataSet(list(range(40)))) == 780
+    stats = master2.last_run
+    assert len(stats.lost_workers) == 1 and stats.rerun_slices >= 1
+    _still_usable(master2)
+
+
+def test_results_the_reduce_cannot_combine(master2):
+    with pytest.raises(ReduceError, match="^cannot combine results of lengths"):
+        master2.run(lambda p, xs: list(range(len(xs))),
+                    dataset=DataSet(list(range(7)), slice_size=2))
+    with pytest.raises(ReduceError, match="^cannot combine results of type"):
+        master2.run(lambda p, xs: "a" if 0 in xs else 1,
+                    dataset=DataSet(list(range(8)), slice_size=4))
+    _still_usable(master2)
+
+
+# --- no process left behind -------------------------------------------------
+
+def test_close_stops_workers(qjamfab_home):
+    m = Master("local:2")
+    assert len(processes_mentioning(str(qjamfab_home))) == 2
+    m.close()
+    assert processes_mentioning(str(qjamfab_home)) == []
+    with pytest.raises(QjamfabError, match="^this Master is closed"):
+        m.run(constant)
+
+
+def test_garbage_collected_master_stops_workers(qjamfab_home):
+    m = Master("local:2")
+    m.run(constant)
+    del m
+    gc.collect()
+    assert processes_mentioning(str(qjamfab_home)) == []
+
+
+@pytest.mark.parametrize("ending", ["exit", "ctrl-c"])
+def test_interpreter_exit_and_ctrl_c_stop_workers(tmp_path, qjamfab_home,
+                                                  ending):
+    script = tmp_path / "leaves.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, time
+        from qjamfab import Master
+        m = Master("local:2")
+        print(m.run(lambda p, x: 1), flush=True)
+        if {ending == "ctrl-c"!r}:
+            def slow(p, x):
+                time.sleep(30)
+            os.kill(os.getpid(), signal.SIGINT) if False else None
+            signal.setitimer(signal.ITIMER_REAL, 0.5)
+            signal.signal(signal.SIGALRM, lambda *a: os.kill(os.getpid(), signal.SIGINT))
+            m.run(slow)
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True,
+                          text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.stdout.startswith("2")
+    if ending == "ctrl-c":
+        assert "KeyboardInterrupt" in proc.stderr
+    assert processes_mentioning(str(qjamfab_home)) == []
+
+
+def test_default_hosts_from_environment(monkeypatch):
+    monkeypatch.setenv("QJAMFAB_HOSTS", "local:3")
+    with Master() as m:
+        assert m.workers == ["local-0", "local-1", "local-2"]
+        assert m.run(constant) == 126
+    monkeypatch.delenv("QJAMFAB_HOSTS")
+    with Master() as m:
+        assert len(m.workers) == os.cpu_count()
