@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -25,6 +26,7 @@ from . import protocol, scheduler, serialize
 from .dataset import BaseDataSet, DataSet
 from .errors import (BadJob, ProtocolError, QjamfabError, ReduceError,
                      RemoteError, WorkerLost)
+from .cluster import HostSession
 from .hosts import HostSpec, parse_hosts
 from .reduce import ReduceMismatch, reduce_all
 from .runtime import default_base
@@ -163,58 +165,88 @@ class Master:
                 f"{workers_per_host!r}: give e.g. 2, or None for one per core")
         self.hosts: list[HostSpec] = parse_hosts(hosts)
         self.ssh_config = ssh_config
+        self._workers_per_host = workers_per_host
         self.heartbeat_timeout = heartbeat_timeout
         self.last_run: RunStats | None = None
         self._base = default_base()
         self._events: queue.Queue = queue.Queue()
         self._task_ids = itertools.count(1)
-        self._slots = self._slot_names(workers_per_host)
+        self._hosts = _label_hosts(self.hosts, workers_per_host)
         self._handles: dict[str, _WorkerHandle] = {}
-        self._finalizer = weakref.finalize(self, _close_all, self._handles)
-        self._start_missing()
+        self._finalizer = weakref.finalize(self, _close_all, self._handles,
+                                           self._hosts)
+        self._start_missing(first=True)
 
     # --- workers --------------------------------------------------------
 
-    def _slot_names(self, workers_per_host: int | None
-                    ) -> list[tuple[str, HostSpec]]:
-        slots, seen = [], set()
-        for spec in self.hosts:
-            count = spec.workers or workers_per_host or os.cpu_count() or 1
-            label = spec.raw.split(":")[0] if spec.is_local else spec.raw
-            while label in seen:
-                label += "'"
-            seen.add(label)
-            slots += [(f"{label}-{k}", spec) for k in range(count)]
-        return slots
+    def _slots(self) -> list[tuple[str, "_Host", int]]:
+        return [(f"{h.label}-{k}", h, k) for h in self._hosts
+                for k in range(h.count or 0)]
 
-    def _open_transport(self, name: str, spec: HostSpec) -> Transport:
-        if spec.is_local:
-            return LocalPipeTransport(name, self._base)
-        raise QjamfabError(f"SSH host {spec.raw!r} is not supported yet: "
-                           "use local workers")
+    def _missing(self, host: "_Host") -> list[tuple[str, int]]:
+        if host.count is None:
+            return [("", -1)]
+        return [(f"{host.label}-{k}", k) for k in range(host.count)
+                if f"{host.label}-{k}" not in self._handles
+                or not self._handles[f"{host.label}-{k}"].alive]
 
-    def _start_missing(self) -> None:
-        """Start a worker for every slot that has none (or a lost one)."""
-        missing = [(n, s) for n, s in self._slots
-                   if n not in self._handles or not self._handles[n].alive]
-        transports = []
-        try:
-            for name, spec in missing:
-                old = self._handles.pop(name, None)
-                if old is not None:
-                    old.close()
-                transports.append((name, self._open_transport(name, spec)))
-            while transports:
-                name, transport = transports.pop(0)
-                self._handles[name] = _WorkerHandle(name, transport,
-                                                    self._events)
-        finally:
-            for _, transport in transports:
-                transport.close()
+    def _prepare_host(self, host: "_Host") -> None:
+        """Connect, bootstrap and start the daemons of an SSH host."""
+        if host.session is not None and not host.session.connected:
+            host.session.close()
+            host.session = None
+        if host.session is None:
+            host.session = HostSession(host.spec, ssh_config=self.ssh_config)
+        started = host.session.start_workers(
+            host.count or self._workers_per_host or "auto")
+        if host.count is None:
+            host.count = started["count"]
+
+    def _start_missing(self, first: bool = False) -> None:
+        """Start or reconnect every worker that is not up.
+
+        On the first start any failure raises. Later, a host that fails is
+        skipped for this run and retried with backoff, while others work.
+        """
+        now = time.monotonic()
+        todo = [h for h in self._hosts if self._missing(h)
+                and (first or h.retry_at <= now)]
+        failures: dict[int, QjamfabError] = {}
+
+        def prepare(host: _Host) -> None:
+            try:
+                if not host.spec.is_local:
+                    self._prepare_host(host)
+                for name, k in self._missing(host):
+                    old = self._handles.pop(name, None)
+                    if old is not None:
+                        old.close()
+                    transport = (LocalPipeTransport(name, self._base)
+                                 if host.spec.is_local else
+                                 host.session.worker_transport(name, k))
+                    self._handles[name] = _WorkerHandle(name, transport,
+                                                        self._events)
+                host.failures = 0
+            except QjamfabError as exc:
+                failures[id(host)] = exc
+                host.failures += 1
+                host.retry_at = time.monotonic() + min(60, 2 ** host.failures)
+
+        with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
+            list(pool.map(prepare, todo))
+        for host in todo:
+            exc = failures.get(id(host))
+            if exc is None:
+                continue
+            if first:
+                self.close()
+                raise exc
+            log.warning("host %s is unavailable, retrying later: %s",
+                        host.spec.raw, str(exc).splitlines()[0])
 
     @property
     def workers(self) -> list[str]:
-        return [name for name, _ in self._slots]
+        return [name for name, _, _ in self._slots()]
 
     def close(self) -> None:
         """End this session: stop local workers, drop connections."""
@@ -230,13 +262,20 @@ class Master:
         state = "closed" if not self._finalizer.alive else \
             f"{sum(h.alive for h in self._handles.values())} workers up"
         return (f"Master({', '.join(s.raw for s in self.hosts)}: "
-                f"{len(self._slots)} workers, {state})")
+                f"{len(self._slots())} workers, {state})")
 
-    def _live(self) -> list[_WorkerHandle]:
+    def _check_open(self) -> None:
         if not self._finalizer.alive:
             raise QjamfabError("this Master is closed: create a new Master")
-        return [self._handles[n] for n, _ in self._slots
+
+    def _live(self) -> list[_WorkerHandle]:
+        self._check_open()
+        live = [self._handles[n] for n, _, _ in self._slots()
                 if n in self._handles and self._handles[n].alive]
+        if not live:
+            raise WorkerLost("no worker is reachable: check the hosts (inv "
+                             "status), then run again")
+        return live
 
     # --- runs -----------------------------------------------------------
 
@@ -249,7 +288,7 @@ class Master:
         once. Results combine with `reduce`, else `+` (element-wise for
         lists and tuples), in slice order.
         """
-        self._live()
+        self._check_open()
         started = time.perf_counter()
         mapfunc, reduce = serialize.job_functions(job, reduce)
         func_hash, func_bytes = serialize.encode_job(mapfunc, reduce)
@@ -533,7 +572,38 @@ def _print_log(worker: str, text: str) -> None:
     sys.stdout.flush()
 
 
-def _close_all(handles: dict[str, _WorkerHandle]) -> None:
+class _Host:
+    """One entry of Master(hosts): its session and how many workers it runs
+    (None for an SSH host until it says how many cores it has)."""
+
+    def __init__(self, spec: HostSpec, label: str, count: int | None):
+        self.spec = spec
+        self.label = label
+        self.count = count
+        self.session: HostSession | None = None
+        self.failures = 0
+        self.retry_at = 0.0
+
+
+def _label_hosts(specs: list[HostSpec], workers_per_host: int | None
+                 ) -> list[_Host]:
+    hosts, seen = [], set()
+    for spec in specs:
+        label = "local" if spec.is_local else spec.raw
+        while label in seen:  # two entries for one host stay apart
+            label += "'"
+        seen.add(label)
+        count = spec.workers or workers_per_host or (
+            os.cpu_count() or 1 if spec.is_local else None)
+        hosts.append(_Host(spec, label, count))
+    return hosts
+
+
+def _close_all(handles: dict[str, _WorkerHandle], hosts: list[_Host]) -> None:
     for handle in list(handles.values()):
         handle.close()
     handles.clear()
+    for host in hosts:
+        if host.session is not None:
+            host.session.close()
+            host.session = None

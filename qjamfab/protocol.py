@@ -44,12 +44,16 @@ _MAGIC = b"QJ"
 _HEADER = struct.Struct("!2sBH")
 _LENGTH = struct.Struct("!Q")
 _IOV_MAX = 512
+_MAX_PARTS = 0xFFFF
 
 
 def encode(obj: object, dumps: Callable = pickle.dumps) -> list:
     """Pickle obj (protocol 5) into [main stream, *out-of-band buffers]."""
     buffers: list = []
     main = dumps(obj, protocol=5, buffer_callback=buffers.append)
+    if len(buffers) >= _MAX_PARTS - 2:
+        # More arrays than a frame can count: carry them in-band instead.
+        return [dumps(obj, protocol=5)]
     return [main, *(b.raw() for b in buffers)]
 
 
@@ -149,7 +153,7 @@ class FrameReader:
                 f"bad frame header {magic!r}: the peer is not a qjamfab "
                 f"endpoint of protocol version {VERSION}, or the stream was "
                 "corrupted")
-        raw = self._read_small(_LENGTH.size * nparts)
+        raw = self._read_part(_LENGTH.size * nparts)
         lengths = [_LENGTH.unpack_from(raw, i * _LENGTH.size)[0]
                    for i in range(nparts)]
         head = pickle.loads(self._read_part(lengths[0]))

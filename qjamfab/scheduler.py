@@ -16,21 +16,31 @@ def plan(refs: Sequence[str], workers: Sequence[str],
     if not workers:
         raise ValueError("no workers to plan onto")
     n, count = len(refs), len(workers)
-    capacity = -(-n // count)
+    base, extra = divmod(n, count)
     load = {w: [] for w in workers}
+    full = 0  # workers holding base + 1 slices; only `extra` may
+
+    def has_room(w: str) -> bool:
+        return len(load[w]) < base or (len(load[w]) == base and full < extra)
+
+    def place(w: str, i: int) -> None:
+        nonlocal full
+        load[w].append(i)
+        full += len(load[w]) == base + 1
+
     unplaced = []
     for i, ref in enumerate(refs):
-        holders = [w for w in workers
-                   if ref in held.get(w, ()) and len(load[w]) < capacity]
+        holders = [w for w in workers if ref in held.get(w, ()) and has_room(w)]
         if holders:
-            load[min(holders, key=lambda w: len(load[w]))].append(i)
+            place(min(holders, key=lambda w: len(load[w])), i)
         else:
             unplaced.append(i)
     for i in unplaced:
         home = workers[i * count // n]
-        if len(load[home]) >= capacity:
-            home = min(workers, key=lambda w: len(load[w]))
-        load[home].append(i)
+        if not has_room(home):
+            home = min((w for w in workers if has_room(w)),
+                       key=lambda w: len(load[w]))
+        place(home, i)
     return {w: sorted(slices) for w, slices in load.items() if slices}
 
 

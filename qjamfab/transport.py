@@ -10,12 +10,15 @@ errors here and nowhere else.
 from __future__ import annotations
 
 import os
+import posixpath
 import subprocess
 import sys
 from abc import ABC, abstractmethod
 
+import paramiko
+
 from . import runtime
-from .errors import WorkerLost
+from .errors import HostUnreachable, WorkerLost
 
 _TAIL_LINES = 20
 
@@ -51,13 +54,14 @@ class LocalPipeTransport(Transport):
 
     def __init__(self, name: str, base: str, python: str = sys.executable):
         self.name = name
-        bundle = runtime.ensure_local_bundle(base)
+        runtime.ensure_local_bundle(base)
         try:
             self.process = subprocess.Popen(
-                [python, "-c", runtime.boot_code(bundle, "worker"),
+                [python, "-c", runtime.boot_code("worker"),
                  "--pipe", "--name", name, "--base", base],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, bufsize=0,
+                env={**os.environ, "QJAMFAB_HOME": base},
                 # Ctrl-C at the terminal is the Master's to handle.
                 start_new_session=True)
         except OSError as exc:
@@ -119,3 +123,121 @@ class LocalPipeTransport(Transport):
         except (OSError, ValueError):
             pass
         return status, tail(text)
+
+
+# --- SSH -------------------------------------------------------------------
+
+_SSH_ERRORS = (paramiko.SSHException, OSError, EOFError)
+_WINDOW = 64 << 20       # a large window keeps bulk slices streaming
+_SEND_CHUNK = 32 << 10   # paramiko sends at most one packet per call
+
+
+def _open_channel(conn, command: str, what: str) -> paramiko.Channel:
+    try:
+        channel = conn.client.get_transport().open_session(
+            window_size=_WINDOW, timeout=30)
+        channel.exec_command(command)
+    except (*_SSH_ERRORS, AttributeError) as exc:
+        raise HostUnreachable(f"cannot open an SSH channel to {conn.host} for "
+                              f"{what} ({exc}): check that the host is up",
+                              host=conn.host) from exc
+    return channel
+
+
+def ssh_exec(conn, command: str, stdin: bytes = b"",
+             timeout: float = 120.0) -> tuple[int, str, str]:
+    """Run command on the host: (exit status, stdout, stderr)."""
+    channel = _open_channel(conn, command, "a command")
+    try:
+        channel.settimeout(timeout)
+        if stdin:
+            channel.sendall(stdin)
+        channel.shutdown_write()
+        out = bytearray()
+        while chunk := channel.recv(1 << 16):
+            out += chunk
+        err = bytearray()
+        while chunk := channel.recv_stderr(1 << 16):
+            err += chunk
+        status = channel.recv_exit_status()
+    except _SSH_ERRORS as exc:
+        raise HostUnreachable(f"{conn.host} stopped answering while running "
+                              f"a command ({exc or type(exc).__name__}): check "
+                              "the host and retry", host=conn.host) from exc
+    finally:
+        channel.close()
+    return status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+
+def sftp_upload(conn, files: dict[str, bytes], staging: str, target: str) -> None:
+    """Write files under staging/ over SFTP, then rename staging to target."""
+    try:
+        sftp = conn.client.open_sftp()
+        try:
+            made = set()
+            for path, content in files.items():
+                directory = posixpath.dirname(posixpath.join(staging, path))
+                for i in range(len(staging), len(directory) + 1):
+                    if (i == len(directory) or directory[i] == "/") and \
+                            directory[:i] not in made:
+                        sftp.mkdir(directory[:i], mode=0o700)
+                        made.add(directory[:i])
+                with sftp.open(posixpath.join(staging, path), "wb") as f:
+                    f.write(content)
+            try:
+                sftp.posix_rename(staging, target)
+            except OSError:  # another master installed it first
+                pass
+        finally:
+            sftp.close()
+    except _SSH_ERRORS as exc:
+        raise HostUnreachable(f"uploading the runtime to {conn.host} failed "
+                              f"({exc}): check free disk space and retry",
+                              host=conn.host) from exc
+
+
+class SSHChannelTransport(Transport):
+    """A worker daemon reached through the relay on an SSH exec channel."""
+
+    def __init__(self, name: str, conn, command: str):
+        self.name = name
+        self.host = conn.host
+        self.channel = _open_channel(conn, command, f"worker {name}")
+
+    def readinto(self, view: memoryview) -> int:
+        try:
+            data = self.channel.recv(len(view))
+        except _SSH_ERRORS:
+            return 0
+        view[:len(data)] = data
+        return len(data)
+
+    def writev(self, views: list) -> int:
+        try:
+            sent = self.channel.send(bytes(views[0][:_SEND_CHUNK]))
+        except _SSH_ERRORS as exc:
+            raise WorkerLost(f"worker {self.name}: the SSH channel to "
+                             f"{self.host} failed ({exc})",
+                             worker=self.name) from exc
+        if not sent:
+            raise WorkerLost(f"worker {self.name}: the SSH channel to "
+                             f"{self.host} is closed", worker=self.name)
+        return sent
+
+    def close(self) -> None:
+        try:
+            self.channel.close()
+        except _SSH_ERRORS:
+            pass
+
+    def exit_report(self, log_path: str | None) -> tuple[int | None, str]:
+        status = None
+        if self.channel.status_event.wait(2):
+            status = self.channel.recv_exit_status()
+        text = b""
+        try:
+            while self.channel.recv_stderr_ready():
+                text += self.channel.recv_stderr(1 << 16)
+        except _SSH_ERRORS:
+            pass
+        return status, tail(text.decode("utf-8", "replace"))

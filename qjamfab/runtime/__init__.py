@@ -76,11 +76,15 @@ def ensure_local_bundle(base: str) -> str:
     return target
 
 
-def boot_code(bundle_dir: str, module: str) -> str:
-    """`python -c` code that runs module.main() from the bundle.
+def boot_code(module: str) -> str:
+    """`python -c` code that runs qjamfab.runtime.<module>.main() from the
+    bundle under the base directory, as the host running it sees it.
 
     sys.path[0] (the current directory) is replaced so a `qjamfab/` folder
     there can never shadow the bundle.
     """
-    return (f"import sys; sys.path[0:1] = [{bundle_dir!r}]; "
+    return ("import os, sys; "
+            "b = os.environ.get('QJAMFAB_HOME') or "
+            "os.path.join(os.path.expanduser('~'), '.cache', 'qjamfab'); "
+            f"sys.path[0:1] = [os.path.join(b, 'runtime', {bundle_hash()!r})]; "
             f"from qjamfab.runtime.{module} import main; main()")

@@ -59,6 +59,9 @@ class RefCache:
         value = self._memory[ref] = protocol.decode(parts)
         return value
 
+    def drop_memory(self) -> None:
+        self._memory.clear()
+
     def clear(self) -> dict:
         stats = self.stats()
         self._memory.clear()

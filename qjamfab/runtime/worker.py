@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import os
 import pickle
 import signal
@@ -30,6 +31,7 @@ import traceback
 
 from .. import protocol
 from ..reduce import default_reduce
+from . import default_base
 from .cache import RefCache
 
 _LOG_POLL_S = 0.05
@@ -253,11 +255,10 @@ def _fd_channel(read_fd: int, write_fd: int) -> Channel:
     return Channel(reader.readinto, lambda views: os.writev(write_fd, views))
 
 
-def _socket_channel(conn: socket.socket) -> Channel:
-    return Channel(conn.recv_into, conn.sendmsg)
-
-
 def _serve_socket(worker: Worker, path: str, idle_timeout: float) -> None:
+    """Daemon mode: each connection is a relay handing over its stdin and
+    stdout (SCM_RIGHTS), so frames then flow between the SSH session and
+    this process with no copy through the relay."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -268,30 +269,49 @@ def _serve_socket(worker: Worker, path: str, idle_timeout: float) -> None:
         os.umask(old_umask)
     os.replace(tmp, path)  # a restarted daemon takes over the name atomically
     bound_inode = os.stat(path).st_ino
+    pid_path = path[:-len(".sock")] + ".pid"
+    with open(pid_path, "w") as f:
+        f.write(f"{os.getpid()}\n")
     listener.listen(8)
     listener.settimeout(idle_timeout if idle_timeout > 0 else None)
+    info = json.dumps({"pid": os.getpid(), "log": worker.capture.path})
     try:
         while True:
             try:
                 conn, _ = listener.accept()
             except socket.timeout:
                 return
-            conn.settimeout(None)
             with conn:
-                worker.serve(_socket_channel(conn))
+                conn.settimeout(None)
+                try:
+                    _, fds, _, _ = socket.recv_fds(conn, 64, 2)
+                except OSError:
+                    continue
+                try:
+                    if len(fds) == 2:
+                        conn.sendall(info.encode() + b"\n")
+                        worker.serve(_fd_channel(fds[0], fds[1]))
+                finally:
+                    for fd in fds:
+                        os.close(fd)
     finally:
         listener.close()
         try:
             if os.stat(path).st_ino == bound_inode:  # not a successor's
                 os.unlink(path)
+                os.unlink(pid_path)
         except FileNotFoundError:
             pass
+
+
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="qjamfab-worker")
     parser.add_argument("--name", required=True)
-    parser.add_argument("--base", required=True)
+    parser.add_argument("--base", default=None)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--pipe", action="store_true")
     mode.add_argument("--socket")
@@ -299,11 +319,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     os.umask(0o077)
-    base = os.path.expanduser(args.base)
+    base = os.path.expanduser(args.base or default_base())
     os.makedirs(base, mode=0o700, exist_ok=True)
     os.makedirs(os.path.join(base, "log"), mode=0o700, exist_ok=True)
     # Ctrl-C at the master's terminal is the master's to handle.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     protocol_in, protocol_out = os.dup(0), os.dup(1)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -311,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     capture = Capture(os.path.join(
         base, "log", f"{args.name}-{os.getpid()}.out"))
     worker = Worker(args.name, base, capture)
+    # clear-cache reaches an idle daemon's memory this way.
+    signal.signal(signal.SIGUSR1, lambda *_: worker.cache.drop_memory())
     if args.pipe:
         worker.serve(_fd_channel(protocol_in, protocol_out))
     else:

@@ -1,0 +1,220 @@
+"""Lifecycle over many hosts at once: bootstrap, start, status, clear, stop.
+
+`HostSession` is one host: its connection (none for `local`), the Python it
+runs workers with, and the runtime commands (`runtime/probe.py` before
+anything is uploaded, `runtime/manage.py` after). The functions at the
+bottom run one step on every host in parallel and return a `HostResult` per
+host, in the order given; one host failing never stops the others.
+
+Hosts run in a thread pool rather than a Fabric ThreadingGroup: each host
+needs its own sequence of steps, and a ThreadingGroup keys results by
+(host, user, port), which merges two aliases of one endpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from . import hosts as hostlib
+from . import runtime
+from .errors import HostError, PreflightFailed, QjamfabError
+from .hosts import HostSpec
+from .transport import (SSHChannelTransport, Transport, sftp_upload, ssh_exec,
+                        tail)
+
+with open(os.path.join(os.path.dirname(runtime.__file__), "probe.py")) as _f:
+    _PROBE_SOURCE = _f.read()
+
+
+def remote_python() -> str:
+    return (os.environ.get("QJAMFAB_REMOTE_PYTHON")
+            or os.environ.get("QJAM_REMOTE_PYTHON") or "python3")
+
+
+class _NoRuntime(QjamfabError):
+    """The host lacks this master's runtime bundle: bootstrap it."""
+
+
+class HostSession:
+    """One host and the commands that set up and manage its workers."""
+
+    def __init__(self, spec: HostSpec, *, ssh_config: str | None = None,
+                 connect_timeout: float = 10.0):
+        self.spec = spec
+        self.name = spec.raw
+        if spec.is_local:
+            self.conn = None
+            self.python = sys.executable
+        else:
+            self.conn = hostlib.connect(spec, ssh_config=ssh_config,
+                                        connect_timeout=connect_timeout)
+            self.python = remote_python()
+
+    @property
+    def connected(self) -> bool:
+        if self.conn is None:
+            return True
+        transport = self.conn.client.get_transport()
+        return transport is not None and transport.is_active()
+
+    def _python(self, args: list[str], timeout: float = 120.0
+                ) -> tuple[int, str, str]:
+        if self.conn is None:
+            try:
+                done = subprocess.run([self.python, *args], capture_output=True,
+                                      text=True, timeout=timeout)
+            except FileNotFoundError:
+                return 127, "", f"{self.python}: not found"
+            return done.returncode, done.stdout, done.stderr
+        return ssh_exec(self.conn, shlex.join([self.python, *args]),
+                        timeout=timeout)
+
+    def preflight(self) -> dict:
+        """Check the host can run workers; its probe report."""
+        status, out, err = self._python(["-c", _PROBE_SOURCE,
+                                         runtime.bundle_hash()])
+        if status == 127:
+            raise PreflightFailed(
+                f"{self.name}: python {self.python!r} was not found: install "
+                f"python3 there, or set QJAMFAB_REMOTE_PYTHON to its path\n"
+                f"{tail(err)}", host=self.name)
+        if status != 0:
+            raise PreflightFailed(
+                f"{self.name}: the preflight probe failed with exit status "
+                f"{status}: check {self.python!r} runs there\n{tail(err)}",
+                host=self.name)
+        info = json.loads(out.strip().splitlines()[-1])
+        theirs, ours = tuple(info["python"][:2]), sys.version_info[:2]
+        if theirs != ours:
+            raise PreflightFailed(
+                f"{self.name} runs Python {'.'.join(map(str, info['python']))} "
+                f"({info['executable']}), the master {ours[0]}.{ours[1]}: "
+                "cloudpickle needs the same minor version; set "
+                f"QJAMFAB_REMOTE_PYTHON to a python{ours[0]}.{ours[1]} there",
+                host=self.name)
+        if not info["writable"]:
+            raise PreflightFailed(
+                f"{self.name}: base directory {info['base']} is not writable "
+                f"({info['error']}): fix its permissions or set QJAMFAB_HOME "
+                "for that host", host=self.name)
+        return info
+
+    def bootstrap(self) -> dict:
+        """Preflight, then upload the runtime unless it is there already."""
+        info = self.preflight()
+        info["runtime"] = "present"
+        if not info["runtime_present"]:
+            if self.conn is None:
+                runtime.ensure_local_bundle(info["base"])
+            else:
+                root = f"{info['base']}/runtime"
+                sftp_upload(self.conn, runtime.bundle_files(),
+                            staging=f"{root}/.staging-{uuid.uuid4().hex}",
+                            target=f"{root}/{runtime.bundle_hash()}")
+            info["runtime"] = "uploaded"
+        info["runtime_hash"] = runtime.bundle_hash()
+        return info
+
+    def manage(self, command: str, *args: str) -> dict:
+        """A runtime/manage.py command on the host; its JSON answer."""
+        status, out, err = self._python(
+            ["-c", runtime.boot_code("manage"), command, *args])
+        if status != 0 and "No module named 'qjamfab" in err:
+            raise _NoRuntime(f"{self.name} has no runtime {runtime.bundle_hash()}")
+        if status != 0:
+            raise HostError(f"{self.name}: {command} failed with exit status "
+                            f"{status}: see the output below\n{tail(err)}",
+                            host=self.name)
+        return json.loads(out.strip().splitlines()[-1])
+
+    def start_workers(self, count: int | str = "auto") -> dict:
+        """Start missing worker daemons (bootstrapping when needed)."""
+        args = ("--count", str(count))
+        try:
+            return self.manage("start", *args)
+        except _NoRuntime:
+            self.bootstrap()
+            return self.manage("start", *args)
+
+    def worker_transport(self, name: str, k: int) -> Transport:
+        """A stream to daemon worker-k on this host, through the relay."""
+        if self.conn is None:
+            raise QjamfabError("local workers are started by the Master")
+        return SSHChannelTransport(name, self.conn, shlex.join(
+            [self.python, "-c", runtime.boot_code("relay"), f"worker-{k}"]))
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+@dataclass
+class HostResult:
+    """What one lifecycle step did on one host."""
+    host: str
+    ok: bool
+    seconds: float
+    info: dict = field(default_factory=dict)
+    error: str = ""
+
+
+def for_each_host(hosts: Sequence[HostSpec], step: Callable[[HostSession], dict],
+                  *, ssh_config: str | None = None,
+                  connect_timeout: float = 10.0) -> list[HostResult]:
+    """Connect to every host and run step on it, all hosts in parallel."""
+    def one(spec: HostSpec) -> HostResult:
+        started = time.monotonic()
+        session = None
+        try:
+            session = HostSession(spec, ssh_config=ssh_config,
+                                  connect_timeout=connect_timeout)
+            info = step(session)
+            return HostResult(spec.raw, True, time.monotonic() - started, info)
+        except QjamfabError as exc:
+            return HostResult(spec.raw, False, time.monotonic() - started,
+                              error=str(exc))
+        finally:
+            if session is not None:
+                session.close()
+    if not hosts:
+        return []
+    with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
+        return list(pool.map(one, hosts))
+
+
+def bootstrap(hosts: Sequence[HostSpec], **kw) -> list[HostResult]:
+    return for_each_host(hosts, HostSession.bootstrap, **kw)
+
+
+def start_workers(hosts: Sequence[HostSpec], count: int | str = "auto",
+                  **kw) -> list[HostResult]:
+    return for_each_host(hosts, lambda s: s.start_workers(count), **kw)
+
+
+def status(hosts: Sequence[HostSpec], **kw) -> list[HostResult]:
+    return for_each_host(hosts, _manage_or_empty("status"), **kw)
+
+
+def clear_cache(hosts: Sequence[HostSpec], **kw) -> list[HostResult]:
+    return for_each_host(hosts, _manage_or_empty("clear"), **kw)
+
+
+def stop_workers(hosts: Sequence[HostSpec], **kw) -> list[HostResult]:
+    return for_each_host(hosts, _manage_or_empty("stop"), **kw)
+
+
+def _manage_or_empty(command: str) -> Callable[[HostSession], dict]:
+    def step(session: HostSession) -> dict:
+        try:
+            return session.manage(command)
+        except _NoRuntime:
+            return {"note": "not bootstrapped with this runtime"}
+    return step

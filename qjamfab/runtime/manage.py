@@ -1,0 +1,149 @@
+"""Worker daemons on one host: start, status, stop, clear.
+
+Run from the bundle as `python3 -c <boot manage> COMMAND ...`; answers one
+line of JSON. Daemon k listens on `<base>/run/worker-k.sock` and records its
+pid in `worker-k.pid`; a pid counts as a worker only while its command line
+names that socket, so a recycled pid is never signalled.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from . import boot_code, default_base
+
+_START_WAIT_S = 15.0
+
+
+def _run_dir(base: str) -> str:
+    return os.path.join(base, "run")
+
+
+def _socket(base: str, k: int) -> str:
+    return os.path.join(_run_dir(base), f"worker-{k}.sock")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _workers(base: str) -> list[dict]:
+    """The daemons of this base that are alive, by their pid files."""
+    found = []
+    run = _run_dir(base)
+    for name in sorted(os.listdir(run)) if os.path.isdir(run) else ():
+        if not (name.startswith("worker-") and name.endswith(".pid")):
+            continue
+        try:
+            with open(os.path.join(run, name)) as f:
+                pid = int(f.read().strip())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            continue
+        sock = os.path.join(run, name[:-4] + ".sock")
+        if sock not in _cmdline(pid):
+            continue
+        found.append({"name": name[:-4], "pid": pid, "socket": sock,
+                      "uptime_s": time.time() - os.stat(
+                          os.path.join(run, name)).st_mtime})
+    return found
+
+
+def start(base: str, count: int, idle_timeout: float) -> dict:
+    running = {w["name"] for w in _workers(base)}
+    started = []
+    for k in range(count):
+        name = f"worker-{k}"
+        if name in running:
+            continue
+        subprocess.Popen(
+            [sys.executable, "-c", boot_code("worker"), "--socket",
+             _socket(base, k), "--name", name, "--base", base,
+             "--idle-timeout", str(idle_timeout)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=open(os.path.join(base, "log", f"{name}.daemon"), "ab"),
+            start_new_session=True, close_fds=True)
+        started.append(name)
+    deadline = time.monotonic() + _START_WAIT_S
+    waiting = set(started)
+    while waiting and time.monotonic() < deadline:
+        waiting = {n for n in waiting
+                   if n not in {w["name"] for w in _workers(base)}}
+        if waiting:
+            time.sleep(0.02)
+    return {"started": started, "failed": sorted(waiting),
+            "workers": [w["name"] for w in _workers(base)],
+            "count": count, "cores": os.cpu_count()}
+
+
+def status(base: str) -> dict:
+    entries = size = 0
+    cache = os.path.join(base, "cache")
+    for entry in os.scandir(cache) if os.path.isdir(cache) else ():
+        if not entry.name.endswith(".tmp"):
+            entries += 1
+            size += entry.stat().st_size
+    runtime = os.path.join(base, "runtime")
+    return {"workers": _workers(base), "cache_entries": entries,
+            "cache_bytes": size, "cores": os.cpu_count(), "base": base,
+            "runtimes": sorted(n for n in os.listdir(runtime)
+                               if not n.startswith("."))
+            if os.path.isdir(runtime) else []}
+
+
+def stop(base: str) -> dict:
+    workers = _workers(base)
+    for w in workers:
+        os.kill(w["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while _workers(base) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for w in _workers(base):
+        os.kill(w["pid"], signal.SIGKILL)
+    for w in workers:
+        for path in (w["socket"], w["socket"][:-5] + ".pid"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+    return {"stopped": len(workers)}
+
+
+def clear(base: str) -> dict:
+    for w in _workers(base):
+        os.kill(w["pid"], signal.SIGUSR1)  # drops the daemon's memory cache
+    before = status(base)
+    cache = os.path.join(base, "cache")
+    for name in os.listdir(cache) if os.path.isdir(cache) else ():
+        try:
+            os.unlink(os.path.join(cache, name))
+        except FileNotFoundError:
+            pass
+    return {"entries": before["cache_entries"], "bytes": before["cache_bytes"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="qjamfab-manage")
+    parser.add_argument("command", choices=["start", "status", "stop", "clear"])
+    parser.add_argument("--count", default="auto")
+    parser.add_argument("--idle-timeout", type=float, default=3600.0)
+    args = parser.parse_args()
+    base = default_base()
+    for sub in ("run", "log", "cache"):
+        os.makedirs(os.path.join(base, sub), mode=0o700, exist_ok=True)
+    if args.command == "start":
+        count = (os.cpu_count() or 1) if args.count == "auto" \
+            else int(args.count)
+        result = start(base, count, args.idle_timeout)
+    else:
+        result = {"status": status, "stop": stop, "clear": clear}[args.command](base)
+    print(json.dumps(result))

@@ -1,0 +1,68 @@
+"""The attach relay: joins an SSH exec channel to a worker daemon.
+
+Run by the master over SSH as `python3 -c <boot relay> WORKER`. It connects
+to the daemon's Unix socket `<base>/run/WORKER.sock` and hands it the channel's stdin and stdout
+(SCM_RIGHTS), then only waits: frames flow between sshd and the daemon
+directly. When the daemon ends the connection the relay exits, which closes
+the channel; if the daemon died, the relay first writes the tail of the
+worker's captured output to stderr for the master to show.
+
+Exit status: 0 when the master hung up, 3 when no daemon listens there,
+4 when the daemon died.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+
+from . import default_base
+
+NO_WORKER = 3
+WORKER_DIED = 4
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tail(path: str, limit: int = 4096) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - limit))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def main() -> None:
+    path = os.path.join(default_base(), "run", f"{sys.argv[1]}.sock")
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(path)
+    except OSError as exc:
+        sys.stderr.write(f"qjamfab relay: no worker listens on {path} ({exc})\n")
+        sys.exit(NO_WORKER)
+    socket.send_fds(conn, [b"attach"], [0, 1])
+    # Keep no copy of the channel's pipes: when the daemon dies, sshd must
+    # see their end at once.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    reader = conn.makefile("rb")
+    line = reader.readline()
+    info = json.loads(line) if line else {}
+    while reader.read(65536):
+        pass
+    pid = info.get("pid")
+    if pid and not _alive(pid):
+        sys.stderr.write(f"qjamfab: worker process {pid} died; its last "
+                         f"output:\n{_tail(info.get('log', ''))}")
+        sys.exit(WORKER_DIED)

@@ -1,0 +1,96 @@
+"""The examples, run as a user runs them: `python examples/X.py args` on two
+local workers, checking what they print."""
+import collections
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+pytestmark = pytest.mark.timeout(150)
+
+
+def run_example(name, *args):
+    env = dict(os.environ)          # holds this test's own QJAMFAB_HOME
+    env["QJAMFAB_HOSTS"] = "local:2"
+    # The examples import qjamfab: make this checkout importable whether or
+    # not the package is installed.
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *map(str, args)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return proc
+
+
+def describe(proc):
+    return (f"exit status {proc.returncode}\n--- stdout ---\n{proc.stdout}"
+            f"\n--- stderr ---\n{proc.stderr}")
+
+
+def test_sum_matrix():
+    n = 50
+    proc = run_example("sum_matrix.py", n)
+    assert proc.returncode == 0, describe(proc)
+    expected = re.search(r"^expected sum: (\d+)$", proc.stdout, re.M)
+    computed = re.search(r"^computed sum: (\d+)$", proc.stdout, re.M)
+    assert expected and computed, describe(proc)
+    assert int(expected.group(1)) == int(computed.group(1)) \
+        == n * n * (n * n + 1) // 2 == 2500 * 2501 // 2
+    assert "on 2 workers" in proc.stdout, describe(proc)
+
+
+def test_newton_sqrt():
+    proc = run_example("newton_sqrt.py", 123456789)
+    assert proc.returncode == 0, describe(proc)
+    final = re.search(r"^sqrt\(123456789\.0\) ~= (\S+) \(math\.sqrt: (\S+)\)$",
+                      proc.stdout, re.M)
+    assert final, describe(proc)
+    value = float(final.group(1))
+    assert math.isclose(value, 11111.111060555555, rel_tol=1e-12)
+    assert float(final.group(2)) == math.sqrt(123456789)
+    iterations = re.findall(r"^iteration (\d+): ", proc.stdout, re.M)
+    assert iterations and len(iterations) < 60
+
+
+def parse_counts(stdout):
+    counts = {}
+    for line in stdout.splitlines():
+        m = re.fullmatch(r"(\S) +(\d+) +(\d+\.\d)%", line)
+        if m:
+            counts[m.group(1)] = int(m.group(2))
+    summary = re.search(r"^(\d+) letters in (\d+) lines$", stdout, re.M)
+    assert summary, stdout
+    return counts, int(summary.group(1)), int(summary.group(2))
+
+
+def test_char_count_sample():
+    text = (EXAMPLES / "sample.txt").read_text(encoding="utf-8")
+    letters = sum(1 for c in text if c.isalpha())
+    expected = collections.Counter(c for c in text.lower() if c.isalpha())
+    proc = run_example("char_count.py")
+    assert proc.returncode == 0, describe(proc)
+    counts, total, lines = parse_counts(proc.stdout)
+    assert sum(counts.values()) == total == letters, describe(proc)
+    assert lines == len(text.splitlines())
+    assert counts == dict(expected)
+    # printed most common first
+    printed = [int(n) for n in re.findall(r"^\S +(\d+) ", proc.stdout, re.M)]
+    assert printed == sorted(printed, reverse=True)
+
+
+def test_char_count_known_file(tmp_path):
+    path = tmp_path / "known.txt"
+    path.write_text("aaa bb\nC c! 42\n\nzz Z\nÉé?\n", encoding="utf-8")
+    proc = run_example("char_count.py", path)
+    assert proc.returncode == 0, describe(proc)
+    counts, total, lines = parse_counts(proc.stdout)
+    assert counts == {"a": 3, "b": 2, "c": 2, "z": 3, "é": 2}, describe(proc)
+    assert total == 12
+    assert lines == 5
