@@ -72,20 +72,22 @@ class HostSession:
                 done = subprocess.run([self.python, *args], capture_output=True,
                                       text=True, timeout=timeout)
             except FileNotFoundError:
-                return 127, "", f"{self.python}: not found"
-            return done.returncode, done.stdout, done.stderr
-        return ssh_exec(self.conn, shlex.join([self.python, *args]),
-                        timeout=timeout)
-
-    def preflight(self) -> dict:
-        """Check the host can run workers; its probe report."""
-        status, out, err = self._python(["-c", _PROBE_SOURCE,
-                                         runtime.bundle_hash()])
+                done = subprocess.CompletedProcess(args, 127, "", "not found")
+            status, out, err = done.returncode, done.stdout, done.stderr
+        else:
+            status, out, err = ssh_exec(
+                self.conn, shlex.join([self.python, *args]), timeout=timeout)
         if status == 127:
             raise PreflightFailed(
                 f"{self.name}: python {self.python!r} was not found: install "
                 f"python3 there, or set QJAMFAB_REMOTE_PYTHON to its path\n"
                 f"{tail(err)}", host=self.name)
+        return status, out, err
+
+    def preflight(self) -> dict:
+        """Check the host can run workers; its probe report."""
+        status, out, err = self._python(["-c", _PROBE_SOURCE,
+                                         runtime.bundle_hash()])
         if status != 0:
             raise PreflightFailed(
                 f"{self.name}: the preflight probe failed with exit status "
@@ -127,7 +129,7 @@ class HostSession:
         """A runtime/manage.py command on the host; its JSON answer."""
         status, out, err = self._python(
             ["-c", runtime.boot_code("manage"), command, *args])
-        if status != 0 and "No module named 'qjamfab" in err:
+        if status != 0 and runtime.NO_RUNTIME in err:
             raise _NoRuntime(f"{self.name} has no runtime {runtime.bundle_hash()}")
         if status != 0:
             raise HostError(f"{self.name}: {command} failed with exit status "

@@ -101,9 +101,10 @@ class _WorkerHandle:
         except (EOFError, ProtocolError, OSError) as exc:
             self.transport.close()
             status, tail = self.transport.exit_report(None)
+            said = tail.splitlines()[-1] if tail else "see the output below"
             raise WorkerLost(
                 f"worker {self.name} did not start (exit status {status}): "
-                f"see its output below\n{tail}", worker=self.name,
+                f"{said}\n{tail}", worker=self.name,
                 exit_status=status, stderr_tail=tail) from exc
         finally:
             timer.cancel()
@@ -132,6 +133,7 @@ class _WorkerHandle:
                 if kind != protocol.HEARTBEAT:
                     self._events.put((self, kind, head, parts))
         except (EOFError, OSError, ProtocolError, QjamfabError) as exc:
+            self.alive = False
             self._events.put((self, _LOST, {"reason": str(exc)}, []))
 
     def close(self) -> None:
@@ -350,6 +352,7 @@ class _Run:
                  func_hash: str, func_bytes: bytes, params_parts: list,
                  dataset: BaseDataSet | None, reduce: Callable | None):
         self.master = master
+        self.run_id = next(master._task_ids)
         self.workers = workers
         self.func_hash = func_hash
         self.func_bytes = func_bytes
@@ -399,8 +402,9 @@ class _Run:
             handle.funcs.add(self.func_hash)
         refs = None if self.refs is None else [self.refs[i] for i in slices]
         try:
-            handle.send(protocol.TASK, {"task": task.id, "func": self.func_hash,
-                                        "refs": refs}, self.params_parts)
+            handle.send(protocol.TASK, {
+                "task": task.id, "run": self.run_id, "func": self.func_hash,
+                "refs": refs}, self.params_parts)
         except WorkerLost:
             handle.alive = False  # its reader thread reports the loss
 
@@ -498,12 +502,10 @@ class _Run:
 
     def _lost(self, handle: _WorkerHandle, reason: str) -> None:
         """A worker ended: re-plan its open slices onto the survivors."""
-        was_alive = handle.alive
         handle.alive = False
         lost_tasks = [t for t in self.open.values() if t.worker is handle]
-        if not lost_tasks and not was_alive and \
-                handle.name in self.stats.lost_workers:
-            return
+        if not lost_tasks:
+            return  # nothing of this run was on it
         handle.transport.close()
         status, tail = handle.transport.exit_report(handle.hello.get("log"))
         if handle.name not in self.stats.lost_workers:

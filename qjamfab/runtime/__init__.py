@@ -76,15 +76,21 @@ def ensure_local_bundle(base: str) -> str:
     return target
 
 
+NO_RUNTIME = "qjamfab: no runtime at"
+
+
 def boot_code(module: str) -> str:
     """`python -c` code that runs qjamfab.runtime.<module>.main() from the
     bundle under the base directory, as the host running it sees it.
 
-    sys.path[0] (the current directory) is replaced so a `qjamfab/` folder
-    there can never shadow the bundle.
+    It refuses to run when the bundle is absent, so a qjamfab installed on
+    the host is never run in its place; and it replaces sys.path[0] (the
+    current directory) so a `qjamfab/` folder there cannot shadow it.
     """
     return ("import os, sys; "
             "b = os.environ.get('QJAMFAB_HOME') or "
             "os.path.join(os.path.expanduser('~'), '.cache', 'qjamfab'); "
-            f"sys.path[0:1] = [os.path.join(b, 'runtime', {bundle_hash()!r})]; "
+            f"p = os.path.join(b, 'runtime', {bundle_hash()!r}); "
+            f"os.path.isdir(p) or sys.exit({NO_RUNTIME!r} + ' ' + p); "
+            "sys.path[0:1] = [p]; "
             f"from qjamfab.runtime.{module} import main; main()")

@@ -8,7 +8,8 @@ the channel; if the daemon died, the relay first writes the tail of the
 worker's captured output to stderr for the master to show.
 
 Exit status: 0 when the master hung up, 3 when no daemon listens there,
-4 when the daemon died.
+4 when the daemon died, 5 when it is serving another master (a daemon
+serves one connection at a time).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from . import default_base
 
 NO_WORKER = 3
 WORKER_DIED = 4
+WORKER_BUSY = 5
+_BUSY_WAIT_S = 5.0
 
 
 def _alive(pid: int) -> bool:
@@ -57,7 +60,15 @@ def main() -> None:
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     reader = conn.makefile("rb")
-    line = reader.readline()
+    conn.settimeout(_BUSY_WAIT_S)
+    try:
+        line = reader.readline()
+    except socket.timeout:
+        sys.stderr.write(
+            f"{sys.argv[1]} is serving another Master: close that session or "
+            "wait for it, or start more workers per host\n")
+        sys.exit(WORKER_BUSY)
+    conn.settimeout(None)
     info = json.loads(line) if line else {}
     while reader.read(65536):
         pass

@@ -125,7 +125,9 @@ class Worker:
         self.jobs: dict[str, tuple] = {}     # function hash -> (mapfunc, reduce)
         self.job_bytes: dict[str, bytes] = {}
         self.started = time.time()
-        self.pending: tuple | None = None    # (head, params parts) of a blocked task
+        # Tasks not yet run, in order: [head, params parts, reported blocked]
+        self.pending: list[list] = []
+        self.run_id = None
 
     def hello(self) -> dict:
         import cloudpickle
@@ -138,7 +140,7 @@ class Worker:
     def serve(self, channel: Channel) -> None:
         """Answer frames until the master closes the connection."""
         self.capture.channel = channel
-        self.pending = None
+        self.pending = []
         channel.send(protocol.HELLO, self.hello())
         stop = threading.Event()
         threading.Thread(target=_heartbeat, args=(channel, stop),
@@ -160,7 +162,12 @@ class Worker:
         elif kind == protocol.REFS:
             self.cache.put(head["ref"], parts)
         elif kind == protocol.TASK:
-            self.pending = (head, parts)
+            if head["run"] != self.run_id:
+                # A new run: whatever an interrupted earlier run left waiting
+                # for data will never get it.
+                self.run_id = head["run"]
+                self.pending.clear()
+            self.pending.append([head, parts, False])
         elif kind == protocol.CLEAR:
             self.jobs.clear()
             self.job_bytes.clear()
@@ -174,26 +181,24 @@ class Worker:
             return
         else:
             raise SystemExit(f"qjamfab worker: unexpected frame kind {kind}")
-        if self.pending is not None and (kind == protocol.TASK
-                                         or self._ready(self.pending[0])):
-            self._try_run(channel)
+        self._run_pending(channel)
 
-    def _ready(self, head: dict) -> bool:
-        return (head["func"] in self.jobs or head["func"] in self.job_bytes) \
-            and not self.cache.missing(head["refs"] or ())
-
-    def _try_run(self, channel: Channel) -> None:
-        head, params_parts = self.pending
-        missing_func = head["func"] not in self.jobs \
-            and head["func"] not in self.job_bytes
-        missing_refs = self.cache.missing(head["refs"] or ())
-        if missing_func or missing_refs:
-            channel.send(protocol.STATE, {
-                "task": head["task"], "state": "blocked",
-                "refs": missing_refs, "func": missing_func})
-            return
-        self.pending = None
-        self._run(channel, head, params_parts)
+    def _run_pending(self, channel: Channel) -> None:
+        """Run queued tasks in order; report the first one that lacks data."""
+        while self.pending:
+            head, params_parts, reported = self.pending[0]
+            missing_func = head["func"] not in self.jobs \
+                and head["func"] not in self.job_bytes
+            missing_refs = self.cache.missing(head["refs"] or ())
+            if missing_func or missing_refs:
+                if not reported:
+                    self.pending[0][2] = True
+                    channel.send(protocol.STATE, {
+                        "task": head["task"], "state": "blocked",
+                        "refs": missing_refs, "func": missing_func})
+                return
+            self.pending.pop(0)
+            self._run(channel, head, params_parts)
 
     def _job(self, func_hash: str) -> tuple:
         job = self.jobs.get(func_hash)
@@ -291,6 +296,8 @@ def _serve_socket(worker: Worker, path: str, idle_timeout: float) -> None:
                     if len(fds) == 2:
                         conn.sendall(info.encode() + b"\n")
                         worker.serve(_fd_channel(fds[0], fds[1]))
+                except OSError:
+                    pass  # that master is gone (its relay gave up waiting)
                 finally:
                     for fd in fds:
                         os.close(fd)

@@ -1,0 +1,476 @@
+"""The lifecycle tasks as one Invoke Collection, `ns`.
+
+    inv bootstrap --hosts=a,b,c          # preflight + upload the runtime
+    inv start-workers --hosts=a,b,c      # long-lived workers
+    inv status --hosts=a,b,c
+    inv run examples/sum_matrix.py --hosts=a,b,c -- 2000
+    inv run "examples/sum_matrix.py 2000" --hosts=a,b,c
+    inv clear-cache --hosts=a,b,c
+    inv stop-workers --hosts=a,b,c
+
+Three fronts share this Collection: ``inv`` (the top-level ``tasks.py``),
+``qjamfab`` (`qjamfab.cli`, an `invoke.Program`) and ``fab`` (the top-level
+``fabfile.py``). Every task takes ``--hosts`` (default ``$QJAMFAB_HOSTS``,
+else ``local``), ``--ssh-config`` (default ``$QJAMFAB_SSH_CONFIG``) and
+``--verbose``. Under ``fab``, ``-H a,b,c`` and ``-S/--ssh-config`` work too:
+Fabric calls a task once per ``-H`` host with a Connection, so the first call
+acts on every host at once (in parallel) and the calls for the other hosts
+do nothing.
+
+Each lifecycle task prints one plain-text table, a row per host, and exits
+with status 1 when any host failed (each failure's full text is printed below
+the table); a bad argument exits with status 2. `run` exits with the
+script's own status.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import shlex
+import signal
+import site
+import subprocess
+import sys
+import weakref
+from typing import Callable, Sequence
+
+from invoke import Collection, Exit, Program, task
+
+from . import cluster
+from .errors import QjamfabError
+from .hosts import HostSpec, parse_hosts
+
+__all__ = ["ns", "render_table"]
+
+log = logging.getLogger("qjamfab")
+
+_HELP = {
+    "hosts": "comma-separated hosts: local, local:N, [user@]host[:port] or "
+             "ssh_config aliases (default: $QJAMFAB_HOSTS, else local)",
+    "ssh-config": "ssh_config file for the SSH hosts (default: "
+                  "$QJAMFAB_SSH_CONFIG, else ~/.ssh/config)",
+    "verbose": "log qjamfab's debug messages to stderr",
+}
+
+
+def _help(**extra: str) -> dict:
+    return {**_HELP, **extra}
+
+
+# --- tables ------------------------------------------------------------------
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
+                 align: str = "") -> str:
+    """Rows as a plain-text table: a header, a rule, one line per row.
+
+    `align` holds one letter per column, ``l`` or ``r`` (missing: ``l``).
+    The last column is left as it is, so a long status does not pad the
+    lines.
+    """
+    cells = [[str(h) for h in headers]] + [
+        ["-" if v is None or v == "" else str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    rule = ["-" * w for w in widths]
+    rule[-1] = "-" * max(len(cells[0][-1]), min(widths[-1], 20))
+    lines = []
+    for row in [cells[0], rule, *cells[1:]]:
+        out = []
+        for i, value in enumerate(row):
+            if i == len(row) - 1:
+                out.append(value)
+            elif align[i:i + 1] == "r":
+                out.append(value.rjust(widths[i]))
+            else:
+                out.append(value.ljust(widths[i]))
+        lines.append("  ".join(out).rstrip())
+    return "\n".join(lines)
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _first_line(text: str, host: str = "", limit: int = 100) -> str:
+    """The first line of an error, without a leading "host: " (the table
+    names the host), cut to `limit` characters."""
+    lines = [line for line in (text or "").splitlines() if line.strip()]
+    line = lines[0].strip() if lines else "failed"
+    if host and line.startswith(host + ": "):
+        line = line[len(host) + 2:]
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+# --- the running program: Fabric's -H and the '--' remainder ------------------
+
+def _running_program() -> Program | None:
+    """The Invoke Program (inv, fab, qjamfab) that is running this task.
+
+    Invoke hands a task only its Context: the core arguments (Fabric's
+    ``-H``) and the exact words after ``--`` stay on the Program, which is
+    found on the call stack (Program.run -> Executor.execute -> the task).
+    """
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Program):
+                return candidate
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
+def _remainder() -> list[str]:
+    """The words after ``--`` on the command line, exactly as given.
+
+    (Invoke keeps them only space-joined, as ``core.remainder``.)
+    """
+    program = _running_program()
+    argv = list(getattr(program, "argv", None) or sys.argv)[1:]
+    if "--" not in argv:
+        return []
+    return argv[argv.index("--") + 1:]
+
+
+def _core_value(program: Program | None, name: str) -> str | None:
+    try:
+        return program.core[0].args[name].value or None
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+
+
+# Per running Program and task: how many of Fabric's per-host calls are left
+# to skip because the first one acted on every host.
+_fab_skips: "weakref.WeakKeyDictionary[Program, dict]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _is_connection(ctx) -> bool:
+    try:
+        from fabric import Connection
+    except ImportError:   # pragma: no cover - fabric is a dependency
+        return False
+    return isinstance(ctx, Connection)
+
+
+class _Skip(Exception):
+    """This is one of fab's per-host calls after the one that did the work."""
+
+
+def _targets(ctx, task_name: str, hosts: str | None,
+             ssh_config: str | None) -> tuple[list[HostSpec], str | None]:
+    """Host specs and ssh_config path for this call, or _Skip.
+
+    Precedence: the task's --hosts, else fab's -H, else $QJAMFAB_HOSTS, else
+    local; the task's --ssh-config, else fab's -S/--ssh-config (or Fabric's
+    ssh_config_path setting), else $QJAMFAB_SSH_CONFIG.
+    """
+    program = _running_program()
+    if _is_connection(ctx):
+        fab_hosts = _core_value(program, "hosts")
+        if program is not None and fab_hosts:
+            skips = _fab_skips.setdefault(program, {})
+            if skips.get(task_name, 0) > 0:
+                skips[task_name] -= 1
+                raise _Skip
+            skips[task_name] = len(fab_hosts.split(",")) - 1
+        else:   # called with a Connection outside fab -H: that host only
+            fab_hosts = ctx.original_host
+        if not hosts:
+            hosts = fab_hosts
+    if not ssh_config:
+        ssh_config = (getattr(ctx.config, "_runtime_ssh_path", None)
+                      if ctx is not None else None)
+    if not ssh_config:
+        ssh_config = os.environ.get("QJAMFAB_SSH_CONFIG") or None
+    if ssh_config:
+        ssh_config = os.path.expanduser(ssh_config)
+        if not os.path.isfile(ssh_config):
+            raise Exit(f"ssh_config file {ssh_config} does not exist: fix "
+                       f"--ssh-config (or $QJAMFAB_SSH_CONFIG)", code=2)
+    try:
+        specs = parse_hosts(hosts if hosts else None)
+    except QjamfabError as exc:
+        raise Exit(f"bad --hosts: {exc}", code=2) from None
+    return specs, ssh_config
+
+
+def _setup_logging(verbose: bool) -> None:
+    """The "qjamfab" logger to stderr: DEBUG with --verbose, else INFO."""
+    logger = logging.getLogger("qjamfab")
+    for handler in list(logger.handlers):
+        if getattr(handler, "_qjamfab_cli", False):
+            logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._qjamfab_cli = True   # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: "
+                                           "%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+# --- one lifecycle step over many hosts ---------------------------------------
+
+def _lifecycle(ctx, task_name: str, hosts, ssh_config, verbose: bool,
+               action: Callable[..., list[cluster.HostResult]],
+               headers: Sequence[str], align: str,
+               row: Callable[[dict], list],
+               problem: Callable[[dict], str] = lambda info: "",
+               footnote: Callable[[], str] = lambda: "") -> bool:
+    """Run `action` on every host, print a table, exit 1 if any failed.
+
+    `row(info)` gives a successful host's cells between the host name and
+    the seconds/status columns; `problem(info)` says what is wrong with a
+    host that answered but did not do all it was asked ("" when nothing);
+    `footnote()` is printed under the table when not empty.
+    False when this was one of fab's per-host calls with nothing left to do.
+    """
+    _setup_logging(verbose)
+    try:
+        specs, ssh_config = _targets(ctx, task_name, hosts, ssh_config)
+    except _Skip:
+        log.debug("%s: already done for every fab -H host", task_name)
+        return False
+    log.debug("%s on %s (ssh_config: %s)", task_name,
+              ", ".join(s.raw for s in specs), ssh_config or "default")
+    try:
+        results = action(specs, ssh_config=ssh_config)
+    except QjamfabError as exc:
+        raise Exit(f"{task_name} failed: {exc}", code=1) from None
+    rows, failed = [], []
+    blank = [None] * (len(headers) - 3)
+    for r in results:
+        if r.ok:
+            wrong = problem(r.info)
+            if wrong:
+                failed.append((r.host, wrong))
+            status = _first_line(wrong, r.host) if wrong else (
+                r.info.get("note") or "ok")
+            cells = row(r.info) if "note" not in r.info else blank
+        else:
+            failed.append((r.host, r.error))
+            status, cells = _first_line(r.error, r.host), blank
+        rows.append([r.host, *cells, f"{r.seconds:.2f}", status])
+    print(render_table(headers, rows, align))
+    if footnote():
+        print(footnote())
+    for host, error in failed:
+        print(f"\n{host} failed:")
+        print("\n".join("    " + line for line in error.rstrip().splitlines()))
+    sys.stdout.flush()
+    if failed:
+        names = ", ".join(host for host, _ in failed)
+        raise Exit(f"{task_name}: {len(failed)} of {len(results)} hosts "
+                   f"failed: {names}", code=1)
+    return True
+
+
+@task(auto_shortflags=False, help=_help())
+def bootstrap(c, hosts=None, ssh_config=None, verbose=False):
+    """Preflight every host and upload the worker runtime (parallel, idempotent)."""
+    def row(info):
+        return [".".join(map(str, info.get("python") or [])),
+                info.get("numpy") or "none", info.get("cores"),
+                info.get("runtime")]
+    _lifecycle(c, "bootstrap", hosts, ssh_config, verbose, cluster.bootstrap,
+               ["host", "python", "numpy", "cores", "runtime", "seconds",
+                "status"], "lllrlrl", row)
+
+
+def _count(value: str) -> int | str:
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise Exit(f"--workers-per-host must be a positive integer or 'auto', "
+               f"not {value!r}", code=2)
+
+
+@task(auto_shortflags=False, help=_help(**{
+    "workers-per-host": "workers to keep running on each host: a number, "
+                        "or auto for one per core (local:N hosts: N)"}))
+def start_workers(c, hosts=None, ssh_config=None, workers_per_host="auto",
+                  verbose=False):
+    """Start long-lived workers on every host (the missing ones only)."""
+    count = _count(workers_per_host)
+
+    def action(specs, **kw):
+        return cluster.for_each_host(
+            specs, lambda s: s.start_workers(s.spec.workers or count), **kw)
+
+    def problem(info):
+        if not info.get("failed"):
+            return ""
+        names = ", ".join(info["failed"])
+        return (f"{names} did not start: see <base>/log/<worker>.daemon on "
+                f"that host")
+    _lifecycle(c, "start-workers", hosts, ssh_config, verbose, action,
+               ["host", "started", "running", "seconds", "status"], "lrrrl",
+               lambda info: [len(info.get("started", [])),
+                             len(info.get("workers", []))], problem)
+
+
+@task(auto_shortflags=False, help=_help())
+def status(c, hosts=None, ssh_config=None, verbose=False):
+    """Workers, cache and runtimes on every host."""
+    from . import runtime
+    current = runtime.bundle_hash()
+
+    marked = []
+
+    def row(info):
+        workers = info.get("workers") or []
+        uptime = max((w.get("uptime_s", 0) for w in workers), default=None)
+        hashes = ", ".join(h + ("*" if h == current else "")
+                           for h in info.get("runtimes") or [])
+        marked.append("*" in hashes)
+        return [len(workers), _duration(uptime), info.get("cache_entries"),
+                _bytes(info.get("cache_bytes")), hashes]
+    _lifecycle(c, "status", hosts, ssh_config, verbose, cluster.status,
+               ["host", "workers", "uptime", "cache entries", "cache bytes",
+                "runtime", "seconds", "status"], "lrrrrlrl", row,
+               footnote=lambda: "(runtime* = this qjamfab's runtime)"
+               if any(marked) else "")
+
+
+@task(auto_shortflags=False, help=_help())
+def clear_cache(c, hosts=None, ssh_config=None, verbose=False):
+    """Empty the workers' caches (memory and disk) on every host."""
+    _lifecycle(c, "clear-cache", hosts, ssh_config, verbose,
+               cluster.clear_cache,
+               ["host", "entries removed", "bytes removed", "seconds",
+                "status"], "lrrrl",
+               lambda info: [info.get("entries"), _bytes(info.get("bytes"))])
+
+
+@task(auto_shortflags=False, help=_help())
+def stop_workers(c, hosts=None, ssh_config=None, verbose=False):
+    """Stop the long-lived workers on every host."""
+    _lifecycle(c, "stop-workers", hosts, ssh_config, verbose,
+               cluster.stop_workers,
+               ["host", "stopped", "seconds", "status"], "lrrl",
+               lambda info: [info.get("stopped")])
+
+
+# --- run ---------------------------------------------------------------------
+
+def _script_words(script: str) -> list[str]:
+    """SCRIPT as given: an existing path stays whole (it may hold spaces);
+    anything else is split like a shell would ("script.py 200")."""
+    if os.path.exists(script):
+        return [script]
+    try:
+        return shlex.split(script)
+    except ValueError as exc:
+        raise Exit(f"run: cannot split {script!r}: {exc}", code=2) from None
+
+
+def _pythonpath(env: dict) -> str | None:
+    """PYTHONPATH for the script, so that it imports this qjamfab even from
+    a source checkout that is not installed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    installed = set(site.getsitepackages())
+    try:
+        installed.add(site.getusersitepackages())
+    except AttributeError:   # pragma: no cover - some virtualenvs
+        pass
+    current = env.get("PYTHONPATH", "")
+    if root in installed or root in current.split(os.pathsep):
+        return current or None
+    return os.pathsep.join(p for p in (current, root) if p)
+
+
+@task(auto_shortflags=False, help=_help(
+    script="the Python script to run, with its arguments after '--' "
+           "(or in this one quoted string: \"script.py 200\")"))
+def run(c, script, hosts=None, ssh_config=None, verbose=False):
+    """Run a Python script against the hosts: run SCRIPT [--hosts=H] [-- ARGS].
+
+    Runs `python SCRIPT ARGS` here with QJAMFAB_HOSTS set to --hosts (and
+    QJAMFAB_SSH_CONFIG to --ssh-config), so the script's Master() uses them.
+    Its output streams through and its exit status is run's. Give ARGS after
+    '--', or together with SCRIPT in one quoted string: "script.py 200".
+    """
+    _setup_logging(verbose)
+    if script in ("--help", "-h"):
+        # Invoke gives a positional argument the word after it, even --help:
+        # show the help that 'inv --help run' shows.
+        program = _running_program()
+        try:
+            program.print_task_help("run")
+            raise Exit(code=0)
+        except (AttributeError, KeyError):   # no program, or nested name
+            pass
+        raise Exit("usage: run [--hosts=H] [--ssh-config=PATH] [--verbose] "
+                   "SCRIPT [-- ARGS...]", code=0)
+    try:
+        specs, ssh_config = _targets(c, "run", hosts, ssh_config)
+    except _Skip:
+        return
+    words = _script_words(script)
+    rest = _remainder()
+    if not words:
+        raise Exit("run: no script given: run SCRIPT [-- ARGS...]", code=2)
+    path = words[0]
+    if not os.path.isfile(path):
+        what = "is a directory, not a script" if os.path.isdir(path) \
+            else "does not exist"
+        raise Exit(f"run: script {path} {what} (working directory "
+                   f"{os.getcwd()})", code=2)
+    argv = [sys.executable, path, *words[1:], *rest]
+    env = dict(os.environ)
+    env["QJAMFAB_HOSTS"] = ",".join(s.raw for s in specs)
+    if ssh_config:
+        env["QJAMFAB_SSH_CONFIG"] = os.path.abspath(ssh_config)
+    pythonpath = _pythonpath(env)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    log.debug("run: %s with QJAMFAB_HOSTS=%s%s", shlex.join(argv),
+              env["QJAMFAB_HOSTS"],
+              f" QJAMFAB_SSH_CONFIG={env['QJAMFAB_SSH_CONFIG']}"
+              if ssh_config else "")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    proc = subprocess.Popen(argv, env=env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        # The script got the same Ctrl-C (same process group): let it end.
+        try:
+            code = proc.wait(timeout=10)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.kill()
+            code = proc.wait()
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() \
+            else f"signal {-code}"
+        raise Exit(f"run: {path} was killed by {name}", code=128 - code)
+    if code != 0:
+        raise Exit(code=code)
+
+
+ns = Collection(bootstrap, start_workers, status, run, clear_cache,
+                stop_workers)
