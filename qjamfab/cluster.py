@@ -93,7 +93,7 @@ class HostSession:
                 f"{self.name}: the preflight probe failed with exit status "
                 f"{status}: check {self.python!r} runs there\n{tail(err)}",
                 host=self.name)
-        info = json.loads(out.strip().splitlines()[-1])
+        info = self._answer(out, "the preflight probe")
         theirs, ours = tuple(info["python"][:2]), sys.version_info[:2]
         if theirs != ours:
             raise PreflightFailed(
@@ -135,16 +135,27 @@ class HostSession:
             raise HostError(f"{self.name}: {command} failed with exit status "
                             f"{status}: see the output below\n{tail(err)}",
                             host=self.name)
-        return json.loads(out.strip().splitlines()[-1])
+        return self._answer(out, command)
+
+    def _answer(self, out: str, what: str) -> dict:
+        try:
+            return json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError) as exc:
+            raise HostError(f"{self.name}: {what} gave no answer ({exc}): "
+                            "check that the host's shell prints nothing on "
+                            f"its own\n{tail(out)}", host=self.name) from exc
+
+    def manage_bootstrapped(self, command: str, *args: str) -> dict:
+        """manage(), bootstrapping first when this runtime is missing."""
+        try:
+            return self.manage(command, *args)
+        except _NoRuntime:
+            self.bootstrap()
+            return self.manage(command, *args)
 
     def start_workers(self, count: int | str = "auto") -> dict:
         """Start missing worker daemons (bootstrapping when needed)."""
-        args = ("--count", str(count))
-        try:
-            return self.manage("start", *args)
-        except _NoRuntime:
-            self.bootstrap()
-            return self.manage("start", *args)
+        return self.manage_bootstrapped("start", "--count", str(count))
 
     def worker_transport(self, name: str, k: int) -> Transport:
         """A stream to daemon worker-k on this host, through the relay."""
@@ -201,22 +212,16 @@ def start_workers(hosts: Sequence[HostSpec], count: int | str = "auto",
     return for_each_host(hosts, lambda s: s.start_workers(count), **kw)
 
 
+# manage.py works from pid files, so this runtime also sees and stops the
+# daemons of an earlier one.
+
 def status(hosts: Sequence[HostSpec], **kw) -> list[HostResult]:
-    return for_each_host(hosts, _manage_or_empty("status"), **kw)
+    return for_each_host(hosts, lambda s: s.manage_bootstrapped("status"), **kw)
 
 
 def clear_cache(hosts: Sequence[HostSpec], **kw) -> list[HostResult]:
-    return for_each_host(hosts, _manage_or_empty("clear"), **kw)
+    return for_each_host(hosts, lambda s: s.manage_bootstrapped("clear"), **kw)
 
 
 def stop_workers(hosts: Sequence[HostSpec], **kw) -> list[HostResult]:
-    return for_each_host(hosts, _manage_or_empty("stop"), **kw)
-
-
-def _manage_or_empty(command: str) -> Callable[[HostSession], dict]:
-    def step(session: HostSession) -> dict:
-        try:
-            return session.manage(command)
-        except _NoRuntime:
-            return {"note": "not bootstrapped with this runtime"}
-    return step
+    return for_each_host(hosts, lambda s: s.manage_bootstrapped("stop"), **kw)

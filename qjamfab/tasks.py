@@ -181,7 +181,8 @@ class _Skip(Exception):
 
 def _targets(ctx, task_name: str, hosts: str | None,
              ssh_config: str | None) -> tuple[list[HostSpec], str | None]:
-    """Host specs and ssh_config path for this call, or _Skip.
+    """Host specs and ssh_config path for this call (raises _Skip for
+    fab's per-host calls after the first).
 
     Precedence: the task's --hosts, else fab's -H, else $QJAMFAB_HOSTS, else
     local; the task's --ssh-config, else fab's -S/--ssh-config (or Fabric's

@@ -111,10 +111,8 @@ class LocalPipeTransport(Transport):
             status = self.process.wait()
         text = ""
         if log_path:
+            text = runtime.read_tail(log_path)
             try:
-                with open(log_path, "rb") as f:
-                    f.seek(max(0, os.path.getsize(log_path) - 8192))
-                    text = f.read().decode("utf-8", "replace")
                 os.unlink(log_path)
             except OSError:
                 pass

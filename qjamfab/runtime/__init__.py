@@ -76,6 +76,16 @@ def ensure_local_bundle(base: str) -> str:
     return target
 
 
+def read_tail(path: str, limit: int = 8192) -> str:
+    """The last `limit` bytes of a file as text ("" when unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - limit))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 NO_RUNTIME = "qjamfab: no runtime at"
 
 

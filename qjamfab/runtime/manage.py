@@ -52,9 +52,12 @@ def _workers(base: str) -> list[dict]:
         sock = os.path.join(run, name[:-4] + ".sock")
         if sock not in _cmdline(pid):
             continue
+        try:  # an exiting worker may remove its pid file meanwhile
+            started = os.stat(os.path.join(run, name)).st_mtime
+        except OSError:
+            continue
         found.append({"name": name[:-4], "pid": pid, "socket": sock,
-                      "uptime_s": time.time() - os.stat(
-                          os.path.join(run, name)).st_mtime})
+                      "uptime_s": time.time() - started})
     return found
 
 

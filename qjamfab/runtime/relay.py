@@ -18,7 +18,7 @@ import os
 import socket
 import sys
 
-from . import default_base
+from . import default_base, read_tail
 
 NO_WORKER = 3
 WORKER_DIED = 4
@@ -34,15 +34,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _tail(path: str, limit: int = 4096) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - limit))
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
 
 
 def main() -> None:
@@ -75,5 +66,5 @@ def main() -> None:
     pid = info.get("pid")
     if pid and not _alive(pid):
         sys.stderr.write(f"qjamfab: worker process {pid} died; its last "
-                         f"output:\n{_tail(info.get('log', ''))}")
+                         f"output:\n{read_tail(info.get('log', ''), 4096)}")
         sys.exit(WORKER_DIED)

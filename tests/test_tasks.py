@@ -1,0 +1,433 @@
+"""The lifecycle tasks through their three fronts, run as a user runs them:
+``inv`` (tasks.py), ``fab`` (fabfile.py) and ``qjamfab`` (qjamfab.cli), as
+subprocesses from the repository root; on `local` hosts, and on three private
+sshd servers (tests/sshd_hosts.py) on 127.0.0.2-4."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from qjamfab import cluster
+from qjamfab.hosts import parse_hosts
+from qjamfab.tasks import render_table
+
+try:
+    from sshd_hosts import SshdHosts, sshd_available
+except ImportError:   # tests/ collected as a package
+    from tests.sshd_hosts import SshdHosts, sshd_available
+
+ROOT = Path(__file__).resolve().parent.parent
+HOSTS = "host1,host2,host3"
+
+
+# --- helpers -----------------------------------------------------------------
+
+def _qjamfab_command() -> list[str]:
+    script = Path(sys.executable).parent / "qjamfab"
+    if script.is_file():          # the installed console script
+        return [str(script)]
+    return [sys.executable, "-m", "qjamfab.cli"]
+
+
+def cli(tool: str, *args: str, env: dict | None = None, timeout: float = 60,
+        cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run `inv`, `fab` or `qjamfab` with args; its completed process."""
+    command = {"inv": [sys.executable, "-m", "invoke"],
+               "fab": [sys.executable, "-m", "fabric"],
+               "qjamfab": _qjamfab_command()}[tool]
+    full_env = dict(os.environ)   # holds this test's own QJAMFAB_HOME
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + ([full_env["PYTHONPATH"]]
+                       if full_env.get("PYTHONPATH") else []))
+    full_env.update(env or {})
+    return subprocess.run([*command, *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def describe(proc) -> str:
+    return (f"{proc.args}\nexit status {proc.returncode}\n--- stdout ---\n"
+            f"{proc.stdout}\n--- stderr ---\n{proc.stderr}")
+
+
+def tables(text: str) -> list[dict[str, dict[str, str]]]:
+    """Every table in text as {host: {column: cell}}, cut at the columns
+    that the rule line under the header marks."""
+    lines = text.splitlines()
+    found = []
+    for i in range(len(lines) - 1):
+        if not (lines[i].startswith("host ") and lines[i + 1].startswith("-")):
+            continue
+        rule = lines[i + 1]
+        starts = [k for k, ch in enumerate(rule)
+                  if ch == "-" and (k == 0 or rule[k - 1] == " ")]
+        bounds = list(zip(starts, starts[1:] + [None]))
+        headers = [lines[i][a:b].strip() for a, b in bounds]
+        rows = {}
+        for line in lines[i + 2:]:
+            if not line.strip() or line.startswith("("):
+                break
+            cells = [line[a:b].strip() for a, b in bounds]
+            rows[cells[0]] = dict(zip(headers, cells))
+        found.append(rows)
+    return found
+
+
+def one_table(proc) -> dict[str, dict[str, str]]:
+    found = tables(proc.stdout)
+    assert len(found) == 1, describe(proc)
+    return found[0]
+
+
+# --- the table helper ----------------------------------------------------------
+
+def test_render_table():
+    text = render_table(["host", "n", "status"],
+                        [["a", 1, "ok"], ["longer", 22, None]], "lrl")
+    assert text.splitlines() == [
+        "host     n  status",
+        "------  --  ------",
+        "a        1  ok",
+        "longer  22  -",
+    ]
+    assert tables(text) == [{
+        "a": {"host": "a", "n": "1", "status": "ok"},
+        "longer": {"host": "longer", "n": "22", "status": "-"}}]
+
+
+# --- local hosts ---------------------------------------------------------------
+
+def test_local_bootstrap_and_status():
+    proc = cli("inv", "bootstrap", "--hosts=local")
+    assert proc.returncode == 0, describe(proc)
+    row = one_table(proc)["local"]
+    assert row["runtime"] == "uploaded" and row["status"] == "ok", describe(proc)
+    assert row["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert int(row["cores"]) == os.cpu_count()
+    again = cli("inv", "bootstrap", "--hosts=local")
+    assert again.returncode == 0, describe(again)
+    assert one_table(again)["local"]["runtime"] == "present", describe(again)
+
+    proc = cli("inv", "status", "--hosts=local")
+    assert proc.returncode == 0, describe(proc)
+    row = one_table(proc)["local"]
+    assert (row["workers"], row["cache entries"], row["cache bytes"],
+            row["status"]) == ("0", "0", "0 B", "ok"), describe(proc)
+    assert row["runtime"].endswith("*"), describe(proc)
+
+
+def test_local_start_status_stop_workers():
+    try:
+        proc = cli("inv", "start-workers", "--hosts=local",
+                   "--workers-per-host", "1")
+        assert proc.returncode == 0, describe(proc)
+        row = one_table(proc)["local"]
+        assert (row["started"], row["running"], row["status"]) == \
+            ("1", "1", "ok"), describe(proc)
+        proc = cli("inv", "status")           # default hosts: local
+        assert one_table(proc)["local"]["workers"] == "1", describe(proc)
+    finally:
+        proc = cli("inv", "stop-workers", "--hosts=local")
+    assert proc.returncode == 0, describe(proc)
+    assert one_table(proc)["local"]["stopped"] == "1", describe(proc)
+
+
+def check_sum_matrix(proc, n: int, workers: int) -> None:
+    assert proc.returncode == 0, describe(proc)
+    expected = n * n * (n * n + 1) // 2
+    assert f"expected sum: {expected}\n" in proc.stdout, describe(proc)
+    assert f"computed sum: {expected}\n" in proc.stdout, describe(proc)
+    assert f"on {workers} workers" in proc.stdout, describe(proc)
+
+
+def test_local_run_args_after_double_dash():
+    proc = cli("inv", "run", "examples/sum_matrix.py", "--hosts=local:2",
+               "--", "60")
+    check_sum_matrix(proc, 60, 2)
+
+
+def test_local_run_quoted_script_and_args():
+    proc = cli("inv", "run", "examples/sum_matrix.py 40", "--hosts=local:2")
+    check_sum_matrix(proc, 40, 2)
+
+
+def test_run_passes_args_env_and_exit_status(tmp_path):
+    script = tmp_path / "show.py"
+    script.write_text(textwrap.dedent("""
+        import json, os, sys
+        print(json.dumps({"argv": sys.argv[1:],
+                          "hosts": os.environ.get("QJAMFAB_HOSTS"),
+                          "ssh_config": os.environ.get("QJAMFAB_SSH_CONFIG")}))
+        sys.exit(3)
+    """))
+    config = tmp_path / "ssh_config"
+    config.write_text("Host nothing\n    HostName 127.0.0.1\n")
+    proc = cli("inv", "run", f"{script} 'one two'", "--hosts=local:1,local",
+               f"--ssh-config={config}", "--", "three four", "--five", "",
+               "-- six")
+    assert proc.returncode == 3, describe(proc)
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen == {"argv": ["one two", "three four", "--five", "",
+                             "-- six"],
+                    "hosts": "local:1,local",
+                    "ssh_config": str(config)}, describe(proc)
+    # the same through the installed program, hosts from the environment
+    proc = cli("qjamfab", "run", str(script),
+               env={"QJAMFAB_HOSTS": "local:3"})
+    assert proc.returncode == 3, describe(proc)
+    assert json.loads(proc.stdout.strip())["hosts"] == "local:3"
+
+
+def test_run_missing_script():
+    proc = cli("inv", "run", "examples/no_such_script.py", "--hosts=local")
+    assert proc.returncode == 2, describe(proc)
+    assert "examples/no_such_script.py does not exist" in proc.stderr, \
+        describe(proc)
+
+
+def test_bad_arguments_exit_2(tmp_path):
+    proc = cli("inv", "bootstrap", "--hosts=local,,local")
+    assert proc.returncode == 2 and "bad --hosts" in proc.stderr, describe(proc)
+    proc = cli("inv", "start-workers", "--workers-per-host=0")
+    assert proc.returncode == 2 and "--workers-per-host" in proc.stderr, \
+        describe(proc)
+    missing = tmp_path / "missing_config"
+    proc = cli("inv", "status", f"--ssh-config={missing}")
+    assert proc.returncode == 2 and str(missing) in proc.stderr, describe(proc)
+
+
+def test_help_and_list():
+    proc = cli("qjamfab", "--help")
+    assert proc.returncode == 0, describe(proc)
+    assert "Usage: qjamfab" in proc.stdout, describe(proc)
+    proc = cli("qjamfab", "--list")
+    assert proc.returncode == 0, describe(proc)
+    for name in ("bootstrap", "start-workers", "status", "run", "clear-cache",
+                 "stop-workers"):
+        assert f"  {name} " in proc.stdout, describe(proc)
+    proc = cli("qjamfab", "--version")
+    assert proc.returncode == 0 and "qjamfab 0.1.0" in proc.stdout, \
+        describe(proc)
+    proc = cli("inv", "bootstrap", "--help")
+    assert proc.returncode == 0, describe(proc)
+    assert "--hosts=STRING" in proc.stdout, describe(proc)
+    assert "-h," not in proc.stdout.split("Options:")[1], describe(proc)
+    # a positional argument would swallow --help: run shows its help anyway
+    proc = cli("inv", "run", "--help")
+    assert proc.returncode == 0, describe(proc)
+    assert "run SCRIPT" in proc.stdout and "--hosts" in proc.stdout, \
+        describe(proc)
+    proc = cli("inv", "--list")
+    assert proc.returncode == 0 and "stop-workers" in proc.stdout, \
+        describe(proc)
+
+
+def test_fab_without_hosts_flag():
+    proc = cli("fab", "bootstrap", "--hosts=local")
+    assert proc.returncode == 0, describe(proc)
+    row = one_table(proc)["local"]
+    assert (row["runtime"], row["status"]) == ("uploaded", "ok"), \
+        describe(proc)
+
+
+# --- three SSH hosts -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sshd():
+    required = os.environ.get("QJAMFAB_REQUIRE_SSHD") == "1"
+    if sshd_available() is None:
+        reason = ("sshd (openssh-server) or ssh-keygen is not installed: the "
+                  "SSH tests of the tasks need it")
+        if required:
+            pytest.fail(reason + " (QJAMFAB_REQUIRE_SSHD=1)")
+        pytest.skip(reason)
+    try:
+        hosts = SshdHosts(3)
+    except Exception as exc:
+        if required:
+            raise
+        pytest.skip(f"cannot start private sshd servers: {exc}")
+    try:
+        yield hosts
+    finally:
+        try:
+            cluster.stop_workers(parse_hosts(hosts.aliases),
+                                 ssh_config=hosts.ssh_config,
+                                 connect_timeout=5)
+        finally:
+            hosts.stop()
+
+
+def ssh_env(sshd) -> dict:
+    return {"QJAMFAB_SSH_CONFIG": sshd.ssh_config}
+
+
+def all_ok(table: dict, column: str, value: str) -> bool:
+    return sorted(table) == ["host1", "host2", "host3"] and all(
+        row[column] == value and row["status"] == "ok"
+        for row in table.values())
+
+
+@pytest.mark.timeout(120)
+def test_ssh_bootstrap_uploads_once(sshd):
+    for home in sshd.homes.values():
+        shutil.rmtree(os.path.join(home, "runtime"), ignore_errors=True)
+    proc = cli("inv", "bootstrap", f"--hosts={HOSTS}",
+               f"--ssh-config={sshd.ssh_config}")
+    assert proc.returncode == 0, describe(proc)
+    table = one_table(proc)
+    assert all_ok(table, "runtime", "uploaded"), describe(proc)
+    assert all(row["numpy"] != "-" for row in table.values()), describe(proc)
+    proc = cli("inv", "bootstrap", f"--hosts={HOSTS}", env=ssh_env(sshd))
+    assert proc.returncode == 0, describe(proc)
+    assert all_ok(one_table(proc), "runtime", "present"), describe(proc)
+
+
+@pytest.mark.timeout(120)
+def test_ssh_start_workers_is_idempotent(sshd):
+    args = ("start-workers", f"--hosts={HOSTS}", "--workers-per-host", "2")
+    proc = cli("inv", *args, env=ssh_env(sshd))
+    assert proc.returncode == 0, describe(proc)
+    table = one_table(proc)
+    assert all_ok(table, "running", "2"), describe(proc)
+    assert all(row["started"] in ("0", "2") for row in table.values())
+    proc = cli("inv", *args, env=ssh_env(sshd))
+    assert proc.returncode == 0, describe(proc)
+    table = one_table(proc)
+    assert all_ok(table, "started", "0") and all_ok(table, "running", "2"), \
+        describe(proc)
+    proc = cli("inv", "status", f"--hosts={HOSTS}", env=ssh_env(sshd))
+    assert proc.returncode == 0, describe(proc)
+    assert all_ok(one_table(proc), "workers", "2"), describe(proc)
+
+
+DETERMINISTIC_JOB = """
+import numpy as np
+from qjamfab import DataSet, Master
+
+def mapfunc(params, rows):
+    return int(rows.sum())
+
+matrix = np.arange(120 * 40).reshape(120, 40)
+with Master(workers_per_host=2) as master:
+    total = master.run(mapfunc, dataset=DataSet(matrix))
+    assert total == int(matrix.sum()), (total, int(matrix.sum()))
+    print("workers:", master.last_run.workers)
+    print("dataset_bytes_sent:", master.last_run.dataset_bytes_sent)
+"""
+
+
+def bytes_sent(proc) -> int:
+    for line in proc.stdout.splitlines():
+        if line.startswith("dataset_bytes_sent: "):
+            return int(line.split(": ")[1])
+    raise AssertionError(describe(proc))
+
+
+@pytest.mark.timeout(120)
+def test_ssh_run_sends_the_dataset_once(sshd, tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(DETERMINISTIC_JOB)
+    args = ("run", str(script), f"--hosts={HOSTS}",
+            f"--ssh-config={sshd.ssh_config}")
+    first = cli("inv", *args)
+    assert first.returncode == 0, describe(first)
+    assert "workers: 6" in first.stdout, describe(first)
+    second = cli("inv", *args)
+    assert second.returncode == 0, describe(second)
+    assert bytes_sent(second) == 0, describe(second)
+    assert bytes_sent(first) > 0, describe(first)
+    proc = cli("inv", "status", f"--hosts={HOSTS}", env=ssh_env(sshd))
+    assert proc.returncode == 0, describe(proc)
+    table = one_table(proc)
+    assert all(int(row["cache entries"]) > 0 for row in table.values()), \
+        describe(proc)
+    proc = cli("inv", "run", "examples/sum_matrix.py", f"--hosts={HOSTS}",
+               "--", "50", env=ssh_env(sshd))
+    check_sum_matrix(proc, 50, 6)
+
+
+@pytest.mark.timeout(120)
+def test_ssh_clear_cache_and_stop_workers(sshd):
+    env = ssh_env(sshd)
+    cli("inv", "start-workers", f"--hosts={HOSTS}", "--workers-per-host=2",
+        env=env)
+    script = ROOT / "examples" / "sum_matrix.py"
+    proc = cli("inv", "run", f"{script} 30", f"--hosts={HOSTS}", env=env)
+    assert proc.returncode == 0, describe(proc)
+
+    proc = cli("inv", "clear-cache", f"--hosts={HOSTS}", env=env)
+    assert proc.returncode == 0, describe(proc)
+    table = one_table(proc)
+    assert all(int(row["entries removed"]) > 0 and row["status"] == "ok"
+               for row in table.values()), describe(proc)
+    proc = cli("inv", "status", f"--hosts={HOSTS}", env=env)
+    assert all_ok(one_table(proc), "cache entries", "0"), describe(proc)
+
+    running = {host: row["workers"] for host, row in one_table(proc).items()}
+    assert all(int(n) >= 2 for n in running.values()), describe(proc)
+    proc = cli("inv", "stop-workers", f"--hosts={HOSTS}", env=env)
+    assert proc.returncode == 0, describe(proc)
+    table = one_table(proc)
+    assert {host: row["stopped"] for host, row in table.items()} == running, \
+        describe(proc)
+    proc = cli("inv", "status", f"--hosts={HOSTS}", env=env)
+    assert proc.returncode == 0, describe(proc)
+    assert all_ok(one_table(proc), "workers", "0"), describe(proc)
+
+
+@pytest.mark.timeout(120)
+def test_fab_acts_on_all_hosts_once(sshd):
+    proc = cli("fab", "-H", HOSTS, "-S", sshd.ssh_config, "bootstrap")
+    assert proc.returncode == 0, describe(proc)
+    assert all_ok(one_table(proc), "runtime", "present"), describe(proc)
+    proc = cli("fab", "-H", HOSTS, "--ssh-config", sshd.ssh_config,
+               "status", "bootstrap")
+    assert proc.returncode == 0, describe(proc)
+    status, bootstrap = tables(proc.stdout)   # one table per task
+    assert sorted(status) == sorted(bootstrap) == ["host1", "host2", "host3"]
+    proc = cli("fab", "-H", "host2", "-S", sshd.ssh_config, "run",
+               "examples/sum_matrix.py 20")
+    check_sum_matrix(proc, 20, 2)
+
+
+@pytest.mark.timeout(120)
+def test_qjamfab_program_over_ssh(sshd):
+    proc = cli("qjamfab", "status", f"--hosts={HOSTS}",
+               "--ssh-config", sshd.ssh_config)
+    assert proc.returncode == 0, describe(proc)
+    table = one_table(proc)
+    assert sorted(table) == ["host1", "host2", "host3"], describe(proc)
+    assert all(row["status"] == "ok" for row in table.values())
+
+
+@pytest.mark.timeout(120)
+def test_down_host_fails_bootstrap_alone(sshd, tmp_path):
+    with socket.socket() as s:   # a port where nothing listens
+        s.bind(("127.0.0.9", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host downhost\n    HostName 127.0.0.9\n    Port {port}\n"
+                      f"\n{Path(sshd.ssh_config).read_text()}")
+    proc = cli("inv", "bootstrap", "--hosts=host1,downhost,host3",
+               f"--ssh-config={config}")
+    assert proc.returncode == 1, describe(proc)
+    table = one_table(proc)
+    assert table["host1"]["status"] == table["host3"]["status"] == "ok", \
+        describe(proc)
+    assert table["downhost"]["status"].startswith("connection refused by "
+                                                  f"127.0.0.9:{port}"), \
+        describe(proc)
+    # the full reason below the table; the summary on stderr
+    assert "\ndownhost failed:\n    downhost: connection refused" in \
+        proc.stdout, describe(proc)
+    assert "bootstrap: 1 of 3 hosts failed: downhost" in proc.stderr, \
+        describe(proc)
