@@ -75,8 +75,9 @@ def _pickle_into(h: Any, obj: Any, *, fast: bool) -> None:
         pickler.dump(obj)
     except (pickle.PicklingError, TypeError, AttributeError) as exc:
         raise BadDataSet(
-            f"a {type(obj).__name__} slice cannot be pickled: keep slices to "
-            f"plain data (numbers, str, lists, numpy arrays)\n{exc}") from exc
+            f"a {type(obj).__name__} slice cannot be pickled ({exc}): keep "
+            "slices to plain data (numbers, str, lists, numpy arrays)"
+            ) from exc
 
 
 class BaseDataSet(ABC):

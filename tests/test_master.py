@@ -236,7 +236,8 @@ def test_unpicklable_params(master2):
 
 def test_unpicklable_slice(master2):
     data = DataSet([1, 2, threading.Lock(), 4], slice_size=1)
-    with pytest.raises(QjamfabError):
+    with pytest.raises(BadDataSet, match=r"^a list slice cannot be pickled "
+                       r"\(cannot pickle '_thread.lock' object\): keep slices"):
         master2.run(lambda p, xs: 1, dataset=data)
     _still_usable(master2)
 
