@@ -52,12 +52,16 @@ class RunStats:
     worker_compute_s: dict = field(default_factory=dict)
     lost_workers: list = field(default_factory=list)
     rerun_slices: int = 0
+    backup_tasks: int = 0
+    replica_bytes_sent: int = 0
 
     def __repr__(self) -> str:
         compute = ", ".join(f"{name} {secs:.3f}s"
                             for name, secs in self.worker_compute_s.items())
         lost = (f"; lost {', '.join(self.lost_workers)}, "
                 f"re-ran {self.rerun_slices} slices" if self.lost_workers else "")
+        if self.backup_tasks:
+            lost += f"; {self.backup_tasks} backup tasks"
         return (f"RunStats({self.elapsed_s * 1e3:.1f} ms on {self.workers} "
                 f"workers: {self.slices} slices, {self.slices_cached} cached, "
                 f"{self.slices_sent} sent ({_size(self.dataset_bytes_sent)}); "
@@ -142,12 +146,16 @@ class _WorkerHandle:
 
 
 class _Task:
-    __slots__ = ("id", "worker", "slices")
+    """One copy of a group of slices sent to one worker."""
+    __slots__ = ("id", "worker", "group", "slices", "started")
 
-    def __init__(self, task_id: int, worker: _WorkerHandle, slices: list[int]):
+    def __init__(self, task_id: int, worker: _WorkerHandle, group: int,
+                 slices: list[int]):
         self.id = task_id
         self.worker = worker
+        self.group = group
         self.slices = slices
+        self.started = time.monotonic()
 
 
 class Master:
@@ -159,13 +167,21 @@ class Master:
     def __init__(self, hosts: None | str | Sequence[str] = None, *,
                  workers_per_host: int | None = None,
                  ssh_config: str | None = None,
-                 heartbeat_timeout: float = 10.0):
+                 heartbeat_timeout: float = 5.0, replicas: int = 1,
+                 straggler_factor: float = 4.0):
         if workers_per_host is not None and (
                 not isinstance(workers_per_host, int) or workers_per_host < 1):
             raise ValueError(
                 f"workers_per_host must be a positive int, not "
                 f"{workers_per_host!r}: give e.g. 2, or None for one per core")
+        if replicas not in (1, 2):
+            raise ValueError(f"replicas must be 1 or 2, not {replicas!r}")
         self.hosts: list[HostSpec] = parse_hosts(hosts)
+        self.replicas = replicas
+        self.straggler_factor = straggler_factor
+        # Split each worker's slices into two tasks so a worker that runs
+        # dry can take one; runs too short to need it send one.
+        self._split = True
         self.ssh_config = ssh_config
         self._workers_per_host = workers_per_host
         self.heartbeat_timeout = heartbeat_timeout
@@ -308,6 +324,7 @@ class Master:
         finally:
             run.stats.elapsed_s = time.perf_counter() - started
             self.last_run = run.stats
+            self._split = run.stats.elapsed_s > 0.05
         log.info("run: %r", run.stats)
         return value
 
@@ -346,7 +363,14 @@ class Master:
 
 
 class _Run:
-    """The state of one `Master.run`: tasks out, results in."""
+    """The state of one `Master.run`: tasks out, results in.
+
+    Slices travel in groups; a group may have several copies (tasks) on
+    different workers: a worker that runs dry takes a copy of a group still
+    queued elsewhere, and a group running far longer than its peers gets a
+    backup copy. The first result of a group counts, the other copies are
+    cancelled or discarded, so every slice counts exactly once.
+    """
 
     def __init__(self, master: Master, workers: list[_WorkerHandle],
                  func_hash: str, func_bytes: bytes, params_parts: list,
@@ -360,8 +384,10 @@ class _Run:
         self.dataset = dataset
         self.refs = dataset.refs() if dataset is not None else None
         self.reduce = reduce
-        self.open: dict[int, _Task] = {}
-        self.results: dict[int, object] = {}
+        self.open: dict[int, _Task] = {}          # task id -> live copy
+        self.groups: dict[int, list[int]] = {}    # group id -> its slices
+        self.results: dict[int, object] = {}      # group id -> its value
+        self.slice_seconds: list[float] = []      # compute time per slice
         self.kills: dict[int, list[str]] = {}
         self.sent_refs: set[str] = set()
         self.counters = {h: (h.bytes_sent, h.bytes_received) for h in workers}
@@ -371,19 +397,22 @@ class _Run:
         if self.refs is None:
             # No dataset: every worker runs mapfunc(params, None) once.
             plan = {h.name: [i] for i, h in enumerate(self.workers)}
-            self.stats.slices = 0
         else:
             plan = scheduler.plan(self.refs, [h.name for h in self.workers],
                                   {h.name: h.refs for h in self.workers})
             self.stats.slices = len(self.refs)
         by_name = {h.name: h for h in self.workers}
         for name, slices in plan.items():
-            self._send_task(by_name[name], slices)
+            for batch in scheduler.batches(slices, self.master._split):
+                self._send_task(by_name[name], self._new_group(batch))
         try:
             self._collect()
         finally:
             self._count_bytes()
-        values = [self.results[k] for k in sorted(self.results)]
+        if self.refs is not None and self.master.replicas > 1:
+            self._replicate()
+        values = [self.results[g] for g in
+                  sorted(self.results, key=lambda g: self.groups[g][0])]
         try:
             return reduce_all(values, self.reduce)
         except ReduceMismatch as exc:
@@ -393,15 +422,21 @@ class _Run:
                 f"reduce failed on the master ({type(exc).__name__}: {exc}): "
                 "fix reduce(a, b) so it combines two results") from exc
 
-    def _send_task(self, handle: _WorkerHandle, slices: list[int]) -> None:
-        task = _Task(next(self.master._task_ids), handle, slices)
+    def _new_group(self, slices: list[int]) -> int:
+        group = next(self.master._task_ids)
+        self.groups[group] = slices
+        return group
+
+    def _send_task(self, handle: _WorkerHandle, group: int) -> None:
+        slices = self.groups[group]
+        task = _Task(next(self.master._task_ids), handle, group, slices)
         self.open[task.id] = task
-        if self.func_hash not in handle.funcs:
-            handle.send(protocol.FUNC, {"hash": self.func_hash},
-                        [self.func_bytes])
-            handle.funcs.add(self.func_hash)
         refs = None if self.refs is None else [self.refs[i] for i in slices]
         try:
+            if self.func_hash not in handle.funcs:
+                handle.send(protocol.FUNC, {"hash": self.func_hash},
+                            [self.func_bytes])
+                handle.funcs.add(self.func_hash)
             handle.send(protocol.TASK, {
                 "task": task.id, "run": self.run_id, "func": self.func_hash,
                 "refs": refs}, self.params_parts)
@@ -410,12 +445,13 @@ class _Run:
 
     def _collect(self) -> None:
         events = self.master._events
+        tick = min(0.25, self.master.heartbeat_timeout / 4)
         while self.open:
             try:
-                handle, kind, head, parts = events.get(
-                    timeout=min(1.0, self.master.heartbeat_timeout / 4))
+                handle, kind, head, parts = events.get(timeout=tick)
             except queue.Empty:
                 self._check_heartbeats()
+                self._balance()
                 continue
             if kind == _LOST:
                 self._lost(handle, head["reason"])
@@ -425,9 +461,12 @@ class _Run:
                 continue
             task = self.open.get(head.get("task"))
             if task is None or task.worker is not handle:
-                continue  # left over from an earlier, interrupted run
+                continue  # a discarded copy, or left from an interrupted run
             if kind == protocol.STATE:
-                self._supply(handle, head)
+                if head["state"] == "cancelled":
+                    del self.open[task.id]
+                else:
+                    self._supply(handle, head)
             elif kind == protocol.RESULT:
                 self._result(task, head, parts)
             elif kind == protocol.ERROR:
@@ -436,35 +475,135 @@ class _Run:
                 raise ProtocolError(
                     f"worker {handle.name} sent an unexpected "
                     f"{protocol.KIND_NAMES.get(kind, kind)} frame: restart it")
-            if not self.open:
-                break
-            self._check_heartbeats()
+            if self.open:
+                self._check_heartbeats()
+                self._balance()
 
     def _supply(self, handle: _WorkerHandle, head: dict) -> None:
         """The worker is blocked: send the function and slices it lacks."""
         if head.get("func"):
             handle.send(protocol.FUNC, {"hash": self.func_hash},
                         [self.func_bytes])
-        index = {ref: i for i, ref in enumerate(self.refs or ())}
         for ref in head.get("refs") or ():
-            i = index[ref]
-            payload = serialize.encode_slice(self.dataset.slice(i), i)
-            size = handle.send(protocol.REFS, {"ref": ref}, payload)
-            handle.refs.add(ref)
-            self.sent_refs.add(ref)
-            self.stats.slices_sent += 1
-            self.stats.dataset_bytes_sent += size
+            self._supply_slice(handle, ref)
+
+    def _send_slice(self, handle: _WorkerHandle, ref: str) -> int:
+        i = self.refs.index(ref)
+        payload = serialize.encode_slice(self.dataset.slice(i), i)
+        size = handle.send(protocol.REFS, {"ref": ref}, payload)
+        handle.refs.add(ref)
+        return size
+
+    def _supply_slice(self, handle: _WorkerHandle, ref: str) -> None:
+        self.stats.dataset_bytes_sent += self._send_slice(handle, ref)
+        self.sent_refs.add(ref)
+        self.stats.slices_sent += 1
 
     def _result(self, task: _Task, head: dict, parts: list) -> None:
         del self.open[task.id]
         handle = task.worker
-        self.results[task.slices[0]] = protocol.decode(parts)
         if self.refs is not None:
             handle.refs.update(self.refs[i] for i in task.slices)
-            self.stats.slices_cached += sum(
-                self.refs[i] not in self.sent_refs for i in task.slices)
         compute = self.stats.worker_compute_s
         compute[handle.name] = compute.get(handle.name, 0.0) + head["compute_s"]
+        self.slice_seconds.append(head["compute_s"] / max(1, len(task.slices)))
+        self._next_started(handle)
+        if task.group in self.results:
+            return  # another copy won
+        self.results[task.group] = protocol.decode(parts)
+        if self.refs is not None:
+            self.stats.slices_cached += sum(
+                self.refs[i] not in self.sent_refs for i in task.slices)
+        for other in [t for t in self.open.values() if t.group == task.group]:
+            self._cancel(other)
+
+    def _next_started(self, handle: _WorkerHandle) -> None:
+        """The worker's next queued task starts now, as far as we can tell."""
+        queued = [t for t in self.open.values() if t.worker is handle]
+        if queued:
+            min(queued, key=lambda t: t.id).started = time.monotonic()
+
+    def _cancel(self, task: _Task) -> None:
+        del self.open[task.id]
+        try:
+            task.worker.send(protocol.CANCEL, {"task": task.id})
+        except WorkerLost:
+            task.worker.alive = False
+
+    def _balance(self) -> None:
+        """Give workers that ran dry a copy of queued or straggling groups."""
+        busy = {t.worker for t in self.open.values()}
+        idle = [h for h in self.workers if h.alive and h not in busy]
+        if not idle or not self.open:
+            return
+        copies: dict[int, int] = {}
+        for task in self.open.values():
+            copies[task.group] = copies.get(task.group, 0) + 1
+        first = {}  # the task each busy worker is running now
+        for task in sorted(self.open.values(), key=lambda t: t.id):
+            first.setdefault(task.worker, task)
+        queued = [t for t in self.open.values() if first[t.worker] is not t
+                  and copies[t.group] == 1]
+        stragglers = [] if queued else self._stragglers(first.values(), copies)
+        for handle in idle:
+            # Moving a queued group costs its data unless the worker holds
+            # it, so only groups long enough to be worth it move.
+            candidates = [t for t in queued if self._held(handle, t) == len(
+                t.slices) or self._expected_s(t) > 0.2] or stragglers
+            if not candidates:
+                return
+            task = max(candidates, key=lambda t: (self._held(handle, t),
+                                                   len(t.slices), -t.id))
+            backup = task in stragglers
+            (stragglers if backup else queued).remove(task)
+            if backup:
+                log.info("backup copy of %s on %s: %s is slow",
+                         self._slice_names(task.slices), handle.name,
+                         task.worker.name)
+                self.stats.backup_tasks += 1
+            else:
+                self._cancel(task)  # it was only queued: move it
+                self.open[task.id] = task  # until the worker confirms
+            self._send_task(handle, task.group)
+
+    def _expected_s(self, task: _Task) -> float:
+        """The task's likely compute time: the median slice's, per slice."""
+        if not self.slice_seconds:
+            return 0.0
+        median = sorted(self.slice_seconds)[len(self.slice_seconds) // 2]
+        return median * len(task.slices)
+
+    def _stragglers(self, running, copies: dict[int, int]) -> list[_Task]:
+        if not self.slice_seconds:
+            return []
+        now = time.monotonic()
+        limit = self.master.straggler_factor
+        return [t for t in running if copies[t.group] == 1 and now - t.started
+                > max(0.5, limit * self._expected_s(t))]
+
+    def _held(self, handle: _WorkerHandle, task: _Task) -> int:
+        if self.refs is None:
+            return 0
+        return sum(self.refs[i] in handle.refs for i in task.slices)
+
+    def _replicate(self) -> None:
+        """Place a second copy of each slice on a worker of another host."""
+        live = [h for h in self.workers if h.alive]
+        for i, ref in enumerate(self.refs):
+            holders = [h for h in live if ref in h.refs]
+            if not holders or len(holders) >= self.master.replicas:
+                continue
+            others = [h for h in live if h not in holders]
+            elsewhere = [h for h in others if h.name.rsplit("-", 1)[0] not in
+                         {x.name.rsplit("-", 1)[0] for x in holders}]
+            choices = elsewhere or others
+            if choices:
+                target = choices[i % len(choices)]
+                try:
+                    self.stats.replica_bytes_sent += \
+                        self._send_slice(target, ref)
+                except WorkerLost:
+                    target.alive = False
 
     def _remote_error(self, handle: _WorkerHandle, task: _Task,
                       head: dict) -> QjamfabError:
@@ -493,17 +632,18 @@ class _Run:
 
     def _check_heartbeats(self) -> None:
         deadline = time.monotonic() - self.master.heartbeat_timeout
-        for task in list(self.open.values()):
-            handle = task.worker
+        for handle in {t.worker for t in self.open.values()}:
             if handle.alive and handle.last_seen < deadline:
                 handle.close()
                 self._lost(handle, f"no heartbeat for "
-                           f"{self.master.heartbeat_timeout:.0f} s")
+                           f"{self.master.heartbeat_timeout:g} s")
 
     def _lost(self, handle: _WorkerHandle, reason: str) -> None:
-        """A worker ended: re-plan its open slices onto the survivors."""
+        """A worker ended: its groups without another live copy re-run,
+        slice by slice, on the survivors."""
         handle.alive = False
-        lost_tasks = [t for t in self.open.values() if t.worker is handle]
+        lost_tasks = sorted((t for t in self.open.values()
+                             if t.worker is handle), key=lambda t: t.id)
         if not lost_tasks:
             return  # nothing of this run was on it
         handle.transport.close()
@@ -513,8 +653,8 @@ class _Run:
         detail = f"exit status {status}" if status is not None else reason
         for task in lost_tasks:
             del self.open[task.id]
-        slices = [i for t in lost_tasks for i in t.slices]
-        for i in slices:
+        # Only the task it was running can have killed it.
+        for i in lost_tasks[0].slices:
             self.kills.setdefault(i, []).append(handle.name)
             if len(self.kills[i]) >= 2:
                 raise WorkerLost(
@@ -523,6 +663,9 @@ class _Run:
                     f"mapfunc for this input; the workers are restarted for "
                     f"the next run\n--- stderr tail of {handle.name} ---\n{tail}",
                     worker=handle.name, exit_status=status, stderr_tail=tail)
+        covered = {t.group for t in self.open.values()} | set(self.results)
+        slices = [i for t in lost_tasks if t.group not in covered
+                  for i in t.slices]
         survivors = [h for h in self.workers if h.alive]
         if slices and not survivors:
             raise WorkerLost(
@@ -541,7 +684,7 @@ class _Run:
                 slices, self.refs, list(by_name),
                 {h.name: h.refs for h in survivors}, busy):
             self.stats.rerun_slices += 1
-            self._send_task(by_name[name], [i])
+            self._send_task(by_name[name], self._new_group([i]))
 
     def _count_bytes(self) -> None:
         for handle, (sent, received) in self.counters.items():

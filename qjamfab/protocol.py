@@ -34,6 +34,8 @@ HEARTBEAT = 8  # worker -> master, every HEARTBEAT_INTERVAL_S while connected
 LOG = 9        # worker -> master: {text} captured from fds 1 and 2
 CLEAR = 10     # master -> worker; answered by CLEAR {entries, bytes}
 STATS = 11     # master -> worker; answered by STATS {...}
+CANCEL = 12    # master -> worker: {task}; a queued task is dropped and
+               # answered by STATE {task, state: "cancelled"}
 
 KIND_NAMES = {v: k for k, v in dict(globals()).items()
               if k.isupper() and isinstance(v, int) and 0 < v < 64}
@@ -104,6 +106,9 @@ class FrameReader:
         self._buf = bytearray(buffer_size)
         self._start = 0
         self._end = 0
+
+    def buffered(self) -> bool:
+        return self._end > self._start
 
     def _fill(self) -> None:
         if self._start == self._end:

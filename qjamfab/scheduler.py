@@ -65,3 +65,11 @@ def replan(slices: Sequence[int], refs: Sequence[str], survivors: Sequence[str],
         busy[worker] += 1
         placed.append((worker, i))
     return placed
+
+
+def batches(slices: list[int], split: bool) -> list[list[int]]:
+    """A worker's slices as one task, or two (so another can take one)."""
+    if not split or len(slices) < 2:
+        return [slices]
+    half = (len(slices) + 1) // 2
+    return [slices[:half], slices[half:]]

@@ -5,6 +5,8 @@ import time
 
 import pytest
 
+from tests.sshd_hosts import SshdHosts, sshd_available
+
 
 def processes_mentioning(text: str) -> list[str]:
     found = []
@@ -34,3 +36,23 @@ def qjamfab_home(tmp_path, monkeypatch):
         time.sleep(0.05)
     leftover = processes_mentioning(str(home))
     assert not leftover, f"the test left processes behind: {leftover}"
+
+
+@pytest.fixture(scope="module")
+def ssh():
+    """Three private OpenSSH servers on 127.0.0.2-4 (aliases host1..host3),
+    for one test module; their workers are stopped at the end."""
+    if not sshd_available():
+        if os.environ.get("QJAMFAB_REQUIRE_SSHD") == "1":
+            pytest.fail("sshd is required (QJAMFAB_REQUIRE_SSHD=1) but not "
+                        "installed: apt-get install -y openssh-server")
+        pytest.skip("OpenSSH sshd is not installed: apt-get install -y "
+                    "openssh-server to run the SSH tests")
+    from qjamfab import cluster, hosts
+    with SshdHosts(3) as servers:
+        yield servers
+        for host in servers:
+            if not host.running:
+                host.start()
+        cluster.stop_workers(hosts.parse_hosts(servers.aliases),
+                             ssh_config=servers.ssh_config)

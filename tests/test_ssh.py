@@ -14,23 +14,8 @@ from qjamfab import (DataSet, HostUnreachable, Master, PreflightFailed,
                      RemoteError, WorkerLost, cluster, hosts)
 from tests.jobs import (constant, inner_product, multiply_sum, printing,
                         raising, sum_params)
-from tests.sshd_hosts import SshdHosts, sshd_available
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def ssh():
-    if not sshd_available():
-        if os.environ.get("QJAMFAB_REQUIRE_SSHD") == "1":
-            pytest.fail("sshd is required (QJAMFAB_REQUIRE_SSHD=1) but not "
-                        "installed: apt-get install -y openssh-server")
-        pytest.skip("OpenSSH sshd is not installed: apt-get install -y "
-                    "openssh-server to run the SSH tests")
-    with SshdHosts(3) as servers:
-        yield servers
-        cluster.stop_workers(hosts.parse_hosts(servers.aliases),
-                             ssh_config=servers.ssh_config)
 
 
 # Tests with Masters of their own come first: a worker daemon serves one

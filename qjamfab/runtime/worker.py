@@ -22,6 +22,7 @@ import io
 import json
 import os
 import pickle
+import select
 import signal
 import socket
 import sys
@@ -40,11 +41,17 @@ _LOG_POLL_S = 0.05
 class Channel:
     """One framed connection to the master; writes are thread-safe."""
 
-    def __init__(self, readinto, writev):
+    def __init__(self, readinto, writev, read_fd: int):
         self.reader = protocol.FrameReader(readinto)
         self._writev = writev
+        self._read_fd = read_fd
         self._lock = threading.Lock()
         self.open = True
+
+    def input_waiting(self) -> bool:
+        """Whether a frame has (started to) arrive, without blocking."""
+        return self.reader.buffered() or bool(
+            select.select([self._read_fd], [], [], 0)[0])
 
     def send(self, kind: int, head: dict, payload=()) -> None:
         buffers = protocol.frame(kind, head, payload)
@@ -147,6 +154,10 @@ class Worker:
                          daemon=True).start()
         try:
             while True:
+                # Frames that arrived while a task ran come first: one may
+                # cancel the next task.
+                if not channel.input_waiting() and self._run_next(channel):
+                    continue
                 try:
                     kind, head, parts = channel.reader.read()
                 except (EOFError, OSError):
@@ -179,26 +190,34 @@ class Worker:
                          uptime_s=time.time() - self.started)
             channel.send(protocol.STATS, stats)
             return
+        elif kind == protocol.CANCEL:
+            queued = [p for p in self.pending if p[0]["task"] == head["task"]]
+            for entry in queued:
+                self.pending.remove(entry)
+                channel.send(protocol.STATE, {"task": head["task"],
+                                              "state": "cancelled"})
         else:
             raise SystemExit(f"qjamfab worker: unexpected frame kind {kind}")
-        self._run_pending(channel)
 
-    def _run_pending(self, channel: Channel) -> None:
-        """Run queued tasks in order; report the first one that lacks data."""
-        while self.pending:
-            head, params_parts, reported = self.pending[0]
-            missing_func = head["func"] not in self.jobs \
-                and head["func"] not in self.job_bytes
-            missing_refs = self.cache.missing(head["refs"] or ())
-            if missing_func or missing_refs:
-                if not reported:
-                    self.pending[0][2] = True
-                    channel.send(protocol.STATE, {
-                        "task": head["task"], "state": "blocked",
-                        "refs": missing_refs, "func": missing_func})
-                return
-            self.pending.pop(0)
-            self._run(channel, head, params_parts)
+    def _run_next(self, channel: Channel) -> bool:
+        """Run the first queued task if it has all it needs (True), else
+        report once what it lacks (False)."""
+        if not self.pending:
+            return False
+        head, params_parts, reported = self.pending[0]
+        missing_func = head["func"] not in self.jobs \
+            and head["func"] not in self.job_bytes
+        missing_refs = self.cache.missing(head["refs"] or ())
+        if missing_func or missing_refs:
+            if not reported:
+                self.pending[0][2] = True
+                channel.send(protocol.STATE, {
+                    "task": head["task"], "state": "blocked",
+                    "refs": missing_refs, "func": missing_func})
+            return False
+        self.pending.pop(0)
+        self._run(channel, head, params_parts)
+        return True
 
     def _job(self, func_hash: str) -> tuple:
         job = self.jobs.get(func_hash)
@@ -257,7 +276,8 @@ def _heartbeat(channel: Channel, stop: threading.Event) -> None:
 
 def _fd_channel(read_fd: int, write_fd: int) -> Channel:
     reader = io.FileIO(read_fd, "r", closefd=False)
-    return Channel(reader.readinto, lambda views: os.writev(write_fd, views))
+    return Channel(reader.readinto, lambda views: os.writev(write_fd, views),
+                   read_fd)
 
 
 def _serve_socket(worker: Worker, path: str, idle_timeout: float) -> None:

@@ -1,0 +1,158 @@
+"""Fault injection on real SSH hosts: a worker SIGKILLed, its connection
+cut, its host's sshd killed or its host frozen, mid-run; stragglers; replicas;
+every worker lost. Each run must return the exact result, every slice
+counted once."""
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from qjamfab import DataSet, Master, WorkerLost, cluster, hosts
+
+pytestmark = pytest.mark.timeout(120)
+
+DATA = DataSet(list(range(60)), slice_size=5)   # 12 slices, 4 per worker
+EXPECTED = sum(range(60))
+
+
+def slow_sum(delay, xs):
+    time.sleep(delay)
+    return sum(xs)
+
+
+def _master(ssh, **options):
+    options.setdefault("heartbeat_timeout", 3.0)
+    return Master(ssh.aliases, workers_per_host=1, ssh_config=ssh.ssh_config,
+                  **options)
+
+
+def _run_with_fault(master, fault, after_s=0.6, delay=0.4):
+    timer = threading.Timer(after_s, fault)
+    timer.start()
+    try:
+        return master.run(slow_sum, params=delay, dataset=DATA)
+    finally:
+        timer.cancel()
+        timer.join()
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _run_until_all_workers(master, timeout_s=20.0):
+    """Run until the Master has reconnected every host (backoff allowing)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert master.run(slow_sum, params=0, dataset=DATA) == EXPECTED
+        if master.last_run.workers == 3 or time.monotonic() > deadline:
+            return master.last_run.workers
+        time.sleep(0.5)
+
+
+def test_sigkilled_worker_mid_run(ssh):
+    with _master(ssh) as m:
+        pid = m.worker_stats()["host2-0"]["pid"]
+        assert _run_with_fault(m, lambda: os.kill(pid, signal.SIGKILL)) \
+            == EXPECTED
+        stats = m.last_run
+        assert stats.lost_workers == ["host2-0"] and stats.rerun_slices >= 1
+        # The daemon is restarted before the next run.
+        assert m.run(slow_sum, params=0, dataset=DATA) == EXPECTED
+        assert m.last_run.workers == 3
+        assert m.worker_stats()["host2-0"]["pid"] != pid
+
+
+def test_connection_cut_mid_run(ssh):
+    with _master(ssh) as m:
+        pid = m.worker_stats()["host2-0"]["pid"]
+
+        def cut():
+            for p in ssh["host2"].processes():
+                if "runtime.relay" in _cmdline(p):
+                    os.kill(p, signal.SIGKILL)
+        assert _run_with_fault(m, cut) == EXPECTED
+        assert m.last_run.lost_workers == ["host2-0"]
+        # The worker itself survived: the Master reconnects to it.
+        assert _run_until_all_workers(m) == 3
+        assert m.worker_stats()["host2-0"]["pid"] == pid
+
+
+def test_host_sshd_killed_mid_run_then_back(ssh):
+    with _master(ssh) as m:
+        try:
+            assert _run_with_fault(m, ssh["host2"].kill) == EXPECTED
+            assert m.last_run.lost_workers == ["host2-0"]
+            # Down: the next run goes on without it.
+            assert m.run(slow_sum, params=0, dataset=DATA) == EXPECTED
+            assert m.last_run.workers == 2
+        finally:
+            ssh["host2"].start()
+        # Back: it is used again after the backoff.
+        assert _run_until_all_workers(m) == 3
+
+
+def test_frozen_host_mid_run(ssh):
+    with _master(ssh) as m:
+        started = time.monotonic()
+        try:
+            assert _run_with_fault(m, ssh["host2"].pause) == EXPECTED
+            elapsed = time.monotonic() - started
+        finally:
+            ssh["host2"].resume()
+        assert m.last_run.lost_workers == ["host2-0"]
+        assert elapsed < 3.0 + 8  # the heartbeat deadline, plus the work
+        assert _run_until_all_workers(m) == 3
+
+
+def test_straggler_gets_a_backup_copy(ssh):
+    def slow_on_host2(params, xs):
+        if os.environ.get("QJAMFAB_HOME", "").endswith("host2/qjamfab-home"):
+            time.sleep(8)
+        time.sleep(0.1)
+        return sum(xs)
+    try:
+        with _master(ssh) as m:
+            started = time.monotonic()
+            assert m.run(slow_on_host2, dataset=DATA) == EXPECTED
+            assert time.monotonic() - started < 6
+            assert m.last_run.backup_tasks >= 1
+            assert not m.last_run.lost_workers
+    finally:
+        # host2's worker is still asleep in the discarded copy.
+        cluster.stop_workers(hosts.parse_hosts("host2"),
+                             ssh_config=ssh.ssh_config)
+
+
+def test_replicas_make_failover_need_no_data(ssh):
+    with _master(ssh, replicas=2) as m:
+        m.clear_cache()
+        assert m.run(slow_sum, params=0, dataset=DATA) == EXPECTED
+        m.worker_stats()  # a round trip: each worker has stored what it got
+        entries = sum(len(os.listdir(os.path.join(ssh.homes[a], "cache")))
+                      for a in ssh.aliases)
+        assert entries == 2 * len(DATA.for_workers(3))
+        pid = m.worker_stats()["host1-0"]["pid"]
+        assert _run_with_fault(m, lambda: os.kill(pid, signal.SIGKILL)) \
+            == EXPECTED
+        assert m.last_run.lost_workers == ["host1-0"]
+        assert m.last_run.dataset_bytes_sent == 0
+        assert m.last_run.replica_bytes_sent > 0  # second copies restored
+
+
+def test_every_worker_lost_is_a_clear_error(ssh):
+    with _master(ssh) as m:
+        pids = [s["pid"] for s in m.worker_stats().values()]
+
+        def kill_all():
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+        with pytest.raises(WorkerLost, match=r"and no worker is left"):
+            _run_with_fault(m, kill_all)
+        assert m.run(slow_sum, params=0, dataset=DATA) == EXPECTED
