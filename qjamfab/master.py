@@ -229,6 +229,8 @@ class Master:
         now = time.monotonic()
         todo = [h for h in self._hosts if self._missing(h)
                 and (first or h.retry_at <= now)]
+        if not todo:
+            return
         failures: dict[int, QjamfabError] = {}
 
         def prepare(host: _Host) -> None:

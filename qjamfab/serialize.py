@@ -59,6 +59,8 @@ def _is_local(module: types.ModuleType) -> bool:
 
 
 def _register_local_modules() -> None:
+    if len(sys.modules) == len(_local_by_name):
+        return  # nothing imported since the last look (a hot path)
     for name, module in list(sys.modules.items()):
         if name not in _local_by_name and module is not None:
             _local_by_name[name] = _is_local(module)

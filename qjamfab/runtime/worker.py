@@ -17,6 +17,7 @@ a file, its tail survives a crash for the master to show.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -114,13 +115,20 @@ class Capture:
         self._forward()
 
 
-def _c_stdio_flush() -> None:
-    """Flush C stdio buffers too: a C extension's printf sits in them."""
+@functools.lru_cache(maxsize=1)
+def _libc_fflush():
     try:
         import ctypes
-        ctypes.CDLL(None).fflush(None)
+        return ctypes.CDLL(None).fflush
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+def _c_stdio_flush() -> None:
+    """Flush C stdio buffers too: a C extension's printf sits in them."""
+    fflush = _libc_fflush()
+    if fflush is not None:
+        fflush(None)
 
 
 class Worker:
