@@ -13,6 +13,7 @@ needs its own sequence of steps, and a ThreadingGroup keys results by
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -29,6 +30,8 @@ from .errors import HostError, PreflightFailed, QjamfabError
 from .hosts import HostSpec
 from .transport import (SSHChannelTransport, Transport, sftp_upload, ssh_exec,
                         tail)
+
+log = logging.getLogger(__name__)
 
 with open(os.path.join(os.path.dirname(runtime.__file__), "probe.py")) as _f:
     _PROBE_SOURCE = _f.read()
@@ -181,9 +184,16 @@ class HostResult:
 
 def for_each_host(hosts: Sequence[HostSpec], step: Callable[[HostSession], dict],
                   *, ssh_config: str | None = None,
-                  connect_timeout: float = 10.0) -> list[HostResult]:
-    """Connect to every host and run step on it, all hosts in parallel."""
-    def one(spec: HostSpec) -> HostResult:
+                  connect_timeout: float = 10.0,
+                  on_result: Callable[[HostResult], None] | None = None
+                  ) -> list[HostResult]:
+    """Connect to every host and run step on it, all hosts in parallel.
+
+    `on_result(result)` is called (on a pool thread) as each host finishes,
+    e.g. to show progress. An unexpected exception on one host becomes that
+    host's error, with its traceback in the debug log.
+    """
+    def attempt(spec: HostSpec) -> HostResult:
         started = time.monotonic()
         session = None
         try:
@@ -194,9 +204,25 @@ def for_each_host(hosts: Sequence[HostSpec], step: Callable[[HostSession], dict]
         except QjamfabError as exc:
             return HostResult(spec.raw, False, time.monotonic() - started,
                               error=str(exc))
+        except Exception as exc:   # a bug, not the host: keep the others
+            log.debug("%s: unexpected error", spec.raw, exc_info=True)
+            return HostResult(
+                spec.raw, False, time.monotonic() - started,
+                error=f"{spec.raw}: unexpected {type(exc).__name__}: {exc}: "
+                      "run again with --verbose for the traceback, and "
+                      "report it")
         finally:
             if session is not None:
                 session.close()
+
+    def one(spec: HostSpec) -> HostResult:
+        result = attempt(spec)
+        if on_result is not None:
+            try:
+                on_result(result)
+            except Exception:   # showing progress never fails a step
+                log.debug("on_result failed", exc_info=True)
+        return result
     if not hosts:
         return []
     with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:

@@ -17,10 +17,13 @@ Fabric calls a task once per ``-H`` host with a Connection, so the first call
 acts on every host at once (in parallel) and the calls for the other hosts
 do nothing.
 
-Each lifecycle task prints one plain-text table, a row per host, and exits
-with status 1 when any host failed (each failure's full text is printed below
-the table); a bad argument exits with status 2. `run` exits with the
-script's own status.
+Each lifecycle task shows a line per host while it works (in a terminal),
+then prints one table, a row per host (`qjamfab.display`: coloured in a
+terminal, plain text with a rule of dashes under the header elsewhere), and
+exits with status 1 when any host failed (each failure's full text is
+printed below the table); a bad argument exits with status 2. `run` exits
+with the script's own status, and has the script's Masters log a summary
+line per run to stderr ($QJAMFAB_LOG_LEVEL).
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ from typing import Callable, Sequence
 
 from invoke import Collection, Exit, Program, task
 
-from . import cluster
+from . import cluster, display
+from .display import render_table
 from .errors import QjamfabError
 from .hosts import HostSpec, parse_hosts
 
@@ -59,33 +63,6 @@ def _help(**extra: str) -> dict:
 
 
 # --- tables ------------------------------------------------------------------
-
-def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
-                 align: str = "") -> str:
-    """Rows as a plain-text table: a header, a rule, one line per row.
-
-    `align` holds one letter per column, ``l`` or ``r`` (missing: ``l``).
-    The last column is left as it is, so a long status does not pad the
-    lines.
-    """
-    cells = [[str(h) for h in headers]] + [
-        ["-" if v is None or v == "" else str(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    rule = ["-" * w for w in widths]
-    rule[-1] = "-" * max(len(cells[0][-1]), min(widths[-1], 20))
-    lines = []
-    for row in [cells[0], rule, *cells[1:]]:
-        out = []
-        for i, value in enumerate(row):
-            if i == len(row) - 1:
-                out.append(value)
-            elif align[i:i + 1] == "r":
-                out.append(value.rjust(widths[i]))
-            else:
-                out.append(value.ljust(widths[i]))
-        lines.append("  ".join(out).rstrip())
-    return "\n".join(lines)
-
 
 def _bytes(n: int | None) -> str:
     if n is None:
@@ -224,7 +201,7 @@ def _setup_logging(verbose: bool) -> None:
     for handler in list(logger.handlers):
         if getattr(handler, "_qjamfab_cli", False):
             logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = display.StderrHandler()   # above a progress display
     handler._qjamfab_cli = True   # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: "
                                            "%(message)s"))
@@ -257,12 +234,15 @@ def _lifecycle(ctx, task_name: str, hosts, ssh_config, verbose: bool,
     log.debug("%s on %s (ssh_config: %s)", task_name,
               ", ".join(s.raw for s in specs), ssh_config or "default")
     try:
-        results = action(specs, ssh_config=ssh_config)
+        with display.HostProgress(task_name, [s.raw for s in specs]) as shown:
+            results = action(specs, ssh_config=ssh_config, on_result=lambda r:
+                             shown.done(r, problem(r.info) if r.ok else ""))
     except QjamfabError as exc:
         raise Exit(f"{task_name} failed: {exc}", code=1) from None
-    rows, failed = [], []
+    rows, failed, failed_rows = [], [], []
     blank = [None] * (len(headers) - 3)
     for r in results:
+        wrong = ""
         if r.ok:
             wrong = problem(r.info)
             if wrong:
@@ -273,18 +253,19 @@ def _lifecycle(ctx, task_name: str, hosts, ssh_config, verbose: bool,
         else:
             failed.append((r.host, r.error))
             status, cells = _first_line(r.error, r.host), blank
+        if not r.ok or wrong:
+            failed_rows.append(len(rows))
         rows.append([r.host, *cells, f"{r.seconds:.2f}", status])
-    print(render_table(headers, rows, align))
+    display.print_table(headers, rows, align, failed=failed_rows)
     if footnote():
         print(footnote())
     for host, error in failed:
-        print(f"\n{host} failed:")
-        print("\n".join("    " + line for line in error.rstrip().splitlines()))
+        display.print_failure(host, error)
     sys.stdout.flush()
     if failed:
         names = ", ".join(host for host, _ in failed)
         raise Exit(f"{task_name}: {len(failed)} of {len(results)} hosts "
-                   f"failed: {names}", code=1)
+                   f"failed: {names} (each host's reason is above)", code=1)
     return True
 
 
@@ -411,7 +392,9 @@ def run(c, script, hosts=None, ssh_config=None, verbose=False):
     """Run a Python script against the hosts: run SCRIPT [--hosts=H] [-- ARGS].
 
     Runs `python SCRIPT ARGS` here with QJAMFAB_HOSTS set to --hosts (and
-    QJAMFAB_SSH_CONFIG to --ssh-config), so the script's Master() uses them.
+    QJAMFAB_SSH_CONFIG to --ssh-config), so the script's Master() uses them,
+    and QJAMFAB_LOG_LEVEL=INFO (DEBUG with --verbose), so it logs a summary
+    of each run to stderr.
     Its output streams through and its exit status is run's. Give ARGS after
     '--', or together with SCRIPT in one quoted string: "script.py 200".
     """
@@ -449,6 +432,13 @@ def run(c, script, hosts=None, ssh_config=None, verbose=False):
     pythonpath = _pythonpath(env)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
+    # Each Master in the script logs a summary line per run (INFO) to
+    # stderr, and its debug messages with --verbose; a level the user set
+    # wins over INFO.
+    if verbose:
+        env["QJAMFAB_LOG_LEVEL"] = "DEBUG"
+    else:
+        env.setdefault("QJAMFAB_LOG_LEVEL", "INFO")
     log.debug("run: %s with QJAMFAB_HOSTS=%s%s", shlex.join(argv),
               env["QJAMFAB_HOSTS"],
               f" QJAMFAB_SSH_CONFIG={env['QJAMFAB_SSH_CONFIG']}"
