@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from . import protocol, scheduler, serialize
+from . import display, protocol, scheduler, serialize
 from .dataset import BaseDataSet, DataSet
 from .errors import (BadJob, ProtocolError, QjamfabError, ReduceError,
                      RemoteError, WorkerLost)
@@ -68,6 +68,9 @@ class RunStats:
                 f"{_size(self.bytes_sent)} sent, "
                 f"{_size(self.bytes_received)} received; compute: "
                 f"{compute or '-'}{lost})")
+
+    def _repr_html_(self) -> str:
+        return display.runstats_html(self)
 
 
 def _size(n: int) -> str:
@@ -158,6 +161,20 @@ class _Task:
         self.started = time.monotonic()
 
 
+def _log_from_env() -> None:
+    """$QJAMFAB_LOG_LEVEL (INFO, DEBUG, ...): the "qjamfab" logger to stderr."""
+    level = os.environ.get("QJAMFAB_LOG_LEVEL", "").strip().upper()
+    if not level or any(getattr(h, "_qjamfab_env", False)
+                        for h in log.handlers):
+        return
+    handler = display.StderrHandler()
+    handler._qjamfab_env = True   # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter(
+        "%(name)s: %(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(getattr(logging, level, logging.INFO))
+
+
 class Master:
     """Runs jobs on workers: `local[:N]` processes, or SSH hosts.
 
@@ -176,6 +193,7 @@ class Master:
                 f"{workers_per_host!r}: give e.g. 2, or None for one per core")
         if replicas not in (1, 2):
             raise ValueError(f"replicas must be 1 or 2, not {replicas!r}")
+        _log_from_env()
         self.hosts: list[HostSpec] = parse_hosts(hosts)
         self.replicas = replicas
         self.straggler_factor = straggler_factor
@@ -278,6 +296,13 @@ class Master:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _repr_html_(self) -> str:
+        return display.master_html(self)
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
     def __repr__(self) -> str:
         state = "closed" if not self._finalizer.alive else \
             f"{sum(h.alive for h in self._handles.values())} workers up"
@@ -300,7 +325,8 @@ class Master:
     # --- runs -----------------------------------------------------------
 
     def run(self, job: object, params: object = None, dataset: object = None,
-            *, reduce: Callable | None = None) -> object:
+            *, reduce: Callable | None = None,
+            progress: bool | None = None) -> object:
         """mapfunc(params, slice) over the dataset's slices, reduced.
 
         `job` is a module with `mapfunc` (and optional `reduce`) or a
@@ -320,7 +346,7 @@ class Master:
         if dataset is not None:
             dataset = dataset.for_workers(len(workers))
         run = _Run(self, workers, func_hash, func_bytes, params_parts,
-                   dataset, reduce)
+                   dataset, reduce, progress)
         try:
             value = run.execute()
         finally:
@@ -376,8 +402,11 @@ class _Run:
 
     def __init__(self, master: Master, workers: list[_WorkerHandle],
                  func_hash: str, func_bytes: bytes, params_parts: list,
-                 dataset: BaseDataSet | None, reduce: Callable | None):
+                 dataset: BaseDataSet | None, reduce: Callable | None,
+                 progress: bool | None = None):
         self.master = master
+        self.progress_enabled = progress
+        self.progress: display.RunProgress | None = None
         self.run_id = next(master._task_ids)
         self.workers = workers
         self.func_hash = func_hash
@@ -403,13 +432,18 @@ class _Run:
             plan = scheduler.plan(self.refs, [h.name for h in self.workers],
                                   {h.name: h.refs for h in self.workers})
             self.stats.slices = len(self.refs)
-        by_name = {h.name: h for h in self.workers}
-        for name, slices in plan.items():
-            for batch in scheduler.batches(slices, self.master._split):
-                self._send_task(by_name[name], self._new_group(batch))
+        self.progress = display.RunProgress(
+            len(self.refs) if self.refs is not None else len(plan),
+            enabled=self.progress_enabled,
+            unit="slices" if self.refs is not None else "tasks")
         try:
+            by_name = {h.name: h for h in self.workers}
+            for name, slices in plan.items():
+                for batch in scheduler.batches(slices, self.master._split):
+                    self._send_task(by_name[name], self._new_group(batch))
             self._collect()
         finally:
+            self.progress.close()
             self._count_bytes()
         if self.refs is not None and self.master.replicas > 1:
             self._replicate()
@@ -513,6 +547,7 @@ class _Run:
         if task.group in self.results:
             return  # another copy won
         self.results[task.group] = protocol.decode(parts)
+        self.progress.advance(len(task.slices) if self.refs is not None else 1)
         if self.refs is not None:
             self.stats.slices_cached += sum(
                 self.refs[i] not in self.sent_refs for i in task.slices)

@@ -463,5 +463,44 @@ def run(c, script, hosts=None, ssh_config=None, verbose=False):
         raise Exit(code=code)
 
 
+# --- bench ---------------------------------------------------------------------
+
+def _bench_root() -> str | None:
+    """The source checkout holding benchmarks/ (it is not installed)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for root in (here, os.getcwd()):
+        if os.path.isfile(os.path.join(root, "benchmarks", "__main__.py")):
+            return root
+    return None
+
+
+@task(auto_shortflags=False, help={
+    "quick": "small sizes, about a minute (results in "
+             "benchmarks/results/quick/)",
+    "only": "comma-separated subset: sae, overhead, transfer, memory, "
+            "bootstrap",
+    "out": "directory for results.json and the plots"})
+def bench(c, quick=False, only="", out=None):
+    """Run the benchmark suite (python -m benchmarks) from a source checkout."""
+    root = _bench_root()
+    if root is None:
+        raise Exit("bench: benchmarks/ is not here: run it from a source "
+                   "checkout of qjamfab", code=2)
+    argv = [sys.executable, "-m", "benchmarks"]
+    if quick:
+        argv.append("--quick")
+    if only:
+        argv += ["--only", only]
+    if out:
+        argv += ["--out", os.path.abspath(out)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (root, env.get("PYTHONPATH")) if p)
+    sys.stdout.flush()
+    code = subprocess.call(argv, cwd=root, env=env)
+    if code != 0:
+        raise Exit(code=code)
+
+
 ns = Collection(bootstrap, start_workers, status, run, clear_cache,
-                stop_workers)
+                stop_workers, bench)

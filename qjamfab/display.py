@@ -1,0 +1,587 @@
+"""Rendering for terminals and notebooks: progress, tables, HTML reprs.
+
+This module owns everything qjamfab shows a person, apart from the lines of
+text in errors and logs:
+
+- `RunProgress`: the progress bar of one `Master.run` (slices done). It shows
+  up only in a terminal (or when forced) and only once the run has lasted
+  `delay_s`, and it is transient, so an iterative loop of short runs prints
+  nothing and a long run leaves nothing behind. While no bar is shown it
+  costs an integer add per `advance()`, and rich is not even imported.
+- `master_html`, `runstats_html`: the HTML that Jupyter shows for a `Master`
+  and a `RunStats` (their ``_repr_html_``). Everything is escaped.
+- `hosts_table`, `render_table`, `print_table`: the one-row-per-host tables
+  of the Invoke tasks, drawn with rich: coloured in a terminal, plain text
+  (a header, a rule of dashes, one line per row) anywhere else, so a pipe or
+  a log gets something ``grep`` and ``cut`` can read.
+- `HostProgress`: one line per host while a lifecycle step runs on many
+  hosts at once (a spinner, then the host's outcome); nothing when output is
+  not a terminal, where only the final table is printed.
+
+rich is imported only by the functions that draw with it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import html
+import io
+import logging
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Iterable, Sequence, TextIO
+
+if TYPE_CHECKING:   # pragma: no cover - annotations only
+    from rich.console import Console
+    from rich.table import Table
+
+__all__ = ["RunProgress", "master_html", "runstats_html", "format_bytes",
+           "hosts_table", "render_table", "print_table", "print_failure",
+           "HostProgress", "StderrHandler", "is_terminal"]
+
+
+def is_terminal(stream: TextIO | None = None) -> bool:
+    """Whether `stream` (default: sys.stdout) is an interactive terminal."""
+    stream = sys.stdout if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # closed or not a file
+        return False
+
+
+def format_bytes(n: float | None) -> str:
+    """1536 -> "1.5 KiB"; None -> "-"."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _format_seconds(s: float) -> str:
+    if s < 1:
+        return f"{s * 1e3:.1f} ms"
+    if s < 120:
+        return f"{s:.2f} s"
+    return f"{int(s // 60)} min {s % 60:.0f} s"
+
+
+# --- the progress bar of a run ------------------------------------------------
+
+class RunProgress:
+    """A transient progress bar of the slices (or tasks) a run has done.
+
+    ``enabled=None`` shows a bar only when sys.stdout is a terminal;
+    ``True`` always (to `console` if given; in a Jupyter kernel as an HTML
+    <progress> updated in place; else rich on sys.stdout); ``False`` never. A
+    bar appears once the run has lasted `delay_s` (a timer thread starts it,
+    so it appears even while no slice completes) and disappears on
+    `close()`. `total` 0 means unknown: the bar then only counts.
+    ``advance(0)`` is allowed and does nothing visible.
+
+    Use it as a context manager, or call `close()` in a ``finally``.
+    """
+
+    __slots__ = ("total", "done", "unit", "_bar", "_task", "_timer",
+                 "_lock", "_closed", "_console", "_started")
+
+    def __init__(self, total: int, enabled: bool | None = None,
+                 delay_s: float = 1.0, *, console: "Console | None" = None,
+                 unit: str = "slices"):
+        self.total = max(0, int(total or 0))
+        self.done = 0
+        self.unit = unit
+        self._bar = None          # the rich Progress, once shown
+        self._task = None
+        self._timer: threading.Timer | None = None
+        self._lock: threading.Lock | None = None
+        self._closed = False
+        self._console = console
+        if enabled is None:
+            enabled = (console.is_terminal if console is not None
+                       else is_terminal())
+        if not enabled:
+            return
+        self._started = time.monotonic()
+        self._lock = threading.Lock()
+        if delay_s <= 0:
+            self._show()
+        else:
+            self._timer = threading.Timer(delay_s, self._show)
+            self._timer.daemon = True
+            self._timer.name = "qjamfab-progress"
+            self._timer.start()
+
+    @property
+    def shown(self) -> bool:
+        """Whether a bar is on screen now."""
+        return self._bar is not None
+
+    def advance(self, n: int = 1) -> None:
+        """Count n more done (the hot path: an add and a read when hidden)."""
+        self.done += n
+        bar = self._bar
+        if bar is not None:
+            bar.update(self._task, completed=self._completed())
+
+    def _completed(self) -> int:
+        return min(self.done, self.total) if self.total else self.done
+
+    def _show(self) -> None:
+        with self._lock:
+            if self._closed or self._bar is not None:
+                return
+            try:
+                if self._console is None and _in_jupyter():
+                    bar = _JupyterBar(self.total, self._completed(),
+                                      self.unit, self._started)
+                else:
+                    bar = _new_progress_bar(self._console, self.unit)
+                    self._task = bar.add_task("qjamfab run",
+                                              total=self.total or None,
+                                              completed=self._completed(),
+                                              run_started=self._started)
+                    bar.start()
+            except Exception:   # a display problem never fails a run
+                return
+            self._bar = bar
+
+    def close(self) -> None:
+        """Remove the bar (if shown); later calls do nothing."""
+        if self._closed:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._lock is None:
+            self._closed = True
+            return
+        with self._lock:
+            self._closed = True
+            bar, self._bar = self._bar, None
+        if bar is not None:
+            try:
+                bar.update(self._task, completed=self._completed())
+                bar.stop()
+            except Exception:   # pragma: no cover - a broken terminal
+                pass
+
+    def __enter__(self) -> "RunProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _in_jupyter() -> bool:
+    """Whether this is a Jupyter kernel (IPython with a kernel attached)."""
+    ipython = sys.modules.get("IPython")
+    try:
+        shell = ipython.get_ipython() if ipython is not None else None
+    except Exception:   # pragma: no cover - an odd IPython
+        return False
+    return getattr(shell, "kernel", None) is not None
+
+
+class _JupyterBar:
+    """A progress bar as an HTML <progress> element in the cell's output,
+    updated in place (a display id) at most five times a second and blanked
+    on stop; needs no ipywidgets. Quacks like the rich Progress that
+    RunProgress uses: update(task, completed=...), stop()."""
+
+    def __init__(self, total: int, completed: int, unit: str,
+                 started: float):
+        from IPython.display import HTML, display
+        self._html, self._time = HTML, time.monotonic
+        self.total, self.unit = total, unit
+        self._started, self._last = started, self._time()
+        self._handle = display(self._html(self._render(completed)),
+                               display_id=True)
+
+    def _render(self, done: int) -> str:
+        secs = self._time() - self._started
+        if self.total:
+            bar = (f'<progress value="{done}" max="{self.total}" '
+                   f'style="width:40%"></progress> {done}/{self.total}')
+        else:
+            bar = f"<progress style=\"width:40%\"></progress> {done}"
+        return (f"<div>qjamfab run {bar} {html.escape(self.unit)} "
+                f"({secs:.0f} s)</div>")
+
+    def update(self, task, completed: int) -> None:
+        now = self._time()
+        if now - self._last >= 0.2:
+            self._last = now
+            self._handle.update(self._html(self._render(completed)))
+
+    def stop(self) -> None:
+        self._handle.update(self._html(""))
+
+
+def _new_progress_bar(console, unit: str):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress,
+                               ProgressColumn, TextColumn)
+    from rich.text import Text
+
+    class _RunElapsed(ProgressColumn):
+        """Seconds since the run started (the bar starts later)."""
+
+        def render(self, task):
+            secs = time.monotonic() - task.fields.get("run_started",
+                                                      time.monotonic())
+            return Text(f"{secs:.0f} s" if secs < 120 else
+                        f"{int(secs // 60)} min {secs % 60:02.0f} s",
+                        style="progress.elapsed")
+
+    return Progress(TextColumn("[progress.description]{task.description}"),
+                    BarColumn(), MofNCompleteColumn(),
+                    TextColumn(unit, markup=False), _RunElapsed(),
+                    console=console, transient=True)
+
+
+# --- HTML for Jupyter -----------------------------------------------------------
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _rows(pairs: Iterable[tuple[str, str]]) -> str:
+    """Table rows from (label, already-escaped html) pairs."""
+    return "".join(f'<tr><th style="text-align:left">{_e(label)}</th>'
+                   f'<td style="text-align:left">{cell}</td></tr>'
+                   for label, cell in pairs)
+
+
+def _runstats_rows(stats) -> list[tuple[str, str]]:
+    get = lambda name, default=0: getattr(stats, name, default)  # noqa: E731
+    compute = get("worker_compute_s", {}) or {}
+    lost = list(get("lost_workers", []) or [])
+    slices = get("slices")
+    rows = [
+        ("elapsed", _e(_format_seconds(float(get("elapsed_s", 0.0))))),
+        ("workers", _e(get("workers"))),
+        ("slices", _e(f"{slices} ({get('slices_cached')} cached on the "
+                      f"workers, {get('slices_sent')} sent)")
+         if slices else _e("none (no dataset: one call per worker)")),
+        ("dataset sent", _e(format_bytes(get("dataset_bytes_sent")))),
+        ("bytes sent", _e(format_bytes(get("bytes_sent")))),
+        ("bytes received", _e(format_bytes(get("bytes_received")))),
+        ("compute per worker",
+         "<br>".join(f"{_e(name)}: {_e(f'{float(secs):.3f} s')}"
+                     for name, secs in compute.items()) or "-"),
+    ]
+    if lost or get("rerun_slices"):
+        rows.append(("lost workers", _e(", ".join(map(str, lost)) or "-")))
+        rows.append(("re-run slices", _e(get("rerun_slices"))))
+    if get("backup_tasks"):
+        rows.append(("backup tasks", _e(get("backup_tasks"))))
+    if get("replica_bytes_sent"):
+        rows.append(("replicas sent",
+                     _e(format_bytes(get("replica_bytes_sent")))))
+    # fields added to RunStats later: shown when set
+    for f in (dataclasses.fields(stats) if dataclasses.is_dataclass(stats)
+              else ()):
+        value = getattr(stats, f.name, None)
+        if f.name in _SHOWN or not value:
+            continue
+        text = (format_bytes(value) if "bytes" in f.name
+                and isinstance(value, (int, float)) else value)
+        rows.append((f.name.replace("_", " "), _e(text)))
+    return rows
+
+
+_SHOWN = {"elapsed_s", "workers", "slices", "slices_cached", "slices_sent",
+          "dataset_bytes_sent", "bytes_sent", "bytes_received",
+          "worker_compute_s", "lost_workers", "rerun_slices", "backup_tasks",
+          "replica_bytes_sent"}
+
+
+def runstats_html(stats) -> str:
+    """A RunStats as a small HTML table (its ``_repr_html_``)."""
+    return (f'<div class="qjamfab-repr"><b>RunStats</b>'
+            f'<table>{_rows(_runstats_rows(stats))}</table></div>')
+
+
+def master_html(master) -> str:
+    """A Master as HTML (its ``_repr_html_``): hosts, workers, last run.
+
+    Reads only public attributes (``hosts``, ``workers``, ``last_run`` and,
+    when the Master has one, ``closed``): it never talks to the workers.
+    """
+    hosts = [getattr(h, "raw", h) for h in (getattr(master, "hosts", None)
+                                            or [])]
+    try:
+        workers = list(master.workers)
+    except Exception:   # a repr must never raise
+        workers = []
+    closed = getattr(master, "closed", None)
+    state = (" (closed)" if closed is True else "")
+    last = getattr(master, "last_run", None)
+    rows = [
+        ("hosts", _e(", ".join(map(str, hosts)) or "-")),
+        (f"workers ({len(workers)})", _e(", ".join(workers) or "-")),
+    ]
+    if last is None:
+        rows.append(("last run", "none yet"))
+    else:
+        rows.append(("last run", runstats_html(last)))
+    plural = lambda n, word: f"{n} {word}{'' if n == 1 else 's'}"  # noqa
+    return (f'<div class="qjamfab-repr"><b>qjamfab Master</b>{_e(state)}: '
+            f'{_e(plural(len(hosts), "host"))}, '
+            f'{_e(plural(len(workers), "worker"))}'
+            f"<table>{_rows(rows)}</table></div>")
+
+
+# --- tables for the tasks --------------------------------------------------------
+
+def _header_rule_box(char: str, last_header: int = 0):
+    """A rich Box that draws only a rule under the header, one run of `char`
+    per column with gaps between them (so the columns can be told apart).
+    Under the last column the rule is as long as its header, or as its
+    cells up to 20 characters, so a long status does not draw a long rule.
+
+    Meant for tables with padding (0, 1, 0, 0) and pad_edge=False: each
+    column but the last is one wider than its cells, and the rule leaves
+    that padding blank.
+    """
+    from rich.box import Box
+
+    class _HeaderRule(Box):
+        def get_row(self, widths, level="row", edge=True):
+            if level != "head":
+                return super().get_row(widths, level, edge)
+            widths = list(widths)
+            parts = [char * max(w - 1, 1) + " " for w in widths[:-1]]
+            last = max(last_header, min(widths[-1], 20))
+            return " ".join(parts + [char * last])
+
+    return _HeaderRule("    \n    \n    \n    \n    \n    \n    \n    \n",
+                       ascii=char.isascii())
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def hosts_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
+                align: str = "", *, color: bool = False,
+                failed: Iterable[int] = ()) -> "Table":
+    """A rich Table: a header, a rule, one line per row.
+
+    `align` holds one letter per column, ``l`` or ``r`` (missing: ``l``).
+    Empty cells show ``-``. With `color`, the header is bold, the rule dim,
+    and the last (status) column green for ``ok`` and red for the rows
+    whose index is in `failed`. Cells are text, never rich markup.
+    """
+    from rich.table import Table
+    from rich.text import Text
+
+    failed = set(failed)
+    last_header = len(str(headers[-1])) if headers else 0
+    table = Table(box=_header_rule_box("─" if color else "-", last_header),
+                  show_edge=False, pad_edge=False, padding=(0, 1, 0, 0),
+                  header_style="bold" if color else None,
+                  border_style="dim" if color else None,
+                  collapse_padding=False, expand=False)
+    for i, header in enumerate(headers):
+        last = i == len(headers) - 1
+        table.add_column(Text(str(header)),
+                         justify="right" if align[i:i + 1] == "r" else "left",
+                         no_wrap=not last, overflow="fold")
+    for index, row in enumerate(rows):
+        cells = [Text(_cell(v)) for v in row]
+        if color and cells:
+            status = cells[-1]
+            if index in failed:
+                status.stylize("red")
+            elif status.plain == "ok":
+                status.stylize("green")
+        table.add_row(*cells)
+    return table
+
+
+def _plain(renderable) -> str:
+    """A renderable as plain text, lines without trailing blanks."""
+    out = io.StringIO()
+    from rich.console import Console
+    Console(file=out, width=10_000, color_system=None, force_terminal=False,
+            force_jupyter=False, soft_wrap=False, emoji=False,
+            highlight=False).print(renderable)
+    return "\n".join(line.rstrip() for line in out.getvalue().splitlines())
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
+                 align: str = "") -> str:
+    """Rows as a plain-text table: a header, a rule, one line per row.
+
+    `align` holds one letter per column, ``l`` or ``r`` (missing: ``l``).
+    Columns are two spaces apart; the rule under the header has a run of
+    dashes per column; lines carry no trailing blanks.
+    """
+    return _plain(hosts_table(headers, rows, align))
+
+
+def _console(stream: TextIO | None = None, width: int | None = None
+             ) -> "Console":
+    from rich.console import Console
+    return Console(file=stream if stream is not None else sys.stdout,
+                   width=width, highlight=False, emoji=False, soft_wrap=False)
+
+
+def _natural_widths(headers: Sequence[str],
+                    rows: Sequence[Sequence[object]]) -> list[int]:
+    return [max([len(str(h))] + [len(_cell(r[i])) for r in rows if i < len(r)])
+            for i, h in enumerate(headers)]
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
+                align: str = "", *, failed: Iterable[int] = (),
+                stream: TextIO | None = None) -> None:
+    """Print a table: coloured through rich in a terminal, else plain."""
+    stream = sys.stdout if stream is None else stream
+    if is_terminal(stream):
+        console = _console(stream)
+        widths = _natural_widths(headers, rows)
+        fixed = sum(w + 2 for w in widths[:-1])
+        if widths and fixed + max(len(str(headers[-1])), 16) > console.width:
+            # Too narrow to wrap the status column alone: draw every column
+            # whole and let the terminal wrap the lines.
+            console = _console(stream, width=fixed + widths[-1])
+        console.print(hosts_table(headers, rows, align, color=True,
+                                  failed=failed))
+    else:
+        stream.write(render_table(headers, rows, align) + "\n")
+    stream.flush()
+
+
+def print_failure(host: str, error: str, *,
+                  stream: TextIO | None = None) -> None:
+    """A host's full error under the table: a blank line, "HOST failed:",
+    then the error indented by four spaces."""
+    stream = sys.stdout if stream is None else stream
+    body = "\n".join("    " + line for line in error.rstrip().splitlines())
+    if is_terminal(stream):
+        from rich.text import Text
+        text = Text("\n")
+        text.append(f"{host} failed:", style="bold red")
+        text.append("\n" + body)
+        _console(stream).print(text, soft_wrap=True)
+    else:
+        stream.write(f"\n{host} failed:\n{body}\n")
+    stream.flush()
+
+
+class StderrHandler(logging.StreamHandler):
+    """A logging handler to whatever sys.stderr is when a record comes, so
+    log lines go above a progress display (rich redirects sys.stderr while
+    one is shown) instead of through it."""
+
+    def __init__(self, level: int = logging.NOTSET):
+        logging.Handler.__init__(self, level)
+
+    @property
+    def stream(self):   # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:   # StreamHandler.setStream; ignored
+        pass
+
+
+# --- per-host progress for the lifecycle tasks ------------------------------------
+
+class HostProgress:
+    """One line per host while a step runs on them all, in a terminal.
+
+        with HostProgress("bootstrap", ["a", "b"]) as progress:
+            results = cluster.bootstrap(specs, on_result=progress.done)
+
+    Each line shows a spinner and the seconds so far, then the host's
+    outcome (``ok``, or the first line of its error) when `done(result)` is
+    called with its `HostResult` (from any thread). The lines are transient:
+    they are gone when the block ends, for the final table to take their
+    place. ``enabled=None`` means only when sys.stdout is a terminal (pass a
+    `console` to draw elsewhere); when disabled everything is a no-op.
+    """
+
+    def __init__(self, title: str, hosts: Sequence[str], *,
+                 enabled: bool | None = None,
+                 console: "Console | None" = None):
+        self.title = title
+        self.hosts = list(hosts)
+        if enabled is None:
+            enabled = (console.is_terminal if console is not None
+                       else is_terminal())
+        self.enabled = bool(enabled) and bool(self.hosts)
+        self._console = console
+        self._progress = None
+        self._tasks: dict[str, list] = {}
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "HostProgress":
+        if not self.enabled:
+            return self
+        try:
+            self._progress = _host_progress(self._console)
+            for host in self.hosts:
+                task = self._progress.add_task(
+                    host, total=1, mark=None, outcome="running")
+                self._tasks.setdefault(host, []).append(task)
+            self._progress.start()
+        except Exception:   # pragma: no cover - never fail a task on this
+            self._progress = None
+        return self
+
+    def done(self, result, problem: str = "") -> None:
+        """Mark the host of `result` (a HostResult) finished; `problem`
+        says what is wrong with a host that answered (shown as a failure)."""
+        progress = self._progress
+        if progress is None:
+            return
+        with self._lock:
+            waiting = self._tasks.get(result.host) or []
+            if not waiting:
+                return
+            task = waiting.pop(0)   # the same host twice: first come first
+        if result.ok and not problem:
+            mark, outcome = "✓", "done"
+        else:
+            error = problem or result.error or "failed"
+            lines = [ln for ln in error.splitlines() if ln.strip()]
+            mark, outcome = "✗", (lines[0] if lines else "failed")
+        progress.update(task, completed=1, mark=mark, outcome=outcome)
+
+    def __exit__(self, *exc) -> None:
+        progress, self._progress = self._progress, None
+        if progress is not None:
+            progress.stop()
+
+
+def _host_progress(console):
+    from rich.progress import (Progress, ProgressColumn, SpinnerColumn,
+                               TextColumn, TimeElapsedColumn)
+    from rich.text import Text
+
+    class _Mark(ProgressColumn):
+        def __init__(self):
+            super().__init__()
+            self._spinner = SpinnerColumn()
+
+        def render(self, task):
+            mark = task.fields.get("mark")
+            if mark is None:
+                return self._spinner.render(task)
+            return Text(mark, style="green" if mark == "✓" else "red")
+
+    class _Outcome(ProgressColumn):
+        def render(self, task):
+            outcome = task.fields.get("outcome", "")
+            style = {"running": "dim", "done": "green"}.get(outcome, "red")
+            return Text(outcome, style=style, no_wrap=True,
+                        overflow="ellipsis")
+
+    return Progress(_Mark(), TextColumn("{task.description}", markup=False),
+                    TimeElapsedColumn(), _Outcome(), console=console,
+                    transient=True)

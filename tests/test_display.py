@@ -1,0 +1,265 @@
+"""qjamfab.display: the run progress bar, the HTML reprs, the task tables and
+the per-host progress, rendered to consoles the tests capture."""
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from rich.console import Console
+
+from qjamfab import display
+from qjamfab.cluster import HostResult
+from qjamfab.display import (HostProgress, RunProgress, master_html,
+                             print_failure, print_table, render_table,
+                             runstats_html)
+from qjamfab.hosts import HostSpec
+from qjamfab.master import RunStats
+
+ROOT = Path(__file__).resolve().parent.parent
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def terminal(width: int = 100) -> tuple[Console, io.StringIO]:
+    out = io.StringIO()
+    return Console(file=out, force_terminal=True, width=width,
+                   color_system="standard"), out
+
+
+def plain(text: str) -> str:
+    return ANSI.sub("", text)
+
+
+def progress_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate()
+            if t.name == "qjamfab-progress" and t.is_alive()]
+
+
+# --- RunProgress ---------------------------------------------------------------
+
+def test_no_bar_costs_no_rich_import_and_prints_nothing():
+    """Disabled, not a terminal (auto) or shorter than the delay: nothing
+    shown, and rich is never imported (checked in a fresh interpreter)."""
+    code = textwrap.dedent("""
+        import sys, time
+        from qjamfab.display import RunProgress
+        for enabled in (None, False):       # stdout is a pipe here
+            p = RunProgress(100, enabled=enabled, delay_s=0)
+            for _ in range(100):
+                p.advance()
+            time.sleep(0.05)
+            assert not p.shown
+            p.close()
+        p = RunProgress(10, enabled=True, delay_s=30)   # a short run
+        p.advance(3)
+        p.close()
+        assert not p.shown
+        rich = sorted(m for m in sys.modules if m.split(".")[0] == "rich")
+        assert not rich, rich
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "ok\n" and proc.stderr == "", (proc.stdout,
+                                                         proc.stderr)
+
+
+def test_auto_follows_the_console_being_a_terminal():
+    console = Console(file=io.StringIO(), force_terminal=False)
+    p = RunProgress(4, delay_s=0, console=console)
+    p.advance(4)
+    p.close()
+    assert not p.shown and console.file.getvalue() == ""
+
+    console, out = terminal()
+    p = RunProgress(4, delay_s=0, console=console)
+    assert p.shown
+    p.close()
+    assert "0/4 slices" in plain(out.getvalue())
+
+
+def test_forced_bar_renders_progress_and_is_transient():
+    console, out = terminal()
+    with RunProgress(4, enabled=True, delay_s=0, console=console) as p:
+        assert p.shown
+        for _ in range(4):
+            p.advance()
+    assert not p.shown
+    text = plain(out.getvalue())
+    assert "qjamfab run" in text and "4/4 slices" in text, text
+    # transient: the last thing written erases the bar's line(s)
+    assert out.getvalue().rstrip("\n").endswith("\x1b[2K"), \
+        repr(out.getvalue()[-40:])
+    p.advance()       # after close: counts, draws nothing
+    p.close()         # twice is fine
+    assert p.done == 5
+
+
+def test_shorter_than_the_delay_shows_nothing():
+    console, out = terminal()
+    p = RunProgress(10, enabled=True, delay_s=5, console=console)
+    p.advance(10)
+    p.close()
+    time.sleep(0.1)
+    assert not p.shown and out.getvalue() == ""
+    assert not progress_threads()
+
+
+def test_bar_appears_after_the_delay_without_any_slice_done():
+    console, out = terminal()
+    p = RunProgress(3, enabled=True, delay_s=0.2, console=console)
+    assert not p.shown
+    deadline = time.monotonic() + 5
+    while not p.shown and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert p.shown
+    p.advance(3)
+    p.close()
+    assert "3/3 slices" in plain(out.getvalue())
+    assert not progress_threads()
+
+
+def test_unknown_total_counts():
+    console, out = terminal()
+    p = RunProgress(0, enabled=True, delay_s=0, console=console,
+                    unit="tasks")
+    p.advance(2)
+    p.close()
+    assert "2/? tasks" in plain(out.getvalue()), plain(out.getvalue())
+
+
+# --- HTML ----------------------------------------------------------------------
+
+def stats(**kw) -> RunStats:
+    values = dict(elapsed_s=0.0123, workers=2, slices=8, slices_sent=3,
+                  slices_cached=5, bytes_sent=2048, bytes_received=1536,
+                  dataset_bytes_sent=3 * 1024 * 1024,
+                  worker_compute_s={"local-0": 0.25, "local-1": 0.5})
+    values.update(kw)
+    return RunStats(**values)
+
+
+def test_runstats_html_values():
+    text = runstats_html(stats())
+    assert text.startswith("<div") and text.endswith("</div>")
+    for part in ("RunStats", "12.3 ms", ">2<",
+                 "8 (5 cached on the workers, 3 sent)", "3.0 MiB",
+                 "2.0 KiB", "1.5 KiB", "local-0: 0.250 s",
+                 "local-1: 0.500 s"):
+        assert part in text, (part, text)
+    assert "lost" not in text          # only when a worker was lost
+    text = runstats_html(stats(lost_workers=["local-1"], rerun_slices=2,
+                               slices=0))
+    assert "lost workers" in text and "local-1" in text
+    assert "re-run slices</th><td style=\"text-align:left\">2<" in text
+    assert "none (no dataset" in text
+    text = runstats_html(stats(backup_tasks=3, replica_bytes_sent=4096))
+    assert "backup tasks</th><td style=\"text-align:left\">3<" in text
+    assert "4.0 KiB" in text
+
+
+def test_html_is_escaped():
+    evil = "<script>alert('x')</script>"
+    text = runstats_html(stats(worker_compute_s={evil: 1.0},
+                               lost_workers=[evil]))
+    assert "<script>" not in text and "&lt;script&gt;" in text
+    master = SimpleNamespace(hosts=[HostSpec("a&b<c>", "ssh")],
+                             workers=[evil], last_run=None)
+    text = master_html(master)
+    assert "<script>" not in text and "a&amp;b&lt;c&gt;" in text
+
+
+class FakeMaster:
+    def __init__(self, last_run=None):
+        self.hosts = [HostSpec("local:2", "local", 2),
+                      HostSpec("user@host1:2222", "ssh")]
+        self.workers = ["local-0", "local-1", "user@host1:2222-0"]
+        self.last_run = last_run
+
+    def worker_stats(self):   # the repr must not talk to the workers
+        raise AssertionError("master_html called worker_stats()")
+
+
+def test_master_html_shows_hosts_workers_and_last_run():
+    text = master_html(FakeMaster())
+    for part in ("qjamfab Master", "2 hosts, 3 workers", "local:2",
+                 "user@host1:2222", "local-0, local-1, user@host1:2222-0",
+                 "none yet"):
+        assert part in text, (part, text)
+    text = master_html(FakeMaster(stats()))
+    assert "none yet" not in text
+    assert "12.3 ms" in text and "8 (5 cached on the workers" in text
+    closed = FakeMaster()
+    closed.closed = True
+    assert "(closed)" in master_html(closed)
+
+
+# --- tables --------------------------------------------------------------------
+
+def test_render_table_plain_layout():
+    text = render_table(["host", "n", "status"],
+                        [["a", 1, "ok"], ["[red]b[/red]", 22, "x" * 40]],
+                        "lrl")
+    assert text.splitlines() == [
+        "host           n  status",
+        "------------  --  --------------------",
+        "a              1  ok",
+        "[red]b[/red]  22  " + "x" * 40,    # text, never markup
+    ]
+
+
+def test_print_table_plain_when_not_a_terminal():
+    out = io.StringIO()
+    print_table(["host", "status"], [["a", "ok"], ["b", "down"]],
+                failed=[1], stream=out)
+    assert out.getvalue() == "host  status\n----  ------\na     ok\nb     down\n"
+    out = io.StringIO()
+    print_failure("b", "b: down: start it\ndetail\n", stream=out)
+    assert out.getvalue() == "\nb failed:\n    b: down: start it\n    detail\n"
+
+
+def test_colour_table_in_a_terminal():
+    console, out = terminal()
+    console.print(display.hosts_table(["host", "status"],
+                                      [["a", "ok"], ["b", "down"]],
+                                      color=True, failed=[1]))
+    raw = out.getvalue()
+    assert "\x1b[32mok" in raw and "\x1b[31mdown" in raw, repr(raw)
+    assert plain(raw).splitlines()[1].startswith("────")
+
+
+# --- per-host progress ---------------------------------------------------------
+
+def test_host_progress_shows_each_host_then_goes():
+    console, out = terminal(120)
+    with HostProgress("bootstrap", ["h1", "h2"], console=console) as shown:
+        shown.done(HostResult("h1", True, 0.1, {}))
+        shown.done(HostResult("h2", False, 0.2,
+                              error="h2: connection refused: start sshd\n"
+                                    "more detail"))
+        shown.done(HostResult("h3", True, 0.1, {}))   # unknown: ignored
+        time.sleep(0.3)     # a refresh or two
+    text = plain(out.getvalue())
+    assert "h1" in text and "done" in text
+    assert "h2: connection refused: start sshd" in text
+    assert "more detail" not in text
+    assert out.getvalue().rstrip("\n").endswith("\x1b[2K")   # transient
+
+
+def test_host_progress_is_a_no_op_off_a_terminal():
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False)
+    with HostProgress("stop-workers", ["h1"], console=console) as shown:
+        assert not shown.enabled
+        shown.done(HostResult("h1", True, 0.1, {}))
+    assert out.getvalue() == ""
