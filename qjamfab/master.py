@@ -129,6 +129,9 @@ class _WorkerHandle:
         with self._lock:
             protocol.write_all(self.transport.writev, buffers)
             self.bytes_sent += size
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("-> %s %s %s (%d bytes)", self.name,
+                      protocol.KIND_NAMES.get(kind, kind), head, size)
         return size
 
     def _read_loop(self) -> None:
@@ -136,7 +139,12 @@ class _WorkerHandle:
             while True:
                 kind, head, parts = self.reader.read()
                 self.last_seen = time.monotonic()
-                self.bytes_received += sum(len(p) for p in parts)
+                size = sum(len(p) for p in parts)
+                self.bytes_received += size
+                if log.isEnabledFor(logging.DEBUG) and \
+                        kind != protocol.HEARTBEAT:
+                    log.debug("<- %s %s %s (%d payload bytes)", self.name,
+                              protocol.KIND_NAMES.get(kind, kind), head, size)
                 if kind != protocol.HEARTBEAT:
                     self._events.put((self, kind, head, parts))
         except (EOFError, OSError, ProtocolError, QjamfabError) as exc:

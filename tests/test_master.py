@@ -390,3 +390,16 @@ def test_default_hosts_from_environment(monkeypatch):
     monkeypatch.delenv("QJAMFAB_HOSTS")
     with Master() as m:
         assert len(m.workers) == os.cpu_count()
+
+
+def test_logging_info_summary_and_debug_messages(master2, caplog):
+    with caplog.at_level("INFO", logger="qjamfab"):
+        master2.run(constant)
+    infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert len(infos) == 1 and infos[0].startswith("run: RunStats(")
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="qjamfab"):
+        master2.run(constant, params=7)
+    debug = [r.getMessage() for r in caplog.records if r.levelname == "DEBUG"]
+    assert any(m.startswith("-> local-0 TASK") and "bytes)" in m for m in debug)
+    assert any(m.startswith("<- local-1 RESULT") for m in debug)
