@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from qjamfab import (DataSet, HostUnreachable, Master, PreflightFailed,
-                     RemoteError, WorkerLost, cluster, hosts)
+                     RemoteError, WorkerLost, hosts)
 from tests.jobs import (constant, inner_product, multiply_sum, printing,
                         raising, sum_params)
 
