@@ -431,3 +431,31 @@ def test_down_host_fails_bootstrap_alone(sshd, tmp_path):
         proc.stdout, describe(proc)
     assert "bootstrap: 1 of 3 hosts failed: downhost" in proc.stderr, \
         describe(proc)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("front", ["fab", "qjamfab"])
+def test_every_lifecycle_task_through_fab_and_qjamfab(sshd, front):
+    """bootstrap, start-workers, status, clear-cache, stop-workers on 3 hosts
+    through `fab -H` and through the installed `qjamfab` program."""
+    def task(*args):
+        if front == "fab":
+            proc = cli("fab", "-H", HOSTS, "-S", sshd.ssh_config, *args)
+        else:
+            proc = cli("qjamfab", *args, f"--hosts={HOSTS}",
+                       "--ssh-config", sshd.ssh_config)
+        assert proc.returncode == 0, describe(proc)
+        table = one_table(proc)
+        assert sorted(table) == ["host1", "host2", "host3"], describe(proc)
+        assert all(row["status"] == "ok" for row in table.values()), \
+            describe(proc)
+        return table
+
+    task("stop-workers")
+    assert all_ok(task("bootstrap"), "runtime", "present")
+    assert all_ok(task("start-workers", "--workers-per-host=1"), "running", "1")
+    assert all_ok(task("status"), "workers", "1")
+    task("clear-cache")
+    assert all_ok(task("status"), "cache entries", "0")
+    assert all_ok(task("stop-workers"), "stopped", "1")
+    assert all_ok(task("status"), "workers", "0")
