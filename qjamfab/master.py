@@ -222,8 +222,19 @@ class Master:
             run.stats.elapsed_s = time.perf_counter() - started
             self.last_run = run.stats
             self._split = run.stats.elapsed_s > 0.05
+            self._drop_silent_hosts(run.silent)
         log.info("run: %r", run.stats)
         return value
+
+    def _drop_silent_hosts(self, silent: set[str]) -> None:
+        """A host whose worker went silent may be unreachable: its SSH
+        connection is dropped, so the next run reconnects (with a connect
+        timeout) instead of waiting on a dead link."""
+        for host in self._hosts:
+            if host.session is not None and any(
+                    name.rsplit("-", 1)[0] == host.label for name in silent):
+                host.session.close()
+                host.session = None
 
     def clear_cache(self) -> dict[str, dict]:
         """Empty every worker's cache, memory and disk; what each removed."""

@@ -116,6 +116,7 @@ class Run:
         self.results: dict[int, object] = {}      # group id -> its value
         self.slice_seconds: list[float] = []      # compute time per slice
         self.kills: dict[int, list[str]] = {}
+        self.silent: set[str] = set()             # lost to the heartbeat deadline
         self.sent_refs: set[str] = set()
         self.counters = {h: (h.bytes_sent, h.bytes_received) for h in workers}
         self.stats = RunStats(workers=len(workers))
@@ -367,6 +368,7 @@ class Run:
         deadline = time.monotonic() - self.master.heartbeat_timeout
         for handle in {t.worker for t in self.open.values()}:
             if handle.alive and handle.last_seen < deadline:
+                self.silent.add(handle.name)
                 handle.close()
                 self._lost(handle, f"no heartbeat for "
                            f"{self.master.heartbeat_timeout:g} s")

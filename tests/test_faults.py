@@ -10,6 +10,7 @@ import time
 import pytest
 
 from qjamfab import DataSet, Master, WorkerLost, cluster, hosts
+from tests.netns_host import NetnsHost, netns_available
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -109,6 +110,27 @@ def test_frozen_host_mid_run(ssh):
         assert m.last_run.lost_workers == ["host2-0"]
         assert elapsed < 3.0 + 8  # the heartbeat deadline, plus the work
         assert _run_until_all_workers(m) == 3
+
+
+def test_host_behind_a_cut_network_link(ssh):
+    """A real link (veth into a network namespace) cut mid-run: the host goes
+    silent, nothing is reset; the heartbeat deadline notices."""
+    why_not = netns_available()
+    if why_not:
+        pytest.skip(f"{why_not}: the cut-link test runs as root")
+    ns = NetnsHost(ssh)
+    try:
+        with Master(["host1", "host3", ns.alias], workers_per_host=1,
+                    ssh_config=ns.ssh_config, heartbeat_timeout=3.0) as m:
+            started = time.monotonic()
+            assert _run_with_fault(m, ns.cut) == EXPECTED
+            assert time.monotonic() - started < 15
+            assert m.last_run.lost_workers == [f"{ns.alias}-0"]
+            ns.restore()
+            assert _run_until_all_workers(m) == 3
+    finally:
+        ns.restore()
+        ns.stop()
 
 
 def test_straggler_gets_a_backup_copy(ssh):
