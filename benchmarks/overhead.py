@@ -1,0 +1,216 @@
+"""2. Overhead: one run of a trivial job whose data is already cached.
+
+The job returns 0 for each slice of a small array (4 slices per worker,
+qjamfab's default cut), so a run is pure coordination: pickle the job and
+params, send a TASK per worker, collect and reduce the RESULTs. Measured
+as the caller sees it (wall time around Master.run), after warm-up runs,
+on 1, 2, 4, 8 workers, local (`local:N`) and over SSH (one worker per
+host up to 4 hosts, then 2 per host).
+
+In the same process-run, for ratios:
+- multiprocessing.Pool with the same number of processes and the data
+  already in each process (given by the initializer, like a warm cache):
+  one task per process carrying the params and its slice indices,
+  `pool.map(..., chunksize=1)`, results summed;
+- a raw paramiko round trip: an exec channel running `cat` on an SSH test
+  host (over the same kind of connection qjamfab opens), 100 bytes sent
+  and the 100 echoed bytes received;
+- a local pipe round trip (`cat` subprocess), the floor of any IPC.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import time
+
+import numpy as np
+
+from .common import (Scale, local_home, ssh_hosts, ssh_layout, sshd_missing,
+                     summary_ms, target)
+
+SLICES_PER_WORKER = 4
+ROWS_PER_SLICE = 16
+
+
+def trivial(params, rows):
+    return 0
+
+
+def _dataset(workers: int):
+    from qjamfab import DataSet
+    n = workers * SLICES_PER_WORKER * ROWS_PER_SLICE
+    return DataSet(np.arange(n * 8, dtype=np.float64).reshape(n, 8))
+
+
+def time_runs(master, dataset, runs: int, warmup: int = 20) -> list[float]:
+    for _ in range(warmup):
+        master.run(trivial, params=1, dataset=dataset)
+    assert master.last_run.dataset_bytes_sent == 0
+    out = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        master.run(trivial, params=1, dataset=dataset)
+        out.append(time.perf_counter() - started)
+    return out
+
+
+# --- multiprocessing.Pool -------------------------------------------------------
+
+_POOL_SLICES = None
+
+
+def _pool_init(slices):
+    global _POOL_SLICES
+    _POOL_SLICES = slices
+
+
+def _pool_task(task):
+    params, indices = task
+    total = 0
+    for i in indices:
+        total += trivial(params, _POOL_SLICES[i])
+    return total
+
+
+def time_pool(workers: int, runs: int, warmup: int = 20) -> list[float]:
+    dataset = _dataset(workers)
+    slices = list(dataset.for_workers(workers))
+    per = len(slices) // workers
+    tasks = [(1, list(range(k * per, (k + 1) * per))) for k in range(workers)]
+    ctx = multiprocessing.get_context("fork")
+    out = []
+    with ctx.Pool(workers, initializer=_pool_init, initargs=(slices,)) as pool:
+        for i in range(warmup + runs):
+            started = time.perf_counter()
+            sum(pool.map(_pool_task, tasks, chunksize=1))
+            if i >= warmup:
+                out.append(time.perf_counter() - started)
+    return out
+
+
+# --- echo round trips -----------------------------------------------------------
+
+def _echo(send, recv, rounds: int, size: int = 100) -> list[float]:
+    message = os.urandom(size)
+    out = []
+    for i in range(rounds + 20):
+        started = time.perf_counter()
+        send(message)
+        got = 0
+        while got < size:
+            got += len(recv(size - got))
+        if i >= 20:
+            out.append(time.perf_counter() - started)
+    return out
+
+
+def time_paramiko_echo(alias: str, ssh_config: str, rounds: int
+                       ) -> list[float]:
+    from qjamfab import hosts
+    conn = hosts.connect(alias, ssh_config=ssh_config)
+    try:
+        channel = conn.client.get_transport().open_session()
+        channel.exec_command("cat")
+        try:
+            return _echo(channel.sendall, channel.recv, rounds)
+        finally:
+            channel.close()
+    finally:
+        conn.close()
+
+
+def time_pipe_echo(rounds: int) -> list[float]:
+    proc = subprocess.Popen(["cat"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, bufsize=0)
+    try:
+        fd_in, fd_out = proc.stdin.fileno(), proc.stdout.fileno()
+        return _echo(lambda b: os.write(fd_in, b),
+                     lambda n: os.read(fd_out, n), rounds)
+    finally:
+        proc.stdin.close()
+        proc.wait(5)
+        proc.stdout.close()
+
+
+# --- the benchmark ----------------------------------------------------------------
+
+def run(scale: Scale, log=print) -> dict:
+    from qjamfab import Master
+    rows: dict[str, dict] = {}
+
+    def record(name: str, seconds: list[float], **extra) -> None:
+        rows[name] = {**summary_ms(seconds), **extra}
+        log(f"  overhead {name:>26}: median {rows[name]['median_ms']:.3f} ms,"
+            f" p99 {rows[name]['p99_ms']:.3f} ms")
+
+    with local_home():
+        for n in scale.overhead_workers:
+            with Master(f"local:{n}") as m:
+                record(f"qjamfab local {n}", time_runs(
+                    m, _dataset(n), scale.overhead_runs), workers=n)
+    for n in scale.overhead_workers:
+        record(f"multiprocessing.Pool {n}", time_pool(n, scale.overhead_runs),
+               workers=n)
+    record("local pipe echo 100 B", time_pipe_echo(scale.echo_rounds))
+    why_not = sshd_missing()
+    if not why_not:
+        max_hosts = 4
+        layouts = {n: ssh_layout(n, max_hosts) for n in scale.overhead_workers}
+        with ssh_hosts(max(h for h, _ in layouts.values())) as servers:
+            for n, (k, per_host) in layouts.items():
+                with Master(servers.aliases[:k], workers_per_host=per_host,
+                            ssh_config=servers.ssh_config) as m:
+                    record(f"qjamfab ssh {n}", time_runs(
+                        m, _dataset(n), scale.overhead_runs), workers=n,
+                        hosts=k, workers_per_host=per_host)
+            record("paramiko echo 100 B", time_paramiko_echo(
+                servers.aliases[0], servers.ssh_config, scale.echo_rounds))
+    ratios = {}
+    for n in scale.overhead_workers:
+        pool = rows[f"multiprocessing.Pool {n}"]["median_ms"]
+        for kind in ("local", "ssh"):
+            row = rows.get(f"qjamfab {kind} {n}")
+            if row is None:
+                continue
+            row["vs_pool"] = row["median_ms"] / pool
+            if "paramiko echo 100 B" in rows and kind == "ssh":
+                row["vs_paramiko_echo"] = (
+                    row["median_ms"] / rows["paramiko echo 100 B"]["median_ms"])
+            row["vs_pipe_echo"] = (
+                row["median_ms"] / rows["local pipe echo 100 B"]["median_ms"])
+            ratios[f"{kind} {n}"] = {k: row[k] for k in row
+                                     if k.startswith("vs_")}
+    out = {"rows": rows, "ratios": ratios, "ssh_skipped": why_not,
+           "table": table(rows, scale.overhead_workers)}
+    out["targets"] = targets(rows)
+    return out
+
+
+def table(rows: dict, workers) -> str:
+    from qjamfab.tasks import render_table
+    lines = []
+    for name, row in rows.items():
+        ratio = []
+        if "vs_pool" in row:
+            ratio.append(f"{row['vs_pool']:.2f}x Pool")
+        if "vs_paramiko_echo" in row:
+            ratio.append(f"{row['vs_paramiko_echo']:.1f}x paramiko echo")
+        if "vs_pipe_echo" in row:
+            ratio.append(f"{row['vs_pipe_echo']:.1f}x pipe echo")
+        lines.append([name, f"{row['median_ms']:.3f}", f"{row['p99_ms']:.3f}",
+                      ", ".join(ratio)])
+    return render_table(["what", "median ms", "p99 ms", "ratio (medians)"],
+                        lines, "lrrl")
+
+
+def targets(rows: dict) -> list[dict]:
+    row = rows.get("qjamfab ssh 2")
+    if row is None:
+        return []
+    return [target("trivial run, cached data, 2 SSH workers", "<= 0.35 ms",
+                   round(row["median_ms"], 3), "ms", row["median_ms"] <= 0.35,
+                   f"p99 {row['p99_ms']:.3f} ms"),
+            target("trivial run, 2 SSH workers vs multiprocessing.Pool",
+                   "<= 1.1x", round(row["vs_pool"], 2), "x",
+                   row["vs_pool"] <= 1.1)]

@@ -1,0 +1,185 @@
+"""The paper's sparse autoencoder (examples/sparse_autoencoder.py) and the
+benchmark suite (benchmarks/): distributed cost and gradient equal the
+serial ones on any slicing, the gradient is right, and the suite runs end
+to end at a tiny size and writes what it promises."""
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qjamfab import DataSet, Master
+from tests.conftest import processes_mentioning
+from tests.sshd_hosts import sshd_available
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytest.importorskip("scipy")
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location(
+        "sparse_autoencoder", ROOT / "examples" / "sparse_autoencoder.py")
+    module = importlib.util.module_from_spec(spec)
+    import sys
+    sys.modules["sparse_autoencoder"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+sae = _load_example()
+
+
+@pytest.fixture(scope="module")
+def patches():
+    images = sae.natural_images(count=2, size=64, seed=3)
+    return sae.sample_patches(257, images=images, seed=3)   # odd on purpose
+
+
+def _random_theta(visible, hidden, seed=1):
+    """Not the initial point: nonzero biases, so every term is exercised."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(0, 0.3, sae.theta_size(visible, hidden))
+
+
+def _assert_same(got, want):
+    assert np.isclose(got[0], want[0], rtol=1e-11, atol=0), (got[0], want[0])
+    assert np.allclose(got[1], want[1], rtol=1e-9, atol=1e-13), \
+        np.max(np.abs(got[1] - want[1]))
+
+
+def test_patches_are_deterministic_and_in_tanh_range(patches):
+    again = sae.sample_patches(257, images=sae.natural_images(
+        count=2, size=64, seed=3), seed=3)
+    assert np.array_equal(patches, again)
+    assert patches.shape == (257, 64) and patches.flags.c_contiguous
+    assert -0.9 <= patches.min() and patches.max() <= 0.9
+    assert np.allclose(patches.mean(axis=1), 0, atol=0.15)
+
+
+def test_slice_statistics_add_up_on_any_cut(patches):
+    """mapfunc over any cut, summed, then finish == the textbook code."""
+    theta = _random_theta(64, 30)
+    want = sae.serial_cost(theta, patches)
+    for bounds in ([0, 257], [0, 1, 257], [0, 100, 101, 200, 257],
+                   list(range(0, 257, 7)) + [257]):
+        stats = sum(sae.mapfunc((theta, 30), patches[a:b])
+                    for a, b in zip(bounds, bounds[1:]))
+        _assert_same(sae.finish(stats, theta, 64, 30), want)
+
+
+@pytest.mark.parametrize("hosts", ["local:1", "local:3"])
+def test_distributed_equals_serial(patches, hosts):
+    theta = _random_theta(64, 30)
+    want = sae.serial_cost(theta, patches)
+    with Master(hosts) as m:
+        for slice_size in (None, 1, 7, 64, 300):
+            cost = sae.DistributedCost(m, DataSet(patches, slice_size))
+            _assert_same(cost(theta), want)
+            _assert_same(cost(sae.initial_theta()),
+                         sae.serial_cost(sae.initial_theta(), patches))
+
+
+@pytest.mark.parametrize("cost_fn", ["serial_cost", "serial_stats_cost"])
+def test_gradient_matches_finite_differences(cost_fn):
+    rng = np.random.default_rng(5)
+    X = rng.uniform(-0.9, 0.9, (23, 9))          # 3x3 patches, 4 hidden
+    hidden = 4
+    theta = _random_theta(9, hidden, seed=6)
+    fn = getattr(sae, cost_fn)
+    cost, grad = fn(theta, X, hidden)
+    eps = 1e-6
+    numeric = np.empty_like(theta)
+    for i in range(len(theta)):
+        step = np.zeros_like(theta)
+        step[i] = eps
+        numeric[i] = (fn(theta + step, X, hidden)[0]
+                      - fn(theta - step, X, hidden)[0]) / (2 * eps)
+    error = np.linalg.norm(numeric - grad) / np.linalg.norm(numeric + grad)
+    assert error < 1e-8, error
+
+
+def test_lbfgs_lowers_the_cost(patches):
+    theta0 = sae.initial_theta()
+    start = sae.serial_cost(theta0, patches)[0]
+    _, final, info = sae.train(lambda t: sae.serial_cost(t, patches),
+                               theta0, 15)
+    assert final < 0.5 * start
+    assert info["funcalls"] <= 15 + 2     # scipy may finish an iteration
+
+
+@pytest.mark.timeout(90)
+def test_suite_smoke(tmp_path):
+    """The whole suite at a tiny size: every benchmark ran, results.json
+    has its fields, the distributed cost equalled the serial one on every
+    configuration, the plots exist and nothing is left running."""
+    from benchmarks import NAMES, run_suite
+    lines = []
+    results = run_suite("tiny", out_dir=str(tmp_path), log=lines.append)
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    assert saved["scale"] == "tiny"
+    assert saved["machine"]["cores"] == os.cpu_count()
+    assert saved["machine"]["blas_threads"] == "1"
+    bench = saved["benchmarks"]
+    assert set(bench) == set(NAMES)
+    for name, result in bench.items():
+        assert not result.get("error"), f"{name}:\n{result.get('error')}"
+        assert result["seconds"] > 0 and result["table"]
+    ssh = bool(sshd_available())
+
+    rows = bench["sae"]["rows"]
+    expected = {"serial", "serial-blocked", "local 1", "local 2"}
+    if ssh:
+        expected |= {"ssh 1", "ssh 2"}
+    assert expected <= set(rows)
+    for config, cells in rows.items():
+        cell = cells["600"]
+        assert cell["seconds_per_eval"] > 0 and cell["speedup"] > 0
+        assert cell["evals"] >= 1 and np.isfinite(cell["final_cost"])
+        if not config.startswith("serial"):
+            assert cell["vs_serial"]["allclose"], (config, cell["vs_serial"])
+            assert cell["vs_serial"]["cost_rel"] < 1e-12
+            if "nodelay" not in config:   # that one reuses ssh 2's cache
+                assert cell["first_run_dataset_bytes"] > 600 * 64 * 8 // 2
+            assert cell["dataset_bytes_after_first"] == 0
+            assert 0 <= cell["overhead_share"] < 1
+    # the same L-BFGS path everywhere: equal cost and gradient -> equal end
+    finals = [cells["600"]["final_cost"] for cells in rows.values()]
+    assert np.allclose(finals, finals[0], rtol=1e-6)
+
+    over = bench["overhead"]["rows"]
+    for n in (1, 2):
+        for name in (f"qjamfab local {n}", f"multiprocessing.Pool {n}"):
+            assert 0 < over[name]["median_ms"] <= over[name]["p99_ms"]
+        assert over[f"qjamfab local {n}"]["vs_pool"] > 0
+    if ssh:
+        assert over["qjamfab ssh 2"]["vs_paramiko_echo"] > 0
+        assert over["paramiko echo 100 B"]["median_ms"] > 0
+        t = bench["transfer"]["rows"][0]
+        assert t["first_run_dataset_bytes"] >= t["bytes"]
+        assert t["second_run_dataset_bytes"] == 0
+        assert t["openssh_s"] > 0 and t["first_vs_openssh"] > 0
+        mem = bench["memory"]["rows"][0]
+        assert mem["dataset_bytes_sent"] >= mem["file_bytes"] - 4096
+        assert len(mem["workers"]) == 2
+        for w in mem["workers"].values():
+            assert w["vm_hwm"] > 0 and w["slice_bytes"] > 0
+        assert mem["master"]["vm_hwm"] >= mem["master"]["peak_rss_anon"] > 0
+        boot = next(iter(bench["bootstrap"]["rows"].values()))
+        assert boot["cold_s"] > 0 and boot["warm_s"] > 0
+    targets = [t for r in bench.values() for t in r["targets"]]
+    assert all({"target", "goal", "measured", "met"} <= set(t)
+               for t in targets)
+    if ssh:
+        assert any("2 SSH workers" in t["target"] for t in targets)
+    assert any("== Targets ==" in line for line in lines)
+
+    if results.get("plots"):
+        assert (tmp_path / "sae.png").stat().st_size > 1000
+    from benchmarks.common import USED_DIRS
+    assert USED_DIRS
+    leftover = [p for d in USED_DIRS for p in processes_mentioning(d)]
+    assert not leftover, leftover
