@@ -219,6 +219,9 @@ class Run:
                         [self.func_bytes])
         for ref in head.get("refs") or ():
             self._supply_slice(handle, ref)
+        task = self.open.get(head["task"])
+        if task is not None:
+            task.started = time.monotonic()  # transfer time is not slowness
 
     def _send_slice(self, handle: WorkerHandle, ref: str) -> int:
         i = self.refs.index(ref)
