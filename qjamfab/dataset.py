@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import mmap
 import operator
 import os
 import pickle
@@ -116,6 +117,11 @@ class BaseDataSet(ABC):
     def refs(self) -> list[str]:
         """Content hashes of every slice, in order (memoized)."""
         return [self.ref(i) for i in range(len(self))]
+
+    def release(self, index: int) -> None:
+        """The master is done with slice index for now (after hashing or
+        sending it). Memory-mapped datasets drop its pages from the
+        master's memory; others keep nothing extra."""
 
     def _compute_ref(self, index: int) -> str:
         return content_ref(self.slice(index))
@@ -304,6 +310,20 @@ class NpyFileDataSet(ArrayDataSet):
                 f"np.save (numeric dtype), or pass another kind of path\n{exc}"
             ) from exc
         super().__init__(array, slice_size, row_major)
+
+    def _compute_ref(self, index: int) -> str:
+        ref = super()._compute_ref(index)
+        self.release(index)
+        return ref
+
+    def release(self, index: int) -> None:
+        # The pages stay in the page cache; only this process's resident
+        # set drops them, so a 1 GiB file never sits whole in the master.
+        base = self._array
+        while base is not None and not isinstance(base, mmap.mmap):
+            base = getattr(base, "_mmap", None) or getattr(base, "base", None)
+        if base is not None and hasattr(base, "madvise"):
+            base.madvise(mmap.MADV_DONTNEED)
 
 
 class TextMatrixDataSet(_CutDataSet):

@@ -227,6 +227,8 @@ class Run:
         i = self.refs.index(ref)
         payload = serialize.encode_slice(self.dataset.slice(i), i)
         size = handle.send(protocol.REFS, {"ref": ref}, payload)
+        del payload
+        self.dataset.release(i)
         handle.refs.add(ref)
         return size
 

@@ -4,11 +4,15 @@ A slice is stored on disk exactly as its REFS payload arrived (pickle
 protocol 5 main stream plus out-of-band buffers), written to a temporary file
 and renamed, so a crash never leaves a half-written entry and a restarted
 worker, or another worker on the same host, reads it instead of the network.
+Disk writes happen on a thread of their own, so the worker keeps reading
+the next slice off the wire meanwhile.
 """
 from __future__ import annotations
 
 import os
+import queue
 import struct
+import threading
 
 from .. import protocol
 
@@ -21,6 +25,9 @@ class RefCache:
         self.directory = directory
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._memory: dict[str, object] = {}
+        self._writes: queue.Queue = queue.Queue()
+        threading.Thread(target=self._writer, name="qjamfab-cache-writer",
+                         daemon=True).start()
 
     def _path(self, ref: str) -> str:
         return os.path.join(self.directory, ref)
@@ -30,6 +37,24 @@ class RefCache:
                 if r not in self._memory and not os.path.exists(self._path(r))]
 
     def put(self, ref: str, parts: list) -> None:
+        self._memory[ref] = protocol.decode(parts)
+        self._writes.put((ref, parts))
+
+    def flush(self) -> None:
+        """Wait until every slice put so far is on disk."""
+        self._writes.join()
+
+    def _writer(self) -> None:
+        while True:
+            ref, parts = self._writes.get()
+            try:
+                self._write(ref, parts)
+            except OSError:
+                pass  # a full disk costs the disk copy, not the slice
+            finally:
+                self._writes.task_done()
+
+    def _write(self, ref: str, parts: list) -> None:
         tmp = f"{self._path(ref)}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -40,7 +65,6 @@ class RefCache:
         finally:
             os.close(fd)
         os.replace(tmp, self._path(ref))
-        self._memory[ref] = protocol.decode(parts)
 
     def get(self, ref: str) -> object:
         try:
@@ -63,7 +87,7 @@ class RefCache:
         self._memory.clear()
 
     def clear(self) -> dict:
-        stats = self.stats()
+        stats = self.stats()  # flushes pending writes first
         self._memory.clear()
         for name in os.listdir(self.directory):
             try:
@@ -73,6 +97,7 @@ class RefCache:
         return stats
 
     def stats(self) -> dict:
+        self.flush()
         entries = disk_bytes = 0
         for entry in os.scandir(self.directory):
             if not entry.name.endswith(".tmp"):

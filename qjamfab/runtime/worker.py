@@ -333,6 +333,7 @@ def _serve_socket(worker: Worker, path: str, idle_timeout: float) -> None:
                     if len(fds) == 2:
                         conn.sendall(info.encode() + b"\n")
                         worker.serve(_fd_channel(fds[0], fds[1]))
+                        worker.cache.flush()
                 except OSError:
                     pass  # that master is gone (its relay gave up waiting)
                 finally:
@@ -382,5 +383,6 @@ def main(argv: list[str] | None = None) -> None:
         worker.serve(_fd_channel(protocol_in, protocol_out))
     else:
         _serve_socket(worker, args.socket, args.idle_timeout)
+    worker.cache.flush()
     capture.end()
     os.unlink(capture.path)
