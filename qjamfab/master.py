@@ -1,10 +1,12 @@
-"""The Master: owns the worker handles; `run()` = plan, dispatch, collect, reduce.
+"""The Master: owns the hosts and the worker handles; `run()` = plan,
+dispatch, collect, reduce (the run itself is run.py's `Run`).
 
-One `WorkerHandle` per worker wraps a Transport, reads its frames on a
-thread and posts them to the Master's single event queue; `run()` works
-through that queue on the caller's thread, so user-visible output and errors
-all happen there. Every message names its task, so anything left over from
-an earlier, interrupted run is recognised and dropped.
+One `WorkerHandle` (workers.py) per worker posts its frames to the Master's
+single event queue; a run works through that queue on the caller's thread,
+so user-visible output and errors all happen there. Every message names its
+task, so anything left over from an earlier, interrupted run is recognised
+and dropped. Before each run, lost workers are restarted or reconnected,
+and unreachable hosts are retried with backoff.
 """
 from __future__ import annotations
 
@@ -215,7 +217,7 @@ class Master:
         if dataset is not None:
             dataset = dataset.for_workers(len(workers))
         run = Run(self, workers, func_hash, func_bytes, params_parts,
-                   dataset, reduce, progress)
+                  dataset, reduce, progress)
         try:
             value = run.execute()
         finally:
