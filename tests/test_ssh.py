@@ -18,6 +18,18 @@ from tests.jobs import (constant, inner_product, multiply_sum, printing,
 pytestmark = pytest.mark.timeout(120)
 
 
+def test_second_master_on_busy_workers_is_told(ssh):
+    opts = dict(workers_per_host=1, ssh_config=ssh.ssh_config)
+    with Master(["host1"], **opts) as first:
+        started = time.monotonic()
+        with pytest.raises(WorkerLost, match=r"^worker host1-0 did not start "
+                           r"\(exit status 5\): worker-0 is serving another "
+                           "Master: close that session or wait for it"):
+            Master(["host1"], **opts)
+        assert time.monotonic() - started < 15
+        assert first.run(constant) == 42
+
+
 # Tests with Masters of their own come first: a worker daemon serves one
 # Master at a time, and master3 holds worker-0 of every host once created.
 

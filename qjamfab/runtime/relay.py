@@ -1,9 +1,10 @@
 """The attach relay: joins an SSH exec channel to a worker daemon.
 
 Run by the master over SSH as `python3 -c <boot relay> WORKER`. It connects
-to the daemon's Unix socket `<base>/run/WORKER.sock` and hands it the channel's stdin and stdout
-(SCM_RIGHTS), then only waits: frames flow between sshd and the daemon
-directly. When the daemon ends the connection the relay exits, which closes
+to the daemon's Unix socket `<base>/run/WORKER.sock`, waits for the daemon's
+"ready" line (a daemon serves one connection at a time), hands it the
+channel's stdin and stdout (SCM_RIGHTS), then only waits: frames flow
+between sshd and the daemon directly. When the daemon ends the connection the relay exits, which closes
 the channel; if the daemon died, the relay first writes the tail of the
 worker's captured output to stderr for the master to show.
 
@@ -44,12 +45,6 @@ def main() -> None:
     except OSError as exc:
         sys.stderr.write(f"qjamfab relay: no worker listens on {path} ({exc})\n")
         sys.exit(NO_WORKER)
-    socket.send_fds(conn, [b"attach"], [0, 1])
-    # Keep no copy of the channel's pipes: when the daemon dies, sshd must
-    # see their end at once.
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(devnull, 1)
     reader = conn.makefile("rb")
     conn.settimeout(_BUSY_WAIT_S)
     try:
@@ -61,6 +56,12 @@ def main() -> None:
         sys.exit(WORKER_BUSY)
     conn.settimeout(None)
     info = json.loads(line) if line else {}
+    socket.send_fds(conn, [b"attach"], [0, 1])
+    # Keep no copy of the channel's pipes: when the daemon dies, sshd must
+    # see their end at once.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
     while reader.read(65536):
         pass
     pid = info.get("pid")

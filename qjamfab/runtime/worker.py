@@ -325,17 +325,17 @@ def _serve_socket(worker: Worker, path: str, idle_timeout: float) -> None:
                 return
             with conn:
                 conn.settimeout(None)
+                fds = []
                 try:
+                    # Say "ready" first: a relay that gave up waiting (this
+                    # daemon was busy) has then not sent its channel away.
+                    conn.sendall(info.encode() + b"\n")
                     _, fds, _, _ = socket.recv_fds(conn, 64, 2)
-                except OSError:
-                    continue
-                try:
                     if len(fds) == 2:
-                        conn.sendall(info.encode() + b"\n")
                         worker.serve(_fd_channel(fds[0], fds[1]))
                         worker.cache.flush()
                 except OSError:
-                    pass  # that master is gone (its relay gave up waiting)
+                    pass  # that relay is gone
                 finally:
                     for fd in fds:
                         os.close(fd)
