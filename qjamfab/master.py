@@ -25,7 +25,7 @@ from .dataset import BaseDataSet, DataSet
 from .errors import QjamfabError, WorkerLost
 from .hosts import HostSpec, parse_hosts
 from .run import Run, RunStats
-from .runtime import default_base
+from .runtime import default_base, relay
 from .transport import LocalPipeTransport
 from .workers import LOST, WorkerHandle
 
@@ -109,6 +109,21 @@ class Master:
         if host.count is None:
             host.count = started["count"]
 
+    def _attach(self, host: "_Host", name: str, k: int) -> WorkerHandle:
+        if host.spec.is_local:
+            return WorkerHandle(name, LocalPipeTransport(name, self._base),
+                                self._events)
+        try:
+            return WorkerHandle(name, host.session.worker_transport(name, k),
+                                self._events)
+        except WorkerLost as exc:
+            if exc.exit_status not in (relay.NO_WORKER, relay.WORKER_DIED):
+                raise
+            # It ended between start-workers and attaching: start it again.
+            host.session.start_workers(host.count)
+            return WorkerHandle(name, host.session.worker_transport(name, k),
+                                self._events)
+
     def _start_missing(self, first: bool = False) -> None:
         """Start or reconnect every worker that is not up.
 
@@ -130,11 +145,7 @@ class Master:
                     old = self._handles.pop(name, None)
                     if old is not None:
                         old.close()
-                    transport = (LocalPipeTransport(name, self._base)
-                                 if host.spec.is_local else
-                                 host.session.worker_transport(name, k))
-                    self._handles[name] = WorkerHandle(name, transport,
-                                                        self._events)
+                    self._handles[name] = self._attach(host, name, k)
                 host.failures = 0
             except QjamfabError as exc:
                 failures[id(host)] = exc

@@ -386,8 +386,8 @@ class Run:
                              if t.worker is handle), key=lambda t: t.id)
         if not lost_tasks:
             return  # nothing of this run was on it
-        handle.transport.close()
         status, tail = handle.transport.exit_report(handle.hello.get("log"))
+        handle.transport.close()
         if handle.name not in self.stats.lost_workers:
             self.stats.lost_workers.append(handle.name)
         detail = f"exit status {status}" if status is not None else reason

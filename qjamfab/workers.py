@@ -49,8 +49,8 @@ class WorkerHandle:
         try:
             kind, head, _ = self.reader.read()
         except (EOFError, ProtocolError, OSError) as exc:
-            self.transport.close()
             status, tail = self.transport.exit_report(None)
+            self.transport.close()
             said = tail.splitlines()[-1] if tail else "see the output below"
             raise WorkerLost(
                 f"worker {self.name} did not start (exit status {status}): "

@@ -4,6 +4,9 @@ name host and worker, security properties and the rekey workaround."""
 import hashlib
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -16,6 +19,7 @@ from tests.jobs import (constant, inner_product, multiply_sum, printing,
                         raising, sum_params)
 
 pytestmark = pytest.mark.timeout(120)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_second_master_on_busy_workers_is_told(ssh):
@@ -28,6 +32,29 @@ def test_second_master_on_busy_workers_is_told(ssh):
             Master(["host1"], **opts)
         assert time.monotonic() - started < 15
         assert first.run(constant) == 42
+
+
+def test_interrupted_session_frees_its_workers(ssh, tmp_path):
+    """A Master interrupted mid-run (Ctrl-C) hangs up; the daemon stuck in
+    the abandoned task ends, and the next Master gets a fresh worker."""
+    script = tmp_path / "interrupted.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, time
+        from qjamfab import Master
+        m = Master(["host2"], workers_per_host=1, ssh_config={ssh.ssh_config!r})
+        signal.signal(signal.SIGALRM,
+                      lambda *a: os.kill(os.getpid(), signal.SIGINT))
+        signal.setitimer(signal.ITIMER_REAL, 1.0)
+        m.run(lambda p, x: time.sleep(60))
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True,
+                          text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert "KeyboardInterrupt" in proc.stderr, proc.stderr
+    started = time.monotonic()
+    with Master(["host2"], workers_per_host=1, ssh_config=ssh.ssh_config) as m:
+        assert m.run(constant) == 42
+    assert time.monotonic() - started < 10
 
 
 # Tests with Masters of their own come first: a worker daemon serves one

@@ -54,8 +54,14 @@ def main() -> None:
             f"{sys.argv[1]} is serving another Master: close that session or "
             "wait for it, or start more workers per host\n")
         sys.exit(WORKER_BUSY)
+    except OSError:
+        line = b""
+    if not line:
+        sys.stderr.write(f"qjamfab relay: {sys.argv[1]} ended as we "
+                         "connected\n")
+        sys.exit(WORKER_DIED)
     conn.settimeout(None)
-    info = json.loads(line) if line else {}
+    info = json.loads(line)
     socket.send_fds(conn, [b"attach"], [0, 1])
     # Keep no copy of the channel's pipes: when the daemon dies, sshd must
     # see their end at once.

@@ -45,14 +45,14 @@ class Channel:
     def __init__(self, readinto, writev, read_fd: int):
         self.reader = protocol.FrameReader(readinto)
         self._writev = writev
-        self._read_fd = read_fd
+        self.read_fd = read_fd
         self._lock = threading.Lock()
         self.open = True
 
     def input_waiting(self) -> bool:
         """Whether a frame has (started to) arrive, without blocking."""
         return self.reader.buffered() or bool(
-            select.select([self._read_fd], [], [], 0)[0])
+            select.select([self.read_fd], [], [], 0)[0])
 
     def send(self, kind: int, head: dict, payload=()) -> None:
         buffers = protocol.frame(kind, head, payload)
@@ -143,6 +143,7 @@ class Worker:
         # Tasks not yet run, in order: [head, params parts, reported blocked]
         self.pending: list[list] = []
         self.run_id = None
+        self.busy = False  # running user code
 
     def hello(self) -> dict:
         import cloudpickle
@@ -158,7 +159,7 @@ class Worker:
         self.pending = []
         channel.send(protocol.HELLO, self.hello())
         stop = threading.Event()
-        threading.Thread(target=_heartbeat, args=(channel, stop),
+        threading.Thread(target=self._heartbeat, args=(channel, stop),
                          daemon=True).start()
         try:
             while True:
@@ -236,10 +237,25 @@ class Worker:
             job = self.jobs[func_hash] = pickle.loads(data)
         return job
 
+    def _heartbeat(self, channel: Channel, stop: threading.Event) -> None:
+        """Tell the master we are alive; and if the master hangs up while a
+        task runs, end this process: nobody wants that result, and a
+        daemon stuck in it would turn the next Master away."""
+        hangup = select.poll()
+        hangup.register(channel.read_fd, 0)  # POLLHUP and POLLERR only
+        while not stop.wait(protocol.HEARTBEAT_INTERVAL_S):
+            if self.busy and hangup.poll(0):
+                os._exit(0)
+            try:
+                channel.send(protocol.HEARTBEAT, {})
+            except OSError:
+                return
+
     def _run(self, channel: Channel, head: dict, params_parts) -> None:
         task = head["task"]
         phase = "loading the job"
         self.capture.begin()
+        self.busy = True
         started = time.perf_counter()
         try:
             mapfunc, reduce = self._job(head["func"])
@@ -260,12 +276,14 @@ class Worker:
             phase = "pickling the result"
             payload = _encode_result(value)
         except Exception as exc:
+            self.busy = False
             self.capture.end()
             channel.send(protocol.ERROR, {
                 "task": task, "phase": phase, "type": type(exc).__name__,
                 "message": str(exc), "traceback": traceback.format_exc()})
             return
         compute_s = time.perf_counter() - started
+        self.busy = False
         self.capture.end()
         channel.send(protocol.RESULT, {
             "task": task, "compute_s": compute_s,
@@ -281,14 +299,6 @@ def _encode_result(value: object) -> list:
     except Exception:
         import cloudpickle
         return protocol.encode(value, cloudpickle.dumps)
-
-
-def _heartbeat(channel: Channel, stop: threading.Event) -> None:
-    while not stop.wait(protocol.HEARTBEAT_INTERVAL_S):
-        try:
-            channel.send(protocol.HEARTBEAT, {})
-        except OSError:
-            return
 
 
 def _fd_channel(read_fd: int, write_fd: int) -> Channel:
