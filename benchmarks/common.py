@@ -50,7 +50,7 @@ class Scale:
     memory_mib: tuple
     bootstrap_rounds: int
     bootstrap_all: bool = True   # both remote Pythons, and Master ready
-    extras: bool = True          # extra rows: TCP_NODELAY, 2-host transfer
+    extras: bool = True          # extra rows: 2-host transfer
 
 
 SCALES = {

@@ -29,23 +29,6 @@ PAPER = {  # workers -> seconds per iteration at 1k, 10k, 100k (qjam, 2010)
 PAPER_SIZES = (1_000, 10_000, 100_000)
 
 
-NODELAY_ROW = "ssh 2 nodelay*"
-
-
-def set_nodelay(master) -> bool:
-    """TCP_NODELAY on each SSH connection of a Master, reached through its
-    private attributes (False when they are not there any more)."""
-    import socket
-    try:
-        socks = [h.session.conn.client.get_transport().sock
-                 for h in master._hosts if h.session is not None]
-        for sock in socks:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return bool(socks)
-    except (AttributeError, OSError):
-        return False
-
-
 def load_example():
     """examples/sparse_autoencoder.py as the module `sparse_autoencoder`."""
     name = "sparse_autoencoder"
@@ -158,17 +141,6 @@ def run(scale: Scale, log=print) -> dict:
                         record(f"ssh {workers}", n, _train_distributed(
                             sae, m, X, theta0, scale.sae_evals[n],
                             reference[n]))
-            # An experiment, not qjamfab as shipped: the same 2 SSH workers
-            # with TCP_NODELAY set on the master's SSH sockets from outside,
-            # to size the Nagle / delayed-ACK stall (see README).
-            if scale.extras:
-                with Master(servers.aliases[:2], workers_per_host=1,
-                            ssh_config=servers.ssh_config) as m:
-                    if set_nodelay(m):
-                        for n, X in data.items():
-                            record(NODELAY_ROW, n, _train_distributed(
-                                sae, m, X, theta0, scale.sae_evals[n],
-                                reference[n]))
 
     for n in scale.sae_sizes:
         key = str(n)
@@ -199,12 +171,7 @@ def table(rows: dict, sizes) -> str:
                         f"{cell['seconds_per_eval']:.4f} "
                         f"({cell['speedup']:.2f}x)")
         lines.append(line)
-    text = render_table(headers, lines, "l" + "r" * len(sizes))
-    if NODELAY_ROW in rows:
-        text += (f"\n{NODELAY_ROW} = an experiment, not qjamfab as shipped: "
-                 "2 SSH workers with TCP_NODELAY set on the master's SSH "
-                 "sockets by the benchmark")
-    return text
+    return render_table(headers, lines, "l" + "r" * len(sizes))
 
 
 def targets(rows: dict, sizes) -> list[dict]:

@@ -142,8 +142,7 @@ def test_suite_smoke(tmp_path):
         if not config.startswith("serial"):
             assert cell["vs_serial"]["allclose"], (config, cell["vs_serial"])
             assert cell["vs_serial"]["cost_rel"] < 1e-12
-            if "nodelay" not in config:   # that one reuses ssh 2's cache
-                assert cell["first_run_dataset_bytes"] > 600 * 64 * 8 // 2
+            assert cell["first_run_dataset_bytes"] > 600 * 64 * 8 // 2
             assert cell["dataset_bytes_after_first"] == 0
             assert 0 <= cell["overhead_share"] < 1
     # the same L-BFGS path everywhere: equal cost and gradient -> equal end
