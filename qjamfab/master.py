@@ -24,7 +24,7 @@ from .cluster import HostSession
 from .dataset import BaseDataSet, DataSet
 from .errors import QjamfabError, WorkerLost
 from .hosts import HostSpec, parse_hosts
-from .run import Run, RunStats
+from .run import Run, RunStats, print_log
 from .runtime import default_base, relay
 from .transport import LocalPipeTransport
 from .workers import LOST, WorkerHandle
@@ -276,6 +276,8 @@ class Master:
                 continue
             if source is handle and got == kind:
                 return head
+            if got == protocol.LOG:
+                print_log(source.name, head["text"])
             if source is handle and got == LOST:
                 handle.alive = False
                 break

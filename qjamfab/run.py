@@ -190,7 +190,7 @@ class Run:
                 self._lost(handle, head["reason"])
                 continue
             if kind == protocol.LOG:
-                _print_log(handle.name, head["text"])
+                print_log(handle.name, head["text"])
                 continue
             task = self.open.get(head.get("task"))
             if task is None or task.worker is not handle:
@@ -450,7 +450,7 @@ def _with_source_lines(trace: str) -> str:
     return "\n".join(out)
 
 
-def _print_log(worker: str, text: str) -> None:
+def print_log(worker: str, text: str) -> None:
     prefix = f"[{worker}] "
     sys.stdout.write("".join(prefix + line + "\n"
                              for line in text.rstrip("\n").split("\n")))
