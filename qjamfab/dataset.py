@@ -116,7 +116,12 @@ class BaseDataSet(ABC):
 
     def refs(self) -> list[str]:
         """Content hashes of every slice, in order (memoized)."""
-        return [self.ref(i) for i in range(len(self))]
+        memo = self._ref_memo()
+        if None in memo:  # hashed once; later runs just copy the list
+            for i, ref in enumerate(memo):
+                if ref is None:
+                    memo[i] = self._compute_ref(i)
+        return list(memo)
 
     def release(self, index: int) -> None:
         """The master is done with slice index for now (after hashing or

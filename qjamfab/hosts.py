@@ -651,14 +651,10 @@ def _map_error(e: BaseException, label: str, where: str, conn, in_auth: bool,
         return HostUnreachable(
             f"{label}: cannot resolve host name {conn.host!r}: check the "
             f"spelling, or its HostName in ssh_config ({e})", host=label)
-    if isinstance(e, NoValidConnectionsError):
+    if isinstance(e, (NoValidConnectionsError, ConnectionRefusedError)):
         return HostUnreachable(
             f"{label}: connection refused by {conn.host}:{conn.port}: is sshd "
             f"running there, and is the port right? ({e})", host=label)
-    if isinstance(e, ConnectionRefusedError):
-        return HostUnreachable(
-            f"{label}: connection refused by {conn.host}:{conn.port}: is sshd "
-            f"running there, and is the port right?", host=label)
     if isinstance(e, (socket.timeout, TimeoutError)):
         return HostUnreachable(
             f"{label}: timed out connecting to {conn.host}:{conn.port} after "

@@ -110,6 +110,7 @@ class Run:
         self.params_parts = params_parts
         self.dataset = dataset
         self.refs = dataset.refs() if dataset is not None else None
+        self.ref_index: dict[str, int] | None = None  # built when data moves
         self.reduce = reduce
         self.open: dict[int, _Task] = {}          # task id -> live copy
         self.groups: dict[int, list[int]] = {}    # group id -> its slices
@@ -224,7 +225,9 @@ class Run:
             task.started = time.monotonic()  # transfer time is not slowness
 
     def _send_slice(self, handle: WorkerHandle, ref: str) -> int:
-        i = self.refs.index(ref)
+        if self.ref_index is None:
+            self.ref_index = {r: i for i, r in enumerate(self.refs)}
+        i = self.ref_index[ref]
         payload = serialize.encode_slice(self.dataset.slice(i), i)
         size = handle.send(protocol.REFS, {"ref": ref}, payload)
         del payload
