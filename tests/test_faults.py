@@ -52,7 +52,9 @@ def _run_until_all_workers(master, timeout_s=20.0):
     deadline = time.monotonic() + timeout_s
     while True:
         assert master.run(slow_sum, params=0, dataset=DATA) == EXPECTED
-        if master.last_run.workers == 3 or time.monotonic() > deadline:
+        done = master.last_run.workers == 3 \
+            and not master.last_run.lost_workers
+        if done or time.monotonic() > deadline:
             return master.last_run.workers
         time.sleep(0.5)
 
@@ -70,17 +72,46 @@ def test_sigkilled_worker_mid_run(ssh):
         assert m.worker_stats()["host2-0"]["pid"] != pid
 
 
+def _cut_connections(host):
+    """SIGKILL the relays of a host: the SSH exec channels close."""
+    for p in host.processes():
+        if "runtime.relay" in _cmdline(p):
+            os.kill(p, signal.SIGKILL)
+
+
+def _until_lost(master, name, timeout_s=10.0):
+    """Wait until the Master has seen that worker `name` is gone: its
+    stats call fails on it, or leaves it out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if name not in master.worker_stats():
+                return
+        except WorkerLost as exc:
+            assert exc.worker == name
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the Master did not notice that {name} was cut")
+
+
 def test_connection_cut_mid_run(ssh):
     with _master(ssh) as m:
-        pid = m.worker_stats()["host2-0"]["pid"]
-
-        def cut():
-            for p in ssh["host2"].processes():
-                if "runtime.relay" in _cmdline(p):
-                    os.kill(p, signal.SIGKILL)
-        assert _run_with_fault(m, cut) == EXPECTED
+        assert _run_with_fault(m, lambda: _cut_connections(ssh["host2"])) \
+            == EXPECTED
         assert m.last_run.lost_workers == ["host2-0"]
-        # The worker itself survived: the Master reconnects to it.
+        # The daemon ends if it saw the hangup mid-task (nobody wants that
+        # result), else it stays; either way the host is used again.
+        assert _run_until_all_workers(m) == 3
+
+
+def test_connection_cut_between_runs_keeps_the_worker(ssh):
+    with _master(ssh) as m:
+        assert m.run(slow_sum, params=0, dataset=DATA) == EXPECTED
+        pid = m.worker_stats()["host2-0"]["pid"]
+        _cut_connections(ssh["host2"])
+        _until_lost(m, "host2-0")
+        # An idle daemon outlives its connection: the Master reconnects to
+        # the same process, which still holds its slices in memory.
         assert _run_until_all_workers(m) == 3
         assert m.worker_stats()["host2-0"]["pid"] == pid
 
