@@ -37,6 +37,7 @@ from . import default_base
 from .cache import RefCache
 
 _LOG_POLL_S = 0.05
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters
 
 
 class Channel:
@@ -122,6 +123,23 @@ def _libc_fflush():
         return ctypes.CDLL(None).fflush
     except (OSError, AttributeError):
         return None
+
+
+def _tune_malloc() -> None:
+    """Keep freed memory up to 32 MiB blocks in the heap (glibc only).
+
+    glibc serves blocks over 128 KiB with mmap and returns them on free, so
+    numpy temporaries of that size cost fresh page faults on every call; it
+    raises that threshold itself after the first large free, which a worker
+    holding its slices may never do. Measured: mapfunc of the sparse
+    autoencoder 20% slower without this than in a plain process."""
+    try:
+        import ctypes
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 64 << 20)
 
 
 def _c_stdio_flush() -> None:
@@ -374,6 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     os.umask(0o077)
+    _tune_malloc()
     base = os.path.expanduser(args.base or default_base())
     os.makedirs(base, mode=0o700, exist_ok=True)
     os.makedirs(os.path.join(base, "log"), mode=0o700, exist_ok=True)
