@@ -180,6 +180,42 @@ def test_killed_daemon_is_replaced(master3, ssh):
     assert master3.worker_stats()["host2-0"]["pid"] != stats["host2-0"]["pid"]
 
 
+def test_daemon_of_another_runtime_is_replaced(ssh):
+    """After an upgrade, a daemon of the old runtime (which may speak
+    another protocol) is stopped and a current one started in its place."""
+    import shutil
+    from qjamfab import cluster, runtime
+    host3 = hosts.parse_hosts(["host3"])
+    assert cluster.bootstrap(host3, ssh_config=ssh.ssh_config)[0].ok
+    cluster.stop_workers(host3, ssh_config=ssh.ssh_config)
+    home = ssh.homes["host3"]
+    current, older = runtime.bundle_hash(), "0" * 16
+    shutil.copytree(os.path.join(home, "runtime", current),
+                    os.path.join(home, "runtime", older), dirs_exist_ok=True)
+    old = subprocess.Popen(
+        [sys.executable, "-c",
+         runtime.boot_code("worker").replace(current, older),
+         "--socket", os.path.join(home, "run", "worker-0.sock"),
+         "--name", "worker-0", "--base", home],
+        env={**os.environ, "QJAMFAB_HOME": home}, start_new_session=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(os.path.join(home, "run", "worker-0.pid")):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with Master(["host3"], workers_per_host=1,
+                    ssh_config=ssh.ssh_config) as m:
+            assert m.run(constant) == 42
+            assert m.worker_stats()["host3-0"]["pid"] != old.pid
+        assert old.wait(10) is not None
+    finally:
+        if old.poll() is None:
+            old.kill()
+            old.wait()
+
+
 @pytest.mark.timeout(600)
 
 

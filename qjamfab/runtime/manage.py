@@ -61,7 +61,18 @@ def _workers(base: str) -> list[dict]:
     return found
 
 
+def _this_runtime() -> str:
+    """The content hash naming the bundle this code runs from."""
+    return os.path.basename(os.path.dirname(os.path.dirname(
+        os.path.dirname(os.path.abspath(__file__)))))
+
+
 def start(base: str, count: int, idle_timeout: float) -> dict:
+    # A daemon of another runtime (qjamfab was upgraded) would not speak
+    # this one's protocol: it is replaced, its disk cache kept.
+    runtime = _this_runtime()
+    replaced = _stop(base, [w for w in _workers(base)
+                            if runtime not in _cmdline(w["pid"])])
     running = {w["name"] for w in _workers(base)}
     started = []
     for k in range(count):
@@ -83,7 +94,8 @@ def start(base: str, count: int, idle_timeout: float) -> dict:
                    if n not in {w["name"] for w in _workers(base)}}
         if waiting:
             time.sleep(0.02)
-    return {"started": started, "failed": sorted(waiting),
+    return {"started": started, "replaced": replaced,
+            "failed": sorted(waiting),
             "workers": [w["name"] for w in _workers(base)],
             "count": count, "cores": os.cpu_count()}
 
@@ -104,13 +116,21 @@ def status(base: str) -> dict:
 
 
 def stop(base: str) -> dict:
-    workers = _workers(base)
+    return {"stopped": len(_stop(base, _workers(base)))}
+
+
+def _stop(base: str, workers: list[dict]) -> list[str]:
+    """End these daemons (SIGTERM, then SIGKILL after 5 s); their names."""
+    pids = {w["pid"] for w in workers}
     for w in workers:
         os.kill(w["pid"], signal.SIGTERM)
+
+    def left() -> list[dict]:
+        return [w for w in _workers(base) if w["pid"] in pids]
     deadline = time.monotonic() + 5
-    while _workers(base) and time.monotonic() < deadline:
+    while left() and time.monotonic() < deadline:
         time.sleep(0.02)
-    for w in _workers(base):
+    for w in left():
         os.kill(w["pid"], signal.SIGKILL)
     for w in workers:
         for path in (w["socket"], w["socket"][:-5] + ".pid"):
@@ -118,7 +138,7 @@ def stop(base: str) -> dict:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-    return {"stopped": len(workers)}
+    return [w["name"] for w in workers]
 
 
 def clear(base: str) -> dict:
