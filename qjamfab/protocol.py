@@ -19,12 +19,14 @@ from typing import Callable, Sequence
 
 from .errors import ProtocolError
 
-VERSION = 1
+VERSION = 2
 
 # Message kinds. qjam's five (TASK, STATE, REFS, RESULT, ERROR) plus what a
 # long-lived worker needs.
 HELLO = 1      # worker -> master, first frame: version, name, pid, versions
-TASK = 2       # master -> worker: {task, func, refs}; payload = params
+TASK = 2       # master -> worker: {task, run, func, refs, params: bool};
+               # payload = params, sent with a run's first task to a worker
+               # only (params false: the run's params again)
 STATE = 3      # worker -> master: {task, state: "blocked", refs, func}
 REFS = 4       # master -> worker: {ref}; payload = the slice
 RESULT = 5     # worker -> master: {task, compute_s, slices}; payload = value

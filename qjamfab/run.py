@@ -119,6 +119,7 @@ class Run:
         self.kills: dict[int, list[str]] = {}
         self.silent: set[str] = set()             # lost to the heartbeat deadline
         self.sent_refs: set[str] = set()
+        self.params_sent: set[WorkerHandle] = set()  # have this run's params
         self.counters = {h: (h.bytes_sent, h.bytes_received) for h in workers}
         self.stats = RunStats(workers=len(workers))
 
@@ -136,9 +137,14 @@ class Run:
             unit="slices" if self.refs is not None else "tasks")
         try:
             by_name = {h.name: h for h in self.workers}
-            for name, slices in plan.items():
-                for batch in scheduler.batches(slices, self.master._split):
-                    self._send_task(by_name[name], self._new_group(batch))
+            queues = [(by_name[name], scheduler.batches(
+                slices, self.master._split)) for name, slices in plan.items()]
+            # Every worker's first task before anyone's second: on a busy
+            # machine the last worker to get one would start late.
+            for k in range(max((len(b) for _, b in queues), default=0)):
+                for handle, batches in queues:
+                    if k < len(batches):
+                        self._send_task(handle, self._new_group(batches[k]))
             self._collect()
         finally:
             self.progress.close()
@@ -171,9 +177,12 @@ class Run:
                 handle.send(protocol.FUNC, {"hash": self.func_hash},
                             [self.func_bytes])
                 handle.funcs.add(self.func_hash)
+            with_params = handle not in self.params_sent
             handle.send(protocol.TASK, {
                 "task": task.id, "run": self.run_id, "func": self.func_hash,
-                "refs": refs}, self.params_parts)
+                "refs": refs, "params": with_params},
+                self.params_parts if with_params else ())
+            self.params_sent.add(handle)
         except WorkerLost:
             handle.alive = False  # its reader thread reports the loss
 

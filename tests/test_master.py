@@ -117,6 +117,20 @@ def test_function_sent_once_per_worker_params_every_call(master2):
     assert first > 50000 > second  # the closure's list went once
 
 
+def test_params_go_once_per_worker_per_run(master2):
+    """A run split into several tasks per worker (so idle workers can take
+    some) still sends its params to each worker once."""
+    params = np.arange(100_000, dtype=np.float64)   # 800 kB
+    data = DataSet(list(range(8)))
+    master2._split = True    # what a run over 50 ms makes the next one do
+    total = master2.run(lambda p, xs: float(p[:2].sum()) + sum(xs),
+                        params=params, dataset=data)
+    assert total == 28 + master2.last_run.slices
+    stats = master2.last_run
+    assert stats.slices == 8 and 2 * params.nbytes < stats.bytes_sent \
+        < 2.5 * params.nbytes
+
+
 # --- caching ------------------------------------------------------------
 
 def test_second_run_sends_no_dataset_bytes(master2):

@@ -161,6 +161,7 @@ class Worker:
         # Tasks not yet run, in order: [head, params parts, reported blocked]
         self.pending: list[list] = []
         self.run_id = None
+        self.run_params: list = []  # the params parts of run_id
         self.busy = False  # running user code
 
     def hello(self) -> dict:
@@ -205,7 +206,9 @@ class Worker:
                 # for data will never get it.
                 self.run_id = head["run"]
                 self.pending.clear()
-            self.pending.append([head, parts, False])
+            if head["params"]:
+                self.run_params = parts
+            self.pending.append([head, self.run_params, False])
         elif kind == protocol.CLEAR:
             self.jobs.clear()
             self.job_bytes.clear()
