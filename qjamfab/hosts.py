@@ -32,6 +32,7 @@ import os
 import pwd
 import re
 import shlex
+import shutil
 import socket
 import threading
 import time
@@ -49,7 +50,7 @@ from .errors import (AuthenticationFailed, BadHostSpec, HostError,
                      HostKeyError, HostUnreachable)
 
 __all__ = ["HostSpec", "parse_hosts", "connect", "local_user",
-           "QjamfabConnection",
+           "QjamfabConnection", "openssh_client", "openssh_command",
            "DEFAULT_KEEPALIVE", "REKEY_LIMIT"]
 
 log = logging.getLogger(__name__)
@@ -630,6 +631,46 @@ def connect(spec: HostSpec | str, *, ssh_config: str | None = None,
             time.monotonic() - started >= 0.95 * timeout)
         raise _map_error(e, label, where, conn, in_auth, timeout,
                          timed_out) from e
+
+
+SSH_CLIENTS = ("auto", "openssh", "paramiko")
+
+
+def openssh_client(choice: str | None = None) -> str | None:
+    """The OpenSSH client that worker streams go through, or None for
+    paramiko. `choice` (else ``$QJAMFAB_SSH_CLIENT``, else "auto"): "auto"
+    is `ssh` from PATH when there is one, "openssh" requires it, "paramiko"
+    never uses it. C encryption moves frames faster than paramiko."""
+    choice = (choice or os.environ.get("QJAMFAB_SSH_CLIENT") or "auto").lower()
+    if choice not in SSH_CLIENTS:
+        raise BadHostSpec(
+            f"ssh client {choice!r} is not a choice: use openssh, paramiko "
+            "or auto (openssh when installed)")
+    ssh = shutil.which("ssh") if choice != "paramiko" else None
+    if ssh is None and choice == "openssh":
+        raise BadHostSpec(
+            "the openssh client was asked for, but no ssh is on PATH: "
+            "install openssh-client, or use auto")
+    return ssh
+
+
+def openssh_command(ssh: str, spec: HostSpec, command: str, *,
+                    ssh_config: str | None = None) -> list[str]:
+    """argv running `command` on an SSH host with the OpenSSH client `ssh`.
+
+    It reads the same ssh_config as `connect` and must find the host key in
+    known_hosts (BatchMode: it never prompts); `connect` has checked the
+    host first, with the policy of that ssh_config.
+    """
+    user, host, port = _split_destination(spec.raw)
+    user = user or os.environ.get("QJAMFAB_USER") or os.environ.get(
+        "QJAM_USER")
+    path = ssh_config or os.environ.get("QJAMFAB_SSH_CONFIG")
+    argv = [ssh] + (["-F", os.path.expanduser(path)] if path else [])
+    argv += ["-T", "-x", "-a", "-e", "none", "-o", "BatchMode=yes",
+             "-o", "ConnectTimeout=10"]
+    argv += (["-l", user] if user else []) + (["-p", str(port)] if port else [])
+    return argv + ["--", host, command]
 
 
 def _map_error(e: BaseException, label: str, where: str, conn, in_auth: bool,

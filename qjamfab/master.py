@@ -23,10 +23,10 @@ from . import display, protocol, serialize
 from .cluster import HostSession
 from .dataset import BaseDataSet, DataSet
 from .errors import QjamfabError, WorkerLost
-from .hosts import HostSpec, parse_hosts
+from .hosts import HostSpec, openssh_client, parse_hosts
 from .run import Run, RunStats, print_log
 from .runtime import default_base, relay
-from .transport import LocalPipeTransport
+from .transport import OPENSSH_FAILED, LocalPipeTransport
 from .workers import LOST, WorkerHandle
 
 log = logging.getLogger("qjamfab")
@@ -50,13 +50,18 @@ class Master:
     """Runs jobs on workers: `local[:N]` processes, or SSH hosts.
 
     `hosts=None` means $QJAMFAB_HOSTS, else `local` with one worker per core.
+    `ssh_client` ("auto", "openssh" or "paramiko"; default
+    $QJAMFAB_SSH_CLIENT, else auto) is what carries the frames to SSH
+    workers: auto takes the system's OpenSSH client when installed, and
+    a host it fails on falls back to paramiko with a warning.
     """
 
     def __init__(self, hosts: None | str | Sequence[str] = None, *,
                  workers_per_host: int | None = None,
                  ssh_config: str | None = None,
                  heartbeat_timeout: float = 5.0, replicas: int = 1,
-                 straggler_factor: float = 4.0):
+                 straggler_factor: float = 4.0,
+                 ssh_client: str | None = None):
         if workers_per_host is not None and (
                 not isinstance(workers_per_host, int) or workers_per_host < 1):
             raise ValueError(
@@ -65,7 +70,10 @@ class Master:
         if replicas not in (1, 2):
             raise ValueError(f"replicas must be 1 or 2, not {replicas!r}")
         _log_from_env()
+        self.ssh_client = ssh_client
         self.hosts: list[HostSpec] = parse_hosts(hosts)
+        if not all(h.is_local for h in self.hosts):
+            openssh_client(ssh_client)   # a bad choice fails here, not later
         self.replicas = replicas
         self.straggler_factor = straggler_factor
         # Split each worker's slices into two tasks so a worker that runs
@@ -103,7 +111,8 @@ class Master:
             host.session.close()
             host.session = None
         if host.session is None:
-            host.session = HostSession(host.spec, ssh_config=self.ssh_config)
+            host.session = HostSession(host.spec, ssh_config=self.ssh_config,
+                                       ssh_client=self.ssh_client)
         started = host.session.start_workers(
             host.count or self._workers_per_host or "auto")
         if host.count is None:
@@ -117,6 +126,14 @@ class Master:
             return WorkerHandle(name, host.session.worker_transport(name, k),
                                 self._events)
         except WorkerLost as exc:
+            if exc.exit_status == OPENSSH_FAILED \
+                    and not host.session.openssh_failed:
+                # paramiko reached this host a moment ago: use it.
+                log.warning("the OpenSSH client cannot reach %s (%s); using "
+                            "paramiko for its workers", host.spec.raw,
+                            (exc.stderr_tail or "no message").splitlines()[-1])
+                host.session.openssh_failed = True
+                return self._attach(host, name, k)
             if exc.exit_status not in (relay.NO_WORKER, relay.WORKER_DIED):
                 raise
             # It ended between start-workers and attaching: start it again.

@@ -3,12 +3,15 @@
 `Transport` is the seam between the Master and how a worker is reached:
 `readinto` and `writev` move bytes, `close` ends the stream, `exit_report`
 says how the far end ended. `LocalPipeTransport` starts a worker process on
-this machine and speaks over its stdin and stdout; the SSH transport runs the
-runtime's relay over an exec channel. OS and paramiko errors become qjamfab
-errors here and nowhere else.
+this machine and speaks over its stdin and stdout. To a worker daemon on an
+SSH host, the runtime's relay runs either under the system's OpenSSH client
+(`OpenSSHTransport`, the same pipes: preferred, C crypto is faster) or on a
+paramiko exec channel (`SSHChannelTransport`). OS and paramiko errors become
+qjamfab errors here and nowhere else.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import posixpath
 import subprocess
@@ -21,6 +24,9 @@ from . import runtime
 from .errors import HostUnreachable, WorkerLost
 
 _TAIL_LINES = 20
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)   # Linux
+_PIPE_SIZE = 1 << 20
+OPENSSH_FAILED = 255   # ssh's exit status for its own errors
 
 
 def tail(text: str, lines: int = _TAIL_LINES) -> str:
@@ -49,28 +55,31 @@ class Transport(ABC):
         return None, ""
 
 
-class LocalPipeTransport(Transport):
-    """A worker process on this machine, spoken to over its stdin/stdout."""
+class _ProcessTransport(Transport):
+    """A process started here, spoken to over its stdin and stdout."""
 
-    def __init__(self, name: str, base: str, python: str = sys.executable):
+    _what = "process"
+
+    def __init__(self, name: str, argv: list[str], env: dict | None = None):
         self.name = name
-        runtime.ensure_local_bundle(base)
         try:
             self.process = subprocess.Popen(
-                [python, "-c", runtime.boot_code("worker"),
-                 "--pipe", "--name", name, "--base", base],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, bufsize=0,
-                env={**os.environ, "QJAMFAB_HOME": base},
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, bufsize=0, env=env,
                 # Ctrl-C at the terminal is the Master's to handle.
                 start_new_session=True)
         except OSError as exc:
             raise WorkerLost(
-                f"cannot start local worker {name} with {python}: {exc}; "
-                "check that the Python executable exists",
+                f"cannot start {self._what} for worker {name} ({argv[0]}): "
+                f"{exc}; check that the executable exists",
                 worker=name) from exc
         self._in = self.process.stdin.fileno()
         self._out = self.process.stdout
+        for fd in (self._in, self._out.fileno()):
+            try:  # fewer wake-ups per slice streamed
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+            except OSError:
+                pass
 
     def readinto(self, view: memoryview) -> int:
         try:
@@ -85,17 +94,20 @@ class LocalPipeTransport(Transport):
             raise WorkerLost(f"worker {self.name}: its pipe is closed ({exc})",
                              worker=self.name) from exc
 
+    def _end(self, wait_s: float) -> None:
+        try:
+            self.process.stdin.close()  # the far end ends at end of input
+        except OSError:
+            pass
+        try:
+            self.process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
     def close(self) -> None:
         if self.process.poll() is None:
-            try:
-                self.process.stdin.close()  # the worker exits at end of input
-            except OSError:
-                pass
-            try:
-                self.process.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            self._end(2)
         for stream in (self.process.stdin, self.process.stdout,
                        self.process.stderr):
             try:
@@ -121,6 +133,34 @@ class LocalPipeTransport(Transport):
         except (OSError, ValueError):
             pass
         return status, tail(text)
+
+
+class LocalPipeTransport(_ProcessTransport):
+    """A worker process on this machine, spoken to over its stdin/stdout."""
+
+    _what = "a local worker"
+
+    def __init__(self, name: str, base: str, python: str = sys.executable):
+        runtime.ensure_local_bundle(base)
+        super().__init__(name, [python, "-c", runtime.boot_code("worker"),
+                                "--pipe", "--name", name, "--base", base],
+                         env={**os.environ, "QJAMFAB_HOME": base})
+
+
+class OpenSSHTransport(_ProcessTransport):
+    """A worker daemon reached through the relay, run by the system's
+    OpenSSH client (`hosts.openssh_command`): one connection per worker."""
+
+    _what = "the OpenSSH client"
+
+    def __init__(self, name: str, host: str, argv: list[str]):
+        self.host = host
+        super().__init__(name, argv)
+
+    def _end(self, wait_s: float) -> None:
+        # The daemon lives on without us; a silent host would only make
+        # ssh wait for its connect or keepalive timeout.
+        super()._end(0.2)
 
 
 # --- SSH -------------------------------------------------------------------

@@ -29,6 +29,12 @@ def _master(ssh, **options):
                   **options)
 
 
+@pytest.fixture(params=["openssh", "paramiko"])
+def client(request):
+    """What carries the frames (Master's ssh_client): faults behave alike."""
+    return request.param
+
+
 def _run_with_fault(master, fault, after_s=0.6, delay=0.4):
     timer = threading.Timer(after_s, fault)
     timer.start()
@@ -59,8 +65,8 @@ def _run_until_all_workers(master, timeout_s=20.0):
         time.sleep(0.5)
 
 
-def test_sigkilled_worker_mid_run(ssh):
-    with _master(ssh) as m:
+def test_sigkilled_worker_mid_run(ssh, client):
+    with _master(ssh, ssh_client=client) as m:
         pid = m.worker_stats()["host2-0"]["pid"]
         assert _run_with_fault(m, lambda: os.kill(pid, signal.SIGKILL)) \
             == EXPECTED
@@ -94,8 +100,8 @@ def _until_lost(master, name, timeout_s=10.0):
     raise AssertionError(f"the Master did not notice that {name} was cut")
 
 
-def test_connection_cut_mid_run(ssh):
-    with _master(ssh) as m:
+def test_connection_cut_mid_run(ssh, client):
+    with _master(ssh, ssh_client=client) as m:
         assert _run_with_fault(m, lambda: _cut_connections(ssh["host2"])) \
             == EXPECTED
         assert m.last_run.lost_workers == ["host2-0"]
@@ -104,8 +110,8 @@ def test_connection_cut_mid_run(ssh):
         assert _run_until_all_workers(m) == 3
 
 
-def test_connection_cut_between_runs_keeps_the_worker(ssh):
-    with _master(ssh) as m:
+def test_connection_cut_between_runs_keeps_the_worker(ssh, client):
+    with _master(ssh, ssh_client=client) as m:
         assert m.run(slow_sum, params=0, dataset=DATA) == EXPECTED
         pid = m.worker_stats()["host2-0"]["pid"]
         _cut_connections(ssh["host2"])
@@ -130,8 +136,8 @@ def test_host_sshd_killed_mid_run_then_back(ssh):
         assert _run_until_all_workers(m) == 3
 
 
-def test_frozen_host_mid_run(ssh):
-    with _master(ssh) as m:
+def test_frozen_host_mid_run(ssh, client):
+    with _master(ssh, ssh_client=client) as m:
         started = time.monotonic()
         try:
             assert _run_with_fault(m, ssh["host2"].pause) == EXPECTED

@@ -3,6 +3,7 @@ servers (tests/sshd_hosts.py) on 127.0.0.2, 127.0.0.3, ..."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -233,6 +234,39 @@ def test_openssh_client_works(sshd):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "hi"
+
+
+# --- the OpenSSH client for worker streams ----------------------------------
+
+def test_openssh_client_choice(monkeypatch, tmp_path):
+    monkeypatch.delenv("QJAMFAB_SSH_CLIENT", raising=False)
+    assert qhosts.openssh_client() == shutil.which("ssh")
+    assert qhosts.openssh_client("paramiko") is None
+    monkeypatch.setenv("QJAMFAB_SSH_CLIENT", "paramiko")
+    assert qhosts.openssh_client() is None
+    assert qhosts.openssh_client("openssh") == shutil.which("ssh")
+    with pytest.raises(BadHostSpec, match=r"^ssh client 'putty' is not a "
+                       r"choice: use openssh, paramiko or auto"):
+        qhosts.openssh_client("putty")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ssh there
+    assert qhosts.openssh_client("auto") is None
+    with pytest.raises(BadHostSpec, match=r"^the openssh client was asked "
+                       r"for, but no ssh is on PATH: install openssh-client"):
+        qhosts.openssh_client("openssh")
+
+
+def test_openssh_command_names_user_port_and_config(monkeypatch):
+    spec = parse_hosts("ann@10.1.2.3:2222")[0]
+    argv = qhosts.openssh_command("/usr/bin/ssh", spec, "python3 -c x",
+                                  ssh_config="/cfg")
+    assert argv[:3] == ["/usr/bin/ssh", "-F", "/cfg"]
+    assert "BatchMode=yes" in argv
+    assert argv[-7:] == ["-l", "ann", "-p", "2222", "--", "10.1.2.3",
+                         "python3 -c x"]
+    monkeypatch.setenv("QJAMFAB_USER", "bob")
+    argv = qhosts.openssh_command("ssh", parse_hosts("alias")[0], "cmd")
+    assert "-F" not in argv and argv[-5:] == ["-l", "bob", "--", "alias",
+                                              "cmd"]
 
 
 def test_connect_alias(sshd):

@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from qjamfab import (DataSet, HostUnreachable, Master, PreflightFailed,
-                     RemoteError, WorkerLost, hosts)
+from qjamfab import (BadHostSpec, DataSet, HostUnreachable, Master,
+                     PreflightFailed, RemoteError, WorkerLost, hosts)
 from tests.jobs import (constant, inner_product, multiply_sum, printing,
                         raising, sum_params)
 
@@ -57,12 +57,39 @@ def test_interrupted_session_frees_its_workers(ssh, tmp_path):
     assert time.monotonic() - started < 10
 
 
+def test_failing_openssh_client_falls_back_to_paramiko(ssh, tmp_path,
+                                                      monkeypatch, caplog):
+    fake = tmp_path / "ssh"
+    fake.write_text("#!/bin/sh\necho 'ssh: no route to the moon' >&2\n"
+                    "exit 255\n")
+    fake.chmod(0o700)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with Master(["host1"], workers_per_host=1, ssh_config=ssh.ssh_config,
+                ssh_client="openssh") as m:
+        assert m.run(constant) == 42
+        assert type(m._live()[0].transport).__name__ == "SSHChannelTransport"
+    assert "the OpenSSH client cannot reach host1 (ssh: no route to the " \
+        "moon); using paramiko for its workers" in caplog.text
+
+
+def test_bad_ssh_client_choice_is_refused_early(ssh):
+    with pytest.raises(BadHostSpec, match=r"^ssh client 'telnet' is not a "
+                       "choice"):
+        Master(["host1"], ssh_config=ssh.ssh_config, ssh_client="telnet")
+    assert Master("local:1", ssh_client="telnet").run(constant) == 42
+
+
 # Tests with Masters of their own come first: a worker daemon serves one
 # Master at a time, and master3 holds worker-0 of every host once created.
 
-@pytest.fixture(scope="module")
-def master3(ssh):
-    with Master(ssh.aliases, workers_per_host=1, ssh_config=ssh.ssh_config) as m:
+@pytest.fixture(scope="module", params=["openssh", "paramiko"])
+def master3(ssh, request):
+    """Three hosts, one worker each, their frames carried by each client."""
+    with Master(ssh.aliases, workers_per_host=1, ssh_config=ssh.ssh_config,
+                ssh_client=request.param) as m:
+        transports = {type(h.transport).__name__ for h in m._live()}
+        assert transports == {"OpenSSHTransport" if request.param == "openssh"
+                              else "SSHChannelTransport"}
         yield m
 
 

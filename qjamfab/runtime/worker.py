@@ -79,7 +79,7 @@ class Capture:
         self._reader = open(path, "rb")
         self._lock = threading.Lock()
         self.channel: Channel | None = None
-        self._busy = threading.Event()
+        self._busy = False
         threading.Thread(target=self._poll, daemon=True).start()
 
     def _forward(self) -> None:
@@ -96,17 +96,19 @@ class Capture:
                 self._reader.seek(0)
 
     def _poll(self) -> None:
+        # A timer rather than an event set by begin(): waking this thread
+        # at the start of every task would cost each short task a switch.
         while True:
-            self._busy.wait()
             time.sleep(_LOG_POLL_S)
-            self._forward()
+            if self._busy:
+                self._forward()
 
     def begin(self) -> None:
-        self._busy.set()
+        self._busy = True
 
     def end(self) -> None:
         """Flush everything user code printed, before its result is sent."""
-        self._busy.clear()
+        self._busy = False
         _c_stdio_flush()
         for stream in (sys.stdout, sys.stderr):
             try:
