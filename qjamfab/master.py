@@ -1,19 +1,20 @@
 """The Master: owns the hosts and the worker handles; `run()` = plan,
 dispatch, collect, reduce (the run itself is run.py's `Run`).
 
-One `WorkerHandle` (workers.py) per worker posts its frames to the Master's
-single event queue; a run works through that queue on the caller's thread,
-so user-visible output and errors all happen there. Every message names its
+One `WorkerHandle` (workers.py) per worker; the Master reads them all on the
+caller's thread (`_next_event`), so user-visible output and errors all
+happen there, and between runs nobody reads: a run starts by taking in
+what arrived meanwhile (`_drain`). Every message names its
 task, so anything left over from an earlier, interrupted run is recognised
 and dropped. Before each run, lost workers are restarted or reconnected,
 and unreachable hosts are retried with backoff.
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
-import queue
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ from .hosts import HostSpec, openssh_client, parse_hosts
 from .run import Run, RunStats, print_log
 from .runtime import default_base, relay
 from .transport import OPENSSH_FAILED, LocalPipeTransport
-from .workers import LOST, WorkerHandle
+from .workers import LOST, Event, WorkerHandle, read_events
 
 log = logging.getLogger("qjamfab")
 
@@ -84,7 +85,7 @@ class Master:
         self.heartbeat_timeout = heartbeat_timeout
         self.last_run: RunStats | None = None
         self._base = default_base()
-        self._events: queue.Queue = queue.Queue()
+        self._pending: collections.deque = collections.deque()  # events read
         self._task_ids = itertools.count(1)
         self._hosts = _label_hosts(self.hosts, workers_per_host)
         self._handles: dict[str, WorkerHandle] = {}
@@ -121,10 +122,10 @@ class Master:
     def _attach(self, host: "_Host", name: str, k: int) -> WorkerHandle:
         if host.spec.is_local:
             return WorkerHandle(name, LocalPipeTransport(name, self._base),
-                                self._events)
+                                self.heartbeat_timeout)
         try:
             return WorkerHandle(name, host.session.worker_transport(name, k),
-                                self._events)
+                                self.heartbeat_timeout)
         except WorkerLost as exc:
             if exc.exit_status == OPENSSH_FAILED \
                     and not host.session.openssh_failed:
@@ -139,7 +140,7 @@ class Master:
             # It ended between start-workers and attaching: start it again.
             host.session.start_workers(host.count)
             return WorkerHandle(name, host.session.worker_transport(name, k),
-                                self._events)
+                                self.heartbeat_timeout)
 
     def _start_missing(self, first: bool = False) -> None:
         """Start or reconnect every worker that is not up.
@@ -240,6 +241,7 @@ class Master:
         params_parts = serialize.encode_params(params)
         if dataset is not None and not isinstance(dataset, BaseDataSet):
             dataset = DataSet(dataset)
+        self._drain()
         self._start_missing()
         workers = self._live()
         if dataset is not None:
@@ -287,19 +289,48 @@ class Master:
     def _await(self, handle: WorkerHandle, kind: int) -> dict:
         deadline = time.monotonic() + self.heartbeat_timeout
         while time.monotonic() < deadline:
-            try:
-                source, got, head, _ = self._events.get(timeout=0.1)
-            except queue.Empty:
+            event = self._next_event(0.1)
+            if event is None:
                 continue
+            source, got, head, _ = event
             if source is handle and got == kind:
                 return head
             if got == protocol.LOG:
                 print_log(source.name, head["text"])
             if source is handle and got == LOST:
-                handle.alive = False
                 break
         raise WorkerLost(f"worker {handle.name} did not answer: it will be "
                          "restarted before the next run", worker=handle.name)
+
+    # --- reading what workers send ---------------------------------------
+
+    def _read_ready(self, timeout: float) -> bool:
+        """Read a frame from each worker that has input, waiting up to
+        `timeout` s for one; whether any was read."""
+        events = read_events(self._handles.values(), timeout)
+        self._pending.extend(e for e in events if e[1] != protocol.HEARTBEAT)
+        return bool(events)
+
+    def _next_event(self, timeout: float) -> Event | None:
+        """The next event (heartbeats only mark workers alive), or None
+        after `timeout` s without one."""
+        deadline = time.monotonic() + timeout
+        while not self._pending:
+            self._read_ready(deadline - time.monotonic())
+            if time.monotonic() >= deadline:
+                break
+        return self._pending.popleft() if self._pending else None
+
+    def _drain(self) -> None:
+        """Before a run: take in what workers sent since the last one
+        (heartbeats, output left from an interrupted run, the end of a
+        worker that died) without waiting, so lost workers are restarted."""
+        while self._read_ready(0):
+            pass
+        while self._pending:
+            source, kind, head, _ = self._pending.popleft()
+            if kind == protocol.LOG:
+                print_log(source.name, head["text"])
 
 
 class _Host:

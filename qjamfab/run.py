@@ -1,7 +1,7 @@
 """One `Master.run`: groups of slices out, results in, failures absorbed.
 
 `Run` plans slices onto workers (scheduler.py), sends tasks, and works
-through the Master's event queue on the caller's thread: it supplies what a
+through what they send back, on the caller's thread: it supplies what a
 blocked worker lacks, collects results, re-plans the groups of a lost
 worker, moves queued groups to workers that ran dry, starts backup copies of
 stragglers, and reduces. `RunStats` records what it did.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import linecache
 import logging
-import queue
 import re
 import sys
 import time
@@ -183,19 +182,26 @@ class Run:
                 "refs": refs, "params": with_params},
                 self.params_parts if with_params else ())
             self.params_sent.add(handle)
-        except WorkerLost:
-            handle.alive = False  # its reader thread reports the loss
+        except WorkerLost as exc:
+            self._send_failed(handle, exc)
+
+    def _send_failed(self, handle: WorkerHandle, exc: WorkerLost) -> None:
+        """A send to the worker failed: it is lost, handled as if its
+        stream had ended (the event comes next in the run's loop)."""
+        if handle.alive:
+            handle.alive = False
+            self.master._pending.appendleft(
+                (handle, LOST, {"reason": str(exc)}, []))
 
     def _collect(self) -> None:
-        events = self.master._events
         tick = min(0.25, self.master.heartbeat_timeout / 4)
         while self.open:
-            try:
-                handle, kind, head, parts = events.get(timeout=tick)
-            except queue.Empty:
+            event = self.master._next_event(tick)
+            if event is None:
                 self._check_heartbeats()
                 self._balance()
                 continue
+            handle, kind, head, parts = event
             if kind == LOST:
                 self._lost(handle, head["reason"])
                 continue
@@ -209,7 +215,10 @@ class Run:
                 if head["state"] == "cancelled":
                     del self.open[task.id]
                 else:
-                    self._supply(handle, head)
+                    try:
+                        self._supply(handle, head)
+                    except WorkerLost as exc:
+                        self._send_failed(handle, exc)
             elif kind == protocol.RESULT:
                 self._result(task, head, parts)
             elif kind == protocol.ERROR:
@@ -278,8 +287,8 @@ class Run:
         del self.open[task.id]
         try:
             task.worker.send(protocol.CANCEL, {"task": task.id})
-        except WorkerLost:
-            task.worker.alive = False
+        except WorkerLost as exc:
+            self._send_failed(task.worker, exc)
 
     def _balance(self) -> None:
         """Give workers that ran dry a copy of queued or straggling groups."""
@@ -353,8 +362,8 @@ class Run:
                 try:
                     self.stats.replica_bytes_sent += \
                         self._send_slice(target, ref)
-                except WorkerLost:
-                    target.alive = False
+                except WorkerLost as exc:
+                    self._send_failed(target, exc)
 
     def _remote_error(self, handle: WorkerHandle, task: _Task,
                       head: dict) -> QjamfabError:
@@ -383,7 +392,12 @@ class Run:
 
     def _check_heartbeats(self) -> None:
         deadline = time.monotonic() - self.master.heartbeat_timeout
-        for handle in {t.worker for t in self.open.values()}:
+        busy = {t.worker for t in self.open.values()}
+        if any(h.alive and h.last_seen < deadline for h in busy):
+            # Heartbeats may wait unread while we were sending: read them.
+            while self.master._read_ready(0):
+                pass
+        for handle in busy:
             if handle.alive and handle.last_seen < deadline:
                 self.silent.add(handle.name)
                 handle.close()

