@@ -13,7 +13,9 @@ exactly as it arrived.
 """
 from __future__ import annotations
 
+import os
 import pickle
+import stat
 import struct
 from typing import Callable, Sequence
 
@@ -154,6 +156,12 @@ class FrameReader:
 
     def read(self) -> tuple[int, dict, list]:
         """Next frame as (kind, head, payload parts). EOFError at the end."""
+        kind, head, lengths = self.read_head()
+        return kind, head, [self._read_part(n) for n in lengths]
+
+    def read_head(self) -> tuple[int, dict, list[int]]:
+        """The next frame's kind, head and payload part lengths. The parts
+        follow in the stream: read them with `read_part` or `copy_to`."""
         magic, kind, nparts = _HEADER.unpack(self._read_small(_HEADER.size))
         if magic != _MAGIC or nparts < 1:
             raise ProtocolError(
@@ -164,4 +172,36 @@ class FrameReader:
         lengths = [_LENGTH.unpack_from(raw, i * _LENGTH.size)[0]
                    for i in range(nparts)]
         head = pickle.loads(self._read_part(lengths[0]))
-        return kind, head, [self._read_part(n) for n in lengths[1:]]
+        return kind, head, lengths[1:]
+
+    def read_part(self, n: int) -> bytearray:
+        return self._read_part(n)
+
+    def copy_to(self, fd: int, n: int, source_fd: int | None = None) -> None:
+        """Move the next n bytes of the stream into file `fd`: what is
+        buffered, then straight from `source_fd` with splice when it is a
+        pipe (the kernel moves the bytes: no copy here, no memory), else
+        through the buffer."""
+        while n:
+            if self._end == self._start and source_fd is not None \
+                    and _can_splice(source_fd):
+                moved = os.splice(source_fd, fd, n)
+                if not moved:
+                    raise EOFError("stream closed inside a frame")
+                n -= moved
+                continue
+            if self._end == self._start:
+                self._fill()
+            take = min(n, self._end - self._start)
+            view = memoryview(self._buf)[self._start:self._start + take]
+            while view:
+                view = view[os.write(fd, view):]
+            self._start += take
+            n -= take
+
+
+def _can_splice(fd: int) -> bool:
+    try:
+        return hasattr(os, "splice") and stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False

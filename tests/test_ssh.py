@@ -159,7 +159,6 @@ def test_caches_of_hosts_are_kept_apart(master3, ssh):
     data = DataSet(np.arange(3000, dtype=np.float64).reshape(300, 10))
     assert master3.run(lambda p, x: float(x.sum()), dataset=data) == \
         float(np.arange(3000).sum())
-    master3.worker_stats()  # a round trip: the workers' disk writes are done
     entries = {alias: set(os.listdir(os.path.join(ssh.homes[alias], "cache")))
                for alias in ssh.aliases}
     assert all(entries.values())

@@ -1,23 +1,36 @@
 """The worker's slice cache: refs held in memory and in `<base>/cache/`.
 
-A slice is stored on disk exactly as its REFS payload arrived (pickle
-protocol 5 main stream plus out-of-band buffers), written to a temporary file
-and renamed, so a crash never leaves a half-written entry and a restarted
-worker, or another worker on the same host, reads it instead of the network.
-Disk writes happen on a thread of their own, so the worker keeps reading
-the next slice off the wire meanwhile.
+A slice arrives as a REFS frame whose payload (pickle protocol 5 main
+stream plus out-of-band buffers) goes straight from the stream into its
+cache file, by splice when the stream is a pipe: the bytes never pass
+through this process. The file is written under a temporary name and
+renamed, so a crash never leaves a half-written entry. The slice in memory
+is then the file memory-mapped copy-on-write, each buffer at a 64-byte
+aligned offset: one copy of the data (the page cache), whether it just
+arrived or a restarted worker, or another worker on the same host, finds it
+on disk.
+
+File layout: b"QJC2" | count: u32 | count x length: u64 | each part, padded
+to a multiple of 64 bytes from the start of the file.
 """
 from __future__ import annotations
 
+import mmap
 import os
-import queue
+import shutil
 import struct
-import threading
 
 from .. import protocol
 
+_MAGIC = b"QJC2"
 _COUNT = struct.Struct("!I")
 _LENGTH = struct.Struct("!Q")
+_ALIGN = 64
+_DISK_MARGIN = 16 << 20   # leave this much free on the disk
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
 
 
 class RefCache:
@@ -25,9 +38,7 @@ class RefCache:
         self.directory = directory
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._memory: dict[str, object] = {}
-        self._writes: queue.Queue = queue.Queue()
-        threading.Thread(target=self._writer, name="qjamfab-cache-writer",
-                         daemon=True).start()
+        _drop_other_layouts(directory)
 
     def _path(self, ref: str) -> str:
         return os.path.join(self.directory, ref)
@@ -36,58 +47,46 @@ class RefCache:
         return [r for r in refs
                 if r not in self._memory and not os.path.exists(self._path(r))]
 
-    def put(self, ref: str, parts: list) -> None:
-        self._memory[ref] = protocol.decode(parts)
-        self._writes.put((ref, parts))
-
-    def flush(self) -> None:
-        """Wait until every slice put so far is on disk."""
-        self._writes.join()
-
-    def _writer(self) -> None:
-        while True:
-            ref, parts = self._writes.get()
-            try:
-                self._write(ref, parts)
-            except OSError:
-                pass  # a full disk costs the disk copy, not the slice
-            finally:
-                self._writes.task_done()
-
-    def _write(self, ref: str, parts: list) -> None:
+    def receive(self, ref: str, lengths: list[int],
+                reader: protocol.FrameReader, source_fd: int | None) -> None:
+        """Take a REFS payload off the stream into the cache. Without room
+        on the disk it is kept in memory only."""
+        header = _MAGIC + _COUNT.pack(len(lengths)) + b"".join(
+            _LENGTH.pack(n) for n in lengths)
+        size = _aligned(len(header)) + sum(_aligned(n) for n in lengths)
+        if shutil.disk_usage(self.directory).free < size + _DISK_MARGIN:
+            parts = [reader.read_part(n) for n in lengths]
+            self._memory[ref] = protocol.decode(parts)
+            return
         tmp = f"{self._path(ref)}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            header = _COUNT.pack(len(parts)) + b"".join(
-                _LENGTH.pack(len(p)) for p in parts)
-            protocol.write_all(lambda views: os.writev(fd, views),
-                               [header, *parts])
-        finally:
+            pos = _write_padded(fd, header)
+            for n in lengths:
+                reader.copy_to(fd, n, source_fd)
+                pos += n
+                pos += _write_padded(fd, b"", _aligned(pos) - pos)
+        except BaseException:
             os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
         os.replace(tmp, self._path(ref))
+        self._memory[ref] = _load(self._path(ref))
 
     def get(self, ref: str) -> object:
         try:
             return self._memory[ref]
         except KeyError:
             pass
-        with open(self._path(ref), "rb") as f:
-            data = memoryview(bytearray(f.read()))
-        (count,) = _COUNT.unpack_from(data, 0)
-        pos = _COUNT.size + count * _LENGTH.size
-        parts = []
-        for i in range(count):
-            (n,) = _LENGTH.unpack_from(data, _COUNT.size + i * _LENGTH.size)
-            parts.append(data[pos:pos + n])
-            pos += n
-        value = self._memory[ref] = protocol.decode(parts)
+        value = self._memory[ref] = _load(self._path(ref))
         return value
 
     def drop_memory(self) -> None:
         self._memory.clear()
 
     def clear(self) -> dict:
-        stats = self.stats()  # flushes pending writes first
+        stats = self.stats()
         self._memory.clear()
         for name in os.listdir(self.directory):
             try:
@@ -97,7 +96,6 @@ class RefCache:
         return stats
 
     def stats(self) -> dict:
-        self.flush()
         entries = disk_bytes = 0
         for entry in os.scandir(self.directory):
             if not entry.name.endswith(".tmp"):
@@ -105,3 +103,46 @@ class RefCache:
                 disk_bytes += entry.stat().st_size
         return {"entries": entries, "bytes": disk_bytes,
                 "in_memory": len(self._memory)}
+
+
+def _write_padded(fd: int, data: bytes, pad: int | None = None) -> int:
+    """Write data then zeros up to the next 64-byte boundary (or `pad`
+    zeros); the bytes written."""
+    if pad is None:
+        pad = _aligned(len(data)) - len(data)
+    view = memoryview(data + bytes(pad))
+    total = len(view)
+    while view:
+        view = view[os.write(fd, view):]
+    return total
+
+
+def _drop_other_layouts(directory: str) -> None:
+    """Remove entries an older qjamfab wrote in another layout."""
+    for entry in os.scandir(directory):
+        if entry.name.endswith(".tmp"):
+            continue   # maybe being written by another worker here
+        try:
+            with open(entry.path, "rb") as f:
+                if f.read(len(_MAGIC)) != _MAGIC:
+                    os.unlink(entry.path)
+        except OSError:
+            pass   # being written (a .tmp) or removed meanwhile
+
+
+def _load(path: str) -> object:
+    """A cache file's slice, its buffers in a copy-on-write mapping."""
+    with open(path, "rb") as f:
+        data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
+    if bytes(data[:len(_MAGIC)]) != _MAGIC:
+        raise ValueError(f"cache entry {path} is damaged: remove it")
+    (count,) = _COUNT.unpack_from(data, len(_MAGIC))
+    lengths = [_LENGTH.unpack_from(data, len(_MAGIC) + _COUNT.size
+                                   + i * _LENGTH.size)[0]
+               for i in range(count)]
+    pos = _aligned(len(_MAGIC) + _COUNT.size + count * _LENGTH.size)
+    parts = []
+    for n in lengths:
+        parts.append(data[pos:pos + n])
+        pos = _aligned(pos + n)
+    return protocol.decode(parts)

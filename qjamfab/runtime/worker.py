@@ -189,7 +189,12 @@ class Worker:
                 if not channel.input_waiting() and self._run_next(channel):
                     continue
                 try:
-                    kind, head, parts = channel.reader.read()
+                    kind, head, lengths = channel.reader.read_head()
+                    if kind == protocol.REFS:   # straight into the cache
+                        self.cache.receive(head["ref"], lengths,
+                                           channel.reader, channel.read_fd)
+                        continue
+                    parts = [channel.reader.read_part(n) for n in lengths]
                 except (EOFError, OSError):
                     return
                 self.handle(channel, kind, head, parts)
@@ -200,8 +205,6 @@ class Worker:
     def handle(self, channel: Channel, kind: int, head: dict, parts) -> None:
         if kind == protocol.FUNC:
             self.job_bytes[head["hash"]] = bytes(parts[0])
-        elif kind == protocol.REFS:
-            self.cache.put(head["ref"], parts)
         elif kind == protocol.TASK:
             if head["run"] != self.run_id:
                 # A new run: whatever an interrupted earlier run left waiting
@@ -366,7 +369,6 @@ def _serve_socket(worker: Worker, path: str, idle_timeout: float) -> None:
                     _, fds, _, _ = socket.recv_fds(conn, 64, 2)
                     if len(fds) == 2:
                         worker.serve(_fd_channel(fds[0], fds[1]))
-                        worker.cache.flush()
                 except OSError:
                     pass  # that relay is gone
                 finally:
@@ -417,6 +419,5 @@ def main(argv: list[str] | None = None) -> None:
         worker.serve(_fd_channel(protocol_in, protocol_out))
     else:
         _serve_socket(worker, args.socket, args.idle_timeout)
-    worker.cache.flush()
     capture.end()
     os.unlink(capture.path)
