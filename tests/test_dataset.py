@@ -202,6 +202,22 @@ def test_array_refs_depend_on_dtype_shape_and_bytes():
     assert content_ref(dates) == content_ref(dates.copy())
 
 
+def test_large_arrays_hash_the_digests_of_their_blocks():
+    import hashlib
+    block = 8 << 20
+    a = np.arange(3 * block // 8 + 5, dtype=np.float64)   # 3 blocks and a bit
+    raw = a.view(np.uint8)
+    expected = hashlib.sha256(b"qjamfab-ndarray\0" + b"'<f8'(3145733,)\0"
+                              + b"blocks\0" + b"".join(
+                                  hashlib.sha256(raw[i:i + block]).digest()
+                                  for i in range(0, len(raw), block)))
+    assert content_ref(a) == expected.hexdigest()
+    changed = a.copy()
+    changed[-1] += 1       # in the last, short block
+    assert content_ref(changed) != content_ref(a)
+    assert content_ref(a[::-1]) != content_ref(a)
+
+
 def test_object_arrays_hash_by_value_not_pointer():
     a = np.array([[1, "x"], [2, "y"]], dtype=object)
     b = np.array([[1, "x"], [2, "y"]], dtype=object)
