@@ -174,6 +174,13 @@ def test_suite_smoke(tmp_path):
                for t in targets)
     if ssh:
         assert any("2 SSH workers" in t["target"] for t in targets)
+        # targets come from configurations timed in alternating blocks
+        assert set(bench["overhead"]["paired_2_workers"]) == {
+            "multiprocessing.Pool", "qjamfab local", "qjamfab ssh"}
+        configs = bench["sae"]["paired"]["configs"]
+        assert set(configs) == {"serial-blocked", "local 2", "ssh 2"}
+        assert all(c["evals"] >= 4 and c["median_eval_s"] > 0
+                   for c in configs.values())
     assert any("== Targets ==" in line for line in lines)
 
     if results.get("plots"):
