@@ -11,8 +11,8 @@ under benchmarks/results/profile/:
 - `<path>-phases.txt`: wall time per run spent inside the Master's steps
   (wrappers put around qjamfab functions in this process only);
 - `<path>-cpu.txt`: CPU seconds per run of every thread of the master
-  (main, worker readers, paramiko transports), of the sshd processes of
-  the hosts and of the worker daemons (from /proc);
+  (main, paramiko transports), of its OpenSSH client processes, of the
+  sshd processes of the hosts and of the worker daemons (from /proc);
 - `<path>-pyspy-*.txt` when py-spy is installed: sampled stacks (all
   threads, idle included) of the master and of a worker, aggregated by
   function (own samples and inclusive samples).
@@ -70,11 +70,18 @@ def cpu_snapshot(servers, worker_pids: dict[str, int]) -> dict[str, float]:
     names = {t.native_id: t.name for t in threading.enumerate()}
     for tid in os.listdir("/proc/self/task"):
         name = names.get(int(tid)) or _comm(f"/proc/self/task/{tid}/comm")
-        if name.startswith("qjamfab-"):
-            name = "qjamfab-<worker> reader"
-        elif name.startswith("Thread-") or name == "?":
+        if name.startswith("Thread-") or name == "?":
             name = "paramiko transport / other"
         snap[f"master: {name}"] += _cpu(f"/proc/self/task/{tid}/stat")
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and _comm(f"/proc/{pid}/comm") == "ssh":
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == os.getpid():
+                snap["master: OpenSSH clients"] += _cpu(f"/proc/{pid}/stat")
     worker_set = set(worker_pids.values())
     for host in servers:
         for pid in host.processes():
