@@ -78,7 +78,7 @@ class Master:
         self.replicas = replicas
         self.straggler_factor = straggler_factor
         # Split each worker's slices into two tasks so a worker that runs
-        # dry can take one; runs too short to need it send one.
+        # dry can take one: at first, then as Run.split_next says.
         self._split = True
         self.ssh_config = ssh_config
         self._workers_per_host = workers_per_host
@@ -253,7 +253,7 @@ class Master:
         finally:
             run.stats.elapsed_s = time.perf_counter() - started
             self.last_run = run.stats
-            self._split = run.stats.elapsed_s > 0.05
+            self._split = run.split_next()
             self._drop_silent_hosts(run.silent)
         log.info("run: %r", run.stats)
         return value

@@ -119,6 +119,8 @@ class Run:
         self.silent: set[str] = set()             # lost to the heartbeat deadline
         self.sent_refs: set[str] = set()
         self.params_sent: set[WorkerHandle] = set()  # have this run's params
+        self.split = master._split
+        self.moved = 0                            # queued groups moved
         self.counters = {h: (h.bytes_sent, h.bytes_received) for h in workers}
         self.stats = RunStats(workers=len(workers))
 
@@ -136,8 +138,8 @@ class Run:
             unit="slices" if self.refs is not None else "tasks")
         try:
             by_name = {h.name: h for h in self.workers}
-            queues = [(by_name[name], scheduler.batches(
-                slices, self.master._split)) for name, slices in plan.items()]
+            queues = [(by_name[name], scheduler.batches(slices, self.split))
+                      for name, slices in plan.items()]
             # Every worker's first task before anyone's second: on a busy
             # machine the last worker to get one would start late.
             for k in range(max((len(b) for _, b in queues), default=0)):
@@ -160,6 +162,22 @@ class Run:
             raise ReduceError(
                 f"reduce failed on the master ({type(exc).__name__}: {exc}): "
                 "fix reduce(a, b) so it combines two results") from exc
+
+    def split_next(self) -> bool:
+        """Whether the next run should send each worker's slices as two
+        tasks, so that one that runs dry can take some. Worth it only for
+        runs over 50 ms whose workers are uneven: this one moved work or
+        started backups, or, not split, had a worker compute 25 % longer
+        than another. (Two tasks cost a result more per worker.)"""
+        stats = self.stats
+        if stats.elapsed_s <= 0.05:
+            return False
+        if self.moved or stats.backup_tasks or stats.lost_workers:
+            return True
+        if self.split:
+            return False
+        compute = [s for s in stats.worker_compute_s.values() if s > 0]
+        return len(compute) > 1 and max(compute) > 1.25 * min(compute)
 
     def _new_group(self, slices: list[int]) -> int:
         group = next(self.master._task_ids)
@@ -324,6 +342,7 @@ class Run:
             else:
                 self._cancel(task)  # it was only queued: move it
                 self.open[task.id] = task  # until the worker confirms
+                self.moved += 1
             self._send_task(handle, task.group)
 
     def _expected_s(self, task: _Task) -> float:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -117,12 +118,42 @@ def test_function_sent_once_per_worker_params_every_call(master2):
     assert first > 50000 > second  # the closure's list went once
 
 
+@pytest.mark.parametrize("split, elapsed, compute, moved, backups, lost, "
+                         "expected", [
+                             (True, 0.2, (0.1, 0.1), 0, 0, [], False),
+                             (True, 0.2, (0.1, 0.1), 1, 0, [], True),
+                             (True, 0.2, (0.1, 0.1), 0, 1, [], True),
+                             (True, 0.2, (0.1,), 0, 0, ["w"], True),
+                             (False, 0.2, (0.1, 0.12), 0, 0, [], False),
+                             (False, 0.2, (0.1, 0.13), 0, 0, [], True),
+                             (True, 0.04, (0.1, 0.3), 1, 0, [], False),
+                         ])
+def test_runs_split_into_two_tasks_only_after_uneven_runs(
+        split, elapsed, compute, moved, backups, lost, expected):
+    from qjamfab.run import Run
+    run = Run.__new__(Run)   # split_next reads only these
+    run.split, run.moved = split, moved
+    run.stats = RunStats(elapsed_s=elapsed, backup_tasks=backups,
+                         lost_workers=lost, worker_compute_s={
+                             f"w{i}": c for i, c in enumerate(compute)})
+    assert run.split_next() is expected
+
+
+def test_a_balanced_run_is_followed_by_unsplit_ones(master2):
+    data = DataSet(list(range(8)))
+    assert master2.run(lambda p, xs: time.sleep(0.02) or sum(xs),
+                       dataset=data) == 28
+    assert master2.last_run.backup_tasks == 0
+    assert master2._split is False   # balanced, nothing moved
+    assert master2.run(lambda p, xs: sum(xs), dataset=data) == 28
+
+
 def test_params_go_once_per_worker_per_run(master2):
     """A run split into several tasks per worker (so idle workers can take
     some) still sends its params to each worker once."""
     params = np.arange(100_000, dtype=np.float64)   # 800 kB
     data = DataSet(list(range(8)))
-    master2._split = True    # what a run over 50 ms makes the next one do
+    master2._split = True    # what an uneven run makes the next one do
     total = master2.run(lambda p, xs: float(p[:2].sum()) + sum(xs),
                         params=params, dataset=data)
     assert total == 28 + master2.last_run.slices
