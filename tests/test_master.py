@@ -148,6 +148,25 @@ def test_a_balanced_run_is_followed_by_unsplit_ones(master2):
     assert master2.run(lambda p, xs: sum(xs), dataset=data) == 28
 
 
+def test_heartbeats_left_unread_while_sending_do_not_lose_a_worker(
+        monkeypatch):
+    """The master reads its workers only between its own steps: while it
+    spends longer than the heartbeat deadline sending (slow here on
+    purpose), heartbeats wait unread, and must count before a worker is
+    declared silent."""
+    from qjamfab.run import Run
+    real_supply = Run._supply
+
+    def slow_supply(self, handle, head):
+        time.sleep(2.0)
+        real_supply(self, handle, head)
+    monkeypatch.setattr(Run, "_supply", slow_supply)
+    with Master("local:2", heartbeat_timeout=1.0) as m:
+        assert m.run(lambda p, xs: sum(xs),
+                     dataset=DataSet(list(range(8)))) == 28
+        assert m.last_run.lost_workers == []
+
+
 def test_params_go_once_per_worker_per_run(master2):
     """A run split into several tasks per worker (so idle workers can take
     some) still sends its params to each worker once."""
