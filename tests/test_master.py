@@ -167,6 +167,25 @@ def test_heartbeats_left_unread_while_sending_do_not_lose_a_worker(
         assert m.last_run.lost_workers == []
 
 
+def test_a_worker_found_dead_when_its_task_is_sent(monkeypatch):
+    """A send that fails (the worker died since the last read) loses the
+    worker like the end of its stream: its slices run elsewhere."""
+    import signal
+    with Master("local:2") as m:
+        pid = m.worker_stats()["local-1"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] \
+                != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        # Nobody reads before the run: its first news is the failed send.
+        monkeypatch.setattr(Master, "_drain", lambda self: None)
+        assert m.run(multiply_sum, params=1,
+                     dataset=DataSet(list(range(10)))) == 45
+        assert m.last_run.lost_workers == ["local-1"]
+
+
 def test_params_go_once_per_worker_per_run(master2):
     """A run split into several tasks per worker (so idle workers can take
     some) still sends its params to each worker once."""
