@@ -108,7 +108,10 @@ class _ProcessTransport(Transport):
             if n is not None:
                 return n
             # Nothing yet (the pipe is non-blocking): wait, within limits.
-            if not select.select([self._out], [], [], self._read_timeout)[0]:
+            poller = select.poll()
+            poller.register(self._out, select.POLLIN)
+            wait = self._read_timeout
+            if not poller.poll(None if wait is None else wait * 1000):
                 raise TimeoutError(f"worker {self.name} sent nothing for "
                                    f"{self._read_timeout:g} s")
 

@@ -2,7 +2,7 @@
 
 A `WorkerHandle` wraps a Transport: it checks the worker's HELLO, writes
 frames, and reads them when the Master asks. `read_events` waits on every
-handle's stream at once and reads on the caller's thread: no reader
+handle's stream at once (poll) and reads on the caller's thread: no reader
 threads, so a result reaches the caller without a thread switch (35 us
 each, measured). A stream's end, or one that stalls inside a frame, is a
 LOST event. A handle also remembers what its worker holds (function hashes,
@@ -113,7 +113,12 @@ def read_events(handles: Iterable[WorkerHandle], timeout: float
     live = [h for h in handles if h.alive]
     ready = [h for h in live if h.reader.buffered()]
     if not ready and live:
-        ready = select.select(live, [], [], max(0.0, timeout))[0]
+        by_fd = {h.fileno(): h for h in live}
+        poller = select.poll()   # unlike select(), any number of fds
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        ready = [by_fd[fd] for fd, _ in poller.poll(
+            max(0.0, timeout) * 1000)]
     elif not live and timeout > 0:
         time.sleep(timeout)
     return [h.read_event() for h in ready]
