@@ -72,6 +72,23 @@ def test_failing_openssh_client_falls_back_to_paramiko(ssh, tmp_path,
         "moon); using paramiko for its workers" in caplog.text
 
 
+@pytest.mark.parametrize("client", ["openssh", "paramiko"])
+def test_workers_behind_a_jump_host(ssh, tmp_path, client):
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text("Host host3\n    ProxyJump host1\n\n"
+                   + open(ssh.ssh_config).read())
+    with open(ssh["host1"].log) as f:
+        before = f.read().count("Accepted publickey")
+    with Master(["host3"], workers_per_host=1, ssh_config=str(cfg),
+                ssh_client=client) as m:
+        assert m.run(constant) == 42
+        assert type(m._live()[0].transport).__name__ == (
+            "OpenSSHTransport" if client == "openssh"
+            else "SSHChannelTransport")
+    with open(ssh["host1"].log) as f:   # host1 forwarded the connections
+        assert f.read().count("Accepted publickey") > before
+
+
 def test_bad_ssh_client_choice_is_refused_early(ssh):
     with pytest.raises(BadHostSpec, match=r"^ssh client 'telnet' is not a "
                        "choice"):
