@@ -53,7 +53,7 @@ class Transport(ABC):
 
     @abstractmethod
     def fileno(self) -> int:
-        """A descriptor that select() reports readable when input waits."""
+        """A descriptor that poll() reports readable when input waits."""
 
     @abstractmethod
     def set_read_timeout(self, seconds: float) -> None:
@@ -69,6 +69,7 @@ class _ProcessTransport(Transport):
     """A process started here, spoken to over its stdin and stdout."""
 
     _what = "process"
+    _close_wait_s = 2.0   # for the process to end once its input ends
 
     def __init__(self, name: str, argv: list[str], env: dict | None = None):
         self.name = name
@@ -122,20 +123,17 @@ class _ProcessTransport(Transport):
             raise WorkerLost(f"worker {self.name}: its pipe is closed ({exc})",
                              worker=self.name) from exc
 
-    def _end(self, wait_s: float) -> None:
-        try:
-            self.process.stdin.close()  # the far end ends at end of input
-        except OSError:
-            pass
-        try:
-            self.process.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
     def close(self) -> None:
         if self.process.poll() is None:
-            self._end(2)
+            try:
+                self.process.stdin.close()  # the far end ends at end of input
+            except OSError:
+                pass
+            try:
+                self.process.wait(timeout=self._close_wait_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
         for stream in (self.process.stdin, self.process.stdout,
                        self.process.stderr):
             try:
@@ -181,14 +179,13 @@ class OpenSSHTransport(_ProcessTransport):
 
     _what = "the OpenSSH client"
 
+    # The daemon lives on without us; a silent host would only make ssh
+    # wait for its keepalive timeout.
+    _close_wait_s = 0.2
+
     def __init__(self, name: str, host: str, argv: list[str]):
         self.host = host
         super().__init__(name, argv)
-
-    def _end(self, wait_s: float) -> None:
-        # The daemon lives on without us; a silent host would only make
-        # ssh wait for its connect or keepalive timeout.
-        super()._end(0.2)
 
 
 # --- SSH -------------------------------------------------------------------
