@@ -64,6 +64,7 @@ def run_suite(scale: str = "full", only: list[str] | None = None,
         module = __import__(f"benchmarks.{name}", fromlist=["run"])
         started = time.perf_counter()
         load_before = common.loadavg()
+        steal_before = common.steal_seconds()
         try:
             result = module.run(scale_obj, log=log)
         except Exception:
@@ -75,6 +76,8 @@ def run_suite(scale: str = "full", only: list[str] | None = None,
         # says whether something else competed for the 2 cores.
         result["loadavg_before"] = load_before
         result["loadavg_after"] = common.loadavg()
+        # On a VM, time the hypervisor took from its cores.
+        result["steal_s"] = common.steal_seconds() - steal_before
         result["busy_other_processes"] = common.busy_others(
             0.5 if scale == "full" else 0.1)
         result["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -82,7 +85,8 @@ def run_suite(scale: str = "full", only: list[str] | None = None,
         log(result.get("table", ""))
         for t in result.get("targets", []):
             log(format_target(t))
-        log(f"({name}: {result['seconds']:.1f} s)\n")
+        log(f"({name}: {result['seconds']:.1f} s; CPU stolen by the "
+            f"hypervisor meanwhile: {result['steal_s']:.2f} s)\n")
     with open(path, "w") as f:
         json.dump(results, f, indent=1, default=float)
     from . import plots

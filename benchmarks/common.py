@@ -114,6 +114,17 @@ def loadavg() -> list[float]:
         return []
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave to others while this VM wanted it
+    (all cores, since boot; /proc/stat's steal column)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def busy_others(window: float = 0.5) -> list[str]:
     """Processes outside this process tree that used > 20% of a core over
     `window` seconds: who else is competing for the cores right now."""

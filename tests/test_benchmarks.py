@@ -128,6 +128,7 @@ def test_suite_smoke(tmp_path):
     for name, result in bench.items():
         assert not result.get("error"), f"{name}:\n{result.get('error')}"
         assert result["seconds"] > 0 and result["table"]
+        assert result["steal_s"] >= 0
     ssh = bool(sshd_available())
 
     rows = bench["sae"]["rows"]
