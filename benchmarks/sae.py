@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import multiprocessing
 import os
 import statistics
 import sys
@@ -106,18 +107,37 @@ def _train_distributed(sae, master, X, theta0, evals: int,
             "workers": len(master.workers), "vs_serial": check}
 
 
+_POOL = {}
+
+
+def _pool_init(sae, halves) -> None:
+    _POOL.update(sae=sae, halves=halves)
+
+
+def _pool_half(task):
+    """mapfunc over one half of the patches, in a pool process."""
+    theta, half = task
+    sae = _POOL["sae"]
+    return sae.mapfunc((theta, sae.HIDDEN), _POOL["halves"][half])
+
+
 def _paired(sae, X, theta0, ssh_skipped: str, rounds: int,
             block: int) -> dict:
     """Steady-state evaluations of the cost over X: the serial code
-    (`serial_stats_cost`) and 2 workers local and over SSH, all set up at
-    once and timed in alternating blocks of `block` evaluations at the same
-    parameters, so that a slower spell of this shared machine hits all
-    alike. Per config: median seconds per evaluation, speed-up against the
-    serial median, and master overhead (wall minus the busiest worker's
-    compute) as a share of the total."""
+    (`serial_stats_cost`), the same code on two plain processes at once
+    (multiprocessing, each with half the patches already: what the two
+    cores can give right now), and 2 workers local and over SSH, all set
+    up at once and timed in alternating blocks of `block` evaluations at
+    the same parameters, so that a slower spell of this shared machine
+    hits all alike. Per config: median seconds per evaluation, speed-up
+    against the serial median, and for qjamfab the master overhead (wall
+    minus the busiest worker's compute) as a share of the total."""
     from qjamfab import DataSet, Master
     rng = np.random.default_rng(7)
     with contextlib.ExitStack() as stack:
+        # Forked before any Master exists: no worker pipes in its children.
+        pool = stack.enter_context(multiprocessing.get_context("fork").Pool(
+            2, initializer=_pool_init, initargs=(sae, np.array_split(X, 2))))
         stack.enter_context(local_home())
         masters = {"local 2": stack.enter_context(Master("local:2"))}
         if not ssh_skipped:
@@ -131,7 +151,7 @@ def _paired(sae, X, theta0, ssh_skipped: str, rounds: int,
             cost(theta0)                       # ships the slices
             cost.seconds.clear()
             cost.compute_seconds.clear()
-        serial = []
+        serial, plain = [], []
         for _ in range(rounds):
             thetas = [theta0 + 0.01 * rng.standard_normal(theta0.size)
                       for _ in range(block)]
@@ -139,11 +159,21 @@ def _paired(sae, X, theta0, ssh_skipped: str, rounds: int,
                 started = time.perf_counter()
                 sae.serial_stats_cost(theta, X)
                 serial.append(time.perf_counter() - started)
+            for theta in thetas:
+                started = time.perf_counter()
+                stats = sum(pool.map(_pool_half, [(theta, 0), (theta, 1)],
+                                     chunksize=1))
+                sae.finish(stats, theta, X.shape[1])
+                plain.append(time.perf_counter() - started)
             for cost in costs.values():
                 for theta in thetas:
                     cost(theta)
     base = statistics.median(serial)
-    out = {"serial-blocked": {"median_eval_s": base, "evals": len(serial)}}
+    out = {"serial-blocked": {"median_eval_s": base, "evals": len(serial)},
+           "2 plain processes": {
+               "median_eval_s": statistics.median(plain),
+               "speedup": base / statistics.median(plain),
+               "evals": len(plain)}}
     for name, cost in costs.items():
         secs = np.array(cost.seconds)
         overhead = secs - np.array(cost.compute_seconds)

@@ -179,7 +179,8 @@ def test_suite_smoke(tmp_path):
         assert set(bench["overhead"]["paired_2_workers"]) == {
             "multiprocessing.Pool", "qjamfab local", "qjamfab ssh"}
         configs = bench["sae"]["paired"]["configs"]
-        assert set(configs) == {"serial-blocked", "local 2", "ssh 2"}
+        assert set(configs) == {"serial-blocked", "2 plain processes",
+                                "local 2", "ssh 2"}
         assert all(c["evals"] >= 4 and c["median_eval_s"] > 0
                    for c in configs.values())
     assert any("== Targets ==" in line for line in lines)
