@@ -321,12 +321,18 @@ class Master:
                 break
         return self._pending.popleft() if self._pending else None
 
+    def _read_available(self, limit_s: float = 1.0) -> None:
+        """Read what workers have sent, without waiting for more; for at
+        most limit_s s, since workers never stop sending (heartbeats)."""
+        deadline = time.monotonic() + limit_s
+        while self._read_ready(0) and time.monotonic() < deadline:
+            pass
+
     def _drain(self) -> None:
         """Before a run: take in what workers sent since the last one
         (heartbeats, output left from an interrupted run, the end of a
         worker that died) without waiting, so lost workers are restarted."""
-        while self._read_ready(0):
-            pass
+        self._read_available()
         while self._pending:
             source, kind, head, _ = self._pending.popleft()
             if kind == protocol.LOG:

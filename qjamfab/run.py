@@ -414,8 +414,7 @@ class Run:
         busy = {t.worker for t in self.open.values()}
         if any(h.alive and h.last_seen < deadline for h in busy):
             # Heartbeats may wait unread while we were sending: read them.
-            while self.master._read_ready(0):
-                pass
+            self.master._read_available()
         for handle in busy:
             if handle.alive and handle.last_seen < deadline:
                 self.silent.add(handle.name)

@@ -55,6 +55,11 @@ class Transport(ABC):
     def fileno(self) -> int:
         """A descriptor that poll() reports readable when input waits."""
 
+    def has_input(self) -> bool:
+        """After fileno() polled readable: whether readinto has bytes (or
+        the end of the stream) to give now."""
+        return True
+
     @abstractmethod
     def set_read_timeout(self, seconds: float) -> None:
         """From now on readinto raises TimeoutError after this long
@@ -266,9 +271,27 @@ class SSHChannelTransport(Transport):
         self.name = name
         self.host = conn.host
         self.channel = _open_channel(conn, command, f"worker {name}")
+        self._stderr = bytearray()   # its tail, for exit_report
 
     def fileno(self) -> int:
+        # paramiko's fileno() turns readable for stderr too (a login
+        # shell's warning, say): see has_input.
         return self.channel.fileno()
+
+    def has_input(self) -> bool:
+        self._take_stderr()
+        return self.channel.recv_ready() or self.channel.eof_received \
+            or self.channel.closed
+
+    def _take_stderr(self) -> None:
+        """Move what the far end wrote to stderr into our tail of it, so
+        that it stops making the channel look readable."""
+        try:
+            while self.channel.recv_stderr_ready():
+                self._stderr += self.channel.recv_stderr(1 << 16)
+        except _SSH_ERRORS:
+            return
+        del self._stderr[:-(1 << 16)]
 
     def set_read_timeout(self, seconds: float) -> None:
         self.channel.settimeout(seconds)
@@ -306,10 +329,5 @@ class SSHChannelTransport(Transport):
         status = None
         if self.channel.status_event.wait(2):
             status = self.channel.recv_exit_status()
-        text = b""
-        try:
-            while self.channel.recv_stderr_ready():
-                text += self.channel.recv_stderr(1 << 16)
-        except _SSH_ERRORS:
-            pass
-        return status, tail(text.decode("utf-8", "replace"))
+        self._take_stderr()
+        return status, tail(self._stderr.decode("utf-8", "replace"))

@@ -118,7 +118,7 @@ def read_events(handles: Iterable[WorkerHandle], timeout: float
         for fd in by_fd:
             poller.register(fd, select.POLLIN)
         ready = [by_fd[fd] for fd, _ in poller.poll(
-            max(0.0, timeout) * 1000)]
+            max(0.0, timeout) * 1000) if by_fd[fd].transport.has_input()]
     elif not live and timeout > 0:
         time.sleep(timeout)
     return [h.read_event() for h in ready]

@@ -89,6 +89,36 @@ def test_workers_behind_a_jump_host(ssh, tmp_path, client):
         assert f.read().count("Accepted publickey") > before
 
 
+def test_remote_stderr_does_not_stall_reading(ssh):
+    """paramiko reports a channel readable when only its stderr has data
+    (a login shell's warning, say): reading must not then wait for
+    stdout. The far end here speaks the protocol after such a warning."""
+    import shlex
+    from qjamfab.transport import SSHChannelTransport
+    from qjamfab.workers import WorkerHandle, read_events
+    code = textwrap.dedent("""\
+        import os, sys
+        from qjamfab import protocol
+        sys.stderr.write("pyenv: cannot rehash: a warning\\n")
+        sys.stderr.flush()
+        for b in protocol.frame(protocol.HELLO, {"version": protocol.VERSION}):
+            os.write(1, b)
+        sys.stdin.buffer.read()
+        """)
+    conn = hosts.connect("host1", ssh_config=ssh.ssh_config)
+    try:
+        handle = WorkerHandle("w", SSHChannelTransport(
+            "w", conn, shlex.join([sys.executable, "-c", code])), 5.0)
+        time.sleep(0.3)   # the warning has arrived
+        started = time.monotonic()
+        assert read_events([handle], 0) == []
+        assert time.monotonic() - started < 1 and handle.alive
+        handle.close()
+        assert "cannot rehash" in handle.transport.exit_report(None)[1]
+    finally:
+        conn.close()
+
+
 def test_bad_ssh_client_choice_is_refused_early(ssh):
     with pytest.raises(BadHostSpec, match=r"^ssh client 'telnet' is not a "
                        "choice"):
