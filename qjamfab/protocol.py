@@ -133,7 +133,7 @@ class FrameReader:
         self._start += n
         return data
 
-    def _read_part(self, n: int) -> bytearray:
+    def read_part(self, n: int) -> bytearray:
         out = bytearray(n)
         view = memoryview(out)
         have = min(n, self._end - self._start)
@@ -157,7 +157,7 @@ class FrameReader:
     def read(self) -> tuple[int, dict, list]:
         """Next frame as (kind, head, payload parts). EOFError at the end."""
         kind, head, lengths = self.read_head()
-        return kind, head, [self._read_part(n) for n in lengths]
+        return kind, head, [self.read_part(n) for n in lengths]
 
     def read_head(self) -> tuple[int, dict, list[int]]:
         """The next frame's kind, head and payload part lengths. The parts
@@ -168,14 +168,11 @@ class FrameReader:
                 f"bad frame header {magic!r}: the peer is not a qjamfab "
                 f"endpoint of protocol version {VERSION}, or the stream was "
                 "corrupted")
-        raw = self._read_part(_LENGTH.size * nparts)
+        raw = self.read_part(_LENGTH.size * nparts)
         lengths = [_LENGTH.unpack_from(raw, i * _LENGTH.size)[0]
                    for i in range(nparts)]
-        head = pickle.loads(self._read_part(lengths[0]))
+        head = pickle.loads(self.read_part(lengths[0]))
         return kind, head, lengths[1:]
-
-    def read_part(self, n: int) -> bytearray:
-        return self._read_part(n)
 
     def copy_to(self, fd: int, n: int, source_fd: int | None = None) -> None:
         """Move the next n bytes of the stream into file `fd`: what is
