@@ -467,8 +467,23 @@ class QjamfabConnection(fabric.Connection):
             self.gateway.close()
 
 
+def _config_path(ssh_config: str | None) -> str | None:
+    """The ssh_config file to use: the argument, else $QJAMFAB_SSH_CONFIG,
+    else None (the clients' defaults)."""
+    return ssh_config or os.environ.get("QJAMFAB_SSH_CONFIG") or None
+
+
+def _destination(spec: HostSpec) -> tuple[str | None, str, int | None]:
+    """(user, host, port) of an SSH spec; the user from ``user@``, else
+    $QJAMFAB_USER, else $QJAM_USER, else None (ssh_config decides)."""
+    user, host, port = _split_destination(spec.raw)
+    user = user or os.environ.get("QJAMFAB_USER") or os.environ.get(
+        "QJAM_USER") or None
+    return user, host, port
+
+
 def _fabric_config(ssh_config: str | None, label: str) -> fabric.Config:
-    path = ssh_config or os.environ.get("QJAMFAB_SSH_CONFIG") or None
+    path = _config_path(ssh_config)
     origin = ("the ssh_config argument" if ssh_config
               else "QJAMFAB_SSH_CONFIG" if path else "the default ssh_config")
     if path is not None:
@@ -600,10 +615,7 @@ def connect(spec: HostSpec | str, *, ssh_config: str | None = None,
         raise BadHostSpec(
             f"{label}: is a local host spec and needs no SSH connection: "
             f"start local workers instead", host=label)
-    user, host, port = _split_destination(spec.raw)
-    if user is None:
-        user = (os.environ.get("QJAMFAB_USER") or os.environ.get("QJAM_USER")
-                or None)
+    user, host, port = _destination(spec)
     config = _fabric_config(ssh_config, label)
     try:
         conn = QjamfabConnection(host, user=user, port=port, config=config)
@@ -662,10 +674,8 @@ def openssh_command(ssh: str, spec: HostSpec, command: str, *,
     known_hosts (BatchMode: it never prompts); `connect` has checked the
     host first, with the policy of that ssh_config.
     """
-    user, host, port = _split_destination(spec.raw)
-    user = user or os.environ.get("QJAMFAB_USER") or os.environ.get(
-        "QJAM_USER")
-    path = ssh_config or os.environ.get("QJAMFAB_SSH_CONFIG")
+    user, host, port = _destination(spec)
+    path = _config_path(ssh_config)
     argv = [ssh] + (["-F", os.path.expanduser(path)] if path else [])
     argv += ["-T", "-x", "-a", "-e", "none", "-o", "BatchMode=yes",
              "-o", "ConnectTimeout=10",
