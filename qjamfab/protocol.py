@@ -179,9 +179,9 @@ class FrameReader:
         buffered, then straight from `source_fd` with splice when it is a
         pipe (the kernel moves the bytes: no copy here, no memory), else
         through the buffer."""
+        splice = source_fd is not None and _can_splice(source_fd)
         while n:
-            if self._end == self._start and source_fd is not None \
-                    and _can_splice(source_fd):
+            if self._end == self._start and splice:
                 moved = os.splice(source_fd, fd, n)
                 if not moved:
                     raise EOFError("stream closed inside a frame")
