@@ -15,6 +15,7 @@ import collections
 import itertools
 import logging
 import os
+import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ from .dataset import BaseDataSet, DataSet
 from .errors import QjamfabError, WorkerLost
 from .hosts import HostSpec, openssh_client, parse_hosts
 from .run import Run, RunStats, print_log
-from .runtime import default_base, relay
+from .runtime import NO_RUNTIME, default_base, relay
 from .transport import OPENSSH_FAILED, LocalPipeTransport
 from .workers import LOST, Event, WorkerHandle, read_events
 
@@ -106,41 +107,92 @@ class Master:
                 if f"{host.label}-{k}" not in self._handles
                 or not self._handles[f"{host.label}-{k}"].alive]
 
-    def _prepare_host(self, host: "_Host") -> None:
-        """Connect, bootstrap and start the daemons of an SSH host."""
+    def _connect(self, host: "_Host") -> None:
+        """An open session to an SSH host; and when the host has not said
+        how many workers it runs (one per core), its daemons started."""
         if host.session is not None and not host.session.connected:
             host.session.close()
             host.session = None
         if host.session is None:
             host.session = HostSession(host.spec, ssh_config=self.ssh_config,
                                        ssh_client=self.ssh_client)
-        started = host.session.start_workers(
-            host.count or self._workers_per_host or "auto")
         if host.count is None:
-            host.count = started["count"]
+            self._start_daemons(host, host.starts)
 
-    def _attach(self, host: "_Host", name: str, k: int) -> WorkerHandle:
-        if host.spec.is_local:
-            return WorkerHandle(name, LocalPipeTransport(name, self._base),
-                                self.heartbeat_timeout)
+    def _start_daemons(self, host: "_Host", seen: int) -> None:
+        """start-workers on the host (it bootstraps the host if needed,
+        starts missing daemons and replaces those of another runtime),
+        unless it ran since the caller saw `host.starts` == seen: the
+        workers of a host attach at once, and two starts at once could
+        both start the same daemon."""
+        with host.start_lock:
+            if host.starts == seen:
+                started = host.session.start_workers(
+                    host.count or self._workers_per_host or "auto")
+                host.count = host.count or started["count"]
+                host.starts += 1
+
+    def _stream(self, host: "_Host", name: str, k: int) -> WorkerHandle:
+        """A handle on daemon k of an SSH host, through the OpenSSH client
+        or, where that cannot reach the host, paramiko."""
         try:
             return WorkerHandle(name, host.session.worker_transport(name, k),
                                 self.heartbeat_timeout)
         except WorkerLost as exc:
-            if exc.exit_status == OPENSSH_FAILED \
-                    and not host.session.openssh_failed:
-                # paramiko reached this host a moment ago: use it.
-                log.warning("the OpenSSH client cannot reach %s (%s); using "
-                            "paramiko for its workers", host.spec.raw,
-                            (exc.stderr_tail or "no message").splitlines()[-1])
-                host.session.openssh_failed = True
-                return self._attach(host, name, k)
-            if exc.exit_status not in (relay.NO_WORKER, relay.WORKER_DIED):
+            if exc.exit_status != OPENSSH_FAILED:
                 raise
-            # It ended between start-workers and attaching: start it again.
-            host.session.start_workers(host.count)
-            return WorkerHandle(name, host.session.worker_transport(name, k),
+            with host.start_lock:
+                if not host.session.openssh_failed:
+                    # paramiko reached this host a moment ago: use it.
+                    log.warning(
+                        "the OpenSSH client cannot reach %s (%s); using "
+                        "paramiko for its workers", host.spec.raw,
+                        (exc.stderr_tail or "no message").splitlines()[-1])
+                    host.session.openssh_failed = True
+        return WorkerHandle(name, host.session.worker_transport(name, k),
+                            self.heartbeat_timeout)
+
+    def _attach(self, host: "_Host", name: str, k: int) -> WorkerHandle:
+        """A handle on worker k of the host. An SSH host's daemons outlive
+        a Master, so attaching comes first. start-workers runs when a
+        daemon is missing, dead or of another runtime, and then attaching
+        is tried again (twice at most: a daemon may end in between); on
+        any other failure it runs too, since its errors name what the host
+        lacks (python, a writable base directory)."""
+        if host.spec.is_local:
+            return WorkerHandle(name, LocalPipeTransport(name, self._base),
                                 self.heartbeat_timeout)
+        for _ in range(2):
+            seen = host.starts
+            try:
+                return self._stream(host, name, k)
+            except WorkerLost as exc:
+                self._start_daemons(host, seen)
+                if not _daemon_missing(exc):
+                    raise
+        return self._stream(host, name, k)
+
+    def _prepare(self, host: "_Host") -> None:
+        """Connect the host and attach every worker of it that is not up,
+        all at once."""
+        if not host.spec.is_local:
+            self._connect(host)
+        missing = self._missing(host)
+        for name, _ in missing:
+            old = self._handles.pop(name, None)
+            if old is not None:
+                old.close()
+        with ThreadPoolExecutor(max_workers=len(missing)) as pool:
+            attaching = [(name, pool.submit(self._attach, host, name, k))
+                         for name, k in missing]
+            failure = None
+            for name, future in attaching:
+                try:
+                    self._handles[name] = future.result()
+                except QjamfabError as exc:
+                    failure = failure or exc
+        if failure is not None:
+            raise failure
 
     def _start_missing(self, first: bool = False) -> None:
         """Start or reconnect every worker that is not up.
@@ -157,13 +209,7 @@ class Master:
 
         def prepare(host: _Host) -> None:
             try:
-                if not host.spec.is_local:
-                    self._prepare_host(host)
-                for name, k in self._missing(host):
-                    old = self._handles.pop(name, None)
-                    if old is not None:
-                        old.close()
-                    self._handles[name] = self._attach(host, name, k)
+                self._prepare(host)
                 host.failures = 0
             except QjamfabError as exc:
                 failures[id(host)] = exc
@@ -350,6 +396,18 @@ class _Host:
         self.session: HostSession | None = None
         self.failures = 0
         self.retry_at = 0.0
+        self.start_lock = threading.Lock()   # see Master._start_daemons
+        self.starts = 0
+
+
+def _daemon_missing(exc: QjamfabError) -> bool:
+    """Whether attaching failed because the daemon is not there to serve
+    this Master: not started, ended, of another runtime, or the host lacks
+    this runtime. start-workers mends all of these."""
+    return isinstance(exc, WorkerLost) and (
+        exc.exit_status in (relay.NO_WORKER, relay.WORKER_DIED,
+                            relay.OTHER_RUNTIME)
+        or NO_RUNTIME in (exc.stderr_tail or ""))
 
 
 def _label_hosts(specs: list[HostSpec], workers_per_host: int | None

@@ -140,17 +140,45 @@ def master3(ssh, request):
         yield m
 
 
-def test_second_master_finds_warm_workers_and_caches(ssh):
+def _count_starts(monkeypatch) -> list[str]:
+    """The hosts start-workers runs on, from here on."""
+    from qjamfab import cluster
+    starts = []
+    real = cluster.HostSession.start_workers
+
+    def counted(session, *args, **kw):
+        starts.append(session.name)
+        return real(session, *args, **kw)
+    monkeypatch.setattr(cluster.HostSession, "start_workers", counted)
+    return starts
+
+
+def test_second_master_finds_warm_workers_and_caches(ssh, monkeypatch):
     data = DataSet(np.arange(6000, dtype=np.int64).reshape(600, 10))
     opts = dict(workers_per_host=1, ssh_config=ssh.ssh_config)
     with Master(ssh.aliases, **opts) as first:
         first.run(lambda p, x: int(x.sum()), dataset=data)
         pids = {n: s["pid"] for n, s in first.worker_stats().items()}
+    starts = _count_starts(monkeypatch)
     with Master(ssh.aliases, **opts) as second:
         assert second.run(lambda p, x: int(x.sum()), dataset=data) == \
             int(np.arange(6000).sum())
         assert second.last_run.dataset_bytes_sent == 0
         assert {n: s["pid"] for n, s in second.worker_stats().items()} == pids
+    assert starts == []   # daemons that are up are attached to directly
+
+
+def test_stopped_daemons_are_started_once_per_host(ssh, monkeypatch):
+    """Attaching comes first; where no daemon listens, start-workers runs
+    once for all the host's workers, and they attach."""
+    from qjamfab import cluster
+    cluster.stop_workers(hosts.parse_hosts(["host2"]),
+                         ssh_config=ssh.ssh_config)
+    starts = _count_starts(monkeypatch)
+    with Master(["host2"], workers_per_host=2, ssh_config=ssh.ssh_config) as m:
+        assert m.run(sum_params, params=[1, 2]) == 6
+        assert len({s["pid"] for s in m.worker_stats().values()}) == 2
+    assert starts == ["host2"]
 
 
 def test_missing_remote_python(ssh, monkeypatch):
@@ -278,6 +306,16 @@ def test_daemon_of_another_runtime_is_replaced(ssh):
         while not os.path.exists(os.path.join(home, "run", "worker-0.pid")):
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        # This runtime's relay will not hand its stream to that daemon.
+        from qjamfab.runtime import relay
+        refused = subprocess.run(
+            [sys.executable, "-c", runtime.boot_code("relay"), "worker-0"],
+            env={**os.environ, "QJAMFAB_HOME": home}, capture_output=True,
+            text=True, timeout=30)
+        assert refused.returncode == relay.OTHER_RUNTIME
+        assert refused.stderr == (f"worker-0 runs qjamfab runtime {older}, "
+                                  f"not {current}: start-workers replaces "
+                                  "it\n")
         with Master(["host3"], workers_per_host=1,
                     ssh_config=ssh.ssh_config) as m:
             assert m.run(constant) == 42

@@ -76,6 +76,12 @@ def ensure_local_bundle(base: str) -> str:
     return target
 
 
+def this_runtime() -> str:
+    """On a host, the content hash naming the bundle this code runs from
+    (its directory's name)."""
+    return os.path.basename(os.path.dirname(_PACKAGE_DIR))
+
+
 def read_tail(path: str, limit: int = 8192) -> str:
     """The last `limit` bytes of a file as text ("" when unreadable)."""
     try:

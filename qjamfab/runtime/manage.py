@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from . import boot_code, default_base
+from . import boot_code, default_base, this_runtime
 
 _START_WAIT_S = 15.0
 
@@ -61,16 +61,10 @@ def _workers(base: str) -> list[dict]:
     return found
 
 
-def _this_runtime() -> str:
-    """The content hash naming the bundle this code runs from."""
-    return os.path.basename(os.path.dirname(os.path.dirname(
-        os.path.dirname(os.path.abspath(__file__)))))
-
-
 def start(base: str, count: int, idle_timeout: float) -> dict:
     # A daemon of another runtime (qjamfab was upgraded) would not speak
     # this one's protocol: it is replaced, its disk cache kept.
-    runtime = _this_runtime()
+    runtime = this_runtime()
     replaced = _stop(base, [w for w in _workers(base)
                             if runtime not in _cmdline(w["pid"])])
     running = {w["name"] for w in _workers(base)}

@@ -10,7 +10,8 @@ worker's captured output to stderr for the master to show.
 
 Exit status: 0 when the master hung up, 3 when no daemon listens there,
 4 when the daemon died, 5 when it is serving another master (a daemon
-serves one connection at a time).
+serves one connection at a time), 6 when it runs another runtime (after an
+upgrade: start-workers replaces it).
 """
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ import os
 import socket
 import sys
 
-from . import default_base, read_tail
+from . import default_base, read_tail, this_runtime
 
 NO_WORKER = 3
 WORKER_DIED = 4
 WORKER_BUSY = 5
+OTHER_RUNTIME = 6
 _BUSY_WAIT_S = 5.0
 
 
@@ -62,6 +64,11 @@ def main() -> None:
         sys.exit(WORKER_DIED)
     conn.settimeout(None)
     info = json.loads(line)
+    if info.get("runtime") != this_runtime():
+        sys.stderr.write(f"{sys.argv[1]} runs qjamfab runtime "
+                         f"{info.get('runtime')}, not {this_runtime()}: "
+                         "start-workers replaces it\n")
+        sys.exit(OTHER_RUNTIME)
     socket.send_fds(conn, [b"attach"], [0, 1])
     # Keep no copy of the channel's pipes: when the daemon dies, sshd must
     # see their end at once.

@@ -33,7 +33,7 @@ import traceback
 
 from .. import protocol
 from ..reduce import default_reduce
-from . import default_base
+from . import default_base, this_runtime
 from .cache import RefCache
 
 _LOG_POLL_S = 0.05
@@ -352,7 +352,8 @@ def _serve_socket(worker: Worker, path: str, idle_timeout: float) -> None:
         f.write(f"{os.getpid()}\n")
     listener.listen(8)
     listener.settimeout(idle_timeout if idle_timeout > 0 else None)
-    info = json.dumps({"pid": os.getpid(), "log": worker.capture.path})
+    info = json.dumps({"pid": os.getpid(), "log": worker.capture.path,
+                       "runtime": this_runtime()})
     try:
         while True:
             try:
