@@ -17,6 +17,7 @@ import posixpath
 import select
 import subprocess
 import sys
+import tempfile
 from abc import ABC, abstractmethod
 
 import paramiko
@@ -28,6 +29,7 @@ _TAIL_LINES = 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)   # Linux
 _PIPE_SIZE = 1 << 20
 OPENSSH_FAILED = 255   # ssh's exit status for its own errors
+_STDERR_TAIL = 1 << 16
 
 
 def tail(text: str, lines: int = _TAIL_LINES) -> str:
@@ -71,20 +73,25 @@ class Transport(ABC):
 
 
 class _ProcessTransport(Transport):
-    """A process started here, spoken to over its stdin and stdout."""
+    """A process started here, spoken to over its stdin and stdout. Its
+    stderr goes to an unlinked temporary file: nobody reads it until the
+    process ends, and a pipe left unread would stall the process once
+    full (the OpenSSH client passes on a remote login shell's warnings)."""
 
     _what = "process"
     _close_wait_s = 2.0   # for the process to end once its input ends
 
     def __init__(self, name: str, argv: list[str], env: dict | None = None):
         self.name = name
+        self._stderr = tempfile.TemporaryFile()
         try:
             self.process = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, bufsize=0, env=env,
+                stderr=self._stderr, bufsize=0, env=env,
                 # Ctrl-C at the terminal is the Master's to handle.
                 start_new_session=True)
         except OSError as exc:
+            self._stderr.close()
             raise WorkerLost(
                 f"cannot start {self._what} for worker {name} ({argv[0]}): "
                 f"{exc}; check that the executable exists",
@@ -140,7 +147,7 @@ class _ProcessTransport(Transport):
                 self.process.kill()
                 self.process.wait()
         for stream in (self.process.stdin, self.process.stdout,
-                       self.process.stderr):
+                       self._stderr):
             try:
                 stream.close()
             except OSError:
@@ -160,7 +167,9 @@ class _ProcessTransport(Transport):
             except OSError:
                 pass
         try:
-            text += self.process.stderr.read().decode("utf-8", "replace")
+            self._stderr.seek(max(0, self._stderr.seek(0, os.SEEK_END)
+                                  - _STDERR_TAIL))
+            text += self._stderr.read().decode("utf-8", "replace")
         except (OSError, ValueError):
             pass
         return status, tail(text)
@@ -291,7 +300,7 @@ class SSHChannelTransport(Transport):
                 self._stderr += self.channel.recv_stderr(1 << 16)
         except _SSH_ERRORS:
             return
-        del self._stderr[:-(1 << 16)]
+        del self._stderr[:-_STDERR_TAIL]
 
     def set_read_timeout(self, seconds: float) -> None:
         self.channel.settimeout(seconds)

@@ -119,6 +119,32 @@ def test_remote_stderr_does_not_stall_reading(ssh):
         conn.close()
 
 
+def test_much_remote_stderr_does_not_stall_the_openssh_client(ssh):
+    """The OpenSSH client's stderr is read only when the stream ends: a
+    far end that writes more to stderr than a pipe holds must still get
+    its frames through."""
+    import shlex
+    from qjamfab.transport import OpenSSHTransport
+    from qjamfab.workers import WorkerHandle
+    code = textwrap.dedent("""\
+        import os, sys
+        from qjamfab import protocol
+        sys.stderr.write("noise " * 400_000 + "last words\\n")
+        sys.stderr.flush()
+        for b in protocol.frame(protocol.HELLO, {"version": protocol.VERSION}):
+            os.write(1, b)
+        """)
+    argv = hosts.openssh_command(
+        hosts.openssh_client("openssh"), hosts.parse_hosts("host1")[0],
+        shlex.join([sys.executable, "-c", code]), ssh_config=ssh.ssh_config)
+    handle = WorkerHandle("w", OpenSSHTransport("w", "host1", argv), 5.0)
+    assert handle.hello["version"] > 0
+    status, tail = handle.transport.exit_report(None)
+    assert status == 0 and tail.endswith("noise noise last words")
+    assert len(tail) <= 1 << 16   # its tail: what the master shows
+    handle.close()
+
+
 def test_bad_ssh_client_choice_is_refused_early(ssh):
     with pytest.raises(BadHostSpec, match=r"^ssh client 'telnet' is not a "
                        "choice"):
