@@ -92,11 +92,16 @@ def test_without_room_on_disk_the_slice_stays_in_memory(tmp_path,
     assert refs.stats() == {"entries": 0, "bytes": 0, "in_memory": 1}
 
 
-def test_entries_of_an_older_layout_are_dropped(tmp_path):
+def test_entries_of_an_older_layout_and_dead_writers_are_dropped(tmp_path):
+    import subprocess
     directory = tmp_path / "cache"
     directory.mkdir()
     (directory / "oldref").write_bytes(b"\0\0\0\1" + bytes(16))
-    (directory / "newref.123.tmp").write_bytes(b"")   # being written
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    (directory / f"deadref.{ended.pid}.tmp").write_bytes(b"QJC2")  # crashed
+    being_written = f"newref.{os.getpid()}.tmp"
+    (directory / being_written).write_bytes(b"")
     refs = RefCache(str(directory))
     assert refs.missing(["oldref"]) == ["oldref"]
-    assert sorted(os.listdir(directory)) == ["newref.123.tmp"]
+    assert sorted(os.listdir(directory)) == [being_written]

@@ -38,7 +38,7 @@ class RefCache:
         self.directory = directory
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._memory: dict[str, object] = {}
-        _drop_other_layouts(directory)
+        _tidy(directory)
 
     def _path(self, ref: str) -> str:
         return os.path.join(self.directory, ref)
@@ -89,10 +89,7 @@ class RefCache:
         stats = self.stats()
         self._memory.clear()
         for name in os.listdir(self.directory):
-            try:
-                os.unlink(os.path.join(self.directory, name))
-            except FileNotFoundError:
-                pass  # another worker on this host removed it first
+            _unlink(os.path.join(self.directory, name))
         return stats
 
     def stats(self) -> dict:
@@ -117,17 +114,38 @@ def _write_padded(fd: int, data: bytes, pad: int | None = None) -> int:
     return total
 
 
-def _drop_other_layouts(directory: str) -> None:
-    """Remove entries an older qjamfab wrote in another layout."""
+def _tidy(directory: str) -> None:
+    """Remove what a worker finds in the cache that no one can use: entries
+    an older qjamfab wrote in another layout, and temporary files of
+    workers that died writing them (`<ref>.<pid>.tmp`)."""
     for entry in os.scandir(directory):
         if entry.name.endswith(".tmp"):
-            continue   # maybe being written by another worker here
+            if not _writer_alive(entry.name):
+                _unlink(entry.path)
+            continue
         try:
             with open(entry.path, "rb") as f:
                 if f.read(len(_MAGIC)) != _MAGIC:
                     os.unlink(entry.path)
         except OSError:
-            pass   # being written (a .tmp) or removed meanwhile
+            pass   # removed meanwhile
+
+
+def _writer_alive(tmp_name: str) -> bool:
+    try:
+        os.kill(int(tmp_name.split(".")[-2]), 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass   # another worker here removed it first
 
 
 def _load(path: str) -> object:
