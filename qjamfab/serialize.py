@@ -12,6 +12,7 @@ import functools
 import hashlib
 import io
 import os
+import pickle
 import sys
 import sysconfig
 import types
@@ -127,6 +128,8 @@ _job_cache: dict[tuple[int, int], tuple[list, str, bytes]] = {}
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), range,
               types.BuiltinFunctionType, type(Ellipsis))
 _ABSENT = object()   # a global name the code uses that is not defined (yet)
+# What a snapshot takes as it is, told by exact type: the common case, fast.
+_LEAVES = frozenset({*_IMMUTABLE, types.CodeType, type(_ABSENT)})
 
 
 def _same(old: list, new: list) -> bool:
@@ -157,7 +160,7 @@ def _snapshot(job: tuple) -> list | None:
     while todo:
         obj = todo.pop()
         parts.append(obj)
-        if isinstance(obj, _IMMUTABLE):
+        if type(obj) in _LEAVES or isinstance(obj, _IMMUTABLE):
             continue
         if isinstance(obj, (tuple, frozenset)):
             todo.extend(obj)
@@ -178,7 +181,7 @@ def _snapshot(job: tuple) -> list | None:
             env = obj.__globals__
             todo += [env.get(name, _ABSENT)
                      for name in _global_names(obj.__code__)]
-        elif isinstance(obj, types.CodeType) or obj is _ABSENT:
+        elif isinstance(obj, types.CodeType):
             continue
         elif isinstance(obj, (type, types.ModuleType)):
             if not _by_reference(obj):
@@ -197,9 +200,35 @@ def _by_reference(obj: object) -> bool:
         return False
 
 
+_PLAIN_SCALARS = frozenset({int, float, complex, str, bytes, bool,
+                            type(None)})
+
+
+def _plain(value: object, depth: int = 0) -> bool:
+    """Whether `value` is plain data that the C pickler copies exactly as
+    cloudpickle would: builtin scalars, numpy arrays without Python
+    objects inside, and small tuples, lists and dicts of them. Pickling
+    those without cloudpickle's per-object hook is 3x faster (params go
+    out on every run)."""
+    kind = type(value)
+    if kind in _PLAIN_SCALARS:
+        return True
+    if kind is tuple or kind is list:
+        return depth < 4 and len(value) <= 64 and all(
+            _plain(v, depth + 1) for v in value)
+    if kind is dict:
+        return depth < 4 and len(value) <= 64 and all(
+            _plain(k, depth + 1) and _plain(v, depth + 1)
+            for k, v in value.items())
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and kind is numpy.ndarray \
+        and not value.dtype.hasobject
+
+
 def _encode(value: object, error: type, what: str) -> list:
     try:
-        return protocol.encode(value, _dumps)
+        return protocol.encode(value, pickle.dumps if _plain(value)
+                               else _dumps)
     except Exception as exc:
         raise error(f"{what} of type {type(value).__name__} cannot be pickled "
                     f"({type(exc).__name__}: {exc}): send data that pickle "

@@ -108,3 +108,35 @@ def test_workers_see_every_change_between_runs():
         assert m.run(job, dataset=[1]) == 2
         offset = 100
         assert m.run(job, dataset=[1]) == 101
+
+
+class Point:   # defined here: only cloudpickle can send it by value
+    def __init__(self, x):
+        self.x = x
+
+
+def test_plain_params_skip_cloudpickle_and_the_rest_use_it(monkeypatch):
+    """Plain data (scalars, arrays, small containers of them) is pickled
+    by the C pickler to the bytes cloudpickle would give; anything else
+    still goes through cloudpickle."""
+    from qjamfab import protocol
+    plain = [1, "s", None, (np.arange(5.0), 30), {"lr": 0.1, "w": [1, 2]},
+             np.zeros((2, 3), dtype=[("a", "i4"), ("b", "f8")])]
+    for value in plain:
+        assert [bytes(p) for p in serialize.encode_params(value)] == \
+            [bytes(p) for p in protocol.encode(value, serialize._dumps)]
+    cloudpickled = []
+    real = serialize._dumps
+
+    def spy(obj, *args, **kw):
+        cloudpickled.append(obj)
+        return real(obj, *args, **kw)
+    monkeypatch.setattr(serialize, "_dumps", spy)
+    for value in plain:
+        serialize.encode_params(value)
+    assert cloudpickled == []
+    others = [Point(1), (1, Point(2)), lambda x: x,
+              np.array([Point(3)], dtype=object), [[[[[1]]]]]]
+    for value in others:
+        serialize.encode_params(value)
+    assert cloudpickled == others
