@@ -181,8 +181,6 @@ def _snapshot(job: tuple) -> list | None:
             env = obj.__globals__
             todo += [env.get(name, _ABSENT)
                      for name in _global_names(obj.__code__)]
-        elif isinstance(obj, types.CodeType):
-            continue
         elif isinstance(obj, (type, types.ModuleType)):
             if not _by_reference(obj):
                 return None
