@@ -68,6 +68,24 @@ def test_printing_job_returns_42_and_output_reaches_master(master2, capfd):
             assert f"[{worker}] {text}" in out
 
 
+def _print_lines(tag, count):
+    for i in range(count):
+        print(f"{tag} {i:06d} " + "x" * 90)
+    return os.path.getsize(f"/proc/self/fd/1")
+
+
+def test_long_output_all_arrives_and_the_log_file_starts_over(capfd):
+    """A worker's output file is cut back to nothing once more than 1 MiB
+    of it was forwarded; every line still reaches the master, in order."""
+    with Master("local:1") as m:
+        sizes = [m.run(lambda p, x: _print_lines("first", 12_000)),
+                 m.run(lambda p, x: _print_lines("second", 10))]
+    lines = [line.split()[:3] for line in capfd.readouterr().out.splitlines()]
+    assert lines == [["[local-0]", "first", f"{i:06d}"] for i in range(12_000)] \
+        + [["[local-0]", "second", f"{i:06d}"] for i in range(10)]
+    assert sizes[0] > 1 << 20 and sizes[1] < 2000
+
+
 def test_module_reduce_is_used(master):
     assert master.run(with_reduce, dataset=DataSet(list(range(3, 60)))) == [3, 59]
 

@@ -76,7 +76,8 @@ class Capture:
                                       line_buffering=True, errors="replace")
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False),
                                       line_buffering=True, errors="replace")
-        self._reader = open(path, "rb")
+        self._fd = os.open(path, os.O_RDONLY)
+        self._forwarded = 0   # bytes of the file sent on so far
         self._lock = threading.Lock()
         self.channel: Channel | None = None
         self._busy = False
@@ -84,16 +85,21 @@ class Capture:
 
     def _forward(self) -> None:
         with self._lock:
-            data = self._reader.read()
-            if data and self.channel is not None:
+            # One fstat when nothing was printed: this runs after every task.
+            size = os.fstat(self._fd).st_size
+            if size <= self._forwarded:
+                return
+            data = os.pread(self._fd, size - self._forwarded, self._forwarded)
+            self._forwarded += len(data)
+            if self.channel is not None:
                 try:
                     self.channel.send(protocol.LOG, {
                         "text": data.decode("utf-8", "replace")})
                 except OSError:
                     pass  # the master is gone; the text stays in the file
-            if self._reader.tell() > (1 << 20):
+            if self._forwarded > (1 << 20):
                 os.ftruncate(1, 0)
-                self._reader.seek(0)
+                self._forwarded = 0
 
     def _poll(self) -> None:
         # A timer rather than an event set by begin(): waking this thread
@@ -186,7 +192,8 @@ class Worker:
             while True:
                 # Frames that arrived while a task ran come first: one may
                 # cancel the next task.
-                if not channel.input_waiting() and self._run_next(channel):
+                if self.pending and not channel.input_waiting() \
+                        and self._run_next(channel):
                     continue
                 try:
                     kind, head, lengths = channel.reader.read_head()
