@@ -63,43 +63,58 @@ class Channel:
 
 
 class Capture:
-    """fds 1 and 2 -> an append-only file, forwarded as LOG frames."""
+    """fds 1 and 2 -> an append-only file, forwarded as LOG frames. Past
+    1 MiB forwarded, the file starts over between tasks: fds 1 and 2 move
+    to a fresh file under the same name, and what reached the old one is
+    read to its end first, so no line is lost."""
 
     def __init__(self, path: str):
         self.path = path
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
-                     0o600)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
         sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False),
                                       line_buffering=True, errors="replace")
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False),
                                       line_buffering=True, errors="replace")
-        self._fd = os.open(path, os.O_RDONLY)
+        self._fd = self._fresh_file()
         self._forwarded = 0   # bytes of the file sent on so far
         self._lock = threading.Lock()
         self.channel: Channel | None = None
         self._busy = False
         threading.Thread(target=self._poll, daemon=True).start()
 
+    def _fresh_file(self) -> int:
+        """Point fds 1 and 2 at a new empty file named self.path; a
+        descriptor to read it."""
+        tmp = f"{self.path}.new"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
+                     0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        os.replace(tmp, self.path)
+        return os.open(self.path, os.O_RDONLY)
+
     def _forward(self) -> None:
         with self._lock:
             # One fstat when nothing was printed: this runs after every task.
             size = os.fstat(self._fd).st_size
-            if size <= self._forwarded:
-                return
-            data = os.pread(self._fd, size - self._forwarded, self._forwarded)
-            self._forwarded += len(data)
-            if self.channel is not None:
+            data = b""
+            if size > self._forwarded:
+                data = os.pread(self._fd, size - self._forwarded,
+                                self._forwarded)
+                self._forwarded += len(data)
+            if self._forwarded > (1 << 20) and not self._busy:
+                old, self._fd = self._fd, self._fresh_file()
+                while rest := os.pread(old, 1 << 20, self._forwarded):
+                    data += rest
+                    self._forwarded += len(rest)
+                os.close(old)
+                self._forwarded = 0
+            if data and self.channel is not None:
                 try:
                     self.channel.send(protocol.LOG, {
                         "text": data.decode("utf-8", "replace")})
                 except OSError:
                     pass  # the master is gone; the text stays in the file
-            if self._forwarded > (1 << 20):
-                os.ftruncate(1, 0)
-                self._forwarded = 0
 
     def _poll(self) -> None:
         # A timer rather than an event set by begin(): waking this thread
