@@ -114,7 +114,7 @@ class Capture:
                     self.channel.send(protocol.LOG, {
                         "text": data.decode("utf-8", "replace")})
                 except OSError:
-                    pass  # the master is gone; the text stays in the file
+                    pass  # the master is gone
 
     def _poll(self) -> None:
         # A timer rather than an event set by begin(): waking this thread
