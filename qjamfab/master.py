@@ -396,18 +396,18 @@ class _Host:
         self.session: HostSession | None = None
         self.failures = 0
         self.retry_at = 0.0
-        self.start_lock = threading.Lock()   # see Master._start_daemons
+        # start-workers and the switch to paramiko, one thread at a time
+        self.start_lock = threading.Lock()
         self.starts = 0
 
 
-def _daemon_missing(exc: QjamfabError) -> bool:
+def _daemon_missing(exc: WorkerLost) -> bool:
     """Whether attaching failed because the daemon is not there to serve
     this Master: not started, ended, of another runtime, or the host lacks
     this runtime. start-workers mends all of these."""
-    return isinstance(exc, WorkerLost) and (
-        exc.exit_status in (relay.NO_WORKER, relay.WORKER_DIED,
-                            relay.OTHER_RUNTIME)
-        or NO_RUNTIME in (exc.stderr_tail or ""))
+    return exc.exit_status in (relay.NO_WORKER, relay.WORKER_DIED,
+                               relay.OTHER_RUNTIME) \
+        or NO_RUNTIME in (exc.stderr_tail or "")
 
 
 def _label_hosts(specs: list[HostSpec], workers_per_host: int | None
