@@ -28,8 +28,7 @@ from . import hosts as hostlib
 from . import runtime
 from .errors import HostError, PreflightFailed, QjamfabError
 from .hosts import HostSpec
-from .transport import (OpenSSHTransport, SSHChannelTransport, Transport,
-                        sftp_upload, ssh_exec, tail)
+from .transport import sftp_upload, ssh_exec, tail
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +49,10 @@ class HostSession:
     """One host and the commands that set up and manage its workers."""
 
     def __init__(self, spec: HostSpec, *, ssh_config: str | None = None,
-                 connect_timeout: float = 10.0, ssh_client: str | None = None):
+                 connect_timeout: float = 10.0):
         self.spec = spec
         self.name = spec.raw
         self.ssh_config = ssh_config
-        self.ssh_client = ssh_client     # see hosts.openssh_client
-        #: set by the Master when the OpenSSH client failed on this host
-        self.openssh_failed = False
         if spec.is_local:
             self.conn = None
             self.python = sys.executable
@@ -163,21 +159,6 @@ class HostSession:
     def start_workers(self, count: int | str = "auto") -> dict:
         """Start missing worker daemons (bootstrapping when needed)."""
         return self.manage_bootstrapped("start", "--count", str(count))
-
-    def worker_transport(self, name: str, k: int) -> Transport:
-        """A stream to daemon worker-k on this host, through the relay: run
-        by the OpenSSH client when there is one, else on this session's
-        connection."""
-        if self.conn is None:
-            raise QjamfabError("local workers are started by the Master")
-        command = shlex.join(
-            [self.python, "-c", runtime.boot_code("relay"), f"worker-{k}"])
-        ssh = None if self.openssh_failed else hostlib.openssh_client(
-            self.ssh_client)
-        if ssh is not None:
-            return OpenSSHTransport(name, self.name, hostlib.openssh_command(
-                ssh, self.spec, command, ssh_config=self.ssh_config))
-        return SSHChannelTransport(name, self.conn, command)
 
     def close(self) -> None:
         if self.conn is not None:

@@ -1,37 +1,43 @@
-"""The Master: owns the hosts and the worker handles; `run()` = plan,
+"""The Master: owns the hosts, their links and the inbox; `run()` = plan,
 dispatch, collect, reduce (the run itself is run.py's `Run`).
 
-One `WorkerHandle` (workers.py) per worker; the Master reads them all on the
-caller's thread (`_next_event`), so user-visible output and errors all
-happen there, and between runs nobody reads: a run starts by taking in
-what arrived meanwhile (`_drain`). Every message names its
-task, so anything left over from an earlier, interrupted run is recognised
-and dropped. Before each run, lost workers are restarted or reconnected,
-and unreachable hosts are retried with backoff.
+An SSH host is one `Link` (workers.py): one SSH connection and one
+stream to the host's agent, which attaches all of the host's workers (and
+installs the runtime, and starts missing daemons) in one pass. A local
+worker is a Link of its own, over its pipes. The inbox reads every link on
+the caller's thread, so user-visible output and errors all happen there,
+and between runs nobody reads: a run starts by taking in what arrived
+meanwhile (`_drain`). Every message names its task, so anything left over
+from an earlier, interrupted run is recognised and dropped. Before each
+run, lost workers are restarted or reconnected, and unreachable hosts are
+retried with backoff.
 """
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import os
-import threading
+import shlex
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
-from . import display, protocol, serialize
-from .cluster import HostSession
+from . import display, protocol, runtime, serialize
+from . import hosts as hostlib
+from .cluster import remote_python
 from .dataset import BaseDataSet, DataSet
 from .errors import QjamfabError, WorkerLost
 from .hosts import HostSpec, openssh_client, parse_hosts
-from .run import Run, RunStats, print_log
-from .runtime import NO_RUNTIME, default_base, relay
-from .transport import OPENSSH_FAILED, LocalPipeTransport
-from .workers import LOST, Event, WorkerHandle, read_events
+from .run import Run, RunSettings, RunStats, print_log
+from .runtime import default_base
+from .transport import (OPENSSH_FAILED, LocalPipeTransport, OpenSSHTransport,
+                        SSHChannelTransport)
+from .workers import Inbox, Link, WorkerHandle
 
 log = logging.getLogger("qjamfab")
+
+IDLE_TIMEOUT_S = 3600.0   # a daemon without a session for this long ends
 
 
 def _log_from_env() -> None:
@@ -53,9 +59,9 @@ class Master:
 
     `hosts=None` means $QJAMFAB_HOSTS, else `local` with one worker per core.
     `ssh_client` ("auto", "openssh" or "paramiko"; default
-    $QJAMFAB_SSH_CLIENT, else auto) is what carries the frames to SSH
-    workers: auto takes the system's OpenSSH client when installed, and
-    a host it fails on falls back to paramiko with a warning.
+    $QJAMFAB_SSH_CLIENT, else auto) is what carries a host's stream:
+    auto takes the system's OpenSSH client when installed, and a host it
+    fails on falls back to paramiko with a warning.
     """
 
     def __init__(self, hosts: None | str | Sequence[str] = None, *,
@@ -86,113 +92,102 @@ class Master:
         self.heartbeat_timeout = heartbeat_timeout
         self.last_run: RunStats | None = None
         self._base = default_base()
-        self._pending: collections.deque = collections.deque()  # events read
-        self._task_ids = itertools.count(1)
+        self._inbox = Inbox()
+        self._inbox.ids = itertools.count(1)
         self._hosts = _label_hosts(self.hosts, workers_per_host)
-        self._handles: dict[str, WorkerHandle] = {}
-        self._finalizer = weakref.finalize(self, _close_all, self._handles,
+        self._finalizer = weakref.finalize(self, _close_all, self._inbox,
                                            self._hosts)
         self._start_missing(first=True)
 
     # --- workers --------------------------------------------------------
 
-    def _slots(self) -> list[tuple[str, "_Host", int]]:
-        return [(f"{h.label}-{k}", h, k) for h in self._hosts
-                for k in range(h.count or 0)]
+    def _handles(self) -> list[WorkerHandle]:
+        return [h.handles[k] for h in self._hosts for k in sorted(h.handles)]
 
-    def _missing(self, host: "_Host") -> list[tuple[str, int]]:
+    def _missing(self, host: "_Host") -> list[int]:
         if host.count is None:
-            return [("", -1)]
-        return [(f"{host.label}-{k}", k) for k in range(host.count)
-                if f"{host.label}-{k}" not in self._handles
-                or not self._handles[f"{host.label}-{k}"].alive]
+            return []   # not known yet: the agent says
+        return [k for k in range(host.count)
+                if k not in host.handles or not host.handles[k].alive]
 
-    def _connect(self, host: "_Host") -> None:
-        """An open session to an SSH host; and when the host has not said
-        how many workers it runs (one per core), its daemons started."""
-        if host.session is not None and not host.session.connected:
-            host.session.close()
-            host.session = None
-        if host.session is None:
-            host.session = HostSession(host.spec, ssh_config=self.ssh_config,
-                                       ssh_client=self.ssh_client)
-        if host.count is None:
-            self._start_daemons(host, host.starts)
-
-    def _start_daemons(self, host: "_Host", seen: int) -> None:
-        """start-workers on the host (it bootstraps the host if needed,
-        starts missing daemons and replaces those of another runtime),
-        unless it ran since the caller saw `host.starts` == seen: the
-        workers of a host attach at once, and two starts at once could
-        both start the same daemon."""
-        with host.start_lock:
-            if host.starts == seen:
-                started = host.session.start_workers(
-                    host.count or self._workers_per_host or "auto")
-                host.count = host.count or started["count"]
-                host.starts += 1
-
-    def _stream(self, host: "_Host", name: str, k: int) -> WorkerHandle:
-        """A handle on daemon k of an SSH host, through the OpenSSH client
-        or, where that cannot reach the host, paramiko."""
-        try:
-            return WorkerHandle(name, host.session.worker_transport(name, k),
-                                self.heartbeat_timeout)
-        except WorkerLost as exc:
-            if exc.exit_status != OPENSSH_FAILED:
-                raise
-            with host.start_lock:
-                if not host.session.openssh_failed:
-                    # paramiko reached this host a moment ago: use it.
-                    log.warning(
-                        "the OpenSSH client cannot reach %s (%s); using "
-                        "paramiko for its workers", host.spec.raw,
-                        (exc.stderr_tail or "no message").splitlines()[-1])
-                    host.session.openssh_failed = True
-        return WorkerHandle(name, host.session.worker_transport(name, k),
-                            self.heartbeat_timeout)
-
-    def _attach(self, host: "_Host", name: str, k: int) -> WorkerHandle:
-        """A handle on worker k of the host. An SSH host's daemons outlive
-        a Master, so attaching comes first. start-workers runs when a
-        daemon is missing, dead or of another runtime, and then attaching
-        is tried again (twice at most: a daemon may end in between); on
-        any other failure it runs too, since its errors name what the host
-        lacks (python, a writable base directory)."""
-        if host.spec.is_local:
-            return WorkerHandle(name, LocalPipeTransport(name, self._base),
-                                self.heartbeat_timeout)
-        for _ in range(2):
-            seen = host.starts
-            try:
-                return self._stream(host, name, k)
-            except WorkerLost as exc:
-                self._start_daemons(host, seen)
-                if not _daemon_missing(exc):
-                    raise
-        return self._stream(host, name, k)
+    def _needs_start(self, host: "_Host") -> bool:
+        return host.count is None or bool(self._missing(host))
 
     def _prepare(self, host: "_Host") -> None:
-        """Connect the host and attach every worker of it that is not up,
-        all at once."""
-        if not host.spec.is_local:
-            self._connect(host)
+        """Connect the host and attach every worker of it that is not up."""
+        if host.spec.is_local:
+            self._start_local(host)
+            return
+        if host.link is None or not host.link.alive:
+            host.link = self._open_link(host)
+            self._inbox.add(host.link)
         missing = self._missing(host)
-        for name, _ in missing:
-            old = self._handles.pop(name, None)
+        new, failed = host.link.attach(missing or None, host.count,
+                                       IDLE_TIMEOUT_S)
+        if host.count is None:
+            host.count = host.link.count
+        for handle in new:
+            handle.last_seen = time.monotonic()
+            host.handles[handle.index] = handle
+        if failed:
+            reasons = "; ".join(f"{host.label}-{k}: {why}"
+                                for k, why in sorted(failed.items()))
+            raise WorkerLost(f"{len(failed)} of the workers of {host.label} "
+                             f"did not start: {reasons}",
+                             worker=f"{host.label}-{min(failed)}")
+
+    def _start_local(self, host: "_Host") -> None:
+        def start(k: int) -> WorkerHandle:
+            name = f"{host.label}-{k}"
+            link = Link(host.label, LocalPipeTransport(name, self._base),
+                        agent=False, stall_timeout=self.heartbeat_timeout)
+            return link.start_direct(name)
+        missing = self._missing(host)
+        for k in missing:
+            old = host.handles.pop(k, None)
             if old is not None:
                 old.close()
-        with ThreadPoolExecutor(max_workers=len(missing)) as pool:
-            attaching = [(name, pool.submit(self._attach, host, name, k))
-                         for name, k in missing]
-            failure = None
-            for name, future in attaching:
+        failure = None
+        with ThreadPoolExecutor(max_workers=max(1, len(missing))) as pool:
+            for k, future in [(k, pool.submit(start, k)) for k in missing]:
                 try:
-                    self._handles[name] = future.result()
+                    host.handles[k] = future.result()
+                    self._inbox.add(host.handles[k].link)
                 except QjamfabError as exc:
                     failure = failure or exc
         if failure is not None:
             raise failure
+
+    def _open_link(self, host: "_Host") -> Link:
+        """One stream to the host's agent: through the OpenSSH client, or
+        paramiko where it cannot reach the host (or is not wanted)."""
+        command = shlex.join([remote_python(), "-c",
+                              runtime.boot_code("agent", install=True)])
+        ssh = None if host.openssh_failed else openssh_client(self.ssh_client)
+        if ssh is not None:
+            link = Link(host.label, OpenSSHTransport(
+                host.label, hostlib.openssh_command(
+                    ssh, host.spec, command, ssh_config=self.ssh_config)),
+                agent=True, stall_timeout=self.heartbeat_timeout)
+            try:
+                link.start_agent()
+                return link
+            except WorkerLost as exc:
+                if exc.exit_status != OPENSSH_FAILED:
+                    raise
+                # paramiko says why (host key, auth, unreachable) or works.
+                conn = hostlib.connect(host.spec, ssh_config=self.ssh_config)
+                log.warning(
+                    "the OpenSSH client cannot reach %s (%s); using "
+                    "paramiko for its workers", host.spec.raw,
+                    (exc.stderr_tail or "no message").splitlines()[-1])
+                host.openssh_failed = True
+        else:
+            conn = hostlib.connect(host.spec, ssh_config=self.ssh_config)
+        link = Link(host.label, SSHChannelTransport(host.label, conn, command),
+                    agent=True, stall_timeout=self.heartbeat_timeout)
+        link.start_agent()
+        return link
 
     def _start_missing(self, first: bool = False) -> None:
         """Start or reconnect every worker that is not up.
@@ -201,7 +196,7 @@ class Master:
         skipped for this run and retried with backoff, while others work.
         """
         now = time.monotonic()
-        todo = [h for h in self._hosts if self._missing(h)
+        todo = [h for h in self._hosts if self._needs_start(h)
                 and (first or h.retry_at <= now)]
         if not todo:
             return
@@ -230,7 +225,8 @@ class Master:
 
     @property
     def workers(self) -> list[str]:
-        return [name for name, _, _ in self._slots()]
+        return [f"{h.label}-{k}" for h in self._hosts
+                for k in range(h.count or 0)]
 
     def close(self) -> None:
         """End this session: stop local workers, drop connections."""
@@ -251,9 +247,9 @@ class Master:
 
     def __repr__(self) -> str:
         state = "closed" if not self._finalizer.alive else \
-            f"{sum(h.alive for h in self._handles.values())} workers up"
+            f"{sum(h.alive for h in self._handles())} workers up"
         return (f"Master({', '.join(s.raw for s in self.hosts)}: "
-                f"{len(self._slots())} workers, {state})")
+                f"{len(self.workers)} workers, {state})")
 
     def _check_open(self) -> None:
         if not self._finalizer.alive:
@@ -261,8 +257,7 @@ class Master:
 
     def _live(self) -> list[WorkerHandle]:
         self._check_open()
-        live = [self._handles[n] for n, _, _ in self._slots()
-                if n in self._handles and self._handles[n].alive]
+        live = [h for h in self._handles() if h.alive]
         if not live:
             raise WorkerLost("no worker is reachable: check the hosts (inv "
                              "status), then run again")
@@ -292,27 +287,19 @@ class Master:
         workers = self._live()
         if dataset is not None:
             dataset = dataset.for_workers(len(workers))
-        run = Run(self, workers, func_hash, func_bytes, params_parts,
-                  dataset, reduce, progress)
+        run = Run(self._inbox, workers, func_hash, func_bytes, params_parts,
+                  dataset, reduce, RunSettings(
+                      heartbeat_timeout=self.heartbeat_timeout,
+                      straggler_factor=self.straggler_factor,
+                      replicas=self.replicas, split=self._split), progress)
         try:
             value = run.execute()
         finally:
             run.stats.elapsed_s = time.perf_counter() - started
             self.last_run = run.stats
             self._split = run.split_next()
-            self._drop_silent_hosts(run.silent)
         log.info("run: %r", run.stats)
         return value
-
-    def _drop_silent_hosts(self, silent: set[str]) -> None:
-        """A host whose worker went silent may be unreachable: its SSH
-        connection is dropped, so the next run reconnects (with a connect
-        timeout) instead of waiting on a dead link."""
-        for host in self._hosts:
-            if host.session is not None and any(
-                    name.rsplit("-", 1)[0] == host.label for name in silent):
-                host.session.close()
-                host.session = None
 
     def clear_cache(self) -> dict[str, dict]:
         """Empty every worker's cache, memory and disk; what each removed."""
@@ -335,79 +322,42 @@ class Master:
     def _await(self, handle: WorkerHandle, kind: int) -> dict:
         deadline = time.monotonic() + self.heartbeat_timeout
         while time.monotonic() < deadline:
-            event = self._next_event(0.1)
+            event = self._inbox.next_event(0.1)
             if event is None:
                 continue
-            source, got, head, _ = event
-            if source is handle and got == kind:
-                return head
-            if got == protocol.LOG:
-                print_log(source.name, head["text"])
-            if source is handle and got == LOST:
+            if event.source is handle and event.kind == kind:
+                return event.head
+            if event.kind == protocol.LOG:
+                print_log(event.source.name, event.head["text"])
+            if event.source is handle and not handle.alive:
                 break
         raise WorkerLost(f"worker {handle.name} did not answer: it will be "
                          "restarted before the next run", worker=handle.name)
-
-    # --- reading what workers send ---------------------------------------
-
-    def _read_ready(self, timeout: float) -> bool:
-        """Read a frame from each worker that has input, waiting up to
-        `timeout` s for one; whether any was read."""
-        events = read_events(self._handles.values(), timeout)
-        self._pending.extend(e for e in events if e[1] != protocol.HEARTBEAT)
-        return bool(events)
-
-    def _next_event(self, timeout: float) -> Event | None:
-        """The next event (heartbeats only mark workers alive), or None
-        after `timeout` s without one."""
-        deadline = time.monotonic() + timeout
-        while not self._pending:
-            self._read_ready(deadline - time.monotonic())
-            if time.monotonic() >= deadline:
-                break
-        return self._pending.popleft() if self._pending else None
-
-    def _read_available(self, limit_s: float = 1.0) -> None:
-        """Read what workers have sent, without waiting for more; for at
-        most limit_s s, since workers never stop sending (heartbeats)."""
-        deadline = time.monotonic() + limit_s
-        while self._read_ready(0) and time.monotonic() < deadline:
-            pass
 
     def _drain(self) -> None:
         """Before a run: take in what workers sent since the last one
         (heartbeats, output left from an interrupted run, the end of a
         worker that died) without waiting, so lost workers are restarted."""
-        self._read_available()
-        while self._pending:
-            source, kind, head, _ = self._pending.popleft()
-            if kind == protocol.LOG:
-                print_log(source.name, head["text"])
+        self._inbox.read_available()
+        while self._inbox.pending:
+            event = self._inbox.pending.popleft()
+            if event.kind == protocol.LOG:
+                print_log(event.source.name, event.head["text"])
 
 
 class _Host:
-    """One entry of Master(hosts): its session and how many workers it runs
-    (None for an SSH host until it says how many cores it has)."""
+    """One entry of Master(hosts): its link (SSH) and its workers, and how
+    many it runs (None for an SSH host until its agent says)."""
 
     def __init__(self, spec: HostSpec, label: str, count: int | None):
         self.spec = spec
         self.label = label
         self.count = count
-        self.session: HostSession | None = None
+        self.link: Link | None = None
+        self.handles: dict[int, WorkerHandle] = {}
+        self.openssh_failed = False
         self.failures = 0
         self.retry_at = 0.0
-        # start-workers and the switch to paramiko, one thread at a time
-        self.start_lock = threading.Lock()
-        self.starts = 0
-
-
-def _daemon_missing(exc: WorkerLost) -> bool:
-    """Whether attaching failed because the daemon is not there to serve
-    this Master: not started, ended, of another runtime, or the host lacks
-    this runtime. start-workers mends all of these."""
-    return exc.exit_status in (relay.NO_WORKER, relay.WORKER_DIED,
-                               relay.OTHER_RUNTIME) \
-        or NO_RUNTIME in (exc.stderr_tail or "")
 
 
 def _label_hosts(specs: list[HostSpec], workers_per_host: int | None
@@ -424,11 +374,11 @@ def _label_hosts(specs: list[HostSpec], workers_per_host: int | None
     return hosts
 
 
-def _close_all(handles: dict[str, WorkerHandle], hosts: list[_Host]) -> None:
-    for handle in list(handles.values()):
-        handle.close()
-    handles.clear()
+def _close_all(inbox: Inbox, hosts: list[_Host]) -> None:
+    inbox.close()
     for host in hosts:
-        if host.session is not None:
-            host.session.close()
-            host.session = None
+        for handle in host.handles.values():
+            handle.close()
+        if host.link is not None:
+            host.link.close()
+            host.link = None

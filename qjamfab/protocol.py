@@ -3,9 +3,14 @@
 Standard library only: this module is shipped to workers as source and runs
 on both ends. A frame is
 
-    "QJ" | kind: u8 | nparts: u16 | nparts x length: u64 | part 0 | part 1 ...
+    "QJ" | kind: u8 | worker: u16 | nparts: u16 | nparts x length: u64 |
+    part 0 | part 1 ...
 
-Part 0 is the message head, a small pickled dict. The other parts are the
+`worker` names the worker a frame is for or from: a host's one stream
+carries all of its workers' frames, and its agent (runtime/agent.py) sends
+them on to the right daemon. AGENT marks frames for or from the agent
+itself; on a stream to a single worker (local workers, the agent's own
+socket to each daemon) it is 0. Part 0 is the message head, a small pickled dict. The other parts are the
 payload, a pickled object split by pickle protocol 5 into its main stream and
 out-of-band buffers, so numpy arrays cross without being copied into a pickle
 (`encode` / `decode`). A REFS frame's payload is stored on the worker's disk
@@ -21,33 +26,53 @@ from typing import Callable, Sequence
 
 from .errors import ProtocolError
 
-VERSION = 2
+VERSION = 3
+AGENT = 0xFFFF   # the worker field of frames for or from a host's agent
 
-# Message kinds. qjam's five (TASK, STATE, REFS, RESULT, ERROR) plus what a
-# long-lived worker needs.
-HELLO = 1      # worker -> master, first frame: version, name, pid, versions
-TASK = 2       # master -> worker: {task, run, func, refs, params: bool};
-               # payload = params, sent with a run's first task to a worker
-               # only (params false: the run's params again)
-STATE = 3      # worker -> master: {task, state: "blocked", refs, func}
-REFS = 4       # master -> worker: {ref}; payload = the slice
-RESULT = 5     # worker -> master: {task, compute_s, slices}; payload = value
+# Message kinds. qjam's five (TASK, STATE, REFS, RESULT, ERROR) plus what
+# long-lived workers and host agents need.
+HELLO = 1      # worker -> master, first frame: version, name, pid, versions;
+               # from the agent: the host's python, cores, base, runtime
+TASK = 2       # master -> worker: {task, run, func, refs, params: bool,
+               # hold: bool}; payload = params, sent with a run's first task
+               # to a worker only (params false: the run's params again);
+               # hold: the agent keeps the result for COLLECT
+STATE = 3      # worker -> master: {task, state: "blocked", refs, func};
+               # "cancelled"; from the agent "done" {compute_s} for a held
+               # task
+REFS = 4       # master -> worker: {ref}; payload = the slice. From the
+               # agent to its daemons {ref, stored: true}, no payload: the
+               # slice is in the host's cache now
+RESULT = 5     # worker -> master: {task, compute_s, slices}; payload =
+               # value. From the agent: {tasks} for a COLLECT
 ERROR = 6      # worker -> master: {task, type, message, traceback}
 FUNC = 7       # master -> worker: {hash}; payload = [cloudpickled job]
-HEARTBEAT = 8  # worker -> master, every HEARTBEAT_INTERVAL_S while connected
+HEARTBEAT = 8  # worker -> master, every HEARTBEAT_INTERVAL_S while
+               # connected; the agent's own: {stale: [silent workers]}
 LOG = 9        # worker -> master: {text} captured from fds 1 and 2
 CLEAR = 10     # master -> worker; answered by CLEAR {entries, bytes}
 STATS = 11     # master -> worker; answered by STATS {...}
 CANCEL = 12    # master -> worker: {task}; a queued task is dropped and
                # answered by STATE {task, state: "cancelled"}
+ATTACH = 13    # master -> agent: {count, idle_timeout}; the agent starts
+               # missing daemons, connects to each, forwards their HELLOs
+               # and answers ATTACH {workers: [k...], failed: {k: reason}}
+COLLECT = 14   # master -> agent: {run, func, tasks: [held task ids, in
+               # slice order]}; answered by RESULT {tasks}, their values
+               # combined with the job's reduce
+GONE = 15      # agent -> master, for worker k: its daemon's connection
+               # ended {reason, tail}
 
-KIND_NAMES = {v: k for k, v in dict(globals()).items()
-              if k.isupper() and isinstance(v, int) and 0 < v < 64}
+KIND_NAMES = {HELLO: "HELLO", TASK: "TASK", STATE: "STATE", REFS: "REFS",
+              RESULT: "RESULT", ERROR: "ERROR", FUNC: "FUNC",
+              HEARTBEAT: "HEARTBEAT", LOG: "LOG", CLEAR: "CLEAR",
+              STATS: "STATS", CANCEL: "CANCEL", ATTACH: "ATTACH",
+              COLLECT: "COLLECT", GONE: "GONE"}
 
 HEARTBEAT_INTERVAL_S = 1.0
 
 _MAGIC = b"QJ"
-_HEADER = struct.Struct("!2sBH")
+_HEADER = struct.Struct("!2sBHH")
 _LENGTH = struct.Struct("!Q")
 _IOV_MAX = 512
 _MAX_PARTS = 0xFFFF
@@ -68,11 +93,17 @@ def decode(parts: Sequence) -> object:
     return pickle.loads(parts[0], buffers=parts[1:])
 
 
-def frame(kind: int, head: dict, payload: Sequence = ()) -> list:
+def frame(kind: int, head: dict, payload: Sequence = (),
+          worker: int = 0) -> list:
     """The buffers that make up one frame, ready for a vectored write."""
-    head_bytes = pickle.dumps(head, protocol=5)
+    return frame_raw(kind, pickle.dumps(head, protocol=5), payload, worker)
+
+
+def frame_raw(kind: int, head_bytes: bytes, payload: Sequence = (),
+              worker: int = 0) -> list:
+    """A frame from a head already pickled (the agent forwards heads)."""
     lengths = [len(head_bytes), *(memoryview(p).nbytes for p in payload)]
-    prefix = _HEADER.pack(_MAGIC, kind, len(lengths)) + b"".join(
+    prefix = _HEADER.pack(_MAGIC, kind, worker, len(lengths)) + b"".join(
         _LENGTH.pack(n) for n in lengths)
     if sum(lengths) - lengths[0] < 4096:
         # Small frames leave in one piece: one syscall, one SSH packet.
@@ -133,6 +164,18 @@ class FrameReader:
         self._start += n
         return data
 
+    def read_line(self, limit: int) -> bytes:
+        """Bytes up to and including the next newline (at most `limit`):
+        what a host says before its frames begin."""
+        while True:
+            end = self._buf.find(b"\n", self._start, self._end)
+            if end >= 0 or self._end - self._start >= limit:
+                stop = end + 1 if end >= 0 else self._start + limit
+                line = bytes(self._buf[self._start:stop])
+                self._start = stop
+                return line
+            self._fill()
+
     def read_part(self, n: int) -> bytearray:
         out = bytearray(n)
         view = memoryview(out)
@@ -154,15 +197,18 @@ class FrameReader:
                 pos += got
         return out
 
-    def read(self) -> tuple[int, dict, list]:
-        """Next frame as (kind, head, payload parts). EOFError at the end."""
-        kind, head, lengths = self.read_head()
-        return kind, head, [self.read_part(n) for n in lengths]
+    def read(self) -> tuple[int, int, dict, list]:
+        """Next frame as (kind, worker, head, payload parts). EOFError at
+        the end."""
+        kind, worker, head, lengths = self.read_head()
+        return kind, worker, head, [self.read_part(n) for n in lengths]
 
-    def read_head(self) -> tuple[int, dict, list[int]]:
-        """The next frame's kind, head and payload part lengths. The parts
-        follow in the stream: read them with `read_part` or `copy_to`."""
-        magic, kind, nparts = _HEADER.unpack(self._read_small(_HEADER.size))
+    def read_head(self) -> tuple[int, int, dict, list[int]]:
+        """The next frame's kind, worker, head and payload part lengths.
+        The parts follow in the stream: read them with `read_part` or
+        `copy_to`."""
+        magic, kind, worker, nparts = _HEADER.unpack(
+            self._read_small(_HEADER.size))
         if magic != _MAGIC or nparts < 1:
             raise ProtocolError(
                 f"bad frame header {magic!r}: the peer is not a qjamfab "
@@ -172,7 +218,7 @@ class FrameReader:
         lengths = [_LENGTH.unpack_from(raw, i * _LENGTH.size)[0]
                    for i in range(nparts)]
         head = pickle.loads(self.read_part(lengths[0]))
-        return kind, head, lengths[1:]
+        return kind, worker, head, lengths[1:]
 
     def copy_to(self, fd: int, n: int, source_fd: int | None = None) -> None:
         """Move the next n bytes of the stream into file `fd`: what is

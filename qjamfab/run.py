@@ -8,23 +8,21 @@ stragglers, and reduces. `RunStats` records what it did.
 """
 from __future__ import annotations
 
+import bisect
 import linecache
 import logging
 import re
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from . import display, protocol, scheduler, serialize
 from .dataset import BaseDataSet
 from .errors import (BadJob, ProtocolError, QjamfabError, ReduceError,
                      RemoteError, WorkerLost)
 from .reduce import ReduceMismatch, reduce_all
-from .workers import LOST, WorkerHandle
-
-if TYPE_CHECKING:
-    from .master import Master
+from .workers import LOST, Event, Inbox, Link, WorkerHandle
 
 log = logging.getLogger("qjamfab")
 
@@ -74,15 +72,25 @@ def _size(n: int) -> str:
 
 class _Task:
     """One copy of a group of slices sent to one worker."""
-    __slots__ = ("id", "worker", "group", "slices", "started")
+    __slots__ = ("id", "worker", "group", "slices", "started", "held")
 
     def __init__(self, task_id: int, worker: WorkerHandle, group: int,
-                 slices: list[int]):
+                 slices: list[int], held: bool):
         self.id = task_id
         self.worker = worker
         self.group = group
         self.slices = slices
         self.started = time.monotonic()
+        self.held = held            # its result waits at the host's agent
+
+
+@dataclass
+class RunSettings:
+    """What a run takes from its Master's settings."""
+    heartbeat_timeout: float
+    straggler_factor: float
+    replicas: int
+    split: bool
 
 
 class Run:
@@ -91,18 +99,29 @@ class Run:
     Slices travel in groups; a group may have several copies (tasks) on
     different workers: a worker that runs dry takes a copy of a group still
     queued elsewhere, and a group running far longer than its peers gets a
-    backup copy. The first result of a group counts, the other copies are
+    backup copy. The first copy to finish wins its group, the others are
     cancelled or discarded, so every slice counts exactly once.
+
+    On a host with several workers in the run, results wait at the host's
+    agent ("held"): the master hears "done", and once the host has no open
+    task left it asks the agent to combine the winners (COLLECT), in chains
+    of consecutive slices, so one value per chain crosses the network. If
+    the host is lost first, its held groups run again elsewhere.
+
+    Work per event is constant, besides what the event itself changes:
+    each worker's open tasks are kept in order, idle workers in a set, and
+    slice times sorted as they arrive.
     """
 
-    def __init__(self, master: Master, workers: list[WorkerHandle],
+    def __init__(self, inbox: Inbox, workers: list[WorkerHandle],
                  func_hash: str, func_bytes: bytes, params_parts: list,
                  dataset: BaseDataSet | None, reduce: Callable | None,
-                 progress: bool | None = None):
-        self.master = master
+                 settings: RunSettings, progress: bool | None = None):
+        self.inbox = inbox
+        self.settings = settings
         self.progress_enabled = progress
         self.progress: display.RunProgress | None = None
-        self.run_id = next(master._task_ids)
+        self.run_id = next(inbox.ids)
         self.workers = workers
         self.func_hash = func_hash
         self.func_bytes = func_bytes
@@ -112,16 +131,30 @@ class Run:
         self.ref_index: dict[str, int] | None = None  # built when data moves
         self.reduce = reduce
         self.open: dict[int, _Task] = {}          # task id -> live copy
+        self.queues: dict[WorkerHandle, list[_Task]] = {h: [] for h in workers}
+        self.idle: set[WorkerHandle] = set(workers)
         self.groups: dict[int, list[int]] = {}    # group id -> its slices
-        self.results: dict[int, object] = {}      # group id -> its value
-        self.slice_seconds: list[float] = []      # compute time per slice
+        self.won: dict[int, _Task] = {}           # group -> winning copy
+        self.undelivered: set[int] = set()        # groups without a value
+        self.values: list[tuple[int, object]] = []  # (first slice, value)
+        self.held: dict[Link, list[_Task]] = {}   # done, at the agent
+        self.collecting: dict[Link, list[_Task]] = {}
+        self.slice_seconds: list[float] = []      # sorted, per slice
         self.kills: dict[int, list[str]] = {}
-        self.silent: set[str] = set()             # lost to the heartbeat deadline
+        self.silent: set[Link] = set()            # lost to the heartbeat deadline
         self.sent_refs: set[str] = set()
         self.params_sent: set[WorkerHandle] = set()  # have this run's params
-        self.split = master._split
+        self.split = settings.split
         self.moved = 0                            # queued groups moved
-        self.counters = {h: (h.bytes_sent, h.bytes_received) for h in workers}
+        self.queued = 0                           # open tasks not yet running
+        links = [h.link for h in workers]
+        self.links = list(dict.fromkeys(links))
+        # Results are held at the agent only where there is something to
+        # combine them with: a host with several workers in the run.
+        self.holds = {x for x in self.links if x.agent and links.count(x) > 1}
+        self.counters = {x: (x.bytes_sent, x.bytes_received)
+                         for x in self.links}
+        self.started = time.monotonic()
         self.stats = RunStats(workers=len(workers))
 
     def execute(self) -> object:
@@ -150,12 +183,11 @@ class Run:
         finally:
             self.progress.close()
             self._count_bytes()
-        if self.refs is not None and self.master.replicas > 1:
+        if self.refs is not None and self.settings.replicas > 1:
             self._replicate()
-        values = [self.results[g] for g in
-                  sorted(self.results, key=lambda g: self.groups[g][0])]
+        self.values.sort(key=lambda v: v[0])
         try:
-            return reduce_all(values, self.reduce)
+            return reduce_all([v for _, v in self.values], self.reduce)
         except ReduceMismatch as exc:
             raise ReduceError(f"{exc}") from exc
         except Exception as exc:
@@ -180,14 +212,18 @@ class Run:
         return len(compute) > 1 and max(compute) > 1.25 * min(compute)
 
     def _new_group(self, slices: list[int]) -> int:
-        group = next(self.master._task_ids)
+        group = next(self.inbox.ids)
         self.groups[group] = slices
+        self.undelivered.add(group)
         return group
+
+    # --- tasks out ------------------------------------------------------
 
     def _send_task(self, handle: WorkerHandle, group: int) -> None:
         slices = self.groups[group]
-        task = _Task(next(self.master._task_ids), handle, group, slices)
-        self.open[task.id] = task
+        held = handle.link in self.holds
+        task = _Task(next(self.inbox.ids), handle, group, slices, held)
+        self._open(task)
         refs = None if self.refs is None else [self.refs[i] for i in slices]
         try:
             if self.func_hash not in handle.funcs:
@@ -197,64 +233,106 @@ class Run:
             with_params = handle not in self.params_sent
             handle.send(protocol.TASK, {
                 "task": task.id, "run": self.run_id, "func": self.func_hash,
-                "refs": refs, "params": with_params},
+                "refs": refs, "params": with_params, "hold": held},
                 self.params_parts if with_params else ())
             self.params_sent.add(handle)
         except WorkerLost as exc:
             self._send_failed(handle, exc)
+
+    def _open(self, task: _Task) -> None:
+        self.open[task.id] = task
+        queue = self.queues[task.worker]
+        self.queued += bool(queue)
+        queue.append(task)
+        self.idle.discard(task.worker)
+
+    def _close(self, task: _Task) -> None:
+        """The task is no longer open (finished, cancelled or lost)."""
+        del self.open[task.id]
+        queue = self.queues[task.worker]
+        first = queue[0] is task
+        queue.remove(task)
+        self.queued -= bool(queue) if first else 1
+        if first and queue:
+            queue[0].started = time.monotonic()   # the next starts now
+        if not queue and task.worker.alive:
+            self.idle.add(task.worker)
 
     def _send_failed(self, handle: WorkerHandle, exc: WorkerLost) -> None:
         """A send to the worker failed: it is lost, handled as if its
         stream had ended (the event comes next in the run's loop)."""
         if handle.alive:
             handle.alive = False
-            self.master._pending.appendleft(
-                (handle, LOST, {"reason": str(exc)}, []))
+            self.inbox.push_front(Event(handle, LOST, {"reason": str(exc)}, []))
+
+    # --- events in ------------------------------------------------------
 
     def _collect(self) -> None:
-        tick = min(0.25, self.master.heartbeat_timeout / 4)
-        while self.open:
-            event = self.master._next_event(tick)
-            if event is None:
+        tick = min(0.25, self.settings.heartbeat_timeout / 4)
+        next_check = time.monotonic() + tick
+        while self.undelivered:
+            event = self.inbox.next_event(tick)
+            if event is not None:
+                self._event(event)
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + tick
                 self._check_heartbeats()
-                self._balance()
-                continue
-            handle, kind, head, parts = event
-            if kind == LOST:
-                self._lost(handle, head["reason"])
-                continue
-            if kind == protocol.LOG:
-                print_log(handle.name, head["text"])
-                continue
-            task = self.open.get(head.get("task"))
-            if task is None or task.worker is not handle:
-                continue  # a discarded copy, or left from an interrupted run
-            if kind == protocol.STATE:
-                if head["state"] == "cancelled":
-                    del self.open[task.id]
-                else:
-                    try:
-                        self._supply(handle, head)
-                    except WorkerLost as exc:
-                        self._send_failed(handle, exc)
-            elif kind == protocol.RESULT:
-                self._result(task, head, parts)
+                self._balance(stragglers=True)
+            elif self.idle and self.queued:
+                self._balance(stragglers=False)
+
+    def _event(self, event: Event) -> None:
+        source, kind, head, parts = event
+        if kind == protocol.LOG:
+            print_log(source.name if isinstance(source, WorkerHandle)
+                      else source.label, head["text"])
+            return
+        if isinstance(source, Link):   # the agent: COLLECT's answer
+            if kind == protocol.RESULT:
+                self._collected(source, head, parts)
             elif kind == protocol.ERROR:
-                raise self._remote_error(handle, task, head)
+                raise ReduceError(
+                    f"{head['phase']} on {source.label} raised {head['type']}"
+                    f": {head['message']}: fix reduce(a, b) so it combines "
+                    f"two results\n{head['traceback'].rstrip()}")
+            return
+        handle = source
+        if kind == LOST:
+            self._lost(handle, head["reason"])
+            return
+        task = self.open.get(head.get("task"))
+        if task is None or task.worker is not handle:
+            return  # a discarded copy, or left from an interrupted run
+        if kind == protocol.STATE:
+            if head["state"] == "cancelled":
+                self._close(task)
+            elif head["state"] == "done":
+                self._done(task, head)
             else:
-                raise ProtocolError(
-                    f"worker {handle.name} sent an unexpected "
-                    f"{protocol.KIND_NAMES.get(kind, kind)} frame: restart it")
-            if self.open:
-                self._check_heartbeats()
-                self._balance()
+                try:
+                    self._supply(handle, head)
+                except WorkerLost as exc:
+                    self._send_failed(handle, exc)
+        elif kind == protocol.RESULT:
+            self._result(task, head, parts)
+        elif kind == protocol.ERROR:
+            raise self._remote_error(handle, task, head)
+        else:
+            raise ProtocolError(
+                f"worker {handle.name} sent an unexpected "
+                f"{protocol.KIND_NAMES.get(kind, kind)} frame: restart it")
 
     def _supply(self, handle: WorkerHandle, head: dict) -> None:
-        """The worker is blocked: send the function and slices it lacks."""
+        """The worker is blocked: send the function and slices it lacks
+        (a slice once per host: its agent stores it for all its workers)."""
         if head.get("func"):
             handle.send(protocol.FUNC, {"hash": self.func_hash},
                         [self.func_bytes])
+        link = handle.link
         for ref in head.get("refs") or ():
+            if link.agent and ref in self.sent_refs and all(
+                    ref in h.refs for h in link.handles.values()):
+                continue   # on its way to the host already
             self._supply_slice(handle, ref)
         task = self.open.get(head["task"])
         if task is not None:
@@ -268,7 +346,9 @@ class Run:
         size = handle.send(protocol.REFS, {"ref": ref}, payload)
         del payload
         self.dataset.release(i)
-        handle.refs.add(ref)
+        for other in (handle.link.handles.values() if handle.link.agent
+                      else (handle,)):
+            other.refs.add(ref)   # on the host's disk: any worker there
         return size
 
     def _supply_slice(self, handle: WorkerHandle, ref: str) -> None:
@@ -276,64 +356,114 @@ class Run:
         self.sent_refs.add(ref)
         self.stats.slices_sent += 1
 
-    def _result(self, task: _Task, head: dict, parts: list) -> None:
-        del self.open[task.id]
+    def _finished(self, task: _Task, head: dict) -> bool:
+        """Book a finished copy; whether it wins its group."""
+        self._close(task)
         handle = task.worker
         if self.refs is not None:
             handle.refs.update(self.refs[i] for i in task.slices)
         compute = self.stats.worker_compute_s
         compute[handle.name] = compute.get(handle.name, 0.0) + head["compute_s"]
-        self.slice_seconds.append(head["compute_s"] / max(1, len(task.slices)))
-        self._next_started(handle)
-        if task.group in self.results:
-            return  # another copy won
-        self.results[task.group] = protocol.decode(parts)
-        self.progress.advance(len(task.slices) if self.refs is not None else 1)
+        bisect.insort(self.slice_seconds,
+                      head["compute_s"] / max(1, len(task.slices)))
+        if task.group in self.won:
+            return False   # another copy won
+        self.won[task.group] = task
+        for other in self._other_copies(task.group):
+            self._cancel(other)
+        return True
+
+    def _other_copies(self, group: int) -> list[_Task]:
+        """The group's other open copies: only backups and moves make
+        them, so without those there is nothing to look for."""
+        if not (self.stats.backup_tasks or self.moved):
+            return []
+        return [t for t in self.open.values() if t.group == group]
+
+    def _result(self, task: _Task, head: dict, parts: list) -> None:
+        if self._finished(task, head):
+            self._deliver([task], protocol.decode(parts))
+
+    def _done(self, task: _Task, head: dict) -> None:
+        """A held copy finished: its value waits at its host's agent."""
+        link = task.worker.link
+        if not self._finished(task, head):
+            return   # another copy won: no COLLECT names this one
+        self.held.setdefault(link, []).append(task)
+        if not any(self.queues[h] for h in link.handles.values()
+                   if h in self.queues):
+            self._ask_collect(link)
+
+    def _ask_collect(self, link: Link) -> None:
+        """Have the agent combine its held winners, chain by chain."""
+        tasks = sorted(self.held.pop(link), key=lambda t: t.slices[0])
+        chains: list[list[_Task]] = []
+        for task in tasks:
+            if chains and _contiguous(chains[-1] + [task]):
+                chains[-1].append(task)
+            else:
+                chains.append([task])
+        self.collecting.setdefault(link, []).extend(tasks)
+        try:
+            link.send(protocol.COLLECT, {
+                "run": self.run_id, "func": self.func_hash,
+                "chains": [[t.id for t in c] for c in chains]},
+                worker=protocol.AGENT)
+        except WorkerLost:
+            for handle in link.handles.values():
+                if handle.alive:
+                    self._send_failed(handle, WorkerLost("its host is gone"))
+
+    def _collected(self, link: Link, head: dict, parts: list) -> None:
+        by_id = {t.id: t for t in self.collecting.get(link, ())}
+        values = protocol.decode(parts)
+        for chain, value in zip(head["chains"], values):
+            tasks = [by_id.pop(t) for t in chain]
+            self._deliver(tasks, value)
+        self.collecting[link] = list(by_id.values())
+
+    def _deliver(self, tasks: list[_Task], value: object) -> None:
+        slices = [i for t in tasks for i in t.slices]
+        self.values.append((min(slices), value))
+        for task in tasks:
+            self.undelivered.discard(task.group)
+        self.progress.advance(len(slices) if self.refs is not None
+                              else len(tasks))
         if self.refs is not None:
             self.stats.slices_cached += sum(
-                self.refs[i] not in self.sent_refs for i in task.slices)
-        for other in [t for t in self.open.values() if t.group == task.group]:
-            self._cancel(other)
-
-    def _next_started(self, handle: WorkerHandle) -> None:
-        """The worker's next queued task starts now, as far as we can tell."""
-        queued = [t for t in self.open.values() if t.worker is handle]
-        if queued:
-            min(queued, key=lambda t: t.id).started = time.monotonic()
+                self.refs[i] not in self.sent_refs for i in slices)
 
     def _cancel(self, task: _Task) -> None:
-        del self.open[task.id]
+        self._close(task)
         try:
             task.worker.send(protocol.CANCEL, {"task": task.id})
         except WorkerLost as exc:
             self._send_failed(task.worker, exc)
 
-    def _balance(self) -> None:
+    # --- balance --------------------------------------------------------
+
+    def _balance(self, stragglers: bool) -> None:
         """Give workers that ran dry a copy of queued or straggling groups."""
-        busy = {t.worker for t in self.open.values()}
-        idle = [h for h in self.workers if h.alive and h not in busy]
+        idle = [h for h in self.idle if h.alive]
         if not idle or not self.open:
             return
-        copies: dict[int, int] = {}
-        for task in self.open.values():
-            copies[task.group] = copies.get(task.group, 0) + 1
-        first = {}  # the task each busy worker is running now
-        for task in sorted(self.open.values(), key=lambda t: t.id):
-            first.setdefault(task.worker, task)
-        queued = [t for t in self.open.values() if first[t.worker] is not t
-                  and copies[t.group] == 1]
-        stragglers = [] if queued else self._stragglers(first.values(), copies)
-        for handle in idle:
+        queued = [t for q in self.queues.values() for t in q[1:]
+                  if t.group not in self.won] if self.queued else []
+        late: list[_Task] = []
+        if not queued and stragglers and self.slice_seconds and \
+                time.monotonic() - self.started > 0.5:
+            late = self._stragglers()
+        for handle in sorted(idle, key=lambda h: h.name):
             # Moving a queued group costs its data unless the worker holds
             # it, so only groups long enough to be worth it move.
             candidates = [t for t in queued if self._held(handle, t) == len(
-                t.slices) or self._expected_s(t) > 0.2] or stragglers
+                t.slices) or self._expected_s(t) > 0.2] or late
             if not candidates:
                 return
             task = max(candidates, key=lambda t: (self._held(handle, t),
                                                    len(t.slices), -t.id))
-            backup = task in stragglers
-            (stragglers if backup else queued).remove(task)
+            backup = task in late
+            (late if backup else queued).remove(task)
             if backup:
                 log.info("backup copy of %s on %s: %s is slow",
                          self._slice_names(task.slices), handle.name,
@@ -341,7 +471,7 @@ class Run:
                 self.stats.backup_tasks += 1
             else:
                 self._cancel(task)  # it was only queued: move it
-                self.open[task.id] = task  # until the worker confirms
+                self._open(task)    # until the worker confirms
                 self.moved += 1
             self._send_task(handle, task.group)
 
@@ -349,16 +479,18 @@ class Run:
         """The task's likely compute time: the median slice's, per slice."""
         if not self.slice_seconds:
             return 0.0
-        median = sorted(self.slice_seconds)[len(self.slice_seconds) // 2]
-        return median * len(task.slices)
+        return self.slice_seconds[len(self.slice_seconds) // 2] * len(
+            task.slices)
 
-    def _stragglers(self, running, copies: dict[int, int]) -> list[_Task]:
-        if not self.slice_seconds:
-            return []
+    def _stragglers(self) -> list[_Task]:
         now = time.monotonic()
-        limit = self.master.straggler_factor
-        return [t for t in running if copies[t.group] == 1 and now - t.started
-                > max(0.5, limit * self._expected_s(t))]
+        limit = self.settings.straggler_factor
+        copies: dict[int, int] = {}
+        for task in self.open.values():
+            copies[task.group] = copies.get(task.group, 0) + 1
+        return [q[0] for q in self.queues.values() if q
+                and copies[q[0].group] == 1 and q[0].group not in self.won
+                and now - q[0].started > max(0.5, limit * self._expected_s(q[0]))]
 
     def _held(self, handle: WorkerHandle, task: _Task) -> int:
         if self.refs is None:
@@ -370,11 +502,11 @@ class Run:
         live = [h for h in self.workers if h.alive]
         for i, ref in enumerate(self.refs):
             holders = [h for h in live if ref in h.refs]
-            if not holders or len(holders) >= self.master.replicas:
+            if not holders or len(holders) >= self.settings.replicas:
                 continue
+            hosts = {h.host for h in holders}
             others = [h for h in live if h not in holders]
-            elsewhere = [h for h in others if h.name.rsplit("-", 1)[0] not in
-                         {x.name.rsplit("-", 1)[0] for x in holders}]
+            elsewhere = [h for h in others if h.host not in hosts]
             choices = elsewhere or others
             if choices:
                 target = choices[i % len(choices)]
@@ -409,34 +541,68 @@ class Run:
         return f"dataset slice{'s' if len(slices) > 1 else ''} " + \
             ", ".join(map(str, slices))
 
+    # --- loss -----------------------------------------------------------
+
     def _check_heartbeats(self) -> None:
-        deadline = time.monotonic() - self.master.heartbeat_timeout
-        busy = {t.worker for t in self.open.values()}
-        if any(h.alive and h.last_seen < deadline for h in busy):
+        deadline = time.monotonic() - self.settings.heartbeat_timeout
+        waiting = [x for x in self.links if x.alive and (
+            x in self.collecting and self.collecting[x] or x in self.held
+            and self.held[x])]
+        busy = [h for h, q in self.queues.items() if q and h.alive]
+        if any(h.last_seen < deadline for h in busy) or any(
+                x.last_seen < deadline for x in waiting):
             # Heartbeats may wait unread while we were sending: read them.
-            self.master._read_available()
+            self.inbox.read_available()
+        for link in waiting:
+            if link.alive and link.last_seen < deadline:
+                self._host_silent(link)
         for handle in busy:
             if handle.alive and handle.last_seen < deadline:
-                self.silent.add(handle.name)
-                handle.close()
+                if handle.link.agent and handle.link.last_seen >= deadline:
+                    handle.alive = False   # its host answers; it does not
+                else:
+                    self._host_silent(handle.link)
+                    continue
                 self._lost(handle, f"no heartbeat for "
-                           f"{self.master.heartbeat_timeout:g} s")
+                           f"{self.settings.heartbeat_timeout:g} s")
+
+    def _host_silent(self, link: Link) -> None:
+        """The whole stream went silent: it is closed, its workers lost."""
+        self.silent.add(link)
+        for event in link.lost(f"no heartbeat for "
+                               f"{self.settings.heartbeat_timeout:g} s"):
+            self.inbox.push_front(event)
+        link.close()
+        self._host_lost(link)
+
+    def _host_lost(self, link: Link) -> None:
+        """Held results at a host that is gone are gone with it: their
+        groups run again."""
+        tasks = self.held.pop(link, []) + self.collecting.pop(link, [])
+        for task in tasks:
+            if self.won.get(task.group) is task:
+                del self.won[task.group]
+        if tasks:
+            self._rerun([i for t in tasks for i in t.slices],
+                        task.worker.name, "its host was lost")
 
     def _lost(self, handle: WorkerHandle, reason: str) -> None:
         """A worker ended: its groups without another live copy re-run,
         slice by slice, on the survivors."""
         handle.alive = False
-        lost_tasks = sorted((t for t in self.open.values()
-                             if t.worker is handle), key=lambda t: t.id)
+        self.idle.discard(handle)
+        if not handle.link.alive:
+            self._host_lost(handle.link)
+        lost_tasks = list(self.queues.get(handle, ()))
         if not lost_tasks:
             return  # nothing of this run was on it
-        status, tail = handle.transport.exit_report(handle.hello.get("log"))
-        handle.transport.close()
+        status, tail = handle.exit_report()
+        handle.close()
         if handle.name not in self.stats.lost_workers:
             self.stats.lost_workers.append(handle.name)
         detail = f"exit status {status}" if status is not None else reason
         for task in lost_tasks:
-            del self.open[task.id]
+            self._close(task)
         # Only the task it was running can have killed it.
         for i in lost_tasks[0].slices:
             self.kills.setdefault(i, []).append(handle.name)
@@ -447,33 +613,49 @@ class Run:
                     f"mapfunc for this input; the workers are restarted for "
                     f"the next run\n--- stderr tail of {handle.name} ---\n{tail}",
                     worker=handle.name, exit_status=status, stderr_tail=tail)
-        covered = {t.group for t in self.open.values()} | set(self.results)
+        covered = {t.group for t in self.open.values()} | set(self.won)
         slices = [i for t in lost_tasks if t.group not in covered
                   for i in t.slices]
+        self._rerun(slices, handle.name, detail, status, tail)
+
+    def _rerun(self, slices: list[int], name: str, detail: str,
+               status: int | None = None, tail: str = "") -> None:
         survivors = [h for h in self.workers if h.alive]
         if slices and not survivors:
             raise WorkerLost(
-                f"worker {handle.name} was lost ({detail}) running "
+                f"worker {name} was lost ({detail}) running "
                 f"{self._slice_names(slices)}, and no worker is left: they are "
                 f"restarted for the next run; check the job and the hosts\n"
-                f"--- stderr tail of {handle.name} ---\n{tail}",
-                worker=handle.name, exit_status=status, stderr_tail=tail)
+                f"--- stderr tail of {name} ---\n{tail}",
+                worker=name, exit_status=status, stderr_tail=tail)
+        if not slices:
+            return
         log.warning("worker %s lost (%s); re-running %s on the others",
-                    handle.name, detail, self._slice_names(slices))
-        busy: dict[str, int] = {}
-        for task in self.open.values():
-            busy[task.worker.name] = busy.get(task.worker.name, 0) + 1
+                    name, detail, self._slice_names(slices))
+        busy = {h.name: len(q) for h, q in self.queues.items()}
         by_name = {h.name: h for h in survivors}
-        for name, i in scheduler.replan(
+        for group in [g for g in self.groups if g in self.undelivered
+                      and g not in self.won and set(self.groups[g]) <= set(
+                          slices)]:
+            self.undelivered.discard(group)   # replaced by one per slice
+        for worker, i in scheduler.replan(
                 slices, self.refs, list(by_name),
                 {h.name: h.refs for h in survivors}, busy):
             self.stats.rerun_slices += 1
-            self._send_task(by_name[name], self._new_group([i]))
+            self._send_task(by_name[worker], self._new_group([i]))
 
     def _count_bytes(self) -> None:
-        for handle, (sent, received) in self.counters.items():
-            self.stats.bytes_sent += handle.bytes_sent - sent
-            self.stats.bytes_received += handle.bytes_received - received
+        for link, (sent, received) in self.counters.items():
+            self.stats.bytes_sent += link.bytes_sent - sent
+            self.stats.bytes_received += link.bytes_received - received
+
+
+def _contiguous(tasks: list[_Task]) -> bool:
+    """Whether the tasks' slices together are one run of consecutive
+    indices: only then can a host combine them without changing the order
+    the master combines in."""
+    slices = sorted(i for t in tasks for i in t.slices)
+    return slices[-1] - slices[0] + 1 == len(slices) == len(set(slices))
 
 
 _FRAME = re.compile(r'^  File "(.+)", line (\d+), in ')

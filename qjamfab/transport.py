@@ -1,13 +1,14 @@
 """A byte stream to one worker, and nothing else.
 
-`Transport` is the seam between the Master and how a worker is reached:
-`readinto` and `writev` move bytes, `close` ends the stream, `exit_report`
-says how the far end ended. `LocalPipeTransport` starts a worker process on
-this machine and speaks over its stdin and stdout. To a worker daemon on an
-SSH host, the runtime's relay runs either under the system's OpenSSH client
+`Transport` is the seam between the Master and how a worker or a host is
+reached: `readinto` and `writev` move bytes, `close` ends the stream,
+`exit_report` says how the far end ended. `LocalPipeTransport` starts a
+worker process on this machine and speaks over its stdin and stdout. To an
+SSH host, its agent runs either under the system's OpenSSH client
 (`OpenSSHTransport`, the same pipes: preferred, C crypto is faster) or on a
-paramiko exec channel (`SSHChannelTransport`). OS and paramiko errors become
-qjamfab errors here and nowhere else.
+paramiko exec channel (`SSHChannelTransport`): one per host. OS and
+paramiko errors on a stream become qjamfab errors here (connecting is
+hosts.py's).
 """
 from __future__ import annotations
 
@@ -188,18 +189,14 @@ class LocalPipeTransport(_ProcessTransport):
 
 
 class OpenSSHTransport(_ProcessTransport):
-    """A worker daemon reached through the relay, run by the system's
-    OpenSSH client (`hosts.openssh_command`): one connection per worker."""
+    """A host's agent, run by the system's OpenSSH client
+    (`hosts.openssh_command`): one connection per host."""
 
     _what = "the OpenSSH client"
 
-    # The daemon lives on without us; a silent host would only make ssh
+    # The daemons live on without us; a silent host would only make ssh
     # wait for its keepalive timeout.
     _close_wait_s = 0.2
-
-    def __init__(self, name: str, host: str, argv: list[str]):
-        self.host = host
-        super().__init__(name, argv)
 
 
 # --- SSH -------------------------------------------------------------------
@@ -274,12 +271,18 @@ def sftp_upload(conn, files: dict[str, bytes], staging: str, target: str) -> Non
 
 
 class SSHChannelTransport(Transport):
-    """A worker daemon reached through the relay on an SSH exec channel."""
+    """A host's agent on an SSH exec channel of `conn`, a connection this
+    transport owns: closing one closes the other."""
 
     def __init__(self, name: str, conn, command: str):
         self.name = name
         self.host = conn.host
-        self.channel = _open_channel(conn, command, f"worker {name}")
+        self.conn = conn
+        try:
+            self.channel = _open_channel(conn, command, f"the agent of {name}")
+        except HostUnreachable:
+            conn.close()
+            raise
         self._stderr = bytearray()   # its tail, for exit_report
 
     def fileno(self) -> int:
@@ -332,6 +335,10 @@ class SSHChannelTransport(Transport):
         try:
             self.channel.close()
         except _SSH_ERRORS:
+            pass
+        try:
+            self.conn.close()
+        except Exception:   # closing an already broken connection
             pass
 
     def exit_report(self, log_path: str | None) -> tuple[int | None, str]:

@@ -1,124 +1,332 @@
-"""Worker handles: one connected worker as the Master sees it.
+"""Workers as the Master sees them: streams, handles and the inbox.
 
-A `WorkerHandle` wraps a Transport: it checks the worker's HELLO, writes
-frames, and reads them when the Master asks. `read_events` waits on every
-handle's stream at once (poll) and reads on the caller's thread: no reader
-threads, so a result reaches the caller without a thread switch (35 us
-each, measured). A stream's end, or one that stalls inside a frame, is a
-LOST event. A handle also remembers what its worker holds (function hashes,
-slice refs), so runs send only what is missing.
+A `Link` is one byte stream (transport.py) and the workers it reaches:
+to an SSH host it is the host's one stream to its agent
+(runtime/agent.py), carrying every worker's frames, each naming its worker;
+to a local worker it is that worker's pipe. A `WorkerHandle` is one worker:
+its identity as data (host label, index), what it holds (function hashes,
+slice refs), whether it is alive. The `Inbox` owns the links and what they
+sent: it waits on all of them at once (poll) and reads on the caller's
+thread, so a result reaches the caller without a thread switch; a `Run`
+is handed the inbox, not the Master. A stream's end, or one that stalls
+inside a frame, is a LOST event for each of its workers.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import select
+import struct
+import sys
 import time
-from typing import Iterable, Sequence
+from typing import NamedTuple, Sequence
 
-from . import protocol
-from .errors import ProtocolError, QjamfabError, WorkerLost
+from . import protocol, runtime
+from .errors import PreflightFailed, ProtocolError, QjamfabError, WorkerLost
 from .transport import Transport
 
 log = logging.getLogger("qjamfab")
 
-LOST = -1               # event kind: the worker's stream ended
-_HANDSHAKE_TIMEOUT_S = 30.0
+LOST = -1               # event kind: the worker's stream or daemon ended
+HANDSHAKE_TIMEOUT_S = 30.0
 
-Event = tuple   # (handle, kind, head, payload parts)
+
+class Event(NamedTuple):
+    """Something a worker (or a host's agent: `source` is its Link) sent."""
+    source: "WorkerHandle | Link"
+    kind: int
+    head: dict
+    parts: list
 
 
 class WorkerHandle:
-    """One connected worker: its transport, frame reader and what it holds.
-    Used from one thread at a time (the Master's caller)."""
+    """One worker: where it is, what it holds, whether it is alive."""
 
-    def __init__(self, name: str, transport: Transport,
-                 stall_timeout: float):
-        self.name = name
-        self.transport = transport
-        self.reader = protocol.FrameReader(transport.readinto)
+    def __init__(self, link: "Link", index: int, name: str, hello: dict):
+        self.link = link
+        self.index = index          # its number on its host
+        self.name = name            # "<host label>-<index>"
+        self.host = link.label
+        self.hello = hello
         self.funcs: set[str] = set()
         self.refs: set[str] = set()
+        self.alive = True
+        self.last_seen = time.monotonic()
+        self.gone_tail = ""         # what the agent said when it ended
+
+    def send(self, kind: int, head: dict, payload: Sequence = ()) -> int:
+        return self.link.send(kind, head, payload,
+                              self.index if self.link.agent else 0,
+                              to=self.name)
+
+    def exit_report(self) -> tuple[int | None, str]:
+        """After it ended: (exit status if known, its output's tail)."""
+        if self.link.agent and self.link.alive:
+            return None, self.gone_tail
+        return self.link.transport.exit_report(self.hello.get("log"))
+
+    def close(self) -> None:
+        self.alive = False
+        if not self.link.agent:
+            self.link.close()
+
+    def __repr__(self) -> str:
+        return f"<WorkerHandle {self.name}{'' if self.alive else ' lost'}>"
+
+
+class Link:
+    """One stream: to a host's agent (`agent` true) or to one worker."""
+
+    def __init__(self, label: str, transport: Transport, agent: bool,
+                 stall_timeout: float):
+        self.label = label
+        self.transport = transport
+        self.agent = agent
+        self.reader = protocol.FrameReader(transport.readinto)
+        self.handles: dict[int, WorkerHandle] = {}
+        self.info: dict = {}        # the agent's HELLO
+        self.alive = True
+        self.last_seen = time.monotonic()
         self.bytes_sent = 0
         self.bytes_received = 0
-        self.alive = True
-        transport.set_read_timeout(_HANDSHAKE_TIMEOUT_S)
-        self.hello = self._handshake()
-        # Within a frame, silence this long means the worker is gone.
-        transport.set_read_timeout(stall_timeout)
-        self.last_seen = time.monotonic()
+        self._stall_timeout = stall_timeout
 
     def fileno(self) -> int:
         return self.transport.fileno()
 
-    def _handshake(self) -> dict:
+    # --- starting -------------------------------------------------------
+
+    def start_direct(self, name: str) -> WorkerHandle:
+        """A stream to one worker: its HELLO makes its handle."""
+        event = self._handshake_frame(name)
+        if event[0] != protocol.HELLO:
+            raise self._fail(ProtocolError(
+                f"worker {name} sent {protocol.KIND_NAMES.get(event[0])} "
+                "before HELLO: restart it"))
+        self._check_version(name, event[2])
+        handle = self.handles[0] = WorkerHandle(self, 0, name, event[2])
+        self.transport.set_read_timeout(self._stall_timeout)
+        return handle
+
+    def start_agent(self, python_check: bool = True) -> dict:
+        """The agent's first words: install the runtime if it asks, then
+        its HELLO, checked against this master (version, Python)."""
+        self.transport.set_read_timeout(HANDSHAKE_TIMEOUT_S)
         try:
-            kind, head, _ = self.reader.read()
-        except TimeoutError as exc:
-            self.transport.close()
-            raise WorkerLost(
-                f"worker {self.name} did not start: no answer in "
-                f"{_HANDSHAKE_TIMEOUT_S:g} s; check the host's load and its "
-                "python", worker=self.name) from exc
-        except (EOFError, ProtocolError, OSError) as exc:
-            status, tail = self.transport.exit_report(None)
-            self.transport.close()
-            said = tail.splitlines()[-1] if tail else "see the output below"
-            raise WorkerLost(
-                f"worker {self.name} did not start (exit status {status}): "
-                f"{said}\n{tail}", worker=self.name,
-                exit_status=status, stderr_tail=tail) from exc
-        if kind != protocol.HELLO or head.get("version") != protocol.VERSION:
-            self.transport.close()
-            raise ProtocolError(
-                f"worker {self.name} speaks protocol {head.get('version')}, "
-                f"not {protocol.VERSION}: restart it with this qjamfab's "
-                "runtime (stop-workers, then start-workers)")
+            line = self.reader.read_line(256)
+        except (EOFError, OSError, TimeoutError, ProtocolError) as exc:
+            raise self._failed_start(exc) from exc
+        if line == runtime.NEED_RUNTIME:
+            bundle = runtime.bundle_zip()
+            self._write([struct.pack("!Q", len(bundle)), bundle])
+        elif line != runtime.HAVE_RUNTIME:
+            raise self._fail(PreflightFailed(
+                f"{self.label}: the host's shell printed {line[:80]!r} "
+                "before qjamfab's agent started: make the login shell print "
+                "nothing for non-interactive sessions (e.g. in .bashrc)",
+                host=self.label))
+        kind, _, head = self._handshake_frame(self.label)
+        if kind != protocol.HELLO or not head.get("agent"):
+            raise self._fail(ProtocolError(
+                f"{self.label}: the agent did not say HELLO: restart with "
+                "this qjamfab's runtime (stop-workers, then start-workers)"))
+        self._check_version(self.label, head)
+        theirs, ours = tuple(head["python"][:2]), sys.version_info[:2]
+        if python_check and theirs != ours:
+            raise self._fail(PreflightFailed(
+                f"{self.label} runs Python {'.'.join(map(str, head['python']))}"
+                f" ({head['executable']}), the master {ours[0]}.{ours[1]}: "
+                "cloudpickle needs the same minor version; set "
+                f"QJAMFAB_REMOTE_PYTHON to a python{ours[0]}.{ours[1]} there",
+                host=self.label))
+        self.info = head
         return head
 
-    def send(self, kind: int, head: dict, payload: Sequence = ()) -> int:
-        buffers = protocol.frame(kind, head, payload)
+    def attach(self, indices: list[int] | None, count: int | None,
+               idle_timeout: float) -> tuple[list[WorkerHandle], dict]:
+        """Ask the agent for these workers (or `count`, or as many as the
+        host was started with): the new handles, and {index: reason} for
+        those that could not be attached."""
+        self.transport.set_read_timeout(HANDSHAKE_TIMEOUT_S)
+        self.send(protocol.ATTACH, {"workers": indices, "count": count,
+                                    "idle_timeout": idle_timeout},
+                  worker=protocol.AGENT)
+        hellos: dict[int, dict] = {}
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+        while True:
+            if time.monotonic() > deadline:
+                raise self._fail(WorkerLost(
+                    f"{self.label}: its workers did not start: no answer in "
+                    f"{HANDSHAKE_TIMEOUT_S:g} s; check the host's load"))
+            kind, worker, head = self._handshake_frame(self.label)
+            if kind == protocol.HELLO and worker != protocol.AGENT:
+                self._check_version(f"worker {self.label}-{worker}", head)
+                hellos[worker] = head
+            elif kind == protocol.ATTACH:
+                break
+        self.transport.set_read_timeout(self._stall_timeout)
+        new = []
+        for k in head["workers"]:
+            if k in hellos:
+                handle = WorkerHandle(self, k, f"{self.label}-{k}", hellos[k])
+                self.handles[k] = handle
+                new.append(handle)
+        self.count = head["count"]
+        return new, {int(k): v for k, v in head["failed"].items()}
+
+    def _handshake_frame(self, name: str) -> tuple[int, int, dict]:
+        """The next frame while starting (its payload dropped)."""
+        try:
+            kind, worker, head, _ = self.reader.read()
+        except TimeoutError as exc:
+            raise self._fail(WorkerLost(
+                f"worker {name} did not start: no answer in "
+                f"{HANDSHAKE_TIMEOUT_S:g} s; check the host's load and its "
+                "python", worker=name)) from exc
+        except (EOFError, ProtocolError, OSError) as exc:
+            raise self._failed_start(exc, name) from exc
+        return kind, worker, head
+
+    def _failed_start(self, exc: BaseException, name: str | None = None
+                      ) -> QjamfabError:
+        status, tail = self.transport.exit_report(None)
+        self.close()
+        name = name or self.label
+        if status == 127:
+            return PreflightFailed(
+                f"{self.label}: python was not found: install python3 there, "
+                f"or set QJAMFAB_REMOTE_PYTHON to its path\n{tail}",
+                host=self.label)
+        said = tail.splitlines()[-1] if tail else "see the output below"
+        return WorkerLost(
+            f"{'worker ' if name != self.label else ''}{name} did not start "
+            f"(exit status {status}): {said}\n{tail}", worker=name,
+            exit_status=status, stderr_tail=tail)
+
+    def _check_version(self, name: str, head: dict) -> None:
+        if head.get("version") != protocol.VERSION:
+            raise self._fail(ProtocolError(
+                f"{name} speaks protocol {head.get('version')}, not "
+                f"{protocol.VERSION}: restart it with this qjamfab's runtime "
+                "(stop-workers, then start-workers)"))
+
+    def _fail(self, exc: QjamfabError) -> QjamfabError:
+        self.close()
+        return exc
+
+    # --- running --------------------------------------------------------
+
+    def _write(self, buffers: list) -> int:
         size = protocol.frame_size(buffers)
         protocol.write_all(self.transport.writev, buffers)
         self.bytes_sent += size
+        return size
+
+    def send(self, kind: int, head: dict, payload: Sequence = (),
+             worker: int = 0, to: str | None = None) -> int:
+        size = self._write(protocol.frame(kind, head, payload, worker))
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("-> %s %s %s (%d bytes)", self.name,
+            log.debug("-> %s %s %s (%d bytes)", to or self.label,
                       protocol.KIND_NAMES.get(kind, kind), head, size)
         return size
 
-    def read_event(self) -> Event:
-        """The next frame as an event; LOST at the end of the stream."""
+    def read_events(self) -> list[Event]:
+        """Read the next frame: what it means, as events (none for a
+        heartbeat)."""
         try:
-            kind, head, parts = self.reader.read()
+            kind, worker, head, parts = self.reader.read()
         except (EOFError, OSError, ProtocolError, QjamfabError) as exc:
-            self.alive = False
-            return (self, LOST, {"reason": str(exc) or type(exc).__name__}, [])
-        self.last_seen = time.monotonic()
-        size = sum(len(p) for p in parts)
-        self.bytes_received += size
-        if log.isEnabledFor(logging.DEBUG) and kind != protocol.HEARTBEAT:
-            log.debug("<- %s %s %s (%d payload bytes)", self.name,
-                      protocol.KIND_NAMES.get(kind, kind), head, size)
-        return (self, kind, head, parts)
+            return self.lost(str(exc) or type(exc).__name__)
+        now = self.last_seen = time.monotonic()
+        self.bytes_received += sum(len(p) for p in parts)
+        if self.agent and worker == protocol.AGENT:
+            if kind == protocol.HEARTBEAT:
+                stale = set(head.get("stale", ()))
+                for k, handle in self.handles.items():
+                    if k not in stale:
+                        handle.last_seen = now
+                return []
+            return [Event(self, kind, head, parts)]
+        handle = self.handles.get(worker if self.agent else 0)
+        if handle is None or not handle.alive:
+            return []
+        handle.last_seen = now
+        if kind == protocol.HEARTBEAT:
+            return []
+        if kind == protocol.GONE:
+            handle.alive = False
+            handle.gone_tail = head.get("tail", "")
+            return [Event(handle, LOST, {"reason": head["reason"]}, [])]
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("<- %s %s %s (%d payload bytes)", handle.name,
+                      protocol.KIND_NAMES.get(kind, kind), head,
+                      sum(len(p) for p in parts))
+        return [Event(handle, kind, head, parts)]
+
+    def lost(self, reason: str) -> list[Event]:
+        """The stream ended: every live worker on it is lost."""
+        self.alive = False
+        events = [Event(h, LOST, {"reason": reason}, [])
+                  for h in self.handles.values() if h.alive]
+        for handle in self.handles.values():
+            handle.alive = False
+        return events
 
     def close(self) -> None:
         self.alive = False
+        for handle in self.handles.values():
+            handle.alive = False
         self.transport.close()
 
 
-def read_events(handles: Iterable[WorkerHandle], timeout: float
-                ) -> list[Event]:
-    """Wait up to `timeout` s until some of the live handles have input,
-    then read one frame from each that has (heartbeats included); [] when
-    none had any."""
-    live = [h for h in handles if h.alive]
-    ready = [h for h in live if h.reader.buffered()]
-    if not ready and live:
-        by_fd = {h.fileno(): h for h in live}
-        poller = select.poll()   # unlike select(), any number of fds
-        for fd in by_fd:
-            poller.register(fd, select.POLLIN)
-        ready = [by_fd[fd] for fd, _ in poller.poll(
-            max(0.0, timeout) * 1000) if by_fd[fd].transport.has_input()]
-    elif not live and timeout > 0:
-        time.sleep(timeout)
-    return [h.read_event() for h in ready]
+class Inbox:
+    """Every link of a Master and the events read from them, in order."""
+
+    def __init__(self) -> None:
+        self.links: list[Link] = []
+        self.pending: collections.deque[Event] = collections.deque()
+
+    def add(self, link: Link) -> None:
+        self.links = [x for x in self.links if x.alive] + [link]
+
+    def push_front(self, event: Event) -> None:
+        self.pending.appendleft(event)
+
+    def _read_ready(self, timeout: float) -> bool:
+        """Read a frame from each link that has input, waiting up to
+        `timeout` s for one; whether any was read."""
+        live = [x for x in self.links if x.alive]
+        ready = [x for x in live if x.reader.buffered()]
+        if not ready and live:
+            by_fd = {x.fileno(): x for x in live}
+            poller = select.poll()   # unlike select(), any number of fds
+            for fd in by_fd:
+                poller.register(fd, select.POLLIN)
+            ready = [by_fd[fd] for fd, _ in poller.poll(
+                max(0.0, timeout) * 1000) if by_fd[fd].transport.has_input()]
+        elif not live and timeout > 0:
+            time.sleep(timeout)
+        for link in ready:
+            self.pending.extend(link.read_events())
+        return bool(ready)
+
+    def next_event(self, timeout: float) -> Event | None:
+        """The next event, or None after `timeout` s without one."""
+        deadline = time.monotonic() + timeout
+        while not self.pending:
+            self._read_ready(deadline - time.monotonic())
+            if time.monotonic() >= deadline:
+                break
+        return self.pending.popleft() if self.pending else None
+
+    def read_available(self, limit_s: float = 1.0) -> None:
+        """Read what has arrived, without waiting for more; for at most
+        limit_s s, since workers never stop sending (heartbeats)."""
+        deadline = time.monotonic() + limit_s
+        while self._read_ready(0) and time.monotonic() < deadline:
+            pass
+
+    def close(self) -> None:
+        for link in self.links:
+            link.close()
+        self.links = []

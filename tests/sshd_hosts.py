@@ -271,8 +271,6 @@ class SshdHost:
             "PrintMotd no",
             "PrintLastLog no",
             "UseDNS no",
-            "MaxStartups 100:30:200",
-            "MaxSessions 100",
             f"SetEnv QJAMFAB_HOME={self.home}",
             f"Subsystem sftp {o.sftp_server}",
             f"LogLevel {o.log_level}",

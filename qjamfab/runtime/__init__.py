@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
 import shutil
 import tempfile
+import zipfile
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SHIPPED = ("errors.py", "protocol.py", "reduce.py")
@@ -93,20 +95,67 @@ def read_tail(path: str, limit: int = 8192) -> str:
 
 
 NO_RUNTIME = "qjamfab: no runtime at"
+NEED_RUNTIME = b"qjamfab: need runtime\n"   # the agent's boot asks for it
+HAVE_RUNTIME = b"qjamfab: runtime ok\n"
 
 
-def boot_code(module: str) -> str:
+@functools.lru_cache(maxsize=1)
+def bundle_zip() -> bytes:
+    """The bundle as a zip archive, as the agent's boot code installs it."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for path, content in sorted(bundle_files().items()):
+            z.writestr(path, content)
+    return out.getvalue()
+
+
+# Installs the bundle sent on stdin (a u64 length, then the zip) under a
+# staging name, then renames it into place: another session installing it
+# at the same time is harmless.
+_INSTALL = """
+if not os.path.isdir(p):
+    os.write(1, NEED)
+    def rd(n):
+        d = b''
+        while len(d) < n:
+            c = os.read(0, n - len(d))
+            if not c:
+                sys.exit('qjamfab: the runtime upload ended early')
+            d += c
+        return d
+    import io, shutil, struct, tempfile, zipfile
+    r = os.path.join(b, 'runtime')
+    os.makedirs(r, 0o700, exist_ok=True)
+    s = tempfile.mkdtemp(prefix='.staging-', dir=r)
+    zipfile.ZipFile(io.BytesIO(rd(struct.unpack('!Q', rd(8))[0]))).extractall(s)
+    try:
+        os.rename(s, p)
+    except OSError:
+        shutil.rmtree(s, ignore_errors=True)
+else:
+    os.write(1, HAVE)
+"""
+
+
+def boot_code(module: str, install: bool = False) -> str:
     """`python -c` code that runs qjamfab.runtime.<module>.main() from the
     bundle under the base directory, as the host running it sees it.
 
-    It refuses to run when the bundle is absent, so a qjamfab installed on
-    the host is never run in its place; and it replaces sys.path[0] (the
+    Without `install` it refuses to run when the bundle is absent, so a
+    qjamfab installed on the host is never run in its place; with it, it
+    first says whether the bundle is there (NEED_RUNTIME / HAVE_RUNTIME on
+    stdout) and installs one sent on stdin. It replaces sys.path[0] (the
     current directory) so a `qjamfab/` folder there cannot shadow it.
     """
-    return ("import os, sys; "
+    head = ("import os, sys\n"
             "b = os.environ.get('QJAMFAB_HOME') or "
-            "os.path.join(os.path.expanduser('~'), '.cache', 'qjamfab'); "
-            f"p = os.path.join(b, 'runtime', {bundle_hash()!r}); "
-            f"os.path.isdir(p) or sys.exit({NO_RUNTIME!r} + ' ' + p); "
-            "sys.path[0:1] = [p]; "
-            f"from qjamfab.runtime.{module} import main; main()")
+            "os.path.join(os.path.expanduser('~'), '.cache', 'qjamfab')\n"
+            "os.umask(0o077)\n"
+            f"p = os.path.join(b, 'runtime', {bundle_hash()!r})\n")
+    if install:
+        head += (f"NEED, HAVE = {NEED_RUNTIME!r}, {HAVE_RUNTIME!r}\n"
+                 + _INSTALL)
+    else:
+        head += f"os.path.isdir(p) or sys.exit({NO_RUNTIME!r} + ' ' + p)\n"
+    return head + ("sys.path[0:1] = [p]\n"
+                   f"from qjamfab.runtime.{module} import main\nmain()\n")

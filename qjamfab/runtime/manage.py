@@ -1,9 +1,12 @@
 """Worker daemons on one host: start, status, stop, clear.
 
 Run from the bundle as `python3 -c <boot manage> COMMAND ...`; answers one
-line of JSON. Daemon k listens on `<base>/run/worker-k.sock` and records its
-pid in `worker-k.pid`; a pid counts as a worker only while its command line
-names that socket, so a recycled pid is never signalled.
+line of JSON. The host agent (agent.py) uses the same functions. Daemon k
+listens on `<base>/run/worker-k.sock` and records its pid in
+`worker-k.pid`; a pid counts as a worker only while its command line names
+that socket, so a recycled pid is never signalled. `start --count N`
+records N in `run/count`: the number of workers a later session's agent
+attaches when the Master does not say.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import time
 
 from . import boot_code, default_base, this_runtime
 
-_START_WAIT_S = 15.0
+START_WAIT_S = 15.0
 
 
 def _run_dir(base: str) -> str:
@@ -28,7 +31,7 @@ def _socket(base: str, k: int) -> str:
     return os.path.join(_run_dir(base), f"worker-{k}.sock")
 
 
-def _cmdline(pid: int) -> str:
+def cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
@@ -36,7 +39,7 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _workers(base: str) -> list[dict]:
+def live_workers(base: str) -> list[dict]:
     """The daemons of this base that are alive, by their pid files."""
     found = []
     run = _run_dir(base)
@@ -50,7 +53,7 @@ def _workers(base: str) -> list[dict]:
         except (OSError, ValueError):
             continue
         sock = os.path.join(run, name[:-4] + ".sock")
-        if sock not in _cmdline(pid):
+        if sock not in cmdline(pid):
             continue
         try:  # an exiting worker may remove its pid file meanwhile
             started = os.stat(os.path.join(run, name)).st_mtime
@@ -61,18 +64,30 @@ def _workers(base: str) -> list[dict]:
     return found
 
 
-def start(base: str, count: int, idle_timeout: float) -> dict:
-    # A daemon of another runtime (qjamfab was upgraded) would not speak
-    # this one's protocol: it is replaced, its disk cache kept.
+def recorded_count(base: str) -> int:
+    """The worker count start-workers was last given here, else one per
+    core."""
+    try:
+        with open(os.path.join(_run_dir(base), "count")) as f:
+            return max(1, int(f.read().strip()))
+    except (OSError, ValueError):
+        return os.cpu_count() or 1
+
+
+def stop_other_runtimes(base: str) -> list[str]:
+    """A daemon of another runtime (qjamfab was upgraded) would not speak
+    this one's protocol: it is stopped, its disk cache kept."""
     runtime = this_runtime()
-    replaced = _stop(base, [w for w in _workers(base)
-                            if runtime not in _cmdline(w["pid"])])
-    running = {w["name"] for w in _workers(base)}
-    started = []
-    for k in range(count):
+    return _stop(base, [w for w in live_workers(base)
+                        if runtime not in cmdline(w["pid"])])
+
+
+def start_slots(base: str, slots: list[int], idle_timeout: float
+                ) -> list[int]:
+    """Start daemons worker-<slot> for these slots, all at once, and wait
+    until each listens; the slots that did not start in time."""
+    for k in slots:
         name = f"worker-{k}"
-        if name in running:
-            continue
         subprocess.Popen(
             [sys.executable, "-c", boot_code("worker"), "--socket",
              _socket(base, k), "--name", name, "--base", base,
@@ -80,17 +95,27 @@ def start(base: str, count: int, idle_timeout: float) -> dict:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=open(os.path.join(base, "log", f"{name}.daemon"), "ab"),
             start_new_session=True, close_fds=True)
-        started.append(name)
-    deadline = time.monotonic() + _START_WAIT_S
-    waiting = set(started)
+    deadline = time.monotonic() + START_WAIT_S
+    waiting = set(slots)
     while waiting and time.monotonic() < deadline:
-        waiting = {n for n in waiting
-                   if n not in {w["name"] for w in _workers(base)}}
+        up = {w["name"] for w in live_workers(base)}
+        waiting = {k for k in waiting if f"worker-{k}" not in up}
         if waiting:
             time.sleep(0.02)
-    return {"started": started, "replaced": replaced,
-            "failed": sorted(waiting),
-            "workers": [w["name"] for w in _workers(base)],
+    return sorted(waiting)
+
+
+def start(base: str, count: int, idle_timeout: float) -> dict:
+    replaced = stop_other_runtimes(base)
+    running = {w["name"] for w in live_workers(base)}
+    missing = [k for k in range(count) if f"worker-{k}" not in running]
+    failed = start_slots(base, missing, idle_timeout)
+    with open(os.path.join(_run_dir(base), "count"), "w") as f:
+        f.write(f"{count}\n")
+    return {"started": [f"worker-{k}" for k in missing if k not in failed],
+            "replaced": replaced,
+            "failed": [f"worker-{k}" for k in failed],
+            "workers": [w["name"] for w in live_workers(base)],
             "count": count, "cores": os.cpu_count()}
 
 
@@ -102,7 +127,7 @@ def status(base: str) -> dict:
             entries += 1
             size += entry.stat().st_size
     runtime = os.path.join(base, "runtime")
-    return {"workers": _workers(base), "cache_entries": entries,
+    return {"workers": live_workers(base), "cache_entries": entries,
             "cache_bytes": size, "cores": os.cpu_count(), "base": base,
             "runtimes": sorted(n for n in os.listdir(runtime)
                                if not n.startswith("."))
@@ -110,7 +135,7 @@ def status(base: str) -> dict:
 
 
 def stop(base: str) -> dict:
-    return {"stopped": len(_stop(base, _workers(base)))}
+    return {"stopped": len(_stop(base, live_workers(base)))}
 
 
 def _stop(base: str, workers: list[dict]) -> list[str]:
@@ -120,7 +145,7 @@ def _stop(base: str, workers: list[dict]) -> list[str]:
         os.kill(w["pid"], signal.SIGTERM)
 
     def left() -> list[dict]:
-        return [w for w in _workers(base) if w["pid"] in pids]
+        return [w for w in live_workers(base) if w["pid"] in pids]
     deadline = time.monotonic() + 5
     while left() and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -136,7 +161,7 @@ def _stop(base: str, workers: list[dict]) -> list[str]:
 
 
 def clear(base: str) -> dict:
-    for w in _workers(base):
+    for w in live_workers(base):
         os.kill(w["pid"], signal.SIGUSR1)  # drops the daemon's memory cache
     before = status(base)
     cache = os.path.join(base, "cache")

@@ -6,8 +6,9 @@ runtime/__init__.py), in one of two modes:
 - `--pipe`: the protocol runs over the process's stdin and stdout; the
   worker ends when stdin closes. Local workers of a Master use this.
 - `--socket PATH`: a daemon listening on a Unix socket (0600 in a 0700
-  directory), serving one connection at a time and keeping its cache
-  between them; it ends after `--idle-timeout` seconds without one.
+  directory), serving one connection at a time (its host's agent, see
+  agent.py) and keeping its cache between them; it ends after
+  `--idle-timeout` seconds without one.
 
 Before any user code runs, the protocol moves off fds 0 and 1, and fds 1 and
 2 point at a capture file, so nothing a job prints (from Python or C) can
@@ -211,10 +212,11 @@ class Worker:
                         and self._run_next(channel):
                     continue
                 try:
-                    kind, head, lengths = channel.reader.read_head()
+                    kind, _, head, lengths = channel.reader.read_head()
                     if kind == protocol.REFS:   # straight into the cache
-                        self.cache.receive(head["ref"], lengths,
-                                           channel.reader, channel.read_fd)
+                        if lengths:   # else the agent stored it for us
+                            self.cache.receive(head["ref"], lengths,
+                                               channel.reader, channel.read_fd)
                         continue
                     parts = [channel.reader.read_part(n) for n in lengths]
                 except (EOFError, OSError):
@@ -355,10 +357,20 @@ def _fd_channel(read_fd: int, write_fd: int) -> Channel:
                    read_fd)
 
 
+_CLAIM_WAIT_S = 5.0   # for a client that connected to say "serve"
+
+
+def _socket_channel(conn: socket.socket) -> Channel:
+    conn.setblocking(True)
+    fd = conn.fileno()
+    return Channel(conn.recv_into, lambda views: os.writev(fd, views), fd)
+
+
 def _serve_socket(worker: Worker, path: str, idle_timeout: float) -> None:
-    """Daemon mode: each connection is a relay handing over its stdin and
-    stdout (SCM_RIGHTS), so frames then flow between the SSH session and
-    this process with no copy through the relay."""
+    """Daemon mode: each connection is the host agent of one Master
+    session; it says "serve" after reading our "ready" line, and frames
+    then flow over the connection until it ends. A client that says
+    nothing in time is dropped."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -383,20 +395,19 @@ def _serve_socket(worker: Worker, path: str, idle_timeout: float) -> None:
             except socket.timeout:
                 return
             with conn:
-                conn.settimeout(None)
-                fds = []
                 try:
-                    # Say "ready" first: a relay that gave up waiting (this
-                    # daemon was busy) has then not sent its channel away.
+                    conn.settimeout(_CLAIM_WAIT_S)
                     conn.sendall(info.encode() + b"\n")
-                    _, fds, _, _ = socket.recv_fds(conn, 64, 2)
-                    if len(fds) == 2:
-                        worker.serve(_fd_channel(fds[0], fds[1]))
+                    said = b""
+                    while not said.endswith(b"\n") and len(said) < 64:
+                        chunk = conn.recv(64)
+                        if not chunk:
+                            break
+                        said += chunk
+                    if said == b"serve\n":
+                        worker.serve(_socket_channel(conn))
                 except OSError:
-                    pass  # that relay is gone
-                finally:
-                    for fd in fds:
-                        os.close(fd)
+                    pass  # that client is gone, or said nothing in time
     finally:
         listener.close()
         try:

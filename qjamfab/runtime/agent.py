@@ -1,0 +1,447 @@
+"""The host agent: one per Master session on a host, the far end of its one
+SSH stream.
+
+Run by the master over SSH as `python3 -c <boot agent>` (see
+`runtime.boot_code`). Its stdin and stdout are the stream; every frame on
+it names a worker (protocol.py), and the agent passes each on between the
+stream and that worker's daemon, over the daemon's Unix socket. So a host
+costs the master one SSH connection and one channel, and costs the host
+one sshd session and one agent, whatever its worker count.
+
+What it does besides passing frames on:
+
+- ATTACH: claims daemons for this session (a lock file per daemon slot,
+  held while attached, so two sessions never share one), starts missing
+  ones, and forwards each one's HELLO.
+- REFS: a slice goes into the host's cache once, and every daemon is told
+  it is there: a slice crosses the network once per host.
+- TASK with `hold`: the result stays here; the master is told "done", and
+  COLLECT later combines the named results (in the order given, slice
+  order) with the job's reduce into one RESULT per chain of tasks.
+- Liveness: daemons' heartbeats end here; the agent sends one heartbeat
+  for the host, naming the workers that are stale: silent and, seen from
+  outside their interpreter, not running (stopped or gone). A worker busy
+  in C code holding its GIL is not stale.
+
+Writes are queued and flushed when the other end can take them, so the
+agent never blocks on a daemon or on the master while the other side
+waits on it. Exit when the stream ends: daemons stay up, with their cache.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import select
+import socket
+import sys
+import time
+import traceback
+from collections import deque
+
+from .. import protocol
+from ..reduce import default_reduce
+from . import default_base, read_tail, this_runtime
+from . import manage
+from .cache import RefCache
+
+_CONNECT_WAIT_S = 15.0    # for a daemon to say "ready"
+_STALE_AFTER_S = 1.5 * protocol.HEARTBEAT_INTERVAL_S
+
+
+class _Peer:
+    """One end the agent reads frames from and queues writes to."""
+
+    def __init__(self, read_fd: int, write_fd: int, readinto):
+        self.read_fd = read_fd
+        self.write_fd = write_fd
+        self.reader = protocol.FrameReader(readinto)
+        self.out: deque = deque()      # memoryviews waiting to be written
+        self.closed = False
+
+    def queue(self, buffers: list) -> None:
+        self.out.extend(memoryview(b).cast("B") for b in buffers
+                        if memoryview(b).nbytes)
+
+    def flush(self) -> None:
+        """Write what the far end takes now, without blocking."""
+        while self.out:
+            try:
+                n = os.writev(self.write_fd, list(self.out)[:512])
+            except BlockingIOError:
+                return
+            while n:
+                if n >= len(self.out[0]):
+                    n -= len(self.out.popleft())
+                else:
+                    self.out[0] = self.out[0][n:]
+                    n = 0
+
+
+class _Daemon(_Peer):
+    """A daemon this session claimed: its socket and what it said."""
+
+    def __init__(self, index: int, slot: int, sock: socket.socket,
+                 info: dict, lock_fd: int):
+        # Writes are queued (non-blocking); a read takes a whole frame,
+        # waiting inside it: the daemon writes frames whole.
+        sock.setblocking(False)
+        super().__init__(sock.fileno(), sock.fileno(), _blocking_recv(sock))
+        self.index = index          # the worker's number in the master's view
+        self.slot = slot            # worker-<slot> on this host
+        self.sock = sock
+        self.info = info
+        self.lock_fd = lock_fd
+        self.last_seen = time.monotonic()
+
+    def running(self) -> bool:
+        """Seen from outside: its process exists and is not stopped."""
+        try:
+            with open(f"/proc/{self.info['pid']}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            return False
+        return stat[stat.rindex(b")") + 2:][:1] not in (b"T", b"t", b"Z", b"X")
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+        os.close(self.lock_fd)
+
+
+class Agent:
+    def __init__(self, base: str, master_in: int, master_out: int):
+        self.base = base
+        reader = os.fdopen(master_in, "rb", buffering=0, closefd=False)
+        self.master = _Peer(master_in, master_out, reader.readinto)
+        os.set_blocking(master_out, False)
+        self.cache = RefCache(os.path.join(base, "cache"))
+        self.daemons: dict[int, _Daemon] = {}
+        self.funcs: dict[str, bytes] = {}       # job bytes, for COLLECT
+        self.holding: set[int] = set()          # held tasks not yet done
+        self.held: dict[int, list] = {}         # task id -> result parts
+        self.beat_at = 0.0
+        self.run = None                         # the run tasks belong to
+        self.avoid: set[int] = set()            # slots whose daemon froze
+
+    # --- to the master --------------------------------------------------
+
+    def tell(self, kind: int, head: dict, payload=(), worker=protocol.AGENT
+             ) -> None:
+        self.master.queue(protocol.frame(kind, head, payload, worker))
+
+    def hello(self) -> dict:
+        try:
+            from importlib.metadata import version
+            numpy = version("numpy")
+        except Exception:
+            numpy = None
+        return {"version": protocol.VERSION, "agent": True,
+                "python": list(sys.version_info[:3]),
+                "executable": sys.executable, "cores": os.cpu_count(),
+                "base": self.base, "runtime": this_runtime(),
+                "numpy": numpy, "host": socket.gethostname(),
+                "pid": os.getpid()}
+
+    # --- attaching --------------------------------------------------------
+
+    def attach(self, head: dict) -> None:
+        """Claim a daemon for each worker index asked for, starting those
+        missing, and forward their HELLOs; then answer ATTACH."""
+        count = head.get("count") or manage.recorded_count(self.base)
+        indices = list(head.get("workers") or range(count))
+        for k in indices:
+            if k in self.daemons:
+                # The master gave up on it (silent, e.g. stopped): drop it,
+                # and do not take its slot again.
+                self.avoid.add(self.daemons[k].slot)
+                self.daemons.pop(k).close()
+        idle = float(head.get("idle_timeout", 3600.0))
+        run = os.path.join(self.base, "run")
+        claimed: list[tuple[int, int, int]] = []   # (index, slot, lock fd)
+        slot = 0
+        for index in indices:
+            while True:
+                fd = None if slot in self.avoid else _try_lock(
+                    os.path.join(run, f"worker-{slot}.lock"))
+                slot += 1
+                if fd is not None:
+                    claimed.append((index, slot - 1, fd))
+                    break
+        alive = {w["name"] for w in manage.live_workers(self.base)
+                 if this_runtime() in manage.cmdline(w["pid"])}
+        manage.stop_other_runtimes(self.base)
+        missing = [s for _, s, _ in claimed if f"worker-{s}" not in alive]
+        failed: dict[int, str] = {}
+        not_started = set(manage.start_slots(self.base, missing, idle))
+        for index, slot, fd in claimed:
+            if slot in not_started:
+                os.close(fd)
+                failed[index] = (f"worker-{slot} did not start in "
+                                 f"{manage.START_WAIT_S:g} s: "
+                                 + _daemon_log(self.base, slot))
+                continue
+            try:
+                try:
+                    self.daemons[index] = self._connect(index, slot, fd)
+                except OSError:
+                    # It ended as we came (a task its last session left
+                    # ended it): start a fresh one.
+                    if manage.start_slots(self.base, [slot], idle):
+                        raise
+                    self.daemons[index] = self._connect(index, slot, fd)
+            except OSError as exc:
+                os.close(fd)
+                failed[index] = f"worker-{slot}: {exc}"
+        self.tell(protocol.ATTACH, {"workers": sorted(self.daemons),
+                                    "failed": failed, "count": count})
+
+    def _connect(self, index: int, slot: int, lock_fd: int) -> _Daemon:
+        """Connect to daemon worker-<slot>, claim it ("serve") and forward
+        its HELLO as worker `index`."""
+        path = os.path.join(self.base, "run", f"worker-{slot}.sock")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(_CONNECT_WAIT_S)
+            sock.connect(path)
+            reader = protocol.FrameReader(sock.recv_into)
+            info = json.loads(reader.read_line(4096))
+            sock.sendall(b"serve\n")
+            kind, _, hello, _ = reader.read()
+            if kind != protocol.HELLO or reader.buffered():
+                raise OSError("the daemon did not say HELLO")
+        except (OSError, ValueError, EOFError, protocol.ProtocolError) as exc:
+            sock.close()
+            raise OSError(f"cannot attach to {path}: {exc}") from exc
+        self.tell(protocol.HELLO, hello, worker=index)
+        return _Daemon(index, slot, sock, info, lock_fd)
+
+    # --- frames from the master -------------------------------------------
+
+    def from_master(self) -> None:
+        kind, worker, head, lengths = self.master.reader.read_head()
+        if kind == protocol.REFS and lengths:
+            self.cache.receive(head["ref"], lengths, self.master.reader,
+                               self.master.read_fd)
+            self._stored(head["ref"], worker)
+            return
+        parts = [self.master.reader.read_part(n) for n in lengths]
+        if worker == protocol.AGENT:
+            if kind == protocol.ATTACH:
+                self.attach(head)
+            elif kind == protocol.COLLECT:
+                self.collect(head)
+            return
+        if kind == protocol.FUNC:
+            self.funcs[head["hash"]] = bytes(parts[0])
+        elif kind == protocol.TASK:
+            if head["run"] != self.run:
+                # A new run: what an earlier one left held is nobody's.
+                self.run = head["run"]
+                self.held.clear()
+                self.holding.clear()
+            if head.get("hold"):
+                self.holding.add(head["task"])
+        elif kind == protocol.CANCEL and head["task"] in self.held:
+            # Finished already: whether it counts is COLLECT's to say (its
+            # "done" may be on its way to the master); the next run drops
+            # what no COLLECT took.
+            return
+        daemon = self.daemons.get(worker)
+        if daemon is not None and not daemon.closed:
+            daemon.queue(protocol.frame(kind, head, parts))
+
+    def _stored(self, ref: str, worker: int) -> None:
+        """Tell every daemon the slice is in the cache; when it is only in
+        the agent's memory (no room on disk), send it on to its worker."""
+        if os.path.exists(os.path.join(self.cache.directory, ref)):
+            for daemon in self.daemons.values():
+                if not daemon.closed:
+                    daemon.queue(protocol.frame(
+                        protocol.REFS, {"ref": ref, "stored": True}))
+        else:
+            daemon = self.daemons.get(worker)
+            if daemon is not None and not daemon.closed:
+                daemon.queue(protocol.frame(
+                    protocol.REFS, {"ref": ref},
+                    protocol.encode(self.cache.get(ref))))
+        self.cache.drop_memory()   # the daemons hold slices, not the agent
+
+    def collect(self, head: dict) -> None:
+        """Combine held results, chain by chain, with the job's reduce."""
+        started = time.perf_counter()
+        chains = head["chains"]
+        try:
+            reduce = self._reduce(head["func"])
+            values = []
+            for chain in chains:
+                value = None
+                for i, task in enumerate(chain):
+                    result = protocol.decode(self.held.pop(task))
+                    value = result if i == 0 else reduce(value, result)
+                values.append(value)
+            payload = _encode(values)
+        except Exception as exc:
+            for chain in chains:
+                for task in chain:
+                    self.held.pop(task, None)
+            self.tell(protocol.ERROR, {
+                "task": chains[0][0], "tasks": [t for c in chains for t in c],
+                "phase": "reduce on the host", "type": type(exc).__name__,
+                "message": str(exc), "traceback": traceback.format_exc()})
+            return
+        self.tell(protocol.RESULT, {
+            "chains": chains, "compute_s": time.perf_counter() - started},
+            payload)
+
+    def _reduce(self, func_hash: str):
+        import pickle
+        _, reduce = pickle.loads(self.funcs[func_hash])
+        return reduce or default_reduce
+
+    # --- frames from daemons ----------------------------------------------
+
+    def from_daemon(self, daemon: _Daemon) -> None:
+        try:
+            kind, _, head, parts = daemon.reader.read()
+        except (EOFError, OSError, protocol.ProtocolError) as exc:
+            self.gone(daemon, str(exc) or type(exc).__name__)
+            return
+        daemon.last_seen = time.monotonic()
+        if kind == protocol.HEARTBEAT:
+            return
+        task = head.get("task")
+        if kind == protocol.RESULT and task in self.holding:
+            self.holding.discard(task)
+            self.held[task] = parts
+            self.tell(protocol.STATE, {"task": task, "state": "done",
+                                       "compute_s": head["compute_s"],
+                                       "slices": head["slices"]},
+                      worker=daemon.index)
+            return
+        if kind in (protocol.ERROR, protocol.STATE) and head.get("state") \
+                != "blocked":
+            self.holding.discard(task)
+        self.tell(kind, head, parts, worker=daemon.index)
+
+    def gone(self, daemon: _Daemon, reason: str) -> None:
+        daemon.close()
+        del self.daemons[daemon.index]
+        pid = daemon.info.get("pid")
+        tail = ""
+        if pid and not _exists(pid):
+            tail = (f"worker process {pid} died; its last output:\n"
+                    + read_tail(daemon.info.get("log", ""), 4096))
+        self.tell(protocol.GONE, {"reason": reason, "tail": tail},
+                  worker=daemon.index)
+
+    # --- the loop ---------------------------------------------------------
+
+    def beat(self) -> None:
+        now = time.monotonic()
+        if now < self.beat_at:
+            return
+        self.beat_at = now + protocol.HEARTBEAT_INTERVAL_S
+        stale = [d.index for d in self.daemons.values()
+                 if now - d.last_seen > _STALE_AFTER_S and not d.running()]
+        self.tell(protocol.HEARTBEAT, {"stale": stale})
+
+    def serve(self) -> None:
+        self.tell(protocol.HELLO, self.hello())
+        while True:
+            self.master.flush()
+            for daemon in list(self.daemons.values()):
+                daemon.flush()
+            poller = select.poll()
+            poller.register(self.master.read_fd, select.POLLIN)
+            if self.master.out:
+                poller.register(self.master.write_fd, select.POLLOUT)
+            by_fd = {}
+            for daemon in self.daemons.values():
+                by_fd[daemon.read_fd] = daemon
+                poller.register(daemon.read_fd, select.POLLIN | (
+                    select.POLLOUT if daemon.out else 0))
+            wait = max(0.0, self.beat_at - time.monotonic())
+            for fd, events in poller.poll(wait * 1000):
+                if fd == self.master.read_fd and events & (
+                        select.POLLIN | select.POLLHUP | select.POLLERR):
+                    try:
+                        while True:
+                            self.from_master()
+                            if not self.master.reader.buffered():
+                                break
+                    except EOFError:
+                        return   # the master hung up
+                elif fd in by_fd and events & (
+                        select.POLLIN | select.POLLHUP | select.POLLERR):
+                    daemon = by_fd[fd]
+                    if not daemon.closed:
+                        self.from_daemon(daemon)
+                        while not daemon.closed and daemon.reader.buffered():
+                            self.from_daemon(daemon)
+            self.beat()
+
+
+def _blocking_recv(sock: socket.socket):
+    """recv_into that waits for data on a non-blocking socket."""
+    def readinto(view: memoryview) -> int:
+        while True:
+            try:
+                return sock.recv_into(view)
+            except BlockingIOError:
+                select.select([sock], [], [])
+    return readinto
+
+
+def _try_lock(path: str) -> int | None:
+    """An exclusive lock on path, or None when another session holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _daemon_log(base: str, slot: int) -> str:
+    text = read_tail(os.path.join(base, "log", f"worker-{slot}.daemon"), 2048)
+    return text.strip().splitlines()[-1] if text.strip() else "no output"
+
+
+def _encode(value: object) -> list:
+    import pickle
+    try:
+        return protocol.encode(value, pickle.dumps)
+    except Exception:
+        import cloudpickle
+        return protocol.encode(value, cloudpickle.dumps)
+
+
+def main() -> None:
+    os.umask(0o077)
+    base = default_base()
+    for sub in ("run", "log", "cache"):
+        os.makedirs(os.path.join(base, sub), mode=0o700, exist_ok=True)
+    master_in, master_out = os.dup(0), os.dup(1)
+    # Nothing else may write to the stream: stray prints go to stderr.
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)
+    os.close(devnull)
+    agent = Agent(base, master_in, master_out)
+    try:
+        agent.serve()
+    finally:
+        for daemon in list(agent.daemons.values()):
+            daemon.close()
