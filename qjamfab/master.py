@@ -161,7 +161,8 @@ class Master:
     def _open_link(self, host: "_Host") -> Link:
         """One stream to the host's agent: through the OpenSSH client, or
         paramiko where it cannot reach the host (or is not wanted)."""
-        command = shlex.join([remote_python(), "-c",
+        python = remote_python()
+        command = shlex.join([python, "-c",
                               runtime.boot_code("agent", install=True)])
         ssh = None if host.openssh_failed else openssh_client(self.ssh_client)
         if ssh is not None:
@@ -170,7 +171,7 @@ class Master:
                     ssh, host.spec, command, ssh_config=self.ssh_config)),
                 agent=True, stall_timeout=self.heartbeat_timeout)
             try:
-                link.start_agent()
+                link.start_agent(python)
                 return link
             except WorkerLost as exc:
                 if exc.exit_status != OPENSSH_FAILED:
@@ -186,7 +187,7 @@ class Master:
             conn = hostlib.connect(host.spec, ssh_config=self.ssh_config)
         link = Link(host.label, SSHChannelTransport(host.label, conn, command),
                     agent=True, stall_timeout=self.heartbeat_timeout)
-        link.start_agent()
+        link.start_agent(python)
         return link
 
     def _start_missing(self, first: bool = False) -> None:

@@ -55,9 +55,15 @@ class WorkerHandle:
         self.gone_tail = ""         # what the agent said when it ended
 
     def send(self, kind: int, head: dict, payload: Sequence = ()) -> int:
-        return self.link.send(kind, head, payload,
-                              self.index if self.link.agent else 0,
-                              to=self.name)
+        try:
+            return self.link.send(kind, head, payload,
+                                  self.index if self.link.agent else 0,
+                                  to=self.name)
+        except WorkerLost as exc:
+            if not self.link.agent:
+                raise
+            raise WorkerLost(f"worker {self.name} is unreachable ({exc})",
+                             worker=self.name) from exc
 
     def exit_report(self) -> tuple[int | None, str]:
         """After it ended: (exit status if known, its output's tail)."""
@@ -90,6 +96,8 @@ class Link:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._stall_timeout = stall_timeout
+        self.python = ""            # what runs the agent, for messages
+        self.count = 0              # workers the agent attached at most
 
     def fileno(self) -> int:
         return self.transport.fileno()
@@ -98,6 +106,7 @@ class Link:
 
     def start_direct(self, name: str) -> WorkerHandle:
         """A stream to one worker: its HELLO makes its handle."""
+        self.transport.set_read_timeout(HANDSHAKE_TIMEOUT_S)
         event = self._handshake_frame(name)
         if event[0] != protocol.HELLO:
             raise self._fail(ProtocolError(
@@ -108,9 +117,11 @@ class Link:
         self.transport.set_read_timeout(self._stall_timeout)
         return handle
 
-    def start_agent(self, python_check: bool = True) -> dict:
+    def start_agent(self, python: str) -> dict:
         """The agent's first words: install the runtime if it asks, then
-        its HELLO, checked against this master (version, Python)."""
+        its HELLO, checked against this master (version, Python).
+        `python` is what the host was asked to run it with."""
+        self.python = python
         self.transport.set_read_timeout(HANDSHAKE_TIMEOUT_S)
         try:
             line = self.reader.read_line(256)
@@ -132,7 +143,7 @@ class Link:
                 "this qjamfab's runtime (stop-workers, then start-workers)"))
         self._check_version(self.label, head)
         theirs, ours = tuple(head["python"][:2]), sys.version_info[:2]
-        if python_check and theirs != ours:
+        if theirs != ours:
             raise self._fail(PreflightFailed(
                 f"{self.label} runs Python {'.'.join(map(str, head['python']))}"
                 f" ({head['executable']}), the master {ours[0]}.{ours[1]}: "
@@ -194,9 +205,9 @@ class Link:
         name = name or self.label
         if status == 127:
             return PreflightFailed(
-                f"{self.label}: python was not found: install python3 there, "
-                f"or set QJAMFAB_REMOTE_PYTHON to its path\n{tail}",
-                host=self.label)
+                f"{self.label}: python {self.python!r} was not found: install "
+                f"python3 there, or set QJAMFAB_REMOTE_PYTHON to its path\n"
+                f"{tail}", host=self.label)
         said = tail.splitlines()[-1] if tail else "see the output below"
         return WorkerLost(
             f"{'worker ' if name != self.label else ''}{name} did not start "
@@ -287,12 +298,13 @@ class Inbox:
         self.pending: collections.deque[Event] = collections.deque()
 
     def add(self, link: Link) -> None:
+        """Read this link too (links that ended are dropped)."""
         self.links = [x for x in self.links if x.alive] + [link]
 
     def push_front(self, event: Event) -> None:
         self.pending.appendleft(event)
 
-    def _read_ready(self, timeout: float) -> bool:
+    def poll(self, timeout: float) -> bool:
         """Read a frame from each link that has input, waiting up to
         `timeout` s for one; whether any was read."""
         live = [x for x in self.links if x.alive]
@@ -314,7 +326,7 @@ class Inbox:
         """The next event, or None after `timeout` s without one."""
         deadline = time.monotonic() + timeout
         while not self.pending:
-            self._read_ready(deadline - time.monotonic())
+            self.poll(deadline - time.monotonic())
             if time.monotonic() >= deadline:
                 break
         return self.pending.popleft() if self.pending else None
@@ -323,7 +335,7 @@ class Inbox:
         """Read what has arrived, without waiting for more; for at most
         limit_s s, since workers never stop sending (heartbeats)."""
         deadline = time.monotonic() + limit_s
-        while self._read_ready(0) and time.monotonic() < deadline:
+        while self.poll(0) and time.monotonic() < deadline:
             pass
 
     def close(self) -> None:

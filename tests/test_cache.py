@@ -39,7 +39,7 @@ def _receive(tmp_path, kind: str, value, ref: str = "r1", extra=b""):
     writer.start()
     reader = protocol.FrameReader(lambda v: os.readv(read_fd, [v]))
     try:
-        kind_, head, lengths = reader.read_head()
+        kind_, _, head, lengths = reader.read_head()
         assert (kind_, head) == (protocol.REFS, {"ref": ref})
         refs = RefCache(str(tmp_path / "cache"))
         refs.receive(ref, lengths, reader, read_fd)

@@ -79,9 +79,9 @@ def test_sigkilled_worker_mid_run(ssh, client):
 
 
 def _cut_connections(host):
-    """SIGKILL the relays of a host: the SSH exec channels close."""
+    """SIGKILL the agents of a host: their SSH channels close."""
     for p in host.processes():
-        if "runtime.relay" in _cmdline(p):
+        if "runtime.agent" in _cmdline(p):
             os.kill(p, signal.SIGKILL)
 
 

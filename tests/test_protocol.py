@@ -94,7 +94,8 @@ def read_all_frames(channel, count, **reader_kw):
         reader = FrameReader(channel.readinto, **reader_kw)
         try:
             for _ in range(count):
-                result["frames"].append(reader.read())
+                kind, _, head, parts = reader.read()
+                result["frames"].append((kind, head, parts))
             try:
                 reader.read()
             except EOFError:
@@ -129,15 +130,32 @@ def transfer(channel, frames, **reader_kw):
 def test_kind_names_maps_every_kind():
     expected = {1: "HELLO", 2: "TASK", 3: "STATE", 4: "REFS", 5: "RESULT",
                 6: "ERROR", 7: "FUNC", 8: "HEARTBEAT", 9: "LOG", 10: "CLEAR",
-                11: "STATS", 12: "CANCEL"}
+                11: "STATS", 12: "CANCEL", 13: "ATTACH", 14: "COLLECT",
+                15: "GONE"}
     assert KIND_NAMES == expected
     for value, name in expected.items():
         assert getattr(protocol, name) == value
 
 
-def test_kind_values_are_distinct_and_fit_a_byte():
-    assert len(set(KIND_NAMES)) == len(KIND_NAMES)
-    assert all(0 < k < 256 for k in KIND_NAMES)
+def test_a_frame_names_its_worker():
+    data = b"".join(bytes(b) for b in frame(protocol.TASK, {"task": 1},
+                                            encode([1]), worker=513))
+    kind, worker, head, payload = FrameReader(one_byte_readinto(data)).read()
+    assert (kind, worker, head, decode(payload)) == (
+        protocol.TASK, 513, {"task": 1}, [1])
+    agent = b"".join(bytes(b) for b in frame(protocol.ATTACH, {},
+                                             worker=protocol.AGENT))
+    assert FrameReader(one_byte_readinto(agent)).read()[1] == protocol.AGENT
+
+
+def test_a_line_before_the_frames_is_read_up_to_its_newline():
+    data = b"qjamfab: runtime ok\n" + b"".join(
+        bytes(b) for b in frame(protocol.HELLO, {"version": 3}))
+    reader = FrameReader(one_byte_readinto(data))
+    assert reader.read_line(256) == b"qjamfab: runtime ok\n"
+    assert reader.read()[2] == {"version": 3}
+    assert FrameReader(one_byte_readinto(b"x" * 300)).read_line(256) == \
+        b"x" * 256
 
 
 def test_small_frame_is_one_buffer():
@@ -271,13 +289,13 @@ def test_reader_fed_one_byte_at_a_time():
               frame(protocol.LOG, {"text": "hello\n"}, encode("small"))]
     data = b"".join(bytes(b) for f in frames for b in f)
     reader = FrameReader(one_byte_readinto(data))
-    kind, head, payload = reader.read()
+    kind, _, head, payload = reader.read()
     assert (kind, head, payload) == (protocol.HELLO,
                                      {"version": protocol.VERSION}, [])
-    kind, head, payload = reader.read()
+    kind, _, head, payload = reader.read()
     assert kind == protocol.REFS and head == {"ref": "r"}
     np.testing.assert_array_equal(decode(payload), arr)
-    kind, head, payload = reader.read()
+    kind, _, head, payload = reader.read()
     assert kind == protocol.LOG and decode(payload) == "small"
     with pytest.raises(EOFError):
         reader.read()
@@ -288,7 +306,7 @@ def test_reader_fed_one_byte_at_a_time_small_buffer():
     data = b"".join(bytes(b) for b in
                     frame(protocol.REFS, {"ref": "r"}, encode(arr)))
     reader = FrameReader(one_byte_readinto(data), buffer_size=64)
-    kind, head, payload = reader.read()
+    kind, _, head, payload = reader.read()
     np.testing.assert_array_equal(decode(payload), arr)
 
 
@@ -317,8 +335,8 @@ def test_write_all_with_partial_writev():
     assert bytes(out) == expected
     assert len(calls) >= len(expected) // 7
     reader = FrameReader(one_byte_readinto(bytes(out)))
-    assert reader.read()[1] == {"task": 1}
-    np.testing.assert_array_equal(decode(reader.read()[2]), arr)
+    assert reader.read()[2] == {"task": 1}
+    np.testing.assert_array_equal(decode(reader.read()[3]), arr)
     assert reader.read()[0] == protocol.STATS
 
 
@@ -353,7 +371,7 @@ def test_write_all_partial_writev_over_socketpair():
         t = threading.Thread(target=writer, daemon=True)
         t.start()
         reader = FrameReader(b.recv_into)
-        kind, head, payload = reader.read()
+        kind, _, head, payload = reader.read()
         t.join(15)
         assert not t.is_alive() and not errors
         assert kind == protocol.REFS and head == {"ref": "r"}
@@ -405,9 +423,9 @@ def test_eof_inside_a_frame(channel, cut):
     arr = np.arange(20_000, dtype=np.float64)
     data = b"".join(bytes(b) for b in
                     frame(protocol.REFS, {"ref": "r" * 30}, encode(arr)))
-    nparts = int.from_bytes(data[3:5], "big")
-    head_len = int.from_bytes(data[5:13], "big")
-    prefix = 5 + 8 * nparts
+    nparts = int.from_bytes(data[5:7], "big")
+    head_len = int.from_bytes(data[7:15], "big")
+    prefix = 7 + 8 * nparts
     where = {"header": 3, "lengths": 9, "head": prefix + head_len // 2,
              "payload": prefix + head_len + 1000}[cut]
     assert where < len(data)
@@ -457,7 +475,8 @@ def test_bad_magic_is_protocol_error(channel, garbage):
 
 
 def test_zero_parts_is_protocol_error():
-    data = b"QJ" + bytes([protocol.TASK]) + (0).to_bytes(2, "big") + b"x" * 20
+    data = b"QJ" + bytes([protocol.TASK]) + (0).to_bytes(2, "big") \
+        + (0).to_bytes(2, "big") + b"x" * 20
     with pytest.raises(ProtocolError, match="not a qjamfab endpoint"):
         FrameReader(one_byte_readinto(data)).read()
 
@@ -513,6 +532,6 @@ def test_more_parts_than_the_header_can_count():
         pos += n
         return n
 
-    kind, head, payload = FrameReader(readinto).read()
+    kind, _, head, payload = FrameReader(readinto).read()
     back = decode(payload)
     assert len(back) == len(arrays) and int(back[-1][0]) == 69_999

@@ -22,16 +22,38 @@ pytestmark = pytest.mark.timeout(120)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_second_master_on_busy_workers_is_told(ssh):
+def _connections(ssh, alias: str) -> int:
+    """How many SSH connections the host's sshd has accepted so far."""
+    with open(ssh[alias].log) as f:
+        return f.read().count("Accepted publickey")
+
+
+def test_two_masters_on_the_same_hosts_get_workers_of_their_own(ssh):
+    """Two sessions at once (two notebooks, a script beside one): each has
+    its own daemons, and the second finds the first's slices on disk."""
     opts = dict(workers_per_host=1, ssh_config=ssh.ssh_config)
+    data = DataSet(np.arange(4000, dtype=np.int64).reshape(400, 10))
     with Master(["host1"], **opts) as first:
+        assert first.run(lambda p, x: int(x.sum()), dataset=data) == \
+            int(np.arange(4000).sum())
         started = time.monotonic()
-        with pytest.raises(WorkerLost, match=r"^worker host1-0 did not start "
-                           r"\(exit status 5\): worker-0 is serving another "
-                           "Master: close that session or wait for it"):
-            Master(["host1"], **opts)
-        assert time.monotonic() - started < 15
+        with Master(["host1"], **opts) as second:
+            assert time.monotonic() - started < 10
+            assert second.run(lambda p, x: int(x.sum()), dataset=data) == \
+                int(np.arange(4000).sum())
+            assert second.last_run.dataset_bytes_sent == 0
+            pids = [m.worker_stats()["host1-0"]["pid"]
+                    for m in (first, second)]
+            assert pids[0] != pids[1]
         assert first.run(constant) == 42
+
+
+def test_a_host_listed_twice_gets_workers_for_each_mention(ssh):
+    with Master(["host1", "host1"], workers_per_host=1,
+                ssh_config=ssh.ssh_config) as m:
+        assert m.workers == ["host1-0", "host1'-0"]
+        assert m.run(constant) == 84
+        assert len({s["pid"] for s in m.worker_stats().values()}) == 2
 
 
 def test_interrupted_session_frees_its_workers(ssh, tmp_path):
@@ -67,7 +89,8 @@ def test_failing_openssh_client_falls_back_to_paramiko(ssh, tmp_path,
     with Master(["host1"], workers_per_host=1, ssh_config=ssh.ssh_config,
                 ssh_client="openssh") as m:
         assert m.run(constant) == 42
-        assert type(m._live()[0].transport).__name__ == "SSHChannelTransport"
+        assert type(m._live()[0].link.transport).__name__ == \
+            "SSHChannelTransport"
     assert "the OpenSSH client cannot reach host1 (ssh: no route to the " \
         "moon); using paramiko for its workers" in caplog.text
 
@@ -82,7 +105,7 @@ def test_workers_behind_a_jump_host(ssh, tmp_path, client):
     with Master(["host3"], workers_per_host=1, ssh_config=str(cfg),
                 ssh_client=client) as m:
         assert m.run(constant) == 42
-        assert type(m._live()[0].transport).__name__ == (
+        assert type(m._live()[0].link.transport).__name__ == (
             "OpenSSHTransport" if client == "openssh"
             else "SSHChannelTransport")
     with open(ssh["host1"].log) as f:   # host1 forwarded the connections
@@ -95,7 +118,7 @@ def test_remote_stderr_does_not_stall_reading(ssh):
     stdout. The far end here speaks the protocol after such a warning."""
     import shlex
     from qjamfab.transport import SSHChannelTransport
-    from qjamfab.workers import WorkerHandle, read_events
+    from qjamfab.workers import Inbox, Link
     code = textwrap.dedent("""\
         import os, sys
         from qjamfab import protocol
@@ -107,14 +130,18 @@ def test_remote_stderr_does_not_stall_reading(ssh):
         """)
     conn = hosts.connect("host1", ssh_config=ssh.ssh_config)
     try:
-        handle = WorkerHandle("w", SSHChannelTransport(
-            "w", conn, shlex.join([sys.executable, "-c", code])), 5.0)
+        link = Link("w", SSHChannelTransport(
+            "w", conn, shlex.join([sys.executable, "-c", code])),
+            agent=False, stall_timeout=5.0)
+        handle = link.start_direct("w")
+        inbox = Inbox()
+        inbox.add(link)
         time.sleep(0.3)   # the warning has arrived
         started = time.monotonic()
-        assert read_events([handle], 0) == []
+        assert not inbox.poll(0) and not inbox.pending
         assert time.monotonic() - started < 1 and handle.alive
-        handle.close()
-        assert "cannot rehash" in handle.transport.exit_report(None)[1]
+        link.close()
+        assert "cannot rehash" in link.transport.exit_report(None)[1]
     finally:
         conn.close()
 
@@ -125,7 +152,7 @@ def test_much_remote_stderr_does_not_stall_the_openssh_client(ssh):
     its frames through."""
     import shlex
     from qjamfab.transport import OpenSSHTransport
-    from qjamfab.workers import WorkerHandle
+    from qjamfab.workers import Link
     code = textwrap.dedent("""\
         import os, sys
         from qjamfab import protocol
@@ -137,12 +164,13 @@ def test_much_remote_stderr_does_not_stall_the_openssh_client(ssh):
     argv = hosts.openssh_command(
         hosts.openssh_client("openssh"), hosts.parse_hosts("host1")[0],
         shlex.join([sys.executable, "-c", code]), ssh_config=ssh.ssh_config)
-    handle = WorkerHandle("w", OpenSSHTransport("w", "host1", argv), 5.0)
-    assert handle.hello["version"] > 0
-    status, tail = handle.transport.exit_report(None)
+    link = Link("w", OpenSSHTransport("w", argv), agent=False,
+                stall_timeout=5.0)
+    assert link.start_direct("w").hello["version"] > 0
+    status, tail = link.transport.exit_report(None)
     assert status == 0 and tail.endswith("noise noise last words")
     assert len(tail) <= 1 << 16   # its tail: what the master shows
-    handle.close()
+    link.close()
 
 
 def test_bad_ssh_client_choice_is_refused_early(ssh):
@@ -160,51 +188,40 @@ def master3(ssh, request):
     """Three hosts, one worker each, their frames carried by each client."""
     with Master(ssh.aliases, workers_per_host=1, ssh_config=ssh.ssh_config,
                 ssh_client=request.param) as m:
-        transports = {type(h.transport).__name__ for h in m._live()}
+        transports = {type(h.link.transport).__name__ for h in m._live()}
         assert transports == {"OpenSSHTransport" if request.param == "openssh"
                               else "SSHChannelTransport"}
         yield m
 
 
-def _count_starts(monkeypatch) -> list[str]:
-    """The hosts start-workers runs on, from here on."""
-    from qjamfab import cluster
-    starts = []
-    real = cluster.HostSession.start_workers
-
-    def counted(session, *args, **kw):
-        starts.append(session.name)
-        return real(session, *args, **kw)
-    monkeypatch.setattr(cluster.HostSession, "start_workers", counted)
-    return starts
-
-
-def test_second_master_finds_warm_workers_and_caches(ssh, monkeypatch):
+def test_second_master_finds_warm_workers_and_caches(ssh):
     data = DataSet(np.arange(6000, dtype=np.int64).reshape(600, 10))
     opts = dict(workers_per_host=1, ssh_config=ssh.ssh_config)
     with Master(ssh.aliases, **opts) as first:
         first.run(lambda p, x: int(x.sum()), dataset=data)
         pids = {n: s["pid"] for n, s in first.worker_stats().items()}
-    starts = _count_starts(monkeypatch)
+    before = {a: _connections(ssh, a) for a in ssh.aliases}
     with Master(ssh.aliases, **opts) as second:
         assert second.run(lambda p, x: int(x.sum()), dataset=data) == \
             int(np.arange(6000).sum())
         assert second.last_run.dataset_bytes_sent == 0
         assert {n: s["pid"] for n, s in second.worker_stats().items()} == pids
-    assert starts == []   # daemons that are up are attached to directly
+    # One connection per host: the agent attached the running daemons.
+    assert {a: _connections(ssh, a) - before[a] for a in ssh.aliases} == \
+        {a: 1 for a in ssh.aliases}
 
 
-def test_stopped_daemons_are_started_once_per_host(ssh, monkeypatch):
-    """Attaching comes first; where no daemon listens, start-workers runs
-    once for all the host's workers, and they attach."""
+def test_stopped_daemons_start_in_the_one_connection(ssh):
+    """Where no daemon listens, the agent starts them all and they attach,
+    over the one connection the Master opened."""
     from qjamfab import cluster
     cluster.stop_workers(hosts.parse_hosts(["host2"]),
                          ssh_config=ssh.ssh_config)
-    starts = _count_starts(monkeypatch)
+    before = _connections(ssh, "host2")
     with Master(["host2"], workers_per_host=2, ssh_config=ssh.ssh_config) as m:
         assert m.run(sum_params, params=[1, 2]) == 6
         assert len({s["pid"] for s in m.worker_stats().values()}) == 2
-    assert starts == ["host2"]
+    assert _connections(ssh, "host2") - before == 1
 
 
 def test_missing_remote_python(ssh, monkeypatch):
@@ -332,16 +349,6 @@ def test_daemon_of_another_runtime_is_replaced(ssh):
         while not os.path.exists(os.path.join(home, "run", "worker-0.pid")):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        # This runtime's relay will not hand its stream to that daemon.
-        from qjamfab.runtime import relay
-        refused = subprocess.run(
-            [sys.executable, "-c", runtime.boot_code("relay"), "worker-0"],
-            env={**os.environ, "QJAMFAB_HOME": home}, capture_output=True,
-            text=True, timeout=30)
-        assert refused.returncode == relay.OTHER_RUNTIME
-        assert refused.stderr == (f"worker-0 runs qjamfab runtime {older}, "
-                                  f"not {current}: start-workers replaces "
-                                  "it\n")
         with Master(["host3"], workers_per_host=1,
                     ssh_config=ssh.ssh_config) as m:
             assert m.run(constant) == 42

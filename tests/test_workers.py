@@ -1,7 +1,7 @@
-"""Worker handles read on the caller's thread: one select over every
-worker, a frame from each that has one, and a LOST event when a stream
-ends or stalls inside a frame. The far ends here are small scripts that
-speak the protocol, so each case is exact."""
+"""The inbox reads on the caller's thread: one poll over every link, a
+frame from each that has one, and a LOST event when a stream ends or
+stalls inside a frame. The far ends here are small scripts that speak the
+protocol, so each case is exact."""
 import sys
 import textwrap
 import time
@@ -10,7 +10,7 @@ import pytest
 
 from qjamfab import protocol
 from qjamfab.transport import _ProcessTransport
-from qjamfab.workers import LOST, WorkerHandle, read_events
+from qjamfab.workers import LOST, Inbox, Link, WorkerHandle
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -26,8 +26,18 @@ def _peer(name: str, script: str, stall_timeout: float = 5.0) -> WorkerHandle:
                 os.write(1, b)
         send(protocol.HELLO, {"version": protocol.VERSION, "pid": os.getpid()})
         """) + textwrap.dedent(script)
-    return WorkerHandle(name, _ProcessTransport(name, [sys.executable, "-c",
-                                                       code]), stall_timeout)
+    link = Link(name, _ProcessTransport(name, [sys.executable, "-c", code]),
+                agent=False, stall_timeout=stall_timeout)
+    return link.start_direct(name)
+
+
+def read_events(handles, timeout):
+    """What one read of the inbox over these workers' links gives."""
+    inbox = Inbox()
+    for handle in handles:
+        inbox.add(handle.link)
+    inbox.poll(timeout)
+    return list(inbox.pending)
 
 
 def _kinds(events):
@@ -81,9 +91,9 @@ def test_a_stream_that_stalls_inside_a_frame_is_lost():
 def test_no_hello_in_time_is_a_worker_that_did_not_start(monkeypatch):
     from qjamfab import workers
     from qjamfab.errors import WorkerLost
-    monkeypatch.setattr(workers, "_HANDSHAKE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(workers, "HANDSHAKE_TIMEOUT_S", 0.5)
     transport = _ProcessTransport("a", [sys.executable, "-c",
                                         "import sys; sys.stdin.buffer.read()"])
     with pytest.raises(WorkerLost, match=r"^worker a did not start: no "
                        r"answer in 0.5 s; check the host's load"):
-        WorkerHandle("a", transport, 5.0)
+        Link("a", transport, agent=False, stall_timeout=5.0).start_direct("a")
