@@ -17,6 +17,11 @@ text in errors and logs:
 - `HostProgress`: one line per host while a lifecycle step runs on many
   hosts at once (a spinner, then the host's outcome); nothing when output is
   not a terminal, where only the final table is printed.
+- The text helpers every module formats with, so a size or a duration reads
+  the same in a table, a repr and a log line: `format_bytes`,
+  `format_duration`, `plural`, `first_line` (an error's summary),
+  `stderr_tail` (the section an error ends with), and `log_to_stderr` (the
+  one handler setup for the "qjamfab" logger).
 
 rich is imported only by the functions that draw with it.
 """
@@ -36,8 +41,9 @@ if TYPE_CHECKING:   # pragma: no cover - annotations only
     from rich.table import Table
 
 __all__ = ["RunProgress", "master_html", "runstats_html", "format_bytes",
-           "hosts_table", "render_table", "print_table", "print_failure",
-           "HostProgress", "StderrHandler", "is_terminal"]
+           "format_duration", "plural", "first_line", "stderr_tail",
+           "log_to_stderr", "hosts_table", "render_table", "print_table",
+           "print_failure", "HostProgress", "StderrHandler", "is_terminal"]
 
 
 def is_terminal(stream: TextIO | None = None) -> bool:
@@ -50,7 +56,7 @@ def is_terminal(stream: TextIO | None = None) -> bool:
 
 
 def format_bytes(n: float | None) -> str:
-    """1536 -> "1.5 KiB"; None -> "-"."""
+    """1536 -> "1.5 KiB", 100 -> "100 B"; None -> "-"."""
     if n is None:
         return "-"
     value = float(n)
@@ -61,12 +67,85 @@ def format_bytes(n: float | None) -> str:
     raise AssertionError("unreachable")
 
 
-def _format_seconds(s: float) -> str:
+def format_duration(seconds: float | None) -> str:
+    """Three significant digits under a minute, then two units, compact so a
+    table column stays narrow: "12.3ms", "1.23s", "42.0s", "2m05s", "3h02m",
+    "2d03h"; None -> "-"."""
+    if seconds is None:
+        return "-"
+    s = float(seconds)
     if s < 1:
-        return f"{s * 1e3:.1f} ms"
-    if s < 120:
-        return f"{s:.2f} s"
-    return f"{int(s // 60)} min {s % 60:.0f} s"
+        return f"{s * 1e3:.1f}ms"
+    if s < 10:
+        return f"{s:.2f}s"
+    if s < 60:
+        return f"{s:.1f}s"
+    whole = int(s)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """plural(1, "worker") -> "1 worker", plural(2, "worker") -> "2 workers";
+    `words` for an irregular plural: plural(3, "entry", "entries")."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
+def first_line(text: str | BaseException, host: str = "",
+               limit: int | None = None) -> str:
+    """The line that sums up an error: its first non-blank line, stripped,
+    without a leading "HOST: " when `host` is given (where the host is named
+    already), cut to `limit` characters with "..."; "failed" when empty."""
+    lines = [line for line in str(text or "").splitlines() if line.strip()]
+    line = lines[0].strip() if lines else "failed"
+    if host and line.startswith(host + ": "):
+        line = line[len(host) + 2:]
+    if limit is not None and len(line) > limit:
+        line = line[:max(limit - 3, 0)] + "..."
+    return line
+
+
+def stderr_tail(worker: str, tail: str) -> str:
+    """The section an error about a lost worker ends with, "" when the worker
+    wrote nothing (an empty section only makes the reader look for it)."""
+    tail = (tail or "").strip("\n")
+    if not tail.strip():
+        return ""
+    return f"\n--- stderr tail of {worker} ---\n{tail}"
+
+
+def log_to_stderr(level: int | str, marker: str = "qjamfab") -> None:
+    """Print the "qjamfab" logger's records of `level` and up to stderr.
+
+    `level` is a number or a name ("INFO", "debug"); an unknown name means
+    INFO, with a warning naming it. The handler is tagged with `marker`: a
+    second call with the same marker replaces that handler (and sets the
+    level again) instead of printing every line twice, while handlers with
+    other markers (the tasks' and $QJAMFAB_LOG_LEVEL's) are left alone.
+    """
+    logger = logging.getLogger("qjamfab")
+    bad = None
+    if isinstance(level, str):
+        name = level.strip().upper()
+        number = logging.getLevelName(name)   # a number for known names
+        if not isinstance(number, int):
+            bad, number = level, logging.INFO
+        level = number
+    for handler in list(logger.handlers):
+        if getattr(handler, "_qjamfab_marker", None) == marker:
+            logger.removeHandler(handler)
+    handler = StderrHandler()
+    handler._qjamfab_marker = marker   # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter(
+        "%(name)s: %(levelname)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    if bad is not None:
+        logger.warning("log level %r is not a level name: using INFO (give "
+                       "DEBUG, INFO, WARNING or ERROR)", bad)
 
 
 # --- the progress bar of a run ------------------------------------------------
@@ -231,9 +310,7 @@ def _new_progress_bar(console, unit: str):
         def render(self, task):
             secs = time.monotonic() - task.fields.get("run_started",
                                                       time.monotonic())
-            return Text(f"{secs:.0f} s" if secs < 120 else
-                        f"{int(secs // 60)} min {secs % 60:02.0f} s",
-                        style="progress.elapsed")
+            return Text(format_duration(secs), style="progress.elapsed")
 
     return Progress(TextColumn("[progress.description]{task.description}"),
                     BarColumn(), MofNCompleteColumn(),
@@ -260,7 +337,7 @@ def _runstats_rows(stats) -> list[tuple[str, str]]:
     lost = list(get("lost_workers", []) or [])
     slices = get("slices")
     rows = [
-        ("elapsed", _e(_format_seconds(float(get("elapsed_s", 0.0))))),
+        ("elapsed", _e(format_duration(get("elapsed_s", 0.0)))),
         ("workers", _e(get("workers"))),
         ("slices", _e(f"{slices} ({get('slices_cached')} cached on the "
                       f"workers, {get('slices_sent')} sent)")
@@ -327,7 +404,6 @@ def master_html(master) -> str:
         rows.append(("last run", "none yet"))
     else:
         rows.append(("last run", runstats_html(last)))
-    plural = lambda n, word: f"{n} {word}{'' if n == 1 else 's'}"  # noqa
     return (f'<div class="qjamfab-repr"><b>qjamfab Master</b>{_e(state)}: '
             f'{_e(plural(len(hosts), "host"))}, '
             f'{_e(plural(len(workers), "worker"))}'
@@ -548,9 +624,8 @@ class HostProgress:
         if result.ok and not problem:
             mark, outcome = "✓", "done"
         else:
-            error = problem or result.error or "failed"
-            lines = [ln for ln in error.splitlines() if ln.strip()]
-            mark, outcome = "✗", (lines[0] if lines else "failed")
+            mark = "✗"
+            outcome = first_line(problem or result.error, result.host)
         progress.update(task, completed=1, mark=mark, outcome=outcome)
 
     def __exit__(self, *exc) -> None:

@@ -41,11 +41,10 @@ from typing import Callable, Sequence
 from invoke import Collection, Exit, Program, task
 
 from . import cluster, display
-from .display import render_table
 from .errors import QjamfabError
 from .hosts import HostSpec, parse_hosts
 
-__all__ = ["ns", "render_table"]
+__all__ = ["ns"]
 
 log = logging.getLogger("qjamfab")
 
@@ -60,42 +59,6 @@ _HELP = {
 
 def _help(**extra: str) -> dict:
     return {**_HELP, **extra}
-
-
-# --- tables ------------------------------------------------------------------
-
-def _bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def _first_line(text: str, host: str = "", limit: int = 100) -> str:
-    """The first line of an error, without a leading "host: " (the table
-    names the host), cut to `limit` characters."""
-    lines = [line for line in (text or "").splitlines() if line.strip()]
-    line = lines[0].strip() if lines else "failed"
-    if host and line.startswith(host + ": "):
-        line = line[len(host) + 2:]
-    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 # --- the running program: Fabric's -H and the '--' remainder ------------------
@@ -197,16 +160,7 @@ def _targets(ctx, task_name: str, hosts: str | None,
 
 def _setup_logging(verbose: bool) -> None:
     """The "qjamfab" logger to stderr: DEBUG with --verbose, else INFO."""
-    logger = logging.getLogger("qjamfab")
-    for handler in list(logger.handlers):
-        if getattr(handler, "_qjamfab_cli", False):
-            logger.removeHandler(handler)
-    handler = display.StderrHandler()   # above a progress display
-    handler._qjamfab_cli = True   # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: "
-                                           "%(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    display.log_to_stderr(logging.DEBUG if verbose else logging.INFO, "cli")
 
 
 # --- one lifecycle step over many hosts ---------------------------------------
@@ -247,12 +201,12 @@ def _lifecycle(ctx, task_name: str, hosts, ssh_config, verbose: bool,
             wrong = problem(r.info)
             if wrong:
                 failed.append((r.host, wrong))
-            status = _first_line(wrong, r.host) if wrong else (
+            status = display.first_line(wrong, r.host, 100) if wrong else (
                 r.info.get("note") or "ok")
             cells = row(r.info) if "note" not in r.info else blank
         else:
             failed.append((r.host, r.error))
-            status, cells = _first_line(r.error, r.host), blank
+            status, cells = display.first_line(r.error, r.host, 100), blank
         if not r.ok or wrong:
             failed_rows.append(len(rows))
         rows.append([r.host, *cells, f"{r.seconds:.2f}", status])
@@ -329,8 +283,9 @@ def status(c, hosts=None, ssh_config=None, verbose=False):
         hashes = ", ".join(h + ("*" if h == current else "")
                            for h in info.get("runtimes") or [])
         marked.append("*" in hashes)
-        return [len(workers), _duration(uptime), info.get("cache_entries"),
-                _bytes(info.get("cache_bytes")), hashes]
+        return [len(workers), display.format_duration(uptime),
+                info.get("cache_entries"),
+                display.format_bytes(info.get("cache_bytes")), hashes]
     _lifecycle(c, "status", hosts, ssh_config, verbose, cluster.status,
                ["host", "workers", "uptime", "cache entries", "cache bytes",
                 "runtime", "seconds", "status"], "lrrrrlrl", row,
@@ -345,7 +300,8 @@ def clear_cache(c, hosts=None, ssh_config=None, verbose=False):
                cluster.clear_cache,
                ["host", "entries removed", "bytes removed", "seconds",
                 "status"], "lrrrl",
-               lambda info: [info.get("entries"), _bytes(info.get("bytes"))])
+               lambda info: [info.get("entries"),
+                              display.format_bytes(info.get("bytes"))])
 
 
 @task(auto_shortflags=False, help=_help())

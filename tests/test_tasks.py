@@ -17,7 +17,6 @@ import pytest
 
 from qjamfab import cluster
 from qjamfab.hosts import parse_hosts
-from qjamfab.tasks import render_table
 
 try:
     from sshd_hosts import SshdHosts, sshd_available
@@ -85,22 +84,6 @@ def one_table(proc) -> dict[str, dict[str, str]]:
     found = tables(proc.stdout)
     assert len(found) == 1, describe(proc)
     return found[0]
-
-
-# --- the table helper ----------------------------------------------------------
-
-def test_render_table():
-    text = render_table(["host", "n", "status"],
-                        [["a", 1, "ok"], ["longer", 22, None]], "lrl")
-    assert text.splitlines() == [
-        "host     n  status",
-        "------  --  ------",
-        "a        1  ok",
-        "longer  22  -",
-    ]
-    assert tables(text) == [{
-        "a": {"host": "a", "n": "1", "status": "ok"},
-        "longer": {"host": "longer", "n": "22", "status": "-"}}]
 
 
 # --- local hosts ---------------------------------------------------------------
