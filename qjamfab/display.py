@@ -22,6 +22,8 @@ text in errors and logs:
   `format_duration`, `plural`, `first_line` (an error's summary),
   `stderr_tail` (the section an error ends with), and `log_to_stderr` (the
   one handler setup for the "qjamfab" logger).
+- `script_excepthook`: how an error that ends a script run by ``inv run``
+  reads (a QjamfabError as one line).
 
 rich is imported only by the functions that draw with it.
 """
@@ -34,7 +36,10 @@ import logging
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Iterable, Sequence, TextIO
+from types import TracebackType
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence, TextIO
+
+from .errors import QjamfabError
 
 if TYPE_CHECKING:   # pragma: no cover - annotations only
     from rich.console import Console
@@ -42,7 +47,7 @@ if TYPE_CHECKING:   # pragma: no cover - annotations only
 
 __all__ = ["RunProgress", "master_html", "runstats_html", "format_bytes",
            "format_duration", "plural", "first_line", "stderr_tail",
-           "log_to_stderr", "hosts_table", "render_table", "print_table",
+           "log_to_stderr", "script_excepthook", "hosts_table", "render_table", "print_table",
            "print_failure", "HostProgress", "StderrHandler", "is_terminal"]
 
 
@@ -146,6 +151,33 @@ def log_to_stderr(level: int | str, marker: str = "qjamfab") -> None:
     if bad is not None:
         logger.warning("log level %r is not a level name: using INFO (give "
                        "DEBUG, INFO, WARNING or ERROR)", bad)
+
+
+ExceptHook = Callable[[type, BaseException, "TracebackType | None"], None]
+
+
+def script_excepthook(verbose: bool = False) -> ExceptHook:
+    """A sys.excepthook for a script that ``inv run`` runs in-process
+    (through runpy, from ``python -c``).
+
+    A QjamfabError that ends the script prints "TYPE: MESSAGE", and
+    KeyboardInterrupt nothing (the task says "interrupted"); anything else,
+    and everything with `verbose`, its traceback as Python prints it,
+    without the frames of the runner and runpy, so it reads as if the script
+    had been run directly.
+    """
+    def hook(kind: type, exc: BaseException,
+             tb: TracebackType | None) -> None:
+        if not verbose and issubclass(kind, QjamfabError):
+            sys.stderr.write(f"{kind.__name__}: {exc}\n")
+        elif verbose or not issubclass(kind, KeyboardInterrupt):
+            while tb is not None and (
+                    tb.tb_frame.f_code.co_filename == "<string>"
+                    or tb.tb_frame.f_globals.get("__name__") == "runpy"):
+                tb = tb.tb_next
+            # Python prints the traceback the exception holds, not `tb`.
+            sys.__excepthook__(kind, exc.with_traceback(tb), tb)
+    return hook
 
 
 # --- the progress bar of a run ------------------------------------------------

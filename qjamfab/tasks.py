@@ -27,6 +27,7 @@ line per run to stderr ($QJAMFAB_LOG_LEVEL).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -35,10 +36,11 @@ import signal
 import site
 import subprocess
 import sys
+import traceback
 import weakref
 from typing import Callable, Sequence
 
-from invoke import Collection, Exit, Program, task
+from invoke import Collection, Exit, Program, Task, task
 
 from . import cluster, display
 from .errors import QjamfabError
@@ -59,6 +61,37 @@ _HELP = {
 
 def _help(**extra: str) -> dict:
     return {**_HELP, **extra}
+
+
+def _one_line_errors(body: Callable) -> Callable:
+    """`body` as a task whose errors read as one line, not a traceback.
+
+    A QjamfabError ends it with "TASK failed: MESSAGE" (its traceback first
+    with --verbose), exit status 1; Ctrl-C with "interrupted", status 130
+    (128 + SIGINT, as a shell reports it). Any other exception is a bug and
+    keeps its traceback.
+    """
+    name = body.__name__.replace("_", "-")
+    signature = inspect.signature(body)
+
+    @functools.wraps(body)   # invoke reads the arguments through __wrapped__
+    def wrapper(*args, **kwargs):
+        try:
+            return body(*args, **kwargs)
+        except QjamfabError as exc:
+            if signature.bind(*args, **kwargs).arguments.get("verbose"):
+                traceback.print_exc()
+            raise Exit(f"{name} failed: {exc}", code=1) from None
+        except KeyboardInterrupt:
+            raise Exit("interrupted", code=130) from None
+    return wrapper
+
+
+def _task(**options) -> Callable[[Callable], Task]:
+    """invoke's @task for qjamfab's tasks: no automatic short flags (-h would
+    be --hosts), one-line errors."""
+    return lambda body: task(auto_shortflags=False, **options)(
+        _one_line_errors(body))
 
 
 # --- the running program: Fabric's -H and the '--' remainder ------------------
@@ -187,12 +220,9 @@ def _lifecycle(ctx, task_name: str, hosts, ssh_config, verbose: bool,
         return False
     log.debug("%s on %s (ssh_config: %s)", task_name,
               ", ".join(s.raw for s in specs), ssh_config or "default")
-    try:
-        with display.HostProgress(task_name, [s.raw for s in specs]) as shown:
-            results = action(specs, ssh_config=ssh_config, on_result=lambda r:
-                             shown.done(r, problem(r.info) if r.ok else ""))
-    except QjamfabError as exc:
-        raise Exit(f"{task_name} failed: {exc}", code=1) from None
+    with display.HostProgress(task_name, [s.raw for s in specs]) as shown:
+        results = action(specs, ssh_config=ssh_config, on_result=lambda r:
+                         shown.done(r, problem(r.info) if r.ok else ""))
     rows, failed, failed_rows = [], [], []
     blank = [None] * (len(headers) - 3)
     for r in results:
@@ -223,7 +253,7 @@ def _lifecycle(ctx, task_name: str, hosts, ssh_config, verbose: bool,
     return True
 
 
-@task(auto_shortflags=False, help=_help())
+@_task(help=_help())
 def bootstrap(c, hosts=None, ssh_config=None, verbose=False):
     """Preflight every host and upload the worker runtime (parallel, idempotent)."""
     def row(info):
@@ -245,7 +275,7 @@ def _count(value: str) -> int | str:
                f"not {value!r}", code=2)
 
 
-@task(auto_shortflags=False, help=_help(**{
+@_task(help=_help(**{
     "workers-per-host": "workers to keep running on each host: a number, "
                         "or auto for one per core (local:N hosts: N)"}))
 def start_workers(c, hosts=None, ssh_config=None, workers_per_host="auto",
@@ -269,7 +299,7 @@ def start_workers(c, hosts=None, ssh_config=None, workers_per_host="auto",
                              len(info.get("workers", []))], problem)
 
 
-@task(auto_shortflags=False, help=_help())
+@_task(help=_help())
 def status(c, hosts=None, ssh_config=None, verbose=False):
     """Workers, cache and runtimes on every host."""
     from . import runtime
@@ -293,7 +323,7 @@ def status(c, hosts=None, ssh_config=None, verbose=False):
                if any(marked) else "")
 
 
-@task(auto_shortflags=False, help=_help())
+@_task(help=_help())
 def clear_cache(c, hosts=None, ssh_config=None, verbose=False):
     """Empty the workers' caches (memory and disk) on every host."""
     _lifecycle(c, "clear-cache", hosts, ssh_config, verbose,
@@ -304,7 +334,7 @@ def clear_cache(c, hosts=None, ssh_config=None, verbose=False):
                               display.format_bytes(info.get("bytes"))])
 
 
-@task(auto_shortflags=False, help=_help())
+@_task(help=_help())
 def stop_workers(c, hosts=None, ssh_config=None, verbose=False):
     """Stop the long-lived workers on every host."""
     _lifecycle(c, "stop-workers", hosts, ssh_config, verbose,
@@ -341,16 +371,30 @@ def _pythonpath(env: dict) -> str | None:
     return os.pathsep.join(p for p in (current, root) if p)
 
 
-@task(auto_shortflags=False, help=_help(
+# The script runs as `python SCRIPT ARGS` would run it (sys.argv, sys.path[0],
+# __main__), but with an excepthook that makes a QjamfabError one line.
+_RUN_SCRIPT = """\
+import os, runpy, sys
+from qjamfab.display import script_excepthook
+sys.argv.pop(0)
+sys.path[0] = os.path.dirname(os.path.realpath(sys.argv[0]))
+sys.excepthook = script_excepthook(verbose=%r)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@_task(help=_help(
     script="the Python script to run, with its arguments after '--' "
            "(or in this one quoted string: \"script.py 200\")"))
 def run(c, script, hosts=None, ssh_config=None, verbose=False):
     """Run a Python script against the hosts: run SCRIPT [--hosts=H] [-- ARGS].
 
-    Runs `python SCRIPT ARGS` here with QJAMFAB_HOSTS set to --hosts (and
-    QJAMFAB_SSH_CONFIG to --ssh-config), so the script's Master() uses them,
-    and QJAMFAB_LOG_LEVEL=INFO (DEBUG with --verbose), so it logs a summary
-    of each run to stderr.
+    Runs SCRIPT ARGS with this Python, as `python SCRIPT ARGS` does, with
+    QJAMFAB_HOSTS set to --hosts (and QJAMFAB_SSH_CONFIG to --ssh-config), so
+    the script's Master() uses them, and QJAMFAB_LOG_LEVEL=INFO (DEBUG with
+    --verbose), so it logs a summary of each run to stderr. A qjamfab error
+    that ends the script prints its message alone (its traceback too with
+    --verbose); Ctrl-C prints "interrupted" and exits 130.
     Its output streams through and its exit status is run's. Give ARGS after
     '--', or together with SCRIPT in one quoted string: "script.py 200".
     """
@@ -380,7 +424,8 @@ def run(c, script, hosts=None, ssh_config=None, verbose=False):
             else "does not exist"
         raise Exit(f"run: script {path} {what} (working directory "
                    f"{os.getcwd()})", code=2)
-    argv = [sys.executable, path, *words[1:], *rest]
+    argv = [sys.executable, "-c", _RUN_SCRIPT % bool(verbose), path,
+            *words[1:], *rest]
     env = dict(os.environ)
     env["QJAMFAB_HOSTS"] = ",".join(s.raw for s in specs)
     if ssh_config:
@@ -395,7 +440,8 @@ def run(c, script, hosts=None, ssh_config=None, verbose=False):
         env["QJAMFAB_LOG_LEVEL"] = "DEBUG"
     else:
         env.setdefault("QJAMFAB_LOG_LEVEL", "INFO")
-    log.debug("run: %s with QJAMFAB_HOSTS=%s%s", shlex.join(argv),
+    log.debug("run: %s with QJAMFAB_HOSTS=%s%s",
+              shlex.join([sys.executable, *argv[3:]]),
               env["QJAMFAB_HOSTS"],
               f" QJAMFAB_SSH_CONFIG={env['QJAMFAB_SSH_CONFIG']}"
               if ssh_config else "")
@@ -411,12 +457,53 @@ def run(c, script, hosts=None, ssh_config=None, verbose=False):
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
             proc.kill()
             code = proc.wait()
+    if code == -signal.SIGINT:   # Ctrl-C: Python ends itself by SIGINT
+        raise Exit("interrupted", code=130)
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.valid_signals() \
             else f"signal {-code}"
         raise Exit(f"run: {path} was killed by {name}", code=128 - code)
     if code != 0:
         raise Exit(code=code)
+
+
+def fab_hint_excepthook(previous: display.ExceptHook) -> display.ExceptHook:
+    """A sys.excepthook for ``fab`` (installed by fabfile.py) that turns
+    Fabric's NothingToDo into a hint.
+
+    Fabric takes the words after ``--`` as a shell command for the -H hosts,
+    and with a task on the line it raises NothingToDo even when -H is given;
+    the user meant them as the script's arguments. Other exceptions go to
+    `previous`.
+    """
+    def hook(kind: type, exc: BaseException, tb) -> None:
+        try:
+            from fabric.exceptions import NothingToDo
+        except ImportError:   # pragma: no cover - fabric is a dependency
+            NothingToDo = ()
+        if not (NothingToDo and issubclass(kind, NothingToDo)
+                and "--" in sys.argv):
+            return previous(kind, exc, tb)
+        sys.stderr.write(
+            "fab cannot pass the words after '--' to a task (Fabric runs them "
+            f"as a shell command): give them with the script in one quoted "
+            f"string: {_quoted_form(sys.argv[1:])}\n")
+    return hook
+
+
+def _quoted_form(argv: list[str]) -> str:
+    """fab's command line with the words after '--' moved into run's quoted
+    SCRIPT: ``-H a run s.py -- 2000`` -> ``fab -H a run 's.py 2000'``."""
+    cut = argv.index("--")
+    words, rest = argv[:cut], argv[cut + 1:]
+    k = words.index("run") + 1 if "run" in words else len(words)
+    # the script: run's first word that is neither an option nor its value
+    while k < len(words) and words[k].startswith("-"):
+        k += 2 if words[k] in ("--hosts", "--ssh-config") else 1
+    if k >= len(words):
+        return 'fab -H HOSTS run "SCRIPT ARGS..."'
+    words[k] = shlex.join([words[k], *rest])
+    return shlex.join(["fab", *words])
 
 
 # --- bench ---------------------------------------------------------------------
@@ -430,7 +517,7 @@ def _bench_root() -> str | None:
     return None
 
 
-@task(auto_shortflags=False, help={
+@_task(help={
     "quick": "small sizes, about a minute (results in "
              "benchmarks/results/quick/)",
     "only": "comma-separated subset: sae, overhead, transfer, memory, "

@@ -5,8 +5,10 @@ sshd servers (tests/sshd_hosts.py) on 127.0.0.2-4."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from qjamfab import cluster
+from qjamfab import HostKeyError, cluster
+from qjamfab import cli as qjamfab_cli
 from qjamfab.hosts import parse_hosts
 
 try:
@@ -219,6 +222,164 @@ def test_fab_without_hosts_flag():
     row = one_table(proc)["local"]
     assert (row["runtime"], row["status"]) == ("uploaded", "ok"), \
         describe(proc)
+
+
+# --- errors read as one line ---------------------------------------------------
+
+QJAMFAB_ERROR_SCRIPT = """
+from qjamfab import HostUnreachable
+
+def connect():
+    try:
+        raise ConnectionRefusedError(111, "Connection refused")
+    except OSError:
+        raise HostUnreachable("a: connection refused by 10.0.0.1:22: start "
+                              "sshd on a, or check its address", "a")
+
+connect()
+"""
+
+FIRST = ("HostUnreachable: a: connection refused by 10.0.0.1:22: start sshd "
+         "on a, or check its address")
+
+
+def test_run_script_qjamfab_error_is_its_message_alone(tmp_path):
+    script = tmp_path / "fails.py"
+    script.write_text(QJAMFAB_ERROR_SCRIPT)
+    proc = cli("inv", "run", str(script))
+    assert proc.returncode == 1, describe(proc)
+    assert proc.stderr.splitlines() == [FIRST], describe(proc)
+    # --verbose: Python's traceback, as `python fails.py` prints it
+    proc = cli("inv", "run", str(script), "--verbose")
+    assert proc.returncode == 1, describe(proc)
+    lines = proc.stderr.splitlines()
+    assert "Traceback (most recent call last):" in lines, describe(proc)
+    assert "ConnectionRefusedError: [Errno 111] Connection refused" in lines
+    assert lines[-1] == "qjamfab.errors." + FIRST, describe(proc)
+    assert f'  File "{script}", line 11, in <module>' in lines, describe(proc)
+    assert '"<string>"' not in proc.stderr and "runpy" not in proc.stderr, \
+        describe(proc)
+
+
+def test_run_script_other_errors_keep_their_traceback(tmp_path):
+    script = tmp_path / "bug.py"
+    script.write_text("import sys\nprint(sys.argv[1:])\n"
+                      "raise ValueError('a bug')\n")
+    proc = cli("inv", "run", str(script), "--", "x")
+    assert proc.returncode == 1, describe(proc)
+    assert proc.stdout == "['x']\n", describe(proc)
+    assert proc.stderr.splitlines() == [
+        "Traceback (most recent call last):",
+        f'  File "{script}", line 3, in <module>',
+        "    raise ValueError('a bug')",
+        "ValueError: a bug"], describe(proc)
+
+
+def test_run_script_sees_what_python_script_sees(tmp_path):
+    (tmp_path / "helper.py").write_text("VALUE = 42\n")
+    script = tmp_path / "main.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        import helper                     # beside the script: sys.path[0]
+        class Point:
+            pass
+        import pickle
+        assert pickle.loads(pickle.dumps(Point())).__class__ is Point
+        print(__name__, os.path.realpath(__file__) ==
+              os.path.realpath(sys.argv[0]), helper.VALUE,
+              sys.path[0] == os.path.dirname(os.path.realpath(__file__)))
+    """))
+    proc = cli("inv", "run", str(script), cwd=ROOT)
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stdout == "__main__ True 42 True\n", describe(proc)
+
+
+@pytest.mark.timeout(60)
+def test_run_ctrl_c_prints_one_line_and_exits_130(tmp_path):
+    script = tmp_path / "waits.py"
+    script.write_text("import time\nprint('ready', flush=True)\n"
+                      "time.sleep(30)\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    # its own session: Ctrl-C reaches inv and the script, as in a terminal
+    proc = subprocess.Popen([sys.executable, "-m", "invoke", "run",
+                             str(script)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert (proc.returncode, out, err) == (130, "", "interrupted\n")
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """qjamfab.cli.main in this process: (exit status, stderr lines) of a
+    command line; the tasks' log handler is removed afterwards."""
+    logger = logging.getLogger("qjamfab")
+    handlers, level = list(logger.handlers), logger.level
+
+    def call(capsys, *argv: str) -> tuple[int, list[str]]:
+        with pytest.raises(SystemExit) as exit_:
+            qjamfab_cli.main(["qjamfab", *argv])
+        return exit_.value.code, capsys.readouterr().err.splitlines()
+    yield call
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+
+
+def test_task_qjamfab_error_is_its_message_alone(in_process, monkeypatch,
+                                                 capsys):
+    def status(*args, **kwargs):
+        try:
+            raise OSError("known_hosts is not readable")
+        except OSError:
+            raise HostKeyError("host1: its key is not in known_hosts: run "
+                               "ssh host1 once to check and add it", "host1")
+    monkeypatch.setattr(cluster, "status", status)
+    code, err = in_process(capsys, "status", "--hosts=local")
+    assert code == 1
+    assert err == ["status failed: host1: its key is not in known_hosts: "
+                   "run ssh host1 once to check and add it"]
+    code, err = in_process(capsys, "status", "--hosts=local", "--verbose")
+    assert code == 1
+    assert "Traceback (most recent call last):" in err
+    assert "OSError: known_hosts is not readable" in err
+    assert err[-1].startswith("status failed: host1: its key is not in")
+
+
+def test_task_ctrl_c_prints_one_line_and_exits_130(in_process, monkeypatch,
+                                                   capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cluster, "stop_workers", interrupted)
+    assert in_process(capsys, "stop-workers", "--hosts=local") == \
+        (130, ["interrupted"])
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["run", "examples/sum_matrix.py", "--", "20"],
+     "fab run 'examples/sum_matrix.py 20'"),
+    (["-H", "h1,h2", "run", "--hosts", "local", "examples/sum_matrix.py",
+      "--verbose", "--", "20", "a b"],
+     "fab -H h1,h2 run --hosts local 'examples/sum_matrix.py 20 '\"'\"'a "
+     "b'\"'\"'' --verbose"),
+])
+def test_fab_double_dash_gives_the_quoted_form(args, hint):
+    proc = cli("fab", *args)
+    assert proc.returncode == 1, describe(proc)
+    assert proc.stderr.splitlines() == [
+        "fab cannot pass the words after '--' to a task (Fabric runs them as "
+        "a shell command): give them with the script in one quoted string: "
+        + hint], describe(proc)
+    assert proc.stdout == "", describe(proc)
 
 
 # --- three SSH hosts -----------------------------------------------------------
