@@ -546,22 +546,42 @@ def _natural_widths(headers: Sequence[str],
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
                 align: str = "", *, failed: Iterable[int] = (),
-                stream: TextIO | None = None) -> None:
-    """Print a table: coloured through rich in a terminal, else plain."""
+                stream: TextIO | None = None, width: int | None = None
+                ) -> None:
+    """Print a table: coloured through rich in a terminal, else plain.
+
+    Lines fit `width` columns (default: the terminal's width; 80 when not a
+    terminal): the last column, a status whose full text the caller prints
+    below the table, is cut with "..." to the room the other columns leave
+    it, 10 characters at least. The other columns are never cut, so a row of
+    very long host names can still be wider.
+    """
     stream = sys.stdout if stream is None else stream
-    if is_terminal(stream):
-        console = _console(stream)
+    terminal = is_terminal(stream)
+    if width is None:
+        width = _console(stream).width if terminal else 80
+    rows = _fit_last_column(headers, rows, width)
+    if terminal:
         widths = _natural_widths(headers, rows)
-        fixed = sum(w + 2 for w in widths[:-1])
-        if widths and fixed + max(len(str(headers[-1])), 16) > console.width:
-            # Too narrow to wrap the status column alone: draw every column
-            # whole and let the terminal wrap the lines.
-            console = _console(stream, width=fixed + widths[-1])
+        # Room for every cell whole: rich would fold them otherwise.
+        console = _console(stream, width=max(
+            width, sum(w + 2 for w in widths[:-1]) + widths[-1]))
         console.print(hosts_table(headers, rows, align, color=True,
                                   failed=failed))
     else:
         stream.write(render_table(headers, rows, align) + "\n")
     stream.flush()
+
+
+def _fit_last_column(headers: Sequence[str],
+                     rows: Sequence[Sequence[object]],
+                     width: int) -> list[list[object]]:
+    if not headers:
+        return [list(r) for r in rows]
+    widths = _natural_widths(headers[:-1], rows)
+    room = max(width - sum(w + 2 for w in widths), len(str(headers[-1])), 10)
+    return [[*r[:-1], first_line(_cell(r[-1]), limit=room)] if r else []
+            for r in rows]
 
 
 def print_failure(host: str, error: str, *,

@@ -203,13 +203,16 @@ def _lifecycle(ctx, task_name: str, hosts, ssh_config, verbose: bool,
                headers: Sequence[str], align: str,
                row: Callable[[dict], list],
                problem: Callable[[dict], str] = lambda info: "",
-               footnote: Callable[[], str] = lambda: "") -> bool:
+               footnote: Callable[[], str] = lambda: "",
+               seconds: bool = True) -> bool:
     """Run `action` on every host, print a table, exit 1 if any failed.
 
     `row(info)` gives a successful host's cells between the host name and
-    the seconds/status columns; `problem(info)` says what is wrong with a
-    host that answered but did not do all it was asked ("" when nothing);
-    `footnote()` is printed under the table when not empty.
+    the seconds (when `seconds`) and status columns; `problem(info)` says
+    what is wrong with a host that answered but did not do all it was asked
+    ("" when nothing); `footnote()` is printed under the table when not
+    empty. The status column holds an error's first line (the table cuts it
+    to fit); the whole error is printed below the table.
     False when this was one of fab's per-host calls with nothing left to do.
     """
     _setup_logging(verbose)
@@ -224,22 +227,23 @@ def _lifecycle(ctx, task_name: str, hosts, ssh_config, verbose: bool,
         results = action(specs, ssh_config=ssh_config, on_result=lambda r:
                          shown.done(r, problem(r.info) if r.ok else ""))
     rows, failed, failed_rows = [], [], []
-    blank = [None] * (len(headers) - 3)
+    blank = [None] * (len(headers) - 2 - seconds)
     for r in results:
         wrong = ""
         if r.ok:
             wrong = problem(r.info)
             if wrong:
                 failed.append((r.host, wrong))
-            status = display.first_line(wrong, r.host, 100) if wrong else (
+            status = display.first_line(wrong, r.host) if wrong else (
                 r.info.get("note") or "ok")
             cells = row(r.info) if "note" not in r.info else blank
         else:
             failed.append((r.host, r.error))
-            status, cells = display.first_line(r.error, r.host, 100), blank
+            status, cells = display.first_line(r.error, r.host), blank
         if not r.ok or wrong:
             failed_rows.append(len(rows))
-        rows.append([r.host, *cells, f"{r.seconds:.2f}", status])
+        took = [f"{r.seconds:.2f}"] if seconds else []
+        rows.append([r.host, *cells, *took, status])
     display.print_table(headers, rows, align, failed=failed_rows)
     if footnote():
         print(footnote())
@@ -248,8 +252,9 @@ def _lifecycle(ctx, task_name: str, hosts, ssh_config, verbose: bool,
     sys.stdout.flush()
     if failed:
         names = ", ".join(host for host, _ in failed)
-        raise Exit(f"{task_name}: {len(failed)} of {len(results)} hosts "
-                   f"failed: {names} (each host's reason is above)", code=1)
+        raise Exit(f"{task_name}: {len(failed)} of "
+                   f"{display.plural(len(results), 'host')} failed: {names} "
+                   f"(each host's reason is above)", code=1)
     return True
 
 
@@ -310,17 +315,28 @@ def status(c, hosts=None, ssh_config=None, verbose=False):
     def row(info):
         workers = info.get("workers") or []
         uptime = max((w.get("uptime_s", 0) for w in workers), default=None)
-        hashes = ", ".join(h + ("*" if h == current else "")
-                           for h in info.get("runtimes") or [])
-        marked.append("*" in hashes)
+        marked.append(current in (info.get("runtimes") or []))
         return [len(workers), display.format_duration(uptime),
                 info.get("cache_entries"),
-                display.format_bytes(info.get("cache_bytes")), hashes]
+                display.format_bytes(info.get("cache_bytes")),
+                _runtimes(info.get("runtimes") or [], current)]
     _lifecycle(c, "status", hosts, ssh_config, verbose, cluster.status,
-               ["host", "workers", "uptime", "cache entries", "cache bytes",
-                "runtime", "seconds", "status"], "lrrrrlrl", row,
-               footnote=lambda: "(runtime* = this qjamfab's runtime)"
-               if any(marked) else "")
+               ["host", "workers", "uptime", "entries", "cache", "runtime",
+                "status"], "lrrrrll", row,
+               footnote=lambda: "(runtime* = this qjamfab's runtime, +N = N "
+                                "others)" if any(marked) else "",
+               seconds=False)   # for 80 columns; a status query is quick
+
+
+def _runtimes(hashes: list[str], current: str) -> str | None:
+    """The runtimes on a host in a narrow cell: "d9bfff6e*" for this
+    qjamfab's (short, as git shortens hashes), else the first one, and "+N"
+    for the others."""
+    if not hashes:
+        return None
+    shown = current if current in hashes else hashes[0]
+    cell = shown[:8] + ("*" if shown == current else "")
+    return cell + (f" +{len(hashes) - 1}" if len(hashes) > 1 else "")
 
 
 @_task(help=_help())

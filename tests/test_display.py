@@ -229,6 +229,51 @@ def test_print_table_plain_when_not_a_terminal():
     assert out.getvalue() == "\nb failed:\n    b: down: start it\n    detail\n"
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+ERROR = ("connection refused by 127.0.0.9:22: is sshd running there, and "
+         "is the port right?")
+STATUS_ROWS = [["local", 2, "2h03m", 94, "164.0 MiB", "d9bfff6e* +1", "ok"],
+               ["host2", None, None, None, None, None, ERROR]]
+STATUS_HEADERS = ["host", "workers", "uptime", "entries", "cache", "runtime",
+                  "status"]
+
+
+def test_print_table_fits_80_columns_cutting_the_status(monkeypatch):
+    out = io.StringIO()
+    print_table(STATUS_HEADERS, STATUS_ROWS, "lrrrrll", failed=[1],
+                stream=out)
+    lines = out.getvalue().splitlines()
+    assert max(map(len, lines)) == 80, lines
+    assert lines[3].endswith("  -             connection refused ...")
+    # in a terminal of 80 columns: the same cut, in colour
+    monkeypatch.setenv("COLUMNS", "80")
+    out = Terminal()
+    print_table(STATUS_HEADERS, STATUS_ROWS, "lrrrrll", failed=[1],
+                stream=out)
+    assert "\x1b[31mconnection refused" in out.getvalue()
+    lines = plain(out.getvalue()).splitlines()
+    assert len(lines) == 4 and max(map(len, lines)) == 80, lines
+    assert lines[3].endswith("  -             connection refused ...")
+    # a wider terminal shows more of it
+    monkeypatch.setenv("COLUMNS", "160")
+    out = Terminal()
+    print_table(STATUS_HEADERS, STATUS_ROWS, "lrrrrll", stream=out)
+    assert plain(out.getvalue()).splitlines()[3].endswith(ERROR)
+
+
+def test_print_table_never_cuts_the_other_columns():
+    host = "user@a-very-long-host-name.example.org:2222"
+    out = io.StringIO()
+    print_table(["host", "python", "status"], [[host, "3.11.7", ERROR]],
+                stream=out, width=60)
+    row = out.getvalue().splitlines()[2]
+    assert row == f"{host}  3.11.7  connect...", row   # 10 at least
+
+
 def test_colour_table_in_a_terminal():
     console, out = terminal()
     console.print(display.hosts_table(["host", "status"],

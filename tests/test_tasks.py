@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from qjamfab import HostKeyError, cluster
+from qjamfab import HostKeyError, cluster, runtime
 from qjamfab import cli as qjamfab_cli
 from qjamfab.hosts import parse_hosts
 
@@ -105,7 +105,7 @@ def test_local_bootstrap_and_status():
     proc = cli("inv", "status", "--hosts=local")
     assert proc.returncode == 0, describe(proc)
     row = one_table(proc)["local"]
-    assert (row["workers"], row["cache entries"], row["cache bytes"],
+    assert (row["workers"], row["entries"], row["cache"],
             row["status"]) == ("0", "0", "0 B", "ok"), describe(proc)
     assert row["runtime"].endswith("*"), describe(proc)
 
@@ -222,6 +222,48 @@ def test_fab_without_hosts_flag():
     row = one_table(proc)["local"]
     assert (row["runtime"], row["status"]) == ("uploaded", "ok"), \
         describe(proc)
+
+
+def table_lines(text: str) -> list[str]:
+    """The lines of the table in text: its header to its last row."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("host "))
+    end = next((i for i in range(start, len(lines))
+                if not lines[i].strip() or lines[i].startswith("(")),
+               len(lines))
+    return lines[start:end]
+
+
+def test_every_task_table_fits_80_columns(tmp_path, qjamfab_home):
+    """Each lifecycle table, with a host whose long error fills the status
+    column, fits 80 columns when piped; the full error follows the table."""
+    with socket.socket() as s:   # a port where nothing listens
+        s.bind(("127.0.0.9", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host downhost\n    HostName 127.0.0.9\n"
+                      f"    Port {port}\n")
+    args = ("--hosts=local,downhost", f"--ssh-config={config}")
+    try:
+        for task in (["bootstrap"], ["start-workers", "--workers-per-host=1"],
+                     ["status"], ["clear-cache"], ["stop-workers"]):
+            if task == ["status"]:   # an old runtime beside this one
+                (qjamfab_home / "runtime" / "0123456789abcdef").mkdir()
+            proc = cli("inv", *task, *args)
+            assert proc.returncode == 1, describe(proc)
+            lines = table_lines(proc.stdout)
+            assert len(lines) == 4 and max(map(len, lines)) <= 80, \
+                describe(proc)
+            status = one_table(proc)["downhost"]["status"]
+            assert status.startswith("conn") and status.endswith("..."), \
+                describe(proc)
+            assert f"    downhost: connection refused by 127.0.0.9:{port}" \
+                in proc.stdout, describe(proc)
+            if task == ["status"]:
+                assert one_table(proc)["local"]["runtime"] == \
+                    runtime.bundle_hash()[:8] + "* +1", describe(proc)
+    finally:
+        cli("inv", "stop-workers", "--hosts=local")
 
 
 # --- errors read as one line ---------------------------------------------------
@@ -492,7 +534,7 @@ def test_ssh_run_sends_the_dataset_once(sshd, tmp_path):
     proc = cli("inv", "status", f"--hosts={HOSTS}", env=ssh_env(sshd))
     assert proc.returncode == 0, describe(proc)
     table = one_table(proc)
-    assert all(int(row["cache entries"]) > 0 for row in table.values()), \
+    assert all(int(row["entries"]) > 0 for row in table.values()), \
         describe(proc)
     proc = cli("inv", "run", "examples/sum_matrix.py", f"--hosts={HOSTS}",
                "--", "50", env=ssh_env(sshd))
@@ -514,7 +556,7 @@ def test_ssh_clear_cache_and_stop_workers(sshd):
     assert all(int(row["entries removed"]) > 0 and row["status"] == "ok"
                for row in table.values()), describe(proc)
     proc = cli("inv", "status", f"--hosts={HOSTS}", env=env)
-    assert all_ok(one_table(proc), "cache entries", "0"), describe(proc)
+    assert all_ok(one_table(proc), "entries", "0"), describe(proc)
 
     running = {host: row["workers"] for host, row in one_table(proc).items()}
     assert all(int(n) >= 2 for n in running.values()), describe(proc)
@@ -600,6 +642,6 @@ def test_every_lifecycle_task_through_fab_and_qjamfab(sshd, front):
     assert all_ok(task("start-workers", "--workers-per-host=1"), "running", "1")
     assert all_ok(task("status"), "workers", "1")
     task("clear-cache")
-    assert all_ok(task("status"), "cache entries", "0")
+    assert all_ok(task("status"), "entries", "0")
     assert all_ok(task("stop-workers"), "stopped", "1")
     assert all_ok(task("status"), "workers", "0")
