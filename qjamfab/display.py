@@ -23,7 +23,8 @@ text in errors and logs:
   `stderr_tail` (the section an error ends with), and `log_to_stderr` (the
   one handler setup for the "qjamfab" logger).
 - `script_excepthook`: how an error that ends a script run by ``inv run``
-  reads (a QjamfabError as one line).
+  reads (a QjamfabError as one line); `warn_if_cli_hosts_ignored`: the
+  warning a Master gives when ``inv run --hosts`` lost to the script's own.
 
 rich is imported only by the functions that draw with it.
 """
@@ -33,6 +34,7 @@ import dataclasses
 import html
 import io
 import logging
+import os
 import sys
 import threading
 import time
@@ -47,7 +49,8 @@ if TYPE_CHECKING:   # pragma: no cover - annotations only
 
 __all__ = ["RunProgress", "master_html", "runstats_html", "format_bytes",
            "format_duration", "plural", "first_line", "stderr_tail",
-           "log_to_stderr", "script_excepthook", "hosts_table", "render_table", "print_table",
+           "log_to_stderr", "script_excepthook", "warn_if_cli_hosts_ignored",
+           "hosts_table", "render_table", "print_table",
            "print_failure", "HostProgress", "StderrHandler", "is_terminal"]
 
 
@@ -178,6 +181,27 @@ def script_excepthook(verbose: bool = False) -> ExceptHook:
             # Python prints the traceback the exception holds, not `tb`.
             sys.__excepthook__(kind, exc.with_traceback(tb), tb)
     return hook
+
+
+def warn_if_cli_hosts_ignored(hosts: None | str | Sequence[str]) -> None:
+    """Called by the Master with the hosts it was given: warn when they
+    override hosts given on the command line.
+
+    ``inv run --hosts=a,b`` (or fab's -H) hands its hosts to the script as
+    $QJAMFAB_HOSTS, with $QJAMFAB_HOSTS_FROM_CLI=1; only ``Master()`` reads
+    them, so a script that names its own (``Master("local:2")``) would
+    silently run elsewhere than the user asked.
+    """
+    if hosts is None or os.environ.get("QJAMFAB_HOSTS_FROM_CLI") != "1":
+        return
+    named = [str(h).strip() for h in
+             (hosts.split(",") if isinstance(hosts, str) else hosts)]
+    given = [h.strip() for h in os.environ.get("QJAMFAB_HOSTS", "").split(",")]
+    if named != given:
+        logging.getLogger("qjamfab").warning(
+            "run --hosts=%s is ignored: the script names its own hosts (%s); "
+            "remove them from the script (Master() then uses --hosts)",
+            ",".join(given), ",".join(named))
 
 
 # --- the progress bar of a run ------------------------------------------------

@@ -407,7 +407,8 @@ def run(c, script, hosts=None, ssh_config=None, verbose=False):
 
     Runs SCRIPT ARGS with this Python, as `python SCRIPT ARGS` does, with
     QJAMFAB_HOSTS set to --hosts (and QJAMFAB_SSH_CONFIG to --ssh-config), so
-    the script's Master() uses them, and QJAMFAB_LOG_LEVEL=INFO (DEBUG with
+    the script's Master() uses them (a Master given hosts of its own warns
+    that it ignores --hosts), and QJAMFAB_LOG_LEVEL=INFO (DEBUG with
     --verbose), so it logs a summary of each run to stderr. A qjamfab error
     that ends the script prints its message alone (its traceback too with
     --verbose); Ctrl-C prints "interrupted" and exits 130.
@@ -444,6 +445,11 @@ def run(c, script, hosts=None, ssh_config=None, verbose=False):
             *words[1:], *rest]
     env = dict(os.environ)
     env["QJAMFAB_HOSTS"] = ",".join(s.raw for s in specs)
+    # Hosts from --hosts or fab -H: a Master given others says it ignores
+    # them (display.warn_if_cli_hosts_ignored).
+    env.pop("QJAMFAB_HOSTS_FROM_CLI", None)
+    if hosts or _is_connection(c):
+        env["QJAMFAB_HOSTS_FROM_CLI"] = "1"
     if ssh_config:
         env["QJAMFAB_SSH_CONFIG"] = os.path.abspath(ssh_config)
     pythonpath = _pythonpath(env)

@@ -382,3 +382,27 @@ def test_log_to_stderr_unknown_level_says_so(qjamfab_logger, capsys):
     assert capsys.readouterr().err.splitlines() == [
         "qjamfab: WARNING: log level 'LOUD' is not a level name: using INFO "
         "(give DEBUG, INFO, WARNING or ERROR)"]
+
+
+# --- hosts from the command line that a script overrides ----------------------------
+
+@pytest.mark.parametrize("from_cli, given, hosts, warned", [
+    ("1", "a,b", "local:2", "a,b"),
+    ("1", "a, b", ["local:2", "c"], "a,b"),
+    ("1", "a,b", None, None),          # Master(): it uses them
+    ("1", "a,b", " a,b", None),        # the same hosts
+    ("1", "a,b", ["a", "b"], None),
+    ("", "a,b", "local:2", None),      # not from inv run --hosts
+])
+def test_warn_if_cli_hosts_ignored(monkeypatch, caplog, from_cli, given,
+                                   hosts, warned):
+    monkeypatch.setenv("QJAMFAB_HOSTS_FROM_CLI", from_cli)
+    monkeypatch.setenv("QJAMFAB_HOSTS", given)
+    with caplog.at_level(logging.WARNING, logger="qjamfab"):
+        display.warn_if_cli_hosts_ignored(hosts)
+    named = hosts if isinstance(hosts, str) else ",".join(hosts or [])
+    expected = [] if warned is None else [
+        f"run --hosts={warned} is ignored: the script names its own hosts "
+        f"({named}); remove them from the script (Master() then uses "
+        f"--hosts)"]
+    assert [r.getMessage() for r in caplog.records] == expected

@@ -151,6 +151,7 @@ def test_run_passes_args_env_and_exit_status(tmp_path):
         import json, os, sys
         print(json.dumps({"argv": sys.argv[1:],
                           "hosts": os.environ.get("QJAMFAB_HOSTS"),
+                          "from_cli": os.environ.get("QJAMFAB_HOSTS_FROM_CLI"),
                           "ssh_config": os.environ.get("QJAMFAB_SSH_CONFIG")}))
         sys.exit(3)
     """))
@@ -163,13 +164,16 @@ def test_run_passes_args_env_and_exit_status(tmp_path):
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen == {"argv": ["one two", "three four", "--five", "",
                              "-- six"],
-                    "hosts": "local:1,local",
+                    "hosts": "local:1,local", "from_cli": "1",
                     "ssh_config": str(config)}, describe(proc)
     # the same through the installed program, hosts from the environment
+    # (an outer inv run's mark does not pass on)
     proc = cli("qjamfab", "run", str(script),
-               env={"QJAMFAB_HOSTS": "local:3"})
+               env={"QJAMFAB_HOSTS": "local:3", "QJAMFAB_HOSTS_FROM_CLI": "1"})
     assert proc.returncode == 3, describe(proc)
-    assert json.loads(proc.stdout.strip())["hosts"] == "local:3"
+    seen = json.loads(proc.stdout.strip())
+    assert (seen["hosts"], seen["from_cli"]) == ("local:3", None), \
+        describe(proc)
 
 
 def test_run_missing_script():
