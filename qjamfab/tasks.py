@@ -19,11 +19,13 @@ do nothing.
 
 Each lifecycle task shows a line per host while it works (in a terminal),
 then prints one table, a row per host (`qjamfab.display`: coloured in a
-terminal, plain text with a rule of dashes under the header elsewhere), and
-exits with status 1 when any host failed (each failure's full text is
-printed below the table); a bad argument exits with status 2. `run` exits
-with the script's own status, and has the script's Masters log a summary
-line per run to stderr ($QJAMFAB_LOG_LEVEL).
+terminal, plain text with a rule of dashes under the header elsewhere, 80
+columns at most with a status cut to fit), and exits with status 1 when any
+host failed (each failure's full text is printed below the table); a bad
+argument exits with status 2. A QjamfabError ends a task with one line (the
+traceback with --verbose), Ctrl-C with "interrupted" and status 130. `run`
+exits with the script's own status, and has the script's Masters log a
+summary line per run to stderr ($QJAMFAB_LOG_LEVEL).
 """
 from __future__ import annotations
 
