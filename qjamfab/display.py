@@ -1,7 +1,7 @@
 """Rendering for terminals and notebooks: progress, tables, HTML reprs.
 
-This module owns everything qjamfab shows a person, apart from the lines of
-text in errors and logs:
+This module owns everything qjamfab shows a person, apart from the wording
+of errors and logs (their modules write it, with the helpers below):
 
 - `RunProgress`: the progress bar of one `Master.run` (slices done). It shows
   up only in a terminal (or when forced) and only once the run has lasted
@@ -160,8 +160,8 @@ ExceptHook = Callable[[type, BaseException, "TracebackType | None"], None]
 
 
 def script_excepthook(verbose: bool = False) -> ExceptHook:
-    """A sys.excepthook for a script that ``inv run`` runs in-process
-    (through runpy, from ``python -c``).
+    """A sys.excepthook for the script that ``inv run`` runs (through runpy,
+    in a ``python -c`` that installs this hook first).
 
     A QjamfabError that ends the script prints "TYPE: MESSAGE", and
     KeyboardInterrupt nothing (the task says "interrupted"); anything else,
@@ -604,8 +604,7 @@ def _fit_last_column(headers: Sequence[str],
         return [list(r) for r in rows]
     widths = _natural_widths(headers[:-1], rows)
     room = max(width - sum(w + 2 for w in widths), len(str(headers[-1])), 10)
-    return [[*r[:-1], first_line(_cell(r[-1]), limit=room)] if r else []
-            for r in rows]
+    return [[*r[:-1], first_line(_cell(r[-1]), limit=room)] for r in rows]
 
 
 def print_failure(host: str, error: str, *,

@@ -443,8 +443,7 @@ def run(c, script, hosts=None, ssh_config=None, verbose=False):
             else "does not exist"
         raise Exit(f"run: script {path} {what} (working directory "
                    f"{os.getcwd()})", code=2)
-    argv = [sys.executable, "-c", _RUN_SCRIPT % bool(verbose), path,
-            *words[1:], *rest]
+    command = [path, *words[1:], *rest]
     env = dict(os.environ)
     env["QJAMFAB_HOSTS"] = ",".join(s.raw for s in specs)
     # Hosts from --hosts or fab -H: a Master given others says it ignores
@@ -465,13 +464,13 @@ def run(c, script, hosts=None, ssh_config=None, verbose=False):
     else:
         env.setdefault("QJAMFAB_LOG_LEVEL", "INFO")
     log.debug("run: %s with QJAMFAB_HOSTS=%s%s",
-              shlex.join([sys.executable, *argv[3:]]),
-              env["QJAMFAB_HOSTS"],
+              shlex.join([sys.executable, *command]), env["QJAMFAB_HOSTS"],
               f" QJAMFAB_SSH_CONFIG={env['QJAMFAB_SSH_CONFIG']}"
               if ssh_config else "")
     sys.stdout.flush()
     sys.stderr.flush()
-    proc = subprocess.Popen(argv, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _RUN_SCRIPT % bool(verbose), *command], env=env)
     try:
         code = proc.wait()
     except KeyboardInterrupt:
@@ -500,13 +499,10 @@ def fab_hint_excepthook(previous: display.ExceptHook) -> display.ExceptHook:
     the user meant them as the script's arguments. Other exceptions go to
     `previous`.
     """
+    from fabric.exceptions import NothingToDo
+
     def hook(kind: type, exc: BaseException, tb) -> None:
-        try:
-            from fabric.exceptions import NothingToDo
-        except ImportError:   # pragma: no cover - fabric is a dependency
-            NothingToDo = ()
-        if not (NothingToDo and issubclass(kind, NothingToDo)
-                and "--" in sys.argv):
+        if not (issubclass(kind, NothingToDo) and "--" in sys.argv):
             return previous(kind, exc, tb)
         sys.stderr.write(
             "fab cannot pass the words after '--' to a task (Fabric runs them "
