@@ -40,6 +40,7 @@ import subprocess
 import sys
 import traceback
 import weakref
+from types import TracebackType
 from typing import Callable, Sequence
 
 from invoke import Collection, Exit, Program, Task, task
@@ -501,7 +502,8 @@ def fab_hint_excepthook(previous: display.ExceptHook) -> display.ExceptHook:
     """
     from fabric.exceptions import NothingToDo
 
-    def hook(kind: type, exc: BaseException, tb) -> None:
+    def hook(kind: type, exc: BaseException,
+             tb: TracebackType | None) -> None:
         if not (issubclass(kind, NothingToDo) and "--" in sys.argv):
             return previous(kind, exc, tb)
         sys.stderr.write(
