@@ -6,6 +6,11 @@ parallel and the rest do nothing, so ``fab -H a,b,c -S ssh_config status``
 prints one table. ``-S/--ssh-config`` is honoured; a task's own ``--hosts``
 wins over ``-H``. Under fab, give script arguments to ``run`` in one quoted
 string (``fab -H a,b run "examples/sum_matrix.py 200"``): Fabric treats the
-words after ``--`` as a shell command for the hosts.
+words after ``--`` as a shell command for the hosts (and fails on them
+with a task: this file makes that failure a one-line hint).
 """
-from qjamfab.tasks import ns  # noqa: F401
+import sys
+
+from qjamfab.tasks import fab_hint_excepthook, ns  # noqa: F401
+
+sys.excepthook = fab_hint_excepthook(sys.excepthook)

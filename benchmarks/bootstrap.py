@@ -95,7 +95,7 @@ def run(scale: Scale, log=print) -> dict:
 
 
 def table(rows: dict) -> str:
-    from qjamfab.tasks import render_table
+    from qjamfab.display import render_table
     return render_table(
         ["remote python", "bootstrap cold s", "bootstrap warm s",
          "Master ready cold s", "Master ready warm s"],

@@ -161,7 +161,7 @@ def _mib(n) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    from qjamfab.tasks import render_table
+    from qjamfab.display import render_table
     lines = []
     for r in rows:
         m = r["master"]

@@ -145,7 +145,7 @@ def run(scale: Scale, log=print) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    from qjamfab.tasks import render_table
+    from qjamfab.display import render_table
     lines = [[f"{r['mib']} MiB", r["workers"],
               f"{r['first_run_s']:.2f} ({r['first_run_mb_s']:.0f} MB/s)",
               f"{r['hash_s']:.2f}",

@@ -5,6 +5,7 @@ with a Counter, and Counters add. The sample text ships beside this file.
 
     python examples/char_count.py [path]
 """
+import argparse
 import collections
 import os
 import sys
@@ -21,9 +22,7 @@ def mapfunc(params, lines):
     return counts
 
 
-def main(path: str) -> int:
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+def main(lines: list) -> int:
     with Master() as master:
         counts = master.run(mapfunc, dataset=DataSet(lines))
     total = sum(counts.values())
@@ -33,5 +32,25 @@ def main(path: str) -> int:
     return 0
 
 
+def text_lines(path: str) -> list:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise argparse.ArgumentTypeError(
+            f"cannot read {path}: {reason}: give a UTF-8 text file")
+    if not lines:
+        raise argparse.ArgumentTypeError(
+            f"{path} is empty: give a file with some text")
+    return lines
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else SAMPLE))
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="The hosts are $QJAMFAB_HOSTS (else local workers).")
+    parser.add_argument("path", nargs="?", type=text_lines, default=SAMPLE,
+                        help="a UTF-8 text file (default: the sample beside "
+                             "this script)")
+    sys.exit(main(parser.parse_args().path))

@@ -6,6 +6,7 @@ and iterates, the shape of every iterative job qjamfab is for.
 
     python examples/newton_sqrt.py 123456789
 """
+import argparse
 import math
 import sys
 
@@ -30,5 +31,22 @@ def main(a: float, iterations: int = 60) -> int:
     return 0 if math.isclose(x, math.sqrt(a), rel_tol=1e-9) else 1
 
 
+def positive_number(text: str) -> float:
+    try:
+        a = float(text)
+    except ValueError:
+        a = math.nan
+    if not a > 0 or math.isinf(a):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a positive number: give the number whose square "
+            f"root to find, e.g. 2")
+    return a
+
+
 if __name__ == "__main__":
-    sys.exit(main(float(sys.argv[1]) if len(sys.argv) > 1 else 2.0))
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="The hosts are $QJAMFAB_HOSTS (else local workers).")
+    parser.add_argument("a", nargs="?", type=positive_number, default=2.0,
+                        help="the number (default 2)")
+    sys.exit(main(parser.parse_args().a))

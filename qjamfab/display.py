@@ -1,7 +1,7 @@
 """Rendering for terminals and notebooks: progress, tables, HTML reprs.
 
-This module owns everything qjamfab shows a person, apart from the lines of
-text in errors and logs:
+This module owns everything qjamfab shows a person, apart from the wording
+of errors and logs (their modules write it, with the helpers below):
 
 - `RunProgress`: the progress bar of one `Master.run` (slices done). It shows
   up only in a terminal (or when forced) and only once the run has lasted
@@ -17,6 +17,14 @@ text in errors and logs:
 - `HostProgress`: one line per host while a lifecycle step runs on many
   hosts at once (a spinner, then the host's outcome); nothing when output is
   not a terminal, where only the final table is printed.
+- The text helpers every module formats with, so a size or a duration reads
+  the same in a table, a repr and a log line: `format_bytes`,
+  `format_duration`, `plural`, `first_line` (an error's summary),
+  `stderr_tail` (the section an error ends with), and `log_to_stderr` (the
+  one handler setup for the "qjamfab" logger).
+- `script_excepthook`: how an error that ends a script run by ``inv run``
+  reads (a QjamfabError as one line); `warn_if_cli_hosts_ignored`: the
+  warning a Master gives when ``inv run --hosts`` lost to the script's own.
 
 rich is imported only by the functions that draw with it.
 """
@@ -26,18 +34,24 @@ import dataclasses
 import html
 import io
 import logging
+import os
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Iterable, Sequence, TextIO
+from types import TracebackType
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence, TextIO
+
+from .errors import QjamfabError
 
 if TYPE_CHECKING:   # pragma: no cover - annotations only
     from rich.console import Console
     from rich.table import Table
 
 __all__ = ["RunProgress", "master_html", "runstats_html", "format_bytes",
-           "hosts_table", "render_table", "print_table", "print_failure",
-           "HostProgress", "StderrHandler", "is_terminal"]
+           "format_duration", "plural", "first_line", "stderr_tail",
+           "log_to_stderr", "script_excepthook", "warn_if_cli_hosts_ignored",
+           "hosts_table", "render_table", "print_table",
+           "print_failure", "HostProgress", "StderrHandler", "is_terminal"]
 
 
 def is_terminal(stream: TextIO | None = None) -> bool:
@@ -50,7 +64,7 @@ def is_terminal(stream: TextIO | None = None) -> bool:
 
 
 def format_bytes(n: float | None) -> str:
-    """1536 -> "1.5 KiB"; None -> "-"."""
+    """1536 -> "1.5 KiB", 100 -> "100 B"; None -> "-"."""
     if n is None:
         return "-"
     value = float(n)
@@ -61,12 +75,133 @@ def format_bytes(n: float | None) -> str:
     raise AssertionError("unreachable")
 
 
-def _format_seconds(s: float) -> str:
+def format_duration(seconds: float | None) -> str:
+    """Three significant digits under a minute, then two units, compact so a
+    table column stays narrow: "12.3ms", "1.23s", "42.0s", "2m05s", "3h02m",
+    "2d03h"; None -> "-"."""
+    if seconds is None:
+        return "-"
+    s = float(seconds)
     if s < 1:
-        return f"{s * 1e3:.1f} ms"
-    if s < 120:
-        return f"{s:.2f} s"
-    return f"{int(s // 60)} min {s % 60:.0f} s"
+        return f"{s * 1e3:.1f}ms"
+    if s < 10:
+        return f"{s:.2f}s"
+    if s < 60:
+        return f"{s:.1f}s"
+    whole = int(s)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """plural(1, "worker") -> "1 worker", plural(2, "worker") -> "2 workers";
+    `words` for an irregular plural: plural(3, "entry", "entries")."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
+def first_line(text: str | BaseException, host: str = "",
+               limit: int | None = None) -> str:
+    """The line that sums up an error: its first non-blank line, stripped,
+    without a leading "HOST: " when `host` is given (where the host is named
+    already), cut to `limit` characters with "..."; "failed" when empty."""
+    lines = [line for line in str(text or "").splitlines() if line.strip()]
+    line = lines[0].strip() if lines else "failed"
+    if host and line.startswith(host + ": "):
+        line = line[len(host) + 2:]
+    if limit is not None and len(line) > limit:
+        line = line[:max(limit - 3, 0)] + "..."
+    return line
+
+
+def stderr_tail(worker: str, tail: str) -> str:
+    """The section an error about a lost worker ends with, "" when the worker
+    wrote nothing (an empty section only makes the reader look for it)."""
+    tail = (tail or "").strip("\n")
+    if not tail.strip():
+        return ""
+    return f"\n--- stderr tail of {worker} ---\n{tail}"
+
+
+def log_to_stderr(level: int | str, marker: str = "qjamfab") -> None:
+    """Print the "qjamfab" logger's records of `level` and up to stderr.
+
+    `level` is a number or a name ("INFO", "debug"); an unknown name means
+    INFO, with a warning naming it. The handler is tagged with `marker`: a
+    second call with the same marker replaces that handler (and sets the
+    level again) instead of printing every line twice, while handlers with
+    other markers (the tasks' and $QJAMFAB_LOG_LEVEL's) are left alone.
+    """
+    logger = logging.getLogger("qjamfab")
+    bad = None
+    if isinstance(level, str):
+        name = level.strip().upper()
+        number = logging.getLevelName(name)   # a number for known names
+        if not isinstance(number, int):
+            bad, number = level, logging.INFO
+        level = number
+    for handler in list(logger.handlers):
+        if getattr(handler, "_qjamfab_marker", None) == marker:
+            logger.removeHandler(handler)
+    handler = StderrHandler()
+    handler._qjamfab_marker = marker   # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter(
+        "%(name)s: %(levelname)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    if bad is not None:
+        logger.warning("log level %r is not a level name: using INFO (give "
+                       "DEBUG, INFO, WARNING or ERROR)", bad)
+
+
+ExceptHook = Callable[[type, BaseException, "TracebackType | None"], None]
+
+
+def script_excepthook(verbose: bool = False) -> ExceptHook:
+    """A sys.excepthook for the script that ``inv run`` runs (through runpy,
+    in a ``python -c`` that installs this hook first).
+
+    A QjamfabError that ends the script prints "TYPE: MESSAGE", and
+    KeyboardInterrupt nothing (the task says "interrupted"); anything else,
+    and everything with `verbose`, its traceback as Python prints it,
+    without the frames of the runner and runpy, so it reads as if the script
+    had been run directly.
+    """
+    def hook(kind: type, exc: BaseException,
+             tb: TracebackType | None) -> None:
+        if not verbose and issubclass(kind, QjamfabError):
+            sys.stderr.write(f"{kind.__name__}: {exc}\n")
+        elif verbose or not issubclass(kind, KeyboardInterrupt):
+            while tb is not None and (
+                    tb.tb_frame.f_code.co_filename == "<string>"
+                    or tb.tb_frame.f_globals.get("__name__") == "runpy"):
+                tb = tb.tb_next
+            # Python prints the traceback the exception holds, not `tb`.
+            sys.__excepthook__(kind, exc.with_traceback(tb), tb)
+    return hook
+
+
+def warn_if_cli_hosts_ignored(hosts: None | str | Sequence[str]) -> None:
+    """Called by the Master with the hosts it was given: warn when they
+    override hosts given on the command line.
+
+    ``inv run --hosts=a,b`` (or fab's -H) hands its hosts to the script as
+    $QJAMFAB_HOSTS, with $QJAMFAB_HOSTS_FROM_CLI=1; only ``Master()`` reads
+    them, so a script that names its own (``Master("local:2")``) would
+    silently run elsewhere than the user asked.
+    """
+    if hosts is None or os.environ.get("QJAMFAB_HOSTS_FROM_CLI") != "1":
+        return
+    named = [str(h).strip() for h in
+             (hosts.split(",") if isinstance(hosts, str) else hosts)]
+    given = [h.strip() for h in os.environ.get("QJAMFAB_HOSTS", "").split(",")]
+    if named != given:
+        logging.getLogger("qjamfab").warning(
+            "run --hosts=%s is ignored: the script names its own hosts (%s); "
+            "remove them from the script (Master() then uses --hosts)",
+            ",".join(given), ",".join(named))
 
 
 # --- the progress bar of a run ------------------------------------------------
@@ -231,9 +366,7 @@ def _new_progress_bar(console, unit: str):
         def render(self, task):
             secs = time.monotonic() - task.fields.get("run_started",
                                                       time.monotonic())
-            return Text(f"{secs:.0f} s" if secs < 120 else
-                        f"{int(secs // 60)} min {secs % 60:02.0f} s",
-                        style="progress.elapsed")
+            return Text(format_duration(secs), style="progress.elapsed")
 
     return Progress(TextColumn("[progress.description]{task.description}"),
                     BarColumn(), MofNCompleteColumn(),
@@ -260,7 +393,7 @@ def _runstats_rows(stats) -> list[tuple[str, str]]:
     lost = list(get("lost_workers", []) or [])
     slices = get("slices")
     rows = [
-        ("elapsed", _e(_format_seconds(float(get("elapsed_s", 0.0))))),
+        ("elapsed", _e(format_duration(get("elapsed_s", 0.0)))),
         ("workers", _e(get("workers"))),
         ("slices", _e(f"{slices} ({get('slices_cached')} cached on the "
                       f"workers, {get('slices_sent')} sent)")
@@ -327,7 +460,6 @@ def master_html(master) -> str:
         rows.append(("last run", "none yet"))
     else:
         rows.append(("last run", runstats_html(last)))
-    plural = lambda n, word: f"{n} {word}{'' if n == 1 else 's'}"  # noqa
     return (f'<div class="qjamfab-repr"><b>qjamfab Master</b>{_e(state)}: '
             f'{_e(plural(len(hosts), "host"))}, '
             f'{_e(plural(len(workers), "worker"))}'
@@ -438,22 +570,41 @@ def _natural_widths(headers: Sequence[str],
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
                 align: str = "", *, failed: Iterable[int] = (),
-                stream: TextIO | None = None) -> None:
-    """Print a table: coloured through rich in a terminal, else plain."""
+                stream: TextIO | None = None, width: int | None = None
+                ) -> None:
+    """Print a table: coloured through rich in a terminal, else plain.
+
+    Lines fit `width` columns (default: the terminal's width; 80 when not a
+    terminal): the last column, a status whose full text the caller prints
+    below the table, is cut with "..." to the room the other columns leave
+    it, 10 characters at least. The other columns are never cut, so a row of
+    very long host names can still be wider.
+    """
     stream = sys.stdout if stream is None else stream
-    if is_terminal(stream):
-        console = _console(stream)
+    terminal = is_terminal(stream)
+    if width is None:
+        width = _console(stream).width if terminal else 80
+    rows = _fit_last_column(headers, rows, width)
+    if terminal:
         widths = _natural_widths(headers, rows)
-        fixed = sum(w + 2 for w in widths[:-1])
-        if widths and fixed + max(len(str(headers[-1])), 16) > console.width:
-            # Too narrow to wrap the status column alone: draw every column
-            # whole and let the terminal wrap the lines.
-            console = _console(stream, width=fixed + widths[-1])
+        # Room for every cell whole: rich would fold them otherwise.
+        console = _console(stream, width=max(
+            width, sum(w + 2 for w in widths[:-1]) + widths[-1]))
         console.print(hosts_table(headers, rows, align, color=True,
                                   failed=failed))
     else:
         stream.write(render_table(headers, rows, align) + "\n")
     stream.flush()
+
+
+def _fit_last_column(headers: Sequence[str],
+                     rows: Sequence[Sequence[object]],
+                     width: int) -> list[list[object]]:
+    if not headers:
+        return [list(r) for r in rows]
+    widths = _natural_widths(headers[:-1], rows)
+    room = max(width - sum(w + 2 for w in widths), len(str(headers[-1])), 10)
+    return [[*r[:-1], first_line(_cell(r[-1]), limit=room)] for r in rows]
 
 
 def print_failure(host: str, error: str, *,
@@ -548,9 +699,8 @@ class HostProgress:
         if result.ok and not problem:
             mark, outcome = "✓", "done"
         else:
-            error = problem or result.error or "failed"
-            lines = [ln for ln in error.splitlines() if ln.strip()]
-            mark, outcome = "✗", (lines[0] if lines else "failed")
+            mark = "✗"
+            outcome = first_line(problem or result.error, result.host)
         progress.update(task, completed=1, mark=mark, outcome=outcome)
 
     def __exit__(self, *exc) -> None:

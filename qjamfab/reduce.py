@@ -29,10 +29,14 @@ def default_reduce(a: Any, b: Any) -> Any:
         return a + b
     except (TypeError, ValueError) as exc:
         # ValueError: numpy arrays whose shapes do not broadcast.
+        # None is what a function without a return statement gives.
+        advice = ("did mapfunc forget to return its value? (a result is None)"
+                  if a is None or b is None else
+                  "return results that add, or give run() a reduce function")
         raise ReduceMismatch(
             f"cannot combine results of type {type(a).__name__} and "
-            f"{type(b).__name__} with +: return results that add, or give run() "
-            f"a reduce function\n{type(exc).__name__}: {exc}") from exc
+            f"{type(b).__name__} with +: {advice}\n"
+            f"{type(exc).__name__}: {exc}") from exc
 
 
 def _rebuild(like: list | tuple, items: list[Any]) -> list | tuple:

@@ -19,14 +19,17 @@ do nothing.
 
 Each lifecycle task shows a line per host while it works (in a terminal),
 then prints one table, a row per host (`qjamfab.display`: coloured in a
-terminal, plain text with a rule of dashes under the header elsewhere), and
-exits with status 1 when any host failed (each failure's full text is
-printed below the table); a bad argument exits with status 2. `run` exits
-with the script's own status, and has the script's Masters log a summary
-line per run to stderr ($QJAMFAB_LOG_LEVEL).
+terminal, plain text with a rule of dashes under the header elsewhere, 80
+columns at most with a status cut to fit), and exits with status 1 when any
+host failed (each failure's full text is printed below the table); a bad
+argument exits with status 2. A QjamfabError ends a task with one line (the
+traceback with --verbose), Ctrl-C with "interrupted" and status 130. `run`
+exits with the script's own status, and has the script's Masters log a
+summary line per run to stderr ($QJAMFAB_LOG_LEVEL).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -35,17 +38,18 @@ import signal
 import site
 import subprocess
 import sys
+import traceback
 import weakref
+from types import TracebackType
 from typing import Callable, Sequence
 
-from invoke import Collection, Exit, Program, task
+from invoke import Collection, Exit, Program, Task, task
 
 from . import cluster, display
-from .display import render_table
 from .errors import QjamfabError
 from .hosts import HostSpec, parse_hosts
 
-__all__ = ["ns", "render_table"]
+__all__ = ["ns"]
 
 log = logging.getLogger("qjamfab")
 
@@ -62,40 +66,35 @@ def _help(**extra: str) -> dict:
     return {**_HELP, **extra}
 
 
-# --- tables ------------------------------------------------------------------
+def _one_line_errors(body: Callable) -> Callable:
+    """`body` as a task whose errors read as one line, not a traceback.
 
-def _bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    A QjamfabError ends it with "TASK failed: MESSAGE" (its traceback first
+    with --verbose), exit status 1; Ctrl-C with "interrupted", status 130
+    (128 + SIGINT, as a shell reports it). Any other exception is a bug and
+    keeps its traceback.
+    """
+    name = body.__name__.replace("_", "-")
+    signature = inspect.signature(body)
 
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    @functools.wraps(body)   # invoke reads the arguments through __wrapped__
+    def wrapper(*args, **kwargs):
+        try:
+            return body(*args, **kwargs)
+        except QjamfabError as exc:
+            if signature.bind(*args, **kwargs).arguments.get("verbose"):
+                traceback.print_exc()
+            raise Exit(f"{name} failed: {exc}", code=1) from None
+        except KeyboardInterrupt:
+            raise Exit("interrupted", code=130) from None
+    return wrapper
 
 
-def _first_line(text: str, host: str = "", limit: int = 100) -> str:
-    """The first line of an error, without a leading "host: " (the table
-    names the host), cut to `limit` characters."""
-    lines = [line for line in (text or "").splitlines() if line.strip()]
-    line = lines[0].strip() if lines else "failed"
-    if host and line.startswith(host + ": "):
-        line = line[len(host) + 2:]
-    return line if len(line) <= limit else line[:limit - 3] + "..."
+def _task(**options) -> Callable[[Callable], Task]:
+    """invoke's @task for qjamfab's tasks: no automatic short flags (-h would
+    be --hosts), one-line errors."""
+    return lambda body: task(auto_shortflags=False, **options)(
+        _one_line_errors(body))
 
 
 # --- the running program: Fabric's -H and the '--' remainder ------------------
@@ -197,16 +196,7 @@ def _targets(ctx, task_name: str, hosts: str | None,
 
 def _setup_logging(verbose: bool) -> None:
     """The "qjamfab" logger to stderr: DEBUG with --verbose, else INFO."""
-    logger = logging.getLogger("qjamfab")
-    for handler in list(logger.handlers):
-        if getattr(handler, "_qjamfab_cli", False):
-            logger.removeHandler(handler)
-    handler = display.StderrHandler()   # above a progress display
-    handler._qjamfab_cli = True   # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: "
-                                           "%(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    display.log_to_stderr(logging.DEBUG if verbose else logging.INFO, "cli")
 
 
 # --- one lifecycle step over many hosts ---------------------------------------
@@ -216,13 +206,16 @@ def _lifecycle(ctx, task_name: str, hosts, ssh_config, verbose: bool,
                headers: Sequence[str], align: str,
                row: Callable[[dict], list],
                problem: Callable[[dict], str] = lambda info: "",
-               footnote: Callable[[], str] = lambda: "") -> bool:
+               footnote: Callable[[], str] = lambda: "",
+               seconds: bool = True) -> bool:
     """Run `action` on every host, print a table, exit 1 if any failed.
 
     `row(info)` gives a successful host's cells between the host name and
-    the seconds/status columns; `problem(info)` says what is wrong with a
-    host that answered but did not do all it was asked ("" when nothing);
-    `footnote()` is printed under the table when not empty.
+    the seconds (when `seconds`) and status columns; `problem(info)` says
+    what is wrong with a host that answered but did not do all it was asked
+    ("" when nothing); `footnote()` is printed under the table when not
+    empty. The status column holds an error's first line (the table cuts it
+    to fit); the whole error is printed below the table.
     False when this was one of fab's per-host calls with nothing left to do.
     """
     _setup_logging(verbose)
@@ -233,29 +226,27 @@ def _lifecycle(ctx, task_name: str, hosts, ssh_config, verbose: bool,
         return False
     log.debug("%s on %s (ssh_config: %s)", task_name,
               ", ".join(s.raw for s in specs), ssh_config or "default")
-    try:
-        with display.HostProgress(task_name, [s.raw for s in specs]) as shown:
-            results = action(specs, ssh_config=ssh_config, on_result=lambda r:
-                             shown.done(r, problem(r.info) if r.ok else ""))
-    except QjamfabError as exc:
-        raise Exit(f"{task_name} failed: {exc}", code=1) from None
+    with display.HostProgress(task_name, [s.raw for s in specs]) as shown:
+        results = action(specs, ssh_config=ssh_config, on_result=lambda r:
+                         shown.done(r, problem(r.info) if r.ok else ""))
     rows, failed, failed_rows = [], [], []
-    blank = [None] * (len(headers) - 3)
+    blank = [None] * (len(headers) - 2 - seconds)
     for r in results:
         wrong = ""
         if r.ok:
             wrong = problem(r.info)
             if wrong:
                 failed.append((r.host, wrong))
-            status = _first_line(wrong, r.host) if wrong else (
+            status = display.first_line(wrong, r.host) if wrong else (
                 r.info.get("note") or "ok")
             cells = row(r.info) if "note" not in r.info else blank
         else:
             failed.append((r.host, r.error))
-            status, cells = _first_line(r.error, r.host), blank
+            status, cells = display.first_line(r.error, r.host), blank
         if not r.ok or wrong:
             failed_rows.append(len(rows))
-        rows.append([r.host, *cells, f"{r.seconds:.2f}", status])
+        took = [f"{r.seconds:.2f}"] if seconds else []
+        rows.append([r.host, *cells, *took, status])
     display.print_table(headers, rows, align, failed=failed_rows)
     if footnote():
         print(footnote())
@@ -264,12 +255,13 @@ def _lifecycle(ctx, task_name: str, hosts, ssh_config, verbose: bool,
     sys.stdout.flush()
     if failed:
         names = ", ".join(host for host, _ in failed)
-        raise Exit(f"{task_name}: {len(failed)} of {len(results)} hosts "
-                   f"failed: {names} (each host's reason is above)", code=1)
+        raise Exit(f"{task_name}: {len(failed)} of "
+                   f"{display.plural(len(results), 'host')} failed: {names} "
+                   f"(each host's reason is above)", code=1)
     return True
 
 
-@task(auto_shortflags=False, help=_help())
+@_task(help=_help())
 def bootstrap(c, hosts=None, ssh_config=None, verbose=False):
     """Preflight every host and upload the worker runtime (parallel, idempotent)."""
     def row(info):
@@ -291,7 +283,7 @@ def _count(value: str) -> int | str:
                f"not {value!r}", code=2)
 
 
-@task(auto_shortflags=False, help=_help(**{
+@_task(help=_help(**{
     "workers-per-host": "workers to keep running on each host: a number, "
                         "or auto for one per core (local:N hosts: N)"}))
 def start_workers(c, hosts=None, ssh_config=None, workers_per_host="auto",
@@ -315,7 +307,7 @@ def start_workers(c, hosts=None, ssh_config=None, workers_per_host="auto",
                              len(info.get("workers", []))], problem)
 
 
-@task(auto_shortflags=False, help=_help())
+@_task(help=_help())
 def status(c, hosts=None, ssh_config=None, verbose=False):
     """Workers, cache and runtimes on every host."""
     from . import runtime
@@ -326,29 +318,42 @@ def status(c, hosts=None, ssh_config=None, verbose=False):
     def row(info):
         workers = info.get("workers") or []
         uptime = max((w.get("uptime_s", 0) for w in workers), default=None)
-        hashes = ", ".join(h + ("*" if h == current else "")
-                           for h in info.get("runtimes") or [])
-        marked.append("*" in hashes)
-        return [len(workers), _duration(uptime), info.get("cache_entries"),
-                _bytes(info.get("cache_bytes")), hashes]
+        marked.append(current in (info.get("runtimes") or []))
+        return [len(workers), display.format_duration(uptime),
+                info.get("cache_entries"),
+                display.format_bytes(info.get("cache_bytes")),
+                _runtimes(info.get("runtimes") or [], current)]
     _lifecycle(c, "status", hosts, ssh_config, verbose, cluster.status,
-               ["host", "workers", "uptime", "cache entries", "cache bytes",
-                "runtime", "seconds", "status"], "lrrrrlrl", row,
-               footnote=lambda: "(runtime* = this qjamfab's runtime)"
-               if any(marked) else "")
+               ["host", "workers", "uptime", "entries", "cache", "runtime",
+                "status"], "lrrrrll", row,
+               footnote=lambda: "(runtime* = this qjamfab's runtime, +N = N "
+                                "others)" if any(marked) else "",
+               seconds=False)   # for 80 columns; a status query is quick
 
 
-@task(auto_shortflags=False, help=_help())
+def _runtimes(hashes: list[str], current: str) -> str | None:
+    """The runtimes on a host in a narrow cell: "d9bfff6e*" for this
+    qjamfab's (short, as git shortens hashes), else the first one, and "+N"
+    for the others."""
+    if not hashes:
+        return None
+    shown = current if current in hashes else hashes[0]
+    cell = shown[:8] + ("*" if shown == current else "")
+    return cell + (f" +{len(hashes) - 1}" if len(hashes) > 1 else "")
+
+
+@_task(help=_help())
 def clear_cache(c, hosts=None, ssh_config=None, verbose=False):
     """Empty the workers' caches (memory and disk) on every host."""
     _lifecycle(c, "clear-cache", hosts, ssh_config, verbose,
                cluster.clear_cache,
                ["host", "entries removed", "bytes removed", "seconds",
                 "status"], "lrrrl",
-               lambda info: [info.get("entries"), _bytes(info.get("bytes"))])
+               lambda info: [info.get("entries"),
+                              display.format_bytes(info.get("bytes"))])
 
 
-@task(auto_shortflags=False, help=_help())
+@_task(help=_help())
 def stop_workers(c, hosts=None, ssh_config=None, verbose=False):
     """Stop the long-lived workers on every host."""
     _lifecycle(c, "stop-workers", hosts, ssh_config, verbose,
@@ -385,16 +390,31 @@ def _pythonpath(env: dict) -> str | None:
     return os.pathsep.join(p for p in (current, root) if p)
 
 
-@task(auto_shortflags=False, help=_help(
+# The script runs as `python SCRIPT ARGS` would run it (sys.argv, sys.path[0],
+# __main__), but with an excepthook that makes a QjamfabError one line.
+_RUN_SCRIPT = """\
+import os, runpy, sys
+from qjamfab.display import script_excepthook
+sys.argv.pop(0)
+sys.path[0] = os.path.dirname(os.path.realpath(sys.argv[0]))
+sys.excepthook = script_excepthook(verbose=%r)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@_task(help=_help(
     script="the Python script to run, with its arguments after '--' "
            "(or in this one quoted string: \"script.py 200\")"))
 def run(c, script, hosts=None, ssh_config=None, verbose=False):
     """Run a Python script against the hosts: run SCRIPT [--hosts=H] [-- ARGS].
 
-    Runs `python SCRIPT ARGS` here with QJAMFAB_HOSTS set to --hosts (and
-    QJAMFAB_SSH_CONFIG to --ssh-config), so the script's Master() uses them,
-    and QJAMFAB_LOG_LEVEL=INFO (DEBUG with --verbose), so it logs a summary
-    of each run to stderr.
+    Runs SCRIPT ARGS with this Python, as `python SCRIPT ARGS` does, with
+    QJAMFAB_HOSTS set to --hosts (and QJAMFAB_SSH_CONFIG to --ssh-config), so
+    the script's Master() uses them (a Master given hosts of its own warns
+    that it ignores --hosts), and QJAMFAB_LOG_LEVEL=INFO (DEBUG with
+    --verbose), so it logs a summary of each run to stderr. A qjamfab error
+    that ends the script prints its message alone (its traceback too with
+    --verbose); Ctrl-C prints "interrupted" and exits 130.
     Its output streams through and its exit status is run's. Give ARGS after
     '--', or together with SCRIPT in one quoted string: "script.py 200".
     """
@@ -424,9 +444,14 @@ def run(c, script, hosts=None, ssh_config=None, verbose=False):
             else "does not exist"
         raise Exit(f"run: script {path} {what} (working directory "
                    f"{os.getcwd()})", code=2)
-    argv = [sys.executable, path, *words[1:], *rest]
+    command = [path, *words[1:], *rest]
     env = dict(os.environ)
     env["QJAMFAB_HOSTS"] = ",".join(s.raw for s in specs)
+    # Hosts from --hosts or fab -H: a Master given others says it ignores
+    # them (display.warn_if_cli_hosts_ignored).
+    env.pop("QJAMFAB_HOSTS_FROM_CLI", None)
+    if hosts or _is_connection(c):
+        env["QJAMFAB_HOSTS_FROM_CLI"] = "1"
     if ssh_config:
         env["QJAMFAB_SSH_CONFIG"] = os.path.abspath(ssh_config)
     pythonpath = _pythonpath(env)
@@ -439,13 +464,14 @@ def run(c, script, hosts=None, ssh_config=None, verbose=False):
         env["QJAMFAB_LOG_LEVEL"] = "DEBUG"
     else:
         env.setdefault("QJAMFAB_LOG_LEVEL", "INFO")
-    log.debug("run: %s with QJAMFAB_HOSTS=%s%s", shlex.join(argv),
-              env["QJAMFAB_HOSTS"],
+    log.debug("run: %s with QJAMFAB_HOSTS=%s%s",
+              shlex.join([sys.executable, *command]), env["QJAMFAB_HOSTS"],
               f" QJAMFAB_SSH_CONFIG={env['QJAMFAB_SSH_CONFIG']}"
               if ssh_config else "")
     sys.stdout.flush()
     sys.stderr.flush()
-    proc = subprocess.Popen(argv, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _RUN_SCRIPT % bool(verbose), *command], env=env)
     try:
         code = proc.wait()
     except KeyboardInterrupt:
@@ -455,12 +481,51 @@ def run(c, script, hosts=None, ssh_config=None, verbose=False):
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
             proc.kill()
             code = proc.wait()
+    if code == -signal.SIGINT:   # Ctrl-C: Python ends itself by SIGINT
+        raise Exit("interrupted", code=130)
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.valid_signals() \
             else f"signal {-code}"
         raise Exit(f"run: {path} was killed by {name}", code=128 - code)
     if code != 0:
         raise Exit(code=code)
+
+
+def fab_hint_excepthook(previous: display.ExceptHook) -> display.ExceptHook:
+    """A sys.excepthook for ``fab`` (installed by fabfile.py) that turns
+    Fabric's NothingToDo into a hint.
+
+    Fabric takes the words after ``--`` as a shell command for the -H hosts,
+    and with a task on the line it raises NothingToDo even when -H is given;
+    the user meant them as the script's arguments. Other exceptions go to
+    `previous`.
+    """
+    from fabric.exceptions import NothingToDo
+
+    def hook(kind: type, exc: BaseException,
+             tb: TracebackType | None) -> None:
+        if not (issubclass(kind, NothingToDo) and "--" in sys.argv):
+            return previous(kind, exc, tb)
+        sys.stderr.write(
+            "fab cannot pass the words after '--' to a task (Fabric runs them "
+            f"as a shell command): give them with the script in one quoted "
+            f"string: {_quoted_form(sys.argv[1:])}\n")
+    return hook
+
+
+def _quoted_form(argv: list[str]) -> str:
+    """fab's command line with the words after '--' moved into run's quoted
+    SCRIPT: ``-H a run s.py -- 2000`` -> ``fab -H a run 's.py 2000'``."""
+    cut = argv.index("--")
+    words, rest = argv[:cut], argv[cut + 1:]
+    k = words.index("run") + 1 if "run" in words else len(words)
+    # the script: run's first word that is neither an option nor its value
+    while k < len(words) and words[k].startswith("-"):
+        k += 2 if words[k] in ("--hosts", "--ssh-config") else 1
+    if k >= len(words):
+        return 'fab -H HOSTS run "SCRIPT ARGS..."'
+    words[k] = shlex.join([words[k], *rest])
+    return shlex.join(["fab", *words])
 
 
 # --- bench ---------------------------------------------------------------------
@@ -474,7 +539,7 @@ def _bench_root() -> str | None:
     return None
 
 
-@task(auto_shortflags=False, help={
+@_task(help={
     "quick": "small sizes, about a minute (results in "
              "benchmarks/results/quick/)",
     "only": "comma-separated subset: sae, overhead, transfer, memory, "

@@ -3,6 +3,7 @@ the per-host progress, rendered to consoles the tests capture."""
 from __future__ import annotations
 
 import io
+import logging
 import re
 import subprocess
 import sys
@@ -152,7 +153,7 @@ def stats(**kw) -> RunStats:
 def test_runstats_html_values():
     text = runstats_html(stats())
     assert text.startswith("<div") and text.endswith("</div>")
-    for part in ("RunStats", "12.3 ms", ">2<",
+    for part in ("RunStats", "12.3ms", ">2<",
                  "8 (5 cached on the workers, 3 sent)", "3.0 MiB",
                  "2.0 KiB", "1.5 KiB", "local-0: 0.250 s",
                  "local-1: 0.500 s"):
@@ -198,7 +199,7 @@ def test_master_html_shows_hosts_workers_and_last_run():
         assert part in text, (part, text)
     text = master_html(FakeMaster(stats()))
     assert "none yet" not in text
-    assert "12.3 ms" in text and "8 (5 cached on the workers" in text
+    assert "12.3ms" in text and "8 (5 cached on the workers" in text
     closed = FakeMaster()
     closed.closed = True
     assert "(closed)" in master_html(closed)
@@ -228,6 +229,51 @@ def test_print_table_plain_when_not_a_terminal():
     assert out.getvalue() == "\nb failed:\n    b: down: start it\n    detail\n"
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+ERROR = ("connection refused by 127.0.0.9:22: is sshd running there, and "
+         "is the port right?")
+STATUS_ROWS = [["local", 2, "2h03m", 94, "164.0 MiB", "d9bfff6e* +1", "ok"],
+               ["host2", None, None, None, None, None, ERROR]]
+STATUS_HEADERS = ["host", "workers", "uptime", "entries", "cache", "runtime",
+                  "status"]
+
+
+def test_print_table_fits_80_columns_cutting_the_status(monkeypatch):
+    out = io.StringIO()
+    print_table(STATUS_HEADERS, STATUS_ROWS, "lrrrrll", failed=[1],
+                stream=out)
+    lines = out.getvalue().splitlines()
+    assert max(map(len, lines)) == 80, lines
+    assert lines[3].endswith("  -             connection refused ...")
+    # in a terminal of 80 columns: the same cut, in colour
+    monkeypatch.setenv("COLUMNS", "80")
+    out = Terminal()
+    print_table(STATUS_HEADERS, STATUS_ROWS, "lrrrrll", failed=[1],
+                stream=out)
+    assert "\x1b[31mconnection refused" in out.getvalue()
+    lines = plain(out.getvalue()).splitlines()
+    assert len(lines) == 4 and max(map(len, lines)) == 80, lines
+    assert lines[3].endswith("  -             connection refused ...")
+    # a wider terminal shows more of it
+    monkeypatch.setenv("COLUMNS", "160")
+    out = Terminal()
+    print_table(STATUS_HEADERS, STATUS_ROWS, "lrrrrll", stream=out)
+    assert plain(out.getvalue()).splitlines()[3].endswith(ERROR)
+
+
+def test_print_table_never_cuts_the_other_columns():
+    host = "user@a-very-long-host-name.example.org:2222"
+    out = io.StringIO()
+    print_table(["host", "python", "status"], [[host, "3.11.7", ERROR]],
+                stream=out, width=60)
+    row = out.getvalue().splitlines()[2]
+    assert row == f"{host}  3.11.7  connect...", row   # 10 at least
+
+
 def test_colour_table_in_a_terminal():
     console, out = terminal()
     console.print(display.hosts_table(["host", "status"],
@@ -251,7 +297,9 @@ def test_host_progress_shows_each_host_then_goes():
         time.sleep(0.3)     # a refresh or two
     text = plain(out.getvalue())
     assert "h1" in text and "done" in text
-    assert "h2: connection refused: start sshd" in text
+    # the first line of the error, without the host the line names already
+    assert "h2: connection refused" not in text
+    assert "connection refused: start sshd" in text
     assert "more detail" not in text
     assert out.getvalue().rstrip("\n").endswith("\x1b[2K")   # transient
 
@@ -263,3 +311,98 @@ def test_host_progress_is_a_no_op_off_a_terminal():
         assert not shown.enabled
         shown.done(HostResult("h1", True, 0.1, {}))
     assert out.getvalue() == ""
+
+
+# --- the text helpers -------------------------------------------------------------
+
+def test_format_bytes():
+    assert [display.format_bytes(n) for n in
+            (None, 0, 100, 1023, 1536, 3 * 1024 ** 2, 1024 ** 5 * 2)] == [
+        "-", "0 B", "100 B", "1023 B", "1.5 KiB", "3.0 MiB", "2048.0 TiB"]
+
+
+def test_format_duration():
+    assert [display.format_duration(s) for s in
+            (None, 0.0123, 0.9994, 1.234, 42.04, 125, 3 * 3600 + 150,
+             2 * 86400 + 3 * 3600 + 59)] == [
+        "-", "12.3ms", "999.4ms", "1.23s", "42.0s", "2m05s", "3h02m", "2d03h"]
+
+
+def test_plural():
+    assert display.plural(1, "worker") == "1 worker"
+    assert display.plural(0, "host") == "0 hosts"
+    assert display.plural(2, "slice") == "2 slices"
+    assert display.plural(1, "entry", "entries") == "1 entry"
+    assert display.plural(3, "entry", "entries") == "3 entries"
+
+
+def test_first_line():
+    error = "\n  h2: connection refused by 127.0.0.9:22: start sshd  \ndetail"
+    assert display.first_line(error) == \
+        "h2: connection refused by 127.0.0.9:22: start sshd"
+    assert display.first_line(error, "h2") == \
+        "connection refused by 127.0.0.9:22: start sshd"
+    assert display.first_line(error, "h2", 20) == "connection refuse..."
+    assert len(display.first_line(error, "h2", 20)) == 20
+    assert display.first_line(ValueError("bad\nworse")) == "bad"
+    assert display.first_line("") == display.first_line("\n \n") == "failed"
+
+
+def test_stderr_tail_section_only_when_there_is_one():
+    assert display.stderr_tail("a-0", "") == ""
+    assert display.stderr_tail("a-0", " \n\n") == ""
+    assert display.stderr_tail("a-0", "boom\nKilled\n") == \
+        "\n--- stderr tail of a-0 ---\nboom\nKilled"
+
+
+@pytest.fixture
+def qjamfab_logger():
+    logger = logging.getLogger("qjamfab")
+    handlers, level = list(logger.handlers), logger.level
+    yield logger
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+
+
+def test_log_to_stderr_once_per_marker(qjamfab_logger, capsys):
+    display.log_to_stderr("info", "env")
+    display.log_to_stderr(logging.DEBUG, "env")     # replaces, not adds
+    qjamfab_logger.debug("one line")
+    assert capsys.readouterr().err == "qjamfab: DEBUG: one line\n"
+    display.log_to_stderr("INFO", "cli")            # another marker: added
+    qjamfab_logger.info("twice")
+    assert capsys.readouterr().err == "qjamfab: INFO: twice\n" * 2
+    qjamfab_logger.debug("not at INFO")
+    assert capsys.readouterr().err == ""
+
+
+def test_log_to_stderr_unknown_level_says_so(qjamfab_logger, capsys):
+    display.log_to_stderr("LOUD", "env")
+    assert qjamfab_logger.level == logging.INFO
+    assert capsys.readouterr().err.splitlines() == [
+        "qjamfab: WARNING: log level 'LOUD' is not a level name: using INFO "
+        "(give DEBUG, INFO, WARNING or ERROR)"]
+
+
+# --- hosts from the command line that a script overrides ----------------------------
+
+@pytest.mark.parametrize("from_cli, given, hosts, warned", [
+    ("1", "a,b", "local:2", "a,b"),
+    ("1", "a, b", ["local:2", "c"], "a,b"),
+    ("1", "a,b", None, None),          # Master(): it uses them
+    ("1", "a,b", " a,b", None),        # the same hosts
+    ("1", "a,b", ["a", "b"], None),
+    ("", "a,b", "local:2", None),      # not from inv run --hosts
+])
+def test_warn_if_cli_hosts_ignored(monkeypatch, caplog, from_cli, given,
+                                   hosts, warned):
+    monkeypatch.setenv("QJAMFAB_HOSTS_FROM_CLI", from_cli)
+    monkeypatch.setenv("QJAMFAB_HOSTS", given)
+    with caplog.at_level(logging.WARNING, logger="qjamfab"):
+        display.warn_if_cli_hosts_ignored(hosts)
+    named = hosts if isinstance(hosts, str) else ",".join(hosts or [])
+    expected = [] if warned is None else [
+        f"run --hosts={warned} is ignored: the script names its own hosts "
+        f"({named}); remove them from the script (Master() then uses "
+        f"--hosts)"]
+    assert [r.getMessage() for r in caplog.records] == expected

@@ -94,3 +94,57 @@ def test_char_count_known_file(tmp_path):
     assert counts == {"a": 3, "b": 2, "c": 2, "z": 3, "é": 2}, describe(proc)
     assert total == 12
     assert lines == 5
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_every_example_has_help(name):
+    proc = run_example(name, "--help")
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stdout.startswith(f"usage: {name} [-h]"), describe(proc)
+    assert proc.stderr == "", describe(proc)
+
+
+@pytest.mark.parametrize("name, arg, error", [
+    ("sum_matrix.py", "abc", "argument n: 'abc' is not a positive integer: "
+                             "give the matrix's size, e.g. 1000"),
+    ("sum_matrix.py", "0", "argument n: '0' is not a positive integer: give "
+                           "the matrix's size, e.g. 1000"),
+    ("newton_sqrt.py", "-4", "argument a: '-4' is not a positive number: "
+                             "give the number whose square root to find, "
+                             "e.g. 2"),
+    ("newton_sqrt.py", "two", "argument a: 'two' is not a positive number: "
+                              "give the number whose square root to find, "
+                              "e.g. 2"),
+    ("char_count.py", "no-such-file.txt",
+     "argument path: cannot read no-such-file.txt: No such file or "
+     "directory: give a UTF-8 text file"),
+])
+def test_examples_say_what_is_wrong_with_an_argument(name, arg, error):
+    proc = run_example(name, "--", arg)
+    assert proc.returncode == 2, describe(proc)
+    assert proc.stderr.splitlines()[1:] == [f"{name}: error: {error}"], \
+        describe(proc)
+    assert proc.stdout == "", describe(proc)
+
+
+def test_char_count_empty_file(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("")
+    proc = run_example("char_count.py", path)
+    assert proc.returncode == 2, describe(proc)
+    assert proc.stderr.splitlines()[-1] == (
+        f"char_count.py: error: argument path: {path} is empty: give a file "
+        f"with some text"), describe(proc)
+
+
+def test_docstrings_give_inv_run_arguments_after_double_dash():
+    """`inv run SCRIPT --hosts=a,b 2000` fails (Invoke takes 2000 for a
+    task name): the usage lines the examples show must work as typed."""
+    for path in EXAMPLES.glob("*.py"):
+        for line in path.read_text().splitlines():
+            words = line.split()
+            if words[:2] != ["inv", "run"]:
+                continue
+            options = words[3:words.index("--")] if "--" in words \
+                else words[3:]
+            assert all(w.startswith("-") for w in options), (path.name, line)

@@ -66,8 +66,18 @@ def test_incompatible_types():
     assert "TypeError" in str(exc.value).splitlines()[1]
     with pytest.raises(ReduceMismatch, match="type list and int"):
         default_reduce([1], 1)
-    with pytest.raises(ReduceMismatch, match="type NoneType and NoneType"):
-        default_reduce(None, None)
+
+
+@pytest.mark.parametrize("a, b", [(None, None), (None, 1), (np.ones(2), None),
+                                  ([1, None], [2, 3])])
+def test_a_none_result_asks_for_the_missing_return(a, b):
+    with pytest.raises(ReduceMismatch) as exc:
+        default_reduce(a, b)
+    first = str(exc.value).splitlines()[0]
+    assert first.startswith("cannot combine results of type ")
+    assert first.endswith(" with +: did mapfunc forget to return its value? "
+                          "(a result is None)"), first
+    assert "NoneType" in first
 
 
 def test_numpy_shape_mismatch():

@@ -5,8 +5,10 @@ sshd servers (tests/sshd_hosts.py) on 127.0.0.2-4."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -15,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from qjamfab import cluster
+from qjamfab import HostKeyError, cluster, runtime
+from qjamfab import cli as qjamfab_cli
 from qjamfab.hosts import parse_hosts
-from qjamfab.tasks import render_table
 
 try:
     from sshd_hosts import SshdHosts, sshd_available
@@ -87,22 +89,6 @@ def one_table(proc) -> dict[str, dict[str, str]]:
     return found[0]
 
 
-# --- the table helper ----------------------------------------------------------
-
-def test_render_table():
-    text = render_table(["host", "n", "status"],
-                        [["a", 1, "ok"], ["longer", 22, None]], "lrl")
-    assert text.splitlines() == [
-        "host     n  status",
-        "------  --  ------",
-        "a        1  ok",
-        "longer  22  -",
-    ]
-    assert tables(text) == [{
-        "a": {"host": "a", "n": "1", "status": "ok"},
-        "longer": {"host": "longer", "n": "22", "status": "-"}}]
-
-
 # --- local hosts ---------------------------------------------------------------
 
 def test_local_bootstrap_and_status():
@@ -119,7 +105,7 @@ def test_local_bootstrap_and_status():
     proc = cli("inv", "status", "--hosts=local")
     assert proc.returncode == 0, describe(proc)
     row = one_table(proc)["local"]
-    assert (row["workers"], row["cache entries"], row["cache bytes"],
+    assert (row["workers"], row["entries"], row["cache"],
             row["status"]) == ("0", "0", "0 B", "ok"), describe(proc)
     assert row["runtime"].endswith("*"), describe(proc)
 
@@ -165,6 +151,7 @@ def test_run_passes_args_env_and_exit_status(tmp_path):
         import json, os, sys
         print(json.dumps({"argv": sys.argv[1:],
                           "hosts": os.environ.get("QJAMFAB_HOSTS"),
+                          "from_cli": os.environ.get("QJAMFAB_HOSTS_FROM_CLI"),
                           "ssh_config": os.environ.get("QJAMFAB_SSH_CONFIG")}))
         sys.exit(3)
     """))
@@ -177,13 +164,16 @@ def test_run_passes_args_env_and_exit_status(tmp_path):
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen == {"argv": ["one two", "three four", "--five", "",
                              "-- six"],
-                    "hosts": "local:1,local",
+                    "hosts": "local:1,local", "from_cli": "1",
                     "ssh_config": str(config)}, describe(proc)
     # the same through the installed program, hosts from the environment
+    # (an outer inv run's mark does not pass on)
     proc = cli("qjamfab", "run", str(script),
-               env={"QJAMFAB_HOSTS": "local:3"})
+               env={"QJAMFAB_HOSTS": "local:3", "QJAMFAB_HOSTS_FROM_CLI": "1"})
     assert proc.returncode == 3, describe(proc)
-    assert json.loads(proc.stdout.strip())["hosts"] == "local:3"
+    seen = json.loads(proc.stdout.strip())
+    assert (seen["hosts"], seen["from_cli"]) == ("local:3", None), \
+        describe(proc)
 
 
 def test_run_missing_script():
@@ -236,6 +226,206 @@ def test_fab_without_hosts_flag():
     row = one_table(proc)["local"]
     assert (row["runtime"], row["status"]) == ("uploaded", "ok"), \
         describe(proc)
+
+
+def table_lines(text: str) -> list[str]:
+    """The lines of the table in text: its header to its last row."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("host "))
+    end = next((i for i in range(start, len(lines))
+                if not lines[i].strip() or lines[i].startswith("(")),
+               len(lines))
+    return lines[start:end]
+
+
+def test_every_task_table_fits_80_columns(tmp_path, qjamfab_home):
+    """Each lifecycle table, with a host whose long error fills the status
+    column, fits 80 columns when piped; the full error follows the table."""
+    with socket.socket() as s:   # a port where nothing listens
+        s.bind(("127.0.0.9", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host downhost\n    HostName 127.0.0.9\n"
+                      f"    Port {port}\n")
+    args = ("--hosts=local,downhost", f"--ssh-config={config}")
+    try:
+        for task in (["bootstrap"], ["start-workers", "--workers-per-host=1"],
+                     ["status"], ["clear-cache"], ["stop-workers"]):
+            if task == ["status"]:   # an old runtime beside this one
+                (qjamfab_home / "runtime" / "0123456789abcdef").mkdir()
+            proc = cli("inv", *task, *args)
+            assert proc.returncode == 1, describe(proc)
+            lines = table_lines(proc.stdout)
+            assert len(lines) == 4 and max(map(len, lines)) <= 80, \
+                describe(proc)
+            status = one_table(proc)["downhost"]["status"]
+            assert status.startswith("conn") and status.endswith("..."), \
+                describe(proc)
+            assert f"    downhost: connection refused by 127.0.0.9:{port}" \
+                in proc.stdout, describe(proc)
+            if task == ["status"]:
+                assert one_table(proc)["local"]["runtime"] == \
+                    runtime.bundle_hash()[:8] + "* +1", describe(proc)
+    finally:
+        cli("inv", "stop-workers", "--hosts=local")
+
+
+# --- errors read as one line ---------------------------------------------------
+
+QJAMFAB_ERROR_SCRIPT = """
+from qjamfab import HostUnreachable
+
+def connect():
+    try:
+        raise ConnectionRefusedError(111, "Connection refused")
+    except OSError:
+        raise HostUnreachable("a: connection refused by 10.0.0.1:22: start "
+                              "sshd on a, or check its address", "a")
+
+connect()
+"""
+
+FIRST = ("HostUnreachable: a: connection refused by 10.0.0.1:22: start sshd "
+         "on a, or check its address")
+
+
+def test_run_script_qjamfab_error_is_its_message_alone(tmp_path):
+    script = tmp_path / "fails.py"
+    script.write_text(QJAMFAB_ERROR_SCRIPT)
+    proc = cli("inv", "run", str(script))
+    assert proc.returncode == 1, describe(proc)
+    assert proc.stderr.splitlines() == [FIRST], describe(proc)
+    # --verbose: Python's traceback, as `python fails.py` prints it
+    proc = cli("inv", "run", str(script), "--verbose")
+    assert proc.returncode == 1, describe(proc)
+    lines = proc.stderr.splitlines()
+    assert "Traceback (most recent call last):" in lines, describe(proc)
+    assert "ConnectionRefusedError: [Errno 111] Connection refused" in lines
+    assert lines[-1] == "qjamfab.errors." + FIRST, describe(proc)
+    assert f'  File "{script}", line 11, in <module>' in lines, describe(proc)
+    assert '"<string>"' not in proc.stderr and "runpy" not in proc.stderr, \
+        describe(proc)
+
+
+def test_run_script_other_errors_keep_their_traceback(tmp_path):
+    script = tmp_path / "bug.py"
+    script.write_text("import sys\nprint(sys.argv[1:])\n"
+                      "raise ValueError('a bug')\n")
+    proc = cli("inv", "run", str(script), "--", "x")
+    assert proc.returncode == 1, describe(proc)
+    assert proc.stdout == "['x']\n", describe(proc)
+    assert proc.stderr.splitlines() == [
+        "Traceback (most recent call last):",
+        f'  File "{script}", line 3, in <module>',
+        "    raise ValueError('a bug')",
+        "ValueError: a bug"], describe(proc)
+
+
+def test_run_script_sees_what_python_script_sees(tmp_path):
+    (tmp_path / "helper.py").write_text("VALUE = 42\n")
+    script = tmp_path / "main.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        import helper                     # beside the script: sys.path[0]
+        class Point:
+            pass
+        import pickle
+        assert pickle.loads(pickle.dumps(Point())).__class__ is Point
+        print(__name__, os.path.realpath(__file__) ==
+              os.path.realpath(sys.argv[0]), helper.VALUE,
+              sys.path[0] == os.path.dirname(os.path.realpath(__file__)))
+    """))
+    proc = cli("inv", "run", str(script), cwd=ROOT)
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stdout == "__main__ True 42 True\n", describe(proc)
+
+
+@pytest.mark.timeout(60)
+def test_run_ctrl_c_prints_one_line_and_exits_130(tmp_path):
+    script = tmp_path / "waits.py"
+    script.write_text("import time\nprint('ready', flush=True)\n"
+                      "time.sleep(30)\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    # its own session: Ctrl-C reaches inv and the script, as in a terminal
+    proc = subprocess.Popen([sys.executable, "-m", "invoke", "run",
+                             str(script)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert (proc.returncode, out, err) == (130, "", "interrupted\n")
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """qjamfab.cli.main in this process: (exit status, stderr lines) of a
+    command line; the tasks' log handler is removed afterwards."""
+    logger = logging.getLogger("qjamfab")
+    handlers, level = list(logger.handlers), logger.level
+
+    def call(capsys, *argv: str) -> tuple[int, list[str]]:
+        with pytest.raises(SystemExit) as exit_:
+            qjamfab_cli.main(["qjamfab", *argv])
+        return exit_.value.code, capsys.readouterr().err.splitlines()
+    yield call
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+
+
+def test_task_qjamfab_error_is_its_message_alone(in_process, monkeypatch,
+                                                 capsys):
+    def status(*args, **kwargs):
+        try:
+            raise OSError("known_hosts is not readable")
+        except OSError:
+            raise HostKeyError("host1: its key is not in known_hosts: run "
+                               "ssh host1 once to check and add it", "host1")
+    monkeypatch.setattr(cluster, "status", status)
+    code, err = in_process(capsys, "status", "--hosts=local")
+    assert code == 1
+    assert err == ["status failed: host1: its key is not in known_hosts: "
+                   "run ssh host1 once to check and add it"]
+    code, err = in_process(capsys, "status", "--hosts=local", "--verbose")
+    assert code == 1
+    assert "Traceback (most recent call last):" in err
+    assert "OSError: known_hosts is not readable" in err
+    assert err[-1].startswith("status failed: host1: its key is not in")
+
+
+def test_task_ctrl_c_prints_one_line_and_exits_130(in_process, monkeypatch,
+                                                   capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cluster, "stop_workers", interrupted)
+    assert in_process(capsys, "stop-workers", "--hosts=local") == \
+        (130, ["interrupted"])
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["run", "examples/sum_matrix.py", "--", "20"],
+     "fab run 'examples/sum_matrix.py 20'"),
+    (["-H", "h1,h2", "run", "--hosts", "local", "examples/sum_matrix.py",
+      "--verbose", "--", "20", "a b"],
+     "fab -H h1,h2 run --hosts local 'examples/sum_matrix.py 20 '\"'\"'a "
+     "b'\"'\"'' --verbose"),
+])
+def test_fab_double_dash_gives_the_quoted_form(args, hint):
+    proc = cli("fab", *args)
+    assert proc.returncode == 1, describe(proc)
+    assert proc.stderr.splitlines() == [
+        "fab cannot pass the words after '--' to a task (Fabric runs them as "
+        "a shell command): give them with the script in one quoted string: "
+        + hint], describe(proc)
+    assert proc.stdout == "", describe(proc)
 
 
 # --- three SSH hosts -----------------------------------------------------------
@@ -348,7 +538,7 @@ def test_ssh_run_sends_the_dataset_once(sshd, tmp_path):
     proc = cli("inv", "status", f"--hosts={HOSTS}", env=ssh_env(sshd))
     assert proc.returncode == 0, describe(proc)
     table = one_table(proc)
-    assert all(int(row["cache entries"]) > 0 for row in table.values()), \
+    assert all(int(row["entries"]) > 0 for row in table.values()), \
         describe(proc)
     proc = cli("inv", "run", "examples/sum_matrix.py", f"--hosts={HOSTS}",
                "--", "50", env=ssh_env(sshd))
@@ -370,7 +560,7 @@ def test_ssh_clear_cache_and_stop_workers(sshd):
     assert all(int(row["entries removed"]) > 0 and row["status"] == "ok"
                for row in table.values()), describe(proc)
     proc = cli("inv", "status", f"--hosts={HOSTS}", env=env)
-    assert all_ok(one_table(proc), "cache entries", "0"), describe(proc)
+    assert all_ok(one_table(proc), "entries", "0"), describe(proc)
 
     running = {host: row["workers"] for host, row in one_table(proc).items()}
     assert all(int(n) >= 2 for n in running.values()), describe(proc)
@@ -423,9 +613,11 @@ def test_down_host_fails_bootstrap_alone(sshd, tmp_path):
     table = one_table(proc)
     assert table["host1"]["status"] == table["host3"]["status"] == "ok", \
         describe(proc)
-    assert table["downhost"]["status"].startswith("connection refused by "
-                                                  f"127.0.0.9:{port}"), \
-        describe(proc)
+    # the first line, cut to fit 80 columns
+    status = table["downhost"]["status"]
+    assert status.endswith("...") and len(status) > 10, describe(proc)
+    assert f"connection refused by 127.0.0.9:{port}: is sshd running".startswith(
+        status[:-3]), describe(proc)
     # the full reason below the table; the summary on stderr
     assert "\ndownhost failed:\n    downhost: connection refused" in \
         proc.stdout, describe(proc)
@@ -456,6 +648,6 @@ def test_every_lifecycle_task_through_fab_and_qjamfab(sshd, front):
     assert all_ok(task("start-workers", "--workers-per-host=1"), "running", "1")
     assert all_ok(task("status"), "workers", "1")
     task("clear-cache")
-    assert all_ok(task("status"), "cache entries", "0")
+    assert all_ok(task("status"), "entries", "0")
     assert all_ok(task("stop-workers"), "stopped", "1")
     assert all_ok(task("status"), "workers", "0")
