@@ -1,11 +1,12 @@
 """qjamfab's benchmark suite: `python -m benchmarks [--quick] [--only NAME]`
 or `inv bench`.
 
-Five benchmarks (see each module's docstring): `sae` (the qjam paper's
+Six benchmarks (see each module's docstring): `sae` (the qjam paper's
 sparse-autoencoder table), `overhead` (a trivial run with cached data, vs
 multiprocessing.Pool and a raw paramiko echo), `transfer` (a first run of a
 large dataset over SSH vs OpenSSH `cat`), `memory` (peak RSS of master and
-workers vs dataset size) and `bootstrap` (3 hosts, cold and warm).
+workers vs dataset size), `bootstrap` (3 hosts, cold and warm) and
+`scale` (8 hosts x 8 workers against 1 x 1: ready, master CPU per run).
 Each starts and stops its own private OpenSSH servers on 127.0.0.x
 (tests/sshd_hosts.py) and its own workers. Results: a printed table per
 benchmark and the targets met or not, `results.json` and PNG plots in the
@@ -18,7 +19,7 @@ import os
 import time
 import traceback
 
-NAMES = ("sae", "overhead", "transfer", "memory", "bootstrap")
+NAMES = ("sae", "overhead", "transfer", "memory", "bootstrap", "scale")
 TITLES = {
     "sae": "1. Sparse autoencoder (mean seconds per iteration, speed-up vs "
            "serial)",
@@ -26,6 +27,7 @@ TITLES = {
     "transfer": "3. Transfer of a float64 dataset over SSH",
     "memory": "4. Peak memory vs dataset size",
     "bootstrap": "5. Bootstrap of 3 SSH hosts",
+    "scale": "6. Many hosts and workers per host on stock sshds",
 }
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                            "results")

@@ -135,9 +135,12 @@ class HostSession:
         if status != 0 and runtime.NO_RUNTIME in err:
             raise _NoRuntime(f"{self.name} has no runtime {runtime.bundle_hash()}")
         if status != 0:
+            said = tail(err)
             raise HostError(f"{self.name}: {command} failed with exit status "
-                            f"{status}: see the output below\n{tail(err)}",
-                            host=self.name)
+                            f"{status}: "
+                            + (f"see the output below\n{said}" if said.strip()
+                               else "it wrote nothing; run inv status "
+                                    "--verbose there"), host=self.name)
         return self._answer(out, command)
 
     def _answer(self, out: str, what: str) -> dict:

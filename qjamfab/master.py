@@ -42,16 +42,9 @@ IDLE_TIMEOUT_S = 3600.0   # a daemon without a session for this long ends
 
 def _log_from_env() -> None:
     """$QJAMFAB_LOG_LEVEL (INFO, DEBUG, ...): the "qjamfab" logger to stderr."""
-    level = os.environ.get("QJAMFAB_LOG_LEVEL", "").strip().upper()
-    if not level or any(getattr(h, "_qjamfab_env", False)
-                        for h in log.handlers):
-        return
-    handler = display.StderrHandler()
-    handler._qjamfab_env = True   # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter(
-        "%(name)s: %(levelname)s: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(getattr(logging, level, logging.INFO))
+    level = os.environ.get("QJAMFAB_LOG_LEVEL", "").strip()
+    if level:
+        display.log_to_stderr(level, "env")
 
 
 class Master:
@@ -78,6 +71,7 @@ class Master:
         if replicas not in (1, 2):
             raise ValueError(f"replicas must be 1 or 2, not {replicas!r}")
         _log_from_env()
+        display.warn_if_cli_hosts_ignored(hosts)
         self.ssh_client = ssh_client
         self.hosts: list[HostSpec] = parse_hosts(hosts)
         if not all(h.is_local for h in self.hosts):
@@ -222,7 +216,7 @@ class Master:
                 self.close()
                 raise exc
             log.warning("host %s is unavailable, retrying later: %s",
-                        host.spec.raw, str(exc).splitlines()[0])
+                        host.spec.raw, display.first_line(exc))
 
     @property
     def workers(self) -> list[str]:
@@ -248,9 +242,10 @@ class Master:
 
     def __repr__(self) -> str:
         state = "closed" if not self._finalizer.alive else \
-            f"{sum(h.alive for h in self._handles())} workers up"
+            display.plural(sum(h.alive for h in self._handles()),
+                           "worker") + " up"
         return (f"Master({', '.join(s.raw for s in self.hosts)}: "
-                f"{len(self.workers)} workers, {state})")
+                f"{display.plural(len(self.workers), 'worker')}, {state})")
 
     def _check_open(self) -> None:
         if not self._finalizer.alive:

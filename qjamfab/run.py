@@ -47,27 +47,23 @@ class RunStats:
     def __repr__(self) -> str:
         compute = ", ".join(f"{name} {secs:.3f}s"
                             for name, secs in self.worker_compute_s.items())
-        lost = (f"; lost {', '.join(self.lost_workers)}, "
-                f"re-ran {self.rerun_slices} slices" if self.lost_workers else "")
+        plural = display.plural
+        lost = (f"; lost {', '.join(self.lost_workers)}, re-ran "
+                f"{plural(self.rerun_slices, 'slice')}"
+                if self.lost_workers else "")
         if self.backup_tasks:
-            lost += f"; {self.backup_tasks} backup tasks"
-        return (f"RunStats({self.elapsed_s * 1e3:.1f} ms on {self.workers} "
-                f"workers: {self.slices} slices, {self.slices_cached} cached, "
-                f"{self.slices_sent} sent ({_size(self.dataset_bytes_sent)}); "
-                f"{_size(self.bytes_sent)} sent, "
-                f"{_size(self.bytes_received)} received; compute: "
+            lost += f"; {plural(self.backup_tasks, 'backup task')}"
+        size = display.format_bytes
+        return (f"RunStats({display.format_duration(self.elapsed_s)} on "
+                f"{plural(self.workers, 'worker')}: "
+                f"{plural(self.slices, 'slice')}, {self.slices_cached} cached, "
+                f"{self.slices_sent} sent ({size(self.dataset_bytes_sent)}); "
+                f"{size(self.bytes_sent)} sent, "
+                f"{size(self.bytes_received)} received; compute: "
                 f"{compute or '-'}{lost})")
 
     def _repr_html_(self) -> str:
         return display.runstats_html(self)
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 class _Task:
@@ -611,7 +607,7 @@ class Run:
                     f"{self._slice_names([i])} killed workers "
                     f"{' and '.join(self.kills[i])} (last: {detail}): fix "
                     f"mapfunc for this input; the workers are restarted for "
-                    f"the next run\n--- stderr tail of {handle.name} ---\n{tail}",
+                    f"the next run{display.stderr_tail(handle.name, tail)}",
                     worker=handle.name, exit_status=status, stderr_tail=tail)
         covered = {t.group for t in self.open.values()} | set(self.won)
         slices = [i for t in lost_tasks if t.group not in covered
@@ -625,8 +621,8 @@ class Run:
             raise WorkerLost(
                 f"worker {name} was lost ({detail}) running "
                 f"{self._slice_names(slices)}, and no worker is left: they are "
-                f"restarted for the next run; check the job and the hosts\n"
-                f"--- stderr tail of {name} ---\n{tail}",
+                f"restarted for the next run; check the job and the hosts"
+                f"{display.stderr_tail(name, tail)}",
                 worker=name, exit_status=status, stderr_tail=tail)
         if not slices:
             return

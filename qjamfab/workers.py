@@ -21,7 +21,7 @@ import sys
 import time
 from typing import NamedTuple, Sequence
 
-from . import protocol, runtime
+from . import display, protocol, runtime
 from .errors import PreflightFailed, ProtocolError, QjamfabError, WorkerLost
 from .transport import Transport
 
@@ -208,10 +208,12 @@ class Link:
                 f"{self.label}: python {self.python!r} was not found: install "
                 f"python3 there, or set QJAMFAB_REMOTE_PYTHON to its path\n"
                 f"{tail}", host=self.label)
-        said = tail.splitlines()[-1] if tail else "see the output below"
+        said = tail.splitlines()[-1] if tail.strip() else \
+            f"it wrote nothing ({type(exc).__name__}: {exc})"
         return WorkerLost(
             f"{'worker ' if name != self.label else ''}{name} did not start "
-            f"(exit status {status}): {said}\n{tail}", worker=name,
+            f"(exit status {status}): {said}"
+            f"{display.stderr_tail(name, tail)}", worker=name,
             exit_status=status, stderr_tail=tail)
 
     def _check_version(self, name: str, head: dict) -> None:

@@ -1,0 +1,157 @@
+"""6. Scale: many hosts and many workers per host on stock sshds.
+
+All hosts are private sshds on this machine's 2 cores (MaxStartups and
+MaxSessions at their defaults). Measured in one run, so the ratios compare
+configurations under the same conditions:
+
+- Master ready (constructor returns, every worker attached) at H x W
+  against 1 x 1, cold (no daemons, no runtime: the agent installs it and
+  starts the daemons) and warm (daemons up), median of the rounds;
+- the master's own CPU per trivial run (`process_time` of this process
+  over many `Master.run(lambda p, x: 1)`), at H x W against 1 x 1;
+- OpenSSH client processes under the master, and agents per host;
+- the CPU the hosts' processes (sshd, agent, daemons) used for a cold
+  start: on real hosts each host spends its share on its own cores, at
+  the same time as the others; here all of it shares 2 cores.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import time
+
+from .common import Scale, ssh_hosts, sshd_missing, target
+
+
+def _children_named(word: bytes) -> int:
+    """Processes whose parent is this one and whose command is `word`."""
+    count = 0
+    me = os.getpid()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+            ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv0 = f.read().split(b"\0")[0]
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == me and os.path.basename(argv0) == word:
+            count += 1
+    return count
+
+
+def _host_cpu(servers) -> float:
+    """CPU seconds used so far by every process of every host."""
+    hz = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for host in servers:
+        for pid in host.processes():
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / hz
+            except (OSError, ValueError, IndexError):
+                pass
+    return total
+
+
+def _ready(servers, aliases, per_host: int, cold: bool) -> dict:
+    from qjamfab import Master, cluster, hosts as hostlib
+    specs = hostlib.parse_hosts(aliases)
+    if cold:
+        cluster.stop_workers(specs, ssh_config=servers.ssh_config)
+        for alias in aliases:
+            shutil.rmtree(servers.homes[alias], ignore_errors=True)
+    cpu_before = _host_cpu(servers)
+    started = time.perf_counter()
+    with Master(aliases, workers_per_host=per_host,
+                ssh_config=servers.ssh_config) as m:
+        ready = time.perf_counter() - started
+        assert len(m.workers) == len(aliases) * per_host
+        clients = _children_named(b"ssh")
+        assert m.run(lambda p, x: 1) == len(m.workers)
+    return {"ready_s": ready, "ssh_clients": clients,
+            "host_cpu_s": _host_cpu(servers) - cpu_before}
+
+
+def _master_cpu_per_run(servers, aliases, per_host: int, runs: int) -> float:
+    from qjamfab import Master
+    with Master(aliases, workers_per_host=per_host,
+                ssh_config=servers.ssh_config) as m:
+        for _ in range(20):
+            m.run(lambda p, x: 1)
+        before = time.process_time()
+        for _ in range(runs):
+            m.run(lambda p, x: 1)
+        return (time.process_time() - before) / runs
+
+
+def run(scale: Scale, log=print) -> dict:
+    why_not = sshd_missing()
+    if why_not:
+        return {"skipped": why_not, "rows": {}, "table": why_not,
+                "targets": []}
+    n_hosts, per_host = (8, 8) if scale.name == "full" else (2, 4) \
+        if scale.name == "quick" else (2, 2)
+    rounds = 3 if scale.name == "full" else 1
+    runs = 300 if scale.name == "full" else 30
+    rows: dict = {}
+    with ssh_hosts(n_hosts) as servers:
+        big, small = servers.aliases, servers.aliases[:1]
+        for label, aliases, workers in (("1 x 1", small, 1),
+                                        (f"{n_hosts} x {per_host}", big,
+                                         per_host)):
+            row = rows[label] = {}
+            for state in ("cold", "warm"):
+                results = [_ready(servers, aliases, workers, state == "cold")
+                           for _ in range(rounds)]
+                row[f"{state}_s"] = statistics.median(
+                    r["ready_s"] for r in results)
+                row[f"{state}_host_cpu_s"] = statistics.median(
+                    r["host_cpu_s"] for r in results)
+                row["ssh_clients"] = results[-1]["ssh_clients"]
+            row["master_cpu_ms"] = 1e3 * _master_cpu_per_run(
+                servers, aliases, workers, runs)
+            log(f"  {label}: ready cold {row['cold_s']:.2f} s (hosts' CPU "
+                f"{row['cold_host_cpu_s']:.2f} s), warm {row['warm_s']:.2f} s"
+                f"; master CPU per trivial run {row['master_cpu_ms']:.3f} ms;"
+                f" {row['ssh_clients']} OpenSSH clients")
+    one, many = rows["1 x 1"], rows[f"{n_hosts} x {per_host}"]
+    label = f"{n_hosts} x {per_host}"
+    table = "\n".join(
+        [f"{'layout':>8} {'cold s':>8} {'hosts CPU s':>12} {'warm s':>8} "
+         f"{'master ms/run':>14} {'ssh':>4}"]
+        + [f"{k:>8} {r['cold_s']:8.2f} {r['cold_host_cpu_s']:12.2f} "
+           f"{r['warm_s']:8.2f} {r['master_cpu_ms']:14.3f} "
+           f"{r['ssh_clients']:4d}" for k, r in rows.items()])
+    cold_ratio = many["cold_s"] / one["cold_s"]
+    warm_ratio = many["warm_s"] / one["warm_s"]
+    cpu_ratio = many["master_cpu_ms"] / one["master_cpu_ms"]
+    # What the hosts' share of a cold start would cost if each host had
+    # its own cores, as real hosts do: the 2 cores here ran all of it.
+    parallel_hosts = many["cold_s"] - many["cold_host_cpu_s"] / 2 \
+        + many["cold_host_cpu_s"] / n_hosts
+    targets = [
+        target(f"Master ready at {label}, cold, vs 1 x 1 cold", "<= 2.5x",
+               round(cold_ratio, 2), "x", cold_ratio <= 2.5,
+               f"{many['cold_s']:.2f} s vs {one['cold_s']:.2f} s; the hosts' "
+               f"processes used {many['cold_host_cpu_s']:.1f} s of CPU on "
+               f"these 2 cores (with each host on its own cores about "
+               f"{parallel_hosts:.2f} s)"),
+        target(f"Master ready at {label}, warm, vs 1 x 1 warm", "<= 2.5x",
+               round(warm_ratio, 2), "x", warm_ratio <= 2.5,
+               f"{many['warm_s']:.2f} s vs {one['warm_s']:.2f} s"),
+        target(f"master CPU per trivial run at {label} vs 1 x 1", "<= 8x",
+               round(cpu_ratio, 2), "x", cpu_ratio <= 8,
+               f"{many['master_cpu_ms']:.3f} ms vs {one['master_cpu_ms']:.3f}"
+               " ms"),
+        target(f"OpenSSH client processes under the master at {label}",
+               f"<= {n_hosts}", many["ssh_clients"], "",
+               many["ssh_clients"] <= n_hosts),
+    ]
+    return {"rows": rows, "table": table, "targets": targets,
+            "layout": [n_hosts, per_host]}
