@@ -21,6 +21,7 @@ import shutil
 import struct
 
 from .. import protocol
+from . import secure_dir
 
 _MAGIC = b"QJC2"
 _COUNT = struct.Struct("!I")
@@ -36,7 +37,7 @@ def _aligned(n: int) -> int:
 class RefCache:
     def __init__(self, directory: str):
         self.directory = directory
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        secure_dir(directory)
         self._memory: dict[str, object] = {}
         _tidy(directory)
 
@@ -59,7 +60,8 @@ class RefCache:
             self._memory[ref] = protocol.decode(parts)
             return
         tmp = f"{self._path(ref)}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                     | os.O_NOFOLLOW, 0o600)
         try:
             pos = _write_padded(fd, header)
             for n in lengths:
@@ -150,8 +152,11 @@ def _unlink(path: str) -> None:
 
 def _load(path: str) -> object:
     """A cache file's slice, its buffers in a copy-on-write mapping."""
-    with open(path, "rb") as f:
-        data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        data = memoryview(mmap.mmap(fd, 0, access=mmap.ACCESS_COPY))
+    finally:
+        os.close(fd)
     if bytes(data[:len(_MAGIC)]) != _MAGIC:
         raise ValueError(f"cache entry {path} is damaged: remove it")
     (count,) = _COUNT.unpack_from(data, len(_MAGIC))

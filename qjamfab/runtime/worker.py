@@ -33,7 +33,7 @@ import traceback
 
 from .. import protocol
 from ..reduce import default_reduce
-from . import default_base, this_runtime
+from . import default_base, secure_dir, this_runtime
 from .cache import RefCache
 
 _LOG_POLL_S = 0.05
@@ -424,8 +424,11 @@ def main(argv: list[str] | None = None) -> None:
     os.umask(0o077)
     _tune_malloc()
     base = os.path.expanduser(args.base or default_base())
-    os.makedirs(base, mode=0o700, exist_ok=True)
-    os.makedirs(os.path.join(base, "log"), mode=0o700, exist_ok=True)
+    try:
+        secure_dir(base)
+        secure_dir(os.path.join(base, "log"))
+    except OSError as exc:
+        sys.exit(str(exc))   # its first line says what to do
     # Ctrl-C at the master's terminal is the master's to handle.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_signal)
