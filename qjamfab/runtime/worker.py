@@ -181,7 +181,8 @@ class Worker:
         self.jobs: dict[str, tuple] = {}     # function hash -> (mapfunc, reduce)
         self.job_bytes: dict[str, bytes] = {}
         self.started = time.time()
-        # Tasks not yet run, in order: [head, params parts, reported blocked]
+        # Tasks not yet run, in order: [head, params parts, refs asked
+        # for (False until blocked once)]
         self.pending: list[list] = []
         self.run_id = None
         self.run_params: list = []  # the params parts of run_id
@@ -261,16 +262,20 @@ class Worker:
         report once what it lacks (False)."""
         if not self.pending:
             return False
-        head, params_parts, reported = self.pending[0]
+        head, params_parts, asked = self.pending[0]
         missing_func = head["func"] not in self.jobs \
             and head["func"] not in self.job_bytes
         missing_refs = self.cache.missing(head["refs"] or ())
         if missing_func or missing_refs:
-            if not reported:
-                self.pending[0][2] = True
+            # Asked once per ref: again only for one that went missing since
+            # (found damaged, or evicted), else the task would wait forever.
+            new = [r for r in missing_refs if asked is False or r not in asked]
+            if asked is False or new:
                 channel.send(protocol.STATE, {
-                    "task": head["task"], "state": "blocked",
-                    "refs": missing_refs, "func": missing_func})
+                    "task": head["task"], "state": "blocked", "refs": new,
+                    "func": missing_func and asked is False,
+                    "damaged": self.cache.take_damaged()})
+            self.pending[0][2] = set(missing_refs)
             return False
         self.pending.pop(0)
         self._run(channel, head, params_parts)
