@@ -2,7 +2,7 @@
 into its cache file (splice from a pipe, or through the reader's buffer
 from a socket), and comes back as arrays mapped from that file, aligned
 and writable; a file that is not what was written under its ref is never
-used."""
+used; the cache keeps to its size limit, least recently used out first."""
 import os
 import shutil
 import socket
@@ -14,7 +14,8 @@ import pytest
 
 from qjamfab import protocol
 from qjamfab.runtime import cache as cache_module
-from qjamfab.runtime.cache import CacheEntryLost, RefCache
+from qjamfab.runtime.cache import (CacheEntryLost, CacheLimitError, RefCache,
+                                   parse_size)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -92,7 +93,7 @@ def test_without_room_on_disk_the_slice_stays_in_memory(tmp_path,
     np.testing.assert_array_equal(refs.get("r1"), np.arange(1000))
     assert os.listdir(tmp_path / "cache") == []
     assert refs.stats() == {"entries": 0, "bytes": 0, "in_memory": 1,
-                            "damaged": 0}
+                            "limit_bytes": refs.limit, "damaged": 0}
 
 
 def test_entries_of_an_older_layout_and_dead_writers_are_dropped(tmp_path):
@@ -358,3 +359,138 @@ def test_a_local_run_over_damaged_cache_files_gives_the_right_result():
         assert m.run(lambda p, rows: int(rows.sum()), dataset=dataset) \
             == int(data.sum())
         assert m.last_run.slices_sent == 4
+
+
+# The size limit.
+
+ENTRY = np.zeros(1 << 14, dtype=np.uint8)   # 16 KiB; a file of 16.5 KiB
+
+
+def _entry_bytes(cache_dir) -> int:
+    return os.path.getsize(os.path.join(cache_dir, "e0"))
+
+
+def _age(cache_dir, name: str, seconds: float) -> None:
+    """Make an entry look last used `seconds` ago (atime and mtime)."""
+    when = time.time() - seconds
+    os.utime(os.path.join(cache_dir, name), (when, when))
+
+
+def _files(cache_dir) -> list[str]:
+    return sorted(os.listdir(cache_dir))
+
+
+def _three_old_entries(cache_dir) -> int:
+    """e0, e1, e2 on disk, last used 1000, 900 and 800 s ago; one entry's
+    size."""
+    writer = RefCache(cache_dir)
+    for i in range(3):
+        _send(writer, ENTRY + i, f"e{i}")
+    for i, age in enumerate((1000, 900, 800)):
+        _age(cache_dir, f"e{i}", age)
+    return _entry_bytes(cache_dir)
+
+
+def test_the_least_recently_used_entry_leaves_first(cache_dir):
+    size = _three_old_entries(cache_dir)
+    refs = RefCache(cache_dir, limit=3 * size)
+    _send(refs, ENTRY + 3, "e3")
+    assert _files(cache_dir) == ["e1", "e2", "e3"]
+    # Using e1 makes it the most recently used of the old ones: e2 goes.
+    assert refs.missing(["e1"]) == []
+    refs.pin([])
+    _send(refs, ENTRY + 4, "e4")
+    assert _files(cache_dir) == ["e1", "e3", "e4"]
+    assert refs.stats()["bytes"] <= refs.limit
+
+
+def test_a_use_marks_an_entry_used_and_leaves_its_mtime(cache_dir,
+                                                         monkeypatch):
+    refs = RefCache(cache_dir)
+    _send(refs, ARRAY, "r1")
+    path = os.path.join(cache_dir, "r1")
+    written = os.stat(path)
+    os.utime(path, ns=(written.st_mtime_ns - 1000 * 10**9,
+                       written.st_mtime_ns))   # last used 1000 s before
+    monkeypatch.setattr(cache_module, "_TOUCH_S", 0.0)
+    assert refs.missing(["r1"]) == []   # in memory: a stat, and a touch
+    used = os.stat(path)
+    assert used.st_atime > time.time() - 60
+    assert used.st_mtime_ns == written.st_mtime_ns   # still the same file
+
+
+def test_an_evicted_entry_leaves_this_workers_memory_too(cache_dir):
+    size = _three_old_entries(cache_dir)
+    refs = RefCache(cache_dir, limit=3 * size)
+    assert refs.missing(["e0"]) == []
+    _age(cache_dir, "e0", 2000)   # and nobody used it since
+    refs.pin([])
+    _send(refs, ENTRY + 3, "e3")
+    assert "e0" not in _files(cache_dir)
+    assert refs.missing(["e0"]) == ["e0"]
+    assert refs.stats()["in_memory"] == 1   # e3
+
+
+def test_pinned_entries_are_never_evicted(cache_dir):
+    size = _three_old_entries(cache_dir)
+    refs = RefCache(cache_dir, limit=2 * size)
+    # The worker waits for e3 to run a task over e0 and e3.
+    assert refs.missing(["e0", "e3"]) == ["e3"]
+    _age(cache_dir, "e0", 1000)
+    _send(refs, ENTRY + 3, "e3")
+    assert _files(cache_dir) == ["e0", "e3"]
+
+
+def test_entries_used_recently_by_any_worker_stay_over_the_limit(cache_dir):
+    size = _three_old_entries(cache_dir)
+    for name in ("e0", "e1"):
+        _age(cache_dir, name, cache_module.IN_USE_S - 60)   # in use elsewhere
+    refs = RefCache(cache_dir, limit=2 * size)
+    _send(refs, ENTRY + 3, "e3")
+    assert _files(cache_dir) == ["e0", "e1", "e3"]   # e2 out, still over
+    assert refs.stats()["bytes"] == 3 * size > refs.limit
+
+
+def test_a_slice_bigger_than_the_limit_stays_in_memory(cache_dir, capfd):
+    refs = RefCache(cache_dir, limit="10K")
+    _send(refs, ENTRY, "big")
+    assert _files(cache_dir) == []
+    np.testing.assert_array_equal(refs.get("big"), ENTRY)
+    assert refs.missing(["big"]) == []
+    assert "bigger than the cache limit" in capfd.readouterr().err
+    zero = RefCache(cache_dir, limit=0)
+    _send(zero, ARRAY, "r1")
+    assert _files(cache_dir) == [] and zero.missing(["r1"]) == []
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("20G", 20 << 30), ("500M", 500 << 20), ("1.5G", 3 << 29),
+    ("1000000", 1_000_000), ("64k", 64 << 10), ("2 GiB", 2 << 30),
+    ("1TB", 1 << 40), (" 0 ", 0)])
+def test_cache_limit_values(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["20 gigs", "-1", "1.5.G", "G", "2P", "1e9"])
+def test_a_bad_cache_limit_says_what_to_write(cache_dir, monkeypatch, text):
+    monkeypatch.setenv("QJAMFAB_CACHE_LIMIT", text)
+    with pytest.raises(CacheLimitError) as info:
+        RefCache(cache_dir)
+    assert str(info.value).splitlines()[0] == (
+        f"QJAMFAB_CACHE_LIMIT={text!r} is not a size: write bytes, or a "
+        "number with K, M, G or T (powers of 1024), e.g. "
+        "QJAMFAB_CACHE_LIMIT=20G, 500M or 1.5G")
+
+
+def test_the_limit_comes_from_the_argument_then_the_environment_then_disk(
+        cache_dir, monkeypatch):
+    monkeypatch.delenv("QJAMFAB_CACHE_LIMIT", raising=False)
+    default = RefCache(cache_dir).stats()["limit_bytes"]
+    total = shutil.disk_usage(cache_dir).total
+    assert default == min(total // 4, 64 << 30)
+    monkeypatch.setenv("QJAMFAB_CACHE_LIMIT", "1.5G")
+    assert RefCache(cache_dir).stats()["limit_bytes"] == 3 << 29
+    assert RefCache(cache_dir, limit="500M").limit == 500 << 20
+    assert RefCache(cache_dir, limit=12345).limit == 12345
+    with pytest.raises(CacheLimitError, match="^cache limit 'lots' is not a"):
+        RefCache(cache_dir, limit="lots")

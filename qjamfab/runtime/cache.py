@@ -1,6 +1,7 @@
 """The worker's slice cache: refs held in memory and in `<base>/cache/`,
-each checked against what was written under its name. It owns the cache
-file layout and the check of a file before each use.
+each checked against what was written under its name, the whole bounded in
+size. It owns the cache file layout, the check of a file before each use,
+and which entries leave when the cache is full.
 
 Receiving. A slice arrives as a REFS frame whose payload (pickle protocol 5
 main stream plus out-of-band buffers) goes straight from the stream into its
@@ -42,6 +43,22 @@ another slice's file copied over this one all fail the check.
 - Not covered: a file truncated while a task reads its mapping still raises
   SIGBUS; the check is made before each use, not during it.
 
+Size limit, per host (all daemons of a base share the directory): the
+`limit` argument, else `$QJAMFAB_CACHE_LIMIT`, else a quarter of the cache's
+filesystem and at most 64 GiB. A value is bytes, or a number with K, M, G
+or T (powers of 1024, optionally followed by B or iB): `20G`, `500M`,
+`1.5G`, `1000000`; 0 keeps every slice in memory only. Before a slice is
+written, the least recently used entries are removed until it fits. "Used"
+is the later of an entry's atime and mtime: a daemon sets the atime (not
+the mtime, which the check above compares) when it first uses an entry and
+at most every 30 s after. Never removed: entries this worker has pinned
+(the refs of the task it runs or waits for: `missing()` pins them) and
+entries any worker used in the last 5 minutes, which covers the other
+daemons' running tasks without talking to them. So the cache exceeds its
+limit only by what is in use. A slice bigger than the limit stays in memory
+only. A worker whose file another removed drops its memory copy at the next
+check and the slice is fetched again.
+
 File layout: b"QJC3" | count: u32 | seal: 32 bytes | count x length: u64 |
 each part, padded to a multiple of 64 bytes from the start of the file.
 """
@@ -51,11 +68,13 @@ import functools
 import hashlib
 import mmap
 import os
+import re
 import shutil
 import stat
 import struct
 import sys
 import threading
+import time
 from collections.abc import Iterable
 
 from .. import protocol
@@ -70,12 +89,53 @@ _BLOCK = 8 << 20                     # bytes hashed at a time
 _SEAL_TAG = b"qjamfab-cache-seal-1\0"
 _MAX_PARTS = 1 << 16                 # a count above this is a damaged header
 _DISK_MARGIN = 16 << 20              # leave this much free on the disk
+_TOUCH_S = 30.0                      # set an entry's atime this often in use
+IN_USE_S = 300.0                     # an entry used this recently stays
+_DEFAULT_SHARE = 4                   # default limit: 1/4 of the filesystem...
+_DEFAULT_CAP = 64 << 30              # ...at most this
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NOTHING: frozenset = frozenset()
 
 
+class CacheLimitError(ValueError):
+    """A cache size limit that is not a size."""
+
+
 class CacheEntryLost(LookupError):
     """A slice left the cache (damaged, removed) while a task needed it."""
+
+
+def parse_size(text: str, env: str | None = "QJAMFAB_CACHE_LIMIT") -> int:
+    """Bytes in a size such as `20G`, `500M`, `1.5G` or `1000000`; `env`
+    names the variable it came from, for the error."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?\s*",
+                         str(text), re.IGNORECASE)
+    if not match:
+        shown = f"{env}={text!r}" if env else f"cache limit {text!r}"
+        example = f"{env}=20G, 500M or 1.5G" if env else "20G, 500M or 1.5G"
+        raise CacheLimitError(
+            f"{shown} is not a size: write bytes, or a number with K, M, G "
+            f"or T (powers of 1024), e.g. {example}")
+    scale = 1 << (10 * " KMGT".index(match.group(2).upper() or " "))
+    return int(float(match.group(1)) * scale)
+
+
+def cache_limit(directory: str, limit: int | str | None = None) -> int:
+    """The cache limit in bytes: `limit` (bytes or a size string), else
+    $QJAMFAB_CACHE_LIMIT, else the default (see the module docstring)."""
+    if isinstance(limit, str):
+        return parse_size(limit, None)
+    if limit is not None:
+        if limit < 0:
+            raise CacheLimitError(
+                f"cache limit {limit} is negative: give bytes (0 keeps "
+                "slices in memory only)")
+        return int(limit)
+    value = os.environ.get("QJAMFAB_CACHE_LIMIT", "").strip()
+    if value:
+        return parse_size(value)
+    return min(shutil.disk_usage(directory).total // _DEFAULT_SHARE,
+               _DEFAULT_CAP)
 
 
 def _aligned(n: int) -> int:
@@ -89,13 +149,14 @@ class _Damage(Exception):
 class _Entry:
     """A slice in memory; `key` (dev, inode, size, mtime) and `mapping` are
     None for a slice kept in memory only."""
-    __slots__ = ("value", "path", "key", "mapping")
+    __slots__ = ("value", "path", "key", "mapping", "touched")
 
-    def __init__(self, value, path, key, mapping):
+    def __init__(self, value, path, key, mapping, touched):
         self.value = value
         self.path = path
         self.key = key
         self.mapping = mapping
+        self.touched = touched
 
 
 def _key(st: os.stat_result) -> tuple:
@@ -103,11 +164,14 @@ def _key(st: os.stat_result) -> tuple:
 
 
 class RefCache:
-    def __init__(self, directory: str):
-        """The cache in `directory` (created 0700 and checked to be ours)."""
+    def __init__(self, directory: str, limit: int | str | None = None):
+        """The cache in `directory` (created 0700 and checked to be ours),
+        holding at most `limit` bytes on disk (see cache_limit)."""
         secure_dir(directory)
         self.directory = directory
+        self.limit = cache_limit(directory, limit)
         self._memory: dict[str, _Entry] = {}
+        self._pinned: frozenset = _NOTHING
         self._checked: frozenset = _NOTHING   # what missing() just checked
         self._damaged: list[str] = []
         self._damaged_total = 0
@@ -116,13 +180,19 @@ class RefCache:
     def _path(self, ref: str) -> str:
         return os.path.join(self.directory, ref)
 
+    def pin(self, refs: Iterable[str]) -> None:
+        """Keep these refs (the running or waiting task's) from eviction by
+        this worker, until the next pin()."""
+        self._pinned = frozenset(refs)
+
     def missing(self, refs: Iterable[str]) -> list[str]:
         """The refs not usable here, checking each one (a file read for the
-        first time is verified; one in memory costs a stat). The worker
-        asks this for the task it is about to run."""
+        first time is verified; one in memory costs a stat). Pins `refs`:
+        the worker asks this for the task it is about to run."""
         refs = list(refs)
+        pinned = self._pinned = frozenset(refs)
         lacking = [r for r in refs if self._usable(r) is None]
-        self._checked = frozenset(refs).difference(lacking)
+        self._checked = pinned.difference(lacking) if lacking else pinned
         return lacking
 
     def get(self, ref: str) -> object:
@@ -172,6 +242,10 @@ class RefCache:
                 return None
             if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) \
                     == entry.key:
+                now = time.monotonic()
+                if now - entry.touched > _TOUCH_S:
+                    entry.touched = now
+                    _touch(entry.path)
                 return entry
             # Changed under the mapping: drop it without reading a byte
             # (the file may have shrunk), then check what is there now.
@@ -204,7 +278,9 @@ class RefCache:
                 return None
         finally:
             os.close(fd)
-        entry = self._memory[ref] = _Entry(value, path, _key(st), mapping)
+        _touch(path)
+        entry = self._memory[ref] = _Entry(value, path, _key(st), mapping,
+                                           time.monotonic())
         return entry
 
     def _drop_damaged(self, ref: str, reason: str,
@@ -220,17 +296,18 @@ class RefCache:
     def receive(self, ref: str, lengths: list[int],
                 reader: protocol.FrameReader, source_fd: int | None) -> None:
         """Take a REFS payload off the stream into the cache and seal it.
-        Without room on the disk it is kept in memory only."""
+        Without room on the disk, or bigger than the limit, it is kept in
+        memory only."""
         if not ref or os.sep in ref or ref.startswith("."):
             raise ValueError(f"{ref!r} is not a ref")
         count = len(lengths)
         lengths_raw = b"".join(_LENGTH.pack(n) for n in lengths)
         header = _PREFIX.pack(_MAGIC, count, bytes(32)) + lengths_raw
         size = _aligned(len(header)) + sum(_aligned(n) for n in lengths)
-        if shutil.disk_usage(self.directory).free < size + _DISK_MARGIN:
+        if not self._make_room(ref, size):
             parts = [reader.read_part(n) for n in lengths]
             self._memory[ref] = _Entry(protocol.decode(parts), None, None,
-                                       None)
+                                       None, 0.0)
             return
         path = self._path(ref)
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -275,7 +352,48 @@ class RefCache:
             raise
         os.close(fd)
         os.replace(tmp, path)   # same inode, size, mtime: st is its key
-        self._memory[ref] = _Entry(value, path, _key(st), mapping)
+        self._memory[ref] = _Entry(value, path, _key(st), mapping,
+                                   time.monotonic())
+
+    def _make_room(self, ref: str, size: int) -> bool:
+        """Evict for a new entry of `size` bytes; whether it goes to disk."""
+        if size > self.limit:
+            if self.limit:
+                print(f"qjamfab: slice {ref} ({size} bytes) is bigger than "
+                      f"the cache limit ({self.limit} bytes): kept in memory "
+                      "only; raise QJAMFAB_CACHE_LIMIT to keep it on disk",
+                      file=sys.stderr, flush=True)
+            return False
+        self._evict(size, keep=ref)
+        return shutil.disk_usage(self.directory).free >= size + _DISK_MARGIN
+
+    def _evict(self, incoming: int, keep: str) -> None:
+        """Remove least recently used entries until `incoming` more bytes
+        fit the limit, sparing pinned and recently used ones."""
+        entries, total = [], incoming
+        for entry in os.scandir(self.directory):
+            if entry.name.endswith(".tmp"):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            total += st.st_size
+            entries.append((max(st.st_atime, st.st_mtime), entry.name,
+                            st.st_size, st.st_ino))
+        if total <= self.limit:
+            return
+        now = time.time()
+        for used, name, size, inode in sorted(entries):
+            if now - used < IN_USE_S:
+                break   # this and every later one are in use
+            if name in self._pinned or name == keep:
+                continue
+            self._memory.pop(name, None)
+            _remove(os.path.join(self.directory, name), inode)
+            total -= size
+            if total <= self.limit:
+                return
 
     def drop_memory(self) -> None:
         self._memory.clear()
@@ -294,7 +412,7 @@ class RefCache:
                 entries += 1
                 disk_bytes += entry.stat(follow_symlinks=False).st_size
         return {"entries": entries, "bytes": disk_bytes,
-                "in_memory": len(self._memory),
+                "in_memory": len(self._memory), "limit_bytes": self.limit,
                 "damaged": self._damaged_total}
 
 
@@ -394,6 +512,37 @@ def _map(fd: int, offsets: list, lengths: list, size: int) -> tuple:
         [data[o:o + n] for o, n in zip(offsets, lengths)])
 
 
+@functools.lru_cache(maxsize=1)
+def _utimensat():
+    """utimensat(2) with its arguments set (Linux), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        func = ctypes.CDLL(None, use_errno=True).utimensat
+    except (ImportError, OSError, AttributeError):
+        return None
+
+    class Timespec(ctypes.Structure):
+        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p,
+                     ctypes.c_int]
+    utime_now, utime_omit = (1 << 30) - 1, (1 << 30) - 2
+    times = (Timespec * 2)((0, utime_now), (0, utime_omit))
+    at_fdcwd, at_symlink_nofollow = -100, 0x100
+    return lambda path: func(at_fdcwd, os.fsencode(path), times,
+                             at_symlink_nofollow)
+
+
+def _touch(path: str) -> None:
+    """Mark an entry used: its atime becomes now. The mtime is left alone
+    (os.utime would set it back, hiding a write made meanwhile from the
+    identity check). Without utimensat, eviction goes by write order."""
+    touch = _utimensat()
+    if touch is not None:
+        touch(path)
+
+
 def _write_padded(fd: int, data: bytes, pad: int | None = None) -> int:
     """Write data then zeros up to the next 64-byte boundary (or `pad`
     zeros); the bytes written."""
@@ -421,7 +570,9 @@ def _tidy(directory: str) -> None:
                 if not entry.is_dir(follow_symlinks=False):
                     _remove(entry.path)
                 continue
-            fd = os.open(entry.path, os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC)
+            # O_NOATIME: looking is not using (eviction goes by atime).
+            fd = os.open(entry.path, os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC
+                         | getattr(os, "O_NOATIME", 0))
             try:
                 if os.pread(fd, len(_MAGIC), 0) != _MAGIC:
                     _remove(entry.path)
