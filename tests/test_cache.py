@@ -1,18 +1,21 @@
 """The worker's slice cache on its own: a REFS payload goes from the stream
 into its cache file (splice from a pipe, or through the reader's buffer
 from a socket), and comes back as arrays mapped from that file, aligned
-and writable."""
+and writable; a file that is not what was written under its ref is never
+used; the cache keeps to its size limit, least recently used out first."""
 import os
 import shutil
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from qjamfab import protocol
 from qjamfab.runtime import cache as cache_module
-from qjamfab.runtime.cache import RefCache
+from qjamfab.runtime.cache import (CacheEntryLost, CacheLimitError, RefCache,
+                                   parse_size)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -89,7 +92,8 @@ def test_without_room_on_disk_the_slice_stays_in_memory(tmp_path,
     refs, _ = _receive(tmp_path, "pipe", np.arange(1000))
     np.testing.assert_array_equal(refs.get("r1"), np.arange(1000))
     assert os.listdir(tmp_path / "cache") == []
-    assert refs.stats() == {"entries": 0, "bytes": 0, "in_memory": 1}
+    assert refs.stats() == {"entries": 0, "bytes": 0, "in_memory": 1,
+                            "limit_bytes": refs.limit, "damaged": 0}
 
 
 def test_entries_of_an_older_layout_and_dead_writers_are_dropped(tmp_path):
@@ -105,3 +109,388 @@ def test_entries_of_an_older_layout_and_dead_writers_are_dropped(tmp_path):
     refs = RefCache(str(directory))
     assert refs.missing(["oldref"]) == ["oldref"]
     assert sorted(os.listdir(directory)) == [being_written]
+
+
+def _send(refs: RefCache, value, ref: str) -> None:
+    """Receive `value` into an existing cache, as a worker does."""
+    read_fd, write_fd = os.pipe()
+    frame = protocol.frame(protocol.REFS, {"ref": ref},
+                           protocol.encode(value))
+    writer = threading.Thread(target=lambda: (protocol.write_all(
+        lambda v: os.writev(write_fd, v), frame), os.close(write_fd)))
+    writer.start()
+    try:
+        reader = protocol.FrameReader(lambda v: os.readv(read_fd, [v]))
+        _, head, lengths = reader.read_head()
+        refs.receive(ref, lengths, reader, read_fd)
+    finally:
+        writer.join()
+        os.close(read_fd)
+
+
+def _flip(path, offset: int) -> None:
+    """Change one byte in place, a little later than the file was written
+    (mtime moves by the kernel's clock tick)."""
+    time.sleep(0.02)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+def _last_part_offset(path) -> int:
+    """Where the last (array) part of a cache file starts."""
+    size = os.path.getsize(path)
+    return size - 64 * 4   # well inside an array of 8 KiB
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    return str(tmp_path / "cache")
+
+
+ARRAY = np.arange(1024, dtype=np.float64)   # 8 KiB: a part of its own
+
+
+@pytest.mark.parametrize("held", ["on disk only", "in memory too"])
+def test_a_flipped_byte_is_found_dropped_and_reported(cache_dir, capfd, held):
+    writer = RefCache(cache_dir)
+    _send(writer, ARRAY, "r1")
+    path = os.path.join(cache_dir, "r1")
+    # "in memory too": the worker that wrote it maps the file and uses it
+    # again; "on disk only": a restarted worker, or another on the host.
+    refs = writer if held == "in memory too" else RefCache(cache_dir)
+    _flip(path, _last_part_offset(path))
+    assert refs.missing(["r1"]) == ["r1"]
+    assert not os.path.exists(path)
+    assert refs.take_damaged() == ["r1"] and refs.take_damaged() == []
+    assert refs.stats()["damaged"] == 1 and refs.stats()["in_memory"] == 0
+    err = capfd.readouterr().err
+    assert "cache entry r1 is damaged" in err and "send the slice again" in err
+    # The master sends it again: back to normal.
+    _send(refs, ARRAY, "r1")
+    assert refs.missing(["r1"]) == []
+    np.testing.assert_array_equal(refs.get("r1"), ARRAY)
+
+
+def test_a_slice_of_several_hash_blocks_verifies_and_a_middle_one_fails(
+        cache_dir):
+    big = np.arange(20 << 17, dtype=np.float64)   # 20 MiB: three blocks
+    _send(RefCache(cache_dir), big, "r1")
+    refs = RefCache(cache_dir)
+    assert refs.missing(["r1"]) == []
+    np.testing.assert_array_equal(refs.get("r1"), big)
+    _flip(os.path.join(cache_dir, "r1"), 12 << 20)   # in the second block
+    assert RefCache(cache_dir).missing(["r1"]) == ["r1"]
+
+
+def test_a_damaged_header_or_pickle_stream_is_found_too(cache_dir):
+    _send(RefCache(cache_dir), ARRAY, "r1")
+    path = os.path.join(cache_dir, "r1")
+    for offset in (5, 20, 64 + 3):   # count, seal, the pickle main stream
+        _send(RefCache(cache_dir), ARRAY, "r1")
+        _flip(path, offset)
+        refs = RefCache(cache_dir)
+        assert refs.missing(["r1"]) == ["r1"], offset
+        assert refs.take_damaged() == ["r1"]
+
+
+@pytest.mark.parametrize("held", ["on disk only", "in memory too"])
+def test_a_truncated_file_is_dropped_without_touching_its_mapping(
+        cache_dir, held):
+    writer = RefCache(cache_dir)
+    big = np.arange(3 << 20, dtype=np.uint8)  # 3 MiB
+    _send(writer, big, "r1")
+    refs = writer if held == "in memory too" else RefCache(cache_dir)
+    path = os.path.join(cache_dir, "r1")
+    os.truncate(path, 1 << 20)
+    # Reading the mapped pages past the new end would be a SIGBUS: this
+    # process would die here.
+    assert refs.missing(["r1"]) == ["r1"]
+    assert refs.take_damaged() == ["r1"]
+    with pytest.raises(CacheEntryLost, match="^slice r1 left this worker"):
+        refs.get("r1")
+
+
+def test_a_file_shorter_than_its_header_is_damaged(cache_dir):
+    _send(RefCache(cache_dir), ARRAY, "r1")
+    os.truncate(os.path.join(cache_dir, "r1"), 6)
+    refs = RefCache(cache_dir)
+    assert refs.missing(["r1"]) == ["r1"] and refs.take_damaged() == ["r1"]
+
+
+@pytest.mark.parametrize("held", ["on disk only", "in memory too"])
+def test_another_slices_file_under_this_name_is_damaged(cache_dir, held):
+    writer = RefCache(cache_dir)
+    _send(writer, ARRAY, "r1")
+    _send(writer, ARRAY + 1, "r2")
+    refs = writer if held == "in memory too" else RefCache(cache_dir)
+    shutil.copyfile(os.path.join(cache_dir, "r2"),
+                    os.path.join(cache_dir, "r1.copy"))
+    os.replace(os.path.join(cache_dir, "r1.copy"),
+               os.path.join(cache_dir, "r1"))
+    assert refs.missing(["r1", "r2"]) == ["r1"]
+    assert refs.take_damaged() == ["r1"]
+    np.testing.assert_array_equal(refs.get("r2"), ARRAY + 1)
+
+
+def test_a_fresh_copy_of_the_same_ref_written_by_another_worker_is_used(
+        cache_dir):
+    refs = RefCache(cache_dir)
+    _send(refs, ARRAY, "r1")
+    first = refs.get("r1")
+    time.sleep(0.02)
+    _send(RefCache(cache_dir), ARRAY, "r1")  # a new inode under the name
+    assert refs.missing(["r1"]) == [] and refs.take_damaged() == []
+    again = refs.get("r1")
+    np.testing.assert_array_equal(again, ARRAY)
+    assert again.ctypes.data != first.ctypes.data   # the new file's mapping
+
+
+def test_a_symlink_in_place_of_an_entry_is_not_followed(cache_dir, tmp_path):
+    refs = RefCache(cache_dir)
+    elsewhere = RefCache(str(tmp_path / "elsewhere"))
+    _send(elsewhere, ARRAY, "r1")   # a valid entry, reached by a symlink
+    os.symlink(tmp_path / "elsewhere" / "r1", os.path.join(cache_dir, "r1"))
+    assert refs.missing(["r1"]) == ["r1"]
+    assert not os.path.lexists(os.path.join(cache_dir, "r1"))
+    assert os.path.exists(tmp_path / "elsewhere" / "r1")
+    # A new worker's tidy-up removes such a link before anything reads it.
+    os.symlink(tmp_path / "elsewhere" / "r1", os.path.join(cache_dir, "r2"))
+    RefCache(cache_dir)
+    assert not os.path.lexists(os.path.join(cache_dir, "r2"))
+
+
+def test_a_change_found_in_the_middle_of_a_task_raises_not_a_wrong_value(
+        cache_dir):
+    refs = RefCache(cache_dir)
+    _send(refs, ARRAY, "r1")
+    _send(refs, ARRAY, "r2")
+    assert refs.missing(["r1", "r2"]) == []
+    refs.get("r1")                      # the task's first slice
+    _flip(os.path.join(cache_dir, "r2"), _last_part_offset(
+        os.path.join(cache_dir, "r2")))  # changed while mapfunc ran on r1
+    with pytest.raises(CacheEntryLost):
+        refs.get("r2")
+    assert refs.take_damaged() == ["r2"]
+
+
+def test_a_file_removed_during_a_task_serves_that_use_then_is_fetched_again(
+        cache_dir):
+    refs = RefCache(cache_dir)
+    _send(refs, ARRAY, "r1")
+    _send(refs, ARRAY, "r2")
+    assert refs.missing(["r1", "r2"]) == []
+    refs.get("r1")
+    os.unlink(os.path.join(cache_dir, "r2"))   # another worker evicted it
+    np.testing.assert_array_equal(refs.get("r2"), ARRAY)
+    assert refs.missing(["r2"]) == ["r2"] and refs.take_damaged() == []
+
+
+def test_a_checked_slice_costs_one_stat_per_task(cache_dir, monkeypatch):
+    refs = RefCache(cache_dir)
+    _send(refs, ARRAY, "r1")
+    _send(refs, ARRAY, "r2")
+    calls = []
+    real = os.lstat
+    monkeypatch.setattr(cache_module.os, "lstat",
+                        lambda p: calls.append(p) or real(p))
+    assert refs.missing(["r1", "r2"]) == []
+    assert len(calls) == 2
+    refs.get("r1")              # trusts the stat missing() just made
+    assert len(calls) == 2
+    refs.get("r2")              # after user code ran on r1: stat again
+    assert len(calls) == 3
+    refs.get("r1")
+    assert len(calls) == 4
+
+
+def test_a_blocked_worker_names_damaged_slices_and_asks_again(cache_dir):
+    from qjamfab.runtime import worker as worker_module
+
+    class FakeChannel:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, kind, head, payload=()):
+            self.sent.append((kind, head))
+    refs = RefCache(cache_dir)
+    _send(refs, ARRAY, "r1")
+    _send(refs, ARRAY, "r2")
+    w = worker_module.Worker.__new__(worker_module.Worker)
+    w.cache, w.jobs, w.job_bytes = refs, {"f": (None, None)}, {}
+    w.pending = [[{"task": 7, "func": "f", "refs": ["r1", "r2", "r3"]},
+                  [], False]]
+    channel = FakeChannel()
+    _flip(os.path.join(cache_dir, "r1"), _last_part_offset(
+        os.path.join(cache_dir, "r1")))
+    assert w._run_next(channel) is False
+    assert channel.sent == [(protocol.STATE, {
+        "task": 7, "state": "blocked", "refs": ["r1", "r3"], "func": False,
+        "damaged": ["r1"]})]
+    assert w._run_next(channel) is False and len(channel.sent) == 1
+    _send(refs, ARRAY, "r1")
+    _send(refs, ARRAY, "r3")
+    # r2 was fine when the task blocked, and is damaged now: asked again.
+    _flip(os.path.join(cache_dir, "r2"), _last_part_offset(
+        os.path.join(cache_dir, "r2")))
+    assert w._run_next(channel) is False
+    assert channel.sent[1] == (protocol.STATE, {
+        "task": 7, "state": "blocked", "refs": ["r2"], "func": False,
+        "damaged": ["r2"]})
+
+
+def test_a_local_run_over_damaged_cache_files_gives_the_right_result():
+    from qjamfab import DataSet, Master
+    data = np.arange(40_000, dtype=np.int64)
+    dataset = DataSet(data, slice_size=10_000)
+    with Master("local:1") as m:
+        assert m.run(lambda p, rows: int(rows.sum()), dataset=dataset) \
+            == int(data.sum())
+    cache = os.path.join(os.environ["QJAMFAB_HOME"], "cache")
+    names = [n for n in os.listdir(cache) if not n.endswith(".tmp")]
+    assert len(names) == 4
+    time.sleep(0.02)
+    for name in names:   # an exponent-like byte of an element of each
+        _flip(os.path.join(cache, name), _last_part_offset(
+            os.path.join(cache, name)) + 7)
+    with Master("local:1") as m:
+        assert m.run(lambda p, rows: int(rows.sum()), dataset=dataset) \
+            == int(data.sum())
+        assert m.last_run.slices_sent == 4
+
+
+# The size limit.
+
+ENTRY = np.zeros(1 << 14, dtype=np.uint8)   # 16 KiB; a file of 16.5 KiB
+
+
+def _entry_bytes(cache_dir) -> int:
+    return os.path.getsize(os.path.join(cache_dir, "e0"))
+
+
+def _age(cache_dir, name: str, seconds: float) -> None:
+    """Make an entry look last used `seconds` ago (atime and mtime)."""
+    when = time.time() - seconds
+    os.utime(os.path.join(cache_dir, name), (when, when))
+
+
+def _files(cache_dir) -> list[str]:
+    return sorted(os.listdir(cache_dir))
+
+
+def _three_old_entries(cache_dir) -> int:
+    """e0, e1, e2 on disk, last used 1000, 900 and 800 s ago; one entry's
+    size."""
+    writer = RefCache(cache_dir)
+    for i in range(3):
+        _send(writer, ENTRY + i, f"e{i}")
+    for i, age in enumerate((1000, 900, 800)):
+        _age(cache_dir, f"e{i}", age)
+    return _entry_bytes(cache_dir)
+
+
+def test_the_least_recently_used_entry_leaves_first(cache_dir):
+    size = _three_old_entries(cache_dir)
+    refs = RefCache(cache_dir, limit=3 * size)
+    _send(refs, ENTRY + 3, "e3")
+    assert _files(cache_dir) == ["e1", "e2", "e3"]
+    # Using e1 makes it the most recently used of the old ones: e2 goes.
+    assert refs.missing(["e1"]) == []
+    refs.pin([])
+    _send(refs, ENTRY + 4, "e4")
+    assert _files(cache_dir) == ["e1", "e3", "e4"]
+    assert refs.stats()["bytes"] <= refs.limit
+
+
+def test_a_use_marks_an_entry_used_and_leaves_its_mtime(cache_dir,
+                                                         monkeypatch):
+    refs = RefCache(cache_dir)
+    _send(refs, ARRAY, "r1")
+    path = os.path.join(cache_dir, "r1")
+    written = os.stat(path)
+    os.utime(path, ns=(written.st_mtime_ns - 1000 * 10**9,
+                       written.st_mtime_ns))   # last used 1000 s before
+    monkeypatch.setattr(cache_module, "_TOUCH_S", 0.0)
+    assert refs.missing(["r1"]) == []   # in memory: a stat, and a touch
+    used = os.stat(path)
+    assert used.st_atime > time.time() - 60
+    assert used.st_mtime_ns == written.st_mtime_ns   # still the same file
+
+
+def test_an_evicted_entry_leaves_this_workers_memory_too(cache_dir):
+    size = _three_old_entries(cache_dir)
+    refs = RefCache(cache_dir, limit=3 * size)
+    assert refs.missing(["e0"]) == []
+    _age(cache_dir, "e0", 2000)   # and nobody used it since
+    refs.pin([])
+    _send(refs, ENTRY + 3, "e3")
+    assert "e0" not in _files(cache_dir)
+    assert refs.missing(["e0"]) == ["e0"]
+    assert refs.stats()["in_memory"] == 1   # e3
+
+
+def test_pinned_entries_are_never_evicted(cache_dir):
+    size = _three_old_entries(cache_dir)
+    refs = RefCache(cache_dir, limit=2 * size)
+    # The worker waits for e3 to run a task over e0 and e3.
+    assert refs.missing(["e0", "e3"]) == ["e3"]
+    _age(cache_dir, "e0", 1000)
+    _send(refs, ENTRY + 3, "e3")
+    assert _files(cache_dir) == ["e0", "e3"]
+
+
+def test_entries_used_recently_by_any_worker_stay_over_the_limit(cache_dir):
+    size = _three_old_entries(cache_dir)
+    for name in ("e0", "e1"):
+        _age(cache_dir, name, cache_module.IN_USE_S - 60)   # in use elsewhere
+    refs = RefCache(cache_dir, limit=2 * size)
+    _send(refs, ENTRY + 3, "e3")
+    assert _files(cache_dir) == ["e0", "e1", "e3"]   # e2 out, still over
+    assert refs.stats()["bytes"] == 3 * size > refs.limit
+
+
+def test_a_slice_bigger_than_the_limit_stays_in_memory(cache_dir, capfd):
+    refs = RefCache(cache_dir, limit="10K")
+    _send(refs, ENTRY, "big")
+    assert _files(cache_dir) == []
+    np.testing.assert_array_equal(refs.get("big"), ENTRY)
+    assert refs.missing(["big"]) == []
+    assert "bigger than the cache limit" in capfd.readouterr().err
+    zero = RefCache(cache_dir, limit=0)
+    _send(zero, ARRAY, "r1")
+    assert _files(cache_dir) == [] and zero.missing(["r1"]) == []
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("20G", 20 << 30), ("500M", 500 << 20), ("1.5G", 3 << 29),
+    ("1000000", 1_000_000), ("64k", 64 << 10), ("2 GiB", 2 << 30),
+    ("1TB", 1 << 40), (" 0 ", 0)])
+def test_cache_limit_values(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["20 gigs", "-1", "1.5.G", "G", "2P", "1e9"])
+def test_a_bad_cache_limit_says_what_to_write(cache_dir, monkeypatch, text):
+    monkeypatch.setenv("QJAMFAB_CACHE_LIMIT", text)
+    with pytest.raises(CacheLimitError) as info:
+        RefCache(cache_dir)
+    assert str(info.value).splitlines()[0] == (
+        f"QJAMFAB_CACHE_LIMIT={text!r} is not a size: write bytes, or a "
+        "number with K, M, G or T (powers of 1024), e.g. "
+        "QJAMFAB_CACHE_LIMIT=20G, 500M or 1.5G")
+
+
+def test_the_limit_comes_from_the_argument_then_the_environment_then_disk(
+        cache_dir, monkeypatch):
+    monkeypatch.delenv("QJAMFAB_CACHE_LIMIT", raising=False)
+    default = RefCache(cache_dir).stats()["limit_bytes"]
+    total = shutil.disk_usage(cache_dir).total
+    assert default == min(total // 4, 64 << 30)
+    monkeypatch.setenv("QJAMFAB_CACHE_LIMIT", "1.5G")
+    assert RefCache(cache_dir).stats()["limit_bytes"] == 3 << 29
+    assert RefCache(cache_dir, limit="500M").limit == 500 << 20
+    assert RefCache(cache_dir, limit=12345).limit == 12345
+    with pytest.raises(CacheLimitError, match="^cache limit 'lots' is not a"):
+        RefCache(cache_dir, limit="lots")

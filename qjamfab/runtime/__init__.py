@@ -7,6 +7,10 @@ worker), `errors.py`, `protocol.py`, `reduce.py`, this package, and
 cloudpickle. A bundle is named by the hash of its content and lives in
 `<base>/runtime/<hash>/` on every host, local or remote, so workers
 everywhere run the same code.
+
+`secure_dir` (defined in probe.py, which must stand alone) is the rule that
+the base directory and what qjamfab creates under it are ours: code and
+pickles are only ever read from directories no other user can change.
 """
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ import os
 import shutil
 import tempfile
 import zipfile
+
+# The one copy of the rule lives in probe.py, which must run standalone.
+from .probe import InsecureDirectory, secure_dir  # noqa: F401
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SHIPPED = ("errors.py", "protocol.py", "reduce.py")
@@ -58,13 +65,16 @@ def bundle_hash() -> str:
 
 
 def ensure_local_bundle(base: str) -> str:
-    """Write the bundle under <base>/runtime/ unless present; its directory."""
-    os.makedirs(base, mode=0o700, exist_ok=True)
+    """Write the bundle under <base>/runtime/ unless present; its directory.
+    Raises InsecureDirectory when base, its runtime directory or the bundle
+    there could be changed by another user."""
+    secure_dir(base)
     root = os.path.join(base, "runtime")
+    secure_dir(root)
     target = os.path.join(root, bundle_hash())
-    if os.path.isdir(target):
+    if os.path.lexists(target):
+        secure_dir(target, create=False)
         return target
-    os.makedirs(root, mode=0o700, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".staging-", dir=root)
     for path, content in bundle_files().items():
         dest = os.path.join(staging, path)

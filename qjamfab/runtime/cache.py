@@ -1,86 +1,399 @@
-"""The worker's slice cache: refs held in memory and in `<base>/cache/`.
+"""The worker's slice cache: refs held in memory and in `<base>/cache/`,
+each checked against what was written under its name, the whole bounded in
+size. It owns the cache file layout, the check of a file before each use,
+and which entries leave when the cache is full.
 
-A slice arrives as a REFS frame whose payload (pickle protocol 5 main
-stream plus out-of-band buffers) goes straight from the stream into its
+Receiving. A slice arrives as a REFS frame whose payload (pickle protocol 5
+main stream plus out-of-band buffers) goes straight from the stream into its
 cache file, by splice when the stream is a pipe: the bytes never pass
 through this process. The file is written under a temporary name and
-renamed, so a crash never leaves a half-written entry. The slice in memory
-is then the file memory-mapped copy-on-write, each buffer at a 64-byte
-aligned offset: one copy of the data (the page cache), whether it just
-arrived or a restarted worker, or another worker on the same host, finds it
-on disk.
+renamed, so no reader ever sees a half-written entry. The slice in memory is
+then the file memory-mapped copy-on-write, each buffer at a 64-byte aligned
+offset: one copy of the data (the page cache), whether it just arrived or a
+restarted worker, or another worker on the same host, finds it on disk.
 
-File layout: b"QJC2" | count: u32 | count x length: u64 | each part, padded
-to a multiple of 64 bytes from the start of the file.
+A slice is its hash. A ref is the master's sha256 of the slice's content
+(dataset.py's content_ref). The worker does not recompute it: a text
+matrix's ref hashes its text, not the array the worker gets, and other
+objects' refs hash a protocol-4 pickle that cannot be rebuilt byte for byte
+from the protocol-5 stream that arrives. Instead, when the file is written
+its header records a seal: sha256 over a tag, the ref, the part lengths and
+the sha256 of every 8 MiB block of every part, each block hashed from the
+file as soon as it has landed (on threads, overlapping the transfer). The
+bytes came from the master over the authenticated channel under that ref,
+and the seal names the ref, so a flipped byte, a truncated or torn file, or
+another slice's file copied over this one all fail the check.
+
+- First use of a file in a daemon (`missing()` or `get()` of a ref not in
+  memory): opened O_NOFOLLOW, read with pread, never through a mapping (a
+  file that shrinks meanwhile cannot raise SIGBUS), seal checked, then
+  mapped from the same descriptor. 400 MiB take about 0.3 s per core.
+- Every use after that: one lstat of the path against the (device, inode,
+  size, mtime) the mapping was checked with. Unchanged: the mapping is used.
+  Changed: the memory copy is dropped unread and the file checked again (a
+  copy another worker re-wrote passes). The first `get()` after `missing()`
+  trusts the stat `missing()` just made, so a task costs one stat a slice.
+- A damaged entry is removed (file and memory copy), logged to stderr
+  (which a worker forwards to the master as LOG), listed by
+  `take_damaged()`, and reported missing: the worker says it is blocked
+  and the master sends the slice again. `get()` finding a ref gone in the
+  middle of a task raises `CacheEntryLost`, except when the file was only
+  removed (evicted, cleared): its mapping keeps the file, which nobody can
+  change any more, so it serves that one last use.
+- Not covered: a file truncated while a task reads its mapping still raises
+  SIGBUS; the check is made before each use, not during it.
+
+Size limit, per host (all daemons of a base share the directory): the
+`limit` argument, else `$QJAMFAB_CACHE_LIMIT`, else a quarter of the cache's
+filesystem and at most 64 GiB. A value is bytes, or a number with K, M, G
+or T (powers of 1024, optionally followed by B or iB): `20G`, `500M`,
+`1.5G`, `1000000`; 0 keeps every slice in memory only. Before a slice is
+written, the least recently used entries are removed until it fits. "Used"
+is the later of an entry's atime and mtime: a daemon sets the atime (not
+the mtime, which the check above compares) when it first uses an entry and
+at most every 30 s after. Never removed: entries this worker has pinned
+(the refs of the task it runs or waits for: `missing()` pins them) and
+entries any worker used in the last 5 minutes, which covers the other
+daemons' running tasks without talking to them. So the cache exceeds its
+limit only by what is in use. A slice bigger than the limit stays in memory
+only. A worker whose file another removed drops its memory copy at the next
+check and the slice is fetched again.
+
+File layout: b"QJC3" | count: u32 | seal: 32 bytes | count x length: u64 |
+each part, padded to a multiple of 64 bytes from the start of the file.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import mmap
 import os
+import re
 import shutil
+import stat
 import struct
+import sys
+import threading
+import time
+from collections.abc import Iterable
 
 from .. import protocol
+from . import secure_dir
 
-_MAGIC = b"QJC2"
-_COUNT = struct.Struct("!I")
+_MAGIC = b"QJC3"
+_PREFIX = struct.Struct("!4sI32s")   # magic, count, seal
+_SEAL_AT = 8                         # offset of the seal in the file
 _LENGTH = struct.Struct("!Q")
 _ALIGN = 64
-_DISK_MARGIN = 16 << 20   # leave this much free on the disk
+_BLOCK = 8 << 20                     # bytes hashed at a time
+_SEAL_TAG = b"qjamfab-cache-seal-1\0"
+_MAX_PARTS = 1 << 16                 # a count above this is a damaged header
+_DISK_MARGIN = 16 << 20              # leave this much free on the disk
+_TOUCH_S = 30.0                      # set an entry's atime this often in use
+IN_USE_S = 300.0                     # an entry used this recently stays
+_DEFAULT_SHARE = 4                   # default limit: 1/4 of the filesystem...
+_DEFAULT_CAP = 64 << 30              # ...at most this
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NOTHING: frozenset = frozenset()
+
+
+class CacheLimitError(ValueError):
+    """A cache size limit that is not a size."""
+
+
+class CacheEntryLost(LookupError):
+    """A slice left the cache (damaged, removed) while a task needed it."""
+
+
+def parse_size(text: str, env: str | None = "QJAMFAB_CACHE_LIMIT") -> int:
+    """Bytes in a size such as `20G`, `500M`, `1.5G` or `1000000`; `env`
+    names the variable it came from, for the error."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?\s*",
+                         str(text), re.IGNORECASE)
+    if not match:
+        shown = f"{env}={text!r}" if env else f"cache limit {text!r}"
+        example = f"{env}=20G, 500M or 1.5G" if env else "20G, 500M or 1.5G"
+        raise CacheLimitError(
+            f"{shown} is not a size: write bytes, or a number with K, M, G "
+            f"or T (powers of 1024), e.g. {example}")
+    scale = 1 << (10 * " KMGT".index(match.group(2).upper() or " "))
+    return int(float(match.group(1)) * scale)
+
+
+def cache_limit(directory: str, limit: int | str | None = None) -> int:
+    """The cache limit in bytes: `limit` (bytes or a size string), else
+    $QJAMFAB_CACHE_LIMIT, else the default (see the module docstring)."""
+    if isinstance(limit, str):
+        return parse_size(limit, None)
+    if limit is not None:
+        if limit < 0:
+            raise CacheLimitError(
+                f"cache limit {limit} is negative: give bytes (0 keeps "
+                "slices in memory only)")
+        return int(limit)
+    value = os.environ.get("QJAMFAB_CACHE_LIMIT", "").strip()
+    if value:
+        return parse_size(value)
+    return min(shutil.disk_usage(directory).total // _DEFAULT_SHARE,
+               _DEFAULT_CAP)
 
 
 def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
+class _Damage(Exception):
+    """Why a cache file cannot be used."""
+
+
+class _Entry:
+    """A slice in memory; `key` (dev, inode, size, mtime) and `mapping` are
+    None for a slice kept in memory only."""
+    __slots__ = ("value", "path", "key", "mapping", "touched")
+
+    def __init__(self, value, path, key, mapping, touched):
+        self.value = value
+        self.path = path
+        self.key = key
+        self.mapping = mapping
+        self.touched = touched
+
+
+def _key(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class RefCache:
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, limit: int | str | None = None):
+        """The cache in `directory` (created 0700 and checked to be ours),
+        holding at most `limit` bytes on disk (see cache_limit)."""
+        secure_dir(directory)
         self.directory = directory
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        self._memory: dict[str, object] = {}
+        self.limit = cache_limit(directory, limit)
+        self._memory: dict[str, _Entry] = {}
+        self._pinned: frozenset = _NOTHING
+        self._checked: frozenset = _NOTHING   # what missing() just checked
+        self._damaged: list[str] = []
+        self._damaged_total = 0
         _tidy(directory)
 
     def _path(self, ref: str) -> str:
         return os.path.join(self.directory, ref)
 
-    def missing(self, refs) -> list[str]:
-        return [r for r in refs
-                if r not in self._memory and not os.path.exists(self._path(r))]
+    def pin(self, refs: Iterable[str]) -> None:
+        """Keep these refs (the running or waiting task's) from eviction by
+        this worker, until the next pin()."""
+        self._pinned = frozenset(refs)
+
+    def missing(self, refs: Iterable[str]) -> list[str]:
+        """The refs not usable here, checking each one (a file read for the
+        first time is verified; one in memory costs a stat). Pins `refs`:
+        the worker asks this for the task it is about to run."""
+        refs = list(refs)
+        pinned = self._pinned = frozenset(refs)
+        lacking = [r for r in refs if self._usable(r) is None]
+        self._checked = pinned.difference(lacking) if lacking else pinned
+        return lacking
+
+    def get(self, ref: str) -> object:
+        """The slice of ref, checked (see the module docstring); raises
+        CacheEntryLost when it is damaged or gone."""
+        entry = self._memory.get(ref)
+        checked, self._checked = self._checked, _NOTHING
+        if entry is not None:
+            if entry.key is None or ref in checked:
+                return entry.value
+            try:
+                st = os.lstat(entry.path)
+            except FileNotFoundError:
+                st = None
+            if st is not None and (st.st_dev, st.st_ino, st.st_size,
+                                   st.st_mtime_ns) == entry.key:
+                return entry.value
+            if st is None and _size(entry.mapping) == entry.key[2]:
+                # Removed, not changed: the mapping still holds the file and
+                # no one can write it now. Good for this use only.
+                self._memory.pop(ref, None)
+                return entry.value
+        entry = self._usable(ref)
+        if entry is None:
+            raise CacheEntryLost(
+                f"slice {ref} left this worker's cache while its task ran "
+                "(damaged or removed on disk): run again, the master will "
+                "send it again")
+        return entry.value
+
+    def take_damaged(self) -> list[str]:
+        """The refs found damaged since the last call."""
+        damaged, self._damaged = self._damaged, []
+        return damaged
+
+    def _usable(self, ref: str) -> _Entry | None:
+        """ref's entry after checking it, or None when it is not here or
+        was damaged (and is now removed)."""
+        entry = self._memory.get(ref)
+        if entry is not None:
+            if entry.key is None:
+                return entry
+            try:
+                st = os.lstat(entry.path)
+            except FileNotFoundError:
+                self._memory.pop(ref, None)
+                return None
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) \
+                    == entry.key:
+                now = time.monotonic()
+                if now - entry.touched > _TOUCH_S:
+                    entry.touched = now
+                    _touch(entry.path)
+                return entry
+            # Changed under the mapping: drop it without reading a byte
+            # (the file may have shrunk), then check what is there now.
+            self._memory.pop(ref, None)
+        return self._load(ref)
+
+    def _load(self, ref: str) -> _Entry | None:
+        path = self._path(ref)
+        try:
+            fd = os.open(path, os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:   # ELOOP: a symlink where a file should be
+            self._drop_damaged(ref, f"cannot be opened: {exc.strerror}")
+            return None
+        try:
+            st = os.fstat(fd)
+            try:
+                if not stat.S_ISREG(st.st_mode):
+                    raise _Damage("not a regular file")
+                try:
+                    offsets, lengths = _verify(fd, ref, st)
+                except OSError as exc:   # EIO: a bad disk
+                    raise _Damage(f"cannot be read: {exc.strerror}") from None
+                if _key(os.fstat(fd)) != _key(st):
+                    raise _Damage("it changed while it was checked")
+                mapping, value = _map(fd, offsets, lengths, st.st_size)
+            except _Damage as exc:
+                self._drop_damaged(ref, str(exc), st.st_ino)
+                return None
+        finally:
+            os.close(fd)
+        _touch(path)
+        entry = self._memory[ref] = _Entry(value, path, _key(st), mapping,
+                                           time.monotonic())
+        return entry
+
+    def _drop_damaged(self, ref: str, reason: str,
+                      inode: int | None = None) -> None:
+        self._memory.pop(ref, None)
+        _remove(self._path(ref), inode)
+        self._damaged.append(ref)
+        self._damaged_total += 1
+        print(f"qjamfab: cache entry {ref} is damaged ({reason}): removed, "
+              "the master will send the slice again", file=sys.stderr,
+              flush=True)
 
     def receive(self, ref: str, lengths: list[int],
                 reader: protocol.FrameReader, source_fd: int | None) -> None:
-        """Take a REFS payload off the stream into the cache. Without room
-        on the disk it is kept in memory only."""
-        header = _MAGIC + _COUNT.pack(len(lengths)) + b"".join(
-            _LENGTH.pack(n) for n in lengths)
+        """Take a REFS payload off the stream into the cache and seal it.
+        Without room on the disk, or bigger than the limit, it is kept in
+        memory only."""
+        if not ref or os.sep in ref or ref.startswith("."):
+            raise ValueError(f"{ref!r} is not a ref")
+        count = len(lengths)
+        lengths_raw = b"".join(_LENGTH.pack(n) for n in lengths)
+        header = _PREFIX.pack(_MAGIC, count, bytes(32)) + lengths_raw
         size = _aligned(len(header)) + sum(_aligned(n) for n in lengths)
-        if shutil.disk_usage(self.directory).free < size + _DISK_MARGIN:
+        if not self._make_room(ref, size):
             parts = [reader.read_part(n) for n in lengths]
-            self._memory[ref] = protocol.decode(parts)
+            self._memory[ref] = _Entry(protocol.decode(parts), None, None,
+                                       None, 0.0)
             return
-        tmp = f"{self._path(ref)}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        path = self._path(ref)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | _NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        digests: list = []   # digests, or futures of them
+        overlap = size > _BLOCK   # small ones are hashed here and now
         try:
+            # Hashed through a mapping of its full size: this file is ours
+            # and no one else's yet, so it cannot shrink under it.
+            os.ftruncate(fd, size)
+            written = memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_READ))
             pos = _write_padded(fd, header)
+            offsets = []
             for n in lengths:
-                reader.copy_to(fd, n, source_fd)
+                offsets.append(pos)
+                for start in range(0, n, _BLOCK):
+                    # Hash each block as it lands, while the next arrives.
+                    k = min(_BLOCK, n - start)
+                    reader.copy_to(fd, k, source_fd)
+                    block = written[pos + start:pos + start + k]
+                    digests.append(_pool().submit(_digest, block)
+                                   if overlap else _digest(block))
                 pos += n
                 pos += _write_padded(fd, b"", _aligned(pos) - pos)
+            if overlap:
+                digests = [d.result() for d in digests]
+            seal = _seal(ref, count, lengths_raw, digests)
+            digests = []
+            written.release()
+            os.pwrite(fd, seal, _SEAL_AT)
+            st = os.fstat(fd)
+            mapping, value = _map(fd, offsets, lengths, st.st_size)
         except BaseException:
+            if overlap and digests:
+                from concurrent.futures import wait
+                for d in digests:
+                    d.cancel()
+                wait(digests)   # they read the mapping
             os.close(fd)
             os.unlink(tmp)
             raise
         os.close(fd)
-        os.replace(tmp, self._path(ref))
-        self._memory[ref] = _load(self._path(ref))
+        os.replace(tmp, path)   # same inode, size, mtime: st is its key
+        self._memory[ref] = _Entry(value, path, _key(st), mapping,
+                                   time.monotonic())
 
-    def get(self, ref: str) -> object:
-        try:
-            return self._memory[ref]
-        except KeyError:
-            pass
-        value = self._memory[ref] = _load(self._path(ref))
-        return value
+    def _make_room(self, ref: str, size: int) -> bool:
+        """Evict for a new entry of `size` bytes; whether it goes to disk."""
+        if size > self.limit:
+            if self.limit:
+                print(f"qjamfab: slice {ref} ({size} bytes) is bigger than "
+                      f"the cache limit ({self.limit} bytes): kept in memory "
+                      "only; raise QJAMFAB_CACHE_LIMIT to keep it on disk",
+                      file=sys.stderr, flush=True)
+            return False
+        self._evict(size, keep=ref)
+        return shutil.disk_usage(self.directory).free >= size + _DISK_MARGIN
+
+    def _evict(self, incoming: int, keep: str) -> None:
+        """Remove least recently used entries until `incoming` more bytes
+        fit the limit, sparing pinned and recently used ones."""
+        entries, total = [], incoming
+        for entry in os.scandir(self.directory):
+            if entry.name.endswith(".tmp"):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            total += st.st_size
+            entries.append((max(st.st_atime, st.st_mtime), entry.name,
+                            st.st_size, st.st_ino))
+        if total <= self.limit:
+            return
+        now = time.time()
+        for used, name, size, inode in sorted(entries):
+            if now - used < IN_USE_S:
+                break   # this and every later one are in use
+            if name in self._pinned or name == keep:
+                continue
+            self._memory.pop(name, None)
+            _remove(os.path.join(self.directory, name), inode)
+            total -= size
+            if total <= self.limit:
+                return
 
     def drop_memory(self) -> None:
         self._memory.clear()
@@ -89,7 +402,7 @@ class RefCache:
         stats = self.stats()
         self._memory.clear()
         for name in os.listdir(self.directory):
-            _unlink(os.path.join(self.directory, name))
+            _remove(os.path.join(self.directory, name))
         return stats
 
     def stats(self) -> dict:
@@ -97,9 +410,137 @@ class RefCache:
         for entry in os.scandir(self.directory):
             if not entry.name.endswith(".tmp"):
                 entries += 1
-                disk_bytes += entry.stat().st_size
+                disk_bytes += entry.stat(follow_symlinks=False).st_size
         return {"entries": entries, "bytes": disk_bytes,
-                "in_memory": len(self._memory)}
+                "in_memory": len(self._memory), "limit_bytes": self.limit,
+                "damaged": self._damaged_total}
+
+
+def _size(mapping: mmap.mmap) -> int:
+    """The size of the file behind a mapping now (-1 if unknown)."""
+    try:
+        return mapping.size()
+    except (OSError, ValueError):
+        return -1
+
+
+@functools.lru_cache(maxsize=1)
+def _pool():
+    # Imported when first needed: 9 ms a worker start would pay otherwise.
+    from concurrent.futures import ThreadPoolExecutor
+    # A few threads: several daemons share the host's cores.
+    return ThreadPoolExecutor(
+        max_workers=min(4, os.cpu_count() or 1),
+        thread_name_prefix="qjamfab-seal")
+
+
+def _digest(block) -> bytes:
+    return hashlib.sha256(block).digest()   # releases the GIL
+
+
+def _block_digest(fd: int, offset: int, n: int, buffers: threading.local
+                  ) -> bytes:
+    """sha256 of n bytes of the file at offset, read with pread into this
+    thread's buffer: a file that shrank gives a short read, never the
+    SIGBUS a mapping would."""
+    buf = getattr(buffers, "buf", None)
+    if buf is None:
+        buf = buffers.buf = bytearray(_BLOCK)
+    view = memoryview(buf)[:n]
+    done = 0
+    while done < n:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if not got:
+            raise _Damage(f"truncated: it ends inside a part, before "
+                          f"offset {offset + n}")
+        done += got
+    return hashlib.sha256(view).digest()
+
+
+def _seal(ref: str, count: int, lengths_raw: bytes,
+          digests: list[bytes]) -> bytes:
+    h = hashlib.sha256(_SEAL_TAG)
+    h.update(ref.encode() + b"\0")
+    h.update(_PREFIX.pack(_MAGIC, count, bytes(32)) + lengths_raw)
+    for digest in digests:
+        h.update(digest)
+    return h.digest()
+
+
+def _verify(fd: int, ref: str, st: os.stat_result) -> tuple[list, list]:
+    """Check a cache file against its seal, reading it with pread; the
+    offsets and lengths of its parts. Raises _Damage saying what is wrong."""
+    size = st.st_size
+    head = os.pread(fd, _PREFIX.size, 0)
+    if len(head) < _PREFIX.size:
+        raise _Damage(f"truncated to {size} bytes")
+    magic, count, seal = _PREFIX.unpack(head)
+    if magic != _MAGIC:
+        raise _Damage("not a cache file")
+    if count > _MAX_PARTS:
+        raise _Damage(f"its header says {count} parts")
+    lengths_raw = os.pread(fd, count * _LENGTH.size, _PREFIX.size)
+    if len(lengths_raw) < count * _LENGTH.size:
+        raise _Damage(f"truncated to {size} bytes")
+    lengths = list(struct.unpack(f"!{count}Q", lengths_raw))
+    pos = _aligned(_PREFIX.size + len(lengths_raw))
+    offsets, blocks = [], []
+    for n in lengths:
+        offsets.append(pos)
+        blocks += [(pos + i, min(_BLOCK, n - i)) for i in range(0, n, _BLOCK)]
+        pos = _aligned(pos + n)
+    if size != pos:
+        raise _Damage(f"{size} bytes where its header says {pos}")
+    buffers = threading.local()   # one block buffer per thread, this call
+    if len(blocks) > 1:
+        digests = list(_pool().map(
+            lambda b: _block_digest(fd, *b, buffers), blocks))
+    else:
+        digests = [_block_digest(fd, *b, buffers) for b in blocks]
+    if _seal(ref, count, lengths_raw, digests) != seal:
+        raise _Damage("its bytes are not the ones written under this ref")
+    return offsets, lengths
+
+
+def _map(fd: int, offsets: list, lengths: list, size: int) -> tuple:
+    """(the mapping, the slice) of a checked cache file."""
+    mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+    if len(mapping) != size:
+        raise _Damage(f"{len(mapping)} bytes now, {size} when checked")
+    data = memoryview(mapping)
+    return mapping, protocol.decode(
+        [data[o:o + n] for o, n in zip(offsets, lengths)])
+
+
+@functools.lru_cache(maxsize=1)
+def _utimensat():
+    """utimensat(2) with its arguments set (Linux), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        func = ctypes.CDLL(None, use_errno=True).utimensat
+    except (ImportError, OSError, AttributeError):
+        return None
+
+    class Timespec(ctypes.Structure):
+        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p,
+                     ctypes.c_int]
+    utime_now, utime_omit = (1 << 30) - 1, (1 << 30) - 2
+    times = (Timespec * 2)((0, utime_now), (0, utime_omit))
+    at_fdcwd, at_symlink_nofollow = -100, 0x100
+    return lambda path: func(at_fdcwd, os.fsencode(path), times,
+                             at_symlink_nofollow)
+
+
+def _touch(path: str) -> None:
+    """Mark an entry used: its atime becomes now. The mtime is left alone
+    (os.utime would set it back, hiding a write made meanwhile from the
+    identity check). Without utimensat, eviction goes by write order."""
+    touch = _utimensat()
+    if touch is not None:
+        touch(path)
 
 
 def _write_padded(fd: int, data: bytes, pad: int | None = None) -> int:
@@ -116,17 +557,27 @@ def _write_padded(fd: int, data: bytes, pad: int | None = None) -> int:
 
 def _tidy(directory: str) -> None:
     """Remove what a worker finds in the cache that no one can use: entries
-    an older qjamfab wrote in another layout, and temporary files of
-    workers that died writing them (`<ref>.<pid>.tmp`)."""
+    an older qjamfab wrote in another layout, anything that is not a
+    regular file (a symlink planted there), and temporary files of workers
+    that died writing them (`<ref>.<pid>.tmp`)."""
     for entry in os.scandir(directory):
         if entry.name.endswith(".tmp"):
             if not _writer_alive(entry.name):
-                _unlink(entry.path)
+                _remove(entry.path)
             continue
         try:
-            with open(entry.path, "rb") as f:
-                if f.read(len(_MAGIC)) != _MAGIC:
-                    os.unlink(entry.path)
+            if not entry.is_file(follow_symlinks=False):
+                if not entry.is_dir(follow_symlinks=False):
+                    _remove(entry.path)
+                continue
+            # O_NOATIME: looking is not using (eviction goes by atime).
+            fd = os.open(entry.path, os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC
+                         | getattr(os, "O_NOATIME", 0))
+            try:
+                if os.pread(fd, len(_MAGIC), 0) != _MAGIC:
+                    _remove(entry.path)
+            finally:
+                os.close(fd)
         except OSError:
             pass   # removed meanwhile
 
@@ -141,26 +592,13 @@ def _writer_alive(tmp_name: str) -> bool:
     return True
 
 
-def _unlink(path: str) -> None:
+def _remove(path: str, inode: int | None = None) -> None:
+    """Unlink path, if it is still the file `inode` (when given): not a
+    fresh copy another worker renamed there meanwhile."""
     try:
-        os.unlink(path)
+        if inode is None or os.lstat(path).st_ino == inode:
+            os.unlink(path)
     except FileNotFoundError:
         pass   # another worker here removed it first
-
-
-def _load(path: str) -> object:
-    """A cache file's slice, its buffers in a copy-on-write mapping."""
-    with open(path, "rb") as f:
-        data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
-    if bytes(data[:len(_MAGIC)]) != _MAGIC:
-        raise ValueError(f"cache entry {path} is damaged: remove it")
-    (count,) = _COUNT.unpack_from(data, len(_MAGIC))
-    lengths = [_LENGTH.unpack_from(data, len(_MAGIC) + _COUNT.size
-                                   + i * _LENGTH.size)[0]
-               for i in range(count)]
-    pos = _aligned(len(_MAGIC) + _COUNT.size + count * _LENGTH.size)
-    parts = []
-    for n in lengths:
-        parts.append(data[pos:pos + n])
-        pos = _aligned(pos + n)
-    return protocol.decode(parts)
+    except OSError:
+        pass   # a directory: nothing qjamfab made, left alone

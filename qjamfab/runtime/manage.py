@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from . import boot_code, default_base, this_runtime
+from . import boot_code, default_base, secure_dir, this_runtime
 
 START_WAIT_S = 15.0
 
@@ -180,8 +180,12 @@ def main() -> None:
     parser.add_argument("--idle-timeout", type=float, default=3600.0)
     args = parser.parse_args()
     base = default_base()
-    for sub in ("run", "log", "cache"):
-        os.makedirs(os.path.join(base, sub), mode=0o700, exist_ok=True)
+    try:
+        secure_dir(base)
+        for sub in ("run", "log", "cache"):
+            secure_dir(os.path.join(base, sub))
+    except OSError as exc:
+        sys.exit(str(exc))   # its first line says what to do
     if args.command == "start":
         count = (os.cpu_count() or 1) if args.count == "auto" \
             else int(args.count)

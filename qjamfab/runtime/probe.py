@@ -3,12 +3,121 @@
 Sent as source and run with the remote Python before anything is uploaded
 (`python3 -c <this file> BUNDLE_HASH`), so it must stand alone: standard
 library only, no imports from qjamfab. It also creates the base directory
-(0700) and checks that it is writable.
+and its subdirectories (0700), checks that they are ours (`secure_dir`:
+the report's "insecure" says why not, and nothing is written there then)
+and that the base is writable.
+
+`secure_dir` lives here so that the probe and the rest of the runtime
+(which imports it from here) apply one rule.
 """
 import json
 import os
 import shutil
+import stat
 import sys
+
+
+class InsecureDirectory(PermissionError):
+    """A directory qjamfab would run code from or keep data in can be
+    changed by another user. The message's first line names the path, its
+    owner and mode, and what to do."""
+
+
+def _owner(uid: int) -> str:
+    try:
+        import pwd
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def secure_dir(path: str, create: bool = True) -> None:
+    """Check that `path` is a directory only the current user can change,
+    creating it and its missing parents 0700 first when `create` is true.
+
+    Refused with `InsecureDirectory`:
+    - the directory (after following symlinks) not owned by the current
+      user, or writable by group or others;
+    - a parent of it, after following symlinks, owned by anyone but the
+      current user or root, or writable by group or others without the
+      sticky bit (/tmp is fine: others cannot rename what is ours there);
+    - a symlink on the way (the path as written, the directory itself
+      included) owned by anyone but the current user or root: its owner
+      could point it elsewhere later. A symlink of ours (or root's) to a
+      directory that passes is accepted: it is how people move a cache to
+      a bigger disk.
+    Other OSErrors (no permission to create, a file in the way) propagate.
+    """
+    path = os.path.abspath(path)
+    uid = os.geteuid()
+    if create and not os.path.isdir(path):
+        _make_dirs(path)
+    prefix = os.sep
+    for part in path.split(os.sep)[1:]:
+        prefix = os.path.join(prefix, part)
+        st = os.lstat(prefix)
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (uid, 0):
+            raise InsecureDirectory(
+                f"{prefix} is a symlink (to {os.path.realpath(prefix)}) owned "
+                f"by {_owner(st.st_uid)}, who can point it elsewhere: remove "
+                f"it or set QJAMFAB_HOME to a directory of your own")
+    real = os.path.realpath(path)
+    shown = path if real == path else f"{path} (a symlink to {real})"
+    st = os.stat(real)
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(
+            f"{shown} is not a directory: remove it or set QJAMFAB_HOME to a "
+            f"directory of your own")
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid != uid:
+        raise InsecureDirectory(
+            f"{shown} is owned by {_owner(st.st_uid)}, mode {mode:04o}, not "
+            f"by you: it could hold code or data that is not yours; remove "
+            f"it or set QJAMFAB_HOME to a directory of your own")
+    if mode & 0o022:
+        raise InsecureDirectory(
+            f"{shown} (owner {_owner(st.st_uid)}) has mode {mode:04o}: "
+            f"{_who(mode)} can plant code or data in it; run chmod 700 "
+            f"{real} or set QJAMFAB_HOME to a directory of your own")
+    parent = os.path.dirname(real)
+    while True:
+        st = os.stat(parent)
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid not in (uid, 0):
+            problem = (f"is owned by {_owner(st.st_uid)}, mode {mode:04o}: "
+                       f"they")
+        elif mode & 0o022 and not mode & stat.S_ISVTX:
+            problem = (f"has mode {mode:04o} (owner {_owner(st.st_uid)}) "
+                       f"and no sticky bit: {_who(mode)}")
+        else:
+            problem = ""
+        if problem:
+            raise InsecureDirectory(
+                f"{parent}, a parent of {shown}, {problem} can replace what "
+                f"is under it; set QJAMFAB_HOME to a directory whose parents "
+                f"only you or root can write to")
+        if parent == os.path.dirname(parent):
+            return
+        parent = os.path.dirname(parent)
+
+
+def _who(mode: int) -> str:
+    return {0o020: "its group", 0o002: "other users"}.get(
+        mode & 0o022, "its group and other users")
+
+
+def _make_dirs(path: str) -> None:
+    """mkdir path and its missing parents, each 0700 (os.makedirs gives
+    the parents the umask's mode)."""
+    missing = []
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass   # made meanwhile by another process; checked next
 
 
 def probe(bundle_hash: str) -> dict:
@@ -17,22 +126,26 @@ def probe(bundle_hash: str) -> dict:
     report = {"python": list(sys.version_info[:3]),
               "executable": sys.executable, "cores": os.cpu_count(),
               "base": base, "numpy": None, "writable": False,
-              "free_bytes": None, "runtime_present": False, "error": ""}
+              "free_bytes": None, "runtime_present": False, "error": "",
+              "insecure": ""}
     try:  # the version without importing numpy (0.1 s)
         from importlib.metadata import version
         report["numpy"] = version("numpy")
     except Exception:
         pass
     try:
-        os.makedirs(base, mode=0o700, exist_ok=True)
+        secure_dir(base)
         for sub in ("runtime", "cache", "run", "log"):
-            os.makedirs(os.path.join(base, sub), mode=0o700, exist_ok=True)
+            secure_dir(os.path.join(base, sub))
         check = os.path.join(base, f".write-check-{os.getpid()}")
         with open(check, "w") as f:
             f.write("ok")
         os.unlink(check)
         report["writable"] = True
         report["free_bytes"] = shutil.disk_usage(base).free
+    except InsecureDirectory as exc:
+        report["insecure"] = report["error"] = str(exc)
+        return report   # not a byte written there, not a file believed
     except OSError as exc:
         report["error"] = f"{type(exc).__name__}: {exc}"
     report["runtime_present"] = os.path.isdir(

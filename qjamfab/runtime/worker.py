@@ -34,7 +34,7 @@ import traceback
 
 from .. import protocol
 from ..reduce import default_reduce
-from . import default_base, this_runtime
+from . import default_base, secure_dir, this_runtime
 from .cache import RefCache
 
 _LOG_POLL_S = 0.05
@@ -182,7 +182,8 @@ class Worker:
         self.jobs: dict[str, tuple] = {}     # function hash -> (mapfunc, reduce)
         self.job_bytes: dict[str, bytes] = {}
         self.started = time.time()
-        # Tasks not yet run, in order: [head, params parts, reported blocked]
+        # Tasks not yet run, in order: [head, params parts, refs asked
+        # for (False until blocked once)]
         self.pending: list[list] = []
         self.run_id = None
         self.run_params: list = []  # the params parts of run_id
@@ -263,16 +264,20 @@ class Worker:
         report once what it lacks (False)."""
         if not self.pending:
             return False
-        head, params_parts, reported = self.pending[0]
+        head, params_parts, asked = self.pending[0]
         missing_func = head["func"] not in self.jobs \
             and head["func"] not in self.job_bytes
         missing_refs = self.cache.missing(head["refs"] or ())
         if missing_func or missing_refs:
-            if not reported:
-                self.pending[0][2] = True
+            # Asked once per ref: again only for one that went missing since
+            # (found damaged, or evicted), else the task would wait forever.
+            new = [r for r in missing_refs if asked is False or r not in asked]
+            if asked is False or new:
                 channel.send(protocol.STATE, {
-                    "task": head["task"], "state": "blocked",
-                    "refs": missing_refs, "func": missing_func})
+                    "task": head["task"], "state": "blocked", "refs": new,
+                    "func": missing_func and asked is False,
+                    "damaged": self.cache.take_damaged()})
+            self.pending[0][2] = set(missing_refs)
             return False
         self.pending.pop(0)
         self._run(channel, head, params_parts)
@@ -435,8 +440,11 @@ def main(argv: list[str] | None = None) -> None:
     os.umask(0o077)
     _tune_malloc()
     base = os.path.expanduser(args.base or default_base())
-    os.makedirs(base, mode=0o700, exist_ok=True)
-    os.makedirs(os.path.join(base, "log"), mode=0o700, exist_ok=True)
+    try:
+        secure_dir(base)
+        secure_dir(os.path.join(base, "log"))
+    except OSError as exc:
+        sys.exit(str(exc))   # its first line says what to do
     # Ctrl-C at the master's terminal is the master's to handle.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_signal)
