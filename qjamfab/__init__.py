@@ -10,9 +10,9 @@ The public names live in private-ish modules and are re-exported here.
 from .dataset import (ArrayDataSet, BaseDataSet, DataSet, ListDataSet,
                       NpyFileDataSet, TextMatrixDataSet)
 from .errors import (AuthenticationFailed, BadDataSet, BadHostSpec, BadJob,
-                     BadParams, HostError, HostKeyError, HostUnreachable,
-                     JobError, PreflightFailed, ProtocolError, QjamfabError,
-                     ReduceError, RemoteError, WorkerLost)
+                     BadParams, ExecutorShutdown, HostError, HostKeyError,
+                     HostUnreachable, JobError, PreflightFailed, ProtocolError,
+                     QjamfabError, ReduceError, RemoteError, WorkerLost)
 from .master import Master, RunStats
 
 __version__ = "0.1.0"
@@ -23,5 +23,6 @@ __all__ = [
     "QjamfabError", "HostError", "BadHostSpec", "HostUnreachable",
     "AuthenticationFailed", "HostKeyError", "PreflightFailed",
     "ProtocolError", "WorkerLost", "RemoteError", "JobError", "BadJob",
-    "BadParams", "BadDataSet", "ReduceError",
+    "BadParams", "BadDataSet", "ReduceError", "ExecutorShutdown",
 ]
+

@@ -25,6 +25,7 @@ from . import display, protocol, serialize
 from .cluster import HostSession
 from .dataset import BaseDataSet, DataSet
 from .errors import QjamfabError, WorkerLost
+from .futures import FuturesMixin, closes_executor, exclusive
 from .hosts import HostSpec, openssh_client, parse_hosts
 from .run import Run, RunStats, print_log
 from .runtime import NO_RUNTIME, default_base, relay
@@ -48,7 +49,7 @@ def _log_from_env() -> None:
     log.setLevel(getattr(logging, level, logging.INFO))
 
 
-class Master:
+class Master(FuturesMixin):
     """Runs jobs on workers: `local[:N]` processes, or SSH hosts.
 
     `hosts=None` means $QJAMFAB_HOSTS, else `local` with one worker per core.
@@ -232,6 +233,7 @@ class Master:
     def workers(self) -> list[str]:
         return [name for name, _, _ in self._slots()]
 
+    @closes_executor
     def close(self) -> None:
         """End this session: stop local workers, drop connections."""
         self._finalizer()
@@ -270,6 +272,7 @@ class Master:
 
     # --- runs -----------------------------------------------------------
 
+    @exclusive
     def run(self, job: object, params: object = None, dataset: object = None,
             *, reduce: Callable | None = None,
             progress: bool | None = None) -> object:
@@ -314,6 +317,7 @@ class Master:
                 host.session.close()
                 host.session = None
 
+    @exclusive
     def clear_cache(self) -> dict[str, dict]:
         """Empty every worker's cache, memory and disk; what each removed."""
         replies = {}
@@ -324,6 +328,7 @@ class Master:
             replies[handle.name] = self._await(handle, protocol.CLEAR)
         return replies
 
+    @exclusive
     def worker_stats(self) -> dict[str, dict]:
         """Each worker's cache entries, bytes, pid and uptime."""
         replies = {}
