@@ -26,3 +26,20 @@ __all__ = [
     "BadParams", "BadDataSet", "ReduceError", "ExecutorShutdown",
 ]
 
+
+def _register_joblib_backend() -> None:
+    """joblib's backend "qjamfab", when joblib is installed (an extra)."""
+    import importlib.util
+    if importlib.util.find_spec("joblib") is None:
+        return
+    try:
+        from . import joblib_backend
+        joblib_backend.register()
+    except Exception as exc:   # a broken joblib must not break qjamfab
+        import warnings
+        warnings.warn(f"qjamfab: the joblib backend is not available "
+                      f"({type(exc).__name__}: {exc}); reinstall joblib "
+                      f"(pip install 'qjamfab[joblib]')", stacklevel=2)
+
+
+_register_joblib_backend()
