@@ -411,3 +411,20 @@ def test_every_worker_lost_fails_the_runs_futures_with_worker_lost():
             list(m.map(lambda x: os._exit(9) if x == 0 else x, range(2)))
         # The worker is restarted for the next run.
         assert m.submit(square, 3).result(timeout=30) == 9
+
+
+def test_a_master_that_ran_futures_is_garbage_collected(qjamfab_home):
+    import gc
+    m = Master("local:2")
+    assert m.submit(square, 5).result(timeout=30) == 25
+    deadline = time.monotonic() + 5
+    while m._qjamfab_executor.thread is not None and \
+            time.monotonic() < deadline:
+        time.sleep(0.01)              # the dispatcher ends when idle
+    del m
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while processes_mentioning(str(qjamfab_home)) and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not processes_mentioning(str(qjamfab_home))
