@@ -15,11 +15,14 @@ How a call travels
   submits lands in one run.
 - The calls of one run are cut into slices, about `SLICES_PER_WORKER` (4)
   per worker, and travel as a `ListDataSet` of those slices: each slice is
-  the cloudpickle of its calls (a function that recurs in a slice is
-  pickled once), so functions and arguments travel by value like `run`'s
-  jobs (lambdas, closures, notebook cells). The job is always the same,
-  `futures_remote.apply_slice` (sent once per worker, then by hash); it
-  runs each call in its own `try`.
+  the cloudpickle of its calls, so functions and arguments travel by value
+  like `run`'s jobs (lambdas, closures, notebook cells). A function that
+  several slices call (a map's, one submitted in a loop) is pickled once
+  and travels in the run's `params`, once per worker, so a closure over
+  big data is not copied into every slice; one called in a single slice
+  (a joblib batch, which carries its data) travels in it. The job is
+  always the same, `futures_remote.apply_slice` (sent once per worker,
+  then by hash); it runs each call in its own `try`.
 - Slices are content-addressed like any dataset: each is written to the
   cache directory of the worker that runs it (and held in its memory).
   That costs a small file per slice per run, kept until `m.clear_cache()`
@@ -38,8 +41,9 @@ How a call travels
 Collects the iterables at once (as the standard library does), queues
 them as parts of `chunksize` items, and yields results in order.
 `chunksize` is the number of items per slice; the default, 1, lets
-qjamfab choose: about 4 slices per worker (10,000 items on 2 workers: 8
-slices of 1,250, each worker running its share as one or two tasks).
+qjamfab choose: 4 slices per worker, their sizes within one item of each
+other (10,000 items on 2 workers: 8 slices of 1,250, each worker running
+its share as one or two tasks; 20 items: 8 slices of 2 or 3).
 `timeout` counts from the call to `map`: `concurrent.futures.TimeoutError`
 when a result is not there in time, and the calls not started yet are
 cancelled.
@@ -284,11 +288,13 @@ class FuturesMixin(Executor):
         items = list(zip(*iterables))
         if not items:
             return iter(())
-        if chunksize == 1:   # let qjamfab choose
-            slices = SLICES_PER_WORKER * max(1, len(self.workers))
-            chunksize = -(-len(items) // slices)
-        calls = [_Call(fn, items[i:i + chunksize], None, single=False)
-                 for i in range(0, len(items), chunksize)]
+        if chunksize == 1:   # let qjamfab choose: sizes within one
+            k = min(len(items), SLICES_PER_WORKER * max(1, len(self.workers)))
+            bounds = [i * len(items) // k for i in range(k + 1)]
+        else:
+            bounds = [*range(0, len(items), chunksize), len(items)]
+        calls = [_Call(fn, items[a:b], None, single=False)
+                 for a, b in zip(bounds, bounds[1:])]
         _state(self).enqueue(self, calls, linger=False)
         return _results([c.future for c in calls], deadline)
 
@@ -329,11 +335,11 @@ def _run_batch(master: Any, state: _ExecutorState, batch: list[_Call]) -> None:
     if not calls:
         return
     try:
-        slices = _payloads(_cut(calls, max(1, len(master.workers))))
+        slices, shared = _payloads(_cut(calls, max(1, len(master.workers))))
         if not slices:
             return
         with state.run_lock:
-            out = master.run(futures_remote.apply_slice,
+            out = master.run(futures_remote.apply_slice, params=shared,
                              dataset=ListDataSet([p for _, p in slices],
                                                  slice_size=1),
                              reduce=operator.add, progress=False)
@@ -361,28 +367,56 @@ def _cut(calls: list[_Call], n_workers: int) -> list[list[_Call]]:
     return slices
 
 
-def _payloads(slices: list[list[_Call]]) -> list[tuple[list[_Call], bytes]]:
-    """Each slice's calls and their pickle. Calls that cannot be pickled
-    fail their futures with BadJob and are left out."""
+def _payloads(slices: list[list[_Call]]
+              ) -> tuple[list[tuple[list[_Call], bytes]], tuple[bytes, ...]]:
+    """Each slice's calls and their pickle, and the run's params: the
+    pickles of the functions that several slices call (a map's, or one
+    submitted in a loop), which so travel once per worker, not once per
+    slice; the slices name them by index. A function called in one slice
+    only (a joblib batch) travels in that slice. Calls whose function or
+    arguments cannot be pickled fail their futures with BadJob and are
+    left out."""
     serialize._register_local_modules()   # user modules travel by value
+    uses: dict[int, int] = {}
+    for calls in slices:
+        for fid in {id(c.fn) for c in calls}:
+            uses[fid] = uses.get(fid, 0) + 1
+    shared: list[bytes] = []
+    index: dict[int, int | None] = {}     # id(fn) -> its place in params
+    for calls in slices:
+        for call in calls:
+            fid = id(call.fn)
+            if uses[fid] < 2 or fid in index:
+                continue
+            try:
+                shared.append(serialize._dumps(call.fn))
+                index[fid] = len(shared) - 1
+            except Exception:
+                index[fid] = None          # its calls fail one by one below
+
+    def group(call: _Call) -> tuple:
+        fn = index.get(id(call.fn), call.fn)
+        return (call.fn if fn is None else fn, call.args_list,
+                call.kwargs_list)
+
     out = []
     for calls in slices:
         try:
-            payload = serialize._dumps((len(out), [c.group() for c in calls]))
+            payload = serialize._dumps((len(out), [group(c) for c in calls]))
         except Exception:
             good = []
             for call in calls:
                 try:
-                    serialize._dumps(call.group())
+                    serialize._dumps(group(call))
                     good.append(call)
                 except Exception as exc:
                     call.fail(_unpicklable(call, exc))
             if not good:
                 continue
             calls = good
-            payload = serialize._dumps((len(out), [c.group() for c in calls]))
+            payload = serialize._dumps((len(out), [group(c) for c in calls]))
         out.append((calls, payload))
-    return out
+    return out, tuple(shared)
 
 
 def _unpicklable(call: _Call, exc: Exception) -> BadJob:

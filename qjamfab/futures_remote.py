@@ -9,7 +9,9 @@ cloudpickle (vendored in its runtime bundle) where pickle cannot.
 
 A slice of a futures run is `[payload]`, the payload the master's
 cloudpickle of `(slice_no, groups)`, each group `(fn, args_list,
-kwargs_list or None)`: one `submit()` or one part of a `map()`. Every call
+kwargs_list or None)`: one `submit()` or one part of a `map()`; `fn` is
+the function, or the index of its pickle in the run's params (functions
+that several slices share travel there, once per worker). Every call
 runs on its own, inside `try`, so one that raises fails only its own
 future. The slice's result is `[(slice_no, values, errors)]`, a list so
 that `operator.add` (the run's reduce) concatenates slices in any order:
@@ -25,13 +27,32 @@ import socket
 import traceback
 
 
-def apply_slice(params: object, chunk: list) -> list:
-    """mapfunc(params, slice) of every futures run (params is unused)."""
+# (params, their functions) of the last task, on a worker. None on the
+# master, always: an immutable global keeps the job's pickle cacheable
+# (serialize.encode_job) and this module travels by value, so the worker's
+# copy has globals of its own.
+_last_shared = None
+
+
+def _functions(params: tuple) -> list:
+    """The run's shared functions, unpickled once per task (a task's
+    slices all see the same params object)."""
+    global _last_shared
+    if _last_shared is None or _last_shared[0] is not params:
+        _last_shared = (params, [pickle.loads(b) for b in params])
+    return _last_shared[1]
+
+
+def apply_slice(params: tuple, chunk: list) -> list:
+    """mapfunc(params, slice) of every futures run. params: the pickles of
+    the functions several slices share; a group names one by its index."""
     (payload,) = chunk
     slice_no, groups = pickle.loads(payload)
     values: list = []
     errors: dict = {}
     for fn, args_list, kwargs_list in groups:
+        if type(fn) is int:
+            fn = _functions(params)[fn]
         for k, args in enumerate(args_list):
             try:
                 values.append(fn(*args, **kwargs_list[k]) if kwargs_list

@@ -106,6 +106,19 @@ def test_a_big_map_is_a_few_slices_per_worker(local2):
     assert list(local2.map(square, range(1000), chunksize=100)) == \
         [x * x for x in range(1000)]
     assert local2.last_run.slices == 10     # an explicit chunksize is kept
+    assert list(local2.map(square, range(20))) == [x * x for x in range(20)]
+    assert local2.last_run.slices == 8      # of 2 or 3 items: 10 per worker
+
+
+def test_a_function_several_slices_call_travels_once_per_worker(local2):
+    big = bytes(2_000_000)                  # closed over by the function
+    results = local2.map(lambda x: len(big) + x, range(80))
+    assert list(results) == [2_000_000 + x for x in range(80)]
+    stats = local2.last_run
+    assert stats.slices == 8
+    # Twice (a copy per worker), not once per slice (8 times).
+    assert 4_000_000 < stats.bytes_sent < 5_000_000
+    assert stats.dataset_bytes_sent < 100_000
 
 
 def test_submits_made_together_share_one_run(local2, monkeypatch):
