@@ -169,13 +169,19 @@ class _ExecutorState:
                     "close() was called); create a new Master for more work")
             self.queue.extend(calls)
             self.linger_until = time.monotonic() + _LINGER_S if linger else 0.0
-            if self.thread is None:
-                self.thread = threading.Thread(
-                    target=self._dispatch_loop, args=(master,),
-                    name="qjamfab-futures", daemon=False)
-                self.thread.start()
-            else:
+            if self.thread is not None:
                 self.cond.notify_all()
+                return
+            thread = threading.Thread(
+                target=self._dispatch_loop, args=(master,),
+                name="qjamfab-futures", daemon=False)
+            try:
+                thread.start()
+            except RuntimeError:   # e.g. while the interpreter exits
+                for _ in calls:
+                    self.queue.pop()
+                raise
+            self.thread = thread
 
     def _dispatch_loop(self, master: Any) -> None:
         close = False
