@@ -90,3 +90,10 @@ class BadDataSet(JobError):
 
 class ReduceError(JobError):
     """Results that the reduce cannot combine."""
+
+
+# --- the Executor (futures.py) ---------------------------------------------
+
+class ExecutorShutdown(QjamfabError, RuntimeError):
+    """submit() or map() after shutdown() or close() (a RuntimeError, as
+    concurrent.futures raises)."""

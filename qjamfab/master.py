@@ -28,6 +28,7 @@ from . import hosts as hostlib
 from .cluster import remote_python
 from .dataset import BaseDataSet, DataSet
 from .errors import QjamfabError, WorkerLost
+from .futures import FuturesMixin, closes_executor, exclusive
 from .hosts import HostSpec, openssh_client, parse_hosts
 from .run import Run, RunSettings, RunStats, print_log
 from .runtime import default_base
@@ -47,7 +48,7 @@ def _log_from_env() -> None:
         display.log_to_stderr(level, "env")
 
 
-class Master:
+class Master(FuturesMixin):
     """Runs jobs on workers: `local[:N]` processes, or SSH hosts.
 
     `hosts=None` means $QJAMFAB_HOSTS, else `local` with one worker per core.
@@ -223,6 +224,7 @@ class Master:
         return [f"{h.label}-{k}" for h in self._hosts
                 for k in range(h.count or 0)]
 
+    @closes_executor
     def close(self) -> None:
         """End this session: stop local workers, drop connections."""
         self._finalizer()
@@ -261,6 +263,7 @@ class Master:
 
     # --- runs -----------------------------------------------------------
 
+    @exclusive
     def run(self, job: object, params: object = None, dataset: object = None,
             *, reduce: Callable | None = None,
             progress: bool | None = None) -> object:
@@ -297,6 +300,7 @@ class Master:
         log.info("run: %r", run.stats)
         return value
 
+    @exclusive
     def clear_cache(self) -> dict[str, dict]:
         """Empty every worker's cache, memory and disk; what each removed."""
         replies = {}
@@ -307,6 +311,7 @@ class Master:
             replies[handle.name] = self._await(handle, protocol.CLEAR)
         return replies
 
+    @exclusive
     def worker_stats(self) -> dict[str, dict]:
         """Each worker's cache entries, bytes, pid and uptime."""
         replies = {}

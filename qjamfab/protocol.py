@@ -41,8 +41,8 @@ STATE = 3      # worker -> master: {task, state: "blocked", refs, func};
                # "cancelled"; from the agent "done" {compute_s} for a held
                # task
 REFS = 4       # master -> worker: {ref}; payload = the slice. From the
-               # agent to its daemons {ref, stored: true}, no payload: the
-               # slice is in the host's cache now
+               # agent to its daemons {ref, stored: file key}, no payload:
+               # the slice is in the host's cache, sealed, as that file
 RESULT = 5     # worker -> master: {task, compute_s, slices}; payload =
                # value. From the agent: {tasks} for a COLLECT
 ERROR = 6      # worker -> master: {task, type, message, traceback}

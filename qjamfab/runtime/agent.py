@@ -41,7 +41,7 @@ from collections import deque
 
 from .. import protocol
 from ..reduce import default_reduce
-from . import default_base, read_tail, this_runtime
+from . import default_base, read_tail, secure_dir, this_runtime
 from . import manage
 from .cache import RefCache
 
@@ -254,11 +254,12 @@ class Agent:
     def _stored(self, ref: str, worker: int) -> None:
         """Tell every daemon the slice is in the cache; when it is only in
         the agent's memory (no room on disk), send it on to its worker."""
-        if os.path.exists(os.path.join(self.cache.directory, ref)):
+        key = self.cache.file_key(ref)
+        if key is not None:   # sealed here: the daemons need not hash it
             for daemon in self.daemons.values():
                 if not daemon.closed:
                     daemon.queue(protocol.frame(
-                        protocol.REFS, {"ref": ref, "stored": True}))
+                        protocol.REFS, {"ref": ref, "stored": list(key)}))
         else:
             daemon = self.daemons.get(worker)
             if daemon is not None and not daemon.closed:
@@ -431,8 +432,11 @@ def _encode(value: object) -> list:
 def main() -> None:
     os.umask(0o077)
     base = default_base()
-    for sub in ("run", "log", "cache"):
-        os.makedirs(os.path.join(base, sub), mode=0o700, exist_ok=True)
+    try:
+        for sub in ("", "run", "log", "cache"):
+            secure_dir(os.path.join(base, sub) if sub else base)
+    except OSError as exc:
+        sys.exit(str(exc))   # its first line says what to do
     master_in, master_out = os.dup(0), os.dup(1)
     # Nothing else may write to the stream: stray prints go to stderr.
     devnull = os.open(os.devnull, os.O_RDONLY)

@@ -175,6 +175,7 @@ class RefCache:
         self._checked: frozenset = _NOTHING   # what missing() just checked
         self._damaged: list[str] = []
         self._damaged_total = 0
+        self._trusted: dict[str, tuple] = {}  # ref -> key checked elsewhere
         _tidy(directory)
 
     def _path(self, ref: str) -> str:
@@ -223,6 +224,19 @@ class RefCache:
                 "send it again")
         return entry.value
 
+    def trust(self, ref: str, key: tuple) -> None:
+        """The host's agent wrote and sealed ref's file as `key` (device,
+        inode, size, mtime): its first use here maps it unhashed while the
+        file is still that one."""
+        self._trusted[ref] = tuple(key)
+
+    def file_key(self, ref: str) -> tuple | None:
+        """(device, inode, size, mtime) of ref's file, None without one."""
+        try:
+            return _key(os.lstat(self._path(ref)))
+        except FileNotFoundError:
+            return None
+
     def take_damaged(self) -> list[str]:
         """The refs found damaged since the last call."""
         damaged, self._damaged = self._damaged, []
@@ -267,7 +281,8 @@ class RefCache:
                 if not stat.S_ISREG(st.st_mode):
                     raise _Damage("not a regular file")
                 try:
-                    offsets, lengths = _verify(fd, ref, st)
+                    offsets, lengths = _verify(
+                        fd, ref, st, self._trusted.pop(ref, None) != _key(st))
                 except OSError as exc:   # EIO: a bad disk
                     raise _Damage(f"cannot be read: {exc.strerror}") from None
                 if _key(os.fstat(fd)) != _key(st):
@@ -467,9 +482,11 @@ def _seal(ref: str, count: int, lengths_raw: bytes,
     return h.digest()
 
 
-def _verify(fd: int, ref: str, st: os.stat_result) -> tuple[list, list]:
-    """Check a cache file against its seal, reading it with pread; the
-    offsets and lengths of its parts. Raises _Damage saying what is wrong."""
+def _verify(fd: int, ref: str, st: os.stat_result, seal_too: bool = True
+            ) -> tuple[list, list]:
+    """Check a cache file against its seal (its header only, without
+    `seal_too`), reading it with pread; the offsets and lengths of its
+    parts. Raises _Damage saying what is wrong."""
     size = st.st_size
     head = os.pread(fd, _PREFIX.size, 0)
     if len(head) < _PREFIX.size:
@@ -491,6 +508,8 @@ def _verify(fd: int, ref: str, st: os.stat_result) -> tuple[list, list]:
         pos = _aligned(pos + n)
     if size != pos:
         raise _Damage(f"{size} bytes where its header says {pos}")
+    if not seal_too:
+        return offsets, lengths
     buffers = threading.local()   # one block buffer per thread, this call
     if len(blocks) > 1:
         digests = list(_pool().map(

@@ -215,9 +215,11 @@ class Worker:
                 try:
                     kind, _, head, lengths = channel.reader.read_head()
                     if kind == protocol.REFS:   # straight into the cache
-                        if lengths:   # else the agent stored it for us
+                        if lengths:
                             self.cache.receive(head["ref"], lengths,
                                                channel.reader, channel.read_fd)
+                        else:   # the agent stored and sealed it for us
+                            self.cache.trust(head["ref"], head["stored"])
                         continue
                     parts = [channel.reader.read_part(n) for n in lengths]
                 except (EOFError, OSError):
