@@ -121,7 +121,7 @@ def _send(refs: RefCache, value, ref: str) -> None:
     writer.start()
     try:
         reader = protocol.FrameReader(lambda v: os.readv(read_fd, [v]))
-        _, head, lengths = reader.read_head()
+        _, _, head, lengths = reader.read_head()
         refs.receive(ref, lengths, reader, read_fd)
     finally:
         writer.join()
