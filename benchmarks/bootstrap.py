@@ -22,8 +22,8 @@ from .common import Scale, env, ssh_hosts, sshd_missing, target
 
 
 def _rounds(servers, rounds: int, cold: bool) -> tuple[list[float], list]:
-    from qjamfab import cluster, hosts as hostlib
-    specs = hostlib.parse_hosts(servers.aliases)
+    from qjamfab import cluster, hostspec
+    specs = hostspec.parse_hosts(servers.aliases)
     times, per_host = [], []
     for _ in range(rounds):
         if cold:
@@ -43,9 +43,9 @@ def _rounds(servers, rounds: int, cold: bool) -> tuple[list[float], list]:
 
 
 def _master_ready(servers, cold: bool) -> float:
-    from qjamfab import Master, cluster, hosts as hostlib
+    from qjamfab import Master, cluster, hostspec
     if cold:
-        cluster.stop_workers(hostlib.parse_hosts(servers.aliases),
+        cluster.stop_workers(hostspec.parse_hosts(servers.aliases),
                              ssh_config=servers.ssh_config)
         for home in servers.homes.values():
             shutil.rmtree(home, ignore_errors=True)

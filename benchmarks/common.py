@@ -254,7 +254,7 @@ def ssh_hosts(k: int, *, one_thread_python: bool = True):
     this Python (QJAMFAB_REMOTE_PYTHON) unless `one_thread_python` is
     false. At the end the workers are stopped (cluster.stop_workers) and
     the servers with everything under them."""
-    from qjamfab import cluster, hosts as hostlib
+    from qjamfab import cluster, hostspec
     from tests.sshd_hosts import SshdHosts
     servers = SshdHosts(k, log_level="ERROR")
     USED_DIRS.append(servers.dir)
@@ -269,7 +269,7 @@ def ssh_hosts(k: int, *, one_thread_python: bool = True):
             try:
                 yield servers
             finally:
-                cluster.stop_workers(hostlib.parse_hosts(servers.aliases),
+                cluster.stop_workers(hostspec.parse_hosts(servers.aliases),
                                      ssh_config=servers.ssh_config)
     finally:
         servers.stop()

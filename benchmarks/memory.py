@@ -116,7 +116,7 @@ def child(path: str, ssh_config: str, aliases: list[str]) -> dict:
 
 
 def run(scale: Scale, log=print) -> dict:
-    from qjamfab import cluster, hosts as hostlib
+    from qjamfab import cluster, hostspec
     why_not = sshd_missing()
     if why_not:
         return {"skipped": why_not, "rows": [], "table": why_not,
@@ -125,7 +125,7 @@ def run(scale: Scale, log=print) -> dict:
     scratch = tempfile.mkdtemp(prefix="qjamfab-bench-npy-")
     try:
         with ssh_hosts(2) as servers:
-            specs = hostlib.parse_hosts(servers.aliases)
+            specs = hostspec.parse_hosts(servers.aliases)
             for i, mib in enumerate(scale.memory_mib):
                 path = os.path.join(scratch, f"data-{mib}.npy")
                 write_npy(path, mib, i + 1)

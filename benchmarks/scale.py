@@ -60,8 +60,8 @@ def _host_cpu(servers) -> float:
 
 
 def _ready(servers, aliases, per_host: int, cold: bool) -> dict:
-    from qjamfab import Master, cluster, hosts as hostlib
-    specs = hostlib.parse_hosts(aliases)
+    from qjamfab import Master, cluster, hostspec
+    specs = hostspec.parse_hosts(aliases)
     if cold:
         cluster.stop_workers(specs, ssh_config=servers.ssh_config)
         for alias in aliases:

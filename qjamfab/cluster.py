@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 from . import hosts as hostlib
 from . import runtime
 from .errors import HostError, PreflightFailed, QjamfabError
-from .hosts import HostSpec
+from .hostspec import HostSpec
 from .transport import sftp_upload, ssh_exec, tail
 
 log = logging.getLogger(__name__)

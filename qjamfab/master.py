@@ -25,11 +25,13 @@ from typing import Callable, Sequence
 
 from . import display, protocol, runtime, serialize
 from . import hosts as hostlib
+from . import openssh
 from .cluster import remote_python
 from .dataset import BaseDataSet, DataSet
 from .errors import QjamfabError, WorkerLost
 from .futures import FuturesMixin, closes_executor, exclusive
-from .hosts import HostSpec, openssh_client, parse_hosts
+from .hostspec import HostSpec, parse_hosts
+from .openssh import openssh_client
 from .run import Run, RunSettings, RunStats, print_log
 from .runtime import default_base
 from .transport import (OPENSSH_FAILED, LocalPipeTransport, OpenSSHTransport,
@@ -162,7 +164,7 @@ class Master(FuturesMixin):
         ssh = None if host.openssh_failed else openssh_client(self.ssh_client)
         if ssh is not None:
             link = Link(host.label, OpenSSHTransport(
-                host.label, hostlib.openssh_command(
+                host.label, openssh.openssh_command(
                     ssh, host.spec, command, ssh_config=self.ssh_config)),
                 agent=True, stall_timeout=self.heartbeat_timeout)
             try:

@@ -47,7 +47,7 @@ from invoke import Collection, Exit, Program, Task, task
 
 from . import cluster, display
 from .errors import QjamfabError
-from .hosts import HostSpec, parse_hosts
+from .hostspec import HostSpec, parse_hosts
 
 __all__ = ["ns"]
 

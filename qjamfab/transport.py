@@ -190,7 +190,7 @@ class LocalPipeTransport(_ProcessTransport):
 
 class OpenSSHTransport(_ProcessTransport):
     """A host's agent, run by the system's OpenSSH client
-    (`hosts.openssh_command`): one connection per host."""
+    (`openssh.openssh_command`): one connection per host."""
 
     _what = "the OpenSSH client"
 

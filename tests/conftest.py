@@ -48,11 +48,11 @@ def ssh():
                         "installed: apt-get install -y openssh-server")
         pytest.skip("OpenSSH sshd is not installed: apt-get install -y "
                     "openssh-server to run the SSH tests")
-    from qjamfab import cluster, hosts
+    from qjamfab import cluster, hostspec
     with SshdHosts(3) as servers:
         yield servers
         for host in servers:
             if not host.running:
                 host.start()
-        cluster.stop_workers(hosts.parse_hosts(servers.aliases),
+        cluster.stop_workers(hostspec.parse_hosts(servers.aliases),
                              ssh_config=servers.ssh_config)

@@ -21,7 +21,7 @@ from qjamfab.cluster import HostResult
 from qjamfab.display import (HostProgress, RunProgress, master_html,
                              print_failure, print_table, render_table,
                              runstats_html)
-from qjamfab.hosts import HostSpec
+from qjamfab.hostspec import HostSpec
 from qjamfab.master import RunStats
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from qjamfab import DataSet, Master, WorkerLost, cluster, hosts
+from qjamfab import DataSet, Master, WorkerLost, cluster, hostspec
 from tests.netns_host import NetnsHost, netns_available
 
 pytestmark = pytest.mark.timeout(120)
@@ -185,7 +185,7 @@ def test_straggler_gets_a_backup_copy(ssh):
             assert not m.last_run.lost_workers
     finally:
         # host2's worker is still asleep in the discarded copy.
-        cluster.stop_workers(hosts.parse_hosts("host2"),
+        cluster.stop_workers(hostspec.parse_hosts("host2"),
                              ssh_config=ssh.ssh_config)
 
 

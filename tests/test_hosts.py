@@ -1,5 +1,6 @@
-"""qjamfab.hosts: host spec parsing, and connect() against private sshd
-servers (tests/sshd_hosts.py) on 127.0.0.2, 127.0.0.3, ..."""
+"""qjamfab.hostspec, qjamfab.hosts and qjamfab.openssh: host spec parsing,
+the OpenSSH command line, and connect() against private sshd servers
+(tests/sshd_hosts.py) on 127.0.0.2, 127.0.0.3, ..."""
 from __future__ import annotations
 
 import os
@@ -13,9 +14,11 @@ import paramiko.packet
 import pytest
 
 from qjamfab import hosts as qhosts
+from qjamfab import openssh
 from qjamfab.errors import (AuthenticationFailed, BadHostSpec, HostError,
                             HostKeyError, HostUnreachable)
-from qjamfab.hosts import HostSpec, connect, parse_hosts
+from qjamfab.hosts import connect
+from qjamfab.hostspec import HostSpec, parse_hosts
 
 try:
     from sshd_hosts import SshdHosts, _alive, sshd_available
@@ -240,31 +243,31 @@ def test_openssh_client_works(sshd):
 
 def test_openssh_client_choice(monkeypatch, tmp_path):
     monkeypatch.delenv("QJAMFAB_SSH_CLIENT", raising=False)
-    assert qhosts.openssh_client() == shutil.which("ssh")
-    assert qhosts.openssh_client("paramiko") is None
+    assert openssh.openssh_client() == shutil.which("ssh")
+    assert openssh.openssh_client("paramiko") is None
     monkeypatch.setenv("QJAMFAB_SSH_CLIENT", "paramiko")
-    assert qhosts.openssh_client() is None
-    assert qhosts.openssh_client("openssh") == shutil.which("ssh")
+    assert openssh.openssh_client() is None
+    assert openssh.openssh_client("openssh") == shutil.which("ssh")
     with pytest.raises(BadHostSpec, match=r"^ssh client 'putty' is not a "
                        r"choice: use openssh, paramiko or auto"):
-        qhosts.openssh_client("putty")
+        openssh.openssh_client("putty")
     monkeypatch.setenv("PATH", str(tmp_path))  # no ssh there
-    assert qhosts.openssh_client("auto") is None
+    assert openssh.openssh_client("auto") is None
     with pytest.raises(BadHostSpec, match=r"^the openssh client was asked "
                        r"for, but no ssh is on PATH: install openssh-client"):
-        qhosts.openssh_client("openssh")
+        openssh.openssh_client("openssh")
 
 
 def test_openssh_command_names_user_port_and_config(monkeypatch):
     spec = parse_hosts("ann@10.1.2.3:2222")[0]
-    argv = qhosts.openssh_command("/usr/bin/ssh", spec, "python3 -c x",
-                                  ssh_config="/cfg")
+    argv = openssh.openssh_command("/usr/bin/ssh", spec, "python3 -c x",
+                                   ssh_config="/cfg")
     assert argv[:3] == ["/usr/bin/ssh", "-F", "/cfg"]
     assert "BatchMode=yes" in argv
     assert argv[-7:] == ["-l", "ann", "-p", "2222", "--", "10.1.2.3",
                          "python3 -c x"]
     monkeypatch.setenv("QJAMFAB_USER", "bob")
-    argv = qhosts.openssh_command("ssh", parse_hosts("alias")[0], "cmd")
+    argv = openssh.openssh_command("ssh", parse_hosts("alias")[0], "cmd")
     assert "-F" not in argv and argv[-5:] == ["-l", "bob", "--", "alias",
                                               "cmd"]
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from qjamfab import DataSet, Master, cluster, hosts
+from qjamfab import DataSet, Master, cluster, hostspec
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -35,7 +35,8 @@ def _sessions(ssh, alias: str) -> int:
 def test_many_workers_per_host_cold_and_warm(ssh, client, layout):
     n_hosts, per_host = layout
     aliases = ssh.aliases[:n_hosts]
-    cluster.stop_workers(hosts.parse_hosts(aliases), ssh_config=ssh.ssh_config)
+    cluster.stop_workers(hostspec.parse_hosts(aliases),
+                         ssh_config=ssh.ssh_config)
     X = np.arange(48_000, dtype=np.int64).reshape(4800, 10)
     data = DataSet(X)
     for attempt in ("cold", "warm"):
@@ -58,7 +59,8 @@ def test_many_workers_per_host_cold_and_warm(ssh, client, layout):
             assert m.last_run.bytes_received < n_hosts * per_host * 8000 / 3
             pids = {s["pid"] for s in m.worker_stats().values()}
             assert len(pids) == n_hosts * per_host
-    cluster.stop_workers(hosts.parse_hosts(aliases), ssh_config=ssh.ssh_config)
+    cluster.stop_workers(hostspec.parse_hosts(aliases),
+                         ssh_config=ssh.ssh_config)
 
 
 def test_a_worker_killed_on_a_live_host_loses_only_itself(ssh):
@@ -67,7 +69,7 @@ def test_a_worker_killed_on_a_live_host_loses_only_itself(ssh):
     import signal
     import threading
     import time
-    cluster.stop_workers(hosts.parse_hosts(["host1"]),
+    cluster.stop_workers(hostspec.parse_hosts(["host1"]),
                          ssh_config=ssh.ssh_config)
     data = DataSet(list(range(80)), slice_size=5)
 

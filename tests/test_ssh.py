@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from qjamfab import (BadHostSpec, DataSet, HostUnreachable, Master,
-                     PreflightFailed, RemoteError, WorkerLost, hosts)
+                     PreflightFailed, RemoteError, WorkerLost, hosts,
+                     hostspec, openssh)
 from tests.jobs import (constant, inner_product, multiply_sum, printing,
                         raising, sum_params)
 
@@ -161,8 +162,8 @@ def test_much_remote_stderr_does_not_stall_the_openssh_client(ssh):
         for b in protocol.frame(protocol.HELLO, {"version": protocol.VERSION}):
             os.write(1, b)
         """)
-    argv = hosts.openssh_command(
-        hosts.openssh_client("openssh"), hosts.parse_hosts("host1")[0],
+    argv = openssh.openssh_command(
+        openssh.openssh_client("openssh"), hostspec.parse_hosts("host1")[0],
         shlex.join([sys.executable, "-c", code]), ssh_config=ssh.ssh_config)
     link = Link("w", OpenSSHTransport("w", argv), agent=False,
                 stall_timeout=5.0)
@@ -215,7 +216,7 @@ def test_stopped_daemons_start_in_the_one_connection(ssh):
     """Where no daemon listens, the agent starts them all and they attach,
     over the one connection the Master opened."""
     from qjamfab import cluster
-    cluster.stop_workers(hosts.parse_hosts(["host2"]),
+    cluster.stop_workers(hostspec.parse_hosts(["host2"]),
                          ssh_config=ssh.ssh_config)
     before = _connections(ssh, "host2")
     with Master(["host2"], workers_per_host=2, ssh_config=ssh.ssh_config) as m:
@@ -329,7 +330,7 @@ def test_daemon_of_another_runtime_is_replaced(ssh):
     another protocol) is stopped and a current one started in its place."""
     import shutil
     from qjamfab import cluster, runtime
-    host3 = hosts.parse_hosts(["host3"])
+    host3 = hostspec.parse_hosts(["host3"])
     assert cluster.bootstrap(host3, ssh_config=ssh.ssh_config)[0].ok
     cluster.stop_workers(host3, ssh_config=ssh.ssh_config)
     home = ssh.homes["host3"]
@@ -365,7 +366,7 @@ def test_daemon_of_another_runtime_is_replaced(ssh):
 
 def test_two_gib_each_way_through_one_connection(ssh):
     """The paramiko rekey workaround (DESIGN.md: issue 822) holds up."""
-    conn = hosts.connect(hosts.parse_hosts("host1")[0],
+    conn = hosts.connect(hostspec.parse_hosts("host1")[0],
                          ssh_config=ssh.ssh_config)
     total = 2 << 30
     block = os.urandom(1 << 20)

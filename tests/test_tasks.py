@@ -19,7 +19,7 @@ import pytest
 
 from qjamfab import HostKeyError, cluster, runtime
 from qjamfab import cli as qjamfab_cli
-from qjamfab.hosts import parse_hosts
+from qjamfab.hostspec import parse_hosts
 
 try:
     from sshd_hosts import SshdHosts, sshd_available

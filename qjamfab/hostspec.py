@@ -1,0 +1,207 @@
+"""Host specs: what the user wrote, and where an SSH spec points.
+
+`parse_hosts` turns host entries (``"local"``, ``"local:4"``,
+``"user@host:port"``, ssh_config aliases) into `HostSpec` values, raising
+`BadHostSpec` for malformed ones. This module also owns, for an SSH spec:
+
+- `split_destination`: ``[user@]host[:port]`` into (user, host, port);
+- `destination`: the user from ``user@``, else ``$QJAMFAB_USER``, else
+  ``$QJAM_USER``, with the host and port;
+- `config_path`: which ssh_config file applies (the argument, else
+  ``$QJAMFAB_SSH_CONFIG``, else the clients' defaults);
+- `config_option` / `config_yes`: reading an option of a Connection's
+  ssh_config, for hosts.py and knownhosts.py.
+
+Stdlib only, plus qjamfab's errors: no SSH library is needed to parse specs.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import BadHostSpec
+
+__all__ = ["HostSpec", "parse_hosts", "split_destination", "destination",
+           "config_path", "config_option", "config_yes"]
+
+
+# --- host specs ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HostSpec:
+    """One host entry. `kind` is "local" or "ssh"; `workers` is N for
+    ``local:N`` and None otherwise. Duplicate entries are distinct hosts, so
+    key per-host state by position, not by HostSpec value."""
+
+    raw: str
+    kind: str
+    workers: int | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.kind == "local"
+
+    def __str__(self) -> str:
+        return self.raw
+
+
+_HOW = "write hosts as 'local', 'local:N' or '[user@]host[:port]', comma separated"
+
+
+def parse_hosts(hosts: None | str | Sequence[str]) -> list[HostSpec]:
+    """Parse host entries into HostSpecs (raises BadHostSpec).
+
+    None means ``$QJAMFAB_HOSTS`` (comma separated), or ``["local"]`` when it
+    is unset or blank. A string is comma separated; a sequence holds one
+    entry per item. Blanks around entries are stripped.
+    """
+    source = "hosts"
+    if hosts is None:
+        env = os.environ.get("QJAMFAB_HOSTS", "")
+        if not env.strip():
+            return [HostSpec("local", "local", None)]
+        hosts, source = env, "QJAMFAB_HOSTS"
+    if isinstance(hosts, (bytes, bytearray)):
+        hosts = hosts.decode()
+    if isinstance(hosts, str):
+        entries = hosts.split(",")
+        if not hosts.strip():
+            entries = []
+    elif isinstance(hosts, Sequence):
+        entries = list(hosts)
+        for item in entries:
+            if not isinstance(item, str):
+                raise BadHostSpec(
+                    f"host entry {item!r} in {source} is a "
+                    f"{type(item).__name__}, not a string: {_HOW}",
+                    host=repr(item))
+            if "," in item:
+                raise BadHostSpec(
+                    f"host entry {item!r} contains a comma: give one host per "
+                    f"list item, or pass one comma-separated string",
+                    host=item)
+    else:
+        raise BadHostSpec(
+            f"hosts must be None, a string or a list of strings, not "
+            f"{type(hosts).__name__}: {_HOW}", host=repr(hosts))
+    if not entries:
+        raise BadHostSpec(
+            f"no hosts given in {source}: {_HOW} (or leave it unset for "
+            f"local workers)", host="")
+    return [_parse_entry(e, i, source, hosts) for i, e in enumerate(entries, 1)]
+
+
+def _parse_entry(entry: str, index: int, source: str, whole) -> HostSpec:
+    raw = entry.strip()
+    if not raw:
+        raise BadHostSpec(
+            f"host entry {index} in {source} ({whole!r}) is empty: remove the "
+            f"extra comma or blank item", host="")
+    if any(c.isspace() for c in raw):
+        raise BadHostSpec(
+            f"host spec {raw!r} contains whitespace: separate hosts with "
+            f"commas, as in 'a,b'", host=raw)
+    if any(ord(c) < 32 or ord(c) == 127 for c in raw):
+        raise BadHostSpec(
+            f"host spec {raw!r} contains a control character: {_HOW}",
+            host=raw)
+    head, sep, tail = raw.partition(":")
+    if head.lower() == "local":
+        if not sep:
+            return HostSpec(raw, "local", None)
+        if not tail.isdigit() or not tail.isascii():
+            raise BadHostSpec(
+                f"host spec {raw!r}: the worker count after 'local:' must be "
+                f"a positive integer, as in 'local:4'", host=raw)
+        n = int(tail)
+        if n < 1:
+            raise BadHostSpec(
+                f"host spec {raw!r} asks for {n} workers: use 'local:N' with "
+                f"N >= 1, or plain 'local' for one per core", host=raw)
+        return HostSpec(raw, "local", n)
+    split_destination(raw)   # validates
+    return HostSpec(raw, "ssh", None)
+
+
+def split_destination(raw: str) -> tuple[str | None, str, int | None]:
+    """``[user@]host[:port]`` (also ``[v6addr]:port`` and bare v6) into
+    (user, host, port). Raises BadHostSpec."""
+    if "://" in raw:
+        raise BadHostSpec(
+            f"host spec {raw!r} looks like a URL: write [user@]host[:port] "
+            f"instead", host=raw)
+    user, at, hostport = raw.rpartition("@")
+    if at and not user:
+        raise BadHostSpec(
+            f"host spec {raw!r} has an empty user before '@': write "
+            f"user@host, or just host", host=raw)
+    if at and not hostport:
+        raise BadHostSpec(
+            f"host spec {raw!r} has no host after '@': write user@host or "
+            f"user@host:port", host=raw)
+    port_text = None
+    if hostport.startswith("["):
+        m = re.fullmatch(r"\[([^\[\]]+)\](?::(.*))?", hostport)
+        if not m:
+            raise BadHostSpec(
+                f"host spec {raw!r} has an unclosed or empty '[...]': write "
+                f"[address]:port, as in [::1]:2222", host=raw)
+        host, port_text = m.group(1), m.group(2)
+    elif hostport.count(":") > 1:
+        host = hostport          # a bare IPv6 address: no port
+    else:
+        host, colon, port_text = hostport.partition(":")
+        if not colon:
+            port_text = None
+    if not host:
+        raise BadHostSpec(
+            f"host spec {raw!r} has no host name: write [user@]host[:port]",
+            host=raw)
+    if host.startswith("-") or (user and user.startswith("-")):
+        raise BadHostSpec(
+            f"host spec {raw!r} starts with '-', which SSH tools read as an "
+            f"option: write [user@]host[:port]", host=raw)
+    port = None
+    if port_text is not None:
+        if not (port_text.isascii() and port_text.isdigit()) \
+                or not 1 <= int(port_text) <= 65535:
+            raise BadHostSpec(
+                f"host spec {raw!r} has port {port_text!r}, which is not a "
+                f"number from 1 to 65535: write [user@]host[:port]", host=raw)
+        port = int(port_text)
+    return (user or None), host, port
+
+
+# --- where an SSH spec points ----------------------------------------------
+
+def config_path(ssh_config: str | None) -> str | None:
+    """The ssh_config file to use: the argument, else $QJAMFAB_SSH_CONFIG,
+    else None (the clients' defaults)."""
+    return ssh_config or os.environ.get("QJAMFAB_SSH_CONFIG") or None
+
+
+def destination(spec: HostSpec) -> tuple[str | None, str, int | None]:
+    """(user, host, port) of an SSH spec; the user from ``user@``, else
+    $QJAMFAB_USER, else $QJAM_USER, else None (ssh_config decides)."""
+    user, host, port = split_destination(spec.raw)
+    user = user or os.environ.get("QJAMFAB_USER") or os.environ.get(
+        "QJAM_USER") or None
+    return user, host, port
+
+
+# --- ssh_config options ----------------------------------------------------
+
+def config_option(conn, name: str, default: str | None = None) -> str | None:
+    """Option `name` (lower case) of a Fabric Connection's ssh_config, as a
+    string (the first value of a list), else `default`."""
+    value = conn.ssh_config.get(name)
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return default if value is None else str(value)
+
+
+def config_yes(value: str | None) -> bool:
+    """Whether an ssh_config value says yes (yes, true or on)."""
+    return (value or "").strip().lower() in ("yes", "true", "on")
