@@ -33,10 +33,12 @@ AGENT = 0xFFFF   # the worker field of frames for or from a host's agent
 # long-lived workers and host agents need.
 HELLO = 1      # worker -> master, first frame: version, name, pid, versions;
                # from the agent: the host's python, cores, base, runtime
-TASK = 2       # master -> worker: {task, run, func, refs, params: bool,
-               # hold: bool}; payload = params, sent with a run's first task
-               # to a worker only (params false: the run's params again);
-               # hold: the agent keeps the result for COLLECT
+TASK = 2       # master -> worker: {task, run, func, refs, slices, leaves,
+               # params: bool, hold: bool}; payload = params, sent with a
+               # run's first task to a worker only (params false: the run's
+               # params again); slices: their indices, leaves: how many the
+               # run has (results combine in reduce.ReduceTree); hold: the
+               # agent keeps the result for COLLECT
 STATE = 3      # worker -> master: {task, state: "blocked", refs, func};
                # "cancelled"; from the agent "done" {compute_s} for a held
                # task
@@ -44,7 +46,8 @@ REFS = 4       # master -> worker: {ref}; payload = the slice. From the
                # agent to its daemons {ref, stored: file key}, no payload:
                # the slice is in the host's cache, sealed, as that file
 RESULT = 5     # worker -> master: {task, compute_s, slices}; payload =
-               # value. From the agent: {tasks} for a COLLECT
+               # [(lo, size, value)], ReduceTree nodes. From the agent:
+               # {tasks} for a COLLECT
 ERROR = 6      # worker -> master: {task, type, message, traceback}
 FUNC = 7       # master -> worker: {hash}; payload = [cloudpickled job]
 HEARTBEAT = 8  # worker -> master, every HEARTBEAT_INTERVAL_S while
@@ -57,9 +60,9 @@ CANCEL = 12    # master -> worker: {task}; a queued task is dropped and
 ATTACH = 13    # master -> agent: {count, idle_timeout}; the agent starts
                # missing daemons, connects to each, forwards their HELLOs
                # and answers ATTACH {workers: [k...], failed: {k: reason}}
-COLLECT = 14   # master -> agent: {run, func, tasks: [held task ids, in
-               # slice order]}; answered by RESULT {tasks}, their values
-               # combined with the job's reduce
+COLLECT = 14   # master -> agent: {run, func, leaves, tasks: [held task
+               # ids]}; answered by RESULT {tasks}, their nodes combined
+               # with the job's reduce
 GONE = 15      # agent -> master, for worker k: its daemon's connection
                # ended {reason, tail}
 

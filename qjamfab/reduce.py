@@ -1,7 +1,8 @@
-"""The default reduce: `+`, element-wise for equal-length lists and tuples.
+"""The default reduce (`+`, element-wise for equal-length lists and
+tuples), and the fixed tree every run combines its results in.
 
 Standard library only, and no qjamfab imports: this file is shipped to
-workers, which combine their own slices' results with it before replying.
+workers and host agents, which combine results with it before replying.
 """
 from __future__ import annotations
 
@@ -44,6 +45,68 @@ def _rebuild(like: list | tuple, items: list[Any]) -> list | tuple:
     if isinstance(like, tuple) and hasattr(like, "_fields"):
         return type(like)(*items)
     return type(like)(items)
+
+
+_ABSENT = object()
+
+
+class ReduceTree:
+    """A run's partial results as the nodes of one fixed binary tree over
+    its leaves (slice indices, or workers for a run without a dataset).
+
+    Node (lo, size) covers leaves lo .. lo+size-1; size is a power of two
+    and lo a multiple of it. A node's value is reduce(left child, right
+    child); a node whose right half lies past the last leaf is its left
+    child. Adding nodes combines siblings as soon as both are here, so
+    whoever adds what, in whatever order (a worker its slices, an agent
+    its workers' nodes, the master everyone's), the root is the same value
+    to the bit, for the same leaves: the result does not depend on how
+    slices were grouped into tasks, nor on stealing, backups, lost
+    workers or arrival order. Only what has no sibling yet is held.
+    """
+
+    def __init__(self, leaves: int, reduce: Callable[[Any, Any], Any] | None
+                 = None):
+        if leaves < 1:
+            raise ValueError("a ReduceTree needs at least one leaf")
+        self.leaves = leaves
+        self.reduce = reduce or default_reduce
+        self.top = 1 << (leaves - 1).bit_length()
+        self.nodes: dict[tuple[int, int], Any] = {}
+
+    def add(self, lo: int, size: int, value: Any) -> None:
+        """Add node (lo, size), combining it upwards while it can."""
+        while size < self.top:
+            if (lo // size) % 2 == 0:
+                if lo + size < self.leaves:
+                    right = self.nodes.pop((lo + size, size), _ABSENT)
+                    if right is _ABSENT:
+                        break
+                    value = self.reduce(value, right)
+            else:
+                left = self.nodes.pop((lo - size, size), _ABSENT)
+                if left is _ABSENT:
+                    break
+                value = self.reduce(left, value)
+                lo -= size
+            size *= 2
+        self.nodes[(lo, size)] = value
+
+    def add_all(self, nodes: Sequence[tuple[int, int, Any]]) -> None:
+        for lo, size, value in nodes:
+            self.add(lo, size, value)
+
+    def items(self) -> list[tuple[int, int, Any]]:
+        """The nodes held, to send on: [(lo, size, value)]."""
+        return [(lo, size, value) for (lo, size), value in self.nodes.items()]
+
+    @property
+    def complete(self) -> bool:
+        return (0, self.top) in self.nodes
+
+    def result(self) -> Any:
+        """The root's value, once every leaf has been added."""
+        return self.nodes[(0, self.top)]
 
 
 def reduce_all(values: Sequence[Any], reduce: Callable[[Any, Any], Any] | None = None) -> Any:

@@ -21,7 +21,7 @@ from . import display, protocol, scheduler, serialize
 from .dataset import BaseDataSet
 from .errors import (BadJob, ProtocolError, QjamfabError, ReduceError,
                      RemoteError, WorkerLost)
-from .reduce import ReduceMismatch, reduce_all
+from .reduce import ReduceMismatch, ReduceTree
 from .workers import LOST, Event, Inbox, Link, WorkerHandle
 
 log = logging.getLogger("qjamfab")
@@ -98,11 +98,13 @@ class Run:
     backup copy. The first copy to finish wins its group, the others are
     cancelled or discarded, so every slice counts exactly once.
 
-    On a host with several workers in the run, results wait at the host's
-    agent ("held"): the master hears "done", and once the host has no open
-    task left it asks the agent to combine the winners (COLLECT), in chains
-    of consecutive slices, so one value per chain crosses the network. If
-    the host is lost first, its held groups run again elsewhere.
+    Results combine in one fixed tree over the slices (reduce.ReduceTree),
+    as they arrive: the value depends on the slices, not on how they were
+    grouped or where they ran. On a host with several workers in the run,
+    results wait at the host's agent ("held"): the master hears "done", and
+    once the host has no open task left it asks the agent to combine the
+    winners (COLLECT), so what crosses the network is a few tree nodes per
+    host. If the host is lost first, its held groups run again elsewhere.
 
     Work per event is constant, besides what the event itself changes:
     each worker's open tasks are kept in order, idle workers in a set, and
@@ -132,7 +134,7 @@ class Run:
         self.groups: dict[int, list[int]] = {}    # group id -> its slices
         self.won: dict[int, _Task] = {}           # group -> winning copy
         self.undelivered: set[int] = set()        # groups without a value
-        self.values: list[tuple[int, object]] = []  # (first slice, value)
+        self.tree: ReduceTree | None = None       # results, as they arrive
         self.held: dict[Link, list[_Task]] = {}   # done, at the agent
         self.collecting: dict[Link, list[_Task]] = {}
         self.slice_seconds: list[float] = []      # sorted, per slice
@@ -161,6 +163,8 @@ class Run:
             plan = scheduler.plan(self.refs, [h.name for h in self.workers],
                                   {h.name: h.refs for h in self.workers})
             self.stats.slices = len(self.refs)
+        self.leaves = len(self.refs) if self.refs is not None else len(plan)
+        self.tree = ReduceTree(self.leaves, self.reduce)
         self.progress = display.RunProgress(
             len(self.refs) if self.refs is not None else len(plan),
             enabled=self.progress_enabled,
@@ -181,15 +185,7 @@ class Run:
             self._count_bytes()
         if self.refs is not None and self.settings.replicas > 1:
             self._replicate()
-        self.values.sort(key=lambda v: v[0])
-        try:
-            return reduce_all([v for _, v in self.values], self.reduce)
-        except ReduceMismatch as exc:
-            raise ReduceError(f"{exc}") from exc
-        except Exception as exc:
-            raise ReduceError(
-                f"reduce failed on the master ({type(exc).__name__}: {exc}): "
-                "fix reduce(a, b) so it combines two results") from exc
+        return self.tree.result()
 
     def split_next(self) -> bool:
         """Whether the next run should send each worker's slices as two
@@ -229,7 +225,8 @@ class Run:
             with_params = handle not in self.params_sent
             handle.send(protocol.TASK, {
                 "task": task.id, "run": self.run_id, "func": self.func_hash,
-                "refs": refs, "params": with_params, "hold": held},
+                "refs": refs, "slices": slices, "leaves": self.leaves,
+                "params": with_params, "hold": held},
                 self.params_parts if with_params else ())
             self.params_sent.add(handle)
         except WorkerLost as exc:
@@ -391,19 +388,13 @@ class Run:
             self._ask_collect(link)
 
     def _ask_collect(self, link: Link) -> None:
-        """Have the agent combine its held winners, chain by chain."""
-        tasks = sorted(self.held.pop(link), key=lambda t: t.slices[0])
-        chains: list[list[_Task]] = []
-        for task in tasks:
-            if chains and _contiguous(chains[-1] + [task]):
-                chains[-1].append(task)
-            else:
-                chains.append([task])
+        """Have the agent combine the winners it holds into their nodes."""
+        tasks = self.held.pop(link)
         self.collecting.setdefault(link, []).extend(tasks)
         try:
             link.send(protocol.COLLECT, {
                 "run": self.run_id, "func": self.func_hash,
-                "chains": [[t.id for t in c] for c in chains]},
+                "leaves": self.leaves, "tasks": [t.id for t in tasks]},
                 worker=protocol.AGENT)
         except WorkerLost:
             for handle in link.handles.values():
@@ -412,15 +403,21 @@ class Run:
 
     def _collected(self, link: Link, head: dict, parts: list) -> None:
         by_id = {t.id: t for t in self.collecting.get(link, ())}
-        values = protocol.decode(parts)
-        for chain, value in zip(head["chains"], values):
-            tasks = [by_id.pop(t) for t in chain]
-            self._deliver(tasks, value)
+        self._deliver([by_id.pop(t) for t in head["tasks"]],
+                      protocol.decode(parts))
         self.collecting[link] = list(by_id.values())
 
-    def _deliver(self, tasks: list[_Task], value: object) -> None:
+    def _deliver(self, tasks: list[_Task], nodes: list) -> None:
+        """Results in: their nodes join the run's tree at once."""
         slices = [i for t in tasks for i in t.slices]
-        self.values.append((min(slices), value))
+        try:
+            self.tree.add_all(nodes)
+        except ReduceMismatch as exc:
+            raise ReduceError(f"{exc}") from exc
+        except Exception as exc:
+            raise ReduceError(
+                f"reduce failed on the master ({type(exc).__name__}: {exc}): "
+                "fix reduce(a, b) so it combines two results") from exc
         for task in tasks:
             self.undelivered.discard(task.group)
         self.progress.advance(len(slices) if self.refs is not None
@@ -644,14 +641,6 @@ class Run:
         for link, (sent, received) in self.counters.items():
             self.stats.bytes_sent += link.bytes_sent - sent
             self.stats.bytes_received += link.bytes_received - received
-
-
-def _contiguous(tasks: list[_Task]) -> bool:
-    """Whether the tasks' slices together are one run of consecutive
-    indices: only then can a host combine them without changing the order
-    the master combines in."""
-    slices = sorted(i for t in tasks for i in t.slices)
-    return slices[-1] - slices[0] + 1 == len(slices) == len(set(slices))
 
 
 _FRAME = re.compile(r'^  File "(.+)", line (\d+), in ')

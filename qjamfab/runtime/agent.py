@@ -16,8 +16,8 @@ What it does besides passing frames on:
 - REFS: a slice goes into the host's cache once, and every daemon is told
   it is there: a slice crosses the network once per host.
 - TASK with `hold`: the result stays here; the master is told "done", and
-  COLLECT later combines the named results (in the order given, slice
-  order) with the job's reduce into one RESULT per chain of tasks.
+  COLLECT later combines the named results in the run's fixed tree
+  (reduce.ReduceTree) with the job's reduce: one RESULT for the host.
 - Liveness: daemons' heartbeats end here; the agent sends one heartbeat
   for the host, naming the workers that are stale: silent and, seen from
   outside their interpreter, not running (stopped or gone). A worker busy
@@ -32,6 +32,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import pickle
 import select
 import socket
 import sys
@@ -40,7 +41,7 @@ import traceback
 from collections import deque
 
 from .. import protocol
-from ..reduce import default_reduce
+from ..reduce import ReduceTree
 from . import default_base, read_tail, secure_dir, this_runtime
 from . import manage
 from .cache import RefCache
@@ -269,36 +270,27 @@ class Agent:
         self.cache.drop_memory()   # the daemons hold slices, not the agent
 
     def collect(self, head: dict) -> None:
-        """Combine held results, chain by chain, with the job's reduce."""
+        """Combine held results in the run's fixed tree, with the job's
+        reduce: the nodes that make go back as one RESULT."""
         started = time.perf_counter()
-        chains = head["chains"]
+        tasks = head["tasks"]
         try:
-            reduce = self._reduce(head["func"])
-            values = []
-            for chain in chains:
-                value = None
-                for i, task in enumerate(chain):
-                    result = protocol.decode(self.held.pop(task))
-                    value = result if i == 0 else reduce(value, result)
-                values.append(value)
-            payload = _encode(values)
+            _, reduce = pickle.loads(self.funcs[head["func"]])
+            tree = ReduceTree(head["leaves"], reduce)
+            for task in tasks:
+                tree.add_all(protocol.decode(self.held.pop(task)))
+            payload = _encode(tree.items())
         except Exception as exc:
-            for chain in chains:
-                for task in chain:
-                    self.held.pop(task, None)
+            for task in tasks:
+                self.held.pop(task, None)
             self.tell(protocol.ERROR, {
-                "task": chains[0][0], "tasks": [t for c in chains for t in c],
+                "task": tasks[0], "tasks": tasks,
                 "phase": "reduce on the host", "type": type(exc).__name__,
                 "message": str(exc), "traceback": traceback.format_exc()})
             return
         self.tell(protocol.RESULT, {
-            "chains": chains, "compute_s": time.perf_counter() - started},
+            "tasks": tasks, "compute_s": time.perf_counter() - started},
             payload)
-
-    def _reduce(self, func_hash: str):
-        import pickle
-        _, reduce = pickle.loads(self.funcs[func_hash])
-        return reduce or default_reduce
 
     # --- frames from daemons ----------------------------------------------
 
@@ -421,7 +413,6 @@ def _daemon_log(base: str, slot: int) -> str:
 
 
 def _encode(value: object) -> list:
-    import pickle
     try:
         return protocol.encode(value, pickle.dumps)
     except Exception:

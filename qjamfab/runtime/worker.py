@@ -33,7 +33,7 @@ import time
 import traceback
 
 from .. import protocol
-from ..reduce import default_reduce
+from ..reduce import ReduceTree
 from . import default_base, secure_dir, this_runtime
 from .cache import RefCache
 
@@ -318,20 +318,18 @@ class Worker:
             mapfunc, reduce = self._job(head["func"])
             phase = "loading params"
             params = protocol.decode(params_parts)
-            reduce = reduce or default_reduce
+            # Results combine in the run's fixed tree (reduce.ReduceTree):
+            # what this task sends on is the nodes its slices make.
+            tree = ReduceTree(head["leaves"], reduce)
             refs = head["refs"]
-            phase = "mapfunc"
-            if refs is None:
-                value = mapfunc(params, None)
-            else:
-                value = None
-                for i, ref in enumerate(refs):
-                    phase = "mapfunc"
-                    result = mapfunc(params, self.cache.get(ref))
-                    phase = "reduce"
-                    value = result if i == 0 else reduce(value, result)
+            for i, index in enumerate(head["slices"]):
+                phase = "mapfunc"
+                result = mapfunc(params, None if refs is None
+                                 else self.cache.get(refs[i]))
+                phase = "reduce"
+                tree.add(index, 1, result)
             phase = "pickling the result"
-            payload = _encode_result(value)
+            payload = _encode_result(tree.items())
         except Exception as exc:
             self.busy = False
             self.capture.end()
