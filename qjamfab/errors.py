@@ -97,3 +97,17 @@ class ReduceError(JobError):
 class ExecutorShutdown(QjamfabError, RuntimeError):
     """submit() or map() after shutdown() or close() (a RuntimeError, as
     concurrent.futures raises)."""
+
+
+def describe_exit(status: int | None) -> str:
+    """How a process ended, as a message says it: "exit status 3", or the
+    signal by name ("killed by SIGKILL") for a negative status."""
+    if status is None:
+        return "exit status unknown"
+    if status < 0:
+        import signal
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exit status {status}"

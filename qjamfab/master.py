@@ -65,7 +65,7 @@ class Master(FuturesMixin):
                  ssh_config: str | None = None,
                  heartbeat_timeout: float = 5.0, replicas: int = 1,
                  straggler_factor: float = 4.0,
-                 ssh_client: str | None = None):
+                 ssh_client: str | None = None, require_all: bool = False):
         if workers_per_host is not None and (
                 not isinstance(workers_per_host, int) or workers_per_host < 1):
             raise ValueError(
@@ -73,6 +73,13 @@ class Master(FuturesMixin):
                 f"{workers_per_host!r}: give e.g. 2, or None for one per core")
         if replicas not in (1, 2):
             raise ValueError(f"replicas must be 1 or 2, not {replicas!r}")
+        if not heartbeat_timeout >= 2 * protocol.HEARTBEAT_INTERVAL_S:
+            raise ValueError(
+                f"heartbeat_timeout must be at least "
+                f"{2 * protocol.HEARTBEAT_INTERVAL_S:g} s (twice the "
+                f"heartbeat interval), not {heartbeat_timeout!r}: a shorter "
+                "one would lose workers that are fine")
+        self.require_all = require_all
         _log_from_env()
         display.warn_if_cli_hosts_ignored(hosts)
         self.ssh_client = ssh_client
@@ -190,8 +197,10 @@ class Master(FuturesMixin):
     def _start_missing(self, first: bool = False) -> None:
         """Start or reconnect every worker that is not up.
 
-        On the first start any failure raises. Later, a host that fails is
-        skipped for this run and retried with backoff, while others work.
+        A host that fails is left out with a warning and retried with
+        backoff, while the others work; at the first start the Master
+        raises only when no host can serve (or, with `require_all`, when
+        any fails).
         """
         now = time.monotonic()
         todo = [h for h in self._hosts if self._needs_start(h)
@@ -211,13 +220,12 @@ class Master(FuturesMixin):
 
         with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
             list(pool.map(prepare, todo))
-        for host in todo:
-            exc = failures.get(id(host))
-            if exc is None:
-                continue
-            if first:
-                self.close()
-                raise exc
+        failed = [(h, failures[id(h)]) for h in todo if id(h) in failures]
+        if first and failed and (self.require_all or not any(
+                h.alive for h in self._handles())):
+            self.close()
+            raise failed[0][1]
+        for host, exc in failed:
             log.warning("host %s is unavailable, retrying later: %s",
                         host.spec.raw, display.first_line(exc))
 

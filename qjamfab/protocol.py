@@ -118,11 +118,16 @@ def frame_size(buffers: Sequence) -> int:
     return sum(memoryview(b).nbytes for b in buffers)
 
 
-def write_all(writev: Callable[[list], int], buffers: Sequence) -> None:
-    """Write every byte of buffers with writev, which may write partially."""
+def write_all(writev: Callable[[list], int], buffers: Sequence,
+              blocked: Callable[[], None] | None = None) -> None:
+    """Write every byte of buffers with writev, which may write partially;
+    when it writes nothing (a non-blocking stream that is full), call
+    `blocked()`, which waits for room (or raises)."""
     views = [memoryview(b).cast("B") for b in buffers if memoryview(b).nbytes]
     while views:
         written = writev(views[:_IOV_MAX])
+        if not written and blocked is not None:
+            blocked()
         while written:
             if written >= len(views[0]):
                 written -= len(views.pop(0))

@@ -19,8 +19,8 @@ from typing import Callable
 
 from . import display, protocol, scheduler, serialize
 from .dataset import BaseDataSet
-from .errors import (BadJob, ProtocolError, QjamfabError, ReduceError,
-                     RemoteError, WorkerLost)
+from .errors import (BadJob, PreflightFailed, ProtocolError, QjamfabError,
+                     ReduceError, RemoteError, WorkerLost, describe_exit)
 from .reduce import ReduceMismatch, ReduceTree
 from .workers import LOST, Event, Inbox, Link, WorkerHandle
 
@@ -516,6 +516,16 @@ class Run:
         if head["type"] == "ReduceMismatch":
             return ReduceError(f"{head['message']}\n(on worker {handle.name}, "
                                f"{where})\n{trace}")
+        if head["type"] == "ModuleNotFoundError":
+            module = re.search(r"No module named '([^']+)'", head["message"])
+            python = handle.link.python or "its python"
+            return PreflightFailed(
+                f"{handle.host} lacks the Python module "
+                f"{module[1] if module else head['message']!r}, which "
+                f"{_NEEDED_BY.get(head['phase'], 'the job')} needs (worker "
+                f"{handle.name}): install it for {python} there, or set "
+                f"QJAMFAB_REMOTE_PYTHON to a Python that has it\n{trace}",
+                host=handle.host)
         if head["phase"] == "loading the job":
             return BadJob(
                 f"worker {handle.name} cannot load the job ({head['type']}: "
@@ -593,7 +603,7 @@ class Run:
         handle.close()
         if handle.name not in self.stats.lost_workers:
             self.stats.lost_workers.append(handle.name)
-        detail = f"exit status {status}" if status is not None else reason
+        detail = describe_exit(status) if status is not None else reason
         for task in lost_tasks:
             self._close(task)
         # Only the task it was running can have killed it.
@@ -643,6 +653,8 @@ class Run:
             self.stats.bytes_received += link.bytes_received - received
 
 
+_NEEDED_BY = {"loading the job": "the job", "loading params": "the params",
+              "loading a slice": "a dataset slice"}
 _FRAME = re.compile(r'^  File "(.+)", line (\d+), in ')
 
 

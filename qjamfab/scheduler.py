@@ -2,8 +2,9 @@
 
 Placement is deterministic, so the same dataset on the same workers lands
 the same way on every run (and on a new Master), and the workers' caches
-hit. A slice goes to a worker known to hold it while that worker has room;
-the rest fill contiguous blocks in worker order.
+hit. A slice goes to its place in the contiguous layout (blocks in worker
+order) when that worker holds it, else to another worker known to hold it
+while that worker has room; the rest fill the contiguous blocks.
 """
 from __future__ import annotations
 
@@ -31,7 +32,12 @@ def plan(refs: Sequence[str], workers: Sequence[str],
     unplaced = []
     for i, ref in enumerate(refs):
         holders = [w for w in workers if ref in held.get(w, ()) and has_room(w)]
-        if holders:
+        home = workers[i * count // n]
+        if home in holders:
+            # Where the contiguous layout puts it: ranges of slices stay
+            # together, so their results combine early (reduce.ReduceTree).
+            place(home, i)
+        elif holders:
             place(min(holders, key=lambda w: len(load[w])), i)
         else:
             unplaced.append(i)

@@ -19,6 +19,7 @@ import select
 import subprocess
 import sys
 import tempfile
+import time
 from abc import ABC, abstractmethod
 
 import paramiko
@@ -66,11 +67,24 @@ class Transport(ABC):
     @abstractmethod
     def set_read_timeout(self, seconds: float) -> None:
         """From now on readinto raises TimeoutError after this long
-        without a byte."""
+        without a byte, and writev raises WorkerLost after this long
+        without the far end taking one."""
 
     def exit_report(self, log_path: str | None) -> tuple[int | None, str]:
         """After the stream ended: (exit status if known, stderr tail)."""
         return None, ""
+
+    def wait_writable(self) -> bool:
+        """After writev wrote nothing: wait until the far end takes bytes
+        or sends some (so that it is read meanwhile: both ends writing a
+        full stream at once would wait forever); whether input waits.
+        WorkerLost after the read timeout with neither."""
+        return False
+
+    def _took_nothing(self) -> WorkerLost:
+        return WorkerLost(f"{self.name} took nothing of what was sent to it "
+                          "for the heartbeat timeout: it is lost",
+                          worker=self.name)
 
 
 class _ProcessTransport(Transport):
@@ -106,6 +120,7 @@ class _ProcessTransport(Transport):
             except OSError:
                 pass
         os.set_blocking(self._out.fileno(), False)
+        os.set_blocking(self._in, False)
 
     def fileno(self) -> int:
         return self._out.fileno()
@@ -132,9 +147,21 @@ class _ProcessTransport(Transport):
     def writev(self, views: list) -> int:
         try:
             return os.writev(self._in, views)
+        except BlockingIOError:
+            return 0   # full: see wait_writable
         except (OSError, ValueError) as exc:
             raise WorkerLost(f"worker {self.name}: its pipe is closed ({exc})",
                              worker=self.name) from exc
+
+    def wait_writable(self) -> bool:
+        poller = select.poll()
+        poller.register(self._in, select.POLLOUT)
+        poller.register(self._out, select.POLLIN)
+        wait = self._read_timeout
+        ready = dict(poller.poll(None if wait is None else wait * 1000))
+        if not ready:
+            raise self._took_nothing()
+        return self._out.fileno() in ready
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -319,7 +346,21 @@ class SSHChannelTransport(Transport):
         view[:len(data)] = data
         return len(data)
 
+    def wait_writable(self) -> bool:
+        deadline = time.monotonic() + (self.channel.gettimeout() or 3600)
+        while time.monotonic() < deadline:
+            if self.channel.closed:
+                return False   # the next send says so
+            if self.channel.send_ready():
+                return False
+            if self.channel.recv_ready():
+                return True
+            time.sleep(0.001)
+        raise self._took_nothing()
+
     def writev(self, views: list) -> int:
+        if not self.channel.send_ready() and not self.channel.closed:
+            return 0   # its window is full: see wait_writable
         try:
             sent = self.channel.send(bytes(views[0][:_SEND_CHUNK]))
         except _SSH_ERRORS as exc:

@@ -22,7 +22,8 @@ import time
 from typing import NamedTuple, Sequence
 
 from . import display, protocol, runtime
-from .errors import PreflightFailed, ProtocolError, QjamfabError, WorkerLost
+from .errors import (PreflightFailed, ProtocolError, QjamfabError,
+                     WorkerLost, describe_exit)
 from .transport import Transport
 
 log = logging.getLogger("qjamfab")
@@ -53,6 +54,7 @@ class WorkerHandle:
         self.alive = True
         self.last_seen = time.monotonic()
         self.gone_tail = ""         # what the agent said when it ended
+        self.gone_status: int | None = None
 
     def send(self, kind: int, head: dict, payload: Sequence = ()) -> int:
         try:
@@ -68,7 +70,7 @@ class WorkerHandle:
     def exit_report(self) -> tuple[int | None, str]:
         """After it ended: (exit status if known, its output's tail)."""
         if self.link.agent and self.link.alive:
-            return None, self.gone_tail
+            return self.gone_status, self.gone_tail
         return self.link.transport.exit_report(self.hello.get("log"))
 
     def close(self) -> None:
@@ -97,6 +99,7 @@ class Link:
         self.bytes_received = 0
         self._stall_timeout = stall_timeout
         self.python = ""            # what runs the agent, for messages
+        self.inbox: Inbox | None = None   # set when added to one
         self.count = 0              # workers the agent attached at most
 
     def fileno(self) -> int:
@@ -212,7 +215,7 @@ class Link:
             f"it wrote nothing ({type(exc).__name__}: {exc})"
         return WorkerLost(
             f"{'worker ' if name != self.label else ''}{name} did not start "
-            f"(exit status {status}): {said}"
+            f"({describe_exit(status)}): {said}"
             f"{display.stderr_tail(name, tail)}", worker=name,
             exit_status=status, stderr_tail=tail)
 
@@ -231,9 +234,26 @@ class Link:
 
     def _write(self, buffers: list) -> int:
         size = protocol.frame_size(buffers)
-        protocol.write_all(self.transport.writev, buffers)
+        try:
+            protocol.write_all(self.transport.writev, buffers, self._blocked)
+        except WorkerLost as exc:
+            # A frame cut short leaves the stream unusable: every worker on
+            # it is lost, and the events say so.
+            if self.inbox is not None:
+                self.inbox.pending.extendleft(self.lost(str(exc)))
+            self.close()
+            raise
         self.bytes_sent += size
         return size
+
+    def _blocked(self) -> None:
+        """The stream is full: while waiting for room, take in what the
+        far end sends (it may be waiting for us to read)."""
+        if self.transport.wait_writable():
+            if self.inbox is None:   # starting: nothing to read it for yet
+                time.sleep(0.001)
+            else:
+                self.inbox.pending.extend(self.read_events())
 
     def send(self, kind: int, head: dict, payload: Sequence = (),
              worker: int = 0, to: str | None = None) -> int:
@@ -269,6 +289,7 @@ class Link:
         if kind == protocol.GONE:
             handle.alive = False
             handle.gone_tail = head.get("tail", "")
+            handle.gone_status = head.get("status")
             return [Event(handle, LOST, {"reason": head["reason"]}, [])]
         if log.isEnabledFor(logging.DEBUG):
             log.debug("<- %s %s %s (%d payload bytes)", handle.name,
@@ -302,6 +323,7 @@ class Inbox:
     def add(self, link: Link) -> None:
         """Read this link too (links that ended are dropped)."""
         self.links = [x for x in self.links if x.alive] + [link]
+        link.inbox = self
 
     def push_front(self, event: Event) -> None:
         self.pending.appendleft(event)

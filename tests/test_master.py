@@ -178,10 +178,10 @@ def test_heartbeats_left_unread_while_sending_do_not_lose_a_worker(
     real_supply = Run._supply
 
     def slow_supply(self, handle, head):
-        time.sleep(2.0)
+        time.sleep(3.0)
         real_supply(self, handle, head)
     monkeypatch.setattr(Run, "_supply", slow_supply)
-    with Master("local:2", heartbeat_timeout=1.0) as m:
+    with Master("local:2", heartbeat_timeout=2.0) as m:
         assert m.run(lambda p, xs: sum(xs),
                      dataset=DataSet(list(range(8)))) == 28
         assert m.last_run.lost_workers == []
@@ -360,6 +360,13 @@ def test_malformed_host_string(hosts):
         Master(hosts)
 
 
+@pytest.mark.parametrize("timeout", [0.5, 1.9, float("nan")])
+def test_a_heartbeat_timeout_the_heartbeats_cannot_meet_is_refused(timeout):
+    with pytest.raises(ValueError, match=r"^heartbeat_timeout must be at "
+                       r"least 2 s \(twice the heartbeat interval\), not "):
+        Master("local:1", heartbeat_timeout=timeout)
+
+
 def test_workers_per_host_must_be_positive():
     with pytest.raises(ValueError, match="^workers_per_host must be a positive"):
         Master("local", workers_per_host=0)
@@ -392,8 +399,9 @@ def test_mapfunc_killing_its_worker(job, status, said):
         err = info.value
         assert err.worker == "local-0" and err.exit_status == status
         first = str(err).splitlines()[0]
-        assert first.startswith("worker local-0 was lost (exit status "
-                                f"{status}) running mapfunc(params, None)")
+        how = f"exit status {status}" if status >= 0 else "killed by SIGKILL"
+        assert first.startswith(f"worker local-0 was lost ({how}) running "
+                                "mapfunc(params, None)")
         assert "restarted for the next run" in first
         if said:
             assert said in err.stderr_tail and said in str(err)

@@ -16,8 +16,8 @@ import pytest
 from qjamfab import (BadHostSpec, DataSet, HostUnreachable, Master,
                      PreflightFailed, RemoteError, WorkerLost, hosts,
                      hostspec, openssh)
-from tests.jobs import (constant, inner_product, multiply_sum, printing,
-                        raising, sum_params)
+from tests.jobs import (constant, exiting, hard_exit, inner_product, killed,
+                        multiply_sum, printing, raising, sum_params)
 
 pytestmark = pytest.mark.timeout(120)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -244,11 +244,34 @@ def test_down_host_fails_fast(ssh, tmp_path):
     assert "127.0.0.9" in str(info.value).splitlines()[0]
 
 
-def test_ssh_round_trip_names_lost_worker(ssh):
+@pytest.mark.parametrize("job,status,how", [
+    (exiting, 3, "exit status 3"),
+    (hard_exit, 7, "exit status 7"),
+    (killed, -9, "killed by SIGKILL"),
+], ids=["sys.exit", "os._exit", "SIGKILL"])
+def test_a_lost_worker_says_its_own_exit_over_ssh(ssh, job, status, how):
+    """The daemon's own status or signal, as for local workers."""
     with Master(["host3"], workers_per_host=1, ssh_config=ssh.ssh_config) as m:
-        with pytest.raises(WorkerLost, match="^worker host3-0 was lost"):
-            m.run(lambda p, x: os._exit(9))
+        with pytest.raises(WorkerLost, match=rf"^worker host3-0 was lost "
+                           rf"\({how}\) running mapfunc\(params, None\)"):
+            m.run(job)
         assert m.run(constant) == 42
+
+
+def test_an_unreachable_host_at_start_is_left_out(ssh, caplog):
+    """The Master starts with the hosts that answer; with require_all it
+    refuses instead."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.9", 0))
+        down = f"127.0.0.9:{s.getsockname()[1]}"
+    opts = dict(workers_per_host=1, ssh_config=ssh.ssh_config)
+    with Master(["host1", down], **opts) as m:
+        assert m.run(constant) == 42
+        assert m.last_run.workers == 1
+    assert f"host {down} is unavailable, retrying later: {down}: " \
+        "connection refused" in caplog.text
+    with pytest.raises(HostUnreachable, match=f"^{down}: connection refused"):
+        Master(["host1", down], require_all=True, **opts)
 
 
 def test_original_cases_on_three_hosts(master3):

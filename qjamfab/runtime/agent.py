@@ -222,9 +222,10 @@ class Agent:
     def from_master(self) -> None:
         kind, worker, head, lengths = self.master.reader.read_head()
         if kind == protocol.REFS and lengths:
-            self.cache.receive(head["ref"], lengths, self.master.reader,
-                               self.master.read_fd)
-            self._stored(head["ref"], worker)
+            parts = self.cache.receive(head["ref"], lengths,
+                                       self.master.reader,
+                                       self.master.read_fd, load=False)
+            self._stored(head["ref"], worker, parts)
             return
         parts = [self.master.reader.read_part(n) for n in lengths]
         if worker == protocol.AGENT:
@@ -252,22 +253,19 @@ class Agent:
         if daemon is not None and not daemon.closed:
             daemon.queue(protocol.frame(kind, head, parts))
 
-    def _stored(self, ref: str, worker: int) -> None:
-        """Tell every daemon the slice is in the cache; when it is only in
-        the agent's memory (no room on disk), send it on to its worker."""
-        key = self.cache.file_key(ref)
-        if key is not None:   # sealed here: the daemons need not hash it
-            for daemon in self.daemons.values():
-                if not daemon.closed:
-                    daemon.queue(protocol.frame(
-                        protocol.REFS, {"ref": ref, "stored": list(key)}))
-        else:
+    def _stored(self, ref: str, worker: int, parts: list | None) -> None:
+        """Tell every daemon the slice is in the cache; when it stayed off
+        the disk (no room: `parts`), send it on to its worker."""
+        if parts is not None:
             daemon = self.daemons.get(worker)
             if daemon is not None and not daemon.closed:
+                daemon.queue(protocol.frame(protocol.REFS, {"ref": ref}, parts))
+            return
+        key = self.cache.file_key(ref)
+        for daemon in self.daemons.values():   # sealed here: no need to hash
+            if not daemon.closed:
                 daemon.queue(protocol.frame(
-                    protocol.REFS, {"ref": ref},
-                    protocol.encode(self.cache.get(ref))))
-        self.cache.drop_memory()   # the daemons hold slices, not the agent
+                    protocol.REFS, {"ref": ref, "stored": list(key)}))
 
     def collect(self, head: dict) -> None:
         """Combine held results in the run's fixed tree, with the job's
@@ -318,15 +316,18 @@ class Agent:
         self.tell(kind, head, parts, worker=daemon.index)
 
     def gone(self, daemon: _Daemon, reason: str) -> None:
+        """The daemon's connection ended: say how, with its own exit
+        status when it died (its keeper records it, worker.py)."""
         daemon.close()
         del self.daemons[daemon.index]
         pid = daemon.info.get("pid")
-        tail = ""
-        if pid and not _exists(pid):
-            tail = (f"worker process {pid} died; its last output:\n"
-                    + read_tail(daemon.info.get("log", ""), 4096))
-        self.tell(protocol.GONE, {"reason": reason, "tail": tail},
-                  worker=daemon.index)
+        tail, status = "", None
+        if pid:
+            status = _exit_status(self.base, daemon.slot, pid)
+            if status is not None or not _exists(pid):
+                tail = read_tail(daemon.info.get("log", ""), 4096)
+        self.tell(protocol.GONE, {"reason": reason, "tail": tail,
+                                  "status": status}, worker=daemon.index)
 
     # --- the loop ---------------------------------------------------------
 
@@ -405,6 +406,25 @@ def _exists(pid: int) -> bool:
     except PermissionError:
         pass
     return True
+
+
+def _exit_status(base: str, slot: int, pid: int) -> int | None:
+    """The exit status daemon `pid` in `slot` ended with, as its keeper
+    recorded it; None when it is still running (waits 1 s for the record)."""
+    path = os.path.join(base, "run", f"worker-{slot}.exit")
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            if record.get("pid") == pid:
+                return int(record["status"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if time.monotonic() > deadline or (
+                _exists(pid) and time.monotonic() > deadline - 0.8):
+            return None
+        time.sleep(0.02)
 
 
 def _daemon_log(base: str, slot: int) -> str:

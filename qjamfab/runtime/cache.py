@@ -309,10 +309,13 @@ class RefCache:
               flush=True)
 
     def receive(self, ref: str, lengths: list[int],
-                reader: protocol.FrameReader, source_fd: int | None) -> None:
+                reader: protocol.FrameReader, source_fd: int | None,
+                load: bool = True) -> list | None:
         """Take a REFS payload off the stream into the cache and seal it.
         Without room on the disk, or bigger than the limit, it is kept in
-        memory only."""
+        memory only. Without `load` (the host agent, which only stores)
+        nothing is unpickled: a slice that stays off the disk is returned
+        as its raw parts, for the agent to pass on."""
         if not ref or os.sep in ref or ref.startswith("."):
             raise ValueError(f"{ref!r} is not a ref")
         count = len(lengths)
@@ -321,9 +324,11 @@ class RefCache:
         size = _aligned(len(header)) + sum(_aligned(n) for n in lengths)
         if not self._make_room(ref, size):
             parts = [reader.read_part(n) for n in lengths]
+            if not load:
+                return parts
             self._memory[ref] = _Entry(protocol.decode(parts), None, None,
                                        None, 0.0)
-            return
+            return None
         path = self._path(ref)
         tmp = f"{path}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | _NOFOLLOW
@@ -355,7 +360,8 @@ class RefCache:
             written.release()
             os.pwrite(fd, seal, _SEAL_AT)
             st = os.fstat(fd)
-            mapping, value = _map(fd, offsets, lengths, st.st_size)
+            if load:
+                mapping, value = _map(fd, offsets, lengths, st.st_size)
         except BaseException:
             if overlap and digests:
                 from concurrent.futures import wait
@@ -367,8 +373,10 @@ class RefCache:
             raise
         os.close(fd)
         os.replace(tmp, path)   # same inode, size, mtime: st is its key
-        self._memory[ref] = _Entry(value, path, _key(st), mapping,
-                                   time.monotonic())
+        if load:
+            self._memory[ref] = _Entry(value, path, _key(st), mapping,
+                                       time.monotonic())
+        return None
 
     def _make_room(self, ref: str, size: int) -> bool:
         """Evict for a new entry of `size` bytes; whether it goes to disk."""

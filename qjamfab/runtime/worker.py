@@ -269,7 +269,17 @@ class Worker:
         head, params_parts, asked = self.pending[0]
         missing_func = head["func"] not in self.jobs \
             and head["func"] not in self.job_bytes
-        missing_refs = self.cache.missing(head["refs"] or ())
+        try:
+            missing_refs = self.cache.missing(head["refs"] or ())
+        except Exception as exc:
+            # A slice this Python cannot unpickle (a module it lacks):
+            # the task's error, not the daemon's end.
+            self.pending.pop(0)
+            channel.send(protocol.ERROR, {
+                "task": head["task"], "phase": "loading a slice",
+                "type": type(exc).__name__, "message": str(exc),
+                "traceback": traceback.format_exc()})
+            return True
         if missing_func or missing_refs:
             # Asked once per ref: again only for one that went missing since
             # (found damaged, or evicted), else the task would wait forever.
@@ -423,6 +433,26 @@ def _serve_socket(worker: Worker, path: str, idle_timeout: float) -> None:
             pass
 
 
+def _keep(child: int, record: str) -> None:
+    """The daemon's keeper: wait for the daemon, record how it ended (its
+    exit status, or minus the signal that killed it) for the host agent to
+    tell the master, then exit."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+            break
+        except InterruptedError:
+            continue
+    tmp = f"{record}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"pid": child,
+                   "status": os.waitstatus_to_exitcode(status)}, f)
+    os.replace(tmp, record)
+    os._exit(0)
+
+
 def _exit_on_signal(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
@@ -438,6 +468,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     os.umask(0o077)
+    if args.socket:
+        # A daemon's own exit status is known only to its parent: a small
+        # keeper process, forked before anything starts, records it.
+        child = os.fork()
+        if child:
+            _keep(child, args.socket[:-len(".sock")] + ".exit")
     _tune_malloc()
     base = os.path.expanduser(args.base or default_base())
     try:
