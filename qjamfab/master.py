@@ -34,6 +34,7 @@ from .hostspec import HostSpec, parse_hosts
 from .openssh import openssh_client
 from .run import Run, RunSettings, RunStats, print_log
 from .runtime import default_base
+from .runtime.cache import parse_size
 from .transport import (OPENSSH_FAILED, LocalPipeTransport, OpenSSHTransport,
                         SSHChannelTransport)
 from .workers import Inbox, Link, WorkerHandle
@@ -65,7 +66,8 @@ class Master(FuturesMixin):
                  ssh_config: str | None = None,
                  heartbeat_timeout: float = 5.0, replicas: int = 1,
                  straggler_factor: float = 4.0,
-                 ssh_client: str | None = None, require_all: bool = False):
+                 ssh_client: str | None = None, require_all: bool = False,
+                 cache_limit: int | str | None = None):
         if workers_per_host is not None and (
                 not isinstance(workers_per_host, int) or workers_per_host < 1):
             raise ValueError(
@@ -80,6 +82,9 @@ class Master(FuturesMixin):
                 f"heartbeat interval), not {heartbeat_timeout!r}: a shorter "
                 "one would lose workers that are fine")
         self.require_all = require_all
+        if cache_limit is not None:   # a bad value fails here, not on hosts
+            parse_size(str(cache_limit), env=None)
+        self.cache_limit = cache_limit
         _log_from_env()
         display.warn_if_cli_hosts_ignored(hosts)
         self.ssh_client = ssh_client
@@ -127,7 +132,7 @@ class Master(FuturesMixin):
             self._inbox.add(host.link)
         missing = self._missing(host)
         new, failed = host.link.attach(missing or None, host.count,
-                                       IDLE_TIMEOUT_S)
+                                       IDLE_TIMEOUT_S, self.cache_limit)
         if host.count is None:
             host.count = host.link.count
         for handle in new:
@@ -143,7 +148,9 @@ class Master(FuturesMixin):
     def _start_local(self, host: "_Host") -> None:
         def start(k: int) -> WorkerHandle:
             name = f"{host.label}-{k}"
-            link = Link(host.label, LocalPipeTransport(name, self._base),
+            env = {} if self.cache_limit is None else {
+                "QJAMFAB_CACHE_LIMIT": str(self.cache_limit)}
+            link = Link(host.label, LocalPipeTransport(name, self._base, env),
                         agent=False, stall_timeout=self.heartbeat_timeout)
             return link.start_direct(name)
         missing = self._missing(host)

@@ -43,6 +43,7 @@ class RunStats:
     rerun_slices: int = 0
     backup_tasks: int = 0
     replica_bytes_sent: int = 0
+    damaged_slices: int = 0
 
     def __repr__(self) -> str:
         compute = ", ".join(f"{name} {secs:.3f}s"
@@ -135,6 +136,7 @@ class Run:
         self.won: dict[int, _Task] = {}           # group -> winning copy
         self.undelivered: set[int] = set()        # groups without a value
         self.tree: ReduceTree | None = None       # results, as they arrive
+        self.shown: dict[int, int] = {}           # group -> slices on the bar
         self.held: dict[Link, list[_Task]] = {}   # done, at the agent
         self.collecting: dict[Link, list[_Task]] = {}
         self.slice_seconds: list[float] = []      # sorted, per slice
@@ -299,6 +301,8 @@ class Run:
         if kind == protocol.STATE:
             if head["state"] == "cancelled":
                 self._close(task)
+            elif head["state"] == "progress":
+                self._progressed(task.group, head["done"])
             elif head["state"] == "done":
                 self._done(task, head)
             else:
@@ -321,6 +325,11 @@ class Run:
         if head.get("func"):
             handle.send(protocol.FUNC, {"hash": self.func_hash},
                         [self.func_bytes])
+        if head.get("damaged"):
+            self.stats.damaged_slices += len(head["damaged"])
+            log.warning("worker %s found %s damaged in its cache: sent again",
+                        handle.name, display.plural(len(head["damaged"]),
+                                                    "slice"))
         link = handle.link
         for ref in head.get("refs") or ():
             if link.agent and ref in self.sent_refs and all(
@@ -407,6 +416,14 @@ class Run:
                       protocol.decode(parts))
         self.collecting[link] = list(by_id.values())
 
+    def _progressed(self, group: int, done: int) -> None:
+        """The progress bar moves per slice, not per task: a long task
+        reports its slices done as it goes (the first copy's count)."""
+        shown = self.shown.get(group, 0)
+        if group in self.undelivered and done > shown:
+            self.shown[group] = done
+            self.progress.advance(done - shown)
+
     def _deliver(self, tasks: list[_Task], nodes: list) -> None:
         """Results in: their nodes join the run's tree at once."""
         slices = [i for t in tasks for i in t.slices]
@@ -420,8 +437,9 @@ class Run:
                 "fix reduce(a, b) so it combines two results") from exc
         for task in tasks:
             self.undelivered.discard(task.group)
-        self.progress.advance(len(slices) if self.refs is not None
-                              else len(tasks))
+        self.progress.advance((len(slices) if self.refs is not None
+                               else len(tasks))
+                              - sum(self.shown.pop(t.group, 0) for t in tasks))
         if self.refs is not None:
             self.stats.slices_cached += sum(
                 self.refs[i] not in self.sent_refs for i in slices)
@@ -641,6 +659,7 @@ class Run:
                       and g not in self.won and set(self.groups[g]) <= set(
                           slices)]:
             self.undelivered.discard(group)   # replaced by one per slice
+            self.progress.advance(-self.shown.pop(group, 0))
         for worker, i in scheduler.replan(
                 slices, self.refs, list(by_name),
                 {h.name: h.refs for h in survivors}, busy):

@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 import paramiko
 
 from . import runtime
-from .errors import HostUnreachable, WorkerLost
+from .errors import HostUnreachable, PreflightFailed, WorkerLost
 
 _TAIL_LINES = 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)   # Linux
@@ -208,11 +208,16 @@ class LocalPipeTransport(_ProcessTransport):
 
     _what = "a local worker"
 
-    def __init__(self, name: str, base: str, python: str = sys.executable):
-        runtime.ensure_local_bundle(base)
+    def __init__(self, name: str, base: str, env: dict | None = None,
+                 python: str = sys.executable):
+        try:
+            runtime.ensure_local_bundle(base)
+        except OSError as exc:   # InsecureDirectory first: its line says why
+            raise PreflightFailed(f"{exc}", host="local") from exc
         super().__init__(name, [python, "-c", runtime.boot_code("worker"),
                                 "--pipe", "--name", name, "--base", base],
-                         env={**os.environ, "QJAMFAB_HOME": base})
+                         env={**os.environ, **(env or {}),
+                              "QJAMFAB_HOME": base})
 
 
 class OpenSSHTransport(_ProcessTransport):

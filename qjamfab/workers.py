@@ -157,13 +157,16 @@ class Link:
         return head
 
     def attach(self, indices: list[int] | None, count: int | None,
-               idle_timeout: float) -> tuple[list[WorkerHandle], dict]:
+               idle_timeout: float, cache_limit: int | str | None = None
+               ) -> tuple[list[WorkerHandle], dict]:
         """Ask the agent for these workers (or `count`, or as many as the
-        host was started with): the new handles, and {index: reason} for
-        those that could not be attached."""
+        host was started with), its cache held to `cache_limit` (None:
+        the host's own): the new handles, and {index: reason} for those
+        that could not be attached."""
         self.transport.set_read_timeout(HANDSHAKE_TIMEOUT_S)
         self.send(protocol.ATTACH, {"workers": indices, "count": count,
-                                    "idle_timeout": idle_timeout},
+                                    "idle_timeout": idle_timeout,
+                                    "cache_limit": cache_limit},
                   worker=protocol.AGENT)
         hellos: dict[int, dict] = {}
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S

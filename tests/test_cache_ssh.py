@@ -44,6 +44,7 @@ def test_damaged_and_truncated_files_on_hosts_are_sent_again(ssh):
     with Master(aliases, **opts) as m:
         assert m.run(_total, dataset=dataset) == int(data.sum())
         assert m.last_run.slices_sent == 8
+        assert m.last_run.damaged_slices == 8
         assert {n: s["pid"] for n, s in m.worker_stats().items()} == pids
         assert sum(s["damaged"] for s in m.worker_stats().values()) == 8
         assert m.run(_total, dataset=dataset) == int(data.sum())

@@ -554,3 +554,31 @@ def test_results_are_the_same_bits_whatever_the_grouping_and_faults(tmp_path):
     import functools
     folded = functools.reduce(lambda a, b: a + b, slices)
     assert np.allclose(folded, first) and folded.tobytes() != first.tobytes()
+
+
+def test_a_cache_limit_is_checked_and_reaches_the_workers():
+    with pytest.raises(ValueError, match=r"^cache limit '20 gigs' is not a "
+                       "size: write bytes, or a number with K, M, G or T"):
+        Master("local:1", cache_limit="20 gigs")
+    with Master("local:1", cache_limit="100K") as m:
+        assert m.worker_stats()["local-0"]["limit_bytes"] == 100 * 1024
+
+
+def test_the_progress_bar_moves_per_slice_within_a_task(monkeypatch):
+    """One task of 6 slices on one worker: the bar shows slices as they are
+    done, not 0 until the task's result arrives."""
+    from qjamfab import display
+    seen = []
+    real = display.RunProgress.advance
+
+    def advance(self, n=1):
+        real(self, n)
+        seen.append(self.done)
+    monkeypatch.setattr(display.RunProgress, "advance", advance)
+    with Master("local:1") as m:
+        m.run(lambda p, xs: sum(xs), dataset=DataSet(list(range(6)),
+                                                     slice_size=1))
+        seen.clear()
+        assert m.run(lambda p, xs: time.sleep(0.15) or sum(xs),
+                     dataset=DataSet(list(range(6)), slice_size=1)) == 15
+    assert seen[-1] == 6 and len([d for d in seen if 0 < d < 6]) >= 2

@@ -415,3 +415,49 @@ def test_two_gib_each_way_through_one_connection(ssh):
         assert channel.recv_exit_status() == 0
     finally:
         conn.close()
+
+
+def test_a_module_the_host_lacks_is_one_line_naming_host_and_module(
+        ssh, tmp_path, monkeypatch):
+    """A host whose Python is a bare venv (no numpy): the runtime needs only
+    the standard library, and a numpy dataset fails naming host and module,
+    not as a lost worker."""
+    from qjamfab import cluster
+    venv = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)],
+                   check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    monkeypatch.setenv("QJAMFAB_REMOTE_PYTHON", python)
+    try:
+        with Master(["host2"], workers_per_host=1,
+                    ssh_config=ssh.ssh_config) as m:
+            assert m.run(constant) == 42
+            assert m.worker_stats()["host2-0"]["pid"]
+            with pytest.raises(PreflightFailed, match=(
+                    r"^host2 lacks the Python module 'numpy', which a dataset "
+                    r"slice needs \(worker host2-0\): install it for "
+                    rf"{python} there")):
+                m.run(lambda p, x: float(x.sum()),
+                      dataset=DataSet(np.arange(100.0)))
+            assert m.run(constant) == 42
+            assert m.last_run.lost_workers == []
+    finally:
+        # Later tests expect daemons of the ordinary Python on host2.
+        cluster.stop_workers(hostspec.parse_hosts(["host2"]),
+                             ssh_config=ssh.ssh_config)
+
+
+def test_a_cache_limit_of_zero_keeps_slices_off_the_hosts_disk(ssh):
+    cache = os.path.join(ssh.homes["host1"], "cache")
+    with Master(["host1"], workers_per_host=2, ssh_config=ssh.ssh_config,
+                cache_limit=0) as m:
+        m.clear_cache()
+        data = DataSet(np.arange(20_000, dtype=np.int64))
+        assert m.run(lambda p, x: int(x.sum()), dataset=data) == \
+            int(np.arange(20_000).sum())
+        assert m.last_run.slices_sent == m.last_run.slices
+        assert [n for n in os.listdir(cache) if not n.endswith(".tmp")] == []
+        # Kept in the workers' memory: the next run sends nothing.
+        assert m.run(lambda p, x: int(x.sum()), dataset=data) == \
+            int(np.arange(20_000).sum())
+        assert m.last_run.slices_sent == 0

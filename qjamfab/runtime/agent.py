@@ -44,7 +44,7 @@ from .. import protocol
 from ..reduce import ReduceTree
 from . import default_base, read_tail, secure_dir, this_runtime
 from . import manage
-from .cache import RefCache
+from .cache import RefCache, cache_limit
 
 _CONNECT_WAIT_S = 15.0    # for a daemon to say "ready"
 _STALE_AFTER_S = 1.5 * protocol.HEARTBEAT_INTERVAL_S
@@ -149,6 +149,9 @@ class Agent:
     def attach(self, head: dict) -> None:
         """Claim a daemon for each worker index asked for, starting those
         missing, and forward their HELLOs; then answer ATTACH."""
+        if head.get("cache_limit") is not None:
+            self.cache.limit = cache_limit(self.cache.directory,
+                                           head["cache_limit"])
         count = head.get("count") or manage.recorded_count(self.base)
         indices = list(head.get("workers") or range(count))
         for k in indices:
@@ -169,9 +172,14 @@ class Agent:
                 if fd is not None:
                     claimed.append((index, slot - 1, fd))
                     break
-        alive = {w["name"] for w in manage.live_workers(self.base)
-                 if this_runtime() in manage.cmdline(w["pid"])}
         manage.stop_other_runtimes(self.base)
+        mine = {f"worker-{s}" for _, s, _ in claimed}
+        # A claimed daemon run by another Python (QJAMFAB_REMOTE_PYTHON
+        # changed) is replaced by one of this agent's Python.
+        manage.stop_daemons(self.base, [
+            w for w in manage.live_workers(self.base) if w["name"] in mine
+            and manage.cmdline(w["pid"]).split(" ", 1)[0] != sys.executable])
+        alive = {w["name"] for w in manage.live_workers(self.base)}
         missing = [s for _, s, _ in claimed if f"worker-{s}" not in alive]
         failed: dict[int, str] = {}
         not_started = set(manage.start_slots(self.base, missing, idle))
@@ -310,8 +318,7 @@ class Agent:
                                        "slices": head["slices"]},
                       worker=daemon.index)
             return
-        if kind in (protocol.ERROR, protocol.STATE) and head.get("state") \
-                != "blocked":
+        if kind == protocol.ERROR or head.get("state") == "cancelled":
             self.holding.discard(task)
         self.tell(kind, head, parts, worker=daemon.index)
 

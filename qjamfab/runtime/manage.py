@@ -19,6 +19,7 @@ import sys
 import time
 
 from . import boot_code, default_base, secure_dir, this_runtime
+from .cache import cache_limit
 
 START_WAIT_S = 15.0
 
@@ -78,7 +79,7 @@ def stop_other_runtimes(base: str) -> list[str]:
     """A daemon of another runtime (qjamfab was upgraded) would not speak
     this one's protocol: it is stopped, its disk cache kept."""
     runtime = this_runtime()
-    return _stop(base, [w for w in live_workers(base)
+    return stop_daemons(base, [w for w in live_workers(base)
                         if runtime not in cmdline(w["pid"])])
 
 
@@ -127,18 +128,23 @@ def status(base: str) -> dict:
             entries += 1
             size += entry.stat().st_size
     runtime = os.path.join(base, "runtime")
+    try:
+        limit = cache_limit(cache)
+    except ValueError:   # a bad QJAMFAB_CACHE_LIMIT: the daemons say so
+        limit = None
     return {"workers": live_workers(base), "cache_entries": entries,
-            "cache_bytes": size, "cores": os.cpu_count(), "base": base,
+            "cache_bytes": size, "cache_limit": limit,
+            "cores": os.cpu_count(), "base": base,
             "runtimes": sorted(n for n in os.listdir(runtime)
                                if not n.startswith("."))
             if os.path.isdir(runtime) else []}
 
 
 def stop(base: str) -> dict:
-    return {"stopped": len(_stop(base, live_workers(base)))}
+    return {"stopped": len(stop_daemons(base, live_workers(base)))}
 
 
-def _stop(base: str, workers: list[dict]) -> list[str]:
+def stop_daemons(base: str, workers: list[dict]) -> list[str]:
     """End these daemons (SIGTERM, then SIGKILL after 5 s); their names."""
     pids = {w["pid"] for w in workers}
     for w in workers:

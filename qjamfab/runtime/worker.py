@@ -38,6 +38,7 @@ from . import default_base, secure_dir, this_runtime
 from .cache import RefCache
 
 _LOG_POLL_S = 0.05
+_PROGRESS_S = 0.25   # a task running longer says how far it is this often
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters
 
 
@@ -332,12 +333,18 @@ class Worker:
             # what this task sends on is the nodes its slices make.
             tree = ReduceTree(head["leaves"], reduce)
             refs = head["refs"]
+            report_at = started + _PROGRESS_S
             for i, index in enumerate(head["slices"]):
                 phase = "mapfunc"
                 result = mapfunc(params, None if refs is None
                                  else self.cache.get(refs[i]))
                 phase = "reduce"
                 tree.add(index, 1, result)
+                if time.perf_counter() >= report_at and i + 1 < len(refs or ()):
+                    # A long task says how far it is, for progress bars.
+                    report_at = time.perf_counter() + _PROGRESS_S
+                    channel.send(protocol.STATE, {
+                        "task": task, "state": "progress", "done": i + 1})
             phase = "pickling the result"
             payload = _encode_result(tree.items())
         except Exception as exc:
