@@ -59,7 +59,7 @@ class HostSession:
         else:
             self.conn = hostlib.connect(spec, ssh_config=ssh_config,
                                         connect_timeout=connect_timeout)
-            self.python = remote_python()
+            self.python = spec.python or remote_python()
 
     @property
     def connected(self) -> bool:
@@ -160,8 +160,12 @@ class HostSession:
             return self.manage(command, *args)
 
     def start_workers(self, count: int | str = "auto") -> dict:
-        """Start missing worker daemons (bootstrapping when needed)."""
-        return self.manage_bootstrapped("start", "--count", str(count))
+        """Start missing worker daemons (bootstrapping when needed): the
+        host's own `workers=` setting, else `count`; with its `env.`
+        settings."""
+        env = [a for k, v in self.spec.env for a in ("--env", f"{k}={v}")]
+        return self.manage_bootstrapped(
+            "start", "--count", str(self.spec.workers or count), *env)
 
     def close(self) -> None:
         if self.conn is not None:

@@ -63,13 +63,16 @@ def is_terminal(stream: TextIO | None = None) -> bool:
         return False
 
 
-def format_bytes(n: float | None) -> str:
-    """1536 -> "1.5 KiB", 100 -> "100 B"; None -> "-"."""
+def format_bytes(n: float | None, compact: bool = False) -> str:
+    """1536 -> "1.5 KiB", 100 -> "100 B"; None -> "-". `compact` for a
+    narrow column: "1.5K", "63G", "100B"."""
     if n is None:
         return "-"
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(value) < 1024 or unit == "TiB":
+            if compact:
+                return f"{value:.3g}{unit[0]}"
             return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")

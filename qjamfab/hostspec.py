@@ -32,12 +32,20 @@ __all__ = ["HostSpec", "parse_hosts", "split_destination", "destination",
 @dataclass(frozen=True)
 class HostSpec:
     """One host entry. `kind` is "local" or "ssh"; `workers` is N for
-    ``local:N`` and None otherwise. Duplicate entries are distinct hosts, so
-    key per-host state by position, not by HostSpec value."""
+    ``local:N`` or a ``workers=N`` setting, else None; `python` and `env`
+    are its ``python=PATH`` and ``env.NAME=VALUE`` settings (VALUE may name
+    ``{worker}``, the worker's number on the host). Duplicate entries are
+    distinct hosts, so key per-host state by position, not by value."""
 
     raw: str
     kind: str
     workers: int | None = None
+    python: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+
+    def worker_env(self, index: int) -> dict[str, str]:
+        """The environment settings of worker `index` of this host."""
+        return {k: v.replace("{worker}", str(index)) for k, v in self.env}
 
     @property
     def is_local(self) -> bool:
@@ -48,6 +56,7 @@ class HostSpec:
 
 
 _HOW = "write hosts as 'local', 'local:N' or '[user@]host[:port]', comma separated"
+_SETTINGS = "workers=N, python=PATH or env.NAME=VALUE"
 
 
 def parse_hosts(hosts: None | str | Sequence[str]) -> list[HostSpec]:
@@ -55,7 +64,11 @@ def parse_hosts(hosts: None | str | Sequence[str]) -> list[HostSpec]:
 
     None means ``$QJAMFAB_HOSTS`` (comma separated), or ``["local"]`` when it
     is unset or blank. A string is comma separated; a sequence holds one
-    entry per item. Blanks around entries are stripped.
+    entry per item; ``@PATH`` reads a hosts file, one entry a line (``#``
+    starts a comment). Blanks around entries are stripped. After the host,
+    an entry may give its own settings, separated by spaces:
+    ``gpu1 workers=4 python=/opt/conda/bin/python
+    env.CUDA_VISIBLE_DEVICES={worker}``.
     """
     source = "hosts"
     if hosts is None:
@@ -65,6 +78,8 @@ def parse_hosts(hosts: None | str | Sequence[str]) -> list[HostSpec]:
         hosts, source = env, "QJAMFAB_HOSTS"
     if isinstance(hosts, (bytes, bytearray)):
         hosts = hosts.decode()
+    if isinstance(hosts, str) and hosts.strip().startswith("@"):
+        hosts, source = _read_hosts_file(hosts.strip()[1:]), hosts.strip()
     if isinstance(hosts, str):
         entries = hosts.split(",")
         if not hosts.strip():
@@ -100,9 +115,14 @@ def _parse_entry(entry: str, index: int, source: str, whole) -> HostSpec:
             f"host entry {index} in {source} ({whole!r}) is empty: remove the "
             f"extra comma or blank item", host="")
     if any(c.isspace() for c in raw):
-        raise BadHostSpec(
-            f"host spec {raw!r} contains whitespace: separate hosts with "
-            f"commas, as in 'a,b'", host=raw)
+        words = raw.split()
+        if not all("=" in w for w in words[1:]):
+            raise BadHostSpec(
+                f"host spec {raw!r} contains whitespace: separate hosts with "
+                f"commas, as in 'a,b' (settings after a host are "
+                f"{_SETTINGS})", host=raw)
+        spec = _parse_entry(words[0], index, source, whole)
+        return _with_settings(spec, words[1:])
     if any(ord(c) < 32 or ord(c) == 127 for c in raw):
         raise BadHostSpec(
             f"host spec {raw!r} contains a control character: {_HOW}",
@@ -123,6 +143,45 @@ def _parse_entry(entry: str, index: int, source: str, whole) -> HostSpec:
         return HostSpec(raw, "local", n)
     split_destination(raw)   # validates
     return HostSpec(raw, "ssh", None)
+
+
+def _read_hosts_file(path: str) -> list[str]:
+    """The entries of a hosts file: one a line, # comments, blanks skipped."""
+    try:
+        with open(os.path.expanduser(path)) as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise BadHostSpec(
+            f"cannot read hosts file {path!r} ({exc.strerror}): fix the path "
+            "after '@'", host=f"@{path}") from exc
+    entries = [line.split("#", 1)[0].strip() for line in lines]
+    return [e for e in entries if e]
+
+
+def _with_settings(spec: HostSpec, words: list[str]) -> HostSpec:
+    """spec with its `key=value` settings applied."""
+    workers, python, env = spec.workers, spec.python, dict(spec.env)
+    for word in words:
+        key, _, value = word.partition("=")
+        if key == "workers":
+            if not (value.isascii() and value.isdigit() and int(value) > 0):
+                raise BadHostSpec(
+                    f"host {spec.raw}: workers={value!r} is not a positive "
+                    "number of workers: write e.g. workers=8", host=spec.raw)
+            workers = int(value)
+        elif key == "python" and value:
+            python = value
+        elif key.startswith("env.") and len(key) > 4:
+            env[key[4:]] = value
+        else:
+            raise BadHostSpec(
+                f"host {spec.raw}: unknown setting {word!r}: use {_SETTINGS}",
+                host=spec.raw)
+    if spec.is_local and python is not None:
+        raise BadHostSpec(
+            f"host {spec.raw}: python= is for SSH hosts; local workers run "
+            "this Python", host=spec.raw)
+    return HostSpec(spec.raw, spec.kind, workers, python, tuple(env.items()))
 
 
 def split_destination(raw: str) -> tuple[str | None, str, int | None]:

@@ -132,7 +132,8 @@ class Master(FuturesMixin):
             self._inbox.add(host.link)
         missing = self._missing(host)
         new, failed = host.link.attach(missing or None, host.count,
-                                       IDLE_TIMEOUT_S, self.cache_limit)
+                                       IDLE_TIMEOUT_S, self.cache_limit,
+                                       dict(host.spec.env))
         if host.count is None:
             host.count = host.link.count
         for handle in new:
@@ -148,8 +149,9 @@ class Master(FuturesMixin):
     def _start_local(self, host: "_Host") -> None:
         def start(k: int) -> WorkerHandle:
             name = f"{host.label}-{k}"
-            env = {} if self.cache_limit is None else {
-                "QJAMFAB_CACHE_LIMIT": str(self.cache_limit)}
+            env = host.spec.worker_env(k)
+            if self.cache_limit is not None:
+                env["QJAMFAB_CACHE_LIMIT"] = str(self.cache_limit)
             link = Link(host.label, LocalPipeTransport(name, self._base, env),
                         agent=False, stall_timeout=self.heartbeat_timeout)
             return link.start_direct(name)
@@ -172,7 +174,7 @@ class Master(FuturesMixin):
     def _open_link(self, host: "_Host") -> Link:
         """One stream to the host's agent: through the OpenSSH client, or
         paramiko where it cannot reach the host (or is not wanted)."""
-        python = remote_python()
+        python = host.spec.python or remote_python()
         command = shlex.join([python, "-c",
                               runtime.boot_code("agent", install=True)])
         ssh = None if host.openssh_failed else openssh_client(self.ssh_client)

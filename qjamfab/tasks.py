@@ -319,16 +319,14 @@ def status(c, hosts=None, ssh_config=None, verbose=False):
         workers = info.get("workers") or []
         uptime = max((w.get("uptime_s", 0) for w in workers), default=None)
         marked.append(current in (info.get("runtimes") or []))
-        cache = display.format_bytes(info.get("cache_bytes"))
-        if info.get("cache_limit") is not None:   # use against the limit
-            cache += "/" + display.format_bytes(info["cache_limit"]).replace(
-                ".0 ", " ")
         return [len(workers), display.format_duration(uptime),
-                info.get("cache_entries"), cache,
+                info.get("cache_entries"),
+                display.format_bytes(info.get("cache_bytes")),
+                display.format_bytes(info.get("cache_limit"), compact=True),
                 _runtimes(info.get("runtimes") or [], current)]
     _lifecycle(c, "status", hosts, ssh_config, verbose, cluster.status,
-               ["host", "workers", "uptime", "entries", "cache", "runtime",
-                "status"], "lrrrrll", row,
+               ["host", "workers", "uptime", "entries", "cache", "limit",
+                "runtime", "status"], "lrrrrrll", row,
                footnote=lambda: "(runtime* = this qjamfab's runtime, +N = N "
                                 "others)" if any(marked) else "",
                seconds=False)   # for 80 columns; a status query is quick

@@ -157,16 +157,19 @@ class Link:
         return head
 
     def attach(self, indices: list[int] | None, count: int | None,
-               idle_timeout: float, cache_limit: int | str | None = None
+               idle_timeout: float, cache_limit: int | str | None = None,
+               env: dict[str, str] | None = None
                ) -> tuple[list[WorkerHandle], dict]:
         """Ask the agent for these workers (or `count`, or as many as the
         host was started with), its cache held to `cache_limit` (None:
-        the host's own): the new handles, and {index: reason} for those
-        that could not be attached."""
+        the host's own), with `env` settings ({worker}: each one's number):
+        the new handles, and {index: reason} for those that could not be
+        attached."""
         self.transport.set_read_timeout(HANDSHAKE_TIMEOUT_S)
         self.send(protocol.ATTACH, {"workers": indices, "count": count,
                                     "idle_timeout": idle_timeout,
-                                    "cache_limit": cache_limit},
+                                    "cache_limit": cache_limit,
+                                    "env": env or {}},
                   worker=protocol.AGENT)
         hellos: dict[int, dict] = {}
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S

@@ -406,3 +406,9 @@ def test_warn_if_cli_hosts_ignored(monkeypatch, caplog, from_cli, given,
         f"({named}); remove them from the script (Master() then uses "
         f"--hosts)"]
     assert [r.getMessage() for r in caplog.records] == expected
+
+
+def test_compact_bytes_for_narrow_columns():
+    from qjamfab.display import format_bytes
+    assert [format_bytes(n, compact=True) for n in
+            (100, 1536, 500 << 20, 63 << 30)] == ["100B", "1.5K", "500M", "63G"]

@@ -616,3 +616,34 @@ def test_stop_ends_detached_daemons(tmp_path):
             conn.close()
     assert not any(_alive(p) for p in sleepers)
     assert not os.path.exists(hosts.dir)
+
+
+# --- per-host settings -------------------------------------------------------
+
+def test_an_entry_may_carry_its_own_settings(tmp_path):
+    gpu, local = parse_hosts(["u@gpu1:2222 workers=4 python=/opt/py/bin/python"
+                              " env.CUDA_VISIBLE_DEVICES={worker} env.X=1",
+                              "local:2 env.A=b"])
+    assert (gpu.raw, gpu.workers, gpu.python) == ("u@gpu1:2222", 4,
+                                                  "/opt/py/bin/python")
+    assert gpu.worker_env(3) == {"CUDA_VISIBLE_DEVICES": "3", "X": "1"}
+    assert (local.workers, local.worker_env(0)) == (2, {"A": "b"})
+    path = tmp_path / "hosts"
+    path.write_text("# lab\n\nhost1 workers=8  # big\nhost2\n")
+    assert [(s.raw, s.workers) for s in parse_hosts(f"@{path}")] == [
+        ("host1", 8), ("host2", None)]
+
+
+@pytest.mark.parametrize("entry,message", [
+    ("gpu workers=0", "host gpu: workers='0' is not a positive number of "
+                      "workers: write e.g. workers=8"),
+    ("gpu cores=2", "host gpu: unknown setting 'cores=2': use workers=N, "
+                    "python=PATH or env.NAME=VALUE"),
+    ("local python=/x", "host local: python= is for SSH hosts"),
+    ("@/nonexistent/hosts", "cannot read hosts file '/nonexistent/hosts' "
+                            "(No such file or directory): fix the path"),
+])
+def test_bad_settings_are_named(entry, message):
+    with pytest.raises(BadHostSpec) as info:
+        parse_hosts(entry)
+    assert str(info.value).startswith(message)

@@ -461,3 +461,42 @@ def test_a_cache_limit_of_zero_keeps_slices_off_the_hosts_disk(ssh):
         assert m.run(lambda p, x: int(x.sum()), dataset=data) == \
             int(np.arange(20_000).sum())
         assert m.last_run.slices_sent == 0
+
+
+def test_hosts_that_differ_have_their_own_workers_python_and_env(
+        ssh, tmp_path):
+    """Per-host settings, from a hosts file as a lab would keep one: a
+    worker count, a Python, environment variables per worker (each worker
+    of a GPU host its own GPU)."""
+    from qjamfab import cluster
+    hosts_file = tmp_path / "hosts"
+    hosts_file.write_text(
+        "# our lab\n"
+        "host1 workers=2 env.QJ_GPU={worker}   # two GPUs\n"
+        f"host2 workers=1 python={sys.executable}\n")
+    specs = hostspec.parse_hosts(["host1", "host2"])
+    cluster.stop_workers(specs, ssh_config=ssh.ssh_config)
+
+    def gpu(params, _):
+        return [os.environ.get("QJ_GPU", "-")]
+    with Master(f"@{hosts_file}", ssh_config=ssh.ssh_config) as m:
+        assert m.workers == ["host1-0", "host1-1", "host2-0"]
+        assert m.run(gpu, reduce=lambda a, b: a + b) == ["0", "1", "-"]
+        pids = {n: s["pid"] for n, s in m.worker_stats().items()}
+    # Other settings on a warm host: its daemons are replaced to match.
+    with Master(["host1 workers=2 env.QJ_GPU=x{worker}"],
+                ssh_config=ssh.ssh_config) as m:
+        assert m.run(gpu, reduce=lambda a, b: a + b) == ["x0", "x1"]
+        assert not set(s["pid"] for s in m.worker_stats().values()) & set(
+            pids.values())
+    cluster.stop_workers(specs, ssh_config=ssh.ssh_config)
+
+
+def test_a_worker_count_given_to_start_workers_sticks(ssh):
+    from qjamfab import cluster
+    specs = hostspec.parse_hosts(["host3"])
+    cluster.stop_workers(specs, ssh_config=ssh.ssh_config)
+    assert cluster.start_workers(specs, 1, ssh_config=ssh.ssh_config)[0].ok
+    with Master(["host3"], ssh_config=ssh.ssh_config) as m:
+        assert m.workers == ["host3-0"]
+        assert m.run(constant) == 42

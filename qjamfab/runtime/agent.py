@@ -173,16 +173,19 @@ class Agent:
                     claimed.append((index, slot - 1, fd))
                     break
         manage.stop_other_runtimes(self.base)
-        mine = {f"worker-{s}" for _, s, _ in claimed}
+        template = head.get("env") or {}
+        envs = {s: manage.worker_env(template, i) for i, s, _ in claimed}
         # A claimed daemon run by another Python (QJAMFAB_REMOTE_PYTHON
-        # changed) is replaced by one of this agent's Python.
+        # changed) or with other env. settings is replaced.
         manage.stop_daemons(self.base, [
-            w for w in manage.live_workers(self.base) if w["name"] in mine
-            and manage.cmdline(w["pid"]).split(" ", 1)[0] != sys.executable])
+            w for w in manage.live_workers(self.base)
+            if w["slot"] in envs and (
+                manage.cmdline(w["pid"]).split(" ", 1)[0] != sys.executable
+                or manage.env_differs(w["pid"], envs[w["slot"]]))])
         alive = {w["name"] for w in manage.live_workers(self.base)}
         missing = [s for _, s, _ in claimed if f"worker-{s}" not in alive]
         failed: dict[int, str] = {}
-        not_started = set(manage.start_slots(self.base, missing, idle))
+        not_started = set(manage.start_slots(self.base, missing, idle, envs))
         for index, slot, fd in claimed:
             if slot in not_started:
                 os.close(fd)
@@ -196,7 +199,7 @@ class Agent:
                 except OSError:
                     # It ended as we came (a task its last session left
                     # ended it): start a fresh one.
-                    if manage.start_slots(self.base, [slot], idle):
+                    if manage.start_slots(self.base, [slot], idle, envs):
                         raise
                     self.daemons[index] = self._connect(index, slot, fd)
             except OSError as exc:

@@ -60,7 +60,12 @@ def live_workers(base: str) -> list[dict]:
             started = os.stat(os.path.join(run, name)).st_mtime
         except OSError:
             continue
-        found.append({"name": name[:-4], "pid": pid, "socket": sock,
+        try:
+            slot = int(name[len("worker-"):-len(".pid")])
+        except ValueError:
+            continue
+        found.append({"name": name[:-4], "slot": slot, "pid": pid,
+                      "socket": sock,
                       "uptime_s": time.time() - started})
     return found
 
@@ -83,10 +88,27 @@ def stop_other_runtimes(base: str) -> list[str]:
                         if runtime not in cmdline(w["pid"])])
 
 
-def start_slots(base: str, slots: list[int], idle_timeout: float
-                ) -> list[int]:
-    """Start daemons worker-<slot> for these slots, all at once, and wait
-    until each listens; the slots that did not start in time."""
+def worker_env(template: dict[str, str], index: int) -> dict[str, str]:
+    """A host's env. settings for its worker `index` ({worker} filled in)."""
+    return {k: v.replace("{worker}", str(index)) for k, v in template.items()}
+
+
+def env_differs(pid: int, wanted: dict[str, str]) -> bool:
+    """Whether daemon `pid` runs with other values for these variables."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            have = dict(e.split(b"=", 1) for e in f.read().split(b"\0")
+                        if b"=" in e)
+    except OSError:
+        return False
+    return any(have.get(k.encode()) != v.encode() for k, v in wanted.items())
+
+
+def start_slots(base: str, slots: list[int], idle_timeout: float,
+                envs: dict[int, dict[str, str]] | None = None) -> list[int]:
+    """Start daemons worker-<slot> for these slots, all at once (slot k
+    with envs[k] added to its environment), and wait until each listens;
+    the slots that did not start in time."""
     for k in slots:
         name = f"worker-{k}"
         subprocess.Popen(
@@ -95,6 +117,7 @@ def start_slots(base: str, slots: list[int], idle_timeout: float
              "--idle-timeout", str(idle_timeout)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=open(os.path.join(base, "log", f"{name}.daemon"), "ab"),
+            env={**os.environ, **(envs or {}).get(k, {})},
             start_new_session=True, close_fds=True)
     deadline = time.monotonic() + START_WAIT_S
     waiting = set(slots)
@@ -106,11 +129,17 @@ def start_slots(base: str, slots: list[int], idle_timeout: float
     return sorted(waiting)
 
 
-def start(base: str, count: int, idle_timeout: float) -> dict:
+def start(base: str, count: int, idle_timeout: float,
+          env: dict[str, str] | None = None) -> dict:
     replaced = stop_other_runtimes(base)
+    env = env or {}
+    replaced += stop_daemons(base, [
+        w for w in live_workers(base) if env and env_differs(
+            w["pid"], worker_env(env, w["slot"]))])
     running = {w["name"] for w in live_workers(base)}
     missing = [k for k in range(count) if f"worker-{k}" not in running]
-    failed = start_slots(base, missing, idle_timeout)
+    failed = start_slots(base, missing, idle_timeout,
+                         {k: worker_env(env, k) for k in missing})
     with open(os.path.join(_run_dir(base), "count"), "w") as f:
         f.write(f"{count}\n")
     return {"started": [f"worker-{k}" for k in missing if k not in failed],
@@ -184,6 +213,9 @@ def main() -> None:
     parser.add_argument("command", choices=["start", "status", "stop", "clear"])
     parser.add_argument("--count", default="auto")
     parser.add_argument("--idle-timeout", type=float, default=3600.0)
+    parser.add_argument("--env", action="append", default=[],
+                        help="NAME=VALUE for every daemon started "
+                             "({worker}: its number)")
     args = parser.parse_args()
     base = default_base()
     try:
@@ -195,7 +227,8 @@ def main() -> None:
     if args.command == "start":
         count = (os.cpu_count() or 1) if args.count == "auto" \
             else int(args.count)
-        result = start(base, count, args.idle_timeout)
+        result = start(base, count, args.idle_timeout,
+                       dict(e.split("=", 1) for e in args.env))
     else:
         result = {"status": status, "stop": stop, "clear": clear}[args.command](base)
     print(json.dumps(result))
