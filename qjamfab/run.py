@@ -293,7 +293,7 @@ class Run:
             return
         handle = source
         if kind == LOST:
-            self._lost(handle, head["reason"])
+            self._lost(handle, head["reason"], head.get("died", False))
             return
         task = self.open.get(head.get("task"))
         if task is None or task.worker is not handle:
@@ -579,6 +579,9 @@ class Run:
                 self._host_silent(link)
         for handle in busy:
             if handle.alive and handle.last_seen < deadline:
+                if handle.link.transport.computing():
+                    handle.last_seen = time.monotonic()   # busy, not gone
+                    continue
                 if handle.link.agent and handle.link.last_seen >= deadline:
                     handle.alive = False   # its host answers; it does not
                 else:
@@ -591,7 +594,8 @@ class Run:
         """The whole stream went silent: it is closed, its workers lost."""
         self.silent.add(link)
         for event in link.lost(f"no heartbeat for "
-                               f"{self.settings.heartbeat_timeout:g} s"):
+                               f"{self.settings.heartbeat_timeout:g} s",
+                               died=False):
             self.inbox.push_front(event)
         link.close()
         self._host_lost(link)
@@ -607,9 +611,11 @@ class Run:
             self._rerun([i for t in tasks for i in t.slices],
                         task.worker.name, "its host was lost")
 
-    def _lost(self, handle: WorkerHandle, reason: str) -> None:
+    def _lost(self, handle: WorkerHandle, reason: str,
+              died: bool = False) -> None:
         """A worker ended: its groups without another live copy re-run,
-        slice by slice, on the survivors."""
+        slice by slice, on the survivors. `died`: its process ended (not
+        its host or its connection), so the slice it ran may be the cause."""
         handle.alive = False
         self.idle.discard(handle)
         if not handle.link.alive:
@@ -624,8 +630,9 @@ class Run:
         detail = describe_exit(status) if status is not None else reason
         for task in lost_tasks:
             self._close(task)
-        # Only the task it was running can have killed it.
-        for i in lost_tasks[0].slices:
+        # Only the task it was running can have killed it, and only if it
+        # died: a host that went silent says nothing about the slice.
+        for i in lost_tasks[0].slices if died else ():
             self.kills.setdefault(i, []).append(handle.name)
             if len(self.kills[i]) >= 2:
                 raise WorkerLost(

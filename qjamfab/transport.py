@@ -74,6 +74,11 @@ class Transport(ABC):
         """After the stream ended: (exit status if known, stderr tail)."""
         return None, ""
 
+    def computing(self) -> bool:
+        """Whether the far end, silent, is seen from outside to be alive
+        and running (not stopped): busy, not gone. False: cannot tell."""
+        return False
+
     def wait_writable(self) -> bool:
         """After writev wrote nothing: wait until the far end takes bytes
         or sends some (so that it is read meanwhile: both ends writing a
@@ -207,6 +212,16 @@ class LocalPipeTransport(_ProcessTransport):
     """A worker process on this machine, spoken to over its stdin/stdout."""
 
     _what = "a local worker"
+
+    def computing(self) -> bool:
+        # A long C call holding the worker's GIL stops its heartbeats, not
+        # its process: running (R, S, D), not stopped or a zombie.
+        try:
+            with open(f"/proc/{self.process.pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            return False
+        return stat[stat.rindex(b")") + 2:][:1] in (b"R", b"S", b"D")
 
     def __init__(self, name: str, base: str, env: dict | None = None,
                  python: str = sys.executable):

@@ -275,7 +275,9 @@ class Link:
         try:
             kind, worker, head, parts = self.reader.read()
         except (EOFError, OSError, ProtocolError, QjamfabError) as exc:
-            return self.lost(str(exc) or type(exc).__name__)
+            # A stream that stalls inside a frame is lost, not dead.
+            return self.lost(str(exc) or type(exc).__name__,
+                             False if isinstance(exc, TimeoutError) else None)
         now = self.last_seen = time.monotonic()
         self.bytes_received += sum(len(p) for p in parts)
         if self.agent and worker == protocol.AGENT:
@@ -296,17 +298,22 @@ class Link:
             handle.alive = False
             handle.gone_tail = head.get("tail", "")
             handle.gone_status = head.get("status")
-            return [Event(handle, LOST, {"reason": head["reason"]}, [])]
+            return [Event(handle, LOST, {"reason": head["reason"],
+                                         "died": handle.gone_status
+                                         is not None}, [])]
         if log.isEnabledFor(logging.DEBUG):
             log.debug("<- %s %s %s (%d payload bytes)", handle.name,
                       protocol.KIND_NAMES.get(kind, kind), head,
                       sum(len(p) for p in parts))
         return [Event(handle, kind, head, parts)]
 
-    def lost(self, reason: str) -> list[Event]:
-        """The stream ended: every live worker on it is lost."""
+    def lost(self, reason: str, died: bool | None = None) -> list[Event]:
+        """The stream ended: every live worker on it is lost. A local
+        worker's stream ends when its process does (`died`); a host's when
+        its connection or agent does, which says nothing of its workers."""
         self.alive = False
-        events = [Event(h, LOST, {"reason": reason}, [])
+        died = (not self.agent) if died is None else died
+        events = [Event(h, LOST, {"reason": reason, "died": died}, [])
                   for h in self.handles.values() if h.alive]
         for handle in self.handles.values():
             handle.alive = False

@@ -582,3 +582,13 @@ def test_the_progress_bar_moves_per_slice_within_a_task(monkeypatch):
         assert m.run(lambda p, xs: time.sleep(0.15) or sum(xs),
                      dataset=DataSet(list(range(6)), slice_size=1)) == 15
     assert seen[-1] == 6 and len([d for d in seen if 0 < d < 6]) >= 2
+
+
+def test_a_long_c_call_holding_the_gil_is_not_a_lost_worker():
+    """The worker's heartbeat thread cannot run while a C call holds its
+    GIL; its process is seen running from outside, so it is busy, not
+    lost, and its slice is not blamed."""
+    with Master("local:2", heartbeat_timeout=2.0) as m:
+        assert m.run(lambda p, xs: sum(range(10 ** 8)) and sum(xs),
+                     dataset=DataSet(list(range(4)), slice_size=2)) == 6
+        assert m.last_run.lost_workers == []

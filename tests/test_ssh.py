@@ -500,3 +500,11 @@ def test_a_worker_count_given_to_start_workers_sticks(ssh):
     with Master(["host3"], ssh_config=ssh.ssh_config) as m:
         assert m.workers == ["host3-0"]
         assert m.run(constant) == 42
+
+
+def test_a_long_c_call_holding_the_gil_is_not_lost_over_ssh(ssh):
+    with Master(["host1"], workers_per_host=2, ssh_config=ssh.ssh_config,
+                heartbeat_timeout=2.0) as m:
+        assert m.run(lambda p, xs: sum(range(10 ** 8)) and sum(xs),
+                     dataset=DataSet(list(range(4)), slice_size=2)) == 6
+        assert m.last_run.lost_workers == []
