@@ -64,8 +64,8 @@ def parse_hosts(hosts: None | str | Sequence[str]) -> list[HostSpec]:
 
     None means ``$QJAMFAB_HOSTS`` (comma separated), or ``["local"]`` when it
     is unset or blank. A string is comma separated; a sequence holds one
-    entry per item; ``@PATH`` reads a hosts file, one entry a line (``#``
-    starts a comment). Blanks around entries are stripped. After the host,
+    entry per item; ``@PATH`` (with a "/", or starting with "~" or ".")
+    reads a hosts file, one entry a line (``#`` starts a comment). Blanks around entries are stripped. After the host,
     an entry may give its own settings, separated by spaces:
     ``gpu1 workers=4 python=/opt/conda/bin/python
     env.CUDA_VISIBLE_DEVICES={worker}``.
@@ -78,7 +78,7 @@ def parse_hosts(hosts: None | str | Sequence[str]) -> list[HostSpec]:
         hosts, source = env, "QJAMFAB_HOSTS"
     if isinstance(hosts, (bytes, bytearray)):
         hosts = hosts.decode()
-    if isinstance(hosts, str) and hosts.strip().startswith("@"):
+    if isinstance(hosts, str) and _is_hosts_file(hosts.strip()):
         hosts, source = _read_hosts_file(hosts.strip()[1:]), hosts.strip()
     if isinstance(hosts, str):
         entries = hosts.split(",")
@@ -143,6 +143,15 @@ def _parse_entry(entry: str, index: int, source: str, whole) -> HostSpec:
         return HostSpec(raw, "local", n)
     split_destination(raw)   # validates
     return HostSpec(raw, "ssh", None)
+
+
+def _is_hosts_file(text: str) -> bool:
+    """"@PATH" names a hosts file when PATH looks like one (has a "/",
+    starts with "~" or ".", or exists); "@host" stays a spec (and fails:
+    an empty user)."""
+    path = text[1:]
+    return text.startswith("@") and bool(path) and (
+        "/" in path or path[0] in "~." or os.path.exists(path))
 
 
 def _read_hosts_file(path: str) -> list[str]:

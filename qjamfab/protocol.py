@@ -44,7 +44,8 @@ STATE = 3      # worker -> master: {task, state: "blocked", refs, func};
                # task
 REFS = 4       # master -> worker: {ref}; payload = the slice. From the
                # agent to its daemons {ref, stored: file key}, no payload:
-               # the slice is in the host's cache, sealed, as that file
+               # the slice is in the host's cache, sealed, as that file; or
+               # {ref, memory: true} + the slice: no room for it on disk
 RESULT = 5     # worker -> master: {task, compute_s, slices}; payload =
                # [(lo, size, value)], ReduceTree nodes. From the agent:
                # {tasks} for a COLLECT

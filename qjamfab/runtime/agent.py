@@ -270,7 +270,8 @@ class Agent:
         if parts is not None:
             daemon = self.daemons.get(worker)
             if daemon is not None and not daemon.closed:
-                daemon.queue(protocol.frame(protocol.REFS, {"ref": ref}, parts))
+                daemon.queue(protocol.frame(
+                    protocol.REFS, {"ref": ref, "memory": True}, parts))
             return
         key = self.cache.file_key(ref)
         for daemon in self.daemons.values():   # sealed here: no need to hash

@@ -310,19 +310,21 @@ class RefCache:
 
     def receive(self, ref: str, lengths: list[int],
                 reader: protocol.FrameReader, source_fd: int | None,
-                load: bool = True) -> list | None:
+                load: bool = True, to_disk: bool = True) -> list | None:
         """Take a REFS payload off the stream into the cache and seal it.
         Without room on the disk, or bigger than the limit, it is kept in
         memory only. Without `load` (the host agent, which only stores)
         nothing is unpickled: a slice that stays off the disk is returned
-        as its raw parts, for the agent to pass on."""
+        as its raw parts, for the agent to pass on. Without `to_disk` (the
+        agent found no room for it) it stays in memory whatever the room
+        here."""
         if not ref or os.sep in ref or ref.startswith("."):
             raise ValueError(f"{ref!r} is not a ref")
         count = len(lengths)
         lengths_raw = b"".join(_LENGTH.pack(n) for n in lengths)
         header = _PREFIX.pack(_MAGIC, count, bytes(32)) + lengths_raw
         size = _aligned(len(header)) + sum(_aligned(n) for n in lengths)
-        if not self._make_room(ref, size):
+        if not to_disk or not self._make_room(ref, size):
             parts = [reader.read_part(n) for n in lengths]
             if not load:
                 return parts

@@ -217,8 +217,10 @@ class Worker:
                     kind, _, head, lengths = channel.reader.read_head()
                     if kind == protocol.REFS:   # straight into the cache
                         if lengths:
-                            self.cache.receive(head["ref"], lengths,
-                                               channel.reader, channel.read_fd)
+                            self.cache.receive(
+                                head["ref"], lengths, channel.reader,
+                                channel.read_fd,
+                                to_disk=not head.get("memory"))
                         else:   # the agent stored and sealed it for us
                             self.cache.trust(head["ref"], head["stored"])
                         continue
