@@ -31,7 +31,8 @@ __all__ = ["HostSpec", "parse_hosts", "split_destination", "destination",
 
 @dataclass(frozen=True)
 class HostSpec:
-    """One host entry. `kind` is "local" or "ssh"; `workers` is N for
+    """One host entry. `kind` is "local", "inproc" (workers as threads of
+    this process: inproc.py) or "ssh"; `workers` is N for
     ``local:N`` or a ``workers=N`` setting, else None; `python` and `env`
     are its ``python=PATH`` and ``env.NAME=VALUE`` settings (VALUE may name
     ``{worker}``, the worker's number on the host). Duplicate entries are
@@ -49,7 +50,8 @@ class HostSpec:
 
     @property
     def is_local(self) -> bool:
-        return self.kind == "local"
+        """On this machine: worker processes, or in-process workers."""
+        return self.kind in ("local", "inproc")
 
     def __str__(self) -> str:
         return self.raw
@@ -128,19 +130,20 @@ def _parse_entry(entry: str, index: int, source: str, whole) -> HostSpec:
             f"host spec {raw!r} contains a control character: {_HOW}",
             host=raw)
     head, sep, tail = raw.partition(":")
-    if head.lower() == "local":
+    kind = head.lower()
+    if kind in ("local", "inproc"):
         if not sep:
-            return HostSpec(raw, "local", None)
+            return HostSpec(raw, kind, None)
         if not tail.isdigit() or not tail.isascii():
             raise BadHostSpec(
-                f"host spec {raw!r}: the worker count after 'local:' must be "
-                f"a positive integer, as in 'local:4'", host=raw)
+                f"host spec {raw!r}: the worker count after '{kind}:' must "
+                f"be a positive integer, as in '{kind}:4'", host=raw)
         n = int(tail)
         if n < 1:
             raise BadHostSpec(
-                f"host spec {raw!r} asks for {n} workers: use 'local:N' with "
-                f"N >= 1, or plain 'local' for one per core", host=raw)
-        return HostSpec(raw, "local", n)
+                f"host spec {raw!r} asks for {n} workers: use '{kind}:N' "
+                f"with N >= 1, or plain '{kind}' for one per core", host=raw)
+        return HostSpec(raw, kind, n)
     split_destination(raw)   # validates
     return HostSpec(raw, "ssh", None)
 

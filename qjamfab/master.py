@@ -31,6 +31,7 @@ from .dataset import BaseDataSet, DataSet
 from .errors import QjamfabError, WorkerLost
 from .futures import FuturesMixin, closes_executor, exclusive
 from .hostspec import HostSpec, parse_hosts
+from .inproc import InProcessTransport
 from .openssh import openssh_client
 from .run import Run, RunSettings, RunStats, print_log
 from .runtime import default_base
@@ -152,8 +153,11 @@ class Master(FuturesMixin):
             env = host.spec.worker_env(k)
             if self.cache_limit is not None:
                 env["QJAMFAB_CACHE_LIMIT"] = str(self.cache_limit)
-            link = Link(host.label, LocalPipeTransport(name, self._base, env),
-                        agent=False, stall_timeout=self.heartbeat_timeout)
+            transport = InProcessTransport(name, self._base) \
+                if host.spec.kind == "inproc" else \
+                LocalPipeTransport(name, self._base, env)
+            link = Link(host.label, transport, agent=False,
+                        stall_timeout=self.heartbeat_timeout)
             return link.start_direct(name)
         missing = self._missing(host)
         for k in missing:
@@ -384,7 +388,7 @@ def _label_hosts(specs: list[HostSpec], workers_per_host: int | None
                  ) -> list[_Host]:
     hosts, seen = [], set()
     for spec in specs:
-        label = "local" if spec.is_local else spec.raw
+        label = spec.kind if spec.is_local else spec.raw
         while label in seen:  # two entries for one host stay apart
             label += "'"
         seen.add(label)

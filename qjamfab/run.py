@@ -44,6 +44,8 @@ class RunStats:
     backup_tasks: int = 0
     replica_bytes_sent: int = 0
     damaged_slices: int = 0
+    tasks: int = 0              # tasks sent: copies and re-runs included
+    moved_tasks: int = 0        # queued tasks a worker that ran dry took
 
     def __repr__(self) -> str:
         compute = ", ".join(f"{name} {secs:.3f}s"
@@ -145,7 +147,6 @@ class Run:
         self.sent_refs: set[str] = set()
         self.params_sent: set[WorkerHandle] = set()  # have this run's params
         self.split = settings.split
-        self.moved = 0                            # queued groups moved
         self.queued = 0                           # open tasks not yet running
         links = [h.link for h in workers]
         self.links = list(dict.fromkeys(links))
@@ -198,7 +199,7 @@ class Run:
         stats = self.stats
         if stats.elapsed_s <= 0.05:
             return False
-        if self.moved or stats.backup_tasks or stats.lost_workers:
+        if stats.moved_tasks or stats.backup_tasks or stats.lost_workers:
             return True
         if self.split:
             return False
@@ -217,6 +218,7 @@ class Run:
         slices = self.groups[group]
         held = handle.link in self.holds
         task = _Task(next(self.inbox.ids), handle, group, slices, held)
+        self.stats.tasks += 1
         self._open(task)
         refs = None if self.refs is None else [self.refs[i] for i in slices]
         try:
@@ -378,7 +380,7 @@ class Run:
     def _other_copies(self, group: int) -> list[_Task]:
         """The group's other open copies: only backups and moves make
         them, so without those there is nothing to look for."""
-        if not (self.stats.backup_tasks or self.moved):
+        if not (self.stats.backup_tasks or self.stats.moved_tasks):
             return []
         return [t for t in self.open.values() if t.group == group]
 
@@ -483,7 +485,7 @@ class Run:
             else:
                 self._cancel(task)  # it was only queued: move it
                 self._open(task)    # until the worker confirms
-                self.moved += 1
+                self.stats.moved_tasks += 1
             self._send_task(handle, task.group)
 
     def _expected_s(self, task: _Task) -> float:

@@ -189,6 +189,10 @@ class Worker:
         self.run_id = None
         self.run_params: list = []  # the params parts of run_id
         self.busy = False  # running user code
+        # In a process of its own (not as a thread: qjamfab.inproc), a
+        # worker whose master hangs up mid-task ends, and beats while alive.
+        self.exit_on_hangup = True
+        self.heartbeats = True
 
     def hello(self) -> dict:
         import cloudpickle
@@ -314,10 +318,11 @@ class Worker:
         hangup = select.poll()
         hangup.register(channel.read_fd, 0)  # POLLHUP and POLLERR only
         while not stop.wait(protocol.HEARTBEAT_INTERVAL_S):
-            if self.busy and hangup.poll(0):
+            if self.busy and self.exit_on_hangup and hangup.poll(0):
                 os._exit(0)
             try:
-                channel.send(protocol.HEARTBEAT, {})
+                if self.heartbeats:
+                    channel.send(protocol.HEARTBEAT, {})
             except OSError:
                 return
 
