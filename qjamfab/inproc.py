@@ -17,12 +17,14 @@ job acts out failures with these calls, made from inside mapfunc:
 """
 from __future__ import annotations
 
+import os
 import select
 import socket
 import threading
 import time
 
 from .runtime import secure_dir
+from .runtime.cache import RefCache
 from .runtime.worker import Channel, Worker
 from .transport import Transport
 
@@ -79,7 +81,8 @@ class InProcessTransport(Transport):
         self._sock, far = socket.socketpair()
         self._sock.setblocking(False)
         secure_dir(base)
-        self.worker = Worker(name, base, _NoCapture())   # type: ignore[arg-type]
+        self.worker = Worker(name, base, RefCache(os.path.join(base, "cache")),
+                             _NoCapture())   # type: ignore[arg-type]
         self.worker.exit_on_hangup = False   # it would end this process
         self._thread = threading.Thread(target=self._serve, args=(far,),
                                         name=f"qjamfab-inproc-{name}",

@@ -18,6 +18,7 @@ exactly as it arrived.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import stat
@@ -80,6 +81,9 @@ _HEADER = struct.Struct("!2sBHH")
 _LENGTH = struct.Struct("!Q")
 _IOV_MAX = 512
 _MAX_PARTS = 0xFFFF
+_LAZY_PART = 1 << 20   # under limits, parts this big fill a mapping lazily
+_NOT_QJAMFAB = (f"the peer is not a qjamfab endpoint of protocol version "
+                f"{VERSION}, or the stream was corrupted")
 
 
 def encode(obj: object, dumps: Callable = pickle.dumps) -> list:
@@ -141,15 +145,27 @@ class FrameReader:
     """Reads frames from `readinto(memoryview) -> int` (0 at end of stream).
 
     Small reads are served from an internal buffer; large parts are read
-    straight into their own bytearray, so a big slice is copied only once.
+    straight into their own buffer, so a big slice is copied only once.
+
+    Limits, for a stream whose peer may be anything (a daemon's socket
+    takes any client of the same user): a frame's head is at most
+    `max_head` bytes and any other part read into memory at most
+    `max_part`. Under limits, a part of 1 MiB or more must also fit in
+    the host's available memory, and it is an anonymous mapping whose
+    pages are committed as its bytes arrive: a declared length costs
+    nothing until the data comes. Breaking a limit raises ProtocolError,
+    with the stream left inside the frame: close it.
     """
 
     def __init__(self, readinto: Callable[[memoryview], int],
-                 buffer_size: int = 1 << 16):
+                 buffer_size: int = 1 << 16, max_head: int | None = None,
+                 max_part: int | None = None):
         self._readinto = readinto
         self._buf = bytearray(buffer_size)
         self._start = 0
         self._end = 0
+        self.max_head = max_head
+        self.max_part = max_part
 
     def buffered(self) -> bool:
         return self._end > self._start
@@ -185,9 +201,39 @@ class FrameReader:
                 return line
             self._fill()
 
-    def read_part(self, n: int) -> bytearray:
-        out = bytearray(n)
-        view = memoryview(out)
+    def read_part(self, n: int) -> bytearray | mmap.mmap:
+        """The next n bytes: a bytearray, or under limits a mapping when
+        n is 1 MiB or more."""
+        out = self._allocate(n)
+        self.read_into(memoryview(out))
+        return out
+
+    def _allocate(self, n: int) -> bytearray | mmap.mmap:
+        if self.max_part is None:
+            return bytearray(n)
+        if n > self.max_part:
+            raise ProtocolError(
+                f"a frame part of {n} bytes is over this endpoint's limit of "
+                f"{self.max_part}: {_NOT_QJAMFAB}")
+        if n < _LAZY_PART:
+            return bytearray(n)
+        available = available_memory()
+        if available is not None and n > available:
+            raise ProtocolError(
+                f"a frame part of {n} bytes does not fit in this host's "
+                f"available memory ({available} bytes): free memory on the "
+                "host, or send smaller slices and params")
+        try:
+            return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE)
+        except OSError as exc:   # ENOMEM: over what the kernel commits
+            raise ProtocolError(
+                f"a frame part of {n} bytes cannot be mapped "
+                f"({exc.strerror}): free memory on the host, or send "
+                "smaller slices and params") from exc
+
+    def read_into(self, view: memoryview) -> None:
+        """Fill view with the next len(view) bytes of the stream."""
+        n = len(view)
         have = min(n, self._end - self._start)
         view[:have] = self._buf[self._start:self._start + have]
         self._start += have
@@ -204,7 +250,6 @@ class FrameReader:
                 if not got:
                     raise EOFError("stream closed inside a frame")
                 pos += got
-        return out
 
     def read(self) -> tuple[int, int, dict, list]:
         """Next frame as (kind, worker, head, payload parts). EOFError at
@@ -219,21 +264,34 @@ class FrameReader:
         magic, kind, worker, nparts = _HEADER.unpack(
             self._read_small(_HEADER.size))
         if magic != _MAGIC or nparts < 1:
-            raise ProtocolError(
-                f"bad frame header {magic!r}: the peer is not a qjamfab "
-                f"endpoint of protocol version {VERSION}, or the stream was "
-                "corrupted")
+            raise ProtocolError(f"bad frame header {magic!r}: {_NOT_QJAMFAB}")
         raw = self.read_part(_LENGTH.size * nparts)
         lengths = [_LENGTH.unpack_from(raw, i * _LENGTH.size)[0]
                    for i in range(nparts)]
-        head = pickle.loads(self.read_part(lengths[0]))
+        if self.max_head is not None and lengths[0] > self.max_head:
+            raise ProtocolError(
+                f"a frame head of {lengths[0]} bytes is over this endpoint's "
+                f"limit of {self.max_head}: {_NOT_QJAMFAB}")
+        head_bytes = self.read_part(lengths[0])
+        try:
+            head = pickle.loads(head_bytes)
+        except Exception as exc:   # any pickle error: the bytes are no head
+            raise ProtocolError(
+                f"a frame head that cannot be unpickled "
+                f"({type(exc).__name__}: {exc}): {_NOT_QJAMFAB}") from exc
+        if not isinstance(head, dict):
+            raise ProtocolError(
+                f"a frame head that is a {type(head).__name__}, not a dict: "
+                f"{_NOT_QJAMFAB}")
         return kind, worker, head, lengths[1:]
 
     def copy_to(self, fd: int, n: int, source_fd: int | None = None) -> None:
         """Move the next n bytes of the stream into file `fd`: what is
         buffered, then straight from `source_fd` with splice when it is a
         pipe (the kernel moves the bytes: no copy here, no memory), else
-        through the buffer."""
+        through the buffer. When a write fails (a full disk), exactly the
+        bytes written to fd have left the stream: the caller can read the
+        rest of the frame from here."""
         splice = source_fd is not None and _can_splice(source_fd)
         while n:
             if self._end == self._start and splice:
@@ -245,11 +303,23 @@ class FrameReader:
             if self._end == self._start:
                 self._fill()
             take = min(n, self._end - self._start)
-            view = memoryview(self._buf)[self._start:self._start + take]
-            while view:
-                view = view[os.write(fd, view):]
-            self._start += take
-            n -= take
+            written = os.write(
+                fd, memoryview(self._buf)[self._start:self._start + take])
+            self._start += written
+            n -= written
+
+
+def available_memory() -> int | None:
+    """Bytes the host can still give a process without swapping
+    (MemAvailable), None where that is unknown."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _can_splice(fd: int) -> bool:

@@ -56,7 +56,8 @@ at most every 30 s after. Never removed: entries this worker has pinned
 entries any worker used in the last 5 minutes, which covers the other
 daemons' running tasks without talking to them. So the cache exceeds its
 limit only by what is in use. A slice bigger than the limit stays in memory
-only. A worker whose file another removed drops its memory copy at the next
+only, as does one the disk has no room for, even when the disk fills up
+while it arrives. A worker whose file another removed drops its memory copy at the next
 check and the slice is fetched again.
 
 File layout: b"QJC3" | count: u32 | seal: 32 bytes | count x length: u64 |
@@ -64,6 +65,7 @@ each part, padded to a multiple of 64 bytes from the start of the file.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import mmap
@@ -94,6 +96,7 @@ IN_USE_S = 300.0                     # an entry used this recently stays
 _DEFAULT_SHARE = 4                   # default limit: 1/4 of the filesystem...
 _DEFAULT_CAP = 64 << 30              # ...at most this
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NOTHING: frozenset = frozenset()
 
 
@@ -103,6 +106,13 @@ class CacheLimitError(ValueError):
 
 class CacheEntryLost(LookupError):
     """A slice left the cache (damaged, removed) while a task needed it."""
+
+
+def is_ref(ref: object) -> bool:
+    """Whether ref can name a cache file: one name inside the directory,
+    short enough for its temporary name too."""
+    return isinstance(ref, str) and 0 < len(ref) <= 200 and os.sep not in ref \
+        and not ref.startswith(".") and "\0" not in ref
 
 
 def parse_size(text: str, env: str | None = "QJAMFAB_CACHE_LIMIT") -> int:
@@ -313,24 +323,23 @@ class RefCache:
                 load: bool = True, to_disk: bool = True) -> list | None:
         """Take a REFS payload off the stream into the cache and seal it.
         Without room on the disk, or bigger than the limit, it is kept in
-        memory only. Without `load` (the host agent, which only stores)
-        nothing is unpickled: a slice that stays off the disk is returned
-        as its raw parts, for the agent to pass on. Without `to_disk` (the
-        agent found no room for it) it stays in memory whatever the room
-        here."""
-        if not ref or os.sep in ref or ref.startswith("."):
+        memory only; so is one the disk fills up under while it arrives.
+        Without `load` (the host agent, which only stores) nothing is
+        unpickled: a slice that stays off the disk is returned as its raw
+        parts, for the agent to pass on. Without `to_disk` (the agent found
+        no room for it) it stays in memory whatever the room here."""
+        if not is_ref(ref):
             raise ValueError(f"{ref!r} is not a ref")
         count = len(lengths)
         lengths_raw = b"".join(_LENGTH.pack(n) for n in lengths)
         header = _PREFIX.pack(_MAGIC, count, bytes(32)) + lengths_raw
-        size = _aligned(len(header)) + sum(_aligned(n) for n in lengths)
+        offsets = [_aligned(len(header))]
+        for n in lengths:
+            offsets.append(_aligned(offsets[-1] + n))
+        size = offsets.pop()
         if not to_disk or not self._make_room(ref, size):
-            parts = [reader.read_part(n) for n in lengths]
-            if not load:
-                return parts
-            self._memory[ref] = _Entry(protocol.decode(parts), None, None,
-                                       None, 0.0)
-            return None
+            return self._keep_in_memory(
+                ref, [reader.read_part(n) for n in lengths], load)
         path = self._path(ref)
         tmp = f"{path}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | _NOFOLLOW
@@ -342,19 +351,16 @@ class RefCache:
             # and no one else's yet, so it cannot shrink under it.
             os.ftruncate(fd, size)
             written = memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_READ))
-            pos = _write_padded(fd, header)
-            offsets = []
-            for n in lengths:
-                offsets.append(pos)
+            _write_padded(fd, header)
+            for offset, n in zip(offsets, lengths):
                 for start in range(0, n, _BLOCK):
                     # Hash each block as it lands, while the next arrives.
                     k = min(_BLOCK, n - start)
                     reader.copy_to(fd, k, source_fd)
-                    block = written[pos + start:pos + start + k]
+                    block = written[offset + start:offset + start + k]
                     digests.append(_pool().submit(_digest, block)
                                    if overlap else _digest(block))
-                pos += n
-                pos += _write_padded(fd, b"", _aligned(pos) - pos)
+                _write_padded(fd, b"", _aligned(offset + n) - offset - n)
             if overlap:
                 digests = [d.result() for d in digests]
             seal = _seal(ref, count, lengths_raw, digests)
@@ -364,20 +370,58 @@ class RefCache:
             st = os.fstat(fd)
             if load:
                 mapping, value = _map(fd, offsets, lengths, st.st_size)
-        except BaseException:
+        except BaseException as exc:
             if overlap and digests:
                 from concurrent.futures import wait
                 for d in digests:
                     d.cancel()
                 wait(digests)   # they read the mapping
-            os.close(fd)
-            os.unlink(tmp)
-            raise
+            try:
+                if not (isinstance(exc, OSError) and exc.errno in _DISK_FULL):
+                    raise
+                kept = self._rescue(ref, exc, fd, offsets, lengths, reader,
+                                    load)
+            finally:
+                os.close(fd)
+                os.unlink(tmp)
+            return kept
         os.close(fd)
         os.replace(tmp, path)   # same inode, size, mtime: st is its key
         if load:
             self._memory[ref] = _Entry(value, path, _key(st), mapping,
                                        time.monotonic())
+        return None
+
+    def _rescue(self, ref: str, exc: OSError, fd: int, offsets: list,
+                lengths: list, reader: protocol.FrameReader,
+                load: bool) -> list | None:
+        """The disk filled up under ref's file (another writer) as it
+        arrived: keep the slice in memory, from the bytes that landed in
+        the file and the rest of the frame, still in the stream."""
+        landed = os.lseek(fd, 0, os.SEEK_CUR)   # copy_to took no more
+        parts = []
+        for offset, n in zip(offsets, lengths):
+            part = bytearray(n)
+            view = memoryview(part)
+            have = min(n, max(0, landed - offset))
+            for start in range(0, have, _BLOCK):
+                k = min(_BLOCK, have - start)
+                view[start:start + k] = os.pread(fd, k, offset + start)
+            reader.read_into(view[have:])
+            parts.append(part)
+        print(f"qjamfab: the disk of {self.directory} filled up while slice "
+              f"{ref} arrived ({exc.strerror}): kept in memory only; free "
+              "space there to cache slices on disk", file=sys.stderr,
+              flush=True)
+        return self._keep_in_memory(ref, parts, load)
+
+    def _keep_in_memory(self, ref: str, parts: list, load: bool = True
+                        ) -> list | None:
+        """The slice in memory only; its raw parts back without `load`."""
+        if not load:
+            return parts
+        self._memory[ref] = _Entry(protocol.decode(parts), None, None, None,
+                                   0.0)
         return None
 
     def _make_room(self, ref: str, size: int) -> bool:

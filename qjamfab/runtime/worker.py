@@ -13,11 +13,23 @@ runtime/__init__.py), in one of two modes:
 Before any user code runs, the protocol moves off fds 0 and 1, and fds 1 and
 2 point at a capture file, so nothing a job prints (from Python or C) can
 corrupt a frame. The capture is forwarded to the master as LOG frames; being
-a file, its tail survives a crash for the master to show.
+a file, its tail survives a crash for the master to show. What a full disk
+has no room for is dropped, and the master told how much. The worker's own
+messages and tracebacks go to the stderr it was started with (a daemon's
+`log/worker-N.daemon`), never into the capture.
+
+A daemon's socket takes any client of the same user, so a daemon trusts no
+input: a client that does not say "serve" within _CLAIM_WAIT_S is dropped
+(others are served meanwhile); a frame that breaks the protocol (bad header,
+a head that is not a small pickled dict, a kind or head a worker does not
+take, a part bigger than what fits) ends that connection only, logged, and
+the daemon goes back to accepting. In `--pipe` mode the stream is the
+worker's only client: bad input ends the worker, saying why on its stderr.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import hashlib
 import io
@@ -33,20 +45,27 @@ import time
 import traceback
 
 from .. import protocol
+from ..errors import ProtocolError
 from ..reduce import ReduceTree
 from . import default_base, secure_dir, this_runtime
-from .cache import RefCache
+from .cache import CacheEntryLost, CacheLimitError, RefCache, is_ref
 
 _LOG_POLL_S = 0.05
 _PROGRESS_S = 0.25   # a task running longer says how far it is this often
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# Frame limits: a TASK head lists its refs (100,000 slices take 7 MB); a
+# part (params, a job, a slice kept in memory) must also fit in memory.
+_MAX_HEAD = 64 << 20
+_MAX_PART = 64 << 30
 
 
 class Channel:
     """One framed connection to the master; writes are thread-safe."""
 
     def __init__(self, readinto, writev, read_fd: int):
-        self.reader = protocol.FrameReader(readinto)
+        self.reader = protocol.FrameReader(readinto, max_head=_MAX_HEAD,
+                                           max_part=_MAX_PART)
         self._writev = writev
         self.read_fd = read_fd
         self._lock = threading.Lock()
@@ -63,6 +82,65 @@ class Channel:
             if self.open:
                 protocol.write_all(self._writev, buffers)
 
+    def close(self) -> None:
+        """Send nothing more: the heartbeat thread may outlive the
+        connection, and its descriptor may be the next client's."""
+        with self._lock:
+            self.open = False
+
+
+class DaemonLog:
+    """The stderr this process was started with: a daemon's
+    `log/worker-N.daemon`, a local worker's stderr as its master reads it.
+    (fd 2 itself is the capture of job output.)"""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write(self, text: str) -> None:
+        data = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: "
+                f"{text.rstrip()}\n").encode("utf-8", "replace")
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError:
+            pass   # a full disk: there is nowhere left to say it
+
+    def exception(self, exc_type, value, tb) -> None:
+        self.write("".join(traceback.format_exception(exc_type, value, tb)))
+
+    def thread_exception(self, args) -> None:
+        if args.exc_type is not SystemExit:
+            self.exception(args.exc_type, args.exc_value, args.exc_traceback)
+
+
+class _CaptureStream(io.RawIOBase):
+    """fd 1 or 2 as Python code writes it: what a full disk has no room for
+    is dropped and counted, never an error in the job that printed it."""
+
+    def __init__(self, fd: int, capture: "Capture"):
+        super().__init__()
+        self._fd = fd
+        self._capture = capture
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        total = len(view)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            self._capture.dropped += len(view)
+        return total
+
 
 class Capture:
     """fds 1 and 2 -> an append-only file, forwarded as LOG frames. Past
@@ -72,9 +150,10 @@ class Capture:
 
     def __init__(self, path: str):
         self.path = path
-        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False),
+        self.dropped = 0   # bytes Python code printed that found no room
+        sys.stdout = io.TextIOWrapper(_CaptureStream(1, self),
                                       line_buffering=True, errors="replace")
-        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False),
+        sys.stderr = io.TextIOWrapper(_CaptureStream(2, self),
                                       line_buffering=True, errors="replace")
         self._fd = self._fresh_file()
         self._forwarded = 0   # bytes of the file sent on so far
@@ -105,18 +184,33 @@ class Capture:
                                 self._forwarded)
                 self._forwarded += len(data)
             if self._forwarded > (1 << 20) and not self._busy:
-                old, self._fd = self._fd, self._fresh_file()
-                while rest := os.pread(old, 1 << 20, self._forwarded):
-                    data += rest
-                    self._forwarded += len(rest)
-                os.close(old)
-                self._forwarded = 0
+                data += self._start_over()
+            dropped, self.dropped = self.dropped, 0
+            if dropped:
+                data += (f"qjamfab: {dropped} bytes of output were dropped: "
+                         f"the disk of {os.path.dirname(self.path)} is full; "
+                         "free space there\n").encode()
             if data and self.channel is not None:
                 try:
                     self.channel.send(protocol.LOG, {
                         "text": data.decode("utf-8", "replace")})
                 except OSError:
                     pass  # the master is gone
+
+    def _start_over(self) -> bytes:
+        """Move fds 1 and 2 to a fresh file; what reached the old one since
+        it was last read."""
+        try:
+            old, self._fd = self._fd, self._fresh_file()
+        except OSError:   # no room for a new file: keep this one
+            return b""
+        data = b""
+        while rest := os.pread(old, 1 << 20, self._forwarded):
+            data += rest
+            self._forwarded += len(rest)
+        os.close(old)
+        self._forwarded = 0
+        return data
 
     def _poll(self) -> None:
         # A timer rather than an event set by begin(): waking this thread
@@ -174,12 +268,50 @@ def _c_stdio_flush() -> None:
         fflush(None)
 
 
+# The head keys a worker needs, by the kinds it takes.
+_NEEDS = {protocol.FUNC: ("hash",),
+          protocol.TASK: ("task", "run", "func", "refs", "slices", "leaves",
+                          "params"),
+          protocol.REFS: ("ref",), protocol.CANCEL: ("task",),
+          protocol.CLEAR: (), protocol.STATS: ()}
+
+
+def _check_head(kind: int, head: dict, parts: list) -> None:
+    """Refuse a frame a worker cannot act on: ProtocolError naming it."""
+    name = protocol.KIND_NAMES.get(kind, kind)
+    need = _NEEDS.get(kind)
+    if need is None:
+        raise ProtocolError(
+            f"a frame of kind {name} is not one a worker takes: the peer is "
+            f"not a qjamfab master of protocol version {protocol.VERSION}")
+    lacking = [key for key in need if key not in head]
+    bad = None
+    if lacking:
+        bad = f"it lacks {', '.join(lacking)}"
+    elif kind == protocol.FUNC and not (isinstance(head["hash"], str)
+                                        and parts):
+        bad = "it needs a hash and the job's bytes"
+    elif kind == protocol.TASK and not isinstance(head["func"], str):
+        bad = "its func is not a hash"
+    elif kind == protocol.TASK and not (
+            head["refs"] is None or isinstance(head["refs"], (list, tuple))
+            and all(is_ref(r) for r in head["refs"])):
+        bad = "its refs are not a list of refs"
+    elif kind == protocol.REFS and not is_ref(head["ref"]):
+        bad = f"{head['ref']!r:.80} is not a ref"
+    if bad:
+        raise ProtocolError(
+            f"a {name} frame a worker cannot act on ({bad}): the peer is not "
+            f"a qjamfab master of protocol version {protocol.VERSION}")
+
+
 class Worker:
-    def __init__(self, name: str, base: str, capture: Capture):
+    def __init__(self, name: str, base: str, cache: RefCache,
+                 capture: Capture):
         self.name = name
         self.base = base
         self.capture = capture
-        self.cache = RefCache(os.path.join(base, "cache"))
+        self.cache = cache
         self.jobs: dict[str, tuple] = {}     # function hash -> (mapfunc, reduce)
         self.job_bytes: dict[str, bytes] = {}
         self.started = time.time()
@@ -203,7 +335,8 @@ class Worker:
                 "host": socket.gethostname(), "log": self.capture.path}
 
     def serve(self, channel: Channel) -> None:
-        """Answer frames until the master closes the connection."""
+        """Answer frames until the master closes the connection; a frame
+        that breaks the protocol raises ProtocolError."""
         self.capture.channel = channel
         self.pending = []
         channel.send(protocol.HELLO, self.hello())
@@ -220,21 +353,35 @@ class Worker:
                 try:
                     kind, _, head, lengths = channel.reader.read_head()
                     if kind == protocol.REFS:   # straight into the cache
-                        if lengths:
-                            self.cache.receive(
-                                head["ref"], lengths, channel.reader,
-                                channel.read_fd,
-                                to_disk=not head.get("memory"))
-                        else:   # the agent stored and sealed it for us
-                            self.cache.trust(head["ref"], head["stored"])
+                        _check_head(kind, head, lengths)
+                        self._take_slice(channel, head, lengths)
                         continue
                     parts = [channel.reader.read_part(n) for n in lengths]
                 except (EOFError, OSError):
                     return
+                _check_head(kind, head, parts)
                 self.handle(channel, kind, head, parts)
         finally:
             stop.set()
+            channel.close()
             self.capture.channel = None
+
+    def _take_slice(self, channel: Channel, head: dict, lengths: list) -> None:
+        ref = head["ref"]
+        try:
+            if lengths:
+                self.cache.receive(ref, lengths, channel.reader,
+                                   channel.read_fd,
+                                   to_disk=not head.get("memory"))
+            else:   # the agent stored and sealed it for us
+                self.cache.trust(ref, head["stored"])
+        except (EOFError, OSError, ProtocolError):
+            raise
+        except Exception as exc:   # a payload that is no slice, a bad key
+            raise ProtocolError(
+                f"a REFS frame for {ref} that is not a slice "
+                f"({type(exc).__name__}: {exc}): the peer is not a qjamfab "
+                f"master of protocol version {protocol.VERSION}") from exc
 
     def handle(self, channel: Channel, kind: int, head: dict, parts) -> None:
         if kind == protocol.FUNC:
@@ -265,8 +412,6 @@ class Worker:
                 self.pending.remove(entry)
                 channel.send(protocol.STATE, {"task": head["task"],
                                               "state": "cancelled"})
-        else:
-            raise SystemExit(f"qjamfab worker: unexpected frame kind {kind}")
 
     def _run_next(self, channel: Channel) -> bool:
         """Run the first queued task if it has all it needs (True), else
@@ -343,8 +488,17 @@ class Worker:
             report_at = started + _PROGRESS_S
             for i, index in enumerate(head["slices"]):
                 phase = "mapfunc"
-                result = mapfunc(params, None if refs is None
-                                 else self.cache.get(refs[i]))
+                try:
+                    data = None if refs is None else self.cache.get(refs[i])
+                except CacheEntryLost:
+                    # Damaged or removed under this task: not the job's
+                    # fault. Queued again as never asked, it reports the
+                    # refs now missing and the master sends them.
+                    self.busy = False
+                    self.capture.end()
+                    self.pending.insert(0, [head, params_parts, False])
+                    return
+                result = mapfunc(params, data)
                 phase = "reduce"
                 tree.add(index, 1, result)
                 if time.perf_counter() >= report_at and i + 1 < len(refs or ()):
@@ -387,6 +541,7 @@ def _fd_channel(read_fd: int, write_fd: int) -> Channel:
 
 
 _CLAIM_WAIT_S = 5.0   # for a client that connected to say "serve"
+_CLAIM = b"serve\n"
 
 
 def _socket_channel(conn: socket.socket) -> Channel:
@@ -395,11 +550,73 @@ def _socket_channel(conn: socket.socket) -> Channel:
     return Channel(conn.recv_into, lambda views: os.writev(fd, views), fd)
 
 
-def _serve_socket(worker: Worker, path: str, idle_timeout: float) -> None:
+def _claim(listener: socket.socket, ready_line: bytes,
+           idle_timeout: float) -> socket.socket | None:
+    """The next client to say "serve": each that connects is sent the
+    ready line and has _CLAIM_WAIT_S to answer while others connect, so one
+    that says nothing delays no one. None after idle_timeout (when > 0)
+    without a claim."""
+    idle_until = time.monotonic() + idle_timeout if idle_timeout > 0 else None
+    waiting: dict[socket.socket, tuple[float, bytearray]] = {}
+    try:
+        while True:
+            now = time.monotonic()
+            for conn in [c for c, (t, _) in waiting.items() if t <= now]:
+                del waiting[conn]
+                conn.close()
+            if idle_until is not None and now >= idle_until:
+                return None
+            deadlines = [t for t, _ in waiting.values()]
+            if idle_until is not None:
+                deadlines.append(idle_until)
+            timeout = max(0.0, min(deadlines) - now) if deadlines else None
+            readable, _, _ = select.select([listener, *waiting], [], [],
+                                           timeout)
+            for sock in readable:
+                if sock is listener:
+                    try:
+                        conn, _ = listener.accept()
+                        conn.setblocking(False)
+                        conn.sendall(ready_line)
+                    except OSError:   # gone already
+                        continue
+                    waiting[conn] = (time.monotonic() + _CLAIM_WAIT_S,
+                                     bytearray())
+                    continue
+                said = waiting[sock][1]
+                try:
+                    line = _first_line(sock, said)
+                except OSError:
+                    line = b""
+                if line is None:
+                    continue   # not a whole line yet
+                del waiting[sock]
+                if line == _CLAIM:
+                    return sock
+                sock.close()
+    finally:
+        for conn in waiting:
+            conn.close()
+
+
+def _first_line(conn: socket.socket, said: bytearray) -> bytes | None:
+    """Add what the client says to `said`, never a byte past its first
+    newline (frames may follow it); the line once whole or 64 bytes long,
+    b"" when the client hung up first, else None."""
+    data = conn.recv(64, socket.MSG_PEEK)
+    if not data:
+        return b""
+    end = data.find(b"\n")
+    said += conn.recv(end + 1 if end >= 0 else len(data))
+    return bytes(said) if end >= 0 or len(said) >= 64 else None
+
+
+def _serve_socket(worker: Worker, path: str, idle_timeout: float,
+                  log: DaemonLog) -> None:
     """Daemon mode: each connection is the host agent of one Master
     session; it says "serve" after reading our "ready" line, and frames
-    then flow over the connection until it ends. A client that says
-    nothing in time is dropped."""
+    then flow over the connection until it ends. A connection that breaks
+    the protocol is closed and logged, and the next one served."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -414,29 +631,26 @@ def _serve_socket(worker: Worker, path: str, idle_timeout: float) -> None:
     with open(pid_path, "w") as f:
         f.write(f"{os.getpid()}\n")
     listener.listen(8)
-    listener.settimeout(idle_timeout if idle_timeout > 0 else None)
-    info = json.dumps({"pid": os.getpid(), "log": worker.capture.path,
-                       "runtime": this_runtime()})
+    listener.setblocking(False)
+    ready_line = json.dumps({"pid": os.getpid(), "log": worker.capture.path,
+                             "runtime": this_runtime()}).encode() + b"\n"
     try:
         while True:
-            try:
-                conn, _ = listener.accept()
-            except socket.timeout:
+            conn = _claim(listener, ready_line, idle_timeout)
+            if conn is None:
                 return
             with conn:
                 try:
-                    conn.settimeout(_CLAIM_WAIT_S)
-                    conn.sendall(info.encode() + b"\n")
-                    said = b""
-                    while not said.endswith(b"\n") and len(said) < 64:
-                        chunk = conn.recv(64)
-                        if not chunk:
-                            break
-                        said += chunk
-                    if said == b"serve\n":
-                        worker.serve(_socket_channel(conn))
-                except OSError:
-                    pass  # that client is gone, or said nothing in time
+                    worker.serve(_socket_channel(conn))
+                except ConnectionError:
+                    pass   # that client hung up as we wrote to it
+                except ProtocolError as exc:
+                    log.write(f"{worker.name}: closed a connection that broke "
+                              f"the protocol, serving the next: {exc}")
+                except Exception:
+                    log.write(f"{worker.name}: closed a connection after an "
+                              "error in the daemon, serving the next:\n"
+                              + traceback.format_exc())
     finally:
         listener.close()
         try:
@@ -493,23 +707,35 @@ def main(argv: list[str] | None = None) -> None:
     try:
         secure_dir(base)
         secure_dir(os.path.join(base, "log"))
-    except OSError as exc:
+        cache = RefCache(os.path.join(base, "cache"))
+    except (OSError, CacheLimitError) as exc:
         sys.exit(str(exc))   # its first line says what to do
     # Ctrl-C at the master's terminal is the master's to handle.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_signal)
+    log = DaemonLog(os.dup(2))
+    sys.excepthook = log.exception
+    threading.excepthook = log.thread_exception
     protocol_in, protocol_out = os.dup(0), os.dup(1)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
     capture = Capture(os.path.join(
         base, "log", f"{args.name}-{os.getpid()}.out"))
-    worker = Worker(args.name, base, capture)
+    worker = Worker(args.name, base, cache, capture)
     # clear-cache reaches an idle daemon's memory this way.
     signal.signal(signal.SIGUSR1, lambda *_: worker.cache.drop_memory())
     if args.pipe:
-        worker.serve(_fd_channel(protocol_in, protocol_out))
+        try:
+            worker.serve(_fd_channel(protocol_in, protocol_out))
+        except ConnectionError:
+            pass   # the master hung up as we wrote to it
+        except ProtocolError as exc:
+            log.write(f"qjamfab worker {args.name} stopped: its master's "
+                      f"stream broke the protocol ({exc}); start the Master "
+                      "again")
+            sys.exit(1)
     else:
-        _serve_socket(worker, args.socket, args.idle_timeout)
+        _serve_socket(worker, args.socket, args.idle_timeout, log)
     capture.end()
     os.unlink(capture.path)

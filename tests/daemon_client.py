@@ -1,0 +1,154 @@
+"""A real worker daemon, started as runtime/manage.py starts one, and a
+client that speaks to its socket as the host agent does (agent.py
+`_connect`): read the "ready" line, say "serve", read HELLO, then frames.
+Also whatever a well-behaved client must not send."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import cloudpickle
+
+from qjamfab import protocol, runtime
+from qjamfab.runtime import secure_dir
+
+
+class Client:
+    def __init__(self, path: str, claim: bool = True):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(15)
+        self.sock.connect(path)
+        self.reader = protocol.FrameReader(self.sock.recv_into)
+        self.info = json.loads(self.reader.read_line(4096))
+        self.logs: list[str] = []
+        self.hello = None
+        if claim:
+            self.sock.sendall(b"serve\n")
+            kind, _, self.hello, _ = self.reader.read()
+            assert kind == protocol.HELLO, kind
+
+    def send(self, kind: int, head: dict, payload=()) -> None:
+        protocol.write_all(self.sock.sendmsg, protocol.frame(kind, head,
+                                                             payload))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def next(self) -> tuple[int, dict, list]:
+        """The next frame that is not a heartbeat; LOG text is kept."""
+        while True:
+            kind, _, head, parts = self.reader.read()
+            if kind == protocol.LOG:
+                self.logs.append(head["text"])
+            elif kind != protocol.HEARTBEAT:
+                return kind, head, parts
+
+    def closed_by_peer(self, within: float) -> bool:
+        """Whether the daemon ends this connection within `within` s
+        (heartbeats sent before that are read and dropped)."""
+        self.sock.settimeout(within)
+        try:
+            while self.sock.recv(1 << 16):
+                pass
+        except socket.timeout:
+            return False
+        except ConnectionResetError:
+            pass
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def job(mapfunc, reduce=None) -> tuple[str, bytes]:
+    """(hash, bytes) of a job as the master ships it in a FUNC frame."""
+    data = cloudpickle.dumps((mapfunc, reduce))
+    return hashlib.sha256(data).hexdigest(), data
+
+
+def task_head(task: int, func: str, refs=None, params: bool = True) -> dict:
+    return {"task": task, "run": "run-1", "func": func, "refs": refs,
+            "params": params, "hold": False}
+
+
+class Daemon:
+    """worker-0 of `base`, its stderr in log/worker-0.daemon (or
+    `stderr_path`), as manage.start_slots starts it."""
+
+    def __init__(self, base: str, env: dict | None = None,
+                 stderr_path: str | None = None):
+        self.base = base
+        runtime.ensure_local_bundle(base)
+        for sub in ("log", "run"):
+            secure_dir(os.path.join(base, sub))
+        self.socket = os.path.join(base, "run", "worker-0.sock")
+        self.log_path = stderr_path or os.path.join(base, "log",
+                                                    "worker-0.daemon")
+        with open(self.log_path, "ab") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", runtime.boot_code("worker"),
+                 "--socket", self.socket, "--name", "worker-0",
+                 "--base", base, "--idle-timeout", "300"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=err, start_new_session=True,
+                env={**os.environ, **(env or {})})
+        pid_file = os.path.join(base, "run", "worker-0.pid")
+        deadline = time.monotonic() + 15
+        while not (os.path.exists(pid_file) and os.path.exists(self.socket)):
+            assert self.process.poll() is None, self.log()
+            assert time.monotonic() < deadline, "the daemon did not start"
+            time.sleep(0.02)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def connect(self, claim: bool = True) -> Client:
+        return Client(self.socket, claim)
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def capture(self) -> str:
+        """What the daemon's job output capture file holds."""
+        path = os.path.join(self.base, "log", f"worker-0-{self.pid}.out")
+        with open(path, errors="replace") as f:
+            return f.read()
+
+    def stop(self) -> None:
+        if self.alive():
+            os.kill(self.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+
+def serves(daemon: Daemon) -> None:
+    """A well-behaved client gets HELLO and its task's answer."""
+    client = daemon.connect()
+    try:
+        assert client.hello["pid"] == daemon.pid
+        func, data = job(lambda params, _: params + 1)
+        client.send(protocol.FUNC, {"hash": func}, [data])
+        client.send(protocol.TASK, task_head(1, func),
+                    protocol.encode(41))
+        kind, head, parts = client.next()
+        assert (kind, head["task"]) == (protocol.RESULT, 1), head
+        assert protocol.decode(parts) == 42
+    finally:
+        client.close()
