@@ -4,7 +4,6 @@ client that speaks to its socket as the host agent does (agent.py
 Also whatever a well-behaved client must not send."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -13,9 +12,8 @@ import subprocess
 import sys
 import time
 
-import cloudpickle
 
-from qjamfab import protocol, runtime
+from qjamfab import protocol, runtime, serialize
 from qjamfab.runtime import secure_dir
 
 
@@ -67,14 +65,24 @@ class Client:
 
 
 def job(mapfunc, reduce=None) -> tuple[str, bytes]:
-    """(hash, bytes) of a job as the master ships it in a FUNC frame."""
-    data = cloudpickle.dumps((mapfunc, reduce))
-    return hashlib.sha256(data).hexdigest(), data
+    """(hash, bytes) of a job as the master ships it in a FUNC frame (by
+    value: the daemon cannot import these tests)."""
+    return serialize.encode_job(mapfunc, reduce)
 
 
 def task_head(task: int, func: str, refs=None, params: bool = True) -> dict:
+    slices = list(range(len(refs))) if refs else [0]
     return {"task": task, "run": "run-1", "func": func, "refs": refs,
-            "params": params, "hold": False}
+            "slices": slices, "leaves": len(slices), "params": params,
+            "hold": False}
+
+
+def result_value(parts: list) -> object:
+    """The value a task's RESULT carries: its slices' one tree node (the
+    task covers every leaf of its run, as task_head makes it)."""
+    (lo, size, value), = protocol.decode(parts)
+    assert lo == 0
+    return value
 
 
 class Daemon:
@@ -107,10 +115,17 @@ class Daemon:
 
     @property
     def pid(self) -> int:
-        return self.process.pid
+        """The daemon's (its keeper is the process started here)."""
+        with open(os.path.join(self.base, "run", "worker-0.pid")) as f:
+            return int(f.read())
 
     def alive(self) -> bool:
-        return self.process.poll() is None
+        try:
+            os.kill(self.pid, 0)
+        except (ProcessLookupError, OSError, ValueError):
+            return False
+        with open(f"/proc/{self.pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
 
     def connect(self, claim: bool = True) -> Client:
         return Client(self.socket, claim)
@@ -135,7 +150,7 @@ class Daemon:
     def stop(self) -> None:
         if self.alive():
             os.kill(self.pid, signal.SIGKILL)
-        self.process.wait(10)
+        self.process.wait(10)   # the keeper ends with the daemon
 
 
 def serves(daemon: Daemon) -> None:
@@ -149,6 +164,6 @@ def serves(daemon: Daemon) -> None:
                     protocol.encode(41))
         kind, head, parts = client.next()
         assert (kind, head["task"]) == (protocol.RESULT, 1), head
-        assert protocol.decode(parts) == 42
+        assert result_value(parts) == 42
     finally:
         client.close()

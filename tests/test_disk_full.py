@@ -16,7 +16,7 @@ import pytest
 from qjamfab import protocol
 from qjamfab.runtime import secure_dir
 from qjamfab.runtime.cache import RefCache
-from tests.daemon_client import Daemon, job, task_head
+from tests.daemon_client import Daemon, job, result_value, task_head
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -132,7 +132,7 @@ def test_a_daemon_keeps_a_slice_the_disk_filled_up_under(qjamfab_home):
                         protocol.encode(None))
             kind, head, parts = client.next()
             assert kind == protocol.RESULT, head
-            assert protocol.decode(parts) == float(value.sum())
+            assert result_value(parts) == float(value.sum())
             assert "filled up while slice r1 arrived" in "".join(client.logs)
             assert [n for n in os.listdir(cache_dir) if n != "filler"] == []
             client.close()
@@ -161,7 +161,7 @@ def test_a_job_that_prints_on_a_full_disk_succeeds(qjamfab_home, tmp_path):
                         protocol.encode(7))
             kind, head, parts = client.next()
             assert kind == protocol.RESULT, head
-            assert protocol.decode(parts) == 7
+            assert result_value(parts) == 7
             logs = "".join(client.logs)
             assert "bytes of output were dropped: the disk of " \
                 f"{log_dir} is full; free space there" in logs
