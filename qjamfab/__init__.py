@@ -10,7 +10,7 @@ The public names live in private-ish modules and are re-exported here.
 from .dataset import (ArrayDataSet, BaseDataSet, DataSet, ListDataSet,
                       NpyFileDataSet, TextMatrixDataSet)
 from .errors import (AuthenticationFailed, BadDataSet, BadHostSpec, BadJob,
-                     BadParams, ExecutorShutdown, HostError, HostKeyError,
+                     BadPackage, BadParams, ExecutorShutdown, HostError, HostKeyError,
                      HostUnreachable, JobError, PreflightFailed, ProtocolError,
                      QjamfabError, ReduceError, RemoteError, WorkerLost)
 from .master import Master, RunStats
@@ -24,6 +24,7 @@ __all__ = [
     "AuthenticationFailed", "HostKeyError", "PreflightFailed",
     "ProtocolError", "WorkerLost", "RemoteError", "JobError", "BadJob",
     "BadParams", "BadDataSet", "ReduceError", "ExecutorShutdown",
+    "BadPackage",
 ]
 
 

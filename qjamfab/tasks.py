@@ -261,16 +261,32 @@ def _lifecycle(ctx, task_name: str, hosts, ssh_config, verbose: bool,
     return True
 
 
-@_task(help=_help())
-def bootstrap(c, hosts=None, ssh_config=None, verbose=False):
+@_task(help=_help(**{
+    "packages": "comma-separated distributions installed here to upload "
+                "to hosts that lack them, e.g. numpy,scipy",
+    "with-dependencies": "also upload what those require (as installed "
+                         "here)"}))
+def bootstrap(c, hosts=None, ssh_config=None, packages=None,
+              with_dependencies=False, verbose=False):
     """Preflight every host and upload the worker runtime (parallel, idempotent)."""
+    from . import packages as shipping
+    names = shipping.resolve(packages)   # a bad name: one line, no host
+    if with_dependencies and names:
+        names = shipping.resolve(shipping.with_dependencies(
+            *(d.name for d in names)))
+    shipped = []
+
     def row(info):
+        if info.get("packages"):
+            shipped.append(shipping.describe(info["packages"]))
         return [".".join(map(str, info.get("python") or [])),
                 info.get("numpy") or "none", info.get("cores"),
                 info.get("runtime")]
-    _lifecycle(c, "bootstrap", hosts, ssh_config, verbose, cluster.bootstrap,
+    _lifecycle(c, "bootstrap", hosts, ssh_config, verbose,
+               lambda specs, **kw: cluster.bootstrap(specs, names, **kw),
                ["host", "python", "numpy", "cores", "runtime", "seconds",
-                "status"], "lllrlrl", row)
+                "status"], "lllrlrl", row,
+               footnote=lambda: "\n".join(shipped))
 
 
 def _count(value: str) -> int | str:
@@ -314,8 +330,12 @@ def status(c, hosts=None, ssh_config=None, verbose=False):
     current = runtime.bundle_hash()
 
     marked = []
+    shipped = []
 
     def row(info):
+        if info.get("packages"):
+            shipped.append(f"packages on {info['qjamfab_host']}: " + ", ".join(
+                f"{p['name']} {p['version']}" for p in info["packages"]))
         workers = info.get("workers") or []
         uptime = max((w.get("uptime_s", 0) for w in workers), default=None)
         marked.append(current in (info.get("runtimes") or []))
@@ -326,11 +346,17 @@ def status(c, hosts=None, ssh_config=None, verbose=False):
         return [len(workers), display.format_duration(uptime),
                 info.get("cache_entries"), cache,
                 _runtimes(info.get("runtimes") or [], current)]
-    _lifecycle(c, "status", hosts, ssh_config, verbose, cluster.status,
+    def action(specs, **kw):
+        results = cluster.status(specs, **kw)
+        for r in results:   # for the packages footnote
+            r.info["qjamfab_host"] = r.host
+        return results
+    _lifecycle(c, "status", hosts, ssh_config, verbose, action,
                ["host", "workers", "uptime", "entries", "cache", "runtime",
                 "status"], "lrrrrll", row,
-               footnote=lambda: "(runtime* = this qjamfab's runtime, +N = N "
-                                "others)" if any(marked) else "",
+               footnote=lambda: "\n".join(shipped + (
+                   ["(runtime* = this qjamfab's runtime, +N = N others)"]
+                   if any(marked) else [])),
                seconds=False)   # for 80 columns; a status query is quick
 
 
