@@ -520,7 +520,10 @@ def suggestion(module: str) -> str | None:
     """For a module a host lacks: `packages=['dist']` when this master has
     the distribution that provides it, else None."""
     top = module.split(".", 1)[0]
-    owners = _module_owners(top)
+    try:   # most distributions are named as their module: no scan
+        owners = [metadata.distribution(top).metadata["Name"] or top]
+    except metadata.PackageNotFoundError:
+        owners = _module_owners(top)
     if not owners:
         return None
     return f"packages=[{owners[0]!r}]"
