@@ -430,7 +430,7 @@ def _answer(link: "Link", timeout: float, doing: str) -> dict:
                     pending.remove(event)
                     return event.head
             if not link.alive:
-                status, tail = link.transport.exit_report(None)
+                _, tail = link.transport.exit_report(None)
                 said = tail.strip().splitlines()[-1] if tail.strip() else \
                     "it said nothing"
                 raise WorkerLost(

@@ -38,6 +38,7 @@ import signal
 import site
 import subprocess
 import sys
+import textwrap
 import traceback
 import weakref
 from types import TracebackType
@@ -278,7 +279,8 @@ def bootstrap(c, hosts=None, ssh_config=None, packages=None,
 
     def row(info):
         if info.get("packages"):
-            shipped.append(shipping.describe(info["packages"]))
+            shipped.append(textwrap.fill(shipping.describe(info["packages"]),
+                                         80, subsequent_indent="  "))
         return [".".join(map(str, info.get("python") or [])),
                 info.get("numpy") or "none", info.get("cores"),
                 info.get("runtime")]
@@ -334,8 +336,10 @@ def status(c, hosts=None, ssh_config=None, verbose=False):
 
     def row(info):
         if info.get("packages"):
-            shipped.append(f"packages on {info['qjamfab_host']}: " + ", ".join(
-                f"{p['name']} {p['version']}" for p in info["packages"]))
+            shipped.append(textwrap.fill(
+                f"packages on {info['qjamfab_host']}: " + ", ".join(
+                    f"{p['name']} {p['version']}" for p in info["packages"]),
+                80, subsequent_indent="  "))
         workers = info.get("workers") or []
         uptime = max((w.get("uptime_s", 0) for w in workers), default=None)
         marked.append(current in (info.get("runtimes") or []))
@@ -346,6 +350,7 @@ def status(c, hosts=None, ssh_config=None, verbose=False):
         return [len(workers), display.format_duration(uptime),
                 info.get("cache_entries"), cache,
                 _runtimes(info.get("runtimes") or [], current)]
+
     def action(specs, **kw):
         results = cluster.status(specs, **kw)
         for r in results:   # for the packages footnote

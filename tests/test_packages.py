@@ -26,9 +26,9 @@ pytestmark = pytest.mark.timeout(60)
 NUMPY = np.__version__
 
 
-def _six():
-    pytest.importorskip("six")
-    return shipping.resolve(["six"])[0]
+def _pure():
+    """A small pure-Python distribution every test run has (pytest's)."""
+    return shipping.resolve(["pluggy"])[0]
 
 
 # --- resolving and zipping ------------------------------------------------------
@@ -53,18 +53,18 @@ def test_a_distribution_is_its_files_named_by_their_hash():
 
 
 def test_a_pure_distribution_has_no_platform():
-    six = _six()
-    assert not six.native and six.libc is None
+    pure = _pure()
+    assert not pure.native and pure.libc is None
     odd = {"platform": "darwin", "machine": "arm64", "ext_suffixes": [],
            "libc": None}
-    assert shipping.platform_problem(six, odd) is None
+    assert shipping.platform_problem(pure, odd) is None
 
 
 def test_a_zip_whose_files_changed_since_resolving_is_refused(monkeypatch):
-    six = _six()
-    changed = shipping.Distribution(**{**six.__dict__, "hash": "0" * 16})
-    with pytest.raises(BadPackage, match=r"^the files of six .* changed since "
-                       r"it was resolved \(reinstalled\?\): create the "
+    pure = _pure()
+    changed = shipping.Distribution(**{**pure.__dict__, "hash": "0" * 16})
+    with pytest.raises(BadPackage, match=r"^the files of pluggy .* changed "
+                       r"since it was resolved \(reinstalled\?\): create the "
                        r"Master again"):
         changed.zip()
 
@@ -202,36 +202,37 @@ def _zip_file(tmp_path, dist, data=None):
 
 
 def test_install_unpacks_checks_and_renames(tmp_path):
-    six = _six()
+    pure = _pure()
     base = str(tmp_path / "base")
-    target = host_packages.install_zip(base, six.hash, _zip_file(tmp_path, six))
-    assert target == os.path.join(base, "packages", six.hash)
-    assert os.path.isfile(os.path.join(target, "six.py"))
+    target = host_packages.install_zip(base, pure.hash,
+                                       _zip_file(tmp_path, pure))
+    assert target == os.path.join(base, "packages", pure.hash)
+    assert os.path.isfile(os.path.join(target, "pluggy", "__init__.py"))
     assert oct(os.stat(target).st_mode & 0o777) == "0o700"
-    assert host_packages.install_zip(base, six.hash, "/nonexistent") == target
+    assert host_packages.install_zip(base, pure.hash, "/nonexistent") == target
     assert host_packages.installed(base) == [
-        {"name": "six", "version": six.version, "hash": six.hash}]
+        {"name": "pluggy", "version": pure.version, "hash": pure.hash}]
     assert host_packages.answer_offer(base, [
-        {"hash": six.hash, "name": "six", "version": six.version},
+        {"hash": pure.hash, "name": "pluggy", "version": pure.version},
         {"hash": "1" * 16, "name": "qjf-nothing", "version": "1"}]) == {
         "missing": ["1" * 16], "on_host": []}
 
 
 def test_a_damaged_upload_installs_nothing(tmp_path):
-    six = _six()
+    pure = _pure()
     base = str(tmp_path / "base")
-    data = bytearray(six.zip())
+    data = bytearray(pure.zip())
     with zipfile.ZipFile(io.BytesIO(bytes(data))) as z:
         other = io.BytesIO()
         with zipfile.ZipFile(other, "w") as out:
             for name in z.namelist():
                 out.writestr(name, z.read(name) + b"#")
     with pytest.raises(ValueError, match="the upload was damaged"):
-        host_packages.install_zip(base, six.hash,
-                                  _zip_file(tmp_path, six, other.getvalue()))
+        host_packages.install_zip(base, pure.hash,
+                                  _zip_file(tmp_path, pure, other.getvalue()))
     assert os.listdir(os.path.join(base, "packages")) == []
     with pytest.raises(ValueError, match="is not a package hash"):
-        host_packages.install_zip(base, "../x", _zip_file(tmp_path, six))
+        host_packages.install_zip(base, "../x", _zip_file(tmp_path, pure))
 
 
 def test_a_distribution_the_host_has_at_that_version_is_not_sent(tmp_path):
@@ -292,30 +293,30 @@ def unknown(tmp_path, monkeypatch):
 
 def test_the_agent_installs_what_it_lacks_and_tells_its_daemons(
         tmp_path, unknown):
-    six = unknown
+    pure = unknown
     base = str(tmp_path / "base")
-    offer = {"hash": six.hash, "name": six.name, "version": six.version}
+    offer = {"hash": pure.hash, "name": pure.name, "version": pure.version}
     agent = _FakeAgent(_frames(({"offer": [offer]}, []),
-                               ({"install": six.hash}, [six.zip()]),
-                               ({"use": [six.hash]}, []),
+                               ({"install": pure.hash}, [pure.zip()]),
+                               ({"use": [pure.hash]}, []),
                                ({"use": ["3" * 16]}, [])))
     packages = host_packages.AgentPackages(base)
     saved = list(sys.path)
     try:
         agent.step(packages)
         assert agent.told[-1] == (protocol.PACKAGES,
-                                  {"missing": [six.hash], "on_host": []})
+                                  {"missing": [pure.hash], "on_host": []})
         agent.step(packages)   # install: no answer
         assert len(agent.told) == 1
         agent.step(packages)
-        path = os.path.join(base, "packages", six.hash)
+        path = os.path.join(base, "packages", pure.hash)
         assert agent.told[-1] == (protocol.PACKAGES,
                                   {"paths": [path], "failed": {}})
         assert sys.path[1] == path   # after the runtime bundle
         kind, _, head, _ = protocol.FrameReader(io.BytesIO(
             agent.daemons[0].frames[0]).readinto).read()
         assert (kind, head) == (protocol.PACKAGES, {
-            "paths": [path], "packages": {"qjfunknown": six.hash}})
+            "paths": [path], "packages": {"qjfunknown": pure.hash}})
         agent.step(packages)
         assert agent.told[-1][1]["failed"] == {"3" * 16: "it was not installed"}
     finally:
@@ -325,14 +326,14 @@ def test_the_agent_installs_what_it_lacks_and_tells_its_daemons(
 
 
 def test_a_failed_install_is_told_when_used(tmp_path, unknown):
-    six = unknown
+    pure = unknown
     base = str(tmp_path / "base")
-    agent = _FakeAgent(_frames(({"install": six.hash}, [b"not a zip"]),
-                               ({"use": [six.hash]}, [])))
+    agent = _FakeAgent(_frames(({"install": pure.hash}, [b"not a zip"]),
+                               ({"use": [pure.hash]}, [])))
     packages = host_packages.AgentPackages(base)
     agent.step(packages)
     agent.step(packages)
-    why = agent.told[-1][1]["failed"][six.hash]
+    why = agent.told[-1][1]["failed"][pure.hash]
     assert "zip" in why.lower()
     assert os.listdir(os.path.join(base, "packages")) == []
 
@@ -382,12 +383,13 @@ def test_master_refuses_a_bad_name_before_connecting():
 
 
 def test_inv_bootstrap_packages_on_local_and_a_bad_name():
-    _six()
-    proc = cli("inv", "bootstrap", "--hosts=local", "--packages=six")
+    _pure()
+    proc = cli("inv", "bootstrap", "--hosts=local", "--packages=pluggy")
     assert proc.returncode == 0, describe(proc)
     assert "packages on local: not needed (local workers run this Python)" \
         in proc.stdout, describe(proc)
-    proc = cli("inv", "bootstrap", "--hosts=local", "--packages=six,nosuchdist")
+    proc = cli("inv", "bootstrap", "--hosts=local",
+               "--packages=pluggy,nosuchdist")
     assert proc.returncode == 1, describe(proc)
     assert proc.stderr.strip().splitlines()[0].startswith(
         "bootstrap failed: no distribution 'nosuchdist' is installed for "
@@ -477,42 +479,42 @@ def test_inv_bootstrap_uploads_packages_a_master_then_uses(
         ssh, tmp_path, monkeypatch, sends):
     """`inv bootstrap --packages` over SFTP puts the zip where a Master's
     agent looks: the Master sends nothing; `inv status` lists it."""
-    six = _six()
+    pure = _pure()
     _bare_python(tmp_path, monkeypatch)
     _stop(ssh, "host3")
     args = ("--hosts=host3", f"--ssh-config={ssh.ssh_config}")
     try:
-        proc = cli("inv", "bootstrap", *args, "--packages=six")
+        proc = cli("inv", "bootstrap", *args, "--packages=pluggy")
         assert proc.returncode == 0, describe(proc)
-        assert f"packages on host3: uploaded six {six.version}" in \
+        assert f"packages on host3: uploaded pluggy {pure.version}" in \
             proc.stdout, describe(proc)
-        proc = cli("inv", "bootstrap", *args, "--packages=six")
+        proc = cli("inv", "bootstrap", *args, "--packages=pluggy")
         assert proc.returncode == 0, describe(proc)
-        assert f"packages on host3: already there: six {six.version}" in \
-            proc.stdout, describe(proc)
+        assert "packages on host3: already there: pluggy " \
+            f"{pure.version}" in proc.stdout, describe(proc)
         proc = cli("inv", "status", *args)
         assert proc.returncode == 0, describe(proc)
-        assert f"packages on host3: six {six.version}" in proc.stdout, \
+        assert f"packages on host3: pluggy {pure.version}" in proc.stdout, \
             describe(proc)
-        opts = dict(workers_per_host=1, packages=["six"],
+        opts = dict(workers_per_host=1, packages=["pluggy"],
                     ssh_config=ssh.ssh_config)
         with Master(["host3"], **opts) as m:
-            assert m.run(lambda p, s: __import__("six").__version__) == \
-                six.version
+            assert m.run(lambda p, s: __import__("pluggy").__version__) == \
+                pure.version
             pid = m.worker_stats()["host3-0"]["pid"]
         assert sends == []
-        # A daemon that holds another build of six (as if an earlier
+        # A daemon that holds another build of pluggy (as if an earlier
         # session shipped another version) is replaced by a fresh one.
         record = os.path.join(ssh.homes["host3"], "run", "worker-0.packages")
         with open(record) as f:
             held = json.load(f)
         assert held == {"pid": pid, "stale": [],
-                        "packages": {"six": six.hash}}
+                        "packages": {"pluggy": pure.hash}}
         with open(record, "w") as f:
-            json.dump({**held, "packages": {"six": "0" * 16}}, f)
+            json.dump({**held, "packages": {"pluggy": "0" * 16}}, f)
         with Master(["host3"], **opts) as m:
-            assert m.run(lambda p, s: __import__("six").__version__) == \
-                six.version
+            assert m.run(lambda p, s: __import__("pluggy").__version__) == \
+                pure.version
             assert m.worker_stats()["host3-0"]["pid"] != pid
     finally:
         _stop(ssh, "host3")
