@@ -10,9 +10,10 @@ The public names live in private-ish modules and are re-exported here.
 from .dataset import (ArrayDataSet, BaseDataSet, DataSet, ListDataSet,
                       NpyFileDataSet, TextMatrixDataSet)
 from .errors import (AuthenticationFailed, BadDataSet, BadHostSpec, BadJob,
-                     BadParams, ExecutorShutdown, HostError, HostKeyError,
-                     HostUnreachable, JobError, PreflightFailed, ProtocolError,
-                     QjamfabError, ReduceError, RemoteError, WorkerLost)
+                     BadPackage, BadParams, ExecutorShutdown, HostError,
+                     HostKeyError, HostUnreachable, JobError, PreflightFailed,
+                     ProtocolError, QjamfabError, ReduceError, RemoteError,
+                     WorkerLost)
 from .master import Master, RunStats
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "AuthenticationFailed", "HostKeyError", "PreflightFailed",
     "ProtocolError", "WorkerLost", "RemoteError", "JobError", "BadJob",
     "BadParams", "BadDataSet", "ReduceError", "ExecutorShutdown",
+    "BadPackage",
 ]
 
 

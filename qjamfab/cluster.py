@@ -112,8 +112,9 @@ class HostSession:
                 "for that host", host=self.name)
         return info
 
-    def bootstrap(self) -> dict:
-        """Preflight, then upload the runtime unless it is there already."""
+    def bootstrap(self, packages: Sequence = ()) -> dict:
+        """Preflight, then upload the runtime unless it is there already,
+        and the `packages` (packages.Distribution) the host lacks."""
         info = self.preflight()
         info["runtime"] = "present"
         if not info["runtime_present"]:
@@ -126,6 +127,9 @@ class HostSession:
                             target=f"{root}/{runtime.bundle_hash()}")
             info["runtime"] = "uploaded"
         info["runtime_hash"] = runtime.bundle_hash()
+        if packages:
+            from .packages import upload
+            info["packages"] = upload(self, info, packages)
         return info
 
     def manage(self, command: str, *args: str) -> dict:
@@ -229,8 +233,10 @@ def for_each_host(hosts: Sequence[HostSpec], step: Callable[[HostSession], dict]
         return list(pool.map(one, hosts))
 
 
-def bootstrap(hosts: Sequence[HostSpec], **kw) -> list[HostResult]:
-    return for_each_host(hosts, HostSession.bootstrap, **kw)
+def bootstrap(hosts: Sequence[HostSpec], packages: Sequence = (), **kw
+              ) -> list[HostResult]:
+    """`packages`: packages.Distribution objects (packages.resolve)."""
+    return for_each_host(hosts, lambda s: s.bootstrap(packages), **kw)
 
 
 def start_workers(hosts: Sequence[HostSpec], count: int | str = "auto",

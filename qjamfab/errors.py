@@ -92,6 +92,12 @@ class ReduceError(JobError):
     """Results that the reduce cannot combine."""
 
 
+class BadPackage(QjamfabError, ValueError):
+    """A name in `packages=` that this master cannot ship: not installed
+    here, a module's name rather than its distribution's, an editable
+    install, or something the runtime ships already (packages.py)."""
+
+
 # --- the Executor (futures.py) ---------------------------------------------
 
 class ExecutorShutdown(QjamfabError, RuntimeError):

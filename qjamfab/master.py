@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 from . import display, protocol, runtime, serialize
 from . import hosts as hostlib
 from . import openssh
+from . import packages as shipping
 from .cluster import remote_python
 from .dataset import BaseDataSet, DataSet
 from .errors import QjamfabError, WorkerLost
@@ -59,7 +60,9 @@ class Master(FuturesMixin):
     `ssh_client` ("auto", "openssh" or "paramiko"; default
     $QJAMFAB_SSH_CLIENT, else auto) is what carries a host's stream:
     auto takes the system's OpenSSH client when installed, and a host it
-    fails on falls back to paramiko with a warning.
+    fails on falls back to paramiko with a warning. `packages` names
+    distributions installed here to ship to SSH hosts that lack them
+    (packages.py).
     """
 
     def __init__(self, hosts: None | str | Sequence[str] = None, *,
@@ -68,7 +71,8 @@ class Master(FuturesMixin):
                  heartbeat_timeout: float = 5.0, replicas: int = 1,
                  straggler_factor: float = 4.0,
                  ssh_client: str | None = None, require_all: bool = False,
-                 cache_limit: int | str | None = None):
+                 cache_limit: int | str | None = None,
+                 packages: Sequence[str] | None = None):
         if workers_per_host is not None and (
                 not isinstance(workers_per_host, int) or workers_per_host < 1):
             raise ValueError(
@@ -83,6 +87,7 @@ class Master(FuturesMixin):
                 f"heartbeat interval), not {heartbeat_timeout!r}: a shorter "
                 "one would lose workers that are fine")
         self.require_all = require_all
+        self._packages = shipping.resolve(packages)   # BadPackage here
         if cache_limit is not None:   # a bad value fails here, not on hosts
             parse_size(str(cache_limit), env=None)
         self.cache_limit = cache_limit
@@ -131,6 +136,8 @@ class Master(FuturesMixin):
         if host.link is None or not host.link.alive:
             host.link = self._open_link(host)
             self._inbox.add(host.link)
+            if self._packages:
+                shipping.ship(host.link, self._packages)
         missing = self._missing(host)
         new, failed = host.link.attach(missing or None, host.count,
                                        IDLE_TIMEOUT_S, self.cache_limit,

@@ -67,12 +67,15 @@ COLLECT = 14   # master -> agent: {run, func, leaves, tasks: [held task
                # with the job's reduce
 GONE = 15      # agent -> master, for worker k: its daemon's connection
                # ended {reason, tail}
+PACKAGES = 16  # master -> agent: {offer}, {install} + [zip] or {use}; the
+               # agent answers offer and use (runtime/packages.py); agent ->
+               # daemon: {paths, packages} to put on sys.path
 
 KIND_NAMES = {HELLO: "HELLO", TASK: "TASK", STATE: "STATE", REFS: "REFS",
               RESULT: "RESULT", ERROR: "ERROR", FUNC: "FUNC",
               HEARTBEAT: "HEARTBEAT", LOG: "LOG", CLEAR: "CLEAR",
               STATS: "STATS", CANCEL: "CANCEL", ATTACH: "ATTACH",
-              COLLECT: "COLLECT", GONE: "GONE"}
+              COLLECT: "COLLECT", GONE: "GONE", PACKAGES: "PACKAGES"}
 
 HEARTBEAT_INTERVAL_S = 1.0
 

@@ -539,11 +539,15 @@ class Run:
         if head["type"] == "ModuleNotFoundError":
             module = re.search(r"No module named '([^']+)'", head["message"])
             python = handle.link.python or "its python"
+            from .packages import suggestion
+            ship = module and suggestion(module[1])
             return PreflightFailed(
                 f"{handle.host} lacks the Python module "
                 f"{module[1] if module else head['message']!r}, which "
                 f"{_NEEDED_BY.get(head['phase'], 'the job')} needs (worker "
-                f"{handle.name}): install it for {python} there, or set "
+                f"{handle.name}): install it for {python} there, "
+                + (f"ship it from here with Master(..., {ship}), " if ship
+                   else "") + "or set "
                 f"QJAMFAB_REMOTE_PYTHON to a Python that has it\n{trace}",
                 host=handle.host)
         if head["phase"] == "loading the job":

@@ -38,6 +38,7 @@ import signal
 import site
 import subprocess
 import sys
+import textwrap
 import traceback
 import weakref
 from types import TracebackType
@@ -261,16 +262,33 @@ def _lifecycle(ctx, task_name: str, hosts, ssh_config, verbose: bool,
     return True
 
 
-@_task(help=_help())
-def bootstrap(c, hosts=None, ssh_config=None, verbose=False):
+@_task(help=_help(**{
+    "packages": "comma-separated distributions installed here to upload "
+                "to hosts that lack them, e.g. numpy,scipy",
+    "with-dependencies": "also upload what those require (as installed "
+                         "here)"}))
+def bootstrap(c, hosts=None, ssh_config=None, packages=None,
+              with_dependencies=False, verbose=False):
     """Preflight every host and upload the worker runtime (parallel, idempotent)."""
+    from . import packages as shipping
+    names = shipping.resolve(packages)   # a bad name: one line, no host
+    if with_dependencies and names:
+        names = shipping.resolve(shipping.with_dependencies(
+            *(d.name for d in names)))
+    shipped = []
+
     def row(info):
+        if info.get("packages"):
+            shipped.append(textwrap.fill(shipping.describe(info["packages"]),
+                                         80, subsequent_indent="  "))
         return [".".join(map(str, info.get("python") or [])),
                 info.get("numpy") or "none", info.get("cores"),
                 info.get("runtime")]
-    _lifecycle(c, "bootstrap", hosts, ssh_config, verbose, cluster.bootstrap,
+    _lifecycle(c, "bootstrap", hosts, ssh_config, verbose,
+               lambda specs, **kw: cluster.bootstrap(specs, names, **kw),
                ["host", "python", "numpy", "cores", "runtime", "seconds",
-                "status"], "lllrlrl", row)
+                "status"], "lllrlrl", row,
+               footnote=lambda: "\n".join(shipped))
 
 
 def _count(value: str) -> int | str:
@@ -314,8 +332,14 @@ def status(c, hosts=None, ssh_config=None, verbose=False):
     current = runtime.bundle_hash()
 
     marked = []
+    shipped = []
 
     def row(info):
+        if info.get("packages"):
+            shipped.append(textwrap.fill(
+                f"packages on {info['qjamfab_host']}: " + ", ".join(
+                    f"{p['name']} {p['version']}" for p in info["packages"]),
+                80, subsequent_indent="  "))
         workers = info.get("workers") or []
         uptime = max((w.get("uptime_s", 0) for w in workers), default=None)
         marked.append(current in (info.get("runtimes") or []))
@@ -324,11 +348,18 @@ def status(c, hosts=None, ssh_config=None, verbose=False):
                 display.format_bytes(info.get("cache_bytes")),
                 display.format_bytes(info.get("cache_limit"), compact=True),
                 _runtimes(info.get("runtimes") or [], current)]
-    _lifecycle(c, "status", hosts, ssh_config, verbose, cluster.status,
+
+    def action(specs, **kw):
+        results = cluster.status(specs, **kw)
+        for r in results:   # for the packages footnote
+            r.info["qjamfab_host"] = r.host
+        return results
+    _lifecycle(c, "status", hosts, ssh_config, verbose, action,
                ["host", "workers", "uptime", "entries", "cache", "limit",
                 "runtime", "status"], "lrrrrrll", row,
-               footnote=lambda: "(runtime* = this qjamfab's runtime, +N = N "
-                                "others)" if any(marked) else "",
+               footnote=lambda: "\n".join(shipped + (
+                   ["(runtime* = this qjamfab's runtime, +N = N others)"]
+                   if any(marked) else [])),
                seconds=False)   # for 80 columns; a status query is quick
 
 

@@ -131,7 +131,7 @@ def test_kind_names_maps_every_kind():
     expected = {1: "HELLO", 2: "TASK", 3: "STATE", 4: "REFS", 5: "RESULT",
                 6: "ERROR", 7: "FUNC", 8: "HEARTBEAT", 9: "LOG", 10: "CLEAR",
                 11: "STATS", 12: "CANCEL", 13: "ATTACH", 14: "COLLECT",
-                15: "GONE"}
+                15: "GONE", 16: "PACKAGES"}
     assert KIND_NAMES == expected
     for value, name in expected.items():
         assert getattr(protocol, name) == value

@@ -45,6 +45,8 @@ from ..reduce import ReduceTree
 from . import default_base, read_tail, secure_dir, this_runtime
 from . import manage
 from .cache import RefCache, cache_limit
+from .packages import AgentPackages
+from .probe import platform_info
 
 _CONNECT_WAIT_S = 15.0    # for a daemon to say "ready"
 _STALE_AFTER_S = 1.5 * protocol.HEARTBEAT_INTERVAL_S
@@ -124,6 +126,7 @@ class Agent:
         self.beat_at = 0.0
         self.run = None                         # the run tasks belong to
         self.avoid: set[int] = set()            # slots whose daemon froze
+        self.packages = AgentPackages(base)     # shipped: runtime/packages.py
 
     # --- to the master --------------------------------------------------
 
@@ -142,7 +145,7 @@ class Agent:
                 "executable": sys.executable, "cores": os.cpu_count(),
                 "base": self.base, "runtime": this_runtime(),
                 "numpy": numpy, "host": socket.gethostname(),
-                "pid": os.getpid()}
+                "pid": os.getpid(), **platform_info()}
 
     # --- attaching --------------------------------------------------------
 
@@ -181,7 +184,8 @@ class Agent:
             w for w in manage.live_workers(self.base)
             if w["slot"] in envs and (
                 manage.cmdline(w["pid"]).split(" ", 1)[0] != sys.executable
-                or manage.env_differs(w["pid"], envs[w["slot"]]))])
+                or manage.env_differs(w["pid"], envs[w["slot"]])
+                or self.packages.conflicts(w))])
         alive = {w["name"] for w in manage.live_workers(self.base)}
         missing = [s for _, s, _ in claimed if f"worker-{s}" not in alive]
         failed: dict[int, str] = {}
@@ -205,6 +209,7 @@ class Agent:
             except OSError as exc:
                 os.close(fd)
                 failed[index] = f"worker-{slot}: {exc}"
+        self.packages.tell_daemons(self.daemons.values())
         self.tell(protocol.ATTACH, {"workers": sorted(self.daemons),
                                     "failed": failed, "count": count})
 
@@ -237,6 +242,9 @@ class Agent:
                                        self.master.reader,
                                        self.master.read_fd, load=False)
             self._stored(head["ref"], worker, parts)
+            return
+        if kind == protocol.PACKAGES and worker == protocol.AGENT:
+            self.packages.handle(self, head, lengths)
             return
         parts = [self.master.reader.read_part(n) for n in lengths]
         if worker == protocol.AGENT:

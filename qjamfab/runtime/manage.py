@@ -20,6 +20,7 @@ import time
 
 from . import boot_code, default_base, secure_dir, this_runtime
 from .cache import cache_limit
+from .packages import installed
 
 START_WAIT_S = 15.0
 
@@ -164,6 +165,7 @@ def status(base: str) -> dict:
     return {"workers": live_workers(base), "cache_entries": entries,
             "cache_bytes": size, "cache_limit": limit,
             "cores": os.cpu_count(), "base": base,
+            "packages": installed(base),
             "runtimes": sorted(n for n in os.listdir(runtime)
                                if not n.startswith("."))
             if os.path.isdir(runtime) else []}

@@ -120,6 +120,22 @@ def _make_dirs(path: str) -> None:
             pass   # made meanwhile by another process; checked next
 
 
+def platform_info() -> dict:
+    """What decides whether a compiled extension built elsewhere loads in
+    this Python: the OS, the machine, the extension file suffixes this
+    interpreter imports (they carry its ABI tag) and the C library. The
+    master compares them with a package's files before shipping it
+    (qjamfab/packages.py)."""
+    import importlib.machinery
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION")   # "glibc 2.36"
+    except (AttributeError, ValueError, OSError):
+        libc = None   # musl and others say nothing here
+    return {"platform": sys.platform, "machine": os.uname().machine,
+            "ext_suffixes": list(importlib.machinery.EXTENSION_SUFFIXES),
+            "libc": libc}
+
+
 def probe(bundle_hash: str) -> dict:
     base = os.environ.get("QJAMFAB_HOME") or os.path.join(
         os.path.expanduser("~"), ".cache", "qjamfab")
@@ -127,7 +143,7 @@ def probe(bundle_hash: str) -> dict:
               "executable": sys.executable, "cores": os.cpu_count(),
               "base": base, "numpy": None, "writable": False,
               "free_bytes": None, "runtime_present": False, "error": "",
-              "insecure": ""}
+              "insecure": "", **platform_info()}
     try:  # the version without importing numpy (0.1 s)
         from importlib.metadata import version
         report["numpy"] = version("numpy")

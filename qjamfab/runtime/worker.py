@@ -49,6 +49,7 @@ from ..errors import ProtocolError
 from ..reduce import ReduceTree
 from . import default_base, secure_dir, this_runtime
 from .cache import CacheEntryLost, CacheLimitError, RefCache, is_ref
+from .packages import use_in_daemon
 
 _LOG_POLL_S = 0.05
 _PROGRESS_S = 0.25   # a task running longer says how far it is this often
@@ -406,6 +407,8 @@ class Worker:
                          uptime_s=time.time() - self.started)
             channel.send(protocol.STATS, stats)
             return
+        elif kind == protocol.PACKAGES:   # shipped packages, from the agent
+            use_in_daemon(self.base, self.name, head)
         elif kind == protocol.CANCEL:
             queued = [p for p in self.pending if p[0]["task"] == head["task"]]
             for entry in queued:
