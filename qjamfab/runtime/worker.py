@@ -274,7 +274,8 @@ _NEEDS = {protocol.FUNC: ("hash",),
           protocol.TASK: ("task", "run", "func", "refs", "slices", "leaves",
                           "params"),
           protocol.REFS: ("ref",), protocol.CANCEL: ("task",),
-          protocol.CLEAR: (), protocol.STATS: ()}
+          protocol.CLEAR: (), protocol.STATS: (),
+          protocol.PACKAGES: ("paths",)}
 
 
 def _check_head(kind: int, head: dict, parts: list) -> None:
