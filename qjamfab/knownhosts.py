@@ -218,6 +218,9 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
         host, port = self.conn.host, self.conn.port
         scan = (f"ssh-keyscan -p {port} {host}" if port != 22
                 else f"ssh-keyscan {host}")
+        folder = os.path.dirname(os.path.expanduser(target))
+        if folder and not os.path.isdir(folder):   # else >> would fail
+            scan = f"mkdir -m 700 -p {folder} && {scan}"
         raise HostKeyError(
             f"{self.label}: the host key of {hostname} is not in known_hosts, "
             f"refusing to connect: after checking that {fp} is its "

@@ -372,6 +372,16 @@ def test_unknown_host_refused_by_default(sshd, tmp_path):
     assert kh.read_text() == ""
 
 
+def test_the_known_hosts_hint_makes_a_missing_folder_first(sshd, tmp_path):
+    kh = tmp_path / "no-such-dir" / "known_hosts"
+    cfg = write_config(tmp_path / "cfg", sshd, known_hosts=kh)
+    h = sshd["host1"]
+    with pytest.raises(HostKeyError) as info:
+        connect("host1", ssh_config=cfg)
+    assert (f"run `mkdir -m 700 -p {kh.parent} && ssh-keyscan -p {h.port} "
+            f"{h.address} >> {kh}`") in str(info.value).splitlines()[0]
+
+
 def test_unknown_host_refused_with_yes(sshd, tmp_path):
     kh = tmp_path / "known_hosts"   # does not even exist
     cfg = write_config(tmp_path / "cfg", sshd, known_hosts=kh, strict="yes")

@@ -138,53 +138,13 @@ def test_function_sent_once_per_worker_params_every_call(master2):
     assert first > 50000 > second  # the closure's list went once
 
 
-@pytest.mark.parametrize("split, elapsed, compute, moved, backups, lost, "
-                         "expected", [
-                             (True, 0.2, (0.1, 0.1), 0, 0, [], False),
-                             (True, 0.2, (0.1, 0.1), 1, 0, [], True),
-                             (True, 0.2, (0.1, 0.1), 0, 1, [], True),
-                             (True, 0.2, (0.1,), 0, 0, ["w"], True),
-                             (False, 0.2, (0.1, 0.12), 0, 0, [], False),
-                             (False, 0.2, (0.1, 0.13), 0, 0, [], True),
-                             (True, 0.04, (0.1, 0.3), 1, 0, [], False),
-                         ])
-def test_runs_split_into_two_tasks_only_after_uneven_runs(
-        split, elapsed, compute, moved, backups, lost, expected):
-    from qjamfab.run import Run
-    run = Run.__new__(Run)   # split_next reads only these
-    run.split, run.moved = split, moved
-    run.stats = RunStats(elapsed_s=elapsed, backup_tasks=backups,
-                         lost_workers=lost, worker_compute_s={
-                             f"w{i}": c for i, c in enumerate(compute)})
-    assert run.split_next() is expected
-
-
 def test_a_balanced_run_is_followed_by_unsplit_ones(master2):
     data = DataSet(list(range(8)))
     assert master2.run(lambda p, xs: time.sleep(0.02) or sum(xs),
                        dataset=data) == 28
     assert master2.last_run.backup_tasks == 0
-    assert master2._split is False   # balanced, nothing moved
     assert master2.run(lambda p, xs: sum(xs), dataset=data) == 28
-
-
-def test_heartbeats_left_unread_while_sending_do_not_lose_a_worker(
-        monkeypatch):
-    """The master reads its workers only between its own steps: while it
-    spends longer than the heartbeat deadline sending (slow here on
-    purpose), heartbeats wait unread, and must count before a worker is
-    declared silent."""
-    from qjamfab.run import Run
-    real_supply = Run._supply
-
-    def slow_supply(self, handle, head):
-        time.sleep(3.0)
-        real_supply(self, handle, head)
-    monkeypatch.setattr(Run, "_supply", slow_supply)
-    with Master("local:2", heartbeat_timeout=2.0) as m:
-        assert m.run(lambda p, xs: sum(xs),
-                     dataset=DataSet(list(range(8)))) == 28
-        assert m.last_run.lost_workers == []
+    assert master2.last_run.tasks == 2   # balanced before: one task each
 
 
 def test_a_worker_found_dead_when_its_task_is_sent(monkeypatch):
@@ -211,11 +171,11 @@ def test_params_go_once_per_worker_per_run(master2):
     some) still sends its params to each worker once."""
     params = np.arange(100_000, dtype=np.float64)   # 800 kB
     data = DataSet(list(range(8)))
-    master2._split = True    # what an uneven run makes the next one do
     total = master2.run(lambda p, xs: float(p[:2].sum()) + sum(xs),
                         params=params, dataset=data)
     assert total == 28 + master2.last_run.slices
     stats = master2.last_run
+    assert stats.tasks == 4   # a first run splits: two tasks per worker
     assert stats.slices == 8 and 2 * params.nbytes < stats.bytes_sent \
         < 2.5 * params.nbytes
 
