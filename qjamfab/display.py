@@ -33,8 +33,10 @@ from __future__ import annotations
 import dataclasses
 import html
 import io
+import linecache
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -738,3 +740,22 @@ def _host_progress(console):
     return Progress(_Mark(), TextColumn("{task.description}", markup=False),
                     TimeElapsedColumn(), _Outcome(), console=console,
                     transient=True)
+
+
+_FRAME = re.compile(r'^  File "(.+)", line (\d+), in ')
+
+
+def with_source_lines(trace: str) -> str:
+    """A remote traceback with the master's copy of each source line the
+    worker had none for (functions that travelled by value)."""
+    lines = trace.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        frame = _FRAME.match(line)
+        has_source = i + 1 < len(lines) and lines[i + 1].startswith("    ")
+        if frame and not has_source:
+            source = linecache.getline(frame[1], int(frame[2])).strip()
+            if source:
+                out.append(f"    {source}")
+    return "\n".join(out)

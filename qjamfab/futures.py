@@ -84,11 +84,9 @@ from __future__ import annotations
 import collections
 import collections.abc
 import functools
-import linecache
 import numbers
 import operator
 import pickle
-import re
 import threading
 import time
 from concurrent.futures import Executor, Future
@@ -96,7 +94,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import cloudpickle
 
-from . import futures_remote, serialize
+from . import display, futures_remote, serialize
 from .dataset import SLICES_PER_WORKER, ListDataSet
 from .errors import BadJob, ExecutorShutdown, QjamfabError, RemoteError
 
@@ -460,7 +458,7 @@ def _rebuild(report: tuple) -> BaseException:
     """The remote exception, re-created, with a RemoteError as its cause;
     or the RemoteError itself when it cannot be re-created."""
     what, type_name, message, trace, where, blob = report
-    trace = _with_source_lines(trace.rstrip())
+    trace = display.with_source_lines(trace.rstrip())
     if what == "result":
         return RemoteError(
             f"a task's result, {_a(type_name)}, cannot be pickled to go back "
@@ -479,25 +477,6 @@ def _rebuild(report: tuple) -> BaseException:
         return remote
     exc.__cause__ = remote
     return exc
-
-
-_FRAME = re.compile(r'^  File "(.+)", line (\d+), in ')
-
-
-def _with_source_lines(trace: str) -> str:
-    """Add the master's copy of a source line where the worker had none
-    (functions that travelled by value)."""
-    lines = trace.splitlines()
-    out = []
-    for i, line in enumerate(lines):
-        out.append(line)
-        frame = _FRAME.match(line)
-        has_source = i + 1 < len(lines) and lines[i + 1].startswith("    ")
-        if frame and not has_source:
-            source = linecache.getline(frame[1], int(frame[2])).strip()
-            if source:
-                out.append(f"    {source}")
-    return "\n".join(out)
 
 
 # --- checks ------------------------------------------------------------------

@@ -9,7 +9,6 @@ stragglers, and reduces. `RunStats` records what it did.
 from __future__ import annotations
 
 import bisect
-import linecache
 import logging
 import re
 import sys
@@ -532,7 +531,7 @@ class Run:
     def _remote_error(self, handle: WorkerHandle, task: _Task,
                       head: dict) -> QjamfabError:
         where = self._slice_names(task.slices)
-        trace = _with_source_lines(head["traceback"].rstrip())
+        trace = display.with_source_lines(head["traceback"].rstrip())
         if head["type"] == "ReduceMismatch":
             return ReduceError(f"{head['message']}\n(on worker {handle.name}, "
                                f"{where})\n{trace}")
@@ -687,24 +686,6 @@ class Run:
 
 _NEEDED_BY = {"loading the job": "the job", "loading params": "the params",
               "loading a slice": "a dataset slice"}
-_FRAME = re.compile(r'^  File "(.+)", line (\d+), in ')
-
-
-def _with_source_lines(trace: str) -> str:
-    """Add the master's copy of a source line where the worker had none."""
-    lines = trace.splitlines()
-    out = []
-    for i, line in enumerate(lines):
-        out.append(line)
-        frame = _FRAME.match(line)
-        has_source = i + 1 < len(lines) and lines[i + 1].startswith("    ")
-        if frame and not has_source:
-            source = linecache.getline(frame[1], int(frame[2])).strip()
-            if source:
-                out.append(f"    {source}")
-    return "\n".join(out)
-
-
 def print_log(worker: str, text: str) -> None:
     prefix = f"[{worker}] "
     sys.stdout.write("".join(prefix + line + "\n"
