@@ -215,13 +215,8 @@ class LocalPipeTransport(_ProcessTransport):
 
     def computing(self) -> bool:
         # A long C call holding the worker's GIL stops its heartbeats, not
-        # its process: running (R, S, D), not stopped or a zombie.
-        try:
-            with open(f"/proc/{self.process.pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            return False
-        return stat[stat.rindex(b")") + 2:][:1] in (b"R", b"S", b"D")
+        # its process.
+        return runtime.process_running(self.process.pid)
 
     def __init__(self, name: str, base: str, env: dict | None = None,
                  python: str = sys.executable):

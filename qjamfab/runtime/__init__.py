@@ -94,6 +94,28 @@ def this_runtime() -> str:
     return os.path.basename(os.path.dirname(_PACKAGE_DIR))
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (ours or not; a zombie counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def process_running(pid: int) -> bool:
+    """Whether process `pid` is, seen from outside, running or ready to
+    (R, S, D): not stopped (SIGSTOP), not a zombie, not gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:][:1] in (b"R", b"S", b"D")
+
+
 def read_tail(path: str, limit: int = 8192) -> str:
     """The last `limit` bytes of a file as text ("" when unreadable)."""
     try:

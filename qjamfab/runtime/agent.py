@@ -42,7 +42,8 @@ from collections import deque
 
 from .. import protocol
 from ..reduce import ReduceTree
-from . import default_base, read_tail, secure_dir, this_runtime
+from . import (default_base, pid_alive, process_running, read_tail,
+               secure_dir, this_runtime)
 from . import manage
 from .cache import RefCache, cache_limit
 from .packages import AgentPackages
@@ -99,12 +100,7 @@ class _Daemon(_Peer):
 
     def running(self) -> bool:
         """Seen from outside: its process exists and is not stopped."""
-        try:
-            with open(f"/proc/{self.info['pid']}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            return False
-        return stat[stat.rindex(b")") + 2:][:1] not in (b"T", b"t", b"Z", b"X")
+        return process_running(self.info["pid"])
 
     def close(self) -> None:
         self.closed = True
@@ -343,7 +339,7 @@ class Agent:
         tail, status = "", None
         if pid:
             status = _exit_status(self.base, daemon.slot, pid)
-            if status is not None or not _exists(pid):
+            if status is not None or not pid_alive(pid):
                 tail = read_tail(daemon.info.get("log", ""), 4096)
         self.tell(protocol.GONE, {"reason": reason, "tail": tail,
                                   "status": status}, worker=daemon.index)
@@ -417,16 +413,6 @@ def _try_lock(path: str) -> int | None:
     return fd
 
 
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def _exit_status(base: str, slot: int, pid: int) -> int | None:
     """The exit status daemon `pid` in `slot` ended with, as its keeper
     recorded it; None when it is still running (waits 1 s for the record)."""
@@ -441,7 +427,7 @@ def _exit_status(base: str, slot: int, pid: int) -> int | None:
         except (OSError, ValueError, KeyError, TypeError):
             pass
         if time.monotonic() > deadline or (
-                _exists(pid) and time.monotonic() > deadline - 0.8):
+                pid_alive(pid) and time.monotonic() > deadline - 0.8):
             return None
         time.sleep(0.02)
 

@@ -80,7 +80,7 @@ import time
 from collections.abc import Iterable
 
 from .. import protocol
-from . import secure_dir
+from . import pid_alive, secure_dir
 
 _MAGIC = b"QJC3"
 _PREFIX = struct.Struct("!4sI32s")   # magic, count, seal
@@ -656,13 +656,11 @@ def _tidy(directory: str) -> None:
 
 
 def _writer_alive(tmp_name: str) -> bool:
+    """Whether the process named in `<ref>.<pid>.tmp` is still writing."""
     try:
-        os.kill(int(tmp_name.split(".")[-2]), 0)
-    except (ValueError, IndexError, ProcessLookupError):
+        return pid_alive(int(tmp_name.split(".")[-2]))
+    except (ValueError, IndexError):
         return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _remove(path: str, inode: int | None = None) -> None:
