@@ -255,12 +255,19 @@ class DaskSession:
         """Register the worker plugin, learn the workers, start watching."""
         from . import dask_worker
         import qjamfab
+        plugin = dask_worker.QjamfabPlugin()
         try:
-            self.client.register_plugin(dask_worker.QjamfabPlugin())
+            self.client.register_plugin(plugin)
         except Exception as exc:
+            try:   # the scheduler keeps it for workers to come: take it back
+                self.client.unregister_worker_plugin(plugin.name)
+            except Exception:
+                pass
+            said = str(exc) if type(exc) is Exception else \
+                f"{type(exc).__name__}: {exc}"   # a worker's, passed on
             raise PreflightFailed(
                 f"the Dask workers cannot take qjamfab's worker plugin "
-                f"({type(exc).__name__}: {exc}): install this qjamfab "
+                f"({said}): install this qjamfab "
                 f"({qjamfab.__version__}) in the Dask workers' environment "
                 "(or the image they run)", host=self.address) from exc
         try:
@@ -287,7 +294,7 @@ class DaskSession:
         freshen the heartbeats of the ones whose own heartbeat moved."""
         async def identity():
             return await asyncio.wait_for(
-                self.client.scheduler.identity(n_workers=-1), self.timeout)
+                self.client.scheduler.identity(), self.timeout)  # all workers
         info = self.client.sync(identity)
         members = {address: {"name": str(w["name"]), "nthreads": w["nthreads"],
                              "status": w["status"],

@@ -2,6 +2,7 @@
 thread each, with nannies), the behaviour tests that make sense on an
 engine, and what is Dask's own (loss of a Dask worker, new Clients and
 Masters on the same cluster, workers that join)."""
+import asyncio
 import os
 import signal
 import subprocess
@@ -266,6 +267,17 @@ def test_new_master_and_client_find_the_slices(client):
     assert own.status == "closed" and client.status == "running"
 
 
+def test_replicas_go_to_the_other_worker(client):
+    data = DataSet(np.arange(8000, dtype=np.float64).reshape(80, 100) + 0.5,
+                   slice_size=10)
+    with Master(client, replicas=2) as m:
+        assert m.run(lambda p, x: float(x.sum()), dataset=data) == \
+            float((np.arange(8000) + 0.5).sum())
+        assert m.last_run.replica_bytes_sent > 0
+        handles = m._live()
+        assert all(set(data.refs()) <= h.refs for h in handles)
+
+
 def test_clear_cache_and_worker_stats(master):
     master.run(lambda p, xs: sum(xs), dataset=list(range(40)))
     stats = master.worker_stats()
@@ -386,6 +398,39 @@ def test_a_closed_client_is_refused(client):
     with pytest.raises(ValueError, match="^this Client is closed, not "
                        "running: pass a connected Client"):
         Master(other)
+
+
+def test_an_asynchronous_client_is_refused(client):
+    async def refused():   # an asynchronous Client needs a running loop
+        other = await distributed.Client(client.scheduler.address,
+                                         asynchronous=True,
+                                         set_as_default=False)
+        try:
+            with pytest.raises(ValueError, match="^Master needs a synchronous "
+                               r"Client: create it with Client\(\.\.\., "
+                               r"asynchronous=False\)"):
+                Master(other)
+        finally:
+            await other.close()
+    asyncio.run(refused())
+
+
+def test_workers_that_cannot_load_qjamfab_are_refused(client, monkeypatch):
+    import importlib
+
+    from qjamfab import dask_worker
+    # What a Dask worker without qjamfab meets when the plugin arrives.
+    monkeypatch.setattr(dask_worker.QjamfabPlugin, "name", "qjamfab-broken")
+    monkeypatch.setattr(dask_worker.QjamfabPlugin, "__reduce__", lambda self: (
+        importlib.import_module, ("qjamfab_is_not_here",)), raising=False)
+    with pytest.raises(PreflightFailed, match=r"^the Dask workers cannot take "
+                       r"qjamfab's worker plugin \(ModuleNotFoundError\(\"No "
+                       r"module named 'qjamfab_is_not_here'\"\)\): install this "
+                       r"qjamfab \(\S+\) in the Dask workers' environment"):
+        Master(client)
+    plugins = client.run_on_scheduler(
+        lambda dask_scheduler: list(dask_scheduler.worker_plugins))
+    assert "qjamfab-broken" not in plugins and "qjamfab" in plugins
 
 
 def test_unreachable_scheduler(monkeypatch):
