@@ -36,6 +36,7 @@ them is Dask, built from its own pieces:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import logging
 import os
@@ -200,8 +201,9 @@ class DaskHost:
         if wanted:
             hellos = self.link.hellos(list(wanted))
             for address, numbers in wanted.items():
-                problem = check_hello(address, hellos.get(address, KeyError(
-                    "it did not answer")))
+                if address not in hellos:
+                    continue   # it left meanwhile
+                problem = check_hello(address, hellos[address])
                 if problem is not None:
                     if first:
                         raise problem
@@ -250,6 +252,10 @@ class DaskSession:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # At exit, before distributed's own handler closes a LocalCluster
+        # of this process (registered earlier, so run later): else an
+        # unclosed Master's Client waits 10 s for a scheduler that is gone.
+        atexit.register(self.close)
 
     def start(self) -> None:
         """Register the worker plugin, learn the workers, start watching."""
@@ -341,6 +347,7 @@ class DaskSession:
             return {address: exc for address in addresses}
 
     def close(self) -> None:
+        atexit.unregister(self.close)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.timeout)
@@ -489,8 +496,8 @@ class DaskLink:
                                               hash=False)
         # One opaque blob: Dask walks dicts and lists given as arguments
         # into task nodes of their own (2 ms a round trip, measured).
-        blob = pickle.dumps((task.head, task.params[0] if task.params else
-                             None, self._funcs.pop(task.head["func"], None)),
+        blob = pickle.dumps((task.head, task.params[0],
+                             self._funcs.pop(task.head["func"], None)),
                             protocol=5)
         task.future = self.client.submit(
             run_task, blob, scattered, *task.params[1:],

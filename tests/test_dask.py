@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -470,6 +471,26 @@ def test_without_distributed_the_error_says_what_to_install(monkeypatch):
     assert str(info.value).splitlines()[0] == (
         "Master('tcp://127.0.0.1:8786') needs Dask's distributed package: "
         "pip install 'qjamfab[dask]'")
+
+
+def test_a_script_that_never_closes_its_master_exits_at_once(tmp_path):
+    script = tmp_path / "unclosed.py"
+    script.write_text(textwrap.dedent("""
+        import distributed
+        from qjamfab import Master
+        if __name__ == "__main__":
+            cluster = distributed.LocalCluster(
+                n_workers=1, threads_per_worker=1, dashboard_address=":0")
+            m = Master(cluster.scheduler_address)   # a Client of its own
+            print("result", m.run(lambda p, x: 42))
+    """))
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, str(script)], capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": REPO})
+    assert "result 42" in out.stdout, out.stderr
+    assert "Failed to reconnect" not in out.stderr
+    assert time.monotonic() - started < 8
 
 
 def test_importing_qjamfab_does_not_import_dask():
