@@ -19,7 +19,8 @@ one cost-and-gradient evaluation of the sparse autoencoder at 100k patches
 (examples/sparse_autoencoder.py, as in benchmarks/sae.py; the serial code,
 `serial_stats_cost` in this process, gives the speed-ups). Every
 contender is warm (data in place, functions loaded) and they are timed in
-alternating blocks, so a slower spell of this shared VM hits all alike.
+turn, run by run, so a slower spell of this shared VM hits all alike (and
+each meets Dask's batched streams in the same rhythm).
 Targets (issue 15): qjamfab on Dask costs at most 1.1x plain Dask per run,
 and its autoencoder speed-up on 2 Dask workers is within 10 % of qjamfab's
 own 2 local workers.
@@ -41,7 +42,7 @@ import sys
 import tempfile
 import time
 
-from .common import local_home, machine, one_blas_thread, target
+from .common import local_home, machine, one_blas_thread, percentile, target
 
 # scale -> (trivial: rounds, runs per block; sae: patches, rounds, block)
 SIZES = {"full": (10, 100, 100_000, 8, 5), "quick": (4, 50, 100_000, 3, 3),
@@ -156,34 +157,41 @@ def measure(scale_name: str, log=print) -> dict:
         for master in (on_dask, local):
             master.run(trivial, 1, small_data)
             assert master.last_run.dataset_bytes_sent == 0
+        # Paired run by run: Dask's latency depends on the rhythm of the
+        # messages (its batched streams wait 2-10 ms after a send), so
+        # each contender follows the others, round after round.
         for r in range(rounds):
-            for name, run in trivial_runs.items():
-                trivial_times.setdefault(name, []).extend(
-                    _timed(run) for _ in range(block))
+            for _ in range(block):
+                for name, run in trivial_runs.items():
+                    trivial_times.setdefault(name, []).append(_timed(run))
         log(f"  dask trivial: {rounds} rounds of {block} runs each done")
         for r in range(sae_rounds):
-            thetas = [theta0 + 0.01 * rng.standard_normal(theta0.size)
-                      for _ in range(sae_block)]
-            sae_times["serial"] += [
-                _timed(lambda: sae.serial_stats_cost(t, X)) for t in thetas]
-            for name, cost in sae_runs.items():
-                sae_times.setdefault(name, []).extend(
-                    _timed(lambda: cost(t)) for t in thetas)
+            for _ in range(sae_block):
+                theta = theta0 + 0.01 * rng.standard_normal(theta0.size)
+                sae_times["serial"].append(
+                    _timed(lambda: sae.serial_stats_cost(theta, X)))
+                for name, cost in sae_runs.items():
+                    sae_times.setdefault(name, []).append(
+                        _timed(lambda: cost(theta)))
             log(f"  dask sae round {r + 1}/{sae_rounds}: " + ", ".join(
                 f"{k} {statistics.median(v) * 1e3:.1f} ms"
                 for k, v in sae_times.items()))
         overhead = {name: float(np.median(np.array(c.seconds[1:]) - np.array(
             c.compute_seconds[1:])) * 1e3) for name, c in costs.items()}
+        compute = {name: float(np.median(c.compute_seconds[1:]) * 1e3)
+                   for name, c in costs.items()}
     trivial_ms = {k: statistics.median(v) * 1e3
                   for k, v in trivial_times.items()}
     sae_ms = {k: statistics.median(v) * 1e3 for k, v in sae_times.items()}
     return {
         "trivial_ms": trivial_ms,
-        "trivial_range_ms": {k: [min(v) * 1e3, max(v) * 1e3]
-                             for k, v in trivial_times.items()},
+        "trivial_p10_p90_ms": {k: [percentile(v, 10) * 1e3,
+                                   percentile(v, 90) * 1e3]
+                               for k, v in trivial_times.items()},
         "sae_ms": sae_ms,
         "sae_speedup": {k: sae_ms["serial"] / v for k, v in sae_ms.items()},
         "sae_master_overhead_ms": overhead,
+        "sae_busiest_worker_compute_ms": compute,
         "sizes": {"trivial_runs": rounds * block, "sae_patches": patches,
                   "sae_evals": sae_rounds * sae_block}}
 
@@ -192,10 +200,10 @@ def table(result: dict) -> str:
     from qjamfab.display import render_table
     rows = []
     for name, ms in result["trivial_ms"].items():
-        lo, hi = result["trivial_range_ms"][name]
+        lo, hi = result["trivial_p10_p90_ms"][name]
         rows.append(["trivial run", name, f"{ms:.2f}",
                      f"{ms / result['trivial_ms']['plain Dask']:.2f}x",
-                     f"min {lo:.2f}"])
+                     f"p10-p90 {lo:.2f}-{hi:.2f} ms"])
     for name, ms in result["sae_ms"].items():
         rows.append([f"autoencoder {result['sizes']['sae_patches'] // 1000}k",
                      name, f"{ms:.2f}",
