@@ -159,7 +159,7 @@ class DaskHost:
         self.failures = 0
         self.retry_at = 0.0
         self._slots: dict[tuple[str, int], int] = {}  # (name, thread) -> n
-        self._refused: dict[str, str] = {}   # address -> why, warned once
+        self._refused: set[str] = set()   # Dask workers left out, warned once
         self._started = False
 
     @property
@@ -207,7 +207,7 @@ class DaskHost:
                 if problem is not None:
                     if first:
                         raise problem
-                    self._refused[address] = str(problem)
+                    self._refused.add(address)
                     log.warning("left out: %s", str(problem).splitlines()[0])
                     continue
                 for n in numbers:
@@ -609,7 +609,7 @@ class DaskLink:
                 "func": blocked["func"]}, [])]
         del self._tasks[task_id]
         text = reply["log"]
-        self.bytes_received += len(text)
+        self.bytes_received += len(text.encode())
         events = [Event(handle, protocol.LOG, {"text": text}, [])] \
             if text else []
         if "result" in reply:

@@ -45,7 +45,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from . import protocol
 from .reduce import default_reduce
-from .runtime.cache import RefCache
+from .runtime.cache import CacheLimitError, RefCache
 from .runtime.worker import _c_stdio_flush, _tune_malloc
 
 PLUGIN_NAME = "qjamfab"
@@ -100,8 +100,9 @@ class QjamfabPlugin(WorkerPlugin):
         return self._capture.fileno()
 
     def cache(self) -> RefCache:
-        """The slice cache, opened on first use (raises OSError or
-        ValueError with what to do when its directory cannot be used)."""
+        """The slice cache, opened on first use (raises OSError when its
+        directory cannot be used, CacheLimitError for a bad
+        QJAMFAB_CACHE_LIMIT)."""
         if self._cache is None:
             self._cache = RefCache(self.cache_directory())
         return self._cache
@@ -170,16 +171,21 @@ def hello(dask_worker) -> dict:
     out = {"version": protocol.VERSION, "python": list(sys.version_info[:3]),
            "pid": os.getpid(), "name": str(dask_worker.name),
            "address": dask_worker.address,
-           "threads": dask_worker.state.nthreads,
-           "host": dask_worker.ip, "error": None, "refs": []}
+           "threads": dask_worker.state.nthreads, "error": None,
+           "refs": []}
     if plugin is None:
         out["error"] = "qjamfab's worker plugin is not on it"
         return out
     try:
-        out["cache"] = plugin.cache_directory()
         out["refs"] = plugin.refs()
-    except (OSError, ValueError) as exc:
-        out["error"] = f"its slice cache cannot be opened: {exc}"
+    except CacheLimitError as exc:
+        out["error"] = f"{exc} (in the Dask workers' environment)"
+    except OSError as exc:
+        why = str(exc).split("; ")[0]   # what to do differs on Dask
+        out["error"] = (
+            f"its slice cache {plugin.cache_directory()} cannot be used "
+            f"({why}): give the Dask workers a local directory of your own "
+            "(--local-directory, or the cluster's local_directory=)")
     return out
 
 

@@ -385,6 +385,45 @@ def test_a_cluster_without_workers(tmp_path_factory):
         _stop_cluster(cluster, client, before)
 
 
+def test_a_cache_directory_others_can_write_is_refused(tmp_path_factory):
+    cluster, before = _start_cluster(tmp_path_factory, n_workers=1,
+                                     threads_per_worker=1)
+    client = distributed.Client(cluster, set_as_default=False)
+    try:
+        [local] = client.run(lambda dask_worker: dask_worker.local_directory
+                             ).values()
+        cache = os.path.join(os.path.dirname(local), "qjamfab-cache")
+        os.mkdir(cache)
+        os.chmod(cache, 0o770)
+        with pytest.raises(PreflightFailed, match=r"^Dask worker tcp://\S+: "
+                           r"its slice cache \S+/qjamfab-cache cannot be used "
+                           r"\(\S+ \(owner .*\) has mode 0770: its group can "
+                           r"plant code or data in it\): give the Dask "
+                           "workers a local directory of your own"):
+            Master(client)
+    finally:
+        _stop_cluster(cluster, client, before)
+
+
+def test_a_bad_cache_limit_on_the_workers_is_refused(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from qjamfab import dask_worker
+    monkeypatch.setenv("QJAMFAB_CACHE_LIMIT", "lots")   # the worker's env
+    worker = SimpleNamespace(
+        name="w", address="tcp://w:1", state=SimpleNamespace(nthreads=1),
+        local_directory=str(tmp_path / "dask-scratch-space" / "worker-1"))
+    plugin = dask_worker.QjamfabPlugin()
+    plugin.setup(worker)
+    worker.plugins = {dask_worker.PLUGIN_NAME: plugin}
+    problem = dask_engine.check_hello(worker.address,
+                                      dask_worker.hello(worker))
+    assert str(problem).startswith(
+        "Dask worker tcp://w:1: QJAMFAB_CACHE_LIMIT='lots' is not a size: "
+        "write bytes, or a number with K, M, G or T")
+    assert str(problem).endswith("(in the Dask workers' environment)")
+
+
 def test_ssh_options_do_not_apply(client):
     with pytest.raises(ValueError, match=r"^workers_per_host does not apply "
                        r"to a Dask cluster \(Dask decides"):
