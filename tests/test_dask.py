@@ -20,7 +20,10 @@ from qjamfab import (BadDataSet, BadJob, BadParams, DataSet, HostUnreachable,
 from tests.jobs import (constant, exiting, printing, raising, sum_params,
                         uses_helpers, with_reduce)
 
-distributed = pytest.importorskip("distributed")
+try:
+    import distributed
+except ImportError:   # the tests that need no Dask still run
+    distributed = None
 
 pytestmark = pytest.mark.timeout(120)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +47,14 @@ def _children() -> list[int]:
     return found
 
 
+def _need_dask() -> None:
+    if distributed is None:
+        pytest.skip("distributed is not installed: pip install "
+                    "'qjamfab[dask]' to run the Dask tests")
+
+
 def _start_cluster(tmp_path_factory, **options):
+    _need_dask()
     before = set(_children())
     cluster = distributed.LocalCluster(
         processes=True, dashboard_address=":0",
@@ -407,6 +417,7 @@ def test_a_cache_directory_others_can_write_is_refused(tmp_path_factory):
 
 def test_a_bad_cache_limit_on_the_workers_is_refused(tmp_path, monkeypatch):
     from types import SimpleNamespace
+    _need_dask()
 
     from qjamfab import dask_worker
     monkeypatch.setenv("QJAMFAB_CACHE_LIMIT", "lots")   # the worker's env
@@ -474,6 +485,7 @@ def test_workers_that_cannot_load_qjamfab_are_refused(client, monkeypatch):
 
 
 def test_unreachable_scheduler(monkeypatch):
+    _need_dask()
     monkeypatch.setattr(dask_engine, "CONNECT_TIMEOUT_S", 0.5)
     with pytest.raises(HostUnreachable, match=r"^cannot reach the Dask "
                        r"scheduler at tcp://127\.0\.0\.1:9 in 0\.5 s: check "
@@ -513,6 +525,7 @@ def test_without_distributed_the_error_says_what_to_install(monkeypatch):
 
 
 def test_a_script_that_never_closes_its_master_exits_at_once(tmp_path):
+    _need_dask()
     script = tmp_path / "unclosed.py"
     script.write_text(textwrap.dedent("""
         import distributed
