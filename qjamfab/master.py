@@ -23,7 +23,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
-from . import display, protocol, runtime, serialize
+from . import dask_engine, display, protocol, runtime, serialize
 from . import hosts as hostlib
 from . import openssh
 from . import packages as shipping
@@ -92,10 +92,13 @@ class Master(FuturesMixin):
             parse_size(str(cache_limit), env=None)
         self.cache_limit = cache_limit
         _log_from_env()
-        display.warn_if_cli_hosts_ignored(hosts)
+        dask = dask_engine.dask_host(  # None unless a Dask Client or address
+            hosts, heartbeat_timeout, workers_per_host=workers_per_host,
+            ssh_config=ssh_config, ssh_client=ssh_client)
+        display.warn_if_cli_hosts_ignored(dask.spec.raw if dask else hosts)
         self.ssh_client = ssh_client
-        self.hosts: list[HostSpec] = parse_hosts(hosts)
-        if not all(h.is_local for h in self.hosts):
+        self.hosts: list[HostSpec] = [dask.spec] if dask else parse_hosts(hosts)
+        if not dask and not all(h.is_local for h in self.hosts):
             openssh_client(ssh_client)   # a bad choice fails here, not later
         self.replicas = replicas
         self.straggler_factor = straggler_factor
@@ -109,7 +112,8 @@ class Master(FuturesMixin):
         self._base = default_base()
         self._inbox = Inbox()
         self._inbox.ids = itertools.count(1)
-        self._hosts = _label_hosts(self.hosts, workers_per_host)
+        self._hosts = [dask] if dask else _label_hosts(self.hosts,
+                                                       workers_per_host)
         self._finalizer = weakref.finalize(self, _close_all, self._inbox,
                                            self._hosts)
         self._start_missing(first=True)
@@ -130,6 +134,9 @@ class Master(FuturesMixin):
 
     def _prepare(self, host: "_Host") -> None:
         """Connect the host and attach every worker of it that is not up."""
+        if isinstance(host, dask_engine.DaskHost):
+            host.prepare(self._inbox)
+            return
         if host.spec.is_local:
             self._start_local(host)
             return
