@@ -46,7 +46,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from . import protocol
 from .reduce import default_reduce
 from .runtime.cache import CacheLimitError, RefCache
-from .runtime.worker import _c_stdio_flush, _tune_malloc
+from .runtime.worker import c_stdio_flush, tune_malloc
 
 PLUGIN_NAME = "qjamfab"
 _JOBS_KEPT = 64   # jobs unpickled and kept per Dask worker, latest used
@@ -73,7 +73,7 @@ class QjamfabPlugin(WorkerPlugin):
         # MALLOC_TRIM_THRESHOLD_, which also stops glibc from raising its
         # mmap threshold itself). Measured: the sparse autoencoder's
         # mapfunc computes in 13 ms instead of 23 ms in a Dask worker.
-        _tune_malloc()
+        tune_malloc()
         if self.threads > 1:
             # Several tasks at once: fds 1 and 2 cannot tell them apart.
             self._streams = sys.stdout, sys.stderr
@@ -376,4 +376,4 @@ def _flush_all() -> None:
             stream.flush()
         except (OSError, ValueError, AttributeError):
             pass
-    _c_stdio_flush()
+    c_stdio_flush()

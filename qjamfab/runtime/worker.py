@@ -227,7 +227,7 @@ class Capture:
     def end(self) -> None:
         """Flush everything user code printed, before its result is sent."""
         self._busy = False
-        _c_stdio_flush()
+        c_stdio_flush()
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -245,7 +245,7 @@ def _libc_fflush():
         return None
 
 
-def _tune_malloc() -> None:
+def tune_malloc() -> None:
     """Keep freed memory up to 32 MiB blocks in the heap (glibc only).
 
     glibc serves blocks over 128 KiB with mmap and returns them on free, so
@@ -262,7 +262,7 @@ def _tune_malloc() -> None:
     mallopt(_M_TRIM_THRESHOLD, 64 << 20)
 
 
-def _c_stdio_flush() -> None:
+def c_stdio_flush() -> None:
     """Flush C stdio buffers too: a C extension's printf sits in them."""
     fflush = _libc_fflush()
     if fflush is not None:
@@ -706,7 +706,7 @@ def main(argv: list[str] | None = None) -> None:
         child = os.fork()
         if child:
             _keep(child, args.socket[:-len(".sock")] + ".exit")
-    _tune_malloc()
+    tune_malloc()
     base = os.path.expanduser(args.base or default_base())
     try:
         secure_dir(base)
