@@ -69,7 +69,8 @@ class WorkerHandle:
 
     def exit_report(self) -> tuple[int | None, str]:
         """After it ended: (exit status if known, its output's tail)."""
-        if self.link.agent and self.link.alive:
+        if self.gone_status is not None or (self.link.agent
+                                            and self.link.alive):
             return self.gone_status, self.gone_tail
         return self.link.transport.exit_report(self.hello.get("log"))
 
@@ -89,7 +90,8 @@ class Link:
                  stall_timeout: float):
         self.label = label
         self.transport = transport
-        self.agent = agent
+        self.agent = agent          # frames pass through a host's agent
+        self.remote = agent         # a host's stream (even when direct)
         self.reader = protocol.FrameReader(transport.readinto)
         self.handles: dict[int, WorkerHandle] = {}
         self.info: dict = {}        # the agent's HELLO
@@ -169,7 +171,8 @@ class Link:
         self.send(protocol.ATTACH, {"workers": indices, "count": count,
                                     "idle_timeout": idle_timeout,
                                     "cache_limit": cache_limit,
-                                    "env": env or {}},
+                                    "env": env or {},
+                                    "direct": not self.handles},
                   worker=protocol.AGENT)
         hellos: dict[int, dict] = {}
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
@@ -184,6 +187,16 @@ class Link:
                 hellos[worker] = head
             elif kind == protocol.ATTACH:
                 break
+        if head.get("direct"):
+            # A host of one worker: its daemon now has the stream itself,
+            # and says HELLO on it (frames for worker 0, no agent between).
+            self.agent = False
+            kind, worker, hello = self._handshake_frame(self.label)
+            if kind != protocol.HELLO:
+                raise self._fail(ProtocolError(
+                    f"{self.label}: its worker did not take the stream: "
+                    "restart it (stop-workers, then start-workers)"))
+            hellos = {head["workers"][0]: hello}
         self.transport.set_read_timeout(self._stall_timeout)
         new = []
         for k in head["workers"]:
@@ -298,6 +311,8 @@ class Link:
             handle.alive = False
             handle.gone_tail = head.get("tail", "")
             handle.gone_status = head.get("status")
+            if not self.agent:   # a direct stream ends with its worker
+                self.close()
             return [Event(handle, LOST, {"reason": head["reason"],
                                          "died": handle.gone_status
                                          is not None}, [])]
@@ -312,7 +327,7 @@ class Link:
         worker's stream ends when its process does (`died`); a host's when
         its connection or agent does, which says nothing of its workers."""
         self.alive = False
-        died = (not self.agent) if died is None else died
+        died = (not self.remote) if died is None else died
         events = [Event(h, LOST, {"reason": reason, "died": died}, [])
                   for h in self.handles.values() if h.alive]
         for handle in self.handles.values():

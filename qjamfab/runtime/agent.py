@@ -108,6 +108,10 @@ class _Daemon(_Peer):
         os.close(self.lock_fd)
 
 
+class _HandedOver(Exception):
+    """The agent's work is done: a daemon had the stream, and ended."""
+
+
 class Agent:
     def __init__(self, base: str, master_in: int, master_out: int):
         self.base = base
@@ -206,8 +210,51 @@ class Agent:
                 os.close(fd)
                 failed[index] = f"worker-{slot}: {exc}"
         self.packages.tell_daemons(self.daemons.values())
+        # One worker has nothing to combine or share with: the daemon takes
+        # the stream itself (two fewer hops per frame), and the agent only
+        # waits to say how it ended.
+        direct = bool(head.get("direct")) and count == 1 and not failed \
+            and len(self.daemons) == 1
         self.tell(protocol.ATTACH, {"workers": sorted(self.daemons),
-                                    "failed": failed, "count": count})
+                                    "failed": failed, "count": count,
+                                    "direct": direct})
+        if direct:
+            self.hand_over(next(iter(self.daemons.values())))
+
+    def hand_over(self, daemon: _Daemon) -> None:
+        """Give the daemon the master's stream (SCM_RIGHTS, once it says it
+        is ready for it), then wait for its connection to end: a GONE frame
+        then says how it ended, and the agent exits."""
+        while self.master.out:   # the ATTACH answer first, whole
+            self.master.flush()
+            if self.master.out:
+                select.select([], [self.master.write_fd], [], 1.0)
+        daemon.queue(protocol.frame(protocol.ATTACH, {}))
+        while daemon.out:
+            daemon.flush()
+        while True:   # its heartbeats may come first
+            kind, _, head, parts = daemon.reader.read()
+            if kind == protocol.STATE and head.get("state") == "ready":
+                break
+            if kind != protocol.HEARTBEAT:
+                self.tell(kind, head, parts, worker=daemon.index)
+        daemon.sock.setblocking(True)
+        socket.send_fds(daemon.sock, [b"s"], [self.master.read_fd,
+                                             self.master.write_fd])
+        os.close(self.master.read_fd)
+        os.set_blocking(self.master.write_fd, True)
+        while True:   # its keepalives; the end when it ends
+            try:
+                if not daemon.sock.recv(4096):
+                    break
+            except OSError:
+                break
+        self.gone(daemon, "its daemon ended")
+        try:
+            self.master.flush()
+        except OSError:
+            pass   # the master hung up first: nobody to tell
+        raise _HandedOver
 
     def _connect(self, index: int, slot: int, lock_fd: int) -> _Daemon:
         """Connect to daemon worker-<slot>, claim it ("serve") and forward
@@ -462,6 +509,8 @@ def main() -> None:
     agent = Agent(base, master_in, master_out)
     try:
         agent.serve()
+    except _HandedOver:
+        pass
     finally:
         for daemon in list(agent.daemons.values()):
             daemon.close()

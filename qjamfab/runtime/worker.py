@@ -274,7 +274,7 @@ _NEEDS = {protocol.FUNC: ("hash",),
           protocol.TASK: ("task", "run", "func", "refs", "slices", "leaves",
                           "params"),
           protocol.REFS: ("ref",), protocol.CANCEL: ("task",),
-          protocol.CLEAR: (), protocol.STATS: (),
+          protocol.CLEAR: (), protocol.STATS: (), protocol.ATTACH: (),
           protocol.PACKAGES: ("paths",)}
 
 
@@ -408,6 +408,9 @@ class Worker:
                          uptime_s=time.time() - self.started)
             channel.send(protocol.STATS, stats)
             return
+        elif kind == protocol.ATTACH:   # the agent hands over the stream
+            channel.send(protocol.STATE, {"state": "ready"})
+            raise HandOver()
         elif kind == protocol.PACKAGES:   # shipped packages, from the agent
             use_in_daemon(self.base, self.name, head)
         elif kind == protocol.CANCEL:
@@ -603,6 +606,11 @@ def _claim(listener: socket.socket, ready_line: bytes,
             conn.close()
 
 
+class HandOver(Exception):
+    """The agent gives this daemon the master's stream (a host of one
+    worker): serving the agent's connection ends, the stream's begins."""
+
+
 def _first_line(conn: socket.socket, said: bytearray) -> bytes | None:
     """Add what the client says to `said`, never a byte past its first
     newline (frames may follow it); the line once whole or 64 bytes long,
@@ -645,7 +653,17 @@ def _serve_socket(worker: Worker, path: str, idle_timeout: float,
                 return
             with conn:
                 try:
-                    worker.serve(_socket_channel(conn))
+                    try:
+                        worker.serve(_socket_channel(conn))
+                    except HandOver:
+                        # The master's stream itself, from the agent: it
+                        # keeps this connection to learn when we end.
+                        _, fds, _, _ = socket.recv_fds(conn, 1, 2)
+                        try:
+                            worker.serve(_fd_channel(fds[0], fds[1]))
+                        finally:
+                            for fd in fds:
+                                os.close(fd)
                 except ConnectionError:
                     pass   # that client hung up as we wrote to it
                 except ProtocolError as exc:
