@@ -182,7 +182,7 @@ class RefCache:
         self.limit = cache_limit(directory, limit)
         self._memory: dict[str, _Entry] = {}
         self._pinned: frozenset = _NOTHING
-        self._checked: set = set()   # what missing() checked, not yet used
+        self._checked: frozenset = _NOTHING   # what missing() just checked
         self._damaged: list[str] = []
         self._damaged_total = 0
         self._trusted: dict[str, tuple] = {}  # ref -> key checked elsewhere
@@ -203,17 +203,16 @@ class RefCache:
         refs = list(refs)
         pinned = self._pinned = frozenset(refs)
         lacking = [r for r in refs if self._usable(r) is None]
-        self._checked = set(pinned.difference(lacking))
+        self._checked = pinned.difference(lacking) if lacking else pinned
         return lacking
 
     def get(self, ref: str) -> object:
         """The slice of ref, checked (see the module docstring); raises
         CacheEntryLost when it is damaged or gone."""
         entry = self._memory.get(ref)
+        checked, self._checked = self._checked, _NOTHING
         if entry is not None:
-            if entry.key is None or ref in self._checked:
-                # missing() stat-ed it for this use: one stat a slice.
-                self._checked.discard(ref)
+            if entry.key is None or ref in checked:
                 return entry.value
             try:
                 st = os.lstat(entry.path)
