@@ -379,6 +379,11 @@ class _Mailbox:
     def has_input(self) -> bool:
         return True
 
+    def computing(self) -> bool:
+        # A silent Dask worker is judged by the scheduler's heartbeats
+        # (the watcher), not from here.
+        return False
+
     def push(self, item: tuple) -> None:
         with self._lock:
             if self._closed:
@@ -624,7 +629,7 @@ class DaskLink:
         else:
             self.transport.exit = (reply["exit"], text)
             events += self.lost(f"the job called sys.exit "
-                                f"(exit status {reply['exit']})")
+                                f"(exit status {reply['exit']})", died=True)
         return events
 
     # --- from the session's watcher --------------------------------------
@@ -640,10 +645,11 @@ class DaskLink:
 
     # --- the end ---------------------------------------------------------
 
-    def lost(self, reason: str) -> list[Event]:
-        """The worker is gone: its LOST event, its tasks dropped."""
+    def lost(self, reason: str, died: bool | None = None) -> list[Event]:
+        """The worker is gone: its LOST event, its tasks dropped. `died`:
+        its process ended running a task (not: the scheduler lost it)."""
         self.alive = False
-        events = [Event(h, LOST, {"reason": reason}, [])
+        events = [Event(h, LOST, {"reason": reason, "died": bool(died)}, [])
                   for h in self.handles.values() if h.alive]
         for handle in self.handles.values():
             handle.alive = False

@@ -44,7 +44,7 @@ from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from . import protocol
-from .reduce import default_reduce
+from .reduce import ReduceTree
 from .runtime.cache import CacheLimitError, RefCache
 from .runtime.worker import c_stdio_flush, tune_malloc
 
@@ -255,22 +255,21 @@ def _run(plugin: QjamfabPlugin, cache: RefCache, head: dict,
         mapfunc, reduce = plugin.job(head["func"])
         phase = "loading params"
         params = protocol.decode(params_parts)
-        reduce = reduce or default_reduce
+        # The run's fixed tree (reduce.ReduceTree), as on our own workers.
+        tree = ReduceTree(head["leaves"], reduce)
         refs = head["refs"]
-        phase = "mapfunc"
-        if refs is None:
-            value = mapfunc(params, None)
-        else:
-            value = None
-            for i, ref in enumerate(refs):
-                phase = "mapfunc"
+        for i, index in enumerate(head["slices"]):
+            phase = "mapfunc"
+            if refs is None:
+                piece = None
+            else:
                 with plugin.lock:
-                    piece = cache.get(ref)
-                result = mapfunc(params, piece)
-                phase = "reduce"
-                value = result if i == 0 else reduce(value, result)
+                    piece = cache.get(refs[i])
+            result = mapfunc(params, piece)
+            phase = "reduce"
+            tree.add(index, 1, result)
         phase = "pickling the result"
-        parts = _encode_result(value)
+        parts = _encode_result(tree.items())
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else \
             0 if exc.code is None else 1
