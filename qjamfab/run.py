@@ -139,6 +139,8 @@ class Run:
         self.tree: ReduceTree | None = None       # results, as they arrive
         self.shown: dict[int, int] = {}           # group -> slices on the bar
         self.held: dict[Link, list[_Task]] = {}   # done, at the agent
+        self.open_on: dict[Link, int] = {}        # open tasks per link
+        self.to_collect: set[Link] = set()        # links done with tasks
         self.collecting: dict[Link, list[_Task]] = {}
         self.slice_seconds: list[float] = []      # sorted, per slice
         self.kills: dict[int, list[str]] = {}
@@ -241,6 +243,8 @@ class Run:
         self.queued += bool(queue)
         queue.append(task)
         self.idle.discard(task.worker)
+        link = task.worker.link
+        self.open_on[link] = self.open_on.get(link, 0) + 1
 
     def _close(self, task: _Task) -> None:
         """The task is no longer open (finished, cancelled or lost)."""
@@ -253,6 +257,12 @@ class Run:
             queue[0].started = time.monotonic()   # the next starts now
         if not queue and task.worker.alive:
             self.idle.add(task.worker)
+        link = task.worker.link
+        self.open_on[link] -= 1
+        if not self.open_on[link] and self.held.get(link):
+            # Its last open task ended (done, cancelled, moved or lost):
+            # what it holds can be combined now.
+            self.to_collect.add(link)
 
     def _send_failed(self, handle: WorkerHandle, exc: WorkerLost) -> None:
         """A send to the worker failed: it is lost, handled as if its
@@ -270,6 +280,11 @@ class Run:
             event = self.inbox.next_event(tick)
             if event is not None:
                 self._event(event)
+            while self.to_collect:
+                link = self.to_collect.pop()
+                if link.alive and self.held.get(link) \
+                        and not self.open_on[link]:
+                    self._ask_collect(link)
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + tick
                 self._check_heartbeats()
@@ -393,9 +408,8 @@ class Run:
         if not self._finished(task, head):
             return   # another copy won: no COLLECT names this one
         self.held.setdefault(link, []).append(task)
-        if not any(self.queues[h] for h in link.handles.values()
-                   if h in self.queues):
-            self._ask_collect(link)
+        if not self.open_on[link]:
+            self.to_collect.add(link)
 
     def _ask_collect(self, link: Link) -> None:
         """Have the agent combine the winners it holds into their nodes."""

@@ -62,7 +62,7 @@ class WorkerHandle:
                                   self.index if self.link.agent else 0,
                                   to=self.name)
         except WorkerLost as exc:
-            if not self.link.agent:
+            if not self.link.remote:
                 raise
             raise WorkerLost(f"worker {self.name} is unreachable ({exc})",
                              worker=self.name) from exc

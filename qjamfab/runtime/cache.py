@@ -338,8 +338,9 @@ class RefCache:
             offsets.append(_aligned(offsets[-1] + n))
         size = offsets.pop()
         if not to_disk or not self._make_room(ref, size):
-            return self._keep_in_memory(
-                ref, [reader.read_part(n) for n in lengths], load)
+            parts = [reader.read_part(n) for n in lengths]
+            _check_pickle(ref, parts[0][:2] if parts else b"")
+            return self.keep_in_memory(ref, parts, load)
         path = self._path(ref)
         tmp = f"{path}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | _NOFOLLOW
@@ -365,6 +366,8 @@ class RefCache:
                 digests = [d.result() for d in digests]
             seal = _seal(ref, count, lengths_raw, digests)
             digests = []
+            _check_pickle(ref, bytes(written[offsets[0]:offsets[0] + 2])
+                          if lengths else b"")
             written.release()
             os.pwrite(fd, seal, _SEAL_AT)
             st = os.fstat(fd)
@@ -413,10 +416,10 @@ class RefCache:
               f"{ref} arrived ({exc.strerror}): kept in memory only; free "
               "space there to cache slices on disk", file=sys.stderr,
               flush=True)
-        return self._keep_in_memory(ref, parts, load)
+        return self.keep_in_memory(ref, parts, load)
 
-    def _keep_in_memory(self, ref: str, parts: list, load: bool = True
-                        ) -> list | None:
+    def keep_in_memory(self, ref: str, parts: list, load: bool = True
+                       ) -> list | None:
         """The slice in memory only; its raw parts back without `load`."""
         if not load:
             return parts
@@ -614,6 +617,15 @@ def _touch(path: str) -> None:
     touch = _utimensat()
     if touch is not None:
         touch(path)
+
+
+def _check_pickle(ref: str, start: bytes) -> None:
+    """A slice's payload is a protocol 5 pickle stream (protocol.encode):
+    refuse one that is not, before it is stored or passed on. (It is
+    unpickled only where it is used.)"""
+    if start != b"\x80\x05":
+        raise ValueError(f"the payload sent for slice {ref} is not a pickle "
+                         "stream of protocol 5")
 
 
 def _write_padded(fd: int, data: bytes, pad: int | None = None) -> int:

@@ -372,9 +372,15 @@ class Worker:
         ref = head["ref"]
         try:
             if lengths:
-                self.cache.receive(ref, lengths, channel.reader,
-                                   channel.read_fd,
-                                   to_disk=not head.get("memory"))
+                # Stored, not unpickled: a slice this Python cannot load (a
+                # module it lacks) is the task's error, at its first use.
+                parts = self.cache.receive(ref, lengths, channel.reader,
+                                           channel.read_fd, load=False,
+                                           to_disk=not head.get("memory"))
+                if parts is None:   # sealed just now: no need to hash again
+                    self.cache.trust(ref, self.cache.file_key(ref))
+                else:
+                    self.cache.keep_in_memory(ref, parts)
             else:   # the agent stored and sealed it for us
                 self.cache.trust(ref, head["stored"])
         except (EOFError, OSError, ProtocolError):
