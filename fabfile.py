@@ -9,6 +9,7 @@ string (``fab -H a,b run "examples/sum_matrix.py 200"``): Fabric treats the
 words after ``--`` as a shell command for the hosts (and fails on them
 with a task: this file makes that failure a one-line hint).
 """
+
 import sys
 
 from qjamfab.tasks import fab_hint_excepthook, ns  # noqa: F401

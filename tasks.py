@@ -3,4 +3,5 @@
 The tasks live in `qjamfab.tasks` (the same Collection serves ``fab`` through
 fabfile.py and the installed ``qjamfab`` program).
 """
+
 from qjamfab.tasks import ns  # noqa: F401

@@ -12,6 +12,7 @@ Each starts and stops its own private OpenSSH servers on 127.0.0.x
 benchmark and the targets met or not, `results.json` and PNG plots in the
 output directory (benchmarks/results/ for the full suite).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,35 +22,40 @@ import traceback
 
 NAMES = ("sae", "overhead", "transfer", "memory", "bootstrap", "scale")
 TITLES = {
-    "sae": "1. Sparse autoencoder (mean seconds per iteration, speed-up vs "
-           "serial)",
+    "sae": "1. Sparse autoencoder (mean seconds per iteration, speed-up vs serial)",
     "overhead": "2. Overhead of a trivial run with cached data",
     "transfer": "3. Transfer of a float64 dataset over SSH",
     "memory": "4. Peak memory vs dataset size",
     "bootstrap": "5. Bootstrap of 3 SSH hosts",
     "scale": "6. Many hosts and workers per host on stock sshds",
 }
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                           "results")
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def run_suite(scale: str = "full", only: list[str] | None = None,
-              out_dir: str | None = None, log=print,
-              merge: bool = True) -> dict:
+def run_suite(
+    scale: str = "full",
+    only: list[str] | None = None,
+    out_dir: str | None = None,
+    log=print,
+    merge: bool = True,
+) -> dict:
     """Run the benchmarks named in `only` (default: all) at `scale`
     ("full", "quick" or "tiny"); write results.json and the plots to
     out_dir (merging into an earlier results.json there when `merge`).
     Returns the results dict. BLAS threads should be limited before numpy
     is imported (`common.one_blas_thread`; `python -m benchmarks` does)."""
     from . import common
+
     common.one_blas_thread()
     names = list(only or NAMES)
     unknown = [n for n in names if n not in NAMES]
     if unknown:
-        raise ValueError(f"unknown benchmark {unknown[0]!r}: choose from "
-                         f"{', '.join(NAMES)}")
-    out_dir = out_dir or (RESULTS_DIR if scale == "full"
-                          else os.path.join(RESULTS_DIR, scale))
+        raise ValueError(
+            f"unknown benchmark {unknown[0]!r}: choose from {', '.join(NAMES)}"
+        )
+    out_dir = out_dir or (
+        RESULTS_DIR if scale == "full" else os.path.join(RESULTS_DIR, scale)
+    )
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "results.json")
     results = {}
@@ -70,8 +76,7 @@ def run_suite(scale: str = "full", only: list[str] | None = None,
         try:
             result = module.run(scale_obj, log=log)
         except Exception:
-            result = {"error": traceback.format_exc(), "targets": [],
-                      "table": "FAILED"}
+            result = {"error": traceback.format_exc(), "targets": [], "table": "FAILED"}
             log(result["error"])
         result["seconds"] = time.perf_counter() - started
         # This machine may be shared: the load average around each benchmark
@@ -81,17 +86,21 @@ def run_suite(scale: str = "full", only: list[str] | None = None,
         # On a VM, time the hypervisor took from its cores.
         result["steal_s"] = common.steal_seconds() - steal_before
         result["busy_other_processes"] = common.busy_others(
-            0.5 if scale == "full" else 0.1)
+            0.5 if scale == "full" else 0.1
+        )
         result["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         results["benchmarks"][name] = result
         log(result.get("table", ""))
         for t in result.get("targets", []):
             log(format_target(t))
-        log(f"({name}: {result['seconds']:.1f} s; CPU stolen by the "
-            f"hypervisor meanwhile: {result['steal_s']:.2f} s)\n")
+        log(
+            f"({name}: {result['seconds']:.1f} s; CPU stolen by the "
+            f"hypervisor meanwhile: {result['steal_s']:.2f} s)\n"
+        )
     with open(path, "w") as f:
         json.dump(results, f, indent=1, default=float)
     from . import plots
+
     try:
         results["plots"] = plots.write_all(results, out_dir)
     except ImportError as exc:
@@ -106,16 +115,19 @@ def run_suite(scale: str = "full", only: list[str] | None = None,
 def format_target(t: dict) -> str:
     mark = "met    " if t["met"] else "NOT MET"
     note = f" ({t['note']})" if t.get("note") else ""
-    return (f"  [{mark}] {t['target']}: {t['measured']} {t['unit']} "
-            f"(goal {t['goal']}){note}")
+    return (
+        f"  [{mark}] {t['target']}: {t['measured']} {t['unit']} "
+        f"(goal {t['goal']}){note}"
+    )
 
 
 def summary(results: dict) -> str:
     lines = ["== Targets =="]
     for name, result in results.get("benchmarks", {}).items():
         if result.get("error"):
-            lines.append(f"  [FAILED ] {name}: "
-                         f"{result['error'].strip().splitlines()[-1]}")
+            lines.append(
+                f"  [FAILED ] {name}: {result['error'].strip().splitlines()[-1]}"
+            )
         if result.get("skipped"):
             lines.append(f"  [SKIPPED] {name}: {result['skipped']}")
         lines += [format_target(t) for t in result.get("targets", [])]

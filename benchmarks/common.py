@@ -1,5 +1,6 @@
 """What every benchmark shares: scales, BLAS threads, private SSH hosts,
 a private QJAMFAB_HOME, statistics, /proc readers and targets."""
+
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,13 @@ import time
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-             "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+BLAS_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
 
 
 #: every private directory (QJAMFAB_HOME, sshd servers) a benchmark made in
@@ -31,7 +37,7 @@ def one_blas_thread() -> None:
         os.environ[name] = "1"
 
 
-if ROOT not in sys.path:   # tests.sshd_hosts, and the examples/ folder
+if ROOT not in sys.path:  # tests.sshd_hosts, and the examples/ folder
     sys.path.insert(0, ROOT)
 
 
@@ -39,9 +45,10 @@ if ROOT not in sys.path:   # tests.sshd_hosts, and the examples/ folder
 class Scale:
     """How big each benchmark runs. `full` is the measured suite, `quick`
     a one-minute look, `tiny` the test suite's smoke run."""
+
     name: str
     sae_sizes: tuple
-    sae_evals: dict          # patches -> L-BFGS evaluations timed
+    sae_evals: dict  # patches -> L-BFGS evaluations timed
     overhead_workers: tuple
     overhead_runs: int
     echo_rounds: int
@@ -49,23 +56,55 @@ class Scale:
     transfer_repeats: int
     memory_mib: tuple
     bootstrap_rounds: int
-    bootstrap_all: bool = True   # both remote Pythons, and Master ready
-    extras: bool = True          # extra rows: 2-host transfer
+    bootstrap_all: bool = True  # both remote Pythons, and Master ready
+    extras: bool = True  # extra rows: 2-host transfer
 
 
 SCALES = {
-    "full": Scale("full", (1_000, 10_000, 100_000),
-                  {1_000: 80, 10_000: 50, 100_000: 30}, (1, 2, 4, 8),
-                  2000, 3000, (25, 100, 400), 3, (64, 256, 1024), 5),
-    "quick": Scale("quick", (1_000, 10_000), {1_000: 20, 10_000: 10},
-                   (1, 2), 300, 500, (4, 16), 1, (16,), 1,
-                   bootstrap_all=False),
-    "tiny": Scale("tiny", (600,), {600: 4}, (1, 2), 30, 50, (1,), 1, (4,),
-                  1, bootstrap_all=False, extras=False),
+    "full": Scale(
+        "full",
+        (1_000, 10_000, 100_000),
+        {1_000: 80, 10_000: 50, 100_000: 30},
+        (1, 2, 4, 8),
+        2000,
+        3000,
+        (25, 100, 400),
+        3,
+        (64, 256, 1024),
+        5,
+    ),
+    "quick": Scale(
+        "quick",
+        (1_000, 10_000),
+        {1_000: 20, 10_000: 10},
+        (1, 2),
+        300,
+        500,
+        (4, 16),
+        1,
+        (16,),
+        1,
+        bootstrap_all=False,
+    ),
+    "tiny": Scale(
+        "tiny",
+        (600,),
+        {600: 4},
+        (1, 2),
+        30,
+        50,
+        (1,),
+        1,
+        (4,),
+        1,
+        bootstrap_all=False,
+        extras=False,
+    ),
 }
 
 
 # --- statistics -----------------------------------------------------------
+
 
 def percentile(values, q: float) -> float:
     """The q-th percentile (0..100), nearest rank."""
@@ -79,19 +118,30 @@ def percentile(values, q: float) -> float:
 def summary_ms(seconds) -> dict:
     """median / p99 / mean / min of durations in seconds, as ms."""
     seconds = list(seconds)
-    return {"median_ms": statistics.median(seconds) * 1e3,
-            "p99_ms": percentile(seconds, 99) * 1e3,
-            "mean_ms": statistics.fmean(seconds) * 1e3,
-            "min_ms": min(seconds) * 1e3, "n": len(seconds)}
+    return {
+        "median_ms": statistics.median(seconds) * 1e3,
+        "p99_ms": percentile(seconds, 99) * 1e3,
+        "mean_ms": statistics.fmean(seconds) * 1e3,
+        "min_ms": min(seconds) * 1e3,
+        "n": len(seconds),
+    }
 
 
-def target(name: str, goal: str, measured: float, unit: str, met: bool,
-           note: str = "") -> dict:
-    return {"target": name, "goal": goal, "measured": measured,
-            "unit": unit, "met": bool(met), "note": note}
+def target(
+    name: str, goal: str, measured: float, unit: str, met: bool, note: str = ""
+) -> dict:
+    return {
+        "target": name,
+        "goal": goal,
+        "measured": measured,
+        "unit": unit,
+        "met": bool(met),
+        "note": note,
+    }
 
 
 # --- /proc --------------------------------------------------------------------
+
 
 def proc_status(pid: int | str = "self") -> dict[str, int]:
     """The kB fields of /proc/<pid>/status (VmHWM, VmRSS, RssAnon, ...),
@@ -128,6 +178,7 @@ def steal_seconds() -> float:
 def busy_others(window: float = 0.5) -> list[str]:
     """Processes outside this process tree that used > 20% of a core over
     `window` seconds: who else is competing for the cores right now."""
+
     def ticks():
         out = {}
         for pid in os.listdir("/proc"):
@@ -135,18 +186,18 @@ def busy_others(window: float = 0.5) -> list[str]:
                 try:
                     with open(f"/proc/{pid}/stat", "rb") as f:
                         stat = f.read()
-                    fields = stat[stat.rindex(b")") + 2:].split()
-                    out[int(pid)] = (int(fields[11]) + int(fields[12]),
-                                     int(fields[1]))
+                    fields = stat[stat.rindex(b")") + 2 :].split()
+                    out[int(pid)] = (int(fields[11]) + int(fields[12]), int(fields[1]))
                 except (OSError, ValueError, IndexError):
                     pass
         return out
+
     first = ticks()
     time.sleep(window)
     second = ticks()
     mine = {os.getpid()}
     changed = True
-    while changed:   # this process's descendants
+    while changed:  # this process's descendants
         changed = False
         for pid, (_, ppid) in second.items():
             if ppid in mine and pid not in mine:
@@ -168,38 +219,46 @@ def busy_others(window: float = 0.5) -> list[str]:
 
 def machine() -> dict:
     import numpy
-    info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "cores": os.cpu_count(), "python": platform.python_version(),
-            "numpy": numpy.__version__, "platform": platform.platform(),
-            "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-            "loadavg": loadavg()}
+
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "loadavg": loadavg(),
+    }
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
                     info["cpu"] = line.split(":", 1)[1].strip()
                     break
-        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE")
-                                   * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+        info["memory_gib"] = round(
+            os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1
+        )
     except (OSError, ValueError):
         pass
     try:
-        import paramiko
         import cloudpickle
+        import paramiko
+
         info["paramiko"] = paramiko.__version__
         info["cloudpickle"] = cloudpickle.__version__
     except ImportError:
         pass
     try:
         info["openssh"] = subprocess.run(
-            ["ssh", "-V"], capture_output=True, text=True,
-            timeout=10).stderr.strip()
+            ["ssh", "-V"], capture_output=True, text=True, timeout=10
+        ).stderr.strip()
     except (OSError, subprocess.SubprocessError):
         pass
     return info
 
 
 # --- environment of a benchmark ------------------------------------------------
+
 
 @contextlib.contextmanager
 def env(**values):
@@ -235,6 +294,7 @@ def local_home():
 def sshd_missing() -> str:
     """Why SSH benchmarks cannot run here ("" when they can)."""
     from tests.sshd_hosts import sshd_available
+
     if sshd_available() is None:
         return "OpenSSH sshd is not installed (apt-get install openssh-server)"
     return ""
@@ -256,6 +316,7 @@ def ssh_hosts(k: int, *, one_thread_python: bool = True):
     the servers with everything under them."""
     from qjamfab import cluster, hostspec
     from tests.sshd_hosts import SshdHosts
+
     servers = SshdHosts(k, log_level="ERROR")
     USED_DIRS.append(servers.dir)
     try:
@@ -264,13 +325,15 @@ def ssh_hosts(k: int, *, one_thread_python: bool = True):
             f.write(_WRAPPER.format(python=sys.executable))
         os.chmod(wrapper, 0o700)
         python = wrapper if one_thread_python else None
-        with env(QJAMFAB_REMOTE_PYTHON=python, QJAMFAB_SSH_CONFIG=None,
-                 QJAMFAB_HOSTS=None):
+        with env(
+            QJAMFAB_REMOTE_PYTHON=python, QJAMFAB_SSH_CONFIG=None, QJAMFAB_HOSTS=None
+        ):
             try:
                 yield servers
             finally:
-                cluster.stop_workers(hostspec.parse_hosts(servers.aliases),
-                                     ssh_config=servers.ssh_config)
+                cluster.stop_workers(
+                    hostspec.parse_hosts(servers.aliases), ssh_config=servers.ssh_config
+                )
     finally:
         servers.stop()
 

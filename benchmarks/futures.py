@@ -25,6 +25,7 @@ writes `futures.json` in DIR (default benchmarks/results/, or
 benchmarks/results/<scale>/). Not in `python -m benchmarks`' default
 suite (its tiny run is part of the test suite).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,12 +37,22 @@ import statistics
 import sys
 import time
 
-from .common import (Scale, local_home, machine, one_blas_thread, ssh_hosts,
-                     sshd_missing, target)
+from .common import (
+    Scale,
+    local_home,
+    machine,
+    one_blas_thread,
+    ssh_hosts,
+    sshd_missing,
+    target,
+)
 
 # scale -> (trivial items, 10 ms items, rounds of trivial, rounds of 10 ms)
-SIZES = {"full": (10_000, 200, 6, 4), "quick": (10_000, 200, 2, 1),
-         "tiny": (1_000, 20, 1, 1)}
+SIZES = {
+    "full": (10_000, 200, 6, 4),
+    "quick": (10_000, 200, 2, 1),
+    "tiny": (1_000, 20, 1, 1),
+}
 
 
 def trivial(x):
@@ -66,16 +77,18 @@ def contenders(log=print):
     import joblib
 
     from qjamfab import Master
+
     with contextlib.ExitStack() as stack:
         out = {}
         pool = stack.enter_context(ProcessPoolExecutor(2))
-        out["ProcessPoolExecutor(2)"] = lambda fn, items: list(
-            pool.map(fn, items))
+        out["ProcessPoolExecutor(2)"] = lambda fn, items: list(pool.map(fn, items))
         out["ProcessPoolExecutor(2), chunksize n/8"] = lambda fn, items: list(
-            pool.map(fn, items, chunksize=math.ceil(len(items) / 8)))
+            pool.map(fn, items, chunksize=math.ceil(len(items) / 8))
+        )
         loky = stack.enter_context(joblib.Parallel(n_jobs=2, backend="loky"))
         out["joblib loky (2)"] = lambda fn, items: loky(
-            joblib.delayed(fn)(x) for x in items)
+            joblib.delayed(fn)(x) for x in items
+        )
         stack.enter_context(local_home())
         local = stack.enter_context(Master("local:2"))
         out["qjamfab local 2"] = lambda fn, items: list(local.map(fn, items))
@@ -84,12 +97,13 @@ def contenders(log=print):
             log(f"  futures: no SSH rows ({why_not})")
         else:
             servers = stack.enter_context(ssh_hosts(2))
-            remote = stack.enter_context(Master(
-                servers.aliases, workers_per_host=1,
-                ssh_config=servers.ssh_config))
-            out["qjamfab ssh 2"] = lambda fn, items: list(
-                remote.map(fn, items))
-        for name, run in out.items():   # warm: processes, imports, jobs
+            remote = stack.enter_context(
+                Master(
+                    servers.aliases, workers_per_host=1, ssh_config=servers.ssh_config
+                )
+            )
+            out["qjamfab ssh 2"] = lambda fn, items: list(remote.map(fn, items))
+        for name, run in out.items():  # warm: processes, imports, jobs
             for fn in WORKLOADS.values():
                 assert run(fn, list(range(16))) == list(range(16)), name
         yield out
@@ -103,38 +117,52 @@ def measure(scale_name: str, log=print) -> dict:
         for workload, (n, rounds) in plan.items():
             fn = WORKLOADS[workload]
             for r in range(rounds):
-                items = list(range(r * n, (r + 1) * n))   # fresh data
+                items = list(range(r * n, (r + 1) * n))  # fresh data
                 for name, run in runners.items():
                     started = time.perf_counter()
                     got = run(fn, items)
                     seconds = time.perf_counter() - started
                     assert got == items, name
-                    times.setdefault(workload, {}).setdefault(
-                        name, []).append(seconds)
-                    log(f"  futures {workload:>7} x{n} {name:>38}: "
-                        f"{seconds:.3f} s")
-    rows = {w: {name: {"median_s": statistics.median(t), "min_s": min(t),
-                       "max_s": max(t), "n": len(t)}
-                for name, t in by_name.items()}
-            for w, by_name in times.items()}
+                    times.setdefault(workload, {}).setdefault(name, []).append(seconds)
+                    log(f"  futures {workload:>7} x{n} {name:>38}: {seconds:.3f} s")
+    rows = {
+        w: {
+            name: {
+                "median_s": statistics.median(t),
+                "min_s": min(t),
+                "max_s": max(t),
+                "n": len(t),
+            }
+            for name, t in by_name.items()
+        }
+        for w, by_name in times.items()
+    }
     return {"rows": rows, "sizes": {w: plan[w][0] for w in plan}}
 
 
 def table(result: dict) -> str:
     from qjamfab.tasks import render_table
+
     lines = []
     for workload, by_name in result["rows"].items():
         pool = by_name["ProcessPoolExecutor(2), chunksize n/8"]["median_s"]
         pool1 = by_name["ProcessPoolExecutor(2)"]["median_s"]
         for name, row in by_name.items():
-            lines.append([f"{workload} x{result['sizes'][workload]}", name,
-                          f"{row['median_s']:.3f}",
-                          f"{row['min_s']:.3f}-{row['max_s']:.3f}",
-                          f"{row['median_s'] / pool:.2f}x",
-                          f"{row['median_s'] / pool1:.2f}x"])
-    return render_table(["items", "what", "median s", "range s",
-                         "vs pool n/8", "vs pool chunksize=1"], lines,
-                        "llrrrr")
+            lines.append(
+                [
+                    f"{workload} x{result['sizes'][workload]}",
+                    name,
+                    f"{row['median_s']:.3f}",
+                    f"{row['min_s']:.3f}-{row['max_s']:.3f}",
+                    f"{row['median_s'] / pool:.2f}x",
+                    f"{row['median_s'] / pool1:.2f}x",
+                ]
+            )
+    return render_table(
+        ["items", "what", "median s", "range s", "vs pool n/8", "vs pool chunksize=1"],
+        lines,
+        "llrrrr",
+    )
 
 
 def targets(result: dict) -> list[dict]:
@@ -148,14 +176,20 @@ def targets(result: dict) -> list[dict]:
             if row is None:
                 continue
             ratio = row["median_s"] / pool
-            out.append(target(
-                f"map of {result['sizes'][workload]} {workload} items, "
-                f"2 {kind.upper() if kind == 'ssh' else kind} workers vs "
-                "ProcessPoolExecutor(2)", f"<= {goal}x", round(ratio, 2),
-                "x", ratio <= goal,
-                f"{row['median_s']:.3f} s vs {pool:.3f} s (pool with "
-                "chunksize n/8; its default chunksize=1: "
-                f"{by_name['ProcessPoolExecutor(2)']['median_s']:.3f} s)"))
+            out.append(
+                target(
+                    f"map of {result['sizes'][workload]} {workload} items, "
+                    f"2 {kind.upper() if kind == 'ssh' else kind} workers vs "
+                    "ProcessPoolExecutor(2)",
+                    f"<= {goal}x",
+                    round(ratio, 2),
+                    "x",
+                    ratio <= goal,
+                    f"{row['median_s']:.3f} s vs {pool:.3f} s (pool with "
+                    "chunksize n/8; its default chunksize=1: "
+                    f"{by_name['ProcessPoolExecutor(2)']['median_s']:.3f} s)",
+                )
+            )
     return out
 
 
@@ -169,15 +203,19 @@ def run(scale: Scale, log=print) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from . import format_target
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.futures",
-                                     description=__doc__.splitlines()[0])
+
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.futures", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--scale", choices=sorted(SIZES), default="full")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     one_blas_thread()
     from . import RESULTS_DIR
-    out_dir = args.out or (RESULTS_DIR if args.scale == "full"
-                           else os.path.join(RESULTS_DIR, args.scale))
+
+    out_dir = args.out or (
+        RESULTS_DIR if args.scale == "full" else os.path.join(RESULTS_DIR, args.scale)
+    )
     os.makedirs(out_dir, exist_ok=True)
     result = measure(args.scale)
     result["table"] = table(result)

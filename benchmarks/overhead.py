@@ -22,6 +22,7 @@ SSH open at once and timed in alternating blocks (`paired`). This shared
 2-core VM has slower spells that last seconds; timing each in its own
 stretch can skew a ratio by 30 %.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,15 @@ import time
 
 import numpy as np
 
-from .common import (Scale, local_home, ssh_hosts, ssh_layout, sshd_missing,
-                     summary_ms, target)
+from .common import (
+    Scale,
+    local_home,
+    ssh_hosts,
+    ssh_layout,
+    sshd_missing,
+    summary_ms,
+    target,
+)
 
 SLICES_PER_WORKER = 4
 ROWS_PER_SLICE = 16
@@ -45,6 +53,7 @@ def trivial(params, rows):
 
 def _dataset(workers: int):
     from qjamfab import DataSet
+
     n = workers * SLICES_PER_WORKER * ROWS_PER_SLICE
     return DataSet(np.arange(n * 8, dtype=np.float64).reshape(n, 8))
 
@@ -88,6 +97,7 @@ def pool_runner(workers: int):
     tasks = [(1, list(range(k * per, (k + 1) * per))) for k in range(workers)]
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(workers, initializer=_pool_init, initargs=(slices,)) as pool:
+
         def runs(n: int) -> list[float]:
             out = []
             for _ in range(n):
@@ -95,7 +105,8 @@ def pool_runner(workers: int):
                 sum(pool.map(_pool_task, tasks, chunksize=1))
                 out.append(time.perf_counter() - started)
             return out
-        runs(20)   # warm-up
+
+        runs(20)  # warm-up
         yield runs
 
 
@@ -111,6 +122,7 @@ def master_runner(master, workers: int):
 
     def runs(n: int) -> list[float]:
         return time_runs(master, dataset, n, warmup=0)
+
     return runs
 
 
@@ -119,15 +131,26 @@ def paired(servers, workers: int, runs: int, rounds: int = 8) -> dict:
     in alternating blocks, so that their ratio is not skewed by a slower
     spell of this shared machine: {name: summary_ms}."""
     from qjamfab import Master
+
     names = ("multiprocessing.Pool", "qjamfab local", "qjamfab ssh")
     times: dict[str, list[float]] = {name: [] for name in names}
     k, per_host = ssh_layout(workers)
-    with pool_runner(workers) as pool, local_home(), \
-            Master(f"local:{workers}") as local, \
-            Master(servers.aliases[:k], workers_per_host=per_host,
-                   ssh_config=servers.ssh_config) as remote:
-        runners = dict(zip(names, (pool, master_runner(local, workers),
-                                   master_runner(remote, workers))))
+    with (
+        pool_runner(workers) as pool,
+        local_home(),
+        Master(f"local:{workers}") as local,
+        Master(
+            servers.aliases[:k],
+            workers_per_host=per_host,
+            ssh_config=servers.ssh_config,
+        ) as remote,
+    ):
+        runners = dict(
+            zip(
+                names,
+                (pool, master_runner(local, workers), master_runner(remote, workers)),
+            )
+        )
         block = max(1, runs // rounds)
         for _ in range(rounds):
             for name, timed in runners.items():
@@ -136,6 +159,7 @@ def paired(servers, workers: int, runs: int, rounds: int = 8) -> dict:
 
 
 # --- echo round trips -----------------------------------------------------------
+
 
 def _echo(send, recv, rounds: int, size: int = 100) -> list[float]:
     message = os.urandom(size)
@@ -151,9 +175,9 @@ def _echo(send, recv, rounds: int, size: int = 100) -> list[float]:
     return out
 
 
-def time_paramiko_echo(alias: str, ssh_config: str, rounds: int
-                       ) -> list[float]:
+def time_paramiko_echo(alias: str, ssh_config: str, rounds: int) -> list[float]:
     from qjamfab import hosts
+
     conn = hosts.connect(alias, ssh_config=ssh_config)
     try:
         channel = conn.client.get_transport().open_session()
@@ -167,12 +191,12 @@ def time_paramiko_echo(alias: str, ssh_config: str, rounds: int
 
 
 def time_pipe_echo(rounds: int) -> list[float]:
-    proc = subprocess.Popen(["cat"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, bufsize=0)
+    proc = subprocess.Popen(
+        ["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+    )
     try:
         fd_in, fd_out = proc.stdin.fileno(), proc.stdout.fileno()
-        return _echo(lambda b: os.write(fd_in, b),
-                     lambda n: os.read(fd_out, n), rounds)
+        return _echo(lambda b: os.write(fd_in, b), lambda n: os.read(fd_out, n), rounds)
     finally:
         proc.stdin.close()
         proc.wait(5)
@@ -181,23 +205,31 @@ def time_pipe_echo(rounds: int) -> list[float]:
 
 # --- the benchmark ----------------------------------------------------------------
 
+
 def run(scale: Scale, log=print) -> dict:
     from qjamfab import Master
+
     rows: dict[str, dict] = {}
 
     def record(name: str, seconds: list[float], **extra) -> None:
         rows[name] = {**summary_ms(seconds), **extra}
-        log(f"  overhead {name:>26}: median {rows[name]['median_ms']:.3f} ms,"
-            f" p99 {rows[name]['p99_ms']:.3f} ms")
+        log(
+            f"  overhead {name:>26}: median {rows[name]['median_ms']:.3f} ms,"
+            f" p99 {rows[name]['p99_ms']:.3f} ms"
+        )
 
     with local_home():
         for n in scale.overhead_workers:
             with Master(f"local:{n}") as m:
-                record(f"qjamfab local {n}", time_runs(
-                    m, _dataset(n), scale.overhead_runs), workers=n)
+                record(
+                    f"qjamfab local {n}",
+                    time_runs(m, _dataset(n), scale.overhead_runs),
+                    workers=n,
+                )
     for n in scale.overhead_workers:
-        record(f"multiprocessing.Pool {n}", time_pool(n, scale.overhead_runs),
-               workers=n)
+        record(
+            f"multiprocessing.Pool {n}", time_pool(n, scale.overhead_runs), workers=n
+        )
     record("local pipe echo 100 B", time_pipe_echo(scale.echo_rounds))
     why_not = sshd_missing()
     pairs: dict[str, dict] = {}
@@ -206,17 +238,30 @@ def run(scale: Scale, log=print) -> dict:
         layouts = {n: ssh_layout(n, max_hosts) for n in scale.overhead_workers}
         with ssh_hosts(max(h for h, _ in layouts.values())) as servers:
             for n, (k, per_host) in layouts.items():
-                with Master(servers.aliases[:k], workers_per_host=per_host,
-                            ssh_config=servers.ssh_config) as m:
-                    record(f"qjamfab ssh {n}", time_runs(
-                        m, _dataset(n), scale.overhead_runs), workers=n,
-                        hosts=k, workers_per_host=per_host)
-            record("paramiko echo 100 B", time_paramiko_echo(
-                servers.aliases[0], servers.ssh_config, scale.echo_rounds))
+                with Master(
+                    servers.aliases[:k],
+                    workers_per_host=per_host,
+                    ssh_config=servers.ssh_config,
+                ) as m:
+                    record(
+                        f"qjamfab ssh {n}",
+                        time_runs(m, _dataset(n), scale.overhead_runs),
+                        workers=n,
+                        hosts=k,
+                        workers_per_host=per_host,
+                    )
+            record(
+                "paramiko echo 100 B",
+                time_paramiko_echo(
+                    servers.aliases[0], servers.ssh_config, scale.echo_rounds
+                ),
+            )
             pairs = paired(servers, 2, scale.overhead_runs)
             for name, row in pairs.items():
-                log(f"  overhead {'paired ' + name + ' 2':>26}: median "
-                    f"{row['median_ms']:.3f} ms, p99 {row['p99_ms']:.3f} ms")
+                log(
+                    f"  overhead {'paired ' + name + ' 2':>26}: median "
+                    f"{row['median_ms']:.3f} ms, p99 {row['p99_ms']:.3f} ms"
+                )
     ratios = {}
     for n in scale.overhead_workers:
         pool = rows[f"multiprocessing.Pool {n}"]["median_ms"]
@@ -227,20 +272,26 @@ def run(scale: Scale, log=print) -> dict:
             row["vs_pool"] = row["median_ms"] / pool
             if "paramiko echo 100 B" in rows and kind == "ssh":
                 row["vs_paramiko_echo"] = (
-                    row["median_ms"] / rows["paramiko echo 100 B"]["median_ms"])
+                    row["median_ms"] / rows["paramiko echo 100 B"]["median_ms"]
+                )
             row["vs_pipe_echo"] = (
-                row["median_ms"] / rows["local pipe echo 100 B"]["median_ms"])
-            ratios[f"{kind} {n}"] = {k: row[k] for k in row
-                                     if k.startswith("vs_")}
-    out = {"rows": rows, "ratios": ratios, "ssh_skipped": why_not,
-           "paired_2_workers": pairs,
-           "table": table(rows, scale.overhead_workers)}
+                row["median_ms"] / rows["local pipe echo 100 B"]["median_ms"]
+            )
+            ratios[f"{kind} {n}"] = {k: row[k] for k in row if k.startswith("vs_")}
+    out = {
+        "rows": rows,
+        "ratios": ratios,
+        "ssh_skipped": why_not,
+        "paired_2_workers": pairs,
+        "table": table(rows, scale.overhead_workers),
+    }
     out["targets"] = targets(pairs)
     return out
 
 
 def table(rows: dict, workers) -> str:
     from qjamfab.display import render_table
+
     lines = []
     for name, row in rows.items():
         ratio = []
@@ -250,10 +301,12 @@ def table(rows: dict, workers) -> str:
             ratio.append(f"{row['vs_paramiko_echo']:.1f}x paramiko echo")
         if "vs_pipe_echo" in row:
             ratio.append(f"{row['vs_pipe_echo']:.1f}x pipe echo")
-        lines.append([name, f"{row['median_ms']:.3f}", f"{row['p99_ms']:.3f}",
-                      ", ".join(ratio)])
-    return render_table(["what", "median ms", "p99 ms", "ratio (medians)"],
-                        lines, "lrrl")
+        lines.append(
+            [name, f"{row['median_ms']:.3f}", f"{row['p99_ms']:.3f}", ", ".join(ratio)]
+        )
+    return render_table(
+        ["what", "median ms", "p99 ms", "ratio (medians)"], lines, "lrrl"
+    )
 
 
 def targets(pairs: dict) -> list[dict]:
@@ -263,12 +316,23 @@ def targets(pairs: dict) -> list[dict]:
     ssh = pairs["qjamfab ssh"]
     pool = pairs["multiprocessing.Pool"]["median_ms"]
     local = pairs["qjamfab local"]["median_ms"]
-    return [target("trivial run, cached data, 2 SSH workers", "<= 0.35 ms",
-                   round(ssh["median_ms"], 3), "ms", ssh["median_ms"] <= 0.35,
-                   f"p99 {ssh['p99_ms']:.3f} ms; timed in alternating "
-                   "blocks with Pool and local"),
-            target("trivial run, 2 SSH workers vs multiprocessing.Pool",
-                   "<= 1.1x", round(ssh["median_ms"] / pool, 2), "x",
-                   ssh["median_ms"] / pool <= 1.1,
-                   f"Pool {pool:.3f} ms; 2 local workers {local:.3f} ms = "
-                   f"{local / pool:.2f}x Pool")]
+    return [
+        target(
+            "trivial run, cached data, 2 SSH workers",
+            "<= 0.35 ms",
+            round(ssh["median_ms"], 3),
+            "ms",
+            ssh["median_ms"] <= 0.35,
+            f"p99 {ssh['p99_ms']:.3f} ms; timed in alternating "
+            "blocks with Pool and local",
+        ),
+        target(
+            "trivial run, 2 SSH workers vs multiprocessing.Pool",
+            "<= 1.1x",
+            round(ssh["median_ms"] / pool, 2),
+            "x",
+            ssh["median_ms"] / pool <= 1.1,
+            f"Pool {pool:.3f} ms; 2 local workers {local:.3f} ms = "
+            f"{local / pool:.2f}x Pool",
+        ),
+    ]

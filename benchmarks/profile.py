@@ -19,6 +19,7 @@ under benchmarks/results/profile/:
 
 Nothing here changes qjamfab: the wrappers only time the calls.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,13 +46,14 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 # --- CPU per thread and process -------------------------------------------------
 
+
 def _cpu(path: str) -> float:
     try:
         with open(path, "rb") as f:
             stat = f.read()
     except OSError:
         return 0.0
-    fields = stat[stat.rindex(b")") + 2:].split()
+    fields = stat[stat.rindex(b")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
@@ -67,6 +69,7 @@ def cpu_snapshot(servers, worker_pids: dict[str, int]) -> dict[str, float]:
     """CPU seconds so far: master threads by name, sshd per host, workers."""
     snap: dict[str, float] = collections.defaultdict(float)
     import threading
+
     names = {t.native_id: t.name for t in threading.enumerate()}
     for tid in os.listdir("/proc/self/task"):
         name = names.get(int(tid)) or _comm(f"/proc/self/task/{tid}/comm")
@@ -94,29 +97,32 @@ def cpu_snapshot(servers, worker_pids: dict[str, int]) -> dict[str, float]:
                 snap["host python (relay etc.)"] += _cpu(f"/proc/{pid}/stat")
             else:
                 snap[f"host {comm}"] += _cpu(f"/proc/{pid}/stat")
-    for name, pid in worker_pids.items():
+    for pid in worker_pids.values():
         snap["worker daemons"] += _cpu(f"/proc/{pid}/stat")
     return snap
 
 
 def cpu_report(before: dict, after: dict, runs: int, wall: float) -> str:
-    keys = sorted(set(before) | set(after),
-                  key=lambda k: -(after.get(k, 0) - before.get(k, 0)))
-    lines = [f"CPU per run over {runs} runs ({wall / runs * 1e3:.3f} ms wall "
-             "per run); /proc utime+stime, clock ticks of "
-             f"{1e3 / TICK:.0f} ms, so only totals over many runs mean much",
-             f"{'where':44} {'ms CPU/run':>11} {'share of wall':>14}"]
+    keys = sorted(
+        set(before) | set(after), key=lambda k: -(after.get(k, 0) - before.get(k, 0))
+    )
+    lines = [
+        f"CPU per run over {runs} runs ({wall / runs * 1e3:.3f} ms wall "
+        "per run); /proc utime+stime, clock ticks of "
+        f"{1e3 / TICK:.0f} ms, so only totals over many runs mean much",
+        f"{'where':44} {'ms CPU/run':>11} {'share of wall':>14}",
+    ]
     total = 0.0
     for k in keys:
         d = after.get(k, 0) - before.get(k, 0)
         total += d
         lines.append(f"{k:44} {d / runs * 1e3:11.4f} {d / wall * 100:13.1f}%")
-    lines.append(f"{'total':44} {total / runs * 1e3:11.4f} "
-                 f"{total / wall * 100:13.1f}%")
+    lines.append(f"{'total':44} {total / runs * 1e3:11.4f} {total / wall * 100:13.1f}%")
     return "\n".join(lines)
 
 
 # --- phases: wrappers around the Master's steps ----------------------------------
+
 
 class Phases:
     def __init__(self):
@@ -135,6 +141,7 @@ class Phases:
             finally:
                 self.seconds[label] += time.perf_counter() - started
                 self.calls[label] += 1
+
         setattr(owner, attr, timed)
         self._undo.append((owner, attr, original))
 
@@ -142,18 +149,24 @@ class Phases:
         """Wrap the Master's steps (where this qjamfab has them: the code
         moves, so a missing step is skipped)."""
         import importlib
-        from qjamfab import master, serialize, scheduler
+
+        from qjamfab import master, scheduler, serialize
         from qjamfab.dataset import BaseDataSet
+
         run_mod = _optional("qjamfab.run") or master
         workers_mod = _optional("qjamfab.workers") or master
         Run = getattr(run_mod, "Run", None) or getattr(run_mod, "_Run", None)
-        Handle = (getattr(workers_mod, "WorkerHandle", None)
-                  or getattr(workers_mod, "_WorkerHandle", None))
+        Handle = getattr(workers_mod, "WorkerHandle", None) or getattr(
+            workers_mod, "_WorkerHandle", None
+        )
         del importlib
         steps = [
             (serialize, "job_functions", "serialize.job_functions"),
-            (serialize, "encode_job", "serialize.encode_job (cloudpickle + "
-             "sha256 of the job, every run)"),
+            (
+                serialize,
+                "encode_job",
+                "serialize.encode_job (cloudpickle + sha256 of the job, every run)",
+            ),
             (serialize, "encode_params", "serialize.encode_params"),
             (serialize, "encode_slice", "serialize.encode_slice"),
             (master.Master, "_start_missing", "Master._start_missing"),
@@ -162,8 +175,7 @@ class Phases:
             (scheduler, "plan", "scheduler.plan"),
             (Run, "__init__", "Run.__init__"),
             (Run, "_send_task", "Run._send_task (FUNC/TASK frames written)"),
-            (Run, "_collect", "Run._collect (waiting for results, incl. "
-             "REFS sent)"),
+            (Run, "_collect", "Run._collect (waiting for results, incl. REFS sent)"),
             (Run, "_supply", "Run._supply (slices encoded and written)"),
             (Run, "_balance", "Run._balance (load balancing, backups)"),
             (Run, "_check_heartbeats", "Run._check_heartbeats"),
@@ -183,18 +195,23 @@ class Phases:
 
     def report(self, runs: int) -> str:
         total = self.seconds.get("Master.run (total)", 0.0)
-        lines = [f"wall time inside each step, per run ({runs} runs); steps "
-                 "nest (_collect contains _supply, which contains send)",
-                 f"{'step':62} {'ms/run':>9} {'calls/run':>10} {'share':>7}"]
+        lines = [
+            f"wall time inside each step, per run ({runs} runs); steps "
+            "nest (_collect contains _supply, which contains send)",
+            f"{'step':62} {'ms/run':>9} {'calls/run':>10} {'share':>7}",
+        ]
         for label, secs in sorted(self.seconds.items(), key=lambda kv: -kv[1]):
-            lines.append(f"{label:62} {secs / runs * 1e3:9.4f} "
-                         f"{self.calls[label] / runs:10.2f} "
-                         f"{secs / total * 100 if total else 0:6.1f}%")
+            lines.append(
+                f"{label:62} {secs / runs * 1e3:9.4f} "
+                f"{self.calls[label] / runs:10.2f} "
+                f"{secs / total * 100 if total else 0:6.1f}%"
+            )
         return "\n".join(lines)
 
 
 def _optional(name: str):
     import importlib
+
     try:
         return importlib.import_module(name)
     except ImportError:
@@ -203,15 +220,32 @@ def _optional(name: str):
 
 # --- py-spy ------------------------------------------------------------------------
 
+
 def start_pyspy(pid: int, path: str, seconds: float, rate: int = 500):
     exe = shutil.which("py-spy")
     if exe is None:
         return None
     return subprocess.Popen(
-        [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format",
-         "raw", "--threads", "--idle", "--nonblocking", "--duration",
-         str(max(1, int(seconds))), "--output", path],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            exe,
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            str(rate),
+            "--format",
+            "raw",
+            "--threads",
+            "--idle",
+            "--nonblocking",
+            "--duration",
+            str(max(1, int(seconds))),
+            "--output",
+            path,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def summarize_pyspy(raw_path: str, top: int = 25) -> str:
@@ -231,31 +265,32 @@ def summarize_pyspy(raw_path: str, top: int = 25) -> str:
             thread = frames[0]
             threads[thread] += n
             total += n
-            funcs = [fr.split(" (")[0] + " (" + fr.split(" (")[-1]
-                     if " (" in fr else fr for fr in frames[1:]]
+            funcs = [
+                fr.split(" (")[0] + " (" + fr.split(" (")[-1] if " (" in fr else fr
+                for fr in frames[1:]
+            ]
             if funcs:
                 own[funcs[-1]] += n
             for fn in set(funcs):
                 incl[fn] += n
-    lines = [f"{total} samples (idle included) of {raw_path}",
-             "", "by thread:"]
+    lines = [f"{total} samples (idle included) of {raw_path}", "", "by thread:"]
     lines += [f"  {n / total * 100:5.1f}%  {t}" for t, n in threads.most_common()]
     lines += ["", f"top {top} by own samples (where the thread is):"]
-    lines += [f"  {n / total * 100:5.1f}%  {fn}" for fn, n in
-              own.most_common(top)]
+    lines += [f"  {n / total * 100:5.1f}%  {fn}" for fn, n in own.most_common(top)]
     lines += ["", f"top {top} by inclusive samples:"]
-    lines += [f"  {n / total * 100:5.1f}%  {fn}" for fn, n in
-              incl.most_common(top)]
+    lines += [f"  {n / total * 100:5.1f}%  {fn}" for fn, n in incl.most_common(top)]
     return "\n".join(lines)
 
 
 # --- the two paths -----------------------------------------------------------------
 
+
 def _cprofile_text(profiler: cProfile.Profile, runs: int) -> str:
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
-    out.write(f"cProfile of the thread calling Master.run, {runs} runs\n\n"
-              "== by own time ==\n")
+    out.write(
+        f"cProfile of the thread calling Master.run, {runs} runs\n\n== by own time ==\n"
+    )
     stats.sort_stats("tottime").print_stats(30)
     out.write("\n== by cumulative time ==\n")
     stats.sort_stats("cumtime").print_stats(30)
@@ -272,11 +307,14 @@ def _write(name: str, text: str) -> str:
 
 def trivial_path(runs: int) -> list[str]:
     from qjamfab import Master
+
     from .overhead import _dataset, trivial
+
     written = []
     with ssh_hosts(2) as servers:
-        with Master(servers.aliases, workers_per_host=1,
-                    ssh_config=servers.ssh_config) as m:
+        with Master(
+            servers.aliases, workers_per_host=1, ssh_config=servers.ssh_config
+        ) as m:
             data = _dataset(2)
             for _ in range(200):
                 m.run(trivial, 1, data)
@@ -289,8 +327,9 @@ def trivial_path(runs: int) -> list[str]:
                 m.run(trivial, 1, data)
             wall = time.perf_counter() - started
             after = cpu_snapshot(servers, pids)
-            written.append(_write("trivial-cpu.txt", cpu_report(
-                before, after, runs, wall)))
+            written.append(
+                _write("trivial-cpu.txt", cpu_report(before, after, runs, wall))
+            )
 
             # 2. phases
             phases = Phases()
@@ -308,16 +347,19 @@ def trivial_path(runs: int) -> list[str]:
             for _ in range(runs):
                 m.run(trivial, 1, data)
             profiler.disable()
-            written.append(_write("trivial-cprofile.txt",
-                                  _cprofile_text(profiler, runs)))
+            written.append(
+                _write("trivial-cprofile.txt", _cprofile_text(profiler, runs))
+            )
 
             # 4. py-spy, master and one worker, all threads, idle included
             os.makedirs(OUT, exist_ok=True)
             raw_m = os.path.join(OUT, "trivial-pyspy-master.raw")
             raw_w = os.path.join(OUT, "trivial-pyspy-worker.raw")
             seconds = max(3.0, wall * 1.2)
-            spies = [start_pyspy(os.getpid(), raw_m, seconds),
-                     start_pyspy(next(iter(pids.values())), raw_w, seconds)]
+            spies = [
+                start_pyspy(os.getpid(), raw_m, seconds),
+                start_pyspy(next(iter(pids.values())), raw_w, seconds),
+            ]
             if spies[0] is not None:
                 time.sleep(0.5)
                 deadline = time.perf_counter() + seconds
@@ -327,19 +369,23 @@ def trivial_path(runs: int) -> list[str]:
                     spy.wait(60)
                 for raw, name in ((raw_m, "master"), (raw_w, "worker")):
                     if os.path.exists(raw):
-                        written.append(_write(f"trivial-pyspy-{name}.txt",
-                                              summarize_pyspy(raw)))
+                        written.append(
+                            _write(f"trivial-pyspy-{name}.txt", summarize_pyspy(raw))
+                        )
                         os.unlink(raw)
     return written
 
 
 def transfer_path(mib: int, resends: int = 2) -> list[str]:
     from qjamfab import DataSet, Master
+
     from .transfer import _array, rows_of
+
     written = []
     with ssh_hosts(1) as servers:
-        with Master(servers.aliases, workers_per_host=1,
-                    ssh_config=servers.ssh_config) as m:
+        with Master(
+            servers.aliases, workers_per_host=1, ssh_config=servers.ssh_config
+        ) as m:
             m.run(lambda p, x: 0)
             pids = {n: s["pid"] for n, s in m.worker_stats().items()}
             data = _array(mib, 7)
@@ -353,8 +399,10 @@ def transfer_path(mib: int, resends: int = 2) -> list[str]:
             os.makedirs(OUT, exist_ok=True)
             # the first run and `resends` cache-cleared re-sends
             est = mib / 100 * (1 + resends) + 2
-            spies = [start_pyspy(os.getpid(), raw_m, est),
-                     start_pyspy(pids[next(iter(pids))], raw_w, est)]
+            spies = [
+                start_pyspy(os.getpid(), raw_m, est),
+                start_pyspy(pids[next(iter(pids))], raw_w, est),
+            ]
             time.sleep(0.5)
             before = cpu_snapshot(servers, pids)
             started = time.perf_counter()
@@ -372,22 +420,34 @@ def transfer_path(mib: int, resends: int = 2) -> list[str]:
                 phases.uninstall()
             wall = time.perf_counter() - started
             after = cpu_snapshot(servers, pids)
-            head = (f"{mib} MiB to 1 SSH worker: first run {times[0]:.2f} s, "
-                    "re-sends after clear_cache "
-                    + ", ".join(f"{t:.2f} s" for t in times[1:]) + "\n\n")
-            written.append(_write("transfer-cpu.txt", head + cpu_report(
-                before, after, len(times), wall)))
-            written.append(_write("transfer-phases.txt",
-                                  head + phases.report(len(times))))
-            written.append(_write("transfer-cprofile.txt",
-                                  head + _cprofile_text(profiler, len(times))))
+            head = (
+                f"{mib} MiB to 1 SSH worker: first run {times[0]:.2f} s, "
+                "re-sends after clear_cache "
+                + ", ".join(f"{t:.2f} s" for t in times[1:])
+                + "\n\n"
+            )
+            written.append(
+                _write(
+                    "transfer-cpu.txt",
+                    head + cpu_report(before, after, len(times), wall),
+                )
+            )
+            written.append(
+                _write("transfer-phases.txt", head + phases.report(len(times)))
+            )
+            written.append(
+                _write(
+                    "transfer-cprofile.txt", head + _cprofile_text(profiler, len(times))
+                )
+            )
             for spy in spies:
                 if spy is not None:
                     spy.wait(120)
             for raw, name in ((raw_m, "master"), (raw_w, "worker")):
                 if os.path.exists(raw):
-                    written.append(_write(f"transfer-pyspy-{name}.txt",
-                                          summarize_pyspy(raw)))
+                    written.append(
+                        _write(f"transfer-pyspy-{name}.txt", summarize_pyspy(raw))
+                    )
                     os.unlink(raw)
     return written
 
@@ -398,8 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3000)
     parser.add_argument("--mib", type=int, default=400)
     args = parser.parse_args(argv)
-    written = (trivial_path(args.runs) if args.path == "trivial"
-               else transfer_path(args.mib))
+    written = (
+        trivial_path(args.runs) if args.path == "trivial" else transfer_path(args.mib)
+    )
     for path in written:
         print(f"--- {path}")
         with open(path) as f:

@@ -14,6 +14,7 @@ configurations under the same conditions:
   start: on real hosts each host spends its share on its own cores, at
   the same time as the others; here all of it shares 2 cores.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,7 +35,7 @@ def _children_named(word: bytes) -> int:
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 stat = f.read()
-            ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+            ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv0 = f.read().split(b"\0")[0]
         except (OSError, ValueError, IndexError):
@@ -61,6 +62,7 @@ def _host_cpu(servers) -> float:
 
 def _ready(servers, aliases, per_host: int, cold: bool) -> dict:
     from qjamfab import Master, cluster, hostspec
+
     specs = hostspec.parse_hosts(aliases)
     if cold:
         cluster.stop_workers(specs, ssh_config=servers.ssh_config)
@@ -68,20 +70,22 @@ def _ready(servers, aliases, per_host: int, cold: bool) -> dict:
             shutil.rmtree(servers.homes[alias], ignore_errors=True)
     cpu_before = _host_cpu(servers)
     started = time.perf_counter()
-    with Master(aliases, workers_per_host=per_host,
-                ssh_config=servers.ssh_config) as m:
+    with Master(aliases, workers_per_host=per_host, ssh_config=servers.ssh_config) as m:
         ready = time.perf_counter() - started
         assert len(m.workers) == len(aliases) * per_host
         clients = _children_named(b"ssh")
         assert m.run(lambda p, x: 1) == len(m.workers)
-    return {"ready_s": ready, "ssh_clients": clients,
-            "host_cpu_s": _host_cpu(servers) - cpu_before}
+    return {
+        "ready_s": ready,
+        "ssh_clients": clients,
+        "host_cpu_s": _host_cpu(servers) - cpu_before,
+    }
 
 
 def _master_cpu_per_run(servers, aliases, per_host: int, runs: int) -> float:
     from qjamfab import Master
-    with Master(aliases, workers_per_host=per_host,
-                ssh_config=servers.ssh_config) as m:
+
+    with Master(aliases, workers_per_host=per_host, ssh_config=servers.ssh_config) as m:
         for _ in range(20):
             m.run(lambda p, x: 1)
         before = time.process_time()
@@ -93,61 +97,95 @@ def _master_cpu_per_run(servers, aliases, per_host: int, runs: int) -> float:
 def run(scale: Scale, log=print) -> dict:
     why_not = sshd_missing()
     if why_not:
-        return {"skipped": why_not, "rows": {}, "table": why_not,
-                "targets": []}
-    n_hosts, per_host = (8, 8) if scale.name == "full" else (2, 4) \
-        if scale.name == "quick" else (2, 2)
+        return {"skipped": why_not, "rows": {}, "table": why_not, "targets": []}
+    n_hosts, per_host = (
+        (8, 8) if scale.name == "full" else (2, 4) if scale.name == "quick" else (2, 2)
+    )
     rounds = 3 if scale.name == "full" else 1
     runs = 300 if scale.name == "full" else 30
     rows: dict = {}
     with ssh_hosts(n_hosts) as servers:
         big, small = servers.aliases, servers.aliases[:1]
-        for label, aliases, workers in (("1 x 1", small, 1),
-                                        (f"{n_hosts} x {per_host}", big,
-                                         per_host)):
+        for label, aliases, workers in (
+            ("1 x 1", small, 1),
+            (f"{n_hosts} x {per_host}", big, per_host),
+        ):
             row = rows[label] = {}
             for state in ("cold", "warm"):
-                results = [_ready(servers, aliases, workers, state == "cold")
-                           for _ in range(rounds)]
-                row[f"{state}_s"] = statistics.median(
-                    r["ready_s"] for r in results)
+                results = [
+                    _ready(servers, aliases, workers, state == "cold")
+                    for _ in range(rounds)
+                ]
+                row[f"{state}_s"] = statistics.median(r["ready_s"] for r in results)
                 row[f"{state}_host_cpu_s"] = statistics.median(
-                    r["host_cpu_s"] for r in results)
+                    r["host_cpu_s"] for r in results
+                )
                 row["ssh_clients"] = results[-1]["ssh_clients"]
             row["master_cpu_ms"] = 1e3 * _master_cpu_per_run(
-                servers, aliases, workers, runs)
-            log(f"  {label}: ready cold {row['cold_s']:.2f} s (hosts' CPU "
+                servers, aliases, workers, runs
+            )
+            log(
+                f"  {label}: ready cold {row['cold_s']:.2f} s (hosts' CPU "
                 f"{row['cold_host_cpu_s']:.2f} s), warm {row['warm_s']:.2f} s"
                 f"; master CPU per trivial run {row['master_cpu_ms']:.3f} ms;"
-                f" {row['ssh_clients']} OpenSSH clients")
+                f" {row['ssh_clients']} OpenSSH clients"
+            )
     one, many = rows["1 x 1"], rows[f"{n_hosts} x {per_host}"]
     label = f"{n_hosts} x {per_host}"
     table = "\n".join(
-        [f"{'layout':>8} {'cold s':>8} {'hosts CPU s':>12} {'warm s':>8} "
-         f"{'master ms/run':>14} {'ssh':>4}"]
-        + [f"{k:>8} {r['cold_s']:8.2f} {r['cold_host_cpu_s']:12.2f} "
-           f"{r['warm_s']:8.2f} {r['master_cpu_ms']:14.3f} "
-           f"{r['ssh_clients']:4d}" for k, r in rows.items()])
+        [
+            f"{'layout':>8} {'cold s':>8} {'hosts CPU s':>12} {'warm s':>8} "
+            f"{'master ms/run':>14} {'ssh':>4}"
+        ]
+        + [
+            f"{k:>8} {r['cold_s']:8.2f} {r['cold_host_cpu_s']:12.2f} "
+            f"{r['warm_s']:8.2f} {r['master_cpu_ms']:14.3f} "
+            f"{r['ssh_clients']:4d}"
+            for k, r in rows.items()
+        ]
+    )
     cold_ratio = many["cold_s"] / one["cold_s"]
     warm_ratio = many["warm_s"] / one["warm_s"]
     cpu_ratio = many["master_cpu_ms"] / one["master_cpu_ms"]
     targets = [
-        target(f"Master ready at {label}, cold, vs 1 x 1 cold", "<= 2.5x",
-               round(cold_ratio, 2), "x", cold_ratio <= 2.5,
-               f"{many['cold_s']:.2f} s vs {one['cold_s']:.2f} s; the hosts' "
-               f"processes (sshd, agent, daemons) used "
-               f"{many['cold_host_cpu_s']:.1f} s of CPU, all on these 2 "
-               "cores: real hosts spend theirs on their own cores, at once"),
-        target(f"Master ready at {label}, warm, vs 1 x 1 warm", "<= 2.5x",
-               round(warm_ratio, 2), "x", warm_ratio <= 2.5,
-               f"{many['warm_s']:.2f} s vs {one['warm_s']:.2f} s"),
-        target(f"master CPU per trivial run at {label} vs 1 x 1", "<= 8x",
-               round(cpu_ratio, 2), "x", cpu_ratio <= 8,
-               f"{many['master_cpu_ms']:.3f} ms vs {one['master_cpu_ms']:.3f}"
-               " ms"),
-        target(f"OpenSSH client processes under the master at {label}",
-               f"<= {n_hosts}", many["ssh_clients"], "",
-               many["ssh_clients"] <= n_hosts),
+        target(
+            f"Master ready at {label}, cold, vs 1 x 1 cold",
+            "<= 2.5x",
+            round(cold_ratio, 2),
+            "x",
+            cold_ratio <= 2.5,
+            f"{many['cold_s']:.2f} s vs {one['cold_s']:.2f} s; the hosts' "
+            f"processes (sshd, agent, daemons) used "
+            f"{many['cold_host_cpu_s']:.1f} s of CPU, all on these 2 "
+            "cores: real hosts spend theirs on their own cores, at once",
+        ),
+        target(
+            f"Master ready at {label}, warm, vs 1 x 1 warm",
+            "<= 2.5x",
+            round(warm_ratio, 2),
+            "x",
+            warm_ratio <= 2.5,
+            f"{many['warm_s']:.2f} s vs {one['warm_s']:.2f} s",
+        ),
+        target(
+            f"master CPU per trivial run at {label} vs 1 x 1",
+            "<= 8x",
+            round(cpu_ratio, 2),
+            "x",
+            cpu_ratio <= 8,
+            f"{many['master_cpu_ms']:.3f} ms vs {one['master_cpu_ms']:.3f} ms",
+        ),
+        target(
+            f"OpenSSH client processes under the master at {label}",
+            f"<= {n_hosts}",
+            many["ssh_clients"],
+            "",
+            many["ssh_clients"] <= n_hosts,
+        ),
     ]
-    return {"rows": rows, "table": table, "targets": targets,
-            "layout": [n_hosts, per_host]}
+    return {
+        "rows": rows,
+        "table": table,
+        "targets": targets,
+        "layout": [n_hosts, per_host],
+    }

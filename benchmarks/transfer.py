@@ -12,11 +12,12 @@ so nothing is cached yet) is run with a trivial job on one SSH worker:
   bytes (connection, authentication and remote shell, which qjamfab's first
   run does not pay: its Master is connected already): OpenSSH's streaming
   time, the baseline of the ratio;
-- second run: the time (median of 20 runs) and the dataset bytes sent (should be 0), which
-  should not grow with the size.
+- second run: the time (median of 20 runs) and the dataset bytes sent
+  (should be 0), which should not grow with the size.
 
 The largest size is also shipped to two hosts at once (one worker each).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -28,7 +29,7 @@ import numpy as np
 from .common import Scale, ssh_hosts, sshd_missing, target
 
 MiB = 1 << 20
-SECOND_RUNS = 20   # second-run time: the median of this many runs
+SECOND_RUNS = 20  # second-run time: the median of this many runs
 
 
 def rows_of(params, rows):
@@ -45,12 +46,15 @@ def _array(mib: int, salt: int) -> np.ndarray:
 def openssh_cat(ssh_config: str, alias: str, data: np.ndarray) -> float:
     view = memoryview(data.reshape(-1).view(np.uint8))
     started = time.perf_counter()
-    proc = subprocess.Popen(["ssh", "-F", ssh_config, alias, "cat > /dev/null"],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        ["ssh", "-F", ssh_config, alias, "cat > /dev/null"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     chunk = 1 << 20
     for i in range(0, len(view), chunk):
-        proc.stdin.write(view[i:i + chunk])
+        proc.stdin.write(view[i : i + chunk])
     proc.stdin.close()
     err = proc.stderr.read()
     if proc.wait(60) != 0:
@@ -60,6 +64,7 @@ def openssh_cat(ssh_config: str, alias: str, data: np.ndarray) -> float:
 
 def _one_size(m, servers, mib: int, salt: int, repeats: int, log) -> dict:
     from qjamfab import DataSet
+
     data = _array(mib, salt)
     nbytes = data.nbytes
     dataset = DataSet(data)
@@ -85,14 +90,19 @@ def _one_size(m, servers, mib: int, salt: int, repeats: int, log) -> dict:
         started = time.perf_counter()
         m.run(rows_of, dataset=dataset)
         resend.append(time.perf_counter() - started)
-    ssh = [openssh_cat(servers.ssh_config, servers.aliases[0], data)
-           for _ in range(repeats)]
+    ssh = [
+        openssh_cat(servers.ssh_config, servers.aliases[0], data)
+        for _ in range(repeats)
+    ]
     ssh_setup = statistics.median(
         openssh_cat(servers.ssh_config, servers.aliases[0], data[:0])
-        for _ in range(max(3, repeats)))
+        for _ in range(max(3, repeats))
+    )
     ssh_stream = max(1e-6, statistics.median(ssh) - ssh_setup)
     row = {
-        "mib": mib, "bytes": nbytes, "workers": len(m.workers),
+        "mib": mib,
+        "bytes": nbytes,
+        "workers": len(m.workers),
         "first_run_s": first,
         "first_run_dataset_bytes": first_stats.dataset_bytes_sent,
         "first_run_backup_tasks": getattr(first_stats, "backup_tasks", None),
@@ -115,30 +125,36 @@ def _one_size(m, servers, mib: int, salt: int, repeats: int, log) -> dict:
     row["first_vs_openssh"] = ssh_stream / first
     row["resend_vs_openssh"] = ssh_stream / row["resend_s"]
     row["first_vs_openssh_whole"] = row["openssh_s"] / first
-    log(f"  transfer {mib:>5} MiB on {len(m.workers)} worker(s): first run "
+    log(
+        f"  transfer {mib:>5} MiB on {len(m.workers)} worker(s): first run "
         f"{first:.2f} s ({row['first_run_mb_s']:.0f} MB/s, hashing "
         f"{hashing:.2f} s), re-send {row['resend_s']:.2f} s, OpenSSH "
-        f"{row['openssh_s']:.2f} s (streaming {ssh_stream:.2f} s); second run {second * 1e3:.2f} ms, "
-        f"{second_bytes} dataset bytes")
+        f"{row['openssh_s']:.2f} s (streaming {ssh_stream:.2f} s); "
+        f"second run {second * 1e3:.2f} ms, "
+        f"{second_bytes} dataset bytes"
+    )
     return row
 
 
 def run(scale: Scale, log=print) -> dict:
     from qjamfab import Master
+
     why_not = sshd_missing()
     if why_not:
-        return {"skipped": why_not, "rows": [], "table": why_not,
-                "targets": []}
+        return {"skipped": why_not, "rows": [], "table": why_not, "targets": []}
     rows = []
     with ssh_hosts(2) as servers:
-        with Master(servers.aliases[:1], workers_per_host=1,
-                    ssh_config=servers.ssh_config) as m:
+        with Master(
+            servers.aliases[:1], workers_per_host=1, ssh_config=servers.ssh_config
+        ) as m:
             for i, mib in enumerate(scale.transfer_mib):
-                rows.append(_one_size(m, servers, mib, i + 1,
-                                      scale.transfer_repeats, log))
+                rows.append(
+                    _one_size(m, servers, mib, i + 1, scale.transfer_repeats, log)
+                )
         if scale.extras:
-            with Master(servers.aliases[:2], workers_per_host=1,
-                        ssh_config=servers.ssh_config) as m:
+            with Master(
+                servers.aliases[:2], workers_per_host=1, ssh_config=servers.ssh_config
+            ) as m:
                 mib = max(scale.transfer_mib)
                 rows.append(_one_size(m, servers, mib, 100, 1, log))
     return {"rows": rows, "table": table(rows), "targets": targets(rows)}
@@ -146,19 +162,37 @@ def run(scale: Scale, log=print) -> dict:
 
 def table(rows: list[dict]) -> str:
     from qjamfab.display import render_table
-    lines = [[f"{r['mib']} MiB", r["workers"],
-              f"{r['first_run_s']:.2f} ({r['first_run_mb_s']:.0f} MB/s)",
-              f"{r['hash_s']:.2f}",
-              f"{r['resend_s']:.2f} ({r['resend_mb_s']:.0f} MB/s)",
-              f"{r['openssh_s']:.2f} - {r['openssh_setup_s']:.2f} "
-              f"({r['openssh_stream_mb_s']:.0f} MB/s)",
-              f"{r['first_vs_openssh']:.2f}x",
-              f"{r['second_run_s'] * 1e3:.2f} ms",
-              r["second_run_dataset_bytes"]] for r in rows]
+
+    lines = [
+        [
+            f"{r['mib']} MiB",
+            r["workers"],
+            f"{r['first_run_s']:.2f} ({r['first_run_mb_s']:.0f} MB/s)",
+            f"{r['hash_s']:.2f}",
+            f"{r['resend_s']:.2f} ({r['resend_mb_s']:.0f} MB/s)",
+            f"{r['openssh_s']:.2f} - {r['openssh_setup_s']:.2f} "
+            f"({r['openssh_stream_mb_s']:.0f} MB/s)",
+            f"{r['first_vs_openssh']:.2f}x",
+            f"{r['second_run_s'] * 1e3:.2f} ms",
+            r["second_run_dataset_bytes"],
+        ]
+        for r in rows
+    ]
     return render_table(
-        ["size", "workers", "first run s", "hashing s", "re-send s",
-         "OpenSSH cat s - setup s", "OpenSSH/first", "second run",
-         "second run dataset bytes"], lines, "lrrrrrrrr")
+        [
+            "size",
+            "workers",
+            "first run s",
+            "hashing s",
+            "re-send s",
+            "OpenSSH cat s - setup s",
+            "OpenSSH/first",
+            "second run",
+            "second run dataset bytes",
+        ],
+        lines,
+        "lrrrrrrrr",
+    )
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -167,24 +201,39 @@ def targets(rows: list[dict]) -> list[dict]:
         return []
     big = max(single, key=lambda r: r["bytes"])
     small = min(single, key=lambda r: r["bytes"])
-    out = [target(f"first run of {big['mib']} MiB over SSH vs OpenSSH",
-                  ">= 0.8x OpenSSH", round(big["first_vs_openssh"], 3), "x",
-                  big["first_vs_openssh"] >= 0.8,
-                  f"{big['first_run_mb_s']:.0f} vs "
-                  f"{big['openssh_stream_mb_s']:.0f} MB/s streaming; without "
-                  f"hashing (re-send) {big['resend_vs_openssh']:.2f}x; vs the "
-                  f"whole ssh run {big['first_vs_openssh_whole']:.2f}x"),
-           target("second run sends 0 dataset bytes", "0 bytes",
-                  max(r["second_run_dataset_bytes"] for r in rows), "bytes",
-                  all(r["second_run_dataset_bytes"] == 0 for r in rows))]
+    out = [
+        target(
+            f"first run of {big['mib']} MiB over SSH vs OpenSSH",
+            ">= 0.8x OpenSSH",
+            round(big["first_vs_openssh"], 3),
+            "x",
+            big["first_vs_openssh"] >= 0.8,
+            f"{big['first_run_mb_s']:.0f} vs "
+            f"{big['openssh_stream_mb_s']:.0f} MB/s streaming; without "
+            f"hashing (re-send) {big['resend_vs_openssh']:.2f}x; vs the "
+            f"whole ssh run {big['first_vs_openssh_whole']:.2f}x",
+        ),
+        target(
+            "second run sends 0 dataset bytes",
+            "0 bytes",
+            max(r["second_run_dataset_bytes"] for r in rows),
+            "bytes",
+            all(r["second_run_dataset_bytes"] == 0 for r in rows),
+        ),
+    ]
     # "Not growing with size": the largest size's second run within 1.5x
     # (+ 1 ms of noise) of the smallest's.
     growth = big["second_run_s"] / small["second_run_s"]
-    out.append(target("second run time does not grow with size",
-                      "largest <= 1.5x smallest (+1 ms)", round(growth, 2),
-                      "x", big["second_run_s"]
-                      <= 1.5 * small["second_run_s"] + 1e-3,
-                      f"{small['mib']} MiB {small['second_run_s'] * 1e3:.2f} "
-                      f"ms, {big['mib']} MiB {big['second_run_s'] * 1e3:.2f} "
-                      "ms"))
+    out.append(
+        target(
+            "second run time does not grow with size",
+            "largest <= 1.5x smallest (+1 ms)",
+            round(growth, 2),
+            "x",
+            big["second_run_s"] <= 1.5 * small["second_run_s"] + 1e-3,
+            f"{small['mib']} MiB {small['second_run_s'] * 1e3:.2f} "
+            f"ms, {big['mib']} MiB {big['second_run_s'] * 1e3:.2f} "
+            "ms",
+        )
+    )
     return out

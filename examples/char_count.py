@@ -5,6 +5,7 @@ with a Counter, and Counters add. The sample text ships beside this file.
 
     python examples/char_count.py [path]
 """
+
 import argparse
 import collections
 import os
@@ -39,18 +40,23 @@ def text_lines(path: str) -> list:
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or exc
         raise argparse.ArgumentTypeError(
-            f"cannot read {path}: {reason}: give a UTF-8 text file")
+            f"cannot read {path}: {reason}: give a UTF-8 text file"
+        ) from exc
     if not lines:
-        raise argparse.ArgumentTypeError(
-            f"{path} is empty: give a file with some text")
+        raise argparse.ArgumentTypeError(f"{path} is empty: give a file with some text")
     return lines
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="The hosts are $QJAMFAB_HOSTS (else local workers).")
-    parser.add_argument("path", nargs="?", type=text_lines, default=SAMPLE,
-                        help="a UTF-8 text file (default: the sample beside "
-                             "this script)")
+        epilog="The hosts are $QJAMFAB_HOSTS (else local workers).",
+    )
+    parser.add_argument(
+        "path",
+        nargs="?",
+        type=text_lines,
+        default=SAMPLE,
+        help="a UTF-8 text file (default: the sample beside this script)",
+    )
     sys.exit(main(parser.parse_args().path))

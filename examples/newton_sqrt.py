@@ -6,6 +6,7 @@ and iterates, the shape of every iterative job qjamfab is for.
 
     python examples/newton_sqrt.py 123456789
 """
+
 import argparse
 import math
 import sys
@@ -39,14 +40,17 @@ def positive_number(text: str) -> float:
     if not a > 0 or math.isinf(a):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a positive number: give the number whose square "
-            f"root to find, e.g. 2")
+            f"root to find, e.g. 2"
+        )
     return a
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="The hosts are $QJAMFAB_HOSTS (else local workers).")
-    parser.add_argument("a", nargs="?", type=positive_number, default=2.0,
-                        help="the number (default 2)")
+        epilog="The hosts are $QJAMFAB_HOSTS (else local workers).",
+    )
+    parser.add_argument(
+        "a", nargs="?", type=positive_number, default=2.0, help="the number (default 2)"
+    )
     sys.exit(main(parser.parse_args().a))

@@ -46,6 +46,7 @@ Field's filter f exp(-(f/f0)^4), as the paper's images were. `sample_patches`
 draws 8x8 patches, removes each patch's mean, clips at 3 standard
 deviations and scales into [-0.9, 0.9], inside tanh's range.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,19 +55,19 @@ import time
 
 import numpy as np
 
-VISIBLE = 64            # 8 x 8 patches
+VISIBLE = 64  # 8 x 8 patches
 HIDDEN = 30
-WEIGHT_DECAY = 0.002    # lambda
+WEIGHT_DECAY = 0.002  # lambda
 SPARSITY_TARGET = 0.002  # rho
-SPARSITY_WEIGHT = 4.0   # beta
+SPARSITY_WEIGHT = 4.0  # beta
 LBFGS_M = 10
-BLOCK_ROWS = 512        # patches per step inside mapfunc (cache-sized)
+BLOCK_ROWS = 512  # patches per step inside mapfunc (cache-sized)
 
 
 # --- data ----------------------------------------------------------------
 
-def natural_images(count: int = 10, size: int = 512, seed: int = 0
-                   ) -> np.ndarray:
+
+def natural_images(count: int = 10, size: int = 512, seed: int = 0) -> np.ndarray:
     """`count` whitened natural-image-like pictures, (count, size, size),
     each scaled to unit variance. Deterministic for a seed."""
     rng = np.random.default_rng(seed)
@@ -74,10 +75,10 @@ def natural_images(count: int = 10, size: int = 512, seed: int = 0
     fx = np.fft.rfftfreq(size)[None, :]
     f = np.hypot(fx, fy)
     f[0, 0] = 1.0
-    one_over_f = 1.0 / f           # the amplitude spectrum of natural scenes
+    one_over_f = 1.0 / f  # the amplitude spectrum of natural scenes
     one_over_f[0, 0] = 0.0
-    f0 = 0.4 * 0.5                 # Olshausen & Field: f0 = 0.4 x Nyquist
-    whitening = f * np.exp(-(f / f0) ** 4)
+    f0 = 0.4 * 0.5  # Olshausen & Field: f0 = 0.4 x Nyquist
+    whitening = f * np.exp(-((f / f0) ** 4))
     whitening[0, 0] = 0.0
     images = np.empty((count, size, size))
     for k in range(count):
@@ -87,8 +88,9 @@ def natural_images(count: int = 10, size: int = 512, seed: int = 0
     return images
 
 
-def sample_patches(n: int, patch: int = 8, seed: int = 0,
-                   images: np.ndarray | None = None) -> np.ndarray:
+def sample_patches(
+    n: int, patch: int = 8, seed: int = 0, images: np.ndarray | None = None
+) -> np.ndarray:
     """n patches (rows) of patch x patch pixels, C-contiguous float64 in
     [-0.9, 0.9]: mean removed per patch, clipped at 3 standard deviations."""
     if images is None:
@@ -99,8 +101,8 @@ def sample_patches(n: int, patch: int = 8, seed: int = 0,
     r = rng.integers(0, height - patch + 1, n)
     c = rng.integers(0, width - patch + 1, n)
     d = np.arange(patch)
-    rows = (r[:, None] + d[None, :])[:, :, None]       # n x patch x 1
-    cols = (c[:, None] + d[None, :])[:, None, :]       # n x 1 x patch
+    rows = (r[:, None] + d[None, :])[:, :, None]  # n x patch x 1
+    cols = (c[:, None] + d[None, :])[:, None, :]  # n x 1 x patch
     X = images[k[:, None, None], rows, cols].reshape(n, patch * patch)
     X -= X.mean(axis=1, keepdims=True)
     limit = 3 * X.std()
@@ -109,38 +111,37 @@ def sample_patches(n: int, patch: int = 8, seed: int = 0,
 
 # --- parameters ------------------------------------------------------------
 
+
 def theta_size(visible: int = VISIBLE, hidden: int = HIDDEN) -> int:
     return 2 * hidden * visible + hidden + visible
 
 
-def initial_theta(visible: int = VISIBLE, hidden: int = HIDDEN,
-                  seed: int = 0) -> np.ndarray:
+def initial_theta(
+    visible: int = VISIBLE, hidden: int = HIDDEN, seed: int = 0
+) -> np.ndarray:
     """Uniform weights in +-sqrt(6 / (fan_in + fan_out + 1)), zero biases."""
     r = np.sqrt(6.0 / (visible + hidden + 1))
     rng = np.random.default_rng(seed)
     W1 = rng.uniform(-r, r, (hidden, visible))
     W2 = rng.uniform(-r, r, (visible, hidden))
-    return np.concatenate([W1.ravel(), W2.ravel(), np.zeros(hidden),
-                           np.zeros(visible)])
+    return np.concatenate([W1.ravel(), W2.ravel(), np.zeros(hidden), np.zeros(visible)])
 
 
 def unpack(theta: np.ndarray, visible: int, hidden: int):
     """(W1 hidden x visible, W2 visible x hidden, b1, b2), views of theta."""
     hv = hidden * visible
     W1 = theta[:hv].reshape(hidden, visible)
-    W2 = theta[hv:2 * hv].reshape(visible, hidden)
-    b1 = theta[2 * hv:2 * hv + hidden]
-    b2 = theta[2 * hv + hidden:]
+    W2 = theta[hv : 2 * hv].reshape(visible, hidden)
+    b1 = theta[2 * hv : 2 * hv + hidden]
+    b2 = theta[2 * hv + hidden :]
     return W1, W2, b1, b2
 
 
 def _kl(rho: float, rho_hat: np.ndarray) -> np.ndarray:
-    return (rho * np.log(rho / rho_hat)
-            + (1 - rho) * np.log((1 - rho) / (1 - rho_hat)))
+    return rho * np.log(rho / rho_hat) + (1 - rho) * np.log((1 - rho) / (1 - rho_hat))
 
 
-def _sparsity_delta(rho: float, beta: float, rho_hat: np.ndarray
-                    ) -> np.ndarray:
+def _sparsity_delta(rho: float, beta: float, rho_hat: np.ndarray) -> np.ndarray:
     # d(beta KL(rho || rho_hat_j)) / d rho_hat_j, times d rho_hat / d a = 1/2
     # (the 1/m of the mean is applied with the rest of the gradient).
     return 0.5 * beta * (-rho / rho_hat + (1 - rho) / (1 - rho_hat))
@@ -148,9 +149,15 @@ def _sparsity_delta(rho: float, beta: float, rho_hat: np.ndarray
 
 # --- serial: the usual numpy code --------------------------------------------
 
-def serial_cost(theta: np.ndarray, X: np.ndarray, hidden: int = HIDDEN,
-                lam: float = WEIGHT_DECAY, rho: float = SPARSITY_TARGET,
-                beta: float = SPARSITY_WEIGHT) -> tuple[float, np.ndarray]:
+
+def serial_cost(
+    theta: np.ndarray,
+    X: np.ndarray,
+    hidden: int = HIDDEN,
+    lam: float = WEIGHT_DECAY,
+    rho: float = SPARSITY_TARGET,
+    beta: float = SPARSITY_WEIGHT,
+) -> tuple[float, np.ndarray]:
     """Cost and gradient over all patches X (rows), in one process."""
     m, visible = X.shape
     W1, W2, b1, b2 = unpack(theta, visible, hidden)
@@ -158,22 +165,29 @@ def serial_cost(theta: np.ndarray, X: np.ndarray, hidden: int = HIDDEN,
     rho_hat = ((A2 + 1) / 2).mean(axis=0)
     A3 = np.tanh(A2 @ W2.T + b2)
     diff = A3 - X
-    cost = (0.5 * (diff.ravel() @ diff.ravel()) / m
-            + 0.5 * lam * (W1.ravel() @ W1.ravel() + W2.ravel() @ W2.ravel())
-            + beta * _kl(rho, rho_hat).sum())
+    cost = (
+        0.5 * (diff.ravel() @ diff.ravel()) / m
+        + 0.5 * lam * (W1.ravel() @ W1.ravel() + W2.ravel() @ W2.ravel())
+        + beta * _kl(rho, rho_hat).sum()
+    )
     D3 = diff * (1 - A3 * A3)
     D2 = (D3 @ W2 + _sparsity_delta(rho, beta, rho_hat)) * (1 - A2 * A2)
-    grad = np.concatenate([(D2.T @ X / m + lam * W1).ravel(),
-                           (D3.T @ A2 / m + lam * W2).ravel(),
-                           D2.sum(axis=0) / m, D3.sum(axis=0) / m])
+    grad = np.concatenate(
+        [
+            (D2.T @ X / m + lam * W1).ravel(),
+            (D3.T @ A2 / m + lam * W2).ravel(),
+            D2.sum(axis=0) / m,
+            D3.sum(axis=0) / m,
+        ]
+    )
     return float(cost), grad
 
 
 # --- distributed: sufficient statistics per slice -----------------------------
 
+
 def stats_size(visible: int, hidden: int) -> int:
-    return 2 + hidden + visible * hidden + visible + 2 * hidden * visible \
-        + 2 * hidden
+    return 2 + hidden + visible * hidden + visible + 2 * hidden * visible + 2 * hidden
 
 
 def mapfunc(params, X):
@@ -193,7 +207,7 @@ def mapfunc(params, X):
     ends = np.cumsum([2, h, v * h, v, 2 * h * v, 2 * h])
     head, a_sum, gW2, gb2, G, g_sum = np.split(out, ends[:-1])
     for start in range(0, m, BLOCK_ROWS):
-        x = X[start:start + BLOCK_ROWS]
+        x = X[start : start + BLOCK_ROWS]
         A2 = np.tanh(x @ W1.T + b1)
         A3 = np.tanh(A2 @ W2.T + b2)
         diff = A3 - x
@@ -210,10 +224,15 @@ def mapfunc(params, X):
     return out
 
 
-def finish(stats: np.ndarray, theta: np.ndarray, visible: int,
-           hidden: int = HIDDEN, lam: float = WEIGHT_DECAY,
-           rho: float = SPARSITY_TARGET, beta: float = SPARSITY_WEIGHT
-           ) -> tuple[float, np.ndarray]:
+def finish(
+    stats: np.ndarray,
+    theta: np.ndarray,
+    visible: int,
+    hidden: int = HIDDEN,
+    lam: float = WEIGHT_DECAY,
+    rho: float = SPARSITY_TARGET,
+    beta: float = SPARSITY_WEIGHT,
+) -> tuple[float, np.ndarray]:
     """Cost and gradient from the statistics of all slices added up."""
     h, v = hidden, visible
     W1, W2, _, _ = unpack(theta, v, h)
@@ -222,7 +241,8 @@ def finish(stats: np.ndarray, theta: np.ndarray, visible: int,
     def take(n):
         nonlocal pos
         pos += n
-        return stats[pos - n:pos]
+        return stats[pos - n : pos]
+
     m, sq = take(2)
     a_sum = take(h)
     gW2 = take(v * h).reshape(v, h)
@@ -231,22 +251,28 @@ def finish(stats: np.ndarray, theta: np.ndarray, visible: int,
     g_sum = take(2 * h)
     rho_hat = (a_sum / m + 1) / 2
     s = _sparsity_delta(rho, beta, rho_hat)
-    cost = (sq / m
-            + 0.5 * lam * (W1.ravel() @ W1.ravel() + W2.ravel() @ W2.ravel())
-            + beta * _kl(rho, rho_hat).sum())
-    grad = np.concatenate([
-        ((G[:h] + s[:, None] * G[h:]) / m + lam * W1).ravel(),
-        (gW2 / m + lam * W2).ravel(),
-        (g_sum[:h] + s * g_sum[h:]) / m, gb2 / m])
+    cost = (
+        sq / m
+        + 0.5 * lam * (W1.ravel() @ W1.ravel() + W2.ravel() @ W2.ravel())
+        + beta * _kl(rho, rho_hat).sum()
+    )
+    grad = np.concatenate(
+        [
+            ((G[:h] + s[:, None] * G[h:]) / m + lam * W1).ravel(),
+            (gW2 / m + lam * W2).ravel(),
+            (g_sum[:h] + s * g_sum[h:]) / m,
+            gb2 / m,
+        ]
+    )
     return float(cost), grad
 
 
-def serial_stats_cost(theta: np.ndarray, X: np.ndarray, hidden: int = HIDDEN,
-                      **model) -> tuple[float, np.ndarray]:
+def serial_stats_cost(
+    theta: np.ndarray, X: np.ndarray, hidden: int = HIDDEN, **model
+) -> tuple[float, np.ndarray]:
     """The distributed code in one process, without qjamfab: mapfunc over
     all of X, then finish. (The faster serial baseline of the benchmark.)"""
-    return finish(mapfunc((theta, hidden), X), theta, X.shape[1], hidden,
-                  **model)
+    return finish(mapfunc((theta, hidden), X), theta, X.shape[1], hidden, **model)
 
 
 class DistributedCost:
@@ -257,8 +283,9 @@ class DistributedCost:
     busiest worker's compute time in that run).
     """
 
-    def __init__(self, master, dataset, visible: int = VISIBLE,
-                 hidden: int = HIDDEN, **model):
+    def __init__(
+        self, master, dataset, visible: int = VISIBLE, hidden: int = HIDDEN, **model
+    ):
         self.master = master
         self.dataset = dataset
         self.visible = visible
@@ -274,15 +301,14 @@ class DistributedCost:
 
     def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         started = time.perf_counter()
-        stats = self.master.run(mapfunc, params=(theta, self.hidden),
-                                dataset=self.dataset)
+        stats = self.master.run(
+            mapfunc, params=(theta, self.hidden), dataset=self.dataset
+        )
         run = self.master.last_run
-        cost, grad = finish(stats, theta, self.visible, self.hidden,
-                            **self.model)
+        cost, grad = finish(stats, theta, self.visible, self.hidden, **self.model)
         self.seconds.append(time.perf_counter() - started)
         self.run_seconds.append(run.elapsed_s)
-        self.compute_seconds.append(max(run.worker_compute_s.values(),
-                                        default=0.0))
+        self.compute_seconds.append(max(run.worker_compute_s.values(), default=0.0))
         return cost, grad
 
 
@@ -291,8 +317,8 @@ def train(cost, theta0: np.ndarray, iterations: int):
     most (scipy may finish the iteration it is in): (theta, cost, scipy's
     info dict)."""
     from scipy.optimize import fmin_l_bfgs_b
-    return fmin_l_bfgs_b(cost, theta0, m=LBFGS_M, maxiter=iterations,
-                         maxfun=iterations)
+
+    return fmin_l_bfgs_b(cost, theta0, m=LBFGS_M, maxiter=iterations, maxfun=iterations)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,8 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("patches", nargs="?", type=int, default=10_000)
     parser.add_argument("--iterations", type=int, default=50)
-    parser.add_argument("--serial", action="store_true",
-                        help="also train with the serial code and compare")
+    parser.add_argument(
+        "--serial",
+        action="store_true",
+        help="also train with the serial code and compare",
+    )
     args = parser.parse_args(argv)
 
     X = sample_patches(args.patches)
@@ -313,24 +342,32 @@ def main(argv: list[str] | None = None) -> int:
         c0, g0 = cost(theta0)
         s0, sg0 = serial_cost(theta0, X)
         same = np.isclose(c0, s0, rtol=1e-10) and np.allclose(
-            g0, sg0, rtol=1e-8, atol=1e-12)
-        print(f"initial cost {c0:.6f} (serial {s0:.6f}): "
-              f"{'equal' if same else 'DIFFERENT'}")
+            g0, sg0, rtol=1e-8, atol=1e-12
+        )
+        print(
+            f"initial cost {c0:.6f} (serial {s0:.6f}): "
+            f"{'equal' if same else 'DIFFERENT'}"
+        )
         started = time.perf_counter()
         theta, final, info = train(cost, theta0, args.iterations)
         elapsed = time.perf_counter() - started
-        print(f"final cost {final:.6f} after {info['nit']} iterations, "
-              f"{info['funcalls']} evaluations on {len(master.workers)} "
-              f"workers: {elapsed:.2f} s, "
-              f"{elapsed / info['funcalls'] * 1e3:.1f} ms per evaluation")
+        print(
+            f"final cost {final:.6f} after {info['nit']} iterations, "
+            f"{info['funcalls']} evaluations on {len(master.workers)} "
+            f"workers: {elapsed:.2f} s, "
+            f"{elapsed / info['funcalls'] * 1e3:.1f} ms per evaluation"
+        )
         print(master.last_run)
     if args.serial:
         started = time.perf_counter()
-        _, serial_final, sinfo = train(lambda t: serial_cost(t, X), theta0,
-                                       args.iterations)
+        _, serial_final, sinfo = train(
+            lambda t: serial_cost(t, X), theta0, args.iterations
+        )
         elapsed = time.perf_counter() - started
-        print(f"serial: final cost {serial_final:.6f}, {elapsed:.2f} s, "
-              f"{elapsed / sinfo['funcalls'] * 1e3:.1f} ms per evaluation")
+        print(
+            f"serial: final cost {serial_final:.6f}, {elapsed:.2f} s, "
+            f"{elapsed / sinfo['funcalls'] * 1e3:.1f} ms per evaluation"
+        )
     return 0 if same and final < c0 else 1
 
 

@@ -7,6 +7,7 @@ n^2 (n^2 + 1) / 2. Each worker sums its rows; the master adds the sums.
     QJAMFAB_HOSTS=a,b python examples/sum_matrix.py 2000
     inv run examples/sum_matrix.py --hosts=a,b -- 2000
 """
+
 import argparse
 import sys
 
@@ -33,15 +34,21 @@ def main(n: int) -> int:
 def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a positive integer: give the matrix's size, "
-            f"e.g. 1000")
+            f"{text!r} is not a positive integer: give the matrix's size, e.g. 1000"
+        )
     return int(text)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="The hosts are $QJAMFAB_HOSTS (else local workers).")
-    parser.add_argument("n", nargs="?", type=positive_int, default=1000,
-                        help="the matrix is n x n (default 1000)")
+        epilog="The hosts are $QJAMFAB_HOSTS (else local workers).",
+    )
+    parser.add_argument(
+        "n",
+        nargs="?",
+        type=positive_int,
+        default=1000,
+        help="the matrix is n x n (default 1000)",
+    )
     sys.exit(main(parser.parse_args().n))

@@ -7,24 +7,63 @@
 
 The public names live in private-ish modules and are re-exported here.
 """
-from .dataset import (ArrayDataSet, BaseDataSet, DataSet, ListDataSet,
-                      NpyFileDataSet, TextMatrixDataSet)
-from .errors import (AuthenticationFailed, BadDataSet, BadHostSpec, BadJob,
-                     BadPackage, BadParams, ExecutorShutdown, HostError,
-                     HostKeyError, HostUnreachable, JobError, PreflightFailed,
-                     ProtocolError, QjamfabError, ReduceError, RemoteError,
-                     WorkerLost)
+
+from .dataset import (
+    ArrayDataSet,
+    BaseDataSet,
+    DataSet,
+    ListDataSet,
+    NpyFileDataSet,
+    TextMatrixDataSet,
+)
+from .errors import (
+    AuthenticationFailed,
+    BadDataSet,
+    BadHostSpec,
+    BadJob,
+    BadPackage,
+    BadParams,
+    ExecutorShutdown,
+    HostError,
+    HostKeyError,
+    HostUnreachable,
+    JobError,
+    PreflightFailed,
+    ProtocolError,
+    QjamfabError,
+    ReduceError,
+    RemoteError,
+    WorkerLost,
+)
 from .master import Master, RunStats
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Master", "RunStats", "DataSet", "BaseDataSet", "ListDataSet",
-    "ArrayDataSet", "NpyFileDataSet", "TextMatrixDataSet",
-    "QjamfabError", "HostError", "BadHostSpec", "HostUnreachable",
-    "AuthenticationFailed", "HostKeyError", "PreflightFailed",
-    "ProtocolError", "WorkerLost", "RemoteError", "JobError", "BadJob",
-    "BadParams", "BadDataSet", "ReduceError", "ExecutorShutdown",
+    "Master",
+    "RunStats",
+    "DataSet",
+    "BaseDataSet",
+    "ListDataSet",
+    "ArrayDataSet",
+    "NpyFileDataSet",
+    "TextMatrixDataSet",
+    "QjamfabError",
+    "HostError",
+    "BadHostSpec",
+    "HostUnreachable",
+    "AuthenticationFailed",
+    "HostKeyError",
+    "PreflightFailed",
+    "ProtocolError",
+    "WorkerLost",
+    "RemoteError",
+    "JobError",
+    "BadJob",
+    "BadParams",
+    "BadDataSet",
+    "ReduceError",
+    "ExecutorShutdown",
     "BadPackage",
 ]
 
@@ -32,16 +71,22 @@ __all__ = [
 def _register_joblib_backend() -> None:
     """joblib's backend "qjamfab", when joblib is installed (an extra)."""
     import importlib.util
+
     if importlib.util.find_spec("joblib") is None:
         return
     try:
         from . import joblib_backend
+
         joblib_backend.register()
-    except Exception as exc:   # a broken joblib must not break qjamfab
+    except Exception as exc:  # a broken joblib must not break qjamfab
         import warnings
-        warnings.warn(f"qjamfab: the joblib backend is not available "
-                      f"({type(exc).__name__}: {exc}); reinstall joblib "
-                      f"(pip install 'qjamfab[joblib]')", stacklevel=2)
+
+        warnings.warn(
+            f"qjamfab: the joblib backend is not available "
+            f"({type(exc).__name__}: {exc}); reinstall joblib "
+            f"(pip install 'qjamfab[joblib]')",
+            stacklevel=2,
+        )
 
 
 _register_joblib_backend()

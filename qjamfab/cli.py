@@ -7,6 +7,7 @@
 An `invoke.Program` around `qjamfab.tasks.ns`, so it parses and helps exactly
 as ``inv`` does with the repository's tasks.py.
 """
+
 from __future__ import annotations
 
 from invoke import Program
@@ -14,8 +15,7 @@ from invoke import Program
 from . import __version__
 from .tasks import ns
 
-program = Program(namespace=ns, version=__version__, name="qjamfab",
-                  binary="qjamfab")
+program = Program(namespace=ns, version=__version__, name="qjamfab", binary="qjamfab")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,6 +10,7 @@ Hosts run in a thread pool rather than a Fabric ThreadingGroup: each host
 needs its own sequence of steps, and a ThreadingGroup keys results by
 (host, user, port), which merges two aliases of one endpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from . import hosts as hostlib
 from . import runtime
@@ -37,8 +38,11 @@ with open(os.path.join(os.path.dirname(runtime.__file__), "probe.py")) as _f:
 
 
 def remote_python() -> str:
-    return (os.environ.get("QJAMFAB_REMOTE_PYTHON")
-            or os.environ.get("QJAM_REMOTE_PYTHON") or "python3")
+    return (
+        os.environ.get("QJAMFAB_REMOTE_PYTHON")
+        or os.environ.get("QJAM_REMOTE_PYTHON")
+        or "python3"
+    )
 
 
 class _NoRuntime(QjamfabError):
@@ -48,8 +52,13 @@ class _NoRuntime(QjamfabError):
 class HostSession:
     """One host and the commands that set up and manage its workers."""
 
-    def __init__(self, spec: HostSpec, *, ssh_config: str | None = None,
-                 connect_timeout: float = 10.0):
+    def __init__(
+        self,
+        spec: HostSpec,
+        *,
+        ssh_config: str | None = None,
+        connect_timeout: float = 10.0,
+    ):
         self.spec = spec
         self.name = spec.raw
         self.ssh_config = ssh_config
@@ -57,8 +66,9 @@ class HostSession:
             self.conn = None
             self.python = sys.executable
         else:
-            self.conn = hostlib.connect(spec, ssh_config=ssh_config,
-                                        connect_timeout=connect_timeout)
+            self.conn = hostlib.connect(
+                spec, ssh_config=ssh_config, connect_timeout=connect_timeout
+            )
             self.python = spec.python or remote_python()
 
     @property
@@ -68,34 +78,40 @@ class HostSession:
         transport = self.conn.client.get_transport()
         return transport is not None and transport.is_active()
 
-    def _python(self, args: list[str], timeout: float = 120.0
-                ) -> tuple[int, str, str]:
+    def _python(self, args: list[str], timeout: float = 120.0) -> tuple[int, str, str]:
         if self.conn is None:
             try:
-                done = subprocess.run([self.python, *args], capture_output=True,
-                                      text=True, timeout=timeout)
+                done = subprocess.run(
+                    [self.python, *args],
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                )
             except FileNotFoundError:
                 done = subprocess.CompletedProcess(args, 127, "", "not found")
             status, out, err = done.returncode, done.stdout, done.stderr
         else:
             status, out, err = ssh_exec(
-                self.conn, shlex.join([self.python, *args]), timeout=timeout)
+                self.conn, shlex.join([self.python, *args]), timeout=timeout
+            )
         if status == 127:
             raise PreflightFailed(
                 f"{self.name}: python {self.python!r} was not found: install "
                 f"python3 there, or set QJAMFAB_REMOTE_PYTHON to its path\n"
-                f"{tail(err)}", host=self.name)
+                f"{tail(err)}",
+                host=self.name,
+            )
         return status, out, err
 
     def preflight(self) -> dict:
         """Check the host can run workers; its probe report."""
-        status, out, err = self._python(["-c", _PROBE_SOURCE,
-                                         runtime.bundle_hash()])
+        status, out, err = self._python(["-c", _PROBE_SOURCE, runtime.bundle_hash()])
         if status != 0:
             raise PreflightFailed(
                 f"{self.name}: the preflight probe failed with exit status "
                 f"{status}: check {self.python!r} runs there\n{tail(err)}",
-                host=self.name)
+                host=self.name,
+            )
         info = self._answer(out, "the preflight probe")
         theirs, ours = tuple(info["python"][:2]), sys.version_info[:2]
         if theirs != ours:
@@ -104,12 +120,15 @@ class HostSession:
                 f"({info['executable']}), the master {ours[0]}.{ours[1]}: "
                 "cloudpickle needs the same minor version; set "
                 f"QJAMFAB_REMOTE_PYTHON to a python{ours[0]}.{ours[1]} there",
-                host=self.name)
+                host=self.name,
+            )
         if not info["writable"]:
             raise PreflightFailed(
                 f"{self.name}: base directory {info['base']} is not writable "
                 f"({info['error']}): fix its permissions or set QJAMFAB_HOME "
-                "for that host", host=self.name)
+                "for that host",
+                host=self.name,
+            )
         return info
 
     def bootstrap(self, packages: Sequence = ()) -> dict:
@@ -122,38 +141,51 @@ class HostSession:
                 runtime.ensure_local_bundle(info["base"])
             else:
                 root = f"{info['base']}/runtime"
-                sftp_upload(self.conn, runtime.bundle_files(),
-                            staging=f"{root}/.staging-{uuid.uuid4().hex}",
-                            target=f"{root}/{runtime.bundle_hash()}")
+                sftp_upload(
+                    self.conn,
+                    runtime.bundle_files(),
+                    staging=f"{root}/.staging-{uuid.uuid4().hex}",
+                    target=f"{root}/{runtime.bundle_hash()}",
+                )
             info["runtime"] = "uploaded"
         info["runtime_hash"] = runtime.bundle_hash()
         if packages:
             from .packages import upload
+
             info["packages"] = upload(self, info, packages)
         return info
 
     def manage(self, command: str, *args: str) -> dict:
         """A runtime/manage.py command on the host; its JSON answer."""
         status, out, err = self._python(
-            ["-c", runtime.boot_code("manage"), command, *args])
+            ["-c", runtime.boot_code("manage"), command, *args]
+        )
         if status != 0 and runtime.NO_RUNTIME in err:
             raise _NoRuntime(f"{self.name} has no runtime {runtime.bundle_hash()}")
         if status != 0:
             said = tail(err)
-            raise HostError(f"{self.name}: {command} failed with exit status "
-                            f"{status}: "
-                            + (f"see the output below\n{said}" if said.strip()
-                               else "it wrote nothing; run inv status "
-                                    "--verbose there"), host=self.name)
+            raise HostError(
+                f"{self.name}: {command} failed with exit status "
+                f"{status}: "
+                + (
+                    f"see the output below\n{said}"
+                    if said.strip()
+                    else "it wrote nothing; run inv status --verbose there"
+                ),
+                host=self.name,
+            )
         return self._answer(out, command)
 
     def _answer(self, out: str, what: str) -> dict:
         try:
             return json.loads(out.strip().splitlines()[-1])
         except (ValueError, IndexError) as exc:
-            raise HostError(f"{self.name}: {what} gave no answer ({exc}): "
-                            "check that the host's shell prints nothing on "
-                            f"its own\n{tail(out)}", host=self.name) from exc
+            raise HostError(
+                f"{self.name}: {what} gave no answer ({exc}): "
+                "check that the host's shell prints nothing on "
+                f"its own\n{tail(out)}",
+                host=self.name,
+            ) from exc
 
     def manage_bootstrapped(self, command: str, *args: str) -> dict:
         """manage(), bootstrapping first when this runtime is missing."""
@@ -169,7 +201,8 @@ class HostSession:
         settings."""
         env = [a for k, v in self.spec.env for a in ("--env", f"{k}={v}")]
         return self.manage_bootstrapped(
-            "start", "--count", str(self.spec.workers or count), *env)
+            "start", "--count", str(self.spec.workers or count), *env
+        )
 
     def close(self) -> None:
         if self.conn is not None:
@@ -179,6 +212,7 @@ class HostSession:
 @dataclass
 class HostResult:
     """What one lifecycle step did on one host."""
+
     host: str
     ok: bool
     seconds: float
@@ -186,35 +220,44 @@ class HostResult:
     error: str = ""
 
 
-def for_each_host(hosts: Sequence[HostSpec], step: Callable[[HostSession], dict],
-                  *, ssh_config: str | None = None,
-                  connect_timeout: float = 10.0,
-                  on_result: Callable[[HostResult], None] | None = None
-                  ) -> list[HostResult]:
+def for_each_host(
+    hosts: Sequence[HostSpec],
+    step: Callable[[HostSession], dict],
+    *,
+    ssh_config: str | None = None,
+    connect_timeout: float = 10.0,
+    on_result: Callable[[HostResult], None] | None = None,
+) -> list[HostResult]:
     """Connect to every host and run step on it, all hosts in parallel.
 
     `on_result(result)` is called (on a pool thread) as each host finishes,
     e.g. to show progress. An unexpected exception on one host becomes that
     host's error, with its traceback in the debug log.
     """
+
     def attempt(spec: HostSpec) -> HostResult:
         started = time.monotonic()
         session = None
         try:
-            session = HostSession(spec, ssh_config=ssh_config,
-                                  connect_timeout=connect_timeout)
+            session = HostSession(
+                spec, ssh_config=ssh_config, connect_timeout=connect_timeout
+            )
             info = step(session)
             return HostResult(spec.raw, True, time.monotonic() - started, info)
         except QjamfabError as exc:
-            return HostResult(spec.raw, False, time.monotonic() - started,
-                              error=str(exc))
-        except Exception as exc:   # a bug, not the host: keep the others
+            return HostResult(
+                spec.raw, False, time.monotonic() - started, error=str(exc)
+            )
+        except Exception as exc:  # a bug, not the host: keep the others
             log.debug("%s: unexpected error", spec.raw, exc_info=True)
             return HostResult(
-                spec.raw, False, time.monotonic() - started,
+                spec.raw,
+                False,
+                time.monotonic() - started,
                 error=f"{spec.raw}: unexpected {type(exc).__name__}: {exc}: "
-                      "run again with --verbose for the traceback, and "
-                      "report it")
+                "run again with --verbose for the traceback, and "
+                "report it",
+            )
         finally:
             if session is not None:
                 session.close()
@@ -224,28 +267,32 @@ def for_each_host(hosts: Sequence[HostSpec], step: Callable[[HostSession], dict]
         if on_result is not None:
             try:
                 on_result(result)
-            except Exception:   # showing progress never fails a step
+            except Exception:  # showing progress never fails a step
                 log.debug("on_result failed", exc_info=True)
         return result
+
     if not hosts:
         return []
     with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
         return list(pool.map(one, hosts))
 
 
-def bootstrap(hosts: Sequence[HostSpec], packages: Sequence = (), **kw
-              ) -> list[HostResult]:
+def bootstrap(
+    hosts: Sequence[HostSpec], packages: Sequence = (), **kw
+) -> list[HostResult]:
     """`packages`: packages.Distribution objects (packages.resolve)."""
     return for_each_host(hosts, lambda s: s.bootstrap(packages), **kw)
 
 
-def start_workers(hosts: Sequence[HostSpec], count: int | str = "auto",
-                  **kw) -> list[HostResult]:
+def start_workers(
+    hosts: Sequence[HostSpec], count: int | str = "auto", **kw
+) -> list[HostResult]:
     return for_each_host(hosts, lambda s: s.start_workers(count), **kw)
 
 
 # manage.py works from pid files, so this runtime also sees and stops the
 # daemons of an earlier one.
+
 
 def status(hosts: Sequence[HostSpec], **kw) -> list[HostResult]:
     return for_each_host(hosts, lambda s: s.manage_bootstrapped("status"), **kw)

@@ -33,6 +33,7 @@ them is Dask, built from its own pieces:
   pipe makes `fileno()` readable for the inbox's poll, and
   `read_events()` takes what is queued, on the Run's thread.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -47,22 +48,27 @@ import threading
 import time
 import traceback
 import uuid
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import protocol
-from .errors import (HostUnreachable, PreflightFailed, ProtocolError,
-                     QjamfabError, WorkerLost)
+from .errors import (
+    HostUnreachable,
+    PreflightFailed,
+    ProtocolError,
+    QjamfabError,
+    WorkerLost,
+)
 from .hosts import HostSpec
 from .workers import LOST, Event, Inbox, WorkerHandle
 
 log = logging.getLogger("qjamfab")
 
-LABEL = "dask"                 # workers are dask-0, dask-1, ...
-CONNECT_TIMEOUT_S = 10.0       # to reach a scheduler given by address
+LABEL = "dask"  # workers are dask-0, dask-1, ...
+CONNECT_TIMEOUT_S = 10.0  # to reach a scheduler given by address
 _SCHEMES = ("tcp://", "tls://", "ucx://", "ws://", "wss://", "inproc://")
 _OPTIONS = {  # Master options that mean nothing to a Dask cluster
-    "workers_per_host": "Dask decides: one qjamfab worker per Dask worker "
-                        "thread",
+    "workers_per_host": "Dask decides: one qjamfab worker per Dask worker thread",
     "ssh_config": "Dask workers are not reached over SSH",
     "ssh_client": "Dask workers are not reached over SSH",
 }
@@ -77,8 +83,9 @@ def is_dask(hosts: object) -> bool:
     return distributed is not None and isinstance(hosts, distributed.Client)
 
 
-def dask_host(hosts: object, heartbeat_timeout: float,
-              **options: Any) -> "DaskHost | None":
+def dask_host(
+    hosts: object, heartbeat_timeout: float, **options: Any
+) -> DaskHost | None:
     """The Master's host entry for a Dask cluster, or None when `hosts`
     names none. `options` are the Master's SSH options, which must be
     left out. A scheduler address gets a Client of its own, closed with
@@ -87,8 +94,10 @@ def dask_host(hosts: object, heartbeat_timeout: float,
         return None
     for option, value in options.items():
         if value is not None:
-            raise ValueError(f"{option} does not apply to a Dask cluster "
-                             f"({_OPTIONS[option]}): leave it out")
+            raise ValueError(
+                f"{option} does not apply to a Dask cluster "
+                f"({_OPTIONS[option]}): leave it out"
+            )
     shown = hosts.strip() if isinstance(hosts, str) else "a Client"
     try:
         import distributed
@@ -99,21 +108,26 @@ def dask_host(hosts: object, heartbeat_timeout: float,
         ) from exc
     if not isinstance(hosts, str):
         if hosts.asynchronous:
-            raise ValueError("Master needs a synchronous Client: create it "
-                             "with Client(..., asynchronous=False)")
+            raise ValueError(
+                "Master needs a synchronous Client: create it "
+                "with Client(..., asynchronous=False)"
+            )
         if hosts.status != "running":
-            raise ValueError(f"this Client is {hosts.status}, not running: "
-                             "pass a connected Client")
+            raise ValueError(
+                f"this Client is {hosts.status}, not running: pass a connected Client"
+            )
         return DaskHost(DaskSession(hosts, False, heartbeat_timeout))
     try:
-        client = distributed.Client(shown, timeout=CONNECT_TIMEOUT_S,
-                                    set_as_default=False)
+        client = distributed.Client(
+            shown, timeout=CONNECT_TIMEOUT_S, set_as_default=False
+        )
     except (OSError, TimeoutError) as exc:
         raise HostUnreachable(
             f"cannot reach the Dask scheduler at {shown} in "
             f"{CONNECT_TIMEOUT_S:g} s: check the address and that the "
             f"scheduler runs ({type(exc).__name__}: {exc})",
-            host=shown) from exc
+            host=shown,
+        ) from exc
     return DaskHost(DaskSession(client, True, heartbeat_timeout))
 
 
@@ -121,17 +135,23 @@ def check_hello(address: str, hello: object) -> QjamfabError | None:
     """What is wrong with a Dask worker, from its hello (or the exception
     that came instead), or None: it can serve this Master."""
     import qjamfab
-    install = (f"install this qjamfab ({qjamfab.__version__}) in the Dask "
-               "workers' environment (or the image they run)")
+
+    install = (
+        f"install this qjamfab ({qjamfab.__version__}) in the Dask "
+        "workers' environment (or the image they run)"
+    )
     if isinstance(hello, BaseException):
         return PreflightFailed(
             f"Dask worker {address} cannot run qjamfab "
-            f"({type(hello).__name__}: {hello}): {install}", host=address)
+            f"({type(hello).__name__}: {hello}): {install}",
+            host=address,
+        )
     if hello["version"] != protocol.VERSION:
         return PreflightFailed(
             f"Dask worker {address} speaks qjamfab protocol "
             f"{hello['version']}, this Master {protocol.VERSION}: {install}",
-            host=address)
+            host=address,
+        )
     theirs, ours = tuple(hello["python"][:2]), sys.version_info[:2]
     if theirs != ours:
         return PreflightFailed(
@@ -139,10 +159,10 @@ def check_hello(address: str, hello: object) -> QjamfabError | None:
             f"{'.'.join(map(str, hello['python']))}, the master "
             f"{ours[0]}.{ours[1]}: cloudpickle needs the same minor version; "
             f"run the Dask workers with a python{ours[0]}.{ours[1]}",
-            host=address)
+            host=address,
+        )
     if hello["error"]:
-        return PreflightFailed(f"Dask worker {address}: {hello['error']}",
-                               host=address)
+        return PreflightFailed(f"Dask worker {address}: {hello['error']}", host=address)
     return None
 
 
@@ -150,16 +170,16 @@ class DaskHost:
     """A Dask cluster as one entry of the Master's hosts: its workers
     (one per Dask worker thread, `handles` by number) and the session."""
 
-    def __init__(self, session: "DaskSession"):
+    def __init__(self, session: DaskSession):
         self.spec = HostSpec(session.address, "dask")
         self.label = LABEL
         self.link = session
         self.handles: dict[int, WorkerHandle] = {}
-        self.openssh_failed = False   # what the Master keeps of any host
+        self.openssh_failed = False  # what the Master keeps of any host
         self.failures = 0
         self.retry_at = 0.0
         self._slots: dict[tuple[str, int], int] = {}  # (name, thread) -> n
-        self._refused: set[str] = set()   # Dask workers left out, warned once
+        self._refused: set[str] = set()  # Dask workers left out, warned once
         self._started = False
 
     @property
@@ -172,11 +192,9 @@ class DaskHost:
         return len(self._slots)
 
     def _number(self, members: dict) -> None:
-        for address, info in sorted(members.items(),
-                                    key=lambda m: _natural(m[1]["name"])):
+        for _, info in sorted(members.items(), key=lambda m: _natural(m[1]["name"])):
             for thread in range(info["nthreads"]):
-                self._slots.setdefault((info["name"], thread),
-                                       len(self._slots))
+                self._slots.setdefault((info["name"], thread), len(self._slots))
 
     def prepare(self, inbox: Inbox) -> None:
         """Give a handle to every numbered worker whose Dask worker is up
@@ -187,22 +205,28 @@ class DaskHost:
             self._started = True
         members = self.link.members
         self._number(members)
-        by_name = {info["name"]: address for address, info in members.items()
-                   if info["status"] == "running"}
+        by_name = {
+            info["name"]: address
+            for address, info in members.items()
+            if info["status"] == "running"
+        }
         wanted: dict[str, list[int]] = {}
         for (name, thread), n in self._slots.items():
             handle = self.handles.get(n)
             address = by_name.get(name)
-            if (handle is not None and handle.alive) or address is None or \
-                    address in self._refused or \
-                    thread >= members[address]["nthreads"]:
+            if (
+                (handle is not None and handle.alive)
+                or address is None
+                or address in self._refused
+                or thread >= members[address]["nthreads"]
+            ):
                 continue
             wanted.setdefault(address, []).append(n)
         if wanted:
             hellos = self.link.hellos(list(wanted))
             for address, numbers in wanted.items():
                 if address not in hellos:
-                    continue   # it left meanwhile
+                    continue  # it left meanwhile
                 problem = check_hello(address, hellos[address])
                 if problem is not None:
                     if first:
@@ -216,7 +240,8 @@ class DaskHost:
             raise WorkerLost(
                 f"the Dask cluster at {self.spec.raw} has no running workers: "
                 "start some (cluster.scale(n)) or wait for them "
-                "(client.wait_for_workers(n)), then create the Master")
+                "(client.wait_for_workers(n)), then create the Master"
+            )
 
     def _attach(self, inbox: Inbox, address: str, n: int, hello: dict) -> None:
         old = self.handles.pop(n, None)
@@ -224,7 +249,7 @@ class DaskHost:
             old.close()
         link = DaskLink(self.link, address)
         handle = link.handles[0] = WorkerHandle(link, n, f"{LABEL}-{n}", hello)
-        handle.refs.update(hello["refs"])   # the slices it has already
+        handle.refs.update(hello["refs"])  # the slices it has already
         self.handles[n] = handle
         inbox.add(link)
         self.link.watch(link)
@@ -232,8 +257,9 @@ class DaskHost:
 
 def _natural(name: str) -> list:
     """Sort key: "worker-2" before "worker-10"."""
-    return [(0, int(p), "") if p.isdigit() else (1, 0, p)
-            for p in re.split(r"(\d+)", name)]
+    return [
+        (0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)
+    ]
 
 
 class DaskSession:
@@ -241,14 +267,14 @@ class DaskSession:
 
     def __init__(self, client, owned: bool, heartbeat_timeout: float):
         self.client = client
-        self.owned = owned            # made by us: closed with the Master
+        self.owned = owned  # made by us: closed with the Master
         self.address = client.scheduler.address
         self.timeout = heartbeat_timeout
         self.interval = min(1.0, heartbeat_timeout / 5)
         # address -> {name, nthreads, status, last_seen}: the latest view
         self.members: dict[str, dict] = {}
         self._links: dict[str, list[DaskLink]] = {}
-        self._seen: dict[str, float] = {}    # address -> its last heartbeat
+        self._seen: dict[str, float] = {}  # address -> its last heartbeat
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -259,53 +285,71 @@ class DaskSession:
 
     def start(self) -> None:
         """Register the worker plugin, learn the workers, start watching."""
-        from . import dask_worker
         import qjamfab
+
+        from . import dask_worker
+
         plugin = dask_worker.QjamfabPlugin()
         try:
             self.client.register_plugin(plugin)
         except Exception as exc:
-            try:   # the scheduler keeps it for workers to come: take it back
+            try:  # the scheduler keeps it for workers to come: take it back
                 self.client.unregister_worker_plugin(plugin.name)
             except Exception:
                 pass
-            said = str(exc) if type(exc) is Exception else \
-                f"{type(exc).__name__}: {exc}"   # a worker's, passed on
+            said = (
+                str(exc) if type(exc) is Exception else f"{type(exc).__name__}: {exc}"
+            )  # a worker's, passed on
             raise PreflightFailed(
                 f"the Dask workers cannot take qjamfab's worker plugin "
                 f"({said}): install this qjamfab "
                 f"({qjamfab.__version__}) in the Dask workers' environment "
-                "(or the image they run)", host=self.address) from exc
+                "(or the image they run)",
+                host=self.address,
+            ) from exc
         try:
             self.refresh()
         except (OSError, TimeoutError) as exc:
             raise HostUnreachable(
                 f"the Dask scheduler at {self.address} does not answer "
                 f"({type(exc).__name__}: {exc}): check that it runs",
-                host=self.address) from exc
-        self._thread = threading.Thread(target=self._watch, daemon=True,
-                                        name="qjamfab-dask-watch")
+                host=self.address,
+            ) from exc
+        self._thread = threading.Thread(
+            target=self._watch, daemon=True, name="qjamfab-dask-watch"
+        )
         self._thread.start()
 
     def call(self, method: Callable, *args: Any, **kwargs: Any) -> Any:
         """A Client method, on the Client's loop, waited for at most
         heartbeat_timeout s (TimeoutError after)."""
+
         async def waited():
             return await asyncio.wait_for(
-                method(*args, asynchronous=True, **kwargs), self.timeout)
+                method(*args, asynchronous=True, **kwargs), self.timeout
+            )
+
         return self.client.sync(waited)
 
     def refresh(self) -> None:
         """Ask the scheduler which workers are up: report the ones gone,
         freshen the heartbeats of the ones whose own heartbeat moved."""
+
         async def identity():
             return await asyncio.wait_for(
-                self.client.scheduler.identity(), self.timeout)  # all workers
+                self.client.scheduler.identity(), self.timeout
+            )  # all workers
+
         info = self.client.sync(identity)
-        members = {address: {"name": str(w["name"]), "nthreads": w["nthreads"],
-                             "status": w["status"],
-                             "last_seen": w["last_seen"]}
-                   for address, w in info["workers"].items()}
+        members = {
+            address: {
+                "name": str(w["name"]),
+                "nthreads": w["nthreads"],
+                "status": w["status"],
+                "last_seen": w["last_seen"],
+            }
+            for address, w in info["workers"].items()
+        }
         now = time.monotonic()
         with self._lock:
             self.members = members
@@ -314,8 +358,7 @@ class DaskSession:
                 worker = members.get(address)
                 if worker is None:
                     for link in links:
-                        link.gone(f"the Dask scheduler removed Dask worker "
-                                  f"{address}")
+                        link.gone(f"the Dask scheduler removed Dask worker {address}")
                     del self._links[address]
                     self._seen.pop(address, None)
                     continue
@@ -329,20 +372,23 @@ class DaskSession:
         while not self._stop.wait(self.interval):
             try:
                 self.refresh()
-            except Exception as exc:   # the scheduler away: no heartbeats
-                log.debug("Dask scheduler %s: %s: %s", self.address,
-                          type(exc).__name__, exc)
+            except Exception as exc:  # the scheduler away: no heartbeats
+                log.debug(
+                    "Dask scheduler %s: %s: %s", self.address, type(exc).__name__, exc
+                )
 
-    def watch(self, link: "DaskLink") -> None:
+    def watch(self, link: DaskLink) -> None:
         with self._lock:
             self._links.setdefault(link.address, []).append(link)
 
     def hellos(self, addresses: list[str]) -> dict[str, object]:
         """address -> the worker's hello, or the exception it raised."""
         from . import dask_worker
+
         try:
-            return self.call(self.client.run, dask_worker.hello,
-                             workers=addresses, on_error="return")
+            return self.call(
+                self.client.run, dask_worker.hello, workers=addresses, on_error="return"
+            )
         except (OSError, TimeoutError) as exc:
             return {address: exc for address in addresses}
 
@@ -392,7 +438,7 @@ class _Mailbox:
             try:
                 os.write(self._write, b"\0")
             except BlockingIOError:
-                pass   # full: readable already
+                pass  # full: readable already
 
     def take(self) -> list[tuple]:
         with self._lock:
@@ -421,6 +467,7 @@ class _Mailbox:
 class _Task:
     """A TASK sent to a Dask worker: submitted (`future`), or waiting for
     what its worker lacks (`missing` refs, `needs_func`)."""
+
     __slots__ = ("head", "params", "future", "missing", "needs_func")
 
     def __init__(self, head: dict, params: list):
@@ -441,7 +488,7 @@ class DaskLink:
         self.session = session
         self.client = session.client
         self.address = address
-        self.label = address   # handle.host: one Dask worker, one cache
+        self.label = address  # handle.host: one Dask worker, one cache
         self.handles: dict[int, WorkerHandle] = {}
         self.alive = True
         self.last_seen = time.monotonic()
@@ -449,23 +496,30 @@ class DaskLink:
         self.bytes_received = 0
         self.reader = self.transport = _Mailbox()
         self._tasks: dict[int, _Task] = {}
-        self._funcs: dict[str, bytes] = {}   # FUNC not yet sent on
-        self._refs: dict[str, list] = {}     # REFS not yet sent on
-        self._params: list = []              # the run's params
-        self._stores: set = set()            # replicas on their way
+        self._funcs: dict[str, bytes] = {}  # FUNC not yet sent on
+        self._refs: dict[str, list] = {}  # REFS not yet sent on
+        self._params: list = []  # the run's params
+        self._stores: set = set()  # replicas on their way
 
     def fileno(self) -> int:
         return self.transport.fileno()
 
     # --- frames out ------------------------------------------------------
 
-    def send(self, kind: int, head: dict, payload: Sequence = (),
-             worker: int = 0, to: str | None = None) -> int:
+    def send(
+        self,
+        kind: int,
+        head: dict,
+        payload: Sequence = (),
+        worker: int = 0,
+        to: str | None = None,
+    ) -> int:
         name = to or self.address
         if not self.alive:
             raise WorkerLost(f"worker {name} is gone", worker=name)
         size = len(pickle.dumps(head, protocol=5)) + sum(
-            memoryview(p).nbytes for p in payload)
+            memoryview(p).nbytes for p in payload
+        )
         try:
             if kind == protocol.TASK:
                 if head["params"]:
@@ -485,100 +539,136 @@ class DaskLink:
             else:
                 raise ProtocolError(
                     f"a Dask worker takes no "
-                    f"{protocol.KIND_NAMES.get(kind, kind)} frame")
+                    f"{protocol.KIND_NAMES.get(kind, kind)} frame"
+                )
         except (OSError, TimeoutError, RuntimeError, ValueError) as exc:
-            raise WorkerLost(f"worker {name} is unreachable through Dask "
-                             f"({type(exc).__name__}: {exc})",
-                             worker=name) from exc
+            raise WorkerLost(
+                f"worker {name} is unreachable through Dask "
+                f"({type(exc).__name__}: {exc})",
+                worker=name,
+            ) from exc
         self.bytes_sent += size
         return size
 
     def _submit(self, task: _Task, slices: list | None) -> None:
         from .dask_worker import run_task
+
         scattered = None
         if slices:
-            [scattered] = self.client.scatter([slices], workers=[self.address],
-                                              hash=False)
+            [scattered] = self.client.scatter(
+                [slices], workers=[self.address], hash=False
+            )
         # One opaque blob: Dask walks dicts and lists given as arguments
         # into task nodes of their own (2 ms a round trip, measured).
-        blob = pickle.dumps((task.head, task.params[0],
-                             self._funcs.pop(task.head["func"], None)),
-                            protocol=5)
+        blob = pickle.dumps(
+            (task.head, task.params[0], self._funcs.pop(task.head["func"], None)),
+            protocol=5,
+        )
         task.future = self.client.submit(
-            run_task, blob, scattered, *task.params[1:],
+            run_task,
+            blob,
+            scattered,
+            *task.params[1:],
             key=f"qjamfab-task-{task.head['task']}-{uuid.uuid4().hex[:12]}",
-            workers=[self.address], allow_other_workers=False, pure=False,
-            retries=0)
-        self.client.loop.add_callback(self._await_reply, task.head["task"],
-                                      task.future, scattered)
+            workers=[self.address],
+            allow_other_workers=False,
+            pure=False,
+            retries=0,
+        )
+        self.client.loop.add_callback(
+            self._await_reply, task.head["task"], task.future, scattered
+        )
 
     def _supplied(self) -> None:
         """After FUNC or REFS: submit again each blocked task that now has
         what it lacked, with those slices; keep any other slice there."""
         for task in self._tasks.values():
-            if task.missing is not None and task.missing <= self._refs.keys() \
-                    and (not task.needs_func or task.head["func"] in self._funcs):
+            if (
+                task.missing is not None
+                and task.missing <= self._refs.keys()
+                and (not task.needs_func or task.head["func"] in self._funcs)
+            ):
                 slices = [(ref, self._refs.pop(ref)) for ref in task.missing]
                 task.missing = None
                 self._submit(task, slices)
-        wanted = set().union(*(t.missing for t in self._tasks.values()
-                               if t.missing is not None))
-        spare = [(ref, self._refs.pop(ref)) for ref in list(self._refs)
-                 if ref not in wanted]
-        if spare:   # a replica: no task waits for it
+        wanted = set().union(
+            *(t.missing for t in self._tasks.values() if t.missing is not None)
+        )
+        spare = [
+            (ref, self._refs.pop(ref)) for ref in list(self._refs) if ref not in wanted
+        ]
+        if spare:  # a replica: no task waits for it
             from .dask_worker import store
-            [scattered] = self.client.scatter([spare], workers=[self.address],
-                                              hash=False)
+
+            [scattered] = self.client.scatter(
+                [spare], workers=[self.address], hash=False
+            )
             future = self.client.submit(
-                store, scattered, workers=[self.address],
-                allow_other_workers=False, pure=False)
+                store,
+                scattered,
+                workers=[self.address],
+                allow_other_workers=False,
+                pure=False,
+            )
             self._stores.add(future)
             future.add_done_callback(self._stored)
 
     def _stored(self, future) -> None:
         self._stores.discard(future)
         if future.status == "error":
-            log.warning("worker %s could not keep a replica: %s", self.address,
-                        future.exception())
+            log.warning(
+                "worker %s could not keep a replica: %s",
+                self.address,
+                future.exception(),
+            )
 
     def _cancel(self, task_id: int) -> None:
         task = self._tasks.pop(task_id, None)
         if task is None:
             return
         if task.future is not None:
-            self.client.loop.add_callback(self.client.cancel, [task.future],
-                                          asynchronous=True)
-        self.transport.push(("event", protocol.STATE,
-                             {"task": task_id, "state": "cancelled"}))
+            self.client.loop.add_callback(
+                self.client.cancel, [task.future], asynchronous=True
+            )
+        self.transport.push(
+            ("event", protocol.STATE, {"task": task_id, "state": "cancelled"})
+        )
 
     async def _await_reply(self, task_id: int, future, scattered) -> None:
         """On the Client's loop: the task's reply, queued for the Run."""
         try:
             reply = await self.client.gather(future, asynchronous=True)
         except asyncio.CancelledError:
-            return   # cancelled: nobody waits for it
+            return  # cancelled: nobody waits for it
         except Exception as exc:
             if future.cancelled():
                 return
-            reply = {"log": "", "error": {
-                "phase": "running qjamfab's task on Dask",
-                "type": type(exc).__name__, "message": str(exc),
-                "traceback": "".join(traceback.format_exception(exc))}}
+            reply = {
+                "log": "",
+                "error": {
+                    "phase": "running qjamfab's task on Dask",
+                    "type": type(exc).__name__,
+                    "message": str(exc),
+                    "traceback": "".join(traceback.format_exception(exc)),
+                },
+            }
         finally:
-            del scattered   # the worker has stored the slices
+            del scattered  # the worker has stored the slices
         self.transport.push(("reply", task_id, future, reply))
 
     async def _ask(self, kind: int) -> None:
         """CLEAR or STATS, by Client.run on the worker."""
         from . import dask_worker
-        func = dask_worker.clear if kind == protocol.CLEAR else \
-            dask_worker.stats
+
+        func = dask_worker.clear if kind == protocol.CLEAR else dask_worker.stats
         try:
-            replies = await self.client.run(func, workers=[self.address],
-                                            asynchronous=True)
-        except Exception as exc:   # the Master's wait says it
-            log.debug("%s on %s failed: %s", protocol.KIND_NAMES[kind],
-                      self.address, exc)
+            replies = await self.client.run(
+                func, workers=[self.address], asynchronous=True
+            )
+        except Exception as exc:  # the Master's wait says it
+            log.debug(
+                "%s on %s failed: %s", protocol.KIND_NAMES[kind], self.address, exc
+            )
             return
         self.transport.push(("event", kind, replies[self.address]))
 
@@ -599,37 +689,58 @@ class DaskLink:
                 events.append(Event(handle, item[1], item[2], []))
         return events
 
-    def _reply(self, handle: WorkerHandle, task_id: int, future,
-               reply: dict) -> list[Event]:
+    def _reply(
+        self, handle: WorkerHandle, task_id: int, future, reply: dict
+    ) -> list[Event]:
         task = self._tasks.get(task_id)
         if task is None or task.future is not future:
-            return []   # cancelled meanwhile
+            return []  # cancelled meanwhile
         task.future = None
         if "blocked" in reply:
             blocked = reply["blocked"]
             task.missing = set(blocked["refs"])
             task.needs_func = blocked["func"]
-            return [Event(handle, protocol.STATE, {
-                "task": task_id, "state": "blocked", "refs": blocked["refs"],
-                "func": blocked["func"]}, [])]
+            return [
+                Event(
+                    handle,
+                    protocol.STATE,
+                    {
+                        "task": task_id,
+                        "state": "blocked",
+                        "refs": blocked["refs"],
+                        "func": blocked["func"],
+                    },
+                    [],
+                )
+            ]
         del self._tasks[task_id]
         text = reply["log"]
         self.bytes_received += len(text.encode())
-        events = [Event(handle, protocol.LOG, {"text": text}, [])] \
-            if text else []
+        events = [Event(handle, protocol.LOG, {"text": text}, [])] if text else []
         if "result" in reply:
             parts = reply["result"]
             self.bytes_received += sum(memoryview(p).nbytes for p in parts)
-            events.append(Event(handle, protocol.RESULT, {
-                "task": task_id, "compute_s": reply["compute_s"],
-                "slices": reply["slices"]}, parts))
+            events.append(
+                Event(
+                    handle,
+                    protocol.RESULT,
+                    {
+                        "task": task_id,
+                        "compute_s": reply["compute_s"],
+                        "slices": reply["slices"],
+                    },
+                    parts,
+                )
+            )
         elif "error" in reply:
-            events.append(Event(handle, protocol.ERROR,
-                                {"task": task_id, **reply["error"]}, []))
+            events.append(
+                Event(handle, protocol.ERROR, {"task": task_id, **reply["error"]}, [])
+            )
         else:
             self.transport.exit = (reply["exit"], text)
-            events += self.lost(f"the job called sys.exit "
-                                f"(exit status {reply['exit']})", died=True)
+            events += self.lost(
+                f"the job called sys.exit (exit status {reply['exit']})", died=True
+            )
         return events
 
     # --- from the session's watcher --------------------------------------
@@ -649,24 +760,27 @@ class DaskLink:
         """The worker is gone: its LOST event, its tasks dropped. `died`:
         its process ended running a task (not: the scheduler lost it)."""
         self.alive = False
-        events = [Event(h, LOST, {"reason": reason, "died": bool(died)}, [])
-                  for h in self.handles.values() if h.alive]
+        events = [
+            Event(h, LOST, {"reason": reason, "died": bool(died)}, [])
+            for h in self.handles.values()
+            if h.alive
+        ]
         for handle in self.handles.values():
             handle.alive = False
         self._drop_tasks()
         return events
 
     def _drop_tasks(self) -> None:
-        futures = [t.future for t in self._tasks.values()
-                   if t.future is not None]
+        futures = [t.future for t in self._tasks.values() if t.future is not None]
         self._tasks.clear()
         self._refs.clear()
         if futures:
             try:
-                self.client.loop.add_callback(self.client.cancel, futures,
-                                              asynchronous=True)
+                self.client.loop.add_callback(
+                    self.client.cancel, futures, asynchronous=True
+                )
             except RuntimeError:
-                pass   # the Client's loop has ended: nothing runs anyway
+                pass  # the Client's loop has ended: nothing runs anyway
 
     def close(self) -> None:
         self.alive = False

@@ -26,6 +26,7 @@ elsewhere. What a job prints is captured per task: fds 1 and 2 (Python
 and C alike) when the Dask worker runs one thread, else Python's
 sys.stdout and sys.stderr of the task's own thread.
 """
+
 from __future__ import annotations
 
 import collections
@@ -38,7 +39,7 @@ import tempfile
 import threading
 import time
 import traceback
-from typing import Iterable
+from collections.abc import Iterable
 
 from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -49,8 +50,8 @@ from .runtime.cache import CacheLimitError, RefCache
 from .runtime.worker import c_stdio_flush, tune_malloc
 
 PLUGIN_NAME = "qjamfab"
-_JOBS_KEPT = 64   # jobs unpickled and kept per Dask worker, latest used
-_CAPTURE_RESET = 1 << 20   # the capture file starts over past this size
+_JOBS_KEPT = 64  # jobs unpickled and kept per Dask worker, latest used
+_CAPTURE_RESET = 1 << 20  # the capture file starts over past this size
 
 
 class QjamfabPlugin(WorkerPlugin):
@@ -61,12 +62,12 @@ class QjamfabPlugin(WorkerPlugin):
 
     def setup(self, worker) -> None:
         self.worker = worker
-        self.lock = threading.Lock()   # the cache serves the worker's threads
+        self.lock = threading.Lock()  # the cache serves the worker's threads
         self.jobs: collections.OrderedDict = collections.OrderedDict()
         self.started = time.time()
         self.threads = worker.state.nthreads
         self._cache: RefCache | None = None
-        self._capture = None   # the file of _Capture, made on first use
+        self._capture = None  # the file of _Capture, made on first use
         self._streams = None
         # As in our own workers: numpy temporaries stay in the heap, not
         # mapped and unmapped on every call (Dask's nanny sets
@@ -77,8 +78,10 @@ class QjamfabPlugin(WorkerPlugin):
         if self.threads > 1:
             # Several tasks at once: fds 1 and 2 cannot tell them apart.
             self._streams = sys.stdout, sys.stderr
-            sys.stdout, sys.stderr = (_ThreadStream(sys.stdout),
-                                      _ThreadStream(sys.stderr))
+            sys.stdout, sys.stderr = (
+                _ThreadStream(sys.stdout),
+                _ThreadStream(sys.stderr),
+            )
 
     def teardown(self, worker) -> None:
         if self._streams is not None:
@@ -89,14 +92,15 @@ class QjamfabPlugin(WorkerPlugin):
             self._capture.close()
 
     def cache_directory(self) -> str:
-        return os.path.join(os.path.dirname(
-            os.path.abspath(self.worker.local_directory)), "qjamfab-cache")
+        return os.path.join(
+            os.path.dirname(os.path.abspath(self.worker.local_directory)),
+            "qjamfab-cache",
+        )
 
     def capture_fd(self) -> int:
         """The file a task's fds 1 and 2 point at (unlinked, private)."""
         if self._capture is None:
-            self._capture = tempfile.TemporaryFile(
-                dir=self.worker.local_directory)
+            self._capture = tempfile.TemporaryFile(dir=self.worker.local_directory)
         return self._capture.fileno()
 
     def cache(self) -> RefCache:
@@ -110,16 +114,23 @@ class QjamfabPlugin(WorkerPlugin):
     def refs(self) -> list[str]:
         """The slices in this machine's cache directory, which this worker
         can use without asking (the master places slices where they are)."""
-        return sorted(name for name in os.listdir(self.cache().directory)
-                      if not name.endswith(".tmp"))
+        return sorted(
+            name
+            for name in os.listdir(self.cache().directory)
+            if not name.endswith(".tmp")
+        )
 
     def store(self, slices: Iterable[tuple[str, list]]) -> None:
         """Slices sent by the master: into the cache, sealed."""
         cache = self.cache()
         for ref, parts in slices:
             with self.lock:
-                cache.receive(ref, [memoryview(p).nbytes for p in parts],
-                              _parts_reader(parts), None)
+                cache.receive(
+                    ref,
+                    [memoryview(p).nbytes for p in parts],
+                    _parts_reader(parts),
+                    None,
+                )
 
     def add_job(self, func_hash: str, data: bytes) -> None:
         if hashlib.sha256(data).hexdigest() != func_hash:
@@ -153,6 +164,7 @@ def _parts_reader(parts: list) -> protocol.FrameReader:
         buffer[:n] = views[0][:n]
         views[0] = views[0][n:]
         return n
+
     return protocol.FrameReader(readinto)
 
 
@@ -161,18 +173,24 @@ def _plugin() -> QjamfabPlugin:
     if plugin is None:
         raise RuntimeError(
             "qjamfab's worker plugin is not on this Dask worker: create a "
-            "new Master, which registers it")
+            "new Master, which registers it"
+        )
     return plugin
 
 
 def hello(dask_worker) -> dict:
     """What the Master checks and keeps of a Dask worker (Client.run)."""
     plugin = dask_worker.plugins.get(PLUGIN_NAME)
-    out = {"version": protocol.VERSION, "python": list(sys.version_info[:3]),
-           "pid": os.getpid(), "name": str(dask_worker.name),
-           "address": dask_worker.address,
-           "threads": dask_worker.state.nthreads, "error": None,
-           "refs": []}
+    out = {
+        "version": protocol.VERSION,
+        "python": list(sys.version_info[:3]),
+        "pid": os.getpid(),
+        "name": str(dask_worker.name),
+        "address": dask_worker.address,
+        "threads": dask_worker.state.nthreads,
+        "error": None,
+        "refs": [],
+    }
     if plugin is None:
         out["error"] = "qjamfab's worker plugin is not on it"
         return out
@@ -181,11 +199,12 @@ def hello(dask_worker) -> dict:
     except CacheLimitError as exc:
         out["error"] = f"{exc} (in the Dask workers' environment)"
     except OSError as exc:
-        why = str(exc).split("; ")[0]   # what to do differs on Dask
+        why = str(exc).split("; ")[0]  # what to do differs on Dask
         out["error"] = (
             f"its slice cache {plugin.cache_directory()} cannot be used "
             f"({why}): give the Dask workers a local directory of your own "
-            "(--local-directory, or the cluster's local_directory=)")
+            "(--local-directory, or the cluster's local_directory=)"
+        )
     return out
 
 
@@ -202,9 +221,12 @@ def stats(dask_worker) -> dict:
     plugin = dask_worker.plugins[PLUGIN_NAME]
     with plugin.lock:
         out = plugin.cache().stats()
-    out.update(pid=os.getpid(), name=str(dask_worker.name),
-               address=dask_worker.address,
-               uptime_s=time.time() - plugin.started)
+    out.update(
+        pid=os.getpid(),
+        name=str(dask_worker.name),
+        address=dask_worker.address,
+        uptime_s=time.time() - plugin.started,
+    )
     return out
 
 
@@ -213,8 +235,9 @@ def store(slices: list[tuple[str, list]]) -> None:
     _plugin().store(slices)
 
 
-def run_task(blob: bytes, slices: list[tuple[str, list]] | None,
-             *params_buffers) -> dict:
+def run_task(
+    blob: bytes, slices: list[tuple[str, list]] | None, *params_buffers
+) -> dict:
     """One TASK: `blob` pickles (head, the params' main part, the job's
     bytes or None); `slices` are the ones the master sent with it, and
     `params_buffers` the params' out-of-band parts.
@@ -245,8 +268,9 @@ def run_task(blob: bytes, slices: list[tuple[str, list]] | None,
     return reply
 
 
-def _run(plugin: QjamfabPlugin, cache: RefCache, head: dict,
-         params_parts: list) -> dict:
+def _run(
+    plugin: QjamfabPlugin, cache: RefCache, head: dict, params_parts: list
+) -> dict:
     """mapfunc over the task's slices, combined: as runtime/worker.py's
     Worker._run, phase by phase."""
     phase = "loading the job"
@@ -271,20 +295,26 @@ def _run(plugin: QjamfabPlugin, cache: RefCache, head: dict,
         phase = "pickling the result"
         parts = _encode_result(tree.items())
     except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else \
-            0 if exc.code is None else 1
+        status = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
         if not isinstance(exc.code, (int, type(None))):
-            print(exc.code, file=sys.stderr)   # as Python does on exit
+            print(exc.code, file=sys.stderr)  # as Python does on exit
         return {"exit": status}
     except Exception as exc:
         return {"error": _error(phase, exc)}
-    return {"result": parts, "compute_s": time.perf_counter() - started,
-            "slices": 0 if head["refs"] is None else len(head["refs"])}
+    return {
+        "result": parts,
+        "compute_s": time.perf_counter() - started,
+        "slices": 0 if head["refs"] is None else len(head["refs"]),
+    }
 
 
 def _error(phase: str, exc: BaseException) -> dict:
-    return {"phase": phase, "type": type(exc).__name__, "message": str(exc),
-            "traceback": traceback.format_exc()}
+    return {
+        "phase": phase,
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": traceback.format_exc(),
+    }
 
 
 def _encode_result(value: object) -> list:
@@ -293,6 +323,7 @@ def _encode_result(value: object) -> list:
         return protocol.encode(value, pickle.dumps)
     except Exception:
         import cloudpickle
+
         return protocol.encode(value, cloudpickle.dumps)
 
 
@@ -338,7 +369,7 @@ class _Capture:
         self._plugin = plugin
         self.text = ""
 
-    def __enter__(self) -> "_Capture":
+    def __enter__(self) -> _Capture:
         if self._plugin.threads > 1:
             self._buffer = _ThreadStream.begin()
             return self
@@ -365,7 +396,8 @@ class _Capture:
         fd = self._plugin.capture_fd()
         end = os.lseek(fd, 0, os.SEEK_CUR)
         self.text = os.pread(fd, end - self._start, self._start).decode(
-            "utf-8", "replace")
+            "utf-8", "replace"
+        )
 
 
 def _flush_all() -> None:

@@ -7,6 +7,7 @@ worker's cache can be keyed by it. This module runs on the master only.
 Datasets assume their data is not modified after refs are computed: refs are
 memoized per dataset object.
 """
+
 from __future__ import annotations
 
 import copy
@@ -61,8 +62,9 @@ def content_ref(obj: Any) -> str:
         else:
             # A tree: the digests of its blocks, hashed on every core.
             h.update(b"blocks\0")
-            blocks = [data[i:i + _HASH_BLOCK]
-                      for i in range(0, len(data), _HASH_BLOCK)]
+            blocks = [
+                data[i : i + _HASH_BLOCK] for i in range(0, len(data), _HASH_BLOCK)
+            ]
             for digest in _hash_pool().map(_block_digest, blocks):
                 h.update(digest)
         return h.hexdigest()
@@ -78,13 +80,14 @@ def content_ref(obj: Any) -> str:
 
 
 def _block_digest(block: np.ndarray) -> bytes:
-    return hashlib.sha256(block).digest()   # releases the GIL
+    return hashlib.sha256(block).digest()  # releases the GIL
 
 
 @functools.lru_cache(maxsize=1)
 def _hash_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
-                              thread_name_prefix="qjamfab-hash")
+    return ThreadPoolExecutor(
+        max_workers=os.cpu_count() or 1, thread_name_prefix="qjamfab-hash"
+    )
 
 
 def _pickle_into(h: Any, obj: Any, *, fast: bool) -> None:
@@ -101,7 +104,7 @@ def _pickle_into(h: Any, obj: Any, *, fast: bool) -> None:
         raise BadDataSet(
             f"a {type(obj).__name__} slice cannot be pickled ({exc}): keep "
             "slices to plain data (numbers, str, lists, numpy arrays)"
-            ) from exc
+        ) from exc
 
 
 class BaseDataSet(ABC):
@@ -146,7 +149,7 @@ class BaseDataSet(ABC):
                     memo[i] = self._compute_ref(i)
         return list(memo)
 
-    def release(self, index: int) -> None:
+    def release(self, index: int) -> None:  # noqa: B027 (a hook, not abstract)
         """The master is done with slice index for now (after hashing or
         sending it). Memory-mapped datasets drop its pages from the
         master's memory; others keep nothing extra."""
@@ -167,11 +170,13 @@ class BaseDataSet(ABC):
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
             raise BadDataSet(
                 f"{name}.chunks() returned {n!r} ({type(n).__name__}): return "
-                f"the number of slices as a positive int")
+                f"the number of slices as a positive int"
+            )
         if n < 1:
             raise BadDataSet(
                 f"{name}.chunks() returned {n}: a dataset needs at least one "
-                f"slice; return a positive int")
+                f"slice; return a positive int"
+            )
         return int(n)
 
     def _index(self, index: int) -> int:
@@ -210,11 +215,15 @@ def _check_workers(n_workers: int) -> None:
 def _check_slice_size(slice_size: int | None) -> int | None:
     if slice_size is None:
         return None
-    if (isinstance(slice_size, bool)
-            or not isinstance(slice_size, (int, np.integer)) or slice_size < 1):
+    if (
+        isinstance(slice_size, bool)
+        or not isinstance(slice_size, (int, np.integer))
+        or slice_size < 1
+    ):
         raise BadDataSet(
             f"slice_size must be a positive int or None, got {slice_size!r}: "
-            f"give the number of items per slice, or None to let qjamfab choose")
+            f"give the number of items per slice, or None to let qjamfab choose"
+        )
     return int(slice_size)
 
 
@@ -229,7 +238,8 @@ class _CutDataSet(BaseDataSet):
     def __init__(self, n_items: int, slice_size: int | None, emptiness: str):
         if n_items < 1:
             raise BadDataSet(
-                f"dataset is empty: {emptiness}; give it at least one item")
+                f"dataset is empty: {emptiness}; give it at least one item"
+            )
         size = _check_slice_size(slice_size)
         self._n = n_items
         # With slice_size=None the Master re-cuts it per worker count.
@@ -286,7 +296,8 @@ class ListDataSet(_CutDataSet):
         if not isinstance(seq, (list, tuple, range)):
             raise BadDataSet(
                 f"ListDataSet takes a list, tuple or range, not "
-                f"{_a(type(seq).__name__)}: convert it with list(...)")
+                f"{_a(type(seq).__name__)}: convert it with list(...)"
+            )
         self._seq = seq
         super().__init__(len(seq), slice_size, f"the {type(seq).__name__} has no items")
 
@@ -301,18 +312,21 @@ class ArrayDataSet(_CutDataSet):
     array are views, not copies.
     """
 
-    def __init__(self, array: np.ndarray, slice_size: int | None = None,
-                 row_major: bool = True):
+    def __init__(
+        self, array: np.ndarray, slice_size: int | None = None, row_major: bool = True
+    ):
         # asarray drops subclasses (memmap, matrix) without copying data.
         array = np.asarray(array)
         if array.ndim == 0:
             raise BadDataSet(
                 "cannot slice a 0-d array: give an array with at least one "
-                "dimension, e.g. np.atleast_1d(x)")
+                "dimension, e.g. np.atleast_1d(x)"
+            )
         if not row_major and array.ndim < 2:
             raise BadDataSet(
                 "row_major=False needs an array with at least 2 dimensions: "
-                "use row_major=True for a 1-d array")
+                "use row_major=True for a 1-d array"
+            )
         self._array = array
         self.row_major = row_major
         axis = "rows" if row_major else "columns"
@@ -320,15 +334,21 @@ class ArrayDataSet(_CutDataSet):
         super().__init__(n, slice_size, f"the {array.shape} array has no {axis}")
 
     def _take(self, start: int, stop: int) -> np.ndarray:
-        block = self._array[start:stop] if self.row_major else self._array[:, start:stop]
+        block = (
+            self._array[start:stop] if self.row_major else self._array[:, start:stop]
+        )
         return np.ascontiguousarray(block)
 
 
 class NpyFileDataSet(ArrayDataSet):
     """A .npy file, memory-mapped read-only so the master never loads it whole."""
 
-    def __init__(self, path: str | os.PathLike[str], slice_size: int | None = None,
-                 row_major: bool = True):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        slice_size: int | None = None,
+        row_major: bool = True,
+    ):
         self.path = _existing_file(path)
         try:
             array = np.load(self.path, mmap_mode="r")
@@ -381,14 +401,18 @@ class TextMatrixDataSet(_CutDataSet):
     def _compute_ref(self, index: int) -> str:
         # Parsing is a pure function of the bytes, so hash those: cheaper.
         h = hashlib.sha256(_TEXT_TAG)
-        h.update(self._read(*self._byte_range(self._bounds[index], self._bounds[index + 1])))
+        h.update(
+            self._read(*self._byte_range(self._bounds[index], self._bounds[index + 1]))
+        )
         return h.hexdigest()
 
     def _take(self, start: int, stop: int) -> np.ndarray:
         begin, end = self._byte_range(start, stop)
         raw = self._read(begin, end)
         try:
-            block = np.loadtxt(io.BytesIO(raw), dtype=np.float64, comments=None, ndmin=2)
+            block = np.loadtxt(
+                io.BytesIO(raw), dtype=np.float64, comments=None, ndmin=2
+            )
         except ValueError as exc:
             raise self._diagnose(begin, raw, str(exc)) from exc
         if block.shape[1] != self._n_cols:
@@ -406,15 +430,19 @@ class TextMatrixDataSet(_CutDataSet):
                     return BadDataSet(
                         f"{self.path}: line {line_no + k} has a non-numeric value "
                         f"{tok.decode('latin-1')!r}: a text matrix holds only "
-                        f"whitespace-separated numbers, one row per line")
+                        f"whitespace-separated numbers, one row per line"
+                    )
             if tokens and len(tokens) != self._n_cols:
                 return BadDataSet(
                     f"{self.path}: line {line_no + k} has {len(tokens)} numbers but "
                     f"line {first_no} has {self._n_cols}: every row needs the same "
-                    f"number of columns")
+                    f"number of columns"
+                )
         return BadDataSet(
             f"{self.path}: cannot parse the rows from line {line_no}: a text "
-            f"matrix holds only whitespace-separated numbers, one row per line\n{detail}")
+            "matrix holds only whitespace-separated numbers, one row per "
+            f"line\n{detail}"
+        )
 
 
 def _is_number(token: bytes) -> bool:
@@ -448,8 +476,8 @@ def _scan_rows(path: str) -> tuple[np.ndarray, int]:
     larger than memory never becomes a list of Python strings.
     """
     found: list[np.ndarray] = []
-    pos = 0                # file offset of the current block
-    line_start = 0         # offset where the line in progress began
+    pos = 0  # file offset of the current block
+    line_start = 0  # offset where the line in progress began
     line_has_data = False  # has the line in progress a non-blank byte so far
     with open(path, "rb") as f:
         while block := f.read(_SCAN_BLOCK):
@@ -481,11 +509,13 @@ def _existing_file(path: str | os.PathLike[str]) -> str:
     if not os.path.exists(p):
         raise BadDataSet(
             f"dataset path {p} does not exist: give the path of an existing "
-            f".npy or text-matrix file")
+            f".npy or text-matrix file"
+        )
     if not os.path.isfile(p):
         raise BadDataSet(
             f"dataset path {p} is not a regular file: give the path of a .npy "
-            f"or text-matrix file")
+            f"or text-matrix file"
+        )
     return p
 
 
@@ -493,8 +523,9 @@ def _a(noun: str) -> str:
     return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
-def DataSet(obj: Any, slice_size: int | None = None, *,
-            row_major: bool = True) -> BaseDataSet:
+def DataSet(
+    obj: Any, slice_size: int | None = None, *, row_major: bool = True
+) -> BaseDataSet:
     """The dataset for obj: a list/tuple/range, a numpy array, a .npy or
     text-matrix path, or a BaseDataSet (returned as is, after checking
     that its chunks() is a positive int)."""
@@ -508,7 +539,8 @@ def DataSet(obj: Any, slice_size: int | None = None, *,
         if row_major is False:
             raise BadDataSet(
                 "row_major=False is not supported for a text matrix: convert it "
-                "to a .npy file, or slice it by rows")
+                "to a .npy file, or slice it by rows"
+            )
         return TextMatrixDataSet(path, slice_size)
     if isinstance(obj, (list, tuple, range)):
         return ListDataSet(obj, slice_size)
@@ -516,4 +548,5 @@ def DataSet(obj: Any, slice_size: int | None = None, *,
         return ArrayDataSet(obj, slice_size, row_major)
     raise BadDataSet(
         f"cannot slice {_a(type(obj).__name__)}: pass a list, tuple, numpy "
-        f"array, a .npy or text-matrix path, or a BaseDataSet subclass")
+        f"array, a .npy or text-matrix path, or a BaseDataSet subclass"
+    )

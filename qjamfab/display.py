@@ -28,6 +28,7 @@ of errors and logs (their modules write it, with the helpers below):
 
 rich is imported only by the functions that draw with it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,20 +41,36 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from .errors import QjamfabError
 
-if TYPE_CHECKING:   # pragma: no cover - annotations only
+if TYPE_CHECKING:  # pragma: no cover - annotations only
     from rich.console import Console
     from rich.table import Table
 
-__all__ = ["RunProgress", "master_html", "runstats_html", "format_bytes",
-           "format_duration", "plural", "first_line", "stderr_tail",
-           "log_to_stderr", "script_excepthook", "warn_if_cli_hosts_ignored",
-           "hosts_table", "render_table", "print_table",
-           "print_failure", "HostProgress", "StderrHandler", "is_terminal"]
+__all__ = [
+    "RunProgress",
+    "master_html",
+    "runstats_html",
+    "format_bytes",
+    "format_duration",
+    "plural",
+    "first_line",
+    "stderr_tail",
+    "log_to_stderr",
+    "script_excepthook",
+    "warn_if_cli_hosts_ignored",
+    "hosts_table",
+    "render_table",
+    "print_table",
+    "print_failure",
+    "HostProgress",
+    "StderrHandler",
+    "is_terminal",
+]
 
 
 def is_terminal(stream: TextIO | None = None) -> bool:
@@ -107,17 +124,18 @@ def plural(n: int, word: str, words: str | None = None) -> str:
     return f"{n} {word if n == 1 else (words or word + 's')}"
 
 
-def first_line(text: str | BaseException, host: str = "",
-               limit: int | None = None) -> str:
+def first_line(
+    text: str | BaseException, host: str = "", limit: int | None = None
+) -> str:
     """The line that sums up an error: its first non-blank line, stripped,
     without a leading "HOST: " when `host` is given (where the host is named
     already), cut to `limit` characters with "..."; "failed" when empty."""
     lines = [line for line in str(text or "").splitlines() if line.strip()]
     line = lines[0].strip() if lines else "failed"
     if host and line.startswith(host + ": "):
-        line = line[len(host) + 2:]
+        line = line[len(host) + 2 :]
     if limit is not None and len(line) > limit:
-        line = line[:max(limit - 3, 0)] + "..."
+        line = line[: max(limit - 3, 0)] + "..."
     return line
 
 
@@ -143,7 +161,7 @@ def log_to_stderr(level: int | str, marker: str = "qjamfab") -> None:
     bad = None
     if isinstance(level, str):
         name = level.strip().upper()
-        number = logging.getLevelName(name)   # a number for known names
+        number = logging.getLevelName(name)  # a number for known names
         if not isinstance(number, int):
             bad, number = level, logging.INFO
         level = number
@@ -151,14 +169,16 @@ def log_to_stderr(level: int | str, marker: str = "qjamfab") -> None:
         if getattr(handler, "_qjamfab_marker", None) == marker:
             logger.removeHandler(handler)
     handler = StderrHandler()
-    handler._qjamfab_marker = marker   # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter(
-        "%(name)s: %(levelname)s: %(message)s"))
+    handler._qjamfab_marker = marker  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)
     if bad is not None:
-        logger.warning("log level %r is not a level name: using INFO (give "
-                       "DEBUG, INFO, WARNING or ERROR)", bad)
+        logger.warning(
+            "log level %r is not a level name: using INFO (give "
+            "DEBUG, INFO, WARNING or ERROR)",
+            bad,
+        )
 
 
 ExceptHook = Callable[[type, BaseException, "TracebackType | None"], None]
@@ -174,17 +194,19 @@ def script_excepthook(verbose: bool = False) -> ExceptHook:
     without the frames of the runner and runpy, so it reads as if the script
     had been run directly.
     """
-    def hook(kind: type, exc: BaseException,
-             tb: TracebackType | None) -> None:
+
+    def hook(kind: type, exc: BaseException, tb: TracebackType | None) -> None:
         if not verbose and issubclass(kind, QjamfabError):
             sys.stderr.write(f"{kind.__name__}: {exc}\n")
         elif verbose or not issubclass(kind, KeyboardInterrupt):
             while tb is not None and (
-                    tb.tb_frame.f_code.co_filename == "<string>"
-                    or tb.tb_frame.f_globals.get("__name__") == "runpy"):
+                tb.tb_frame.f_code.co_filename == "<string>"
+                or tb.tb_frame.f_globals.get("__name__") == "runpy"
+            ):
                 tb = tb.tb_next
             # Python prints the traceback the exception holds, not `tb`.
             sys.__excepthook__(kind, exc.with_traceback(tb), tb)
+
     return hook
 
 
@@ -199,17 +221,21 @@ def warn_if_cli_hosts_ignored(hosts: None | str | Sequence[str]) -> None:
     """
     if hosts is None or os.environ.get("QJAMFAB_HOSTS_FROM_CLI") != "1":
         return
-    named = [str(h).strip() for h in
-             (hosts.split(",") if isinstance(hosts, str) else hosts)]
+    named = [
+        str(h).strip() for h in (hosts.split(",") if isinstance(hosts, str) else hosts)
+    ]
     given = [h.strip() for h in os.environ.get("QJAMFAB_HOSTS", "").split(",")]
     if named != given:
         logging.getLogger("qjamfab").warning(
             "run --hosts=%s is ignored: the script names its own hosts (%s); "
             "remove them from the script (Master() then uses --hosts)",
-            ",".join(given), ",".join(named))
+            ",".join(given),
+            ",".join(named),
+        )
 
 
 # --- the progress bar of a run ------------------------------------------------
+
 
 class RunProgress:
     """A transient progress bar of the slices (or tasks) a run has done.
@@ -225,24 +251,39 @@ class RunProgress:
     Use it as a context manager, or call `close()` in a ``finally``.
     """
 
-    __slots__ = ("total", "done", "unit", "_bar", "_task", "_timer",
-                 "_lock", "_closed", "_console", "_started")
+    __slots__ = (
+        "total",
+        "done",
+        "unit",
+        "_bar",
+        "_task",
+        "_timer",
+        "_lock",
+        "_closed",
+        "_console",
+        "_started",
+    )
 
-    def __init__(self, total: int, enabled: bool | None = None,
-                 delay_s: float = 1.0, *, console: "Console | None" = None,
-                 unit: str = "slices"):
+    def __init__(
+        self,
+        total: int,
+        enabled: bool | None = None,
+        delay_s: float = 1.0,
+        *,
+        console: Console | None = None,
+        unit: str = "slices",
+    ):
         self.total = max(0, int(total or 0))
         self.done = 0
         self.unit = unit
-        self._bar = None          # the rich Progress, once shown
+        self._bar = None  # the rich Progress, once shown
         self._task = None
         self._timer: threading.Timer | None = None
         self._lock: threading.Lock | None = None
         self._closed = False
         self._console = console
         if enabled is None:
-            enabled = (console.is_terminal if console is not None
-                       else is_terminal())
+            enabled = console.is_terminal if console is not None else is_terminal()
         if not enabled:
             return
         self._started = time.monotonic()
@@ -276,16 +317,19 @@ class RunProgress:
                 return
             try:
                 if self._console is None and _in_jupyter():
-                    bar = _JupyterBar(self.total, self._completed(),
-                                      self.unit, self._started)
+                    bar = _JupyterBar(
+                        self.total, self._completed(), self.unit, self._started
+                    )
                 else:
                     bar = _new_progress_bar(self._console, self.unit)
-                    self._task = bar.add_task("qjamfab run",
-                                              total=self.total or None,
-                                              completed=self._completed(),
-                                              run_started=self._started)
+                    self._task = bar.add_task(
+                        "qjamfab run",
+                        total=self.total or None,
+                        completed=self._completed(),
+                        run_started=self._started,
+                    )
                     bar.start()
-            except Exception:   # a display problem never fails a run
+            except Exception:  # a display problem never fails a run
                 return
             self._bar = bar
 
@@ -305,10 +349,10 @@ class RunProgress:
             try:
                 bar.update(self._task, completed=self._completed())
                 bar.stop()
-            except Exception:   # pragma: no cover - a broken terminal
+            except Exception:  # pragma: no cover - a broken terminal
                 pass
 
-    def __enter__(self) -> "RunProgress":
+    def __enter__(self) -> RunProgress:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -320,7 +364,7 @@ def _in_jupyter() -> bool:
     ipython = sys.modules.get("IPython")
     try:
         shell = ipython.get_ipython() if ipython is not None else None
-    except Exception:   # pragma: no cover - an odd IPython
+    except Exception:  # pragma: no cover - an odd IPython
         return False
     return getattr(shell, "kernel", None) is not None
 
@@ -331,24 +375,24 @@ class _JupyterBar:
     on stop; needs no ipywidgets. Quacks like the rich Progress that
     RunProgress uses: update(task, completed=...), stop()."""
 
-    def __init__(self, total: int, completed: int, unit: str,
-                 started: float):
+    def __init__(self, total: int, completed: int, unit: str, started: float):
         from IPython.display import HTML, display
+
         self._html, self._time = HTML, time.monotonic
         self.total, self.unit = total, unit
         self._started, self._last = started, self._time()
-        self._handle = display(self._html(self._render(completed)),
-                               display_id=True)
+        self._handle = display(self._html(self._render(completed)), display_id=True)
 
     def _render(self, done: int) -> str:
         secs = self._time() - self._started
         if self.total:
-            bar = (f'<progress value="{done}" max="{self.total}" '
-                   f'style="width:40%"></progress> {done}/{self.total}')
+            bar = (
+                f'<progress value="{done}" max="{self.total}" '
+                f'style="width:40%"></progress> {done}/{self.total}'
+            )
         else:
-            bar = f"<progress style=\"width:40%\"></progress> {done}"
-        return (f"<div>qjamfab run {bar} {html.escape(self.unit)} "
-                f"({secs:.0f} s)</div>")
+            bar = f'<progress style="width:40%"></progress> {done}'
+        return f"<div>qjamfab run {bar} {html.escape(self.unit)} ({secs:.0f} s)</div>"
 
     def update(self, task, completed: int) -> None:
         now = self._time()
@@ -361,25 +405,35 @@ class _JupyterBar:
 
 
 def _new_progress_bar(console, unit: str):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress,
-                               ProgressColumn, TextColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+    )
     from rich.text import Text
 
     class _RunElapsed(ProgressColumn):
         """Seconds since the run started (the bar starts later)."""
 
         def render(self, task):
-            secs = time.monotonic() - task.fields.get("run_started",
-                                                      time.monotonic())
+            secs = time.monotonic() - task.fields.get("run_started", time.monotonic())
             return Text(format_duration(secs), style="progress.elapsed")
 
-    return Progress(TextColumn("[progress.description]{task.description}"),
-                    BarColumn(), MofNCompleteColumn(),
-                    TextColumn(unit, markup=False), _RunElapsed(),
-                    console=console, transient=True)
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(unit, markup=False),
+        _RunElapsed(),
+        console=console,
+        transient=True,
+    )
 
 
 # --- HTML for Jupyter -----------------------------------------------------------
+
 
 def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
@@ -387,9 +441,11 @@ def _e(value: object) -> str:
 
 def _rows(pairs: Iterable[tuple[str, str]]) -> str:
     """Table rows from (label, already-escaped html) pairs."""
-    return "".join(f'<tr><th style="text-align:left">{_e(label)}</th>'
-                   f'<td style="text-align:left">{cell}</td></tr>'
-                   for label, cell in pairs)
+    return "".join(
+        f'<tr><th style="text-align:left">{_e(label)}</th>'
+        f'<td style="text-align:left">{cell}</td></tr>'
+        for label, cell in pairs
+    )
 
 
 def _runstats_rows(stats) -> list[tuple[str, str]]:
@@ -400,15 +456,26 @@ def _runstats_rows(stats) -> list[tuple[str, str]]:
     rows = [
         ("elapsed", _e(format_duration(get("elapsed_s", 0.0)))),
         ("workers", _e(get("workers"))),
-        ("slices", _e(f"{slices} ({get('slices_cached')} cached on the "
-                      f"workers, {get('slices_sent')} sent)")
-         if slices else _e("none (no dataset: one call per worker)")),
+        (
+            "slices",
+            _e(
+                f"{slices} ({get('slices_cached')} cached on the "
+                f"workers, {get('slices_sent')} sent)"
+            )
+            if slices
+            else _e("none (no dataset: one call per worker)"),
+        ),
         ("dataset sent", _e(format_bytes(get("dataset_bytes_sent")))),
         ("bytes sent", _e(format_bytes(get("bytes_sent")))),
         ("bytes received", _e(format_bytes(get("bytes_received")))),
-        ("compute per worker",
-         "<br>".join(f"{_e(name)}: {_e(f'{float(secs):.3f} s')}"
-                     for name, secs in compute.items()) or "-"),
+        (
+            "compute per worker",
+            "<br>".join(
+                f"{_e(name)}: {_e(f'{float(secs):.3f} s')}"
+                for name, secs in compute.items()
+            )
+            or "-",
+        ),
     ]
     if lost or get("rerun_slices"):
         rows.append(("lost workers", _e(", ".join(map(str, lost)) or "-")))
@@ -416,30 +483,44 @@ def _runstats_rows(stats) -> list[tuple[str, str]]:
     if get("backup_tasks"):
         rows.append(("backup tasks", _e(get("backup_tasks"))))
     if get("replica_bytes_sent"):
-        rows.append(("replicas sent",
-                     _e(format_bytes(get("replica_bytes_sent")))))
+        rows.append(("replicas sent", _e(format_bytes(get("replica_bytes_sent")))))
     # fields added to RunStats later: shown when set
-    for f in (dataclasses.fields(stats) if dataclasses.is_dataclass(stats)
-              else ()):
+    for f in dataclasses.fields(stats) if dataclasses.is_dataclass(stats) else ():
         value = getattr(stats, f.name, None)
         if f.name in _SHOWN or not value:
             continue
-        text = (format_bytes(value) if "bytes" in f.name
-                and isinstance(value, (int, float)) else value)
+        text = (
+            format_bytes(value)
+            if "bytes" in f.name and isinstance(value, (int, float))
+            else value
+        )
         rows.append((f.name.replace("_", " "), _e(text)))
     return rows
 
 
-_SHOWN = {"elapsed_s", "workers", "slices", "slices_cached", "slices_sent",
-          "dataset_bytes_sent", "bytes_sent", "bytes_received",
-          "worker_compute_s", "lost_workers", "rerun_slices", "backup_tasks",
-          "replica_bytes_sent"}
+_SHOWN = {
+    "elapsed_s",
+    "workers",
+    "slices",
+    "slices_cached",
+    "slices_sent",
+    "dataset_bytes_sent",
+    "bytes_sent",
+    "bytes_received",
+    "worker_compute_s",
+    "lost_workers",
+    "rerun_slices",
+    "backup_tasks",
+    "replica_bytes_sent",
+}
 
 
 def runstats_html(stats) -> str:
     """A RunStats as a small HTML table (its ``_repr_html_``)."""
-    return (f'<div class="qjamfab-repr"><b>RunStats</b>'
-            f'<table>{_rows(_runstats_rows(stats))}</table></div>')
+    return (
+        f'<div class="qjamfab-repr"><b>RunStats</b>'
+        f"<table>{_rows(_runstats_rows(stats))}</table></div>"
+    )
 
 
 def master_html(master) -> str:
@@ -448,14 +529,13 @@ def master_html(master) -> str:
     Reads only public attributes (``hosts``, ``workers``, ``last_run`` and,
     when the Master has one, ``closed``): it never talks to the workers.
     """
-    hosts = [getattr(h, "raw", h) for h in (getattr(master, "hosts", None)
-                                            or [])]
+    hosts = [getattr(h, "raw", h) for h in (getattr(master, "hosts", None) or [])]
     try:
         workers = list(master.workers)
-    except Exception:   # a repr must never raise
+    except Exception:  # a repr must never raise
         workers = []
     closed = getattr(master, "closed", None)
-    state = (" (closed)" if closed is True else "")
+    state = " (closed)" if closed is True else ""
     last = getattr(master, "last_run", None)
     rows = [
         ("hosts", _e(", ".join(map(str, hosts)) or "-")),
@@ -465,13 +545,16 @@ def master_html(master) -> str:
         rows.append(("last run", "none yet"))
     else:
         rows.append(("last run", runstats_html(last)))
-    return (f'<div class="qjamfab-repr"><b>qjamfab Master</b>{_e(state)}: '
-            f'{_e(plural(len(hosts), "host"))}, '
-            f'{_e(plural(len(workers), "worker"))}'
-            f"<table>{_rows(rows)}</table></div>")
+    return (
+        f'<div class="qjamfab-repr"><b>qjamfab Master</b>{_e(state)}: '
+        f"{_e(plural(len(hosts), 'host'))}, "
+        f"{_e(plural(len(workers), 'worker'))}"
+        f"<table>{_rows(rows)}</table></div>"
+    )
 
 
 # --- tables for the tasks --------------------------------------------------------
+
 
 def _header_rule_box(char: str, last_header: int = 0):
     """A rich Box that draws only a rule under the header, one run of `char`
@@ -494,17 +577,23 @@ def _header_rule_box(char: str, last_header: int = 0):
             last = max(last_header, min(widths[-1], 20))
             return " ".join(parts + [char * last])
 
-    return _HeaderRule("    \n    \n    \n    \n    \n    \n    \n    \n",
-                       ascii=char.isascii())
+    return _HeaderRule(
+        "    \n    \n    \n    \n    \n    \n    \n    \n", ascii=char.isascii()
+    )
 
 
 def _cell(value: object) -> str:
     return "-" if value is None or value == "" else str(value)
 
 
-def hosts_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
-                align: str = "", *, color: bool = False,
-                failed: Iterable[int] = ()) -> "Table":
+def hosts_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    align: str = "",
+    *,
+    color: bool = False,
+    failed: Iterable[int] = (),
+) -> Table:
     """A rich Table: a header, a rule, one line per row.
 
     `align` holds one letter per column, ``l`` or ``r`` (missing: ``l``).
@@ -517,16 +606,24 @@ def hosts_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
 
     failed = set(failed)
     last_header = len(str(headers[-1])) if headers else 0
-    table = Table(box=_header_rule_box("─" if color else "-", last_header),
-                  show_edge=False, pad_edge=False, padding=(0, 1, 0, 0),
-                  header_style="bold" if color else None,
-                  border_style="dim" if color else None,
-                  collapse_padding=False, expand=False)
+    table = Table(
+        box=_header_rule_box("─" if color else "-", last_header),
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1, 0, 0),
+        header_style="bold" if color else None,
+        border_style="dim" if color else None,
+        collapse_padding=False,
+        expand=False,
+    )
     for i, header in enumerate(headers):
         last = i == len(headers) - 1
-        table.add_column(Text(str(header)),
-                         justify="right" if align[i:i + 1] == "r" else "left",
-                         no_wrap=not last, overflow="fold")
+        table.add_column(
+            Text(str(header)),
+            justify="right" if align[i : i + 1] == "r" else "left",
+            no_wrap=not last,
+            overflow="fold",
+        )
     for index, row in enumerate(rows):
         cells = [Text(_cell(v)) for v in row]
         if color and cells:
@@ -543,14 +640,23 @@ def _plain(renderable) -> str:
     """A renderable as plain text, lines without trailing blanks."""
     out = io.StringIO()
     from rich.console import Console
-    Console(file=out, width=10_000, color_system=None, force_terminal=False,
-            force_jupyter=False, soft_wrap=False, emoji=False,
-            highlight=False).print(renderable)
+
+    Console(
+        file=out,
+        width=10_000,
+        color_system=None,
+        force_terminal=False,
+        force_jupyter=False,
+        soft_wrap=False,
+        emoji=False,
+        highlight=False,
+    ).print(renderable)
     return "\n".join(line.rstrip() for line in out.getvalue().splitlines())
 
 
-def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
-                 align: str = "") -> str:
+def render_table(
+    headers: Sequence[str], rows: Sequence[Sequence[object]], align: str = ""
+) -> str:
     """Rows as a plain-text table: a header, a rule, one line per row.
 
     `align` holds one letter per column, ``l`` or ``r`` (missing: ``l``).
@@ -560,23 +666,36 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
     return _plain(hosts_table(headers, rows, align))
 
 
-def _console(stream: TextIO | None = None, width: int | None = None
-             ) -> "Console":
+def _console(stream: TextIO | None = None, width: int | None = None) -> Console:
     from rich.console import Console
-    return Console(file=stream if stream is not None else sys.stdout,
-                   width=width, highlight=False, emoji=False, soft_wrap=False)
+
+    return Console(
+        file=stream if stream is not None else sys.stdout,
+        width=width,
+        highlight=False,
+        emoji=False,
+        soft_wrap=False,
+    )
 
 
-def _natural_widths(headers: Sequence[str],
-                    rows: Sequence[Sequence[object]]) -> list[int]:
-    return [max([len(str(h))] + [len(_cell(r[i])) for r in rows if i < len(r)])
-            for i, h in enumerate(headers)]
+def _natural_widths(
+    headers: Sequence[str], rows: Sequence[Sequence[object]]
+) -> list[int]:
+    return [
+        max([len(str(h))] + [len(_cell(r[i])) for r in rows if i < len(r)])
+        for i, h in enumerate(headers)
+    ]
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
-                align: str = "", *, failed: Iterable[int] = (),
-                stream: TextIO | None = None, width: int | None = None
-                ) -> None:
+def print_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    align: str = "",
+    *,
+    failed: Iterable[int] = (),
+    stream: TextIO | None = None,
+    width: int | None = None,
+) -> None:
     """Print a table: coloured through rich in a terminal, else plain.
 
     Lines fit `width` columns (default: the terminal's width; 80 when not a
@@ -593,18 +712,18 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
     if terminal:
         widths = _natural_widths(headers, rows)
         # Room for every cell whole: rich would fold them otherwise.
-        console = _console(stream, width=max(
-            width, sum(w + 2 for w in widths[:-1]) + widths[-1]))
-        console.print(hosts_table(headers, rows, align, color=True,
-                                  failed=failed))
+        console = _console(
+            stream, width=max(width, sum(w + 2 for w in widths[:-1]) + widths[-1])
+        )
+        console.print(hosts_table(headers, rows, align, color=True, failed=failed))
     else:
         stream.write(render_table(headers, rows, align) + "\n")
     stream.flush()
 
 
-def _fit_last_column(headers: Sequence[str],
-                     rows: Sequence[Sequence[object]],
-                     width: int) -> list[list[object]]:
+def _fit_last_column(
+    headers: Sequence[str], rows: Sequence[Sequence[object]], width: int
+) -> list[list[object]]:
     if not headers:
         return [list(r) for r in rows]
     widths = _natural_widths(headers[:-1], rows)
@@ -612,14 +731,14 @@ def _fit_last_column(headers: Sequence[str],
     return [[*r[:-1], first_line(_cell(r[-1]), limit=room)] for r in rows]
 
 
-def print_failure(host: str, error: str, *,
-                  stream: TextIO | None = None) -> None:
+def print_failure(host: str, error: str, *, stream: TextIO | None = None) -> None:
     """A host's full error under the table: a blank line, "HOST failed:",
     then the error indented by four spaces."""
     stream = sys.stdout if stream is None else stream
     body = "\n".join("    " + line for line in error.rstrip().splitlines())
     if is_terminal(stream):
         from rich.text import Text
+
         text = Text("\n")
         text.append(f"{host} failed:", style="bold red")
         text.append("\n" + body)
@@ -638,15 +757,16 @@ class StderrHandler(logging.StreamHandler):
         logging.Handler.__init__(self, level)
 
     @property
-    def stream(self):   # type: ignore[override]
+    def stream(self):  # type: ignore[override]
         return sys.stderr
 
     @stream.setter
-    def stream(self, value) -> None:   # StreamHandler.setStream; ignored
+    def stream(self, value) -> None:  # StreamHandler.setStream; ignored
         pass
 
 
 # --- per-host progress for the lifecycle tasks ------------------------------------
+
 
 class HostProgress:
     """One line per host while a step runs on them all, in a terminal.
@@ -662,31 +782,36 @@ class HostProgress:
     `console` to draw elsewhere); when disabled everything is a no-op.
     """
 
-    def __init__(self, title: str, hosts: Sequence[str], *,
-                 enabled: bool | None = None,
-                 console: "Console | None" = None):
+    def __init__(
+        self,
+        title: str,
+        hosts: Sequence[str],
+        *,
+        enabled: bool | None = None,
+        console: Console | None = None,
+    ):
         self.title = title
         self.hosts = list(hosts)
         if enabled is None:
-            enabled = (console.is_terminal if console is not None
-                       else is_terminal())
+            enabled = console.is_terminal if console is not None else is_terminal()
         self.enabled = bool(enabled) and bool(self.hosts)
         self._console = console
         self._progress = None
         self._tasks: dict[str, list] = {}
         self._lock = threading.Lock()
 
-    def __enter__(self) -> "HostProgress":
+    def __enter__(self) -> HostProgress:
         if not self.enabled:
             return self
         try:
             self._progress = _host_progress(self._console)
             for host in self.hosts:
                 task = self._progress.add_task(
-                    host, total=1, mark=None, outcome="running")
+                    host, total=1, mark=None, outcome="running"
+                )
                 self._tasks.setdefault(host, []).append(task)
             self._progress.start()
-        except Exception:   # pragma: no cover - never fail a task on this
+        except Exception:  # pragma: no cover - never fail a task on this
             self._progress = None
         return self
 
@@ -700,7 +825,7 @@ class HostProgress:
             waiting = self._tasks.get(result.host) or []
             if not waiting:
                 return
-            task = waiting.pop(0)   # the same host twice: first come first
+            task = waiting.pop(0)  # the same host twice: first come first
         if result.ok and not problem:
             mark, outcome = "✓", "done"
         else:
@@ -715,8 +840,13 @@ class HostProgress:
 
 
 def _host_progress(console):
-    from rich.progress import (Progress, ProgressColumn, SpinnerColumn,
-                               TextColumn, TimeElapsedColumn)
+    from rich.progress import (
+        Progress,
+        ProgressColumn,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
     from rich.text import Text
 
     class _Mark(ProgressColumn):
@@ -734,12 +864,16 @@ def _host_progress(console):
         def render(self, task):
             outcome = task.fields.get("outcome", "")
             style = {"running": "dim", "done": "green"}.get(outcome, "red")
-            return Text(outcome, style=style, no_wrap=True,
-                        overflow="ellipsis")
+            return Text(outcome, style=style, no_wrap=True, overflow="ellipsis")
 
-    return Progress(_Mark(), TextColumn("{task.description}", markup=False),
-                    TimeElapsedColumn(), _Outcome(), console=console,
-                    transient=True)
+    return Progress(
+        _Mark(),
+        TextColumn("{task.description}", markup=False),
+        TimeElapsedColumn(),
+        _Outcome(),
+        console=console,
+        transient=True,
+    )
 
 
 _FRAME = re.compile(r'^  File "(.+)", line (\d+), in ')

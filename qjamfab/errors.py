@@ -5,6 +5,7 @@ remote traceback, a stderr tail) follows on later lines. Foreign exceptions
 (paramiko, socket, pickle) are mapped into this hierarchy where they arise:
 in transport.py, hosts.py and the Master's encoding step.
 """
+
 from __future__ import annotations
 
 
@@ -13,6 +14,7 @@ class QjamfabError(Exception):
 
 
 # --- hosts and connections -------------------------------------------------
+
 
 class HostError(QjamfabError):
     """Something is wrong with one host; `host` names it."""
@@ -44,6 +46,7 @@ class PreflightFailed(HostError):
 
 # --- workers and the wire --------------------------------------------------
 
+
 class ProtocolError(QjamfabError):
     """A peer sent something the protocol does not allow."""
 
@@ -51,8 +54,13 @@ class ProtocolError(QjamfabError):
 class WorkerLost(QjamfabError):
     """A worker died or stopped answering. `worker` names it."""
 
-    def __init__(self, message: str, worker: str | None = None,
-                 exit_status: int | None = None, stderr_tail: str = ""):
+    def __init__(
+        self,
+        message: str,
+        worker: str | None = None,
+        exit_status: int | None = None,
+        stderr_tail: str = "",
+    ):
         super().__init__(message)
         self.worker = worker
         self.exit_status = exit_status
@@ -62,8 +70,13 @@ class WorkerLost(QjamfabError):
 class RemoteError(QjamfabError):
     """User code raised on a worker. Carries the remote traceback text."""
 
-    def __init__(self, message: str, worker: str | None = None,
-                 remote_type: str = "", remote_traceback: str = ""):
+    def __init__(
+        self,
+        message: str,
+        worker: str | None = None,
+        remote_type: str = "",
+        remote_traceback: str = "",
+    ):
         super().__init__(message)
         self.worker = worker
         self.remote_type = remote_type
@@ -71,6 +84,7 @@ class RemoteError(QjamfabError):
 
 
 # --- what the user submitted -----------------------------------------------
+
 
 class JobError(QjamfabError):
     """The job, its params, its dataset or its results are unusable."""
@@ -100,6 +114,7 @@ class BadPackage(QjamfabError, ValueError):
 
 # --- the Executor (futures.py) ---------------------------------------------
 
+
 class ExecutorShutdown(QjamfabError, RuntimeError):
     """submit() or map() after shutdown() or close() (a RuntimeError, as
     concurrent.futures raises)."""
@@ -112,6 +127,7 @@ def describe_exit(status: int | None) -> str:
         return "exit status unknown"
     if status < 0:
         import signal
+
         try:
             return f"killed by {signal.Signals(-status).name}"
         except ValueError:

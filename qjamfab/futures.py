@@ -79,6 +79,7 @@ Master closes; `close()` and leaving `with Master(...)` wait for queued
 calls the same way. With `wait=False` it returns at once and the
 dispatcher closes the Master when the queue is done.
 """
+
 from __future__ import annotations
 
 import collections
@@ -89,8 +90,9 @@ import operator
 import pickle
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import cloudpickle
 
@@ -100,15 +102,16 @@ from .errors import BadJob, ExecutorShutdown, QjamfabError, RemoteError
 
 cloudpickle.register_pickle_by_value(futures_remote)
 
-_LINGER_S = 0.001       # a submit within this of the last one joins its run
-_LINGER_MAX_S = 0.005   # ... but a run waits no longer than this for more
-_STATE_LOCK = threading.Lock()   # creates each Master's _ExecutorState once
+_LINGER_S = 0.001  # a submit within this of the last one joins its run
+_LINGER_MAX_S = 0.005  # ... but a run waits no longer than this for more
+_STATE_LOCK = threading.Lock()  # creates each Master's _ExecutorState once
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 class _Failure:
     """One item of a map part that raised: re-raised when reached."""
+
     __slots__ = ("exc",)
 
     def __init__(self, exc: BaseException):
@@ -117,10 +120,12 @@ class _Failure:
 
 class _Call:
     """One submit (single) or one part of a map: fn over args_list."""
+
     __slots__ = ("fn", "args_list", "kwargs_list", "future", "single")
 
-    def __init__(self, fn: Callable, args_list: list, kwargs_list: list | None,
-                 single: bool):
+    def __init__(
+        self, fn: Callable, args_list: list, kwargs_list: list | None, single: bool
+    ):
         self.fn = fn
         self.args_list = args_list
         self.kwargs_list = kwargs_list
@@ -164,18 +169,22 @@ class _ExecutorState:
             if self.shut:
                 raise ExecutorShutdown(
                     "cannot submit: this Master was shut down (shutdown() or "
-                    "close() was called); create a new Master for more work")
+                    "close() was called); create a new Master for more work"
+                )
             self.queue.extend(calls)
             self.linger_until = time.monotonic() + _LINGER_S if linger else 0.0
             if self.thread is not None:
                 self.cond.notify_all()
                 return
             thread = threading.Thread(
-                target=self._dispatch_loop, args=(master,),
-                name="qjamfab-futures", daemon=False)
+                target=self._dispatch_loop,
+                args=(master,),
+                name="qjamfab-futures",
+                daemon=False,
+            )
             try:
                 thread.start()
-            except RuntimeError:   # e.g. while the interpreter exits
+            except RuntimeError:  # e.g. while the interpreter exits
                 for _ in calls:
                     self.queue.pop()
                 raise
@@ -187,10 +196,15 @@ class _ExecutorState:
             with self.cond:
                 first = time.monotonic()
                 while self.queue and time.monotonic() < min(
-                        self.linger_until, first + _LINGER_MAX_S):
-                    self.cond.wait(max(0.0, min(self.linger_until,
-                                                first + _LINGER_MAX_S)
-                                       - time.monotonic()))
+                    self.linger_until, first + _LINGER_MAX_S
+                ):
+                    self.cond.wait(
+                        max(
+                            0.0,
+                            min(self.linger_until, first + _LINGER_MAX_S)
+                            - time.monotonic(),
+                        )
+                    )
                 if not self.queue:
                     self.thread = None
                     close = self.close_when_idle
@@ -213,7 +227,7 @@ class _ExecutorState:
                     self.queue.popleft().future.cancel()
             thread = self.thread
             if thread is threading.current_thread():
-                self.close_when_idle = True   # shut down from a callback
+                self.close_when_idle = True  # shut down from a callback
                 return
             if not wait:
                 self.close_when_idle = thread is not None
@@ -238,72 +252,83 @@ def _state(master: Any) -> _ExecutorState:
 
 # --- the edits master.py carries -------------------------------------------
 
+
 def exclusive(method: F) -> F:
     """Decorator for Master methods that talk to the workers: one at a
     time per Master, whichever thread calls (the futures dispatcher too)."""
+
     @functools.wraps(method)
     def one_at_a_time(self, *args, **kwargs):
         with _state(self).run_lock:
             return method(self, *args, **kwargs)
+
     return one_at_a_time  # type: ignore[return-value]
 
 
 def closes_executor(close: F) -> F:
     """Decorator for Master.close: first stop taking calls and wait for the
     queued ones (Executor.shutdown(wait=True)), then close."""
+
     @functools.wraps(close)
     def shut_then_close(self, *args, **kwargs):
         state = _state(self)
         state.stop(self, wait=True, cancel_futures=False)
         if state.thread is threading.current_thread():
-            return None   # the dispatcher closes the Master when it is done
+            return None  # the dispatcher closes the Master when it is done
         with state.run_lock:
             return close(self, *args, **kwargs)
+
     return shut_then_close  # type: ignore[return-value]
 
 
 class FuturesMixin(Executor):
     """The Executor methods of a Master (see the module docstring)."""
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any,
-               **kwargs: Any) -> Future:
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Run fn(*args, **kwargs) on a worker; its Future, at once."""
         _check_callable(fn, "submit")
         call = _Call(fn, [args], [kwargs] if kwargs else None, single=True)
         _state(self).enqueue(self, [call], linger=True)
         return call.future
 
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
-            timeout: float | None = None,
-            chunksize: int = 1) -> Iterator[Any]:
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
         """fn over the items of the iterables, on the workers; results in
         order. chunksize: items per slice; 1 (the default) lets qjamfab
         choose (about 4 slices per worker)."""
         _check_callable(fn, "map")
         chunksize = _check_chunksize(chunksize)
-        deadline = None if timeout is None else \
-            time.monotonic() + _check_timeout(timeout)
+        deadline = (
+            None if timeout is None else time.monotonic() + _check_timeout(timeout)
+        )
         for k, it in enumerate(iterables):
             if not isinstance(it, collections.abc.Iterable):
                 raise TypeError(
                     f"map() argument {k + 2} is {_a(type(it).__name__)}, "
                     "which is not iterable: pass the function, then one "
-                    "iterable per parameter, e.g. m.map(f, range(10))")
+                    "iterable per parameter, e.g. m.map(f, range(10))"
+                )
         items = list(zip(*iterables))
         if not items:
             return iter(())
-        if chunksize == 1:   # let qjamfab choose: sizes within one
+        if chunksize == 1:  # let qjamfab choose: sizes within one
             k = min(len(items), SLICES_PER_WORKER * max(1, len(self.workers)))
             bounds = [i * len(items) // k for i in range(k + 1)]
         else:
             bounds = [*range(0, len(items), chunksize), len(items)]
-        calls = [_Call(fn, items[a:b], None, single=False)
-                 for a, b in zip(bounds, bounds[1:])]
+        calls = [
+            _Call(fn, items[a:b], None, single=False)
+            for a, b in zip(bounds, bounds[1:])
+        ]
         _state(self).enqueue(self, calls, linger=False)
         return _results([c.future for c in calls], deadline)
 
-    def shutdown(self, wait: bool = True, *,
-                 cancel_futures: bool = False) -> None:
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Executor.shutdown: no new calls; cancel the queued ones if asked;
         then close the Master (with wait=False, once the queue is done)."""
         state = _state(self)
@@ -318,8 +343,11 @@ def _results(futures: list[Future], deadline: float | None) -> Iterator[Any]:
         while futures:
             future = futures.pop()
             try:
-                outcomes = future.result() if deadline is None else \
-                    future.result(deadline - time.monotonic())
+                outcomes = (
+                    future.result()
+                    if deadline is None
+                    else future.result(deadline - time.monotonic())
+                )
             except BaseException:
                 future.cancel()
                 raise
@@ -334,6 +362,7 @@ def _results(futures: list[Future], deadline: float | None) -> Iterator[Any]:
 
 # --- one run -----------------------------------------------------------------
 
+
 def _run_batch(master: Any, state: _ExecutorState, batch: list[_Call]) -> None:
     calls = [c for c in batch if c.future.set_running_or_notify_cancel()]
     if not calls:
@@ -343,18 +372,22 @@ def _run_batch(master: Any, state: _ExecutorState, batch: list[_Call]) -> None:
         if not slices:
             return
         with state.run_lock:
-            out = master.run(futures_remote.apply_slice, params=shared,
-                             dataset=ListDataSet([p for _, p in slices],
-                                                 slice_size=1),
-                             reduce=operator.add, progress=False)
+            out = master.run(
+                futures_remote.apply_slice,
+                params=shared,
+                dataset=ListDataSet([p for _, p in slices], slice_size=1),
+                reduce=operator.add,
+                progress=False,
+            )
         by_number = dict(enumerate(s for s, _ in slices))
         for slice_no, blob, errors in out:
             _deliver(by_number.pop(slice_no), blob, errors)
         if by_number:
             raise QjamfabError(
                 f"the run returned no result for {len(by_number)} slices: "
-                "this is a qjamfab bug, please report it")
-    except BaseException as exc:   # never leave a future pending
+                "this is a qjamfab bug, please report it"
+            )
+    except BaseException as exc:  # never leave a future pending
         for call in calls:
             call.fail(exc)
 
@@ -371,8 +404,9 @@ def _cut(calls: list[_Call], n_workers: int) -> list[list[_Call]]:
     return slices
 
 
-def _payloads(slices: list[list[_Call]]
-              ) -> tuple[list[tuple[list[_Call], bytes]], tuple[bytes, ...]]:
+def _payloads(
+    slices: list[list[_Call]],
+) -> tuple[list[tuple[list[_Call], bytes]], tuple[bytes, ...]]:
     """Each slice's calls and their pickle, and the run's params: the
     pickles of the functions that several slices call (a map's, or one
     submitted in a loop), which so travel once per worker, not once per
@@ -380,13 +414,13 @@ def _payloads(slices: list[list[_Call]]
     only (a joblib batch) travels in that slice. Calls whose function or
     arguments cannot be pickled fail their futures with BadJob and are
     left out."""
-    serialize._register_local_modules()   # user modules travel by value
+    serialize._register_local_modules()  # user modules travel by value
     uses: dict[int, int] = {}
     for calls in slices:
         for fid in {id(c.fn) for c in calls}:
             uses[fid] = uses.get(fid, 0) + 1
     shared: list[bytes] = []
-    index: dict[int, int | None] = {}     # id(fn) -> its place in params
+    index: dict[int, int | None] = {}  # id(fn) -> its place in params
     for calls in slices:
         for call in calls:
             fid = id(call.fn)
@@ -396,12 +430,11 @@ def _payloads(slices: list[list[_Call]]
                 shared.append(serialize._dumps(call.fn))
                 index[fid] = len(shared) - 1
             except Exception:
-                index[fid] = None          # its calls fail one by one below
+                index[fid] = None  # its calls fail one by one below
 
     def group(call: _Call) -> tuple:
         fn = index.get(id(call.fn), call.fn)
-        return (call.fn if fn is None else fn, call.args_list,
-                call.kwargs_list)
+        return (call.fn if fn is None else fn, call.args_list, call.kwargs_list)
 
     out = []
     for calls in slices:
@@ -428,7 +461,8 @@ def _unpicklable(call: _Call, exc: Exception) -> BadJob:
     err = BadJob(
         f"the function or arguments given to {what} cannot be pickled "
         f"({type(exc).__name__}: {exc}): pass a function and data that "
-        "cloudpickle can copy (no open files, locks, sockets, generators)")
+        "cloudpickle can copy (no open files, locks, sockets, generators)"
+    )
     err.__cause__ = exc
     return err
 
@@ -441,16 +475,18 @@ def _deliver(calls: list[_Call], blob: bytes, reports: dict) -> None:
         err = RemoteError(
             f"the results of {len(calls)} calls cannot be unpickled here "
             f"({type(exc).__name__}: {exc}): return types this Python can "
-            "import (builtins, numpy, your own modules)")
+            "import (builtins, numpy, your own modules)"
+        )
         for call in calls:
             call.fail(err)
         return
     pos = 0
     for call in calls:
         n = len(call.args_list)
-        call.deliver(values[pos:pos + n],
-                     {i - pos: e for i, e in errors.items()
-                      if pos <= i < pos + n})
+        call.deliver(
+            values[pos : pos + n],
+            {i - pos: e for i, e in errors.items() if pos <= i < pos + n},
+        )
         pos += n
 
 
@@ -464,11 +500,17 @@ def _rebuild(report: tuple) -> BaseException:
             f"a task's result, {_a(type_name)}, cannot be pickled to go back "
             f"to the master ({message}; on {where}): return data that "
             f"pickle can copy\n--- remote error ---\n{trace}",
-            worker=where, remote_type=type_name, remote_traceback=trace)
+            worker=where,
+            remote_type=type_name,
+            remote_traceback=trace,
+        )
     remote = RemoteError(
         f"a task raised {type_name}: {message} (on {where}); fix the "
         f"function or its arguments\n--- remote traceback ---\n{trace}",
-        worker=where, remote_type=type_name, remote_traceback=trace)
+        worker=where,
+        remote_type=type_name,
+        remote_traceback=trace,
+    )
     try:
         exc = pickle.loads(blob) if blob is not None else None
     except Exception:
@@ -481,6 +523,7 @@ def _rebuild(report: tuple) -> BaseException:
 
 # --- checks ------------------------------------------------------------------
 
+
 def _a(noun: str) -> str:
     return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
@@ -489,15 +532,20 @@ def _check_callable(fn: object, where: str) -> None:
     if not callable(fn):
         raise BadJob(
             f"{where}() needs a function first, not {_a(type(fn).__name__)}: "
-            f"pass a callable, e.g. m.{where}(f, x)")
+            f"pass a callable, e.g. m.{where}(f, x)"
+        )
 
 
 def _check_chunksize(chunksize: object) -> int:
-    if isinstance(chunksize, bool) or not isinstance(
-            chunksize, numbers.Integral) or chunksize < 1:
+    if (
+        isinstance(chunksize, bool)
+        or not isinstance(chunksize, numbers.Integral)
+        or chunksize < 1
+    ):
         raise ValueError(
             f"chunksize must be a positive int, not {chunksize!r}: give the "
-            "items per slice, or 1 (the default) to let qjamfab choose")
+            "items per slice, or 1 (the default) to let qjamfab choose"
+        )
     return int(chunksize)
 
 
@@ -505,7 +553,8 @@ def _check_timeout(timeout: object) -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
         raise TypeError(
             f"timeout must be a number of seconds or None, not "
-            f"{timeout!r}: e.g. timeout=30")
+            f"{timeout!r}: e.g. timeout=30"
+        )
     return float(timeout)
 
 

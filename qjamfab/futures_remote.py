@@ -19,13 +19,13 @@ that `operator.add` (the run's reduce) concatenates slices in any order:
 failed) and `errors` maps a failed call's position to `error_report()`:
 a call that raised, or whose result cannot be pickled.
 """
+
 from __future__ import annotations
 
 import os
 import pickle
 import socket
 import traceback
-
 
 # (params, their functions) of the last task, on a worker. None on the
 # master, always: an immutable global keeps the job's pickle cacheable
@@ -55,9 +55,8 @@ def apply_slice(params: tuple, chunk: list) -> list:
             fn = _functions(params)[fn]
         for k, args in enumerate(args_list):
             try:
-                values.append(fn(*args, **kwargs_list[k]) if kwargs_list
-                              else fn(*args))
-            except BaseException as exc:   # as ProcessPoolExecutor does
+                values.append(fn(*args, **kwargs_list[k]) if kwargs_list else fn(*args))
+            except BaseException as exc:  # as ProcessPoolExecutor does
                 errors[len(values)] = error_report(exc, skip_frames=1)
                 values.append(None)
     return [(slice_no, pack_values(values, errors), errors)]
@@ -67,7 +66,8 @@ def _dumps(obj: object) -> bytes:
     try:
         return pickle.dumps(obj, protocol=5)
     except Exception:
-        import cloudpickle   # the worker's vendored copy
+        import cloudpickle  # the worker's vendored copy
+
         return cloudpickle.dumps(obj, protocol=5)
 
 
@@ -99,8 +99,9 @@ def type_name(kind: type) -> str:
 _NO_RESULT = object()
 
 
-def error_report(exc: BaseException, skip_frames: int = 0,
-                 result: object = _NO_RESULT) -> tuple:
+def error_report(
+    exc: BaseException, skip_frames: int = 0, result: object = _NO_RESULT
+) -> tuple:
     """What the master needs to re-raise an exception of a call:
     (what, type name, message, traceback text, where, exception pickle or
     None). what is "raised" (the call raised exc) or "result" (its result
@@ -108,10 +109,14 @@ def error_report(exc: BaseException, skip_frames: int = 0,
     skip_frames drops our own frames from the traceback."""
     where = f"{socket.gethostname()} pid {os.getpid()}"
     if result is not _NO_RESULT:
-        return ("result", type_name(type(result)),
-                f"{type(exc).__name__}: {exc}",
-                "".join(traceback.format_exception_only(type(exc), exc)),
-                where, None)
+        return (
+            "result",
+            type_name(type(result)),
+            f"{type(exc).__name__}: {exc}",
+            "".join(traceback.format_exception_only(type(exc), exc)),
+            where,
+            None,
+        )
     tb = exc.__traceback__
     for _ in range(skip_frames):
         if tb is not None and tb.tb_next is not None:

@@ -24,6 +24,7 @@ module raises paramiko's rekey thresholds to 2**40 (paramiko issue 822: a
 client-initiated rekey under heavy traffic can time out; the server still
 rekeys on its own schedule).
 """
+
 from __future__ import annotations
 
 import os
@@ -33,21 +34,36 @@ import time
 import fabric
 import paramiko
 import paramiko.packet
-from paramiko.ssh_exception import (AuthenticationException,
-                                    BadHostKeyException, NoValidConnectionsError,
-                                    ProxyCommandFailure, SSHException)
+from paramiko.ssh_exception import (
+    AuthenticationException,
+    BadHostKeyException,
+    NoValidConnectionsError,
+    ProxyCommandFailure,
+    SSHException,
+)
 
 from . import knownhosts
-from .errors import (AuthenticationFailed, BadHostSpec, HostError,
-                     HostKeyError, HostUnreachable)
-from .hostspec import (HostSpec, config_option, config_path, config_yes,
-                       destination, parse_hosts)
+from .errors import (
+    AuthenticationFailed,
+    BadHostSpec,
+    HostError,
+    HostKeyError,
+    HostUnreachable,
+)
+from .hostspec import (
+    HostSpec,
+    config_option,
+    config_path,
+    config_yes,
+    destination,
+    parse_hosts,
+)
 
 __all__ = ["connect", "QjamfabConnection", "DEFAULT_KEEPALIVE", "REKEY_LIMIT"]
 
 
 #: paramiko issue 822 workaround, applied once at import.
-REKEY_LIMIT = 2 ** 40
+REKEY_LIMIT = 2**40
 paramiko.packet.Packetizer.REKEY_BYTES = REKEY_LIMIT
 paramiko.packet.Packetizer.REKEY_PACKETS = REKEY_LIMIT
 
@@ -85,15 +101,20 @@ def _transport_factory(preferred: list[str]):
         if wanted:
             opts = t.get_security_options()
             types = list(opts.key_types)
-            first = [k for k in types if k in wanted
-                     or k.replace("-cert-v01@openssh.com", "") in wanted]
+            first = [
+                k
+                for k in types
+                if k in wanted or k.replace("-cert-v01@openssh.com", "") in wanted
+            ]
             if first:
                 opts.key_types = first + [k for k in types if k not in first]
         return t
+
     return factory
 
 
 # --- connect ---------------------------------------------------------------
+
 
 class QjamfabConnection(fabric.Connection):
     """A fabric.Connection whose close() also closes its ProxyJump gateway
@@ -107,28 +128,36 @@ class QjamfabConnection(fabric.Connection):
 
 def _fabric_config(ssh_config: str | None, label: str) -> fabric.Config:
     path = config_path(ssh_config)
-    origin = ("the ssh_config argument" if ssh_config
-              else "QJAMFAB_SSH_CONFIG" if path else "the default ssh_config")
+    origin = (
+        "the ssh_config argument"
+        if ssh_config
+        else "QJAMFAB_SSH_CONFIG"
+        if path
+        else "the default ssh_config"
+    )
     if path is not None:
         path = os.path.expanduser(path)
         if not os.path.isfile(path):
             raise BadHostSpec(
                 f"{label}: ssh_config file {path} (from {origin}) does not "
                 f"exist: fix the path, or unset it to use ~/.ssh/config",
-                host=label)
+                host=label,
+            )
     try:
         # in_stream=False: qjamfab runs nothing interactive, and Invoke's
         # default of forwarding our stdin breaks under pytest and daemons
-        return fabric.Config(runtime_ssh_path=path,
-                             overrides={"run": {"in_stream": False}})
+        return fabric.Config(
+            runtime_ssh_path=path, overrides={"run": {"in_stream": False}}
+        )
     except (SSHException, OSError, ValueError) as e:
         raise BadHostSpec(
             f"{label}: cannot read ssh_config ({path or '~/.ssh/config'}, "
-            f"from {origin}): {e}", host=label) from e
+            f"from {origin}): {e}",
+            host=label,
+        ) from e
 
 
-def _prepare(conn: fabric.Connection, label: str,
-             connect_timeout: float) -> None:
+def _prepare(conn: fabric.Connection, label: str, connect_timeout: float) -> None:
     """Host-key policy, identity files and timeouts on a not-yet-open
     Connection, and on its ProxyJump gateways."""
     cfg_timeout = config_option(conn, "connecttimeout")
@@ -150,8 +179,11 @@ def _prepare(conn: fabric.Connection, label: str,
     if files:
         if isinstance(files, str):
             files = [files]
-        existing = [os.path.expanduser(f) for f in files
-                    if os.path.exists(os.path.expanduser(f))]
+        existing = [
+            os.path.expanduser(f)
+            for f in files
+            if os.path.exists(os.path.expanduser(f))
+        ]
         if existing:
             kwargs["key_filename"] = existing
         else:
@@ -166,8 +198,11 @@ def _prepare(conn: fabric.Connection, label: str,
     kwargs["transport_factory"] = _transport_factory(preferred)
 
     if isinstance(conn.gateway, fabric.Connection):
-        _prepare(conn.gateway, f"{label} (via jump host {conn.gateway.host})",
-                 connect_timeout)
+        _prepare(
+            conn.gateway,
+            f"{label} (via jump host {conn.gateway.host})",
+            connect_timeout,
+        )
 
 
 def _set_nodelay(conn: fabric.Connection) -> None:
@@ -208,12 +243,20 @@ def _reached_auth(conn: fabric.Connection) -> bool:
     """True when the failure came after key exchange and host-key check,
     i.e. during authentication."""
     t = conn.client.get_transport()
-    return bool(t is not None and t.is_active() and t.host_key is not None
-                and not t.is_authenticated())
+    return bool(
+        t is not None
+        and t.is_active()
+        and t.host_key is not None
+        and not t.is_authenticated()
+    )
 
 
-def connect(spec: HostSpec | str, *, ssh_config: str | None = None,
-            connect_timeout: float = 10.0) -> fabric.Connection:
+def connect(
+    spec: HostSpec | str,
+    *,
+    ssh_config: str | None = None,
+    connect_timeout: float = 10.0,
+) -> fabric.Connection:
     """An open, host-key-checked Fabric Connection to an SSH host spec.
 
     User: ``user@`` in the spec, else ``$QJAMFAB_USER``, else
@@ -229,14 +272,17 @@ def connect(spec: HostSpec | str, *, ssh_config: str | None = None,
     if spec.is_local:
         raise BadHostSpec(
             f"{label}: is a local host spec and needs no SSH connection: "
-            f"start local workers instead", host=label)
+            f"start local workers instead",
+            host=label,
+        )
     user, host, port = destination(spec)
     config = _fabric_config(ssh_config, label)
     try:
         conn = QjamfabConnection(host, user=user, port=port, config=config)
     except (SSHException, ValueError, OSError) as e:
-        raise BadHostSpec(f"{label}: cannot set up a connection from "
-                          f"ssh_config: {e}", host=label) from e
+        raise BadHostSpec(
+            f"{label}: cannot set up a connection from ssh_config: {e}", host=label
+        ) from e
     where = f"{conn.user}@{conn.host}:{conn.port}"
     _prepare(conn, label, connect_timeout)
     started = time.monotonic()
@@ -254,51 +300,71 @@ def connect(spec: HostSpec | str, *, ssh_config: str | None = None,
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         timeout = conn.connect_timeout
-        timed_out = bool(timeout) and not in_auth and (
-            time.monotonic() - started >= 0.95 * timeout)
-        raise _map_error(e, label, where, conn, in_auth, timeout,
-                         timed_out) from e
+        timed_out = (
+            bool(timeout)
+            and not in_auth
+            and (time.monotonic() - started >= 0.95 * timeout)
+        )
+        raise _map_error(e, label, where, conn, in_auth, timeout, timed_out) from e
 
 
-
-def _map_error(e: BaseException, label: str, where: str, conn, in_auth: bool,
-               timeout: float | None, timed_out: bool = False) -> HostError:
+def _map_error(
+    e: BaseException,
+    label: str,
+    where: str,
+    conn,
+    in_auth: bool,
+    timeout: float | None,
+    timed_out: bool = False,
+) -> HostError:
     if isinstance(e, BadHostKeyException):
         return HostKeyError(
             f"{label}: the host key of {where} does not match known_hosts "
-            f"(possible man-in-the-middle attack): {e}", host=label)
+            f"(possible man-in-the-middle attack): {e}",
+            host=label,
+        )
     if isinstance(e, AuthenticationException) or (
-            in_auth and isinstance(e, SSHException)):
+        in_auth and isinstance(e, SSHException)
+    ):
         return AuthenticationFailed(
             f"{label}: SSH authentication failed for user {conn.user!r} at "
             f"{conn.host}:{conn.port}: check the user (user@host, "
             f"QJAMFAB_USER or User in ssh_config) and the key (IdentityFile "
             f"in ssh_config, or install yours with `ssh-copy-id "
             f"-p {conn.port} {conn.user}@{conn.host}`)\n"
-            f"paramiko said: {e}", host=label)
+            f"paramiko said: {e}",
+            host=label,
+        )
     if isinstance(e, socket.gaierror):
         return HostUnreachable(
             f"{label}: cannot resolve host name {conn.host!r}: check the "
-            f"spelling, or its HostName in ssh_config ({e})", host=label)
+            f"spelling, or its HostName in ssh_config ({e})",
+            host=label,
+        )
     if isinstance(e, (NoValidConnectionsError, ConnectionRefusedError)):
         return HostUnreachable(
             f"{label}: connection refused by {conn.host}:{conn.port}: is sshd "
-            f"running there, and is the port right? ({e})", host=label)
+            f"running there, and is the port right? ({e})",
+            host=label,
+        )
     if isinstance(e, (socket.timeout, TimeoutError)):
         return HostUnreachable(
             f"{label}: timed out connecting to {conn.host}:{conn.port} after "
             f"{timeout:g}s: is the host up and the port reachable? (raise "
             f"ConnectTimeout in ssh_config if it is slow)"
-            if timeout else
-            f"{label}: timed out connecting to {conn.host}:{conn.port}",
-            host=label)
+            if timeout
+            else f"{label}: timed out connecting to {conn.host}:{conn.port}",
+            host=label,
+        )
     if isinstance(e, ProxyCommandFailure):
         return HostUnreachable(
-            f"{label}: the ProxyCommand for {where} failed: {e}", host=label)
+            f"{label}: the ProxyCommand for {where} failed: {e}", host=label
+        )
     if isinstance(e, EOFError):
         return HostUnreachable(
-            f"{label}: {where} closed the connection during the SSH "
-            f"handshake", host=label)
+            f"{label}: {where} closed the connection during the SSH handshake",
+            host=label,
+        )
     if isinstance(e, SSHException):
         text = str(e) or type(e).__name__
         if "banner" in text.lower() or timed_out:
@@ -307,14 +373,17 @@ def _map_error(e: BaseException, label: str, where: str, conn, in_auth: bool,
             return HostUnreachable(
                 f"{label}: timed out after {timeout or 0:g}s waiting for the "
                 f"SSH handshake with {where}: it accepted TCP but did not "
-                f"answer (host overloaded or stopped?) ({text})", host=label)
+                f"answer (host overloaded or stopped?) ({text})",
+                host=label,
+            )
         return HostUnreachable(
-            f"{label}: SSH connection to {where} failed: {text}", host=label)
+            f"{label}: SSH connection to {where} failed: {text}", host=label
+        )
     if isinstance(e, OSError):
         reason = e.strerror or str(e) or type(e).__name__
         return HostUnreachable(
-            f"{label}: cannot connect to {conn.host}:{conn.port}: {reason}",
-            host=label)
+            f"{label}: cannot connect to {conn.host}:{conn.port}: {reason}", host=label
+        )
     return HostUnreachable(
-        f"{label}: connection to {where} failed: {type(e).__name__}: {e}",
-        host=label)
+        f"{label}: connection to {where} failed: {type(e).__name__}: {e}", host=label
+    )

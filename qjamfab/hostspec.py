@@ -14,6 +14,7 @@
 
 Stdlib only, plus qjamfab's errors: no SSH library is needed to parse specs.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,11 +24,19 @@ from dataclasses import dataclass
 
 from .errors import BadHostSpec
 
-__all__ = ["HostSpec", "parse_hosts", "split_destination", "destination",
-           "config_path", "config_option", "config_yes"]
+__all__ = [
+    "HostSpec",
+    "parse_hosts",
+    "split_destination",
+    "destination",
+    "config_path",
+    "config_option",
+    "config_yes",
+]
 
 
 # --- host specs ------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class HostSpec:
@@ -67,7 +76,8 @@ def parse_hosts(hosts: None | str | Sequence[str]) -> list[HostSpec]:
     None means ``$QJAMFAB_HOSTS`` (comma separated), or ``["local"]`` when it
     is unset or blank. A string is comma separated; a sequence holds one
     entry per item; ``@PATH`` (with a "/", or starting with "~" or ".")
-    reads a hosts file, one entry a line (``#`` starts a comment). Blanks around entries are stripped. After the host,
+    reads a hosts file, one entry a line (``#`` starts a comment). Blanks
+    around entries are stripped. After the host,
     an entry may give its own settings, separated by spaces:
     ``gpu1 workers=4 python=/opt/conda/bin/python
     env.CUDA_VISIBLE_DEVICES={worker}``.
@@ -93,20 +103,25 @@ def parse_hosts(hosts: None | str | Sequence[str]) -> list[HostSpec]:
                 raise BadHostSpec(
                     f"host entry {item!r} in {source} is a "
                     f"{type(item).__name__}, not a string: {_HOW}",
-                    host=repr(item))
+                    host=repr(item),
+                )
             if "," in item:
                 raise BadHostSpec(
                     f"host entry {item!r} contains a comma: give one host per "
                     f"list item, or pass one comma-separated string",
-                    host=item)
+                    host=item,
+                )
     else:
         raise BadHostSpec(
             f"hosts must be None, a string or a list of strings, not "
-            f"{type(hosts).__name__}: {_HOW}", host=repr(hosts))
+            f"{type(hosts).__name__}: {_HOW}",
+            host=repr(hosts),
+        )
     if not entries:
         raise BadHostSpec(
-            f"no hosts given in {source}: {_HOW} (or leave it unset for "
-            f"local workers)", host="")
+            f"no hosts given in {source}: {_HOW} (or leave it unset for local workers)",
+            host="",
+        )
     return [_parse_entry(e, i, source, hosts) for i, e in enumerate(entries, 1)]
 
 
@@ -115,20 +130,24 @@ def _parse_entry(entry: str, index: int, source: str, whole) -> HostSpec:
     if not raw:
         raise BadHostSpec(
             f"host entry {index} in {source} ({whole!r}) is empty: remove the "
-            f"extra comma or blank item", host="")
+            f"extra comma or blank item",
+            host="",
+        )
     if any(c.isspace() for c in raw):
         words = raw.split()
         if not all("=" in w for w in words[1:]):
             raise BadHostSpec(
                 f"host spec {raw!r} contains whitespace: separate hosts with "
                 f"commas, as in 'a,b' (settings after a host are "
-                f"{_SETTINGS})", host=raw)
+                f"{_SETTINGS})",
+                host=raw,
+            )
         spec = _parse_entry(words[0], index, source, whole)
         return _with_settings(spec, words[1:])
     if any(ord(c) < 32 or ord(c) == 127 for c in raw):
         raise BadHostSpec(
-            f"host spec {raw!r} contains a control character: {_HOW}",
-            host=raw)
+            f"host spec {raw!r} contains a control character: {_HOW}", host=raw
+        )
     head, sep, tail = raw.partition(":")
     kind = head.lower()
     if kind in ("local", "inproc"):
@@ -137,24 +156,31 @@ def _parse_entry(entry: str, index: int, source: str, whole) -> HostSpec:
         if not tail.isdigit() or not tail.isascii():
             raise BadHostSpec(
                 f"host spec {raw!r}: the worker count after '{kind}:' must "
-                f"be a positive integer, as in '{kind}:4'", host=raw)
+                f"be a positive integer, as in '{kind}:4'",
+                host=raw,
+            )
         n = int(tail)
         if n < 1:
             raise BadHostSpec(
                 f"host spec {raw!r} asks for {n} workers: use '{kind}:N' "
-                f"with N >= 1, or plain '{kind}' for one per core", host=raw)
+                f"with N >= 1, or plain '{kind}' for one per core",
+                host=raw,
+            )
         return HostSpec(raw, kind, n)
-    split_destination(raw)   # validates
+    split_destination(raw)  # validates
     return HostSpec(raw, "ssh", None)
 
 
 def _is_hosts_file(text: str) -> bool:
-    """"@PATH" names a hosts file when PATH looks like one (has a "/",
+    """ "@PATH" names a hosts file when PATH looks like one (has a "/",
     starts with "~" or ".", or exists); "@host" stays a spec (and fails:
     an empty user)."""
     path = text[1:]
-    return text.startswith("@") and bool(path) and (
-        "/" in path or path[0] in "~." or os.path.exists(path))
+    return (
+        text.startswith("@")
+        and bool(path)
+        and ("/" in path or path[0] in "~." or os.path.exists(path))
+    )
 
 
 def _read_hosts_file(path: str) -> list[str]:
@@ -164,8 +190,9 @@ def _read_hosts_file(path: str) -> list[str]:
             lines = f.read().splitlines()
     except OSError as exc:
         raise BadHostSpec(
-            f"cannot read hosts file {path!r} ({exc.strerror}): fix the path "
-            "after '@'", host=f"@{path}") from exc
+            f"cannot read hosts file {path!r} ({exc.strerror}): fix the path after '@'",
+            host=f"@{path}",
+        ) from exc
     entries = [line.split("#", 1)[0].strip() for line in lines]
     return [e for e in entries if e]
 
@@ -179,7 +206,9 @@ def _with_settings(spec: HostSpec, words: list[str]) -> HostSpec:
             if not (value.isascii() and value.isdigit() and int(value) > 0):
                 raise BadHostSpec(
                     f"host {spec.raw}: workers={value!r} is not a positive "
-                    "number of workers: write e.g. workers=8", host=spec.raw)
+                    "number of workers: write e.g. workers=8",
+                    host=spec.raw,
+                )
             workers = int(value)
         elif key == "python" and value:
             python = value
@@ -188,11 +217,13 @@ def _with_settings(spec: HostSpec, words: list[str]) -> HostSpec:
         else:
             raise BadHostSpec(
                 f"host {spec.raw}: unknown setting {word!r}: use {_SETTINGS}",
-                host=spec.raw)
+                host=spec.raw,
+            )
     if spec.is_local and python is not None:
         raise BadHostSpec(
-            f"host {spec.raw}: python= is for SSH hosts; local workers run "
-            "this Python", host=spec.raw)
+            f"host {spec.raw}: python= is for SSH hosts; local workers run this Python",
+            host=spec.raw,
+        )
     return HostSpec(spec.raw, spec.kind, workers, python, tuple(env.items()))
 
 
@@ -201,51 +232,65 @@ def split_destination(raw: str) -> tuple[str | None, str, int | None]:
     (user, host, port). Raises BadHostSpec."""
     if "://" in raw:
         raise BadHostSpec(
-            f"host spec {raw!r} looks like a URL: write [user@]host[:port] "
-            f"instead", host=raw)
+            f"host spec {raw!r} looks like a URL: write [user@]host[:port] instead",
+            host=raw,
+        )
     user, at, hostport = raw.rpartition("@")
     if at and not user:
         raise BadHostSpec(
             f"host spec {raw!r} has an empty user before '@': write "
-            f"user@host, or just host", host=raw)
+            f"user@host, or just host",
+            host=raw,
+        )
     if at and not hostport:
         raise BadHostSpec(
             f"host spec {raw!r} has no host after '@': write user@host or "
-            f"user@host:port", host=raw)
+            f"user@host:port",
+            host=raw,
+        )
     port_text = None
     if hostport.startswith("["):
         m = re.fullmatch(r"\[([^\[\]]+)\](?::(.*))?", hostport)
         if not m:
             raise BadHostSpec(
                 f"host spec {raw!r} has an unclosed or empty '[...]': write "
-                f"[address]:port, as in [::1]:2222", host=raw)
+                f"[address]:port, as in [::1]:2222",
+                host=raw,
+            )
         host, port_text = m.group(1), m.group(2)
     elif hostport.count(":") > 1:
-        host = hostport          # a bare IPv6 address: no port
+        host = hostport  # a bare IPv6 address: no port
     else:
         host, colon, port_text = hostport.partition(":")
         if not colon:
             port_text = None
     if not host:
         raise BadHostSpec(
-            f"host spec {raw!r} has no host name: write [user@]host[:port]",
-            host=raw)
+            f"host spec {raw!r} has no host name: write [user@]host[:port]", host=raw
+        )
     if host.startswith("-") or (user and user.startswith("-")):
         raise BadHostSpec(
             f"host spec {raw!r} starts with '-', which SSH tools read as an "
-            f"option: write [user@]host[:port]", host=raw)
+            f"option: write [user@]host[:port]",
+            host=raw,
+        )
     port = None
     if port_text is not None:
-        if not (port_text.isascii() and port_text.isdigit()) \
-                or not 1 <= int(port_text) <= 65535:
+        if (
+            not (port_text.isascii() and port_text.isdigit())
+            or not 1 <= int(port_text) <= 65535
+        ):
             raise BadHostSpec(
                 f"host spec {raw!r} has port {port_text!r}, which is not a "
-                f"number from 1 to 65535: write [user@]host[:port]", host=raw)
+                f"number from 1 to 65535: write [user@]host[:port]",
+                host=raw,
+            )
         port = int(port_text)
     return (user or None), host, port
 
 
 # --- where an SSH spec points ----------------------------------------------
+
 
 def config_path(ssh_config: str | None) -> str | None:
     """The ssh_config file to use: the argument, else $QJAMFAB_SSH_CONFIG,
@@ -257,12 +302,12 @@ def destination(spec: HostSpec) -> tuple[str | None, str, int | None]:
     """(user, host, port) of an SSH spec; the user from ``user@``, else
     $QJAMFAB_USER, else $QJAM_USER, else None (ssh_config decides)."""
     user, host, port = split_destination(spec.raw)
-    user = user or os.environ.get("QJAMFAB_USER") or os.environ.get(
-        "QJAM_USER") or None
+    user = user or os.environ.get("QJAMFAB_USER") or os.environ.get("QJAM_USER") or None
     return user, host, port
 
 
 # --- ssh_config options ----------------------------------------------------
+
 
 def config_option(conn, name: str, default: str | None = None) -> str | None:
     """Option `name` (lower case) of a Fabric Connection's ssh_config, as a

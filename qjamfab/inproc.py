@@ -15,6 +15,7 @@ job acts out failures with these calls, made from inside mapfunc:
   for that long, as if its process were stopped (SIGSTOP); seen from
   outside it is not running, so the heartbeat deadline applies.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,7 +38,7 @@ class _Died(BaseException):
         self.status = status
 
 
-_workers = threading.local()   # the in-process worker a thread runs
+_workers = threading.local()  # the in-process worker a thread runs
 
 
 def die(status: int = 1) -> None:
@@ -60,6 +61,7 @@ def freeze(seconds: float) -> None:
 class _NoCapture:
     """A worker's output capture where there is none to make: the
     thread's output is the process's."""
+
     path = ""
     channel = None
 
@@ -81,12 +83,13 @@ class InProcessTransport(Transport):
         self._sock, far = socket.socketpair()
         self._sock.setblocking(False)
         secure_dir(base)
-        self.worker = Worker(name, base, RefCache(os.path.join(base, "cache")),
-                             _NoCapture())   # type: ignore[arg-type]
-        self.worker.exit_on_hangup = False   # it would end this process
-        self._thread = threading.Thread(target=self._serve, args=(far,),
-                                        name=f"qjamfab-inproc-{name}",
-                                        daemon=True)
+        self.worker = Worker(
+            name, base, RefCache(os.path.join(base, "cache")), _NoCapture()
+        )  # type: ignore[arg-type]
+        self.worker.exit_on_hangup = False  # it would end this process
+        self._thread = threading.Thread(
+            target=self._serve, args=(far,), name=f"qjamfab-inproc-{name}", daemon=True
+        )
         self._thread.start()
 
     def _serve(self, far: socket.socket) -> None:
@@ -97,7 +100,7 @@ class InProcessTransport(Transport):
             self.status = 0
         except _Died as died:
             self.status = died.status
-        except OSError:   # the master closed the stream meanwhile
+        except OSError:  # the master closed the stream meanwhile
             self.status = 0
         finally:
             far.close()
@@ -117,10 +120,8 @@ class InProcessTransport(Transport):
             except OSError:
                 return 0
             wait = self._read_timeout
-            if not select.select([self._sock], [], [],
-                                 wait)[0]:
-                raise TimeoutError(f"worker {self.name} sent nothing for "
-                                   f"{wait:g} s")
+            if not select.select([self._sock], [], [], wait)[0]:
+                raise TimeoutError(f"worker {self.name} sent nothing for {wait:g} s")
 
     def writev(self, views: list) -> int:
         try:
@@ -129,12 +130,15 @@ class InProcessTransport(Transport):
             return 0
         except OSError as exc:
             from .errors import WorkerLost
-            raise WorkerLost(f"worker {self.name}: its stream is closed "
-                             f"({exc})", worker=self.name) from exc
+
+            raise WorkerLost(
+                f"worker {self.name}: its stream is closed ({exc})", worker=self.name
+            ) from exc
 
     def wait_writable(self) -> bool:
         readable, writable, _ = select.select(
-            [self._sock], [self._sock], [], self._read_timeout)
+            [self._sock], [self._sock], [], self._read_timeout
+        )
         if not readable and not writable:
             raise self._took_nothing()
         return bool(readable)

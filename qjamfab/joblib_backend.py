@@ -39,21 +39,27 @@ it only then.
   `__cause__`, see futures.py) and `abort_everything` cancels the batches
   not yet started.
 """
+
 from __future__ import annotations
 
 import inspect
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any
 
 try:
     from joblib import register_parallel_backend
-    from joblib.parallel import (AutoBatchingMixin, ParallelBackendBase,
-                                 SequentialBackend)
-except ImportError as exc:   # pragma: no cover - only without joblib
+    from joblib.parallel import (
+        AutoBatchingMixin,
+        ParallelBackendBase,
+        SequentialBackend,
+    )
+except ImportError as exc:  # pragma: no cover - only without joblib
     raise ImportError(
         "qjamfab's joblib backend needs joblib, which is not installed: "
-        "pip install 'qjamfab[joblib]'") from exc
+        "pip install 'qjamfab[joblib]'"
+    ) from exc
 
 from .master import Master
 
@@ -77,28 +83,36 @@ class QjamfabBackend(AutoBatchingMixin, ParallelBackendBase):
     uses_threads = False
     supports_sharedmem = False
 
-    def __init__(self, master: Master | None = None, *,
-                 nesting_level: int | None = None,
-                 inner_max_num_threads: int | None = None,
-                 **master_options: Any):
-        super().__init__(nesting_level=nesting_level,
-                         inner_max_num_threads=inner_max_num_threads)
+    def __init__(
+        self,
+        master: Master | None = None,
+        *,
+        nesting_level: int | None = None,
+        inner_max_num_threads: int | None = None,
+        **master_options: Any,
+    ):
+        super().__init__(
+            nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads
+        )
         if master is not None and not isinstance(master, Master):
             raise TypeError(
                 f"master= must be a qjamfab Master, not "
                 f"{type(master).__name__}: pass master=Master(...), or "
-                "leave it out to use $QJAMFAB_HOSTS")
+                "leave it out to use $QJAMFAB_HOSTS"
+            )
         if master is not None and master_options:
             raise ValueError(
                 f"give either master= or Master options "
                 f"({', '.join(sorted(master_options))}), not both: the "
-                "options are for the Master the backend opens itself")
+                "options are for the Master the backend opens itself"
+            )
         unknown = sorted(set(master_options) - _master_options())
         if unknown:
             raise TypeError(
                 f"the qjamfab joblib backend got an unknown option "
                 f"{unknown[0]!r}: give master=, or Master's own options "
-                f"({', '.join(sorted(_master_options()))})")
+                f"({', '.join(sorted(_master_options()))})"
+            )
         self._given = master
         self._options = master_options
         self._owned: Master | None = None
@@ -113,7 +127,8 @@ class QjamfabBackend(AutoBatchingMixin, ParallelBackendBase):
                 raise ValueError(
                     "the Master given to the qjamfab joblib backend is "
                     "closed: pass an open Master as master=, or leave it "
-                    "out to have the backend open one")
+                    "out to have the backend open one"
+                )
             return self._given
         with self._lock:
             if self._owned is None:
@@ -127,20 +142,27 @@ class QjamfabBackend(AutoBatchingMixin, ParallelBackendBase):
         if n_jobs == 0:
             raise ValueError(
                 "n_jobs == 0 in Parallel has no meaning: give -1 for every "
-                "worker, or a positive number")
+                "worker, or a positive number"
+            )
         workers = len(self.master.workers)
         if n_jobs is None or n_jobs < 0:
             return max(workers + 1 + (n_jobs or -1), 1)
         return min(n_jobs, workers)
 
-    def configure(self, n_jobs: int | None = 1, parallel: Any = None,
-                  prefer: str | None = None, require: str | None = None,
-                  **backend_kwargs: Any) -> int:
+    def configure(
+        self,
+        n_jobs: int | None = 1,
+        parallel: Any = None,
+        prefer: str | None = None,
+        require: str | None = None,
+        **backend_kwargs: Any,
+    ) -> int:
         self.parallel = parallel
         return self.effective_n_jobs(n_jobs)
 
-    def submit(self, func: Callable[[], Any],
-               callback: Callable[[Future], Any] | None = None) -> Future:
+    def submit(
+        self, func: Callable[[], Any], callback: Callable[[Future], Any] | None = None
+    ) -> Future:
         future = self.master.submit(func)
         self._pending.add(future)
         future.add_done_callback(self._pending.discard)
@@ -170,8 +192,7 @@ class QjamfabBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def get_nested_backend(self) -> tuple[ParallelBackendBase, int | None]:
         """Parallel inside a task: sequential, on that worker."""
-        return SequentialBackend(
-            nesting_level=(self.nesting_level or 0) + 1), None
+        return SequentialBackend(nesting_level=(self.nesting_level or 0) + 1), None
 
 
 def register() -> None:

@@ -12,6 +12,7 @@ the host, the offered fingerprint and the offending line.
 and the host-key types known_hosts has for the host (so that they can be
 offered first, as OpenSSH does); hosts.py installs both.
 """
+
 from __future__ import annotations
 
 import base64
@@ -39,21 +40,31 @@ _DEFAULT_GLOBAL_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts /etc/ssh/ssh_known_hosts
 
 # --- known-hosts file options ----------------------------------------------
 
+
 def local_user() -> str:
     """The name of the user running this process."""
     try:
         return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:   # pragma: no cover - uid without a passwd entry
+    except KeyError:  # pragma: no cover - uid without a passwd entry
         import getpass
+
         return getpass.getuser()
 
 
 def _expand_path(path: str, host: str, port: int, user: str) -> str:
     """~ and the common ssh_config %-tokens of a file path."""
+
     def token(m):
         t = m.group(1)
-        return {"%": "%", "d": os.path.expanduser("~"), "u": local_user(),
-                "h": host, "p": str(port), "r": user}.get(t, m.group(0))
+        return {
+            "%": "%",
+            "d": os.path.expanduser("~"),
+            "u": local_user(),
+            "h": host,
+            "p": str(port),
+            "r": user,
+        }.get(t, m.group(0))
+
     return os.path.expanduser(re.sub(r"%(.)", token, path))
 
 
@@ -73,8 +84,8 @@ def _config_files(value: str | None, default: str, conn) -> list[str]:
     return out
 
 
-
 # --- known_hosts -----------------------------------------------------------
+
 
 class _KnownHosts:
     """The known_hosts lines that can vouch for a host, with file and line
@@ -83,13 +94,13 @@ class _KnownHosts:
 
     def __init__(self, files: list[str]):
         self.files = files
-        self.entries = []   # (path, lineno, marker, [names], keytype, blob)
+        self.entries = []  # (path, lineno, marker, [names], keytype, blob)
         for path in files:
             try:
-                with open(path, "r", errors="replace") as f:
+                with open(path, errors="replace") as f:
                     lines = f.readlines()
             except OSError:
-                continue   # missing or unreadable: as OpenSSH, not an error
+                continue  # missing or unreadable: as OpenSSH, not an error
             for lineno, line in enumerate(lines, 1):
                 fields = line.split()
                 if not fields or fields[0].startswith("#"):
@@ -103,8 +114,9 @@ class _KnownHosts:
                     blob = base64.b64decode(fields[2], validate=True)
                 except (ValueError, TypeError):
                     continue
-                self.entries.append((path, lineno, marker,
-                                     fields[0].split(","), fields[1], blob))
+                self.entries.append(
+                    (path, lineno, marker, fields[0].split(","), fields[1], blob)
+                )
 
     @staticmethod
     def _matches(name: str, patterns: list[str]) -> bool:
@@ -164,8 +176,15 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
     """Checks every server key (paramiko itself is given no known keys, so it
     always asks us)."""
 
-    def __init__(self, label: str, conn, mode: str, known: _KnownHosts,
-                 user_files: list[str], hashed: bool):
+    def __init__(
+        self,
+        label: str,
+        conn,
+        mode: str,
+        known: _KnownHosts,
+        user_files: list[str],
+        hashed: bool,
+    ):
         self.label = label
         self.conn = conn
         self.mode = mode
@@ -182,7 +201,8 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
                     f"{self.label}: the host key of {hostname} is marked "
                     f"@revoked in {path}:{lineno}: refusing to connect; ask "
                     f"the host's administrator for its current key",
-                    host=self.label)
+                    host=self.label,
+                )
         plain = [e for e in entries if e[2] is None]
         if any(e[5] == offered for e in plain):
             return
@@ -197,7 +217,8 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
                 f"change is expected, remove the old line with "
                 f"`ssh-keygen -R '{hostname}' -f {path}` and connect again\n"
                 f"Offending known_hosts line: {path}:{lineno}",
-                host=self.label)
+                host=self.label,
+            )
         mode = self.mode
         if mode in ("no", "off", "false"):
             return
@@ -206,20 +227,29 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
                 target = self.user_files[0]
                 try:
                     _append_known_host(target, hostname, key, self.hashed)
-                    log.warning("%s: added %s key %s for %s to %s",
-                                self.label, key.get_name(), fp, hostname,
-                                target)
+                    log.warning(
+                        "%s: added %s key %s for %s to %s",
+                        self.label,
+                        key.get_name(),
+                        fp,
+                        hostname,
+                        target,
+                    )
                 except OSError as e:
-                    log.warning("%s: could not save the host key of %s to "
-                                "%s: %s", self.label, hostname, target, e)
+                    log.warning(
+                        "%s: could not save the host key of %s to %s: %s",
+                        self.label,
+                        hostname,
+                        target,
+                        e,
+                    )
             return
         files = ", ".join(self.known.files) or "(none)"
         target = self.user_files[0] if self.user_files else "~/.ssh/known_hosts"
         host, port = self.conn.host, self.conn.port
-        scan = (f"ssh-keyscan -p {port} {host}" if port != 22
-                else f"ssh-keyscan {host}")
+        scan = f"ssh-keyscan -p {port} {host}" if port != 22 else f"ssh-keyscan {host}"
         folder = os.path.dirname(os.path.expanduser(target))
-        if folder and not os.path.isdir(folder):   # else >> would fail
+        if folder and not os.path.isdir(folder):  # else >> would fail
             scan = f"mkdir -m 700 -p {folder} && {scan}"
         raise HostKeyError(
             f"{self.label}: the host key of {hostname} is not in known_hosts, "
@@ -228,7 +258,9 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
             f"`StrictHostKeyChecking accept-new` for this host in ssh_config\n"
             f"Offered key: {key.get_name()} {fp}\n"
             f"Known-hosts files read: {files}\n"
-            f"StrictHostKeyChecking: {mode}", host=self.label)
+            f"StrictHostKeyChecking: {mode}",
+            host=self.label,
+        )
 
 
 def _hostkey_name(host: str, port: int) -> str:
@@ -240,14 +272,21 @@ def host_key_policy(conn, label: str) -> tuple[_HostKeyPolicy, list[str]]:
     ssh_config's known-hosts files, StrictHostKeyChecking and
     HashKnownHosts), and the key types known_hosts has for its host, to be
     preferred in key exchange."""
-    user_files = _config_files(config_option(conn, "userknownhostsfile"),
-                               _DEFAULT_USER_KNOWN_HOSTS, conn)
-    global_files = _config_files(config_option(conn, "globalknownhostsfile"),
-                                 _DEFAULT_GLOBAL_KNOWN_HOSTS, conn)
+    user_files = _config_files(
+        config_option(conn, "userknownhostsfile"), _DEFAULT_USER_KNOWN_HOSTS, conn
+    )
+    global_files = _config_files(
+        config_option(conn, "globalknownhostsfile"), _DEFAULT_GLOBAL_KNOWN_HOSTS, conn
+    )
     known = _KnownHosts(global_files + user_files)
-    mode = (config_option(conn, "stricthostkeychecking", "yes")
-            or "yes").lower()
-    policy = _HostKeyPolicy(label, conn, mode, known, user_files,
-                            config_yes(config_option(conn, "hashknownhosts")))
+    mode = (config_option(conn, "stricthostkeychecking", "yes") or "yes").lower()
+    policy = _HostKeyPolicy(
+        label,
+        conn,
+        mode,
+        known,
+        user_files,
+        config_yes(config_option(conn, "hashknownhosts")),
+    )
     name = _hostkey_name(conn.host, conn.port)
     return policy, known.key_types(name)

@@ -12,6 +12,7 @@ from an earlier, interrupted run is recognised and dropped. Before each
 run, lost workers are restarted or reconnected, and unreachable hosts are
 retried with backoff.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -20,12 +21,11 @@ import os
 import shlex
 import time
 import weakref
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
 
-from . import dask_engine, display, protocol, runtime, serialize
+from . import dask_engine, display, openssh, protocol, runtime, serialize
 from . import hosts as hostlib
-from . import openssh
 from . import packages as shipping
 from .cluster import remote_python
 from .dataset import BaseDataSet, DataSet
@@ -37,13 +37,17 @@ from .openssh import openssh_client
 from .run import Run, RunSettings, RunStats, print_log
 from .runtime import default_base
 from .runtime.cache import parse_size
-from .transport import (OPENSSH_FAILED, LocalPipeTransport, OpenSSHTransport,
-                        SSHChannelTransport)
+from .transport import (
+    OPENSSH_FAILED,
+    LocalPipeTransport,
+    OpenSSHTransport,
+    SSHChannelTransport,
+)
 from .workers import Inbox, Link, WorkerHandle
 
 log = logging.getLogger("qjamfab")
 
-IDLE_TIMEOUT_S = 3600.0   # a daemon without a session for this long ends
+IDLE_TIMEOUT_S = 3600.0  # a daemon without a session for this long ends
 
 
 def _log_from_env() -> None:
@@ -65,19 +69,27 @@ class Master(FuturesMixin):
     (packages.py).
     """
 
-    def __init__(self, hosts: None | str | Sequence[str] = None, *,
-                 workers_per_host: int | None = None,
-                 ssh_config: str | None = None,
-                 heartbeat_timeout: float = 5.0, replicas: int = 1,
-                 straggler_factor: float = 4.0,
-                 ssh_client: str | None = None, require_all: bool = False,
-                 cache_limit: int | str | None = None,
-                 packages: Sequence[str] | None = None):
+    def __init__(
+        self,
+        hosts: None | str | Sequence[str] = None,
+        *,
+        workers_per_host: int | None = None,
+        ssh_config: str | None = None,
+        heartbeat_timeout: float = 5.0,
+        replicas: int = 1,
+        straggler_factor: float = 4.0,
+        ssh_client: str | None = None,
+        require_all: bool = False,
+        cache_limit: int | str | None = None,
+        packages: Sequence[str] | None = None,
+    ):
         if workers_per_host is not None and (
-                not isinstance(workers_per_host, int) or workers_per_host < 1):
+            not isinstance(workers_per_host, int) or workers_per_host < 1
+        ):
             raise ValueError(
                 f"workers_per_host must be a positive int, not "
-                f"{workers_per_host!r}: give e.g. 2, or None for one per core")
+                f"{workers_per_host!r}: give e.g. 2, or None for one per core"
+            )
         if replicas not in (1, 2):
             raise ValueError(f"replicas must be 1 or 2, not {replicas!r}")
         if not heartbeat_timeout >= 2 * protocol.HEARTBEAT_INTERVAL_S:
@@ -85,21 +97,26 @@ class Master(FuturesMixin):
                 f"heartbeat_timeout must be at least "
                 f"{2 * protocol.HEARTBEAT_INTERVAL_S:g} s (twice the "
                 f"heartbeat interval), not {heartbeat_timeout!r}: a shorter "
-                "one would lose workers that are fine")
+                "one would lose workers that are fine"
+            )
         self.require_all = require_all
-        self._packages = shipping.resolve(packages)   # BadPackage here
-        if cache_limit is not None:   # a bad value fails here, not on hosts
+        self._packages = shipping.resolve(packages)  # BadPackage here
+        if cache_limit is not None:  # a bad value fails here, not on hosts
             parse_size(str(cache_limit), env=None)
         self.cache_limit = cache_limit
         _log_from_env()
         dask = dask_engine.dask_host(  # None unless a Dask Client or address
-            hosts, heartbeat_timeout, workers_per_host=workers_per_host,
-            ssh_config=ssh_config, ssh_client=ssh_client)
+            hosts,
+            heartbeat_timeout,
+            workers_per_host=workers_per_host,
+            ssh_config=ssh_config,
+            ssh_client=ssh_client,
+        )
         display.warn_if_cli_hosts_ignored(dask.spec.raw if dask else hosts)
         self.ssh_client = ssh_client
         self.hosts: list[HostSpec] = [dask.spec] if dask else parse_hosts(hosts)
         if not dask and not all(h.is_local for h in self.hosts):
-            openssh_client(ssh_client)   # a bad choice fails here, not later
+            openssh_client(ssh_client)  # a bad choice fails here, not later
         self.replicas = replicas
         self.straggler_factor = straggler_factor
         # Split each worker's slices into two tasks so a worker that runs
@@ -112,10 +129,8 @@ class Master(FuturesMixin):
         self._base = default_base()
         self._inbox = Inbox()
         self._inbox.ids = itertools.count(1)
-        self._hosts = [dask] if dask else _label_hosts(self.hosts,
-                                                       workers_per_host)
-        self._finalizer = weakref.finalize(self, _close_all, self._inbox,
-                                           self._hosts)
+        self._hosts = [dask] if dask else _label_hosts(self.hosts, workers_per_host)
+        self._finalizer = weakref.finalize(self, _close_all, self._inbox, self._hosts)
         self._start_missing(first=True)
 
     # --- workers --------------------------------------------------------
@@ -123,16 +138,19 @@ class Master(FuturesMixin):
     def _handles(self) -> list[WorkerHandle]:
         return [h.handles[k] for h in self._hosts for k in sorted(h.handles)]
 
-    def _missing(self, host: "_Host") -> list[int]:
+    def _missing(self, host: _Host) -> list[int]:
         if host.count is None:
-            return []   # not known yet: the agent says
-        return [k for k in range(host.count)
-                if k not in host.handles or not host.handles[k].alive]
+            return []  # not known yet: the agent says
+        return [
+            k
+            for k in range(host.count)
+            if k not in host.handles or not host.handles[k].alive
+        ]
 
-    def _needs_start(self, host: "_Host") -> bool:
+    def _needs_start(self, host: _Host) -> bool:
         return host.count is None or bool(self._missing(host))
 
-    def _prepare(self, host: "_Host") -> None:
+    def _prepare(self, host: _Host) -> None:
         """Connect the host and attach every worker of it that is not up."""
         if isinstance(host, dask_engine.DaskHost):
             host.prepare(self._inbox)
@@ -146,33 +164,44 @@ class Master(FuturesMixin):
             if self._packages:
                 shipping.ship(host.link, self._packages)
         missing = self._missing(host)
-        new, failed = host.link.attach(missing or None, host.count,
-                                       IDLE_TIMEOUT_S, self.cache_limit,
-                                       dict(host.spec.env))
+        new, failed = host.link.attach(
+            missing or None,
+            host.count,
+            IDLE_TIMEOUT_S,
+            self.cache_limit,
+            dict(host.spec.env),
+        )
         if host.count is None:
             host.count = host.link.count
         for handle in new:
             handle.last_seen = time.monotonic()
             host.handles[handle.index] = handle
         if failed:
-            reasons = "; ".join(f"{host.label}-{k}: {why}"
-                                for k, why in sorted(failed.items()))
-            raise WorkerLost(f"{len(failed)} of the workers of {host.label} "
-                             f"did not start: {reasons}",
-                             worker=f"{host.label}-{min(failed)}")
+            reasons = "; ".join(
+                f"{host.label}-{k}: {why}" for k, why in sorted(failed.items())
+            )
+            raise WorkerLost(
+                f"{len(failed)} of the workers of {host.label} "
+                f"did not start: {reasons}",
+                worker=f"{host.label}-{min(failed)}",
+            )
 
-    def _start_local(self, host: "_Host") -> None:
+    def _start_local(self, host: _Host) -> None:
         def start(k: int) -> WorkerHandle:
             name = f"{host.label}-{k}"
             env = host.spec.worker_env(k)
             if self.cache_limit is not None:
                 env["QJAMFAB_CACHE_LIMIT"] = str(self.cache_limit)
-            transport = InProcessTransport(name, self._base) \
-                if host.spec.kind == "inproc" else \
-                LocalPipeTransport(name, self._base, env)
-            link = Link(host.label, transport, agent=False,
-                        stall_timeout=self.heartbeat_timeout)
+            transport = (
+                InProcessTransport(name, self._base)
+                if host.spec.kind == "inproc"
+                else LocalPipeTransport(name, self._base, env)
+            )
+            link = Link(
+                host.label, transport, agent=False, stall_timeout=self.heartbeat_timeout
+            )
             return link.start_direct(name)
+
         missing = self._missing(host)
         for k in missing:
             old = host.handles.pop(k, None)
@@ -189,18 +218,24 @@ class Master(FuturesMixin):
         if failure is not None:
             raise failure
 
-    def _open_link(self, host: "_Host") -> Link:
+    def _open_link(self, host: _Host) -> Link:
         """One stream to the host's agent: through the OpenSSH client, or
         paramiko where it cannot reach the host (or is not wanted)."""
         python = host.spec.python or remote_python()
-        command = shlex.join([python, "-c",
-                              runtime.boot_code("agent", install=True)])
+        command = shlex.join([python, "-c", runtime.boot_code("agent", install=True)])
         ssh = None if host.openssh_failed else openssh_client(self.ssh_client)
         if ssh is not None:
-            link = Link(host.label, OpenSSHTransport(
-                host.label, openssh.openssh_command(
-                    ssh, host.spec, command, ssh_config=self.ssh_config)),
-                agent=True, stall_timeout=self.heartbeat_timeout)
+            link = Link(
+                host.label,
+                OpenSSHTransport(
+                    host.label,
+                    openssh.openssh_command(
+                        ssh, host.spec, command, ssh_config=self.ssh_config
+                    ),
+                ),
+                agent=True,
+                stall_timeout=self.heartbeat_timeout,
+            )
             try:
                 link.start_agent(python)
                 return link
@@ -211,13 +246,19 @@ class Master(FuturesMixin):
                 conn = hostlib.connect(host.spec, ssh_config=self.ssh_config)
                 log.warning(
                     "the OpenSSH client cannot reach %s (%s); using "
-                    "paramiko for its workers", host.spec.raw,
-                    (exc.stderr_tail or "no message").splitlines()[-1])
+                    "paramiko for its workers",
+                    host.spec.raw,
+                    (exc.stderr_tail or "no message").splitlines()[-1],
+                )
                 host.openssh_failed = True
         else:
             conn = hostlib.connect(host.spec, ssh_config=self.ssh_config)
-        link = Link(host.label, SSHChannelTransport(host.label, conn, command),
-                    agent=True, stall_timeout=self.heartbeat_timeout)
+        link = Link(
+            host.label,
+            SSHChannelTransport(host.label, conn, command),
+            agent=True,
+            stall_timeout=self.heartbeat_timeout,
+        )
         link.start_agent(python)
         return link
 
@@ -230,8 +271,11 @@ class Master(FuturesMixin):
         any fails).
         """
         now = time.monotonic()
-        todo = [h for h in self._hosts if self._needs_start(h)
-                and (first or h.retry_at <= now)]
+        todo = [
+            h
+            for h in self._hosts
+            if self._needs_start(h) and (first or h.retry_at <= now)
+        ]
         if not todo:
             return
         failures: dict[int, QjamfabError] = {}
@@ -243,30 +287,35 @@ class Master(FuturesMixin):
             except QjamfabError as exc:
                 failures[id(host)] = exc
                 host.failures += 1
-                host.retry_at = time.monotonic() + min(60, 2 ** host.failures)
+                host.retry_at = time.monotonic() + min(60, 2**host.failures)
 
         with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
             list(pool.map(prepare, todo))
         failed = [(h, failures[id(h)]) for h in todo if id(h) in failures]
-        if first and failed and (self.require_all or not any(
-                h.alive for h in self._handles())):
+        if (
+            first
+            and failed
+            and (self.require_all or not any(h.alive for h in self._handles()))
+        ):
             self.close()
             raise failed[0][1]
         for host, exc in failed:
-            log.warning("host %s is unavailable, retrying later: %s",
-                        host.spec.raw, display.first_line(exc))
+            log.warning(
+                "host %s is unavailable, retrying later: %s",
+                host.spec.raw,
+                display.first_line(exc),
+            )
 
     @property
     def workers(self) -> list[str]:
-        return [f"{h.label}-{k}" for h in self._hosts
-                for k in range(h.count or 0)]
+        return [f"{h.label}-{k}" for h in self._hosts for k in range(h.count or 0)]
 
     @closes_executor
     def close(self) -> None:
         """End this session: stop local workers, drop connections."""
         self._finalizer()
 
-    def __enter__(self) -> "Master":
+    def __enter__(self) -> Master:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -280,11 +329,15 @@ class Master(FuturesMixin):
         return not self._finalizer.alive
 
     def __repr__(self) -> str:
-        state = "closed" if not self._finalizer.alive else \
-            display.plural(sum(h.alive for h in self._handles()),
-                           "worker") + " up"
-        return (f"Master({', '.join(s.raw for s in self.hosts)}: "
-                f"{display.plural(len(self.workers), 'worker')}, {state})")
+        state = (
+            "closed"
+            if not self._finalizer.alive
+            else display.plural(sum(h.alive for h in self._handles()), "worker") + " up"
+        )
+        return (
+            f"Master({', '.join(s.raw for s in self.hosts)}: "
+            f"{display.plural(len(self.workers), 'worker')}, {state})"
+        )
 
     def _check_open(self) -> None:
         if not self._finalizer.alive:
@@ -294,16 +347,23 @@ class Master(FuturesMixin):
         self._check_open()
         live = [h for h in self._handles() if h.alive]
         if not live:
-            raise WorkerLost("no worker is reachable: check the hosts (inv "
-                             "status), then run again")
+            raise WorkerLost(
+                "no worker is reachable: check the hosts (inv status), then run again"
+            )
         return live
 
     # --- runs -----------------------------------------------------------
 
     @exclusive
-    def run(self, job: object, params: object = None, dataset: object = None,
-            *, reduce: Callable | None = None,
-            progress: bool | None = None) -> object:
+    def run(
+        self,
+        job: object,
+        params: object = None,
+        dataset: object = None,
+        *,
+        reduce: Callable | None = None,
+        progress: bool | None = None,
+    ) -> object:
         """mapfunc(params, slice) over the dataset's slices, reduced.
 
         `job` is a module with `mapfunc` (and optional `reduce`) or a
@@ -323,11 +383,22 @@ class Master(FuturesMixin):
         workers = self._live()
         if dataset is not None:
             dataset = dataset.for_workers(len(workers))
-        run = Run(self._inbox, workers, func_hash, func_bytes, params_parts,
-                  dataset, reduce, RunSettings(
-                      heartbeat_timeout=self.heartbeat_timeout,
-                      straggler_factor=self.straggler_factor,
-                      replicas=self.replicas, split=self._split), progress)
+        run = Run(
+            self._inbox,
+            workers,
+            func_hash,
+            func_bytes,
+            params_parts,
+            dataset,
+            reduce,
+            RunSettings(
+                heartbeat_timeout=self.heartbeat_timeout,
+                straggler_factor=self.straggler_factor,
+                replicas=self.replicas,
+                split=self._split,
+            ),
+            progress,
+        )
         try:
             value = run.execute()
         finally:
@@ -369,8 +440,11 @@ class Master(FuturesMixin):
                 print_log(event.source.name, event.head["text"])
             if event.source is handle and not handle.alive:
                 break
-        raise WorkerLost(f"worker {handle.name} did not answer: it will be "
-                         "restarted before the next run", worker=handle.name)
+        raise WorkerLost(
+            f"worker {handle.name} did not answer: it will be "
+            "restarted before the next run",
+            worker=handle.name,
+        )
 
     def _drain(self) -> None:
         """Before a run: take in what workers sent since the last one
@@ -398,16 +472,18 @@ class _Host:
         self.retry_at = 0.0
 
 
-def _label_hosts(specs: list[HostSpec], workers_per_host: int | None
-                 ) -> list[_Host]:
+def _label_hosts(specs: list[HostSpec], workers_per_host: int | None) -> list[_Host]:
     hosts, seen = [], set()
     for spec in specs:
         label = spec.kind if spec.is_local else spec.raw
         while label in seen:  # two entries for one host stay apart
             label += "'"
         seen.add(label)
-        count = spec.workers or workers_per_host or (
-            os.cpu_count() or 1 if spec.is_local else None)
+        count = (
+            spec.workers
+            or workers_per_host
+            or (os.cpu_count() or 1 if spec.is_local else None)
+        )
         hosts.append(_Host(spec, label, count))
     return hosts
 

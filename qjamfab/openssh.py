@@ -6,6 +6,7 @@ spec through it, with the same destination and ssh_config file as
 `hosts.connect` (hostspec.py resolves both). Running it and mapping its
 failures is transport.py's.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,17 +30,20 @@ def openssh_client(choice: str | None = None) -> str | None:
     if choice not in SSH_CLIENTS:
         raise BadHostSpec(
             f"ssh client {choice!r} is not a choice: use openssh, paramiko "
-            "or auto (openssh when installed)")
+            "or auto (openssh when installed)"
+        )
     ssh = shutil.which("ssh") if choice != "paramiko" else None
     if ssh is None and choice == "openssh":
         raise BadHostSpec(
             "the openssh client was asked for, but no ssh is on PATH: "
-            "install openssh-client, or use auto")
+            "install openssh-client, or use auto"
+        )
     return ssh
 
 
-def openssh_command(ssh: str, spec: HostSpec, command: str, *,
-                    ssh_config: str | None = None) -> list[str]:
+def openssh_command(
+    ssh: str, spec: HostSpec, command: str, *, ssh_config: str | None = None
+) -> list[str]:
     """argv running `command` on an SSH host with the OpenSSH client `ssh`.
 
     It reads the same ssh_config as `connect` and must find the host key in
@@ -49,9 +53,19 @@ def openssh_command(ssh: str, spec: HostSpec, command: str, *,
     user, host, port = destination(spec)
     path = config_path(ssh_config)
     argv = [ssh] + (["-F", os.path.expanduser(path)] if path else [])
-    argv += ["-T", "-x", "-a", "-e", "none", "-o", "BatchMode=yes",
-             "-o", "ConnectTimeout=10",
-             # AES-GCM first: with AES-NI it is the fastest cipher
-             "-o", "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com"]
+    argv += [
+        "-T",
+        "-x",
+        "-a",
+        "-e",
+        "none",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=10",
+        # AES-GCM first: with AES-NI it is the fastest cipher
+        "-o",
+        "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com",
+    ]
     argv += (["-l", user] if user else []) + (["-p", str(port)] if port else [])
     return argv + ["--", host, command]

@@ -37,6 +37,7 @@ This module owns the master's side:
 Local workers run the master's own Python, which has the packages: nothing
 is shipped to them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -50,9 +51,10 @@ import threading
 import time
 import uuid
 import zipfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from . import protocol, runtime
 from .errors import BadPackage, HostError, PreflightFailed, WorkerLost
@@ -65,30 +67,42 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("qjamfab")
 
-__all__ = ["Distribution", "resolve", "with_dependencies", "check_platform",
-           "ship", "upload", "suggestion", "describe"]
+__all__ = [
+    "Distribution",
+    "resolve",
+    "with_dependencies",
+    "check_platform",
+    "ship",
+    "upload",
+    "suggestion",
+    "describe",
+]
 
-INSTALL_TIMEOUT_S = 300.0   # for a host to unpack and check what it got
+INSTALL_TIMEOUT_S = 300.0  # for a host to unpack and check what it got
 _RUNTIME_SHIPS = {"qjamfab", "cloudpickle"}
 _NATIVE = re.compile(r"\.(so|pyd|dylib|dll)(\.[0-9]+)*$")
 _ZIP_LOCK = threading.Lock()
-_LEGACY_MANYLINUX = {"manylinux1": (2, 5), "manylinux2010": (2, 12),
-                     "manylinux2014": (2, 17)}
+_LEGACY_MANYLINUX = {
+    "manylinux1": (2, 5),
+    "manylinux2010": (2, 12),
+    "manylinux2014": (2, 17),
+}
 
 
 @dataclass(frozen=True)
 class Distribution:
     """One installed distribution as it would be shipped."""
+
     name: str
     version: str
-    hash: str                   # content_hash of its files
-    root: str                   # the directory its files are relative to
-    files: tuple[str, ...]      # "/"-separated, relative to root
-    size: int                   # bytes, unpacked
-    native: tuple[str, ...]     # its compiled files
-    ext_suffixes: tuple[str, ...]   # ABI-tagged suffixes its modules need
-    libc: str | None            # "glibc" or "musl" when native on Linux
-    glibc: tuple[int, int] | None   # the oldest glibc it runs on
+    hash: str  # content_hash of its files
+    root: str  # the directory its files are relative to
+    files: tuple[str, ...]  # "/"-separated, relative to root
+    size: int  # bytes, unpacked
+    native: tuple[str, ...]  # its compiled files
+    ext_suffixes: tuple[str, ...]  # ABI-tagged suffixes its modules need
+    libc: str | None  # "glibc" or "musl" when native on Linux
+    glibc: tuple[int, int] | None  # the oldest glibc it runs on
 
     def __str__(self) -> str:
         return f"{self.name} {self.version}"
@@ -115,16 +129,19 @@ def resolve(names: str | Sequence[str] | None) -> list[Distribution]:
     if not isinstance(names, (list, tuple, set, frozenset)):
         raise BadPackage(
             f"packages must be a list of distribution names, like "
-            f"['numpy', 'scipy'], not {type(names).__name__} {names!r}")
+            f"['numpy', 'scipy'], not {type(names).__name__} {names!r}"
+        )
     found: list[Distribution] = []
     seen: set[str] = set()
     for name in names:
         if not isinstance(name, str) or not re.fullmatch(
-                r"\s*[A-Za-z0-9][A-Za-z0-9._-]*\s*", name):
+            r"\s*[A-Za-z0-9][A-Za-z0-9._-]*\s*", name
+        ):
             raise BadPackage(
                 f"packages= holds {name!r}, which is not a distribution "
                 "name: give names as pip knows them, like 'numpy' or "
-                "'scikit-learn'")
+                "'scikit-learn'"
+            )
         key = canonical(name.strip())
         if key not in seen:
             seen.add(key)
@@ -145,11 +162,14 @@ def _distribution(name: str) -> Distribution:
         raise BadPackage(
             f"no distribution {name!r} is installed for this Python "
             f"({sys.executable}): install it here (pip install {name}) or "
-            "fix the name in packages=") from None
+            "fix the name in packages="
+        ) from None
     real = dist.metadata["Name"] or name
     if canonical(real) in _RUNTIME_SHIPS:
-        raise BadPackage(f"{real} comes with qjamfab's runtime on every host:"
-                         " leave it out of packages=")
+        raise BadPackage(
+            f"{real} comes with qjamfab's runtime on every host:"
+            " leave it out of packages="
+        )
     try:
         direct = json.loads(dist.read_text("direct_url.json") or "{}")
     except ValueError:
@@ -158,45 +178,60 @@ def _distribution(name: str) -> Distribution:
         raise BadPackage(
             f"{real} is an editable install (from {direct.get('url')}): "
             f"qjamfab ships installed files only; install it normally "
-            f"(pip install {real}) to ship it")
+            f"(pip install {real}) to ship it"
+        )
     if dist.files is None:
         raise BadPackage(
             f"{real} {dist.version} has no list of its files (no RECORD): "
-            f"qjamfab ships only what it can list; reinstall it with pip")
+            f"qjamfab ships only what it can list; reinstall it with pip"
+        )
     root = str(dist.locate_file(""))
-    record = str(dist.locate_file(next(
-        (f for f in dist.files if f.name == "RECORD"), "")))
+    record = str(
+        dist.locate_file(next((f for f in dist.files if f.name == "RECORD"), ""))
+    )
     try:
         stamp = os.stat(record).st_mtime_ns
     except OSError:
-        stamp = time.time_ns()   # no RECORD to stamp it: always read again
-    return _scan(real, dist.version, root, tuple(str(f) for f in dist.files),
-                 dist.read_text("WHEEL") or "", stamp)
+        stamp = time.time_ns()  # no RECORD to stamp it: always read again
+    return _scan(
+        real,
+        dist.version,
+        root,
+        tuple(str(f) for f in dist.files),
+        dist.read_text("WHEEL") or "",
+        stamp,
+    )
 
 
 def _module_owners(name: str) -> list[str]:
     try:
         return metadata.packages_distributions().get(name, [])
-    except Exception:   # a broken distribution elsewhere
+    except Exception:  # a broken distribution elsewhere
         return []
 
 
 @functools.lru_cache(maxsize=32)
-def _scan(name: str, version: str, root: str, listed: tuple[str, ...],
-          wheel: str, stamp: int) -> Distribution:
+def _scan(
+    name: str, version: str, root: str, listed: tuple[str, ...], wheel: str, stamp: int
+) -> Distribution:
     """A Distribution from its listed files (cached while its RECORD's
     mtime, `stamp`, stays)."""
     files = []
     for rel in listed:
         parts = rel.split("/")
-        if rel.startswith(("/", "..")) or "__pycache__" in parts or \
-                rel.endswith(".pyc"):
-            continue   # outside site-packages, or compiled here by imports
+        if (
+            rel.startswith(("/", ".."))
+            or "__pycache__" in parts
+            or rel.endswith(".pyc")
+        ):
+            continue  # outside site-packages, or compiled here by imports
         if os.path.isfile(os.path.join(root, rel)):
             files.append(rel)
     if not files:
-        raise BadPackage(f"{name} {version} has none of its files under "
-                         f"{root}: reinstall it with pip")
+        raise BadPackage(
+            f"{name} {version} has none of its files under "
+            f"{root}: reinstall it with pip"
+        )
     entries = _read(root, files)
     native = tuple(f for f in files if _NATIVE.search(f.rsplit("/", 1)[-1]))
     suffixes = sorted(platform_info()["ext_suffixes"], key=len, reverse=True)
@@ -205,11 +240,23 @@ def _scan(name: str, version: str, root: str, listed: tuple[str, ...],
         suffix = next((s for s in suffixes if f.endswith(s)), None)
         if suffix and suffix not in (".so", ".pyd"):
             needed.add(suffix)
-    libc, glibc = _libc_needed(wheel) if native and \
-        sys.platform.startswith("linux") else (None, None)
-    return Distribution(name, version, content_hash(entries), root,
-                        tuple(files), sum(len(c) for _, c in entries),
-                        native, tuple(sorted(needed)), libc, glibc)
+    libc, glibc = (
+        _libc_needed(wheel)
+        if native and sys.platform.startswith("linux")
+        else (None, None)
+    )
+    return Distribution(
+        name,
+        version,
+        content_hash(entries),
+        root,
+        tuple(files),
+        sum(len(c) for _, c in entries),
+        native,
+        tuple(sorted(needed)),
+        libc,
+        glibc,
+    )
 
 
 def _read(root: str, files: Iterable[str]) -> list[tuple[str, bytes]]:
@@ -255,7 +302,8 @@ def _zip(dist: Distribution) -> bytes:
     if content_hash(entries) != dist.hash:
         raise BadPackage(
             f"the files of {dist} changed since it was resolved (reinstalled?)"
-            f": create the Master again to ship the new ones")
+            f": create the Master again to ship the new ones"
+        )
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
         for rel, content in entries:
@@ -269,13 +317,12 @@ def with_dependencies(*names: str) -> list[str]:
     `packaging` library is installed): a list for `packages=`."""
     order: list[str] = []
     seen: set[str] = set()
-    todo = [n for name in names for n in ([name] if isinstance(name, str)
-                                          else name)]
+    todo = [n for name in names for n in ([name] if isinstance(name, str) else name)]
     while todo:
         name = todo.pop(0)
         if canonical(name) in seen:
             continue
-        real = resolve([name])[0].name   # BadPackage for a bad name
+        real = resolve([name])[0].name  # BadPackage for a bad name
         seen.add(canonical(name))
         seen.add(canonical(real))
         order.append(real)
@@ -296,10 +343,11 @@ def _required(requirement: str) -> str | None:
     if marker.strip():
         try:
             from packaging.markers import Marker
+
             if not Marker(marker).evaluate():
                 return None
         except ImportError:
-            pass   # judged by whether it is installed
+            pass  # judged by whether it is installed
         except Exception:
             return None
     try:
@@ -311,10 +359,10 @@ def _required(requirement: str) -> str | None:
 
 # --- the host's side of the comparison ----------------------------------------
 
+
 def host_platform(info: dict) -> dict:
     """The platform fields of a host's HELLO or probe report."""
-    return {k: info.get(k) for k in ("platform", "machine", "ext_suffixes",
-                                     "libc")}
+    return {k: info.get(k) for k in ("platform", "machine", "ext_suffixes", "libc")}
 
 
 def platform_problem(dist: Distribution, host: dict) -> str | None:
@@ -324,32 +372,40 @@ def platform_problem(dist: Distribution, host: dict) -> str | None:
         return None
     ours = platform_info()
     if (host.get("platform"), host.get("machine")) != (
-            ours["platform"], ours["machine"]):
-        return (f"its compiled files are for {ours['platform']} "
-                f"{ours['machine']} and the host is {host.get('platform')} "
-                f"{host.get('machine')}")
+        ours["platform"],
+        ours["machine"],
+    ):
+        return (
+            f"its compiled files are for {ours['platform']} "
+            f"{ours['machine']} and the host is {host.get('platform')} "
+            f"{host.get('machine')}"
+        )
     loads = host.get("ext_suffixes") or []
     for suffix in dist.ext_suffixes:
         if suffix not in loads:
-            return (f"its extension modules end in {suffix}, which the "
-                    f"host's Python does not load (it loads "
-                    f"{', '.join(loads) or 'none'})")
+            return (
+                f"its extension modules end in {suffix}, which the "
+                f"host's Python does not load (it loads "
+                f"{', '.join(loads) or 'none'})"
+            )
     have = _glibc_version(host.get("libc"))
     if dist.libc == "glibc":
         need = ".".join(map(str, dist.glibc))
         if have is None:
-            return (f"it needs glibc {need} or newer and the host's C "
-                    f"library is {host.get('libc') or 'not glibc'}")
+            return (
+                f"it needs glibc {need} or newer and the host's C "
+                f"library is {host.get('libc') or 'not glibc'}"
+            )
         if have < dist.glibc:
-            return (f"it needs glibc {need} or newer and the host has "
-                    f"{host.get('libc')}")
+            return f"it needs glibc {need} or newer and the host has {host.get('libc')}"
     elif dist.libc == "musl" and have is not None:
         return f"it is built for musl libc and the host has {host.get('libc')}"
     return None
 
 
-def check_platform(dists: Sequence[Distribution], info: dict, label: str,
-                   python: str) -> None:
+def check_platform(
+    dists: Sequence[Distribution], info: dict, label: str, python: str
+) -> None:
     """PreflightFailed when a distribution's compiled files would not load
     on the host whose HELLO or probe report is `info`."""
     host = host_platform(info)
@@ -359,28 +415,40 @@ def check_platform(dists: Sequence[Distribution], info: dict, label: str,
             raise PreflightFailed(
                 f"{label} cannot use {dist} as this master has it: {problem}"
                 f"; install {dist.name} for {python} on {label} itself, or "
-                f"leave it out of packages=", host=label)
+                f"leave it out of packages=",
+                host=label,
+            )
 
 
 # --- over a host's agent stream ----------------------------------------------
 
-def ship(link: "Link", dists: Sequence[Distribution]) -> dict:
+
+def ship(link: Link, dists: Sequence[Distribution]) -> dict:
     """Make `dists` importable on the host of `link` (an agent stream that
     has said HELLO, before ATTACH): send what it lacks, have the agent and
     its daemons put them on sys.path. What happened: {"sent", "cached",
     "on_host": [names], "bytes": sent}. The link is closed when it fails."""
     try:
-        check_platform(dists, link.info, link.label,
-                       link.info.get("executable") or link.python)
-        link.send(protocol.PACKAGES, {"offer": [
-            {"hash": d.hash, "name": d.name, "version": d.version}
-            for d in dists]}, worker=protocol.AGENT)
+        check_platform(
+            dists, link.info, link.label, link.info.get("executable") or link.python
+        )
+        link.send(
+            protocol.PACKAGES,
+            {
+                "offer": [
+                    {"hash": d.hash, "name": d.name, "version": d.version}
+                    for d in dists
+                ]
+            },
+            worker=protocol.AGENT,
+        )
         answer = _answer(link, 30.0, "say which packages it has")
         if answer.get("error"):
             raise PreflightFailed(
                 f"{link.label} cannot keep packages under "
                 f"{link.info.get('base')}/packages: {answer['error']}",
-                host=link.label)
+                host=link.label,
+            )
         sent = 0
         report: dict = {"sent": [], "cached": [], "on_host": [], "bytes": 0}
         for dist in dists:
@@ -392,9 +460,11 @@ def ship(link: "Link", dists: Sequence[Distribution]) -> dict:
             else:
                 report["cached"].append(str(dist))
         report["bytes"] = sent
-        link.send(protocol.PACKAGES, {"use": [
-            d.hash for d in dists if d.hash not in answer["on_host"]]},
-            worker=protocol.AGENT)
+        link.send(
+            protocol.PACKAGES,
+            {"use": [d.hash for d in dists if d.hash not in answer["on_host"]]},
+            worker=protocol.AGENT,
+        )
         answer = _answer(link, INSTALL_TIMEOUT_S, "install the packages")
         by_hash = {d.hash: d for d in dists}
         for digest, why in answer["failed"].items():
@@ -402,7 +472,9 @@ def ship(link: "Link", dists: Sequence[Distribution]) -> dict:
             raise PreflightFailed(
                 f"{link.label}: {dist} could not be installed under "
                 f"{link.info.get('base')}/packages ({why}): free disk space "
-                f"or fix permissions there, and retry", host=link.label)
+                f"or fix permissions there, and retry",
+                host=link.label,
+            )
     except BaseException:
         link.close()
         raise
@@ -411,14 +483,17 @@ def ship(link: "Link", dists: Sequence[Distribution]) -> dict:
     return report
 
 
-def _send(link: "Link", dist: Distribution) -> int:
+def _send(link: Link, dist: Distribution) -> int:
     """Send one distribution's zip to the agent; the bytes sent."""
-    return link.send(protocol.PACKAGES, {"install": dist.hash,
-                                         "name": dist.name},
-                     [dist.zip()], worker=protocol.AGENT)
+    return link.send(
+        protocol.PACKAGES,
+        {"install": dist.hash, "name": dist.name},
+        [dist.zip()],
+        worker=protocol.AGENT,
+    )
 
 
-def _answer(link: "Link", timeout: float, doing: str) -> dict:
+def _answer(link: Link, timeout: float, doing: str) -> dict:
     """The agent's next PACKAGES frame (also when a blocked send read it
     into the inbox)."""
     link.transport.set_read_timeout(timeout)
@@ -431,12 +506,14 @@ def _answer(link: "Link", timeout: float, doing: str) -> dict:
                     return event.head
             if not link.alive:
                 _, tail = link.transport.exit_report(None)
-                said = tail.strip().splitlines()[-1] if tail.strip() else \
-                    "it said nothing"
+                said = (
+                    tail.strip().splitlines()[-1] if tail.strip() else "it said nothing"
+                )
                 raise WorkerLost(
                     f"{link.label}: the agent did not {doing} in "
                     f"{timeout:g} s or ended ({said}): check the host's "
-                    f"disk space and load, and retry")
+                    f"disk space and load, and retry"
+                )
             for event in link.read_events():
                 if event.source is link and event.kind == protocol.PACKAGES:
                     return event.head
@@ -444,26 +521,30 @@ def _answer(link: "Link", timeout: float, doing: str) -> dict:
                     link.inbox.pending.append(event)
     finally:
         from .workers import HANDSHAKE_TIMEOUT_S
+
         if link.alive:
             link.transport.set_read_timeout(HANDSHAKE_TIMEOUT_S)
 
 
 # --- over SFTP, for inv bootstrap ---------------------------------------------
 
-def upload(session: "HostSession", info: dict,
-           dists: Sequence[Distribution]) -> dict:
+
+def upload(session: HostSession, info: dict, dists: Sequence[Distribution]) -> dict:
     """`inv bootstrap --packages`: the same zips to the same place, over
     the session's SFTP, unpacked there by runtime/packages.py. `info` is
     the host's probe report. What happened, as `ship` says it."""
-    report: dict = {"host": session.name, "sent": [], "cached": [],
-                    "on_host": [], "bytes": 0}
+    report: dict = {
+        "host": session.name,
+        "sent": [],
+        "cached": [],
+        "on_host": [],
+        "bytes": 0,
+    }
     if session.conn is None:
         report["note"] = "not needed (local workers run this Python)"
         return report
-    check_platform(dists, info, session.name, info.get("executable")
-                   or session.python)
-    offers = [{"hash": d.hash, "name": d.name, "version": d.version}
-              for d in dists]
+    check_platform(dists, info, session.name, info.get("executable") or session.python)
+    offers = [{"hash": d.hash, "name": d.name, "version": d.version} for d in dists]
     answer = _run(session, ["offer", json.dumps(offers)], "offer")
     root = f"{info['base']}/packages"
     for dist in dists:
@@ -484,43 +565,50 @@ def upload(session: "HostSession", info: dict,
                 sftp.chmod(path, 0o600)
             finally:
                 sftp.close()
-        except Exception as exc:   # paramiko's and the socket's errors
+        except Exception as exc:  # paramiko's and the socket's errors
             raise HostError(
                 f"{session.name}: uploading {dist} to {root} failed ({exc}):"
                 " check free disk space there and retry",
-                host=session.name) from exc
+                host=session.name,
+            ) from exc
         _run(session, ["install", path, dist.hash], f"installing {dist}")
         report["sent"].append(str(dist))
         report["bytes"] += len(data)
     return report
 
 
-def _run(session: "HostSession", args: list[str], what: str) -> dict:
-    status, out, err = session._python(
-        ["-c", runtime.boot_code("packages"), *args])
+def _run(session: HostSession, args: list[str], what: str) -> dict:
+    status, out, err = session._python(["-c", runtime.boot_code("packages"), *args])
     if status != 0:
-        said = err.strip().splitlines()[-1] if err.strip() else \
-            f"exit status {status}"
-        raise HostError(f"{session.name}: {what} failed: {said}",
-                        host=session.name)
+        said = err.strip().splitlines()[-1] if err.strip() else f"exit status {status}"
+        raise HostError(f"{session.name}: {what} failed: {said}", host=session.name)
     return session._answer(out, what)
 
 
 # --- for messages -------------------------------------------------------------
 
+
 def describe(report: dict) -> str:
     """One line for what `upload` did on a host."""
-    said = [f"{label} {', '.join(report[what])}" for what, label in (
-        ("sent", "uploaded"), ("cached", "already there:"),
-        ("on_host", "the host's own:")) if report.get(what)]
-    return (f"packages on {report.get('host')}: "
-            + ("; ".join(said) or report.get("note", "none")))
+    said = [
+        f"{label} {', '.join(report[what])}"
+        for what, label in (
+            ("sent", "uploaded"),
+            ("cached", "already there:"),
+            ("on_host", "the host's own:"),
+        )
+        if report.get(what)
+    ]
+    return f"packages on {report.get('host')}: " + (
+        "; ".join(said) or report.get("note", "none")
+    )
+
 
 def suggestion(module: str) -> str | None:
     """For a module a host lacks: `packages=['dist']` when this master has
     the distribution that provides it, else None."""
     top = module.split(".", 1)[0]
-    try:   # most distributions are named as their module: no scan
+    try:  # most distributions are named as their module: no scan
         owners = [metadata.distribution(top).metadata["Name"] or top]
     except metadata.PackageNotFoundError:
         owners = _module_owners(top)

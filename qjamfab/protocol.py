@@ -10,12 +10,14 @@ on both ends. A frame is
 carries all of its workers' frames, and its agent (runtime/agent.py) sends
 them on to the right daemon. AGENT marks frames for or from the agent
 itself; on a stream to a single worker (local workers, the agent's own
-socket to each daemon) it is 0. Part 0 is the message head, a small pickled dict. The other parts are the
+socket to each daemon) it is 0. Part 0 is the message head, a small
+pickled dict. The other parts are the
 payload, a pickled object split by pickle protocol 5 into its main stream and
 out-of-band buffers, so numpy arrays cross without being copied into a pickle
 (`encode` / `decode`). A REFS frame's payload is stored on the worker's disk
 exactly as it arrived.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -23,59 +25,72 @@ import os
 import pickle
 import stat
 import struct
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import ProtocolError
 
 VERSION = 3
-AGENT = 0xFFFF   # the worker field of frames for or from a host's agent
+AGENT = 0xFFFF  # the worker field of frames for or from a host's agent
 
 # Message kinds. qjam's five (TASK, STATE, REFS, RESULT, ERROR) plus what
 # long-lived workers and host agents need.
-HELLO = 1      # worker -> master, first frame: version, name, pid, versions;
-               # from the agent: the host's python, cores, base, runtime
-TASK = 2       # master -> worker: {task, run, func, refs, slices, leaves,
-               # params: bool, hold: bool}; payload = params, sent with a
-               # run's first task to a worker only (params false: the run's
-               # params again); slices: their indices, leaves: how many the
-               # run has (results combine in reduce.ReduceTree); hold: the
-               # agent keeps the result for COLLECT
-STATE = 3      # worker -> master: {task, state: "blocked", refs, func};
-               # "cancelled"; from the agent "done" {compute_s} for a held
-               # task
-REFS = 4       # master -> worker: {ref}; payload = the slice. From the
-               # agent to its daemons {ref, stored: file key}, no payload:
-               # the slice is in the host's cache, sealed, as that file; or
-               # {ref, memory: true} + the slice: no room for it on disk
-RESULT = 5     # worker -> master: {task, compute_s, slices}; payload =
-               # [(lo, size, value)], ReduceTree nodes. From the agent:
-               # {tasks} for a COLLECT
-ERROR = 6      # worker -> master: {task, type, message, traceback}
-FUNC = 7       # master -> worker: {hash}; payload = [cloudpickled job]
+HELLO = 1  # worker -> master, first frame: version, name, pid, versions;
+# from the agent: the host's python, cores, base, runtime
+TASK = 2  # master -> worker: {task, run, func, refs, slices, leaves,
+# params: bool, hold: bool}; payload = params, sent with a
+# run's first task to a worker only (params false: the run's
+# params again); slices: their indices, leaves: how many the
+# run has (results combine in reduce.ReduceTree); hold: the
+# agent keeps the result for COLLECT
+STATE = 3  # worker -> master: {task, state: "blocked", refs, func};
+# "cancelled"; from the agent "done" {compute_s} for a held
+# task
+REFS = 4  # master -> worker: {ref}; payload = the slice. From the
+# agent to its daemons {ref, stored: file key}, no payload:
+# the slice is in the host's cache, sealed, as that file; or
+# {ref, memory: true} + the slice: no room for it on disk
+RESULT = 5  # worker -> master: {task, compute_s, slices}; payload =
+# [(lo, size, value)], ReduceTree nodes. From the agent:
+# {tasks} for a COLLECT
+ERROR = 6  # worker -> master: {task, type, message, traceback}
+FUNC = 7  # master -> worker: {hash}; payload = [cloudpickled job]
 HEARTBEAT = 8  # worker -> master, every HEARTBEAT_INTERVAL_S while
-               # connected; the agent's own: {stale: [silent workers]}
-LOG = 9        # worker -> master: {text} captured from fds 1 and 2
-CLEAR = 10     # master -> worker; answered by CLEAR {entries, bytes}
-STATS = 11     # master -> worker; answered by STATS {...}
-CANCEL = 12    # master -> worker: {task}; a queued task is dropped and
-               # answered by STATE {task, state: "cancelled"}
-ATTACH = 13    # master -> agent: {count, idle_timeout}; the agent starts
-               # missing daemons, connects to each, forwards their HELLOs
-               # and answers ATTACH {workers: [k...], failed: {k: reason}}
-COLLECT = 14   # master -> agent: {run, func, leaves, tasks: [held task
-               # ids]}; answered by RESULT {tasks}, their nodes combined
-               # with the job's reduce
-GONE = 15      # agent -> master, for worker k: its daemon's connection
-               # ended {reason, tail}
+# connected; the agent's own: {stale: [silent workers]}
+LOG = 9  # worker -> master: {text} captured from fds 1 and 2
+CLEAR = 10  # master -> worker; answered by CLEAR {entries, bytes}
+STATS = 11  # master -> worker; answered by STATS {...}
+CANCEL = 12  # master -> worker: {task}; a queued task is dropped and
+# answered by STATE {task, state: "cancelled"}
+ATTACH = 13  # master -> agent: {count, idle_timeout}; the agent starts
+# missing daemons, connects to each, forwards their HELLOs
+# and answers ATTACH {workers: [k...], failed: {k: reason}}
+COLLECT = 14  # master -> agent: {run, func, leaves, tasks: [held task
+# ids]}; answered by RESULT {tasks}, their nodes combined
+# with the job's reduce
+GONE = 15  # agent -> master, for worker k: its daemon's connection
+# ended {reason, tail}
 PACKAGES = 16  # master -> agent: {offer}, {install} + [zip] or {use}; the
-               # agent answers offer and use (runtime/packages.py); agent ->
-               # daemon: {paths, packages} to put on sys.path
+# agent answers offer and use (runtime/packages.py); agent ->
+# daemon: {paths, packages} to put on sys.path
 
-KIND_NAMES = {HELLO: "HELLO", TASK: "TASK", STATE: "STATE", REFS: "REFS",
-              RESULT: "RESULT", ERROR: "ERROR", FUNC: "FUNC",
-              HEARTBEAT: "HEARTBEAT", LOG: "LOG", CLEAR: "CLEAR",
-              STATS: "STATS", CANCEL: "CANCEL", ATTACH: "ATTACH",
-              COLLECT: "COLLECT", GONE: "GONE", PACKAGES: "PACKAGES"}
+KIND_NAMES = {
+    HELLO: "HELLO",
+    TASK: "TASK",
+    STATE: "STATE",
+    REFS: "REFS",
+    RESULT: "RESULT",
+    ERROR: "ERROR",
+    FUNC: "FUNC",
+    HEARTBEAT: "HEARTBEAT",
+    LOG: "LOG",
+    CLEAR: "CLEAR",
+    STATS: "STATS",
+    CANCEL: "CANCEL",
+    ATTACH: "ATTACH",
+    COLLECT: "COLLECT",
+    GONE: "GONE",
+    PACKAGES: "PACKAGES",
+}
 
 HEARTBEAT_INTERVAL_S = 1.0
 
@@ -84,9 +99,11 @@ _HEADER = struct.Struct("!2sBHH")
 _LENGTH = struct.Struct("!Q")
 _IOV_MAX = 512
 _MAX_PARTS = 0xFFFF
-_LAZY_PART = 1 << 20   # under limits, parts this big fill a mapping lazily
-_NOT_QJAMFAB = (f"the peer is not a qjamfab endpoint of protocol version "
-                f"{VERSION}, or the stream was corrupted")
+_LAZY_PART = 1 << 20  # under limits, parts this big fill a mapping lazily
+_NOT_QJAMFAB = (
+    f"the peer is not a qjamfab endpoint of protocol version "
+    f"{VERSION}, or the stream was corrupted"
+)
 
 
 def encode(obj: object, dumps: Callable = pickle.dumps) -> list:
@@ -104,18 +121,19 @@ def decode(parts: Sequence) -> object:
     return pickle.loads(parts[0], buffers=parts[1:])
 
 
-def frame(kind: int, head: dict, payload: Sequence = (),
-          worker: int = 0) -> list:
+def frame(kind: int, head: dict, payload: Sequence = (), worker: int = 0) -> list:
     """The buffers that make up one frame, ready for a vectored write."""
     return frame_raw(kind, pickle.dumps(head, protocol=5), payload, worker)
 
 
-def frame_raw(kind: int, head_bytes: bytes, payload: Sequence = (),
-              worker: int = 0) -> list:
+def frame_raw(
+    kind: int, head_bytes: bytes, payload: Sequence = (), worker: int = 0
+) -> list:
     """A frame from a head already pickled (the agent forwards heads)."""
     lengths = [len(head_bytes), *(memoryview(p).nbytes for p in payload)]
     prefix = _HEADER.pack(_MAGIC, kind, worker, len(lengths)) + b"".join(
-        _LENGTH.pack(n) for n in lengths)
+        _LENGTH.pack(n) for n in lengths
+    )
     if sum(lengths) - lengths[0] < 4096:
         # Small frames leave in one piece: one syscall, one SSH packet.
         return [b"".join([prefix, head_bytes, *payload])]
@@ -126,8 +144,11 @@ def frame_size(buffers: Sequence) -> int:
     return sum(memoryview(b).nbytes for b in buffers)
 
 
-def write_all(writev: Callable[[list], int], buffers: Sequence,
-              blocked: Callable[[], None] | None = None) -> None:
+def write_all(
+    writev: Callable[[list], int],
+    buffers: Sequence,
+    blocked: Callable[[], None] | None = None,
+) -> None:
     """Write every byte of buffers with writev, which may write partially;
     when it writes nothing (a non-blocking stream that is full), call
     `blocked()`, which waits for room (or raises)."""
@@ -160,9 +181,13 @@ class FrameReader:
     with the stream left inside the frame: close it.
     """
 
-    def __init__(self, readinto: Callable[[memoryview], int],
-                 buffer_size: int = 1 << 16, max_head: int | None = None,
-                 max_part: int | None = None):
+    def __init__(
+        self,
+        readinto: Callable[[memoryview], int],
+        buffer_size: int = 1 << 16,
+        max_head: int | None = None,
+        max_part: int | None = None,
+    ):
         self._readinto = readinto
         self._buf = bytearray(buffer_size)
         self._start = 0
@@ -178,9 +203,9 @@ class FrameReader:
             self._start = self._end = 0
         elif self._end == len(self._buf):
             remaining = self._end - self._start
-            self._buf[:remaining] = self._buf[self._start:self._end]
+            self._buf[:remaining] = self._buf[self._start : self._end]
             self._start, self._end = 0, remaining
-        n = self._readinto(memoryview(self._buf)[self._end:])
+        n = self._readinto(memoryview(self._buf)[self._end :])
         if not n:
             raise EOFError("stream closed")
         self._end += n
@@ -188,7 +213,7 @@ class FrameReader:
     def _read_small(self, n: int) -> bytes:
         while self._end - self._start < n:
             self._fill()
-        data = bytes(self._buf[self._start:self._start + n])
+        data = bytes(self._buf[self._start : self._start + n])
         self._start += n
         return data
 
@@ -199,7 +224,7 @@ class FrameReader:
             end = self._buf.find(b"\n", self._start, self._end)
             if end >= 0 or self._end - self._start >= limit:
                 stop = end + 1 if end >= 0 else self._start + limit
-                line = bytes(self._buf[self._start:stop])
+                line = bytes(self._buf[self._start : stop])
                 self._start = stop
                 return line
             self._fill()
@@ -217,7 +242,8 @@ class FrameReader:
         if n > self.max_part:
             raise ProtocolError(
                 f"a frame part of {n} bytes is over this endpoint's limit of "
-                f"{self.max_part}: {_NOT_QJAMFAB}")
+                f"{self.max_part}: {_NOT_QJAMFAB}"
+            )
         if n < _LAZY_PART:
             return bytearray(n)
         available = available_memory()
@@ -225,27 +251,29 @@ class FrameReader:
             raise ProtocolError(
                 f"a frame part of {n} bytes does not fit in this host's "
                 f"available memory ({available} bytes): free memory on the "
-                "host, or send smaller slices and params")
+                "host, or send smaller slices and params"
+            )
         try:
             return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE)
-        except OSError as exc:   # ENOMEM: over what the kernel commits
+        except OSError as exc:  # ENOMEM: over what the kernel commits
             raise ProtocolError(
                 f"a frame part of {n} bytes cannot be mapped "
                 f"({exc.strerror}): free memory on the host, or send "
-                "smaller slices and params") from exc
+                "smaller slices and params"
+            ) from exc
 
     def read_into(self, view: memoryview) -> None:
         """Fill view with the next len(view) bytes of the stream."""
         n = len(view)
         have = min(n, self._end - self._start)
-        view[:have] = self._buf[self._start:self._start + have]
+        view[:have] = self._buf[self._start : self._start + have]
         self._start += have
         pos = have
         while pos < n:
             if n - pos < len(self._buf) // 4:
                 self._fill()
                 take = min(n - pos, self._end - self._start)
-                view[pos:pos + take] = self._buf[self._start:self._start + take]
+                view[pos : pos + take] = self._buf[self._start : self._start + take]
                 self._start += take
                 pos += take
             else:
@@ -264,28 +292,29 @@ class FrameReader:
         """The next frame's kind, worker, head and payload part lengths.
         The parts follow in the stream: read them with `read_part` or
         `copy_to`."""
-        magic, kind, worker, nparts = _HEADER.unpack(
-            self._read_small(_HEADER.size))
+        magic, kind, worker, nparts = _HEADER.unpack(self._read_small(_HEADER.size))
         if magic != _MAGIC or nparts < 1:
             raise ProtocolError(f"bad frame header {magic!r}: {_NOT_QJAMFAB}")
         raw = self.read_part(_LENGTH.size * nparts)
-        lengths = [_LENGTH.unpack_from(raw, i * _LENGTH.size)[0]
-                   for i in range(nparts)]
+        lengths = [_LENGTH.unpack_from(raw, i * _LENGTH.size)[0] for i in range(nparts)]
         if self.max_head is not None and lengths[0] > self.max_head:
             raise ProtocolError(
                 f"a frame head of {lengths[0]} bytes is over this endpoint's "
-                f"limit of {self.max_head}: {_NOT_QJAMFAB}")
+                f"limit of {self.max_head}: {_NOT_QJAMFAB}"
+            )
         head_bytes = self.read_part(lengths[0])
         try:
             head = pickle.loads(head_bytes)
-        except Exception as exc:   # any pickle error: the bytes are no head
+        except Exception as exc:  # any pickle error: the bytes are no head
             raise ProtocolError(
                 f"a frame head that cannot be unpickled "
-                f"({type(exc).__name__}: {exc}): {_NOT_QJAMFAB}") from exc
+                f"({type(exc).__name__}: {exc}): {_NOT_QJAMFAB}"
+            ) from exc
         if not isinstance(head, dict):
             raise ProtocolError(
                 f"a frame head that is a {type(head).__name__}, not a dict: "
-                f"{_NOT_QJAMFAB}")
+                f"{_NOT_QJAMFAB}"
+            )
         return kind, worker, head, lengths[1:]
 
     def copy_to(self, fd: int, n: int, source_fd: int | None = None) -> None:
@@ -307,7 +336,8 @@ class FrameReader:
                 self._fill()
             take = min(n, self._end - self._start)
             written = os.write(
-                fd, memoryview(self._buf)[self._start:self._start + take])
+                fd, memoryview(self._buf)[self._start : self._start + take]
+            )
             self._start += written
             n -= written
 

@@ -4,10 +4,12 @@ tuples), and the fixed tree every run combines its results in.
 Standard library only, and no qjamfab imports: this file is shipped to
 workers and host agents, which combine results with it before replying.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 class ReduceMismatch(TypeError):
@@ -24,20 +26,24 @@ def default_reduce(a: Any, b: Any) -> Any:
         if len(a) != len(b):
             raise ReduceMismatch(
                 f"cannot combine results of lengths {len(a)} and {len(b)}: return "
-                f"equal-length lists/tuples, or give run() a reduce function")
+                f"equal-length lists/tuples, or give run() a reduce function"
+            )
         return _rebuild(a, [default_reduce(x, y) for x, y in zip(a, b)])
     try:
         return a + b
     except (TypeError, ValueError) as exc:
         # ValueError: numpy arrays whose shapes do not broadcast.
         # None is what a function without a return statement gives.
-        advice = ("did mapfunc forget to return its value? (a result is None)"
-                  if a is None or b is None else
-                  "return results that add, or give run() a reduce function")
+        advice = (
+            "did mapfunc forget to return its value? (a result is None)"
+            if a is None or b is None
+            else "return results that add, or give run() a reduce function"
+        )
         raise ReduceMismatch(
             f"cannot combine results of type {type(a).__name__} and "
             f"{type(b).__name__} with +: {advice}\n"
-            f"{type(exc).__name__}: {exc}") from exc
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _rebuild(like: list | tuple, items: list[Any]) -> list | tuple:
@@ -65,8 +71,7 @@ class ReduceTree:
     workers or arrival order. Only what has no sibling yet is held.
     """
 
-    def __init__(self, leaves: int, reduce: Callable[[Any, Any], Any] | None
-                 = None):
+    def __init__(self, leaves: int, reduce: Callable[[Any, Any], Any] | None = None):
         if leaves < 1:
             raise ValueError("a ReduceTree needs at least one leaf")
         self.leaves = leaves
@@ -109,7 +114,9 @@ class ReduceTree:
         return self.nodes[(0, self.top)]
 
 
-def reduce_all(values: Sequence[Any], reduce: Callable[[Any, Any], Any] | None = None) -> Any:
+def reduce_all(
+    values: Sequence[Any], reduce: Callable[[Any, Any], Any] | None = None
+) -> Any:
     """Fold values left to right with reduce, or default_reduce when None."""
     if not values:
         raise ValueError("reduce_all needs at least one value")

@@ -6,6 +6,7 @@ blocked worker lacks, collects results, re-plans the groups of a lost
 worker, moves queued groups to workers that ran dry, starts backup copies of
 stragglers, and reduces. `RunStats` records what it did.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -13,13 +14,21 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from . import display, protocol, scheduler, serialize
 from .dataset import BaseDataSet
-from .errors import (BadJob, PreflightFailed, ProtocolError, QjamfabError,
-                     ReduceError, RemoteError, WorkerLost, describe_exit)
+from .errors import (
+    BadJob,
+    PreflightFailed,
+    ProtocolError,
+    QjamfabError,
+    ReduceError,
+    RemoteError,
+    WorkerLost,
+    describe_exit,
+)
 from .reduce import ReduceMismatch, ReduceTree
 from .workers import LOST, Event, Inbox, Link, WorkerHandle
 
@@ -29,6 +38,7 @@ log = logging.getLogger("qjamfab")
 @dataclass
 class RunStats:
     """What one `Master.run` did."""
+
     elapsed_s: float = 0.0
     workers: int = 0
     slices: int = 0
@@ -43,26 +53,32 @@ class RunStats:
     backup_tasks: int = 0
     replica_bytes_sent: int = 0
     damaged_slices: int = 0
-    tasks: int = 0              # tasks sent: copies and re-runs included
-    moved_tasks: int = 0        # queued tasks a worker that ran dry took
+    tasks: int = 0  # tasks sent: copies and re-runs included
+    moved_tasks: int = 0  # queued tasks a worker that ran dry took
 
     def __repr__(self) -> str:
-        compute = ", ".join(f"{name} {secs:.3f}s"
-                            for name, secs in self.worker_compute_s.items())
+        compute = ", ".join(
+            f"{name} {secs:.3f}s" for name, secs in self.worker_compute_s.items()
+        )
         plural = display.plural
-        lost = (f"; lost {', '.join(self.lost_workers)}, re-ran "
-                f"{plural(self.rerun_slices, 'slice')}"
-                if self.lost_workers else "")
+        lost = (
+            f"; lost {', '.join(self.lost_workers)}, re-ran "
+            f"{plural(self.rerun_slices, 'slice')}"
+            if self.lost_workers
+            else ""
+        )
         if self.backup_tasks:
             lost += f"; {plural(self.backup_tasks, 'backup task')}"
         size = display.format_bytes
-        return (f"RunStats({display.format_duration(self.elapsed_s)} on "
-                f"{plural(self.workers, 'worker')}: "
-                f"{plural(self.slices, 'slice')}, {self.slices_cached} cached, "
-                f"{self.slices_sent} sent ({size(self.dataset_bytes_sent)}); "
-                f"{size(self.bytes_sent)} sent, "
-                f"{size(self.bytes_received)} received; compute: "
-                f"{compute or '-'}{lost})")
+        return (
+            f"RunStats({display.format_duration(self.elapsed_s)} on "
+            f"{plural(self.workers, 'worker')}: "
+            f"{plural(self.slices, 'slice')}, {self.slices_cached} cached, "
+            f"{self.slices_sent} sent ({size(self.dataset_bytes_sent)}); "
+            f"{size(self.bytes_sent)} sent, "
+            f"{size(self.bytes_received)} received; compute: "
+            f"{compute or '-'}{lost})"
+        )
 
     def _repr_html_(self) -> str:
         return display.runstats_html(self)
@@ -70,21 +86,29 @@ class RunStats:
 
 class _Task:
     """One copy of a group of slices sent to one worker."""
+
     __slots__ = ("id", "worker", "group", "slices", "started", "held")
 
-    def __init__(self, task_id: int, worker: WorkerHandle, group: int,
-                 slices: list[int], held: bool):
+    def __init__(
+        self,
+        task_id: int,
+        worker: WorkerHandle,
+        group: int,
+        slices: list[int],
+        held: bool,
+    ):
         self.id = task_id
         self.worker = worker
         self.group = group
         self.slices = slices
         self.started = time.monotonic()
-        self.held = held            # its result waits at the host's agent
+        self.held = held  # its result waits at the host's agent
 
 
 @dataclass
 class RunSettings:
     """What a run takes from its Master's settings."""
+
     heartbeat_timeout: float
     straggler_factor: float
     replicas: int
@@ -113,10 +137,18 @@ class Run:
     slice times sorted as they arrive.
     """
 
-    def __init__(self, inbox: Inbox, workers: list[WorkerHandle],
-                 func_hash: str, func_bytes: bytes, params_parts: list,
-                 dataset: BaseDataSet | None, reduce: Callable | None,
-                 settings: RunSettings, progress: bool | None = None):
+    def __init__(
+        self,
+        inbox: Inbox,
+        workers: list[WorkerHandle],
+        func_hash: str,
+        func_bytes: bytes,
+        params_parts: list,
+        dataset: BaseDataSet | None,
+        reduce: Callable | None,
+        settings: RunSettings,
+        progress: bool | None = None,
+    ):
         self.inbox = inbox
         self.settings = settings
         self.progress_enabled = progress
@@ -130,32 +162,31 @@ class Run:
         self.refs = dataset.refs() if dataset is not None else None
         self.ref_index: dict[str, int] | None = None  # built when data moves
         self.reduce = reduce
-        self.open: dict[int, _Task] = {}          # task id -> live copy
+        self.open: dict[int, _Task] = {}  # task id -> live copy
         self.queues: dict[WorkerHandle, list[_Task]] = {h: [] for h in workers}
         self.idle: set[WorkerHandle] = set(workers)
-        self.groups: dict[int, list[int]] = {}    # group id -> its slices
-        self.won: dict[int, _Task] = {}           # group -> winning copy
-        self.undelivered: set[int] = set()        # groups without a value
-        self.tree: ReduceTree | None = None       # results, as they arrive
-        self.shown: dict[int, int] = {}           # group -> slices on the bar
-        self.held: dict[Link, list[_Task]] = {}   # done, at the agent
-        self.open_on: dict[Link, int] = {}        # open tasks per link
-        self.to_collect: set[Link] = set()        # links done with tasks
+        self.groups: dict[int, list[int]] = {}  # group id -> its slices
+        self.won: dict[int, _Task] = {}  # group -> winning copy
+        self.undelivered: set[int] = set()  # groups without a value
+        self.tree: ReduceTree | None = None  # results, as they arrive
+        self.shown: dict[int, int] = {}  # group -> slices on the bar
+        self.held: dict[Link, list[_Task]] = {}  # done, at the agent
+        self.open_on: dict[Link, int] = {}  # open tasks per link
+        self.to_collect: set[Link] = set()  # links done with tasks
         self.collecting: dict[Link, list[_Task]] = {}
-        self.slice_seconds: list[float] = []      # sorted, per slice
+        self.slice_seconds: list[float] = []  # sorted, per slice
         self.kills: dict[int, list[str]] = {}
-        self.silent: set[Link] = set()            # lost to the heartbeat deadline
+        self.silent: set[Link] = set()  # lost to the heartbeat deadline
         self.sent_refs: set[str] = set()
         self.params_sent: set[WorkerHandle] = set()  # have this run's params
         self.split = settings.split
-        self.queued = 0                           # open tasks not yet running
+        self.queued = 0  # open tasks not yet running
         links = [h.link for h in workers]
         self.links = list(dict.fromkeys(links))
         # Results are held at the agent only where there is something to
         # combine them with: a host with several workers in the run.
         self.holds = {x for x in self.links if x.agent and links.count(x) > 1}
-        self.counters = {x: (x.bytes_sent, x.bytes_received)
-                         for x in self.links}
+        self.counters = {x: (x.bytes_sent, x.bytes_received) for x in self.links}
         self.started = time.monotonic()
         self.stats = RunStats(workers=len(workers))
 
@@ -164,19 +195,25 @@ class Run:
             # No dataset: every worker runs mapfunc(params, None) once.
             plan = {h.name: [i] for i, h in enumerate(self.workers)}
         else:
-            plan = scheduler.plan(self.refs, [h.name for h in self.workers],
-                                  {h.name: h.refs for h in self.workers})
+            plan = scheduler.plan(
+                self.refs,
+                [h.name for h in self.workers],
+                {h.name: h.refs for h in self.workers},
+            )
             self.stats.slices = len(self.refs)
         self.leaves = len(self.refs) if self.refs is not None else len(plan)
         self.tree = ReduceTree(self.leaves, self.reduce)
         self.progress = display.RunProgress(
             len(self.refs) if self.refs is not None else len(plan),
             enabled=self.progress_enabled,
-            unit="slices" if self.refs is not None else "tasks")
+            unit="slices" if self.refs is not None else "tasks",
+        )
         try:
             by_name = {h.name: h for h in self.workers}
-            queues = [(by_name[name], scheduler.batches(slices, self.split))
-                      for name, slices in plan.items()]
+            queues = [
+                (by_name[name], scheduler.batches(slices, self.split))
+                for name, slices in plan.items()
+            ]
             # Every worker's first task before anyone's second: on a busy
             # machine the last worker to get one would start late.
             for k in range(max((len(b) for _, b in queues), default=0)):
@@ -224,15 +261,23 @@ class Run:
         refs = None if self.refs is None else [self.refs[i] for i in slices]
         try:
             if self.func_hash not in handle.funcs:
-                handle.send(protocol.FUNC, {"hash": self.func_hash},
-                            [self.func_bytes])
+                handle.send(protocol.FUNC, {"hash": self.func_hash}, [self.func_bytes])
                 handle.funcs.add(self.func_hash)
             with_params = handle not in self.params_sent
-            handle.send(protocol.TASK, {
-                "task": task.id, "run": self.run_id, "func": self.func_hash,
-                "refs": refs, "slices": slices, "leaves": self.leaves,
-                "params": with_params, "hold": held},
-                self.params_parts if with_params else ())
+            handle.send(
+                protocol.TASK,
+                {
+                    "task": task.id,
+                    "run": self.run_id,
+                    "func": self.func_hash,
+                    "refs": refs,
+                    "slices": slices,
+                    "leaves": self.leaves,
+                    "params": with_params,
+                    "hold": held,
+                },
+                self.params_parts if with_params else (),
+            )
             self.params_sent.add(handle)
         except WorkerLost as exc:
             self._send_failed(handle, exc)
@@ -254,7 +299,7 @@ class Run:
         queue.remove(task)
         self.queued -= bool(queue) if first else 1
         if first and queue:
-            queue[0].started = time.monotonic()   # the next starts now
+            queue[0].started = time.monotonic()  # the next starts now
         if not queue and task.worker.alive:
             self.idle.add(task.worker)
         link = task.worker.link
@@ -282,8 +327,7 @@ class Run:
                 self._event(event)
             while self.to_collect:
                 link = self.to_collect.pop()
-                if link.alive and self.held.get(link) \
-                        and not self.open_on[link]:
+                if link.alive and self.held.get(link) and not self.open_on[link]:
                     self._ask_collect(link)
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + tick
@@ -295,17 +339,20 @@ class Run:
     def _event(self, event: Event) -> None:
         source, kind, head, parts = event
         if kind == protocol.LOG:
-            print_log(source.name if isinstance(source, WorkerHandle)
-                      else source.label, head["text"])
+            print_log(
+                source.name if isinstance(source, WorkerHandle) else source.label,
+                head["text"],
+            )
             return
-        if isinstance(source, Link):   # the agent: COLLECT's answer
+        if isinstance(source, Link):  # the agent: COLLECT's answer
             if kind == protocol.RESULT:
                 self._collected(source, head, parts)
             elif kind == protocol.ERROR:
                 raise ReduceError(
                     f"{head['phase']} on {source.label} raised {head['type']}"
                     f": {head['message']}: fix reduce(a, b) so it combines "
-                    f"two results\n{head['traceback'].rstrip()}")
+                    f"two results\n{head['traceback'].rstrip()}"
+                )
             return
         handle = source
         if kind == LOST:
@@ -333,24 +380,29 @@ class Run:
         else:
             raise ProtocolError(
                 f"worker {handle.name} sent an unexpected "
-                f"{protocol.KIND_NAMES.get(kind, kind)} frame: restart it")
+                f"{protocol.KIND_NAMES.get(kind, kind)} frame: restart it"
+            )
 
     def _supply(self, handle: WorkerHandle, head: dict) -> None:
         """The worker is blocked: send the function and slices it lacks
         (a slice once per host: its agent stores it for all its workers)."""
         if head.get("func"):
-            handle.send(protocol.FUNC, {"hash": self.func_hash},
-                        [self.func_bytes])
+            handle.send(protocol.FUNC, {"hash": self.func_hash}, [self.func_bytes])
         if head.get("damaged"):
             self.stats.damaged_slices += len(head["damaged"])
-            log.warning("worker %s found %s damaged in its cache: sent again",
-                        handle.name, display.plural(len(head["damaged"]),
-                                                    "slice"))
+            log.warning(
+                "worker %s found %s damaged in its cache: sent again",
+                handle.name,
+                display.plural(len(head["damaged"]), "slice"),
+            )
         link = handle.link
         for ref in head.get("refs") or ():
-            if link.agent and ref in self.sent_refs and all(
-                    ref in h.refs for h in link.handles.values()):
-                continue   # on its way to the host already
+            if (
+                link.agent
+                and ref in self.sent_refs
+                and all(ref in h.refs for h in link.handles.values())
+            ):
+                continue  # on its way to the host already
             self._supply_slice(handle, ref)
         task = self.open.get(head["task"])
         if task is not None:
@@ -364,9 +416,8 @@ class Run:
         size = handle.send(protocol.REFS, {"ref": ref}, payload)
         del payload
         self.dataset.release(i)
-        for other in (handle.link.handles.values() if handle.link.agent
-                      else (handle,)):
-            other.refs.add(ref)   # on the host's disk: any worker there
+        for other in handle.link.handles.values() if handle.link.agent else (handle,):
+            other.refs.add(ref)  # on the host's disk: any worker there
         return size
 
     def _supply_slice(self, handle: WorkerHandle, ref: str) -> None:
@@ -382,10 +433,9 @@ class Run:
             handle.refs.update(self.refs[i] for i in task.slices)
         compute = self.stats.worker_compute_s
         compute[handle.name] = compute.get(handle.name, 0.0) + head["compute_s"]
-        bisect.insort(self.slice_seconds,
-                      head["compute_s"] / max(1, len(task.slices)))
+        bisect.insort(self.slice_seconds, head["compute_s"] / max(1, len(task.slices)))
         if task.group in self.won:
-            return False   # another copy won
+            return False  # another copy won
         self.won[task.group] = task
         for other in self._other_copies(task.group):
             self._cancel(other)
@@ -406,7 +456,7 @@ class Run:
         """A held copy finished: its value waits at its host's agent."""
         link = task.worker.link
         if not self._finished(task, head):
-            return   # another copy won: no COLLECT names this one
+            return  # another copy won: no COLLECT names this one
         self.held.setdefault(link, []).append(task)
         if not self.open_on[link]:
             self.to_collect.add(link)
@@ -416,10 +466,16 @@ class Run:
         tasks = self.held.pop(link)
         self.collecting.setdefault(link, []).extend(tasks)
         try:
-            link.send(protocol.COLLECT, {
-                "run": self.run_id, "func": self.func_hash,
-                "leaves": self.leaves, "tasks": [t.id for t in tasks]},
-                worker=protocol.AGENT)
+            link.send(
+                protocol.COLLECT,
+                {
+                    "run": self.run_id,
+                    "func": self.func_hash,
+                    "leaves": self.leaves,
+                    "tasks": [t.id for t in tasks],
+                },
+                worker=protocol.AGENT,
+            )
         except WorkerLost:
             for handle in link.handles.values():
                 if handle.alive:
@@ -427,8 +483,7 @@ class Run:
 
     def _collected(self, link: Link, head: dict, parts: list) -> None:
         by_id = {t.id: t for t in self.collecting.get(link, ())}
-        self._deliver([by_id.pop(t) for t in head["tasks"]],
-                      protocol.decode(parts))
+        self._deliver([by_id.pop(t) for t in head["tasks"]], protocol.decode(parts))
         self.collecting[link] = list(by_id.values())
 
     def _progressed(self, group: int, done: int) -> None:
@@ -449,15 +504,18 @@ class Run:
         except Exception as exc:
             raise ReduceError(
                 f"reduce failed on the master ({type(exc).__name__}: {exc}): "
-                "fix reduce(a, b) so it combines two results") from exc
+                "fix reduce(a, b) so it combines two results"
+            ) from exc
         for task in tasks:
             self.undelivered.discard(task.group)
-        self.progress.advance((len(slices) if self.refs is not None
-                               else len(tasks))
-                              - sum(self.shown.pop(t.group, 0) for t in tasks))
+        self.progress.advance(
+            (len(slices) if self.refs is not None else len(tasks))
+            - sum(self.shown.pop(t.group, 0) for t in tasks)
+        )
         if self.refs is not None:
             self.stats.slices_cached += sum(
-                self.refs[i] not in self.sent_refs for i in slices)
+                self.refs[i] not in self.sent_refs for i in slices
+            )
 
     def _cancel(self, task: _Task) -> None:
         self._close(task)
@@ -473,31 +531,45 @@ class Run:
         idle = [h for h in self.idle if h.alive]
         if not idle or not self.open:
             return
-        queued = [t for q in self.queues.values() for t in q[1:]
-                  if t.group not in self.won] if self.queued else []
+        queued = (
+            [t for q in self.queues.values() for t in q[1:] if t.group not in self.won]
+            if self.queued
+            else []
+        )
         late: list[_Task] = []
-        if not queued and stragglers and self.slice_seconds and \
-                time.monotonic() - self.started > 0.5:
+        if (
+            not queued
+            and stragglers
+            and self.slice_seconds
+            and time.monotonic() - self.started > 0.5
+        ):
             late = self._stragglers()
         for handle in sorted(idle, key=lambda h: h.name):
             # Moving a queued group costs its data unless the worker holds
             # it, so only groups long enough to be worth it move.
-            candidates = [t for t in queued if self._held(handle, t) == len(
-                t.slices) or self._expected_s(t) > 0.2] or late
+            candidates = [
+                t
+                for t in queued
+                if self._held(handle, t) == len(t.slices) or self._expected_s(t) > 0.2
+            ] or late
             if not candidates:
                 return
-            task = max(candidates, key=lambda t: (self._held(handle, t),
-                                                   len(t.slices), -t.id))
+            task = max(
+                candidates, key=lambda t: (self._held(handle, t), len(t.slices), -t.id)
+            )
             backup = task in late
             (late if backup else queued).remove(task)
             if backup:
-                log.info("backup copy of %s on %s: %s is slow",
-                         self._slice_names(task.slices), handle.name,
-                         task.worker.name)
+                log.info(
+                    "backup copy of %s on %s: %s is slow",
+                    self._slice_names(task.slices),
+                    handle.name,
+                    task.worker.name,
+                )
                 self.stats.backup_tasks += 1
             else:
                 self._cancel(task)  # it was only queued: move it
-                self._open(task)    # until the worker confirms
+                self._open(task)  # until the worker confirms
                 self.stats.moved_tasks += 1
             self._send_task(handle, task.group)
 
@@ -505,8 +577,7 @@ class Run:
         """The task's likely compute time: the median slice's, per slice."""
         if not self.slice_seconds:
             return 0.0
-        return self.slice_seconds[len(self.slice_seconds) // 2] * len(
-            task.slices)
+        return self.slice_seconds[len(self.slice_seconds) // 2] * len(task.slices)
 
     def _stragglers(self) -> list[_Task]:
         now = time.monotonic()
@@ -514,9 +585,14 @@ class Run:
         copies: dict[int, int] = {}
         for task in self.open.values():
             copies[task.group] = copies.get(task.group, 0) + 1
-        return [q[0] for q in self.queues.values() if q
-                and copies[q[0].group] == 1 and q[0].group not in self.won
-                and now - q[0].started > max(0.5, limit * self._expected_s(q[0]))]
+        return [
+            q[0]
+            for q in self.queues.values()
+            if q
+            and copies[q[0].group] == 1
+            and q[0].group not in self.won
+            and now - q[0].started > max(0.5, limit * self._expected_s(q[0]))
+        ]
 
     def _held(self, handle: WorkerHandle, task: _Task) -> int:
         if self.refs is None:
@@ -537,60 +613,76 @@ class Run:
             if choices:
                 target = choices[i % len(choices)]
                 try:
-                    self.stats.replica_bytes_sent += \
-                        self._send_slice(target, ref)
+                    self.stats.replica_bytes_sent += self._send_slice(target, ref)
                 except WorkerLost as exc:
                     self._send_failed(target, exc)
 
-    def _remote_error(self, handle: WorkerHandle, task: _Task,
-                      head: dict) -> QjamfabError:
+    def _remote_error(
+        self, handle: WorkerHandle, task: _Task, head: dict
+    ) -> QjamfabError:
         where = self._slice_names(task.slices)
         trace = display.with_source_lines(head["traceback"].rstrip())
         if head["type"] == "ReduceMismatch":
-            return ReduceError(f"{head['message']}\n(on worker {handle.name}, "
-                               f"{where})\n{trace}")
+            return ReduceError(
+                f"{head['message']}\n(on worker {handle.name}, {where})\n{trace}"
+            )
         if head["type"] == "ModuleNotFoundError":
             module = re.search(r"No module named '([^']+)'", head["message"])
             python = handle.link.python or "its python"
             from .packages import suggestion
+
             ship = module and suggestion(module[1])
             return PreflightFailed(
                 f"{handle.host} lacks the Python module "
                 f"{module[1] if module else head['message']!r}, which "
                 f"{_NEEDED_BY.get(head['phase'], 'the job')} needs (worker "
                 f"{handle.name}): install it for {python} there, "
-                + (f"ship it from here with Master(..., {ship}), " if ship
-                   else "") + "or set "
+                + (f"ship it from here with Master(..., {ship}), " if ship else "")
+                + "or set "
                 f"QJAMFAB_REMOTE_PYTHON to a Python that has it\n{trace}",
-                host=handle.host)
+                host=handle.host,
+            )
         if head["phase"] == "loading the job":
             return BadJob(
                 f"worker {handle.name} cannot load the job ({head['type']}: "
                 f"{head['message']}): make what it uses importable there, "
-                f"or define it in your script\n{trace}")
+                f"or define it in your script\n{trace}"
+            )
         return RemoteError(
             f"{head['phase']} raised {head['type']}: {head['message']} "
             f"(worker {handle.name}, {where}); fix the job and run again\n"
             f"--- remote traceback ---\n{trace}",
-            worker=handle.name, remote_type=head["type"],
-            remote_traceback=head["traceback"])
+            worker=handle.name,
+            remote_type=head["type"],
+            remote_traceback=head["traceback"],
+        )
 
     def _slice_names(self, slices: list[int]) -> str:
         if self.refs is None:
             return "mapfunc(params, None)"
-        return f"dataset slice{'s' if len(slices) > 1 else ''} " + \
-            ", ".join(map(str, slices))
+        return f"dataset slice{'s' if len(slices) > 1 else ''} " + ", ".join(
+            map(str, slices)
+        )
 
     # --- loss -----------------------------------------------------------
 
     def _check_heartbeats(self) -> None:
         deadline = time.monotonic() - self.settings.heartbeat_timeout
-        waiting = [x for x in self.links if x.alive and (
-            x in self.collecting and self.collecting[x] or x in self.held
-            and self.held[x])]
+        waiting = [
+            x
+            for x in self.links
+            if x.alive
+            and (
+                x in self.collecting
+                and self.collecting[x]
+                or x in self.held
+                and self.held[x]
+            )
+        ]
         busy = [h for h, q in self.queues.items() if q and h.alive]
         if any(h.last_seen < deadline for h in busy) or any(
-                x.last_seen < deadline for x in waiting):
+            x.last_seen < deadline for x in waiting
+        ):
             # Heartbeats may wait unread while we were sending: read them.
             self.inbox.read_available()
         for link in waiting:
@@ -599,22 +691,23 @@ class Run:
         for handle in busy:
             if handle.alive and handle.last_seen < deadline:
                 if handle.link.transport.computing():
-                    handle.last_seen = time.monotonic()   # busy, not gone
+                    handle.last_seen = time.monotonic()  # busy, not gone
                     continue
                 if handle.link.agent and handle.link.last_seen >= deadline:
-                    handle.alive = False   # its host answers; it does not
+                    handle.alive = False  # its host answers; it does not
                 else:
                     self._host_silent(handle.link)
                     continue
-                self._lost(handle, f"no heartbeat for "
-                           f"{self.settings.heartbeat_timeout:g} s")
+                self._lost(
+                    handle, f"no heartbeat for {self.settings.heartbeat_timeout:g} s"
+                )
 
     def _host_silent(self, link: Link) -> None:
         """The whole stream went silent: it is closed, its workers lost."""
         self.silent.add(link)
-        for event in link.lost(f"no heartbeat for "
-                               f"{self.settings.heartbeat_timeout:g} s",
-                               died=False):
+        for event in link.lost(
+            f"no heartbeat for {self.settings.heartbeat_timeout:g} s", died=False
+        ):
             self.inbox.push_front(event)
         link.close()
         self._host_lost(link)
@@ -627,11 +720,13 @@ class Run:
             if self.won.get(task.group) is task:
                 del self.won[task.group]
         if tasks:
-            self._rerun([i for t in tasks for i in t.slices],
-                        task.worker.name, "its host was lost")
+            self._rerun(
+                [i for t in tasks for i in t.slices],
+                task.worker.name,
+                "its host was lost",
+            )
 
-    def _lost(self, handle: WorkerHandle, reason: str,
-              died: bool = False) -> None:
+    def _lost(self, handle: WorkerHandle, reason: str, died: bool = False) -> None:
         """A worker ended: its groups without another live copy re-run,
         slice by slice, on the survivors. `died`: its process ended (not
         its host or its connection), so the slice it ran may be the cause."""
@@ -659,14 +754,22 @@ class Run:
                     f"{' and '.join(self.kills[i])} (last: {detail}): fix "
                     f"mapfunc for this input; the workers are restarted for "
                     f"the next run{display.stderr_tail(handle.name, tail)}",
-                    worker=handle.name, exit_status=status, stderr_tail=tail)
+                    worker=handle.name,
+                    exit_status=status,
+                    stderr_tail=tail,
+                )
         covered = {t.group for t in self.open.values()} | set(self.won)
-        slices = [i for t in lost_tasks if t.group not in covered
-                  for i in t.slices]
+        slices = [i for t in lost_tasks if t.group not in covered for i in t.slices]
         self._rerun(slices, handle.name, detail, status, tail)
 
-    def _rerun(self, slices: list[int], name: str, detail: str,
-               status: int | None = None, tail: str = "") -> None:
+    def _rerun(
+        self,
+        slices: list[int],
+        name: str,
+        detail: str,
+        status: int | None = None,
+        tail: str = "",
+    ) -> None:
         survivors = [h for h in self.workers if h.alive]
         if slices and not survivors:
             raise WorkerLost(
@@ -674,21 +777,32 @@ class Run:
                 f"{self._slice_names(slices)}, and no worker is left: they are "
                 f"restarted for the next run; check the job and the hosts"
                 f"{display.stderr_tail(name, tail)}",
-                worker=name, exit_status=status, stderr_tail=tail)
+                worker=name,
+                exit_status=status,
+                stderr_tail=tail,
+            )
         if not slices:
             return
-        log.warning("worker %s lost (%s); re-running %s on the others",
-                    name, detail, self._slice_names(slices))
+        log.warning(
+            "worker %s lost (%s); re-running %s on the others",
+            name,
+            detail,
+            self._slice_names(slices),
+        )
         busy = {h.name: len(q) for h, q in self.queues.items()}
         by_name = {h.name: h for h in survivors}
-        for group in [g for g in self.groups if g in self.undelivered
-                      and g not in self.won and set(self.groups[g]) <= set(
-                          slices)]:
-            self.undelivered.discard(group)   # replaced by one per slice
+        for group in [
+            g
+            for g in self.groups
+            if g in self.undelivered
+            and g not in self.won
+            and set(self.groups[g]) <= set(slices)
+        ]:
+            self.undelivered.discard(group)  # replaced by one per slice
             self.progress.advance(-self.shown.pop(group, 0))
         for worker, i in scheduler.replan(
-                slices, self.refs, list(by_name),
-                {h.name: h.refs for h in survivors}, busy):
+            slices, self.refs, list(by_name), {h.name: h.refs for h in survivors}, busy
+        ):
             self.stats.rerun_slices += 1
             self._send_task(by_name[worker], self._new_group([i]))
 
@@ -698,10 +812,16 @@ class Run:
             self.stats.bytes_received += link.bytes_received - received
 
 
-_NEEDED_BY = {"loading the job": "the job", "loading params": "the params",
-              "loading a slice": "a dataset slice"}
+_NEEDED_BY = {
+    "loading the job": "the job",
+    "loading params": "the params",
+    "loading a slice": "a dataset slice",
+}
+
+
 def print_log(worker: str, text: str) -> None:
     prefix = f"[{worker}] "
-    sys.stdout.write("".join(prefix + line + "\n"
-                             for line in text.rstrip("\n").split("\n")))
+    sys.stdout.write(
+        "".join(prefix + line + "\n" for line in text.rstrip("\n").split("\n"))
+    )
     sys.stdout.flush()

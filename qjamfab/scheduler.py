@@ -6,13 +6,15 @@ hit. A slice goes to its place in the contiguous layout (blocks in worker
 order) when that worker holds it, else to another worker known to hold it
 while that worker has room; the rest fill the contiguous blocks.
 """
+
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 
-def plan(refs: Sequence[str], workers: Sequence[str],
-         held: Mapping[str, set]) -> dict[str, list[int]]:
+def plan(
+    refs: Sequence[str], workers: Sequence[str], held: Mapping[str, set]
+) -> dict[str, list[int]]:
     """Slice indices for each worker, balanced to within one slice."""
     if not workers:
         raise ValueError("no workers to plan onto")
@@ -44,15 +46,18 @@ def plan(refs: Sequence[str], workers: Sequence[str],
     for i in unplaced:
         home = workers[i * count // n]
         if not has_room(home):
-            home = min((w for w in workers if has_room(w)),
-                       key=lambda w: len(load[w]))
+            home = min((w for w in workers if has_room(w)), key=lambda w: len(load[w]))
         place(home, i)
     return {w: sorted(slices) for w, slices in load.items() if slices}
 
 
-def replan(slices: Sequence[int], refs: Sequence[str], survivors: Sequence[str],
-           held: Mapping[str, set], busy: Mapping[str, int]
-           ) -> list[tuple[str, int]]:
+def replan(
+    slices: Sequence[int],
+    refs: Sequence[str],
+    survivors: Sequence[str],
+    held: Mapping[str, set],
+    busy: Mapping[str, int],
+) -> list[tuple[str, int]]:
     """Place a lost worker's slices one by one onto survivors.
 
     Each slice becomes its own task, so a slice that kills its worker again
@@ -65,8 +70,7 @@ def replan(slices: Sequence[int], refs: Sequence[str], survivors: Sequence[str],
     placed = []
     for i in slices:
         ref = refs[i] if refs else None
-        holders = [w for w in survivors if ref is not None
-                   and ref in held.get(w, ())]
+        holders = [w for w in survivors if ref is not None and ref in held.get(w, ())]
         worker = min(holders or survivors, key=lambda w: busy[w])
         busy[worker] += 1
         placed.append((worker, i))

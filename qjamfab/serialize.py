@@ -6,6 +6,7 @@ that module; so every loaded module that lives outside the standard library
 and site-packages (a script's helpers, a notebook's local modules, the test
 suite) is pickled by value.
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,7 +18,7 @@ import sys
 import sysconfig
 import types
 from collections import ChainMap
-from typing import Callable
+from collections.abc import Callable
 
 import cloudpickle
 
@@ -26,8 +27,10 @@ from .errors import BadDataSet, BadJob, BadParams
 
 _INSTALLED_PREFIXES = tuple(
     os.path.realpath(p) + os.sep
-    for p in {sysconfig.get_paths()[k]
-              for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+    for p in {
+        sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")
+    }
+)
 _PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__)) + os.sep
 _local_by_name: dict[str, bool] = {}
 
@@ -36,19 +39,21 @@ def _code_reduce_keeping_filename(code: types.CodeType):
     # cloudpickle blanks co_filename to "<dynamic-code>"; keeping it lets a
     # remote traceback name the user's file and line.
     constructor, args = cloudpickle.cloudpickle._code_reduce(code)
-    return constructor, tuple(code.co_filename if a == "<dynamic-code>" else a
-                              for a in args)
+    return constructor, tuple(
+        code.co_filename if a == "<dynamic-code>" else a for a in args
+    )
 
 
 class _JobPickler(cloudpickle.Pickler):
-    dispatch_table = ChainMap({types.CodeType: _code_reduce_keeping_filename},
-                              cloudpickle.Pickler.dispatch_table)
+    dispatch_table = ChainMap(
+        {types.CodeType: _code_reduce_keeping_filename},
+        cloudpickle.Pickler.dispatch_table,
+    )
 
 
 def _dumps(obj: object, protocol: int = 5, buffer_callback=None) -> bytes:
     out = io.BytesIO()
-    _JobPickler(out, protocol=protocol, buffer_callback=buffer_callback
-                ).dump(obj)
+    _JobPickler(out, protocol=protocol, buffer_callback=buffer_callback).dump(obj)
     return out.getvalue()
 
 
@@ -70,25 +75,30 @@ def _register_local_modules() -> None:
                 cloudpickle.register_pickle_by_value(module)
 
 
-def job_functions(job: object, reduce: Callable | None
-                  ) -> tuple[Callable, Callable | None]:
+def job_functions(
+    job: object, reduce: Callable | None
+) -> tuple[Callable, Callable | None]:
     """(mapfunc, reduce) from a module with mapfunc, or a callable."""
     if isinstance(job, types.ModuleType):
         mapfunc = getattr(job, "mapfunc", None)
         if not callable(mapfunc):
             raise BadJob(
                 f"module {job.__name__} has no mapfunc(params, slice): "
-                "define one in it, or pass a function to run()")
+                "define one in it, or pass a function to run()"
+            )
         reduce = reduce if reduce is not None else getattr(job, "reduce", None)
     elif callable(job):
         mapfunc = job
     else:
         raise BadJob(
             f"cannot run a {type(job).__name__}: pass a module with "
-            "mapfunc(params, slice), or a function of (params, slice)")
+            "mapfunc(params, slice), or a function of (params, slice)"
+        )
     if reduce is not None and not callable(reduce):
-        raise BadJob(f"reduce must be a function of (a, b), not a "
-                     f"{type(reduce).__name__}: pass a callable or None")
+        raise BadJob(
+            f"reduce must be a function of (a, b), not a "
+            f"{type(reduce).__name__}: pass a callable or None"
+        )
     return mapfunc, reduce
 
 
@@ -103,15 +113,16 @@ def encode_job(mapfunc: Callable, reduce: Callable | None) -> tuple[str, bytes]:
     key = (id(mapfunc), id(reduce))
     snapshot = _snapshot((mapfunc, reduce))
     cached = _job_cache.get(key)
-    if cached is not None and snapshot is not None \
-            and _same(cached[0], snapshot):
+    if cached is not None and snapshot is not None and _same(cached[0], snapshot):
         return cached[1], cached[2]
     try:
         data = _dumps((mapfunc, reduce))
     except Exception as exc:
-        raise BadJob(f"the job cannot be pickled ({type(exc).__name__}: "
-                     f"{exc}): keep the function free of open files, locks "
-                     "and sockets") from exc
+        raise BadJob(
+            f"the job cannot be pickled ({type(exc).__name__}: "
+            f"{exc}): keep the function free of open files, locks "
+            "and sockets"
+        ) from exc
     func_hash = hashlib.sha256(data).hexdigest()
     if snapshot is not None:
         _job_cache.pop(key, None)
@@ -125,9 +136,19 @@ _JOB_CACHE_SIZE = 16
 # (id(mapfunc), id(reduce)) -> (snapshot, hash, bytes); the snapshot holds
 # the functions themselves, so their ids are not reused while cached.
 _job_cache: dict[tuple[int, int], tuple[list, str, bytes]] = {}
-_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), range,
-              types.BuiltinFunctionType, type(Ellipsis))
-_ABSENT = object()   # a global name the code uses that is not defined (yet)
+_IMMUTABLE = (
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    bool,
+    type(None),
+    range,
+    types.BuiltinFunctionType,
+    type(Ellipsis),
+)
+_ABSENT = object()  # a global name the code uses that is not defined (yet)
 # What a snapshot takes as it is, told by exact type: the common case, fast.
 _LEAVES = frozenset({*_IMMUTABLE, types.CodeType, type(_ABSENT)})
 
@@ -170,8 +191,14 @@ def _snapshot(job: tuple) -> list | None:
             seen.add(id(obj))
             if obj.__dict__ or obj.__kwdefaults__:
                 return None
-            todo += [obj.__code__, obj.__name__, obj.__qualname__,
-                     obj.__module__, obj.__doc__, obj.__defaults__ or ()]
+            todo += [
+                obj.__code__,
+                obj.__name__,
+                obj.__qualname__,
+                obj.__module__,
+                obj.__doc__,
+                obj.__defaults__ or (),
+            ]
             todo += [v for kv in obj.__annotations__.items() for v in kv]
             for cell in obj.__closure__ or ():
                 try:
@@ -179,8 +206,7 @@ def _snapshot(job: tuple) -> list | None:
                 except ValueError:  # not assigned yet
                     todo.append(_ABSENT)
             env = obj.__globals__
-            todo += [env.get(name, _ABSENT)
-                     for name in _global_names(obj.__code__)]
+            todo += [env.get(name, _ABSENT) for name in _global_names(obj.__code__)]
         elif isinstance(obj, (type, types.ModuleType)):
             if not _by_reference(obj):
                 return None
@@ -198,8 +224,7 @@ def _by_reference(obj: object) -> bool:
         return False
 
 
-_PLAIN_SCALARS = frozenset({int, float, complex, str, bytes, bool,
-                            type(None)})
+_PLAIN_SCALARS = frozenset({int, float, complex, str, bytes, bool, type(None)})
 
 
 def _plain(value: object, depth: int = 0) -> bool:
@@ -212,26 +237,30 @@ def _plain(value: object, depth: int = 0) -> bool:
     if kind in _PLAIN_SCALARS:
         return True
     if kind is tuple or kind is list:
-        return depth < 4 and len(value) <= 64 and all(
-            _plain(v, depth + 1) for v in value)
+        return (
+            depth < 4 and len(value) <= 64 and all(_plain(v, depth + 1) for v in value)
+        )
     if kind is dict:
-        return depth < 4 and len(value) <= 64 and all(
-            _plain(k, depth + 1) and _plain(v, depth + 1)
-            for k, v in value.items())
+        return (
+            depth < 4
+            and len(value) <= 64
+            and all(
+                _plain(k, depth + 1) and _plain(v, depth + 1) for k, v in value.items()
+            )
+        )
     numpy = sys.modules.get("numpy")
-    return numpy is not None and kind is numpy.ndarray \
-        and not value.dtype.hasobject
+    return numpy is not None and kind is numpy.ndarray and not value.dtype.hasobject
 
 
 def _encode(value: object, error: type, what: str) -> list:
     try:
-        return protocol.encode(value, pickle.dumps if _plain(value)
-                               else _dumps)
+        return protocol.encode(value, pickle.dumps if _plain(value) else _dumps)
     except Exception as exc:
-        raise error(f"{what} of type {type(value).__name__} cannot be pickled "
-                    f"({type(exc).__name__}: {exc}): send data that pickle "
-                    "can copy (no open files, locks, sockets, generators)"
-                    ) from exc
+        raise error(
+            f"{what} of type {type(value).__name__} cannot be pickled "
+            f"({type(exc).__name__}: {exc}): send data that pickle "
+            "can copy (no open files, locks, sockets, generators)"
+        ) from exc
 
 
 def encode_params(params: object) -> list:

@@ -27,6 +27,7 @@ traceback with --verbose), Ctrl-C with "interrupted" and status 130. `run`
 exits with the script's own status, and has the script's Masters log a
 summary line per run to stderr ($QJAMFAB_LOG_LEVEL).
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,8 +42,8 @@ import sys
 import textwrap
 import traceback
 import weakref
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Callable, Sequence
 
 from invoke import Collection, Exit, Program, Task, task
 
@@ -56,9 +57,9 @@ log = logging.getLogger("qjamfab")
 
 _HELP = {
     "hosts": "comma-separated hosts: local, local:N, [user@]host[:port] or "
-             "ssh_config aliases (default: $QJAMFAB_HOSTS, else local)",
+    "ssh_config aliases (default: $QJAMFAB_HOSTS, else local)",
     "ssh-config": "ssh_config file for the SSH hosts (default: "
-                  "$QJAMFAB_SSH_CONFIG, else ~/.ssh/config)",
+    "$QJAMFAB_SSH_CONFIG, else ~/.ssh/config)",
     "verbose": "log qjamfab's debug messages to stderr",
 }
 
@@ -78,7 +79,7 @@ def _one_line_errors(body: Callable) -> Callable:
     name = body.__name__.replace("_", "-")
     signature = inspect.signature(body)
 
-    @functools.wraps(body)   # invoke reads the arguments through __wrapped__
+    @functools.wraps(body)  # invoke reads the arguments through __wrapped__
     def wrapper(*args, **kwargs):
         try:
             return body(*args, **kwargs)
@@ -88,17 +89,18 @@ def _one_line_errors(body: Callable) -> Callable:
             raise Exit(f"{name} failed: {exc}", code=1) from None
         except KeyboardInterrupt:
             raise Exit("interrupted", code=130) from None
+
     return wrapper
 
 
 def _task(**options) -> Callable[[Callable], Task]:
     """invoke's @task for qjamfab's tasks: no automatic short flags (-h would
     be --hosts), one-line errors."""
-    return lambda body: task(auto_shortflags=False, **options)(
-        _one_line_errors(body))
+    return lambda body: task(auto_shortflags=False, **options)(_one_line_errors(body))
 
 
 # --- the running program: Fabric's -H and the '--' remainder ------------------
+
 
 def _running_program() -> Program | None:
     """The Invoke Program (inv, fab, qjamfab) that is running this task.
@@ -128,7 +130,7 @@ def _remainder() -> list[str]:
     argv = list(getattr(program, "argv", None) or sys.argv)[1:]
     if "--" not in argv:
         return []
-    return argv[argv.index("--") + 1:]
+    return argv[argv.index("--") + 1 :]
 
 
 def _core_value(program: Program | None, name: str) -> str | None:
@@ -140,14 +142,13 @@ def _core_value(program: Program | None, name: str) -> str | None:
 
 # Per running Program and task: how many of Fabric's per-host calls are left
 # to skip because the first one acted on every host.
-_fab_skips: "weakref.WeakKeyDictionary[Program, dict]" = \
-    weakref.WeakKeyDictionary()
+_fab_skips: weakref.WeakKeyDictionary[Program, dict] = weakref.WeakKeyDictionary()
 
 
 def _is_connection(ctx) -> bool:
     try:
         from fabric import Connection
-    except ImportError:   # pragma: no cover - fabric is a dependency
+    except ImportError:  # pragma: no cover - fabric is a dependency
         return False
     return isinstance(ctx, Connection)
 
@@ -156,8 +157,9 @@ class _Skip(Exception):
     """This is one of fab's per-host calls after the one that did the work."""
 
 
-def _targets(ctx, task_name: str, hosts: str | None,
-             ssh_config: str | None) -> tuple[list[HostSpec], str | None]:
+def _targets(
+    ctx, task_name: str, hosts: str | None, ssh_config: str | None
+) -> tuple[list[HostSpec], str | None]:
     """Host specs and ssh_config path for this call (raises _Skip for
     fab's per-host calls after the first).
 
@@ -174,20 +176,24 @@ def _targets(ctx, task_name: str, hosts: str | None,
                 skips[task_name] -= 1
                 raise _Skip
             skips[task_name] = len(fab_hosts.split(",")) - 1
-        else:   # called with a Connection outside fab -H: that host only
+        else:  # called with a Connection outside fab -H: that host only
             fab_hosts = ctx.original_host
         if not hosts:
             hosts = fab_hosts
     if not ssh_config:
-        ssh_config = (getattr(ctx.config, "_runtime_ssh_path", None)
-                      if ctx is not None else None)
+        ssh_config = (
+            getattr(ctx.config, "_runtime_ssh_path", None) if ctx is not None else None
+        )
     if not ssh_config:
         ssh_config = os.environ.get("QJAMFAB_SSH_CONFIG") or None
     if ssh_config:
         ssh_config = os.path.expanduser(ssh_config)
         if not os.path.isfile(ssh_config):
-            raise Exit(f"ssh_config file {ssh_config} does not exist: fix "
-                       f"--ssh-config (or $QJAMFAB_SSH_CONFIG)", code=2)
+            raise Exit(
+                f"ssh_config file {ssh_config} does not exist: fix "
+                f"--ssh-config (or $QJAMFAB_SSH_CONFIG)",
+                code=2,
+            )
     try:
         specs = parse_hosts(hosts if hosts else None)
     except QjamfabError as exc:
@@ -202,13 +208,21 @@ def _setup_logging(verbose: bool) -> None:
 
 # --- one lifecycle step over many hosts ---------------------------------------
 
-def _lifecycle(ctx, task_name: str, hosts, ssh_config, verbose: bool,
-               action: Callable[..., list[cluster.HostResult]],
-               headers: Sequence[str], align: str,
-               row: Callable[[dict], list],
-               problem: Callable[[dict], str] = lambda info: "",
-               footnote: Callable[[], str] = lambda: "",
-               seconds: bool = True) -> bool:
+
+def _lifecycle(
+    ctx,
+    task_name: str,
+    hosts,
+    ssh_config,
+    verbose: bool,
+    action: Callable[..., list[cluster.HostResult]],
+    headers: Sequence[str],
+    align: str,
+    row: Callable[[dict], list],
+    problem: Callable[[dict], str] = lambda info: "",
+    footnote: Callable[[], str] = lambda: "",
+    seconds: bool = True,
+) -> bool:
     """Run `action` on every host, print a table, exit 1 if any failed.
 
     `row(info)` gives a successful host's cells between the host name and
@@ -225,11 +239,18 @@ def _lifecycle(ctx, task_name: str, hosts, ssh_config, verbose: bool,
     except _Skip:
         log.debug("%s: already done for every fab -H host", task_name)
         return False
-    log.debug("%s on %s (ssh_config: %s)", task_name,
-              ", ".join(s.raw for s in specs), ssh_config or "default")
+    log.debug(
+        "%s on %s (ssh_config: %s)",
+        task_name,
+        ", ".join(s.raw for s in specs),
+        ssh_config or "default",
+    )
     with display.HostProgress(task_name, [s.raw for s in specs]) as shown:
-        results = action(specs, ssh_config=ssh_config, on_result=lambda r:
-                         shown.done(r, problem(r.info) if r.ok else ""))
+        results = action(
+            specs,
+            ssh_config=ssh_config,
+            on_result=lambda r: shown.done(r, problem(r.info) if r.ok else ""),
+        )
     rows, failed, failed_rows = [], [], []
     blank = [None] * (len(headers) - 2 - seconds)
     for r in results:
@@ -238,8 +259,11 @@ def _lifecycle(ctx, task_name: str, hosts, ssh_config, verbose: bool,
             wrong = problem(r.info)
             if wrong:
                 failed.append((r.host, wrong))
-            status = display.first_line(wrong, r.host) if wrong else (
-                r.info.get("note") or "ok")
+            status = (
+                display.first_line(wrong, r.host)
+                if wrong
+                else (r.info.get("note") or "ok")
+            )
             cells = row(r.info) if "note" not in r.info else blank
         else:
             failed.append((r.host, r.error))
@@ -256,39 +280,66 @@ def _lifecycle(ctx, task_name: str, hosts, ssh_config, verbose: bool,
     sys.stdout.flush()
     if failed:
         names = ", ".join(host for host, _ in failed)
-        raise Exit(f"{task_name}: {len(failed)} of "
-                   f"{display.plural(len(results), 'host')} failed: {names} "
-                   f"(each host's reason is above)", code=1)
+        raise Exit(
+            f"{task_name}: {len(failed)} of "
+            f"{display.plural(len(results), 'host')} failed: {names} "
+            f"(each host's reason is above)",
+            code=1,
+        )
     return True
 
 
-@_task(help=_help(**{
-    "packages": "comma-separated distributions installed here to upload "
-                "to hosts that lack them, e.g. numpy,scipy",
-    "with-dependencies": "also upload what those require (as installed "
-                         "here)"}))
-def bootstrap(c, hosts=None, ssh_config=None, packages=None,
-              with_dependencies=False, verbose=False):
+@_task(
+    help=_help(
+        **{
+            "packages": "comma-separated distributions installed here to upload "
+            "to hosts that lack them, e.g. numpy,scipy",
+            "with-dependencies": "also upload what those require (as installed here)",
+        }
+    )
+)
+def bootstrap(
+    c,
+    hosts=None,
+    ssh_config=None,
+    packages=None,
+    with_dependencies=False,
+    verbose=False,
+):
     """Preflight every host and upload the worker runtime (parallel, idempotent)."""
     from . import packages as shipping
-    names = shipping.resolve(packages)   # a bad name: one line, no host
+
+    names = shipping.resolve(packages)  # a bad name: one line, no host
     if with_dependencies and names:
-        names = shipping.resolve(shipping.with_dependencies(
-            *(d.name for d in names)))
+        names = shipping.resolve(shipping.with_dependencies(*(d.name for d in names)))
     shipped = []
 
     def row(info):
         if info.get("packages"):
-            shipped.append(textwrap.fill(shipping.describe(info["packages"]),
-                                         80, subsequent_indent="  "))
-        return [".".join(map(str, info.get("python") or [])),
-                info.get("numpy") or "none", info.get("cores"),
-                info.get("runtime")]
-    _lifecycle(c, "bootstrap", hosts, ssh_config, verbose,
-               lambda specs, **kw: cluster.bootstrap(specs, names, **kw),
-               ["host", "python", "numpy", "cores", "runtime", "seconds",
-                "status"], "lllrlrl", row,
-               footnote=lambda: "\n".join(shipped))
+            shipped.append(
+                textwrap.fill(
+                    shipping.describe(info["packages"]), 80, subsequent_indent="  "
+                )
+            )
+        return [
+            ".".join(map(str, info.get("python") or [])),
+            info.get("numpy") or "none",
+            info.get("cores"),
+            info.get("runtime"),
+        ]
+
+    _lifecycle(
+        c,
+        "bootstrap",
+        hosts,
+        ssh_config,
+        verbose,
+        lambda specs, **kw: cluster.bootstrap(specs, names, **kw),
+        ["host", "python", "numpy", "cores", "runtime", "seconds", "status"],
+        "lllrlrl",
+        row,
+        footnote=lambda: "\n".join(shipped),
+    )
 
 
 def _count(value: str) -> int | str:
@@ -297,38 +348,56 @@ def _count(value: str) -> int | str:
         return "auto"
     if text.isdigit() and int(text) >= 1:
         return int(text)
-    raise Exit(f"--workers-per-host must be a positive integer or 'auto', "
-               f"not {value!r}", code=2)
+    raise Exit(
+        f"--workers-per-host must be a positive integer or 'auto', not {value!r}",
+        code=2,
+    )
 
 
-@_task(help=_help(**{
-    "workers-per-host": "workers to keep running on each host: a number, "
-                        "or auto for one per core (local:N hosts: N)"}))
-def start_workers(c, hosts=None, ssh_config=None, workers_per_host="auto",
-                  verbose=False):
+@_task(
+    help=_help(
+        **{
+            "workers-per-host": "workers to keep running on each host: a number, "
+            "or auto for one per core (local:N hosts: N)"
+        }
+    )
+)
+def start_workers(
+    c, hosts=None, ssh_config=None, workers_per_host="auto", verbose=False
+):
     """Start long-lived workers on every host (the missing ones only)."""
     count = _count(workers_per_host)
 
     def action(specs, **kw):
         return cluster.for_each_host(
-            specs, lambda s: s.start_workers(s.spec.workers or count), **kw)
+            specs, lambda s: s.start_workers(s.spec.workers or count), **kw
+        )
 
     def problem(info):
         if not info.get("failed"):
             return ""
         names = ", ".join(info["failed"])
-        return (f"{names} did not start: see <base>/log/<worker>.daemon on "
-                f"that host")
-    _lifecycle(c, "start-workers", hosts, ssh_config, verbose, action,
-               ["host", "started", "running", "seconds", "status"], "lrrrl",
-               lambda info: [len(info.get("started", [])),
-                             len(info.get("workers", []))], problem)
+        return f"{names} did not start: see <base>/log/<worker>.daemon on that host"
+
+    _lifecycle(
+        c,
+        "start-workers",
+        hosts,
+        ssh_config,
+        verbose,
+        action,
+        ["host", "started", "running", "seconds", "status"],
+        "lrrrl",
+        lambda info: [len(info.get("started", [])), len(info.get("workers", []))],
+        problem,
+    )
 
 
 @_task(help=_help())
 def status(c, hosts=None, ssh_config=None, verbose=False):
     """Workers, cache and runtimes on every host."""
     from . import runtime
+
     current = runtime.bundle_hash()
 
     marked = []
@@ -336,31 +405,54 @@ def status(c, hosts=None, ssh_config=None, verbose=False):
 
     def row(info):
         if info.get("packages"):
-            shipped.append(textwrap.fill(
-                f"packages on {info['qjamfab_host']}: " + ", ".join(
-                    f"{p['name']} {p['version']}" for p in info["packages"]),
-                80, subsequent_indent="  "))
+            shipped.append(
+                textwrap.fill(
+                    f"packages on {info['qjamfab_host']}: "
+                    + ", ".join(
+                        f"{p['name']} {p['version']}" for p in info["packages"]
+                    ),
+                    80,
+                    subsequent_indent="  ",
+                )
+            )
         workers = info.get("workers") or []
         uptime = max((w.get("uptime_s", 0) for w in workers), default=None)
         marked.append(current in (info.get("runtimes") or []))
-        return [len(workers), display.format_duration(uptime),
-                info.get("cache_entries"),
-                display.format_bytes(info.get("cache_bytes")),
-                display.format_bytes(info.get("cache_limit"), compact=True),
-                _runtimes(info.get("runtimes") or [], current)]
+        return [
+            len(workers),
+            display.format_duration(uptime),
+            info.get("cache_entries"),
+            display.format_bytes(info.get("cache_bytes")),
+            display.format_bytes(info.get("cache_limit"), compact=True),
+            _runtimes(info.get("runtimes") or [], current),
+        ]
 
     def action(specs, **kw):
         results = cluster.status(specs, **kw)
-        for r in results:   # for the packages footnote
+        for r in results:  # for the packages footnote
             r.info["qjamfab_host"] = r.host
         return results
-    _lifecycle(c, "status", hosts, ssh_config, verbose, action,
-               ["host", "workers", "uptime", "entries", "cache", "limit",
-                "runtime", "status"], "lrrrrrll", row,
-               footnote=lambda: "\n".join(shipped + (
-                   ["(runtime* = this qjamfab's runtime, +N = N others)"]
-                   if any(marked) else [])),
-               seconds=False)   # for 80 columns; a status query is quick
+
+    _lifecycle(
+        c,
+        "status",
+        hosts,
+        ssh_config,
+        verbose,
+        action,
+        ["host", "workers", "uptime", "entries", "cache", "limit", "runtime", "status"],
+        "lrrrrrll",
+        row,
+        footnote=lambda: "\n".join(
+            shipped
+            + (
+                ["(runtime* = this qjamfab's runtime, +N = N others)"]
+                if any(marked)
+                else []
+            )
+        ),
+        seconds=False,
+    )  # for 80 columns; a status query is quick
 
 
 def _runtimes(hashes: list[str], current: str) -> str | None:
@@ -377,24 +469,37 @@ def _runtimes(hashes: list[str], current: str) -> str | None:
 @_task(help=_help())
 def clear_cache(c, hosts=None, ssh_config=None, verbose=False):
     """Empty the workers' caches (memory and disk) on every host."""
-    _lifecycle(c, "clear-cache", hosts, ssh_config, verbose,
-               cluster.clear_cache,
-               ["host", "entries removed", "bytes removed", "seconds",
-                "status"], "lrrrl",
-               lambda info: [info.get("entries"),
-                              display.format_bytes(info.get("bytes"))])
+    _lifecycle(
+        c,
+        "clear-cache",
+        hosts,
+        ssh_config,
+        verbose,
+        cluster.clear_cache,
+        ["host", "entries removed", "bytes removed", "seconds", "status"],
+        "lrrrl",
+        lambda info: [info.get("entries"), display.format_bytes(info.get("bytes"))],
+    )
 
 
 @_task(help=_help())
 def stop_workers(c, hosts=None, ssh_config=None, verbose=False):
     """Stop the long-lived workers on every host."""
-    _lifecycle(c, "stop-workers", hosts, ssh_config, verbose,
-               cluster.stop_workers,
-               ["host", "stopped", "seconds", "status"], "lrrl",
-               lambda info: [info.get("stopped")])
+    _lifecycle(
+        c,
+        "stop-workers",
+        hosts,
+        ssh_config,
+        verbose,
+        cluster.stop_workers,
+        ["host", "stopped", "seconds", "status"],
+        "lrrl",
+        lambda info: [info.get("stopped")],
+    )
 
 
 # --- run ---------------------------------------------------------------------
+
 
 def _script_words(script: str) -> list[str]:
     """SCRIPT as given: an existing path stays whole (it may hold spaces);
@@ -414,7 +519,7 @@ def _pythonpath(env: dict) -> str | None:
     installed = set(site.getsitepackages())
     try:
         installed.add(site.getusersitepackages())
-    except AttributeError:   # pragma: no cover - some virtualenvs
+    except AttributeError:  # pragma: no cover - some virtualenvs
         pass
     current = env.get("PYTHONPATH", "")
     if root in installed or root in current.split(os.pathsep):
@@ -434,9 +539,12 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@_task(help=_help(
-    script="the Python script to run, with its arguments after '--' "
-           "(or in this one quoted string: \"script.py 200\")"))
+@_task(
+    help=_help(
+        script="the Python script to run, with its arguments after '--' "
+        '(or in this one quoted string: "script.py 200")'
+    )
+)
 def run(c, script, hosts=None, ssh_config=None, verbose=False):
     """Run a Python script against the hosts: run SCRIPT [--hosts=H] [-- ARGS].
 
@@ -458,10 +566,13 @@ def run(c, script, hosts=None, ssh_config=None, verbose=False):
         try:
             program.print_task_help("run")
             raise Exit(code=0)
-        except (AttributeError, KeyError):   # no program, or nested name
+        except (AttributeError, KeyError):  # no program, or nested name
             pass
-        raise Exit("usage: run [--hosts=H] [--ssh-config=PATH] [--verbose] "
-                   "SCRIPT [-- ARGS...]", code=0)
+        raise Exit(
+            "usage: run [--hosts=H] [--ssh-config=PATH] [--verbose] "
+            "SCRIPT [-- ARGS...]",
+            code=0,
+        )
     try:
         specs, ssh_config = _targets(c, "run", hosts, ssh_config)
     except _Skip:
@@ -472,10 +583,12 @@ def run(c, script, hosts=None, ssh_config=None, verbose=False):
         raise Exit("run: no script given: run SCRIPT [-- ARGS...]", code=2)
     path = words[0]
     if not os.path.isfile(path):
-        what = "is a directory, not a script" if os.path.isdir(path) \
-            else "does not exist"
-        raise Exit(f"run: script {path} {what} (working directory "
-                   f"{os.getcwd()})", code=2)
+        what = (
+            "is a directory, not a script" if os.path.isdir(path) else "does not exist"
+        )
+        raise Exit(
+            f"run: script {path} {what} (working directory {os.getcwd()})", code=2
+        )
     command = [path, *words[1:], *rest]
     env = dict(os.environ)
     env["QJAMFAB_HOSTS"] = ",".join(s.raw for s in specs)
@@ -496,14 +609,17 @@ def run(c, script, hosts=None, ssh_config=None, verbose=False):
         env["QJAMFAB_LOG_LEVEL"] = "DEBUG"
     else:
         env.setdefault("QJAMFAB_LOG_LEVEL", "INFO")
-    log.debug("run: %s with QJAMFAB_HOSTS=%s%s",
-              shlex.join([sys.executable, *command]), env["QJAMFAB_HOSTS"],
-              f" QJAMFAB_SSH_CONFIG={env['QJAMFAB_SSH_CONFIG']}"
-              if ssh_config else "")
+    log.debug(
+        "run: %s with QJAMFAB_HOSTS=%s%s",
+        shlex.join([sys.executable, *command]),
+        env["QJAMFAB_HOSTS"],
+        f" QJAMFAB_SSH_CONFIG={env['QJAMFAB_SSH_CONFIG']}" if ssh_config else "",
+    )
     sys.stdout.flush()
     sys.stderr.flush()
     proc = subprocess.Popen(
-        [sys.executable, "-c", _RUN_SCRIPT % bool(verbose), *command], env=env)
+        [sys.executable, "-c", _RUN_SCRIPT % bool(verbose), *command], env=env
+    )
     try:
         code = proc.wait()
     except KeyboardInterrupt:
@@ -513,11 +629,14 @@ def run(c, script, hosts=None, ssh_config=None, verbose=False):
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
             proc.kill()
             code = proc.wait()
-    if code == -signal.SIGINT:   # Ctrl-C: Python ends itself by SIGINT
+    if code == -signal.SIGINT:  # Ctrl-C: Python ends itself by SIGINT
         raise Exit("interrupted", code=130)
     if code < 0:
-        name = signal.Signals(-code).name if -code in signal.valid_signals() \
+        name = (
+            signal.Signals(-code).name
+            if -code in signal.valid_signals()
             else f"signal {-code}"
+        )
         raise Exit(f"run: {path} was killed by {name}", code=128 - code)
     if code != 0:
         raise Exit(code=code)
@@ -534,14 +653,15 @@ def fab_hint_excepthook(previous: display.ExceptHook) -> display.ExceptHook:
     """
     from fabric.exceptions import NothingToDo
 
-    def hook(kind: type, exc: BaseException,
-             tb: TracebackType | None) -> None:
+    def hook(kind: type, exc: BaseException, tb: TracebackType | None) -> None:
         if not (issubclass(kind, NothingToDo) and "--" in sys.argv):
             return previous(kind, exc, tb)
         sys.stderr.write(
             "fab cannot pass the words after '--' to a task (Fabric runs them "
             f"as a shell command): give them with the script in one quoted "
-            f"string: {_quoted_form(sys.argv[1:])}\n")
+            f"string: {_quoted_form(sys.argv[1:])}\n"
+        )
+
     return hook
 
 
@@ -549,7 +669,7 @@ def _quoted_form(argv: list[str]) -> str:
     """fab's command line with the words after '--' moved into run's quoted
     SCRIPT: ``-H a run s.py -- 2000`` -> ``fab -H a run 's.py 2000'``."""
     cut = argv.index("--")
-    words, rest = argv[:cut], argv[cut + 1:]
+    words, rest = argv[:cut], argv[cut + 1 :]
     k = words.index("run") + 1 if "run" in words else len(words)
     # the script: run's first word that is neither an option nor its value
     while k < len(words) and words[k].startswith("-"):
@@ -562,6 +682,7 @@ def _quoted_form(argv: list[str]) -> str:
 
 # --- bench ---------------------------------------------------------------------
 
+
 def _bench_root() -> str | None:
     """The source checkout holding benchmarks/ (it is not installed)."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -571,18 +692,21 @@ def _bench_root() -> str | None:
     return None
 
 
-@_task(help={
-    "quick": "small sizes, about a minute (results in "
-             "benchmarks/results/quick/)",
-    "only": "comma-separated subset: sae, overhead, transfer, memory, "
-            "bootstrap",
-    "out": "directory for results.json and the plots"})
+@_task(
+    help={
+        "quick": "small sizes, about a minute (results in benchmarks/results/quick/)",
+        "only": "comma-separated subset: sae, overhead, transfer, memory, bootstrap",
+        "out": "directory for results.json and the plots",
+    }
+)
 def bench(c, quick=False, only="", out=None):
     """Run the benchmark suite (python -m benchmarks) from a source checkout."""
     root = _bench_root()
     if root is None:
-        raise Exit("bench: benchmarks/ is not here: run it from a source "
-                   "checkout of qjamfab", code=2)
+        raise Exit(
+            "bench: benchmarks/ is not here: run it from a source checkout of qjamfab",
+            code=2,
+        )
     argv = [sys.executable, "-m", "benchmarks"]
     if quick:
         argv.append("--quick")
@@ -591,13 +715,11 @@ def bench(c, quick=False, only="", out=None):
     if out:
         argv += ["--out", os.path.abspath(out)]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (root, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     sys.stdout.flush()
     code = subprocess.call(argv, cwd=root, env=env)
     if code != 0:
         raise Exit(code=code)
 
 
-ns = Collection(bootstrap, start_workers, status, run, clear_cache,
-                stop_workers, bench)
+ns = Collection(bootstrap, start_workers, status, run, clear_cache, stop_workers, bench)

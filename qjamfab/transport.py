@@ -10,6 +10,7 @@ paramiko exec channel (`SSHChannelTransport`): one per host. OS and
 paramiko errors on a stream become qjamfab errors here (connecting is
 hosts.py's).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -28,9 +29,9 @@ from . import runtime
 from .errors import HostUnreachable, PreflightFailed, WorkerLost
 
 _TAIL_LINES = 20
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)   # Linux
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux
 _PIPE_SIZE = 1 << 20
-OPENSSH_FAILED = 255   # ssh's exit status for its own errors
+OPENSSH_FAILED = 255  # ssh's exit status for its own errors
 _STDERR_TAIL = 1 << 16
 
 
@@ -87,9 +88,11 @@ class Transport(ABC):
         return False
 
     def _took_nothing(self) -> WorkerLost:
-        return WorkerLost(f"{self.name} took nothing of what was sent to it "
-                          "for the heartbeat timeout: it is lost",
-                          worker=self.name)
+        return WorkerLost(
+            f"{self.name} took nothing of what was sent to it "
+            "for the heartbeat timeout: it is lost",
+            worker=self.name,
+        )
 
 
 class _ProcessTransport(Transport):
@@ -99,23 +102,29 @@ class _ProcessTransport(Transport):
     full (the OpenSSH client passes on a remote login shell's warnings)."""
 
     _what = "process"
-    _close_wait_s = 2.0   # for the process to end once its input ends
+    _close_wait_s = 2.0  # for the process to end once its input ends
 
     def __init__(self, name: str, argv: list[str], env: dict | None = None):
         self.name = name
         self._stderr = tempfile.TemporaryFile()
         try:
             self.process = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=self._stderr, bufsize=0, env=env,
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self._stderr,
+                bufsize=0,
+                env=env,
                 # Ctrl-C at the terminal is the Master's to handle.
-                start_new_session=True)
+                start_new_session=True,
+            )
         except OSError as exc:
             self._stderr.close()
             raise WorkerLost(
                 f"cannot start {self._what} for worker {name} ({argv[0]}): "
                 f"{exc}; check that the executable exists",
-                worker=name) from exc
+                worker=name,
+            ) from exc
         self._in = self.process.stdin.fileno()
         self._out = self.process.stdout
         self._read_timeout: float | None = None
@@ -146,17 +155,19 @@ class _ProcessTransport(Transport):
             poller.register(self._out, select.POLLIN)
             wait = self._read_timeout
             if not poller.poll(None if wait is None else wait * 1000):
-                raise TimeoutError(f"worker {self.name} sent nothing for "
-                                   f"{self._read_timeout:g} s")
+                raise TimeoutError(
+                    f"worker {self.name} sent nothing for {self._read_timeout:g} s"
+                )
 
     def writev(self, views: list) -> int:
         try:
             return os.writev(self._in, views)
         except BlockingIOError:
-            return 0   # full: see wait_writable
+            return 0  # full: see wait_writable
         except (OSError, ValueError) as exc:
-            raise WorkerLost(f"worker {self.name}: its pipe is closed ({exc})",
-                             worker=self.name) from exc
+            raise WorkerLost(
+                f"worker {self.name}: its pipe is closed ({exc})", worker=self.name
+            ) from exc
 
     def wait_writable(self) -> bool:
         poller = select.poll()
@@ -179,8 +190,7 @@ class _ProcessTransport(Transport):
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        for stream in (self.process.stdin, self.process.stdout,
-                       self._stderr):
+        for stream in (self.process.stdin, self.process.stdout, self._stderr):
             try:
                 stream.close()
             except OSError:
@@ -200,8 +210,7 @@ class _ProcessTransport(Transport):
             except OSError:
                 pass
         try:
-            self._stderr.seek(max(0, self._stderr.seek(0, os.SEEK_END)
-                                  - _STDERR_TAIL))
+            self._stderr.seek(max(0, self._stderr.seek(0, os.SEEK_END) - _STDERR_TAIL))
             text += self._stderr.read().decode("utf-8", "replace")
         except (OSError, ValueError):
             pass
@@ -218,16 +227,31 @@ class LocalPipeTransport(_ProcessTransport):
         # its process.
         return runtime.process_running(self.process.pid)
 
-    def __init__(self, name: str, base: str, env: dict | None = None,
-                 python: str = sys.executable):
+    def __init__(
+        self,
+        name: str,
+        base: str,
+        env: dict | None = None,
+        python: str = sys.executable,
+    ):
         try:
             runtime.ensure_local_bundle(base)
-        except OSError as exc:   # InsecureDirectory first: its line says why
+        except OSError as exc:  # InsecureDirectory first: its line says why
             raise PreflightFailed(f"{exc}", host="local") from exc
-        super().__init__(name, [python, "-c", runtime.boot_code("worker"),
-                                "--pipe", "--name", name, "--base", base],
-                         env={**os.environ, **(env or {}),
-                              "QJAMFAB_HOME": base})
+        super().__init__(
+            name,
+            [
+                python,
+                "-c",
+                runtime.boot_code("worker"),
+                "--pipe",
+                "--name",
+                name,
+                "--base",
+                base,
+            ],
+            env={**os.environ, **(env or {}), "QJAMFAB_HOME": base},
+        )
 
 
 class OpenSSHTransport(_ProcessTransport):
@@ -244,24 +268,28 @@ class OpenSSHTransport(_ProcessTransport):
 # --- SSH -------------------------------------------------------------------
 
 _SSH_ERRORS = (paramiko.SSHException, OSError, EOFError)
-_WINDOW = 64 << 20       # a large window keeps bulk slices streaming
-_SEND_CHUNK = 32 << 10   # paramiko sends at most one packet per call
+_WINDOW = 64 << 20  # a large window keeps bulk slices streaming
+_SEND_CHUNK = 32 << 10  # paramiko sends at most one packet per call
 
 
 def _open_channel(conn, command: str, what: str) -> paramiko.Channel:
     try:
         channel = conn.client.get_transport().open_session(
-            window_size=_WINDOW, timeout=30)
+            window_size=_WINDOW, timeout=30
+        )
         channel.exec_command(command)
     except (*_SSH_ERRORS, AttributeError) as exc:
-        raise HostUnreachable(f"cannot open an SSH channel to {conn.host} for "
-                              f"{what} ({exc}): check that the host is up",
-                              host=conn.host) from exc
+        raise HostUnreachable(
+            f"cannot open an SSH channel to {conn.host} for "
+            f"{what} ({exc}): check that the host is up",
+            host=conn.host,
+        ) from exc
     return channel
 
 
-def ssh_exec(conn, command: str, stdin: bytes = b"",
-             timeout: float = 120.0) -> tuple[int, str, str]:
+def ssh_exec(
+    conn, command: str, stdin: bytes = b"", timeout: float = 120.0
+) -> tuple[int, str, str]:
     """Run command on the host: (exit status, stdout, stderr)."""
     channel = _open_channel(conn, command, "a command")
     try:
@@ -277,9 +305,12 @@ def ssh_exec(conn, command: str, stdin: bytes = b"",
             err += chunk
         status = channel.recv_exit_status()
     except _SSH_ERRORS as exc:
-        raise HostUnreachable(f"{conn.host} stopped answering while running "
-                              f"a command ({exc or type(exc).__name__}): check "
-                              "the host and retry", host=conn.host) from exc
+        raise HostUnreachable(
+            f"{conn.host} stopped answering while running "
+            f"a command ({exc or type(exc).__name__}): check "
+            "the host and retry",
+            host=conn.host,
+        ) from exc
     finally:
         channel.close()
     return status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
@@ -294,8 +325,9 @@ def sftp_upload(conn, files: dict[str, bytes], staging: str, target: str) -> Non
             for path, content in files.items():
                 directory = posixpath.dirname(posixpath.join(staging, path))
                 for i in range(len(staging), len(directory) + 1):
-                    if (i == len(directory) or directory[i] == "/") and \
-                            directory[:i] not in made:
+                    if (i == len(directory) or directory[i] == "/") and directory[
+                        :i
+                    ] not in made:
                         sftp.mkdir(directory[:i], mode=0o700)
                         made.add(directory[:i])
                 with sftp.open(posixpath.join(staging, path), "wb") as f:
@@ -307,9 +339,11 @@ def sftp_upload(conn, files: dict[str, bytes], staging: str, target: str) -> Non
         finally:
             sftp.close()
     except _SSH_ERRORS as exc:
-        raise HostUnreachable(f"uploading the runtime to {conn.host} failed "
-                              f"({exc}): check free disk space and retry",
-                              host=conn.host) from exc
+        raise HostUnreachable(
+            f"uploading the runtime to {conn.host} failed "
+            f"({exc}): check free disk space and retry",
+            host=conn.host,
+        ) from exc
 
 
 class SSHChannelTransport(Transport):
@@ -325,7 +359,7 @@ class SSHChannelTransport(Transport):
         except HostUnreachable:
             conn.close()
             raise
-        self._stderr = bytearray()   # its tail, for exit_report
+        self._stderr = bytearray()  # its tail, for exit_report
 
     def fileno(self) -> int:
         # paramiko's fileno() turns readable for stderr too (a login
@@ -334,8 +368,11 @@ class SSHChannelTransport(Transport):
 
     def has_input(self) -> bool:
         self._take_stderr()
-        return self.channel.recv_ready() or self.channel.eof_received \
+        return (
+            self.channel.recv_ready()
+            or self.channel.eof_received
             or self.channel.closed
+        )
 
     def _take_stderr(self) -> None:
         """Move what the far end wrote to stderr into our tail of it, so
@@ -354,18 +391,19 @@ class SSHChannelTransport(Transport):
         try:
             data = self.channel.recv(len(view))
         except TimeoutError as exc:
-            raise TimeoutError(f"worker {self.name} sent nothing for "
-                               f"{self.channel.gettimeout():g} s") from exc
+            raise TimeoutError(
+                f"worker {self.name} sent nothing for {self.channel.gettimeout():g} s"
+            ) from exc
         except _SSH_ERRORS:
             return 0
-        view[:len(data)] = data
+        view[: len(data)] = data
         return len(data)
 
     def wait_writable(self) -> bool:
         deadline = time.monotonic() + (self.channel.gettimeout() or 3600)
         while time.monotonic() < deadline:
             if self.channel.closed:
-                return False   # the next send says so
+                return False  # the next send says so
             if self.channel.send_ready():
                 return False
             if self.channel.recv_ready():
@@ -375,16 +413,19 @@ class SSHChannelTransport(Transport):
 
     def writev(self, views: list) -> int:
         if not self.channel.send_ready() and not self.channel.closed:
-            return 0   # its window is full: see wait_writable
+            return 0  # its window is full: see wait_writable
         try:
             sent = self.channel.send(bytes(views[0][:_SEND_CHUNK]))
         except _SSH_ERRORS as exc:
-            raise WorkerLost(f"worker {self.name}: the SSH channel to "
-                             f"{self.host} failed ({exc})",
-                             worker=self.name) from exc
+            raise WorkerLost(
+                f"worker {self.name}: the SSH channel to {self.host} failed ({exc})",
+                worker=self.name,
+            ) from exc
         if not sent:
-            raise WorkerLost(f"worker {self.name}: the SSH channel to "
-                             f"{self.host} is closed", worker=self.name)
+            raise WorkerLost(
+                f"worker {self.name}: the SSH channel to {self.host} is closed",
+                worker=self.name,
+            )
         return sent
 
     def close(self) -> None:
@@ -394,7 +435,7 @@ class SSHChannelTransport(Transport):
             pass
         try:
             self.conn.close()
-        except Exception:   # closing an already broken connection
+        except Exception:  # closing an already broken connection
             pass
 
     def exit_report(self, log_path: str | None) -> tuple[int | None, str]:

@@ -11,6 +11,7 @@ thread, so a result reaches the caller without a thread switch; a `Run`
 is handed the inbox, not the Master. A stream's end, or one that stalls
 inside a frame, is a LOST event for each of its workers.
 """
+
 from __future__ import annotations
 
 import collections
@@ -19,22 +20,29 @@ import select
 import struct
 import sys
 import time
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from . import display, protocol, runtime
-from .errors import (PreflightFailed, ProtocolError, QjamfabError,
-                     WorkerLost, describe_exit)
+from .errors import (
+    PreflightFailed,
+    ProtocolError,
+    QjamfabError,
+    WorkerLost,
+    describe_exit,
+)
 from .transport import Transport
 
 log = logging.getLogger("qjamfab")
 
-LOST = -1               # event kind: the worker's stream or daemon ended
+LOST = -1  # event kind: the worker's stream or daemon ended
 HANDSHAKE_TIMEOUT_S = 30.0
 
 
 class Event(NamedTuple):
     """Something a worker (or a host's agent: `source` is its Link) sent."""
-    source: "WorkerHandle | Link"
+
+    source: WorkerHandle | Link
     kind: int
     head: dict
     parts: list
@@ -43,34 +51,34 @@ class Event(NamedTuple):
 class WorkerHandle:
     """One worker: where it is, what it holds, whether it is alive."""
 
-    def __init__(self, link: "Link", index: int, name: str, hello: dict):
+    def __init__(self, link: Link, index: int, name: str, hello: dict):
         self.link = link
-        self.index = index          # its number on its host
-        self.name = name            # "<host label>-<index>"
+        self.index = index  # its number on its host
+        self.name = name  # "<host label>-<index>"
         self.host = link.label
         self.hello = hello
         self.funcs: set[str] = set()
         self.refs: set[str] = set()
         self.alive = True
         self.last_seen = time.monotonic()
-        self.gone_tail = ""         # what the agent said when it ended
+        self.gone_tail = ""  # what the agent said when it ended
         self.gone_status: int | None = None
 
     def send(self, kind: int, head: dict, payload: Sequence = ()) -> int:
         try:
-            return self.link.send(kind, head, payload,
-                                  self.index if self.link.agent else 0,
-                                  to=self.name)
+            return self.link.send(
+                kind, head, payload, self.index if self.link.agent else 0, to=self.name
+            )
         except WorkerLost as exc:
             if not self.link.remote:
                 raise
-            raise WorkerLost(f"worker {self.name} is unreachable ({exc})",
-                             worker=self.name) from exc
+            raise WorkerLost(
+                f"worker {self.name} is unreachable ({exc})", worker=self.name
+            ) from exc
 
     def exit_report(self) -> tuple[int | None, str]:
         """After it ended: (exit status if known, its output's tail)."""
-        if self.gone_status is not None or (self.link.agent
-                                            and self.link.alive):
+        if self.gone_status is not None or (self.link.agent and self.link.alive):
             return self.gone_status, self.gone_tail
         return self.link.transport.exit_report(self.hello.get("log"))
 
@@ -86,23 +94,24 @@ class WorkerHandle:
 class Link:
     """One stream: to a host's agent (`agent` true) or to one worker."""
 
-    def __init__(self, label: str, transport: Transport, agent: bool,
-                 stall_timeout: float):
+    def __init__(
+        self, label: str, transport: Transport, agent: bool, stall_timeout: float
+    ):
         self.label = label
         self.transport = transport
-        self.agent = agent          # frames pass through a host's agent
-        self.remote = agent         # a host's stream (even when direct)
+        self.agent = agent  # frames pass through a host's agent
+        self.remote = agent  # a host's stream (even when direct)
         self.reader = protocol.FrameReader(transport.readinto)
         self.handles: dict[int, WorkerHandle] = {}
-        self.info: dict = {}        # the agent's HELLO
+        self.info: dict = {}  # the agent's HELLO
         self.alive = True
         self.last_seen = time.monotonic()
         self.bytes_sent = 0
         self.bytes_received = 0
         self._stall_timeout = stall_timeout
-        self.python = ""            # what runs the agent, for messages
-        self.inbox: Inbox | None = None   # set when added to one
-        self.count = 0              # workers the agent attached at most
+        self.python = ""  # what runs the agent, for messages
+        self.inbox: Inbox | None = None  # set when added to one
+        self.count = 0  # workers the agent attached at most
 
     def fileno(self) -> int:
         return self.transport.fileno()
@@ -114,9 +123,12 @@ class Link:
         self.transport.set_read_timeout(HANDSHAKE_TIMEOUT_S)
         event = self._handshake_frame(name)
         if event[0] != protocol.HELLO:
-            raise self._fail(ProtocolError(
-                f"worker {name} sent {protocol.KIND_NAMES.get(event[0])} "
-                "before HELLO: restart it"))
+            raise self._fail(
+                ProtocolError(
+                    f"worker {name} sent {protocol.KIND_NAMES.get(event[0])} "
+                    "before HELLO: restart it"
+                )
+            )
         self._check_version(name, event[2])
         handle = self.handles[0] = WorkerHandle(self, 0, name, event[2])
         self.transport.set_read_timeout(self._stall_timeout)
@@ -136,51 +148,73 @@ class Link:
             bundle = runtime.bundle_zip()
             self._write([struct.pack("!Q", len(bundle)), bundle])
         elif line != runtime.HAVE_RUNTIME:
-            raise self._fail(PreflightFailed(
-                f"{self.label}: the host's shell printed {line[:80]!r} "
-                "before qjamfab's agent started: make the login shell print "
-                "nothing for non-interactive sessions (e.g. in .bashrc)",
-                host=self.label))
+            raise self._fail(
+                PreflightFailed(
+                    f"{self.label}: the host's shell printed {line[:80]!r} "
+                    "before qjamfab's agent started: make the login shell print "
+                    "nothing for non-interactive sessions (e.g. in .bashrc)",
+                    host=self.label,
+                )
+            )
         kind, _, head = self._handshake_frame(self.label)
         if kind != protocol.HELLO or not head.get("agent"):
-            raise self._fail(ProtocolError(
-                f"{self.label}: the agent did not say HELLO: restart with "
-                "this qjamfab's runtime (stop-workers, then start-workers)"))
+            raise self._fail(
+                ProtocolError(
+                    f"{self.label}: the agent did not say HELLO: restart with "
+                    "this qjamfab's runtime (stop-workers, then start-workers)"
+                )
+            )
         self._check_version(self.label, head)
         theirs, ours = tuple(head["python"][:2]), sys.version_info[:2]
         if theirs != ours:
-            raise self._fail(PreflightFailed(
-                f"{self.label} runs Python {'.'.join(map(str, head['python']))}"
-                f" ({head['executable']}), the master {ours[0]}.{ours[1]}: "
-                "cloudpickle needs the same minor version; set "
-                f"QJAMFAB_REMOTE_PYTHON to a python{ours[0]}.{ours[1]} there",
-                host=self.label))
+            raise self._fail(
+                PreflightFailed(
+                    f"{self.label} runs Python {'.'.join(map(str, head['python']))}"
+                    f" ({head['executable']}), the master {ours[0]}.{ours[1]}: "
+                    "cloudpickle needs the same minor version; set "
+                    f"QJAMFAB_REMOTE_PYTHON to a python{ours[0]}.{ours[1]} there",
+                    host=self.label,
+                )
+            )
         self.info = head
         return head
 
-    def attach(self, indices: list[int] | None, count: int | None,
-               idle_timeout: float, cache_limit: int | str | None = None,
-               env: dict[str, str] | None = None
-               ) -> tuple[list[WorkerHandle], dict]:
+    def attach(
+        self,
+        indices: list[int] | None,
+        count: int | None,
+        idle_timeout: float,
+        cache_limit: int | str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> tuple[list[WorkerHandle], dict]:
         """Ask the agent for these workers (or `count`, or as many as the
         host was started with), its cache held to `cache_limit` (None:
         the host's own), with `env` settings ({worker}: each one's number):
         the new handles, and {index: reason} for those that could not be
         attached."""
         self.transport.set_read_timeout(HANDSHAKE_TIMEOUT_S)
-        self.send(protocol.ATTACH, {"workers": indices, "count": count,
-                                    "idle_timeout": idle_timeout,
-                                    "cache_limit": cache_limit,
-                                    "env": env or {},
-                                    "direct": not self.handles},
-                  worker=protocol.AGENT)
+        self.send(
+            protocol.ATTACH,
+            {
+                "workers": indices,
+                "count": count,
+                "idle_timeout": idle_timeout,
+                "cache_limit": cache_limit,
+                "env": env or {},
+                "direct": not self.handles,
+            },
+            worker=protocol.AGENT,
+        )
         hellos: dict[int, dict] = {}
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
         while True:
             if time.monotonic() > deadline:
-                raise self._fail(WorkerLost(
-                    f"{self.label}: its workers did not start: no answer in "
-                    f"{HANDSHAKE_TIMEOUT_S:g} s; check the host's load"))
+                raise self._fail(
+                    WorkerLost(
+                        f"{self.label}: its workers did not start: no answer in "
+                        f"{HANDSHAKE_TIMEOUT_S:g} s; check the host's load"
+                    )
+                )
             kind, worker, head = self._handshake_frame(self.label)
             if kind == protocol.HELLO and worker != protocol.AGENT:
                 self._check_version(f"worker {self.label}-{worker}", head)
@@ -193,9 +227,12 @@ class Link:
             self.agent = False
             kind, worker, hello = self._handshake_frame(self.label)
             if kind != protocol.HELLO:
-                raise self._fail(ProtocolError(
-                    f"{self.label}: its worker did not take the stream: "
-                    "restart it (stop-workers, then start-workers)"))
+                raise self._fail(
+                    ProtocolError(
+                        f"{self.label}: its worker did not take the stream: "
+                        "restart it (stop-workers, then start-workers)"
+                    )
+                )
             hellos = {head["workers"][0]: hello}
         self.transport.set_read_timeout(self._stall_timeout)
         new = []
@@ -212,16 +249,21 @@ class Link:
         try:
             kind, worker, head, _ = self.reader.read()
         except TimeoutError as exc:
-            raise self._fail(WorkerLost(
-                f"worker {name} did not start: no answer in "
-                f"{HANDSHAKE_TIMEOUT_S:g} s; check the host's load and its "
-                "python", worker=name)) from exc
+            raise self._fail(
+                WorkerLost(
+                    f"worker {name} did not start: no answer in "
+                    f"{HANDSHAKE_TIMEOUT_S:g} s; check the host's load and its "
+                    "python",
+                    worker=name,
+                )
+            ) from exc
         except (EOFError, ProtocolError, OSError) as exc:
             raise self._failed_start(exc, name) from exc
         return kind, worker, head
 
-    def _failed_start(self, exc: BaseException, name: str | None = None
-                      ) -> QjamfabError:
+    def _failed_start(
+        self, exc: BaseException, name: str | None = None
+    ) -> QjamfabError:
         status, tail = self.transport.exit_report(None)
         self.close()
         name = name or self.label
@@ -229,21 +271,32 @@ class Link:
             return PreflightFailed(
                 f"{self.label}: python {self.python!r} was not found: install "
                 f"python3 there, or set QJAMFAB_REMOTE_PYTHON to its path\n"
-                f"{tail}", host=self.label)
-        said = tail.splitlines()[-1] if tail.strip() else \
-            f"it wrote nothing ({type(exc).__name__}: {exc})"
+                f"{tail}",
+                host=self.label,
+            )
+        said = (
+            tail.splitlines()[-1]
+            if tail.strip()
+            else f"it wrote nothing ({type(exc).__name__}: {exc})"
+        )
         return WorkerLost(
             f"{'worker ' if name != self.label else ''}{name} did not start "
             f"({describe_exit(status)}): {said}"
-            f"{display.stderr_tail(name, tail)}", worker=name,
-            exit_status=status, stderr_tail=tail)
+            f"{display.stderr_tail(name, tail)}",
+            worker=name,
+            exit_status=status,
+            stderr_tail=tail,
+        )
 
     def _check_version(self, name: str, head: dict) -> None:
         if head.get("version") != protocol.VERSION:
-            raise self._fail(ProtocolError(
-                f"{name} speaks protocol {head.get('version')}, not "
-                f"{protocol.VERSION}: restart it with this qjamfab's runtime "
-                "(stop-workers, then start-workers)"))
+            raise self._fail(
+                ProtocolError(
+                    f"{name} speaks protocol {head.get('version')}, not "
+                    f"{protocol.VERSION}: restart it with this qjamfab's runtime "
+                    "(stop-workers, then start-workers)"
+                )
+            )
 
     def _fail(self, exc: QjamfabError) -> QjamfabError:
         self.close()
@@ -269,17 +322,28 @@ class Link:
         """The stream is full: while waiting for room, take in what the
         far end sends (it may be waiting for us to read)."""
         if self.transport.wait_writable():
-            if self.inbox is None:   # starting: nothing to read it for yet
+            if self.inbox is None:  # starting: nothing to read it for yet
                 time.sleep(0.001)
             else:
                 self.inbox.pending.extend(self.read_events())
 
-    def send(self, kind: int, head: dict, payload: Sequence = (),
-             worker: int = 0, to: str | None = None) -> int:
+    def send(
+        self,
+        kind: int,
+        head: dict,
+        payload: Sequence = (),
+        worker: int = 0,
+        to: str | None = None,
+    ) -> int:
         size = self._write(protocol.frame(kind, head, payload, worker))
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("-> %s %s %s (%d bytes)", to or self.label,
-                      protocol.KIND_NAMES.get(kind, kind), head, size)
+            log.debug(
+                "-> %s %s %s (%d bytes)",
+                to or self.label,
+                protocol.KIND_NAMES.get(kind, kind),
+                head,
+                size,
+            )
         return size
 
     def read_events(self) -> list[Event]:
@@ -289,8 +353,10 @@ class Link:
             kind, worker, head, parts = self.reader.read()
         except (EOFError, OSError, ProtocolError, QjamfabError) as exc:
             # A stream that stalls inside a frame is lost, not dead.
-            return self.lost(str(exc) or type(exc).__name__,
-                             False if isinstance(exc, TimeoutError) else None)
+            return self.lost(
+                str(exc) or type(exc).__name__,
+                False if isinstance(exc, TimeoutError) else None,
+            )
         now = self.last_seen = time.monotonic()
         self.bytes_received += sum(len(p) for p in parts)
         if self.agent and worker == protocol.AGENT:
@@ -311,15 +377,24 @@ class Link:
             handle.alive = False
             handle.gone_tail = head.get("tail", "")
             handle.gone_status = head.get("status")
-            if not self.agent:   # a direct stream ends with its worker
+            if not self.agent:  # a direct stream ends with its worker
                 self.close()
-            return [Event(handle, LOST, {"reason": head["reason"],
-                                         "died": handle.gone_status
-                                         is not None}, [])]
+            return [
+                Event(
+                    handle,
+                    LOST,
+                    {"reason": head["reason"], "died": handle.gone_status is not None},
+                    [],
+                )
+            ]
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("<- %s %s %s (%d payload bytes)", handle.name,
-                      protocol.KIND_NAMES.get(kind, kind), head,
-                      sum(len(p) for p in parts))
+            log.debug(
+                "<- %s %s %s (%d payload bytes)",
+                handle.name,
+                protocol.KIND_NAMES.get(kind, kind),
+                head,
+                sum(len(p) for p in parts),
+            )
         return [Event(handle, kind, head, parts)]
 
     def lost(self, reason: str, died: bool | None = None) -> list[Event]:
@@ -328,8 +403,11 @@ class Link:
         its connection or agent does, which says nothing of its workers."""
         self.alive = False
         died = (not self.remote) if died is None else died
-        events = [Event(h, LOST, {"reason": reason, "died": died}, [])
-                  for h in self.handles.values() if h.alive]
+        events = [
+            Event(h, LOST, {"reason": reason, "died": died}, [])
+            for h in self.handles.values()
+            if h.alive
+        ]
         for handle in self.handles.values():
             handle.alive = False
         return events
@@ -363,11 +441,14 @@ class Inbox:
         ready = [x for x in live if x.reader.buffered()]
         if not ready and live:
             by_fd = {x.fileno(): x for x in live}
-            poller = select.poll()   # unlike select(), any number of fds
+            poller = select.poll()  # unlike select(), any number of fds
             for fd in by_fd:
                 poller.register(fd, select.POLLIN)
-            ready = [by_fd[fd] for fd, _ in poller.poll(
-                max(0.0, timeout) * 1000) if by_fd[fd].transport.has_input()]
+            ready = [
+                by_fd[fd]
+                for fd, _ in poller.poll(max(0.0, timeout) * 1000)
+                if by_fd[fd].transport.has_input()
+            ]
         elif not live and timeout > 0:
             time.sleep(timeout)
         for link in ready:

@@ -1,5 +1,6 @@
 """Shared fixtures: every test gets its own QJAMFAB_HOME, and no test may
 leave a process behind that names it."""
+
 import os
 import time
 
@@ -27,8 +28,14 @@ def processes_mentioning(text: str) -> list[str]:
 def qjamfab_home(tmp_path, monkeypatch):
     home = tmp_path / "qjamfab-home"
     monkeypatch.setenv("QJAMFAB_HOME", str(home))
-    for name in ("QJAMFAB_HOSTS", "QJAMFAB_SSH_CONFIG", "QJAMFAB_USER",
-                 "QJAMFAB_REMOTE_PYTHON", "QJAM_USER", "QJAM_REMOTE_PYTHON"):
+    for name in (
+        "QJAMFAB_HOSTS",
+        "QJAMFAB_SSH_CONFIG",
+        "QJAMFAB_USER",
+        "QJAMFAB_REMOTE_PYTHON",
+        "QJAM_USER",
+        "QJAM_REMOTE_PYTHON",
+    ):
         monkeypatch.delenv(name, raising=False)
     yield home
     deadline = time.monotonic() + 5
@@ -44,15 +51,21 @@ def ssh():
     for one test module; their workers are stopped at the end."""
     if not sshd_available():
         if os.environ.get("QJAMFAB_REQUIRE_SSHD") == "1":
-            pytest.fail("sshd is required (QJAMFAB_REQUIRE_SSHD=1) but not "
-                        "installed: apt-get install -y openssh-server")
-        pytest.skip("OpenSSH sshd is not installed: apt-get install -y "
-                    "openssh-server to run the SSH tests")
+            pytest.fail(
+                "sshd is required (QJAMFAB_REQUIRE_SSHD=1) but not "
+                "installed: apt-get install -y openssh-server"
+            )
+        pytest.skip(
+            "OpenSSH sshd is not installed: apt-get install -y "
+            "openssh-server to run the SSH tests"
+        )
     from qjamfab import cluster, hostspec
+
     with SshdHosts(3) as servers:
         yield servers
         for host in servers:
             if not host.running:
                 host.start()
-        cluster.stop_workers(hostspec.parse_hosts(servers.aliases),
-                             ssh_config=servers.ssh_config)
+        cluster.stop_workers(
+            hostspec.parse_hosts(servers.aliases), ssh_config=servers.ssh_config
+        )

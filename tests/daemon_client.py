@@ -2,6 +2,7 @@
 client that speaks to its socket as the host agent does (agent.py
 `_connect`): read the "ready" line, say "serve", read HELLO, then frames.
 Also whatever a well-behaved client must not send."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-
 
 from qjamfab import protocol, runtime, serialize
 from qjamfab.runtime import secure_dir
@@ -32,8 +32,7 @@ class Client:
             assert kind == protocol.HELLO, kind
 
     def send(self, kind: int, head: dict, payload=()) -> None:
-        protocol.write_all(self.sock.sendmsg, protocol.frame(kind, head,
-                                                             payload))
+        protocol.write_all(self.sock.sendmsg, protocol.frame(kind, head, payload))
 
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -54,7 +53,7 @@ class Client:
         try:
             while self.sock.recv(1 << 16):
                 pass
-        except socket.timeout:
+        except TimeoutError:
             return False
         except ConnectionResetError:
             pass
@@ -72,15 +71,22 @@ def job(mapfunc, reduce=None) -> tuple[str, bytes]:
 
 def task_head(task: int, func: str, refs=None, params: bool = True) -> dict:
     slices = list(range(len(refs))) if refs else [0]
-    return {"task": task, "run": "run-1", "func": func, "refs": refs,
-            "slices": slices, "leaves": len(slices), "params": params,
-            "hold": False}
+    return {
+        "task": task,
+        "run": "run-1",
+        "func": func,
+        "refs": refs,
+        "slices": slices,
+        "leaves": len(slices),
+        "params": params,
+        "hold": False,
+    }
 
 
 def result_value(parts: list) -> object:
     """The value a task's RESULT carries: its slices' one tree node (the
     task covers every leaf of its run, as task_head makes it)."""
-    (lo, size, value), = protocol.decode(parts)
+    ((lo, size, value),) = protocol.decode(parts)
     assert lo == 0
     return value
 
@@ -89,23 +95,36 @@ class Daemon:
     """worker-0 of `base`, its stderr in log/worker-0.daemon (or
     `stderr_path`), as manage.start_slots starts it."""
 
-    def __init__(self, base: str, env: dict | None = None,
-                 stderr_path: str | None = None):
+    def __init__(
+        self, base: str, env: dict | None = None, stderr_path: str | None = None
+    ):
         self.base = base
         runtime.ensure_local_bundle(base)
         for sub in ("log", "run"):
             secure_dir(os.path.join(base, sub))
         self.socket = os.path.join(base, "run", "worker-0.sock")
-        self.log_path = stderr_path or os.path.join(base, "log",
-                                                    "worker-0.daemon")
+        self.log_path = stderr_path or os.path.join(base, "log", "worker-0.daemon")
         with open(self.log_path, "ab") as err:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", runtime.boot_code("worker"),
-                 "--socket", self.socket, "--name", "worker-0",
-                 "--base", base, "--idle-timeout", "300"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=err, start_new_session=True,
-                env={**os.environ, **(env or {})})
+                [
+                    sys.executable,
+                    "-c",
+                    runtime.boot_code("worker"),
+                    "--socket",
+                    self.socket,
+                    "--name",
+                    "worker-0",
+                    "--base",
+                    base,
+                    "--idle-timeout",
+                    "300",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
+            )
         pid_file = os.path.join(base, "run", "worker-0.pid")
         deadline = time.monotonic() + 15
         while not (os.path.exists(pid_file) and os.path.exists(self.socket)):
@@ -150,7 +169,7 @@ class Daemon:
     def stop(self) -> None:
         if self.alive():
             os.kill(self.pid, signal.SIGKILL)
-        self.process.wait(10)   # the keeper ends with the daemon
+        self.process.wait(10)  # the keeper ends with the daemon
 
 
 def serves(daemon: Daemon) -> None:
@@ -160,8 +179,7 @@ def serves(daemon: Daemon) -> None:
         assert client.hello["pid"] == daemon.pid
         func, data = job(lambda params, _: params + 1)
         client.send(protocol.FUNC, {"hash": func}, [data])
-        client.send(protocol.TASK, task_head(1, func),
-                    protocol.encode(41))
+        client.send(protocol.TASK, task_head(1, func), protocol.encode(41))
         kind, head, parts = client.next()
         assert (kind, head["task"]) == (protocol.RESULT, 1), head
         assert result_value(parts) == 42

@@ -23,6 +23,7 @@ once. `stop()` ends each tree deepest first (sessions, then per-connection
 sshd, then the listener) plus any process whose environment holds one of our
 QJAMFAB_HOME values. An atexit hook stops whatever is still running.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -49,8 +50,8 @@ _SFTP_CANDIDATES = (
     "/usr/local/libexec/sftp-server",
 )
 
-START_TIMEOUT = 10.0   # seconds for one sshd to accept TCP connections
-STOP_TIMEOUT = 5.0     # seconds between SIGTERM and SIGKILL
+START_TIMEOUT = 10.0  # seconds for one sshd to accept TCP connections
+STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
 
 
 def sshd_available() -> str | None:
@@ -81,10 +82,12 @@ def _free_port(address: str) -> int:
 def _keygen(path: str, comment: str) -> str:
     """Make an ed25519 key pair at path; return the public key line."""
     subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment,
-         "-f", path],
-        check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, timeout=30,
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path],
+        check=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        timeout=30,
     )
     with open(path + ".pub") as f:
         return f.read().strip()
@@ -108,7 +111,7 @@ def _process_table() -> dict[int, int]:
             with open(f"/proc/{name}/stat", "rb") as f:
                 stat = f.read()
             # comm may hold spaces and parens: split after the last ')'
-            fields = stat[stat.rindex(b")") + 2:].split()
+            fields = stat[stat.rindex(b")") + 2 :].split()
             table[int(name)] = int(fields[1])
         except (OSError, ValueError, IndexError):
             continue
@@ -141,7 +144,7 @@ def _ppid(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-        return int(stat[stat.rindex(b")") + 2:].split()[1])
+        return int(stat[stat.rindex(b")") + 2 :].split()[1])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -153,7 +156,7 @@ def _alive(pid: int) -> bool:
             stat = f.read()
     except OSError:
         return False
-    return stat[stat.rindex(b")") + 2:][:1] != b"Z"
+    return stat[stat.rindex(b")") + 2 :][:1] != b"Z"
 
 
 # The parent of each sshd: a child subreaper (Linux prctl), so everything
@@ -205,7 +208,7 @@ class SshdHost:
     on the same port with the same key; `stop()` ends it gracefully.
     """
 
-    def __init__(self, owner: "SshdHosts", index: int, address: str):
+    def __init__(self, owner: SshdHosts, index: int, address: str):
         self.owner = owner
         self.alias = f"host{index}"
         self.address = address
@@ -217,17 +220,18 @@ class SshdHost:
         self.log = os.path.join(self.dir, "sshd.log")
         self.pidfile = os.path.join(self.dir, "sshd.pid")
         self.host_key = os.path.join(self.dir, "ssh_host_ed25519_key")
-        self.host_key_pub = ""          # "ssh-ed25519 AAAA... comment"
-        self.pid: int | None = None     # the sshd listener
-        self.proc: subprocess.Popen | None = None   # its reaper
+        self.host_key_pub = ""  # "ssh-ed25519 AAAA... comment"
+        self.pid: int | None = None  # the sshd listener
+        self.proc: subprocess.Popen | None = None  # its reaper
         self._reapers: list[subprocess.Popen] = []  # every one started
         self._paused: set[int] = set()
         os.makedirs(self.dir, mode=0o700)
 
     def __repr__(self):
         state = "running" if self.running else "stopped"
-        return (f"<SshdHost {self.alias} {self.address}:{self.port} "
-                f"pid={self.pid} {state}>")
+        return (
+            f"<SshdHost {self.alias} {self.address}:{self.port} pid={self.pid} {state}>"
+        )
 
     # -- identity -----------------------------------------------------------
 
@@ -284,21 +288,33 @@ class SshdHost:
         if self.running:
             return
         if not self.host_key_pub:
-            self.host_key_pub = _keygen(self.host_key,
-                                        f"qjamfab-test-{self.alias}")
+            self.host_key_pub = _keygen(self.host_key, f"qjamfab-test-{self.alias}")
         fixed_port = self.port != 0
         for attempt in range(3):
             if not fixed_port:
                 self.port = _free_port(self.address)
             self._write_config(self.owner._extra_sshd_options)
             with open(self.log, "a") as f:
-                f.write(f"--- qjamfab tests: start attempt {attempt + 1} on "
-                        f"{self.address}:{self.port}\n")
+                f.write(
+                    f"--- qjamfab tests: start attempt {attempt + 1} on "
+                    f"{self.address}:{self.port}\n"
+                )
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", _REAPER, self.owner.sshd,
-                 "-D", "-f", self.config, "-E", self.log],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL, start_new_session=True,
+                [
+                    sys.executable,
+                    "-c",
+                    _REAPER,
+                    self.owner.sshd,
+                    "-D",
+                    "-f",
+                    self.config,
+                    "-E",
+                    self.log,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
                 close_fds=True,
             )
             self._reapers.append(self.proc)
@@ -310,12 +326,13 @@ class SshdHost:
             log = self.log_tail()
             self.stop()
             if "Address already in use" in log and not fixed_port:
-                continue   # lost the port race: pick another one
+                continue  # lost the port race: pick another one
             break
         raise RuntimeError(
             f"sshd for {self.alias} did not start listening on "
             f"{self.address}:{self.port} within {timeout:g}s; "
-            f"see {self.log}. Log tail:\n{self.log_tail()}")
+            f"see {self.log}. Log tail:\n{self.log_tail()}"
+        )
 
     def _wait_listening(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -323,8 +340,7 @@ class SshdHost:
             if not self.running:
                 return False
             try:
-                with socket.create_connection((self.address, self.port),
-                                              timeout=0.5):
+                with socket.create_connection((self.address, self.port), timeout=0.5):
                     return True
             except OSError:
                 time.sleep(0.05)
@@ -373,12 +389,13 @@ class SshdHost:
 
         def settled(pid):
             # gone, or a zombie that none of ours will reap
-            return (not os.path.exists(f"/proc/{pid}")
-                    or (not _alive(pid) and _ppid(pid) not in everyone))
+            return not os.path.exists(f"/proc/{pid}") or (
+                not _alive(pid) and _ppid(pid) not in everyone
+            )
 
         ended = []
         for level in levels:
-            _signal(level, signal.SIGCONT)   # a stopped process can't exit
+            _signal(level, signal.SIGCONT)  # a stopped process can't exit
             _signal(level, sig)
             ended += level
             deadline = time.monotonic() + level_wait
@@ -393,7 +410,7 @@ class SshdHost:
         for proc in self._reapers:
             try:
                 proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:   # pragma: no cover
+            except subprocess.TimeoutExpired:  # pragma: no cover
                 proc.kill()
                 proc.wait()
         self._reapers = []
@@ -444,7 +461,7 @@ class SshdHost:
         return pids
 
 
-_live: "weakref.WeakSet[SshdHosts]" = weakref.WeakSet()
+_live: weakref.WeakSet[SshdHosts] = weakref.WeakSet()
 _live_lock = threading.Lock()
 
 
@@ -455,7 +472,7 @@ def _stop_all() -> None:
     for hosts in pending:
         try:
             hosts.stop()
-        except Exception:   # pragma: no cover - best effort at exit
+        except Exception:  # pragma: no cover - best effort at exit
             pass
 
 
@@ -469,16 +486,23 @@ class SshdHosts:
     `resume()`, `start()`).
     """
 
-    def __init__(self, k: int = 2, *, start: bool = True,
-                 base_dir: str | None = None, log_level: str = "VERBOSE",
-                 keep_dir: bool | None = None):
+    def __init__(
+        self,
+        k: int = 2,
+        *,
+        start: bool = True,
+        base_dir: str | None = None,
+        log_level: str = "VERBOSE",
+        keep_dir: bool | None = None,
+    ):
         if k < 1 or k > 250:
             raise ValueError(f"k must be 1..250, not {k}")
         sshd = sshd_available()
         if sshd is None:
             raise RuntimeError(
                 "sshd (or ssh-keygen) is not installed: install "
-                "openssh-server (Debian: apt-get install openssh-server)")
+                "openssh-server (Debian: apt-get install openssh-server)"
+            )
         self.sshd = sshd
         self.sftp_server = find_sftp_server()
         self.log_level = log_level
@@ -552,15 +576,17 @@ class SshdHosts:
         wanted = ["PerSourcePenalties no"]
         host = next(iter(self.hosts.values()))
         if not host.host_key_pub:
-            host.host_key_pub = _keygen(host.host_key,
-                                        f"qjamfab-test-{host.alias}")
+            host.host_key_pub = _keygen(host.host_key, f"qjamfab-test-{host.alias}")
         kept = []
         for option in wanted:
             host.port = _free_port(host.address)
             host._write_config([option])
-            r = subprocess.run([self.sshd, "-t", "-f", host.config],
-                               stdin=subprocess.DEVNULL,
-                               capture_output=True, timeout=30)
+            r = subprocess.run(
+                [self.sshd, "-t", "-f", host.config],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=30,
+            )
             if r.returncode == 0:
                 kept.append(option)
         host.port = 0
@@ -573,10 +599,12 @@ class SshdHosts:
                 f.write(f"{host.known_hosts_name} {key}\n")
         lines = []
         for host in self.hosts.values():
-            lines += [f"Host {host.alias}",
-                      f"    HostName {host.address}",
-                      f"    Port {host.port}",
-                      ""]
+            lines += [
+                f"Host {host.alias}",
+                f"    HostName {host.address}",
+                f"    Port {host.port}",
+                "",
+            ]
         lines += [
             "Host *",
             f"    User {self.user}",
@@ -605,7 +633,7 @@ class SshdHosts:
 
     close = stop
 
-    def __enter__(self) -> "SshdHosts":
+    def __enter__(self) -> SshdHosts:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -633,19 +661,25 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     k = int(argv[0]) if argv else 2
     if sshd_available() is None:
-        print("sshd is not installed (apt-get install openssh-server)",
-              file=sys.stderr)
+        print("sshd is not installed (apt-get install openssh-server)", file=sys.stderr)
         return 1
     with SshdHosts(k) as hosts:
         print(hosts.ssh_config, flush=True)
         for host in hosts:
-            print(f"  {host.alias}: {host.destination} pid={host.pid} "
-                  f"QJAMFAB_HOME={host.home}", flush=True)
-        print(f"try: ssh -F {hosts.ssh_config} {hosts.aliases[0]} echo hi\n"
-              f"Ctrl-C stops the servers.", flush=True)
+            print(
+                f"  {host.alias}: {host.destination} pid={host.pid} "
+                f"QJAMFAB_HOME={host.home}",
+                flush=True,
+            )
+        print(
+            f"try: ssh -F {hosts.ssh_config} {hosts.aliases[0]} echo hi\n"
+            f"Ctrl-C stops the servers.",
+            flush=True,
+        )
         try:
-            signal.signal(signal.SIGTERM,
-                          lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+            signal.signal(
+                signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt)
+            )
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 benchmark suite (benchmarks/): distributed cost and gradient equal the
 serial ones on any slicing, the gradient is right, and the suite runs end
 to end at a tiny size and writes what it promises."""
+
 import importlib.util
 import json
 import os
@@ -21,9 +22,11 @@ pytest.importorskip("scipy")
 
 def _load_example():
     spec = importlib.util.spec_from_file_location(
-        "sparse_autoencoder", ROOT / "examples" / "sparse_autoencoder.py")
+        "sparse_autoencoder", ROOT / "examples" / "sparse_autoencoder.py"
+    )
     module = importlib.util.module_from_spec(spec)
     import sys
+
     sys.modules["sparse_autoencoder"] = module
     spec.loader.exec_module(module)
     return module
@@ -35,7 +38,7 @@ sae = _load_example()
 @pytest.fixture(scope="module")
 def patches():
     images = sae.natural_images(count=2, size=64, seed=3)
-    return sae.sample_patches(257, images=images, seed=3)   # odd on purpose
+    return sae.sample_patches(257, images=images, seed=3)  # odd on purpose
 
 
 def _random_theta(visible, hidden, seed=1):
@@ -46,13 +49,15 @@ def _random_theta(visible, hidden, seed=1):
 
 def _assert_same(got, want):
     assert np.isclose(got[0], want[0], rtol=1e-11, atol=0), (got[0], want[0])
-    assert np.allclose(got[1], want[1], rtol=1e-9, atol=1e-13), \
-        np.max(np.abs(got[1] - want[1]))
+    assert np.allclose(got[1], want[1], rtol=1e-9, atol=1e-13), np.max(
+        np.abs(got[1] - want[1])
+    )
 
 
 def test_patches_are_deterministic_and_in_tanh_range(patches):
-    again = sae.sample_patches(257, images=sae.natural_images(
-        count=2, size=64, seed=3), seed=3)
+    again = sae.sample_patches(
+        257, images=sae.natural_images(count=2, size=64, seed=3), seed=3
+    )
     assert np.array_equal(patches, again)
     assert patches.shape == (257, 64) and patches.flags.c_contiguous
     assert -0.9 <= patches.min() and patches.max() <= 0.9
@@ -63,10 +68,15 @@ def test_slice_statistics_add_up_on_any_cut(patches):
     """mapfunc over any cut, summed, then finish == the textbook code."""
     theta = _random_theta(64, 30)
     want = sae.serial_cost(theta, patches)
-    for bounds in ([0, 257], [0, 1, 257], [0, 100, 101, 200, 257],
-                   list(range(0, 257, 7)) + [257]):
-        stats = sum(sae.mapfunc((theta, 30), patches[a:b])
-                    for a, b in zip(bounds, bounds[1:]))
+    for bounds in (
+        [0, 257],
+        [0, 1, 257],
+        [0, 100, 101, 200, 257],
+        list(range(0, 257, 7)) + [257],
+    ):
+        stats = sum(
+            sae.mapfunc((theta, 30), patches[a:b]) for a, b in zip(bounds, bounds[1:])
+        )
         _assert_same(sae.finish(stats, theta, 64, 30), want)
 
 
@@ -78,14 +88,15 @@ def test_distributed_equals_serial(patches, hosts):
         for slice_size in (None, 1, 7, 64, 300):
             cost = sae.DistributedCost(m, DataSet(patches, slice_size))
             _assert_same(cost(theta), want)
-            _assert_same(cost(sae.initial_theta()),
-                         sae.serial_cost(sae.initial_theta(), patches))
+            _assert_same(
+                cost(sae.initial_theta()), sae.serial_cost(sae.initial_theta(), patches)
+            )
 
 
 @pytest.mark.parametrize("cost_fn", ["serial_cost", "serial_stats_cost"])
 def test_gradient_matches_finite_differences(cost_fn):
     rng = np.random.default_rng(5)
-    X = rng.uniform(-0.9, 0.9, (23, 9))          # 3x3 patches, 4 hidden
+    X = rng.uniform(-0.9, 0.9, (23, 9))  # 3x3 patches, 4 hidden
     hidden = 4
     theta = _random_theta(9, hidden, seed=6)
     fn = getattr(sae, cost_fn)
@@ -95,8 +106,9 @@ def test_gradient_matches_finite_differences(cost_fn):
     for i in range(len(theta)):
         step = np.zeros_like(theta)
         step[i] = eps
-        numeric[i] = (fn(theta + step, X, hidden)[0]
-                      - fn(theta - step, X, hidden)[0]) / (2 * eps)
+        numeric[i] = (
+            fn(theta + step, X, hidden)[0] - fn(theta - step, X, hidden)[0]
+        ) / (2 * eps)
     error = np.linalg.norm(numeric - grad) / np.linalg.norm(numeric + grad)
     assert error < 1e-8, error
 
@@ -104,10 +116,9 @@ def test_gradient_matches_finite_differences(cost_fn):
 def test_lbfgs_lowers_the_cost(patches):
     theta0 = sae.initial_theta()
     start = sae.serial_cost(theta0, patches)[0]
-    _, final, info = sae.train(lambda t: sae.serial_cost(t, patches),
-                               theta0, 15)
+    _, final, info = sae.train(lambda t: sae.serial_cost(t, patches), theta0, 15)
     assert final < 0.5 * start
-    assert info["funcalls"] <= 15 + 2     # scipy may finish an iteration
+    assert info["funcalls"] <= 15 + 2  # scipy may finish an iteration
 
 
 @pytest.mark.timeout(90)
@@ -116,6 +127,7 @@ def test_suite_smoke(tmp_path):
     has its fields, the distributed cost equalled the serial one on every
     configuration, the plots exist and nothing is left running."""
     from benchmarks import NAMES, run_suite
+
     lines = []
     results = run_suite("tiny", out_dir=str(tmp_path), log=lines.append)
     with open(tmp_path / "results.json") as f:
@@ -171,23 +183,29 @@ def test_suite_smoke(tmp_path):
         boot = next(iter(bench["bootstrap"]["rows"].values()))
         assert boot["cold_s"] > 0 and boot["warm_s"] > 0
     targets = [t for r in bench.values() for t in r["targets"]]
-    assert all({"target", "goal", "measured", "met"} <= set(t)
-               for t in targets)
+    assert all({"target", "goal", "measured", "met"} <= set(t) for t in targets)
     if ssh:
         assert any("2 SSH workers" in t["target"] for t in targets)
         # targets come from configurations timed in alternating blocks
         assert set(bench["overhead"]["paired_2_workers"]) == {
-            "multiprocessing.Pool", "qjamfab local", "qjamfab ssh"}
+            "multiprocessing.Pool",
+            "qjamfab local",
+            "qjamfab ssh",
+        }
         configs = bench["sae"]["paired"]["configs"]
-        assert set(configs) == {"serial-blocked", "2 plain processes",
-                                "local 2", "ssh 2"}
-        assert all(c["evals"] >= 4 and c["median_eval_s"] > 0
-                   for c in configs.values())
+        assert set(configs) == {
+            "serial-blocked",
+            "2 plain processes",
+            "local 2",
+            "ssh 2",
+        }
+        assert all(c["evals"] >= 4 and c["median_eval_s"] > 0 for c in configs.values())
     assert any("== Targets ==" in line for line in lines)
 
     if results.get("plots"):
         assert (tmp_path / "sae.png").stat().st_size > 1000
     from benchmarks.common import USED_DIRS
+
     assert USED_DIRS
     leftover = [p for d in USED_DIRS for p in processes_mentioning(d)]
     assert not leftover, leftover

@@ -3,6 +3,7 @@ into its cache file (splice from a pipe, or through the reader's buffer
 from a socket), and comes back as arrays mapped from that file, aligned
 and writable; a file that is not what was written under its ref is never
 used; the cache keeps to its size limit, least recently used out first."""
+
 import os
 import shutil
 import socket
@@ -14,8 +15,7 @@ import pytest
 
 from qjamfab import protocol
 from qjamfab.runtime import cache as cache_module
-from qjamfab.runtime.cache import (CacheEntryLost, CacheLimitError, RefCache,
-                                   parse_size)
+from qjamfab.runtime.cache import CacheEntryLost, CacheLimitError, RefCache, parse_size
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -31,13 +31,12 @@ def _stream(kind: str):
 def _receive(tmp_path, kind: str, value, ref: str = "r1", extra=b""):
     """Send `value` as a REFS frame (then `extra` bytes) and receive it."""
     read_fd, write_fd = _stream(kind)
-    frame = protocol.frame(protocol.REFS, {"ref": ref},
-                           protocol.encode(value))
+    frame = protocol.frame(protocol.REFS, {"ref": ref}, protocol.encode(value))
 
     def write():
-        protocol.write_all(lambda v: os.writev(write_fd, v),
-                           [*frame, extra])
+        protocol.write_all(lambda v: os.writev(write_fd, v), [*frame, extra])
         os.close(write_fd)
+
     writer = threading.Thread(target=write)
     writer.start()
     reader = protocol.FrameReader(lambda v: os.readv(read_fd, [v]))
@@ -55,19 +54,23 @@ def _receive(tmp_path, kind: str, value, ref: str = "r1", extra=b""):
 
 
 @pytest.mark.parametrize("kind", ["pipe", "socket"])
-def test_a_slice_goes_to_disk_and_comes_back_mapped_and_aligned(tmp_path,
-                                                                  kind,
-                                                                  monkeypatch):
+def test_a_slice_goes_to_disk_and_comes_back_mapped_and_aligned(
+    tmp_path, kind, monkeypatch
+):
     spliced = []
     real_splice = os.splice
-    monkeypatch.setattr(os, "splice", lambda *a: spliced.append(
-        real_splice(*a)) or spliced[-1])
-    value = {"a": np.arange(300_001, dtype=np.float64),
-             "b": np.arange(7, dtype=np.int8), "n": 3}
+    monkeypatch.setattr(
+        os, "splice", lambda *a: spliced.append(real_splice(*a)) or spliced[-1]
+    )
+    value = {
+        "a": np.arange(300_001, dtype=np.float64),
+        "b": np.arange(7, dtype=np.int8),
+        "n": 3,
+    }
     refs, rest = _receive(tmp_path, kind, value, extra=b"next frame")
     # From a pipe the kernel moves the bytes; a socket goes by the buffer.
     assert (sum(spliced) > 2_000_000) == (kind == "pipe")
-    assert rest == b"next frame"   # not one byte too many was taken
+    assert rest == b"next frame"  # not one byte too many was taken
     got = refs.get("r1")
     np.testing.assert_array_equal(got["a"], value["a"])
     np.testing.assert_array_equal(got["b"], value["b"])
@@ -82,22 +85,28 @@ def test_a_slice_goes_to_disk_and_comes_back_mapped_and_aligned(tmp_path,
     assert RefCache(str(tmp_path / "cache")).get("r1")["a"][0] == 0.0
 
 
-def test_without_room_on_disk_the_slice_stays_in_memory(tmp_path,
-                                                        monkeypatch):
+def test_without_room_on_disk_the_slice_stays_in_memory(tmp_path, monkeypatch):
     real = shutil.disk_usage
 
     def full(path):
         return real(path)._replace(free=0)
+
     monkeypatch.setattr(cache_module.shutil, "disk_usage", full)
     refs, _ = _receive(tmp_path, "pipe", np.arange(1000))
     np.testing.assert_array_equal(refs.get("r1"), np.arange(1000))
     assert os.listdir(tmp_path / "cache") == []
-    assert refs.stats() == {"entries": 0, "bytes": 0, "in_memory": 1,
-                            "limit_bytes": refs.limit, "damaged": 0}
+    assert refs.stats() == {
+        "entries": 0,
+        "bytes": 0,
+        "in_memory": 1,
+        "limit_bytes": refs.limit,
+        "damaged": 0,
+    }
 
 
 def test_entries_of_an_older_layout_and_dead_writers_are_dropped(tmp_path):
     import subprocess
+
     directory = tmp_path / "cache"
     directory.mkdir()
     (directory / "oldref").write_bytes(b"\0\0\0\1" + bytes(16))
@@ -114,10 +123,13 @@ def test_entries_of_an_older_layout_and_dead_writers_are_dropped(tmp_path):
 def _send(refs: RefCache, value, ref: str) -> None:
     """Receive `value` into an existing cache, as a worker does."""
     read_fd, write_fd = os.pipe()
-    frame = protocol.frame(protocol.REFS, {"ref": ref},
-                           protocol.encode(value))
-    writer = threading.Thread(target=lambda: (protocol.write_all(
-        lambda v: os.writev(write_fd, v), frame), os.close(write_fd)))
+    frame = protocol.frame(protocol.REFS, {"ref": ref}, protocol.encode(value))
+    writer = threading.Thread(
+        target=lambda: (
+            protocol.write_all(lambda v: os.writev(write_fd, v), frame),
+            os.close(write_fd),
+        )
+    )
     writer.start()
     try:
         reader = protocol.FrameReader(lambda v: os.readv(read_fd, [v]))
@@ -142,7 +154,7 @@ def _flip(path, offset: int) -> None:
 def _last_part_offset(path) -> int:
     """Where the last (array) part of a cache file starts."""
     size = os.path.getsize(path)
-    return size - 64 * 4   # well inside an array of 8 KiB
+    return size - 64 * 4  # well inside an array of 8 KiB
 
 
 @pytest.fixture
@@ -150,7 +162,7 @@ def cache_dir(tmp_path):
     return str(tmp_path / "cache")
 
 
-ARRAY = np.arange(1024, dtype=np.float64)   # 8 KiB: a part of its own
+ARRAY = np.arange(1024, dtype=np.float64)  # 8 KiB: a part of its own
 
 
 @pytest.mark.parametrize("held", ["on disk only", "in memory too"])
@@ -174,21 +186,20 @@ def test_a_flipped_byte_is_found_dropped_and_reported(cache_dir, capfd, held):
     np.testing.assert_array_equal(refs.get("r1"), ARRAY)
 
 
-def test_a_slice_of_several_hash_blocks_verifies_and_a_middle_one_fails(
-        cache_dir):
-    big = np.arange(20 << 17, dtype=np.float64)   # 20 MiB: three blocks
+def test_a_slice_of_several_hash_blocks_verifies_and_a_middle_one_fails(cache_dir):
+    big = np.arange(20 << 17, dtype=np.float64)  # 20 MiB: three blocks
     _send(RefCache(cache_dir), big, "r1")
     refs = RefCache(cache_dir)
     assert refs.missing(["r1"]) == []
     np.testing.assert_array_equal(refs.get("r1"), big)
-    _flip(os.path.join(cache_dir, "r1"), 12 << 20)   # in the second block
+    _flip(os.path.join(cache_dir, "r1"), 12 << 20)  # in the second block
     assert RefCache(cache_dir).missing(["r1"]) == ["r1"]
 
 
 def test_a_damaged_header_or_pickle_stream_is_found_too(cache_dir):
     _send(RefCache(cache_dir), ARRAY, "r1")
     path = os.path.join(cache_dir, "r1")
-    for offset in (5, 20, 64 + 3):   # count, seal, the pickle main stream
+    for offset in (5, 20, 64 + 3):  # count, seal, the pickle main stream
         _send(RefCache(cache_dir), ARRAY, "r1")
         _flip(path, offset)
         refs = RefCache(cache_dir)
@@ -197,8 +208,7 @@ def test_a_damaged_header_or_pickle_stream_is_found_too(cache_dir):
 
 
 @pytest.mark.parametrize("held", ["on disk only", "in memory too"])
-def test_a_truncated_file_is_dropped_without_touching_its_mapping(
-        cache_dir, held):
+def test_a_truncated_file_is_dropped_without_touching_its_mapping(cache_dir, held):
     writer = RefCache(cache_dir)
     big = np.arange(3 << 20, dtype=np.uint8)  # 3 MiB
     _send(writer, big, "r1")
@@ -226,17 +236,14 @@ def test_another_slices_file_under_this_name_is_damaged(cache_dir, held):
     _send(writer, ARRAY, "r1")
     _send(writer, ARRAY + 1, "r2")
     refs = writer if held == "in memory too" else RefCache(cache_dir)
-    shutil.copyfile(os.path.join(cache_dir, "r2"),
-                    os.path.join(cache_dir, "r1.copy"))
-    os.replace(os.path.join(cache_dir, "r1.copy"),
-               os.path.join(cache_dir, "r1"))
+    shutil.copyfile(os.path.join(cache_dir, "r2"), os.path.join(cache_dir, "r1.copy"))
+    os.replace(os.path.join(cache_dir, "r1.copy"), os.path.join(cache_dir, "r1"))
     assert refs.missing(["r1", "r2"]) == ["r1"]
     assert refs.take_damaged() == ["r1"]
     np.testing.assert_array_equal(refs.get("r2"), ARRAY + 1)
 
 
-def test_a_fresh_copy_of_the_same_ref_written_by_another_worker_is_used(
-        cache_dir):
+def test_a_fresh_copy_of_the_same_ref_written_by_another_worker_is_used(cache_dir):
     refs = RefCache(cache_dir)
     _send(refs, ARRAY, "r1")
     first = refs.get("r1")
@@ -245,13 +252,13 @@ def test_a_fresh_copy_of_the_same_ref_written_by_another_worker_is_used(
     assert refs.missing(["r1"]) == [] and refs.take_damaged() == []
     again = refs.get("r1")
     np.testing.assert_array_equal(again, ARRAY)
-    assert again.ctypes.data != first.ctypes.data   # the new file's mapping
+    assert again.ctypes.data != first.ctypes.data  # the new file's mapping
 
 
 def test_a_symlink_in_place_of_an_entry_is_not_followed(cache_dir, tmp_path):
     refs = RefCache(cache_dir)
     elsewhere = RefCache(str(tmp_path / "elsewhere"))
-    _send(elsewhere, ARRAY, "r1")   # a valid entry, reached by a symlink
+    _send(elsewhere, ARRAY, "r1")  # a valid entry, reached by a symlink
     os.symlink(tmp_path / "elsewhere" / "r1", os.path.join(cache_dir, "r1"))
     assert refs.missing(["r1"]) == ["r1"]
     assert not os.path.lexists(os.path.join(cache_dir, "r1"))
@@ -262,28 +269,27 @@ def test_a_symlink_in_place_of_an_entry_is_not_followed(cache_dir, tmp_path):
     assert not os.path.lexists(os.path.join(cache_dir, "r2"))
 
 
-def test_a_change_found_in_the_middle_of_a_task_raises_not_a_wrong_value(
-        cache_dir):
+def test_a_change_found_in_the_middle_of_a_task_raises_not_a_wrong_value(cache_dir):
     refs = RefCache(cache_dir)
     _send(refs, ARRAY, "r1")
     _send(refs, ARRAY, "r2")
     assert refs.missing(["r1", "r2"]) == []
-    refs.get("r1")                      # the task's first slice
-    _flip(os.path.join(cache_dir, "r2"), _last_part_offset(
-        os.path.join(cache_dir, "r2")))  # changed while mapfunc ran on r1
+    refs.get("r1")  # the task's first slice
+    _flip(
+        os.path.join(cache_dir, "r2"), _last_part_offset(os.path.join(cache_dir, "r2"))
+    )  # changed while mapfunc ran on r1
     with pytest.raises(CacheEntryLost):
         refs.get("r2")
     assert refs.take_damaged() == ["r2"]
 
 
-def test_a_file_removed_during_a_task_serves_that_use_then_is_fetched_again(
-        cache_dir):
+def test_a_file_removed_during_a_task_serves_that_use_then_is_fetched_again(cache_dir):
     refs = RefCache(cache_dir)
     _send(refs, ARRAY, "r1")
     _send(refs, ARRAY, "r2")
     assert refs.missing(["r1", "r2"]) == []
     refs.get("r1")
-    os.unlink(os.path.join(cache_dir, "r2"))   # another worker evicted it
+    os.unlink(os.path.join(cache_dir, "r2"))  # another worker evicted it
     np.testing.assert_array_equal(refs.get("r2"), ARRAY)
     assert refs.missing(["r2"]) == ["r2"] and refs.take_damaged() == []
 
@@ -294,13 +300,12 @@ def test_a_checked_slice_costs_one_stat_per_task(cache_dir, monkeypatch):
     _send(refs, ARRAY, "r2")
     calls = []
     real = os.lstat
-    monkeypatch.setattr(cache_module.os, "lstat",
-                        lambda p: calls.append(p) or real(p))
+    monkeypatch.setattr(cache_module.os, "lstat", lambda p: calls.append(p) or real(p))
     assert refs.missing(["r1", "r2"]) == []
     assert len(calls) == 2
-    refs.get("r1")              # trusts the stat missing() just made
+    refs.get("r1")  # trusts the stat missing() just made
     assert len(calls) == 2
-    refs.get("r2")              # after user code ran on r1: stat again
+    refs.get("r2")  # after user code ran on r1: stat again
     assert len(calls) == 3
     refs.get("r1")
     assert len(calls) == 4
@@ -315,55 +320,77 @@ def test_a_blocked_worker_names_damaged_slices_and_asks_again(cache_dir):
 
         def send(self, kind, head, payload=()):
             self.sent.append((kind, head))
+
     refs = RefCache(cache_dir)
     _send(refs, ARRAY, "r1")
     _send(refs, ARRAY, "r2")
     w = worker_module.Worker.__new__(worker_module.Worker)
     w.cache, w.jobs, w.job_bytes = refs, {"f": (None, None)}, {}
-    w.pending = [[{"task": 7, "func": "f", "refs": ["r1", "r2", "r3"]},
-                  [], False]]
+    w.pending = [[{"task": 7, "func": "f", "refs": ["r1", "r2", "r3"]}, [], False]]
     channel = FakeChannel()
-    _flip(os.path.join(cache_dir, "r1"), _last_part_offset(
-        os.path.join(cache_dir, "r1")))
+    _flip(
+        os.path.join(cache_dir, "r1"), _last_part_offset(os.path.join(cache_dir, "r1"))
+    )
     assert w._run_next(channel) is False
-    assert channel.sent == [(protocol.STATE, {
-        "task": 7, "state": "blocked", "refs": ["r1", "r3"], "func": False,
-        "damaged": ["r1"]})]
+    assert channel.sent == [
+        (
+            protocol.STATE,
+            {
+                "task": 7,
+                "state": "blocked",
+                "refs": ["r1", "r3"],
+                "func": False,
+                "damaged": ["r1"],
+            },
+        )
+    ]
     assert w._run_next(channel) is False and len(channel.sent) == 1
     _send(refs, ARRAY, "r1")
     _send(refs, ARRAY, "r3")
     # r2 was fine when the task blocked, and is damaged now: asked again.
-    _flip(os.path.join(cache_dir, "r2"), _last_part_offset(
-        os.path.join(cache_dir, "r2")))
+    _flip(
+        os.path.join(cache_dir, "r2"), _last_part_offset(os.path.join(cache_dir, "r2"))
+    )
     assert w._run_next(channel) is False
-    assert channel.sent[1] == (protocol.STATE, {
-        "task": 7, "state": "blocked", "refs": ["r2"], "func": False,
-        "damaged": ["r2"]})
+    assert channel.sent[1] == (
+        protocol.STATE,
+        {
+            "task": 7,
+            "state": "blocked",
+            "refs": ["r2"],
+            "func": False,
+            "damaged": ["r2"],
+        },
+    )
 
 
 def test_a_local_run_over_damaged_cache_files_gives_the_right_result():
     from qjamfab import DataSet, Master
+
     data = np.arange(40_000, dtype=np.int64)
     dataset = DataSet(data, slice_size=10_000)
     with Master("local:1") as m:
-        assert m.run(lambda p, rows: int(rows.sum()), dataset=dataset) \
-            == int(data.sum())
+        assert m.run(lambda p, rows: int(rows.sum()), dataset=dataset) == int(
+            data.sum()
+        )
     cache = os.path.join(os.environ["QJAMFAB_HOME"], "cache")
     names = [n for n in os.listdir(cache) if not n.endswith(".tmp")]
     assert len(names) == 4
     time.sleep(0.02)
-    for name in names:   # an exponent-like byte of an element of each
-        _flip(os.path.join(cache, name), _last_part_offset(
-            os.path.join(cache, name)) + 7)
+    for name in names:  # an exponent-like byte of an element of each
+        _flip(
+            os.path.join(cache, name), _last_part_offset(os.path.join(cache, name)) + 7
+        )
     with Master("local:1") as m:
-        assert m.run(lambda p, rows: int(rows.sum()), dataset=dataset) \
-            == int(data.sum())
+        assert m.run(lambda p, rows: int(rows.sum()), dataset=dataset) == int(
+            data.sum()
+        )
         assert m.last_run.slices_sent == 4
 
 
 # The size limit.
 
-ENTRY = np.zeros(1 << 14, dtype=np.uint8)   # 16 KiB; a file of 16.5 KiB
+ENTRY = np.zeros(1 << 14, dtype=np.uint8)  # 16 KiB; a file of 16.5 KiB
 
 
 def _entry_bytes(cache_dir) -> int:
@@ -404,31 +431,31 @@ def test_the_least_recently_used_entry_leaves_first(cache_dir):
     assert refs.stats()["bytes"] <= refs.limit
 
 
-def test_a_use_marks_an_entry_used_and_leaves_its_mtime(cache_dir,
-                                                         monkeypatch):
+def test_a_use_marks_an_entry_used_and_leaves_its_mtime(cache_dir, monkeypatch):
     refs = RefCache(cache_dir)
     _send(refs, ARRAY, "r1")
     path = os.path.join(cache_dir, "r1")
     written = os.stat(path)
-    os.utime(path, ns=(written.st_mtime_ns - 1000 * 10**9,
-                       written.st_mtime_ns))   # last used 1000 s before
+    os.utime(
+        path, ns=(written.st_mtime_ns - 1000 * 10**9, written.st_mtime_ns)
+    )  # last used 1000 s before
     monkeypatch.setattr(cache_module, "_TOUCH_S", 0.0)
-    assert refs.missing(["r1"]) == []   # in memory: a stat, and a touch
+    assert refs.missing(["r1"]) == []  # in memory: a stat, and a touch
     used = os.stat(path)
     assert used.st_atime > time.time() - 60
-    assert used.st_mtime_ns == written.st_mtime_ns   # still the same file
+    assert used.st_mtime_ns == written.st_mtime_ns  # still the same file
 
 
 def test_an_evicted_entry_leaves_this_workers_memory_too(cache_dir):
     size = _three_old_entries(cache_dir)
     refs = RefCache(cache_dir, limit=3 * size)
     assert refs.missing(["e0"]) == []
-    _age(cache_dir, "e0", 2000)   # and nobody used it since
+    _age(cache_dir, "e0", 2000)  # and nobody used it since
     refs.pin([])
     _send(refs, ENTRY + 3, "e3")
     assert "e0" not in _files(cache_dir)
     assert refs.missing(["e0"]) == ["e0"]
-    assert refs.stats()["in_memory"] == 1   # e3
+    assert refs.stats()["in_memory"] == 1  # e3
 
 
 def test_pinned_entries_are_never_evicted(cache_dir):
@@ -444,10 +471,10 @@ def test_pinned_entries_are_never_evicted(cache_dir):
 def test_entries_used_recently_by_any_worker_stay_over_the_limit(cache_dir):
     size = _three_old_entries(cache_dir)
     for name in ("e0", "e1"):
-        _age(cache_dir, name, cache_module.IN_USE_S - 60)   # in use elsewhere
+        _age(cache_dir, name, cache_module.IN_USE_S - 60)  # in use elsewhere
     refs = RefCache(cache_dir, limit=2 * size)
     _send(refs, ENTRY + 3, "e3")
-    assert _files(cache_dir) == ["e0", "e1", "e3"]   # e2 out, still over
+    assert _files(cache_dir) == ["e0", "e1", "e3"]  # e2 out, still over
     assert refs.stats()["bytes"] == 3 * size > refs.limit
 
 
@@ -463,10 +490,19 @@ def test_a_slice_bigger_than_the_limit_stays_in_memory(cache_dir, capfd):
     assert _files(cache_dir) == [] and zero.missing(["r1"]) == []
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("20G", 20 << 30), ("500M", 500 << 20), ("1.5G", 3 << 29),
-    ("1000000", 1_000_000), ("64k", 64 << 10), ("2 GiB", 2 << 30),
-    ("1TB", 1 << 40), (" 0 ", 0)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("20G", 20 << 30),
+        ("500M", 500 << 20),
+        ("1.5G", 3 << 29),
+        ("1000000", 1_000_000),
+        ("64k", 64 << 10),
+        ("2 GiB", 2 << 30),
+        ("1TB", 1 << 40),
+        (" 0 ", 0),
+    ],
+)
 def test_cache_limit_values(text, expected):
     assert parse_size(text) == expected
 
@@ -479,11 +515,13 @@ def test_a_bad_cache_limit_says_what_to_write(cache_dir, monkeypatch, text):
     assert str(info.value).splitlines()[0] == (
         f"QJAMFAB_CACHE_LIMIT={text!r} is not a size: write bytes, or a "
         "number with K, M, G or T (powers of 1024), e.g. "
-        "QJAMFAB_CACHE_LIMIT=20G, 500M or 1.5G")
+        "QJAMFAB_CACHE_LIMIT=20G, 500M or 1.5G"
+    )
 
 
 def test_the_limit_comes_from_the_argument_then_the_environment_then_disk(
-        cache_dir, monkeypatch):
+    cache_dir, monkeypatch
+):
     monkeypatch.delenv("QJAMFAB_CACHE_LIMIT", raising=False)
     default = RefCache(cache_dir).stats()["limit_bytes"]
     total = shutil.disk_usage(cache_dir).total

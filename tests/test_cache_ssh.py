@@ -2,6 +2,7 @@
 their cache files damaged or truncated on disk, drop them, and the run
 returns the right result from slices sent again, with the same daemons
 alive (no SIGBUS, nothing blamed on the job)."""
+
 import os
 import time
 
@@ -26,19 +27,22 @@ def test_damaged_and_truncated_files_on_hosts_are_sent_again(ssh):
         m.clear_cache()
         assert m.run(_total, dataset=dataset) == int(data.sum())
         pids = {name: s["pid"] for name, s in m.worker_stats().items()}
-    files = [os.path.join(ssh.homes[a], "cache", n) for a in aliases
-             for n in os.listdir(os.path.join(ssh.homes[a], "cache"))
-             if not n.endswith(".tmp")]
+    files = [
+        os.path.join(ssh.homes[a], "cache", n)
+        for a in aliases
+        for n in os.listdir(os.path.join(ssh.homes[a], "cache"))
+        if not n.endswith(".tmp")
+    ]
     assert len(files) == 8
-    time.sleep(0.02)   # mtimes move by the kernel's clock tick
+    time.sleep(0.02)  # mtimes move by the kernel's clock tick
     for i, path in enumerate(files):
-        if i % 2:   # a flipped byte inside the array
+        if i % 2:  # a flipped byte inside the array
             with open(path, "r+b") as f:
                 f.seek(os.path.getsize(path) - 1000)
                 byte = f.read(1)
                 f.seek(-1, os.SEEK_CUR)
                 f.write(bytes([byte[0] ^ 0x10]))
-        else:       # the daemon maps this file: reading past the end kills
+        else:  # the daemon maps this file: reading past the end kills
             os.truncate(path, os.path.getsize(path) // 2)
     # The daemons still hold every slice in memory, mapped from these files.
     with Master(aliases, **opts) as m:

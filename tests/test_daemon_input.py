@@ -4,6 +4,7 @@ serves the next client, and a declared length costs no memory until its
 bytes come. Also: a slice damaged under a running task is fetched again,
 not blamed on the job; a bad cache limit stops a worker with its message;
 the daemon's own tracebacks go to its log, not into the job output."""
+
 import hashlib
 import mmap
 import os
@@ -33,7 +34,8 @@ _HEADER = struct.Struct("!2sBHH")
 def header(kind: int, lengths: list[int]) -> bytes:
     """A frame's prefix announcing parts of these lengths."""
     return _HEADER.pack(b"QJ", kind, 0, len(lengths)) + b"".join(
-        struct.pack("!Q", n) for n in lengths)
+        struct.pack("!Q", n) for n in lengths
+    )
 
 
 def random_bytes() -> bytes:
@@ -55,26 +57,29 @@ def small(d: Daemon) -> bool:
 
 BAD_FRAMES = {
     "random bytes": random_bytes(),
-    "an unknown frame kind": b"".join(protocol.frame_raw(
-        200, pickle.dumps({}))),
-    "a head length of 2**62": header(protocol.TASK, [2 ** 62]) + b"x" * 100,
-    "a part over the limit": header(protocol.FUNC, [
-        len(pickle.dumps({"hash": "h"})), 2 ** 40])
+    "an unknown frame kind": b"".join(protocol.frame_raw(200, pickle.dumps({}))),
+    "a head length of 2**62": header(protocol.TASK, [2**62]) + b"x" * 100,
+    "a part over the limit": header(
+        protocol.FUNC, [len(pickle.dumps({"hash": "h"})), 2**40]
+    )
     + pickle.dumps({"hash": "h"}),
-    "a head that does not unpickle": b"".join(protocol.frame_raw(
-        protocol.TASK, b"\x80\x05this is not a pickle")),
-    "a head that is not a dict": b"".join(protocol.frame_raw(
-        protocol.TASK, pickle.dumps([1, 2, 3]))),
-    "a TASK missing keys": b"".join(protocol.frame(
-        protocol.TASK, {"task": 1})),
-    "a TASK naming a file outside the cache": b"".join(protocol.frame(
-        protocol.TASK, task_head(1, "f", refs=["../../etc/passwd"]))),
-    "a FUNC without the job": b"".join(protocol.frame(
-        protocol.FUNC, {"hash": "h"})),
-    "a REFS payload that is no slice": b"".join(protocol.frame(
-        protocol.REFS, {"ref": "r1"}, [b"not a pickle"])),
-    "a REFS of a bad stored key": b"".join(protocol.frame(
-        protocol.REFS, {"ref": "r1", "stored": 7})),
+    "a head that does not unpickle": b"".join(
+        protocol.frame_raw(protocol.TASK, b"\x80\x05this is not a pickle")
+    ),
+    "a head that is not a dict": b"".join(
+        protocol.frame_raw(protocol.TASK, pickle.dumps([1, 2, 3]))
+    ),
+    "a TASK missing keys": b"".join(protocol.frame(protocol.TASK, {"task": 1})),
+    "a TASK naming a file outside the cache": b"".join(
+        protocol.frame(protocol.TASK, task_head(1, "f", refs=["../../etc/passwd"]))
+    ),
+    "a FUNC without the job": b"".join(protocol.frame(protocol.FUNC, {"hash": "h"})),
+    "a REFS payload that is no slice": b"".join(
+        protocol.frame(protocol.REFS, {"ref": "r1"}, [b"not a pickle"])
+    ),
+    "a REFS of a bad stored key": b"".join(
+        protocol.frame(protocol.REFS, {"ref": "r1", "stored": 7})
+    ),
 }
 
 
@@ -88,8 +93,10 @@ def test_a_bad_frame_closes_that_connection_only(daemon, name):
     serves(daemon)
     assert small(daemon)
     log = daemon.log()
-    assert "closed a connection that broke the protocol, serving the next" \
-        in log and "Traceback" not in log
+    assert (
+        "closed a connection that broke the protocol, serving the next" in log
+        and "Traceback" not in log
+    )
     assert "Traceback" not in daemon.capture()
 
 
@@ -110,16 +117,19 @@ def test_a_declared_4_gib_part_costs_no_memory_until_it_comes(daemon, kind):
     head_bytes = pickle.dumps(head)
     client = daemon.connect()
     before = daemon.rss()
-    client.send_raw(header(getattr(protocol, kind),
-                           [len(head_bytes), 4 << 30]) + head_bytes
-                    + bytes(MiB))
-    time.sleep(1.0)   # the daemon waits inside the frame for the rest
+    client.send_raw(
+        header(getattr(protocol, kind), [len(head_bytes), 4 << 30])
+        + head_bytes
+        + bytes(MiB)
+    )
+    time.sleep(1.0)  # the daemon waits inside the frame for the rest
     assert daemon.rss() < before + 32 * MiB
-    client.close()   # the frame never ends: the connection does
+    client.close()  # the frame never ends: the connection does
     serves(daemon)
     assert small(daemon)
-    assert [n for n in os.listdir(os.path.join(daemon.base, "cache"))
-            if n.endswith(".tmp")] == []
+    assert [
+        n for n in os.listdir(os.path.join(daemon.base, "cache")) if n.endswith(".tmp")
+    ] == []
 
 
 def test_a_part_bigger_than_free_memory_is_refused(daemon):
@@ -128,8 +138,9 @@ def test_a_part_bigger_than_free_memory_is_refused(daemon):
         pytest.skip("MemAvailable is unknown or above the part limit here")
     head_bytes = pickle.dumps({"hash": "h"})
     client = daemon.connect()
-    client.send_raw(header(protocol.FUNC, [len(head_bytes), 2 * available])
-                    + head_bytes)
+    client.send_raw(
+        header(protocol.FUNC, [len(head_bytes), 2 * available]) + head_bytes
+    )
     assert client.closed_by_peer(within=5)
     assert "does not fit in this host's available memory" in daemon.log()
     serves(daemon)
@@ -155,6 +166,7 @@ def test_a_client_that_says_nothing_delays_no_one_and_is_dropped(daemon):
                 slow.send_raw(b"s")
             except OSError:
                 return
+
     threading.Thread(target=trickle, daemon=True).start()
     try:
         t0 = time.monotonic()
@@ -188,7 +200,7 @@ def test_an_error_in_the_daemon_goes_to_its_log_not_the_job_output(daemon):
 
 
 def _flip_byte(path: str) -> None:
-    time.sleep(0.05)   # a later mtime than the file was written with
+    time.sleep(0.05)  # a later mtime than the file was written with
     with open(path, "r+b") as f:
         f.seek(-1, os.SEEK_END)
         byte = f.read(1)
@@ -205,19 +217,27 @@ def test_a_slice_damaged_under_its_task_is_fetched_again(daemon):
         marker, victim = params
         if not os.path.exists(marker):
             open(marker, "w").close()
-            _flip_byte(victim)   # what the next get() of the task finds
+            _flip_byte(victim)  # what the next get() of the task finds
         return int(data.sum())
+
     func, data = job(mapfunc)
     client = daemon.connect()
     for ref, x in zip(refs, (a, b)):
         client.send(protocol.REFS, {"ref": ref}, protocol.encode(x))
     client.send(protocol.FUNC, {"hash": func}, [data])
-    client.send(protocol.TASK, task_head(1, func, refs=refs),
-                protocol.encode((os.path.join(daemon.base, "marker"),
-                                 os.path.join(cache, refs[1]))))
+    client.send(
+        protocol.TASK,
+        task_head(1, func, refs=refs),
+        protocol.encode(
+            (os.path.join(daemon.base, "marker"), os.path.join(cache, refs[1]))
+        ),
+    )
     kind, head, _ = client.next()
     assert (kind, head.get("state"), head.get("refs")) == (
-        protocol.STATE, "blocked", [refs[1]]), head
+        protocol.STATE,
+        "blocked",
+        [refs[1]],
+    ), head
     assert head["damaged"] == [refs[1]] and not head["func"]
     client.send(protocol.REFS, {"ref": refs[1]}, protocol.encode(b))
     kind, head, parts = client.next()
@@ -229,10 +249,21 @@ def test_a_slice_damaged_under_its_task_is_fetched_again(daemon):
 def _pipe_worker(base: str, env: dict | None = None) -> subprocess.Popen:
     runtime.ensure_local_bundle(base)
     return subprocess.Popen(
-        [sys.executable, "-c", runtime.boot_code("worker"), "--pipe",
-         "--name", "local-0", "--base", base],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env={**os.environ, **(env or {})})
+        [
+            sys.executable,
+            "-c",
+            runtime.boot_code("worker"),
+            "--pipe",
+            "--name",
+            "local-0",
+            "--base",
+            base,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_garbage_on_a_pipe_ends_the_worker_saying_why(qjamfab_home):
@@ -248,8 +279,10 @@ def test_garbage_on_a_pipe_ends_the_worker_saying_why(qjamfab_home):
         proc.kill()
         proc.wait()
     assert proc.returncode == 1
-    assert "qjamfab worker local-0 stopped: its master's stream broke the " \
+    assert (
+        "qjamfab worker local-0 stopped: its master's stream broke the "
         "protocol (bad frame header" in err.decode()
+    )
 
 
 def test_a_bad_cache_limit_stops_the_worker_with_its_message(qjamfab_home):
@@ -260,11 +293,15 @@ def test_a_bad_cache_limit_stops_the_worker_with_its_message(qjamfab_home):
         proc.kill()
         proc.wait()
     assert proc.returncode == 1 and out == b""
-    assert err.decode().splitlines()[0].startswith(
-        "QJAMFAB_CACHE_LIMIT='lots' is not a size: write bytes")
+    assert (
+        err.decode()
+        .splitlines()[0]
+        .startswith("QJAMFAB_CACHE_LIMIT='lots' is not a size: write bytes")
+    )
 
 
 # --- FrameReader's limits on their own ---------------------------------------
+
 
 def _reader(data: bytes, **limits) -> protocol.FrameReader:
     view = memoryview(data)
@@ -273,17 +310,20 @@ def _reader(data: bytes, **limits) -> protocol.FrameReader:
     def readinto(buf):
         nonlocal pos
         n = min(len(buf), len(view) - pos)
-        buf[:n] = view[pos:pos + n]
+        buf[:n] = view[pos : pos + n]
         pos += n
         return n
+
     return protocol.FrameReader(readinto, **limits)
 
 
 def test_frame_reader_refuses_a_head_over_its_limit():
     data = b"".join(protocol.frame(protocol.TASK, {"x": "y" * 2000}))
     assert _reader(data, max_head=4096).read()[2] == {"x": "y" * 2000}
-    with pytest.raises(ProtocolError, match="frame head of 20.. bytes is "
-                       "over this endpoint's limit of 1024"):
+    with pytest.raises(
+        ProtocolError,
+        match="frame head of 20.. bytes is over this endpoint's limit of 1024",
+    ):
         _reader(data, max_head=1024).read()
 
 
@@ -295,9 +335,10 @@ def test_frame_reader_refuses_a_part_over_its_limit():
 
 
 def test_under_limits_a_big_part_is_a_mapping_filled_as_it_comes():
-    payload = np.arange(MiB // 4, dtype=np.float64)   # 2 MiB
-    data = b"".join(bytes(b) for b in protocol.frame(
-        protocol.REFS, {}, protocol.encode(payload)))
+    payload = np.arange(MiB // 4, dtype=np.float64)  # 2 MiB
+    data = b"".join(
+        bytes(b) for b in protocol.frame(protocol.REFS, {}, protocol.encode(payload))
+    )
     parts = _reader(data, max_part=1 << 30).read()[3]
     assert any(isinstance(p, mmap.mmap) for p in parts)
     np.testing.assert_array_equal(protocol.decode(parts), payload)
@@ -307,8 +348,6 @@ def test_under_limits_a_big_part_is_a_mapping_filled_as_it_comes():
 
 def test_frame_reader_names_a_head_that_is_no_dict_or_no_pickle():
     with pytest.raises(ProtocolError, match="head that is a list, not a dict"):
-        _reader(b"".join(protocol.frame_raw(
-            protocol.TASK, pickle.dumps([1])))).read()
+        _reader(b"".join(protocol.frame_raw(protocol.TASK, pickle.dumps([1])))).read()
     with pytest.raises(ProtocolError, match="head that cannot be unpickled"):
-        _reader(b"".join(protocol.frame_raw(protocol.TASK, b"\x80\x05"))
-                ).read()
+        _reader(b"".join(protocol.frame_raw(protocol.TASK, b"\x80\x05"))).read()

@@ -2,6 +2,7 @@
 thread each, with nannies), the behaviour tests that make sense on an
 engine, and what is Dask's own (loss of a Dask worker, new Clients and
 Masters on the same cluster, workers that join)."""
+
 import asyncio
 import os
 import signal
@@ -14,15 +15,34 @@ import time
 import numpy as np
 import pytest
 
-from qjamfab import (BadDataSet, BadJob, BadParams, DataSet, HostUnreachable,
-                     Master, PreflightFailed, QjamfabError, ReduceError,
-                     RemoteError, WorkerLost, dask_engine, protocol)
-from tests.jobs import (constant, exiting, printing, raising, sum_params,
-                        uses_helpers, with_reduce)
+from qjamfab import (
+    BadDataSet,
+    BadJob,
+    BadParams,
+    DataSet,
+    HostUnreachable,
+    Master,
+    PreflightFailed,
+    QjamfabError,
+    ReduceError,
+    RemoteError,
+    WorkerLost,
+    dask_engine,
+    protocol,
+)
+from tests.jobs import (
+    constant,
+    exiting,
+    printing,
+    raising,
+    sum_params,
+    uses_helpers,
+    with_reduce,
+)
 
 try:
     import distributed
-except ImportError:   # the tests that need no Dask still run
+except ImportError:  # the tests that need no Dask still run
     distributed = None
 
 pytestmark = pytest.mark.timeout(120)
@@ -49,16 +69,21 @@ def _children() -> list[int]:
 
 def _need_dask() -> None:
     if distributed is None:
-        pytest.skip("distributed is not installed: pip install "
-                    "'qjamfab[dask]' to run the Dask tests")
+        pytest.skip(
+            "distributed is not installed: pip install "
+            "'qjamfab[dask]' to run the Dask tests"
+        )
 
 
 def _start_cluster(tmp_path_factory, **options):
     _need_dask()
     before = set(_children())
     cluster = distributed.LocalCluster(
-        processes=True, dashboard_address=":0",
-        local_directory=str(tmp_path_factory.mktemp("dask")), **options)
+        processes=True,
+        dashboard_address=":0",
+        local_directory=str(tmp_path_factory.mktemp("dask")),
+        **options,
+    )
     return cluster, before
 
 
@@ -88,8 +113,9 @@ def _describe(pids) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster, before = _start_cluster(tmp_path_factory, n_workers=2,
-                                     threads_per_worker=1)
+    cluster, before = _start_cluster(
+        tmp_path_factory, n_workers=2, threads_per_worker=1
+    )
     client = distributed.Client(cluster, set_as_default=False)
     yield cluster, client
     _stop_cluster(cluster, client, before)
@@ -126,12 +152,15 @@ def _seen(m: Master, count: int) -> None:
 
 def _pids(client) -> dict[str, int]:
     """Dask worker name -> pid."""
-    names = {a: str(w["name"]) for a, w in
-             client.scheduler_info(n_workers=-1)["workers"].items()}
+    names = {
+        a: str(w["name"])
+        for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
+    }
     return {names[a]: pid for a, pid in client.run(os.getpid).items()}
 
 
 # --- what runs ---------------------------------------------------------------
+
 
 def test_one_worker_per_dask_worker_thread(master, client):
     assert master.workers == ["dask-0", "dask-1"]
@@ -144,25 +173,29 @@ def test_one_worker_per_dask_worker_thread(master, client):
 
 
 def test_lambda_closure_and_local_module(master):
-    assert master.run(lambda p, xs: p * sum(xs), params=3,
-                      dataset=DataSet(list(range(100)))) == 14850
+    assert (
+        master.run(
+            lambda p, xs: p * sum(xs), params=3, dataset=DataSet(list(range(100)))
+        )
+        == 14850
+    )
     offset = 1000
 
     def shifted(params, xs):
         return sum(x + offset for x in xs)
+
     assert master.run(shifted, dataset=list(range(10))) == 45 + 10 * offset
     assert master.run(uses_helpers, dataset=list(range(10))) == 450
 
 
 def test_module_reduce_and_the_default_reduce(master):
-    assert master.run(with_reduce, dataset=DataSet(list(range(3, 60)))) \
-        == [3, 59]
+    assert master.run(with_reduce, dataset=DataSet(list(range(3, 60)))) == [3, 59]
     data = DataSet(np.arange(600, dtype=np.float64).reshape(60, 10))
-    total, count = master.run(lambda p, x: (x.sum(axis=0), len(x)),
-                              dataset=data)
+    total, count = master.run(lambda p, x: (x.sum(axis=0), len(x)), dataset=data)
     assert count == 60
     np.testing.assert_array_equal(
-        total, np.arange(600, dtype=np.float64).reshape(60, 10).sum(axis=0))
+        total, np.arange(600, dtype=np.float64).reshape(60, 10).sum(axis=0)
+    )
 
 
 def test_remote_error_carries_the_remote_traceback(master):
@@ -170,8 +203,7 @@ def test_remote_error_carries_the_remote_traceback(master):
         master.run(raising, params=5)
     err = info.value
     first = str(err).splitlines()[0]
-    assert first.startswith("mapfunc raised ValueError: bad value 5 "
-                            "(worker dask-")
+    assert first.startswith("mapfunc raised ValueError: bad value 5 (worker dask-")
     assert "fix the job" in first and err.remote_type == "ValueError"
     assert 'raising.py", line 2, in helper_that_fails' in err.remote_traceback
     _still_usable(master)
@@ -190,16 +222,26 @@ def _fail_to_load():
 
 def test_bad_job_params_and_dataset(master):
     from tests.jobs import no_mapfunc
-    with pytest.raises(BadJob, match=r"^module tests\.jobs\.no_mapfunc has "
-                       r"no mapfunc\(params, slice\): define one"):
+
+    with pytest.raises(
+        BadJob,
+        match=r"^module tests\.jobs\.no_mapfunc has "
+        r"no mapfunc\(params, slice\): define one",
+    ):
         master.run(no_mapfunc)
     poison = _Unloadable()
-    with pytest.raises(BadJob, match=r"^worker dask-\d cannot load the job "
-                       r"\(ImportError: No module named 'only_on_the_master'"
-                       r"\): make what it uses importable there"):
+    with pytest.raises(
+        BadJob,
+        match=r"^worker dask-\d cannot load the job "
+        r"\(ImportError: No module named 'only_on_the_master'"
+        r"\): make what it uses importable there",
+    ):
         master.run(lambda p, x: poison)
-    with pytest.raises(BadParams, match=r"^params of type lock cannot be "
-                       "pickled .*: send data that pickle can copy"):
+    with pytest.raises(
+        BadParams,
+        match=r"^params of type lock cannot be "
+        "pickled .*: send data that pickle can copy",
+    ):
         master.run(constant, params=threading.Lock())
     with pytest.raises(BadDataSet, match="^cannot slice a dict"):
         master.run(constant, dataset={"a": 1})
@@ -209,15 +251,15 @@ def test_bad_job_params_and_dataset(master):
 
 
 def test_results_the_reduce_cannot_combine(master):
-    with pytest.raises(ReduceError, match="^cannot combine results of "
-                       "lengths"):
-        master.run(lambda p, xs: list(range(len(xs))),
-                   dataset=DataSet(list(range(7)), slice_size=2))
+    with pytest.raises(ReduceError, match="^cannot combine results of lengths"):
+        master.run(
+            lambda p, xs: list(range(len(xs))),
+            dataset=DataSet(list(range(7)), slice_size=2),
+        )
     _still_usable(master)
 
 
-def test_sys_exit_is_a_lost_worker_and_the_master_stays_usable(master,
-                                                               client):
+def test_sys_exit_is_a_lost_worker_and_the_master_stays_usable(master, client):
     pids = _pids(client)
     with pytest.raises(WorkerLost) as info:
         master.run(exiting)
@@ -228,15 +270,19 @@ def test_sys_exit_is_a_lost_worker_and_the_master_stays_usable(master,
     assert "about to exit" in err.stderr_tail
     _still_usable(master)
     assert master.last_run.workers == 2
-    assert _pids(client) == pids   # the Dask workers themselves stay up
+    assert _pids(client) == pids  # the Dask workers themselves stay up
 
 
 def test_prints_reach_the_terminal_prefixed_by_the_worker(master, capfd):
     assert master.run(printing) == 84
     out = capfd.readouterr().out
     for worker in ("dask-0", "dask-1"):
-        for text in ("hello from python print", "hello from python stderr",
-                     "hello from fd 1", "hello from C printf"):
+        for text in (
+            "hello from python print",
+            "hello from python stderr",
+            "hello from fd 1",
+            "hello from C printf",
+        ):
             assert f"[{worker}] {text}" in out
 
 
@@ -246,6 +292,7 @@ def test_futures_run_on_the_dask_workers(master):
 
 
 # --- where the data is ---------------------------------------------------------
+
 
 def test_second_run_sends_no_dataset_bytes(master):
     data = DataSet(np.arange(100000, dtype=np.float64).reshape(1000, 100))
@@ -268,22 +315,25 @@ def test_new_master_and_client_find_the_slices(client):
         m.run(lambda p, x: int(x.sum()), dataset=DataSet(data))
         assert m.last_run.slices_sent > 0
     address = client.scheduler.address
-    with Master(address) as m:   # a Client of its own
+    with Master(address) as m:  # a Client of its own
         own = m._hosts[0].link.client
         assert own is not client
-        assert m.run(lambda p, x: int(x.sum()), dataset=DataSet(data)) == \
-            int(data.sum())
+        assert m.run(lambda p, x: int(x.sum()), dataset=DataSet(data)) == int(
+            data.sum()
+        )
         assert m.last_run.slices_sent == 0
         assert m.last_run.dataset_bytes_sent == 0
     assert own.status == "closed" and client.status == "running"
 
 
 def test_replicas_go_to_the_other_worker(client):
-    data = DataSet(np.arange(8000, dtype=np.float64).reshape(80, 100) + 0.5,
-                   slice_size=10)
+    data = DataSet(
+        np.arange(8000, dtype=np.float64).reshape(80, 100) + 0.5, slice_size=10
+    )
     with Master(client, replicas=2) as m:
-        assert m.run(lambda p, x: float(x.sum()), dataset=data) == \
-            float((np.arange(8000) + 0.5).sum())
+        assert m.run(lambda p, x: float(x.sum()), dataset=data) == float(
+            (np.arange(8000) + 0.5).sum()
+        )
         assert m.last_run.replica_bytes_sent > 0
         handles = m._live()
         assert all(set(data.refs()) <= h.refs for h in handles)
@@ -303,6 +353,7 @@ def test_clear_cache_and_worker_stats(master):
 
 # --- losing and gaining Dask workers ------------------------------------------------
 
+
 def _slow_sum(params, xs):
     time.sleep(0.15)
     return sum(xs)
@@ -320,12 +371,12 @@ def test_a_dask_worker_killed_mid_run(master, client):
         killer.join()
     stats = master.last_run
     assert stats.lost_workers == ["dask-0"] and stats.rerun_slices >= 1
-    client.wait_for_workers(2, timeout=60)   # the nanny restarted it
+    client.wait_for_workers(2, timeout=60)  # the nanny restarted it
     _seen(master, 2)
     assert _pids(client)["0"] != pid
     assert master.run(_slow_sum, dataset=data) == sum(range(160))
     assert master.last_run.workers == 2 and not master.last_run.lost_workers
-    assert master.last_run.dataset_bytes_sent == 0   # on this machine's disk
+    assert master.last_run.dataset_bytes_sent == 0  # on this machine's disk
 
 
 def test_a_frozen_dask_worker_is_lost_to_its_heartbeat(client):
@@ -359,23 +410,23 @@ def test_workers_that_join_are_used_from_the_next_run(cluster, master):
     finally:
         cluster.scale(2)
         _seen(master, 2)
-    assert master.run(constant) == 84   # dask-2 is gone, the rest go on
+    assert master.run(constant) == 84  # dask-2 is gone, the rest go on
     assert master.workers == ["dask-0", "dask-1", "dask-2"]
     assert repr(master).endswith("3 workers, 2 workers up)")
 
 
 def test_several_threads_per_dask_worker(tmp_path_factory, capfd):
-    cluster, before = _start_cluster(tmp_path_factory, n_workers=1,
-                                     threads_per_worker=2)
+    cluster, before = _start_cluster(
+        tmp_path_factory, n_workers=1, threads_per_worker=2
+    )
     client = distributed.Client(cluster, set_as_default=False)
     try:
         with Master(client) as m:
             assert m.workers == ["dask-0", "dask-1"]
-            assert m.run(lambda p, xs: sum(xs), dataset=list(range(50))) \
-                == 1225
+            assert m.run(lambda p, xs: sum(xs), dataset=list(range(50))) == 1225
             assert m.run(printing) == 84
         out = capfd.readouterr().out
-        for worker in ("dask-0", "dask-1"):   # Python's own streams
+        for worker in ("dask-0", "dask-1"):  # Python's own streams
             assert f"[{worker}] hello from python print" in out
             assert f"[{worker}] hello from python stderr" in out
     finally:
@@ -384,32 +435,39 @@ def test_several_threads_per_dask_worker(tmp_path_factory, capfd):
 
 # --- what is refused, and why ---------------------------------------------------------
 
+
 def test_a_cluster_without_workers(tmp_path_factory):
     cluster, before = _start_cluster(tmp_path_factory, n_workers=0)
     client = distributed.Client(cluster, set_as_default=False)
     try:
-        with pytest.raises(WorkerLost, match=r"^the Dask cluster at tcp://\S+ "
-                           r"has no running workers: start some "):
+        with pytest.raises(
+            WorkerLost,
+            match=r"^the Dask cluster at tcp://\S+ "
+            r"has no running workers: start some ",
+        ):
             Master(client)
     finally:
         _stop_cluster(cluster, client, before)
 
 
 def test_a_cache_directory_others_can_write_is_refused(tmp_path_factory):
-    cluster, before = _start_cluster(tmp_path_factory, n_workers=1,
-                                     threads_per_worker=1)
+    cluster, before = _start_cluster(
+        tmp_path_factory, n_workers=1, threads_per_worker=1
+    )
     client = distributed.Client(cluster, set_as_default=False)
     try:
-        [local] = client.run(lambda dask_worker: dask_worker.local_directory
-                             ).values()
+        [local] = client.run(lambda dask_worker: dask_worker.local_directory).values()
         cache = os.path.join(os.path.dirname(local), "qjamfab-cache")
         os.mkdir(cache)
         os.chmod(cache, 0o770)
-        with pytest.raises(PreflightFailed, match=r"^Dask worker tcp://\S+: "
-                           r"its slice cache \S+/qjamfab-cache cannot be used "
-                           r"\(\S+ \(owner .*\) has mode 0770: its group can "
-                           r"plant code or data in it\): give the Dask "
-                           "workers a local directory of your own"):
+        with pytest.raises(
+            PreflightFailed,
+            match=r"^Dask worker tcp://\S+: "
+            r"its slice cache \S+/qjamfab-cache cannot be used "
+            r"\(\S+ \(owner .*\) has mode 0770: its group can "
+            r"plant code or data in it\): give the Dask "
+            "workers a local directory of your own",
+        ):
             Master(client)
     finally:
         _stop_cluster(cluster, client, before)
@@ -417,27 +475,35 @@ def test_a_cache_directory_others_can_write_is_refused(tmp_path_factory):
 
 def test_a_bad_cache_limit_on_the_workers_is_refused(tmp_path, monkeypatch):
     from types import SimpleNamespace
+
     _need_dask()
 
     from qjamfab import dask_worker
-    monkeypatch.setenv("QJAMFAB_CACHE_LIMIT", "lots")   # the worker's env
+
+    monkeypatch.setenv("QJAMFAB_CACHE_LIMIT", "lots")  # the worker's env
     worker = SimpleNamespace(
-        name="w", address="tcp://w:1", state=SimpleNamespace(nthreads=1),
-        local_directory=str(tmp_path / "dask-scratch-space" / "worker-1"))
+        name="w",
+        address="tcp://w:1",
+        state=SimpleNamespace(nthreads=1),
+        local_directory=str(tmp_path / "dask-scratch-space" / "worker-1"),
+    )
     plugin = dask_worker.QjamfabPlugin()
     plugin.setup(worker)
     worker.plugins = {dask_worker.PLUGIN_NAME: plugin}
-    problem = dask_engine.check_hello(worker.address,
-                                      dask_worker.hello(worker))
+    problem = dask_engine.check_hello(worker.address, dask_worker.hello(worker))
     assert str(problem).startswith(
         "Dask worker tcp://w:1: QJAMFAB_CACHE_LIMIT='lots' is not a size: "
-        "write bytes, or a number with K, M, G or T")
+        "write bytes, or a number with K, M, G or T"
+    )
     assert str(problem).endswith("(in the Dask workers' environment)")
 
 
 def test_ssh_options_do_not_apply(client):
-    with pytest.raises(ValueError, match=r"^workers_per_host does not apply "
-                       r"to a Dask cluster \(Dask decides"):
+    with pytest.raises(
+        ValueError,
+        match=r"^workers_per_host does not apply "
+        r"to a Dask cluster \(Dask decides",
+    ):
         Master(client, workers_per_host=2)
     with pytest.raises(ValueError, match="^ssh_config does not apply"):
         Master(client.scheduler.address, ssh_config="/dev/null")
@@ -446,23 +512,28 @@ def test_ssh_options_do_not_apply(client):
 def test_a_closed_client_is_refused(client):
     other = distributed.Client(client.scheduler.address, set_as_default=False)
     other.close()
-    with pytest.raises(ValueError, match="^this Client is closed, not "
-                       "running: pass a connected Client"):
+    with pytest.raises(
+        ValueError, match="^this Client is closed, not running: pass a connected Client"
+    ):
         Master(other)
 
 
 def test_an_asynchronous_client_is_refused(client):
-    async def refused():   # an asynchronous Client needs a running loop
-        other = await distributed.Client(client.scheduler.address,
-                                         asynchronous=True,
-                                         set_as_default=False)
+    async def refused():  # an asynchronous Client needs a running loop
+        other = await distributed.Client(
+            client.scheduler.address, asynchronous=True, set_as_default=False
+        )
         try:
-            with pytest.raises(ValueError, match="^Master needs a synchronous "
-                               r"Client: create it with Client\(\.\.\., "
-                               r"asynchronous=False\)"):
+            with pytest.raises(
+                ValueError,
+                match="^Master needs a synchronous "
+                r"Client: create it with Client\(\.\.\., "
+                r"asynchronous=False\)",
+            ):
                 Master(other)
         finally:
             await other.close()
+
     asyncio.run(refused())
 
 
@@ -470,34 +541,49 @@ def test_workers_that_cannot_load_qjamfab_are_refused(client, monkeypatch):
     import importlib
 
     from qjamfab import dask_worker
+
     # What a Dask worker without qjamfab meets when the plugin arrives.
     monkeypatch.setattr(dask_worker.QjamfabPlugin, "name", "qjamfab-broken")
-    monkeypatch.setattr(dask_worker.QjamfabPlugin, "__reduce__", lambda self: (
-        importlib.import_module, ("qjamfab_is_not_here",)), raising=False)
-    with pytest.raises(PreflightFailed, match=r"^the Dask workers cannot take "
-                       r"qjamfab's worker plugin \(ModuleNotFoundError\(\"No "
-                       r"module named 'qjamfab_is_not_here'\"\)\): install this "
-                       r"qjamfab \(\S+\) in the Dask workers' environment"):
+    monkeypatch.setattr(
+        dask_worker.QjamfabPlugin,
+        "__reduce__",
+        lambda self: (importlib.import_module, ("qjamfab_is_not_here",)),
+        raising=False,
+    )
+    with pytest.raises(
+        PreflightFailed,
+        match=r"^the Dask workers cannot take "
+        r"qjamfab's worker plugin \(ModuleNotFoundError\(\"No "
+        r"module named 'qjamfab_is_not_here'\"\)\): install this "
+        r"qjamfab \(\S+\) in the Dask workers' environment",
+    ):
         Master(client)
     plugins = client.run_on_scheduler(
-        lambda dask_scheduler: list(dask_scheduler.worker_plugins))
+        lambda dask_scheduler: list(dask_scheduler.worker_plugins)
+    )
     assert "qjamfab-broken" not in plugins and "qjamfab" in plugins
 
 
 def test_unreachable_scheduler(monkeypatch):
     _need_dask()
     monkeypatch.setattr(dask_engine, "CONNECT_TIMEOUT_S", 0.5)
-    with pytest.raises(HostUnreachable, match=r"^cannot reach the Dask "
-                       r"scheduler at tcp://127\.0\.0\.1:9 in 0\.5 s: check "
-                       "the address"):
+    with pytest.raises(
+        HostUnreachable,
+        match=r"^cannot reach the Dask "
+        r"scheduler at tcp://127\.0\.0\.1:9 in 0\.5 s: check "
+        "the address",
+    ):
         Master("tcp://127.0.0.1:9")
 
 
 def test_workers_of_another_protocol_are_refused(client, monkeypatch):
     monkeypatch.setattr(protocol, "VERSION", protocol.VERSION + 1)
-    with pytest.raises(PreflightFailed, match=r"^Dask worker tcp://\S+ speaks "
-                       r"qjamfab protocol \d+, this Master \d+: install this "
-                       r"qjamfab \(\S+\) in the Dask workers' environment"):
+    with pytest.raises(
+        PreflightFailed,
+        match=r"^Dask worker tcp://\S+ speaks "
+        r"qjamfab protocol \d+, this Master \d+: install this "
+        r"qjamfab \(\S+\) in the Dask workers' environment",
+    ):
         Master(client)
 
 
@@ -508,11 +594,17 @@ def test_workers_of_another_python_are_refused():
     assert str(problem).startswith(
         "Dask worker tcp://w:1 runs Python 3.1.4, the master "
         f"{sys.version_info[0]}.{sys.version_info[1]}: cloudpickle needs the "
-        "same minor version")
-    broken = dict(hello, python=list(sys.version_info[:3]),
-                  error="its slice cache cannot be opened: /x is writable")
-    assert str(dask_engine.check_hello("tcp://w:1", broken)) == \
-        "Dask worker tcp://w:1: its slice cache cannot be opened: /x is writable"
+        "same minor version"
+    )
+    broken = dict(
+        hello,
+        python=list(sys.version_info[:3]),
+        error="its slice cache cannot be opened: /x is writable",
+    )
+    assert (
+        str(dask_engine.check_hello("tcp://w:1", broken))
+        == "Dask worker tcp://w:1: its slice cache cannot be opened: /x is writable"
+    )
 
 
 def test_without_distributed_the_error_says_what_to_install(monkeypatch):
@@ -521,13 +613,15 @@ def test_without_distributed_the_error_says_what_to_install(monkeypatch):
         Master("tcp://127.0.0.1:8786")
     assert str(info.value).splitlines()[0] == (
         "Master('tcp://127.0.0.1:8786') needs Dask's distributed package: "
-        "pip install 'qjamfab[dask]'")
+        "pip install 'qjamfab[dask]'"
+    )
 
 
 def test_a_script_that_never_closes_its_master_exits_at_once(tmp_path):
     _need_dask()
     script = tmp_path / "unclosed.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import distributed
         from qjamfab import Master
         if __name__ == "__main__":
@@ -535,11 +629,17 @@ def test_a_script_that_never_closes_its_master_exits_at_once(tmp_path):
                 n_workers=1, threads_per_worker=1, dashboard_address=":0")
             m = Master(cluster.scheduler_address)   # a Client of its own
             print("result", m.run(lambda p, x: 42))
-    """))
+    """)
+    )
     started = time.monotonic()
-    out = subprocess.run([sys.executable, str(script)], capture_output=True,
-                         text=True, timeout=60, cwd=tmp_path,
-                         env={**os.environ, "PYTHONPATH": REPO})
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     assert "result 42" in out.stdout, out.stderr
     assert "Failed to reconnect" not in out.stderr
     assert time.monotonic() - started < 8
@@ -547,9 +647,16 @@ def test_a_script_that_never_closes_its_master_exits_at_once(tmp_path):
 
 def test_importing_qjamfab_does_not_import_dask():
     out = subprocess.run(
-        [sys.executable, "-c", "import sys, qjamfab; "
-         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-         "('dask', 'distributed')))"],
-        capture_output=True, text=True, timeout=60,
-        env={**os.environ, "PYTHONPATH": REPO})
+        [
+            sys.executable,
+            "-c",
+            "import sys, qjamfab; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('dask', 'distributed')))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     assert out.stdout.strip() == "[]", out.stderr

@@ -1,4 +1,5 @@
 """Datasets: slicing, content refs, for_workers, and every BadDataSet message."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,16 @@ import numpy as np
 import pytest
 
 from qjamfab import dataset as ds_mod
-from qjamfab.dataset import (SLICES_PER_WORKER, ArrayDataSet, BaseDataSet,
-                             DataSet, ListDataSet, NpyFileDataSet,
-                             TextMatrixDataSet, content_ref)
+from qjamfab.dataset import (
+    SLICES_PER_WORKER,
+    ArrayDataSet,
+    BaseDataSet,
+    DataSet,
+    ListDataSet,
+    NpyFileDataSet,
+    TextMatrixDataSet,
+    content_ref,
+)
 from qjamfab.errors import BadDataSet
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -48,6 +56,7 @@ class BadChunks(BaseDataSet):
 
 
 # --- the original qjam facts --------------------------------------------------
+
 
 def test_list_dataset_default_is_four_slices_of_thirty():
     d = ListDataSet(range(120))
@@ -98,20 +107,35 @@ print(json.dumps([
 
 
 def test_refs_are_equal_across_processes():
-    here = json.loads(json.dumps([
-        DataSet(range(120)).refs(),
-        DataSet(["alpha", "beta", "gamma", "delta"], 2).refs(),
-        DataSet(np.arange(24, dtype=np.float32).reshape(6, 4)).refs(),
-        DataSet([{"k": 1, "j": (2.5, None)}]).refs(),
-    ]))
-    env = dict(os.environ, PYTHONHASHSEED="12345",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", SUBPROCESS_REFS], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=30, check=True)
+    here = json.loads(
+        json.dumps(
+            [
+                DataSet(range(120)).refs(),
+                DataSet(["alpha", "beta", "gamma", "delta"], 2).refs(),
+                DataSet(np.arange(24, dtype=np.float32).reshape(6, 4)).refs(),
+                DataSet([{"k": 1, "j": (2.5, None)}]).refs(),
+            ]
+        )
+    )
+    env = dict(
+        os.environ,
+        PYTHONHASHSEED="12345",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", SUBPROCESS_REFS],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     assert json.loads(out.stdout) == here
 
 
 # --- indexing -------------------------------------------------------------------
+
 
 def test_len_index_negative_and_python_slices():
     d = ListDataSet(range(10), slice_size=3)
@@ -146,10 +170,13 @@ def test_n_items_and_repr():
     assert ArrayDataSet(np.zeros((5, 3))).n_items == 5
     assert ArrayDataSet(np.zeros((5, 3)), row_major=False).n_items == 3
     assert Squares(3).n_items is None
-    assert "ListDataSet" in repr(ListDataSet(range(7))) and "Squares" in repr(Squares(2))
+    assert "ListDataSet" in repr(ListDataSet(range(7))) and "Squares" in repr(
+        Squares(2)
+    )
 
 
 # --- arrays ---------------------------------------------------------------------
+
 
 def test_array_row_blocks_are_contiguous_views():
     a = np.arange(40.0).reshape(10, 4)
@@ -190,10 +217,10 @@ def test_array_refs_depend_on_dtype_shape_and_bytes():
     assert DataSet(a).refs() == DataSet(same).refs()
     ref = content_ref(a)
     assert ref == content_ref(same)
-    assert ref != content_ref(a.view(np.float64))        # same bytes, other dtype
-    assert ref != content_ref(a.reshape(3, 4))           # same bytes, other shape
-    assert ref != content_ref(a.astype(">i8"))           # other byte order
-    assert ref != content_ref(a.tolist())                # list, not array
+    assert ref != content_ref(a.view(np.float64))  # same bytes, other dtype
+    assert ref != content_ref(a.reshape(3, 4))  # same bytes, other shape
+    assert ref != content_ref(a.astype(">i8"))  # other byte order
+    assert ref != content_ref(a.tolist())  # list, not array
     rec1 = np.zeros(2, dtype=[("a", "<i4"), ("b", "<i4")])
     rec2 = np.zeros(2, dtype=[("x", "<i4"), ("y", "<i4")])
     assert content_ref(rec1) != content_ref(rec2)
@@ -204,16 +231,22 @@ def test_array_refs_depend_on_dtype_shape_and_bytes():
 
 def test_large_arrays_hash_the_digests_of_their_blocks():
     import hashlib
+
     block = 8 << 20
-    a = np.arange(3 * block // 8 + 5, dtype=np.float64)   # 3 blocks and a bit
+    a = np.arange(3 * block // 8 + 5, dtype=np.float64)  # 3 blocks and a bit
     raw = a.view(np.uint8)
-    expected = hashlib.sha256(b"qjamfab-ndarray\0" + b"'<f8'(3145733,)\0"
-                              + b"blocks\0" + b"".join(
-                                  hashlib.sha256(raw[i:i + block]).digest()
-                                  for i in range(0, len(raw), block)))
+    expected = hashlib.sha256(
+        b"qjamfab-ndarray\0"
+        + b"'<f8'(3145733,)\0"
+        + b"blocks\0"
+        + b"".join(
+            hashlib.sha256(raw[i : i + block]).digest()
+            for i in range(0, len(raw), block)
+        )
+    )
     assert content_ref(a) == expected.hexdigest()
     changed = a.copy()
-    changed[-1] += 1       # in the last, short block
+    changed[-1] += 1  # in the last, short block
     assert content_ref(changed) != content_ref(a)
     assert content_ref(a[::-1]) != content_ref(a)
 
@@ -225,6 +258,7 @@ def test_object_arrays_hash_by_value_not_pointer():
 
 
 # --- .npy files -----------------------------------------------------------------
+
 
 def test_npy_file_is_memory_mapped_and_slices_are_plain_views(tmp_path):
     a = np.arange(60, dtype=np.float32).reshape(15, 4)
@@ -251,6 +285,7 @@ def test_npy_file_column_major(tmp_path):
 
 
 # --- text matrices --------------------------------------------------------------
+
 
 @pytest.fixture
 def matrix_file(tmp_path):
@@ -314,6 +349,7 @@ def test_text_matrix_refs_hash_bytes(tmp_path, matrix_file):
 
 # --- for_workers ----------------------------------------------------------------
 
+
 def test_for_workers_recuts_auto_datasets_and_memoizes():
     d = ListDataSet(range(120))
     assert d.for_workers(1) is d
@@ -360,6 +396,7 @@ def test_for_workers_keeps_explicit_and_custom_slicing():
 
 # --- custom datasets and the factory --------------------------------------------
 
+
 def test_custom_subclass_without_super_init():
     d = Squares(4)
     assert DataSet(d) is d
@@ -378,37 +415,52 @@ def test_factory_dispatch(tmp_path, matrix_file):
 
 # --- every error ----------------------------------------------------------------
 
+
 def test_error_unsliceable_types():
     with pytest.raises(BadDataSet) as exc:
         DataSet({"a": 1})
-    assert first_line(exc) == ("cannot slice a dict: pass a list, tuple, numpy array, "
-                               "a .npy or text-matrix path, or a BaseDataSet subclass")
+    assert first_line(exc) == (
+        "cannot slice a dict: pass a list, tuple, numpy array, "
+        "a .npy or text-matrix path, or a BaseDataSet subclass"
+    )
     with pytest.raises(BadDataSet, match="^cannot slice an int: pass a list"):
         DataSet(3)
-    with pytest.raises(BadDataSet, match="ListDataSet takes a list, tuple or range, not a set"):
+    with pytest.raises(
+        BadDataSet, match="ListDataSet takes a list, tuple or range, not a set"
+    ):
         ListDataSet({1, 2})
 
 
-@pytest.mark.parametrize("empty, what", [
-    ([], "the list has no items"),
-    ((), "the tuple has no items"),
-    (range(0), "the range has no items"),
-    (np.zeros((0, 3)), "the (0, 3) array has no rows"),
-])
+@pytest.mark.parametrize(
+    "empty, what",
+    [
+        ([], "the list has no items"),
+        ((), "the tuple has no items"),
+        (range(0), "the range has no items"),
+        (np.zeros((0, 3)), "the (0, 3) array has no rows"),
+    ],
+)
 def test_error_empty_dataset(empty, what):
     with pytest.raises(BadDataSet) as exc:
         DataSet(empty)
     assert first_line(exc) == f"dataset is empty: {what}; give it at least one item"
-    with pytest.raises(BadDataSet, match=r"^dataset is empty: the \(2, 0\) array has no columns"):
+    with pytest.raises(
+        BadDataSet, match=r"^dataset is empty: the \(2, 0\) array has no columns"
+    ):
         DataSet(np.zeros((2, 0)), row_major=False)
 
 
 def test_error_empty_files(tmp_path):
     np.save(tmp_path / "e.npy", np.zeros(0))
-    with pytest.raises(BadDataSet, match="^dataset is empty: .*give it at least one item"):
+    with pytest.raises(
+        BadDataSet, match="^dataset is empty: .*give it at least one item"
+    ):
         DataSet(tmp_path / "e.npy")
     (tmp_path / "blank.txt").write_text("\n   \n\n")
-    with pytest.raises(BadDataSet, match="^dataset is empty: .*blank.txt has no rows; give it at least one item"):
+    with pytest.raises(
+        BadDataSet,
+        match="^dataset is empty: .*blank.txt has no rows; give it at least one item",
+    ):
         DataSet(tmp_path / "blank.txt")
     (tmp_path / "nothing.txt").write_bytes(b"")
     with pytest.raises(BadDataSet, match="^dataset is empty"):
@@ -421,7 +473,8 @@ def test_error_bad_slice_size(size):
         DataSet([1, 2, 3], size)
     assert first_line(exc) == (
         f"slice_size must be a positive int or None, got {size!r}: give the number "
-        f"of items per slice, or None to let qjamfab choose")
+        f"of items per slice, or None to let qjamfab choose"
+    )
 
 
 def test_slice_size_accepts_numpy_int():
@@ -432,8 +485,10 @@ def test_error_missing_path_and_directory(tmp_path):
     missing = tmp_path / "nope.npy"
     with pytest.raises(BadDataSet) as exc:
         DataSet(missing)
-    assert first_line(exc) == (f"dataset path {missing} does not exist: give the path "
-                               f"of an existing .npy or text-matrix file")
+    assert first_line(exc) == (
+        f"dataset path {missing} does not exist: give the path "
+        f"of an existing .npy or text-matrix file"
+    )
     with pytest.raises(BadDataSet, match="does not exist"):
         DataSet(str(tmp_path / "nope.txt"))
     with pytest.raises(BadDataSet, match="is not a regular file"):
@@ -443,14 +498,16 @@ def test_error_missing_path_and_directory(tmp_path):
 def test_error_non_numeric_token_names_the_line(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_text("1 2\n\n3 4\n5 oops\n7 8\n")
-    d = DataSet(path, 2)          # scanning does not parse
+    d = DataSet(path, 2)  # scanning does not parse
     assert len(d) == 2 and len(d.refs()) == 2
     np.testing.assert_array_equal(d[0], [[1, 2], [3, 4]])
     with pytest.raises(BadDataSet) as exc:
         d[1]
-    assert first_line(exc) == (f"{path}: line 4 has a non-numeric value 'oops': a text "
-                               f"matrix holds only whitespace-separated numbers, one "
-                               f"row per line")
+    assert first_line(exc) == (
+        f"{path}: line 4 has a non-numeric value 'oops': a text "
+        f"matrix holds only whitespace-separated numbers, one "
+        f"row per line"
+    )
 
 
 def test_error_comment_and_underscore_tokens(tmp_path):
@@ -470,25 +527,31 @@ def test_error_ragged_rows_name_the_line(tmp_path):
     d[0]
     with pytest.raises(BadDataSet) as exc:
         d[1]
-    assert first_line(exc) == (f"{path}: line 4 has 2 numbers but line 2 has 3: every "
-                               f"row needs the same number of columns")
+    assert first_line(exc) == (
+        f"{path}: line 4 has 2 numbers but line 2 has 3: every "
+        f"row needs the same number of columns"
+    )
     path.write_text("1 2 3\n4 5\n")
     with pytest.raises(BadDataSet, match="line 2 has 2 numbers but line 1 has 3"):
-        DataSet(path, 2)[0]     # np.loadtxt itself rejects this block
+        DataSet(path, 2)[0]  # np.loadtxt itself rejects this block
     with pytest.raises(BadDataSet, match="line 2 has 2 numbers but line 1 has 3"):
-        DataSet(path, 1)[1]     # a consistent block of the wrong width
+        DataSet(path, 1)[1]  # a consistent block of the wrong width
 
 
 def test_error_zero_d_and_1d_column_major():
     with pytest.raises(BadDataSet) as exc:
         DataSet(np.array(3.0))
     assert first_line(exc).startswith("cannot slice a 0-d array: ")
-    with pytest.raises(BadDataSet, match="^row_major=False needs an array with at least 2"):
+    with pytest.raises(
+        BadDataSet, match="^row_major=False needs an array with at least 2"
+    ):
         DataSet(np.arange(3), row_major=False)
 
 
 def test_error_text_matrix_column_major(matrix_file):
-    with pytest.raises(BadDataSet, match="^row_major=False is not supported for a text matrix"):
+    with pytest.raises(
+        BadDataSet, match="^row_major=False is not supported for a text matrix"
+    ):
         DataSet(matrix_file, row_major=False)
 
 
@@ -505,18 +568,36 @@ def test_error_bad_npy_file(tmp_path):
         DataSet(tmp_path / "zero.npy")
 
 
-@pytest.mark.parametrize("value, message", [
-    (0, "BadChunks.chunks() returned 0: a dataset needs at least one slice; "
-        "return a positive int"),
-    (-2, "BadChunks.chunks() returned -2: a dataset needs at least one slice; "
-         "return a positive int"),
-    ("3", "BadChunks.chunks() returned '3' (str): return the number of slices as "
-          "a positive int"),
-    (2.0, "BadChunks.chunks() returned 2.0 (float): return the number of slices as "
-          "a positive int"),
-    (None, "BadChunks.chunks() returned None (NoneType): return the number of "
-           "slices as a positive int"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (
+            0,
+            "BadChunks.chunks() returned 0: a dataset needs at least one slice; "
+            "return a positive int",
+        ),
+        (
+            -2,
+            "BadChunks.chunks() returned -2: a dataset needs at least one slice; "
+            "return a positive int",
+        ),
+        (
+            "3",
+            "BadChunks.chunks() returned '3' (str): return the number of slices as "
+            "a positive int",
+        ),
+        (
+            2.0,
+            "BadChunks.chunks() returned 2.0 (float): return the number of slices as "
+            "a positive int",
+        ),
+        (
+            None,
+            "BadChunks.chunks() returned None (NoneType): return the number of "
+            "slices as a positive int",
+        ),
+    ],
+)
 def test_error_custom_chunks(value, message):
     with pytest.raises(BadDataSet) as exc:
         DataSet(BadChunks(value))
@@ -527,6 +608,9 @@ def test_error_custom_chunks(value, message):
 
 def test_error_unpicklable_slice():
     import threading
+
     d = ListDataSet([threading.Lock()])
-    with pytest.raises(BadDataSet, match=r"^a list slice cannot be pickled \(.*\): keep slices"):
+    with pytest.raises(
+        BadDataSet, match=r"^a list slice cannot be pickled \(.*\): keep slices"
+    ):
         d.refs()

@@ -1,5 +1,6 @@
 """The examples, run as a user runs them: `python examples/X.py args` on two
 local workers, checking what they print."""
+
 import collections
 import math
 import os
@@ -17,21 +18,29 @@ pytestmark = pytest.mark.timeout(150)
 
 
 def run_example(name, *args):
-    env = dict(os.environ)          # holds this test's own QJAMFAB_HOME
+    env = dict(os.environ)  # holds this test's own QJAMFAB_HOME
     env["QJAMFAB_HOSTS"] = "local:2"
     # The examples import qjamfab: make this checkout importable whether or
     # not the package is installed.
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / name), *map(str, args)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return proc
 
 
 def describe(proc):
-    return (f"exit status {proc.returncode}\n--- stdout ---\n{proc.stdout}"
-            f"\n--- stderr ---\n{proc.stderr}")
+    return (
+        f"exit status {proc.returncode}\n--- stdout ---\n{proc.stdout}"
+        f"\n--- stderr ---\n{proc.stderr}"
+    )
 
 
 def test_sum_matrix():
@@ -41,16 +50,21 @@ def test_sum_matrix():
     expected = re.search(r"^expected sum: (\d+)$", proc.stdout, re.M)
     computed = re.search(r"^computed sum: (\d+)$", proc.stdout, re.M)
     assert expected and computed, describe(proc)
-    assert int(expected.group(1)) == int(computed.group(1)) \
-        == n * n * (n * n + 1) // 2 == 2500 * 2501 // 2
+    assert (
+        int(expected.group(1))
+        == int(computed.group(1))
+        == n * n * (n * n + 1) // 2
+        == 2500 * 2501 // 2
+    )
     assert "on 2 workers" in proc.stdout, describe(proc)
 
 
 def test_newton_sqrt():
     proc = run_example("newton_sqrt.py", 123456789)
     assert proc.returncode == 0, describe(proc)
-    final = re.search(r"^sqrt\(123456789\.0\) ~= (\S+) \(math\.sqrt: (\S+)\)$",
-                      proc.stdout, re.M)
+    final = re.search(
+        r"^sqrt\(123456789\.0\) ~= (\S+) \(math\.sqrt: (\S+)\)$", proc.stdout, re.M
+    )
     assert final, describe(proc)
     value = float(final.group(1))
     assert math.isclose(value, 11111.111060555555, rel_tol=1e-12)
@@ -104,26 +118,47 @@ def test_every_example_has_help(name):
     assert proc.stderr == "", describe(proc)
 
 
-@pytest.mark.parametrize("name, arg, error", [
-    ("sum_matrix.py", "abc", "argument n: 'abc' is not a positive integer: "
-                             "give the matrix's size, e.g. 1000"),
-    ("sum_matrix.py", "0", "argument n: '0' is not a positive integer: give "
-                           "the matrix's size, e.g. 1000"),
-    ("newton_sqrt.py", "-4", "argument a: '-4' is not a positive number: "
-                             "give the number whose square root to find, "
-                             "e.g. 2"),
-    ("newton_sqrt.py", "two", "argument a: 'two' is not a positive number: "
-                              "give the number whose square root to find, "
-                              "e.g. 2"),
-    ("char_count.py", "no-such-file.txt",
-     "argument path: cannot read no-such-file.txt: No such file or "
-     "directory: give a UTF-8 text file"),
-])
+@pytest.mark.parametrize(
+    "name, arg, error",
+    [
+        (
+            "sum_matrix.py",
+            "abc",
+            "argument n: 'abc' is not a positive integer: "
+            "give the matrix's size, e.g. 1000",
+        ),
+        (
+            "sum_matrix.py",
+            "0",
+            "argument n: '0' is not a positive integer: give "
+            "the matrix's size, e.g. 1000",
+        ),
+        (
+            "newton_sqrt.py",
+            "-4",
+            "argument a: '-4' is not a positive number: "
+            "give the number whose square root to find, "
+            "e.g. 2",
+        ),
+        (
+            "newton_sqrt.py",
+            "two",
+            "argument a: 'two' is not a positive number: "
+            "give the number whose square root to find, "
+            "e.g. 2",
+        ),
+        (
+            "char_count.py",
+            "no-such-file.txt",
+            "argument path: cannot read no-such-file.txt: No such file or "
+            "directory: give a UTF-8 text file",
+        ),
+    ],
+)
 def test_examples_say_what_is_wrong_with_an_argument(name, arg, error):
     proc = run_example(name, "--", arg)
     assert proc.returncode == 2, describe(proc)
-    assert proc.stderr.splitlines()[1:] == [f"{name}: error: {error}"], \
-        describe(proc)
+    assert proc.stderr.splitlines()[1:] == [f"{name}: error: {error}"], describe(proc)
     assert proc.stdout == "", describe(proc)
 
 
@@ -134,7 +169,8 @@ def test_char_count_empty_file(tmp_path):
     assert proc.returncode == 2, describe(proc)
     assert proc.stderr.splitlines()[-1] == (
         f"char_count.py: error: argument path: {path} is empty: give a file "
-        f"with some text"), describe(proc)
+        f"with some text"
+    ), describe(proc)
 
 
 def test_docstrings_give_inv_run_arguments_after_double_dash():
@@ -145,6 +181,5 @@ def test_docstrings_give_inv_run_arguments_after_double_dash():
             words = line.split()
             if words[:2] != ["inv", "run"]:
                 continue
-            options = words[3:words.index("--")] if "--" in words \
-                else words[3:]
+            options = words[3 : words.index("--")] if "--" in words else words[3:]
             assert all(w.startswith("-") for w in options), (path.name, line)

@@ -2,6 +2,7 @@
 cut, its host's sshd killed or its host frozen, mid-run; stragglers; replicas;
 every worker lost. Each run must return the exact result, every slice
 counted once."""
+
 import os
 import signal
 import threading
@@ -14,7 +15,7 @@ from tests.netns_host import NetnsHost, netns_available
 
 pytestmark = pytest.mark.timeout(120)
 
-DATA = DataSet(list(range(60)), slice_size=5)   # 12 slices, 4 per worker
+DATA = DataSet(list(range(60)), slice_size=5)  # 12 slices, 4 per worker
 EXPECTED = sum(range(60))
 
 
@@ -25,8 +26,7 @@ def slow_sum(delay, xs):
 
 def _master(ssh, **options):
     options.setdefault("heartbeat_timeout", 3.0)
-    return Master(ssh.aliases, workers_per_host=1, ssh_config=ssh.ssh_config,
-                  **options)
+    return Master(ssh.aliases, workers_per_host=1, ssh_config=ssh.ssh_config, **options)
 
 
 @pytest.fixture(params=["openssh", "paramiko"])
@@ -58,8 +58,7 @@ def _run_until_all_workers(master, timeout_s=20.0):
     deadline = time.monotonic() + timeout_s
     while True:
         assert master.run(slow_sum, params=0, dataset=DATA) == EXPECTED
-        done = master.last_run.workers == 3 \
-            and not master.last_run.lost_workers
+        done = master.last_run.workers == 3 and not master.last_run.lost_workers
         if done or time.monotonic() > deadline:
             return master.last_run.workers
         time.sleep(0.5)
@@ -68,8 +67,7 @@ def _run_until_all_workers(master, timeout_s=20.0):
 def test_sigkilled_worker_mid_run(ssh, client):
     with _master(ssh, ssh_client=client) as m:
         pid = m.worker_stats()["host2-0"]["pid"]
-        assert _run_with_fault(m, lambda: os.kill(pid, signal.SIGKILL)) \
-            == EXPECTED
+        assert _run_with_fault(m, lambda: os.kill(pid, signal.SIGKILL)) == EXPECTED
         stats = m.last_run
         assert stats.lost_workers == ["host2-0"] and stats.rerun_slices >= 1
         # The daemon is restarted before the next run.
@@ -102,8 +100,7 @@ def _until_lost(master, name, timeout_s=10.0):
 
 def test_connection_cut_mid_run(ssh, client):
     with _master(ssh, ssh_client=client) as m:
-        assert _run_with_fault(m, lambda: _cut_connections(ssh["host2"])) \
-            == EXPECTED
+        assert _run_with_fault(m, lambda: _cut_connections(ssh["host2"])) == EXPECTED
         assert m.last_run.lost_workers == ["host2-0"]
         # The daemon ends if it saw the hangup mid-task (nobody wants that
         # result), else it stays; either way the host is used again.
@@ -157,8 +154,12 @@ def test_host_behind_a_cut_network_link(ssh):
         pytest.skip(f"{why_not}: the cut-link test runs as root")
     ns = NetnsHost(ssh)
     try:
-        with Master(["host1", "host3", ns.alias], workers_per_host=1,
-                    ssh_config=ns.ssh_config, heartbeat_timeout=3.0) as m:
+        with Master(
+            ["host1", "host3", ns.alias],
+            workers_per_host=1,
+            ssh_config=ns.ssh_config,
+            heartbeat_timeout=3.0,
+        ) as m:
             started = time.monotonic()
             assert _run_with_fault(m, ns.cut) == EXPECTED
             assert time.monotonic() - started < 15
@@ -176,6 +177,7 @@ def test_straggler_gets_a_backup_copy(ssh):
             time.sleep(8)
         time.sleep(0.1)
         return sum(xs)
+
     try:
         with _master(ssh) as m:
             started = time.monotonic()
@@ -185,8 +187,7 @@ def test_straggler_gets_a_backup_copy(ssh):
             assert not m.last_run.lost_workers
     finally:
         # host2's worker is still asleep in the discarded copy.
-        cluster.stop_workers(hostspec.parse_hosts("host2"),
-                             ssh_config=ssh.ssh_config)
+        cluster.stop_workers(hostspec.parse_hosts("host2"), ssh_config=ssh.ssh_config)
 
 
 def test_replicas_make_failover_need_no_data(ssh):
@@ -194,12 +195,12 @@ def test_replicas_make_failover_need_no_data(ssh):
         m.clear_cache()
         assert m.run(slow_sum, params=0, dataset=DATA) == EXPECTED
         m.worker_stats()  # a round trip: each worker has stored what it got
-        entries = sum(len(os.listdir(os.path.join(ssh.homes[a], "cache")))
-                      for a in ssh.aliases)
+        entries = sum(
+            len(os.listdir(os.path.join(ssh.homes[a], "cache"))) for a in ssh.aliases
+        )
         assert entries == 2 * len(DATA.for_workers(3))
         pid = m.worker_stats()["host1-0"]["pid"]
-        assert _run_with_fault(m, lambda: os.kill(pid, signal.SIGKILL)) \
-            == EXPECTED
+        assert _run_with_fault(m, lambda: os.kill(pid, signal.SIGKILL)) == EXPECTED
         assert m.last_run.lost_workers == ["host1-0"]
         assert m.last_run.dataset_bytes_sent == 0
         assert m.last_run.replica_bytes_sent > 0  # second copies restored
@@ -212,6 +213,7 @@ def test_every_worker_lost_is_a_clear_error(ssh):
         def kill_all():
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
+
         with pytest.raises(WorkerLost, match=r"and no worker is left"):
             _run_with_fault(m, kill_all)
         assert m.run(slow_sum, params=0, dataset=DATA) == EXPECTED

@@ -2,6 +2,7 @@
 hosts: submit and map (results, order, batching), exceptions with the
 remote traceback, map's timeout, a worker SIGKILLed mid-map, shutdown and
 cancellation, runs and futures on one Master, and every bad input."""
+
 import concurrent.futures as cf
 import os
 import signal
@@ -11,8 +12,7 @@ import time
 
 import pytest
 
-from qjamfab import (BadJob, DataSet, ExecutorShutdown, Master, QjamfabError,
-                     RemoteError)
+from qjamfab import BadJob, DataSet, ExecutorShutdown, Master, QjamfabError, RemoteError
 from tests.conftest import processes_mentioning
 
 pytestmark = pytest.mark.timeout(120)
@@ -30,8 +30,12 @@ def master(where, request):
         m = Master("local:2")
     else:
         ssh = request.getfixturevalue("ssh")
-        m = Master(ssh.aliases[:2], workers_per_host=1,
-                   ssh_config=ssh.ssh_config, heartbeat_timeout=3.0)
+        m = Master(
+            ssh.aliases[:2],
+            workers_per_host=1,
+            ssh_config=ssh.ssh_config,
+            heartbeat_timeout=3.0,
+        )
     with m:
         yield m
 
@@ -63,55 +67,51 @@ def worker_pid(x):
 
 # --- submit and map -------------------------------------------------------
 
+
 def test_master_is_an_executor_and_submit_returns_at_once(master):
     assert isinstance(master, cf.Executor)
     started = time.monotonic()
     future = master.submit(slow_identity, "done", delay=1.0)
-    assert time.monotonic() - started < 0.3   # it did not wait for the task
+    assert time.monotonic() - started < 0.3  # it did not wait for the task
     assert isinstance(future, cf.Future)
     assert future.result(timeout=30) == "done"
 
 
 def test_submit_runs_on_the_workers_with_args_kwargs_and_closures(master):
     offset = 100
-    futures = [master.submit(lambda x, *, k: x * k + offset, i, k=3)
-               for i in range(20)]
-    assert [f.result(timeout=30) for f in futures] == \
-        [i * 3 + 100 for i in range(20)]
-    pids = {master.submit(worker_pid, 0).result(timeout=30)
-            for _ in range(3)}
+    futures = [master.submit(lambda x, *, k: x * k + offset, i, k=3) for i in range(20)]
+    assert [f.result(timeout=30) for f in futures] == [i * 3 + 100 for i in range(20)]
+    pids = {master.submit(worker_pid, 0).result(timeout=30) for _ in range(3)}
     assert os.getpid() not in pids
 
 
 def test_map_yields_results_in_order(master):
-    assert list(master.map(square, range(1000))) == \
-        [x * x for x in range(1000)]
+    assert list(master.map(square, range(1000))) == [x * x for x in range(1000)]
     # Several iterables zip, stopping at the shortest, as the stdlib does.
     assert list(master.map(pow, [2, 3, 4], [5, 6, 7, 8])) == [32, 729, 16384]
     assert list(master.map(square, [])) == []
 
 
 def test_map_spreads_over_every_worker(master):
-    pids = set(master.map(lambda x: (time.sleep(0.05), os.getpid())[1],
-                          range(16)))
+    pids = set(master.map(lambda x: (time.sleep(0.05), os.getpid())[1], range(16)))
     assert len(pids) == 2 and os.getpid() not in pids
 
 
 def test_a_big_map_is_a_few_slices_per_worker(local2):
-    assert list(local2.map(square, range(10_000))) == \
-        [x * x for x in range(10_000)]
+    assert list(local2.map(square, range(10_000))) == [x * x for x in range(10_000)]
     stats = local2.last_run
-    assert stats.slices == 8            # chunksize=1: qjamfab chooses, 4/worker
+    assert stats.slices == 8  # chunksize=1: qjamfab chooses, 4/worker
     assert stats.workers == 2
-    assert list(local2.map(square, range(1000), chunksize=100)) == \
-        [x * x for x in range(1000)]
-    assert local2.last_run.slices == 10     # an explicit chunksize is kept
+    assert list(local2.map(square, range(1000), chunksize=100)) == [
+        x * x for x in range(1000)
+    ]
+    assert local2.last_run.slices == 10  # an explicit chunksize is kept
     assert list(local2.map(square, range(20))) == [x * x for x in range(20)]
-    assert local2.last_run.slices == 8      # of 2 or 3 items: 10 per worker
+    assert local2.last_run.slices == 8  # of 2 or 3 items: 10 per worker
 
 
 def test_a_function_several_slices_call_travels_once_per_worker(local2):
-    big = bytes(2_000_000)                  # closed over by the function
+    big = bytes(2_000_000)  # closed over by the function
     results = local2.map(lambda x: len(big) + x, range(80))
     assert list(results) == [2_000_000 + x for x in range(80)]
     stats = local2.last_run
@@ -128,18 +128,19 @@ def test_submits_made_together_share_one_run(local2, monkeypatch):
     def counting_run(*args, **kwargs):
         runs.append(kwargs["dataset"].chunks())
         return real_run(*args, **kwargs)
+
     monkeypatch.setattr(local2, "run", counting_run)
     futures = [local2.submit(square, i) for i in range(300)]
-    assert [f.result(timeout=30) for f in futures] == \
-        [i * i for i in range(300)]
-    assert len(runs) <= 10, runs         # not 300 round trips
-    assert max(runs) <= 8                # at most 4 slices per worker
+    assert [f.result(timeout=30) for f in futures] == [i * i for i in range(300)]
+    assert len(runs) <= 10, runs  # not 300 round trips
+    assert max(runs) <= 8  # at most 4 slices per worker
 
 
 def test_as_completed_and_wait_work(local2):
     futures = [local2.submit(slow_identity, i) for i in range(6)]
-    assert sorted(f.result() for f in cf.as_completed(futures, timeout=30)) \
-        == list(range(6))
+    assert sorted(f.result() for f in cf.as_completed(futures, timeout=30)) == list(
+        range(6)
+    )
     done, not_done = cf.wait(futures, timeout=30)
     assert len(done) == 6 and not not_done
 
@@ -150,6 +151,7 @@ def test_task_output_reaches_the_master(local2, capfd):
 
 
 # --- exceptions -------------------------------------------------------------
+
 
 def test_a_raising_task_fails_only_its_own_future(master):
     futures = [master.submit(fails_on_3, i) for i in range(6)]
@@ -181,7 +183,7 @@ def test_map_yields_items_before_the_failing_one_then_raises(master):
 
 
 class NeedsTwoArgs(Exception):
-    def __init__(self, a, b):          # pickles, but cannot be re-created
+    def __init__(self, a, b):  # pickles, but cannot be re-created
         super().__init__(f"{a}-{b}")
 
 
@@ -191,41 +193,51 @@ def raises_unrebuildable(x):
 
 def raises_with_a_lock(x):
     err = RuntimeError("holding a lock")
-    err.lock = threading.Lock()        # cannot be pickled at all
+    err.lock = threading.Lock()  # cannot be pickled at all
     raise err
 
 
-@pytest.mark.parametrize("fn,kind,message", [
-    (raises_unrebuildable, "tests.test_futures.NeedsTwoArgs", "1-1"),
-    (raises_with_a_lock, "RuntimeError", "holding a lock"),
-])
+@pytest.mark.parametrize(
+    "fn,kind,message",
+    [
+        (raises_unrebuildable, "tests.test_futures.NeedsTwoArgs", "1-1"),
+        (raises_with_a_lock, "RuntimeError", "holding a lock"),
+    ],
+)
 def test_an_exception_that_cannot_come_back_is_a_remote_error(
-        local2, fn, kind, message):
+    local2, fn, kind, message
+):
     with pytest.raises(RemoteError) as info:
         local2.submit(fn, 1).result(timeout=30)
     err = info.value
-    assert str(err).splitlines()[0].startswith(
-        f"a task raised {kind}: {message} (on ")
+    assert str(err).splitlines()[0].startswith(f"a task raised {kind}: {message} (on ")
     assert f"in {fn.__name__}" in err.remote_traceback
 
 
 def test_a_result_that_cannot_be_pickled_fails_only_its_call(local2):
-    futures = [local2.submit(lambda x: threading.Lock() if x == 1 else x, i)
-               for i in range(3)]
+    futures = [
+        local2.submit(lambda x: threading.Lock() if x == 1 else x, i) for i in range(3)
+    ]
     assert futures[0].result(timeout=30) == 0
     assert futures[2].result(timeout=30) == 2
-    with pytest.raises(RemoteError, match=r"^a task's result, a _thread\.lock, "
-                       r"cannot be pickled to go back to the master \(TypeError: "
-                       r"cannot pickle '_thread.lock' object; on .*\): return "
-                       "data that pickle can copy\n"):
+    with pytest.raises(
+        RemoteError,
+        match=r"^a task's result, a _thread\.lock, "
+        r"cannot be pickled to go back to the master \(TypeError: "
+        r"cannot pickle '_thread.lock' object; on .*\): return "
+        "data that pickle can copy\n",
+    ):
         futures[1].result(timeout=30)
 
 
 def test_an_argument_that_cannot_be_pickled_fails_only_its_call(local2):
     good = local2.submit(square, 4)
     bad = local2.submit(square, threading.Lock())
-    with pytest.raises(BadJob, match=r"^the function or arguments given to "
-                       r"submit\(\) cannot be pickled \(TypeError: .*lock"):
+    with pytest.raises(
+        BadJob,
+        match=r"^the function or arguments given to "
+        r"submit\(\) cannot be pickled \(TypeError: .*lock",
+    ):
         bad.result(timeout=30)
     assert good.result(timeout=30) == 16
 
@@ -234,11 +246,11 @@ def test_sys_exit_in_a_task_fails_its_future_not_the_worker(local2):
     pid_before = sorted(w["pid"] for w in local2.worker_stats().values())
     with pytest.raises(SystemExit):
         local2.submit(sys.exit, 3).result(timeout=30)
-    assert sorted(w["pid"] for w in local2.worker_stats().values()) == \
-        pid_before
+    assert sorted(w["pid"] for w in local2.worker_stats().values()) == pid_before
 
 
 # --- map's timeout ----------------------------------------------------------
+
 
 def test_map_timeout(master):
     started = time.monotonic()
@@ -247,8 +259,7 @@ def test_map_timeout(master):
         next(results)
     assert 0.4 < time.monotonic() - started < 1.8
     # A timeout long enough gives every result.
-    assert list(master.map(slow_identity, [1, 2], [0.1, 0.1],
-                           timeout=30)) == [1, 2]
+    assert list(master.map(slow_identity, [1, 2], [0.1, 0.1], timeout=30)) == [1, 2]
 
 
 def test_map_timeout_cancels_what_has_not_started(local2):
@@ -259,10 +270,11 @@ def test_map_timeout_cancels_what_has_not_started(local2):
     with pytest.raises(cf.TimeoutError):
         list(results)
     assert blocker.result(timeout=30) == "blocker"
-    assert local2.last_run.slices == 1     # the map's run never happened
+    assert local2.last_run.slices == 1  # the map's run never happened
 
 
 # --- a worker lost mid-map ------------------------------------------------------
+
 
 def test_worker_sigkilled_during_map_every_item_back_exactly_once(master):
     victim = master.workers[1]
@@ -270,8 +282,7 @@ def test_worker_sigkilled_during_map_every_item_back_exactly_once(master):
     timer = threading.Timer(0.5, os.kill, (pid, signal.SIGKILL))
     timer.start()
     try:
-        results = list(master.map(slow_identity, range(48), [0.05] * 48,
-                                  timeout=60))
+        results = list(master.map(slow_identity, range(48), [0.05] * 48, timeout=60))
     finally:
         timer.cancel()
         timer.join()
@@ -286,13 +297,13 @@ def test_worker_sigkilled_during_map_every_item_back_exactly_once(master):
 
 # --- runs and futures on one Master ------------------------------------------------
 
+
 def test_run_and_futures_on_one_master_one_after_the_other(master):
     data = DataSet(list(range(100)))
     assert master.run(lambda p, xs: sum(xs), dataset=data) == 4950
     assert list(master.map(square, range(5))) == [0, 1, 4, 9, 16]
-    assert master.run(lambda p, xs: p * sum(xs), params=2, dataset=data) \
-        == 9900
-    assert master.last_run.dataset_bytes_sent == 0   # the run's cache held
+    assert master.run(lambda p, xs: p * sum(xs), params=2, dataset=data) == 9900
+    assert master.last_run.dataset_bytes_sent == 0  # the run's cache held
     assert master.submit(square, 9).result(timeout=30) == 81
     assert master.run(lambda p, xs: sum(xs), dataset=data) == 4950
 
@@ -303,8 +314,9 @@ def test_run_from_another_thread_waits_for_the_futures_run(local2):
     while not futures[0].running():
         time.sleep(0.01)
     got = []
-    thread = threading.Thread(target=lambda: got.append(
-        local2.run(lambda p, xs: sum(xs), dataset=data)))
+    thread = threading.Thread(
+        target=lambda: got.append(local2.run(lambda p, xs: sum(xs), dataset=data))
+    )
     thread.start()
     thread.join(30)
     assert got == [4950]
@@ -312,6 +324,7 @@ def test_run_from_another_thread_waits_for_the_futures_run(local2):
 
 
 # --- shutdown, close, cancel ----------------------------------------------------
+
 
 def _queued_behind_a_blocker(m, n=5):
     blocker = m.submit(slow_identity, "blocker", delay=1.0)
@@ -372,55 +385,77 @@ def test_a_queued_future_can_be_cancelled_a_running_one_not(local2):
 def test_submit_and_map_after_shutdown_are_refused(stop):
     m = Master("local:1")
     getattr(m, stop)()
-    message = (r"^cannot submit: this Master was shut down \(shutdown\(\) or "
-               r"close\(\) was called\); create a new Master for more work$")
+    message = (
+        r"^cannot submit: this Master was shut down \(shutdown\(\) or "
+        r"close\(\) was called\); create a new Master for more work$"
+    )
     with pytest.raises(ExecutorShutdown, match=message) as info:
         m.submit(square, 1)
-    assert isinstance(info.value, RuntimeError)       # as the stdlib raises
+    assert isinstance(info.value, RuntimeError)  # as the stdlib raises
     assert isinstance(info.value, QjamfabError)
     with pytest.raises(ExecutorShutdown, match=message):
         m.map(square, range(3))
-    m.shutdown()   # again: nothing happens
+    m.shutdown()  # again: nothing happens
 
 
 # --- bad input ------------------------------------------------------------------
 
+
 def test_a_function_that_is_not_callable_is_refused(local2):
-    with pytest.raises(BadJob, match=r"^submit\(\) needs a function first, "
-                       r"not an int: pass a callable, e.g. m.submit\(f, x\)$"):
+    with pytest.raises(
+        BadJob,
+        match=r"^submit\(\) needs a function first, "
+        r"not an int: pass a callable, e.g. m.submit\(f, x\)$",
+    ):
         local2.submit(42, 1)
-    with pytest.raises(BadJob, match=r"^map\(\) needs a function first, not "
-                       r"a list: pass a callable, e.g. m.map\(f, x\)$"):
+    with pytest.raises(
+        BadJob,
+        match=r"^map\(\) needs a function first, not "
+        r"a list: pass a callable, e.g. m.map\(f, x\)$",
+    ):
         local2.map([1, 2], range(3))
 
 
 @pytest.mark.parametrize("chunksize", [0, -3, 2.5, "4", True, None])
 def test_a_bad_chunksize_is_refused(local2, chunksize):
-    with pytest.raises(ValueError, match=r"^chunksize must be a positive "
-                       r"int, not .*: give the items per slice, or 1 \(the "
-                       r"default\) to let qjamfab choose$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^chunksize must be a positive "
+        r"int, not .*: give the items per slice, or 1 \(the "
+        r"default\) to let qjamfab choose$",
+    ):
         local2.map(square, range(3), chunksize=chunksize)
 
 
 @pytest.mark.parametrize("timeout", ["5", [1], True])
 def test_a_bad_timeout_is_refused(local2, timeout):
-    with pytest.raises(TypeError, match=r"^timeout must be a number of "
-                       r"seconds or None, not .*: e.g. timeout=30$"):
+    with pytest.raises(
+        TypeError,
+        match=r"^timeout must be a number of "
+        r"seconds or None, not .*: e.g. timeout=30$",
+    ):
         local2.map(square, range(3), timeout=timeout)
 
 
 def test_a_map_argument_that_is_not_iterable_is_refused(local2):
-    with pytest.raises(TypeError, match=r"^map\(\) argument 3 is an int, "
-                       r"which is not iterable: pass the function, then one "
-                       r"iterable per parameter, e.g. m.map\(f, range\(10\)\)$"):
+    with pytest.raises(
+        TypeError,
+        match=r"^map\(\) argument 3 is an int, "
+        r"which is not iterable: pass the function, then one "
+        r"iterable per parameter, e.g. m.map\(f, range\(10\)\)$",
+    ):
         local2.map(pow, range(3), 7)
 
 
 def test_every_worker_lost_fails_the_runs_futures_with_worker_lost():
     from qjamfab import WorkerLost
+
     with Master("local:1") as m:
-        with pytest.raises(WorkerLost, match=r"^worker local-0 was lost "
-                           r"\(exit status 9\) .*and no worker is left"):
+        with pytest.raises(
+            WorkerLost,
+            match=r"^worker local-0 was lost "
+            r"\(exit status 9\) .*and no worker is left",
+        ):
             list(m.map(lambda x: os._exit(9) if x == 0 else x, range(2)))
         # The worker is restarted for the next run.
         assert m.submit(square, 3).result(timeout=30) == 9
@@ -428,16 +463,15 @@ def test_every_worker_lost_fails_the_runs_futures_with_worker_lost():
 
 def test_a_master_that_ran_futures_is_garbage_collected(qjamfab_home):
     import gc
+
     m = Master("local:2")
     assert m.submit(square, 5).result(timeout=30) == 25
     deadline = time.monotonic() + 5
-    while m._qjamfab_executor.thread is not None and \
-            time.monotonic() < deadline:
-        time.sleep(0.01)              # the dispatcher ends when idle
+    while m._qjamfab_executor.thread is not None and time.monotonic() < deadline:
+        time.sleep(0.01)  # the dispatcher ends when idle
     del m
     gc.collect()
     deadline = time.monotonic() + 5
-    while processes_mentioning(str(qjamfab_home)) and \
-            time.monotonic() < deadline:
+    while processes_mentioning(str(qjamfab_home)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not processes_mentioning(str(qjamfab_home))

@@ -1,6 +1,7 @@
 """qjamfab.hostspec, qjamfab.hosts and qjamfab.openssh: host spec parsing,
 the OpenSSH command line, and connect() against private sshd servers
 (tests/sshd_hosts.py) on 127.0.0.2, 127.0.0.3, ..."""
+
 from __future__ import annotations
 
 import os
@@ -15,19 +16,29 @@ import pytest
 
 from qjamfab import hosts as qhosts
 from qjamfab import openssh
-from qjamfab.errors import (AuthenticationFailed, BadHostSpec, HostError,
-                            HostKeyError, HostUnreachable)
+from qjamfab.errors import (
+    AuthenticationFailed,
+    BadHostSpec,
+    HostError,
+    HostKeyError,
+    HostUnreachable,
+)
 from qjamfab.hosts import connect
 from qjamfab.hostspec import HostSpec, parse_hosts
 
 try:
     from sshd_hosts import SshdHosts, _alive, sshd_available
-except ImportError:   # tests/ collected as a package
+except ImportError:  # tests/ collected as a package
     from tests.sshd_hosts import SshdHosts, _alive, sshd_available
 
 
-ENV_VARS = ("QJAMFAB_HOSTS", "QJAMFAB_SSH_CONFIG", "QJAMFAB_USER",
-            "QJAM_USER", "SSH_AUTH_SOCK")
+ENV_VARS = (
+    "QJAMFAB_HOSTS",
+    "QJAMFAB_SSH_CONFIG",
+    "QJAMFAB_USER",
+    "QJAM_USER",
+    "SSH_AUTH_SOCK",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -37,6 +48,7 @@ def _clean_env(monkeypatch):
 
 
 # --- parse_hosts -----------------------------------------------------------
+
 
 def specs(value):
     return [(s.raw, s.kind, s.workers) for s in parse_hosts(value)]
@@ -48,8 +60,11 @@ def test_default_is_local():
 
 def test_env_hosts(monkeypatch):
     monkeypatch.setenv("QJAMFAB_HOSTS", " a , b:2222,local:3 ")
-    assert specs(None) == [("a", "ssh", None), ("b:2222", "ssh", None),
-                           ("local:3", "local", 3)]
+    assert specs(None) == [
+        ("a", "ssh", None),
+        ("b:2222", "ssh", None),
+        ("local:3", "local", 3),
+    ]
     monkeypatch.setenv("QJAMFAB_HOSTS", "   ")
     assert specs(None) == [("local", "local", None)]
 
@@ -60,22 +75,25 @@ def test_env_hosts_malformed(monkeypatch):
         parse_hosts(None)
 
 
-@pytest.mark.parametrize("value, expected", [
-    ("local", [("local", "local", None)]),
-    ("local:4", [("local:4", "local", 4)]),
-    ("LOCAL:2", [("LOCAL:2", "local", 2)]),
-    ("localhost", [("localhost", "ssh", None)]),
-    ("localhost:2222", [("localhost:2222", "ssh", None)]),
-    ("host1", [("host1", "ssh", None)]),
-    ("bob@10.1.2.3:2200", [("bob@10.1.2.3:2200", "ssh", None)]),
-    ("a, b ,c", [("a", "ssh", None), ("b", "ssh", None), ("c", "ssh", None)]),
-    (["a", " user@b "], [("a", "ssh", None), ("user@b", "ssh", None)]),
-    (("local:1",), [("local:1", "local", 1)]),
-    ("a,a", [("a", "ssh", None), ("a", "ssh", None)]),
-    ("::1", [("::1", "ssh", None)]),
-    ("[::1]:2222", [("[::1]:2222", "ssh", None)]),
-    ("me@example.com@host", [("me@example.com@host", "ssh", None)]),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("local", [("local", "local", None)]),
+        ("local:4", [("local:4", "local", 4)]),
+        ("LOCAL:2", [("LOCAL:2", "local", 2)]),
+        ("localhost", [("localhost", "ssh", None)]),
+        ("localhost:2222", [("localhost:2222", "ssh", None)]),
+        ("host1", [("host1", "ssh", None)]),
+        ("bob@10.1.2.3:2200", [("bob@10.1.2.3:2200", "ssh", None)]),
+        ("a, b ,c", [("a", "ssh", None), ("b", "ssh", None), ("c", "ssh", None)]),
+        (["a", " user@b "], [("a", "ssh", None), ("user@b", "ssh", None)]),
+        (("local:1",), [("local:1", "local", 1)]),
+        ("a,a", [("a", "ssh", None), ("a", "ssh", None)]),
+        ("::1", [("::1", "ssh", None)]),
+        ("[::1]:2222", [("[::1]:2222", "ssh", None)]),
+        ("me@example.com@host", [("me@example.com@host", "ssh", None)]),
+    ],
+)
 def test_parse_ok(value, expected):
     assert specs(value) == expected
 
@@ -91,40 +109,43 @@ def test_hostspec_fields():
     t = parse_hosts("u@h")[0]
     assert not t.is_local and t.workers is None and str(t) == "u@h"
     with pytest.raises(Exception):
-        t.raw = "x"   # frozen
+        t.raw = "x"  # frozen
 
 
-@pytest.mark.parametrize("value, words", [
-    ("", ["no hosts given"]),
-    ("   ", ["no hosts given"]),
-    ([], ["no hosts given"]),
-    ("a,,b", ["empty", "extra comma"]),
-    ("a,", ["empty", "extra comma"]),
-    ([" "], ["empty"]),
-    ("local:0", ["0 workers", "N >= 1"]),
-    ("local:-1", ["positive integer", "local:4"]),
-    ("local:x", ["positive integer", "local:4"]),
-    ("local:", ["positive integer"]),
-    ("local:1.5", ["positive integer"]),
-    (["a b"], ["whitespace", "commas"]),
-    ("a\tb", ["whitespace"]),
-    ("host:abc", ["port 'abc'", "1 to 65535"]),
-    ("host:0", ["port '0'", "1 to 65535"]),
-    ("host:65536", ["port '65536'"]),
-    ("host:", ["port ''"]),
-    ("user@", ["no host after '@'"]),
-    ("@host", ["empty user"]),
-    ("user@:22", ["no host name"]),
-    (":22", ["no host name"]),
-    ("[::1", ["'[...]'"]),
-    ("[]:22", ["'[...]'"]),
-    ("[::1]:x", ["port 'x'"]),
-    ("-oProxyCommand=x", ["starts with '-'"]),
-    ("ssh://host", ["URL"]),
-    (["a,b"], ["comma", "one host per list item"]),
-    ([3], ["not a string"]),
-    (42, ["must be None, a string or a list"]),
-])
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ("", ["no hosts given"]),
+        ("   ", ["no hosts given"]),
+        ([], ["no hosts given"]),
+        ("a,,b", ["empty", "extra comma"]),
+        ("a,", ["empty", "extra comma"]),
+        ([" "], ["empty"]),
+        ("local:0", ["0 workers", "N >= 1"]),
+        ("local:-1", ["positive integer", "local:4"]),
+        ("local:x", ["positive integer", "local:4"]),
+        ("local:", ["positive integer"]),
+        ("local:1.5", ["positive integer"]),
+        (["a b"], ["whitespace", "commas"]),
+        ("a\tb", ["whitespace"]),
+        ("host:abc", ["port 'abc'", "1 to 65535"]),
+        ("host:0", ["port '0'", "1 to 65535"]),
+        ("host:65536", ["port '65536'"]),
+        ("host:", ["port ''"]),
+        ("user@", ["no host after '@'"]),
+        ("@host", ["empty user"]),
+        ("user@:22", ["no host name"]),
+        (":22", ["no host name"]),
+        ("[::1", ["'[...]'"]),
+        ("[]:22", ["'[...]'"]),
+        ("[::1]:x", ["port 'x'"]),
+        ("-oProxyCommand=x", ["starts with '-'"]),
+        ("ssh://host", ["URL"]),
+        (["a,b"], ["comma", "one host per list item"]),
+        ([3], ["not a string"]),
+        (42, ["must be None, a string or a list"]),
+    ],
+)
 def test_parse_bad(value, words):
     with pytest.raises(BadHostSpec) as info:
         parse_hosts(value)
@@ -134,9 +155,9 @@ def test_parse_bad(value, words):
 
 
 def test_rekey_constants():
-    assert paramiko.packet.Packetizer.REKEY_BYTES == 2 ** 40
-    assert paramiko.packet.Packetizer.REKEY_PACKETS == 2 ** 40
-    assert qhosts.REKEY_LIMIT == 2 ** 40
+    assert paramiko.packet.Packetizer.REKEY_BYTES == 2**40
+    assert paramiko.packet.Packetizer.REKEY_PACKETS == 2**40
+    assert qhosts.REKEY_LIMIT == 2**40
 
 
 def test_connect_local_spec_refused():
@@ -157,6 +178,7 @@ def test_unresolvable_name_maps_to_unreachable(monkeypatch, tmp_path):
     # no real DNS lookups from tests: make the resolver fail
     def fail(*a, **k):
         raise socket.gaierror(-2, "Name or service not known")
+
     monkeypatch.setattr(socket, "getaddrinfo", fail)
     cfg = tmp_path / "cfg"
     cfg.write_text("")
@@ -182,11 +204,13 @@ def test_key_type_preference():
 
 # --- against real sshd servers ---------------------------------------------
 
+
 def require_sshd():
     """Skip when sshd is absent, or fail when QJAMFAB_REQUIRE_SSHD=1."""
     if sshd_available() is None:
-        reason = ("sshd is not installed (apt-get install openssh-server); "
-                  "SSH tests skipped")
+        reason = (
+            "sshd is not installed (apt-get install openssh-server); SSH tests skipped"
+        )
         if os.environ.get("QJAMFAB_REQUIRE_SSHD") == "1":
             pytest.fail(reason + " but QJAMFAB_REQUIRE_SSHD=1")
         pytest.skip(reason)
@@ -201,22 +225,25 @@ def sshd():
     finally:
         pids = [h.pid for h in hosts]
         hosts.stop()
-        hosts.stop()   # idempotent
+        hosts.stop()  # idempotent
         assert not any(_alive(p) for p in pids), "sshd left behind"
 
 
-def write_config(path, sshd, *, known_hosts=None, strict=None, user=None,
-                 identity=None, extra=""):
+def write_config(
+    path, sshd, *, known_hosts=None, strict=None, user=None, identity=None, extra=""
+):
     """An ssh_config like sshd.ssh_config with some settings changed."""
     lines = []
     for h in sshd:
-        lines += [f"Host {h.alias}", f"    HostName {h.address}",
-                  f"    Port {h.port}"]
-    lines += ["Host *", f"    User {user or sshd.user}",
-              f"    IdentityFile {identity or sshd.client_key}",
-              "    IdentitiesOnly yes",
-              f"    UserKnownHostsFile {known_hosts or sshd.known_hosts}",
-              "    GlobalKnownHostsFile /dev/null"]
+        lines += [f"Host {h.alias}", f"    HostName {h.address}", f"    Port {h.port}"]
+    lines += [
+        "Host *",
+        f"    User {user or sshd.user}",
+        f"    IdentityFile {identity or sshd.client_key}",
+        "    IdentitiesOnly yes",
+        f"    UserKnownHostsFile {known_hosts or sshd.known_hosts}",
+        "    GlobalKnownHostsFile /dev/null",
+    ]
     if strict:
         lines.append(f"    StrictHostKeyChecking {strict}")
     path.write_text(extra + "\n".join(lines) + "\n")
@@ -233,13 +260,18 @@ def run_echo(conn, text="hi"):
 
 
 def test_openssh_client_works(sshd):
-    out = subprocess.run(["ssh", "-F", sshd.ssh_config, "host1", "echo hi"],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        ["ssh", "-F", sshd.ssh_config, "host1", "echo hi"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "hi"
 
 
 # --- the OpenSSH client for worker streams ----------------------------------
+
 
 def test_openssh_client_choice(monkeypatch, tmp_path):
     monkeypatch.delenv("QJAMFAB_SSH_CLIENT", raising=False)
@@ -248,28 +280,33 @@ def test_openssh_client_choice(monkeypatch, tmp_path):
     monkeypatch.setenv("QJAMFAB_SSH_CLIENT", "paramiko")
     assert openssh.openssh_client() is None
     assert openssh.openssh_client("openssh") == shutil.which("ssh")
-    with pytest.raises(BadHostSpec, match=r"^ssh client 'putty' is not a "
-                       r"choice: use openssh, paramiko or auto"):
+    with pytest.raises(
+        BadHostSpec,
+        match=r"^ssh client 'putty' is not a "
+        r"choice: use openssh, paramiko or auto",
+    ):
         openssh.openssh_client("putty")
     monkeypatch.setenv("PATH", str(tmp_path))  # no ssh there
     assert openssh.openssh_client("auto") is None
-    with pytest.raises(BadHostSpec, match=r"^the openssh client was asked "
-                       r"for, but no ssh is on PATH: install openssh-client"):
+    with pytest.raises(
+        BadHostSpec,
+        match=r"^the openssh client was asked "
+        r"for, but no ssh is on PATH: install openssh-client",
+    ):
         openssh.openssh_client("openssh")
 
 
 def test_openssh_command_names_user_port_and_config(monkeypatch):
     spec = parse_hosts("ann@10.1.2.3:2222")[0]
-    argv = openssh.openssh_command("/usr/bin/ssh", spec, "python3 -c x",
-                                   ssh_config="/cfg")
+    argv = openssh.openssh_command(
+        "/usr/bin/ssh", spec, "python3 -c x", ssh_config="/cfg"
+    )
     assert argv[:3] == ["/usr/bin/ssh", "-F", "/cfg"]
     assert "BatchMode=yes" in argv
-    assert argv[-7:] == ["-l", "ann", "-p", "2222", "--", "10.1.2.3",
-                         "python3 -c x"]
+    assert argv[-7:] == ["-l", "ann", "-p", "2222", "--", "10.1.2.3", "python3 -c x"]
     monkeypatch.setenv("QJAMFAB_USER", "bob")
     argv = openssh.openssh_command("ssh", parse_hosts("alias")[0], "cmd")
-    assert "-F" not in argv and argv[-5:] == ["-l", "bob", "--", "alias",
-                                              "cmd"]
+    assert "-F" not in argv and argv[-5:] == ["-l", "bob", "--", "alias", "cmd"]
 
 
 def test_connect_alias(sshd):
@@ -317,9 +354,11 @@ def test_each_host_has_its_own_home(sshd):
 
 
 def test_server_alive_interval_and_connect_timeout(sshd, tmp_path):
-    cfg = write_config(tmp_path / "cfg", sshd,
-                       extra="Host host1\n    ServerAliveInterval 7\n"
-                             "    ConnectTimeout 3\n")
+    cfg = write_config(
+        tmp_path / "cfg",
+        sshd,
+        extra="Host host1\n    ServerAliveInterval 7\n    ConnectTimeout 3\n",
+    )
     conn = connect("host1", ssh_config=cfg, connect_timeout=20)
     try:
         assert conn.transport.packetizer._Packetizer__keepalive_interval == 7
@@ -329,23 +368,30 @@ def test_server_alive_interval_and_connect_timeout(sshd, tmp_path):
 
 
 def test_proxyjump(sshd, tmp_path):
-    cfg = write_config(tmp_path / "cfg", sshd,
-                       extra="Host host3\n    ProxyJump host1\n")
+    cfg = write_config(
+        tmp_path / "cfg", sshd, extra="Host host3\n    ProxyJump host1\n"
+    )
     conn = connect("host3", ssh_config=cfg)
     try:
-        assert conn.run("echo $QJAMFAB_HOME", hide=True).stdout.strip() \
+        assert (
+            conn.run("echo $QJAMFAB_HOME", hide=True).stdout.strip()
             == sshd.homes["host3"]
+        )
         assert conn.gateway.is_connected
     finally:
         conn.close()
-    assert not conn.gateway.is_connected   # close() closes the jump host
+    assert not conn.gateway.is_connected  # close() closes the jump host
 
 
 def test_proxyjump_checks_jump_host_key(sshd, tmp_path):
     kh = tmp_path / "known_hosts"
-    kh.write_text(known_line(sshd["host3"]))      # host1 unknown
-    cfg = write_config(tmp_path / "cfg", sshd, known_hosts=kh,
-                       extra="Host host3\n    ProxyJump host1\n")
+    kh.write_text(known_line(sshd["host3"]))  # host1 unknown
+    cfg = write_config(
+        tmp_path / "cfg",
+        sshd,
+        known_hosts=kh,
+        extra="Host host3\n    ProxyJump host1\n",
+    )
     with pytest.raises(HostKeyError) as info:
         connect("host3", ssh_config=cfg)
     first = str(info.value).splitlines()[0]
@@ -354,6 +400,7 @@ def test_proxyjump_checks_jump_host_key(sshd, tmp_path):
 
 
 # --- host keys -------------------------------------------------------------
+
 
 def test_unknown_host_refused_by_default(sshd, tmp_path):
     kh = tmp_path / "known_hosts"
@@ -378,12 +425,14 @@ def test_the_known_hosts_hint_makes_a_missing_folder_first(sshd, tmp_path):
     h = sshd["host1"]
     with pytest.raises(HostKeyError) as info:
         connect("host1", ssh_config=cfg)
-    assert (f"run `mkdir -m 700 -p {kh.parent} && ssh-keyscan -p {h.port} "
-            f"{h.address} >> {kh}`") in str(info.value).splitlines()[0]
+    assert (
+        f"run `mkdir -m 700 -p {kh.parent} && ssh-keyscan -p {h.port} "
+        f"{h.address} >> {kh}`"
+    ) in str(info.value).splitlines()[0]
 
 
 def test_unknown_host_refused_with_yes(sshd, tmp_path):
-    kh = tmp_path / "known_hosts"   # does not even exist
+    kh = tmp_path / "known_hosts"  # does not even exist
     cfg = write_config(tmp_path / "cfg", sshd, known_hosts=kh, strict="yes")
     with pytest.raises(HostKeyError, match="not in known_hosts"):
         connect("host2", ssh_config=cfg)
@@ -392,8 +441,7 @@ def test_unknown_host_refused_with_yes(sshd, tmp_path):
 
 def test_accept_new_saves_key(sshd, tmp_path):
     kh = tmp_path / "sub" / "known_hosts"
-    cfg = write_config(tmp_path / "cfg", sshd, known_hosts=kh,
-                       strict="accept-new")
+    cfg = write_config(tmp_path / "cfg", sshd, known_hosts=kh, strict="accept-new")
     conn = connect("host1", ssh_config=cfg)
     try:
         assert run_echo(conn) == "hi"
@@ -414,9 +462,13 @@ def test_accept_new_saves_key(sshd, tmp_path):
 def test_accept_new_hashed(sshd, tmp_path):
     kh = tmp_path / "known_hosts"
     kh.write_text("# comment\n" + known_line(sshd["host2"]).rstrip("\n"))
-    cfg = write_config(tmp_path / "cfg", sshd, known_hosts=kh,
-                       strict="accept-new",
-                       extra="Host *\n    HashKnownHosts yes\n")
+    cfg = write_config(
+        tmp_path / "cfg",
+        sshd,
+        known_hosts=kh,
+        strict="accept-new",
+        extra="Host *\n    HashKnownHosts yes\n",
+    )
     connect("host1", ssh_config=cfg).close()
     lines = kh.read_text().splitlines()
     assert lines[:2] == ["# comment", known_line(sshd["host2"]).strip()]
@@ -441,8 +493,9 @@ def test_strict_no_accepts_without_saving(sshd, tmp_path):
 def test_changed_key_refused(sshd, tmp_path, strict):
     kh = tmp_path / "known_hosts"
     # host1's name with host2's key: a changed key
-    kh.write_text("# first line\n"
-                  + known_line(sshd["host1"], sshd["host2"].host_key_pub))
+    kh.write_text(
+        "# first line\n" + known_line(sshd["host1"], sshd["host2"].host_key_pub)
+    )
     before = kh.read_text()
     cfg = write_config(tmp_path / "cfg", sshd, known_hosts=kh, strict=strict)
     with pytest.raises(HostKeyError) as info:
@@ -460,8 +513,11 @@ def test_known_by_hashed_and_wildcard_entries(sshd, tmp_path):
     key = " ".join(h.host_key_pub.split()[:2])
     hashed = paramiko.HostKeys.hash_host(h.known_hosts_name)
     kh = tmp_path / "known_hosts"
-    kh.write_text(f"{hashed} {key}\n[127.0.0.3]:* "
-                  + " ".join(sshd["host2"].host_key_pub.split()[:2]) + "\n")
+    kh.write_text(
+        f"{hashed} {key}\n[127.0.0.3]:* "
+        + " ".join(sshd["host2"].host_key_pub.split()[:2])
+        + "\n"
+    )
     cfg = write_config(tmp_path / "cfg", sshd, known_hosts=kh, strict="yes")
     connect("host1", ssh_config=cfg).close()
     connect("host2", ssh_config=cfg).close()
@@ -469,15 +525,19 @@ def test_known_by_hashed_and_wildcard_entries(sshd, tmp_path):
 
 def test_revoked_key_refused(sshd, tmp_path):
     kh = tmp_path / "known_hosts"
-    kh.write_text("@revoked * "
-                  + " ".join(sshd["host1"].host_key_pub.split()[:2]) + "\n"
-                  + known_line(sshd["host1"]))
+    kh.write_text(
+        "@revoked * "
+        + " ".join(sshd["host1"].host_key_pub.split()[:2])
+        + "\n"
+        + known_line(sshd["host1"])
+    )
     cfg = write_config(tmp_path / "cfg", sshd, known_hosts=kh, strict="no")
     with pytest.raises(HostKeyError, match="revoked"):
         connect("host1", ssh_config=cfg)
 
 
 # --- unreachable and auth failures -----------------------------------------
+
 
 def free_port(address):
     with socket.socket() as s:
@@ -509,7 +569,7 @@ def test_stopped_host_times_out(sshd):
         h.resume()
     first = str(info.value).splitlines()[0]
     assert first.startswith("host3") and "timed out" in first
-    connect("host3", ssh_config=sshd.ssh_config).close()   # back
+    connect("host3", ssh_config=sshd.ssh_config).close()  # back
 
 
 def test_killed_host_then_restarted(sshd):
@@ -557,8 +617,11 @@ def test_qjamfab_user_beats_qjam_user(sshd, monkeypatch):
 
 def test_wrong_key(sshd, tmp_path):
     key = tmp_path / "other_key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
-                    str(key)], check=True, timeout=30)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+        check=True,
+        timeout=30,
+    )
     cfg = write_config(tmp_path / "cfg", sshd, identity=key)
     with pytest.raises(AuthenticationFailed) as info:
         connect("host2", ssh_config=cfg)
@@ -566,8 +629,9 @@ def test_wrong_key(sshd, tmp_path):
 
 
 def test_missing_identity_file_is_skipped(sshd, tmp_path):
-    cfg = write_config(tmp_path / "cfg", sshd,
-                       extra=f"Host host1\n    IdentityFile {tmp_path}/nope\n")
+    cfg = write_config(
+        tmp_path / "cfg", sshd, extra=f"Host host1\n    IdentityFile {tmp_path}/nope\n"
+    )
     connect("host1", ssh_config=cfg).close()
 
 
@@ -581,6 +645,7 @@ def test_errors_are_host_errors(sshd, tmp_path):
 
 
 # --- the SshdHosts fixture itself --------------------------------------------
+
 
 def test_kill_sshd_keeps_open_connections(sshd):
     h = sshd["host2"]
@@ -613,13 +678,18 @@ def test_stop_ends_detached_daemons(tmp_path):
         try:
             # a daemon that detaches (new session, parent exits) and
             # drops QJAMFAB_HOME from its environment
-            conn.run("setsid env -u QJAMFAB_HOME sleep 300 "
-                     "</dev/null >/dev/null 2>&1 &", hide=True)
+            conn.run(
+                "setsid env -u QJAMFAB_HOME sleep 300 </dev/null >/dev/null 2>&1 &",
+                hide=True,
+            )
             deadline = time.monotonic() + 5
             sleepers = []
             while not sleepers and time.monotonic() < deadline:
-                sleepers = [p for p in hosts["host1"].processes()
-                            if cmdline(p).startswith(b"sleep\x00300\x00")]
+                sleepers = [
+                    p
+                    for p in hosts["host1"].processes()
+                    if cmdline(p).startswith(b"sleep\x00300\x00")
+                ]
                 time.sleep(0.05)
             assert sleepers, "detached sleep not found in the host's tree"
         finally:
@@ -630,29 +700,51 @@ def test_stop_ends_detached_daemons(tmp_path):
 
 # --- per-host settings -------------------------------------------------------
 
+
 def test_an_entry_may_carry_its_own_settings(tmp_path):
-    gpu, local = parse_hosts(["u@gpu1:2222 workers=4 python=/opt/py/bin/python"
-                              " env.CUDA_VISIBLE_DEVICES={worker} env.X=1",
-                              "local:2 env.A=b"])
-    assert (gpu.raw, gpu.workers, gpu.python) == ("u@gpu1:2222", 4,
-                                                  "/opt/py/bin/python")
+    gpu, local = parse_hosts(
+        [
+            "u@gpu1:2222 workers=4 python=/opt/py/bin/python"
+            " env.CUDA_VISIBLE_DEVICES={worker} env.X=1",
+            "local:2 env.A=b",
+        ]
+    )
+    assert (gpu.raw, gpu.workers, gpu.python) == (
+        "u@gpu1:2222",
+        4,
+        "/opt/py/bin/python",
+    )
     assert gpu.worker_env(3) == {"CUDA_VISIBLE_DEVICES": "3", "X": "1"}
     assert (local.workers, local.worker_env(0)) == (2, {"A": "b"})
     path = tmp_path / "hosts"
     path.write_text("# lab\n\nhost1 workers=8  # big\nhost2\n")
     assert [(s.raw, s.workers) for s in parse_hosts(f"@{path}")] == [
-        ("host1", 8), ("host2", None)]
+        ("host1", 8),
+        ("host2", None),
+    ]
 
 
-@pytest.mark.parametrize("entry,message", [
-    ("gpu workers=0", "host gpu: workers='0' is not a positive number of "
-                      "workers: write e.g. workers=8"),
-    ("gpu cores=2", "host gpu: unknown setting 'cores=2': use workers=N, "
-                    "python=PATH or env.NAME=VALUE"),
-    ("local python=/x", "host local: python= is for SSH hosts"),
-    ("@/nonexistent/hosts", "cannot read hosts file '/nonexistent/hosts' "
-                            "(No such file or directory): fix the path"),
-])
+@pytest.mark.parametrize(
+    "entry,message",
+    [
+        (
+            "gpu workers=0",
+            "host gpu: workers='0' is not a positive number of "
+            "workers: write e.g. workers=8",
+        ),
+        (
+            "gpu cores=2",
+            "host gpu: unknown setting 'cores=2': use workers=N, "
+            "python=PATH or env.NAME=VALUE",
+        ),
+        ("local python=/x", "host local: python= is for SSH hosts"),
+        (
+            "@/nonexistent/hosts",
+            "cannot read hosts file '/nonexistent/hosts' "
+            "(No such file or directory): fix the path",
+        ),
+    ],
+)
 def test_bad_settings_are_named(entry, message):
     with pytest.raises(BadHostSpec) as info:
         parse_hosts(entry)

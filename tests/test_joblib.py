@@ -3,6 +3,7 @@ joblib.Parallel on the workers, effective_n_jobs, a Master of its own from
 $QJAMFAB_HOSTS, errors, nesting, and scikit-learn's n_jobs (GridSearchCV
 on load_digits gives the serial search's best params; cross_val_score and
 a RandomForest give the serial results)."""
+
 import os
 
 import numpy as np
@@ -22,8 +23,7 @@ def master(request):
         m = Master("local:2")
     else:
         ssh = request.getfixturevalue("ssh")
-        m = Master(ssh.aliases[:2], workers_per_host=1,
-                   ssh_config=ssh.ssh_config)
+        m = Master(ssh.aliases[:2], workers_per_host=1, ssh_config=ssh.ssh_config)
     with m:
         yield m
 
@@ -40,7 +40,8 @@ def fails_on_2(x):
 
 def nested_parallel(x):
     inner = joblib.Parallel(n_jobs=-1)(
-        joblib.delayed(pid_and_square)(i) for i in range(3))
+        joblib.delayed(pid_and_square)(i) for i in range(3)
+    )
     return os.getpid(), [pid for pid, _ in inner], [sq for _, sq in inner]
 
 
@@ -48,6 +49,7 @@ def test_backend_is_registered_on_import():
     from joblib.parallel import BACKENDS
 
     from qjamfab.joblib_backend import QjamfabBackend
+
     assert BACKENDS["qjamfab"] is QjamfabBackend
 
 
@@ -55,10 +57,11 @@ def test_parallel_runs_on_the_workers(master):
     worker_pids = {s["pid"] for s in master.worker_stats().values()}
     with joblib.parallel_config(backend="qjamfab", master=master):
         out = joblib.Parallel(n_jobs=-1)(
-            joblib.delayed(pid_and_square)(x) for x in range(50))
+            joblib.delayed(pid_and_square)(x) for x in range(50)
+        )
     assert [sq for _, sq in out] == [x * x for x in range(50)]
-    assert {pid for pid, _ in out} == worker_pids   # every worker, not us
-    assert not master.closed                         # a given Master stays open
+    assert {pid for pid, _ in out} == worker_pids  # every worker, not us
+    assert not master.closed  # a given Master stays open
 
 
 def test_effective_n_jobs_is_the_worker_count(master):
@@ -68,45 +71,50 @@ def test_effective_n_jobs_is_the_worker_count(master):
         assert joblib.effective_n_jobs(-2) == 1
         assert joblib.effective_n_jobs(8) == 2
         assert joblib.effective_n_jobs(1) == 1
-        with pytest.raises(ValueError, match=r"^n_jobs == 0 in Parallel has "
-                           "no meaning: give -1 for every worker"):
+        with pytest.raises(
+            ValueError,
+            match=r"^n_jobs == 0 in Parallel has "
+            "no meaning: give -1 for every worker",
+        ):
             joblib.effective_n_jobs(0)
 
 
 def test_without_master_a_master_from_qjamfab_hosts_closed_after(
-        monkeypatch, qjamfab_home):
+    monkeypatch, qjamfab_home
+):
     monkeypatch.setenv("QJAMFAB_HOSTS", "local:2")
     with joblib.parallel_config(backend="qjamfab"):
         out = joblib.Parallel(n_jobs=-1)(
-            joblib.delayed(pid_and_square)(x) for x in range(10))
+            joblib.delayed(pid_and_square)(x) for x in range(10)
+        )
         assert [sq for _, sq in out] == [x * x for x in range(10)]
         assert os.getpid() not in {pid for pid, _ in out}
         # The Parallel call is over: its Master and workers are gone.
         assert not processes_mentioning(str(qjamfab_home))
         # The next call opens one again.
         assert joblib.Parallel(n_jobs=-1)(
-            joblib.delayed(abs)(-x) for x in range(4)) == [0, 1, 2, 3]
+            joblib.delayed(abs)(-x) for x in range(4)
+        ) == [0, 1, 2, 3]
     assert not processes_mentioning(str(qjamfab_home))
 
 
 def test_master_options_open_that_master(qjamfab_home):
     with joblib.parallel_config(backend="qjamfab", hosts="local:1"):
         assert joblib.effective_n_jobs(-1) == 1
-        with joblib.Parallel(n_jobs=-1) as parallel:   # 1 job: runs here
-            assert parallel(joblib.delayed(os.getpid)() for _ in range(2)) \
+        with joblib.Parallel(n_jobs=-1) as parallel:  # 1 job: runs here
+            assert (
+                parallel(joblib.delayed(os.getpid)() for _ in range(2))
                 == [os.getpid()] * 2
-    with joblib.parallel_config(backend="qjamfab",
-                                hosts="local", workers_per_host=2):
-        pids = joblib.Parallel()(joblib.delayed(os.getpid)()
-                                 for _ in range(8))
+            )
+    with joblib.parallel_config(backend="qjamfab", hosts="local", workers_per_host=2):
+        pids = joblib.Parallel()(joblib.delayed(os.getpid)() for _ in range(8))
         assert os.getpid() not in pids
 
 
 def test_a_raising_task_is_reraised_with_its_remote_traceback(master):
     with joblib.parallel_config(backend="qjamfab", master=master):
         with pytest.raises(KeyError, match="no 2") as info:
-            joblib.Parallel(n_jobs=-1)(
-                joblib.delayed(fails_on_2)(x) for x in range(6))
+            joblib.Parallel(n_jobs=-1)(joblib.delayed(fails_on_2)(x) for x in range(6))
     cause = info.value.__cause__
     assert isinstance(cause, RemoteError)
     assert "in fails_on_2" in cause.remote_traceback
@@ -117,7 +125,8 @@ def test_a_raising_task_is_reraised_with_its_remote_traceback(master):
 def test_nested_parallel_runs_sequentially_on_the_worker(local2):
     with joblib.parallel_config(backend="qjamfab", master=local2):
         out = joblib.Parallel(n_jobs=-1)(
-            joblib.delayed(nested_parallel)(x) for x in range(2))
+            joblib.delayed(nested_parallel)(x) for x in range(2)
+        )
     for outer_pid, inner_pids, squares in out:
         assert inner_pids == [outer_pid] * 3 and squares == [0, 1, 4]
 
@@ -129,23 +138,34 @@ def local2():
 
 
 def test_bad_backend_options_are_refused(local2):
-    with pytest.raises(TypeError, match=r"^master= must be a qjamfab Master, "
-                       "not str: pass master=Master"):
+    with pytest.raises(
+        TypeError,
+        match=r"^master= must be a qjamfab Master, "
+        "not str: pass master=Master",
+    ):
         joblib.parallel_config(backend="qjamfab", master="local:2")
-    with pytest.raises(ValueError, match=r"^give either master= or Master "
-                       r"options \(workers_per_host\), not both"):
-        joblib.parallel_config(backend="qjamfab", master=local2,
-                               workers_per_host=2)
-    with pytest.raises(TypeError, match=r"^the qjamfab joblib backend got an "
-                       r"unknown option 'hostz': give master=, or Master's "
-                       r"own options \(.*hosts.*\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^give either master= or Master "
+        r"options \(workers_per_host\), not both",
+    ):
+        joblib.parallel_config(backend="qjamfab", master=local2, workers_per_host=2)
+    with pytest.raises(
+        TypeError,
+        match=r"^the qjamfab joblib backend got an "
+        r"unknown option 'hostz': give master=, or Master's "
+        r"own options \(.*hosts.*\)$",
+    ):
         joblib.parallel_config(backend="qjamfab", hostz="a")
     closed = Master("local:1")
     closed.close()
     with joblib.parallel_config(backend="qjamfab", master=closed):
-        with pytest.raises(ValueError, match=r"^the Master given to the "
-                           "qjamfab joblib backend is closed: pass an open "
-                           "Master"):
+        with pytest.raises(
+            ValueError,
+            match=r"^the Master given to the "
+            "qjamfab joblib backend is closed: pass an open "
+            "Master",
+        ):
             joblib.Parallel(n_jobs=-1)(joblib.delayed(abs)(1) for _ in "ab")
 
 
@@ -157,15 +177,18 @@ sklearn = pytest.importorskip("sklearn")
 @pytest.fixture(scope="module")
 def digits():
     from sklearn.datasets import load_digits
+
     X, y = load_digits(return_X_y=True)
-    return X[::2], y[::2]     # 899 samples: a search of seconds
+    return X[::2], y[::2]  # 899 samples: a search of seconds
 
 
 def _grid_search(X, y, n_jobs):
     from sklearn.model_selection import GridSearchCV
     from sklearn.svm import SVC
-    search = GridSearchCV(SVC(), {"C": [1, 10], "gamma": [1e-4, 1e-3, 1e-2]},
-                          cv=3, n_jobs=n_jobs)
+
+    search = GridSearchCV(
+        SVC(), {"C": [1, 10], "gamma": [1e-4, 1e-3, 1e-2]}, cv=3, n_jobs=n_jobs
+    )
     return search.fit(X, y)
 
 
@@ -175,8 +198,9 @@ def test_grid_search_gives_the_serial_best_params(master, digits):
     with joblib.parallel_config(backend="qjamfab", master=master):
         parallel = _grid_search(X, y, n_jobs=-1)
     assert parallel.best_params_ == serial.best_params_
-    assert np.array_equal(parallel.cv_results_["mean_test_score"],
-                          serial.cv_results_["mean_test_score"])
+    assert np.array_equal(
+        parallel.cv_results_["mean_test_score"], serial.cv_results_["mean_test_score"]
+    )
     # It ran on the workers: the last run was the search's.
     assert master.last_run is not None and master.last_run.workers == 2
 
@@ -185,16 +209,19 @@ def test_cross_val_score_and_random_forest(local2, digits):
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.model_selection import cross_val_score
     from sklearn.svm import SVC
+
     X, y = digits
     serial = cross_val_score(SVC(gamma=1e-3), X, y, cv=3)
     forest = RandomForestClassifier(n_estimators=8, random_state=0).fit(X, y)
     runs_before = local2.last_run
     with joblib.parallel_config(backend="qjamfab", master=local2):
         assert np.array_equal(
-            cross_val_score(SVC(gamma=1e-3), X, y, cv=3, n_jobs=-1), serial)
+            cross_val_score(SVC(gamma=1e-3), X, y, cv=3, n_jobs=-1), serial
+        )
         after_cv = local2.last_run
-        remote = RandomForestClassifier(n_estimators=8, random_state=0,
-                                        n_jobs=-1).fit(X, y)
-    assert after_cv is not runs_before             # ran on the workers
-    assert local2.last_run is not after_cv         # the forest did too
+        remote = RandomForestClassifier(n_estimators=8, random_state=0, n_jobs=-1).fit(
+            X, y
+        )
+    assert after_cv is not runs_before  # ran on the workers
+    assert local2.last_run is not after_cv  # the forest did too
     assert np.array_equal(remote.predict_proba(X), forest.predict_proba(X))

@@ -1,6 +1,7 @@
 """Master.run end to end on local worker processes: the original qjam cases,
 functions by value, output isolation, caching, datasets, and every bad input.
 """
+
 import gc
 import os
 import subprocess
@@ -12,13 +13,35 @@ import time
 import numpy as np
 import pytest
 
-from qjamfab import (BadDataSet, BadHostSpec, BadJob, BadParams, BaseDataSet,
-                     DataSet, Master, QjamfabError, ReduceError, RemoteError,
-                     RunStats, WorkerLost)
+from qjamfab import (
+    BadDataSet,
+    BadHostSpec,
+    BadJob,
+    BadParams,
+    BaseDataSet,
+    DataSet,
+    Master,
+    QjamfabError,
+    ReduceError,
+    RemoteError,
+    RunStats,
+    WorkerLost,
+)
 from tests.conftest import processes_mentioning
-from tests.jobs import (constant, exiting, hard_exit, inner_product, killed,
-                        multiply_sum, no_mapfunc, printing, raising, sum_params,
-                        uses_helpers, with_reduce)
+from tests.jobs import (
+    constant,
+    exiting,
+    hard_exit,
+    inner_product,
+    killed,
+    multiply_sum,
+    no_mapfunc,
+    printing,
+    raising,
+    sum_params,
+    uses_helpers,
+    with_reduce,
+)
 
 pytestmark = pytest.mark.timeout(60)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,40 +61,49 @@ def master2():
 
 # --- the original qjam cases ---------------------------------------------
 
+
 def test_constant_job_gives_42_per_worker(master):
     assert master.run(constant) == 42 * len(master.workers)
 
 
 def test_sum_of_params_per_worker(master):
-    assert master.run(sum_params, params=[1, 2, 3, 6, 7, 9]) == \
-        28 * len(master.workers)
+    assert master.run(sum_params, params=[1, 2, 3, 6, 7, 9]) == 28 * len(master.workers)
 
 
 def test_multiply_sum(master):
-    assert master.run(multiply_sum, params=3,
-                      dataset=DataSet(list(range(100)))) == 14850
+    assert (
+        master.run(multiply_sum, params=3, dataset=DataSet(list(range(100)))) == 14850
+    )
 
 
 def test_inner_product_on_lists_and_arrays(master):
     data = [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]]
     assert master.run(inner_product, params=[2, 4], dataset=DataSet(data)) == 170
-    assert master.run(inner_product, params=np.array([2, 4]),
-                      dataset=DataSet(np.array(data))) == 170
+    assert (
+        master.run(
+            inner_product, params=np.array([2, 4]), dataset=DataSet(np.array(data))
+        )
+        == 170
+    )
 
 
 def test_printing_job_returns_42_and_output_reaches_master(master2, capfd):
     assert master2.run(printing) == 84
     out = capfd.readouterr().out
     for worker in master2.workers:
-        for text in ("hello from python print", "hello from python stderr",
-                     "hello from fd 1", "hello from C printf"):
+        for text in (
+            "hello from python print",
+            "hello from python stderr",
+            "hello from fd 1",
+            "hello from C printf",
+        ):
             assert f"[{worker}] {text}" in out
 
 
 def _print_lines(tag, count):
     for i in range(count):
         print(f"{tag} {i:06d} " + "x" * 90)
-    time.sleep(0.2)   # the worker forwards output meanwhile
+    time.sleep(0.2)  # the worker forwards output meanwhile
     return os.path.getsize("/proc/self/fd/1")
 
 
@@ -80,11 +112,14 @@ def test_long_output_all_arrives_and_the_log_file_starts_over(capfd):
     forwarded, but only between tasks (a task could be writing); every
     line reaches the master, in order."""
     with Master("local:1") as m:
-        sizes = [m.run(lambda p, x: _print_lines("first", 12_000)),
-                 m.run(lambda p, x: _print_lines("second", 10))]
+        sizes = [
+            m.run(lambda p, x: _print_lines("first", 12_000)),
+            m.run(lambda p, x: _print_lines("second", 10)),
+        ]
     lines = [line.split()[:3] for line in capfd.readouterr().out.splitlines()]
-    assert lines == [["[local-0]", "first", f"{i:06d}"] for i in range(12_000)] \
-        + [["[local-0]", "second", f"{i:06d}"] for i in range(10)]
+    assert lines == [["[local-0]", "first", f"{i:06d}"] for i in range(12_000)] + [
+        ["[local-0]", "second", f"{i:06d}"] for i in range(10)
+    ]
     assert sizes[0] > 1 << 20 and sizes[1] < 2000
 
 
@@ -94,13 +129,19 @@ def test_module_reduce_is_used(master):
 
 # --- functions by value ----------------------------------------------------
 
+
 def test_lambda_and_closure(master2):
-    assert master2.run(lambda p, xs: p * sum(xs), params=3,
-                       dataset=DataSet(list(range(100)))) == 14850
+    assert (
+        master2.run(
+            lambda p, xs: p * sum(xs), params=3, dataset=DataSet(list(range(100)))
+        )
+        == 14850
+    )
     offset = 1000
 
     def shifted(params, xs):
         return sum(x + offset for x in xs)
+
     assert master2.run(shifted, dataset=list(range(10))) == 45 + 10 * offset
 
 
@@ -112,16 +153,23 @@ def test_local_module_the_worker_cannot_import(master2):
 
 def test_function_defined_in_main_script(tmp_path):
     script = tmp_path / "job_script.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         from qjamfab import Master, DataSet
         def mapfunc(params, rows):
             return params * sum(rows)
         with Master("local:2") as m:
             print("result", m.run(mapfunc, params=2, dataset=DataSet(list(range(10)))))
-    """))
-    out = subprocess.run([sys.executable, str(script)], capture_output=True,
-                         text=True, timeout=60, cwd=tmp_path,
-                         env={**os.environ, "PYTHONPATH": REPO})
+    """)
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     assert "result 90" in out.stdout, out.stderr
 
 
@@ -130,6 +178,7 @@ def test_function_sent_once_per_worker_params_every_call(master2):
 
     def job(params, xs):
         return params + len(big) * 0 + sum(xs)
+
     data = DataSet(list(range(8)))
     assert master2.run(job, params=1, dataset=data) == 28 + master2.last_run.slices
     first = master2.last_run.bytes_sent
@@ -140,47 +189,48 @@ def test_function_sent_once_per_worker_params_every_call(master2):
 
 def test_a_balanced_run_is_followed_by_unsplit_ones(master2):
     data = DataSet(list(range(8)))
-    assert master2.run(lambda p, xs: time.sleep(0.02) or sum(xs),
-                       dataset=data) == 28
+    assert master2.run(lambda p, xs: time.sleep(0.02) or sum(xs), dataset=data) == 28
     assert master2.last_run.backup_tasks == 0
     assert master2.run(lambda p, xs: sum(xs), dataset=data) == 28
-    assert master2.last_run.tasks == 2   # balanced before: one task each
+    assert master2.last_run.tasks == 2  # balanced before: one task each
 
 
 def test_a_worker_found_dead_when_its_task_is_sent(monkeypatch):
     """A send that fails (the worker died since the last read) loses the
     worker like the end of its stream: its slices run elsewhere."""
     import signal
+
     with Master("local:2") as m:
         pid = m.worker_stats()["local-1"]["pid"]
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] \
-                != "Z":
+        while open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] != "Z":
             assert time.monotonic() < deadline
             time.sleep(0.02)
         # Nobody reads before the run: its first news is the failed send.
         monkeypatch.setattr(Master, "_drain", lambda self: None)
-        assert m.run(multiply_sum, params=1,
-                     dataset=DataSet(list(range(10)))) == 45
+        assert m.run(multiply_sum, params=1, dataset=DataSet(list(range(10)))) == 45
         assert m.last_run.lost_workers == ["local-1"]
 
 
 def test_params_go_once_per_worker_per_run(master2):
     """A run split into several tasks per worker (so idle workers can take
     some) still sends its params to each worker once."""
-    params = np.arange(100_000, dtype=np.float64)   # 800 kB
+    params = np.arange(100_000, dtype=np.float64)  # 800 kB
     data = DataSet(list(range(8)))
-    total = master2.run(lambda p, xs: float(p[:2].sum()) + sum(xs),
-                        params=params, dataset=data)
+    total = master2.run(
+        lambda p, xs: float(p[:2].sum()) + sum(xs), params=params, dataset=data
+    )
     assert total == 28 + master2.last_run.slices
     stats = master2.last_run
-    assert stats.tasks == 4   # a first run splits: two tasks per worker
-    assert stats.slices == 8 and 2 * params.nbytes < stats.bytes_sent \
-        < 2.5 * params.nbytes
+    assert stats.tasks == 4  # a first run splits: two tasks per worker
+    assert (
+        stats.slices == 8 and 2 * params.nbytes < stats.bytes_sent < 2.5 * params.nbytes
+    )
 
 
 # --- caching ------------------------------------------------------------
+
 
 def test_second_run_sends_no_dataset_bytes(master2):
     data = DataSet(np.arange(100000, dtype=np.float64).reshape(1000, 100))
@@ -203,8 +253,9 @@ def test_new_master_reads_slices_from_disk(qjamfab_home):
         assert m.last_run.slices_sent > 0
     assert len(os.listdir(qjamfab_home / "cache")) == m.last_run.slices
     with Master("local:2") as m:
-        assert m.run(lambda p, x: int(x.sum()), dataset=DataSet(data)) == \
-            int(data.sum())
+        assert m.run(lambda p, x: int(x.sum()), dataset=DataSet(data)) == int(
+            data.sum()
+        )
         assert m.last_run.slices_sent == 0
         assert m.last_run.dataset_bytes_sent == 0
 
@@ -226,6 +277,7 @@ def test_clear_cache_empties_memory_and_disk(master2, qjamfab_home):
 
 # --- datasets -----------------------------------------------------------
 
+
 def test_all_dataset_types(master2, tmp_path):
     matrix = np.arange(60, dtype=np.float64).reshape(12, 5)
     rowsum = lambda p, x: float(np.asarray(x).sum())  # noqa: E731
@@ -238,8 +290,9 @@ def test_all_dataset_types(master2, tmp_path):
     assert master2.run(rowsum, dataset=DataSet(matrix, row_major=False)) == total
     assert master2.run(rowsum, dataset=DataSet(str(tmp_path / "m.npy"))) == total
     assert master2.run(rowsum, dataset=DataSet(str(tmp_path / "m.txt"))) == total
-    columns = master2.run(lambda p, x: [x.shape[0]],
-                          dataset=DataSet(matrix, row_major=False))
+    columns = master2.run(
+        lambda p, x: [x.shape[0]], dataset=DataSet(matrix, row_major=False)
+    )
     assert columns == [12 * master2.last_run.slices]
 
 
@@ -250,16 +303,17 @@ def test_custom_dataset_subclass(master2):
 
         def slice(self, i):
             return [i * i]
+
     assert master2.run(lambda p, xs: sum(xs), dataset=Squares()) == 30
 
 
 def test_explicit_slice_size_is_kept(master2):
-    master2.run(lambda p, xs: len(xs), dataset=DataSet(list(range(120)),
-                                                       slice_size=5))
+    master2.run(lambda p, xs: len(xs), dataset=DataSet(list(range(120)), slice_size=5))
     assert master2.last_run.slices == 24
 
 
 # --- run statistics -------------------------------------------------------
+
 
 def test_run_stats(master2):
     master2.run(multiply_sum, params=3, dataset=list(range(100)))
@@ -275,13 +329,17 @@ def test_run_stats(master2):
 
 # --- bad input: each error says what happened, and the Master goes on -----
 
+
 def _still_usable(m):
     assert m.run(multiply_sum, params=3, dataset=list(range(100))) == 14850
 
 
 def test_module_without_mapfunc(master2):
-    with pytest.raises(BadJob, match=r"^module tests\.jobs\.no_mapfunc has no "
-                       r"mapfunc\(params, slice\): define one"):
+    with pytest.raises(
+        BadJob,
+        match=r"^module tests\.jobs\.no_mapfunc has no "
+        r"mapfunc\(params, slice\): define one",
+    ):
         master2.run(no_mapfunc)
     with pytest.raises(BadJob, match="^cannot run a int: pass a module"):
         master2.run(5)
@@ -291,16 +349,22 @@ def test_module_without_mapfunc(master2):
 
 
 def test_unpicklable_params(master2):
-    with pytest.raises(BadParams, match=r"^params of type lock cannot be "
-                       "pickled .*: send data that pickle can copy"):
+    with pytest.raises(
+        BadParams,
+        match=r"^params of type lock cannot be "
+        "pickled .*: send data that pickle can copy",
+    ):
         master2.run(constant, params=threading.Lock())
     _still_usable(master2)
 
 
 def test_unpicklable_slice(master2):
     data = DataSet([1, 2, threading.Lock(), 4], slice_size=1)
-    with pytest.raises(BadDataSet, match=r"^a list slice cannot be pickled "
-                       r"\(cannot pickle '_thread.lock' object\): keep slices"):
+    with pytest.raises(
+        BadDataSet,
+        match=r"^a list slice cannot be pickled "
+        r"\(cannot pickle '_thread.lock' object\): keep slices",
+    ):
         master2.run(lambda p, xs: 1, dataset=data)
     _still_usable(master2)
 
@@ -313,8 +377,7 @@ def test_dataset_it_cannot_slice_or_empty(master2):
     _still_usable(master2)
 
 
-@pytest.mark.parametrize("hosts", ["local:0", "local:x", "", "a b",
-                                   ["local", ""]])
+@pytest.mark.parametrize("hosts", ["local:0", "local:x", "", "a b", ["local", ""]])
 def test_malformed_host_string(hosts):
     with pytest.raises(BadHostSpec):
         Master(hosts)
@@ -322,8 +385,11 @@ def test_malformed_host_string(hosts):
 
 @pytest.mark.parametrize("timeout", [0.5, 1.9, float("nan")])
 def test_a_heartbeat_timeout_the_heartbeats_cannot_meet_is_refused(timeout):
-    with pytest.raises(ValueError, match=r"^heartbeat_timeout must be at "
-                       r"least 2 s \(twice the heartbeat interval\), not "):
+    with pytest.raises(
+        ValueError,
+        match=r"^heartbeat_timeout must be at "
+        r"least 2 s \(twice the heartbeat interval\), not ",
+    ):
         Master("local:1", heartbeat_timeout=timeout)
 
 
@@ -346,11 +412,15 @@ def test_mapfunc_raising_gives_remote_traceback(master2):
     _still_usable(master2)
 
 
-@pytest.mark.parametrize("job,status,said", [
-    (exiting, 3, "about to exit"),
-    (hard_exit, 7, "leaving with os._exit"),
-    (killed, -9, None),
-], ids=["sys.exit", "os._exit", "SIGKILL"])
+@pytest.mark.parametrize(
+    "job,status,said",
+    [
+        (exiting, 3, "about to exit"),
+        (hard_exit, 7, "leaving with os._exit"),
+        (killed, -9, None),
+    ],
+    ids=["sys.exit", "os._exit", "SIGKILL"],
+)
 def test_mapfunc_killing_its_worker(job, status, said):
     with Master("local:1") as m:
         before = m.worker_stats()["local-0"]["pid"]
@@ -360,8 +430,9 @@ def test_mapfunc_killing_its_worker(job, status, said):
         assert err.worker == "local-0" and err.exit_status == status
         first = str(err).splitlines()[0]
         how = f"exit status {status}" if status >= 0 else "killed by SIGKILL"
-        assert first.startswith(f"worker local-0 was lost ({how}) running "
-                                "mapfunc(params, None)")
+        assert first.startswith(
+            f"worker local-0 was lost ({how}) running mapfunc(params, None)"
+        )
         assert "restarted for the next run" in first
         if said:
             assert said in err.stderr_tail and said in str(err)
@@ -374,9 +445,13 @@ def test_slice_that_kills_two_workers_is_named(master2):
         if 7 in xs:
             os._exit(5)
         return sum(xs)
-    with pytest.raises(WorkerLost, match=r"^dataset slice \d+ killed workers "
-                       r"local-\d and local-\d \(last: exit status 5\): fix "
-                       "mapfunc for this input"):
+
+    with pytest.raises(
+        WorkerLost,
+        match=r"^dataset slice \d+ killed workers "
+        r"local-\d and local-\d \(last: exit status 5\): fix "
+        "mapfunc for this input",
+    ):
         master2.run(dies_on_7, dataset=DataSet(list(range(16)), slice_size=2))
     _still_usable(master2)
 
@@ -389,10 +464,14 @@ def test_lost_worker_slices_rerun_on_survivor(master2):
             open(flag, "w").close()
             os._exit(1)
         return sum(xs)
+
     import tempfile
+
     with tempfile.TemporaryDirectory() as scratch:
-        assert master2.run(dies_once, params=scratch,
-                           dataset=DataSet(list(range(40)))) == 780
+        assert (
+            master2.run(dies_once, params=scratch, dataset=DataSet(list(range(40))))
+            == 780
+        )
     stats = master2.last_run
     assert len(stats.lost_workers) == 1 and stats.rerun_slices >= 1
     _still_usable(master2)
@@ -400,15 +479,20 @@ def test_lost_worker_slices_rerun_on_survivor(master2):
 
 def test_results_the_reduce_cannot_combine(master2):
     with pytest.raises(ReduceError, match="^cannot combine results of lengths"):
-        master2.run(lambda p, xs: list(range(len(xs))),
-                    dataset=DataSet(list(range(7)), slice_size=2))
+        master2.run(
+            lambda p, xs: list(range(len(xs))),
+            dataset=DataSet(list(range(7)), slice_size=2),
+        )
     with pytest.raises(ReduceError, match="^cannot combine results of type"):
-        master2.run(lambda p, xs: "a" if 0 in xs else 1,
-                    dataset=DataSet(list(range(8)), slice_size=4))
+        master2.run(
+            lambda p, xs: "a" if 0 in xs else 1,
+            dataset=DataSet(list(range(8)), slice_size=4),
+        )
     _still_usable(master2)
 
 
 # --- no process left behind -------------------------------------------------
+
 
 def test_close_stops_workers(qjamfab_home):
     m = Master("local:2")
@@ -428,10 +512,10 @@ def test_garbage_collected_master_stops_workers(qjamfab_home):
 
 
 @pytest.mark.parametrize("ending", ["exit", "ctrl-c"])
-def test_interpreter_exit_and_ctrl_c_stop_workers(tmp_path, qjamfab_home,
-                                                  ending):
+def test_interpreter_exit_and_ctrl_c_stop_workers(tmp_path, qjamfab_home, ending):
     script = tmp_path / "leaves.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, signal, time
         from qjamfab import Master
         m = Master("local:2")
@@ -441,12 +525,18 @@ def test_interpreter_exit_and_ctrl_c_stop_workers(tmp_path, qjamfab_home,
                 time.sleep(30)
             os.kill(os.getpid(), signal.SIGINT) if False else None
             signal.setitimer(signal.ITIMER_REAL, 0.5)
-            signal.signal(signal.SIGALRM, lambda *a: os.kill(os.getpid(), signal.SIGINT))
+            signal.signal(signal.SIGALRM,
+                          lambda *a: os.kill(os.getpid(), signal.SIGINT))
             m.run(slow)
-    """))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True,
-                          text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": REPO})
+    """)
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     assert proc.stdout.startswith("2")
     if ending == "ctrl-c":
         assert "KeyboardInterrupt" in proc.stderr
@@ -478,13 +568,14 @@ def test_logging_info_summary_and_debug_messages(master2, caplog):
 
 # --- same inputs, same bits ----------------------------------------------
 
+
 def test_results_are_the_same_bits_whatever_the_grouping_and_faults(tmp_path):
     """Float results depend only on the job, params and slices: not on how
     slices were grouped into tasks (split or not), stolen, or re-run after
     a worker was lost."""
     rng = np.random.default_rng(7)
     X = rng.random((4000, 7)) * 10.0 ** rng.integers(-8, 8, (4000, 7))
-    data = DataSet(X, slice_size=250)   # 16 slices
+    data = DataSet(X, slice_size=250)  # 16 slices
 
     def column_sums(params, rows):
         return rows.sum(axis=0)
@@ -499,26 +590,29 @@ def test_results_are_the_same_bits_whatever_the_grouping_and_faults(tmp_path):
     with Master("local:3") as m:
         first = m.run(column_sums, dataset=data)
         seen = {first.tobytes()}
-        for _ in range(3):   # unsplit and split runs
+        for _ in range(3):  # unsplit and split runs
             seen.add(m.run(column_sums, dataset=data).tobytes())
-        with Master("local:2") as other:   # other groups, same slices
+        with Master("local:2") as other:  # other groups, same slices
             seen.add(other.run(column_sums, dataset=data).tobytes())
-        lost = m.run(dies_on_first_slice_once, params=str(tmp_path),
-                     dataset=data)
+        lost = m.run(dies_on_first_slice_once, params=str(tmp_path), dataset=data)
         assert m.last_run.lost_workers and m.last_run.rerun_slices
         seen.add(lost.tobytes())
     assert seen == {first.tobytes()}
     # A plain left-to-right sum would differ in the last bits here: the
     # tree is a choice, and the test can tell.
-    slices = [X[i:i + 250].sum(axis=0) for i in range(0, 4000, 250)]
+    slices = [X[i : i + 250].sum(axis=0) for i in range(0, 4000, 250)]
     import functools
+
     folded = functools.reduce(lambda a, b: a + b, slices)
     assert np.allclose(folded, first) and folded.tobytes() != first.tobytes()
 
 
 def test_a_cache_limit_is_checked_and_reaches_the_workers():
-    with pytest.raises(ValueError, match=r"^cache limit '20 gigs' is not a "
-                       "size: write bytes, or a number with K, M, G or T"):
+    with pytest.raises(
+        ValueError,
+        match=r"^cache limit '20 gigs' is not a "
+        "size: write bytes, or a number with K, M, G or T",
+    ):
         Master("local:1", cache_limit="20 gigs")
     with Master("local:1", cache_limit="100K") as m:
         assert m.worker_stats()["local-0"]["limit_bytes"] == 100 * 1024
@@ -528,19 +622,25 @@ def test_the_progress_bar_moves_per_slice_within_a_task(monkeypatch):
     """One task of 6 slices on one worker: the bar shows slices as they are
     done, not 0 until the task's result arrives."""
     from qjamfab import display
+
     seen = []
     real = display.RunProgress.advance
 
     def advance(self, n=1):
         real(self, n)
         seen.append(self.done)
+
     monkeypatch.setattr(display.RunProgress, "advance", advance)
     with Master("local:1") as m:
-        m.run(lambda p, xs: sum(xs), dataset=DataSet(list(range(6)),
-                                                     slice_size=1))
+        m.run(lambda p, xs: sum(xs), dataset=DataSet(list(range(6)), slice_size=1))
         seen.clear()
-        assert m.run(lambda p, xs: time.sleep(0.15) or sum(xs),
-                     dataset=DataSet(list(range(6)), slice_size=1)) == 15
+        assert (
+            m.run(
+                lambda p, xs: time.sleep(0.15) or sum(xs),
+                dataset=DataSet(list(range(6)), slice_size=1),
+            )
+            == 15
+        )
     assert seen[-1] == 6 and len([d for d in seen if 0 < d < 6]) >= 2
 
 
@@ -549,6 +649,11 @@ def test_a_long_c_call_holding_the_gil_is_not_a_lost_worker():
     GIL; its process is seen running from outside, so it is busy, not
     lost, and its slice is not blamed."""
     with Master("local:2", heartbeat_timeout=2.0) as m:
-        assert m.run(lambda p, xs: sum(range(10 ** 8)) and sum(xs),
-                     dataset=DataSet(list(range(4)), slice_size=2)) == 6
+        assert (
+            m.run(
+                lambda p, xs: sum(range(10**8)) and sum(xs),
+                dataset=DataSet(list(range(4)), slice_size=2),
+            )
+            == 6
+        )
         assert m.last_run.lost_workers == []

@@ -1,5 +1,6 @@
 """Protocol framing: frames, FrameReader and write_all over real pipes and
 socket pairs, plus encode/decode with out-of-band numpy buffers."""
+
 import os
 import pickle
 import socket
@@ -10,8 +11,15 @@ import pytest
 
 from qjamfab import protocol
 from qjamfab.errors import ProtocolError
-from qjamfab.protocol import (FrameReader, KIND_NAMES, decode, encode, frame,
-                              frame_size, write_all)
+from qjamfab.protocol import (
+    KIND_NAMES,
+    FrameReader,
+    decode,
+    encode,
+    frame,
+    frame_size,
+    write_all,
+)
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -19,6 +27,7 @@ MiB = 1 << 20
 
 
 # --- helpers ----------------------------------------------------------------
+
 
 class Channel:
     """One byte stream: a writev for the writer end, a readinto for the
@@ -127,35 +136,56 @@ def transfer(channel, frames, **reader_kw):
 
 # --- KIND_NAMES and frame shapes -------------------------------------------
 
+
 def test_kind_names_maps_every_kind():
-    expected = {1: "HELLO", 2: "TASK", 3: "STATE", 4: "REFS", 5: "RESULT",
-                6: "ERROR", 7: "FUNC", 8: "HEARTBEAT", 9: "LOG", 10: "CLEAR",
-                11: "STATS", 12: "CANCEL", 13: "ATTACH", 14: "COLLECT",
-                15: "GONE", 16: "PACKAGES"}
+    expected = {
+        1: "HELLO",
+        2: "TASK",
+        3: "STATE",
+        4: "REFS",
+        5: "RESULT",
+        6: "ERROR",
+        7: "FUNC",
+        8: "HEARTBEAT",
+        9: "LOG",
+        10: "CLEAR",
+        11: "STATS",
+        12: "CANCEL",
+        13: "ATTACH",
+        14: "COLLECT",
+        15: "GONE",
+        16: "PACKAGES",
+    }
     assert KIND_NAMES == expected
     for value, name in expected.items():
         assert getattr(protocol, name) == value
 
 
 def test_a_frame_names_its_worker():
-    data = b"".join(bytes(b) for b in frame(protocol.TASK, {"task": 1},
-                                            encode([1]), worker=513))
+    data = b"".join(
+        bytes(b) for b in frame(protocol.TASK, {"task": 1}, encode([1]), worker=513)
+    )
     kind, worker, head, payload = FrameReader(one_byte_readinto(data)).read()
     assert (kind, worker, head, decode(payload)) == (
-        protocol.TASK, 513, {"task": 1}, [1])
-    agent = b"".join(bytes(b) for b in frame(protocol.ATTACH, {},
-                                             worker=protocol.AGENT))
+        protocol.TASK,
+        513,
+        {"task": 1},
+        [1],
+    )
+    agent = b"".join(
+        bytes(b) for b in frame(protocol.ATTACH, {}, worker=protocol.AGENT)
+    )
     assert FrameReader(one_byte_readinto(agent)).read()[1] == protocol.AGENT
 
 
 def test_a_line_before_the_frames_is_read_up_to_its_newline():
     data = b"qjamfab: runtime ok\n" + b"".join(
-        bytes(b) for b in frame(protocol.HELLO, {"version": 3}))
+        bytes(b) for b in frame(protocol.HELLO, {"version": 3})
+    )
     reader = FrameReader(one_byte_readinto(data))
     assert reader.read_line(256) == b"qjamfab: runtime ok\n"
     assert reader.read()[2] == {"version": 3}
-    assert FrameReader(one_byte_readinto(b"x" * 300)).read_line(256) == \
-        b"x" * 256
+    assert FrameReader(one_byte_readinto(b"x" * 300)).read_line(256) == b"x" * 256
 
 
 def test_small_frame_is_one_buffer():
@@ -197,10 +227,12 @@ def test_encode_decode_plain_objects():
 
 # --- round trips over real streams -----------------------------------------
 
+
 def test_small_frame_round_trip(channel):
     head = {"task": 7, "func": "f" * 40, "refs": ["r1", "r2"]}
     [(kind, got_head, payload)] = transfer(
-        channel, [frame(protocol.TASK, head, encode((3, 4.5)))])
+        channel, [frame(protocol.TASK, head, encode((3, 4.5)))]
+    )
     assert kind == protocol.TASK
     assert got_head == head
     assert decode(payload) == (3, 4.5)
@@ -213,7 +245,7 @@ def test_frame_without_payload_round_trip(channel):
 
 def test_large_frame_round_trip_with_numpy(channel):
     rng = np.random.default_rng(1)
-    a = rng.random((512, 1024))                    # 4 MiB float64
+    a = rng.random((512, 1024))  # 4 MiB float64
     b = rng.integers(0, 1 << 30, size=MiB // 4, dtype=np.int32)  # 1 MiB
     obj = {"a": a, "b": b, "label": "slice-0"}
     parts = encode(obj)
@@ -236,7 +268,7 @@ def test_many_frames_back_to_back(channel):
     frames, expected = [], []
     for i in range(300):
         if i % 50 == 7:
-            value = rng.random(20_000 + i)         # large, several buffers
+            value = rng.random(20_000 + i)  # large, several buffers
         elif i % 3 == 0:
             value = list(range(i))
         else:
@@ -259,8 +291,7 @@ def test_many_frames_back_to_back(channel):
 def test_frames_with_small_reader_buffer(channel):
     """A part larger than the reader's buffer is read straight into place."""
     arr = np.arange(100_000, dtype=np.float64)
-    frames = [frame(protocol.RESULT, {"task": i}, encode(arr + i))
-              for i in range(5)]
+    frames = [frame(protocol.RESULT, {"task": i}, encode(arr + i)) for i in range(5)]
     got = transfer(channel, frames, buffer_size=256)
     for i, (kind, head, payload) in enumerate(got):
         assert kind == protocol.RESULT and head == {"task": i}
@@ -268,6 +299,7 @@ def test_frames_with_small_reader_buffer(channel):
 
 
 # --- readers and writers that move few bytes at a time ---------------------
+
 
 def one_byte_readinto(data: bytes):
     pos = 0
@@ -279,19 +311,21 @@ def one_byte_readinto(data: bytes):
         view[0] = data[pos]
         pos += 1
         return 1
+
     return readinto
 
 
 def test_reader_fed_one_byte_at_a_time():
     arr = np.arange(5000, dtype=np.float64)
-    frames = [frame(protocol.HELLO, {"version": protocol.VERSION}),
-              frame(protocol.REFS, {"ref": "r"}, encode(arr)),
-              frame(protocol.LOG, {"text": "hello\n"}, encode("small"))]
+    frames = [
+        frame(protocol.HELLO, {"version": protocol.VERSION}),
+        frame(protocol.REFS, {"ref": "r"}, encode(arr)),
+        frame(protocol.LOG, {"text": "hello\n"}, encode("small")),
+    ]
     data = b"".join(bytes(b) for f in frames for b in f)
     reader = FrameReader(one_byte_readinto(data))
     kind, _, head, payload = reader.read()
-    assert (kind, head, payload) == (protocol.HELLO,
-                                     {"version": protocol.VERSION}, [])
+    assert (kind, head, payload) == (protocol.HELLO, {"version": protocol.VERSION}, [])
     kind, _, head, payload = reader.read()
     assert kind == protocol.REFS and head == {"ref": "r"}
     np.testing.assert_array_equal(decode(payload), arr)
@@ -303,8 +337,7 @@ def test_reader_fed_one_byte_at_a_time():
 
 def test_reader_fed_one_byte_at_a_time_small_buffer():
     arr = np.arange(3000, dtype=np.int64)
-    data = b"".join(bytes(b) for b in
-                    frame(protocol.REFS, {"ref": "r"}, encode(arr)))
+    data = b"".join(bytes(b) for b in frame(protocol.REFS, {"ref": "r"}, encode(arr)))
     reader = FrameReader(one_byte_readinto(data), buffer_size=64)
     kind, _, head, payload = reader.read()
     np.testing.assert_array_equal(decode(payload), arr)
@@ -312,9 +345,11 @@ def test_reader_fed_one_byte_at_a_time_small_buffer():
 
 def test_write_all_with_partial_writev():
     arr = np.arange(10_000, dtype=np.float64)
-    frames = [frame(protocol.TASK, {"task": 1}, encode([1, 2, 3])),
-              frame(protocol.REFS, {"ref": "r"}, encode(arr)),
-              frame(protocol.STATS, {})]
+    frames = [
+        frame(protocol.TASK, {"task": 1}, encode([1, 2, 3])),
+        frame(protocol.REFS, {"ref": "r"}, encode(arr)),
+        frame(protocol.STATS, {}),
+    ]
     out = bytearray()
     calls = []
 
@@ -400,15 +435,17 @@ def test_write_all_skips_empty_buffers():
 def test_write_all_nothing_to_write():
     def writev(views):  # pragma: no cover - must not be called
         raise AssertionError("writev called with nothing to write")
+
     write_all(writev, [])
     write_all(writev, [b""])
 
 
 # --- end of stream and garbage ----------------------------------------------
 
+
 def test_eof_between_frames(channel):
     frames = [frame(protocol.HEARTBEAT, {"n": i}) for i in range(3)]
-    got = transfer(channel, frames)   # transfer asserts EOFError afterwards
+    got = transfer(channel, frames)  # transfer asserts EOFError afterwards
     assert [h for _, h, _ in got] == [{"n": 0}, {"n": 1}, {"n": 2}]
 
 
@@ -421,17 +458,21 @@ def test_eof_on_empty_stream(channel):
 @pytest.mark.parametrize("cut", ["header", "lengths", "head", "payload"])
 def test_eof_inside_a_frame(channel, cut):
     arr = np.arange(20_000, dtype=np.float64)
-    data = b"".join(bytes(b) for b in
-                    frame(protocol.REFS, {"ref": "r" * 30}, encode(arr)))
+    data = b"".join(
+        bytes(b) for b in frame(protocol.REFS, {"ref": "r" * 30}, encode(arr))
+    )
     nparts = int.from_bytes(data[5:7], "big")
     head_len = int.from_bytes(data[7:15], "big")
     prefix = 7 + 8 * nparts
-    where = {"header": 3, "lengths": 9, "head": prefix + head_len // 2,
-             "payload": prefix + head_len + 1000}[cut]
+    where = {
+        "header": 3,
+        "lengths": 9,
+        "head": prefix + head_len // 2,
+        "payload": prefix + head_len + 1000,
+    }[cut]
     assert where < len(data)
     complete = frame(protocol.HEARTBEAT, {})
-    thread, errors = run_writer(
-        channel, [complete, [data[:where]]])
+    thread, errors = run_writer(channel, [complete, [data[:where]]])
     reader = FrameReader(channel.readinto)
     assert reader.read()[0] == protocol.HEARTBEAT
     with pytest.raises(EOFError):
@@ -443,15 +484,14 @@ def test_eof_inside_a_frame(channel, cut):
 def test_eof_inside_large_part_read_directly():
     """EOF while a big part is read straight into its own buffer."""
     arr = np.arange(200_000, dtype=np.float64)
-    data = b"".join(bytes(b) for b in
-                    frame(protocol.REFS, {"ref": "r"}, encode(arr)))
-    cut = data[:len(data) - 500_000]
+    data = b"".join(bytes(b) for b in frame(protocol.REFS, {"ref": "r"}, encode(arr)))
+    cut = data[: len(data) - 500_000]
     pos = 0
 
     def readinto(view):
         nonlocal pos
         n = min(len(view), len(cut) - pos, 4096)
-        view[:n] = cut[pos:pos + n]
+        view[:n] = cut[pos : pos + n]
         pos += n
         return n
 
@@ -459,12 +499,15 @@ def test_eof_inside_large_part_read_directly():
         FrameReader(readinto, buffer_size=1024).read()
 
 
-@pytest.mark.parametrize("garbage", [
-    b"HTTP/1.1 400 Bad Request\r\n\r\n",
-    b"SSH-2.0-OpenSSH_9.6\r\n",
-    b"Traceback (most recent call last):\n",
-    b"\x00\x00\x00\x00\x00\x00\x00\x00",
-])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"HTTP/1.1 400 Bad Request\r\n\r\n",
+        b"SSH-2.0-OpenSSH_9.6\r\n",
+        b"Traceback (most recent call last):\n",
+        b"\x00\x00\x00\x00\x00\x00\x00\x00",
+    ],
+)
 def test_bad_magic_is_protocol_error(channel, garbage):
     thread, errors = run_writer(channel, [[garbage]])
     with pytest.raises(ProtocolError) as info:
@@ -475,18 +518,25 @@ def test_bad_magic_is_protocol_error(channel, garbage):
 
 
 def test_zero_parts_is_protocol_error():
-    data = b"QJ" + bytes([protocol.TASK]) + (0).to_bytes(2, "big") \
-        + (0).to_bytes(2, "big") + b"x" * 20
+    data = (
+        b"QJ"
+        + bytes([protocol.TASK])
+        + (0).to_bytes(2, "big")
+        + (0).to_bytes(2, "big")
+        + b"x" * 20
+    )
     with pytest.raises(ProtocolError, match="not a qjamfab endpoint"):
         FrameReader(one_byte_readinto(data)).read()
 
 
 def test_protocol_error_is_a_qjamfab_error():
     from qjamfab.errors import QjamfabError
+
     assert issubclass(ProtocolError, QjamfabError)
 
 
 # --- many out-of-band buffers ------------------------------------------------
+
 
 @pytest.mark.parametrize("count", [100, 9000])
 def test_frame_with_many_out_of_band_buffers(channel, count):
@@ -499,14 +549,15 @@ def test_frame_with_many_out_of_band_buffers(channel, count):
     parts = encode(arrays)
     assert len(parts) == count + 1
     [(kind, head, payload)] = transfer(
-        channel, [frame(protocol.RESULT, {"task": 1}, parts)])
+        channel, [frame(protocol.RESULT, {"task": 1}, parts)]
+    )
     back = decode(payload)
     assert len(back) == count
     assert all(int(a[0]) == i for i, a in enumerate(back))
 
 
 def test_head_larger_than_reader_buffer(channel):
-    head = {"refs": [f"{i:064x}" for i in range(2000)]}   # ~150 KB pickled
+    head = {"refs": [f"{i:064x}" for i in range(2000)]}  # ~150 KB pickled
     assert len(pickle.dumps(head, protocol=5)) > 1 << 16
     [(kind, got, payload)] = transfer(channel, [frame(protocol.TASK, head)])
     assert got == head and payload == []
@@ -517,6 +568,7 @@ def test_more_parts_than_the_header_can_count():
     must either travel (e.g. pickled in-band) or fail with a qjamfab error,
     never with a bare struct.error."""
     from qjamfab.errors import QjamfabError
+
     arrays = [np.full(1, i, dtype=np.int64) for i in range(70_000)]
     try:
         bufs = frame(protocol.RESULT, {"task": 1}, encode(arrays))
@@ -528,7 +580,7 @@ def test_more_parts_than_the_header_can_count():
     def readinto(view):
         nonlocal pos
         n = min(len(view), len(data) - pos)
-        view[:n] = data[pos:pos + n]
+        view[:n] = data[pos : pos + n]
         pos += n
         return n
 

@@ -1,4 +1,5 @@
 """The default reduce and reduce_all."""
+
 from __future__ import annotations
 
 import ast
@@ -50,8 +51,10 @@ def test_numpy_arrays_use_plus():
 def test_mismatched_lengths():
     with pytest.raises(ReduceMismatch) as exc:
         default_reduce([1, 2, 3], [1, 2])
-    assert str(exc.value) == ("cannot combine results of lengths 3 and 2: return "
-                              "equal-length lists/tuples, or give run() a reduce function")
+    assert str(exc.value) == (
+        "cannot combine results of lengths 3 and 2: return "
+        "equal-length lists/tuples, or give run() a reduce function"
+    )
     with pytest.raises(ReduceMismatch, match="lengths 1 and 2"):
         default_reduce(([1], 2), ([1, 2], 3))
     assert issubclass(ReduceMismatch, TypeError)
@@ -62,21 +65,24 @@ def test_incompatible_types():
         default_reduce(1, "x")
     assert str(exc.value).splitlines()[0] == (
         "cannot combine results of type int and str with +: return results that "
-        "add, or give run() a reduce function")
+        "add, or give run() a reduce function"
+    )
     assert "TypeError" in str(exc.value).splitlines()[1]
     with pytest.raises(ReduceMismatch, match="type list and int"):
         default_reduce([1], 1)
 
 
-@pytest.mark.parametrize("a, b", [(None, None), (None, 1), (np.ones(2), None),
-                                  ([1, None], [2, 3])])
+@pytest.mark.parametrize(
+    "a, b", [(None, None), (None, 1), (np.ones(2), None), ([1, None], [2, 3])]
+)
 def test_a_none_result_asks_for_the_missing_return(a, b):
     with pytest.raises(ReduceMismatch) as exc:
         default_reduce(a, b)
     first = str(exc.value).splitlines()[0]
     assert first.startswith("cannot combine results of type ")
-    assert first.endswith(" with +: did mapfunc forget to return its value? "
-                          "(a result is None)"), first
+    assert first.endswith(
+        " with +: did mapfunc forget to return its value? (a result is None)"
+    ), first
     assert "NoneType" in first
 
 
@@ -89,7 +95,7 @@ def test_reduce_all_with_custom_reduce():
     assert reduce_all([1, 2, 3]) == 6
     assert reduce_all([[1, 2], [3, 4], [5, 6]]) == [9, 12]
     assert reduce_all([2, 3, 4], operator.mul) == 24
-    assert reduce_all(["a", "b", "c"], lambda a, b: b + a) == "cba"   # left to right
+    assert reduce_all(["a", "b", "c"], lambda a, b: b + a) == "cba"  # left to right
     assert reduce_all([7]) == 7
     with pytest.raises(ValueError, match="at least one value"):
         reduce_all([])

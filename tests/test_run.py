@@ -3,6 +3,7 @@
 runs dry taking queued work, backups of stragglers, loss and re-planning,
 frozen workers, and every slice counted once. Jobs act out slowness and
 failures from inside mapfunc; `m.last_run` says what the run did."""
+
 import os
 import time
 
@@ -12,7 +13,7 @@ from qjamfab import DataSet, Master, WorkerLost, inproc
 
 pytestmark = pytest.mark.timeout(60)
 
-DATA = DataSet(list(range(48)), slice_size=4)   # 12 slices
+DATA = DataSet(list(range(48)), slice_size=4)  # 12 slices
 TOTAL = sum(range(48))
 
 
@@ -29,10 +30,9 @@ def slow_on_first_slices(params, xs):
 def test_the_first_run_splits_and_a_balanced_run_is_followed_by_unsplit_ones():
     with Master("inproc:3") as m:
         assert m.run(quick, dataset=DATA) == TOTAL
-        assert m.last_run.tasks == 6        # two tasks per worker at first
-        assert m.run(lambda p, xs: time.sleep(0.03) or sum(xs),
-                     dataset=DATA) == TOTAL
-        assert m.last_run.tasks == 3        # balanced: one task each
+        assert m.last_run.tasks == 6  # two tasks per worker at first
+        assert m.run(lambda p, xs: time.sleep(0.03) or sum(xs), dataset=DATA) == TOTAL
+        assert m.last_run.tasks == 3  # balanced: one task each
         assert m.run(quick, dataset=DATA) == TOTAL
         assert m.last_run.tasks == 3
 
@@ -44,15 +44,17 @@ def test_an_uneven_run_makes_the_next_one_split_again():
         assert m.last_run.tasks == 3
         assert m.run(slow_on_first_slices, params=0.05, dataset=DATA) == TOTAL
         assert m.run(quick, dataset=DATA) == TOTAL
-        assert m.last_run.tasks == 6        # uneven before: split
+        assert m.last_run.tasks == 6  # uneven before: split
 
 
 def test_a_worker_that_runs_dry_takes_a_queued_task_it_holds():
     """Moving a queued task costs its data unless the idle worker holds
     it: with a second copy of every slice (replicas=2), it moves."""
+
     def slow_on_first_half(params, xs):
         time.sleep(params if xs[0] < 24 else 0.0)
         return sum(xs)
+
     with Master("inproc:2", replicas=2) as m:
         assert m.run(slow_on_first_half, params=0.05, dataset=DATA) == TOTAL
         assert m.last_run.replica_bytes_sent > 0
@@ -69,17 +71,18 @@ def test_a_straggler_gets_a_backup_copy_and_the_first_result_wins():
     def straggles(params, xs):
         flag = os.path.join(params, "slow")
         if xs[0] == 0 and not os.path.exists(flag):
-            open(flag, "w").close()   # only the first copy is slow
+            open(flag, "w").close()  # only the first copy is slow
             time.sleep(3)
         time.sleep(0.05)
         return sum(xs)
+
     with Master("inproc:3") as m:
         m.run(quick, dataset=DATA)
-        m.run(quick, dataset=DATA)      # now unsplit: nothing queued
+        m.run(quick, dataset=DATA)  # now unsplit: nothing queued
         import tempfile
+
         started = time.monotonic()
-        assert m.run(straggles, params=tempfile.mkdtemp(),
-                     dataset=DATA) == TOTAL
+        assert m.run(straggles, params=tempfile.mkdtemp(), dataset=DATA) == TOTAL
         assert time.monotonic() - started < 2.5
         assert m.last_run.backup_tasks >= 1
 
@@ -90,8 +93,9 @@ def test_a_lost_worker_s_slices_run_elsewhere_each_counted_once(tmp_path):
         if 20 in xs and not os.path.exists(flag):
             open(flag, "w").close()
             inproc.die(5)
-        time.sleep(0.02)   # over 50 ms in all: worth splitting after
+        time.sleep(0.02)  # over 50 ms in all: worth splitting after
         return sum(xs)
+
     with Master("inproc:3") as m:
         assert m.run(dies_once, params=str(tmp_path), dataset=DATA) == TOTAL
         stats = m.last_run
@@ -107,10 +111,14 @@ def test_a_slice_that_kills_two_workers_fails_the_run_naming_it():
         if 20 in xs:
             inproc.die(3)
         return sum(xs)
+
     with Master("inproc:3") as m:
-        with pytest.raises(WorkerLost, match=r"^dataset slice 5 killed "
-                           r"workers inproc-\d and inproc-\d \(last: exit "
-                           "status 3\\): fix mapfunc for this input"):
+        with pytest.raises(
+            WorkerLost,
+            match=r"^dataset slice 5 killed "
+            r"workers inproc-\d and inproc-\d \(last: exit "
+            "status 3\\): fix mapfunc for this input",
+        ):
             m.run(always_dies, dataset=DATA)
         assert m.run(quick, dataset=DATA) == TOTAL
 
@@ -122,10 +130,10 @@ def test_a_frozen_worker_is_lost_to_the_heartbeat_deadline(tmp_path):
             open(flag, "w").close()
             inproc.freeze(5)
         return sum(xs)
+
     with Master("inproc:3", heartbeat_timeout=2.0) as m:
         started = time.monotonic()
-        assert m.run(freezes_once, params=str(tmp_path),
-                     dataset=DATA) == TOTAL
+        assert m.run(freezes_once, params=str(tmp_path), dataset=DATA) == TOTAL
         assert time.monotonic() - started < 4.5
         assert len(m.last_run.lost_workers) == 1
         # Silence is not death: the slice is not blamed, and a run right
@@ -156,9 +164,10 @@ def test_heartbeats_left_unread_while_the_master_sends_count():
             return 4
 
         def slice(self, i):
-            if self.hashed:   # slow only when sent: 2 x 1.2 s per worker
+            if self.hashed:  # slow only when sent: 2 x 1.2 s per worker
                 time.sleep(1.2)
             return [i]
+
     data = SlowSlices()
     data.refs()
     data.hashed = True

@@ -1,5 +1,6 @@
 """The scheduler is pure placement logic: plan() and replan() with fake
 workers and refs."""
+
 import random
 
 import pytest
@@ -33,6 +34,7 @@ def check_plan(result, n, workers):
 
 # --- plan(): nothing held ---------------------------------------------------
 
+
 @pytest.mark.parametrize("k", range(1, 9))
 def test_plan_balanced_and_complete_without_held(k):
     workers = workers_for(k)
@@ -43,7 +45,10 @@ def test_plan_balanced_and_complete_without_held(k):
 def test_plan_fills_contiguous_blocks_in_worker_order():
     workers = workers_for(3)
     assert plan(refs_for(9), workers, {}) == {
-        "w0": [0, 1, 2], "w1": [3, 4, 5], "w2": [6, 7, 8]}
+        "w0": [0, 1, 2],
+        "w1": [3, 4, 5],
+        "w2": [6, 7, 8],
+    }
     assert plan(refs_for(2), workers, {}) == {"w0": [0], "w1": [1]}
     for k in range(1, 9):
         workers = workers_for(k)
@@ -77,6 +82,7 @@ def test_plan_without_workers_is_value_error():
 
 # --- plan(): determinism ----------------------------------------------------
 
+
 def test_plan_is_deterministic():
     rng = random.Random(5)
     for _ in range(200):
@@ -85,8 +91,7 @@ def test_plan_is_deterministic():
         held = {w: set(rng.sample(refs, rng.randint(0, n))) for w in workers}
         first = plan(refs, workers, held)
         # fresh copies, and held given in another order: same answer
-        held2 = {w: set(sorted(held[w], reverse=True))
-                 for w in reversed(workers)}
+        held2 = {w: set(sorted(held[w], reverse=True)) for w in reversed(workers)}
         assert plan(list(refs), list(workers), held2) == first
         assert plan(refs, workers, held) == first
 
@@ -100,13 +105,13 @@ def test_new_master_lands_slices_where_the_old_one_did():
         for n in (1, 5, 17, 64):
             refs = refs_for(n)
             first = plan(refs, workers, {})
-            held = {w: {refs[i] for i in slices}
-                    for w, slices in first.items()}
+            held = {w: {refs[i] for i in slices} for w, slices in first.items()}
             assert plan(refs, workers, held) == first
             assert plan(refs, workers, {}) == first
 
 
 # --- plan(): held refs ------------------------------------------------------
+
 
 def test_plan_honours_held():
     refs, workers = refs_for(6), workers_for(3)
@@ -118,19 +123,20 @@ def test_plan_honours_held():
 
 def test_plan_held_slices_stay_with_holders_after_shuffle():
     refs, workers = refs_for(8), workers_for(2)
-    held = {"w0": {refs[i] for i in (1, 3, 5, 7)},
-            "w1": {refs[i] for i in (0, 2, 4, 6)}}
-    assert plan(refs, workers, held) == {"w0": [1, 3, 5, 7],
-                                         "w1": [0, 2, 4, 6]}
+    held = {
+        "w0": {refs[i] for i in (1, 3, 5, 7)},
+        "w1": {refs[i] for i in (0, 2, 4, 6)},
+    }
+    assert plan(refs, workers, held) == {"w0": [1, 3, 5, 7], "w1": [0, 2, 4, 6]}
 
 
 def test_plan_holder_gets_slices_only_while_it_has_room():
     refs, workers = refs_for(6), workers_for(3)
-    held = {"w1": set(refs)}          # w1 holds everything; capacity is 2
+    held = {"w1": set(refs)}  # w1 holds everything; capacity is 2
     result = plan(refs, workers, held)
     check_plan(result, 6, workers)
     assert len(result["w1"]) == 2
-    assert result["w1"] == [0, 1]     # the first ones it holds
+    assert result["w1"] == [0, 1]  # the first ones it holds
 
 
 def test_plan_ref_held_by_several_goes_to_least_loaded_holder():
@@ -160,8 +166,11 @@ def test_plan_held_never_exceeds_capacity_random():
     for _ in range(500):
         n, k = rng.randint(1, 40), rng.randint(1, 6)
         refs, workers = refs_for(n), workers_for(k)
-        held = {w: set(rng.sample(refs, rng.randint(0, n)))
-                for w in workers if rng.random() < 0.7}
+        held = {
+            w: set(rng.sample(refs, rng.randint(0, n)))
+            for w in workers
+            if rng.random() < 0.7
+        }
         result = plan(refs, workers, held)
         placed = sorted(i for s in result.values() for i in s)
         assert placed == list(range(n))
@@ -172,8 +181,12 @@ def test_plan_held_never_exceeds_capacity_random():
             if holders and owner[i] not in holders:
                 # a held slice lands elsewhere only when its holders have
                 # their share already
-                assert all(len(result.get(w, [])) >= n // k
-                           for w in holders), (n, k, held, result)
+                assert all(len(result.get(w, [])) >= n // k for w in holders), (
+                    n,
+                    k,
+                    held,
+                    result,
+                )
 
 
 def test_plan_held_keeps_balance_random():
@@ -183,15 +196,18 @@ def test_plan_held_keeps_balance_random():
     for _ in range(500):
         n, k = rng.randint(1, 40), rng.randint(1, 6)
         refs, workers = refs_for(n), workers_for(k)
-        held = {w: set(rng.sample(refs, rng.randint(0, n)))
-                for w in workers if rng.random() < 0.7}
+        held = {
+            w: set(rng.sample(refs, rng.randint(0, n)))
+            for w in workers
+            if rng.random() < 0.7
+        }
         result = plan(refs, workers, held)
         try:
             check_plan(result, n, workers)
         except AssertionError as e:
             raise AssertionError(
-                f"{e}\n n={n} workers={workers} held={held}\n"
-                f" plan={result}") from None
+                f"{e}\n n={n} workers={workers} held={held}\n plan={result}"
+            ) from None
 
 
 def test_plan_held_keeps_balance_when_holders_fill_up():
@@ -206,26 +222,26 @@ def test_plan_held_keeps_balance_when_holders_fill_up():
 
 # --- replan() ---------------------------------------------------------------
 
+
 def test_replan_prefers_a_surviving_holder():
     refs = refs_for(6)
     held = {"w0": {refs[4]}, "w2": {refs[5]}, "dead": set(refs)}
-    placed = replan([4, 5], refs, ["w0", "w1", "w2"], held,
-                    {"w0": 5, "w1": 0, "w2": 9})
+    placed = replan([4, 5], refs, ["w0", "w1", "w2"], held, {"w0": 5, "w1": 0, "w2": 9})
     assert placed == [("w0", 4), ("w2", 5)]
 
 
 def test_replan_holder_least_busy_among_holders():
     refs = refs_for(3)
     held = {"w0": {refs[1]}, "w1": {refs[1]}, "w2": {refs[1]}}
-    placed = replan([1], refs, ["w0", "w1", "w2"], held,
-                    {"w0": 3, "w1": 1, "w2": 2})
+    placed = replan([1], refs, ["w0", "w1", "w2"], held, {"w0": 3, "w1": 1, "w2": 2})
     assert placed == [("w1", 1)]
 
 
 def test_replan_without_holder_goes_to_least_busy():
     refs = refs_for(4)
-    placed = replan([2], refs, ["w0", "w1", "w2"], {"dead": {refs[2]}},
-                    {"w0": 2, "w1": 1, "w2": 3})
+    placed = replan(
+        [2], refs, ["w0", "w1", "w2"], {"dead": {refs[2]}}, {"w0": 2, "w1": 1, "w2": 3}
+    )
     assert placed == [("w1", 2)]
 
 
@@ -240,8 +256,9 @@ def test_replan_spreads_several_slices_across_survivors():
 
 def test_replan_spreads_taking_existing_busy_into_account():
     survivors = workers_for(3)
-    placed = replan([0, 1, 2, 3], refs_for(4), survivors, {},
-                    {"w0": 2, "w1": 0, "w2": 1})
+    placed = replan(
+        [0, 1, 2, 3], refs_for(4), survivors, {}, {"w0": 2, "w1": 0, "w2": 1}
+    )
     final = {"w0": 2, "w1": 0, "w2": 1}
     for w, _ in placed:
         final[w] += 1

@@ -2,6 +2,7 @@
 another user owns, can write to, or can re-point (a symlink of theirs) is
 refused before anything is run from it or stored in it, with a first line
 naming the path, its owner and mode, and what to do."""
+
 import json
 import os
 import pwd
@@ -28,8 +29,11 @@ def other_user():
     if os.geteuid() != 0 or not shutil.which("useradd"):
         pytest.skip("needs root and useradd to make a second user")
     name = f"qjamtest{os.getpid()}"
-    subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", name],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["useradd", "-M", "-s", "/usr/sbin/nologin", name],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield pwd.getpwnam(name).pw_uid
     finally:
@@ -49,7 +53,7 @@ def test_a_fresh_base_is_made_0700_all_the_way_and_passes(tmp_path):
     runtime.ensure_local_bundle(str(base))
     for path in (tmp_path / "a", tmp_path / "a" / "b", base, base / "runtime"):
         assert os.stat(path).st_mode & 0o777 == 0o700, path
-    secure_dir(str(base), create=False)   # and again, as found
+    secure_dir(str(base), create=False)  # and again, as found
 
 
 def test_a_base_anyone_can_write_to_is_refused(tmp_path):
@@ -61,8 +65,9 @@ def test_a_base_anyone_can_write_to_is_refused(tmp_path):
     assert _first_line(info.value) == (
         f"{base} (owner {_me()}) has mode 0777: its group and other users "
         f"can plant code or data in it; run chmod 700 {base} or set "
-        "QJAMFAB_HOME to a directory of your own")
-    assert not (base / "runtime").exists()   # nothing written there
+        "QJAMFAB_HOME to a directory of your own"
+    )
+    assert not (base / "runtime").exists()  # nothing written there
 
 
 def test_a_group_writable_subdirectory_is_refused(tmp_path):
@@ -70,8 +75,11 @@ def test_a_group_writable_subdirectory_is_refused(tmp_path):
     secure_dir(str(base))
     (base / "cache").mkdir(mode=0o700)
     (base / "cache").chmod(0o770)
-    with pytest.raises(InsecureDirectory, match=r"^\S+/cache \(owner .*\) "
-                       r"has mode 0770: its group can plant"):
+    with pytest.raises(
+        InsecureDirectory,
+        match=r"^\S+/cache \(owner .*\) "
+        r"has mode 0770: its group can plant",
+    ):
         RefCache(str(base / "cache"))
 
 
@@ -84,11 +92,11 @@ def test_a_base_owned_by_another_user_is_refused(tmp_path, other_user):
         runtime.ensure_local_bundle(str(base))
     assert _first_line(info.value) == (
         f"{base} is owned by {name} (uid {other_user}), mode 0700, not by "
-        f"you: it could hold code or data that is not yours; {ADVICE}")
+        f"you: it could hold code or data that is not yours; {ADVICE}"
+    )
 
 
-def test_a_symlink_to_another_users_directory_is_refused(tmp_path,
-                                                         other_user):
+def test_a_symlink_to_another_users_directory_is_refused(tmp_path, other_user):
     theirs = tmp_path / "theirs"
     theirs.mkdir(mode=0o700)
     os.chown(theirs, other_user, -1)
@@ -100,22 +108,25 @@ def test_a_symlink_to_another_users_directory_is_refused(tmp_path,
     assert _first_line(info.value) == (
         f"{link} (a symlink to {theirs}) is owned by {name} (uid "
         f"{other_user}), mode 0700, not by you: it could hold code or data "
-        f"that is not yours; {ADVICE}")
+        f"that is not yours; {ADVICE}"
+    )
 
 
 def test_a_symlink_another_user_owns_is_refused_even_to_our_directory(
-        tmp_path, other_user):
+    tmp_path, other_user
+):
     mine = tmp_path / "mine"
     mine.mkdir(mode=0o700)
     link = tmp_path / "base"
     link.symlink_to(mine)
-    os.lchown(link, other_user, -1)   # they could point it elsewhere later
+    os.lchown(link, other_user, -1)  # they could point it elsewhere later
     with pytest.raises(InsecureDirectory) as info:
         secure_dir(str(link / "cache"))
     assert _first_line(info.value) == (
         f"{link} is a symlink (to {mine}) owned by "
         f"{pwd.getpwuid(other_user).pw_name} (uid {other_user}), who can "
-        f"point it elsewhere: {ADVICE}")
+        f"point it elsewhere: {ADVICE}"
+    )
 
 
 def test_our_own_symlink_to_our_own_directory_is_accepted(tmp_path):
@@ -127,18 +138,18 @@ def test_our_own_symlink_to_our_own_directory_is_accepted(tmp_path):
     assert (mine / "runtime").is_dir()
 
 
-def test_a_parent_others_can_write_to_without_sticky_bit_is_refused(
-        tmp_path):
+def test_a_parent_others_can_write_to_without_sticky_bit_is_refused(tmp_path):
     lab = tmp_path / "lab"
     lab.mkdir()
-    lab.chmod(0o777)   # /tmp is 1777: its sticky bit makes it fine
+    lab.chmod(0o777)  # /tmp is 1777: its sticky bit makes it fine
     with pytest.raises(InsecureDirectory) as info:
         secure_dir(str(lab / "me" / "qjamfab"))
     assert _first_line(info.value) == (
         f"{lab}, a parent of {lab}/me/qjamfab, has mode 0777 (owner {_me()}) "
         "and no sticky bit: its group and other users can replace what is "
         "under it; set QJAMFAB_HOME to a directory whose parents only you or "
-        "root can write to")
+        "root can write to"
+    )
     lab.chmod(0o1777)
     secure_dir(str(lab / "me" / "qjamfab"))
 
@@ -146,7 +157,7 @@ def test_a_parent_others_can_write_to_without_sticky_bit_is_refused(
 def test_a_parent_another_user_owns_is_refused(tmp_path, other_user):
     theirs = tmp_path / "theirs"
     theirs.mkdir(mode=0o755)
-    (theirs / "me").mkdir(mode=0o700)   # ours, inside their directory
+    (theirs / "me").mkdir(mode=0o700)  # ours, inside their directory
     os.chown(theirs, other_user, -1)
     with pytest.raises(InsecureDirectory) as info:
         secure_dir(str(theirs / "me"))
@@ -154,7 +165,8 @@ def test_a_parent_another_user_owns_is_refused(tmp_path, other_user):
         f"{theirs}, a parent of {theirs}/me, is owned by "
         f"{pwd.getpwuid(other_user).pw_name} (uid {other_user}), mode 0755: "
         "they can replace what is under it; set QJAMFAB_HOME to a directory "
-        "whose parents only you or root can write to")
+        "whose parents only you or root can write to"
+    )
 
 
 def test_a_planted_symlink_for_the_cache_is_refused(tmp_path, other_user):
@@ -164,13 +176,14 @@ def test_a_planted_symlink_for_the_cache_is_refused(tmp_path, other_user):
     theirs.mkdir(mode=0o700)
     os.chown(theirs, other_user, -1)
     (base / "cache").symlink_to(theirs)
-    with pytest.raises(InsecureDirectory, match=(
-            rf"^{base}/cache \(a symlink to {theirs}\) is owned by ")):
+    with pytest.raises(
+        InsecureDirectory,
+        match=(rf"^{base}/cache \(a symlink to {theirs}\) is owned by "),
+    ):
         RefCache(str(base / "cache"))
 
 
-def test_the_probe_reports_an_insecure_base_and_writes_nothing(
-        tmp_path, monkeypatch):
+def test_the_probe_reports_an_insecure_base_and_writes_nothing(tmp_path, monkeypatch):
     base = tmp_path / "shared"
     base.mkdir()
     base.chmod(0o757)
@@ -178,36 +191,53 @@ def test_the_probe_reports_an_insecure_base_and_writes_nothing(
     # As the master runs it: its source alone, with `python -c`.
     with open(probe.__file__) as f:
         source = f.read()
-    out = subprocess.run([sys.executable, "-I", "-c", source, "abc"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", source, "abc"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     report = json.loads(out)
     assert report["insecure"].startswith(
-        f"{base} (owner {_me()}) has mode 0757: other users can plant code")
+        f"{base} (owner {_me()}) has mode 0757: other users can plant code"
+    )
     assert report["writable"] is False and os.listdir(base) == []
     base.chmod(0o700)
-    report = json.loads(subprocess.run(
-        [sys.executable, "-I", "-c", source, "abc"], capture_output=True,
-        text=True, check=True).stdout)
+    report = json.loads(
+        subprocess.run(
+            [sys.executable, "-I", "-c", source, "abc"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert report["insecure"] == "" and report["writable"] is True
     assert sorted(os.listdir(base)) == ["cache", "log", "run", "runtime"]
-    assert all(os.stat(base / d).st_mode & 0o777 == 0o700
-               for d in os.listdir(base))
+    assert all(os.stat(base / d).st_mode & 0o777 == 0o700 for d in os.listdir(base))
 
 
-@pytest.mark.parametrize("module, argv", [
-    ("worker", ["--name", "w", "--pipe"]), ("manage", ["status"])])
-def test_worker_and_manage_refuse_an_insecure_base_in_one_line(
-        tmp_path, module, argv):
+@pytest.mark.parametrize(
+    "module, argv", [("worker", ["--name", "w", "--pipe"]), ("manage", ["status"])]
+)
+def test_worker_and_manage_refuse_an_insecure_base_in_one_line(tmp_path, module, argv):
     base = tmp_path / "shared"
     base.mkdir()
     base.chmod(0o777)
     env = {**os.environ, "QJAMFAB_HOME": str(base), "PYTHONPATH": ROOT}
-    code = (f"import sys; sys.argv[1:] = {argv!r}; "
-            f"from qjamfab.runtime.{module} import main; main()")
-    done = subprocess.run([sys.executable, "-c", code], env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=30)
+    code = (
+        f"import sys; sys.argv[1:] = {argv!r}; "
+        f"from qjamfab.runtime.{module} import main; main()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 1
     assert done.stderr.splitlines()[0].startswith(
-        f"{base} (owner {_me()}) has mode 0777: its group and other users")
+        f"{base} (owner {_me()}) has mode 0777: its group and other users"
+    )
     assert os.listdir(base) == []

@@ -1,5 +1,6 @@
 """Job pickles are reused between runs only while nothing they are made of
 can have changed; every change a user can make still reaches the workers."""
+
 import numpy as np
 import pytest
 
@@ -62,18 +63,21 @@ def test_closure_defaults_and_code_changes_make_a_new_pickle():
 
     def by_closure(params, xs):
         return factor * sum(xs)
+
     first = _encode(by_closure)
     factor = 5
     assert _encode(by_closure)[0] != first[0]
 
     def by_default(params, xs, k=2):
         return k * sum(xs)
+
     first = _encode(by_default)
     by_default.__defaults__ = (7,)
     assert _encode(by_default)[0] != first[0]
 
     def by_code(params, xs):
         return sum(xs)
+
     first = _encode(by_code)
     by_code.__code__ = scaled.__code__
     assert _encode(by_code)[0] != first[0]
@@ -82,6 +86,7 @@ def test_closure_defaults_and_code_changes_make_a_new_pickle():
 
     def by_mutable_closure(params, xs):
         return holder["k"] * sum(xs)
+
     first = _encode(by_mutable_closure)
     holder["k"] = 9
     assert _encode(by_mutable_closure)[0] != first[0]
@@ -110,7 +115,7 @@ def test_workers_see_every_change_between_runs():
         assert m.run(job, dataset=[1]) == 101
 
 
-class Point:   # defined here: only cloudpickle can send it by value
+class Point:  # defined here: only cloudpickle can send it by value
     def __init__(self, x):
         self.x = x
 
@@ -120,23 +125,37 @@ def test_plain_params_skip_cloudpickle_and_the_rest_use_it(monkeypatch):
     by the C pickler to the bytes cloudpickle would give; anything else
     still goes through cloudpickle."""
     from qjamfab import protocol
-    plain = [1, "s", None, (np.arange(5.0), 30), {"lr": 0.1, "w": [1, 2]},
-             np.zeros((2, 3), dtype=[("a", "i4"), ("b", "f8")])]
+
+    plain = [
+        1,
+        "s",
+        None,
+        (np.arange(5.0), 30),
+        {"lr": 0.1, "w": [1, 2]},
+        np.zeros((2, 3), dtype=[("a", "i4"), ("b", "f8")]),
+    ]
     for value in plain:
-        assert [bytes(p) for p in serialize.encode_params(value)] == \
-            [bytes(p) for p in protocol.encode(value, serialize._dumps)]
+        assert [bytes(p) for p in serialize.encode_params(value)] == [
+            bytes(p) for p in protocol.encode(value, serialize._dumps)
+        ]
     cloudpickled = []
     real = serialize._dumps
 
     def spy(obj, *args, **kw):
         cloudpickled.append(obj)
         return real(obj, *args, **kw)
+
     monkeypatch.setattr(serialize, "_dumps", spy)
     for value in plain:
         serialize.encode_params(value)
     assert cloudpickled == []
-    others = [Point(1), (1, Point(2)), lambda x: x,
-              np.array([Point(3)], dtype=object), [[[[[1]]]]]]
+    others = [
+        Point(1),
+        (1, Point(2)),
+        lambda x: x,
+        np.array([Point(3)], dtype=object),
+        [[[[[1]]]]],
+    ]
     for value in others:
         serialize.encode_params(value)
     assert cloudpickled == others

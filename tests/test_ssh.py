@@ -1,6 +1,7 @@
 """Master over SSH against real OpenSSH servers on 127.0.0.x: the original
 qjam cases, caching per host, warm second sessions, output and errors that
 name host and worker, security properties and the rekey workaround."""
+
 import hashlib
 import os
 import socket
@@ -13,11 +14,29 @@ import time
 import numpy as np
 import pytest
 
-from qjamfab import (BadHostSpec, DataSet, HostUnreachable, Master,
-                     PreflightFailed, RemoteError, WorkerLost, hosts,
-                     hostspec, openssh)
-from tests.jobs import (constant, exiting, hard_exit, inner_product, killed,
-                        multiply_sum, printing, raising, sum_params)
+from qjamfab import (
+    BadHostSpec,
+    DataSet,
+    HostUnreachable,
+    Master,
+    PreflightFailed,
+    RemoteError,
+    WorkerLost,
+    hosts,
+    hostspec,
+    openssh,
+)
+from tests.jobs import (
+    constant,
+    exiting,
+    hard_exit,
+    inner_product,
+    killed,
+    multiply_sum,
+    printing,
+    raising,
+    sum_params,
+)
 
 pytestmark = pytest.mark.timeout(120)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,23 +54,23 @@ def test_two_masters_on_the_same_hosts_get_workers_of_their_own(ssh):
     opts = dict(workers_per_host=1, ssh_config=ssh.ssh_config)
     data = DataSet(np.arange(4000, dtype=np.int64).reshape(400, 10))
     with Master(["host1"], **opts) as first:
-        assert first.run(lambda p, x: int(x.sum()), dataset=data) == \
-            int(np.arange(4000).sum())
+        assert first.run(lambda p, x: int(x.sum()), dataset=data) == int(
+            np.arange(4000).sum()
+        )
         started = time.monotonic()
         with Master(["host1"], **opts) as second:
             assert time.monotonic() - started < 10
-            assert second.run(lambda p, x: int(x.sum()), dataset=data) == \
-                int(np.arange(4000).sum())
+            assert second.run(lambda p, x: int(x.sum()), dataset=data) == int(
+                np.arange(4000).sum()
+            )
             assert second.last_run.dataset_bytes_sent == 0
-            pids = [m.worker_stats()["host1-0"]["pid"]
-                    for m in (first, second)]
+            pids = [m.worker_stats()["host1-0"]["pid"] for m in (first, second)]
             assert pids[0] != pids[1]
         assert first.run(constant) == 42
 
 
 def test_a_host_listed_twice_gets_workers_for_each_mention(ssh):
-    with Master(["host1", "host1"], workers_per_host=1,
-                ssh_config=ssh.ssh_config) as m:
+    with Master(["host1", "host1"], workers_per_host=1, ssh_config=ssh.ssh_config) as m:
         assert m.workers == ["host1-0", "host1'-0"]
         assert m.run(constant) == 84
         assert len({s["pid"] for s in m.worker_stats().values()}) == 2
@@ -61,7 +80,8 @@ def test_interrupted_session_frees_its_workers(ssh, tmp_path):
     """A Master interrupted mid-run (Ctrl-C) hangs up; the daemon stuck in
     the abandoned task ends, and the next Master gets a fresh worker."""
     script = tmp_path / "interrupted.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, signal, time
         from qjamfab import Master
         m = Master(["host2"], workers_per_host=1, ssh_config={ssh.ssh_config!r})
@@ -69,10 +89,15 @@ def test_interrupted_session_frees_its_workers(ssh, tmp_path):
                       lambda *a: os.kill(os.getpid(), signal.SIGINT))
         signal.setitimer(signal.ITIMER_REAL, 1.0)
         m.run(lambda p, x: time.sleep(60))
-    """))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True,
-                          text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": REPO})
+    """)
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     assert "KeyboardInterrupt" in proc.stderr, proc.stderr
     started = time.monotonic()
     with Master(["host2"], workers_per_host=1, ssh_config=ssh.ssh_config) as m:
@@ -80,36 +105,38 @@ def test_interrupted_session_frees_its_workers(ssh, tmp_path):
     assert time.monotonic() - started < 10
 
 
-def test_failing_openssh_client_falls_back_to_paramiko(ssh, tmp_path,
-                                                      monkeypatch, caplog):
+def test_failing_openssh_client_falls_back_to_paramiko(
+    ssh, tmp_path, monkeypatch, caplog
+):
     fake = tmp_path / "ssh"
-    fake.write_text("#!/bin/sh\necho 'ssh: no route to the moon' >&2\n"
-                    "exit 255\n")
+    fake.write_text("#!/bin/sh\necho 'ssh: no route to the moon' >&2\nexit 255\n")
     fake.chmod(0o700)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    with Master(["host1"], workers_per_host=1, ssh_config=ssh.ssh_config,
-                ssh_client="openssh") as m:
+    with Master(
+        ["host1"], workers_per_host=1, ssh_config=ssh.ssh_config, ssh_client="openssh"
+    ) as m:
         assert m.run(constant) == 42
-        assert type(m._live()[0].link.transport).__name__ == \
-            "SSHChannelTransport"
-    assert "the OpenSSH client cannot reach host1 (ssh: no route to the " \
+        assert type(m._live()[0].link.transport).__name__ == "SSHChannelTransport"
+    assert (
+        "the OpenSSH client cannot reach host1 (ssh: no route to the "
         "moon); using paramiko for its workers" in caplog.text
+    )
 
 
 @pytest.mark.parametrize("client", ["openssh", "paramiko"])
 def test_workers_behind_a_jump_host(ssh, tmp_path, client):
     cfg = tmp_path / "ssh_config"
-    cfg.write_text("Host host3\n    ProxyJump host1\n\n"
-                   + open(ssh.ssh_config).read())
+    cfg.write_text("Host host3\n    ProxyJump host1\n\n" + open(ssh.ssh_config).read())
     with open(ssh["host1"].log) as f:
         before = f.read().count("Accepted publickey")
-    with Master(["host3"], workers_per_host=1, ssh_config=str(cfg),
-                ssh_client=client) as m:
+    with Master(
+        ["host3"], workers_per_host=1, ssh_config=str(cfg), ssh_client=client
+    ) as m:
         assert m.run(constant) == 42
         assert type(m._live()[0].link.transport).__name__ == (
-            "OpenSSHTransport" if client == "openssh"
-            else "SSHChannelTransport")
-    with open(ssh["host1"].log) as f:   # host1 forwarded the connections
+            "OpenSSHTransport" if client == "openssh" else "SSHChannelTransport"
+        )
+    with open(ssh["host1"].log) as f:  # host1 forwarded the connections
         assert f.read().count("Accepted publickey") > before
 
 
@@ -118,8 +145,10 @@ def test_remote_stderr_does_not_stall_reading(ssh):
     (a login shell's warning, say): reading must not then wait for
     stdout. The far end here speaks the protocol after such a warning."""
     import shlex
+
     from qjamfab.transport import SSHChannelTransport
     from qjamfab.workers import Inbox, Link
+
     code = textwrap.dedent("""\
         import os, sys
         from qjamfab import protocol
@@ -131,13 +160,16 @@ def test_remote_stderr_does_not_stall_reading(ssh):
         """)
     conn = hosts.connect("host1", ssh_config=ssh.ssh_config)
     try:
-        link = Link("w", SSHChannelTransport(
-            "w", conn, shlex.join([sys.executable, "-c", code])),
-            agent=False, stall_timeout=5.0)
+        link = Link(
+            "w",
+            SSHChannelTransport("w", conn, shlex.join([sys.executable, "-c", code])),
+            agent=False,
+            stall_timeout=5.0,
+        )
         handle = link.start_direct("w")
         inbox = Inbox()
         inbox.add(link)
-        time.sleep(0.3)   # the warning has arrived
+        time.sleep(0.3)  # the warning has arrived
         started = time.monotonic()
         assert not inbox.poll(0) and not inbox.pending
         assert time.monotonic() - started < 1 and handle.alive
@@ -152,8 +184,10 @@ def test_much_remote_stderr_does_not_stall_the_openssh_client(ssh):
     far end that writes more to stderr than a pipe holds must still get
     its frames through."""
     import shlex
+
     from qjamfab.transport import OpenSSHTransport
     from qjamfab.workers import Link
+
     code = textwrap.dedent("""\
         import os, sys
         from qjamfab import protocol
@@ -163,20 +197,25 @@ def test_much_remote_stderr_does_not_stall_the_openssh_client(ssh):
             os.write(1, b)
         """)
     argv = openssh.openssh_command(
-        openssh.openssh_client("openssh"), hostspec.parse_hosts("host1")[0],
-        shlex.join([sys.executable, "-c", code]), ssh_config=ssh.ssh_config)
-    link = Link("w", OpenSSHTransport("w", argv), agent=False,
-                stall_timeout=5.0)
+        openssh.openssh_client("openssh"),
+        hostspec.parse_hosts("host1")[0],
+        shlex.join([sys.executable, "-c", code]),
+        ssh_config=ssh.ssh_config,
+    )
+    link = Link("w", OpenSSHTransport("w", argv), agent=False, stall_timeout=5.0)
     assert link.start_direct("w").hello["version"] > 0
     status, tail = link.transport.exit_report(None)
     assert status == 0 and tail.endswith("noise noise last words")
-    assert len(tail) <= 1 << 16   # its tail: what the master shows
+    assert len(tail) <= 1 << 16  # its tail: what the master shows
     link.close()
 
 
 def test_bad_ssh_client_choice_is_refused_early(ssh):
-    with pytest.raises(BadHostSpec, match=r"^ssh client 'telnet' is not a "
-                       "choice"):
+    with pytest.raises(
+        BadHostSpec,
+        match=r"^ssh client 'telnet' is not a "
+        "choice",
+    ):
         Master(["host1"], ssh_config=ssh.ssh_config, ssh_client="telnet")
     assert Master("local:1", ssh_client="telnet").run(constant) == 42
 
@@ -184,14 +223,20 @@ def test_bad_ssh_client_choice_is_refused_early(ssh):
 # Tests with Masters of their own come first: a worker daemon serves one
 # Master at a time, and master3 holds worker-0 of every host once created.
 
+
 @pytest.fixture(scope="module", params=["openssh", "paramiko"])
 def master3(ssh, request):
     """Three hosts, one worker each, their frames carried by each client."""
-    with Master(ssh.aliases, workers_per_host=1, ssh_config=ssh.ssh_config,
-                ssh_client=request.param) as m:
+    with Master(
+        ssh.aliases,
+        workers_per_host=1,
+        ssh_config=ssh.ssh_config,
+        ssh_client=request.param,
+    ) as m:
         transports = {type(h.link.transport).__name__ for h in m._live()}
-        assert transports == {"OpenSSHTransport" if request.param == "openssh"
-                              else "SSHChannelTransport"}
+        assert transports == {
+            "OpenSSHTransport" if request.param == "openssh" else "SSHChannelTransport"
+        }
         yield m
 
 
@@ -203,21 +248,23 @@ def test_second_master_finds_warm_workers_and_caches(ssh):
         pids = {n: s["pid"] for n, s in first.worker_stats().items()}
     before = {a: _connections(ssh, a) for a in ssh.aliases}
     with Master(ssh.aliases, **opts) as second:
-        assert second.run(lambda p, x: int(x.sum()), dataset=data) == \
-            int(np.arange(6000).sum())
+        assert second.run(lambda p, x: int(x.sum()), dataset=data) == int(
+            np.arange(6000).sum()
+        )
         assert second.last_run.dataset_bytes_sent == 0
         assert {n: s["pid"] for n, s in second.worker_stats().items()} == pids
     # One connection per host: the agent attached the running daemons.
-    assert {a: _connections(ssh, a) - before[a] for a in ssh.aliases} == \
-        {a: 1 for a in ssh.aliases}
+    assert {a: _connections(ssh, a) - before[a] for a in ssh.aliases} == {
+        a: 1 for a in ssh.aliases
+    }
 
 
 def test_stopped_daemons_start_in_the_one_connection(ssh):
     """Where no daemon listens, the agent starts them all and they attach,
     over the one connection the Master opened."""
     from qjamfab import cluster
-    cluster.stop_workers(hostspec.parse_hosts(["host2"]),
-                         ssh_config=ssh.ssh_config)
+
+    cluster.stop_workers(hostspec.parse_hosts(["host2"]), ssh_config=ssh.ssh_config)
     before = _connections(ssh, "host2")
     with Master(["host2"], workers_per_host=2, ssh_config=ssh.ssh_config) as m:
         assert m.run(sum_params, params=[1, 2]) == 6
@@ -227,9 +274,12 @@ def test_stopped_daemons_start_in_the_one_connection(ssh):
 
 def test_missing_remote_python(ssh, monkeypatch):
     monkeypatch.setenv("QJAMFAB_REMOTE_PYTHON", "/nonexistent/python3")
-    with pytest.raises(PreflightFailed, match="^host1: python "
-                       "'/nonexistent/python3' was not found: install python3 "
-                       "there, or set QJAMFAB_REMOTE_PYTHON"):
+    with pytest.raises(
+        PreflightFailed,
+        match="^host1: python "
+        "'/nonexistent/python3' was not found: install python3 "
+        "there, or set QJAMFAB_REMOTE_PYTHON",
+    ):
         Master(["host1"], ssh_config=ssh.ssh_config)
 
 
@@ -244,16 +294,23 @@ def test_down_host_fails_fast(ssh, tmp_path):
     assert "127.0.0.9" in str(info.value).splitlines()[0]
 
 
-@pytest.mark.parametrize("job,status,how", [
-    (exiting, 3, "exit status 3"),
-    (hard_exit, 7, "exit status 7"),
-    (killed, -9, "killed by SIGKILL"),
-], ids=["sys.exit", "os._exit", "SIGKILL"])
+@pytest.mark.parametrize(
+    "job,status,how",
+    [
+        (exiting, 3, "exit status 3"),
+        (hard_exit, 7, "exit status 7"),
+        (killed, -9, "killed by SIGKILL"),
+    ],
+    ids=["sys.exit", "os._exit", "SIGKILL"],
+)
 def test_a_lost_worker_says_its_own_exit_over_ssh(ssh, job, status, how):
     """The daemon's own status or signal, as for local workers."""
     with Master(["host3"], workers_per_host=1, ssh_config=ssh.ssh_config) as m:
-        with pytest.raises(WorkerLost, match=rf"^worker host3-0 was lost "
-                           rf"\({how}\) running mapfunc\(params, None\)"):
+        with pytest.raises(
+            WorkerLost,
+            match=rf"^worker host3-0 was lost "
+            rf"\({how}\) running mapfunc\(params, None\)",
+        ):
             m.run(job)
         assert m.run(constant) == 42
 
@@ -268,8 +325,10 @@ def test_an_unreachable_host_at_start_is_left_out(ssh, caplog):
     with Master(["host1", down], **opts) as m:
         assert m.run(constant) == 42
         assert m.last_run.workers == 1
-    assert f"host {down} is unavailable, retrying later: {down}: " \
+    assert (
+        f"host {down} is unavailable, retrying later: {down}: "
         "connection refused" in caplog.text
+    )
     with pytest.raises(HostUnreachable, match=f"^{down}: connection refused"):
         Master(["host1", down], require_all=True, **opts)
 
@@ -278,11 +337,17 @@ def test_original_cases_on_three_hosts(master3):
     assert master3.workers == ["host1-0", "host2-0", "host3-0"]
     assert master3.run(constant) == 126
     assert master3.run(sum_params, params=[1, 2, 3, 6, 7, 9]) == 84
-    assert master3.run(multiply_sum, params=3,
-                       dataset=DataSet(list(range(100)))) == 14850
-    assert master3.run(inner_product, params=[2, 4],
-                       dataset=DataSet([[1, 2], [3, 4], [5, 6], [7, 8],
-                                        [9, 10]])) == 170
+    assert (
+        master3.run(multiply_sum, params=3, dataset=DataSet(list(range(100)))) == 14850
+    )
+    assert (
+        master3.run(
+            inner_product,
+            params=[2, 4],
+            dataset=DataSet([[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]]),
+        )
+        == 170
+    )
 
 
 def test_output_and_errors_name_host_and_worker(master3, capfd):
@@ -299,10 +364,13 @@ def test_output_and_errors_name_host_and_worker(master3, capfd):
 def test_caches_of_hosts_are_kept_apart(master3, ssh):
     master3.clear_cache()
     data = DataSet(np.arange(3000, dtype=np.float64).reshape(300, 10))
-    assert master3.run(lambda p, x: float(x.sum()), dataset=data) == \
-        float(np.arange(3000).sum())
-    entries = {alias: set(os.listdir(os.path.join(ssh.homes[alias], "cache")))
-               for alias in ssh.aliases}
+    assert master3.run(lambda p, x: float(x.sum()), dataset=data) == float(
+        np.arange(3000).sum()
+    )
+    entries = {
+        alias: set(os.listdir(os.path.join(ssh.homes[alias], "cache")))
+        for alias in ssh.aliases
+    }
     assert all(entries.values())
     a, b, c = entries.values()
     assert not (a & b) and not (b & c) and not (a & c)
@@ -338,6 +406,7 @@ def test_worker_sockets_and_base_are_private(master3, ssh):
 
 def test_killed_daemon_is_replaced(master3, ssh):
     import signal
+
     stats = master3.worker_stats()
     os.kill(stats["host2-0"]["pid"], signal.SIGKILL)
     data = DataSet(list(range(30)))
@@ -352,29 +421,43 @@ def test_daemon_of_another_runtime_is_replaced(ssh):
     """After an upgrade, a daemon of the old runtime (which may speak
     another protocol) is stopped and a current one started in its place."""
     import shutil
+
     from qjamfab import cluster, runtime
+
     host3 = hostspec.parse_hosts(["host3"])
     assert cluster.bootstrap(host3, ssh_config=ssh.ssh_config)[0].ok
     cluster.stop_workers(host3, ssh_config=ssh.ssh_config)
     home = ssh.homes["host3"]
     current, older = runtime.bundle_hash(), "0" * 16
-    shutil.copytree(os.path.join(home, "runtime", current),
-                    os.path.join(home, "runtime", older), dirs_exist_ok=True)
+    shutil.copytree(
+        os.path.join(home, "runtime", current),
+        os.path.join(home, "runtime", older),
+        dirs_exist_ok=True,
+    )
     old = subprocess.Popen(
-        [sys.executable, "-c",
-         runtime.boot_code("worker").replace(current, older),
-         "--socket", os.path.join(home, "run", "worker-0.sock"),
-         "--name", "worker-0", "--base", home],
-        env={**os.environ, "QJAMFAB_HOME": home}, start_new_session=True,
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-c",
+            runtime.boot_code("worker").replace(current, older),
+            "--socket",
+            os.path.join(home, "run", "worker-0.sock"),
+            "--name",
+            "worker-0",
+            "--base",
+            home,
+        ],
+        env={**os.environ, "QJAMFAB_HOME": home},
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 10
         while not os.path.exists(os.path.join(home, "run", "worker-0.pid")):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        with Master(["host3"], workers_per_host=1,
-                    ssh_config=ssh.ssh_config) as m:
+        with Master(["host3"], workers_per_host=1, ssh_config=ssh.ssh_config) as m:
             assert m.run(constant) == 42
             assert m.worker_stats()["host3-0"]["pid"] != old.pid
         assert old.wait(10) is not None
@@ -385,12 +468,9 @@ def test_daemon_of_another_runtime_is_replaced(ssh):
 
 
 @pytest.mark.timeout(600)
-
-
 def test_two_gib_each_way_through_one_connection(ssh):
     """The paramiko rekey workaround (DESIGN.md: issue 822) holds up."""
-    conn = hosts.connect(hostspec.parse_hosts("host1")[0],
-                         ssh_config=ssh.ssh_config)
+    conn = hosts.connect(hostspec.parse_hosts("host1")[0], ssh_config=ssh.ssh_config)
     total = 2 << 30
     block = os.urandom(1 << 20)
     try:
@@ -403,6 +483,7 @@ def test_two_gib_each_way_through_one_connection(ssh):
                 channel.sendall(block)
                 sent_hash.update(block)
             channel.shutdown_write()
+
         writer = threading.Thread(target=send)
         writer.start()
         received = 0
@@ -418,82 +499,94 @@ def test_two_gib_each_way_through_one_connection(ssh):
 
 
 def test_a_module_the_host_lacks_is_one_line_naming_host_and_module(
-        ssh, tmp_path, monkeypatch):
+    ssh, tmp_path, monkeypatch
+):
     """A host whose Python is a bare venv (no numpy): the runtime needs only
     the standard library, and a numpy dataset fails naming host and module,
     not as a lost worker."""
     from qjamfab import cluster
+
     venv = tmp_path / "bare"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)],
-                   check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)],
+        check=True,
+        timeout=120,
+    )
     python = str(venv / "bin" / "python")
     monkeypatch.setenv("QJAMFAB_REMOTE_PYTHON", python)
     try:
-        with Master(["host2"], workers_per_host=1,
-                    ssh_config=ssh.ssh_config) as m:
+        with Master(["host2"], workers_per_host=1, ssh_config=ssh.ssh_config) as m:
             assert m.run(constant) == 42
             assert m.worker_stats()["host2-0"]["pid"]
-            with pytest.raises(PreflightFailed, match=(
+            with pytest.raises(
+                PreflightFailed,
+                match=(
                     r"^host2 lacks the Python module 'numpy', which a dataset "
                     r"slice needs \(worker host2-0\): install it for "
-                    rf"{python} there")):
-                m.run(lambda p, x: float(x.sum()),
-                      dataset=DataSet(np.arange(100.0)))
+                    rf"{python} there"
+                ),
+            ):
+                m.run(lambda p, x: float(x.sum()), dataset=DataSet(np.arange(100.0)))
             assert m.run(constant) == 42
             assert m.last_run.lost_workers == []
     finally:
         # Later tests expect daemons of the ordinary Python on host2.
-        cluster.stop_workers(hostspec.parse_hosts(["host2"]),
-                             ssh_config=ssh.ssh_config)
+        cluster.stop_workers(hostspec.parse_hosts(["host2"]), ssh_config=ssh.ssh_config)
 
 
 def test_a_cache_limit_of_zero_keeps_slices_off_the_hosts_disk(ssh):
     cache = os.path.join(ssh.homes["host1"], "cache")
-    with Master(["host1"], workers_per_host=2, ssh_config=ssh.ssh_config,
-                cache_limit=0) as m:
+    with Master(
+        ["host1"], workers_per_host=2, ssh_config=ssh.ssh_config, cache_limit=0
+    ) as m:
         m.clear_cache()
         data = DataSet(np.arange(20_000, dtype=np.int64))
-        assert m.run(lambda p, x: int(x.sum()), dataset=data) == \
-            int(np.arange(20_000).sum())
+        assert m.run(lambda p, x: int(x.sum()), dataset=data) == int(
+            np.arange(20_000).sum()
+        )
         assert m.last_run.slices_sent == m.last_run.slices
         assert [n for n in os.listdir(cache) if not n.endswith(".tmp")] == []
         # Kept in the workers' memory: the next run sends nothing.
-        assert m.run(lambda p, x: int(x.sum()), dataset=data) == \
-            int(np.arange(20_000).sum())
+        assert m.run(lambda p, x: int(x.sum()), dataset=data) == int(
+            np.arange(20_000).sum()
+        )
         assert m.last_run.slices_sent == 0
 
 
-def test_hosts_that_differ_have_their_own_workers_python_and_env(
-        ssh, tmp_path):
+def test_hosts_that_differ_have_their_own_workers_python_and_env(ssh, tmp_path):
     """Per-host settings, from a hosts file as a lab would keep one: a
     worker count, a Python, environment variables per worker (each worker
     of a GPU host its own GPU)."""
     from qjamfab import cluster
+
     hosts_file = tmp_path / "hosts"
     hosts_file.write_text(
         "# our lab\n"
         "host1 workers=2 env.QJ_GPU={worker}   # two GPUs\n"
-        f"host2 workers=1 python={sys.executable}\n")
+        f"host2 workers=1 python={sys.executable}\n"
+    )
     specs = hostspec.parse_hosts(["host1", "host2"])
     cluster.stop_workers(specs, ssh_config=ssh.ssh_config)
 
     def gpu(params, _):
         return [os.environ.get("QJ_GPU", "-")]
+
     with Master(f"@{hosts_file}", ssh_config=ssh.ssh_config) as m:
         assert m.workers == ["host1-0", "host1-1", "host2-0"]
         assert m.run(gpu, reduce=lambda a, b: a + b) == ["0", "1", "-"]
         pids = {n: s["pid"] for n, s in m.worker_stats().items()}
     # Other settings on a warm host: its daemons are replaced to match.
-    with Master(["host1 workers=2 env.QJ_GPU=x{worker}"],
-                ssh_config=ssh.ssh_config) as m:
+    with Master(
+        ["host1 workers=2 env.QJ_GPU=x{worker}"], ssh_config=ssh.ssh_config
+    ) as m:
         assert m.run(gpu, reduce=lambda a, b: a + b) == ["x0", "x1"]
-        assert not set(s["pid"] for s in m.worker_stats().values()) & set(
-            pids.values())
+        assert not set(s["pid"] for s in m.worker_stats().values()) & set(pids.values())
     cluster.stop_workers(specs, ssh_config=ssh.ssh_config)
 
 
 def test_a_worker_count_given_to_start_workers_sticks(ssh):
     from qjamfab import cluster
+
     specs = hostspec.parse_hosts(["host3"])
     cluster.stop_workers(specs, ssh_config=ssh.ssh_config)
     assert cluster.start_workers(specs, 1, ssh_config=ssh.ssh_config)[0].ok
@@ -503,8 +596,14 @@ def test_a_worker_count_given_to_start_workers_sticks(ssh):
 
 
 def test_a_long_c_call_holding_the_gil_is_not_lost_over_ssh(ssh):
-    with Master(["host1"], workers_per_host=2, ssh_config=ssh.ssh_config,
-                heartbeat_timeout=2.0) as m:
-        assert m.run(lambda p, xs: sum(range(10 ** 8)) and sum(xs),
-                     dataset=DataSet(list(range(4)), slice_size=2)) == 6
+    with Master(
+        ["host1"], workers_per_host=2, ssh_config=ssh.ssh_config, heartbeat_timeout=2.0
+    ) as m:
+        assert (
+            m.run(
+                lambda p, xs: sum(range(10**8)) and sum(xs),
+                dataset=DataSet(list(range(4)), slice_size=2),
+            )
+            == 6
+        )
         assert m.last_run.lost_workers == []

@@ -2,6 +2,7 @@
 ``inv`` (tasks.py), ``fab`` (fabfile.py) and ``qjamfab`` (qjamfab.cli), as
 subprocesses from the repository root; on `local` hosts, and on three private
 sshd servers (tests/sshd_hosts.py) on 127.0.0.2-4."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ from qjamfab.hostspec import parse_hosts
 
 try:
     from sshd_hosts import SshdHosts, sshd_available
-except ImportError:   # tests/ collected as a package
+except ImportError:  # tests/ collected as a package
     from tests.sshd_hosts import SshdHosts, sshd_available
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,32 +33,48 @@ HOSTS = "host1,host2,host3"
 
 # --- helpers -----------------------------------------------------------------
 
+
 def _qjamfab_command() -> list[str]:
     script = Path(sys.executable).parent / "qjamfab"
-    if script.is_file():          # the installed console script
+    if script.is_file():  # the installed console script
         return [str(script)]
     return [sys.executable, "-m", "qjamfab.cli"]
 
 
-def cli(tool: str, *args: str, env: dict | None = None, timeout: float = 60,
-        cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def cli(
+    tool: str,
+    *args: str,
+    env: dict | None = None,
+    timeout: float = 60,
+    cwd: Path = ROOT,
+) -> subprocess.CompletedProcess:
     """Run `inv`, `fab` or `qjamfab` with args; its completed process."""
-    command = {"inv": [sys.executable, "-m", "invoke"],
-               "fab": [sys.executable, "-m", "fabric"],
-               "qjamfab": _qjamfab_command()}[tool]
-    full_env = dict(os.environ)   # holds this test's own QJAMFAB_HOME
+    command = {
+        "inv": [sys.executable, "-m", "invoke"],
+        "fab": [sys.executable, "-m", "fabric"],
+        "qjamfab": _qjamfab_command(),
+    }[tool]
+    full_env = dict(os.environ)  # holds this test's own QJAMFAB_HOME
     full_env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT)] + ([full_env["PYTHONPATH"]]
-                       if full_env.get("PYTHONPATH") else []))
+        [str(ROOT)] + ([full_env["PYTHONPATH"]] if full_env.get("PYTHONPATH") else [])
+    )
     full_env.update(env or {})
-    return subprocess.run([*command, *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [*command, *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def describe(proc) -> str:
-    return (f"{proc.args}\nexit status {proc.returncode}\n--- stdout ---\n"
-            f"{proc.stdout}\n--- stderr ---\n{proc.stderr}")
+    return (
+        f"{proc.args}\nexit status {proc.returncode}\n--- stdout ---\n"
+        f"{proc.stdout}\n--- stderr ---\n{proc.stderr}"
+    )
 
 
 def tables(text: str) -> list[dict[str, dict[str, str]]]:
@@ -69,12 +86,15 @@ def tables(text: str) -> list[dict[str, dict[str, str]]]:
         if not (lines[i].startswith("host ") and lines[i + 1].startswith("-")):
             continue
         rule = lines[i + 1]
-        starts = [k for k, ch in enumerate(rule)
-                  if ch == "-" and (k == 0 or rule[k - 1] == " ")]
+        starts = [
+            k
+            for k, ch in enumerate(rule)
+            if ch == "-" and (k == 0 or rule[k - 1] == " ")
+        ]
         bounds = list(zip(starts, starts[1:] + [None]))
         headers = [lines[i][a:b].strip() for a, b in bounds]
         rows = {}
-        for line in lines[i + 2:]:
+        for line in lines[i + 2 :]:
             if not line.strip() or line.startswith("("):
                 break
             cells = [line[a:b].strip() for a, b in bounds]
@@ -91,6 +111,7 @@ def one_table(proc) -> dict[str, dict[str, str]]:
 
 # --- local hosts ---------------------------------------------------------------
 
+
 def test_local_bootstrap_and_status():
     proc = cli("inv", "bootstrap", "--hosts=local")
     assert proc.returncode == 0, describe(proc)
@@ -105,20 +126,24 @@ def test_local_bootstrap_and_status():
     proc = cli("inv", "status", "--hosts=local")
     assert proc.returncode == 0, describe(proc)
     row = one_table(proc)["local"]
-    assert (row["workers"], row["entries"], row["cache"],
-            row["status"]) == ("0", "0", "0 B", "ok"), describe(proc)
+    assert (row["workers"], row["entries"], row["cache"], row["status"]) == (
+        "0",
+        "0",
+        "0 B",
+        "ok",
+    ), describe(proc)
     assert row["runtime"].endswith("*"), describe(proc)
 
 
 def test_local_start_status_stop_workers():
     try:
-        proc = cli("inv", "start-workers", "--hosts=local",
-                   "--workers-per-host", "1")
+        proc = cli("inv", "start-workers", "--hosts=local", "--workers-per-host", "1")
         assert proc.returncode == 0, describe(proc)
         row = one_table(proc)["local"]
-        assert (row["started"], row["running"], row["status"]) == \
-            ("1", "1", "ok"), describe(proc)
-        proc = cli("inv", "status")           # default hosts: local
+        assert (row["started"], row["running"], row["status"]) == ("1", "1", "ok"), (
+            describe(proc)
+        )
+        proc = cli("inv", "status")  # default hosts: local
         assert one_table(proc)["local"]["workers"] == "1", describe(proc)
     finally:
         proc = cli("inv", "stop-workers", "--hosts=local")
@@ -135,8 +160,7 @@ def check_sum_matrix(proc, n: int, workers: int) -> None:
 
 
 def test_local_run_args_after_double_dash():
-    proc = cli("inv", "run", "examples/sum_matrix.py", "--hosts=local:2",
-               "--", "60")
+    proc = cli("inv", "run", "examples/sum_matrix.py", "--hosts=local:2", "--", "60")
     check_sum_matrix(proc, 60, 2)
 
 
@@ -147,48 +171,62 @@ def test_local_run_quoted_script_and_args():
 
 def test_run_passes_args_env_and_exit_status(tmp_path):
     script = tmp_path / "show.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import json, os, sys
         print(json.dumps({"argv": sys.argv[1:],
                           "hosts": os.environ.get("QJAMFAB_HOSTS"),
                           "from_cli": os.environ.get("QJAMFAB_HOSTS_FROM_CLI"),
                           "ssh_config": os.environ.get("QJAMFAB_SSH_CONFIG")}))
         sys.exit(3)
-    """))
+    """)
+    )
     config = tmp_path / "ssh_config"
     config.write_text("Host nothing\n    HostName 127.0.0.1\n")
-    proc = cli("inv", "run", f"{script} 'one two'", "--hosts=local:1,local",
-               f"--ssh-config={config}", "--", "three four", "--five", "",
-               "-- six")
+    proc = cli(
+        "inv",
+        "run",
+        f"{script} 'one two'",
+        "--hosts=local:1,local",
+        f"--ssh-config={config}",
+        "--",
+        "three four",
+        "--five",
+        "",
+        "-- six",
+    )
     assert proc.returncode == 3, describe(proc)
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert seen == {"argv": ["one two", "three four", "--five", "",
-                             "-- six"],
-                    "hosts": "local:1,local", "from_cli": "1",
-                    "ssh_config": str(config)}, describe(proc)
+    assert seen == {
+        "argv": ["one two", "three four", "--five", "", "-- six"],
+        "hosts": "local:1,local",
+        "from_cli": "1",
+        "ssh_config": str(config),
+    }, describe(proc)
     # the same through the installed program, hosts from the environment
     # (an outer inv run's mark does not pass on)
-    proc = cli("qjamfab", "run", str(script),
-               env={"QJAMFAB_HOSTS": "local:3", "QJAMFAB_HOSTS_FROM_CLI": "1"})
+    proc = cli(
+        "qjamfab",
+        "run",
+        str(script),
+        env={"QJAMFAB_HOSTS": "local:3", "QJAMFAB_HOSTS_FROM_CLI": "1"},
+    )
     assert proc.returncode == 3, describe(proc)
     seen = json.loads(proc.stdout.strip())
-    assert (seen["hosts"], seen["from_cli"]) == ("local:3", None), \
-        describe(proc)
+    assert (seen["hosts"], seen["from_cli"]) == ("local:3", None), describe(proc)
 
 
 def test_run_missing_script():
     proc = cli("inv", "run", "examples/no_such_script.py", "--hosts=local")
     assert proc.returncode == 2, describe(proc)
-    assert "examples/no_such_script.py does not exist" in proc.stderr, \
-        describe(proc)
+    assert "examples/no_such_script.py does not exist" in proc.stderr, describe(proc)
 
 
 def test_bad_arguments_exit_2(tmp_path):
     proc = cli("inv", "bootstrap", "--hosts=local,,local")
     assert proc.returncode == 2 and "bad --hosts" in proc.stderr, describe(proc)
     proc = cli("inv", "start-workers", "--workers-per-host=0")
-    assert proc.returncode == 2 and "--workers-per-host" in proc.stderr, \
-        describe(proc)
+    assert proc.returncode == 2 and "--workers-per-host" in proc.stderr, describe(proc)
     missing = tmp_path / "missing_config"
     proc = cli("inv", "status", f"--ssh-config={missing}")
     assert proc.returncode == 2 and str(missing) in proc.stderr, describe(proc)
@@ -200,12 +238,17 @@ def test_help_and_list():
     assert "Usage: qjamfab" in proc.stdout, describe(proc)
     proc = cli("qjamfab", "--list")
     assert proc.returncode == 0, describe(proc)
-    for name in ("bootstrap", "start-workers", "status", "run", "clear-cache",
-                 "stop-workers"):
+    for name in (
+        "bootstrap",
+        "start-workers",
+        "status",
+        "run",
+        "clear-cache",
+        "stop-workers",
+    ):
         assert f"  {name} " in proc.stdout, describe(proc)
     proc = cli("qjamfab", "--version")
-    assert proc.returncode == 0 and "qjamfab 0.1.0" in proc.stdout, \
-        describe(proc)
+    assert proc.returncode == 0 and "qjamfab 0.1.0" in proc.stdout, describe(proc)
     proc = cli("inv", "bootstrap", "--help")
     assert proc.returncode == 0, describe(proc)
     assert "--hosts=STRING" in proc.stdout, describe(proc)
@@ -213,59 +256,66 @@ def test_help_and_list():
     # a positional argument would swallow --help: run shows its help anyway
     proc = cli("inv", "run", "--help")
     assert proc.returncode == 0, describe(proc)
-    assert "run SCRIPT" in proc.stdout and "--hosts" in proc.stdout, \
-        describe(proc)
+    assert "run SCRIPT" in proc.stdout and "--hosts" in proc.stdout, describe(proc)
     proc = cli("inv", "--list")
-    assert proc.returncode == 0 and "stop-workers" in proc.stdout, \
-        describe(proc)
+    assert proc.returncode == 0 and "stop-workers" in proc.stdout, describe(proc)
 
 
 def test_fab_without_hosts_flag():
     proc = cli("fab", "bootstrap", "--hosts=local")
     assert proc.returncode == 0, describe(proc)
     row = one_table(proc)["local"]
-    assert (row["runtime"], row["status"]) == ("uploaded", "ok"), \
-        describe(proc)
+    assert (row["runtime"], row["status"]) == ("uploaded", "ok"), describe(proc)
 
 
 def table_lines(text: str) -> list[str]:
     """The lines of the table in text: its header to its last row."""
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("host "))
-    end = next((i for i in range(start, len(lines))
-                if not lines[i].strip() or lines[i].startswith("(")),
-               len(lines))
+    end = next(
+        (
+            i
+            for i in range(start, len(lines))
+            if not lines[i].strip() or lines[i].startswith("(")
+        ),
+        len(lines),
+    )
     return lines[start:end]
 
 
 def test_every_task_table_fits_80_columns(tmp_path, qjamfab_home):
     """Each lifecycle table, with a host whose long error fills the status
     column, fits 80 columns when piped; the full error follows the table."""
-    with socket.socket() as s:   # a port where nothing listens
+    with socket.socket() as s:  # a port where nothing listens
         s.bind(("127.0.0.9", 0))
         port = s.getsockname()[1]
     config = tmp_path / "ssh_config"
-    config.write_text(f"Host downhost\n    HostName 127.0.0.9\n"
-                      f"    Port {port}\n")
+    config.write_text(f"Host downhost\n    HostName 127.0.0.9\n    Port {port}\n")
     args = ("--hosts=local,downhost", f"--ssh-config={config}")
     try:
-        for task in (["bootstrap"], ["start-workers", "--workers-per-host=1"],
-                     ["status"], ["clear-cache"], ["stop-workers"]):
-            if task == ["status"]:   # an old runtime beside this one
+        for task in (
+            ["bootstrap"],
+            ["start-workers", "--workers-per-host=1"],
+            ["status"],
+            ["clear-cache"],
+            ["stop-workers"],
+        ):
+            if task == ["status"]:  # an old runtime beside this one
                 (qjamfab_home / "runtime" / "0123456789abcdef").mkdir()
             proc = cli("inv", *task, *args)
             assert proc.returncode == 1, describe(proc)
             lines = table_lines(proc.stdout)
-            assert len(lines) == 4 and max(map(len, lines)) <= 80, \
-                describe(proc)
+            assert len(lines) == 4 and max(map(len, lines)) <= 80, describe(proc)
             status = one_table(proc)["downhost"]["status"]
-            assert status.startswith("conn") and status.endswith("..."), \
-                describe(proc)
-            assert f"    downhost: connection refused by 127.0.0.9:{port}" \
-                in proc.stdout, describe(proc)
+            assert status.startswith("conn") and status.endswith("..."), describe(proc)
+            assert (
+                f"    downhost: connection refused by 127.0.0.9:{port}" in proc.stdout
+            ), describe(proc)
             if task == ["status"]:
-                assert one_table(proc)["local"]["runtime"] == \
-                    runtime.bundle_hash()[:8] + "* +1", describe(proc)
+                assert (
+                    one_table(proc)["local"]["runtime"]
+                    == runtime.bundle_hash()[:8] + "* +1"
+                ), describe(proc)
     finally:
         cli("inv", "stop-workers", "--hosts=local")
 
@@ -285,8 +335,10 @@ def connect():
 connect()
 """
 
-FIRST = ("HostUnreachable: a: connection refused by 10.0.0.1:22: start sshd "
-         "on a, or check its address")
+FIRST = (
+    "HostUnreachable: a: connection refused by 10.0.0.1:22: start sshd "
+    "on a, or check its address"
+)
 
 
 def test_run_script_qjamfab_error_is_its_message_alone(tmp_path):
@@ -303,14 +355,14 @@ def test_run_script_qjamfab_error_is_its_message_alone(tmp_path):
     assert "ConnectionRefusedError: [Errno 111] Connection refused" in lines
     assert lines[-1] == "qjamfab.errors." + FIRST, describe(proc)
     assert f'  File "{script}", line 11, in <module>' in lines, describe(proc)
-    assert '"<string>"' not in proc.stderr and "runpy" not in proc.stderr, \
-        describe(proc)
+    assert '"<string>"' not in proc.stderr and "runpy" not in proc.stderr, describe(
+        proc
+    )
 
 
 def test_run_script_other_errors_keep_their_traceback(tmp_path):
     script = tmp_path / "bug.py"
-    script.write_text("import sys\nprint(sys.argv[1:])\n"
-                      "raise ValueError('a bug')\n")
+    script.write_text("import sys\nprint(sys.argv[1:])\nraise ValueError('a bug')\n")
     proc = cli("inv", "run", str(script), "--", "x")
     assert proc.returncode == 1, describe(proc)
     assert proc.stdout == "['x']\n", describe(proc)
@@ -318,13 +370,15 @@ def test_run_script_other_errors_keep_their_traceback(tmp_path):
         "Traceback (most recent call last):",
         f'  File "{script}", line 3, in <module>',
         "    raise ValueError('a bug')",
-        "ValueError: a bug"], describe(proc)
+        "ValueError: a bug",
+    ], describe(proc)
 
 
 def test_run_script_sees_what_python_script_sees(tmp_path):
     (tmp_path / "helper.py").write_text("VALUE = 42\n")
     script = tmp_path / "main.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import os, sys
         import helper                     # beside the script: sys.path[0]
         class Point:
@@ -334,7 +388,8 @@ def test_run_script_sees_what_python_script_sees(tmp_path):
         print(__name__, os.path.realpath(__file__) ==
               os.path.realpath(sys.argv[0]), helper.VALUE,
               sys.path[0] == os.path.dirname(os.path.realpath(__file__)))
-    """))
+    """)
+    )
     proc = cli("inv", "run", str(script), cwd=ROOT)
     assert proc.returncode == 0, describe(proc)
     assert proc.stdout == "__main__ True 42 True\n", describe(proc)
@@ -343,17 +398,22 @@ def test_run_script_sees_what_python_script_sees(tmp_path):
 @pytest.mark.timeout(60)
 def test_run_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     script = tmp_path / "waits.py"
-    script.write_text("import time\nprint('ready', flush=True)\n"
-                      "time.sleep(30)\n")
+    script.write_text("import time\nprint('ready', flush=True)\ntime.sleep(30)\n")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
     # its own session: Ctrl-C reaches inv and the script, as in a terminal
-    proc = subprocess.Popen([sys.executable, "-m", "invoke", "run",
-                             str(script)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "invoke", "run", str(script)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert proc.stdout.readline() == "ready\n"
         os.killpg(proc.pid, signal.SIGINT)
@@ -376,24 +436,30 @@ def in_process(monkeypatch):
         with pytest.raises(SystemExit) as exit_:
             qjamfab_cli.main(["qjamfab", *argv])
         return exit_.value.code, capsys.readouterr().err.splitlines()
+
     yield call
     logger.handlers[:] = handlers
     logger.setLevel(level)
 
 
-def test_task_qjamfab_error_is_its_message_alone(in_process, monkeypatch,
-                                                 capsys):
+def test_task_qjamfab_error_is_its_message_alone(in_process, monkeypatch, capsys):
     def status(*args, **kwargs):
         try:
             raise OSError("known_hosts is not readable")
-        except OSError:
-            raise HostKeyError("host1: its key is not in known_hosts: run "
-                               "ssh host1 once to check and add it", "host1")
+        except OSError:  # the chained traceback --verbose must show
+            raise HostKeyError(  # noqa: B904
+                "host1: its key is not in known_hosts: run "
+                "ssh host1 once to check and add it",
+                "host1",
+            )
+
     monkeypatch.setattr(cluster, "status", status)
     code, err = in_process(capsys, "status", "--hosts=local")
     assert code == 1
-    assert err == ["status failed: host1: its key is not in known_hosts: "
-                   "run ssh host1 once to check and add it"]
+    assert err == [
+        "status failed: host1: its key is not in known_hosts: "
+        "run ssh host1 once to check and add it"
+    ]
     code, err = in_process(capsys, "status", "--hosts=local", "--verbose")
     assert code == 1
     assert "Traceback (most recent call last):" in err
@@ -401,41 +467,60 @@ def test_task_qjamfab_error_is_its_message_alone(in_process, monkeypatch,
     assert err[-1].startswith("status failed: host1: its key is not in")
 
 
-def test_task_ctrl_c_prints_one_line_and_exits_130(in_process, monkeypatch,
-                                                   capsys):
+def test_task_ctrl_c_prints_one_line_and_exits_130(in_process, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(cluster, "stop_workers", interrupted)
-    assert in_process(capsys, "stop-workers", "--hosts=local") == \
-        (130, ["interrupted"])
+    assert in_process(capsys, "stop-workers", "--hosts=local") == (130, ["interrupted"])
 
 
-@pytest.mark.parametrize("args, hint", [
-    (["run", "examples/sum_matrix.py", "--", "20"],
-     "fab run 'examples/sum_matrix.py 20'"),
-    (["-H", "h1,h2", "run", "--hosts", "local", "examples/sum_matrix.py",
-      "--verbose", "--", "20", "a b"],
-     "fab -H h1,h2 run --hosts local 'examples/sum_matrix.py 20 '\"'\"'a "
-     "b'\"'\"'' --verbose"),
-])
+@pytest.mark.parametrize(
+    "args, hint",
+    [
+        (
+            ["run", "examples/sum_matrix.py", "--", "20"],
+            "fab run 'examples/sum_matrix.py 20'",
+        ),
+        (
+            [
+                "-H",
+                "h1,h2",
+                "run",
+                "--hosts",
+                "local",
+                "examples/sum_matrix.py",
+                "--verbose",
+                "--",
+                "20",
+                "a b",
+            ],
+            "fab -H h1,h2 run --hosts local 'examples/sum_matrix.py 20 '\"'\"'a "
+            "b'\"'\"'' --verbose",
+        ),
+    ],
+)
 def test_fab_double_dash_gives_the_quoted_form(args, hint):
     proc = cli("fab", *args)
     assert proc.returncode == 1, describe(proc)
     assert proc.stderr.splitlines() == [
         "fab cannot pass the words after '--' to a task (Fabric runs them as "
-        "a shell command): give them with the script in one quoted string: "
-        + hint], describe(proc)
+        "a shell command): give them with the script in one quoted string: " + hint
+    ], describe(proc)
     assert proc.stdout == "", describe(proc)
 
 
 # --- three SSH hosts -----------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def sshd():
     required = os.environ.get("QJAMFAB_REQUIRE_SSHD") == "1"
     if sshd_available() is None:
-        reason = ("sshd (openssh-server) or ssh-keygen is not installed: the "
-                  "SSH tests of the tasks need it")
+        reason = (
+            "sshd (openssh-server) or ssh-keygen is not installed: the "
+            "SSH tests of the tasks need it"
+        )
         if required:
             pytest.fail(reason + " (QJAMFAB_REQUIRE_SSHD=1)")
         pytest.skip(reason)
@@ -449,9 +534,11 @@ def sshd():
         yield hosts
     finally:
         try:
-            cluster.stop_workers(parse_hosts(hosts.aliases),
-                                 ssh_config=hosts.ssh_config,
-                                 connect_timeout=5)
+            cluster.stop_workers(
+                parse_hosts(hosts.aliases),
+                ssh_config=hosts.ssh_config,
+                connect_timeout=5,
+            )
         finally:
             hosts.stop()
 
@@ -462,16 +549,17 @@ def ssh_env(sshd) -> dict:
 
 def all_ok(table: dict, column: str, value: str) -> bool:
     return sorted(table) == ["host1", "host2", "host3"] and all(
-        row[column] == value and row["status"] == "ok"
-        for row in table.values())
+        row[column] == value and row["status"] == "ok" for row in table.values()
+    )
 
 
 @pytest.mark.timeout(120)
 def test_ssh_bootstrap_uploads_once(sshd):
     for home in sshd.homes.values():
         shutil.rmtree(os.path.join(home, "runtime"), ignore_errors=True)
-    proc = cli("inv", "bootstrap", f"--hosts={HOSTS}",
-               f"--ssh-config={sshd.ssh_config}")
+    proc = cli(
+        "inv", "bootstrap", f"--hosts={HOSTS}", f"--ssh-config={sshd.ssh_config}"
+    )
     assert proc.returncode == 0, describe(proc)
     table = one_table(proc)
     assert all_ok(table, "runtime", "uploaded"), describe(proc)
@@ -492,8 +580,9 @@ def test_ssh_start_workers_is_idempotent(sshd):
     proc = cli("inv", *args, env=ssh_env(sshd))
     assert proc.returncode == 0, describe(proc)
     table = one_table(proc)
-    assert all_ok(table, "started", "0") and all_ok(table, "running", "2"), \
-        describe(proc)
+    assert all_ok(table, "started", "0") and all_ok(table, "running", "2"), describe(
+        proc
+    )
     proc = cli("inv", "status", f"--hosts={HOSTS}", env=ssh_env(sshd))
     assert proc.returncode == 0, describe(proc)
     assert all_ok(one_table(proc), "workers", "2"), describe(proc)
@@ -526,8 +615,7 @@ def bytes_sent(proc) -> int:
 def test_ssh_run_sends_the_dataset_once(sshd, tmp_path):
     script = tmp_path / "job.py"
     script.write_text(DETERMINISTIC_JOB)
-    args = ("run", str(script), f"--hosts={HOSTS}",
-            f"--ssh-config={sshd.ssh_config}")
+    args = ("run", str(script), f"--hosts={HOSTS}", f"--ssh-config={sshd.ssh_config}")
     first = cli("inv", *args)
     assert first.returncode == 0, describe(first)
     assert "workers: 6" in first.stdout, describe(first)
@@ -538,18 +626,23 @@ def test_ssh_run_sends_the_dataset_once(sshd, tmp_path):
     proc = cli("inv", "status", f"--hosts={HOSTS}", env=ssh_env(sshd))
     assert proc.returncode == 0, describe(proc)
     table = one_table(proc)
-    assert all(int(row["entries"]) > 0 for row in table.values()), \
-        describe(proc)
-    proc = cli("inv", "run", "examples/sum_matrix.py", f"--hosts={HOSTS}",
-               "--", "50", env=ssh_env(sshd))
+    assert all(int(row["entries"]) > 0 for row in table.values()), describe(proc)
+    proc = cli(
+        "inv",
+        "run",
+        "examples/sum_matrix.py",
+        f"--hosts={HOSTS}",
+        "--",
+        "50",
+        env=ssh_env(sshd),
+    )
     check_sum_matrix(proc, 50, 6)
 
 
 @pytest.mark.timeout(120)
 def test_ssh_clear_cache_and_stop_workers(sshd):
     env = ssh_env(sshd)
-    cli("inv", "start-workers", f"--hosts={HOSTS}", "--workers-per-host=2",
-        env=env)
+    cli("inv", "start-workers", f"--hosts={HOSTS}", "--workers-per-host=2", env=env)
     script = ROOT / "examples" / "sum_matrix.py"
     proc = cli("inv", "run", f"{script} 30", f"--hosts={HOSTS}", env=env)
     assert proc.returncode == 0, describe(proc)
@@ -557,8 +650,10 @@ def test_ssh_clear_cache_and_stop_workers(sshd):
     proc = cli("inv", "clear-cache", f"--hosts={HOSTS}", env=env)
     assert proc.returncode == 0, describe(proc)
     table = one_table(proc)
-    assert all(int(row["entries removed"]) > 0 and row["status"] == "ok"
-               for row in table.values()), describe(proc)
+    assert all(
+        int(row["entries removed"]) > 0 and row["status"] == "ok"
+        for row in table.values()
+    ), describe(proc)
     proc = cli("inv", "status", f"--hosts={HOSTS}", env=env)
     assert all_ok(one_table(proc), "entries", "0"), describe(proc)
 
@@ -567,8 +662,9 @@ def test_ssh_clear_cache_and_stop_workers(sshd):
     proc = cli("inv", "stop-workers", f"--hosts={HOSTS}", env=env)
     assert proc.returncode == 0, describe(proc)
     table = one_table(proc)
-    assert {host: row["stopped"] for host, row in table.items()} == running, \
-        describe(proc)
+    assert {host: row["stopped"] for host, row in table.items()} == running, describe(
+        proc
+    )
     proc = cli("inv", "status", f"--hosts={HOSTS}", env=env)
     assert proc.returncode == 0, describe(proc)
     assert all_ok(one_table(proc), "workers", "0"), describe(proc)
@@ -579,20 +675,21 @@ def test_fab_acts_on_all_hosts_once(sshd):
     proc = cli("fab", "-H", HOSTS, "-S", sshd.ssh_config, "bootstrap")
     assert proc.returncode == 0, describe(proc)
     assert all_ok(one_table(proc), "runtime", "present"), describe(proc)
-    proc = cli("fab", "-H", HOSTS, "--ssh-config", sshd.ssh_config,
-               "status", "bootstrap")
+    proc = cli(
+        "fab", "-H", HOSTS, "--ssh-config", sshd.ssh_config, "status", "bootstrap"
+    )
     assert proc.returncode == 0, describe(proc)
-    status, bootstrap = tables(proc.stdout)   # one table per task
+    status, bootstrap = tables(proc.stdout)  # one table per task
     assert sorted(status) == sorted(bootstrap) == ["host1", "host2", "host3"]
-    proc = cli("fab", "-H", "host2", "-S", sshd.ssh_config, "run",
-               "examples/sum_matrix.py 20")
+    proc = cli(
+        "fab", "-H", "host2", "-S", sshd.ssh_config, "run", "examples/sum_matrix.py 20"
+    )
     check_sum_matrix(proc, 20, 2)
 
 
 @pytest.mark.timeout(120)
 def test_qjamfab_program_over_ssh(sshd):
-    proc = cli("qjamfab", "status", f"--hosts={HOSTS}",
-               "--ssh-config", sshd.ssh_config)
+    proc = cli("qjamfab", "status", f"--hosts={HOSTS}", "--ssh-config", sshd.ssh_config)
     assert proc.returncode == 0, describe(proc)
     table = one_table(proc)
     assert sorted(table) == ["host1", "host2", "host3"], describe(proc)
@@ -601,28 +698,31 @@ def test_qjamfab_program_over_ssh(sshd):
 
 @pytest.mark.timeout(120)
 def test_down_host_fails_bootstrap_alone(sshd, tmp_path):
-    with socket.socket() as s:   # a port where nothing listens
+    with socket.socket() as s:  # a port where nothing listens
         s.bind(("127.0.0.9", 0))
         port = s.getsockname()[1]
     config = tmp_path / "ssh_config"
-    config.write_text(f"Host downhost\n    HostName 127.0.0.9\n    Port {port}\n"
-                      f"\n{Path(sshd.ssh_config).read_text()}")
-    proc = cli("inv", "bootstrap", "--hosts=host1,downhost,host3",
-               f"--ssh-config={config}")
+    config.write_text(
+        f"Host downhost\n    HostName 127.0.0.9\n    Port {port}\n"
+        f"\n{Path(sshd.ssh_config).read_text()}"
+    )
+    proc = cli(
+        "inv", "bootstrap", "--hosts=host1,downhost,host3", f"--ssh-config={config}"
+    )
     assert proc.returncode == 1, describe(proc)
     table = one_table(proc)
-    assert table["host1"]["status"] == table["host3"]["status"] == "ok", \
-        describe(proc)
+    assert table["host1"]["status"] == table["host3"]["status"] == "ok", describe(proc)
     # the first line, cut to fit 80 columns
     status = table["downhost"]["status"]
     assert status.endswith("...") and len(status) > 10, describe(proc)
     assert f"connection refused by 127.0.0.9:{port}: is sshd running".startswith(
-        status[:-3]), describe(proc)
+        status[:-3]
+    ), describe(proc)
     # the full reason below the table; the summary on stderr
-    assert "\ndownhost failed:\n    downhost: connection refused" in \
-        proc.stdout, describe(proc)
-    assert "bootstrap: 1 of 3 hosts failed: downhost" in proc.stderr, \
+    assert "\ndownhost failed:\n    downhost: connection refused" in proc.stdout, (
         describe(proc)
+    )
+    assert "bootstrap: 1 of 3 hosts failed: downhost" in proc.stderr, describe(proc)
 
 
 @pytest.mark.timeout(180)
@@ -630,17 +730,18 @@ def test_down_host_fails_bootstrap_alone(sshd, tmp_path):
 def test_every_lifecycle_task_through_fab_and_qjamfab(sshd, front):
     """bootstrap, start-workers, status, clear-cache, stop-workers on 3 hosts
     through `fab -H` and through the installed `qjamfab` program."""
+
     def task(*args):
         if front == "fab":
             proc = cli("fab", "-H", HOSTS, "-S", sshd.ssh_config, *args)
         else:
-            proc = cli("qjamfab", *args, f"--hosts={HOSTS}",
-                       "--ssh-config", sshd.ssh_config)
+            proc = cli(
+                "qjamfab", *args, f"--hosts={HOSTS}", "--ssh-config", sshd.ssh_config
+            )
         assert proc.returncode == 0, describe(proc)
         table = one_table(proc)
         assert sorted(table) == ["host1", "host2", "host3"], describe(proc)
-        assert all(row["status"] == "ok" for row in table.values()), \
-            describe(proc)
+        assert all(row["status"] == "ok" for row in table.values()), describe(proc)
         return table
 
     task("stop-workers")

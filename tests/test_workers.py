@@ -2,6 +2,7 @@
 frame from each that has one, and a LOST event when a stream ends or
 stalls inside a frame. The far ends here are small scripts that speak the
 protocol, so each case is exact."""
+
 import sys
 import textwrap
 import time
@@ -26,8 +27,12 @@ def _peer(name: str, script: str, stall_timeout: float = 5.0) -> WorkerHandle:
                 os.write(1, b)
         send(protocol.HELLO, {"version": protocol.VERSION, "pid": os.getpid()})
         """) + textwrap.dedent(script)
-    link = Link(name, _ProcessTransport(name, [sys.executable, "-c", code]),
-                agent=False, stall_timeout=stall_timeout)
+    link = Link(
+        name,
+        _ProcessTransport(name, [sys.executable, "-c", code]),
+        agent=False,
+        stall_timeout=stall_timeout,
+    )
     return link.start_direct(name)
 
 
@@ -45,8 +50,11 @@ def _kinds(events):
 
 
 def test_one_frame_from_each_worker_that_has_one():
-    a = _peer("a", 'send(protocol.STATS, {"n": 1}); '
-                   'send(protocol.STATS, {"n": 2}); sys.stdin.buffer.read()')
+    a = _peer(
+        "a",
+        'send(protocol.STATS, {"n": 1}); '
+        'send(protocol.STATS, {"n": 2}); sys.stdin.buffer.read()',
+    )
     b = _peer("b", "sys.stdin.buffer.read()")
     try:
         first = read_events([a, b], 5)
@@ -73,11 +81,15 @@ def test_end_of_stream_is_lost_and_the_handle_is_left_out_after():
 
 
 def test_a_stream_that_stalls_inside_a_frame_is_lost():
-    a = _peer("a", """\
+    a = _peer(
+        "a",
+        """\
         frame = b"".join(protocol.frame(protocol.STATS, {"x": "y" * 100}))
         os.write(1, frame[:20])
         sys.stdin.buffer.read()
-        """, stall_timeout=0.5)
+        """,
+        stall_timeout=0.5,
+    )
     try:
         started = time.monotonic()
         (event,) = read_events([a], 5)
@@ -91,9 +103,14 @@ def test_a_stream_that_stalls_inside_a_frame_is_lost():
 def test_no_hello_in_time_is_a_worker_that_did_not_start(monkeypatch):
     from qjamfab import workers
     from qjamfab.errors import WorkerLost
+
     monkeypatch.setattr(workers, "HANDSHAKE_TIMEOUT_S", 0.5)
-    transport = _ProcessTransport("a", [sys.executable, "-c",
-                                        "import sys; sys.stdin.buffer.read()"])
-    with pytest.raises(WorkerLost, match=r"^worker a did not start: no "
-                       r"answer in 0.5 s; check the host's load"):
+    transport = _ProcessTransport(
+        "a", [sys.executable, "-c", "import sys; sys.stdin.buffer.read()"]
+    )
+    with pytest.raises(
+        WorkerLost,
+        match=r"^worker a did not start: no "
+        r"answer in 0.5 s; check the host's load",
+    ):
         Link("a", transport, agent=False, stall_timeout=5.0).start_direct("a")

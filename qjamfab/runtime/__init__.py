@@ -12,6 +12,7 @@ everywhere run the same code.
 the base directory and what qjamfab creates under it are ours: code and
 pickles are only ever read from directories no other user can change.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,17 +34,24 @@ _STUB = '"""qjamfab worker runtime bundle (the master-side package is not here).
 def default_base() -> str:
     """The base directory on this host: $QJAMFAB_HOME, else ~/.cache/qjamfab."""
     return os.environ.get("QJAMFAB_HOME") or os.path.join(
-        os.path.expanduser("~"), ".cache", "qjamfab")
+        os.path.expanduser("~"), ".cache", "qjamfab"
+    )
 
 
 @functools.lru_cache(maxsize=1)
 def bundle_files() -> dict[str, bytes]:
     """Relative path -> content of every file a worker needs."""
     import cloudpickle  # the master's own copy, shipped as source
+
     files = {"qjamfab/__init__.py": _STUB.encode()}
-    names = [*_SHIPPED, *(os.path.join("runtime", n) for n in
-                          sorted(os.listdir(os.path.dirname(__file__)))
-                          if n.endswith(".py"))]
+    names = [
+        *_SHIPPED,
+        *(
+            os.path.join("runtime", n)
+            for n in sorted(os.listdir(os.path.dirname(__file__)))
+            if n.endswith(".py")
+        ),
+    ]
     for name in names:
         with open(os.path.join(_PACKAGE_DIR, name), "rb") as f:
             files[f"qjamfab/{name}"] = f.read()
@@ -113,7 +121,7 @@ def process_running(pid: int) -> bool:
             stat = f.read()
     except OSError:
         return False
-    return stat[stat.rindex(b")") + 2:][:1] in (b"R", b"S", b"D")
+    return stat[stat.rindex(b")") + 2 :][:1] in (b"R", b"S", b"D")
 
 
 def read_tail(path: str, limit: int = 8192) -> str:
@@ -127,7 +135,7 @@ def read_tail(path: str, limit: int = 8192) -> str:
 
 
 NO_RUNTIME = "qjamfab: no runtime at"
-NEED_RUNTIME = b"qjamfab: need runtime\n"   # the agent's boot asks for it
+NEED_RUNTIME = b"qjamfab: need runtime\n"  # the agent's boot asks for it
 HAVE_RUNTIME = b"qjamfab: runtime ok\n"
 
 
@@ -179,15 +187,17 @@ def boot_code(module: str, install: bool = False) -> str:
     stdout) and installs one sent on stdin. It replaces sys.path[0] (the
     current directory) so a `qjamfab/` folder there cannot shadow it.
     """
-    head = ("import os, sys\n"
-            "b = os.environ.get('QJAMFAB_HOME') or "
-            "os.path.join(os.path.expanduser('~'), '.cache', 'qjamfab')\n"
-            "os.umask(0o077)\n"
-            f"p = os.path.join(b, 'runtime', {bundle_hash()!r})\n")
+    head = (
+        "import os, sys\n"
+        "b = os.environ.get('QJAMFAB_HOME') or "
+        "os.path.join(os.path.expanduser('~'), '.cache', 'qjamfab')\n"
+        "os.umask(0o077)\n"
+        f"p = os.path.join(b, 'runtime', {bundle_hash()!r})\n"
+    )
     if install:
-        head += (f"NEED, HAVE = {NEED_RUNTIME!r}, {HAVE_RUNTIME!r}\n"
-                 + _INSTALL)
+        head += f"NEED, HAVE = {NEED_RUNTIME!r}, {HAVE_RUNTIME!r}\n" + _INSTALL
     else:
         head += f"os.path.isdir(p) or sys.exit({NO_RUNTIME!r} + ' ' + p)\n"
-    return head + ("sys.path[0:1] = [p]\n"
-                   f"from qjamfab.runtime.{module} import main\nmain()\n")
+    return head + (
+        f"sys.path[0:1] = [p]\nfrom qjamfab.runtime.{module} import main\nmain()\n"
+    )

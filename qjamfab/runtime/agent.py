@@ -27,6 +27,7 @@ Writes are queued and flushed when the other end can take them, so the
 agent never blocks on a daemon or on the master while the other side
 waits on it. Exit when the stream ends: daemons stay up, with their cache.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -42,14 +43,20 @@ from collections import deque
 
 from .. import protocol
 from ..reduce import ReduceTree
-from . import (default_base, pid_alive, process_running, read_tail,
-               secure_dir, this_runtime)
-from . import manage
+from . import (
+    default_base,
+    manage,
+    pid_alive,
+    process_running,
+    read_tail,
+    secure_dir,
+    this_runtime,
+)
 from .cache import RefCache, cache_limit
 from .packages import AgentPackages
 from .probe import platform_info
 
-_CONNECT_WAIT_S = 15.0    # for a daemon to say "ready"
+_CONNECT_WAIT_S = 15.0  # for a daemon to say "ready"
 _STALE_AFTER_S = 1.5 * protocol.HEARTBEAT_INTERVAL_S
 
 
@@ -60,12 +67,13 @@ class _Peer:
         self.read_fd = read_fd
         self.write_fd = write_fd
         self.reader = protocol.FrameReader(readinto)
-        self.out: deque = deque()      # memoryviews waiting to be written
+        self.out: deque = deque()  # memoryviews waiting to be written
         self.closed = False
 
     def queue(self, buffers: list) -> None:
-        self.out.extend(memoryview(b).cast("B") for b in buffers
-                        if memoryview(b).nbytes)
+        self.out.extend(
+            memoryview(b).cast("B") for b in buffers if memoryview(b).nbytes
+        )
 
     def flush(self) -> None:
         """Write what the far end takes now, without blocking."""
@@ -85,14 +93,15 @@ class _Peer:
 class _Daemon(_Peer):
     """A daemon this session claimed: its socket and what it said."""
 
-    def __init__(self, index: int, slot: int, sock: socket.socket,
-                 info: dict, lock_fd: int):
+    def __init__(
+        self, index: int, slot: int, sock: socket.socket, info: dict, lock_fd: int
+    ):
         # Writes are queued (non-blocking); a read takes a whole frame,
         # waiting inside it: the daemon writes frames whole.
         sock.setblocking(False)
         super().__init__(sock.fileno(), sock.fileno(), _blocking_recv(sock))
-        self.index = index          # the worker's number in the master's view
-        self.slot = slot            # worker-<slot> on this host
+        self.index = index  # the worker's number in the master's view
+        self.slot = slot  # worker-<slot> on this host
         self.sock = sock
         self.info = info
         self.lock_fd = lock_fd
@@ -120,32 +129,39 @@ class Agent:
         os.set_blocking(master_out, False)
         self.cache = RefCache(os.path.join(base, "cache"))
         self.daemons: dict[int, _Daemon] = {}
-        self.funcs: dict[str, bytes] = {}       # job bytes, for COLLECT
-        self.holding: set[int] = set()          # held tasks not yet done
-        self.held: dict[int, list] = {}         # task id -> result parts
+        self.funcs: dict[str, bytes] = {}  # job bytes, for COLLECT
+        self.holding: set[int] = set()  # held tasks not yet done
+        self.held: dict[int, list] = {}  # task id -> result parts
         self.beat_at = 0.0
-        self.run = None                         # the run tasks belong to
-        self.avoid: set[int] = set()            # slots whose daemon froze
-        self.packages = AgentPackages(base)     # shipped: runtime/packages.py
+        self.run = None  # the run tasks belong to
+        self.avoid: set[int] = set()  # slots whose daemon froze
+        self.packages = AgentPackages(base)  # shipped: runtime/packages.py
 
     # --- to the master --------------------------------------------------
 
-    def tell(self, kind: int, head: dict, payload=(), worker=protocol.AGENT
-             ) -> None:
+    def tell(self, kind: int, head: dict, payload=(), worker=protocol.AGENT) -> None:
         self.master.queue(protocol.frame(kind, head, payload, worker))
 
     def hello(self) -> dict:
         try:
             from importlib.metadata import version
+
             numpy = version("numpy")
         except Exception:
             numpy = None
-        return {"version": protocol.VERSION, "agent": True,
-                "python": list(sys.version_info[:3]),
-                "executable": sys.executable, "cores": os.cpu_count(),
-                "base": self.base, "runtime": this_runtime(),
-                "numpy": numpy, "host": socket.gethostname(),
-                "pid": os.getpid(), **platform_info()}
+        return {
+            "version": protocol.VERSION,
+            "agent": True,
+            "python": list(sys.version_info[:3]),
+            "executable": sys.executable,
+            "cores": os.cpu_count(),
+            "base": self.base,
+            "runtime": this_runtime(),
+            "numpy": numpy,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            **platform_info(),
+        }
 
     # --- attaching --------------------------------------------------------
 
@@ -153,8 +169,7 @@ class Agent:
         """Claim a daemon for each worker index asked for, starting those
         missing, and forward their HELLOs; then answer ATTACH."""
         if head.get("cache_limit") is not None:
-            self.cache.limit = cache_limit(self.cache.directory,
-                                           head["cache_limit"])
+            self.cache.limit = cache_limit(self.cache.directory, head["cache_limit"])
         count = head.get("count") or manage.recorded_count(self.base)
         indices = list(head.get("workers") or range(count))
         for k in indices:
@@ -165,12 +180,15 @@ class Agent:
                 self.daemons.pop(k).close()
         idle = float(head.get("idle_timeout", 3600.0))
         run = os.path.join(self.base, "run")
-        claimed: list[tuple[int, int, int]] = []   # (index, slot, lock fd)
+        claimed: list[tuple[int, int, int]] = []  # (index, slot, lock fd)
         slot = 0
         for index in indices:
             while True:
-                fd = None if slot in self.avoid else _try_lock(
-                    os.path.join(run, f"worker-{slot}.lock"))
+                fd = (
+                    None
+                    if slot in self.avoid
+                    else _try_lock(os.path.join(run, f"worker-{slot}.lock"))
+                )
                 slot += 1
                 if fd is not None:
                     claimed.append((index, slot - 1, fd))
@@ -180,12 +198,19 @@ class Agent:
         envs = {s: manage.worker_env(template, i) for i, s, _ in claimed}
         # A claimed daemon run by another Python (QJAMFAB_REMOTE_PYTHON
         # changed) or with other env. settings is replaced.
-        manage.stop_daemons(self.base, [
-            w for w in manage.live_workers(self.base)
-            if w["slot"] in envs and (
-                manage.cmdline(w["pid"]).split(" ", 1)[0] != sys.executable
-                or manage.env_differs(w["pid"], envs[w["slot"]])
-                or self.packages.conflicts(w))])
+        manage.stop_daemons(
+            self.base,
+            [
+                w
+                for w in manage.live_workers(self.base)
+                if w["slot"] in envs
+                and (
+                    manage.cmdline(w["pid"]).split(" ", 1)[0] != sys.executable
+                    or manage.env_differs(w["pid"], envs[w["slot"]])
+                    or self.packages.conflicts(w)
+                )
+            ],
+        )
         alive = {w["name"] for w in manage.live_workers(self.base)}
         missing = [s for _, s, _ in claimed if f"worker-{s}" not in alive]
         failed: dict[int, str] = {}
@@ -193,9 +218,10 @@ class Agent:
         for index, slot, fd in claimed:
             if slot in not_started:
                 os.close(fd)
-                failed[index] = (f"worker-{slot} did not start in "
-                                 f"{manage.START_WAIT_S:g} s: "
-                                 + _daemon_log(self.base, slot))
+                failed[index] = (
+                    f"worker-{slot} did not start in "
+                    f"{manage.START_WAIT_S:g} s: " + _daemon_log(self.base, slot)
+                )
                 continue
             try:
                 try:
@@ -213,11 +239,21 @@ class Agent:
         # One worker has nothing to combine or share with: the daemon takes
         # the stream itself (two fewer hops per frame), and the agent only
         # waits to say how it ended.
-        direct = bool(head.get("direct")) and count == 1 and not failed \
+        direct = (
+            bool(head.get("direct"))
+            and count == 1
+            and not failed
             and len(self.daemons) == 1
-        self.tell(protocol.ATTACH, {"workers": sorted(self.daemons),
-                                    "failed": failed, "count": count,
-                                    "direct": direct})
+        )
+        self.tell(
+            protocol.ATTACH,
+            {
+                "workers": sorted(self.daemons),
+                "failed": failed,
+                "count": count,
+                "direct": direct,
+            },
+        )
         if direct:
             self.hand_over(next(iter(self.daemons.values())))
 
@@ -225,25 +261,26 @@ class Agent:
         """Give the daemon the master's stream (SCM_RIGHTS, once it says it
         is ready for it), then wait for its connection to end: a GONE frame
         then says how it ended, and the agent exits."""
-        while self.master.out:   # the ATTACH answer first, whole
+        while self.master.out:  # the ATTACH answer first, whole
             self.master.flush()
             if self.master.out:
                 select.select([], [self.master.write_fd], [], 1.0)
         daemon.queue(protocol.frame(protocol.ATTACH, {}))
         while daemon.out:
             daemon.flush()
-        while True:   # its heartbeats may come first
+        while True:  # its heartbeats may come first
             kind, _, head, parts = daemon.reader.read()
             if kind == protocol.STATE and head.get("state") == "ready":
                 break
             if kind != protocol.HEARTBEAT:
                 self.tell(kind, head, parts, worker=daemon.index)
         daemon.sock.setblocking(True)
-        socket.send_fds(daemon.sock, [b"s"], [self.master.read_fd,
-                                             self.master.write_fd])
+        socket.send_fds(
+            daemon.sock, [b"s"], [self.master.read_fd, self.master.write_fd]
+        )
         os.close(self.master.read_fd)
         os.set_blocking(self.master.write_fd, True)
-        while True:   # its keepalives; the end when it ends
+        while True:  # its keepalives; the end when it ends
             try:
                 if not daemon.sock.recv(4096):
                     break
@@ -253,7 +290,7 @@ class Agent:
         try:
             self.master.flush()
         except OSError:
-            pass   # the master hung up first: nobody to tell
+            pass  # the master hung up first: nobody to tell
         raise _HandedOver
 
     def _connect(self, index: int, slot: int, lock_fd: int) -> _Daemon:
@@ -281,9 +318,13 @@ class Agent:
     def from_master(self) -> None:
         kind, worker, head, lengths = self.master.reader.read_head()
         if kind == protocol.REFS and lengths:
-            parts = self.cache.receive(head["ref"], lengths,
-                                       self.master.reader,
-                                       self.master.read_fd, load=False)
+            parts = self.cache.receive(
+                head["ref"],
+                lengths,
+                self.master.reader,
+                self.master.read_fd,
+                load=False,
+            )
             self._stored(head["ref"], worker, parts)
             return
         if kind == protocol.PACKAGES and worker == protocol.AGENT:
@@ -321,14 +362,16 @@ class Agent:
         if parts is not None:
             daemon = self.daemons.get(worker)
             if daemon is not None and not daemon.closed:
-                daemon.queue(protocol.frame(
-                    protocol.REFS, {"ref": ref, "memory": True}, parts))
+                daemon.queue(
+                    protocol.frame(protocol.REFS, {"ref": ref, "memory": True}, parts)
+                )
             return
         key = self.cache.file_key(ref)
-        for daemon in self.daemons.values():   # sealed here: no need to hash
+        for daemon in self.daemons.values():  # sealed here: no need to hash
             if not daemon.closed:
-                daemon.queue(protocol.frame(
-                    protocol.REFS, {"ref": ref, "stored": list(key)}))
+                daemon.queue(
+                    protocol.frame(protocol.REFS, {"ref": ref, "stored": list(key)})
+                )
 
     def collect(self, head: dict) -> None:
         """Combine held results in the run's fixed tree, with the job's
@@ -344,14 +387,23 @@ class Agent:
         except Exception as exc:
             for task in tasks:
                 self.held.pop(task, None)
-            self.tell(protocol.ERROR, {
-                "task": tasks[0], "tasks": tasks,
-                "phase": "reduce on the host", "type": type(exc).__name__,
-                "message": str(exc), "traceback": traceback.format_exc()})
+            self.tell(
+                protocol.ERROR,
+                {
+                    "task": tasks[0],
+                    "tasks": tasks,
+                    "phase": "reduce on the host",
+                    "type": type(exc).__name__,
+                    "message": str(exc),
+                    "traceback": traceback.format_exc(),
+                },
+            )
             return
-        self.tell(protocol.RESULT, {
-            "tasks": tasks, "compute_s": time.perf_counter() - started},
-            payload)
+        self.tell(
+            protocol.RESULT,
+            {"tasks": tasks, "compute_s": time.perf_counter() - started},
+            payload,
+        )
 
     # --- frames from daemons ----------------------------------------------
 
@@ -368,10 +420,16 @@ class Agent:
         if kind == protocol.RESULT and task in self.holding:
             self.holding.discard(task)
             self.held[task] = parts
-            self.tell(protocol.STATE, {"task": task, "state": "done",
-                                       "compute_s": head["compute_s"],
-                                       "slices": head["slices"]},
-                      worker=daemon.index)
+            self.tell(
+                protocol.STATE,
+                {
+                    "task": task,
+                    "state": "done",
+                    "compute_s": head["compute_s"],
+                    "slices": head["slices"],
+                },
+                worker=daemon.index,
+            )
             return
         if kind == protocol.ERROR or head.get("state") == "cancelled":
             self.holding.discard(task)
@@ -388,8 +446,11 @@ class Agent:
             status = _exit_status(self.base, daemon.slot, pid)
             if status is not None or not pid_alive(pid):
                 tail = read_tail(daemon.info.get("log", ""), 4096)
-        self.tell(protocol.GONE, {"reason": reason, "tail": tail,
-                                  "status": status}, worker=daemon.index)
+        self.tell(
+            protocol.GONE,
+            {"reason": reason, "tail": tail, "status": status},
+            worker=daemon.index,
+        )
 
     # --- the loop ---------------------------------------------------------
 
@@ -398,8 +459,11 @@ class Agent:
         if now < self.beat_at:
             return
         self.beat_at = now + protocol.HEARTBEAT_INTERVAL_S
-        stale = [d.index for d in self.daemons.values()
-                 if now - d.last_seen > _STALE_AFTER_S and not d.running()]
+        stale = [
+            d.index
+            for d in self.daemons.values()
+            if now - d.last_seen > _STALE_AFTER_S and not d.running()
+        ]
         self.tell(protocol.HEARTBEAT, {"stale": stale})
 
     def serve(self) -> None:
@@ -415,21 +479,25 @@ class Agent:
             by_fd = {}
             for daemon in self.daemons.values():
                 by_fd[daemon.read_fd] = daemon
-                poller.register(daemon.read_fd, select.POLLIN | (
-                    select.POLLOUT if daemon.out else 0))
+                poller.register(
+                    daemon.read_fd,
+                    select.POLLIN | (select.POLLOUT if daemon.out else 0),
+                )
             wait = max(0.0, self.beat_at - time.monotonic())
             for fd, events in poller.poll(wait * 1000):
                 if fd == self.master.read_fd and events & (
-                        select.POLLIN | select.POLLHUP | select.POLLERR):
+                    select.POLLIN | select.POLLHUP | select.POLLERR
+                ):
                     try:
                         while True:
                             self.from_master()
                             if not self.master.reader.buffered():
                                 break
                     except EOFError:
-                        return   # the master hung up
+                        return  # the master hung up
                 elif fd in by_fd and events & (
-                        select.POLLIN | select.POLLHUP | select.POLLERR):
+                    select.POLLIN | select.POLLHUP | select.POLLERR
+                ):
                     daemon = by_fd[fd]
                     if not daemon.closed:
                         self.from_daemon(daemon)
@@ -440,12 +508,14 @@ class Agent:
 
 def _blocking_recv(sock: socket.socket):
     """recv_into that waits for data on a non-blocking socket."""
+
     def readinto(view: memoryview) -> int:
         while True:
             try:
                 return sock.recv_into(view)
             except BlockingIOError:
                 select.select([sock], [], [])
+
     return readinto
 
 
@@ -474,7 +544,8 @@ def _exit_status(base: str, slot: int, pid: int) -> int | None:
         except (OSError, ValueError, KeyError, TypeError):
             pass
         if time.monotonic() > deadline or (
-                pid_alive(pid) and time.monotonic() > deadline - 0.8):
+            pid_alive(pid) and time.monotonic() > deadline - 0.8
+        ):
             return None
         time.sleep(0.02)
 
@@ -489,6 +560,7 @@ def _encode(value: object) -> list:
         return protocol.encode(value, pickle.dumps)
     except Exception:
         import cloudpickle
+
         return protocol.encode(value, cloudpickle.dumps)
 
 
@@ -499,7 +571,7 @@ def main() -> None:
         for sub in ("", "run", "log", "cache"):
             secure_dir(os.path.join(base, sub) if sub else base)
     except OSError as exc:
-        sys.exit(str(exc))   # its first line says what to do
+        sys.exit(str(exc))  # its first line says what to do
     master_in, master_out = os.dup(0), os.dup(1)
     # Nothing else may write to the stream: stray prints go to stderr.
     devnull = os.open(os.devnull, os.O_RDONLY)

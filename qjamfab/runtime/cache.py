@@ -63,6 +63,7 @@ check and the slice is fetched again.
 File layout: b"QJC3" | count: u32 | seal: 32 bytes | count x length: u64 |
 each part, padded to a multiple of 64 bytes from the start of the file.
 """
+
 from __future__ import annotations
 
 import errno
@@ -83,18 +84,18 @@ from .. import protocol
 from . import pid_alive, secure_dir
 
 _MAGIC = b"QJC3"
-_PREFIX = struct.Struct("!4sI32s")   # magic, count, seal
-_SEAL_AT = 8                         # offset of the seal in the file
+_PREFIX = struct.Struct("!4sI32s")  # magic, count, seal
+_SEAL_AT = 8  # offset of the seal in the file
 _LENGTH = struct.Struct("!Q")
 _ALIGN = 64
-_BLOCK = 8 << 20                     # bytes hashed at a time
+_BLOCK = 8 << 20  # bytes hashed at a time
 _SEAL_TAG = b"qjamfab-cache-seal-1\0"
-_MAX_PARTS = 1 << 16                 # a count above this is a damaged header
-_DISK_MARGIN = 16 << 20              # leave this much free on the disk
-_TOUCH_S = 30.0                      # set an entry's atime this often in use
-IN_USE_S = 300.0                     # an entry used this recently stays
-_DEFAULT_SHARE = 4                   # default limit: 1/4 of the filesystem...
-_DEFAULT_CAP = 64 << 30              # ...at most this
+_MAX_PARTS = 1 << 16  # a count above this is a damaged header
+_DISK_MARGIN = 16 << 20  # leave this much free on the disk
+_TOUCH_S = 30.0  # set an entry's atime this often in use
+IN_USE_S = 300.0  # an entry used this recently stays
+_DEFAULT_SHARE = 4  # default limit: 1/4 of the filesystem...
+_DEFAULT_CAP = 64 << 30  # ...at most this
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NOTHING: frozenset = frozenset()
@@ -111,21 +112,28 @@ class CacheEntryLost(LookupError):
 def is_ref(ref: object) -> bool:
     """Whether ref can name a cache file: one name inside the directory,
     short enough for its temporary name too."""
-    return isinstance(ref, str) and 0 < len(ref) <= 200 and os.sep not in ref \
-        and not ref.startswith(".") and "\0" not in ref
+    return (
+        isinstance(ref, str)
+        and 0 < len(ref) <= 200
+        and os.sep not in ref
+        and not ref.startswith(".")
+        and "\0" not in ref
+    )
 
 
 def parse_size(text: str, env: str | None = "QJAMFAB_CACHE_LIMIT") -> int:
     """Bytes in a size such as `20G`, `500M`, `1.5G` or `1000000`; `env`
     names the variable it came from, for the error."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?\s*",
-                         str(text), re.IGNORECASE)
+    match = re.fullmatch(
+        r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?\s*", str(text), re.IGNORECASE
+    )
     if not match:
         shown = f"{env}={text!r}" if env else f"cache limit {text!r}"
         example = f"{env}=20G, 500M or 1.5G" if env else "20G, 500M or 1.5G"
         raise CacheLimitError(
             f"{shown} is not a size: write bytes, or a number with K, M, G "
-            f"or T (powers of 1024), e.g. {example}")
+            f"or T (powers of 1024), e.g. {example}"
+        )
     scale = 1 << (10 * " KMGT".index(match.group(2).upper() or " "))
     return int(float(match.group(1)) * scale)
 
@@ -139,13 +147,13 @@ def cache_limit(directory: str, limit: int | str | None = None) -> int:
         if limit < 0:
             raise CacheLimitError(
                 f"cache limit {limit} is negative: give bytes (0 keeps "
-                "slices in memory only)")
+                "slices in memory only)"
+            )
         return int(limit)
     value = os.environ.get("QJAMFAB_CACHE_LIMIT", "").strip()
     if value:
         return parse_size(value)
-    return min(shutil.disk_usage(directory).total // _DEFAULT_SHARE,
-               _DEFAULT_CAP)
+    return min(shutil.disk_usage(directory).total // _DEFAULT_SHARE, _DEFAULT_CAP)
 
 
 def _aligned(n: int) -> int:
@@ -159,6 +167,7 @@ class _Damage(Exception):
 class _Entry:
     """A slice in memory; `key` (dev, inode, size, mtime) and `mapping` are
     None for a slice kept in memory only."""
+
     __slots__ = ("value", "path", "key", "mapping", "touched")
 
     def __init__(self, value, path, key, mapping, touched):
@@ -182,7 +191,7 @@ class RefCache:
         self.limit = cache_limit(directory, limit)
         self._memory: dict[str, _Entry] = {}
         self._pinned: frozenset = _NOTHING
-        self._checked: frozenset = _NOTHING   # what missing() just checked
+        self._checked: frozenset = _NOTHING  # what missing() just checked
         self._damaged: list[str] = []
         self._damaged_total = 0
         self._trusted: dict[str, tuple] = {}  # ref -> key checked elsewhere
@@ -218,8 +227,10 @@ class RefCache:
                 st = os.lstat(entry.path)
             except FileNotFoundError:
                 st = None
-            if st is not None and (st.st_dev, st.st_ino, st.st_size,
-                                   st.st_mtime_ns) == entry.key:
+            if (
+                st is not None
+                and (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == entry.key
+            ):
                 return entry.value
             if st is None and _size(entry.mapping) == entry.key[2]:
                 # Removed, not changed: the mapping still holds the file and
@@ -231,7 +242,8 @@ class RefCache:
             raise CacheEntryLost(
                 f"slice {ref} left this worker's cache while its task ran "
                 "(damaged or removed on disk): run again, the master will "
-                "send it again")
+                "send it again"
+            )
         return entry.value
 
     def trust(self, ref: str, key: tuple) -> None:
@@ -264,8 +276,7 @@ class RefCache:
             except FileNotFoundError:
                 self._memory.pop(ref, None)
                 return None
-            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) \
-                    == entry.key:
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == entry.key:
                 now = time.monotonic()
                 if now - entry.touched > _TOUCH_S:
                     entry.touched = now
@@ -282,7 +293,7 @@ class RefCache:
             fd = os.open(path, os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
-        except OSError as exc:   # ELOOP: a symlink where a file should be
+        except OSError as exc:  # ELOOP: a symlink where a file should be
             self._drop_damaged(ref, f"cannot be opened: {exc.strerror}")
             return None
         try:
@@ -292,8 +303,9 @@ class RefCache:
                     raise _Damage("not a regular file")
                 try:
                     offsets, lengths = _verify(
-                        fd, ref, st, self._trusted.pop(ref, None) != _key(st))
-                except OSError as exc:   # EIO: a bad disk
+                        fd, ref, st, self._trusted.pop(ref, None) != _key(st)
+                    )
+                except OSError as exc:  # EIO: a bad disk
                     raise _Damage(f"cannot be read: {exc.strerror}") from None
                 if _key(os.fstat(fd)) != _key(st):
                     raise _Damage("it changed while it was checked")
@@ -304,23 +316,32 @@ class RefCache:
         finally:
             os.close(fd)
         _touch(path)
-        entry = self._memory[ref] = _Entry(value, path, _key(st), mapping,
-                                           time.monotonic())
+        entry = self._memory[ref] = _Entry(
+            value, path, _key(st), mapping, time.monotonic()
+        )
         return entry
 
-    def _drop_damaged(self, ref: str, reason: str,
-                      inode: int | None = None) -> None:
+    def _drop_damaged(self, ref: str, reason: str, inode: int | None = None) -> None:
         self._memory.pop(ref, None)
         _remove(self._path(ref), inode)
         self._damaged.append(ref)
         self._damaged_total += 1
-        print(f"qjamfab: cache entry {ref} is damaged ({reason}): removed, "
-              "the master will send the slice again", file=sys.stderr,
-              flush=True)
+        print(
+            f"qjamfab: cache entry {ref} is damaged ({reason}): removed, "
+            "the master will send the slice again",
+            file=sys.stderr,
+            flush=True,
+        )
 
-    def receive(self, ref: str, lengths: list[int],
-                reader: protocol.FrameReader, source_fd: int | None,
-                load: bool = True, to_disk: bool = True) -> list | None:
+    def receive(
+        self,
+        ref: str,
+        lengths: list[int],
+        reader: protocol.FrameReader,
+        source_fd: int | None,
+        load: bool = True,
+        to_disk: bool = True,
+    ) -> list | None:
         """Take a REFS payload off the stream into the cache and seal it.
         Without room on the disk, or bigger than the limit, it is kept in
         memory only; so is one the disk fills up under while it arrives.
@@ -343,10 +364,11 @@ class RefCache:
             return self.keep_in_memory(ref, parts, load)
         path = self._path(ref)
         tmp = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | _NOFOLLOW
-                     | os.O_CLOEXEC, 0o600)
-        digests: list = []   # digests, or futures of them
-        overlap = size > _BLOCK   # small ones are hashed here and now
+        fd = os.open(
+            tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | _NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        digests: list = []  # digests, or futures of them
+        overlap = size > _BLOCK  # small ones are hashed here and now
         try:
             # Hashed through a mapping of its full size: this file is ours
             # and no one else's yet, so it cannot shrink under it.
@@ -358,16 +380,18 @@ class RefCache:
                     # Hash each block as it lands, while the next arrives.
                     k = min(_BLOCK, n - start)
                     reader.copy_to(fd, k, source_fd)
-                    block = written[offset + start:offset + start + k]
-                    digests.append(_pool().submit(_digest, block)
-                                   if overlap else _digest(block))
+                    block = written[offset + start : offset + start + k]
+                    digests.append(
+                        _pool().submit(_digest, block) if overlap else _digest(block)
+                    )
                 _write_padded(fd, b"", _aligned(offset + n) - offset - n)
             if overlap:
                 digests = [d.result() for d in digests]
             seal = _seal(ref, count, lengths_raw, digests)
             digests = []
-            _check_pickle(ref, bytes(written[offsets[0]:offsets[0] + 2])
-                          if lengths else b"")
+            _check_pickle(
+                ref, bytes(written[offsets[0] : offsets[0] + 2]) if lengths else b""
+            )
             written.release()
             os.pwrite(fd, seal, _SEAL_AT)
             st = os.fstat(fd)
@@ -376,32 +400,38 @@ class RefCache:
         except BaseException as exc:
             if overlap and digests:
                 from concurrent.futures import wait
+
                 for d in digests:
                     d.cancel()
-                wait(digests)   # they read the mapping
+                wait(digests)  # they read the mapping
             try:
                 if not (isinstance(exc, OSError) and exc.errno in _DISK_FULL):
                     raise
-                kept = self._rescue(ref, exc, fd, offsets, lengths, reader,
-                                    load)
+                kept = self._rescue(ref, exc, fd, offsets, lengths, reader, load)
             finally:
                 os.close(fd)
                 os.unlink(tmp)
             return kept
         os.close(fd)
-        os.replace(tmp, path)   # same inode, size, mtime: st is its key
+        os.replace(tmp, path)  # same inode, size, mtime: st is its key
         if load:
-            self._memory[ref] = _Entry(value, path, _key(st), mapping,
-                                       time.monotonic())
+            self._memory[ref] = _Entry(value, path, _key(st), mapping, time.monotonic())
         return None
 
-    def _rescue(self, ref: str, exc: OSError, fd: int, offsets: list,
-                lengths: list, reader: protocol.FrameReader,
-                load: bool) -> list | None:
+    def _rescue(
+        self,
+        ref: str,
+        exc: OSError,
+        fd: int,
+        offsets: list,
+        lengths: list,
+        reader: protocol.FrameReader,
+        load: bool,
+    ) -> list | None:
         """The disk filled up under ref's file (another writer) as it
         arrived: keep the slice in memory, from the bytes that landed in
         the file and the rest of the frame, still in the stream."""
-        landed = os.lseek(fd, 0, os.SEEK_CUR)   # copy_to took no more
+        landed = os.lseek(fd, 0, os.SEEK_CUR)  # copy_to took no more
         parts = []
         for offset, n in zip(offsets, lengths):
             part = bytearray(n)
@@ -409,32 +439,36 @@ class RefCache:
             have = min(n, max(0, landed - offset))
             for start in range(0, have, _BLOCK):
                 k = min(_BLOCK, have - start)
-                view[start:start + k] = os.pread(fd, k, offset + start)
+                view[start : start + k] = os.pread(fd, k, offset + start)
             reader.read_into(view[have:])
             parts.append(part)
-        print(f"qjamfab: the disk of {self.directory} filled up while slice "
-              f"{ref} arrived ({exc.strerror}): kept in memory only; free "
-              "space there to cache slices on disk", file=sys.stderr,
-              flush=True)
+        print(
+            f"qjamfab: the disk of {self.directory} filled up while slice "
+            f"{ref} arrived ({exc.strerror}): kept in memory only; free "
+            "space there to cache slices on disk",
+            file=sys.stderr,
+            flush=True,
+        )
         return self.keep_in_memory(ref, parts, load)
 
-    def keep_in_memory(self, ref: str, parts: list, load: bool = True
-                       ) -> list | None:
+    def keep_in_memory(self, ref: str, parts: list, load: bool = True) -> list | None:
         """The slice in memory only; its raw parts back without `load`."""
         if not load:
             return parts
-        self._memory[ref] = _Entry(protocol.decode(parts), None, None, None,
-                                   0.0)
+        self._memory[ref] = _Entry(protocol.decode(parts), None, None, None, 0.0)
         return None
 
     def _make_room(self, ref: str, size: int) -> bool:
         """Evict for a new entry of `size` bytes; whether it goes to disk."""
         if size > self.limit:
             if self.limit:
-                print(f"qjamfab: slice {ref} ({size} bytes) is bigger than "
-                      f"the cache limit ({self.limit} bytes): kept in memory "
-                      "only; raise QJAMFAB_CACHE_LIMIT to keep it on disk",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"qjamfab: slice {ref} ({size} bytes) is bigger than "
+                    f"the cache limit ({self.limit} bytes): kept in memory "
+                    "only; raise QJAMFAB_CACHE_LIMIT to keep it on disk",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return False
         self._evict(size, keep=ref)
         return shutil.disk_usage(self.directory).free >= size + _DISK_MARGIN
@@ -451,14 +485,15 @@ class RefCache:
             except FileNotFoundError:
                 continue
             total += st.st_size
-            entries.append((max(st.st_atime, st.st_mtime), entry.name,
-                            st.st_size, st.st_ino))
+            entries.append(
+                (max(st.st_atime, st.st_mtime), entry.name, st.st_size, st.st_ino)
+            )
         if total <= self.limit:
             return
         now = time.time()
         for used, name, size, inode in sorted(entries):
             if now - used < IN_USE_S:
-                break   # this and every later one are in use
+                break  # this and every later one are in use
             if name in self._pinned or name == keep:
                 continue
             self._memory.pop(name, None)
@@ -483,9 +518,13 @@ class RefCache:
             if not entry.name.endswith(".tmp"):
                 entries += 1
                 disk_bytes += entry.stat(follow_symlinks=False).st_size
-        return {"entries": entries, "bytes": disk_bytes,
-                "in_memory": len(self._memory), "limit_bytes": self.limit,
-                "damaged": self._damaged_total}
+        return {
+            "entries": entries,
+            "bytes": disk_bytes,
+            "in_memory": len(self._memory),
+            "limit_bytes": self.limit,
+            "damaged": self._damaged_total,
+        }
 
 
 def _size(mapping: mmap.mmap) -> int:
@@ -500,18 +539,18 @@ def _size(mapping: mmap.mmap) -> int:
 def _pool():
     # Imported when first needed: 9 ms a worker start would pay otherwise.
     from concurrent.futures import ThreadPoolExecutor
+
     # A few threads: several daemons share the host's cores.
     return ThreadPoolExecutor(
-        max_workers=min(4, os.cpu_count() or 1),
-        thread_name_prefix="qjamfab-seal")
+        max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="qjamfab-seal"
+    )
 
 
 def _digest(block) -> bytes:
-    return hashlib.sha256(block).digest()   # releases the GIL
+    return hashlib.sha256(block).digest()  # releases the GIL
 
 
-def _block_digest(fd: int, offset: int, n: int, buffers: threading.local
-                  ) -> bytes:
+def _block_digest(fd: int, offset: int, n: int, buffers: threading.local) -> bytes:
     """sha256 of n bytes of the file at offset, read with pread into this
     thread's buffer: a file that shrank gives a short read, never the
     SIGBUS a mapping would."""
@@ -523,14 +562,14 @@ def _block_digest(fd: int, offset: int, n: int, buffers: threading.local
     while done < n:
         got = os.preadv(fd, [view[done:]], offset + done)
         if not got:
-            raise _Damage(f"truncated: it ends inside a part, before "
-                          f"offset {offset + n}")
+            raise _Damage(
+                f"truncated: it ends inside a part, before offset {offset + n}"
+            )
         done += got
     return hashlib.sha256(view).digest()
 
 
-def _seal(ref: str, count: int, lengths_raw: bytes,
-          digests: list[bytes]) -> bytes:
+def _seal(ref: str, count: int, lengths_raw: bytes, digests: list[bytes]) -> bytes:
     h = hashlib.sha256(_SEAL_TAG)
     h.update(ref.encode() + b"\0")
     h.update(_PREFIX.pack(_MAGIC, count, bytes(32)) + lengths_raw)
@@ -539,8 +578,9 @@ def _seal(ref: str, count: int, lengths_raw: bytes,
     return h.digest()
 
 
-def _verify(fd: int, ref: str, st: os.stat_result, seal_too: bool = True
-            ) -> tuple[list, list]:
+def _verify(
+    fd: int, ref: str, st: os.stat_result, seal_too: bool = True
+) -> tuple[list, list]:
     """Check a cache file against its seal (its header only, without
     `seal_too`), reading it with pread; the offsets and lengths of its
     parts. Raises _Damage saying what is wrong."""
@@ -567,10 +607,9 @@ def _verify(fd: int, ref: str, st: os.stat_result, seal_too: bool = True
         raise _Damage(f"{size} bytes where its header says {pos}")
     if not seal_too:
         return offsets, lengths
-    buffers = threading.local()   # one block buffer per thread, this call
+    buffers = threading.local()  # one block buffer per thread, this call
     if len(blocks) > 1:
-        digests = list(_pool().map(
-            lambda b: _block_digest(fd, *b, buffers), blocks))
+        digests = list(_pool().map(lambda b: _block_digest(fd, *b, buffers), blocks))
     else:
         digests = [_block_digest(fd, *b, buffers) for b in blocks]
     if _seal(ref, count, lengths_raw, digests) != seal:
@@ -584,8 +623,7 @@ def _map(fd: int, offsets: list, lengths: list, size: int) -> tuple:
     if len(mapping) != size:
         raise _Damage(f"{len(mapping)} bytes now, {size} when checked")
     data = memoryview(mapping)
-    return mapping, protocol.decode(
-        [data[o:o + n] for o, n in zip(offsets, lengths)])
+    return mapping, protocol.decode([data[o : o + n] for o, n in zip(offsets, lengths)])
 
 
 @functools.lru_cache(maxsize=1)
@@ -595,19 +633,19 @@ def _utimensat():
         return None
     try:
         import ctypes
+
         func = ctypes.CDLL(None, use_errno=True).utimensat
     except (ImportError, OSError, AttributeError):
         return None
 
     class Timespec(ctypes.Structure):
         _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p,
-                     ctypes.c_int]
+
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
     utime_now, utime_omit = (1 << 30) - 1, (1 << 30) - 2
     times = (Timespec * 2)((0, utime_now), (0, utime_omit))
     at_fdcwd, at_symlink_nofollow = -100, 0x100
-    return lambda path: func(at_fdcwd, os.fsencode(path), times,
-                             at_symlink_nofollow)
+    return lambda path: func(at_fdcwd, os.fsencode(path), times, at_symlink_nofollow)
 
 
 def _touch(path: str) -> None:
@@ -624,8 +662,9 @@ def _check_pickle(ref: str, start: bytes) -> None:
     refuse one that is not, before it is stored or passed on. (It is
     unpickled only where it is used.)"""
     if start != b"\x80\x05":
-        raise ValueError(f"the payload sent for slice {ref} is not a pickle "
-                         "stream of protocol 5")
+        raise ValueError(
+            f"the payload sent for slice {ref} is not a pickle stream of protocol 5"
+        )
 
 
 def _write_padded(fd: int, data: bytes, pad: int | None = None) -> int:
@@ -636,7 +675,7 @@ def _write_padded(fd: int, data: bytes, pad: int | None = None) -> int:
     view = memoryview(data + bytes(pad))
     total = len(view)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
     return total
 
 
@@ -656,15 +695,17 @@ def _tidy(directory: str) -> None:
                     _remove(entry.path)
                 continue
             # O_NOATIME: looking is not using (eviction goes by atime).
-            fd = os.open(entry.path, os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC
-                         | getattr(os, "O_NOATIME", 0))
+            fd = os.open(
+                entry.path,
+                os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0),
+            )
             try:
                 if os.pread(fd, len(_MAGIC), 0) != _MAGIC:
                     _remove(entry.path)
             finally:
                 os.close(fd)
         except OSError:
-            pass   # removed meanwhile
+            pass  # removed meanwhile
 
 
 def _writer_alive(tmp_name: str) -> bool:
@@ -682,6 +723,6 @@ def _remove(path: str, inode: int | None = None) -> None:
         if inode is None or os.lstat(path).st_ino == inode:
             os.unlink(path)
     except FileNotFoundError:
-        pass   # another worker here removed it first
+        pass  # another worker here removed it first
     except OSError:
-        pass   # a directory: nothing qjamfab made, left alone
+        pass  # a directory: nothing qjamfab made, left alone

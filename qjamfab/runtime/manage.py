@@ -8,6 +8,7 @@ that socket, so a recycled pid is never signalled. `start --count N`
 records N in `run/count`: the number of workers a later session's agent
 attaches when the Master does not say.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,12 +63,18 @@ def live_workers(base: str) -> list[dict]:
         except OSError:
             continue
         try:
-            slot = int(name[len("worker-"):-len(".pid")])
+            slot = int(name[len("worker-") : -len(".pid")])
         except ValueError:
             continue
-        found.append({"name": name[:-4], "slot": slot, "pid": pid,
-                      "socket": sock,
-                      "uptime_s": time.time() - started})
+        found.append(
+            {
+                "name": name[:-4],
+                "slot": slot,
+                "pid": pid,
+                "socket": sock,
+                "uptime_s": time.time() - started,
+            }
+        )
     return found
 
 
@@ -85,8 +92,9 @@ def stop_other_runtimes(base: str) -> list[str]:
     """A daemon of another runtime (qjamfab was upgraded) would not speak
     this one's protocol: it is stopped, its disk cache kept."""
     runtime = this_runtime()
-    return stop_daemons(base, [w for w in live_workers(base)
-                        if runtime not in cmdline(w["pid"])])
+    return stop_daemons(
+        base, [w for w in live_workers(base) if runtime not in cmdline(w["pid"])]
+    )
 
 
 def worker_env(template: dict[str, str], index: int) -> dict[str, str]:
@@ -98,28 +106,44 @@ def env_differs(pid: int, wanted: dict[str, str]) -> bool:
     """Whether daemon `pid` runs with other values for these variables."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
-            have = dict(e.split(b"=", 1) for e in f.read().split(b"\0")
-                        if b"=" in e)
+            have = dict(e.split(b"=", 1) for e in f.read().split(b"\0") if b"=" in e)
     except OSError:
         return False
     return any(have.get(k.encode()) != v.encode() for k, v in wanted.items())
 
 
-def start_slots(base: str, slots: list[int], idle_timeout: float,
-                envs: dict[int, dict[str, str]] | None = None) -> list[int]:
+def start_slots(
+    base: str,
+    slots: list[int],
+    idle_timeout: float,
+    envs: dict[int, dict[str, str]] | None = None,
+) -> list[int]:
     """Start daemons worker-<slot> for these slots, all at once (slot k
     with envs[k] added to its environment), and wait until each listens;
     the slots that did not start in time."""
     for k in slots:
         name = f"worker-{k}"
         subprocess.Popen(
-            [sys.executable, "-c", boot_code("worker"), "--socket",
-             _socket(base, k), "--name", name, "--base", base,
-             "--idle-timeout", str(idle_timeout)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-c",
+                boot_code("worker"),
+                "--socket",
+                _socket(base, k),
+                "--name",
+                name,
+                "--base",
+                base,
+                "--idle-timeout",
+                str(idle_timeout),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
             stderr=open(os.path.join(base, "log", f"{name}.daemon"), "ab"),
             env={**os.environ, **(envs or {}).get(k, {})},
-            start_new_session=True, close_fds=True)
+            start_new_session=True,
+            close_fds=True,
+        )
     deadline = time.monotonic() + START_WAIT_S
     waiting = set(slots)
     while waiting and time.monotonic() < deadline:
@@ -130,24 +154,34 @@ def start_slots(base: str, slots: list[int], idle_timeout: float,
     return sorted(waiting)
 
 
-def start(base: str, count: int, idle_timeout: float,
-          env: dict[str, str] | None = None) -> dict:
+def start(
+    base: str, count: int, idle_timeout: float, env: dict[str, str] | None = None
+) -> dict:
     replaced = stop_other_runtimes(base)
     env = env or {}
-    replaced += stop_daemons(base, [
-        w for w in live_workers(base) if env and env_differs(
-            w["pid"], worker_env(env, w["slot"]))])
+    replaced += stop_daemons(
+        base,
+        [
+            w
+            for w in live_workers(base)
+            if env and env_differs(w["pid"], worker_env(env, w["slot"]))
+        ],
+    )
     running = {w["name"] for w in live_workers(base)}
     missing = [k for k in range(count) if f"worker-{k}" not in running]
-    failed = start_slots(base, missing, idle_timeout,
-                         {k: worker_env(env, k) for k in missing})
+    failed = start_slots(
+        base, missing, idle_timeout, {k: worker_env(env, k) for k in missing}
+    )
     with open(os.path.join(_run_dir(base), "count"), "w") as f:
         f.write(f"{count}\n")
-    return {"started": [f"worker-{k}" for k in missing if k not in failed],
-            "replaced": replaced,
-            "failed": [f"worker-{k}" for k in failed],
-            "workers": [w["name"] for w in live_workers(base)],
-            "count": count, "cores": os.cpu_count()}
+    return {
+        "started": [f"worker-{k}" for k in missing if k not in failed],
+        "replaced": replaced,
+        "failed": [f"worker-{k}" for k in failed],
+        "workers": [w["name"] for w in live_workers(base)],
+        "count": count,
+        "cores": os.cpu_count(),
+    }
 
 
 def status(base: str) -> dict:
@@ -160,15 +194,20 @@ def status(base: str) -> dict:
     runtime = os.path.join(base, "runtime")
     try:
         limit = cache_limit(cache)
-    except ValueError:   # a bad QJAMFAB_CACHE_LIMIT: the daemons say so
+    except ValueError:  # a bad QJAMFAB_CACHE_LIMIT: the daemons say so
         limit = None
-    return {"workers": live_workers(base), "cache_entries": entries,
-            "cache_bytes": size, "cache_limit": limit,
-            "cores": os.cpu_count(), "base": base,
-            "packages": installed(base),
-            "runtimes": sorted(n for n in os.listdir(runtime)
-                               if not n.startswith("."))
-            if os.path.isdir(runtime) else []}
+    return {
+        "workers": live_workers(base),
+        "cache_entries": entries,
+        "cache_bytes": size,
+        "cache_limit": limit,
+        "cores": os.cpu_count(),
+        "base": base,
+        "packages": installed(base),
+        "runtimes": sorted(n for n in os.listdir(runtime) if not n.startswith("."))
+        if os.path.isdir(runtime)
+        else [],
+    }
 
 
 def stop(base: str) -> dict:
@@ -183,6 +222,7 @@ def stop_daemons(base: str, workers: list[dict]) -> list[str]:
 
     def left() -> list[dict]:
         return [w for w in live_workers(base) if w["pid"] in pids]
+
     deadline = time.monotonic() + 5
     while left() and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -215,9 +255,12 @@ def main() -> None:
     parser.add_argument("command", choices=["start", "status", "stop", "clear"])
     parser.add_argument("--count", default="auto")
     parser.add_argument("--idle-timeout", type=float, default=3600.0)
-    parser.add_argument("--env", action="append", default=[],
-                        help="NAME=VALUE for every daemon started "
-                             "({worker}: its number)")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        help="NAME=VALUE for every daemon started ({worker}: its number)",
+    )
     args = parser.parse_args()
     base = default_base()
     try:
@@ -225,12 +268,12 @@ def main() -> None:
         for sub in ("run", "log", "cache"):
             secure_dir(os.path.join(base, sub))
     except OSError as exc:
-        sys.exit(str(exc))   # its first line says what to do
+        sys.exit(str(exc))  # its first line says what to do
     if args.command == "start":
-        count = (os.cpu_count() or 1) if args.count == "auto" \
-            else int(args.count)
-        result = start(base, count, args.idle_timeout,
-                       dict(e.split("=", 1) for e in args.env))
+        count = (os.cpu_count() or 1) if args.count == "auto" else int(args.count)
+        result = start(
+            base, count, args.idle_timeout, dict(e.split("=", 1) for e in args.env)
+        )
     else:
         result = {"status": status, "stop": stop, "clear": clear}[args.command](base)
     print(json.dumps(result))

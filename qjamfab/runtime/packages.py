@@ -26,6 +26,7 @@ hash, or the host's own copy imported before) records so in
 with a fresh daemon (`AgentPackages.conflicts`), as it does a daemon of
 another Python.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,7 +36,7 @@ import shutil
 import sys
 import tempfile
 import zipfile
-from typing import Iterable
+from collections.abc import Iterable
 
 from . import default_base, secure_dir
 
@@ -62,7 +63,7 @@ def _tree(root: str) -> list[tuple[str, bytes]]:
         for name in files:
             full = os.path.join(directory, name)
             rel = os.path.relpath(full, root).replace(os.sep, "/")
-            if "__pycache__/" in rel:   # written by imports here
+            if "__pycache__/" in rel:  # written by imports here
                 continue
             with open(full, "rb") as f:
                 entries.append((rel, f.read()))
@@ -70,8 +71,11 @@ def _tree(root: str) -> list[tuple[str, bytes]]:
 
 
 def _valid_hash(digest: object) -> bool:
-    return isinstance(digest, str) and len(digest) == 16 and all(
-        c in "0123456789abcdef" for c in digest)
+    return (
+        isinstance(digest, str)
+        and len(digest) == 16
+        and all(c in "0123456789abcdef" for c in digest)
+    )
 
 
 def install_zip(base: str, digest: str, archive: str) -> str:
@@ -91,11 +95,12 @@ def install_zip(base: str, digest: str, archive: str) -> str:
             z.extractall(staging)
         got = content_hash(_tree(staging))
         if got != digest:
-            raise ValueError(f"its files hash to {got}, not {digest}: the "
-                             "upload was damaged")
+            raise ValueError(
+                f"its files hash to {got}, not {digest}: the upload was damaged"
+            )
         try:
             os.rename(staging, target)
-        except OSError:   # another session installed it first
+        except OSError:  # another session installed it first
             if not os.path.isdir(target):
                 raise
         else:
@@ -122,9 +127,9 @@ def _host_version(base: str, name: str) -> str | None:
     """The version of distribution `name` this Python has of its own (not
     one shipped here)."""
     from importlib.metadata import distributions
+
     shipped = os.path.abspath(packages_dir(base))
-    path = [p for p in sys.path
-            if not os.path.abspath(p or ".").startswith(shipped)]
+    path = [p for p in sys.path if not os.path.abspath(p or ".").startswith(shipped)]
     for dist in distributions(name=name, path=path):
         return dist.version
     return None
@@ -151,6 +156,7 @@ def use(paths: list[str]) -> list[str]:
     """Put these package directories on sys.path, after the runtime
     bundle (sys.path[0]); those that were not there yet."""
     import importlib
+
     added = [p for p in paths if p not in sys.path]
     sys.path[1:1] = added
     if added:
@@ -162,8 +168,9 @@ def _top_names(path: str) -> set[str]:
     """The top-level modules a package directory provides."""
     names = set()
     for entry in os.listdir(path):
-        if entry.endswith((".dist-info", ".libs", ".pth")) or \
-                entry.startswith((".", "__pycache__")):
+        if entry.endswith((".dist-info", ".libs", ".pth")) or entry.startswith(
+            (".", "__pycache__")
+        ):
             continue
         names.add(entry.split(".", 1)[0])
     return names
@@ -178,10 +185,11 @@ def _shadowed(path: str) -> list[str]:
         module = sys.modules.get(name)
         if module is None:
             continue
-        where = [getattr(module, "__file__", None) or "",
-                 *getattr(module, "__path__", ())]
-        if not any(w and os.path.abspath(w).startswith(inside)
-                   for w in where):
+        where = [
+            getattr(module, "__file__", None) or "",
+            *getattr(module, "__path__", ()),
+        ]
+        if not any(w and os.path.abspath(w).startswith(inside) for w in where):
             shadowed.append(name)
     return shadowed
 
@@ -215,9 +223,12 @@ def use_in_daemon(base: str, worker: str, head: dict) -> None:
             if os.path.dirname(os.path.abspath(path)) == root:
                 secure_dir(path, create=False)
                 paths.append(path)
-        except OSError as exc:   # the job's import error will name it
-            print(f"qjamfab: {worker} does not use {path}: {exc}",
-                  file=sys.stderr, flush=True)
+        except OSError as exc:  # the job's import error will name it
+            print(
+                f"qjamfab: {worker} does not use {path}: {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
     record = read_record(base, worker, os.getpid())
     stale = set(record.get("stale", ()))
     by_hash = {digest: name for name, digest in head["packages"].items()}
@@ -225,13 +236,19 @@ def use_in_daemon(base: str, worker: str, head: dict) -> None:
         name = by_hash.get(os.path.basename(path))
         if name and _shadowed(path):
             stale.add(name)
-            print(f"qjamfab: {worker} imported {name} from elsewhere before "
-                  f"this session shipped it, and keeps that copy; the next "
-                  f"session starts a fresh worker (or run inv stop-workers)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"qjamfab: {worker} imported {name} from elsewhere before "
+                f"this session shipped it, and keeps that copy; the next "
+                f"session starts a fresh worker (or run inv stop-workers)",
+                file=sys.stderr,
+                flush=True,
+            )
     use(paths)
-    record = {"pid": os.getpid(), "stale": sorted(stale),
-              "packages": {**record.get("packages", {}), **head["packages"]}}
+    record = {
+        "pid": os.getpid(),
+        "stale": sorted(stale),
+        "packages": {**record.get("packages", {}), **head["packages"]},
+    }
     path = _record_path(base, worker)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
@@ -239,8 +256,11 @@ def use_in_daemon(base: str, worker: str, head: dict) -> None:
             json.dump(record, f)
         os.replace(tmp, path)
     except OSError as exc:
-        print(f"qjamfab: {worker} cannot record its packages: {exc}",
-              file=sys.stderr, flush=True)
+        print(
+            f"qjamfab: {worker} cannot record its packages: {exc}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def installed(base: str) -> list[dict]:
@@ -255,8 +275,11 @@ def installed(base: str) -> list[dict]:
         for entry in sorted(os.listdir(directory)):
             if entry.endswith(".dist-info"):
                 try:
-                    with open(os.path.join(directory, entry, "METADATA"),
-                              encoding="utf-8", errors="replace") as f:
+                    with open(
+                        os.path.join(directory, entry, "METADATA"),
+                        encoding="utf-8",
+                        errors="replace",
+                    ) as f:
                         for line in f:
                             if line.startswith("Name:"):
                                 name = line[5:].strip()
@@ -267,8 +290,7 @@ def installed(base: str) -> list[dict]:
                 except OSError:
                     pass
                 break
-        found.append({"name": name or "?", "version": version or "?",
-                      "hash": digest})
+        found.append({"name": name or "?", "version": version or "?", "hash": digest})
     return sorted(found, key=lambda p: (p["name"].lower(), p["version"]))
 
 
@@ -284,25 +306,25 @@ class AgentPackages:
 
     def __init__(self, base: str):
         self.base = base
-        self.offered: dict[str, str] = {}    # hash -> name
-        self.wanted: dict[str, str] = {}     # name -> hash, this session's
+        self.offered: dict[str, str] = {}  # hash -> name
+        self.wanted: dict[str, str] = {}  # name -> hash, this session's
         self.paths: list[str] = []
-        self.errors: dict[str, str] = {}     # hash -> why it failed
+        self.errors: dict[str, str] = {}  # hash -> why it failed
 
     def handle(self, agent, head: dict, lengths: list[int]) -> None:
         """One PACKAGES frame from the master (its payload still in the
         stream), answered through `agent.tell`."""
         from .. import protocol
+
         reader = agent.master.reader
         if "install" in head:
             self._install(head["install"], lengths, reader)
             return
-        for n in lengths:   # nothing else carries a payload
+        for n in lengths:  # nothing else carries a payload
             _skip(reader, n)
         if "offer" in head:
             try:
-                self.offered.update({o["hash"]: o["name"]
-                                     for o in head["offer"]})
+                self.offered.update({o["hash"]: o["name"] for o in head["offer"]})
                 answer = answer_offer(self.base, head["offer"])
             except OSError as exc:
                 answer = {"missing": [], "on_host": [], "error": str(exc)}
@@ -316,8 +338,7 @@ class AgentPackages:
                 except OSError as exc:
                     path, self.errors[digest] = None, str(exc)
                 if path is None:
-                    failed[digest] = self.errors.get(
-                        digest, "it was not installed")
+                    failed[digest] = self.errors.get(digest, "it was not installed")
                 else:
                     paths.append(path)
                     self.wanted[self.offered.get(digest, digest)] = digest
@@ -333,8 +354,7 @@ class AgentPackages:
         try:
             root = packages_dir(self.base)
             secure_dir(root)
-            fd, tmp = tempfile.mkstemp(prefix=".incoming-", suffix=".zip",
-                                       dir=root)
+            fd, tmp = tempfile.mkstemp(prefix=".incoming-", suffix=".zip", dir=root)
         except OSError as exc:
             self.errors[digest] = str(exc)
         for n in lengths:
@@ -366,10 +386,15 @@ class AgentPackages:
         if not self.paths:
             return
         from .. import protocol
+
         for daemon in daemons:
             if not daemon.closed:
-                daemon.queue(protocol.frame(protocol.PACKAGES, {
-                    "paths": self.paths, "packages": dict(self.wanted)}))
+                daemon.queue(
+                    protocol.frame(
+                        protocol.PACKAGES,
+                        {"paths": self.paths, "packages": dict(self.wanted)},
+                    )
+                )
 
     def conflicts(self, worker: dict) -> bool:
         """Whether daemon `worker` ({name, pid}) holds another build of a
@@ -378,15 +403,16 @@ class AgentPackages:
             return False
         record = read_record(self.base, worker["name"], worker["pid"])
         held = record.get("packages", {})
-        return any(name in record.get("stale", ()) or
-                   held.get(name, digest) != digest
-                   for name, digest in self.wanted.items())
+        return any(
+            name in record.get("stale", ()) or held.get(name, digest) != digest
+            for name, digest in self.wanted.items()
+        )
 
 
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _skip(reader, n: int) -> None:

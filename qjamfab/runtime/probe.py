@@ -10,6 +10,7 @@ and that the base is writable.
 `secure_dir` lives here so that the probe and the rest of the runtime
 (which imports it from here) apply one rule.
 """
+
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ class InsecureDirectory(PermissionError):
 def _owner(uid: int) -> str:
     try:
         import pwd
+
         return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
     except (ImportError, KeyError):
         return f"uid {uid}"
@@ -60,42 +62,48 @@ def secure_dir(path: str, create: bool = True) -> None:
             raise InsecureDirectory(
                 f"{prefix} is a symlink (to {os.path.realpath(prefix)}) owned "
                 f"by {_owner(st.st_uid)}, who can point it elsewhere: remove "
-                f"it or set QJAMFAB_HOME to a directory of your own")
+                f"it or set QJAMFAB_HOME to a directory of your own"
+            )
     real = os.path.realpath(path)
     shown = path if real == path else f"{path} (a symlink to {real})"
     st = os.stat(real)
     if not stat.S_ISDIR(st.st_mode):
         raise NotADirectoryError(
             f"{shown} is not a directory: remove it or set QJAMFAB_HOME to a "
-            f"directory of your own")
+            f"directory of your own"
+        )
     mode = stat.S_IMODE(st.st_mode)
     if st.st_uid != uid:
         raise InsecureDirectory(
             f"{shown} is owned by {_owner(st.st_uid)}, mode {mode:04o}, not "
             f"by you: it could hold code or data that is not yours; remove "
-            f"it or set QJAMFAB_HOME to a directory of your own")
+            f"it or set QJAMFAB_HOME to a directory of your own"
+        )
     if mode & 0o022:
         raise InsecureDirectory(
             f"{shown} (owner {_owner(st.st_uid)}) has mode {mode:04o}: "
             f"{_who(mode)} can plant code or data in it; run chmod 700 "
-            f"{real} or set QJAMFAB_HOME to a directory of your own")
+            f"{real} or set QJAMFAB_HOME to a directory of your own"
+        )
     parent = os.path.dirname(real)
     while True:
         st = os.stat(parent)
         mode = stat.S_IMODE(st.st_mode)
         if st.st_uid not in (uid, 0):
-            problem = (f"is owned by {_owner(st.st_uid)}, mode {mode:04o}: "
-                       f"they")
+            problem = f"is owned by {_owner(st.st_uid)}, mode {mode:04o}: they"
         elif mode & 0o022 and not mode & stat.S_ISVTX:
-            problem = (f"has mode {mode:04o} (owner {_owner(st.st_uid)}) "
-                       f"and no sticky bit: {_who(mode)}")
+            problem = (
+                f"has mode {mode:04o} (owner {_owner(st.st_uid)}) "
+                f"and no sticky bit: {_who(mode)}"
+            )
         else:
             problem = ""
         if problem:
             raise InsecureDirectory(
                 f"{parent}, a parent of {shown}, {problem} can replace what "
                 f"is under it; set QJAMFAB_HOME to a directory whose parents "
-                f"only you or root can write to")
+                f"only you or root can write to"
+            )
         if parent == os.path.dirname(parent):
             return
         parent = os.path.dirname(parent)
@@ -103,7 +111,8 @@ def secure_dir(path: str, create: bool = True) -> None:
 
 def _who(mode: int) -> str:
     return {0o020: "its group", 0o002: "other users"}.get(
-        mode & 0o022, "its group and other users")
+        mode & 0o022, "its group and other users"
+    )
 
 
 def _make_dirs(path: str) -> None:
@@ -117,7 +126,7 @@ def _make_dirs(path: str) -> None:
         try:
             os.mkdir(directory, 0o700)
         except FileExistsError:
-            pass   # made meanwhile by another process; checked next
+            pass  # made meanwhile by another process; checked next
 
 
 def platform_info() -> dict:
@@ -127,25 +136,39 @@ def platform_info() -> dict:
     master compares them with a package's files before shipping it
     (qjamfab/packages.py)."""
     import importlib.machinery
+
     try:
-        libc = os.confstr("CS_GNU_LIBC_VERSION")   # "glibc 2.36"
+        libc = os.confstr("CS_GNU_LIBC_VERSION")  # "glibc 2.36"
     except (AttributeError, ValueError, OSError):
-        libc = None   # musl and others say nothing here
-    return {"platform": sys.platform, "machine": os.uname().machine,
-            "ext_suffixes": list(importlib.machinery.EXTENSION_SUFFIXES),
-            "libc": libc}
+        libc = None  # musl and others say nothing here
+    return {
+        "platform": sys.platform,
+        "machine": os.uname().machine,
+        "ext_suffixes": list(importlib.machinery.EXTENSION_SUFFIXES),
+        "libc": libc,
+    }
 
 
 def probe(bundle_hash: str) -> dict:
     base = os.environ.get("QJAMFAB_HOME") or os.path.join(
-        os.path.expanduser("~"), ".cache", "qjamfab")
-    report = {"python": list(sys.version_info[:3]),
-              "executable": sys.executable, "cores": os.cpu_count(),
-              "base": base, "numpy": None, "writable": False,
-              "free_bytes": None, "runtime_present": False, "error": "",
-              "insecure": "", **platform_info()}
+        os.path.expanduser("~"), ".cache", "qjamfab"
+    )
+    report = {
+        "python": list(sys.version_info[:3]),
+        "executable": sys.executable,
+        "cores": os.cpu_count(),
+        "base": base,
+        "numpy": None,
+        "writable": False,
+        "free_bytes": None,
+        "runtime_present": False,
+        "error": "",
+        "insecure": "",
+        **platform_info(),
+    }
     try:  # the version without importing numpy (0.1 s)
         from importlib.metadata import version
+
         report["numpy"] = version("numpy")
     except Exception:
         pass
@@ -161,11 +184,12 @@ def probe(bundle_hash: str) -> dict:
         report["free_bytes"] = shutil.disk_usage(base).free
     except InsecureDirectory as exc:
         report["insecure"] = report["error"] = str(exc)
-        return report   # not a byte written there, not a file believed
+        return report  # not a byte written there, not a file believed
     except OSError as exc:
         report["error"] = f"{type(exc).__name__}: {exc}"
     report["runtime_present"] = os.path.isdir(
-        os.path.join(base, "runtime", bundle_hash, "qjamfab"))
+        os.path.join(base, "runtime", bundle_hash, "qjamfab")
+    )
     return report
 
 

@@ -26,6 +26,7 @@ take, a part bigger than what fits) ends that connection only, logged, and
 the daemon goes back to accepting. In `--pipe` mode the stream is the
 worker's only client: bad input ends the worker, saying why on its stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,8 @@ from .cache import CacheEntryLost, CacheLimitError, RefCache, is_ref
 from .packages import use_in_daemon
 
 _LOG_POLL_S = 0.05
-_PROGRESS_S = 0.25   # a task running longer says how far it is this often
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters
+_PROGRESS_S = 0.25  # a task running longer says how far it is this often
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # Frame limits: a TASK head lists its refs (100,000 slices take 7 MB); a
 # part (params, a job, a slice kept in memory) must also fit in memory.
@@ -65,8 +66,9 @@ class Channel:
     """One framed connection to the master; writes are thread-safe."""
 
     def __init__(self, readinto, writev, read_fd: int):
-        self.reader = protocol.FrameReader(readinto, max_head=_MAX_HEAD,
-                                           max_part=_MAX_PART)
+        self.reader = protocol.FrameReader(
+            readinto, max_head=_MAX_HEAD, max_part=_MAX_PART
+        )
         self._writev = writev
         self.read_fd = read_fd
         self._lock = threading.Lock()
@@ -75,7 +77,8 @@ class Channel:
     def input_waiting(self) -> bool:
         """Whether a frame has (started to) arrive, without blocking."""
         return self.reader.buffered() or bool(
-            select.select([self.read_fd], [], [], 0)[0])
+            select.select([self.read_fd], [], [], 0)[0]
+        )
 
     def send(self, kind: int, head: dict, payload=()) -> None:
         buffers = protocol.frame(kind, head, payload)
@@ -99,13 +102,14 @@ class DaemonLog:
         self.fd = fd
 
     def write(self, text: str) -> None:
-        data = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: "
-                f"{text.rstrip()}\n").encode("utf-8", "replace")
+        data = (
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: {text.rstrip()}\n"
+        ).encode("utf-8", "replace")
         try:
             while data:
-                data = data[os.write(self.fd, data):]
+                data = data[os.write(self.fd, data) :]
         except OSError:
-            pass   # a full disk: there is nowhere left to say it
+            pass  # a full disk: there is nowhere left to say it
 
     def exception(self, exc_type, value, tb) -> None:
         self.write("".join(traceback.format_exception(exc_type, value, tb)))
@@ -119,7 +123,7 @@ class _CaptureStream(io.RawIOBase):
     """fd 1 or 2 as Python code writes it: what a full disk has no room for
     is dropped and counted, never an error in the job that printed it."""
 
-    def __init__(self, fd: int, capture: "Capture"):
+    def __init__(self, fd: int, capture: Capture):
         super().__init__()
         self._fd = fd
         self._capture = capture
@@ -135,7 +139,7 @@ class _CaptureStream(io.RawIOBase):
         total = len(view)
         try:
             while view:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
         except OSError as exc:
             if exc.errno not in _DISK_FULL:
                 raise
@@ -151,13 +155,15 @@ class Capture:
 
     def __init__(self, path: str):
         self.path = path
-        self.dropped = 0   # bytes Python code printed that found no room
-        sys.stdout = io.TextIOWrapper(_CaptureStream(1, self),
-                                      line_buffering=True, errors="replace")
-        sys.stderr = io.TextIOWrapper(_CaptureStream(2, self),
-                                      line_buffering=True, errors="replace")
+        self.dropped = 0  # bytes Python code printed that found no room
+        sys.stdout = io.TextIOWrapper(
+            _CaptureStream(1, self), line_buffering=True, errors="replace"
+        )
+        sys.stderr = io.TextIOWrapper(
+            _CaptureStream(2, self), line_buffering=True, errors="replace"
+        )
         self._fd = self._fresh_file()
-        self._forwarded = 0   # bytes of the file sent on so far
+        self._forwarded = 0  # bytes of the file sent on so far
         self._lock = threading.Lock()
         self.channel: Channel | None = None
         self._busy = False
@@ -167,8 +173,7 @@ class Capture:
         """Point fds 1 and 2 at a new empty file named self.path; a
         descriptor to read it."""
         tmp = f"{self.path}.new"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
-                     0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
@@ -181,20 +186,22 @@ class Capture:
             size = os.fstat(self._fd).st_size
             data = b""
             if size > self._forwarded:
-                data = os.pread(self._fd, size - self._forwarded,
-                                self._forwarded)
+                data = os.pread(self._fd, size - self._forwarded, self._forwarded)
                 self._forwarded += len(data)
             if self._forwarded > (1 << 20) and not self._busy:
                 data += self._start_over()
             dropped, self.dropped = self.dropped, 0
             if dropped:
-                data += (f"qjamfab: {dropped} bytes of output were dropped: "
-                         f"the disk of {os.path.dirname(self.path)} is full; "
-                         "free space there\n").encode()
+                data += (
+                    f"qjamfab: {dropped} bytes of output were dropped: "
+                    f"the disk of {os.path.dirname(self.path)} is full; "
+                    "free space there\n"
+                ).encode()
             if data and self.channel is not None:
                 try:
-                    self.channel.send(protocol.LOG, {
-                        "text": data.decode("utf-8", "replace")})
+                    self.channel.send(
+                        protocol.LOG, {"text": data.decode("utf-8", "replace")}
+                    )
                 except OSError:
                     pass  # the master is gone
 
@@ -203,7 +210,7 @@ class Capture:
         it was last read."""
         try:
             old, self._fd = self._fd, self._fresh_file()
-        except OSError:   # no room for a new file: keep this one
+        except OSError:  # no room for a new file: keep this one
             return b""
         data = b""
         while rest := os.pread(old, 1 << 20, self._forwarded):
@@ -240,6 +247,7 @@ class Capture:
 def _libc_fflush():
     try:
         import ctypes
+
         return ctypes.CDLL(None).fflush
     except (OSError, AttributeError):
         return None
@@ -255,6 +263,7 @@ def tune_malloc() -> None:
     autoencoder 20% slower without this than in a plain process."""
     try:
         import ctypes
+
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return
@@ -270,12 +279,16 @@ def c_stdio_flush() -> None:
 
 
 # The head keys a worker needs, by the kinds it takes.
-_NEEDS = {protocol.FUNC: ("hash",),
-          protocol.TASK: ("task", "run", "func", "refs", "slices", "leaves",
-                          "params"),
-          protocol.REFS: ("ref",), protocol.CANCEL: ("task",),
-          protocol.CLEAR: (), protocol.STATS: (), protocol.ATTACH: (),
-          protocol.PACKAGES: ("paths",)}
+_NEEDS = {
+    protocol.FUNC: ("hash",),
+    protocol.TASK: ("task", "run", "func", "refs", "slices", "leaves", "params"),
+    protocol.REFS: ("ref",),
+    protocol.CANCEL: ("task",),
+    protocol.CLEAR: (),
+    protocol.STATS: (),
+    protocol.ATTACH: (),
+    protocol.PACKAGES: ("paths",),
+}
 
 
 def _check_head(kind: int, head: dict, parts: list) -> None:
@@ -285,36 +298,38 @@ def _check_head(kind: int, head: dict, parts: list) -> None:
     if need is None:
         raise ProtocolError(
             f"a frame of kind {name} is not one a worker takes: the peer is "
-            f"not a qjamfab master of protocol version {protocol.VERSION}")
+            f"not a qjamfab master of protocol version {protocol.VERSION}"
+        )
     lacking = [key for key in need if key not in head]
     bad = None
     if lacking:
         bad = f"it lacks {', '.join(lacking)}"
-    elif kind == protocol.FUNC and not (isinstance(head["hash"], str)
-                                        and parts):
+    elif kind == protocol.FUNC and not (isinstance(head["hash"], str) and parts):
         bad = "it needs a hash and the job's bytes"
     elif kind == protocol.TASK and not isinstance(head["func"], str):
         bad = "its func is not a hash"
     elif kind == protocol.TASK and not (
-            head["refs"] is None or isinstance(head["refs"], (list, tuple))
-            and all(is_ref(r) for r in head["refs"])):
+        head["refs"] is None
+        or isinstance(head["refs"], (list, tuple))
+        and all(is_ref(r) for r in head["refs"])
+    ):
         bad = "its refs are not a list of refs"
     elif kind == protocol.REFS and not is_ref(head["ref"]):
         bad = f"{head['ref']!r:.80} is not a ref"
     if bad:
         raise ProtocolError(
             f"a {name} frame a worker cannot act on ({bad}): the peer is not "
-            f"a qjamfab master of protocol version {protocol.VERSION}")
+            f"a qjamfab master of protocol version {protocol.VERSION}"
+        )
 
 
 class Worker:
-    def __init__(self, name: str, base: str, cache: RefCache,
-                 capture: Capture):
+    def __init__(self, name: str, base: str, cache: RefCache, capture: Capture):
         self.name = name
         self.base = base
         self.capture = capture
         self.cache = cache
-        self.jobs: dict[str, tuple] = {}     # function hash -> (mapfunc, reduce)
+        self.jobs: dict[str, tuple] = {}  # function hash -> (mapfunc, reduce)
         self.job_bytes: dict[str, bytes] = {}
         self.started = time.time()
         # Tasks not yet run, in order: [head, params parts, refs asked
@@ -330,11 +345,18 @@ class Worker:
 
     def hello(self) -> dict:
         import cloudpickle
-        return {"version": protocol.VERSION, "name": self.name,
-                "pid": os.getpid(), "python": list(sys.version_info[:3]),
-                "cloudpickle": cloudpickle.__version__,
-                "cores": os.cpu_count(), "base": self.base,
-                "host": socket.gethostname(), "log": self.capture.path}
+
+        return {
+            "version": protocol.VERSION,
+            "name": self.name,
+            "pid": os.getpid(),
+            "python": list(sys.version_info[:3]),
+            "cloudpickle": cloudpickle.__version__,
+            "cores": os.cpu_count(),
+            "base": self.base,
+            "host": socket.gethostname(),
+            "log": self.capture.path,
+        }
 
     def serve(self, channel: Channel) -> None:
         """Answer frames until the master closes the connection; a frame
@@ -343,18 +365,22 @@ class Worker:
         self.pending = []
         channel.send(protocol.HELLO, self.hello())
         stop = threading.Event()
-        threading.Thread(target=self._heartbeat, args=(channel, stop),
-                         daemon=True).start()
+        threading.Thread(
+            target=self._heartbeat, args=(channel, stop), daemon=True
+        ).start()
         try:
             while True:
                 # Frames that arrived while a task ran come first: one may
                 # cancel the next task.
-                if self.pending and not channel.input_waiting() \
-                        and self._run_next(channel):
+                if (
+                    self.pending
+                    and not channel.input_waiting()
+                    and self._run_next(channel)
+                ):
                     continue
                 try:
                     kind, _, head, lengths = channel.reader.read_head()
-                    if kind == protocol.REFS:   # straight into the cache
+                    if kind == protocol.REFS:  # straight into the cache
                         _check_head(kind, head, lengths)
                         self._take_slice(channel, head, lengths)
                         continue
@@ -374,22 +400,28 @@ class Worker:
             if lengths:
                 # Stored, not unpickled: a slice this Python cannot load (a
                 # module it lacks) is the task's error, at its first use.
-                parts = self.cache.receive(ref, lengths, channel.reader,
-                                           channel.read_fd, load=False,
-                                           to_disk=not head.get("memory"))
-                if parts is None:   # sealed just now: no need to hash again
+                parts = self.cache.receive(
+                    ref,
+                    lengths,
+                    channel.reader,
+                    channel.read_fd,
+                    load=False,
+                    to_disk=not head.get("memory"),
+                )
+                if parts is None:  # sealed just now: no need to hash again
                     self.cache.trust(ref, self.cache.file_key(ref))
                 else:
                     self.cache.keep_in_memory(ref, parts)
-            else:   # the agent stored and sealed it for us
+            else:  # the agent stored and sealed it for us
                 self.cache.trust(ref, head["stored"])
         except (EOFError, OSError, ProtocolError):
             raise
-        except Exception as exc:   # a payload that is no slice, a bad key
+        except Exception as exc:  # a payload that is no slice, a bad key
             raise ProtocolError(
                 f"a REFS frame for {ref} that is not a slice "
                 f"({type(exc).__name__}: {exc}): the peer is not a qjamfab "
-                f"master of protocol version {protocol.VERSION}") from exc
+                f"master of protocol version {protocol.VERSION}"
+            ) from exc
 
     def handle(self, channel: Channel, kind: int, head: dict, parts) -> None:
         if kind == protocol.FUNC:
@@ -410,21 +442,23 @@ class Worker:
             return
         elif kind == protocol.STATS:
             stats = self.cache.stats()
-            stats.update(pid=os.getpid(), name=self.name,
-                         uptime_s=time.time() - self.started)
+            stats.update(
+                pid=os.getpid(), name=self.name, uptime_s=time.time() - self.started
+            )
             channel.send(protocol.STATS, stats)
             return
-        elif kind == protocol.ATTACH:   # the agent hands over the stream
+        elif kind == protocol.ATTACH:  # the agent hands over the stream
             channel.send(protocol.STATE, {"state": "ready"})
             raise HandOver()
-        elif kind == protocol.PACKAGES:   # shipped packages, from the agent
+        elif kind == protocol.PACKAGES:  # shipped packages, from the agent
             use_in_daemon(self.base, self.name, head)
         elif kind == protocol.CANCEL:
             queued = [p for p in self.pending if p[0]["task"] == head["task"]]
             for entry in queued:
                 self.pending.remove(entry)
-                channel.send(protocol.STATE, {"task": head["task"],
-                                              "state": "cancelled"})
+                channel.send(
+                    protocol.STATE, {"task": head["task"], "state": "cancelled"}
+                )
 
     def _run_next(self, channel: Channel) -> bool:
         """Run the first queued task if it has all it needs (True), else
@@ -432,28 +466,41 @@ class Worker:
         if not self.pending:
             return False
         head, params_parts, asked = self.pending[0]
-        missing_func = head["func"] not in self.jobs \
-            and head["func"] not in self.job_bytes
+        missing_func = (
+            head["func"] not in self.jobs and head["func"] not in self.job_bytes
+        )
         try:
             missing_refs = self.cache.missing(head["refs"] or ())
         except Exception as exc:
             # A slice this Python cannot unpickle (a module it lacks):
             # the task's error, not the daemon's end.
             self.pending.pop(0)
-            channel.send(protocol.ERROR, {
-                "task": head["task"], "phase": "loading a slice",
-                "type": type(exc).__name__, "message": str(exc),
-                "traceback": traceback.format_exc()})
+            channel.send(
+                protocol.ERROR,
+                {
+                    "task": head["task"],
+                    "phase": "loading a slice",
+                    "type": type(exc).__name__,
+                    "message": str(exc),
+                    "traceback": traceback.format_exc(),
+                },
+            )
             return True
         if missing_func or missing_refs:
             # Asked once per ref: again only for one that went missing since
             # (found damaged, or evicted), else the task would wait forever.
             new = [r for r in missing_refs if asked is False or r not in asked]
             if asked is False or new:
-                channel.send(protocol.STATE, {
-                    "task": head["task"], "state": "blocked", "refs": new,
-                    "func": missing_func and asked is False,
-                    "damaged": self.cache.take_damaged()})
+                channel.send(
+                    protocol.STATE,
+                    {
+                        "task": head["task"],
+                        "state": "blocked",
+                        "refs": new,
+                        "func": missing_func and asked is False,
+                        "damaged": self.cache.take_damaged(),
+                    },
+                )
             self.pending[0][2] = set(missing_refs)
             return False
         self.pending.pop(0)
@@ -517,24 +564,38 @@ class Worker:
                 if time.perf_counter() >= report_at and i + 1 < len(refs or ()):
                     # A long task says how far it is, for progress bars.
                     report_at = time.perf_counter() + _PROGRESS_S
-                    channel.send(protocol.STATE, {
-                        "task": task, "state": "progress", "done": i + 1})
+                    channel.send(
+                        protocol.STATE,
+                        {"task": task, "state": "progress", "done": i + 1},
+                    )
             phase = "pickling the result"
             payload = _encode_result(tree.items())
         except Exception as exc:
             self.busy = False
             self.capture.end()
-            channel.send(protocol.ERROR, {
-                "task": task, "phase": phase, "type": type(exc).__name__,
-                "message": str(exc), "traceback": traceback.format_exc()})
+            channel.send(
+                protocol.ERROR,
+                {
+                    "task": task,
+                    "phase": phase,
+                    "type": type(exc).__name__,
+                    "message": str(exc),
+                    "traceback": traceback.format_exc(),
+                },
+            )
             return
         compute_s = time.perf_counter() - started
         self.busy = False
         self.capture.end()
-        channel.send(protocol.RESULT, {
-            "task": task, "compute_s": compute_s,
-            "slices": 0 if head["refs"] is None else len(head["refs"])},
-            payload)
+        channel.send(
+            protocol.RESULT,
+            {
+                "task": task,
+                "compute_s": compute_s,
+                "slices": 0 if head["refs"] is None else len(head["refs"]),
+            },
+            payload,
+        )
 
 
 def _encode_result(value: object) -> list:
@@ -544,16 +605,16 @@ def _encode_result(value: object) -> list:
         return protocol.encode(value, pickle.dumps)
     except Exception:
         import cloudpickle
+
         return protocol.encode(value, cloudpickle.dumps)
 
 
 def _fd_channel(read_fd: int, write_fd: int) -> Channel:
     reader = io.FileIO(read_fd, "r", closefd=False)
-    return Channel(reader.readinto, lambda views: os.writev(write_fd, views),
-                   read_fd)
+    return Channel(reader.readinto, lambda views: os.writev(write_fd, views), read_fd)
 
 
-_CLAIM_WAIT_S = 5.0   # for a client that connected to say "serve"
+_CLAIM_WAIT_S = 5.0  # for a client that connected to say "serve"
 _CLAIM = b"serve\n"
 
 
@@ -563,8 +624,9 @@ def _socket_channel(conn: socket.socket) -> Channel:
     return Channel(conn.recv_into, lambda views: os.writev(fd, views), fd)
 
 
-def _claim(listener: socket.socket, ready_line: bytes,
-           idle_timeout: float) -> socket.socket | None:
+def _claim(
+    listener: socket.socket, ready_line: bytes, idle_timeout: float
+) -> socket.socket | None:
     """The next client to say "serve": each that connects is sent the
     ready line and has _CLAIM_WAIT_S to answer while others connect, so one
     that says nothing delays no one. None after idle_timeout (when > 0)
@@ -583,18 +645,16 @@ def _claim(listener: socket.socket, ready_line: bytes,
             if idle_until is not None:
                 deadlines.append(idle_until)
             timeout = max(0.0, min(deadlines) - now) if deadlines else None
-            readable, _, _ = select.select([listener, *waiting], [], [],
-                                           timeout)
+            readable, _, _ = select.select([listener, *waiting], [], [], timeout)
             for sock in readable:
                 if sock is listener:
                     try:
                         conn, _ = listener.accept()
                         conn.setblocking(False)
                         conn.sendall(ready_line)
-                    except OSError:   # gone already
+                    except OSError:  # gone already
                         continue
-                    waiting[conn] = (time.monotonic() + _CLAIM_WAIT_S,
-                                     bytearray())
+                    waiting[conn] = (time.monotonic() + _CLAIM_WAIT_S, bytearray())
                     continue
                 said = waiting[sock][1]
                 try:
@@ -602,7 +662,7 @@ def _claim(listener: socket.socket, ready_line: bytes,
                 except OSError:
                     line = b""
                 if line is None:
-                    continue   # not a whole line yet
+                    continue  # not a whole line yet
                 del waiting[sock]
                 if line == _CLAIM:
                     return sock
@@ -629,8 +689,9 @@ def _first_line(conn: socket.socket, said: bytearray) -> bytes | None:
     return bytes(said) if end >= 0 or len(said) >= 64 else None
 
 
-def _serve_socket(worker: Worker, path: str, idle_timeout: float,
-                  log: DaemonLog) -> None:
+def _serve_socket(
+    worker: Worker, path: str, idle_timeout: float, log: DaemonLog
+) -> None:
     """Daemon mode: each connection is the host agent of one Master
     session; it says "serve" after reading our "ready" line, and frames
     then flow over the connection until it ends. A connection that breaks
@@ -645,13 +706,17 @@ def _serve_socket(worker: Worker, path: str, idle_timeout: float,
         os.umask(old_umask)
     os.replace(tmp, path)  # a restarted daemon takes over the name atomically
     bound_inode = os.stat(path).st_ino
-    pid_path = path[:-len(".sock")] + ".pid"
+    pid_path = path[: -len(".sock")] + ".pid"
     with open(pid_path, "w") as f:
         f.write(f"{os.getpid()}\n")
     listener.listen(8)
     listener.setblocking(False)
-    ready_line = json.dumps({"pid": os.getpid(), "log": worker.capture.path,
-                             "runtime": this_runtime()}).encode() + b"\n"
+    ready_line = (
+        json.dumps(
+            {"pid": os.getpid(), "log": worker.capture.path, "runtime": this_runtime()}
+        ).encode()
+        + b"\n"
+    )
     try:
         while True:
             conn = _claim(listener, ready_line, idle_timeout)
@@ -671,14 +736,18 @@ def _serve_socket(worker: Worker, path: str, idle_timeout: float,
                             for fd in fds:
                                 os.close(fd)
                 except ConnectionError:
-                    pass   # that client hung up as we wrote to it
+                    pass  # that client hung up as we wrote to it
                 except ProtocolError as exc:
-                    log.write(f"{worker.name}: closed a connection that broke "
-                              f"the protocol, serving the next: {exc}")
+                    log.write(
+                        f"{worker.name}: closed a connection that broke "
+                        f"the protocol, serving the next: {exc}"
+                    )
                 except Exception:
-                    log.write(f"{worker.name}: closed a connection after an "
-                              "error in the daemon, serving the next:\n"
-                              + traceback.format_exc())
+                    log.write(
+                        f"{worker.name}: closed a connection after an "
+                        "error in the daemon, serving the next:\n"
+                        + traceback.format_exc()
+                    )
     finally:
         listener.close()
         try:
@@ -703,8 +772,7 @@ def _keep(child: int, record: str) -> None:
             continue
     tmp = f"{record}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump({"pid": child,
-                   "status": os.waitstatus_to_exitcode(status)}, f)
+        json.dump({"pid": child, "status": os.waitstatus_to_exitcode(status)}, f)
     os.replace(tmp, record)
     os._exit(0)
 
@@ -729,7 +797,7 @@ def main(argv: list[str] | None = None) -> None:
         # keeper process, forked before anything starts, records it.
         child = os.fork()
         if child:
-            _keep(child, args.socket[:-len(".sock")] + ".exit")
+            _keep(child, args.socket[: -len(".sock")] + ".exit")
     tune_malloc()
     base = os.path.expanduser(args.base or default_base())
     try:
@@ -737,7 +805,7 @@ def main(argv: list[str] | None = None) -> None:
         secure_dir(os.path.join(base, "log"))
         cache = RefCache(os.path.join(base, "cache"))
     except (OSError, CacheLimitError) as exc:
-        sys.exit(str(exc))   # its first line says what to do
+        sys.exit(str(exc))  # its first line says what to do
     # Ctrl-C at the master's terminal is the master's to handle.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -748,8 +816,7 @@ def main(argv: list[str] | None = None) -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    capture = Capture(os.path.join(
-        base, "log", f"{args.name}-{os.getpid()}.out"))
+    capture = Capture(os.path.join(base, "log", f"{args.name}-{os.getpid()}.out"))
     worker = Worker(args.name, base, cache, capture)
     # clear-cache reaches an idle daemon's memory this way.
     signal.signal(signal.SIGUSR1, lambda *_: worker.cache.drop_memory())
@@ -757,11 +824,13 @@ def main(argv: list[str] | None = None) -> None:
         try:
             worker.serve(_fd_channel(protocol_in, protocol_out))
         except ConnectionError:
-            pass   # the master hung up as we wrote to it
+            pass  # the master hung up as we wrote to it
         except ProtocolError as exc:
-            log.write(f"qjamfab worker {args.name} stopped: its master's "
-                      f"stream broke the protocol ({exc}); start the Master "
-                      "again")
+            log.write(
+                f"qjamfab worker {args.name} stopped: its master's "
+                f"stream broke the protocol ({exc}); start the Master "
+                "again"
+            )
             sys.exit(1)
     else:
         _serve_socket(worker, args.socket, args.idle_timeout, log)

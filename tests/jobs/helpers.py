@@ -1,4 +1,5 @@
 """A local module the workers cannot import: reaches them by value."""
+
 SCALE = 10
 
 
