@@ -241,3 +241,26 @@ def test_worker_and_manage_refuse_an_insecure_base_in_one_line(tmp_path, module,
         f"{base} (owner {_me()}) has mode 0777: its group and other users"
     )
     assert os.listdir(base) == []
+
+
+def test_a_runtime_changed_after_it_was_installed_does_not_run(qjamfab_home):
+    """The bundle is checked against its hash before it runs: a file
+    planted or changed in it stops the worker, saying what to do."""
+    from qjamfab import Master, WorkerLost, runtime
+
+    base = str(qjamfab_home)
+    runtime.ensure_local_bundle(base)
+    planted = os.path.join(
+        base, "runtime", runtime.bundle_hash(), "qjamfab", "runtime", "worker.py"
+    )
+    with open(planted, "a") as f:
+        f.write("\nimport os; os.system('echo owned')\n")
+    with pytest.raises(WorkerLost) as info:
+        Master("local:1")
+    first = str(info.value).splitlines()[0]
+    bundle = os.path.join(base, "runtime", runtime.bundle_hash())
+    assert first.startswith(
+        "worker local-0 did not start (exit status 1): "
+        f"qjamfab: the runtime is not what was installed at {bundle}: "
+        "remove that directory"
+    )

@@ -198,6 +198,32 @@ def boot_code(module: str, install: bool = False) -> str:
         head += f"NEED, HAVE = {NEED_RUNTIME!r}, {HAVE_RUNTIME!r}\n" + _INSTALL
     else:
         head += f"os.path.isdir(p) or sys.exit({NO_RUNTIME!r} + ' ' + p)\n"
-    return head + (
-        f"sys.path[0:1] = [p]\nfrom qjamfab.runtime.{module} import main\nmain()\n"
+    return (
+        head
+        + _CHECK.replace("HASH", repr(bundle_hash())).replace(
+            "BAD", repr(CHANGED_RUNTIME)
+        )
+        + f"sys.path[0:1] = [p]\nfrom qjamfab.runtime.{module} import main\nmain()\n"
     )
+
+
+CHANGED_RUNTIME = "qjamfab: the runtime is not what was installed"
+
+# The bundle is checked against its name before it runs (as bundle_hash
+# computes it): a file changed or planted there stops it, with what to do.
+_CHECK = """
+import hashlib
+d = hashlib.sha256()
+found = []
+for r, ds, fs in os.walk(p):
+    ds[:] = [x for x in ds if x != '__pycache__']
+    found += [os.path.relpath(os.path.join(r, f), p) for f in fs]
+for f in sorted(found):
+    with open(os.path.join(p, f), 'rb') as fh:
+        c = fh.read()
+    d.update(('%s\\0%d\\0' % (f, len(c))).encode())
+    d.update(c)
+if d.hexdigest()[:16] != HASH:
+    sys.exit(BAD + ' at ' + p + ': remove that directory (qjamfab installs '
+             'it again), and check who else can write there')
+"""
