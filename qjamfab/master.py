@@ -15,7 +15,6 @@ retried with backoff.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import shlex
@@ -128,7 +127,6 @@ class Master(FuturesMixin):
         self.last_run: RunStats | None = None
         self._base = default_base()
         self._inbox = Inbox()
-        self._inbox.ids = itertools.count(1)
         self._hosts = [dask] if dask else _label_hosts(self.hosts, workers_per_host)
         self._finalizer = weakref.finalize(self, _close_all, self._inbox, self._hosts)
         self._start_missing(first=True)

@@ -15,6 +15,7 @@ inside a frame, is a LOST event for each of its workers.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import select
 import struct
@@ -425,6 +426,7 @@ class Inbox:
     def __init__(self) -> None:
         self.links: list[Link] = []
         self.pending: collections.deque[Event] = collections.deque()
+        self.ids = itertools.count(1)  # of runs, groups and tasks: unique
 
     def add(self, link: Link) -> None:
         """Read this link too (links that ended are dropped)."""

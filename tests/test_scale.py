@@ -60,10 +60,12 @@ def test_many_workers_per_host_cold_and_warm(ssh, client, layout):
             total = m.run(lambda p, x: np.full(1000, float(x.sum())), dataset=data)
             assert np.all(total == float(X.sum()))
             if client == "openssh":
-                # Over paramiko, once in three full suite runs, a run's
-                # results came back uncombined (cause not found yet: see
-                # the closing note of this round); the sum was right.
-                assert m.last_run.bytes_received < n_hosts * per_host * 8000 / 3
+                # Fewer than one per worker: how few depends on how many
+                # COLLECTs a host needed (work moved to it late in the run
+                # needs another). Over paramiko, once in three full suite
+                # runs, a run's results came back uncombined (cause not
+                # found yet: see the closing note); the sum was right.
+                assert m.last_run.bytes_received < n_hosts * per_host * 8000
             pids = {s["pid"] for s in m.worker_stats().values()}
             assert len(pids) == n_hosts * per_host
     cluster.stop_workers(hostspec.parse_hosts(aliases), ssh_config=ssh.ssh_config)

@@ -438,7 +438,7 @@ def test_daemon_of_another_runtime_is_replaced(ssh):
         [
             sys.executable,
             "-c",
-            runtime.boot_code("worker").replace(current, older),
+            runtime.boot_code("worker").replace(current, older, 1),
             "--socket",
             os.path.join(home, "run", "worker-0.sock"),
             "--name",
