@@ -106,7 +106,6 @@ class NetnsHost:
                         "PasswordAuthentication no",
                         "PermitRootLogin prohibit-password",
                         "UseDNS no",
-                        "MaxSessions 100",
                         f"SetEnv QJAMFAB_HOME={self.home}",
                         f"Subsystem sftp {self.servers.sftp_server}",
                         *self.servers._extra_sshd_options,

@@ -1,7 +1,8 @@
 """Many workers per host on sshds with their stock connection limits
-(MaxStartups 10:30:100, MaxSessions 10): one connection and one channel
-per host, whatever the worker count, cold (nothing running) and warm
-(daemons up), over both clients; results combined on the host."""
+(10:30:100 unauthenticated startups, 10 sessions a connection): one
+connection and one channel per host, whatever the worker count, cold
+(nothing running) and warm (daemons up), over both clients; results
+combined on the host."""
 
 import os
 
