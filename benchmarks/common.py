@@ -343,3 +343,50 @@ def ssh_layout(workers: int, max_hosts: int = 4) -> tuple[int, int]:
     to max_hosts hosts, then more per host (4 hosts x 2 for 8)."""
     hosts = min(workers, max_hosts)
     return hosts, workers // hosts
+
+
+def standalone_main(
+    name: str,
+    doc: str,
+    sizes: dict,
+    measure,
+    table,
+    targets,
+    argv: list[str] | None = None,
+    extra_machine=None,
+) -> int:
+    """`python -m benchmarks.NAME [--scale S] [--out DIR]` for a benchmark
+    outside the suite: measure, print the table and targets, and write
+    NAME.json (with the machine before and its load after)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog=f"python -m benchmarks.{name}", description=doc.splitlines()[0]
+    )
+    parser.add_argument("--scale", choices=sorted(sizes), default="full")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    one_blas_thread()
+    from . import RESULTS_DIR, format_target
+
+    out_dir = args.out or (
+        RESULTS_DIR if args.scale == "full" else os.path.join(RESULTS_DIR, args.scale)
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    started = machine()
+    result = measure(args.scale)
+    result["table"] = table(result)
+    result["targets"] = targets(result)
+    result["machine"] = {
+        **started,
+        "loadavg_after": machine()["loadavg"],
+        **(extra_machine() if extra_machine else {}),
+    }
+    result["scale"] = args.scale
+    print(result["table"])
+    for t in result["targets"]:
+        print(format_target(t))
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=1, default=float)
+    return 0

@@ -34,17 +34,14 @@ benchmarks/results/<scale>/). Needs `pip install 'qjamfab[dask]'`. Not in
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
-import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 
-from .common import local_home, machine, one_blas_thread, percentile, target
+from .common import local_home, percentile, standalone_main, target
 
 # scale -> (trivial: rounds, runs per block; sae: patches, rounds, block)
 SIZES = {
@@ -311,35 +308,22 @@ def targets(result: dict) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.dask", description=__doc__.splitlines()[0]
+    return standalone_main(
+        "dask",
+        __doc__,
+        SIZES,
+        measure,
+        table,
+        targets,
+        argv,
+        extra_machine=_distributed_version,
     )
-    parser.add_argument("--scale", choices=sorted(SIZES), default="full")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    one_blas_thread()
-    from . import RESULTS_DIR, format_target
 
-    out_dir = args.out or (
-        RESULTS_DIR if args.scale == "full" else os.path.join(RESULTS_DIR, args.scale)
-    )
-    os.makedirs(out_dir, exist_ok=True)
-    started = machine()
-    result = measure(args.scale)
-    result["table"] = table(result)
-    result["targets"] = targets(result)
-    result["machine"] = started
-    result["machine"]["loadavg_after"] = machine()["loadavg"]
+
+def _distributed_version() -> dict:
     import distributed
 
-    result["machine"]["distributed"] = distributed.__version__
-    result["scale"] = args.scale
-    print(result["table"])
-    for t in result["targets"]:
-        print(format_target(t))
-    with open(os.path.join(out_dir, "dask.json"), "w") as f:
-        json.dump(result, f, indent=1, default=float)
-    return 0
+    return {"distributed": distributed.__version__}
 
 
 if __name__ == "__main__":

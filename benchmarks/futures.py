@@ -28,11 +28,8 @@ suite (its tiny run is part of the test suite).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -40,10 +37,9 @@ import time
 from .common import (
     Scale,
     local_home,
-    machine,
-    one_blas_thread,
     ssh_hosts,
     sshd_missing,
+    standalone_main,
     target,
 )
 
@@ -141,7 +137,7 @@ def measure(scale_name: str, log=print) -> dict:
 
 
 def table(result: dict) -> str:
-    from qjamfab.tasks import render_table
+    from qjamfab.display import render_table
 
     lines = []
     for workload, by_name in result["rows"].items():
@@ -202,32 +198,15 @@ def run(scale: Scale, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import format_target
-
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.futures", description=__doc__.splitlines()[0]
+    return standalone_main(
+        "futures",
+        __doc__,
+        SIZES,
+        measure,
+        table,
+        targets,
+        argv,
     )
-    parser.add_argument("--scale", choices=sorted(SIZES), default="full")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    one_blas_thread()
-    from . import RESULTS_DIR
-
-    out_dir = args.out or (
-        RESULTS_DIR if args.scale == "full" else os.path.join(RESULTS_DIR, args.scale)
-    )
-    os.makedirs(out_dir, exist_ok=True)
-    result = measure(args.scale)
-    result["table"] = table(result)
-    result["targets"] = targets(result)
-    result["machine"] = machine()
-    result["scale"] = args.scale
-    print(result["table"])
-    for t in result["targets"]:
-        print(format_target(t))
-    with open(os.path.join(out_dir, "futures.json"), "w") as f:
-        json.dump(result, f, indent=1, default=float)
-    return 0
 
 
 if __name__ == "__main__":
