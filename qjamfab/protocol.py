@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 from .errors import ProtocolError
 
-VERSION = 3
+VERSION = 4
 AGENT = 0xFFFF  # the worker field of frames for or from a host's agent
 
 # Message kinds. qjam's five (TASK, STATE, REFS, RESULT, ERROR) plus what
@@ -37,14 +37,16 @@ AGENT = 0xFFFF  # the worker field of frames for or from a host's agent
 HELLO = 1  # worker -> master, first frame: version, name, pid, versions;
 # from the agent: the host's python, cores, base, runtime
 TASK = 2  # master -> worker: {task, run, func, refs, slices, leaves,
-# params: bool, hold: bool}; payload = params, sent with a
-# run's first task to a worker only (params false: the run's
-# params again); slices: their indices, leaves: how many the
-# run has (results combine in reduce.ReduceTree); hold: the
-# agent keeps the result for COLLECT
+# params: bool, hold: bool, park: bytes}; payload = params,
+# sent with a run's first task to a worker only (params false:
+# the run's params again); slices: their indices, leaves: how
+# many the run has (results combine in reduce.ReduceTree);
+# hold: the agent keeps the result for COLLECT; park: a result
+# of this many bytes or more waits at the worker for FETCH
 STATE = 3  # worker -> master: {task, state: "blocked", refs, func};
-# "cancelled"; from the agent "done" {compute_s} for a held
-# task
+# "cancelled"; "parked" {compute_s, slices, bytes}: the result
+# waits for FETCH (or CANCEL drops it); from the agent "done"
+# {compute_s} for a held task
 REFS = 4  # master -> worker: {ref}; payload = the slice. From the
 # agent to its daemons {ref, stored: file key}, no payload:
 # the slice is in the host's cache, sealed, as that file; or
@@ -72,6 +74,8 @@ GONE = 15  # agent -> master, for worker k: its daemon's connection
 PACKAGES = 16  # master -> agent: {offer}, {install} + [zip] or {use}; the
 # agent answers offer and use (runtime/packages.py); agent ->
 # daemon: {paths, packages} to put on sys.path
+FETCH = 17  # master -> worker: {task}; a parked result, answered by
+# its RESULT
 
 KIND_NAMES = {
     HELLO: "HELLO",
@@ -90,6 +94,7 @@ KIND_NAMES = {
     COLLECT: "COLLECT",
     GONE: "GONE",
     PACKAGES: "PACKAGES",
+    FETCH: "FETCH",
 }
 
 HEARTBEAT_INTERVAL_S = 1.0

@@ -8,7 +8,9 @@ workers and host agents, which combine results with it before replying.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import operator
+import sys
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 
@@ -16,11 +18,14 @@ class ReduceMismatch(TypeError):
     """Two results that the default reduce cannot combine."""
 
 
-def default_reduce(a: Any, b: Any) -> Any:
+def default_reduce(
+    a: Any, b: Any, add: Callable[[Any, Any], Any] = operator.add
+) -> Any:
     """a + b, except lists/tuples add element-wise (recursively).
 
     Element-wise needs equal lengths and returns a's type, so a job
-    returning (count, total) pairs sums both fields.
+    returning (count, total) pairs sums both fields. `add` adds two
+    leaves (add_in_place, for values nobody else holds).
     """
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         if len(a) != len(b):
@@ -28,9 +33,9 @@ def default_reduce(a: Any, b: Any) -> Any:
                 f"cannot combine results of lengths {len(a)} and {len(b)}: return "
                 f"equal-length lists/tuples, or give run() a reduce function"
             )
-        return _rebuild(a, [default_reduce(x, y) for x, y in zip(a, b)])
+        return _rebuild(a, [default_reduce(x, y, add) for x, y in zip(a, b)])
     try:
-        return a + b
+        return add(a, b)
     except (TypeError, ValueError) as exc:
         # ValueError: numpy arrays whose shapes do not broadcast.
         # None is what a function without a return statement gives.
@@ -44,6 +49,32 @@ def default_reduce(a: Any, b: Any) -> Any:
             f"{type(b).__name__} with +: {advice}\n"
             f"{type(exc).__name__}: {exc}"
         ) from exc
+
+
+def add_in_place(a: Any, b: Any) -> Any:
+    """a + b, written into a where that gives the same bits and needs no
+    new memory: numpy arrays of one shape and numeric dtype, a writable and
+    not overlapping b. Only for an `a` that nobody else holds: the
+    master's tree, whose values it decoded itself."""
+    if (
+        type(a) is type(b)
+        and type(a).__name__ == "ndarray"
+        and type(a).__module__ == "numpy"
+        and a.shape == b.shape
+        and a.dtype == b.dtype
+        and a.dtype.kind in "biufc"
+        and a.flags.writeable
+    ):
+        numpy = sys.modules["numpy"]  # loaded: a is one of its arrays
+        if not numpy.may_share_memory(a, b):
+            a += b
+            return a
+    return a + b
+
+
+def reduce_in_place(a: Any, b: Any) -> Any:
+    """default_reduce, adding arrays into the left one (add_in_place)."""
+    return default_reduce(a, b, add_in_place)
 
 
 def _rebuild(like: list | tuple, items: list[Any]) -> list | tuple:
@@ -77,10 +108,23 @@ class ReduceTree:
         self.leaves = leaves
         self.reduce = reduce or default_reduce
         self.top = 1 << (leaves - 1).bit_length()
-        self.nodes: dict[tuple[int, int], Any] = {}
+        self.nodes: MutableMapping[tuple[int, int], Any] = {}
 
     def add(self, lo: int, size: int, value: Any) -> None:
         """Add node (lo, size), combining it upwards while it can."""
+        self._add_last([(lo, size, value)])
+
+    def add_all(self, nodes: list[tuple[int, int, Any]]) -> None:
+        """Add the nodes, emptying the list as it goes: a value combined
+        into another is freed at once, not when the whole list is done."""
+        nodes.reverse()
+        while nodes:
+            self._add_last(nodes)
+
+    def _add_last(self, nodes: list[tuple[int, int, Any]]) -> None:
+        # Popped here, not by the caller: no frame but this one holds the
+        # value once it has combined.
+        lo, size, value = nodes.pop()
         while size < self.top:
             if (lo // size) % 2 == 0:
                 if lo + size < self.leaves:
@@ -88,18 +132,16 @@ class ReduceTree:
                     if right is _ABSENT:
                         break
                     value = self.reduce(value, right)
+                    del right  # combined: only value holds what it was
             else:
                 left = self.nodes.pop((lo - size, size), _ABSENT)
                 if left is _ABSENT:
                     break
                 value = self.reduce(left, value)
+                del left
                 lo -= size
             size *= 2
         self.nodes[(lo, size)] = value
-
-    def add_all(self, nodes: Sequence[tuple[int, int, Any]]) -> None:
-        for lo, size, value in nodes:
-            self.add(lo, size, value)
 
     def items(self) -> list[tuple[int, int, Any]]:
         """The nodes held, to send on: [(lo, size, value)]."""

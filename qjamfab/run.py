@@ -29,10 +29,19 @@ from .errors import (
     WorkerLost,
     describe_exit,
 )
-from .reduce import ReduceMismatch, ReduceTree
+from .reduce import ReduceMismatch, ReduceTree, reduce_in_place
+from .spill import SpilledNodes
 from .workers import LOST, Event, Inbox, Link, WorkerHandle
 
 log = logging.getLogger("qjamfab")
+
+# A result this big waits at its worker until the master fetches it (one
+# at a time, in the order the tree combines them), so that results that
+# finish together do not all land in the master's memory at once.
+PARK_BYTES = 8 << 20
+# Tree nodes held on the master (waiting for their sibling) past this many
+# bytes wait in temporary files instead (spill.py).
+HELD_BYTES = 256 << 20
 
 
 @dataclass
@@ -53,6 +62,7 @@ class RunStats:
     backup_tasks: int = 0
     replica_bytes_sent: int = 0
     damaged_slices: int = 0
+    spilled_results: int = 0  # held nodes the master wrote to disk
     tasks: int = 0  # tasks sent: copies and re-runs included
     moved_tasks: int = 0  # queued tasks a worker that ran dry took
 
@@ -174,6 +184,8 @@ class Run:
         self.open_on: dict[Link, int] = {}  # open tasks per link
         self.to_collect: set[Link] = set()  # links done with tasks
         self.collecting: dict[Link, list[_Task]] = {}
+        self.parked: list[_Task] = []  # won, waiting at their worker
+        self.fetching: _Task | None = None  # a parked result on its way
         self.slice_seconds: list[float] = []  # sorted, per slice
         self.kills: dict[int, list[str]] = {}
         self.silent: set[Link] = set()  # lost to the heartbeat deadline
@@ -202,7 +214,10 @@ class Run:
             )
             self.stats.slices = len(self.refs)
         self.leaves = len(self.refs) if self.refs is not None else len(plan)
-        self.tree = ReduceTree(self.leaves, self.reduce)
+        # Values in the master's tree are its own (decoded here), so the
+        # default reduce may add arrays into them.
+        self.tree = ReduceTree(self.leaves, self.reduce or reduce_in_place)
+        self.tree.nodes = self.held_nodes = SpilledNodes(HELD_BYTES)
         self.progress = display.RunProgress(
             len(self.refs) if self.refs is not None else len(plan),
             enabled=self.progress_enabled,
@@ -224,6 +239,9 @@ class Run:
         finally:
             self.progress.close()
             self._count_bytes()
+            self.stats.spilled_results = self.held_nodes.spilled
+            if not self.tree.complete:
+                self.held_nodes.close()  # an interrupted run: free its files
         if self.refs is not None and self.settings.replicas > 1:
             self._replicate()
         return self.tree.result()
@@ -275,6 +293,7 @@ class Run:
                     "leaves": self.leaves,
                     "params": with_params,
                     "hold": held,
+                    "park": None if held else PARK_BYTES,
                 },
                 self.params_parts if with_params else (),
             )
@@ -358,6 +377,17 @@ class Run:
         if kind == LOST:
             self._lost(handle, head["reason"], head.get("died", False))
             return
+        fetched = self.fetching
+        if (
+            kind == protocol.RESULT
+            and fetched is not None
+            and fetched.worker is handle
+            and head.get("task") == fetched.id
+        ):
+            self.fetching = None
+            self._deliver([fetched], _take_nodes(parts))
+            self._fetch_next()
+            return
         task = self.open.get(head.get("task"))
         if task is None or task.worker is not handle:
             return  # a discarded copy, or left from an interrupted run
@@ -368,6 +398,8 @@ class Run:
                 self._progressed(task.group, head["done"])
             elif head["state"] == "done":
                 self._done(task, head)
+            elif head["state"] == "parked":
+                self._parked(task, head)
             else:
                 try:
                     self._supply(handle, head)
@@ -450,7 +482,7 @@ class Run:
 
     def _result(self, task: _Task, head: dict, parts: list) -> None:
         if self._finished(task, head):
-            self._deliver([task], protocol.decode(parts))
+            self._deliver([task], _take_nodes(parts))
 
     def _done(self, task: _Task, head: dict) -> None:
         """A held copy finished: its value waits at its host's agent."""
@@ -460,6 +492,46 @@ class Run:
         self.held.setdefault(link, []).append(task)
         if not self.open_on[link]:
             self.to_collect.add(link)
+
+    def _parked(self, task: _Task, head: dict) -> None:
+        """A big result waits at its worker: fetch it in its turn."""
+        if not self._finished(task, head):
+            self._drop(task)  # another copy won
+            return
+        self.parked.append(task)
+        self._fetch_next()
+
+    def _fetch_next(self) -> None:
+        """Fetch the parked result that comes first in the tree, unless
+        one is on its way: the master holds one incoming at a time."""
+        while self.fetching is None and self.parked:
+            task = min(self.parked, key=lambda t: t.slices[0])
+            self.parked.remove(task)
+            self.fetching = task
+            try:
+                task.worker.send(protocol.FETCH, {"task": task.id})
+            except WorkerLost as exc:
+                self._send_failed(task.worker, exc)  # _lost re-runs it
+                return
+
+    def _drop(self, task: _Task) -> None:
+        try:
+            task.worker.send(protocol.CANCEL, {"task": task.id})
+        except WorkerLost as exc:
+            self._send_failed(task.worker, exc)
+
+    def _unpark(self, handle: WorkerHandle) -> list[_Task]:
+        """The won results parked at a worker that is lost: their groups
+        are not won any more (they run again)."""
+        tasks = [t for t in self.parked if t.worker is handle]
+        if self.fetching is not None and self.fetching.worker is handle:
+            tasks.append(self.fetching)
+            self.fetching = None
+        for task in tasks:
+            if task in self.parked:
+                self.parked.remove(task)
+            del self.won[task.group]
+        return tasks
 
     def _ask_collect(self, link: Link) -> None:
         """Have the agent combine the winners it holds into their nodes."""
@@ -483,7 +555,7 @@ class Run:
 
     def _collected(self, link: Link, head: dict, parts: list) -> None:
         by_id = {t.id: t for t in self.collecting.get(link, ())}
-        self._deliver([by_id.pop(t) for t in head["tasks"]], protocol.decode(parts))
+        self._deliver([by_id.pop(t) for t in head["tasks"]], _take_nodes(parts))
         self.collecting[link] = list(by_id.values())
 
     def _progressed(self, group: int, done: int) -> None:
@@ -519,10 +591,7 @@ class Run:
 
     def _cancel(self, task: _Task) -> None:
         self._close(task)
-        try:
-            task.worker.send(protocol.CANCEL, {"task": task.id})
-        except WorkerLost as exc:
-            self._send_failed(task.worker, exc)
+        self._drop(task)
 
     # --- balance --------------------------------------------------------
 
@@ -680,6 +749,8 @@ class Run:
             )
         ]
         busy = [h for h, q in self.queues.items() if q and h.alive]
+        if self.fetching is not None and self.fetching.worker.alive:
+            busy.append(self.fetching.worker)
         if any(h.last_seen < deadline for h in busy) or any(
             x.last_seen < deadline for x in waiting
         ):
@@ -734,8 +805,9 @@ class Run:
         self.idle.discard(handle)
         if not handle.link.alive:
             self._host_lost(handle.link)
+        parked = self._unpark(handle)
         lost_tasks = list(self.queues.get(handle, ()))
-        if not lost_tasks:
+        if not lost_tasks and not parked:
             return  # nothing of this run was on it
         status, tail = handle.exit_report()
         handle.close()
@@ -746,7 +818,7 @@ class Run:
             self._close(task)
         # Only the task it was running can have killed it, and only if it
         # died: a host that went silent says nothing about the slice.
-        for i in lost_tasks[0].slices if died else ():
+        for i in lost_tasks[0].slices if died and lost_tasks else ():
             self.kills.setdefault(i, []).append(handle.name)
             if len(self.kills[i]) >= 2:
                 raise WorkerLost(
@@ -760,7 +832,9 @@ class Run:
                 )
         covered = {t.group for t in self.open.values()} | set(self.won)
         slices = [i for t in lost_tasks if t.group not in covered for i in t.slices]
+        slices += [i for t in parked for i in t.slices]
         self._rerun(slices, handle.name, detail, status, tail)
+        self._fetch_next()
 
     def _rerun(
         self,
@@ -817,6 +891,14 @@ _NEEDED_BY = {
     "loading params": "the params",
     "loading a slice": "a dataset slice",
 }
+
+
+def _take_nodes(parts: list) -> list:
+    """A RESULT's tree nodes; the received buffers stay only as long as
+    the values made from them (the memory bound relies on it)."""
+    nodes = protocol.decode(parts)
+    parts.clear()
+    return nodes
 
 
 def print_log(worker: str, text: str) -> None:

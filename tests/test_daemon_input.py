@@ -74,6 +74,9 @@ BAD_FRAMES = {
         protocol.frame(protocol.TASK, task_head(1, "f", refs=["../../etc/passwd"]))
     ),
     "a FUNC without the job": b"".join(protocol.frame(protocol.FUNC, {"hash": "h"})),
+    "a FETCH of a result not parked": b"".join(
+        protocol.frame(protocol.FETCH, {"task": 7})
+    ),
     "a REFS payload that is no slice": b"".join(
         protocol.frame(protocol.REFS, {"ref": "r1"}, [b"not a pickle"])
     ),

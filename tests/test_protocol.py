@@ -155,6 +155,7 @@ def test_kind_names_maps_every_kind():
         14: "COLLECT",
         15: "GONE",
         16: "PACKAGES",
+        17: "FETCH",
     }
     assert KIND_NAMES == expected
     for value, name in expected.items():

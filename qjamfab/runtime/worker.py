@@ -284,6 +284,7 @@ _NEEDS = {
     protocol.TASK: ("task", "run", "func", "refs", "slices", "leaves", "params"),
     protocol.REFS: ("ref",),
     protocol.CANCEL: ("task",),
+    protocol.FETCH: ("task",),
     protocol.CLEAR: (),
     protocol.STATS: (),
     protocol.ATTACH: (),
@@ -337,6 +338,10 @@ class Worker:
         self.pending: list[list] = []
         self.run_id = None
         self.run_params: list = []  # the params parts of run_id
+        # Big results of run_id waiting for the master's FETCH: task id ->
+        # (RESULT head, payload). The master pulls them one at a time, in
+        # the order its tree combines them, so it never holds them all.
+        self.parked: dict[int, tuple[dict, list]] = {}
         self.busy = False  # running user code
         # In a process of its own (not as a thread: qjamfab.inproc), a
         # worker whose master hangs up mid-task ends, and beats while alive.
@@ -432,6 +437,7 @@ class Worker:
                 # for data will never get it.
                 self.run_id = head["run"]
                 self.pending.clear()
+                self.parked.clear()
             if head["params"]:
                 self.run_params = parts
             self.pending.append([head, self.run_params, False])
@@ -452,7 +458,17 @@ class Worker:
             raise HandOver()
         elif kind == protocol.PACKAGES:  # shipped packages, from the agent
             use_in_daemon(self.base, self.name, head)
+        elif kind == protocol.FETCH:
+            parked = self.parked.pop(head["task"], None)
+            if parked is None:
+                raise ProtocolError(
+                    f"a FETCH for task {head['task']!r}, which is not parked "
+                    f"here: the peer is not a qjamfab master of protocol "
+                    f"version {protocol.VERSION}"
+                )
+            channel.send(protocol.RESULT, *parked)
         elif kind == protocol.CANCEL:
+            self.parked.pop(head["task"], None)  # another copy won
             queued = [p for p in self.pending if p[0]["task"] == head["task"]]
             for entry in queued:
                 self.pending.remove(entry)
@@ -587,15 +603,18 @@ class Worker:
         compute_s = time.perf_counter() - started
         self.busy = False
         self.capture.end()
-        channel.send(
-            protocol.RESULT,
-            {
-                "task": task,
-                "compute_s": compute_s,
-                "slices": 0 if head["refs"] is None else len(head["refs"]),
-            },
-            payload,
-        )
+        done = {
+            "task": task,
+            "compute_s": compute_s,
+            "slices": 0 if head["refs"] is None else len(head["refs"]),
+        }
+        size = sum(memoryview(p).nbytes for p in payload)
+        park = head.get("park")
+        if park is not None and size >= park:
+            self.parked[task] = (done, payload)
+            channel.send(protocol.STATE, {**done, "state": "parked", "bytes": size})
+        else:
+            channel.send(protocol.RESULT, done, payload)
 
 
 def _encode_result(value: object) -> list:
