@@ -8,8 +8,9 @@ under benchmarks/results/profile/:
 
 - `<path>-cprofile.txt`: cProfile of the calling thread (the one running
   Master.run), sorted by own time and by cumulative time;
-- `<path>-phases.txt`: wall time per run spent inside the Master's steps
-  (wrappers put around qjamfab functions in this process only);
+- `<path>-phases.txt`: time per run spent inside the Master's steps,
+  their cumulative times read from that cProfile's stats by file and
+  function name (nothing in qjamfab is wrapped or patched);
 - `<path>-cpu.txt`: CPU seconds per run of every thread of the master
   (main, paramiko transports), of its OpenSSH client processes, of the
   sshd processes of the hosts and of the worker daemons (from /proc);
@@ -17,15 +18,15 @@ under benchmarks/results/profile/:
   threads, idle included) of the master and of a worker, aggregated by
   function (own samples and inclusive samples).
 
-Nothing here changes qjamfab: the wrappers only time the calls.
+Nothing here changes qjamfab: it is only profiled and observed.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import cProfile
-import functools
 import io
 import os
 import pstats
@@ -121,101 +122,107 @@ def cpu_report(before: dict, after: dict, runs: int, wall: float) -> str:
     return "\n".join(lines)
 
 
-# --- phases: wrappers around the Master's steps ----------------------------------
+# --- phases: the Master's steps, read from the cProfile ---------------------------
+
+# (module of qjamfab, qualified name, label): looked up in the profile's
+# stats by file and name, so nothing is wrapped or patched; a step this
+# qjamfab no longer has is reported as not seen.
+STEPS = [
+    ("master", "Master.run", "Master.run (total)"),
+    ("serialize", "job_functions", "serialize.job_functions"),
+    (
+        "serialize",
+        "encode_job",
+        "serialize.encode_job (cloudpickle + sha256 of the job, every run)",
+    ),
+    ("serialize", "encode_params", "serialize.encode_params"),
+    ("serialize", "encode_slice", "serialize.encode_slice"),
+    ("master", "Master._drain", "Master._drain"),
+    ("master", "Master._start_missing", "Master._start_missing"),
+    ("master", "Master._live", "Master._live"),
+    ("dataset", "BaseDataSet.refs", "DataSet.refs (hashing when new)"),
+    ("scheduler", "plan", "scheduler.plan"),
+    ("run", "Run.__init__", "Run.__init__"),
+    ("run", "Run._send_task", "Run._send_task (FUNC/TASK frames written)"),
+    ("run", "Run._collect", "Run._collect (waiting for results, incl. REFS sent)"),
+    ("run", "Run._supply", "Run._supply (slices encoded and written)"),
+    ("run", "Run._balance", "Run._balance (load balancing, backups)"),
+    ("run", "Run._check_heartbeats", "Run._check_heartbeats"),
+    ("run", "Run._result", "Run._result (decode result)"),
+    ("workers", "WorkerHandle.send", "WorkerHandle.send (any frame)"),
+    ("reduce", "reduce_all", "reduce_all"),
+]
 
 
-class Phases:
-    def __init__(self):
-        self.seconds: dict[str, float] = collections.defaultdict(float)
-        self.calls: dict[str, int] = collections.defaultdict(int)
-        self._undo = []
-
-    def wrap(self, owner, attr: str, label: str) -> None:
-        original = getattr(owner, attr)
-
-        @functools.wraps(original)
-        def timed(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.seconds[label] += time.perf_counter() - started
-                self.calls[label] += 1
-
-        setattr(owner, attr, timed)
-        self._undo.append((owner, attr, original))
-
-    def install(self) -> None:
-        """Wrap the Master's steps (where this qjamfab has them: the code
-        moves, so a missing step is skipped)."""
-        import importlib
-
-        from qjamfab import master, scheduler, serialize
-        from qjamfab.dataset import BaseDataSet
-
-        run_mod = _optional("qjamfab.run") or master
-        workers_mod = _optional("qjamfab.workers") or master
-        Run = getattr(run_mod, "Run", None) or getattr(run_mod, "_Run", None)
-        Handle = getattr(workers_mod, "WorkerHandle", None) or getattr(
-            workers_mod, "_WorkerHandle", None
-        )
-        del importlib
-        steps = [
-            (serialize, "job_functions", "serialize.job_functions"),
-            (
-                serialize,
-                "encode_job",
-                "serialize.encode_job (cloudpickle + sha256 of the job, every run)",
-            ),
-            (serialize, "encode_params", "serialize.encode_params"),
-            (serialize, "encode_slice", "serialize.encode_slice"),
-            (master.Master, "_start_missing", "Master._start_missing"),
-            (master.Master, "_live", "Master._live"),
-            (BaseDataSet, "refs", "DataSet.refs (hashing when new)"),
-            (scheduler, "plan", "scheduler.plan"),
-            (Run, "__init__", "Run.__init__"),
-            (Run, "_send_task", "Run._send_task (FUNC/TASK frames written)"),
-            (Run, "_collect", "Run._collect (waiting for results, incl. REFS sent)"),
-            (Run, "_supply", "Run._supply (slices encoded and written)"),
-            (Run, "_balance", "Run._balance (load balancing, backups)"),
-            (Run, "_check_heartbeats", "Run._check_heartbeats"),
-            (Run, "_result", "Run._result (decode result)"),
-            (Handle, "send", "WorkerHandle.send (any frame)"),
-            (run_mod, "reduce_all", "reduce_all"),
-            (master.Master, "run", "Master.run (total)"),
-        ]
-        for owner, attr, label in steps:
-            if owner is not None and hasattr(owner, attr):
-                self.wrap(owner, attr, label)
-
-    def uninstall(self) -> None:
-        for owner, attr, original in reversed(self._undo):
-            setattr(owner, attr, original)
-        self._undo.clear()
-
-    def report(self, runs: int) -> str:
-        total = self.seconds.get("Master.run (total)", 0.0)
-        lines = [
-            f"wall time inside each step, per run ({runs} runs); steps "
-            "nest (_collect contains _supply, which contains send)",
-            f"{'step':62} {'ms/run':>9} {'calls/run':>10} {'share':>7}",
-        ]
-        for label, secs in sorted(self.seconds.items(), key=lambda kv: -kv[1]):
-            lines.append(
-                f"{label:62} {secs / runs * 1e3:9.4f} "
-                f"{self.calls[label] / runs:10.2f} "
-                f"{secs / total * 100 if total else 0:6.1f}%"
-            )
-        return "\n".join(lines)
-
-
-def _optional(name: str):
-    import importlib
-
+def _qualnames(path: str) -> dict[int, str]:
+    """First line of each function in a source file (its `def` and its
+    first decorator, either of which a code object may start at) ->
+    its qualified name."""
     try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
+        with open(path) as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError):
+        return {}
+    names: dict[int, str] = {}
+
+    def walk(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                walk(child, f"{prefix}{child.name}.")
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                name = prefix + child.name
+                names[child.lineno] = name
+                for deco in child.decorator_list[:1]:
+                    names[deco.lineno] = name
+                walk(child, f"{name}.<locals>.")
+
+    walk(tree, "")
+    return names
+
+
+def phases_report(profiler: cProfile.Profile, runs: int) -> str:
+    """Cumulative time and calls per run of each of STEPS, from the
+    profile (so under its overhead: the shares, more than the absolute
+    times, are what to read)."""
+    import qjamfab
+
+    package = os.path.dirname(os.path.abspath(qjamfab.__file__))
+    wanted = {
+        (os.path.join(package, f"{module}.py"), qualname): label
+        for module, qualname, label in STEPS
+    }
+    files = {path for path, _ in wanted}
+    found: dict[str, tuple[float, int]] = {}
+    lines_of: dict[str, dict[int, str]] = {}
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    for (path, line, _name), (_, calls, _tt, cumtime, _) in stats.items():
+        path = os.path.abspath(path)
+        if path not in files:
+            continue
+        if path not in lines_of:
+            lines_of[path] = _qualnames(path)
+        label = wanted.get((path, lines_of[path].get(line, "")))
+        if label is not None:
+            secs, n = found.get(label, (0.0, 0))
+            found[label] = (secs + cumtime, n + calls)
+    total = found.get("Master.run (total)", (0.0, 0))[0]
+    lines = [
+        f"cumulative time inside each step, per run ({runs} runs), from the "
+        "cProfile of the calling thread (its overhead included); steps "
+        "nest (_collect contains _supply, which contains send)",
+        f"{'step':62} {'ms/run':>9} {'calls/run':>10} {'share':>7}",
+    ]
+    for label, (secs, n) in sorted(found.items(), key=lambda kv: -kv[1][0]):
+        lines.append(
+            f"{label:62} {secs / runs * 1e3:9.4f} "
+            f"{n / runs:10.2f} "
+            f"{secs / total * 100 if total else 0:6.1f}%"
+        )
+    missing = [label for _, _, label in STEPS if label not in found]
+    if missing:
+        lines.append("not seen (not called, or no longer in qjamfab):")
+        lines += [f"  {label}" for label in missing]
+    return "\n".join(lines)
 
 
 # --- py-spy ------------------------------------------------------------------------
@@ -331,17 +338,7 @@ def trivial_path(runs: int) -> list[str]:
                 _write("trivial-cpu.txt", cpu_report(before, after, runs, wall))
             )
 
-            # 2. phases
-            phases = Phases()
-            phases.install()
-            try:
-                for _ in range(runs):
-                    m.run(trivial, 1, data)
-            finally:
-                phases.uninstall()
-            written.append(_write("trivial-phases.txt", phases.report(runs)))
-
-            # 3. cProfile of the calling thread
+            # 2. cProfile of the calling thread, and the steps read from it
             profiler = cProfile.Profile()
             profiler.enable()
             for _ in range(runs):
@@ -350,8 +347,9 @@ def trivial_path(runs: int) -> list[str]:
             written.append(
                 _write("trivial-cprofile.txt", _cprofile_text(profiler, runs))
             )
+            written.append(_write("trivial-phases.txt", phases_report(profiler, runs)))
 
-            # 4. py-spy, master and one worker, all threads, idle included
+            # 3. py-spy, master and one worker, all threads, idle included
             os.makedirs(OUT, exist_ok=True)
             raw_m = os.path.join(OUT, "trivial-pyspy-master.raw")
             raw_w = os.path.join(OUT, "trivial-pyspy-worker.raw")
@@ -391,8 +389,6 @@ def transfer_path(mib: int, resends: int = 2) -> list[str]:
             data = _array(mib, 7)
             dataset = DataSet(data)
 
-            phases = Phases()
-            phases.install()
             profiler = cProfile.Profile()
             raw_m = os.path.join(OUT, "transfer-pyspy-master.raw")
             raw_w = os.path.join(OUT, "transfer-pyspy-worker.raw")
@@ -407,17 +403,14 @@ def transfer_path(mib: int, resends: int = 2) -> list[str]:
             before = cpu_snapshot(servers, pids)
             started = time.perf_counter()
             times = []
-            try:
-                for i in range(1 + resends):
-                    if i:
-                        m.clear_cache()
-                    t = time.perf_counter()
-                    profiler.enable()
-                    m.run(rows_of, dataset=dataset)
-                    profiler.disable()
-                    times.append(time.perf_counter() - t)
-            finally:
-                phases.uninstall()
+            for i in range(1 + resends):
+                if i:
+                    m.clear_cache()
+                t = time.perf_counter()
+                profiler.enable()
+                m.run(rows_of, dataset=dataset)
+                profiler.disable()
+                times.append(time.perf_counter() - t)
             wall = time.perf_counter() - started
             after = cpu_snapshot(servers, pids)
             head = (
@@ -433,7 +426,9 @@ def transfer_path(mib: int, resends: int = 2) -> list[str]:
                 )
             )
             written.append(
-                _write("transfer-phases.txt", head + phases.report(len(times)))
+                _write(
+                    "transfer-phases.txt", head + phases_report(profiler, len(times))
+                )
             )
             written.append(
                 _write(

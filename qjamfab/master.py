@@ -308,6 +308,24 @@ class Master(FuturesMixin):
     def workers(self) -> list[str]:
         return [f"{h.label}-{k}" for h in self._hosts for k in range(h.count or 0)]
 
+    @property
+    def ssh_clients(self) -> dict[str, str | None]:
+        """What carries each SSH host's stream now, by the host's label (the
+        prefix of its workers' names): "openssh" (the system's client) or
+        "paramiko"; None while the host is not connected. Local and Dask
+        hosts are not listed. (`ssh_client` is what was asked for.)"""
+        clients: dict[str, str | None] = {}
+        for h in self._hosts:
+            if not isinstance(h, _Host) or h.spec.is_local:
+                continue
+            if h.link is None or not h.link.alive:
+                clients[h.label] = None
+            elif isinstance(h.link.transport, OpenSSHTransport):
+                clients[h.label] = "openssh"
+            else:
+                clients[h.label] = "paramiko"
+        return clients
+
     @closes_executor
     def close(self) -> None:
         """End this session: stop local workers, drop connections."""

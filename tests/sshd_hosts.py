@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 
 __all__ = ["SshdHosts", "SshdHost", "sshd_available", "find_sftp_server"]
 
@@ -483,7 +484,8 @@ class SshdHosts:
     `ssh_config`, `known_hosts`, `client_key`, `homes` (alias ->
     QJAMFAB_HOME), `user`, `dir`. ``hosts_obj["host1"]`` or ``[0]`` gives one
     `SshdHost` (`address`, `port`, `pid`, `stop()`, `kill()`, `pause()`,
-    `resume()`, `start()`).
+    `resume()`, `start()`). `sshd_options` are more sshd_config lines for
+    every host (say, a second `HostKey`).
     """
 
     def __init__(
@@ -494,6 +496,7 @@ class SshdHosts:
         base_dir: str | None = None,
         log_level: str = "VERBOSE",
         keep_dir: bool | None = None,
+        sshd_options: Sequence[str] = (),
     ):
         if k < 1 or k > 250:
             raise ValueError(f"k must be 1..250, not {k}")
@@ -520,6 +523,7 @@ class SshdHosts:
         for i in range(1, k + 1):
             host = SshdHost(self, i, f"127.0.0.{i + 1}")
             self.hosts[host.alias] = host
+        self.sshd_options = list(sshd_options)
         self._extra_sshd_options: list[str] = []
         self._stopped = False
         with _live_lock:
@@ -564,7 +568,7 @@ class SshdHosts:
         pub = _keygen(self.client_key, f"qjamfab-test-client@{self.user}")
         with open(self.authorized_keys, "w") as f:
             f.write(pub + "\n")
-        self._extra_sshd_options = self._probe_options()
+        self._extra_sshd_options = self._probe_options() + self.sshd_options
         for host in self.hosts.values():
             host.start()
         self._write_client_files()

@@ -464,11 +464,19 @@ def test_every_worker_lost_fails_the_runs_futures_with_worker_lost():
 def test_a_master_that_ran_futures_is_garbage_collected(qjamfab_home):
     import gc
 
+    def dispatchers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "qjamfab-futures"}
+
     m = Master("local:2")
-    assert m.submit(square, 5).result(timeout=30) == 25
+    before = dispatchers()
+    future = m.submit(square, 5)
+    assert dispatchers() - before  # started for it, gone once idle
+    assert future.result(timeout=30) == 25
+    del future
     deadline = time.monotonic() + 5
-    while m._qjamfab_executor.thread is not None and time.monotonic() < deadline:
+    while dispatchers() - before and time.monotonic() < deadline:
         time.sleep(0.01)  # the dispatcher ends when idle
+    assert not dispatchers() - before
     del m
     gc.collect()
     deadline = time.monotonic() + 5

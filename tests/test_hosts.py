@@ -188,20 +188,6 @@ def test_unresolvable_name_maps_to_unreachable(monkeypatch, tmp_path):
     assert info.value.host == "no-such-host"
 
 
-def test_key_type_preference():
-    """A host known only by (say) RSA gets RSA host-key algorithms first."""
-    a, b = socket.socketpair()
-    try:
-        t = qhosts._transport_factory(["ssh-rsa"])(a)
-        types = t.get_security_options().key_types
-        assert types[0].startswith("rsa-sha2") and "ssh-ed25519" in types
-        t2 = qhosts._transport_factory(["ssh-ed25519"])(a)
-        assert t2.get_security_options().key_types[0] == "ssh-ed25519"
-    finally:
-        a.close()
-        b.close()
-
-
 # --- against real sshd servers ---------------------------------------------
 
 
@@ -475,6 +461,38 @@ def test_accept_new_hashed(sshd, tmp_path):
     assert lines[2].startswith("|1|") and "127.0.0.2" not in lines[2]
     cfg2 = write_config(tmp_path / "cfg2", sshd, known_hosts=kh, strict="yes")
     connect("host1", ssh_config=cfg2).close()
+
+
+def test_a_host_known_by_one_of_its_keys_is_checked_by_that_one(tmp_path):
+    """A host known only by (say) its RSA key gets RSA host-key algorithms
+    first (as with OpenSSH), so its ed25519 key, which paramiko would ask
+    for first, does not get it refused as changed."""
+    require_sshd()
+    rsa = tmp_path / "ssh_host_rsa_key"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", str(rsa)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    rsa_pub = (tmp_path / "ssh_host_rsa_key.pub").read_text()
+    two_keys = SshdHosts(1, sshd_options=[f"HostKey {rsa}"])
+    try:
+        host = two_keys["host1"]
+        for known, key_type in [(rsa_pub, "ssh-rsa"), (None, "ssh-ed25519")]:
+            kh = tmp_path / f"known_hosts-{key_type}"
+            kh.write_text(known_line(host, known))
+            cfg = write_config(
+                tmp_path / f"cfg-{key_type}", two_keys, known_hosts=kh, strict="yes"
+            )
+            conn = connect("host1", ssh_config=cfg)
+            try:
+                assert run_echo(conn) == "hi"
+                assert conn.transport.get_remote_server_key().get_name() == key_type
+            finally:
+                conn.close()
+    finally:
+        two_keys.stop()
 
 
 def test_strict_no_accepts_without_saving(sshd, tmp_path):

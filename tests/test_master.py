@@ -195,22 +195,52 @@ def test_a_balanced_run_is_followed_by_unsplit_ones(master2):
     assert master2.last_run.tasks == 2  # balanced before: one task each
 
 
-def test_a_worker_found_dead_when_its_task_is_sent(monkeypatch):
+def test_a_worker_found_dead_when_its_task_is_sent():
     """A send that fails (the worker died since the last read) loses the
-    worker like the end of its stream: its slices run elsewhere."""
-    import signal
+    worker like the end of its stream: its slices run elsewhere.
 
-    with Master("local:2") as m:
+    The worker leaves behind a forked child that keeps its output stream
+    open but not its input, so once the worker is killed the Master reads
+    no end of stream (nor anything else) from it: its first news is the
+    failed send, long before the heartbeat deadline."""
+    import fcntl
+    import signal
+    import stat
+
+    def leave_child_holding_output(target_pid, _):
+        if os.getpid() != target_pid:
+            return 0
+        child = os.fork()
+        if child == 0:  # keep the write ends, close the read ends
+            for name in os.listdir("/proc/self/fd"):
+                try:
+                    fd = int(name)
+                    if stat.S_ISFIFO(os.fstat(fd).st_mode) and (
+                        fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+                    ):
+                        os.close(fd)
+                except OSError:
+                    pass
+            time.sleep(60)
+            os._exit(0)
+        return child
+
+    with Master("local:2", heartbeat_timeout=5.0) as m:
         pid = m.worker_stats()["local-1"]["pid"]
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] != "Z":
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        # Nobody reads before the run: its first news is the failed send.
-        monkeypatch.setattr(Master, "_drain", lambda self: None)
-        assert m.run(multiply_sum, params=1, dataset=DataSet(list(range(10)))) == 45
-        assert m.last_run.lost_workers == ["local-1"]
+        child = m.run(leave_child_holding_output, params=pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] != "Z":
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            assert "2 workers up" in repr(m)  # nothing told the Master yet
+            data = DataSet(list(range(10)))
+            assert m.run(multiply_sum, params=1, dataset=data) == 45
+            assert m.last_run.lost_workers == ["local-1"]
+            assert m.last_run.elapsed_s < m.heartbeat_timeout  # not by silence
+        finally:
+            os.kill(child, signal.SIGKILL)  # the worker's, not ours to wait for
 
 
 def test_params_go_once_per_worker_per_run(master2):
