@@ -14,8 +14,9 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from . import display, protocol, scheduler, serialize
 from .dataset import BaseDataSet
@@ -47,8 +48,8 @@ class RunStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     dataset_bytes_sent: int = 0
-    worker_compute_s: dict = field(default_factory=dict)
-    lost_workers: list = field(default_factory=list)
+    worker_compute_s: dict[str, float] = field(default_factory=dict)
+    lost_workers: list[str] = field(default_factory=list)
     rerun_slices: int = 0
     backup_tasks: int = 0
     replica_bytes_sent: int = 0
@@ -143,16 +144,16 @@ class Run:
         workers: list[WorkerHandle],
         func_hash: str,
         func_bytes: bytes,
-        params_parts: list,
+        params_parts: list[Any],
         dataset: BaseDataSet | None,
-        reduce: Callable | None,
+        reduce: Callable[[Any, Any], Any] | None,
         settings: RunSettings,
         progress: bool | None = None,
     ):
         self.inbox = inbox
         self.settings = settings
         self.progress_enabled = progress
-        self.progress: display.RunProgress | None = None
+        self.progress: display.RunProgress  # set by execute, as is self.tree
         self.run_id = next(inbox.ids)
         self.workers = workers
         self.func_hash = func_hash
@@ -168,7 +169,7 @@ class Run:
         self.groups: dict[int, list[int]] = {}  # group id -> its slices
         self.won: dict[int, _Task] = {}  # group -> winning copy
         self.undelivered: set[int] = set()  # groups without a value
-        self.tree: ReduceTree | None = None  # results, as they arrive
+        self.tree: ReduceTree  # results, as they arrive
         self.shown: dict[int, int] = {}  # group -> slices on the bar
         self.held: dict[Link, list[_Task]] = {}  # done, at the agent
         self.open_on: dict[Link, int] = {}  # open tasks per link
@@ -225,7 +226,7 @@ class Run:
             self.progress.close()
             self._count_bytes()
         if self.refs is not None and self.settings.replicas > 1:
-            self._replicate()
+            self._replicate(self.refs)
         return self.tree.result()
 
     def split_next(self) -> bool:
@@ -358,7 +359,8 @@ class Run:
         if kind == LOST:
             self._lost(handle, head["reason"], head.get("died", False))
             return
-        task = self.open.get(head.get("task"))
+        task_id = head.get("task")
+        task = self.open.get(task_id) if task_id is not None else None
         if task is None or task.worker is not handle:
             return  # a discarded copy, or left from an interrupted run
         if kind == protocol.STATE:
@@ -409,6 +411,8 @@ class Run:
             task.started = time.monotonic()  # transfer time is not slowness
 
     def _send_slice(self, handle: WorkerHandle, ref: str) -> int:
+        # Only a run over a dataset has slices to send.
+        assert self.dataset is not None and self.refs is not None
         if self.ref_index is None:
             self.ref_index = {r: i for i, r in enumerate(self.refs)}
         i = self.ref_index[ref]
@@ -450,7 +454,7 @@ class Run:
 
     def _result(self, task: _Task, head: dict, parts: list) -> None:
         if self._finished(task, head):
-            self._deliver([task], protocol.decode(parts))
+            self._deliver([task], _nodes(parts))
 
     def _done(self, task: _Task, head: dict) -> None:
         """A held copy finished: its value waits at its host's agent."""
@@ -483,7 +487,7 @@ class Run:
 
     def _collected(self, link: Link, head: dict, parts: list) -> None:
         by_id = {t.id: t for t in self.collecting.get(link, ())}
-        self._deliver([by_id.pop(t) for t in head["tasks"]], protocol.decode(parts))
+        self._deliver([by_id.pop(t) for t in head["tasks"]], _nodes(parts))
         self.collecting[link] = list(by_id.values())
 
     def _progressed(self, group: int, done: int) -> None:
@@ -494,7 +498,7 @@ class Run:
             self.shown[group] = done
             self.progress.advance(done - shown)
 
-    def _deliver(self, tasks: list[_Task], nodes: list) -> None:
+    def _deliver(self, tasks: list[_Task], nodes: Sequence[_Node]) -> None:
         """Results in: their nodes join the run's tree at once."""
         slices = [i for t in tasks for i in t.slices]
         try:
@@ -599,10 +603,10 @@ class Run:
             return 0
         return sum(self.refs[i] in handle.refs for i in task.slices)
 
-    def _replicate(self) -> None:
+    def _replicate(self, refs: list[str]) -> None:
         """Place a second copy of each slice on a worker of another host."""
         live = [h for h in self.workers if h.alive]
-        for i, ref in enumerate(self.refs):
+        for i, ref in enumerate(refs):
             holders = [h for h in live if ref in h.refs]
             if not holders or len(holders) >= self.settings.replicas:
                 continue
@@ -810,6 +814,14 @@ class Run:
         for link, (sent, received) in self.counters.items():
             self.stats.bytes_sent += link.bytes_sent - sent
             self.stats.bytes_received += link.bytes_received - received
+
+
+_Node = tuple[int, int, Any]  # (lo, size, value): a reduce.ReduceTree node
+
+
+def _nodes(parts: list[Any]) -> list[_Node]:
+    """A RESULT's payload: the ReduceTree nodes it carries."""
+    return cast(list[_Node], protocol.decode(parts))  # unpickled: unchecked
 
 
 _NEEDED_BY = {
