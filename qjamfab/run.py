@@ -340,10 +340,7 @@ class Run:
     def _event(self, event: Event) -> None:
         source, kind, head, parts = event
         if kind == protocol.LOG:
-            print_log(
-                source.name if isinstance(source, WorkerHandle) else source.label,
-                head["text"],
-            )
+            print_event_log(event)
             return
         if isinstance(source, Link):  # the agent: COLLECT's answer
             if kind == protocol.RESULT:
@@ -829,6 +826,15 @@ _NEEDED_BY = {
     "loading params": "the params",
     "loading a slice": "a dataset slice",
 }
+
+
+def print_event_log(event: Event) -> None:
+    """Print a LOG event's text, prefixed by its worker (or host agent)."""
+    source = event.source
+    print_log(
+        source.name if isinstance(source, WorkerHandle) else source.label,
+        event.head["text"],
+    )
 
 
 def print_log(worker: str, text: str) -> None:
