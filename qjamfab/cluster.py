@@ -24,12 +24,16 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypedDict, Unpack
 
 from . import hosts as hostlib
 from . import runtime
 from .errors import HostError, PreflightFailed, QjamfabError
 from .hostspec import HostSpec
 from .transport import sftp_upload, ssh_exec, tail
+
+if TYPE_CHECKING:
+    from .packages import Distribution
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +135,7 @@ class HostSession:
             )
         return info
 
-    def bootstrap(self, packages: Sequence = ()) -> dict:
+    def bootstrap(self, packages: Sequence[Distribution] = ()) -> dict:
         """Preflight, then upload the runtime unless it is there already,
         and the `packages` (packages.Distribution) the host lacks."""
         info = self.preflight()
@@ -277,15 +281,25 @@ def for_each_host(
         return list(pool.map(one, hosts))
 
 
+class HostOptions(TypedDict, total=False):
+    """The keyword options of for_each_host, passed on by the steps below."""
+
+    ssh_config: str | None
+    connect_timeout: float
+    on_result: Callable[[HostResult], None] | None
+
+
 def bootstrap(
-    hosts: Sequence[HostSpec], packages: Sequence = (), **kw
+    hosts: Sequence[HostSpec],
+    packages: Sequence[Distribution] = (),
+    **kw: Unpack[HostOptions],
 ) -> list[HostResult]:
     """`packages`: packages.Distribution objects (packages.resolve)."""
     return for_each_host(hosts, lambda s: s.bootstrap(packages), **kw)
 
 
 def start_workers(
-    hosts: Sequence[HostSpec], count: int | str = "auto", **kw
+    hosts: Sequence[HostSpec], count: int | str = "auto", **kw: Unpack[HostOptions]
 ) -> list[HostResult]:
     return for_each_host(hosts, lambda s: s.start_workers(count), **kw)
 
@@ -294,13 +308,17 @@ def start_workers(
 # daemons of an earlier one.
 
 
-def status(hosts: Sequence[HostSpec], **kw) -> list[HostResult]:
+def status(hosts: Sequence[HostSpec], **kw: Unpack[HostOptions]) -> list[HostResult]:
     return for_each_host(hosts, lambda s: s.manage_bootstrapped("status"), **kw)
 
 
-def clear_cache(hosts: Sequence[HostSpec], **kw) -> list[HostResult]:
+def clear_cache(
+    hosts: Sequence[HostSpec], **kw: Unpack[HostOptions]
+) -> list[HostResult]:
     return for_each_host(hosts, lambda s: s.manage_bootstrapped("clear"), **kw)
 
 
-def stop_workers(hosts: Sequence[HostSpec], **kw) -> list[HostResult]:
+def stop_workers(
+    hosts: Sequence[HostSpec], **kw: Unpack[HostOptions]
+) -> list[HostResult]:
     return for_each_host(hosts, lambda s: s.manage_bootstrapped("stop"), **kw)

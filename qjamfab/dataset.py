@@ -10,6 +10,7 @@ memoized per dataset object.
 
 from __future__ import annotations
 
+import builtins
 import copy
 import functools
 import hashlib
@@ -22,7 +23,7 @@ import types
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, overload
+from typing import Any, cast, overload
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def content_ref(obj: Any) -> str:
         h.update(f"{descr!r}{obj.shape!r}\0".encode())
         data = np.ascontiguousarray(obj).reshape(-1).view(np.uint8)
         if len(data) <= _HASH_BLOCK:
-            h.update(data)
+            h.update(data.data)  # its memoryview: numpy's stubs for 3.11 lack Buffer
         else:
             # A tree: the digests of its blocks, hashed on every core.
             h.update(b"blocks\0")
@@ -80,7 +81,7 @@ def content_ref(obj: Any) -> str:
 
 
 def _block_digest(block: np.ndarray) -> bytes:
-    return hashlib.sha256(block).digest()  # releases the GIL
+    return hashlib.sha256(block.data).digest()  # releases the GIL
 
 
 @functools.lru_cache(maxsize=1)
@@ -136,9 +137,10 @@ class BaseDataSet(ABC):
         """Content hash of slice index (memoized)."""
         index = self._index(index)
         refs = self._ref_memo()
-        if refs[index] is None:
-            refs[index] = self._compute_ref(index)
-        return refs[index]
+        ref = refs[index]
+        if ref is None:
+            ref = refs[index] = self._compute_ref(index)
+        return ref
 
     def refs(self) -> list[str]:
         """Content hashes of every slice, in order (memoized)."""
@@ -147,7 +149,7 @@ class BaseDataSet(ABC):
             for i, ref in enumerate(memo):
                 if ref is None:
                     memo[i] = self._compute_ref(i)
-        return list(memo)
+        return cast("list[str]", list(memo))  # every slice is hashed now
 
     def release(self, index: int) -> None:  # noqa: B027 (a hook, not abstract)
         """The master is done with slice index for now (after hashing or
@@ -192,9 +194,10 @@ class BaseDataSet(ABC):
     def __getitem__(self, index: int) -> Any: ...
 
     @overload
-    def __getitem__(self, index: slice) -> list[Any]: ...
+    def __getitem__(self, index: builtins.slice) -> list[Any]: ...
 
-    def __getitem__(self, index: int | slice) -> Any:
+    # `builtins.`: in this class, plain `slice` names the method.
+    def __getitem__(self, index: int | builtins.slice) -> Any:
         if isinstance(index, slice):
             return [self.slice(i) for i in range(*index.indices(len(self)))]
         return self.slice(self._index(index))
@@ -367,7 +370,7 @@ class NpyFileDataSet(ArrayDataSet):
     def release(self, index: int) -> None:
         # The pages stay in the page cache; only this process's resident
         # set drops them, so a 1 GiB file never sits whole in the master.
-        base = self._array
+        base: object = self._array
         while base is not None and not isinstance(base, mmap.mmap):
             base = getattr(base, "_mmap", None) or getattr(base, "base", None)
         if base is not None and hasattr(base, "madvise"):

@@ -92,7 +92,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import cloudpickle
 
@@ -106,7 +106,9 @@ _LINGER_S = 0.001  # a submit within this of the last one joins its run
 _LINGER_MAX_S = 0.005  # ... but a run waits no longer than this for more
 _STATE_LOCK = threading.Lock()  # creates each Master's _ExecutorState once
 
-F = TypeVar("F", bound=Callable[..., Any])
+S = TypeVar("S")  # the Master a decorated method is called on
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class _Failure:
@@ -253,24 +255,28 @@ def _state(master: Any) -> _ExecutorState:
 # --- the edits master.py carries -------------------------------------------
 
 
-def exclusive(method: F) -> F:
+def exclusive(
+    method: Callable[Concatenate[S, P], R],
+) -> Callable[Concatenate[S, P], R]:
     """Decorator for Master methods that talk to the workers: one at a
     time per Master, whichever thread calls (the futures dispatcher too)."""
 
     @functools.wraps(method)
-    def one_at_a_time(self, *args, **kwargs):
+    def one_at_a_time(self: S, *args: P.args, **kwargs: P.kwargs) -> R:
         with _state(self).run_lock:
             return method(self, *args, **kwargs)
 
-    return one_at_a_time  # type: ignore[return-value]
+    return one_at_a_time
 
 
-def closes_executor(close: F) -> F:
+def closes_executor(
+    close: Callable[Concatenate[S, P], None],
+) -> Callable[Concatenate[S, P], None]:
     """Decorator for Master.close: first stop taking calls and wait for the
     queued ones (Executor.shutdown(wait=True)), then close."""
 
     @functools.wraps(close)
-    def shut_then_close(self, *args, **kwargs):
+    def shut_then_close(self: S, *args: P.args, **kwargs: P.kwargs) -> None:
         state = _state(self)
         state.stop(self, wait=True, cancel_futures=False)
         if state.thread is threading.current_thread():
@@ -278,11 +284,18 @@ def closes_executor(close: F) -> F:
         with state.run_lock:
             return close(self, *args, **kwargs)
 
-    return shut_then_close  # type: ignore[return-value]
+    return shut_then_close
 
 
 class FuturesMixin(Executor):
     """The Executor methods of a Master (see the module docstring)."""
+
+    if TYPE_CHECKING:  # what the Master provides
+
+        @property
+        def workers(self) -> list[str]: ...
+
+        def close(self) -> None: ...
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Run fn(*args, **kwargs) on a worker; its Future, at once."""
@@ -436,7 +449,7 @@ def _payloads(
         fn = index.get(id(call.fn), call.fn)
         return (call.fn if fn is None else fn, call.args_list, call.kwargs_list)
 
-    out = []
+    out: list[tuple[list[_Call], bytes]] = []
     for calls in slices:
         try:
             payload = serialize._dumps((len(out), [group(c) for c in calls]))

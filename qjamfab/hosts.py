@@ -30,6 +30,8 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
+from typing import Any
 
 import fabric
 import paramiko
@@ -85,17 +87,19 @@ def _prefer_fast_ciphers(transport: paramiko.Transport) -> None:
     opts.ciphers = first + [c for c in ciphers if c not in first]
 
 
-def _transport_factory(preferred: list[str]):
+def _transport_factory(
+    preferred: list[str],
+) -> Callable[..., paramiko.Transport]:
     """A Transport whose host-key algorithm list puts the types known_hosts
     has for this host first (as OpenSSH does), so a host known by its RSA key
     is not reported as changed when it also has an ed25519 key."""
-    wanted = set()
+    wanted: set[str] = set()
     for t in preferred:
         wanted.add(t)
         if t == "ssh-rsa":
             wanted.update(("rsa-sha2-512", "rsa-sha2-256"))
 
-    def factory(sock, **kwargs):
+    def factory(sock: object, **kwargs: Any) -> paramiko.Transport:
         t = paramiko.Transport(sock, **kwargs)
         _prefer_fast_ciphers(t)
         if wanted:
@@ -120,7 +124,7 @@ class QjamfabConnection(fabric.Connection):
     """A fabric.Connection whose close() also closes its ProxyJump gateway
     chain (Fabric leaves gateway connections open)."""
 
-    def close(self):
+    def close(self) -> None:
         super().close()
         if isinstance(self.gateway, fabric.Connection):
             self.gateway.close()
@@ -312,7 +316,7 @@ def _map_error(
     e: BaseException,
     label: str,
     where: str,
-    conn,
+    conn: fabric.Connection,
     in_auth: bool,
     timeout: float | None,
     timed_out: bool = False,

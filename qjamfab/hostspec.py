@@ -21,8 +21,12 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import BadHostSpec
+
+if TYPE_CHECKING:
+    import fabric
 
 __all__ = [
     "HostSpec",
@@ -91,7 +95,8 @@ def parse_hosts(hosts: None | str | Sequence[str]) -> list[HostSpec]:
     if isinstance(hosts, (bytes, bytearray)):
         hosts = hosts.decode()
     if isinstance(hosts, str) and _is_hosts_file(hosts.strip()):
-        hosts, source = _read_hosts_file(hosts.strip()[1:]), hosts.strip()
+        source = hosts.strip()
+        hosts = _read_hosts_file(source[1:])
     if isinstance(hosts, str):
         entries = hosts.split(",")
         if not hosts.strip():
@@ -125,7 +130,7 @@ def parse_hosts(hosts: None | str | Sequence[str]) -> list[HostSpec]:
     return [_parse_entry(e, i, source, hosts) for i, e in enumerate(entries, 1)]
 
 
-def _parse_entry(entry: str, index: int, source: str, whole) -> HostSpec:
+def _parse_entry(entry: str, index: int, source: str, whole: object) -> HostSpec:
     raw = entry.strip()
     if not raw:
         raise BadHostSpec(
@@ -309,7 +314,9 @@ def destination(spec: HostSpec) -> tuple[str | None, str, int | None]:
 # --- ssh_config options ----------------------------------------------------
 
 
-def config_option(conn, name: str, default: str | None = None) -> str | None:
+def config_option(
+    conn: fabric.Connection, name: str, default: str | None = None
+) -> str | None:
     """Option `name` (lower case) of a Fabric Connection's ssh_config, as a
     string (the first value of a list), else `default`."""
     value = conn.ssh_config.get(name)

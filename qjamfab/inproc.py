@@ -26,7 +26,7 @@ import time
 
 from .runtime import secure_dir
 from .runtime.cache import RefCache
-from .runtime.worker import Channel, Worker
+from .runtime.worker import Capture, Channel, Worker
 from .transport import Transport
 
 
@@ -58,12 +58,17 @@ def freeze(seconds: float) -> None:
         transport.worker.heartbeats = True
 
 
-class _NoCapture:
+class _NoCapture(Capture):
     """A worker's output capture where there is none to make: the
-    thread's output is the process's."""
+    thread's output is the process's. What Worker uses of a Capture
+    (path, channel, begin, end) is all it has: Capture's own __init__,
+    which redirects this process's stdout and stderr, does not run."""
 
     path = ""
     channel = None
+
+    def __init__(self) -> None:
+        pass
 
     def begin(self) -> None:
         pass
@@ -85,7 +90,7 @@ class InProcessTransport(Transport):
         secure_dir(base)
         self.worker = Worker(
             name, base, RefCache(os.path.join(base, "cache")), _NoCapture()
-        )  # type: ignore[arg-type]
+        )
         self.worker.exit_on_hangup = False  # it would end this process
         self._thread = threading.Thread(
             target=self._serve, args=(far,), name=f"qjamfab-inproc-{name}", daemon=True

@@ -23,11 +23,15 @@ import pwd
 import re
 import shlex
 import threading
+from typing import TYPE_CHECKING
 
 import paramiko
 
 from .errors import HostKeyError
 from .hostspec import config_option, config_yes
+
+if TYPE_CHECKING:
+    import fabric
 
 __all__ = ["local_user", "host_key_policy"]
 
@@ -54,7 +58,7 @@ def local_user() -> str:
 def _expand_path(path: str, host: str, port: int, user: str) -> str:
     """~ and the common ssh_config %-tokens of a file path."""
 
-    def token(m):
+    def token(m: re.Match[str]) -> str:
         t = m.group(1)
         return {
             "%": "%",
@@ -68,7 +72,9 @@ def _expand_path(path: str, host: str, port: int, user: str) -> str:
     return os.path.expanduser(re.sub(r"%(.)", token, path))
 
 
-def _config_files(value: str | None, default: str, conn) -> list[str]:
+def _config_files(
+    value: str | None, default: str, conn: fabric.Connection
+) -> list[str]:
     """Expand a (possibly multi-file) known-hosts option into paths;
     "none" means no file."""
     text = value if value else default
@@ -76,7 +82,7 @@ def _config_files(value: str | None, default: str, conn) -> list[str]:
         words = shlex.split(text)
     except ValueError:
         words = text.split()
-    out = []
+    out: list[str] = []
     for w in words:
         if w.lower() == "none":
             continue
@@ -87,6 +93,10 @@ def _config_files(value: str | None, default: str, conn) -> list[str]:
 # --- known_hosts -----------------------------------------------------------
 
 
+# A known_hosts line: (path, lineno, marker, [names], keytype, blob).
+_Entry = tuple[str, int, str | None, list[str], str, bytes]
+
+
 class _KnownHosts:
     """The known_hosts lines that can vouch for a host, with file and line
     numbers for messages. Hashed names and * ? ! patterns are understood;
@@ -94,7 +104,7 @@ class _KnownHosts:
 
     def __init__(self, files: list[str]):
         self.files = files
-        self.entries = []  # (path, lineno, marker, [names], keytype, blob)
+        self.entries: list[_Entry] = []
         for path in files:
             try:
                 with open(path, errors="replace") as f:
@@ -140,14 +150,14 @@ class _KnownHosts:
                 hit = True
         return hit
 
-    def lookup(self, name: str):
+    def lookup(self, name: str) -> list[_Entry]:
         return [e for e in self.entries if self._matches(name, e[3])]
 
     def key_types(self, name: str) -> list[str]:
         return [e[4] for e in self.lookup(name) if e[2] is None]
 
 
-def _fingerprint(key) -> str:
+def _fingerprint(key: paramiko.PKey) -> str:
     digest = hashlib.sha256(key.asbytes()).digest()
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
@@ -155,7 +165,7 @@ def _fingerprint(key) -> str:
 _save_lock = threading.Lock()
 
 
-def _append_known_host(path: str, name: str, key, hashed: bool) -> None:
+def _append_known_host(path: str, name: str, key: paramiko.PKey, hashed: bool) -> None:
     stored = paramiko.HostKeys.hash_host(name) if hashed else name
     line = f"{stored} {key.get_name()} {key.get_base64()}\n"
     with _save_lock:
@@ -179,7 +189,7 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
     def __init__(
         self,
         label: str,
-        conn,
+        conn: fabric.Connection,
         mode: str,
         known: _KnownHosts,
         user_files: list[str],
@@ -192,7 +202,9 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
         self.user_files = user_files
         self.hashed = hashed
 
-    def missing_host_key(self, client, hostname, key):
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> None:
         offered = key.asbytes()
         entries = self.known.lookup(hostname)
         for path, lineno, marker, _, _, blob in entries:
@@ -267,7 +279,9 @@ def _hostkey_name(host: str, port: int) -> str:
     return host if int(port) == 22 else f"[{host}]:{port}"
 
 
-def host_key_policy(conn, label: str) -> tuple[_HostKeyPolicy, list[str]]:
+def host_key_policy(
+    conn: fabric.Connection, label: str
+) -> tuple[_HostKeyPolicy, list[str]]:
     """The host-key policy for a not-yet-open Connection (from its
     ssh_config's known-hosts files, StrictHostKeyChecking and
     HashKnownHosts), and the key types known_hosts has for its host, to be

@@ -22,6 +22,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeAlias
 
 from . import dask_engine, display, openssh, protocol, runtime, serialize
 from . import hosts as hostlib
@@ -33,7 +34,7 @@ from .futures import FuturesMixin, closes_executor, exclusive
 from .hostspec import HostSpec, parse_hosts
 from .inproc import InProcessTransport
 from .openssh import openssh_client
-from .run import Run, RunSettings, RunStats, print_log
+from .run import Run, RunSettings, RunStats, print_event_log
 from .runtime import default_base
 from .runtime.cache import parse_size
 from .transport import (
@@ -127,7 +128,9 @@ class Master(FuturesMixin):
         self.last_run: RunStats | None = None
         self._base = default_base()
         self._inbox = Inbox()
-        self._hosts = [dask] if dask else _label_hosts(self.hosts, workers_per_host)
+        self._hosts: Sequence[AnyHost] = (
+            [dask] if dask else _label_hosts(self.hosts, workers_per_host)
+        )
         self._finalizer = weakref.finalize(self, _close_all, self._inbox, self._hosts)
         self._start_missing(first=True)
 
@@ -136,7 +139,7 @@ class Master(FuturesMixin):
     def _handles(self) -> list[WorkerHandle]:
         return [h.handles[k] for h in self._hosts for k in sorted(h.handles)]
 
-    def _missing(self, host: _Host) -> list[int]:
+    def _missing(self, host: AnyHost) -> list[int]:
         if host.count is None:
             return []  # not known yet: the agent says
         return [
@@ -145,10 +148,10 @@ class Master(FuturesMixin):
             if k not in host.handles or not host.handles[k].alive
         ]
 
-    def _needs_start(self, host: _Host) -> bool:
+    def _needs_start(self, host: AnyHost) -> bool:
         return host.count is None or bool(self._missing(host))
 
-    def _prepare(self, host: _Host) -> None:
+    def _prepare(self, host: AnyHost) -> None:
         """Connect the host and attach every worker of it that is not up."""
         if isinstance(host, dask_engine.DaskHost):
             host.prepare(self._inbox)
@@ -278,7 +281,7 @@ class Master(FuturesMixin):
             return
         failures: dict[int, QjamfabError] = {}
 
-        def prepare(host: _Host) -> None:
+        def prepare(host: AnyHost) -> None:
             try:
                 self._prepare(host)
                 host.failures = 0
@@ -334,7 +337,7 @@ class Master(FuturesMixin):
     def __enter__(self) -> Master:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _repr_html_(self) -> str:
@@ -453,7 +456,7 @@ class Master(FuturesMixin):
             if event.source is handle and event.kind == kind:
                 return event.head
             if event.kind == protocol.LOG:
-                print_log(event.source.name, event.head["text"])
+                print_event_log(event)
             if event.source is handle and not handle.alive:
                 break
         raise WorkerLost(
@@ -470,7 +473,7 @@ class Master(FuturesMixin):
         while self._inbox.pending:
             event = self._inbox.pending.popleft()
             if event.kind == protocol.LOG:
-                print_log(event.source.name, event.head["text"])
+                print_event_log(event)
 
 
 class _Host:
@@ -488,8 +491,13 @@ class _Host:
         self.retry_at = 0.0
 
 
+# What Master._hosts holds: its host entries, or one Dask cluster.
+AnyHost: TypeAlias = "_Host | dask_engine.DaskHost"
+
+
 def _label_hosts(specs: list[HostSpec], workers_per_host: int | None) -> list[_Host]:
-    hosts, seen = [], set()
+    hosts: list[_Host] = []
+    seen: set[str] = set()
     for spec in specs:
         label = spec.kind if spec.is_local else spec.raw
         while label in seen:  # two entries for one host stay apart
@@ -504,11 +512,14 @@ def _label_hosts(specs: list[HostSpec], workers_per_host: int | None) -> list[_H
     return hosts
 
 
-def _close_all(inbox: Inbox, hosts: list[_Host]) -> None:
+def _close_all(inbox: Inbox, hosts: Sequence[AnyHost]) -> None:
     inbox.close()
     for host in hosts:
         for handle in host.handles.values():
             handle.close()
-        if host.link is not None:
+        if isinstance(host, dask_engine.DaskHost):
+            # Its session stays: a closed Master still counts its workers.
+            host.link.close()
+        elif host.link is not None:
             host.link.close()
             host.link = None

@@ -329,10 +329,12 @@ class FrameReader:
         through the buffer. When a write fails (a full disk), exactly the
         bytes written to fd have left the stream: the caller can read the
         rest of the frame from here."""
-        splice = source_fd is not None and _can_splice(source_fd)
+        splice_fd = (
+            source_fd if source_fd is not None and _can_splice(source_fd) else None
+        )
         while n:
-            if self._end == self._start and splice:
-                moved = os.splice(source_fd, fd, n)
+            if self._end == self._start and splice_fd is not None:
+                moved = os.splice(splice_fd, fd, n)
                 if not moved:
                     raise EOFError("stream closed inside a frame")
                 n -= moved

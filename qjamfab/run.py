@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from . import display, protocol, scheduler, serialize
 from .dataset import BaseDataSet
@@ -56,8 +57,8 @@ class RunStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     dataset_bytes_sent: int = 0
-    worker_compute_s: dict = field(default_factory=dict)
-    lost_workers: list = field(default_factory=list)
+    worker_compute_s: dict[str, float] = field(default_factory=dict)
+    lost_workers: list[str] = field(default_factory=list)
     rerun_slices: int = 0
     backup_tasks: int = 0
     replica_bytes_sent: int = 0
@@ -153,16 +154,16 @@ class Run:
         workers: list[WorkerHandle],
         func_hash: str,
         func_bytes: bytes,
-        params_parts: list,
+        params_parts: list[Any],
         dataset: BaseDataSet | None,
-        reduce: Callable | None,
+        reduce: Callable[[Any, Any], Any] | None,
         settings: RunSettings,
         progress: bool | None = None,
     ):
         self.inbox = inbox
         self.settings = settings
         self.progress_enabled = progress
-        self.progress: display.RunProgress | None = None
+        self.progress: display.RunProgress  # set by execute, as is self.tree
         self.run_id = next(inbox.ids)
         self.workers = workers
         self.func_hash = func_hash
@@ -178,7 +179,7 @@ class Run:
         self.groups: dict[int, list[int]] = {}  # group id -> its slices
         self.won: dict[int, _Task] = {}  # group -> winning copy
         self.undelivered: set[int] = set()  # groups without a value
-        self.tree: ReduceTree | None = None  # results, as they arrive
+        self.tree: ReduceTree  # results, as they arrive
         self.shown: dict[int, int] = {}  # group -> slices on the bar
         self.held: dict[Link, list[_Task]] = {}  # done, at the agent
         self.open_on: dict[Link, int] = {}  # open tasks per link
@@ -243,7 +244,7 @@ class Run:
             if not self.tree.complete:
                 self.held_nodes.close()  # an interrupted run: free its files
         if self.refs is not None and self.settings.replicas > 1:
-            self._replicate()
+            self._replicate(self.refs)
         return self.tree.result()
 
     def split_next(self) -> bool:
@@ -358,10 +359,7 @@ class Run:
     def _event(self, event: Event) -> None:
         source, kind, head, parts = event
         if kind == protocol.LOG:
-            print_log(
-                source.name if isinstance(source, WorkerHandle) else source.label,
-                head["text"],
-            )
+            print_event_log(event)
             return
         if isinstance(source, Link):  # the agent: COLLECT's answer
             if kind == protocol.RESULT:
@@ -388,7 +386,8 @@ class Run:
             self._deliver([fetched], _take_nodes(parts))
             self._fetch_next()
             return
-        task = self.open.get(head.get("task"))
+        task_id = head.get("task")
+        task = self.open.get(task_id) if task_id is not None else None
         if task is None or task.worker is not handle:
             return  # a discarded copy, or left from an interrupted run
         if kind == protocol.STATE:
@@ -441,6 +440,8 @@ class Run:
             task.started = time.monotonic()  # transfer time is not slowness
 
     def _send_slice(self, handle: WorkerHandle, ref: str) -> int:
+        # Only a run over a dataset has slices to send.
+        assert self.dataset is not None and self.refs is not None
         if self.ref_index is None:
             self.ref_index = {r: i for i, r in enumerate(self.refs)}
         i = self.ref_index[ref]
@@ -566,7 +567,7 @@ class Run:
             self.shown[group] = done
             self.progress.advance(done - shown)
 
-    def _deliver(self, tasks: list[_Task], nodes: list) -> None:
+    def _deliver(self, tasks: list[_Task], nodes: list[_Node]) -> None:
         """Results in: their nodes join the run's tree at once."""
         slices = [i for t in tasks for i in t.slices]
         try:
@@ -668,10 +669,10 @@ class Run:
             return 0
         return sum(self.refs[i] in handle.refs for i in task.slices)
 
-    def _replicate(self) -> None:
+    def _replicate(self, refs: list[str]) -> None:
         """Place a second copy of each slice on a worker of another host."""
         live = [h for h in self.workers if h.alive]
-        for i, ref in enumerate(self.refs):
+        for i, ref in enumerate(refs):
             holders = [h for h in live if ref in h.refs]
             if not holders or len(holders) >= self.settings.replicas:
                 continue
@@ -886,6 +887,18 @@ class Run:
             self.stats.bytes_received += link.bytes_received - received
 
 
+_Node = tuple[int, int, Any]  # (lo, size, value): a reduce.ReduceTree node
+
+
+def _take_nodes(parts: list[Any]) -> list[_Node]:
+    """A RESULT's payload: the ReduceTree nodes it carries. The received
+    buffers then stay only as long as the values made from them (the
+    master's memory bound relies on it)."""
+    nodes = cast(list[_Node], protocol.decode(parts))  # unpickled: unchecked
+    parts.clear()
+    return nodes
+
+
 _NEEDED_BY = {
     "loading the job": "the job",
     "loading params": "the params",
@@ -893,12 +906,13 @@ _NEEDED_BY = {
 }
 
 
-def _take_nodes(parts: list) -> list:
-    """A RESULT's tree nodes; the received buffers stay only as long as
-    the values made from them (the memory bound relies on it)."""
-    nodes = protocol.decode(parts)
-    parts.clear()
-    return nodes
+def print_event_log(event: Event) -> None:
+    """Print a LOG event's text, prefixed by its worker (or host agent)."""
+    source = event.source
+    print_log(
+        source.name if isinstance(source, WorkerHandle) else source.label,
+        event.head["text"],
+    )
 
 
 def print_log(worker: str, text: str) -> None:

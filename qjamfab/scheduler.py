@@ -9,18 +9,18 @@ while that worker has room; the rest fill the contiguous blocks.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 
 
 def plan(
-    refs: Sequence[str], workers: Sequence[str], held: Mapping[str, set]
+    refs: Sequence[str], workers: Sequence[str], held: Mapping[str, Set[str]]
 ) -> dict[str, list[int]]:
     """Slice indices for each worker, balanced to within one slice."""
     if not workers:
         raise ValueError("no workers to plan onto")
     n, count = len(refs), len(workers)
     base, extra = divmod(n, count)
-    load = {w: [] for w in workers}
+    load: dict[str, list[int]] = {w: [] for w in workers}
     full = 0  # workers holding base + 1 slices; only `extra` may
 
     def has_room(w: str) -> bool:
@@ -31,7 +31,7 @@ def plan(
         load[w].append(i)
         full += len(load[w]) == base + 1
 
-    unplaced = []
+    unplaced: list[int] = []
     for i, ref in enumerate(refs):
         holders = [w for w in workers if ref in held.get(w, ()) and has_room(w)]
         home = workers[i * count // n]
@@ -53,9 +53,9 @@ def plan(
 
 def replan(
     slices: Sequence[int],
-    refs: Sequence[str],
+    refs: Sequence[str] | None,
     survivors: Sequence[str],
-    held: Mapping[str, set],
+    held: Mapping[str, Set[str]],
     busy: Mapping[str, int],
 ) -> list[tuple[str, int]]:
     """Place a lost worker's slices one by one onto survivors.
@@ -67,7 +67,7 @@ def replan(
     if not survivors:
         raise ValueError("no surviving workers")
     busy = {w: busy.get(w, 0) for w in survivors}
-    placed = []
+    placed: list[tuple[str, int]] = []
     for i in slices:
         ref = refs[i] if refs else None
         holders = [w for w in survivors if ref is not None and ref in held.get(w, ())]

@@ -19,11 +19,15 @@ import sysconfig
 import types
 from collections import ChainMap
 from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 import cloudpickle
 
 from . import protocol
-from .errors import BadDataSet, BadJob, BadParams
+from .errors import BadDataSet, BadJob, BadParams, QjamfabError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _INSTALLED_PREFIXES = tuple(
     os.path.realpath(p) + os.sep
@@ -35,7 +39,9 @@ _PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__)) + os.sep
 _local_by_name: dict[str, bool] = {}
 
 
-def _code_reduce_keeping_filename(code: types.CodeType):
+def _code_reduce_keeping_filename(
+    code: types.CodeType,
+) -> tuple[Callable[..., types.CodeType], tuple[object, ...]]:
     # cloudpickle blanks co_filename to "<dynamic-code>"; keeping it lets a
     # remote traceback name the user's file and line.
     constructor, args = cloudpickle.cloudpickle._code_reduce(code)
@@ -51,7 +57,11 @@ class _JobPickler(cloudpickle.Pickler):
     )
 
 
-def _dumps(obj: object, protocol: int = 5, buffer_callback=None) -> bytes:
+def _dumps(
+    obj: object,
+    protocol: int = 5,
+    buffer_callback: Callable[[pickle.PickleBuffer], object] | None = None,
+) -> bytes:
     out = io.BytesIO()
     _JobPickler(out, protocol=protocol, buffer_callback=buffer_callback).dump(obj)
     return out.getvalue()
@@ -236,11 +246,11 @@ def _plain(value: object, depth: int = 0) -> bool:
     kind = type(value)
     if kind in _PLAIN_SCALARS:
         return True
-    if kind is tuple or kind is list:
+    if type(value) is tuple or type(value) is list:
         return (
             depth < 4 and len(value) <= 64 and all(_plain(v, depth + 1) for v in value)
         )
-    if kind is dict:
+    if type(value) is dict:
         return (
             depth < 4
             and len(value) <= 64
@@ -249,10 +259,15 @@ def _plain(value: object, depth: int = 0) -> bool:
             )
         )
     numpy = sys.modules.get("numpy")
-    return numpy is not None and kind is numpy.ndarray and not value.dtype.hasobject
+    return (
+        numpy is not None
+        and kind is numpy.ndarray
+        # An ndarray, as just checked (numpy is looked up, not imported).
+        and not cast("np.ndarray", value).dtype.hasobject
+    )
 
 
-def _encode(value: object, error: type, what: str) -> list:
+def _encode(value: object, error: type[QjamfabError], what: str) -> list:
     try:
         return protocol.encode(value, pickle.dumps if _plain(value) else _dumps)
     except Exception as exc:

@@ -15,6 +15,7 @@ leaves its node in memory.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Iterator, MutableMapping
 from typing import IO, Any
@@ -135,7 +136,7 @@ class SpilledNodes(MutableMapping[Key, Any]):
             view = memoryview(part)
             got = 0
             while got < n:
-                read = file.readinto(view[got:])
+                read = os.readv(file.fileno(), [view[got:]])
                 if not read:
                     raise OSError(
                         f"a held result's file ended early ({got} of {n} bytes)"

@@ -14,6 +14,7 @@ hosts.py's).
 from __future__ import annotations
 
 import fcntl
+import io
 import os
 import posixpath
 import select
@@ -22,11 +23,15 @@ import sys
 import tempfile
 import time
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import paramiko
 
 from . import runtime
 from .errors import HostUnreachable, PreflightFailed, WorkerLost
+
+if TYPE_CHECKING:
+    import fabric
 
 _TAIL_LINES = 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux
@@ -104,7 +109,7 @@ class _ProcessTransport(Transport):
     _what = "process"
     _close_wait_s = 2.0  # for the process to end once its input ends
 
-    def __init__(self, name: str, argv: list[str], env: dict | None = None):
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None):
         self.name = name
         self._stderr = tempfile.TemporaryFile()
         try:
@@ -125,8 +130,13 @@ class _ProcessTransport(Transport):
                 f"{exc}; check that the executable exists",
                 worker=name,
             ) from exc
-        self._in = self.process.stdin.fileno()
-        self._out = self.process.stdout
+        stdin, stdout = self.process.stdin, self.process.stdout
+        # Pipes both (PIPE above); bufsize=0 makes stdout a raw FileIO, whose
+        # readinto gives None while the non-blocking pipe is empty.
+        assert stdin is not None and isinstance(stdout, io.FileIO)
+        self._stdin = stdin
+        self._in = stdin.fileno()
+        self._out = stdout
         self._read_timeout: float | None = None
         for fd in (self._in, self._out.fileno()):
             try:  # fewer wake-ups per slice streamed
@@ -182,7 +192,7 @@ class _ProcessTransport(Transport):
     def close(self) -> None:
         if self.process.poll() is None:
             try:
-                self.process.stdin.close()  # the far end ends at end of input
+                self._stdin.close()  # the far end ends at end of input
             except OSError:
                 pass
             try:
@@ -190,7 +200,7 @@ class _ProcessTransport(Transport):
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        for stream in (self.process.stdin, self.process.stdout, self._stderr):
+        for stream in (self._stdin, self._out, self._stderr):
             try:
                 stream.close()
             except OSError:
@@ -231,7 +241,7 @@ class LocalPipeTransport(_ProcessTransport):
         self,
         name: str,
         base: str,
-        env: dict | None = None,
+        env: dict[str, str] | None = None,
         python: str = sys.executable,
     ):
         try:
@@ -272,7 +282,7 @@ _WINDOW = 64 << 20  # a large window keeps bulk slices streaming
 _SEND_CHUNK = 32 << 10  # paramiko sends at most one packet per call
 
 
-def _open_channel(conn, command: str, what: str) -> paramiko.Channel:
+def _open_channel(conn: fabric.Connection, command: str, what: str) -> paramiko.Channel:
     try:
         channel = conn.client.get_transport().open_session(
             window_size=_WINDOW, timeout=30
@@ -288,7 +298,10 @@ def _open_channel(conn, command: str, what: str) -> paramiko.Channel:
 
 
 def ssh_exec(
-    conn, command: str, stdin: bytes = b"", timeout: float = 120.0
+    conn: fabric.Connection,
+    command: str,
+    stdin: bytes = b"",
+    timeout: float = 120.0,
 ) -> tuple[int, str, str]:
     """Run command on the host: (exit status, stdout, stderr)."""
     channel = _open_channel(conn, command, "a command")
@@ -316,12 +329,14 @@ def ssh_exec(
     return status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
-def sftp_upload(conn, files: dict[str, bytes], staging: str, target: str) -> None:
+def sftp_upload(
+    conn: fabric.Connection, files: dict[str, bytes], staging: str, target: str
+) -> None:
     """Write files under staging/ over SFTP, then rename staging to target."""
     try:
         sftp = conn.client.open_sftp()
         try:
-            made = set()
+            made: set[str] = set()
             for path, content in files.items():
                 directory = posixpath.dirname(posixpath.join(staging, path))
                 for i in range(len(staging), len(directory) + 1):
@@ -350,7 +365,7 @@ class SSHChannelTransport(Transport):
     """A host's agent on an SSH exec channel of `conn`, a connection this
     transport owns: closing one closes the other."""
 
-    def __init__(self, name: str, conn, command: str):
+    def __init__(self, name: str, conn: fabric.Connection, command: str):
         self.name = name
         self.host = conn.host
         self.conn = conn

@@ -363,9 +363,9 @@ class Link:
         if self.agent and worker == protocol.AGENT:
             if kind == protocol.HEARTBEAT:
                 stale = set(head.get("stale", ()))
-                for k, handle in self.handles.items():
+                for k, h in self.handles.items():
                     if k not in stale:
-                        handle.last_seen = now
+                        h.last_seen = now
                 return []
             return [Event(self, kind, head, parts)]
         handle = self.handles.get(worker if self.agent else 0)
