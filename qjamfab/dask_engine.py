@@ -49,7 +49,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 from . import protocol
 from .errors import (
@@ -60,7 +60,10 @@ from .errors import (
     WorkerLost,
 )
 from .hosts import HostSpec
-from .workers import LOST, Event, Inbox, WorkerHandle
+from .workers import LOST, Event, Inbox, Link, WorkerHandle
+
+if TYPE_CHECKING:
+    from distributed import Client, Future
 
 log = logging.getLogger("qjamfab")
 
@@ -74,7 +77,7 @@ _OPTIONS = {  # Master options that mean nothing to a Dask cluster
 }
 
 
-def is_dask(hosts: object) -> bool:
+def is_dask(hosts: object) -> TypeGuard[str | Client]:
     """Whether Master(hosts) names a Dask cluster: a `distributed.Client`,
     or a scheduler address such as "tcp://10.0.0.5:8786"."""
     if isinstance(hosts, str):
@@ -131,7 +134,7 @@ def dask_host(
     return DaskHost(DaskSession(client, True, heartbeat_timeout))
 
 
-def check_hello(address: str, hello: object) -> QjamfabError | None:
+def check_hello(address: str, hello: dict | BaseException) -> QjamfabError | None:
     """What is wrong with a Dask worker, from its hello (or the exception
     that came instead), or None: it can serve this Master."""
     import qjamfab
@@ -234,8 +237,9 @@ class DaskHost:
                     self._refused.add(address)
                     log.warning("left out: %s", str(problem).splitlines()[0])
                     continue
+                hello = cast(dict, hellos[address])  # not an exception: checked
                 for n in numbers:
-                    self._attach(inbox, address, n, hellos[address])
+                    self._attach(inbox, address, n, hello)
         if first and not any(h.alive for h in self.handles.values()):
             raise WorkerLost(
                 f"the Dask cluster at {self.spec.raw} has no running workers: "
@@ -248,10 +252,13 @@ class DaskHost:
         if old is not None:
             old.close()
         link = DaskLink(self.link, address)
-        handle = link.handles[0] = WorkerHandle(link, n, f"{LABEL}-{n}", hello)
+        # A DaskLink serves as a Link (the attributes and methods that
+        # WorkerHandle and Inbox use), without being one.
+        as_link = cast(Link, link)
+        handle = link.handles[0] = WorkerHandle(as_link, n, f"{LABEL}-{n}", hello)
         handle.refs.update(hello["refs"])  # the slices it has already
         self.handles[n] = handle
-        inbox.add(link)
+        inbox.add(as_link)
         self.link.watch(link)
 
 
@@ -265,10 +272,12 @@ def _natural(name: str) -> list:
 class DaskSession:
     """The Client and what the scheduler says of its workers."""
 
-    def __init__(self, client, owned: bool, heartbeat_timeout: float):
+    def __init__(self, client: Client, owned: bool, heartbeat_timeout: float):
         self.client = client
         self.owned = owned  # made by us: closed with the Master
-        self.address = client.scheduler.address
+        # distributed types a Client's scheduler Optional (None until it
+        # connects: this one runs) and an rpc's address too (set when made).
+        self.address: str = client.scheduler.address  # type: ignore[union-attr,assignment]
         self.timeout = heartbeat_timeout
         self.interval = min(1.0, heartbeat_timeout / 5)
         # address -> {name, nthreads, status, last_seen}: the latest view
@@ -324,7 +333,7 @@ class DaskSession:
         """A Client method, on the Client's loop, waited for at most
         heartbeat_timeout s (TimeoutError after)."""
 
-        async def waited():
+        async def waited() -> object:
             return await asyncio.wait_for(
                 method(*args, asynchronous=True, **kwargs), self.timeout
             )
@@ -335,9 +344,10 @@ class DaskSession:
         """Ask the scheduler which workers are up: report the ones gone,
         freshen the heartbeats of the ones whose own heartbeat moved."""
 
-        async def identity():
+        async def identity() -> dict:
             return await asyncio.wait_for(
-                self.client.scheduler.identity(), self.timeout
+                self.client.scheduler.identity(),  # type: ignore[union-attr]
+                self.timeout,
             )  # all workers
 
         info = self.client.sync(identity)
@@ -381,7 +391,7 @@ class DaskSession:
         with self._lock:
             self._links.setdefault(link.address, []).append(link)
 
-    def hellos(self, addresses: list[str]) -> dict[str, object]:
+    def hellos(self, addresses: list[str]) -> dict[str, dict | BaseException]:
         """address -> the worker's hello, or the exception it raised."""
         from . import dask_worker
 
@@ -473,7 +483,7 @@ class _Task:
     def __init__(self, head: dict, params: list):
         self.head = head
         self.params = params
-        self.future = None
+        self.future: Future | None = None
         self.missing: set[str] | None = None
         self.needs_func = False
 
@@ -483,6 +493,8 @@ class DaskLink:
     a link: protocol messages in (`send`), events out (`read_events`)."""
 
     agent = False
+    remote = False  # WorkerLost from send names the worker already
+    python = ""  # what runs the worker, for messages: Dask's own
 
     def __init__(self, session: DaskSession, address: str):
         self.session = session
@@ -499,7 +511,7 @@ class DaskLink:
         self._funcs: dict[str, bytes] = {}  # FUNC not yet sent on
         self._refs: dict[str, list] = {}  # REFS not yet sent on
         self._params: list = []  # the run's params
-        self._stores: set = set()  # replicas on their way
+        self._stores: set[Future] = set()  # replicas on their way
 
     def fileno(self) -> int:
         return self.transport.fileno()
@@ -535,7 +547,9 @@ class DaskLink:
             elif kind == protocol.CANCEL:
                 self._cancel(head["task"])
             elif kind in (protocol.CLEAR, protocol.STATS):
-                self.client.loop.add_callback(self._ask, kind)
+                self.client.loop.add_callback(  # type: ignore[union-attr]
+                    self._ask, kind
+                )
             else:
                 raise ProtocolError(
                     f"a Dask worker takes no "
@@ -575,7 +589,7 @@ class DaskLink:
             pure=False,
             retries=0,
         )
-        self.client.loop.add_callback(
+        self.client.loop.add_callback(  # type: ignore[union-attr]
             self._await_reply, task.head["task"], task.future, scattered
         )
 
@@ -613,7 +627,7 @@ class DaskLink:
             self._stores.add(future)
             future.add_done_callback(self._stored)
 
-    def _stored(self, future) -> None:
+    def _stored(self, future: Future) -> None:
         self._stores.discard(future)
         if future.status == "error":
             log.warning(
@@ -627,14 +641,16 @@ class DaskLink:
         if task is None:
             return
         if task.future is not None:
-            self.client.loop.add_callback(
+            self.client.loop.add_callback(  # type: ignore[union-attr]
                 self.client.cancel, [task.future], asynchronous=True
             )
         self.transport.push(
             ("event", protocol.STATE, {"task": task_id, "state": "cancelled"})
         )
 
-    async def _await_reply(self, task_id: int, future, scattered) -> None:
+    async def _await_reply(
+        self, task_id: int, future: Future, scattered: Future | None
+    ) -> None:
         """On the Client's loop: the task's reply, queued for the Run."""
         try:
             reply = await self.client.gather(future, asynchronous=True)
@@ -690,7 +706,7 @@ class DaskLink:
         return events
 
     def _reply(
-        self, handle: WorkerHandle, task_id: int, future, reply: dict
+        self, handle: WorkerHandle, task_id: int, future: Future, reply: dict
     ) -> list[Event]:
         task = self._tasks.get(task_id)
         if task is None or task.future is not future:
@@ -776,7 +792,7 @@ class DaskLink:
         self._refs.clear()
         if futures:
             try:
-                self.client.loop.add_callback(
+                self.client.loop.add_callback(  # type: ignore[union-attr]
                     self.client.cancel, futures, asynchronous=True
                 )
             except RuntimeError:

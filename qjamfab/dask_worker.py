@@ -40,6 +40,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable
+from typing import IO, TYPE_CHECKING, Any, TextIO, cast
 
 from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -48,6 +49,9 @@ from . import protocol
 from .reduce import ReduceTree
 from .runtime.cache import CacheLimitError, RefCache
 from .runtime.worker import c_stdio_flush, tune_malloc
+
+if TYPE_CHECKING:
+    from distributed import Worker
 
 PLUGIN_NAME = "qjamfab"
 _JOBS_KEPT = 64  # jobs unpickled and kept per Dask worker, latest used
@@ -60,15 +64,18 @@ class QjamfabPlugin(WorkerPlugin):
     idempotent = True
     name = PLUGIN_NAME
 
-    def setup(self, worker) -> None:
+    def setup(self, worker: Worker) -> None:
         self.worker = worker
         self.lock = threading.Lock()  # the cache serves the worker's threads
-        self.jobs: collections.OrderedDict = collections.OrderedDict()
+        # hash -> the job's bytes, or (mapfunc, reduce) once unpickled
+        self.jobs: collections.OrderedDict[str, bytes | tuple] = (
+            collections.OrderedDict()
+        )
         self.started = time.time()
         self.threads = worker.state.nthreads
         self._cache: RefCache | None = None
-        self._capture = None  # the file of _Capture, made on first use
-        self._streams = None
+        self._capture: IO[bytes] | None = None  # _Capture's, made on first use
+        self._streams: tuple[TextIO, TextIO] | None = None
         # As in our own workers: numpy temporaries stay in the heap, not
         # mapped and unmapped on every call (Dask's nanny sets
         # MALLOC_TRIM_THRESHOLD_, which also stops glibc from raising its
@@ -78,12 +85,13 @@ class QjamfabPlugin(WorkerPlugin):
         if self.threads > 1:
             # Several tasks at once: fds 1 and 2 cannot tell them apart.
             self._streams = sys.stdout, sys.stderr
+            # (duck-typed: a _ThreadStream passes on what it does not do)
             sys.stdout, sys.stderr = (
-                _ThreadStream(sys.stdout),
-                _ThreadStream(sys.stderr),
+                cast(TextIO, _ThreadStream(sys.stdout)),
+                cast(TextIO, _ThreadStream(sys.stderr)),
             )
 
-    def teardown(self, worker) -> None:
+    def teardown(self, worker: Worker) -> None:
         if self._streams is not None:
             sys.stdout, sys.stderr = self._streams
         if self._cache is not None:
@@ -168,8 +176,15 @@ def _parts_reader(parts: list) -> protocol.FrameReader:
     return protocol.FrameReader(readinto)
 
 
+def _ours(worker: Worker) -> QjamfabPlugin | None:
+    """The worker's qjamfab plugin, None when it has none. (distributed
+    types a worker's plugins as WorkerPlugin: the one under PLUGIN_NAME is
+    a QjamfabPlugin, registered by dask_engine.py.)"""
+    return cast("QjamfabPlugin | None", worker.plugins.get(PLUGIN_NAME))
+
+
 def _plugin() -> QjamfabPlugin:
-    plugin = get_worker().plugins.get(PLUGIN_NAME)
+    plugin = _ours(get_worker())
     if plugin is None:
         raise RuntimeError(
             "qjamfab's worker plugin is not on this Dask worker: create a "
@@ -178,9 +193,9 @@ def _plugin() -> QjamfabPlugin:
     return plugin
 
 
-def hello(dask_worker) -> dict:
+def hello(dask_worker: Worker) -> dict:
     """What the Master checks and keeps of a Dask worker (Client.run)."""
-    plugin = dask_worker.plugins.get(PLUGIN_NAME)
+    plugin = _ours(dask_worker)
     out = {
         "version": protocol.VERSION,
         "python": list(sys.version_info[:3]),
@@ -208,17 +223,17 @@ def hello(dask_worker) -> dict:
     return out
 
 
-def clear(dask_worker) -> dict:
+def clear(dask_worker: Worker) -> dict:
     """CLEAR: empty this worker's jobs and cache, memory and disk."""
-    plugin = dask_worker.plugins[PLUGIN_NAME]
+    plugin = cast(QjamfabPlugin, dask_worker.plugins[PLUGIN_NAME])  # see _ours
     plugin.jobs.clear()
     with plugin.lock:
         return plugin.cache().clear()
 
 
-def stats(dask_worker) -> dict:
+def stats(dask_worker: Worker) -> dict:
     """STATS: the cache's entries and bytes, and who this worker is."""
-    plugin = dask_worker.plugins[PLUGIN_NAME]
+    plugin = cast(QjamfabPlugin, dask_worker.plugins[PLUGIN_NAME])  # see _ours
     with plugin.lock:
         out = plugin.cache().stats()
     out.update(
@@ -236,7 +251,7 @@ def store(slices: list[tuple[str, list]]) -> None:
 
 
 def run_task(
-    blob: bytes, slices: list[tuple[str, list]] | None, *params_buffers
+    blob: bytes, slices: list[tuple[str, list]] | None, *params_buffers: object
 ) -> dict:
     """One TASK: `blob` pickles (head, the params' main part, the job's
     bytes or None); `slices` are the ones the master sent with it, and
@@ -334,7 +349,7 @@ class _ThreadStream:
 
     _buffers = threading.local()
 
-    def __init__(self, inner):
+    def __init__(self, inner: TextIO):
         self._inner = inner
 
     @classmethod
@@ -356,7 +371,7 @@ class _ThreadStream:
         if getattr(self._buffers, "current", None) is None:
             self._inner.flush()
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:  # the wrapped stream's
         return getattr(self._inner, name)
 
 
@@ -384,7 +399,7 @@ class _Capture:
         os.dup2(fd, 2)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._plugin.threads > 1:
             _ThreadStream.end()
             self.text = self._buffer.getvalue()

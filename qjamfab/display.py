@@ -43,13 +43,20 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO
 
 from .errors import QjamfabError
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
-    from rich.console import Console
+    from rich.box import Box
+    from rich.console import Console, RenderableType
+    from rich.progress import Progress, Task, TaskID
     from rich.table import Table
+    from rich.text import Text
+
+    from .cluster import HostResult
+    from .master import Master
+    from .run import RunStats
 
 __all__ = [
     "RunProgress",
@@ -237,6 +244,15 @@ def warn_if_cli_hosts_ignored(hosts: None | str | Sequence[str]) -> None:
 # --- the progress bar of a run ------------------------------------------------
 
 
+class _Bar(Protocol):
+    """What RunProgress uses of its bar: a rich Progress or a _JupyterBar.
+    (`task_id` is what Progress.add_task gave, None for a _JupyterBar.)"""
+
+    def update(self, task_id: Any, /, *, completed: int) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class RunProgress:
     """A transient progress bar of the slices (or tasks) a run has done.
 
@@ -276,8 +292,8 @@ class RunProgress:
         self.total = max(0, int(total or 0))
         self.done = 0
         self.unit = unit
-        self._bar = None  # the rich Progress, once shown
-        self._task = None
+        self._bar: _Bar | None = None  # the rich Progress, once shown
+        self._task: TaskID | None = None
         self._timer: threading.Timer | None = None
         self._lock: threading.Lock | None = None
         self._closed = False
@@ -312,23 +328,27 @@ class RunProgress:
         return min(self.done, self.total) if self.total else self.done
 
     def _show(self) -> None:
+        if self._lock is None:  # disabled: never shown
+            return
         with self._lock:
             if self._closed or self._bar is not None:
                 return
+            bar: _Bar
             try:
                 if self._console is None and _in_jupyter():
                     bar = _JupyterBar(
                         self.total, self._completed(), self.unit, self._started
                     )
                 else:
-                    bar = _new_progress_bar(self._console, self.unit)
-                    self._task = bar.add_task(
+                    progress = _new_progress_bar(self._console, self.unit)
+                    self._task = progress.add_task(
                         "qjamfab run",
                         total=self.total or None,
                         completed=self._completed(),
                         run_started=self._started,
                     )
-                    bar.start()
+                    progress.start()
+                    bar = progress
             except Exception:  # a display problem never fails a run
                 return
             self._bar = bar
@@ -355,7 +375,7 @@ class RunProgress:
     def __enter__(self) -> RunProgress:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -394,7 +414,7 @@ class _JupyterBar:
             bar = f'<progress style="width:40%"></progress> {done}'
         return f"<div>qjamfab run {bar} {html.escape(self.unit)} ({secs:.0f} s)</div>"
 
-    def update(self, task, completed: int) -> None:
+    def update(self, task: object, completed: int) -> None:  # one bar: no task
         now = self._time()
         if now - self._last >= 0.2:
             self._last = now
@@ -404,7 +424,7 @@ class _JupyterBar:
         self._handle.update(self._html(""))
 
 
-def _new_progress_bar(console, unit: str):
+def _new_progress_bar(console: Console | None, unit: str) -> Progress:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -417,7 +437,7 @@ def _new_progress_bar(console, unit: str):
     class _RunElapsed(ProgressColumn):
         """Seconds since the run started (the bar starts later)."""
 
-        def render(self, task):
+        def render(self, task: Task) -> Text:
             secs = time.monotonic() - task.fields.get("run_started", time.monotonic())
             return Text(format_duration(secs), style="progress.elapsed")
 
@@ -448,7 +468,7 @@ def _rows(pairs: Iterable[tuple[str, str]]) -> str:
     )
 
 
-def _runstats_rows(stats) -> list[tuple[str, str]]:
+def _runstats_rows(stats: RunStats) -> list[tuple[str, str]]:
     get = lambda name, default=0: getattr(stats, name, default)  # noqa: E731
     compute = get("worker_compute_s", {}) or {}
     lost = list(get("lost_workers", []) or [])
@@ -515,7 +535,7 @@ _SHOWN = {
 }
 
 
-def runstats_html(stats) -> str:
+def runstats_html(stats: RunStats) -> str:
     """A RunStats as a small HTML table (its ``_repr_html_``)."""
     return (
         f'<div class="qjamfab-repr"><b>RunStats</b>'
@@ -523,7 +543,7 @@ def runstats_html(stats) -> str:
     )
 
 
-def master_html(master) -> str:
+def master_html(master: Master) -> str:
     """A Master as HTML (its ``_repr_html_``): hosts, workers, last run.
 
     Reads only public attributes (``hosts``, ``workers``, ``last_run`` and,
@@ -556,7 +576,7 @@ def master_html(master) -> str:
 # --- tables for the tasks --------------------------------------------------------
 
 
-def _header_rule_box(char: str, last_header: int = 0):
+def _header_rule_box(char: str, last_header: int = 0) -> Box:
     """A rich Box that draws only a rule under the header, one run of `char`
     per column with gaps between them (so the columns can be told apart).
     Under the last column the rule is as long as its header, or as its
@@ -569,7 +589,12 @@ def _header_rule_box(char: str, last_header: int = 0):
     from rich.box import Box
 
     class _HeaderRule(Box):
-        def get_row(self, widths, level="row", edge=True):
+        def get_row(
+            self,
+            widths: Iterable[int],
+            level: Literal["head", "row", "foot", "mid"] = "row",
+            edge: bool = True,
+        ) -> str:
             if level != "head":
                 return super().get_row(widths, level, edge)
             widths = list(widths)
@@ -636,7 +661,7 @@ def hosts_table(
     return table
 
 
-def _plain(renderable) -> str:
+def _plain(renderable: RenderableType) -> str:
     """A renderable as plain text, lines without trailing blanks."""
     out = io.StringIO()
     from rich.console import Console
@@ -757,11 +782,11 @@ class StderrHandler(logging.StreamHandler):
         logging.Handler.__init__(self, level)
 
     @property
-    def stream(self):  # type: ignore[override]
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter
-    def stream(self, value) -> None:  # StreamHandler.setStream; ignored
+    def stream(self, value: object) -> None:  # StreamHandler.setStream; ignored
         pass
 
 
@@ -796,8 +821,8 @@ class HostProgress:
             enabled = console.is_terminal if console is not None else is_terminal()
         self.enabled = bool(enabled) and bool(self.hosts)
         self._console = console
-        self._progress = None
-        self._tasks: dict[str, list] = {}
+        self._progress: Progress | None = None
+        self._tasks: dict[str, list[TaskID]] = {}
         self._lock = threading.Lock()
 
     def __enter__(self) -> HostProgress:
@@ -815,7 +840,7 @@ class HostProgress:
             self._progress = None
         return self
 
-    def done(self, result, problem: str = "") -> None:
+    def done(self, result: HostResult, problem: str = "") -> None:
         """Mark the host of `result` (a HostResult) finished; `problem`
         says what is wrong with a host that answered (shown as a failure)."""
         progress = self._progress
@@ -833,13 +858,13 @@ class HostProgress:
             outcome = first_line(problem or result.error, result.host)
         progress.update(task, completed=1, mark=mark, outcome=outcome)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         progress, self._progress = self._progress, None
         if progress is not None:
             progress.stop()
 
 
-def _host_progress(console):
+def _host_progress(console: Console | None) -> Progress:
     from rich.progress import (
         Progress,
         ProgressColumn,
@@ -850,18 +875,18 @@ def _host_progress(console):
     from rich.text import Text
 
     class _Mark(ProgressColumn):
-        def __init__(self):
+        def __init__(self) -> None:
             super().__init__()
             self._spinner = SpinnerColumn()
 
-        def render(self, task):
+        def render(self, task: Task) -> RenderableType:
             mark = task.fields.get("mark")
             if mark is None:
                 return self._spinner.render(task)
             return Text(mark, style="green" if mark == "✓" else "red")
 
     class _Outcome(ProgressColumn):
-        def render(self, task):
+        def render(self, task: Task) -> Text:
             outcome = task.fields.get("outcome", "")
             style = {"running": "dim", "done": "green"}.get(outcome, "red")
             return Text(outcome, style=style, no_wrap=True, overflow="ellipsis")

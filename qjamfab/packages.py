@@ -389,7 +389,7 @@ def platform_problem(dist: Distribution, host: dict) -> str | None:
                 f"{', '.join(loads) or 'none'})"
             )
     have = _glibc_version(host.get("libc"))
-    if dist.libc == "glibc":
+    if dist.libc == "glibc" and dist.glibc is not None:  # a version with glibc
         need = ".".join(map(str, dist.glibc))
         if have is None:
             return (

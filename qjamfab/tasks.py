@@ -44,14 +44,21 @@ import traceback
 import weakref
 from collections.abc import Callable, Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeGuard, TypeVar
 
-from invoke import Collection, Exit, Program, Task, task
+from invoke import Collection, Context, Exit, Program, Task, task
 
 from . import cluster, display
 from .errors import QjamfabError
 from .hostspec import HostSpec, parse_hosts
 
+if TYPE_CHECKING:
+    from fabric import Connection
+
 __all__ = ["ns"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 log = logging.getLogger("qjamfab")
 
@@ -68,7 +75,7 @@ def _help(**extra: str) -> dict:
     return {**_HELP, **extra}
 
 
-def _one_line_errors(body: Callable) -> Callable:
+def _one_line_errors(body: Callable[_P, _R]) -> Callable[_P, _R]:
     """`body` as a task whose errors read as one line, not a traceback.
 
     A QjamfabError ends it with "TASK failed: MESSAGE" (its traceback first
@@ -80,7 +87,7 @@ def _one_line_errors(body: Callable) -> Callable:
     signature = inspect.signature(body)
 
     @functools.wraps(body)  # invoke reads the arguments through __wrapped__
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return body(*args, **kwargs)
         except QjamfabError as exc:
@@ -93,7 +100,7 @@ def _one_line_errors(body: Callable) -> Callable:
     return wrapper
 
 
-def _task(**options) -> Callable[[Callable], Task]:
+def _task(**options: object) -> Callable[[Callable], Task]:
     """invoke's @task for qjamfab's tasks: no automatic short flags (-h would
     be --hosts), one-line errors."""
     return lambda body: task(auto_shortflags=False, **options)(_one_line_errors(body))
@@ -134,6 +141,8 @@ def _remainder() -> list[str]:
 
 
 def _core_value(program: Program | None, name: str) -> str | None:
+    if program is None:
+        return None
     try:
         return program.core[0].args[name].value or None
     except (AttributeError, IndexError, KeyError, TypeError):
@@ -145,7 +154,7 @@ def _core_value(program: Program | None, name: str) -> str | None:
 _fab_skips: weakref.WeakKeyDictionary[Program, dict] = weakref.WeakKeyDictionary()
 
 
-def _is_connection(ctx) -> bool:
+def _is_connection(ctx: object) -> TypeGuard[Connection]:
     try:
         from fabric import Connection
     except ImportError:  # pragma: no cover - fabric is a dependency
@@ -158,7 +167,7 @@ class _Skip(Exception):
 
 
 def _targets(
-    ctx, task_name: str, hosts: str | None, ssh_config: str | None
+    ctx: Context | None, task_name: str, hosts: str | None, ssh_config: str | None
 ) -> tuple[list[HostSpec], str | None]:
     """Host specs and ssh_config path for this call (raises _Skip for
     fab's per-host calls after the first).
@@ -209,13 +218,26 @@ def _setup_logging(verbose: bool) -> None:
 # --- one lifecycle step over many hosts ---------------------------------------
 
 
+class _Action(Protocol):
+    """A lifecycle step over hosts, as cluster's functions take them."""
+
+    def __call__(
+        self,
+        specs: list[HostSpec],
+        /,
+        *,
+        ssh_config: str | None,
+        on_result: Callable[[cluster.HostResult], None],
+    ) -> list[cluster.HostResult]: ...
+
+
 def _lifecycle(
-    ctx,
+    ctx: Context,
     task_name: str,
-    hosts,
-    ssh_config,
+    hosts: str | None,
+    ssh_config: str | None,
     verbose: bool,
-    action: Callable[..., list[cluster.HostResult]],
+    action: _Action,
     headers: Sequence[str],
     align: str,
     row: Callable[[dict], list],
@@ -251,7 +273,9 @@ def _lifecycle(
             ssh_config=ssh_config,
             on_result=lambda r: shown.done(r, problem(r.info) if r.ok else ""),
         )
-    rows, failed, failed_rows = [], [], []
+    rows: list[list] = []
+    failed: list[tuple[str, str]] = []
+    failed_rows: list[int] = []
     blank = [None] * (len(headers) - 2 - seconds)
     for r in results:
         wrong = ""
@@ -299,22 +323,22 @@ def _lifecycle(
     )
 )
 def bootstrap(
-    c,
-    hosts=None,
-    ssh_config=None,
-    packages=None,
-    with_dependencies=False,
-    verbose=False,
-):
+    c: Context,
+    hosts: str | None = None,
+    ssh_config: str | None = None,
+    packages: str | None = None,
+    with_dependencies: bool = False,
+    verbose: bool = False,
+) -> None:
     """Preflight every host and upload the worker runtime (parallel, idempotent)."""
     from . import packages as shipping
 
     names = shipping.resolve(packages)  # a bad name: one line, no host
     if with_dependencies and names:
         names = shipping.resolve(shipping.with_dependencies(*(d.name for d in names)))
-    shipped = []
+    shipped: list[str] = []
 
-    def row(info):
+    def row(info: dict) -> list:
         if info.get("packages"):
             shipped.append(
                 textwrap.fill(
@@ -363,17 +387,30 @@ def _count(value: str) -> int | str:
     )
 )
 def start_workers(
-    c, hosts=None, ssh_config=None, workers_per_host="auto", verbose=False
-):
+    c: Context,
+    hosts: str | None = None,
+    ssh_config: str | None = None,
+    workers_per_host: str = "auto",
+    verbose: bool = False,
+) -> None:
     """Start long-lived workers on every host (the missing ones only)."""
     count = _count(workers_per_host)
 
-    def action(specs, **kw):
+    def action(
+        specs: list[HostSpec],
+        /,
+        *,
+        ssh_config: str | None,
+        on_result: Callable[[cluster.HostResult], None],
+    ) -> list[cluster.HostResult]:
         return cluster.for_each_host(
-            specs, lambda s: s.start_workers(s.spec.workers or count), **kw
+            specs,
+            lambda s: s.start_workers(s.spec.workers or count),
+            ssh_config=ssh_config,
+            on_result=on_result,
         )
 
-    def problem(info):
+    def problem(info: dict) -> str:
         if not info.get("failed"):
             return ""
         names = ", ".join(info["failed"])
@@ -394,16 +431,21 @@ def start_workers(
 
 
 @_task(help=_help())
-def status(c, hosts=None, ssh_config=None, verbose=False):
+def status(
+    c: Context,
+    hosts: str | None = None,
+    ssh_config: str | None = None,
+    verbose: bool = False,
+) -> None:
     """Workers, cache and runtimes on every host."""
     from . import runtime
 
     current = runtime.bundle_hash()
 
-    marked = []
-    shipped = []
+    marked: list[bool] = []
+    shipped: list[str] = []
 
-    def row(info):
+    def row(info: dict) -> list:
         if info.get("packages"):
             shipped.append(
                 textwrap.fill(
@@ -427,8 +469,14 @@ def status(c, hosts=None, ssh_config=None, verbose=False):
             _runtimes(info.get("runtimes") or [], current),
         ]
 
-    def action(specs, **kw):
-        results = cluster.status(specs, **kw)
+    def action(
+        specs: list[HostSpec],
+        /,
+        *,
+        ssh_config: str | None,
+        on_result: Callable[[cluster.HostResult], None],
+    ) -> list[cluster.HostResult]:
+        results = cluster.status(specs, ssh_config=ssh_config, on_result=on_result)
         for r in results:  # for the packages footnote
             r.info["qjamfab_host"] = r.host
         return results
@@ -467,7 +515,12 @@ def _runtimes(hashes: list[str], current: str) -> str | None:
 
 
 @_task(help=_help())
-def clear_cache(c, hosts=None, ssh_config=None, verbose=False):
+def clear_cache(
+    c: Context,
+    hosts: str | None = None,
+    ssh_config: str | None = None,
+    verbose: bool = False,
+) -> None:
     """Empty the workers' caches (memory and disk) on every host."""
     _lifecycle(
         c,
@@ -483,7 +536,12 @@ def clear_cache(c, hosts=None, ssh_config=None, verbose=False):
 
 
 @_task(help=_help())
-def stop_workers(c, hosts=None, ssh_config=None, verbose=False):
+def stop_workers(
+    c: Context,
+    hosts: str | None = None,
+    ssh_config: str | None = None,
+    verbose: bool = False,
+) -> None:
     """Stop the long-lived workers on every host."""
     _lifecycle(
         c,
@@ -545,7 +603,13 @@ runpy.run_path(sys.argv[0], run_name="__main__")
         '(or in this one quoted string: "script.py 200")'
     )
 )
-def run(c, script, hosts=None, ssh_config=None, verbose=False):
+def run(
+    c: Context,
+    script: str,
+    hosts: str | None = None,
+    ssh_config: str | None = None,
+    verbose: bool = False,
+) -> None:
     """Run a Python script against the hosts: run SCRIPT [--hosts=H] [-- ARGS].
 
     Runs SCRIPT ARGS with this Python, as `python SCRIPT ARGS` does, with
@@ -564,9 +628,10 @@ def run(c, script, hosts=None, ssh_config=None, verbose=False):
         # show the help that 'inv --help run' shows.
         program = _running_program()
         try:
-            program.print_task_help("run")
-            raise Exit(code=0)
-        except (AttributeError, KeyError):  # no program, or nested name
+            if program is not None:
+                program.print_task_help("run")
+                raise Exit(code=0)
+        except (AttributeError, KeyError):  # a nested name
             pass
         raise Exit(
             "usage: run [--hosts=H] [--ssh-config=PATH] [--verbose] "
@@ -699,7 +764,9 @@ def _bench_root() -> str | None:
         "out": "directory for results.json and the plots",
     }
 )
-def bench(c, quick=False, only="", out=None):
+def bench(
+    c: Context, quick: bool = False, only: str = "", out: str | None = None
+) -> None:
     """Run the benchmark suite (python -m benchmarks) from a source checkout."""
     root = _bench_root()
     if root is None:

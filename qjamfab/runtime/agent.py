@@ -40,6 +40,8 @@ import sys
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable, Sequence
+from typing import cast
 
 from .. import protocol
 from ..reduce import ReduceTree
@@ -63,11 +65,13 @@ _STALE_AFTER_S = 1.5 * protocol.HEARTBEAT_INTERVAL_S
 class _Peer:
     """One end the agent reads frames from and queues writes to."""
 
-    def __init__(self, read_fd: int, write_fd: int, readinto):
+    def __init__(
+        self, read_fd: int, write_fd: int, readinto: Callable[[memoryview], int]
+    ):
         self.read_fd = read_fd
         self.write_fd = write_fd
         self.reader = protocol.FrameReader(readinto)
-        self.out: deque = deque()  # memoryviews waiting to be written
+        self.out: deque[memoryview] = deque()  # waiting to be written
         self.closed = False
 
     def queue(self, buffers: list) -> None:
@@ -133,13 +137,19 @@ class Agent:
         self.holding: set[int] = set()  # held tasks not yet done
         self.held: dict[int, list] = {}  # task id -> result parts
         self.beat_at = 0.0
-        self.run = None  # the run tasks belong to
+        self.run: int | None = None  # the run tasks belong to
         self.avoid: set[int] = set()  # slots whose daemon froze
         self.packages = AgentPackages(base)  # shipped: runtime/packages.py
 
     # --- to the master --------------------------------------------------
 
-    def tell(self, kind: int, head: dict, payload=(), worker=protocol.AGENT) -> None:
+    def tell(
+        self,
+        kind: int,
+        head: dict,
+        payload: Sequence = (),
+        worker: int = protocol.AGENT,
+    ) -> None:
         self.master.queue(protocol.frame(kind, head, payload, worker))
 
     def hello(self) -> dict:
@@ -367,6 +377,8 @@ class Agent:
                 )
             return
         key = self.cache.file_key(ref)
+        if key is None:  # removed already (a clear): workers will ask for it
+            return
         for daemon in self.daemons.values():  # sealed here: no need to hash
             if not daemon.closed:
                 daemon.queue(
@@ -382,7 +394,11 @@ class Agent:
             _, reduce = pickle.loads(self.funcs[head["func"]])
             tree = ReduceTree(head["leaves"], reduce)
             for task in tasks:
-                tree.add_all(protocol.decode(self.held.pop(task)))
+                # A RESULT's payload: the nodes of its slices (worker.py)
+                nodes = cast(
+                    list[tuple[int, int, object]], protocol.decode(self.held.pop(task))
+                )
+                tree.add_all(nodes)
             payload = _encode(tree.items())
         except Exception as exc:
             for task in tasks:
@@ -506,7 +522,7 @@ class Agent:
             self.beat()
 
 
-def _blocking_recv(sock: socket.socket):
+def _blocking_recv(sock: socket.socket) -> Callable[[memoryview], int]:
     """recv_into that waits for data on a non-blocking socket."""
 
     def readinto(view: memoryview) -> int:

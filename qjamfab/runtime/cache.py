@@ -78,10 +78,17 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from .. import protocol
 from . import pid_alive, secure_dir
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
+# (device, inode, size, mtime in ns): a cache file as it was checked.
+FileKey = tuple[int, int, int, int]
 
 _MAGIC = b"QJC3"
 _PREFIX = struct.Struct("!4sI32s")  # magic, count, seal
@@ -98,7 +105,7 @@ _DEFAULT_SHARE = 4  # default limit: 1/4 of the filesystem...
 _DEFAULT_CAP = 64 << 30  # ...at most this
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-_NOTHING: frozenset = frozenset()
+_NOTHING: frozenset[str] = frozenset()
 
 
 class CacheLimitError(ValueError):
@@ -165,12 +172,20 @@ class _Damage(Exception):
 
 
 class _Entry:
-    """A slice in memory; `key` (dev, inode, size, mtime) and `mapping` are
-    None for a slice kept in memory only."""
+    """A slice in memory, mapped from its file at `path`; `key` (dev, inode,
+    size, mtime) and `mapping` are None for a slice kept in memory only
+    (`path` is then only where its file would be)."""
 
     __slots__ = ("value", "path", "key", "mapping", "touched")
 
-    def __init__(self, value, path, key, mapping, touched):
+    def __init__(
+        self,
+        value: object,
+        path: str,
+        key: FileKey | None,
+        mapping: mmap.mmap | None,
+        touched: float,
+    ):
         self.value = value
         self.path = path
         self.key = key
@@ -178,7 +193,7 @@ class _Entry:
         self.touched = touched
 
 
-def _key(st: os.stat_result) -> tuple:
+def _key(st: os.stat_result) -> FileKey:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
@@ -190,11 +205,12 @@ class RefCache:
         self.directory = directory
         self.limit = cache_limit(directory, limit)
         self._memory: dict[str, _Entry] = {}
-        self._pinned: frozenset = _NOTHING
-        self._checked: frozenset = _NOTHING  # what missing() just checked
+        self._pinned: frozenset[str] = _NOTHING
+        self._checked: frozenset[str] = _NOTHING  # what missing() just checked
         self._damaged: list[str] = []
         self._damaged_total = 0
-        self._trusted: dict[str, tuple] = {}  # ref -> key checked elsewhere
+        # ref -> key checked elsewhere
+        self._trusted: dict[str, tuple[int, ...]] = {}
         _tidy(directory)
 
     def _path(self, ref: str) -> str:
@@ -232,7 +248,11 @@ class RefCache:
                 and (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == entry.key
             ):
                 return entry.value
-            if st is None and _size(entry.mapping) == entry.key[2]:
+            if (
+                st is None
+                and entry.mapping is not None
+                and _size(entry.mapping) == entry.key[2]
+            ):
                 # Removed, not changed: the mapping still holds the file and
                 # no one can write it now. Good for this use only.
                 self._memory.pop(ref, None)
@@ -246,13 +266,13 @@ class RefCache:
             )
         return entry.value
 
-    def trust(self, ref: str, key: tuple) -> None:
+    def trust(self, ref: str, key: Iterable[int]) -> None:
         """The host's agent wrote and sealed ref's file as `key` (device,
         inode, size, mtime): its first use here maps it unhashed while the
         file is still that one."""
         self._trusted[ref] = tuple(key)
 
-    def file_key(self, ref: str) -> tuple | None:
+    def file_key(self, ref: str) -> FileKey | None:
         """(device, inode, size, mtime) of ref's file, None without one."""
         try:
             return _key(os.lstat(self._path(ref)))
@@ -423,8 +443,8 @@ class RefCache:
         ref: str,
         exc: OSError,
         fd: int,
-        offsets: list,
-        lengths: list,
+        offsets: list[int],
+        lengths: list[int],
         reader: protocol.FrameReader,
         load: bool,
     ) -> list | None:
@@ -455,7 +475,9 @@ class RefCache:
         """The slice in memory only; its raw parts back without `load`."""
         if not load:
             return parts
-        self._memory[ref] = _Entry(protocol.decode(parts), None, None, None, 0.0)
+        self._memory[ref] = _Entry(
+            protocol.decode(parts), self._path(ref), None, None, 0.0
+        )
         return None
 
     def _make_room(self, ref: str, size: int) -> bool:
@@ -536,7 +558,7 @@ def _size(mapping: mmap.mmap) -> int:
 
 
 @functools.lru_cache(maxsize=1)
-def _pool():
+def _pool() -> ThreadPoolExecutor:
     # Imported when first needed: 9 ms a worker start would pay otherwise.
     from concurrent.futures import ThreadPoolExecutor
 
@@ -546,7 +568,7 @@ def _pool():
     )
 
 
-def _digest(block) -> bytes:
+def _digest(block: memoryview) -> bytes:
     return hashlib.sha256(block).digest()  # releases the GIL
 
 
@@ -580,7 +602,7 @@ def _seal(ref: str, count: int, lengths_raw: bytes, digests: list[bytes]) -> byt
 
 def _verify(
     fd: int, ref: str, st: os.stat_result, seal_too: bool = True
-) -> tuple[list, list]:
+) -> tuple[list[int], list[int]]:
     """Check a cache file against its seal (its header only, without
     `seal_too`), reading it with pread; the offsets and lengths of its
     parts. Raises _Damage saying what is wrong."""
@@ -598,7 +620,8 @@ def _verify(
         raise _Damage(f"truncated to {size} bytes")
     lengths = list(struct.unpack(f"!{count}Q", lengths_raw))
     pos = _aligned(_PREFIX.size + len(lengths_raw))
-    offsets, blocks = [], []
+    offsets: list[int] = []
+    blocks: list[tuple[int, int]] = []  # (offset, size) of each block hashed
     for n in lengths:
         offsets.append(pos)
         blocks += [(pos + i, min(_BLOCK, n - i)) for i in range(0, n, _BLOCK)]
@@ -609,7 +632,10 @@ def _verify(
         return offsets, lengths
     buffers = threading.local()  # one block buffer per thread, this call
     if len(blocks) > 1:
-        digests = list(_pool().map(lambda b: _block_digest(fd, *b, buffers), blocks))
+        # (b[0], b[1], not *b: mypy cannot infer a lambda's star-arguments)
+        digests = list(
+            _pool().map(lambda b: _block_digest(fd, b[0], b[1], buffers), blocks)
+        )
     else:
         digests = [_block_digest(fd, *b, buffers) for b in blocks]
     if _seal(ref, count, lengths_raw, digests) != seal:
@@ -617,7 +643,9 @@ def _verify(
     return offsets, lengths
 
 
-def _map(fd: int, offsets: list, lengths: list, size: int) -> tuple:
+def _map(
+    fd: int, offsets: list[int], lengths: list[int], size: int
+) -> tuple[mmap.mmap, object]:
     """(the mapping, the slice) of a checked cache file."""
     mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
     if len(mapping) != size:
@@ -627,7 +655,7 @@ def _map(fd: int, offsets: list, lengths: list, size: int) -> tuple:
 
 
 @functools.lru_cache(maxsize=1)
-def _utimensat():
+def _utimensat() -> Callable[[str], int] | None:
     """utimensat(2) with its arguments set (Linux), else None."""
     if not sys.platform.startswith("linux"):
         return None
@@ -643,7 +671,7 @@ def _utimensat():
 
     func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
     utime_now, utime_omit = (1 << 30) - 1, (1 << 30) - 2
-    times = (Timespec * 2)((0, utime_now), (0, utime_omit))
+    times = (Timespec * 2)(Timespec(0, utime_now), Timespec(0, utime_omit))
     at_fdcwd, at_symlink_nofollow = -100, 0x100
     return lambda path: func(at_fdcwd, os.fsencode(path), times, at_symlink_nofollow)
 
@@ -657,7 +685,7 @@ def _touch(path: str) -> None:
         touch(path)
 
 
-def _check_pickle(ref: str, start: bytes) -> None:
+def _check_pickle(ref: str, start: bytes | bytearray) -> None:
     """A slice's payload is a protocol 5 pickle stream (protocol.encode):
     refuse one that is not, before it is stored or passed on. (It is
     unpickled only where it is used.)"""

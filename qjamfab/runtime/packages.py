@@ -37,8 +37,15 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from . import default_base, secure_dir
+
+if TYPE_CHECKING:
+    import mmap
+
+    from ..protocol import FrameReader
+    from .agent import Agent, _Daemon
 
 _CHUNK = 1 << 20
 
@@ -90,6 +97,7 @@ def install_zip(base: str, digest: str, archive: str) -> str:
     if os.path.isdir(target):
         return target
     staging = tempfile.mkdtemp(prefix=".staging-", dir=root)
+    moved = False
     try:
         with zipfile.ZipFile(archive) as z:
             z.extractall(staging)
@@ -104,9 +112,9 @@ def install_zip(base: str, digest: str, archive: str) -> str:
             if not os.path.isdir(target):
                 raise
         else:
-            staging = None
+            moved = True
     finally:
-        if staging is not None:
+        if not moved:
             shutil.rmtree(staging, ignore_errors=True)
     return target
 
@@ -311,7 +319,7 @@ class AgentPackages:
         self.paths: list[str] = []
         self.errors: dict[str, str] = {}  # hash -> why it failed
 
-    def handle(self, agent, head: dict, lengths: list[int]) -> None:
+    def handle(self, agent: Agent, head: dict, lengths: list[int]) -> None:
         """One PACKAGES frame from the master (its payload still in the
         stream), answered through `agent.tell`."""
         from .. import protocol
@@ -347,10 +355,11 @@ class AgentPackages:
             self.tell_daemons(agent.daemons.values())
             agent.tell(protocol.PACKAGES, {"paths": paths, "failed": failed})
 
-    def _install(self, digest: str, lengths: list[int], reader) -> None:
+    def _install(self, digest: str, lengths: list[int], reader: FrameReader) -> None:
         """Stream the zip into a file under <base>/packages, then install
         it; the stream stays in step whatever fails."""
-        fd, tmp = None, None
+        fd: int | None = None
+        tmp: str | None = None
         try:
             root = packages_dir(self.base)
             secure_dir(root)
@@ -369,6 +378,7 @@ class AgentPackages:
                         os.close(fd)
                         fd = None
         if fd is not None:
+            assert tmp is not None  # made with fd
             os.close(fd)
             try:
                 install_zip(self.base, digest, tmp)
@@ -381,7 +391,7 @@ class AgentPackages:
             except OSError:
                 pass
 
-    def tell_daemons(self, daemons) -> None:
+    def tell_daemons(self, daemons: Iterable[_Daemon]) -> None:
         """Send this session's package paths to these daemons."""
         if not self.paths:
             return
@@ -409,13 +419,13 @@ class AgentPackages:
         )
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytearray | mmap.mmap) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
 
 
-def _skip(reader, n: int) -> None:
+def _skip(reader: FrameReader, n: int) -> None:
     while n:
         n -= len(reader.read_part(min(n, _CHUNK)))
 

@@ -44,6 +44,8 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from .. import protocol
 from ..errors import ProtocolError
@@ -51,6 +53,11 @@ from ..reduce import ReduceTree
 from . import default_base, secure_dir, this_runtime
 from .cache import CacheEntryLost, CacheLimitError, RefCache, is_ref
 from .packages import use_in_daemon
+
+if TYPE_CHECKING:
+    from types import FrameType, TracebackType
+
+    from _typeshed import ReadableBuffer
 
 _LOG_POLL_S = 0.05
 _PROGRESS_S = 0.25  # a task running longer says how far it is this often
@@ -65,7 +72,12 @@ _MAX_PART = 64 << 30
 class Channel:
     """One framed connection to the master; writes are thread-safe."""
 
-    def __init__(self, readinto, writev, read_fd: int):
+    def __init__(
+        self,
+        readinto: Callable[[memoryview], int],
+        writev: Callable[[list], int],
+        read_fd: int,
+    ):
         self.reader = protocol.FrameReader(
             readinto, max_head=_MAX_HEAD, max_part=_MAX_PART
         )
@@ -80,7 +92,7 @@ class Channel:
             select.select([self.read_fd], [], [], 0)[0]
         )
 
-    def send(self, kind: int, head: dict, payload=()) -> None:
+    def send(self, kind: int, head: dict, payload: Sequence = ()) -> None:
         buffers = protocol.frame(kind, head, payload)
         with self._lock:
             if self.open:
@@ -111,10 +123,15 @@ class DaemonLog:
         except OSError:
             pass  # a full disk: there is nowhere left to say it
 
-    def exception(self, exc_type, value, tb) -> None:
+    def exception(
+        self,
+        exc_type: type[BaseException],
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.write("".join(traceback.format_exception(exc_type, value, tb)))
 
-    def thread_exception(self, args) -> None:
+    def thread_exception(self, args: threading.ExceptHookArgs) -> None:
         if args.exc_type is not SystemExit:
             self.exception(args.exc_type, args.exc_value, args.exc_traceback)
 
@@ -134,7 +151,7 @@ class _CaptureStream(io.RawIOBase):
     def fileno(self) -> int:
         return self._fd
 
-    def write(self, data) -> int:
+    def write(self, data: ReadableBuffer) -> int:
         view = memoryview(data).cast("B")
         total = len(view)
         try:
@@ -244,7 +261,7 @@ class Capture:
 
 
 @functools.lru_cache(maxsize=1)
-def _libc_fflush():
+def _libc_fflush() -> Callable[..., int] | None:
     try:
         import ctypes
 
@@ -336,7 +353,7 @@ class Worker:
         # Tasks not yet run, in order: [head, params parts, refs asked
         # for (False until blocked once)]
         self.pending: list[list] = []
-        self.run_id = None
+        self.run_id: int | None = None
         self.run_params: list = []  # the params parts of run_id
         # Big results of run_id waiting for the master's FETCH: task id ->
         # (RESULT head, payload). The master pulls them one at a time, in
@@ -414,7 +431,9 @@ class Worker:
                     to_disk=not head.get("memory"),
                 )
                 if parts is None:  # sealed just now: no need to hash again
-                    self.cache.trust(ref, self.cache.file_key(ref))
+                    key = self.cache.file_key(ref)
+                    if key is not None:  # else removed already (a clear)
+                        self.cache.trust(ref, key)
                 else:
                     self.cache.keep_in_memory(ref, parts)
             else:  # the agent stored and sealed it for us
@@ -428,7 +447,7 @@ class Worker:
                 f"master of protocol version {protocol.VERSION}"
             ) from exc
 
-    def handle(self, channel: Channel, kind: int, head: dict, parts) -> None:
+    def handle(self, channel: Channel, kind: int, head: dict, parts: list) -> None:
         if kind == protocol.FUNC:
             self.job_bytes[head["hash"]] = bytes(parts[0])
         elif kind == protocol.TASK:
@@ -547,7 +566,7 @@ class Worker:
             except OSError:
                 return
 
-    def _run(self, channel: Channel, head: dict, params_parts) -> None:
+    def _run(self, channel: Channel, head: dict, params_parts: list) -> None:
         task = head["task"]
         phase = "loading the job"
         self.capture.begin()
@@ -796,7 +815,7 @@ def _keep(child: int, record: str) -> None:
     os._exit(0)
 
 
-def _exit_on_signal(signum, frame) -> None:
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
