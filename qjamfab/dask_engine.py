@@ -74,6 +74,8 @@ _OPTIONS = {  # Master options that mean nothing to a Dask cluster
     "workers_per_host": "Dask decides: one qjamfab worker per Dask worker thread",
     "ssh_config": "Dask workers are not reached over SSH",
     "ssh_client": "Dask workers are not reached over SSH",
+    "packages": "install them in the Dask workers' environment, for example "
+    "with distributed's PipInstall worker plugin",
 }
 
 
@@ -493,6 +495,7 @@ class DaskLink:
     a link: protocol messages in (`send`), events out (`read_events`)."""
 
     agent = False
+    on_dask = True  # what a worker lacks is installed Dask's way
     remote = False  # WorkerLost from send names the worker already
     python = ""  # what runs the worker, for messages: Dask's own
 

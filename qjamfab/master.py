@@ -111,6 +111,7 @@ class Master(FuturesMixin):
             workers_per_host=workers_per_host,
             ssh_config=ssh_config,
             ssh_client=ssh_client,
+            packages=packages or None,
         )
         display.warn_if_cli_hosts_ignored(dask.spec.raw if dask else hosts)
         self.ssh_client = ssh_client

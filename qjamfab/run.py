@@ -702,14 +702,19 @@ class Run:
             from .packages import suggestion
 
             ship = module and suggestion(module[1])
+            fix = (
+                "install it in the Dask workers' environment (for example with "
+                "distributed's PipInstall worker plugin)"
+                if handle.link.on_dask
+                else f"install it for {python} there, "
+                + (f"ship it from here with Master(..., {ship}), " if ship else "")
+                + "or set QJAMFAB_REMOTE_PYTHON to a Python that has it"
+            )
             return PreflightFailed(
                 f"{handle.host} lacks the Python module "
                 f"{module[1] if module else head['message']!r}, which "
                 f"{_NEEDED_BY.get(head['phase'], 'the job')} needs (worker "
-                f"{handle.name}): install it for {python} there, "
-                + (f"ship it from here with Master(..., {ship}), " if ship else "")
-                + "or set "
-                f"QJAMFAB_REMOTE_PYTHON to a Python that has it\n{trace}",
+                f"{handle.name}): {fix}\n{trace}",
                 host=handle.host,
             )
         if head["phase"] == "loading the job":

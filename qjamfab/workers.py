@@ -95,6 +95,8 @@ class WorkerHandle:
 class Link:
     """One stream: to a host's agent (`agent` true) or to one worker."""
 
+    on_dask = False  # see dask_engine.DaskLink
+
     def __init__(
         self, label: str, transport: Transport, agent: bool, stall_timeout: float
     ):
@@ -227,6 +229,9 @@ class Link:
             # and says HELLO on it (frames for worker 0, no agent between).
             self.agent = False
             kind, worker, hello = self._handshake_frame(self.label)
+            while kind == protocol.HEARTBEAT and time.monotonic() < deadline:
+                # The agent beats for it from the start (runtime/agent.py).
+                kind, worker, hello = self._handshake_frame(self.label)
             if kind != protocol.HELLO:
                 raise self._fail(
                     ProtocolError(

@@ -257,6 +257,24 @@ def test_bad_job_params_and_dataset(master):
     _still_usable(master)
 
 
+def _needs_a_module_nobody_has(params, _):
+    import qjamfab_test_no_such_module  # noqa: F401
+
+    return 0
+
+
+def test_a_module_the_dask_workers_lack_says_to_install_it_there(master):
+    with pytest.raises(
+        PreflightFailed,
+        match=r"lacks the Python module 'qjamfab_test_no_such_module', which the "
+        r"job needs \(worker dask-\d\): install it in the Dask workers' "
+        r"environment \(for example with distributed's PipInstall",
+    ) as caught:
+        master.run(_needs_a_module_nobody_has)
+    assert "QJAMFAB_REMOTE_PYTHON" not in str(caught.value)
+    _still_usable(master)
+
+
 def test_results_the_reduce_cannot_combine(master):
     with pytest.raises(ReduceError, match="^cannot combine results of lengths"):
         master.run(
@@ -519,6 +537,12 @@ def test_ssh_options_do_not_apply(client):
         Master(client, workers_per_host=2)
     with pytest.raises(ValueError, match="^ssh_config does not apply"):
         Master(client.scheduler.address, ssh_config="/dev/null")
+    with pytest.raises(
+        ValueError,
+        match=r"^packages does not apply to a Dask cluster \(install them in the "
+        r"Dask workers' environment",
+    ):
+        Master(client, packages=["numpy"])
 
 
 def test_a_closed_client_is_refused(client):

@@ -15,6 +15,7 @@ pickles are only ever read from directories no other user can change.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import io
@@ -22,6 +23,9 @@ import os
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable
+
+from .. import protocol
 
 # The one copy of the rule lives in probe.py, which must run standalone.
 from .probe import InsecureDirectory, secure_dir  # noqa: F401
@@ -122,6 +126,23 @@ def process_running(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(b")") + 2 :][:1] in (b"R", b"S", b"D")
+
+
+def stream_lock(socket_path: str) -> int:
+    """The lock file (an fd) that the writers of a daemon's handed-over
+    stream take around each frame: the daemon, and its agent beating for
+    it. Each opens it itself: flock excludes open files, not processes."""
+    path = socket_path[: -len(".sock")] + ".stream.lock"
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def write_locked(lock_fd: int, writev: Callable[[list], int], buffers: list) -> None:
+    """Write one frame's buffers whole while holding the stream's lock."""
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)
+    try:
+        protocol.write_all(writev, buffers)
+    finally:
+        fcntl.flock(lock_fd, fcntl.LOCK_UN)
 
 
 def read_tail(path: str, limit: int = 8192) -> str:

@@ -52,7 +52,9 @@ from . import (
     process_running,
     read_tail,
     secure_dir,
+    stream_lock,
     this_runtime,
+    write_locked,
 )
 from .cache import RefCache, cache_limit
 from .packages import AgentPackages
@@ -290,12 +292,11 @@ class Agent:
         )
         os.close(self.master.read_fd)
         os.set_blocking(self.master.write_fd, True)
-        while True:  # its keepalives; the end when it ends
-            try:
-                if not daemon.sock.recv(4096):
-                    break
-            except OSError:
-                break
+        lock = stream_lock(manage.socket_path(self.base, daemon.slot))
+        try:
+            self._beat_for(daemon, lock)
+        finally:
+            os.close(lock)
         self.gone(daemon, "its daemon ended")
         try:
             self.master.flush()
@@ -303,10 +304,30 @@ class Agent:
             pass  # the master hung up first: nobody to tell
         raise _HandedOver
 
+    def _beat_for(self, daemon: _Daemon, lock: int) -> None:
+        """Until the daemon's connection ends: its heartbeats, from outside
+        its interpreter, while its process runs (stopped or gone: none).
+        A C call holding its GIL stops its own thread, not these."""
+        beat = protocol.frame(protocol.HEARTBEAT, {}, worker=daemon.index)
+        write_fd = self.master.write_fd
+        beating = True
+        while True:
+            if select.select([daemon.sock], [], [], protocol.HEARTBEAT_INTERVAL_S)[0]:
+                try:
+                    if not daemon.sock.recv(4096):
+                        return
+                except OSError:
+                    return
+            elif beating and daemon.running():
+                try:
+                    write_locked(lock, lambda v: os.writev(write_fd, v), beat)
+                except OSError:
+                    beating = False  # the master hung up: the daemon ends next
+
     def _connect(self, index: int, slot: int, lock_fd: int) -> _Daemon:
         """Connect to daemon worker-<slot>, claim it ("serve") and forward
         its HELLO as worker `index`."""
-        path = os.path.join(self.base, "run", f"worker-{slot}.sock")
+        path = manage.socket_path(self.base, slot)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(_CONNECT_WAIT_S)

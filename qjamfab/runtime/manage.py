@@ -30,7 +30,8 @@ def _run_dir(base: str) -> str:
     return os.path.join(base, "run")
 
 
-def _socket(base: str, k: int) -> str:
+def socket_path(base: str, k: int) -> str:
+    """Where daemon worker-k listens."""
     return os.path.join(_run_dir(base), f"worker-{k}.sock")
 
 
@@ -129,7 +130,7 @@ def start_slots(
                 "-c",
                 boot_code("worker"),
                 "--socket",
-                _socket(base, k),
+                socket_path(base, k),
                 "--name",
                 name,
                 "--base",

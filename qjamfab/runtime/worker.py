@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 from .. import protocol
 from ..errors import ProtocolError
 from ..reduce import ReduceTree
-from . import default_base, secure_dir, this_runtime
+from . import default_base, secure_dir, stream_lock, this_runtime, write_locked
 from .cache import CacheEntryLost, CacheLimitError, RefCache, is_ref
 from .packages import use_in_daemon
 
@@ -77,12 +77,14 @@ class Channel:
         readinto: Callable[[memoryview], int],
         writev: Callable[[list], int],
         read_fd: int,
+        write_lock: int | None = None,
     ):
         self.reader = protocol.FrameReader(
             readinto, max_head=_MAX_HEAD, max_part=_MAX_PART
         )
         self._writev = writev
         self.read_fd = read_fd
+        self.write_lock = write_lock  # a stream another process writes too
         self._lock = threading.Lock()
         self.open = True
 
@@ -95,8 +97,12 @@ class Channel:
     def send(self, kind: int, head: dict, payload: Sequence = ()) -> None:
         buffers = protocol.frame(kind, head, payload)
         with self._lock:
-            if self.open:
+            if not self.open:
+                return
+            if self.write_lock is None:
                 protocol.write_all(self._writev, buffers)
+            else:
+                write_locked(self.write_lock, self._writev, buffers)
 
     def close(self) -> None:
         """Send nothing more: the heartbeat thread may outlive the
@@ -647,9 +653,11 @@ def _encode_result(value: object) -> list:
         return protocol.encode(value, cloudpickle.dumps)
 
 
-def _fd_channel(read_fd: int, write_fd: int) -> Channel:
+def _fd_channel(read_fd: int, write_fd: int, write_lock: int | None = None) -> Channel:
     reader = io.FileIO(read_fd, "r", closefd=False)
-    return Channel(reader.readinto, lambda views: os.writev(write_fd, views), read_fd)
+    return Channel(
+        reader.readinto, lambda views: os.writev(write_fd, views), read_fd, write_lock
+    )
 
 
 _CLAIM_WAIT_S = 5.0  # for a client that connected to say "serve"
@@ -768,10 +776,15 @@ def _serve_socket(
                         # The master's stream itself, from the agent: it
                         # keeps this connection to learn when we end.
                         _, fds, _, _ = socket.recv_fds(conn, 1, 2)
+                        lock = stream_lock(path)
+                        # The agent beats for us from outside: a C call
+                        # holding our GIL would stop our own beats.
+                        worker.heartbeats = False
                         try:
-                            worker.serve(_fd_channel(fds[0], fds[1]))
+                            worker.serve(_fd_channel(fds[0], fds[1], lock))
                         finally:
-                            for fd in fds:
+                            worker.heartbeats = True
+                            for fd in [*fds, lock]:
                                 os.close(fd)
                 except ConnectionError:
                     pass  # that client hung up as we wrote to it
