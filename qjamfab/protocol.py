@@ -57,7 +57,8 @@ RESULT = 5  # worker -> master: {task, compute_s, slices}; payload =
 ERROR = 6  # worker -> master: {task, type, message, traceback}
 FUNC = 7  # master -> worker: {hash}; payload = [cloudpickled job]
 HEARTBEAT = 8  # worker -> master, every HEARTBEAT_INTERVAL_S while
-# connected; the agent's own: {stale: [silent workers]}
+# connected; the agent's own: {stale: [silent workers]}; for a
+# daemon it handed the stream to: {}, in its place, while it runs
 LOG = 9  # worker -> master: {text} captured from fds 1 and 2
 CLEAR = 10  # master -> worker; answered by CLEAR {entries, bytes}
 STATS = 11  # master -> worker; answered by STATS {...}
