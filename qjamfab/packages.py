@@ -72,6 +72,8 @@ __all__ = [
     "resolve",
     "with_dependencies",
     "check_platform",
+    "libc_needed",
+    "glibc_version",
     "ship",
     "upload",
     "suggestion",
@@ -241,7 +243,7 @@ def _scan(
         if suffix and suffix not in (".so", ".pyd"):
             needed.add(suffix)
     libc, glibc = (
-        _libc_needed(wheel)
+        libc_needed(wheel)
         if native and sys.platform.startswith("linux")
         else (None, None)
     )
@@ -267,10 +269,11 @@ def _read(root: str, files: Iterable[str]) -> list[tuple[str, bytes]]:
     return entries
 
 
-def _libc_needed(wheel: str) -> tuple[str, tuple[int, int] | None]:
-    """The C library a Linux build needs, from its WHEEL tags: ("glibc",
-    oldest version its manylinux tags allow) or ("musl", None); a build
-    without such tags needs this master's glibc or newer."""
+def libc_needed(wheel: str) -> tuple[str, tuple[int, int] | None]:
+    """The C library a Linux build needs, from its WHEEL tags (`wheel`:
+    the text of its .dist-info/WHEEL): ("glibc", oldest version its
+    manylinux tags allow) or ("musl", None); a build without such tags
+    needs this master's glibc or newer."""
     versions, musl = [], False
     for line in wheel.splitlines():
         if not line.startswith("Tag:"):
@@ -287,11 +290,13 @@ def _libc_needed(wheel: str) -> tuple[str, tuple[int, int] | None]:
         return "glibc", min(versions)
     if musl:
         return "musl", None
-    ours = _glibc_version(platform_info()["libc"])
+    ours = glibc_version(platform_info()["libc"])
     return ("glibc", ours) if ours else ("musl", None)
 
 
-def _glibc_version(libc: str | None) -> tuple[int, int] | None:
+def glibc_version(libc: str | None) -> tuple[int, int] | None:
+    """(major, minor) of a C library as `platform_info()["libc"]` names it
+    ("glibc 2.36" -> (2, 36)); None for another library or none known."""
     match = re.fullmatch(r"glibc (\d+)\.(\d+).*", libc or "")
     return (int(match[1]), int(match[2])) if match else None
 
@@ -388,7 +393,7 @@ def platform_problem(dist: Distribution, host: dict) -> str | None:
                 f"host's Python does not load (it loads "
                 f"{', '.join(loads) or 'none'})"
             )
-    have = _glibc_version(host.get("libc"))
+    have = glibc_version(host.get("libc"))
     if dist.libc == "glibc" and dist.glibc is not None:  # a version with glibc
         need = ".".join(map(str, dist.glibc))
         if have is None:

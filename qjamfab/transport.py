@@ -2,8 +2,9 @@
 
 `Transport` is the seam between the Master and how a worker or a host is
 reached: `readinto` and `writev` move bytes, `close` ends the stream,
-`exit_report` says how the far end ended. `LocalPipeTransport` starts a
-worker process on this machine and speaks over its stdin and stdout. To an
+`exit_report` says how the far end ended. `ProcessTransport` starts any
+command on this machine and speaks over its stdin and stdout;
+`LocalPipeTransport` is one that starts a worker process. To an
 SSH host, its agent runs either under the system's OpenSSH client
 (`OpenSSHTransport`, the same pipes: preferred, C crypto is faster) or on a
 paramiko exec channel (`SSHChannelTransport`): one per host. OS and
@@ -100,8 +101,11 @@ class Transport(ABC):
         )
 
 
-class _ProcessTransport(Transport):
-    """A process started here, spoken to over its stdin and stdout. Its
+class ProcessTransport(Transport):
+    """A process started here from `argv` (with `env`, else this one's
+    environment), spoken to over its stdin and stdout: whatever speaks the
+    protocol there (a worker: `LocalPipeTransport`; an agent under the
+    OpenSSH client: `OpenSSHTransport`; a scripted peer in the tests). Its
     stderr goes to an unlinked temporary file: nobody reads it until the
     process ends, and a pipe left unread would stall the process once
     full (the OpenSSH client passes on a remote login shell's warnings)."""
@@ -227,7 +231,7 @@ class _ProcessTransport(Transport):
         return status, tail(text)
 
 
-class LocalPipeTransport(_ProcessTransport):
+class LocalPipeTransport(ProcessTransport):
     """A worker process on this machine, spoken to over its stdin/stdout."""
 
     _what = "a local worker"
@@ -264,7 +268,7 @@ class LocalPipeTransport(_ProcessTransport):
         )
 
 
-class OpenSSHTransport(_ProcessTransport):
+class OpenSSHTransport(ProcessTransport):
     """A host's agent, run by the system's OpenSSH client
     (`openssh.openssh_command`): one connection per host."""
 

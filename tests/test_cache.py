@@ -311,59 +311,6 @@ def test_a_checked_slice_costs_one_stat_per_task(cache_dir, monkeypatch):
     assert len(calls) == 4
 
 
-def test_a_blocked_worker_names_damaged_slices_and_asks_again(cache_dir):
-    from qjamfab.runtime import worker as worker_module
-
-    class FakeChannel:
-        def __init__(self):
-            self.sent = []
-
-        def send(self, kind, head, payload=()):
-            self.sent.append((kind, head))
-
-    refs = RefCache(cache_dir)
-    _send(refs, ARRAY, "r1")
-    _send(refs, ARRAY, "r2")
-    w = worker_module.Worker.__new__(worker_module.Worker)
-    w.cache, w.jobs, w.job_bytes = refs, {"f": (None, None)}, {}
-    w.pending = [[{"task": 7, "func": "f", "refs": ["r1", "r2", "r3"]}, [], False]]
-    channel = FakeChannel()
-    _flip(
-        os.path.join(cache_dir, "r1"), _last_part_offset(os.path.join(cache_dir, "r1"))
-    )
-    assert w._run_next(channel) is False
-    assert channel.sent == [
-        (
-            protocol.STATE,
-            {
-                "task": 7,
-                "state": "blocked",
-                "refs": ["r1", "r3"],
-                "func": False,
-                "damaged": ["r1"],
-            },
-        )
-    ]
-    assert w._run_next(channel) is False and len(channel.sent) == 1
-    _send(refs, ARRAY, "r1")
-    _send(refs, ARRAY, "r3")
-    # r2 was fine when the task blocked, and is damaged now: asked again.
-    _flip(
-        os.path.join(cache_dir, "r2"), _last_part_offset(os.path.join(cache_dir, "r2"))
-    )
-    assert w._run_next(channel) is False
-    assert channel.sent[1] == (
-        protocol.STATE,
-        {
-            "task": 7,
-            "state": "blocked",
-            "refs": ["r2"],
-            "func": False,
-            "damaged": ["r2"],
-        },
-    )
-
-
 def test_a_local_run_over_damaged_cache_files_gives_the_right_result():
     from qjamfab import DataSet, Master
 

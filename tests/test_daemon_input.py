@@ -2,7 +2,8 @@
 each bad input closes that connection only, the daemon keeps listening and
 serves the next client, and a declared length costs no memory until its
 bytes come. Also: a slice damaged under a running task is fetched again,
-not blamed on the job; a bad cache limit stops a worker with its message;
+not blamed on the job; a blocked task asks once for each slice it lacks,
+and again only for one gone since; a bad cache limit stops a worker with its message;
 the daemon's own tracebacks go to its log, not into the job output."""
 
 import hashlib
@@ -246,6 +247,67 @@ def test_a_slice_damaged_under_its_task_is_fetched_again(daemon):
     kind, head, parts = client.next()
     assert kind == protocol.RESULT, head
     assert result_value(parts) == int(a.sum() + b.sum())
+    client.close()
+
+
+def test_a_blocked_task_asks_once_per_ref_and_again_for_one_gone_since(daemon):
+    """A task whose slices are missing or damaged says which, once: frames
+    that wake the worker meanwhile do not make it ask again. A slice found
+    damaged after that (fine when the task blocked) is asked for again,
+    alone; once it comes, the task runs."""
+    x = np.arange(1024, dtype=np.float64)
+    cache = os.path.join(daemon.base, "cache")
+    func, data = job(lambda params, data: float(data.sum()))
+    client = daemon.connect()
+
+    def quiet() -> None:
+        """The daemon has taken every frame sent so far, and says nothing
+        but the answer to a STATS."""
+        client.send(protocol.STATS, {})
+        kind, head, _ = client.next()
+        assert kind == protocol.STATS, head
+
+    for ref in ("r1", "r2"):
+        client.send(protocol.REFS, {"ref": ref}, protocol.encode(x))
+    client.send(protocol.FUNC, {"hash": func}, [data])
+    quiet()
+    _flip_byte(os.path.join(cache, "r1"))
+    client.send(
+        protocol.TASK, task_head(7, func, refs=["r1", "r2", "r3"]), protocol.encode(0)
+    )
+    kind, head, _ = client.next()
+    assert (kind, head) == (
+        protocol.STATE,
+        {
+            "task": 7,
+            "state": "blocked",
+            "refs": ["r1", "r3"],
+            "func": False,
+            "damaged": ["r1"],
+        },
+    )
+    quiet()
+    quiet()
+    # r2 was fine when the task blocked, and is damaged now: asked again.
+    _flip_byte(os.path.join(cache, "r2"))
+    for ref in ("r1", "r3"):
+        client.send(protocol.REFS, {"ref": ref}, protocol.encode(x))
+    kind, head, _ = client.next()
+    assert (kind, head) == (
+        protocol.STATE,
+        {
+            "task": 7,
+            "state": "blocked",
+            "refs": ["r2"],
+            "func": False,
+            "damaged": ["r2"],
+        },
+    )
+    quiet()
+    client.send(protocol.REFS, {"ref": "r2"}, protocol.encode(x))
+    kind, head, parts = client.next()
+    assert kind == protocol.RESULT, head
+    assert result_value(parts) == 3 * x.sum()
     client.close()
 
 

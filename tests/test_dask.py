@@ -138,16 +138,28 @@ def _still_usable(m: Master) -> None:
     assert m.run(constant) == 42 * m.last_run.workers > 0
 
 
-def _seen(m: Master, count: int) -> None:
-    """Wait until the Master's watcher (once a second) sees `count` Dask
-    workers running, as the scheduler says."""
+def _numbered(m: Master, count: int) -> None:
+    """Wait until the Master's watcher (once a second) has seen `count`
+    Dask workers: it numbers every one it sees (`m.workers`)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        members = m._hosts[0].link.members.values()
-        if sum(w["status"] == "running" for w in members) == count:
+        if len(m.workers) == count:
             return
         time.sleep(0.05)
     raise AssertionError(f"the Master never saw {count} Dask workers")
+
+
+def _uses(m: Master, count: int) -> None:
+    """Wait until a run uses `count` Dask workers and loses none: the
+    watcher has seen the scheduler's workers as they are now (a worker
+    restarted under its number, or gone, shows in no property)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        used = m.run(constant) // 42
+        if used == m.last_run.workers == count and not m.last_run.lost_workers:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no run used {count} Dask workers")
 
 
 def _clients(client) -> set[str]:
@@ -402,7 +414,7 @@ def test_a_dask_worker_killed_mid_run(master, client):
     stats = master.last_run
     assert stats.lost_workers == ["dask-0"] and stats.rerun_slices >= 1
     client.wait_for_workers(2, timeout=60)  # the nanny restarted it
-    _seen(master, 2)
+    _uses(master, 2)
     assert _pids(client)["0"] != pid
     assert master.run(_slow_sum, dataset=data) == sum(range(160))
     assert master.last_run.workers == 2 and not master.last_run.lost_workers
@@ -433,13 +445,13 @@ def test_workers_that_join_are_used_from_the_next_run(cluster, master):
     cluster.scale(3)
     try:
         client.wait_for_workers(3, timeout=60)
-        _seen(master, 3)
+        _numbered(master, 3)
         assert master.run(constant) == 126
         assert master.workers == ["dask-0", "dask-1", "dask-2"]
         assert master.last_run.workers == 3
     finally:
         cluster.scale(2)
-        _seen(master, 2)
+        _uses(master, 2)
     assert master.run(constant) == 84  # dask-2 is gone, the rest go on
     assert master.workers == ["dask-0", "dask-1", "dask-2"]
     assert repr(master).endswith("3 workers, 2 workers up)")

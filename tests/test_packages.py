@@ -245,12 +245,12 @@ def test_compiled_files_go_only_where_they_load():
     ],
 )
 def test_the_wheel_tags_say_which_c_library(tags, needed):
-    assert shipping._libc_needed("Wheel-Version: 1.0\n" + tags) == needed
+    assert shipping.libc_needed("Wheel-Version: 1.0\n" + tags) == needed
 
 
 def test_a_local_build_needs_this_masters_glibc():
-    ours = shipping._glibc_version(platform_info()["libc"])
-    assert shipping._libc_needed("Tag: cp311-cp311-linux_x86_64\n") == (
+    ours = shipping.glibc_version(platform_info()["libc"])
+    assert shipping.libc_needed("Tag: cp311-cp311-linux_x86_64\n") == (
         ("glibc", ours) if ours else ("musl", None)
     )
 
@@ -509,16 +509,23 @@ def _stop(ssh, alias):
 
 
 @pytest.fixture
-def sends(monkeypatch):
-    """The packages zipped and sent to an agent, by name."""
-    sent = []
-    real = shipping._send
+def sends(caplog):
+    """sends(): the packages the Masters of a test sent to agents, by name,
+    as their log says ("packages on host2: uploaded numpy 2.1.0; the
+    host's own: ...")."""
+    caplog.set_level("INFO", logger="qjamfab")
 
-    def counting(link, dist):
-        sent.append(dist.name)
-        return real(link, dist)
+    def sent() -> list[str]:
+        names = []
+        for record in caplog.records:
+            message = record.getMessage()
+            if not message.startswith("packages on "):
+                continue
+            for said in message.split(": ", 1)[1].split("; "):
+                if said.startswith("uploaded "):
+                    names += [d.split()[0] for d in said[9:].split(", ")]
+        return names
 
-    monkeypatch.setattr(shipping, "_send", counting)
     return sent
 
 
@@ -549,7 +556,7 @@ def test_a_bare_host_runs_numpy_with_packages(ssh, tmp_path, monkeypatch, sends)
                 m.run(lambda p, s: s.sum(axis=0), dataset=data)
             before = {k: v["pid"] for k, v in m.worker_stats().items()}
         with Master(["host2"], packages=["numpy"], **opts) as m:
-            assert sends == ["numpy"]
+            assert sends() == ["numpy"]
             total = m.run(lambda p, s: s.sum(axis=0), dataset=data)
             np.testing.assert_array_equal(total, x.sum(axis=0))
             files = m.run(lambda p, s: Counter([__import__("numpy").__file__]))
@@ -568,7 +575,7 @@ def test_a_bare_host_runs_numpy_with_packages(ssh, tmp_path, monkeypatch, sends)
         assert cleared.ok and cleared.info["entries"] > 0, cleared
         assert os.path.isdir(where)
         with Master(["host2"], packages=["numpy"], **opts) as m:
-            assert sends == ["numpy"]  # nothing sent this time
+            assert sends() == ["numpy"]  # nothing sent this time
             total = m.run(lambda p, s: s.sum(axis=0), dataset=data)
             np.testing.assert_array_equal(total, x.sum(axis=0))
     finally:
@@ -605,7 +612,7 @@ def test_inv_bootstrap_uploads_packages_a_master_then_uses(
         with Master(["host3"], **opts) as m:
             assert m.run(lambda p, s: __import__("pluggy").__version__) == pure.version
             pid = m.worker_stats()["host3-0"]["pid"]
-        assert sends == []
+        assert sends() == []
         # A daemon that holds another build of pluggy (as if an earlier
         # session shipped another version) is replaced by a fresh one.
         record = os.path.join(ssh.homes["host3"], "run", "worker-0.packages")
@@ -643,7 +650,7 @@ def test_a_host_of_another_platform_is_refused_with_the_difference(
         Master(
             ["host1"], workers_per_host=1, packages=["numpy"], ssh_config=ssh.ssh_config
         )
-    assert sends == []
+    assert sends() == []
     (result,) = cluster.bootstrap(
         hostspec.parse_hosts(["host1"]),
         shipping.resolve(["numpy"]),
@@ -653,6 +660,11 @@ def test_a_host_of_another_platform_is_refused_with_the_difference(
     assert result.error.startswith(
         f"host1 cannot use numpy {NUMPY} as this master has it"
     ), result.error
+    # Neither sent a byte of it: the host has no package.
+    (status,) = cluster.status(
+        hostspec.parse_hosts(["host1"]), ssh_config=ssh.ssh_config
+    )
+    assert status.ok and status.info["packages"] == [], status
 
 
 @pytest.mark.timeout(120)
@@ -663,5 +675,5 @@ def test_a_host_with_the_same_version_is_sent_nothing(ssh, sends, caplog):
         ["host1"], workers_per_host=1, packages=["numpy"], ssh_config=ssh.ssh_config
     ) as m:
         assert m.run(lambda p, s: __import__("numpy").__version__) == NUMPY
-    assert sends == []
+    assert sends() == []
     assert f"packages on host1: the host's own: numpy {NUMPY}" in caplog.text

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from qjamfab import protocol
-from qjamfab.transport import _ProcessTransport
+from qjamfab.transport import ProcessTransport
 from qjamfab.workers import LOST, Inbox, Link, WorkerHandle
 
 pytestmark = pytest.mark.timeout(30)
@@ -29,7 +29,7 @@ def _peer(name: str, script: str, stall_timeout: float = 5.0) -> WorkerHandle:
         """) + textwrap.dedent(script)
     link = Link(
         name,
-        _ProcessTransport(name, [sys.executable, "-c", code]),
+        ProcessTransport(name, [sys.executable, "-c", code]),
         agent=False,
         stall_timeout=stall_timeout,
     )
@@ -105,7 +105,7 @@ def test_no_hello_in_time_is_a_worker_that_did_not_start(monkeypatch):
     from qjamfab.errors import WorkerLost
 
     monkeypatch.setattr(workers, "HANDSHAKE_TIMEOUT_S", 0.5)
-    transport = _ProcessTransport(
+    transport = ProcessTransport(
         "a", [sys.executable, "-c", "import sys; sys.stdin.buffer.read()"]
     )
     with pytest.raises(
