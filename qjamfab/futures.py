@@ -427,7 +427,7 @@ def _payloads(
     only (a joblib batch) travels in that slice. Calls whose function or
     arguments cannot be pickled fail their futures with BadJob and are
     left out."""
-    serialize._register_local_modules()  # user modules travel by value
+    serialize.register_local_modules()  # user modules travel by value
     uses: dict[int, int] = {}
     for calls in slices:
         for fid in {id(c.fn) for c in calls}:
@@ -440,7 +440,7 @@ def _payloads(
             if uses[fid] < 2 or fid in index:
                 continue
             try:
-                shared.append(serialize._dumps(call.fn))
+                shared.append(serialize.dumps_job(call.fn))
                 index[fid] = len(shared) - 1
             except Exception:
                 index[fid] = None  # its calls fail one by one below
@@ -452,19 +452,19 @@ def _payloads(
     out: list[tuple[list[_Call], bytes]] = []
     for calls in slices:
         try:
-            payload = serialize._dumps((len(out), [group(c) for c in calls]))
+            payload = serialize.dumps_job((len(out), [group(c) for c in calls]))
         except Exception:
             good = []
             for call in calls:
                 try:
-                    serialize._dumps(group(call))
+                    serialize.dumps_job(group(call))
                     good.append(call)
                 except Exception as exc:
                     call.fail(_unpicklable(call, exc))
             if not good:
                 continue
             calls = good
-            payload = serialize._dumps((len(out), [group(c) for c in calls]))
+            payload = serialize.dumps_job((len(out), [group(c) for c in calls]))
         out.append((calls, payload))
     return out, tuple(shared)
 

@@ -57,11 +57,14 @@ class _JobPickler(cloudpickle.Pickler):
     )
 
 
-def _dumps(
+def dumps_job(
     obj: object,
     protocol: int = 5,
     buffer_callback: Callable[[pickle.PickleBuffer], object] | None = None,
 ) -> bytes:
+    """cloudpickle as jobs travel: functions and classes by value, code
+    keeping its file name (for remote tracebacks). Call
+    register_local_modules() first so the user's own modules go by value."""
     out = io.BytesIO()
     _JobPickler(out, protocol=protocol, buffer_callback=buffer_callback).dump(obj)
     return out.getvalue()
@@ -75,7 +78,9 @@ def _is_local(module: types.ModuleType) -> bool:
     return not path.startswith(_INSTALLED_PREFIXES + (_PACKAGE_DIR,))
 
 
-def _register_local_modules() -> None:
+def register_local_modules() -> None:
+    """Have cloudpickle send the user's own modules (not installed ones,
+    not qjamfab) by value: the hosts do not have them."""
     if len(sys.modules) == len(_local_by_name):
         return  # nothing imported since the last look (a hot path)
     for name, module in list(sys.modules.items()):
@@ -119,14 +124,14 @@ def encode_job(mapfunc: Callable, reduce: Callable | None) -> tuple[str, bytes]:
     jobs are kept with a snapshot of everything their pickle is made of;
     when that is all immutable and still the same objects, the pickle
     would be the same too and is reused (see `_snapshot`)."""
-    _register_local_modules()
+    register_local_modules()
     key = (id(mapfunc), id(reduce))
     snapshot = _snapshot((mapfunc, reduce))
     cached = _job_cache.get(key)
     if cached is not None and snapshot is not None and _same(cached[0], snapshot):
         return cached[1], cached[2]
     try:
-        data = _dumps((mapfunc, reduce))
+        data = dumps_job((mapfunc, reduce))
     except Exception as exc:
         raise BadJob(
             f"the job cannot be pickled ({type(exc).__name__}: "
@@ -269,7 +274,7 @@ def _plain(value: object, depth: int = 0) -> bool:
 
 def _encode(value: object, error: type[QjamfabError], what: str) -> list:
     try:
-        return protocol.encode(value, pickle.dumps if _plain(value) else _dumps)
+        return protocol.encode(value, pickle.dumps if _plain(value) else dumps_job)
     except Exception as exc:
         raise error(
             f"{what} of type {type(value).__name__} cannot be pickled "
@@ -279,7 +284,7 @@ def _encode(value: object, error: type[QjamfabError], what: str) -> list:
 
 
 def encode_params(params: object) -> list:
-    _register_local_modules()
+    register_local_modules()
     return _encode(params, BadParams, "params")
 
 
