@@ -46,7 +46,7 @@ TASK = 2  # master -> worker: {task, run, func, refs, slices, leaves,
 STATE = 3  # worker -> master: {task, state: "blocked", refs, func};
 # "cancelled"; "parked" {compute_s, slices, bytes}: the result
 # waits for FETCH (or CANCEL drops it); from the agent "done"
-# {compute_s} for a held task
+# {compute_s, slices, bytes} for a held task
 REFS = 4  # master -> worker: {ref}; payload = the slice. From the
 # agent to its daemons {ref, stored: file key}, no payload:
 # the slice is in the host's cache, sealed, as that file; or

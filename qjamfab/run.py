@@ -98,7 +98,7 @@ class RunStats:
 class _Task:
     """One copy of a group of slices sent to one worker."""
 
-    __slots__ = ("id", "worker", "group", "slices", "started", "held")
+    __slots__ = ("id", "worker", "group", "slices", "started", "held", "size")
 
     def __init__(
         self,
@@ -114,6 +114,7 @@ class _Task:
         self.slices = slices
         self.started = time.monotonic()
         self.held = held  # its result waits at the host's agent
+        self.size = 0  # its result's bytes, once "done" or "parked" says
 
 
 @dataclass
@@ -187,6 +188,8 @@ class Run:
         self.collecting: dict[Link, list[_Task]] = {}
         self.parked: list[_Task] = []  # won, waiting at their worker
         self.fetching: _Task | None = None  # a parked result on its way
+        self.big_collect: Link | None = None  # a big COLLECT answer on its way
+        self.waiting_collect: set[Link] = set()  # big, for their turn
         self.slice_seconds: list[float] = []  # sorted, per slice
         self.kills: dict[int, list[str]] = {}
         self.silent: set[Link] = set()  # lost to the heartbeat deadline
@@ -348,7 +351,7 @@ class Run:
             while self.to_collect:
                 link = self.to_collect.pop()
                 if link.alive and self.held.get(link) and not self.open_on[link]:
-                    self._ask_collect(link)
+                    self._collect_host(link)
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + tick
                 self._check_heartbeats()
@@ -384,7 +387,7 @@ class Run:
         ):
             self.fetching = None
             self._deliver([fetched], _take_nodes(parts))
-            self._fetch_next()
+            self._next_big()
             return
         task_id = head.get("task")
         task = self.open.get(task_id) if task_id is not None else None
@@ -490,6 +493,7 @@ class Run:
         link = task.worker.link
         if not self._finished(task, head):
             return  # another copy won: no COLLECT names this one
+        task.size = head.get("bytes", 0)
         self.held.setdefault(link, []).append(task)
         if not self.open_on[link]:
             self.to_collect.add(link)
@@ -499,12 +503,44 @@ class Run:
         if not self._finished(task, head):
             self._drop(task)  # another copy won
             return
+        task.size = head["bytes"]
         self.parked.append(task)
-        self._fetch_next()
+        self._next_big()
 
-    def _fetch_next(self) -> None:
-        """Fetch the parked result that comes first in the tree, unless
-        one is on its way: the master holds one incoming at a time."""
+    def _collect_host(self, link: Link) -> None:
+        """Ask for what the host holds now, or, when it is big and another
+        big result is on its way, in its turn."""
+        if sum(t.size for t in self.held[link]) < PARK_BYTES:
+            self._ask_collect(link)
+        elif self.fetching is None and self.big_collect is None:
+            self.big_collect = link
+            self._ask_collect(link)
+        else:
+            self.waiting_collect.add(link)
+
+    def _next_big(self) -> None:
+        """Unless a big result is on its way: ask for the next, a host's
+        held results or a parked one, the first in the tree first. So the
+        master holds one big result incoming at a time."""
+        if self.fetching is not None or self.big_collect is not None:
+            return
+        hosts = [
+            x
+            for x in self.waiting_collect
+            if x.alive and self.held.get(x) and not self.open_on[x]
+        ]
+        # Those not ready (new tasks since) come back when their last ends.
+        self.waiting_collect = set(hosts)
+        first = {x: min(t.slices[0] for t in self.held[x]) for x in hosts}
+        if hosts and (
+            not self.parked
+            or min(first.values()) < min(t.slices[0] for t in self.parked)
+        ):
+            link = min(hosts, key=first.__getitem__)
+            self.waiting_collect.discard(link)
+            self.big_collect = link
+            self._ask_collect(link)
+            return
         while self.fetching is None and self.parked:
             task = min(self.parked, key=lambda t: t.slices[0])
             self.parked.remove(task)
@@ -550,6 +586,8 @@ class Run:
                 worker=protocol.AGENT,
             )
         except WorkerLost:
+            if self.big_collect is link:
+                self.big_collect = None  # its re-runs come back as results
             for handle in link.handles.values():
                 if handle.alive:
                     self._send_failed(handle, WorkerLost("its host is gone"))
@@ -558,6 +596,9 @@ class Run:
         by_id = {t.id: t for t in self.collecting.get(link, ())}
         self._deliver([by_id.pop(t) for t in head["tasks"]], _take_nodes(parts))
         self.collecting[link] = list(by_id.values())
+        if self.big_collect is link and not self.collecting[link]:
+            self.big_collect = None
+            self._next_big()
 
     def _progressed(self, group: int, done: int) -> None:
         """The progress bar moves per slice, not per task: a long task
@@ -793,6 +834,10 @@ class Run:
         """Held results at a host that is gone are gone with it: their
         groups run again."""
         tasks = self.held.pop(link, []) + self.collecting.pop(link, [])
+        self.waiting_collect.discard(link)
+        if self.big_collect is link:
+            self.big_collect = None
+            self._next_big()
         for task in tasks:
             if self.won.get(task.group) is task:
                 del self.won[task.group]
@@ -840,7 +885,7 @@ class Run:
         slices = [i for t in lost_tasks if t.group not in covered for i in t.slices]
         slices += [i for t in parked for i in t.slices]
         self._rerun(slices, handle.name, detail, status, tail)
-        self._fetch_next()
+        self._next_big()
 
     def _rerun(
         self,

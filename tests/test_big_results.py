@@ -189,3 +189,16 @@ def test_a_worker_lost_after_its_result_parked_loses_no_slice(monkeypatch, tmp_p
     assert len(stats.lost_workers) == 1
     assert stats.tasks >= 4 + 1, stats  # two per worker, then the re-runs
     assert stats.rerun_slices in (1, 2), stats
+
+
+def test_big_results_held_at_hosts_give_the_bits_of_small_ones(ssh, monkeypatch):
+    """On hosts of several workers the agent holds the results; big ones
+    come one host at a time, the first in the tree first."""
+    data = np.arange(8.0).reshape(8, 1)
+    with Master(["host1", "host2"], workers_per_host=2, ssh_config=ssh.ssh_config) as m:
+        whole = m.run(noisy, dataset=data, params=3000)
+        monkeypatch.setattr(run, "PARK_BYTES", 1000)
+        monkeypatch.setattr(run, "HELD_BYTES", 0)
+        for _ in range(3):
+            assert m.run(noisy, dataset=data, params=3000).tobytes() == whole.tobytes()
+            assert m.last_run.lost_workers == []

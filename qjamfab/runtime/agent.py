@@ -464,6 +464,7 @@ class Agent:
                     "state": "done",
                     "compute_s": head["compute_s"],
                     "slices": head["slices"],
+                    "bytes": sum(len(p) for p in parts),
                 },
                 worker=daemon.index,
             )
