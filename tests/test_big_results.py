@@ -202,3 +202,5 @@ def test_big_results_held_at_hosts_give_the_bits_of_small_ones(ssh, monkeypatch)
         for _ in range(3):
             assert m.run(noisy, dataset=data, params=3000).tobytes() == whole.tobytes()
             assert m.last_run.lost_workers == []
+    # The agents add into what they hold: still the bits of the tree.
+    assert whole.tobytes() == tree_sum([noisy(3000, [i]) for i in range(8)]).tobytes()

@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 from typing import cast
 
 from .. import protocol
-from ..reduce import ReduceTree
+from ..reduce import ReduceTree, reduce_in_place
 from . import (
     default_base,
     manage,
@@ -413,7 +413,9 @@ class Agent:
         tasks = head["tasks"]
         try:
             _, reduce = pickle.loads(self.funcs[head["func"]])
-            tree = ReduceTree(head["leaves"], reduce)
+            # What it holds it decoded itself: the default reduce may add
+            # arrays into them.
+            tree = ReduceTree(head["leaves"], reduce or reduce_in_place)
             for task in tasks:
                 # A RESULT's payload: the nodes of its slices (worker.py)
                 nodes = cast(
