@@ -391,6 +391,7 @@ class Worker:
         that breaks the protocol raises ProtocolError."""
         self.capture.channel = channel
         self.pending = []
+        self.parked.clear()  # an earlier session's: nobody will fetch them
         channel.send(protocol.HELLO, self.hello())
         stop = threading.Event()
         threading.Thread(
