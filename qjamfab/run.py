@@ -352,6 +352,8 @@ class Run:
                 link = self.to_collect.pop()
                 if link.alive and self.held.get(link) and not self.open_on[link]:
                     self._collect_host(link)
+            if self.waiting_collect or self.parked:
+                self._next_big()  # whatever ended the last big transfer
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + tick
                 self._check_heartbeats()
