@@ -345,6 +345,30 @@ def ssh_layout(workers: int, max_hosts: int = 4) -> tuple[int, int]:
     return hosts, workers // hosts
 
 
+def run_child(module: str, args: list[str], what: str) -> dict:
+    """Run `python -m <module> --child ARGS` from the repository (a fresh
+    process: its own memory high-water mark) and return the JSON its last
+    line prints; RuntimeError naming `what` with its output if it fails."""
+    import json
+
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--child", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (ROOT, os.environ.get("PYTHONPATH")) if p
+            ),
+        },
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def standalone_main(
     name: str,
     doc: str,

@@ -19,13 +19,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-from .common import ROOT, Scale, proc_status, ssh_hosts, sshd_missing, target
+from .common import Scale, proc_status, run_child, ssh_hosts, sshd_missing, target
 
 MiB = 1 << 20
 
@@ -141,34 +140,14 @@ def run(scale: Scale, log=print) -> dict:
             for i, mib in enumerate(scale.memory_mib):
                 path = os.path.join(scratch, f"data-{mib}.npy")
                 write_npy(path, mib, i + 1)
-                proc = subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
+                try:
+                    row = run_child(
                         "benchmarks.memory",
-                        "--child",
-                        path,
-                        servers.ssh_config,
-                        ",".join(servers.aliases),
-                    ],
-                    cwd=ROOT,
-                    capture_output=True,
-                    text=True,
-                    timeout=600,
-                    env={
-                        **os.environ,
-                        "PYTHONPATH": os.pathsep.join(
-                            p for p in (ROOT, os.environ.get("PYTHONPATH")) if p
-                        ),
-                    },
-                )
-                os.unlink(path)
-                if proc.returncode != 0:
-                    raise RuntimeError(
-                        f"memory child for {mib} MiB failed:\n"
-                        f"{proc.stdout}\n{proc.stderr}"
+                        [path, servers.ssh_config, ",".join(servers.aliases)],
+                        f"memory child for {mib} MiB",
                     )
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                finally:
+                    os.unlink(path)
                 row["mib"] = mib
                 rows.append(row)
                 cluster.stop_workers(specs, ssh_config=servers.ssh_config)

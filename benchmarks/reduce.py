@@ -29,13 +29,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-from .common import ROOT, proc_status, target
+from .common import proc_status, run_child, target
 
 SIZES = {
     "full": {"result_mb": 300, "verify_mb": 400, "verify_rounds": 5},
@@ -106,23 +105,10 @@ def child(
 
 
 def _run_child(mb: int, order: str, unbounded: bool, *ssh: str) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.reduce", "--child", str(mb), order]
-        + ["unbounded" if unbounded else "shipped", *ssh],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (ROOT, os.environ.get("PYTHONPATH")) if p
-            ),
-        },
+    config = "unbounded" if unbounded else "shipped"
+    return run_child(
+        "benchmarks.reduce", [str(mb), order, config, *ssh], "reduce child"
     )
-    if proc.returncode != 0:
-        raise RuntimeError(f"reduce child failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def measure_memory(mb: int, log=print) -> list[dict]:
