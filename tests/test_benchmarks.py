@@ -209,3 +209,20 @@ def test_suite_smoke(tmp_path):
     assert USED_DIRS
     leftover = [p for d in USED_DIRS for p in processes_mentioning(d)]
     assert not leftover, leftover
+
+
+@pytest.mark.timeout(120)
+def test_reduce_benchmark_smoke(tmp_path):
+    """`python -m benchmarks.reduce` at a tiny size: every configuration
+    ran and was right, and it wrote reduce.json with its targets."""
+    from benchmarks import reduce as reduce_bench
+
+    assert reduce_bench.main(["--scale", "tiny", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "reduce.json") as f:
+        saved = json.load(f)
+    rows = saved["memory"]
+    assert {r["workers"] for r in rows} >= {"8 local"}
+    assert all(r["correct"] and r["held_peak"] > 0 for r in rows)
+    assert {r["config"] for r in rows} == {"as shipped", "unbounded"}
+    assert saved["verify"]["verify_mb_per_s"] > 0
+    assert any(t["target"].startswith("master peak memory") for t in saved["targets"])
