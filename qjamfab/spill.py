@@ -49,7 +49,8 @@ class SpilledNodes(MutableMapping[Key, Any]):
         self.spilled_bytes = 0
 
     def __setitem__(self, key: Key, value: Any) -> None:
-        self.pop(key, None)
+        if key in self:  # replaced: not read back from disk first
+            del self[key]
         size = nbytes(value)
         self.memory[key] = value
         self.sizes[key] = size
@@ -95,6 +96,8 @@ class SpilledNodes(MutableMapping[Key, Any]):
     def _make_room(self, need: int, keep: Key | None = None) -> None:
         """Spill the oldest big nodes in memory (not `keep`) until `need`
         more bytes fit in the budget."""
+        if self.in_memory + need <= self.budget:
+            return  # the usual case: every run's tree passes here
         for old in list(self.memory):
             if self.in_memory + need <= self.budget:
                 return

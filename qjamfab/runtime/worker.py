@@ -634,7 +634,7 @@ class Worker:
             "compute_s": compute_s,
             "slices": 0 if head["refs"] is None else len(head["refs"]),
         }
-        size = sum(memoryview(p).nbytes for p in payload)
+        size = protocol.frame_size(payload)
         park = head.get("park")
         if park is not None and size >= park:
             self.parked[task] = (done, payload)
