@@ -274,9 +274,10 @@ class OpenSSHTransport(ProcessTransport):
 
     _what = "the OpenSSH client"
 
-    # The daemons live on without us; a silent host would only make ssh
-    # wait for its keepalive timeout.
-    _close_wait_s = 0.2
+    # Its agent releases the host's daemons as it ends, for the next
+    # session to attach (a loaded host may take a while); a silent host
+    # would make ssh wait for its keepalive timeout, so not longer.
+    _close_wait_s = 1.0
 
 
 # --- SSH -------------------------------------------------------------------
