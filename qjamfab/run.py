@@ -98,7 +98,16 @@ class RunStats:
 class _Task:
     """One copy of a group of slices sent to one worker."""
 
-    __slots__ = ("id", "worker", "group", "slices", "started", "held", "size")
+    __slots__ = (
+        "id",
+        "worker",
+        "group",
+        "slices",
+        "started",
+        "held",
+        "size",
+        "cancelling",
+    )
 
     def __init__(
         self,
@@ -115,6 +124,9 @@ class _Task:
         self.started = time.monotonic()
         self.held = held  # its result waits at the host's agent
         self.size = 0  # its result's bytes, once "done" or "parked" says
+        # Moved away: open until its worker confirms the cancel (it may have
+        # started it already), but no longer counted on to run.
+        self.cancelling = False
 
 
 @dataclass
@@ -179,6 +191,7 @@ class Run:
         self.idle: set[WorkerHandle] = set(workers)
         self.groups: dict[int, list[int]] = {}  # group id -> its slices
         self.won: dict[int, _Task] = {}  # group -> winning copy
+        self.replaced: set[int] = set()  # groups re-run slice by slice
         self.undelivered: set[int] = set()  # groups without a value
         self.tree: ReduceTree  # results, as they arrive
         self.shown: dict[int, int] = {}  # group -> slices on the bar
@@ -366,6 +379,8 @@ class Run:
         if kind == protocol.LOG:
             print_event_log(event)
             return
+        if head.get("run", self.run_id) != self.run_id:
+            return  # an answer to an earlier run, which ended without it
         if isinstance(source, Link):  # the agent: COLLECT's answer
             if kind == protocol.RESULT:
                 self._collected(source, head, parts)
@@ -398,6 +413,7 @@ class Run:
         if kind == protocol.STATE:
             if head["state"] == "cancelled":
                 self._close(task)
+                self._cover([task], handle.name, "its copy was cancelled")
             elif head["state"] == "progress":
                 self._progressed(task.group, head["done"])
             elif head["state"] == "done":
@@ -472,8 +488,8 @@ class Run:
         compute = self.stats.worker_compute_s
         compute[handle.name] = compute.get(handle.name, 0.0) + head["compute_s"]
         bisect.insort(self.slice_seconds, head["compute_s"] / max(1, len(task.slices)))
-        if task.group in self.won:
-            return False  # another copy won
+        if task.group in self.won or task.group in self.replaced:
+            return False  # another copy won, or its slices run apart now
         self.won[task.group] = task
         for other in self._other_copies(task.group):
             self._cancel(other)
@@ -548,14 +564,14 @@ class Run:
             self.parked.remove(task)
             self.fetching = task
             try:
-                task.worker.send(protocol.FETCH, {"task": task.id})
+                task.worker.send(protocol.FETCH, {"task": task.id, "run": self.run_id})
             except WorkerLost as exc:
                 self._send_failed(task.worker, exc)  # _lost re-runs it
                 return
 
     def _drop(self, task: _Task) -> None:
         try:
-            task.worker.send(protocol.CANCEL, {"task": task.id})
+            task.worker.send(protocol.CANCEL, {"task": task.id, "run": self.run_id})
         except WorkerLost as exc:
             self._send_failed(task.worker, exc)
 
@@ -683,6 +699,7 @@ class Run:
             else:
                 self._cancel(task)  # it was only queued: move it
                 self._open(task)  # until the worker confirms
+                task.cancelling = True
                 self.stats.moved_tasks += 1
             self._send_task(handle, task.group)
 
@@ -883,11 +900,30 @@ class Run:
                     exit_status=status,
                     stderr_tail=tail,
                 )
-        covered = {t.group for t in self.open.values()} | set(self.won)
-        slices = [i for t in lost_tasks if t.group not in covered for i in t.slices]
-        slices += [i for t in parked for i in t.slices]
-        self._rerun(slices, handle.name, detail, status, tail)
+        self._cover(lost_tasks + parked, handle.name, detail, status, tail)
         self._next_big()
+
+    def _cover(
+        self,
+        tasks: list[_Task],
+        name: str,
+        detail: str,
+        status: int | None = None,
+        tail: str = "",
+    ) -> None:
+        """Coverage, the run's invariant: every group without a value has
+        a live copy counted on to run. These copies ended without a
+        value: their groups that have no other such copy run again."""
+        counted = {t.group for t in self.open.values() if not t.cancelling}
+        slices = [
+            i
+            for t in tasks
+            if t.group in self.undelivered
+            and t.group not in self.won
+            and t.group not in counted
+            for i in t.slices
+        ]
+        self._rerun(slices, name, detail, status, tail)
 
     def _rerun(
         self,
@@ -926,6 +962,7 @@ class Run:
             and set(self.groups[g]) <= set(slices)
         ]:
             self.undelivered.discard(group)  # replaced by one per slice
+            self.replaced.add(group)
             self.progress.advance(-self.shown.pop(group, 0))
         for worker, i in scheduler.replan(
             slices, self.refs, list(by_name), {h.name: h.refs for h in survivors}, busy

@@ -430,6 +430,7 @@ class Agent:
                 protocol.ERROR,
                 {
                     "task": tasks[0],
+                    "run": head["run"],
                     "tasks": tasks,
                     "phase": "reduce on the host",
                     "type": type(exc).__name__,
@@ -440,7 +441,11 @@ class Agent:
             return
         self.tell(
             protocol.RESULT,
-            {"tasks": tasks, "compute_s": time.perf_counter() - started},
+            {
+                "tasks": tasks,
+                "run": head["run"],
+                "compute_s": time.perf_counter() - started,
+            },
             payload,
         )
 
@@ -463,6 +468,7 @@ class Agent:
                 protocol.STATE,
                 {
                     "task": task,
+                    "run": head["run"],
                     "state": "done",
                     "compute_s": head["compute_s"],
                     "slices": head["slices"],

@@ -498,9 +498,7 @@ class Worker:
             queued = [p for p in self.pending if p[0]["task"] == head["task"]]
             for entry in queued:
                 self.pending.remove(entry)
-                channel.send(
-                    protocol.STATE, {"task": head["task"], "state": "cancelled"}
-                )
+                channel.send(protocol.STATE, {**_reply(entry[0]), "state": "cancelled"})
 
     def _run_next(self, channel: Channel) -> bool:
         """Run the first queued task if it has all it needs (True), else
@@ -520,7 +518,7 @@ class Worker:
             channel.send(
                 protocol.ERROR,
                 {
-                    "task": head["task"],
+                    **_reply(head),
                     "phase": "loading a slice",
                     "type": type(exc).__name__,
                     "message": str(exc),
@@ -536,7 +534,7 @@ class Worker:
                 channel.send(
                     protocol.STATE,
                     {
-                        "task": head["task"],
+                        **_reply(head),
                         "state": "blocked",
                         "refs": new,
                         "func": missing_func and asked is False,
@@ -608,7 +606,7 @@ class Worker:
                     report_at = time.perf_counter() + _PROGRESS_S
                     channel.send(
                         protocol.STATE,
-                        {"task": task, "state": "progress", "done": i + 1},
+                        {**_reply(head), "state": "progress", "done": i + 1},
                     )
             phase = "pickling the result"
             payload = _encode_result(tree.items())
@@ -618,7 +616,7 @@ class Worker:
             channel.send(
                 protocol.ERROR,
                 {
-                    "task": task,
+                    **_reply(head),
                     "phase": phase,
                     "type": type(exc).__name__,
                     "message": str(exc),
@@ -630,7 +628,7 @@ class Worker:
         self.busy = False
         self.capture.end()
         done = {
-            "task": task,
+            **_reply(head),
             "compute_s": compute_s,
             "slices": 0 if head["refs"] is None else len(head["refs"]),
         }
@@ -641,6 +639,12 @@ class Worker:
             channel.send(protocol.STATE, {**done, "state": "parked", "bytes": size})
         else:
             channel.send(protocol.RESULT, done, payload)
+
+
+def _reply(task_head: dict) -> dict:
+    """The head every answer about a task starts with: the task and its
+    run (the master drops what names an earlier run)."""
+    return {"task": task_head["task"], "run": task_head["run"]}
 
 
 def _encode_result(value: object) -> list:
