@@ -24,16 +24,14 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypedDict, Unpack
+from typing import TypedDict, Unpack
 
 from . import hosts as hostlib
 from . import runtime
 from .errors import HostError, PreflightFailed, QjamfabError
 from .hostspec import HostSpec
+from .packages import Distribution, check_platform
 from .transport import sftp_upload, ssh_exec, tail
-
-if TYPE_CHECKING:
-    from .packages import Distribution
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +152,64 @@ class HostSession:
             info["runtime"] = "uploaded"
         info["runtime_hash"] = runtime.bundle_hash()
         if packages:
-            from .packages import upload
-
-            info["packages"] = upload(self, info, packages)
+            info["packages"] = self.upload_packages(info, packages)
         return info
+
+    def upload_packages(self, info: dict, dists: Sequence[Distribution]) -> dict:
+        """`inv bootstrap --packages`: the same zips to the same place, over
+        the session's SFTP, unpacked there by runtime/packages.py. `info` is
+        the host's probe report. What happened, as `ship` says it."""
+        report: dict = {
+            "host": self.name,
+            "sent": [],
+            "cached": [],
+            "on_host": [],
+            "bytes": 0,
+        }
+        if self.conn is None:
+            report["note"] = "not needed (local workers run this Python)"
+            return report
+        check_platform(dists, info, self.name, info.get("executable") or self.python)
+        offers = [{"hash": d.hash, "name": d.name, "version": d.version} for d in dists]
+        answer = self._packages(["offer", json.dumps(offers)], "offer")
+        root = f"{info['base']}/packages"
+        for dist in dists:
+            if dist.hash in answer["on_host"]:
+                report["on_host"].append(str(dist))
+                continue
+            if dist.hash not in answer["missing"]:
+                report["cached"].append(str(dist))
+                continue
+            data = dist.zip()
+            path = f"{root}/.incoming-{uuid.uuid4().hex}.zip"
+            try:
+                sftp = self.conn.client.open_sftp()
+                try:
+                    with sftp.open(path, "wb") as f:
+                        f.set_pipelined(True)
+                        f.write(data)
+                    sftp.chmod(path, 0o600)
+                finally:
+                    sftp.close()
+            except Exception as exc:  # paramiko's and the socket's errors
+                raise HostError(
+                    f"{self.name}: uploading {dist} to {root} failed ({exc}):"
+                    " check free disk space there and retry",
+                    host=self.name,
+                ) from exc
+            self._packages(["install", path, dist.hash], f"installing {dist}")
+            report["sent"].append(str(dist))
+            report["bytes"] += len(data)
+        return report
+
+    def _packages(self, args: list[str], what: str) -> dict:
+        status, out, err = self._python(["-c", runtime.boot_code("packages"), *args])
+        if status != 0:
+            said = (
+                err.strip().splitlines()[-1] if err.strip() else f"exit status {status}"
+            )
+            raise HostError(f"{self.name}: {what} failed: {said}", host=self.name)
+        return self._answer(out, what)
 
     def manage(self, command: str, *args: str) -> dict:
         """A runtime/manage.py command on the host; its JSON answer."""

@@ -54,9 +54,6 @@ if TYPE_CHECKING:  # pragma: no cover - annotations only
     from rich.table import Table
     from rich.text import Text
 
-    from .cluster import HostResult
-    from .master import Master
-    from .run import RunStats
 
 __all__ = [
     "RunProgress",
@@ -242,6 +239,15 @@ def warn_if_cli_hosts_ignored(hosts: None | str | Sequence[str]) -> None:
 
 
 # --- the progress bar of a run ------------------------------------------------
+
+
+class HostOutcome(Protocol):
+    """What the lifecycle progress shows of a host's step (cluster.py's
+    HostResult): named here so rendering imports nothing above it."""
+
+    host: str
+    ok: bool
+    error: str
 
 
 class _Bar(Protocol):
@@ -468,7 +474,7 @@ def _rows(pairs: Iterable[tuple[str, str]]) -> str:
     )
 
 
-def _runstats_rows(stats: RunStats) -> list[tuple[str, str]]:
+def _runstats_rows(stats: object) -> list[tuple[str, str]]:
     get = lambda name, default=0: getattr(stats, name, default)  # noqa: E731
     compute = get("worker_compute_s", {}) or {}
     lost = list(get("lost_workers", []) or [])
@@ -535,7 +541,7 @@ _SHOWN = {
 }
 
 
-def runstats_html(stats: RunStats) -> str:
+def runstats_html(stats: object) -> str:
     """A RunStats as a small HTML table (its ``_repr_html_``)."""
     return (
         f'<div class="qjamfab-repr"><b>RunStats</b>'
@@ -543,7 +549,7 @@ def runstats_html(stats: RunStats) -> str:
     )
 
 
-def master_html(master: Master) -> str:
+def master_html(master: Any) -> str:
     """A Master as HTML (its ``_repr_html_``): hosts, workers, last run.
 
     Reads only public attributes (``hosts``, ``workers``, ``last_run`` and,
@@ -840,7 +846,7 @@ class HostProgress:
             self._progress = None
         return self
 
-    def done(self, result: HostResult, problem: str = "") -> None:
+    def done(self, result: HostOutcome, problem: str = "") -> None:
         """Mark the host of `result` (a HostResult) finished; `problem`
         says what is wrong with a host that answered (shown as a failure)."""
         progress = self._progress

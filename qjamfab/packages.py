@@ -30,9 +30,9 @@ This module owns the master's side:
   under `<base>/packages/<hash>/` (runtime/packages.py). A second session
   sends nothing. A distribution the host's Python has at the same version
   is not sent either.
-- `upload(session, info, dists)`: the same for `inv bootstrap` over SFTP:
-  the zip goes to `<base>/packages/` and runtime/packages.py unpacks it
-  there, into the same place.
+- `inv bootstrap --packages` sends the same zips over SFTP
+  (cluster.py's `HostSession.upload_packages`); runtime/packages.py unpacks
+  them there, into the same place.
 
 Local workers run the master's own Python, which has the packages: nothing
 is shipped to them.
@@ -49,20 +49,18 @@ import re
 import sys
 import threading
 import time
-import uuid
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING
 
-from . import protocol, runtime
-from .errors import BadPackage, HostError, PreflightFailed, WorkerLost
+from . import protocol
+from .errors import BadPackage, PreflightFailed, WorkerLost
 from .runtime.packages import content_hash
 from .runtime.probe import platform_info
 
 if TYPE_CHECKING:
-    from .cluster import HostSession
     from .workers import Link
 
 log = logging.getLogger("qjamfab")
@@ -75,7 +73,6 @@ __all__ = [
     "libc_needed",
     "glibc_version",
     "ship",
-    "upload",
     "suggestion",
     "describe",
 ]
@@ -531,70 +528,11 @@ def _answer(link: Link, timeout: float, doing: str) -> dict:
             link.transport.set_read_timeout(HANDSHAKE_TIMEOUT_S)
 
 
-# --- over SFTP, for inv bootstrap ---------------------------------------------
-
-
-def upload(session: HostSession, info: dict, dists: Sequence[Distribution]) -> dict:
-    """`inv bootstrap --packages`: the same zips to the same place, over
-    the session's SFTP, unpacked there by runtime/packages.py. `info` is
-    the host's probe report. What happened, as `ship` says it."""
-    report: dict = {
-        "host": session.name,
-        "sent": [],
-        "cached": [],
-        "on_host": [],
-        "bytes": 0,
-    }
-    if session.conn is None:
-        report["note"] = "not needed (local workers run this Python)"
-        return report
-    check_platform(dists, info, session.name, info.get("executable") or session.python)
-    offers = [{"hash": d.hash, "name": d.name, "version": d.version} for d in dists]
-    answer = _run(session, ["offer", json.dumps(offers)], "offer")
-    root = f"{info['base']}/packages"
-    for dist in dists:
-        if dist.hash in answer["on_host"]:
-            report["on_host"].append(str(dist))
-            continue
-        if dist.hash not in answer["missing"]:
-            report["cached"].append(str(dist))
-            continue
-        data = dist.zip()
-        path = f"{root}/.incoming-{uuid.uuid4().hex}.zip"
-        try:
-            sftp = session.conn.client.open_sftp()
-            try:
-                with sftp.open(path, "wb") as f:
-                    f.set_pipelined(True)
-                    f.write(data)
-                sftp.chmod(path, 0o600)
-            finally:
-                sftp.close()
-        except Exception as exc:  # paramiko's and the socket's errors
-            raise HostError(
-                f"{session.name}: uploading {dist} to {root} failed ({exc}):"
-                " check free disk space there and retry",
-                host=session.name,
-            ) from exc
-        _run(session, ["install", path, dist.hash], f"installing {dist}")
-        report["sent"].append(str(dist))
-        report["bytes"] += len(data)
-    return report
-
-
-def _run(session: HostSession, args: list[str], what: str) -> dict:
-    status, out, err = session._python(["-c", runtime.boot_code("packages"), *args])
-    if status != 0:
-        said = err.strip().splitlines()[-1] if err.strip() else f"exit status {status}"
-        raise HostError(f"{session.name}: {what} failed: {said}", host=session.name)
-    return session._answer(out, what)
-
-
 # --- for messages -------------------------------------------------------------
 
 
 def describe(report: dict) -> str:
-    """One line for what `upload` did on a host."""
+    """One line for what a package upload did on a host."""
     said = [
         f"{label} {', '.join(report[what])}"
         for what, label in (

@@ -36,8 +36,8 @@ import shutil
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from . import default_base, secure_dir
 
@@ -45,7 +45,32 @@ if TYPE_CHECKING:
     import mmap
 
     from ..protocol import FrameReader
-    from .agent import Agent, _Daemon
+
+
+class Peer(Protocol):
+    """What PACKAGES needs of a stream end (agent.py's peers)."""
+
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def reader(self) -> FrameReader: ...
+
+    def queue(self, buffers: list) -> None: ...
+
+
+class Agent(Protocol):
+    """What PACKAGES needs of the host agent (agent.py), named here so
+    this module need not import the agent, which imports it."""
+
+    @property
+    def master(self) -> Peer: ...
+    @property
+    def daemons(self) -> Mapping[int, Peer]: ...
+
+    def tell(
+        self, kind: int, head: dict, payload: Sequence = (), worker: int = ...
+    ) -> None: ...
+
 
 _CHUNK = 1 << 20
 
@@ -391,7 +416,7 @@ class AgentPackages:
             except OSError:
                 pass
 
-    def tell_daemons(self, daemons: Iterable[_Daemon]) -> None:
+    def tell_daemons(self, daemons: Iterable[Peer]) -> None:
         """Send this session's package paths to these daemons."""
         if not self.paths:
             return
