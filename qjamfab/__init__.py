@@ -36,8 +36,7 @@ from .errors import (
     WorkerLost,
 )
 from .master import Master, RunStats
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "Master",

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from invoke import Program
 
-from . import __version__
 from .tasks import ns
+from .version import __version__
 
 program = Program(namespace=ns, version=__version__, name="qjamfab", binary="qjamfab")
 

@@ -139,10 +139,10 @@ def dask_host(
 def check_hello(address: str, hello: dict | BaseException) -> QjamfabError | None:
     """What is wrong with a Dask worker, from its hello (or the exception
     that came instead), or None: it can serve this Master."""
-    import qjamfab
+    from .version import __version__
 
     install = (
-        f"install this qjamfab ({qjamfab.__version__}) in the Dask "
+        f"install this qjamfab ({__version__}) in the Dask "
         "workers' environment (or the image they run)"
     )
     if isinstance(hello, BaseException):
@@ -296,9 +296,8 @@ class DaskSession:
 
     def start(self) -> None:
         """Register the worker plugin, learn the workers, start watching."""
-        import qjamfab
-
         from . import dask_worker
+        from .version import __version__
 
         plugin = dask_worker.QjamfabPlugin()
         try:
@@ -314,7 +313,7 @@ class DaskSession:
             raise PreflightFailed(
                 f"the Dask workers cannot take qjamfab's worker plugin "
                 f"({said}): install this qjamfab "
-                f"({qjamfab.__version__}) in the Dask workers' environment "
+                f"({__version__}) in the Dask workers' environment "
                 "(or the image they run)",
                 host=self.address,
             ) from exc
