@@ -280,6 +280,7 @@ def test_a_blocked_task_asks_once_per_ref_and_again_for_one_gone_since(daemon):
         protocol.STATE,
         {
             "task": 7,
+            "run": "run-1",
             "state": "blocked",
             "refs": ["r1", "r3"],
             "func": False,
@@ -297,6 +298,7 @@ def test_a_blocked_task_asks_once_per_ref_and_again_for_one_gone_since(daemon):
         protocol.STATE,
         {
             "task": 7,
+            "run": "run-1",
             "state": "blocked",
             "refs": ["r2"],
             "func": False,
