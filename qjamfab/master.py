@@ -1,10 +1,10 @@
-"""The Master: owns the hosts, their links and the inbox; `run()` = plan,
-dispatch, collect, reduce (the run itself is run.py's `Run`).
+"""The Master: owns the hosts and the inbox; `run()` = plan, dispatch,
+collect, reduce (the run itself is run.py's `Run`).
 
-An SSH host is one `Link` (workers.py): one SSH connection and one
-stream to the host's agent, which attaches all of the host's workers (and
-installs the runtime, and starts missing daemons) in one pass. A local
-worker is a Link of its own, over its pipes. The inbox reads every link on
+Each host is run by its engine (engines/: local processes, in-process
+threads, SSH hosts, a Dask cluster), which starts or finds its workers;
+the Master asks every host that has workers down to prepare them before
+each run, and speaks to the workers through their handles. The inbox reads every link on
 the caller's thread, so user-visible output and errors all happen there,
 and between runs nobody reads: a run starts by taking in what arrived
 meanwhile (`_drain`). Every message names its task, so anything left over
@@ -17,37 +17,25 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
 import time
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeAlias
 
-from . import dask_engine, display, openssh, protocol, runtime, serialize
-from . import hosts as hostlib
+from . import display, engines, protocol, serialize
 from . import packages as shipping
-from .cluster import remote_python
 from .dataset import BaseDataSet, DataSet
+from .engines import EngineSettings, Host
 from .errors import QjamfabError, WorkerLost
 from .futures import FuturesMixin, closes_executor, exclusive
-from .hostspec import HostSpec, parse_hosts
-from .inproc import InProcessTransport
+from .hostspec import HostSpec
 from .openssh import openssh_client
 from .run import Run, RunSettings, RunStats, print_event_log
 from .runtime import default_base
 from .runtime.cache import parse_size
-from .transport import (
-    OPENSSH_FAILED,
-    LocalPipeTransport,
-    OpenSSHTransport,
-    SSHChannelTransport,
-)
-from .workers import Inbox, Link, WorkerHandle
+from .workers import Inbox, WorkerHandle
 
 log = logging.getLogger("qjamfab")
-
-IDLE_TIMEOUT_S = 3600.0  # a daemon without a session for this long ends
 
 
 def _log_from_env() -> None:
@@ -105,18 +93,24 @@ class Master(FuturesMixin):
             parse_size(str(cache_limit), env=None)
         self.cache_limit = cache_limit
         _log_from_env()
-        dask = dask_engine.dask_host(  # None unless a Dask Client or address
+        self._hosts: list[Host] = engines.hosts_for(
             hosts,
-            heartbeat_timeout,
-            workers_per_host=workers_per_host,
-            ssh_config=ssh_config,
-            ssh_client=ssh_client,
-            packages=packages or None,
+            EngineSettings(
+                heartbeat_timeout=heartbeat_timeout,
+                workers_per_host=workers_per_host,
+                ssh_config=ssh_config,
+                ssh_client=ssh_client,
+                cache_limit=cache_limit,
+                packages=self._packages,
+                base=default_base(),
+            ),
         )
-        display.warn_if_cli_hosts_ignored(dask.spec.raw if dask else hosts)
+        self.hosts: list[HostSpec] = [h.spec for h in self._hosts]
+        display.warn_if_cli_hosts_ignored(
+            hosts if engines.claimed(hosts) is None else self.hosts[0].raw
+        )
         self.ssh_client = ssh_client
-        self.hosts: list[HostSpec] = [dask.spec] if dask else parse_hosts(hosts)
-        if not dask and not all(h.is_local for h in self.hosts):
+        if not all(h.is_local for h in self.hosts):
             openssh_client(ssh_client)  # a bad choice fails here, not later
         self.replicas = replicas
         self.straggler_factor = straggler_factor
@@ -127,11 +121,7 @@ class Master(FuturesMixin):
         self._workers_per_host = workers_per_host
         self.heartbeat_timeout = heartbeat_timeout
         self.last_run: RunStats | None = None
-        self._base = default_base()
         self._inbox = Inbox()
-        self._hosts: Sequence[AnyHost] = (
-            [dask] if dask else _label_hosts(self.hosts, workers_per_host)
-        )
         self._finalizer = weakref.finalize(self, _close_all, self._inbox, self._hosts)
         self._start_missing(first=True)
 
@@ -140,129 +130,11 @@ class Master(FuturesMixin):
     def _handles(self) -> list[WorkerHandle]:
         return [h.handles[k] for h in self._hosts for k in sorted(h.handles)]
 
-    def _missing(self, host: AnyHost) -> list[int]:
-        if host.count is None:
-            return []  # not known yet: the agent says
-        return [
-            k
+    def _needs_start(self, host: Host) -> bool:
+        return host.count is None or any(
+            k not in host.handles or not host.handles[k].alive
             for k in range(host.count)
-            if k not in host.handles or not host.handles[k].alive
-        ]
-
-    def _needs_start(self, host: AnyHost) -> bool:
-        return host.count is None or bool(self._missing(host))
-
-    def _prepare(self, host: AnyHost) -> None:
-        """Connect the host and attach every worker of it that is not up."""
-        if isinstance(host, dask_engine.DaskHost):
-            host.prepare(self._inbox)
-            return
-        if host.spec.is_local:
-            self._start_local(host)
-            return
-        if host.link is None or not host.link.alive:
-            host.link = self._open_link(host)
-            self._inbox.add(host.link)
-            if self._packages:
-                shipping.ship(host.link, self._packages)
-        missing = self._missing(host)
-        new, failed = host.link.attach(
-            missing or None,
-            host.count,
-            IDLE_TIMEOUT_S,
-            self.cache_limit,
-            dict(host.spec.env),
         )
-        if host.count is None:
-            host.count = host.link.count
-        for handle in new:
-            handle.last_seen = time.monotonic()
-            host.handles[handle.index] = handle
-        if failed:
-            reasons = "; ".join(
-                f"{host.label}-{k}: {why}" for k, why in sorted(failed.items())
-            )
-            raise WorkerLost(
-                f"{len(failed)} of the workers of {host.label} "
-                f"did not start: {reasons}",
-                worker=f"{host.label}-{min(failed)}",
-            )
-
-    def _start_local(self, host: _Host) -> None:
-        def start(k: int) -> WorkerHandle:
-            name = f"{host.label}-{k}"
-            env = host.spec.worker_env(k)
-            if self.cache_limit is not None:
-                env["QJAMFAB_CACHE_LIMIT"] = str(self.cache_limit)
-            transport = (
-                InProcessTransport(name, self._base)
-                if host.spec.kind == "inproc"
-                else LocalPipeTransport(name, self._base, env)
-            )
-            link = Link(
-                host.label, transport, agent=False, stall_timeout=self.heartbeat_timeout
-            )
-            return link.start_direct(name)
-
-        missing = self._missing(host)
-        for k in missing:
-            old = host.handles.pop(k, None)
-            if old is not None:
-                old.close()
-        failure = None
-        with ThreadPoolExecutor(max_workers=max(1, len(missing))) as pool:
-            for k, future in [(k, pool.submit(start, k)) for k in missing]:
-                try:
-                    host.handles[k] = future.result()
-                    self._inbox.add(host.handles[k].link)
-                except QjamfabError as exc:
-                    failure = failure or exc
-        if failure is not None:
-            raise failure
-
-    def _open_link(self, host: _Host) -> Link:
-        """One stream to the host's agent: through the OpenSSH client, or
-        paramiko where it cannot reach the host (or is not wanted)."""
-        python = host.spec.python or remote_python()
-        command = shlex.join([python, "-c", runtime.boot_code("agent", install=True)])
-        ssh = None if host.openssh_failed else openssh_client(self.ssh_client)
-        if ssh is not None:
-            link = Link(
-                host.label,
-                OpenSSHTransport(
-                    host.label,
-                    openssh.openssh_command(
-                        ssh, host.spec, command, ssh_config=self.ssh_config
-                    ),
-                ),
-                agent=True,
-                stall_timeout=self.heartbeat_timeout,
-            )
-            try:
-                link.start_agent(python)
-                return link
-            except WorkerLost as exc:
-                if exc.exit_status != OPENSSH_FAILED:
-                    raise
-                # paramiko says why (host key, auth, unreachable) or works.
-                conn = hostlib.connect(host.spec, ssh_config=self.ssh_config)
-                log.warning(
-                    "the OpenSSH client cannot reach %s (%s); using "
-                    "paramiko for its workers",
-                    host.spec.raw,
-                    (exc.stderr_tail or "no message").splitlines()[-1],
-                )
-                host.openssh_failed = True
-        else:
-            conn = hostlib.connect(host.spec, ssh_config=self.ssh_config)
-        link = Link(
-            host.label,
-            SSHChannelTransport(host.label, conn, command),
-            agent=True,
-            stall_timeout=self.heartbeat_timeout,
-        )
-        link.start_agent(python)
-        return link
 
     def _start_missing(self, first: bool = False) -> None:
         """Start or reconnect every worker that is not up.
@@ -282,9 +154,9 @@ class Master(FuturesMixin):
             return
         failures: dict[int, QjamfabError] = {}
 
-        def prepare(host: AnyHost) -> None:
+        def prepare(host: Host) -> None:
             try:
-                self._prepare(host)
+                host.prepare(self._inbox)
                 host.failures = 0
             except QjamfabError as exc:
                 failures[id(host)] = exc
@@ -318,17 +190,7 @@ class Master(FuturesMixin):
         prefix of its workers' names): "openssh" (the system's client) or
         "paramiko"; None while the host is not connected. Local and Dask
         hosts are not listed. (`ssh_client` is what was asked for.)"""
-        clients: dict[str, str | None] = {}
-        for h in self._hosts:
-            if not isinstance(h, _Host) or h.spec.is_local:
-                continue
-            if h.link is None or not h.link.alive:
-                clients[h.label] = None
-            elif isinstance(h.link.transport, OpenSSHTransport):
-                clients[h.label] = "openssh"
-            else:
-                clients[h.label] = "paramiko"
-        return clients
+        return {h.label: h.client for h in self._hosts if h.client != ""}
 
     @closes_executor
     def close(self) -> None:
@@ -477,50 +339,7 @@ class Master(FuturesMixin):
                 print_event_log(event)
 
 
-class _Host:
-    """One entry of Master(hosts): its link (SSH) and its workers, and how
-    many it runs (None for an SSH host until its agent says)."""
-
-    def __init__(self, spec: HostSpec, label: str, count: int | None):
-        self.spec = spec
-        self.label = label
-        self.count = count
-        self.link: Link | None = None
-        self.handles: dict[int, WorkerHandle] = {}
-        self.openssh_failed = False
-        self.failures = 0
-        self.retry_at = 0.0
-
-
-# What Master._hosts holds: its host entries, or one Dask cluster.
-AnyHost: TypeAlias = "_Host | dask_engine.DaskHost"
-
-
-def _label_hosts(specs: list[HostSpec], workers_per_host: int | None) -> list[_Host]:
-    hosts: list[_Host] = []
-    seen: set[str] = set()
-    for spec in specs:
-        label = spec.kind if spec.is_local else spec.raw
-        while label in seen:  # two entries for one host stay apart
-            label += "'"
-        seen.add(label)
-        count = (
-            spec.workers
-            or workers_per_host
-            or (os.cpu_count() or 1 if spec.is_local else None)
-        )
-        hosts.append(_Host(spec, label, count))
-    return hosts
-
-
-def _close_all(inbox: Inbox, hosts: Sequence[AnyHost]) -> None:
+def _close_all(inbox: Inbox, hosts: Sequence[Host]) -> None:
     inbox.close()
     for host in hosts:
-        for handle in host.handles.values():
-            handle.close()
-        if isinstance(host, dask_engine.DaskHost):
-            # Its session stays: a closed Master still counts its workers.
-            host.link.close()
-        elif host.link is not None:
-            host.link.close()
-            host.link = None
+        host.close()

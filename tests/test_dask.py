@@ -27,9 +27,9 @@ from qjamfab import (
     ReduceError,
     RemoteError,
     WorkerLost,
-    dask_engine,
     protocol,
 )
+from qjamfab.engines import dask as dask_engine
 from tests.jobs import (
     constant,
     exiting,
@@ -136,17 +136,6 @@ def master(client):
 
 def _still_usable(m: Master) -> None:
     assert m.run(constant) == 42 * m.last_run.workers > 0
-
-
-def _numbered(m: Master, count: int) -> None:
-    """Wait until the Master's watcher (once a second) has seen `count`
-    Dask workers: it numbers every one it sees (`m.workers`)."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if len(m.workers) == count:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the Master never saw {count} Dask workers")
 
 
 def _uses(m: Master, count: int) -> None:
@@ -445,7 +434,8 @@ def test_workers_that_join_are_used_from_the_next_run(cluster, master):
     cluster.scale(3)
     try:
         client.wait_for_workers(3, timeout=60)
-        _numbered(master, 3)
+        # Used from the first run after the watcher sees it running.
+        _uses(master, 3)
         assert master.run(constant) == 126
         assert master.workers == ["dask-0", "dask-1", "dask-2"]
         assert master.last_run.workers == 3
@@ -520,7 +510,7 @@ def test_a_bad_cache_limit_on_the_workers_is_refused(tmp_path, monkeypatch):
 
     _need_dask()
 
-    from qjamfab import dask_worker
+    from qjamfab.engines import dask_worker
 
     monkeypatch.setenv("QJAMFAB_CACHE_LIMIT", "lots")  # the worker's env
     worker = SimpleNamespace(
@@ -588,7 +578,7 @@ def test_an_asynchronous_client_is_refused(client):
 def test_workers_that_cannot_load_qjamfab_are_refused(client, monkeypatch):
     import importlib
 
-    from qjamfab import dask_worker
+    from qjamfab.engines import dask_worker
 
     # What a Dask worker without qjamfab meets when the plugin arrives.
     monkeypatch.setattr(dask_worker.QjamfabPlugin, "name", "qjamfab-broken")

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from qjamfab import DataSet, Master, WorkerLost, inproc
+from qjamfab import DataSet, Master, WorkerLost
+from qjamfab.engines import inproc
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -45,10 +45,10 @@ from typing import IO, TYPE_CHECKING, Any, TextIO, cast
 from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from . import protocol
-from .reduce import ReduceTree
-from .runtime.cache import CacheLimitError, RefCache
-from .runtime.worker import c_stdio_flush, tune_malloc
+from .. import protocol
+from ..reduce import ReduceTree
+from ..runtime.cache import CacheLimitError, RefCache
+from ..runtime.worker import c_stdio_flush, tune_malloc
 
 if TYPE_CHECKING:
     from distributed import Worker

@@ -51,16 +51,17 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
-from . import protocol
-from .errors import (
+from .. import protocol
+from ..errors import (
     HostUnreachable,
     PreflightFailed,
     ProtocolError,
     QjamfabError,
     WorkerLost,
 )
-from .hosts import HostSpec
-from .workers import LOST, Event, Inbox, Link, WorkerHandle
+from ..hostspec import HostSpec
+from ..workers import LOST, Event, Inbox, Link, WorkerHandle
+from . import Engine, EngineSettings, register
 
 if TYPE_CHECKING:
     from distributed import Client, Future
@@ -88,15 +89,18 @@ def is_dask(hosts: object) -> TypeGuard[str | Client]:
     return distributed is not None and isinstance(hosts, distributed.Client)
 
 
-def dask_host(
-    hosts: object, heartbeat_timeout: float, **options: Any
-) -> DaskHost | None:
-    """The Master's host entry for a Dask cluster, or None when `hosts`
-    names none. `options` are the Master's SSH options, which must be
-    left out. A scheduler address gets a Client of its own, closed with
-    the Master."""
-    if not is_dask(hosts):
-        return None
+def dask_host(hosts: object, settings: EngineSettings) -> DaskHost:
+    """The Master's host entry for a Dask cluster (`hosts` is_dask). The
+    Master's SSH options must be left out. A scheduler address gets a
+    Client of its own, closed with the Master."""
+    assert is_dask(hosts)
+    heartbeat_timeout = settings.heartbeat_timeout
+    options = {
+        "workers_per_host": settings.workers_per_host,
+        "ssh_config": settings.ssh_config,
+        "ssh_client": settings.ssh_client,
+        "packages": settings.packages or None,
+    }
     for option, value in options.items():
         if value is not None:
             raise ValueError(
@@ -139,7 +143,7 @@ def dask_host(
 def check_hello(address: str, hello: dict | BaseException) -> QjamfabError | None:
     """What is wrong with a Dask worker, from its hello (or the exception
     that came instead), or None: it can serve this Master."""
-    from .version import __version__
+    from ..version import __version__
 
     install = (
         f"install this qjamfab ({__version__}) in the Dask "
@@ -180,7 +184,6 @@ class DaskHost:
         self.label = LABEL
         self.link = session
         self.handles: dict[int, WorkerHandle] = {}
-        self.openssh_failed = False  # what the Master keeps of any host
         self.failures = 0
         self.retry_at = 0.0
         self._slots: dict[tuple[str, int], int] = {}  # (name, thread) -> n
@@ -195,6 +198,14 @@ class DaskHost:
             return None
         self._number(self.link.members)
         return len(self._slots)
+
+    client = ""  # carried by Dask: nothing to name
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+        # Its session stays: a closed Master still counts its workers.
+        self.link.close()
 
     def _number(self, members: dict) -> None:
         for _, info in sorted(members.items(), key=lambda m: _natural(m[1]["name"])):
@@ -296,8 +307,8 @@ class DaskSession:
 
     def start(self) -> None:
         """Register the worker plugin, learn the workers, start watching."""
+        from ..version import __version__
         from . import dask_worker
-        from .version import __version__
 
         plugin = dask_worker.QjamfabPlugin()
         try:
@@ -806,3 +817,6 @@ class DaskLink:
             handle.alive = False
         self._drop_tasks()
         self.transport.close()
+
+
+register(Engine("dask", claims=is_dask, make_for=dask_host))

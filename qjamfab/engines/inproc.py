@@ -24,10 +24,10 @@ import socket
 import threading
 import time
 
-from .runtime import secure_dir
-from .runtime.cache import RefCache
-from .runtime.worker import Capture, Channel, Worker
-from .transport import Transport
+from ..runtime import secure_dir
+from ..runtime.cache import RefCache
+from ..runtime.worker import Capture, Channel, Worker
+from ..transport import Transport
 
 
 class _Died(BaseException):
@@ -134,7 +134,7 @@ class InProcessTransport(Transport):
         except BlockingIOError:
             return 0
         except OSError as exc:
-            from .errors import WorkerLost
+            from ..errors import WorkerLost
 
             raise WorkerLost(
                 f"worker {self.name}: its stream is closed ({exc})", worker=self.name

@@ -1,0 +1,132 @@
+"""Where workers run: the engine seam.
+
+A Master holds a list of hosts. Each is an engine's `Host`: it starts or
+finds that host's workers (`prepare`, before every run), and its workers'
+handles are what a `Run` speaks to (workers.py); `close` lets it go. How
+the workers are reached is the engine's alone, and nothing outside an
+engine names one:
+
+- `local` and `inproc` (engines/local.py): worker processes on this
+  machine over their pipes, or the same runtime as threads of this process;
+- `ssh` (engines/ssh.py): one stream per host to the host's agent;
+- `dask` (engines/dask.py): an existing Dask cluster as one host.
+
+An engine registers a factory by host-spec kind (hostspec.py says the
+kind of each entry of `Master(hosts)`); one that recognises a `hosts`
+value of its own (a Dask `Client`) registers a `claims` test too.
+Adding an engine is one module here and one `register` call in it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..errors import BadHostSpec
+from ..hostspec import HostSpec, parse_hosts
+from ..workers import Inbox, WorkerHandle
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What an engine takes from its Master's options."""
+
+    heartbeat_timeout: float
+    workers_per_host: int | None = None
+    ssh_config: str | None = None
+    ssh_client: str | None = None
+    cache_limit: int | str | None = None
+    packages: Sequence[Any] = ()  # packages.Distribution to ship
+    base: str = ""  # this machine's base directory (local workers)
+
+
+class Host(Protocol):
+    """One entry of the Master's hosts, as its engine runs it."""
+
+    spec: HostSpec
+    label: str  # the prefix of its workers' names
+    handles: dict[int, WorkerHandle]  # its workers by number
+    failures: int  # starts that failed in a row (the Master's backoff)
+    retry_at: float  # when the Master may try it again
+
+    @property
+    def count(self) -> int | None:
+        """How many workers it runs (None until it is known)."""
+
+    @property
+    def client(self) -> str | None:
+        """What carries its stream now, for `Master.ssh_clients` ("" when
+        the question means nothing for this engine)."""
+
+    def prepare(self, inbox: Inbox) -> None:
+        """Connect if need be and attach every worker that is not up,
+        adding new streams to `inbox`; raise a QjamfabError if it cannot."""
+
+    def close(self) -> None:
+        """Let the workers go (local ones end) and drop the connection."""
+
+
+HostsFactory = Callable[[Sequence[HostSpec], EngineSettings], list[Host]]
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    kinds: tuple[str, ...] = ()  # host-spec kinds it runs
+    make: HostsFactory | None = None
+    # For a `hosts` value that is no host list (a Dask Client): the
+    # engine's own `hosts` test and its one Host for it.
+    claims: Callable[[object], bool] | None = None
+    make_for: Callable[[object, EngineSettings], Host] | None = None
+
+
+_ENGINES: dict[str, Engine] = {}
+# The engines of this package, imported when first needed (Dask only
+# when a Dask cluster is given, so distributed stays optional).
+_BUILTIN = ("local", "ssh", "dask")
+
+
+def register(engine: Engine) -> None:
+    _ENGINES[engine.name] = engine
+
+
+def _engines() -> list[Engine]:
+    for name in _BUILTIN:
+        if name not in _ENGINES:
+            importlib.import_module(f"{__name__}.{name}")
+    return list(_ENGINES.values())
+
+
+def claimed(hosts: object) -> Engine | None:
+    """The engine that takes `hosts` as a whole (a Dask Client), if any."""
+    for engine in _engines():
+        if engine.claims is not None and engine.claims(hosts):
+            return engine
+    return None
+
+
+def hosts_for(hosts: object, settings: EngineSettings) -> list[Host]:
+    """The Master's hosts for `Master(hosts)`, each run by its engine."""
+    engine = claimed(hosts)
+    if engine is not None and engine.make_for is not None:
+        return [engine.make_for(hosts, settings)]
+    specs = parse_hosts(hosts)  # type: ignore[arg-type]
+    by_kind = {kind: e.make for e in _engines() for kind in e.kinds if e.make}
+    made: list[Host] = []
+    labels: set[str] = set()
+    for spec in specs:
+        make = by_kind.get(spec.kind)
+        if make is None:
+            raise BadHostSpec(
+                f"no engine runs hosts of kind {spec.kind!r} ({spec.raw}): "
+                f"use one of {', '.join(sorted(by_kind))}",
+                host=spec.raw,
+            )
+        (host,) = make([spec], settings)
+        while host.label in labels:  # two entries for one host stay apart
+            host.label += "'"
+        labels.add(host.label)
+        made.append(host)
+    return made
