@@ -36,12 +36,14 @@ from .errors import (
     WorkerLost,
 )
 from .master import Master, RunStats
+from .minimize import minimize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Master",
     "RunStats",
+    "minimize",
     "DataSet",
     "BaseDataSet",
     "ListDataSet",
