@@ -28,6 +28,7 @@ from .errors import (
     HostKeyError,
     HostUnreachable,
     JobError,
+    MissingDependency,
     PreflightFailed,
     ProtocolError,
     QjamfabError,
@@ -67,6 +68,7 @@ __all__ = [
     "ReduceError",
     "ExecutorShutdown",
     "BadPackage",
+    "MissingDependency",
 ]
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import display
 from .dataset import BaseDataSet, DataSet
-from .errors import BadJob
+from .errors import BadJob, MissingDependency
 
 if TYPE_CHECKING:
     from scipy.optimize import OptimizeResult
@@ -61,7 +61,7 @@ def minimize(
     try:
         import scipy.optimize
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependency(
             "qjamfab.minimize needs scipy, which is not installed: "
             "pip install 'qjamfab[scipy]' (or scipy itself)"
         ) from exc

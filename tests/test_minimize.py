@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import qjamfab
-from qjamfab import BadJob, DataSet, Master
+from qjamfab import BadJob, DataSet, Master, MissingDependency, QjamfabError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -155,9 +155,10 @@ def test_a_bad_result_of_fun_says_what_to_return(returned, message):
 def test_without_scipy_it_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy", None)  # import scipy fails
     monkeypatch.setitem(sys.modules, "scipy.optimize", None)
-    with pytest.raises(ImportError) as exc:
+    with pytest.raises(MissingDependency) as exc:
         qjamfab.minimize(least_squares, np.zeros(2), [1], master=None)
     assert str(exc.value) == (
         "qjamfab.minimize needs scipy, which is not installed: "
         "pip install 'qjamfab[scipy]' (or scipy itself)"
     )
+    assert isinstance(exc.value, ImportError) and isinstance(exc.value, QjamfabError)
