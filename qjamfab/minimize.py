@@ -65,6 +65,11 @@ def minimize(
             "qjamfab.minimize needs scipy, which is not installed: "
             "pip install 'qjamfab[scipy]' (or scipy itself)"
         ) from exc
+    if "jac" in scipy_options:
+        raise TypeError(
+            "minimize takes no jac=: fun returns the gradient with the loss, "
+            "(loss, gradient); drop jac"
+        )
     if not isinstance(dataset, BaseDataSet):
         dataset = DataSet(dataset)  # sliced and hashed once, not per run
     x0 = np.asarray(x0, dtype=float)

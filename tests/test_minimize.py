@@ -152,6 +152,15 @@ def test_a_bad_result_of_fun_says_what_to_return(returned, message):
     assert str(exc.value) == message
 
 
+def test_jac_is_refused_since_fun_gives_the_gradient():
+    with pytest.raises(TypeError) as exc:
+        qjamfab.minimize(least_squares, np.zeros(2), [1], master=None, jac=True)
+    assert str(exc.value) == (
+        "minimize takes no jac=: fun returns the gradient with the loss, "
+        "(loss, gradient); drop jac"
+    )
+
+
 def test_without_scipy_it_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy", None)  # import scipy fails
     monkeypatch.setitem(sys.modules, "scipy.optimize", None)
