@@ -3,8 +3,9 @@
 The model of the paper's benchmark: 64 visible units (8x8 image patches),
 30 hidden units, tanh activations in both layers, weight decay 0.002 and a
 KL sparsity penalty with target 0.002 and weight 4, optimised by
-scipy.optimize.fmin_l_bfgs_b with m=10. Every cost evaluation is one
-`Master.run` over the cached patches.
+scipy's L-BFGS-B with m=10, through `qjamfab.minimize` (or, with
+--hand-wired, scipy.optimize.fmin_l_bfgs_b around `Master.run`). Every cost
+evaluation is one `Master.run` over the cached patches.
 
     python examples/sparse_autoencoder.py [patches] [--iterations N]
     QJAMFAB_HOSTS=a,b python examples/sparse_autoencoder.py 100000
@@ -321,12 +322,39 @@ def train(cost, theta0: np.ndarray, iterations: int):
     return fmin_l_bfgs_b(cost, theta0, m=LBFGS_M, maxiter=iterations, maxfun=iterations)
 
 
+def slice_stats(theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """mapfunc as `qjamfab.minimize` calls it: fun(theta, slice)."""
+    return mapfunc((theta, HIDDEN), X)
+
+
+def train_with_minimize(
+    master, dataset, theta0: np.ndarray, iterations: int, visible: int = VISIBLE
+):
+    """What `train` does, through qjamfab.minimize: (theta, cost, info)."""
+    import qjamfab
+
+    result = qjamfab.minimize(
+        slice_stats,
+        theta0,
+        dataset,
+        master=master,
+        finish=lambda stats, theta: finish(stats, theta, visible),
+        options={"maxcor": LBFGS_M, "maxiter": iterations, "maxfun": iterations},
+    )
+    return result.x, float(result.fun), {"nit": result.nit, "funcalls": result.nfev}
+
+
 def main(argv: list[str] | None = None) -> int:
     from qjamfab import DataSet, Master
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("patches", nargs="?", type=int, default=10_000)
     parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument(
+        "--hand-wired",
+        action="store_true",
+        help="train with fmin_l_bfgs_b around Master.run, not qjamfab.minimize",
+    )
     parser.add_argument(
         "--serial",
         action="store_true",
@@ -338,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     theta0 = initial_theta()
     print(f"{args.patches} patches of 8x8, {HIDDEN} hidden units")
     with Master() as master:
-        cost = DistributedCost(master, DataSet(X))
+        dataset = DataSet(X)
+        cost = DistributedCost(master, dataset)
         c0, g0 = cost(theta0)
         s0, sg0 = serial_cost(theta0, X)
         same = np.isclose(c0, s0, rtol=1e-10) and np.allclose(
@@ -349,7 +378,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{'equal' if same else 'DIFFERENT'}"
         )
         started = time.perf_counter()
-        theta, final, info = train(cost, theta0, args.iterations)
+        if args.hand_wired:
+            theta, final, info = train(cost, theta0, args.iterations)
+        else:
+            theta, final, info = train_with_minimize(
+                master, dataset, theta0, args.iterations
+            )
         elapsed = time.perf_counter() - started
         print(
             f"final cost {final:.6f} after {info['nit']} iterations, "

@@ -28,6 +28,7 @@ from .errors import (
     HostKeyError,
     HostUnreachable,
     JobError,
+    MissingDependency,
     PreflightFailed,
     ProtocolError,
     QjamfabError,
@@ -36,11 +37,13 @@ from .errors import (
     WorkerLost,
 )
 from .master import Master, RunStats
+from .minimize import minimize
 from .version import __version__ as __version__
 
 __all__ = [
     "Master",
     "RunStats",
+    "minimize",
     "DataSet",
     "BaseDataSet",
     "ListDataSet",
@@ -64,6 +67,7 @@ __all__ = [
     "ReduceError",
     "ExecutorShutdown",
     "BadPackage",
+    "MissingDependency",
 ]
 
 

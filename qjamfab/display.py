@@ -254,7 +254,9 @@ class _Bar(Protocol):
     """What RunProgress uses of its bar: a rich Progress or a _JupyterBar.
     (`task_id` is what Progress.add_task gave, None for a _JupyterBar.)"""
 
-    def update(self, task_id: Any, /, *, completed: int) -> None: ...
+    def update(
+        self, task_id: Any, /, *, completed: int, description: str | None = None
+    ) -> None: ...
 
     def stop(self) -> None: ...
 
@@ -268,7 +270,8 @@ class RunProgress:
     bar appears once the run has lasted `delay_s` (a timer thread starts it,
     so it appears even while no slice completes) and disappears on
     `close()`. `total` 0 means unknown: the bar then only counts.
-    ``advance(0)`` is allowed and does nothing visible.
+    ``advance(0)`` is allowed and does nothing visible. `description`
+    heads the line; `describe()` changes it (minimize shows its loss).
 
     Use it as a context manager, or call `close()` in a ``finally``.
     """
@@ -284,6 +287,7 @@ class RunProgress:
         "_closed",
         "_console",
         "_started",
+        "description",
     )
 
     def __init__(
@@ -294,10 +298,12 @@ class RunProgress:
         *,
         console: Console | None = None,
         unit: str = "slices",
+        description: str = "qjamfab run",
     ):
         self.total = max(0, int(total or 0))
         self.done = 0
         self.unit = unit
+        self.description = description
         self._bar: _Bar | None = None  # the rich Progress, once shown
         self._task: TaskID | None = None
         self._timer: threading.Timer | None = None
@@ -330,6 +336,13 @@ class RunProgress:
         if bar is not None:
             bar.update(self._task, completed=self._completed())
 
+    def describe(self, text: str) -> None:
+        """Head the line with `text` from now on."""
+        self.description = text
+        bar = self._bar
+        if bar is not None:
+            bar.update(self._task, completed=self._completed(), description=text)
+
     def _completed(self) -> int:
         return min(self.done, self.total) if self.total else self.done
 
@@ -343,12 +356,16 @@ class RunProgress:
             try:
                 if self._console is None and _in_jupyter():
                     bar = _JupyterBar(
-                        self.total, self._completed(), self.unit, self._started
+                        self.total,
+                        self._completed(),
+                        self.unit,
+                        self._started,
+                        self.description,
                     )
                 else:
                     progress = _new_progress_bar(self._console, self.unit)
                     self._task = progress.add_task(
-                        "qjamfab run",
+                        self.description,
                         total=self.total or None,
                         completed=self._completed(),
                         run_started=self._started,
@@ -401,11 +418,18 @@ class _JupyterBar:
     on stop; needs no ipywidgets. Quacks like the rich Progress that
     RunProgress uses: update(task, completed=...), stop()."""
 
-    def __init__(self, total: int, completed: int, unit: str, started: float):
+    def __init__(
+        self,
+        total: int,
+        completed: int,
+        unit: str,
+        started: float,
+        description: str = "qjamfab run",
+    ):
         from IPython.display import HTML, display
 
         self._html, self._time = HTML, time.monotonic
-        self.total, self.unit = total, unit
+        self.total, self.unit, self.description = total, unit, description
         self._started, self._last = started, self._time()
         self._handle = display(self._html(self._render(completed)), display_id=True)
 
@@ -418,9 +442,14 @@ class _JupyterBar:
             )
         else:
             bar = f'<progress style="width:40%"></progress> {done}'
-        return f"<div>qjamfab run {bar} {html.escape(self.unit)} ({secs:.0f} s)</div>"
+        head = html.escape(self.description)
+        return f"<div>{head} {bar} {html.escape(self.unit)} ({secs:.0f} s)</div>"
 
-    def update(self, task: object, completed: int) -> None:  # one bar: no task
+    def update(  # one bar: no task
+        self, task: object, completed: int, description: str | None = None
+    ) -> None:
+        if description is not None:
+            self.description = description
         now = self._time()
         if now - self._last >= 0.2:
             self._last = now

@@ -112,6 +112,11 @@ class BadPackage(QjamfabError, ValueError):
     install, or something the runtime ships already (packages.py)."""
 
 
+class MissingDependency(QjamfabError, ImportError):
+    """An optional extra that a call needs is not installed (also an
+    ImportError): `qjamfab.minimize` without scipy."""
+
+
 # --- the Executor (futures.py) ---------------------------------------------
 
 

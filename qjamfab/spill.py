@@ -21,6 +21,7 @@ from collections.abc import Iterator, MutableMapping
 from typing import IO, Any
 
 from . import protocol
+from .reduce import leaves
 
 log = logging.getLogger("qjamfab")
 
@@ -28,12 +29,13 @@ Key = tuple[int, int]
 
 
 def nbytes(value: Any) -> int:
-    """What an array-like value says it takes, summed through lists and
-    tuples; 0 for anything else."""
-    if isinstance(value, (list, tuple)):
-        return sum(nbytes(v) for v in value)
-    size = getattr(value, "nbytes", 0)
-    return size if isinstance(size, int) else 0
+    """What a value's array-like leaves say they take, summed through
+    lists, tuples, dicts and dataclasses (reduce.leaves); 0 for others."""
+    total = 0
+    for leaf in leaves(value):
+        size = getattr(leaf, "nbytes", 0)
+        total += size if isinstance(size, int) else 0
+    return total
 
 
 class SpilledNodes(MutableMapping[Key, Any]):

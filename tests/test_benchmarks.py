@@ -121,6 +121,19 @@ def test_lbfgs_lowers_the_cost(patches):
     assert info["funcalls"] <= 15 + 2  # scipy may finish an iteration
 
 
+def test_minimize_trains_as_the_hand_wired_loop(patches):
+    """qjamfab.minimize (the example's default) takes the same steps as
+    fmin_l_bfgs_b around Master.run: the same theta, to the bit."""
+    theta0 = sae.initial_theta()
+    with Master("inproc:2") as m:
+        data = DataSet(patches, 32)
+        wired = sae.train(sae.DistributedCost(m, data), theta0, 12)
+        ported = sae.train_with_minimize(m, data, theta0, 12)
+    assert ported[0].tobytes() == wired[0].tobytes()
+    assert ported[1] == wired[1] and ported[2]["nit"] == wired[2]["nit"]
+    assert ported[2]["funcalls"] == wired[2]["funcalls"]
+
+
 @pytest.mark.timeout(90)
 def test_suite_smoke(tmp_path):
     """The whole suite at a tiny size: every benchmark ran, results.json

@@ -4,6 +4,7 @@ master's held tree nodes past HELD_BYTES wait in temporary files; the
 default reduce adds arrays into the master's own. None of it changes a
 bit of the result, and a worker lost with a parked result loses nothing."""
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -75,9 +76,17 @@ def test_reduce_in_place_adds_lists_of_arrays_element_wise():
     assert default_reduce((1, 2), (3, 4), add_in_place) == (4, 6)
 
 
-def test_nbytes_counts_arrays_through_lists_and_tuples_only():
+def test_nbytes_counts_arrays_through_pytrees():
     assert nbytes([np.zeros(10), (np.zeros(5, dtype=np.float32), 3)]) == 100
-    assert nbytes({"a": np.zeros(10)}) == 0  # of unknown size: kept in memory
+    assert nbytes({"a": np.zeros(10), "b": {"c": np.zeros(2)}}) == 96
+    assert nbytes(Counts(np.zeros(4), 1)) == 32
+    assert nbytes({"a"}) == 0  # of unknown size: kept in memory
+
+
+@dataclasses.dataclass
+class Counts:
+    total: np.ndarray
+    n: int
 
 
 def test_a_tree_over_spilled_nodes_gives_the_same_bits_and_leaves_no_files():
@@ -92,6 +101,18 @@ def test_a_tree_over_spilled_nodes_gives_the_same_bits_and_leaves_no_files():
     assert tree.result().tobytes() == expected
     assert nodes.spilled > 0
     assert not nodes.files and len(nodes) == 1 and nodes.in_memory == 16000
+
+
+def test_a_tree_of_dict_results_spills_and_gives_the_same_bits():
+    values = [{"w": noisy(500, [i]), "n": i} for i in range(6)]
+    expected = tree_sum([{"w": v["w"].copy(), "n": v["n"]} for v in values])
+    nodes = SpilledNodes(budget=0)
+    tree = ReduceTree(6, reduce_in_place)
+    tree.nodes = nodes
+    for i in [5, 0, 3, 1, 4, 2]:
+        tree.add(i, 1, values[i])
+    assert tree.result()["w"].tobytes() == expected["w"].tobytes()
+    assert tree.result()["n"] == 15 and nodes.spilled > 0
 
 
 def test_spilled_nodes_stay_in_memory_when_the_disk_refuses(monkeypatch, caplog):

@@ -145,6 +145,24 @@ def test_bar_appears_after_the_delay_without_any_slice_done():
     assert not progress_threads()
 
 
+def test_the_line_shows_its_description_and_a_new_one():
+    console, out = terminal()
+    p = RunProgress(
+        0,
+        enabled=True,
+        delay_s=0,
+        console=console,
+        unit="iterations",
+        description="minimize",
+    )
+    assert p.shown
+    p.describe("minimize: loss 0.125")
+    p.advance(3)
+    p.close()
+    text = plain(out.getvalue())
+    assert "minimize: loss 0.125" in text and "3/? iterations" in text, text
+
+
 def test_unknown_total_counts():
     console, out = terminal()
     p = RunProgress(0, enabled=True, delay_s=0, console=console, unit="tasks")
