@@ -407,6 +407,8 @@ class Worker:
                     and self._run_next(channel)
                 ):
                     continue
+                if not self.pending:
+                    self.cache.pin(())  # no task in flight here
                 try:
                     kind, _, head, lengths = channel.reader.read_head()
                     if kind == protocol.REFS:  # straight into the cache
@@ -422,6 +424,7 @@ class Worker:
             stop.set()
             channel.close()
             self.capture.channel = None
+            self.cache.pin(())
 
     def _take_slice(self, channel: Channel, head: dict, lengths: list) -> None:
         ref = head["ref"]
