@@ -78,6 +78,23 @@ def test_a_workers_jobs_stay_within_the_budget_and_evicted_ones_come_back(
         assert m.run(first, dataset=[1, 2, 3, 4]) == first_sum * 10
 
 
+def test_over_ssh_an_agent_that_dropped_a_job_gets_it_again_to_combine(ssh):
+    """Two workers on a host: the agent combines their results with the
+    job's reduce, so it needs the job too; one it dropped is sent again."""
+    host = "host1 workers=2 env.QJAMFAB_JOB_CACHE=1M"
+    with Master([host], ssh_config=ssh.ssh_config) as m:
+        first, first_sum = _closure()
+        assert m.run(first, dataset=[1, 2, 3, 4]) == first_sum * 10
+        for _ in range(6):
+            job, total = _closure()
+            assert m.run(job, dataset=[1, 2, 3, 4]) == total * 10
+        for name, stats in m.worker_stats().items():
+            assert stats["job_bytes"] <= 1 << 20, (name, stats)
+            assert stats["agent_job_bytes"] <= 1 << 20, (name, stats)
+            assert stats["agent_job_bytes"] >= stats["agent_jobs"] << 18
+        assert m.run(first, dataset=[1, 2, 3, 4]) == first_sum * 10
+
+
 def _frames(fd: int):
     reader = protocol.FrameReader(lambda view: os.readv(fd, [view]))
     while True:

@@ -56,7 +56,7 @@ from . import (
     this_runtime,
     write_locked,
 )
-from .cache import RefCache, cache_limit
+from .cache import CacheLimitError, RefCache, cache_limit, parse_size
 from .lru import JobCache, job_budget
 from .packages import AgentPackages
 from .probe import platform_info
@@ -209,6 +209,13 @@ class Agent:
                     break
         manage.stop_other_runtimes(self.base)
         template = head.get("env") or {}
+        if template.get("QJAMFAB_JOB_CACHE"):  # the host's setting (env.NAME=)
+            try:
+                self.funcs.budget = parse_size(
+                    template["QJAMFAB_JOB_CACHE"], "QJAMFAB_JOB_CACHE"
+                )
+            except CacheLimitError:
+                pass  # its daemons do not start, and say why
         envs = {s: manage.worker_env(template, i) for i, s, _ in claimed}
         # A claimed daemon run by another Python (QJAMFAB_REMOTE_PYTHON
         # changed) or with other env. settings is replaced.
