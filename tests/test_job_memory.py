@@ -80,7 +80,9 @@ def test_a_workers_jobs_stay_within_the_budget_and_evicted_ones_come_back(
 
 def test_over_ssh_an_agent_that_dropped_a_job_gets_it_again_to_combine(ssh):
     """Two workers on a host: the agent combines their results with the
-    job's reduce, so it needs the job too; one it dropped is sent again."""
+    job's reduce, so it needs the job too, within its budget; a job it and
+    its workers dropped is sent again when a worker asks. (The agent's own
+    ask, for a job only it dropped, is the test below.)"""
     host = "host1 workers=2 env.QJAMFAB_JOB_CACHE=1M"
     with Master([host], ssh_config=ssh.ssh_config) as m:
         first, first_sum = _closure()
