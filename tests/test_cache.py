@@ -483,6 +483,20 @@ def test_entries_another_process_pins_stay_and_it_is_said_once(cache_dir, capfd)
     assert cache_module.pinned_over_limit(cache_dir) is None
 
 
+def test_a_worker_drops_its_mappings_of_files_another_evicted(cache_dir):
+    """A mapping keeps its file's disk space: held, an evicted file would
+    take the disk past the limit."""
+    size = _three_old_entries(cache_dir)
+    holder = RefCache(cache_dir)
+    assert holder.missing(["e0", "e1", "e2"]) == []
+    holder.pin([])
+    assert holder.stats()["in_memory"] == 3
+    _send(RefCache(cache_dir, limit=2 * size), ENTRY + 3, "e3")  # e0, e1 out
+    assert _files(cache_dir) == ["e2", "e3"]
+    assert holder.missing(["e3"]) == []  # its next task
+    assert holder.stats()["in_memory"] == 2  # e2, e3
+
+
 def test_the_pins_of_a_process_that_died_are_dropped(cache_dir):
     size = _three_old_entries(cache_dir)
     with subprocess.Popen([sys.executable, "-c", "pass"]) as child:

@@ -64,7 +64,10 @@ that alone is over the limit, the first process to find it says so once
 `inv status`. A slice bigger than the limit stays in memory only, as does
 one the disk has no room for, even when the disk fills up while it
 arrives. A worker whose file another removed drops its memory copy at the
-next check and the slice is fetched again.
+next check and the slice is fetched again; and since a mapping keeps its
+file's disk space, each eviction is also marked in `<directory>.pins/evicted`
+(a byte more), so every worker drops its copies of evicted files before its
+next task.
 
 File layout: b"QJC3" | count: u32 | seal: 32 bytes | count x length: u64 |
 each part, padded to a multiple of 64 bytes from the start of the file.
@@ -75,6 +78,7 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import io
 import itertools
 import json
 import mmap
@@ -86,6 +90,7 @@ import struct
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING
 
@@ -109,6 +114,9 @@ _MAX_PARTS = 1 << 16  # a count above this is a damaged header
 _DISK_MARGIN = 16 << 20  # leave this much free on the disk
 _TOUCH_S = 30.0  # set an entry's atime this often in use
 _OVER_LIMIT = "over-limit"  # in the pins directory: pinned alone > limit
+_EVICTED = "evicted"  # in the pins directory: a byte more per eviction
+_PIN_HEAD = struct.Struct("!QI")  # a pin file: length, crc32 of the refs
+_PIN_READS = 100  # tries to read a pin file not being rewritten
 _DEFAULT_SHARE = 4  # default limit: 1/4 of the filesystem...
 _DEFAULT_CAP = 64 << 30  # ...at most this
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -257,6 +265,7 @@ class RefCache:
         self._pins = pins_dir(directory)
         secure_dir(self._pins)
         self._pin_file = os.path.join(self._pins, f"{os.getpid()}.{next(_instances)}")
+        self._pin_io: io.FileIO | None = None  # the pin file, once opened
         self._memory: dict[str, _Entry] = {}
         self._pinned: frozenset[str] = _NOTHING
         self._checked: frozenset[str] = _NOTHING  # what missing() just checked
@@ -264,6 +273,8 @@ class RefCache:
         self._damaged_total = 0
         # ref -> key checked elsewhere
         self._trusted: dict[str, tuple[int, ...]] = {}
+        self._evictions = os.path.join(self._pins, _EVICTED)
+        self._evictions_seen = -1  # its size when memory was last swept
         _tidy(directory)
 
     def _path(self, ref: str) -> str:
@@ -272,18 +283,28 @@ class RefCache:
     def pin(self, refs: Iterable[str]) -> None:
         """Keep these refs (the running or waiting task's) from eviction by
         any process of this host, until the next pin(); pin(()) when no
-        task is in flight."""
+        task is in flight. One pwrite into this object's pin file: a
+        header (length, crc32) then the refs, which readers check."""
         pinned = frozenset(refs)
         if pinned == self._pinned:
             return
         self._pinned = pinned
+        data = "\n".join(sorted(pinned)).encode()
         try:
-            if not pinned:
-                _remove(self._pin_file)
-                return
-            tmp = f"{self._pin_file}.tmp"
-            _write_file(tmp, "\n".join(sorted(pinned)).encode())
-            os.replace(tmp, self._pin_file)  # readers see all of it or none
+            if self._pin_io is None:
+                if not pinned:
+                    return
+                fd = os.open(
+                    self._pin_file,
+                    os.O_RDWR | os.O_CREAT | _NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                )
+                self._pin_io = os.fdopen(fd, "r+b", buffering=0)  # closed with us
+            os.pwrite(
+                self._pin_io.fileno(),
+                _PIN_HEAD.pack(len(data), zlib.crc32(data)) + data,
+                0,
+            )
         except OSError:
             pass  # a full disk: pinned for this process's evictions only
 
@@ -302,12 +323,8 @@ class RefCache:
                 continue  # the over-limit record, or our own
             if not pid_alive(int(pid)):
                 _remove(path)
-            elif not name.endswith(".tmp"):
-                try:
-                    with open(path, "rb") as f:
-                        pinned.update(f.read().decode().split("\n"))
-                except (FileNotFoundError, UnicodeDecodeError):
-                    pass  # unpinned meanwhile; not ours to read
+            else:
+                pinned.update(_read_pins(path))
         return pinned
 
     def missing(self, refs: Iterable[str]) -> list[str]:
@@ -317,9 +334,32 @@ class RefCache:
         refs = list(refs)
         self.pin(refs)
         pinned = self._pinned
+        self._drop_evicted()
         lacking = [r for r in refs if self._usable(r) is None]
         self._checked = pinned.difference(lacking) if lacking else pinned
         return lacking
+
+    def _drop_evicted(self) -> None:
+        """After any process here evicted: drop the memory copies whose
+        files are gone, but pinned ones. A mapping keeps its file's disk
+        space, so a daemon holding evicted slices would hold the disk
+        beyond the limit. One stat when nothing was evicted."""
+        try:
+            mark = os.stat(self._evictions).st_size
+        except FileNotFoundError:
+            mark = 0
+        if mark == self._evictions_seen:
+            return
+        self._evictions_seen = mark
+        for ref, entry in list(self._memory.items()):
+            if entry.key is None or ref in self._pinned:
+                continue
+            try:
+                st: os.stat_result | None = os.lstat(entry.path)
+            except FileNotFoundError:
+                st = None
+            if st is None or _key(st) != entry.key:
+                del self._memory[ref]
 
     def get(self, ref: str) -> object:
         """The slice of ref, checked (see the module docstring); raises
@@ -621,6 +661,19 @@ class RefCache:
         for name in victims:
             self._memory.pop(name, None)
             _remove(os.path.join(self.directory, name), inodes[name])
+        if victims:
+            try:  # tell the others to drop their mappings of them
+                fd = os.open(
+                    self._evictions,
+                    os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                )
+                try:
+                    os.write(fd, b".")
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass  # a full disk: they drop them at their next use
         if total > self.limit:
             self._say_pinned_over(total)
 
@@ -837,6 +890,25 @@ def _write_padded(fd: int, data: bytes, pad: int | None = None) -> int:
     while view:
         view = view[os.write(fd, view) :]
     return total
+
+
+def _read_pins(path: str) -> list[str]:
+    """The refs a pin file names. Its writer rewrites it in place: a read
+    that does not match its checksum caught a write half done, and is
+    tried again; never consistent, it counts as pinning nothing."""
+    for _ in range(_PIN_READS):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        if len(data) < _PIN_HEAD.size:
+            continue
+        length, crc = _PIN_HEAD.unpack_from(data)
+        body = data[_PIN_HEAD.size : _PIN_HEAD.size + length]
+        if len(body) == length and zlib.crc32(body) == crc:
+            return body.decode(errors="replace").split("\n") if length else []
+    return []
 
 
 def _write_file(path: str, data: bytes) -> None:
