@@ -40,6 +40,7 @@ import site
 import subprocess
 import sys
 import textwrap
+import time
 import traceback
 import weakref
 from collections.abc import Callable, Sequence
@@ -444,8 +445,22 @@ def status(
 
     marked: list[bool] = []
     shipped: list[str] = []
+    over: list[str] = []  # hosts whose tasks pinned more than the limit
 
     def row(info: dict) -> list:
+        said = info.get("cache_pinned_over")
+        if said:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(said["time"]))
+            over.append(
+                textwrap.fill(
+                    f"cache on {info['qjamfab_host']}: tasks pinned "
+                    f"{display.format_bytes(said['pinned'])}, over its limit "
+                    f"of {display.format_bytes(said['limit'])} ({when}): "
+                    "raise QJAMFAB_CACHE_LIMIT there",
+                    80,
+                    subsequent_indent="  ",
+                )
+            )
         if info.get("packages"):
             shipped.append(
                 textwrap.fill(
@@ -493,6 +508,7 @@ def status(
         row,
         footnote=lambda: "\n".join(
             shipped
+            + over
             + (
                 ["(runtime* = this qjamfab's runtime, +N = N others)"]
                 if any(marked)

@@ -4,9 +4,12 @@ from a socket), and comes back as arrays mapped from that file, aligned
 and writable; a file that is not what was written under its ref is never
 used; the cache keeps to its size limit, least recently used out first."""
 
+import contextlib
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -18,6 +21,7 @@ from qjamfab.runtime import cache as cache_module
 from qjamfab.runtime.cache import CacheEntryLost, CacheLimitError, RefCache, parse_size
 
 pytestmark = pytest.mark.timeout(30)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _stream(kind: str):
@@ -415,14 +419,110 @@ def test_pinned_entries_are_never_evicted(cache_dir):
     assert _files(cache_dir) == ["e0", "e3"]
 
 
-def test_entries_used_recently_by_any_worker_stay_over_the_limit(cache_dir):
-    size = _three_old_entries(cache_dir)
-    for name in ("e0", "e1"):
-        _age(cache_dir, name, cache_module.IN_USE_S - 60)  # in use elsewhere
+def test_entries_used_just_now_leave_at_once_when_over_the_limit(cache_dir):
+    """No grace period: the limit holds right after the write."""
+    writer = RefCache(cache_dir)
+    for i in range(3):
+        _send(writer, ENTRY + i, f"e{i}")  # all used just now
+    size = _entry_bytes(cache_dir)
     refs = RefCache(cache_dir, limit=2 * size)
     _send(refs, ENTRY + 3, "e3")
-    assert _files(cache_dir) == ["e0", "e1", "e3"]  # e2 out, still over
-    assert refs.stats()["bytes"] == 3 * size > refs.limit
+    assert _files(cache_dir) == ["e2", "e3"]
+    assert refs.stats()["bytes"] <= refs.limit
+
+
+@contextlib.contextmanager
+def _pinned_elsewhere(cache_dir, *refs: str):
+    """Another process whose cache object pins refs while in the block."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    code = (
+        "import sys; from qjamfab.runtime.cache import RefCache; "
+        "RefCache(sys.argv[1]).pin(sys.argv[2:]); print('pinned', flush=True); "
+        "sys.stdin.read()"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", code, cache_dir, *refs],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    ) as child:
+        assert child.stdout.readline() == "pinned\n"
+        try:
+            yield child
+        finally:
+            child.stdin.close()
+            child.wait(timeout=20)
+
+
+def test_entries_another_process_pins_stay_and_it_is_said_once(cache_dir, capfd):
+    size = _three_old_entries(cache_dir)
+    refs = RefCache(cache_dir, limit=2 * size)
+    with _pinned_elsewhere(cache_dir, "e0", "e1"):
+        _send(refs, ENTRY + 3, "e3")
+        assert _files(cache_dir) == ["e0", "e1", "e3"]  # e2 out, still over
+        _send(refs, ENTRY + 4, "e4")  # e3 out, still over
+        assert _files(cache_dir) == ["e0", "e1", "e4"]
+        said = capfd.readouterr().err
+        assert said.count("qjamfab: the slices that tasks on this host need") == 1
+        assert said.splitlines()[0] == (
+            f"qjamfab: the slices that tasks on this host need right now "
+            f"({3 * size} bytes) exceed the cache limit ({2 * size} bytes), so "
+            "the cache holds more than its limit while they run: raise "
+            "QJAMFAB_CACHE_LIMIT (or Master(cache_limit=...)) above "
+            f"{3 * size} bytes"
+        )
+        record = cache_module.pinned_over_limit(cache_dir)
+        assert (record["pinned"], record["limit"]) == (3 * size, 2 * size)
+    # That process has ended: its pins with it.
+    _send(refs, ENTRY + 5, "e5")
+    assert _files(cache_dir) == ["e4", "e5"]
+    assert "need right now" not in capfd.readouterr().err
+    # Cleared, the cache says it again the next time.
+    refs.clear()
+    assert cache_module.pinned_over_limit(cache_dir) is None
+
+
+def test_a_worker_drops_its_mappings_of_files_another_evicted(cache_dir):
+    """A mapping keeps its file's disk space: held, an evicted file would
+    take the disk past the limit."""
+    size = _three_old_entries(cache_dir)
+    holder = RefCache(cache_dir)
+    assert holder.missing(["e0", "e1", "e2"]) == []
+    holder.pin([])
+    assert holder.stats()["in_memory"] == 3
+    _send(RefCache(cache_dir, limit=2 * size), ENTRY + 3, "e3")  # e0, e1 out
+    assert _files(cache_dir) == ["e2", "e3"]
+    assert holder.missing(["e3"]) == []  # its next task
+    assert holder.stats()["in_memory"] == 2  # e2, e3
+
+
+def test_the_pins_of_a_process_that_died_are_dropped(cache_dir):
+    size = _three_old_entries(cache_dir)
+    with subprocess.Popen([sys.executable, "-c", "pass"]) as child:
+        pass  # its pid is unused now
+    stale = os.path.join(cache_module.pins_dir(cache_dir), f"{child.pid}.0")
+    with open(stale, "w") as f:
+        f.write("e0\ne1")
+    refs = RefCache(cache_dir, limit=2 * size)
+    _send(refs, ENTRY + 3, "e3")
+    assert _files(cache_dir) == ["e2", "e3"]
+    assert not os.path.exists(stale)
+
+
+@pytest.mark.parametrize(
+    "pinned, limit, victims, after",
+    [
+        ((), 50, ["a", "b"], 40),  # least recently used first, until it fits
+        (("a",), 50, ["b", "c"], 40),  # a pinned one is passed over
+        (("a", "b", "c"), 50, ["d"], 60),  # the pinned alone: over the limit
+        (("a", "b", "c", "d"), 50, [], 80),
+        ((), 80, [], 80),  # within the limit: nothing goes
+    ],
+)
+def test_the_eviction_plan(pinned, limit, victims, after):
+    entries = [(3.0, "c", 20), (1.0, "a", 20), (2.0, "b", 20), (4.0, "d", 20)]
+    assert cache_module.plan_eviction(entries, limit, pinned) == (victims, after)
 
 
 def test_a_slice_bigger_than_the_limit_stays_in_memory(cache_dir, capfd):

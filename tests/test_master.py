@@ -648,6 +648,38 @@ def test_a_cache_limit_is_checked_and_reaches_the_workers():
         assert m.worker_stats()["local-0"]["limit_bytes"] == 100 * 1024
 
 
+def _cache_bytes(home) -> int:
+    return sum(f.stat().st_size for f in (home / "cache").iterdir())
+
+
+def test_the_cache_limit_holds_over_datasets_run_back_to_back(
+    monkeypatch, qjamfab_home
+):
+    """Six datasets of 1.6 MiB (4 slices each) under a 6 MiB limit: after
+    each run the cache is within it, and the newest dataset is whole."""
+    monkeypatch.setenv("QJAMFAB_CACHE_LIMIT", "6M")
+    with Master("local:2") as m:
+        for k in range(6):
+            X = np.arange(200 * 1024, dtype=np.float64).reshape(200, 1024) + k
+            got = m.run(lambda p, x: x.sum(), dataset=DataSet(X, slice_size=50))
+            assert got == X.sum()
+            assert _cache_bytes(qjamfab_home) <= 6 << 20, k
+        got = m.run(lambda p, x: x.sum(), dataset=DataSet(X, slice_size=50))
+        assert got == X.sum() and m.last_run.slices_sent == 0
+
+
+def test_slices_pinned_over_the_cache_limit_are_said_once(capsys, qjamfab_home):
+    """Tasks of two 400 KiB slices under a 700 KiB limit: the cache holds
+    what they need, says once that it is over, and results are right."""
+    X = np.arange(400 * 1024, dtype=np.float64).reshape(400, 1024)
+    with Master("local:2", cache_limit="700K") as m:
+        for _ in range(2):
+            got = m.run(lambda p, x: x.sum(), dataset=DataSet(X, slice_size=50))
+            assert got == X.sum()
+    said = capsys.readouterr().out
+    assert said.count("exceed the cache limit (716800 bytes)") == 1, said
+
+
 def test_the_progress_bar_moves_per_slice_within_a_task(monkeypatch):
     """One task of 6 slices on one worker: the bar shows slices as they are
     done, not 0 until the task's result arrives."""

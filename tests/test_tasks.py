@@ -135,6 +135,24 @@ def test_local_bootstrap_and_status():
     assert row["runtime"].endswith("*"), describe(proc)
 
 
+def test_status_says_when_pinned_slices_exceeded_the_cache_limit(qjamfab_home):
+    from qjamfab.runtime.cache import RefCache, pinned_over_limit, pins_dir
+
+    cache = str(qjamfab_home / "cache")
+    RefCache(cache)  # as a worker makes it
+    proc = cli("inv", "status", "--hosts=local")
+    assert proc.returncode == 0 and "over its limit" not in proc.stdout
+    # What a worker records (test_cache.py makes it happen).
+    with open(os.path.join(pins_dir(cache), "over-limit"), "w") as f:
+        json.dump({"pinned": 3 << 20, "limit": 2 << 20, "time": 0}, f)
+    assert pinned_over_limit(cache)["pinned"] == 3 << 20
+    proc = cli("inv", "status", "--hosts=local")
+    assert proc.returncode == 0, describe(proc)
+    assert "cache on local: tasks pinned 3.0 MiB, over its limit of 2.0 MiB" in (
+        proc.stdout
+    ), describe(proc)
+
+
 def test_local_start_status_stop_workers():
     try:
         proc = cli("inv", "start-workers", "--hosts=local", "--workers-per-host", "1")

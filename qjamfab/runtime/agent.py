@@ -56,7 +56,8 @@ from . import (
     this_runtime,
     write_locked,
 )
-from .cache import RefCache, cache_limit
+from .cache import CacheLimitError, RefCache, cache_limit, parse_size
+from .lru import JobCache, job_budget
 from .packages import AgentPackages
 from .probe import platform_info
 
@@ -135,7 +136,8 @@ class Agent:
         os.set_blocking(master_out, False)
         self.cache = RefCache(os.path.join(base, "cache"))
         self.daemons: dict[int, _Daemon] = {}
-        self.funcs: dict[str, bytes] = {}  # job bytes, for COLLECT
+        self.funcs: JobCache[bytes] = JobCache(job_budget())  # for COLLECT
+        self.run_func: str | None = None  # the job of self.run
         self.holding: set[int] = set()  # held tasks not yet done
         self.held: dict[int, list] = {}  # task id -> result parts
         self.beat_at = 0.0
@@ -207,6 +209,13 @@ class Agent:
                     break
         manage.stop_other_runtimes(self.base)
         template = head.get("env") or {}
+        if template.get("QJAMFAB_JOB_CACHE"):  # the host's setting (env.NAME=)
+            try:
+                self.funcs.budget = parse_size(
+                    template["QJAMFAB_JOB_CACHE"], "QJAMFAB_JOB_CACHE"
+                )
+            except CacheLimitError:
+                pass  # its daemons do not start, and say why
         envs = {s: manage.worker_env(template, i) for i, s, _ in claimed}
         # A claimed daemon run by another Python (QJAMFAB_REMOTE_PYTHON
         # changed) or with other env. settings is replaced.
@@ -369,15 +378,31 @@ class Agent:
                 self.collect(head)
             return
         if kind == protocol.FUNC:
-            self.funcs[head["hash"]] = bytes(parts[0])
+            job = bytes(parts[0])
+            in_flight = () if self.run_func is None else (self.run_func,)
+            self.funcs.put(head["hash"], job, len(job), pinned=in_flight)
         elif kind == protocol.TASK:
             if head["run"] != self.run:
                 # A new run: what an earlier one left held is nobody's.
                 self.run = head["run"]
+                self.run_func = head["func"]
                 self.held.clear()
                 self.holding.clear()
             if head.get("hold"):
                 self.holding.add(head["task"])
+                if self.funcs.get(head["func"]) is None:
+                    # Dropped here since the master sent it: COLLECT will
+                    # need it, so ask as a worker lacking it does.
+                    self.tell(
+                        protocol.STATE,
+                        {
+                            "task": head["task"],
+                            "state": "blocked",
+                            "refs": [],
+                            "func": True,
+                        },
+                        worker=worker,
+                    )
         elif kind == protocol.CANCEL and head["task"] in self.held:
             # Finished already: whether it counts is COLLECT's to say (its
             # "done" may be on its way to the master); the next run drops
@@ -412,7 +437,10 @@ class Agent:
         started = time.perf_counter()
         tasks = head["tasks"]
         try:
-            _, reduce = pickle.loads(self.funcs[head["func"]])
+            job = self.funcs.get(head["func"])
+            if job is None:  # pinned from its run's first TASK: never
+                raise LookupError(f"job {head['func']} is not held on the host")
+            _, reduce = pickle.loads(job)
             # What it holds it decoded itself: the default reduce may add
             # arrays into them.
             tree = ReduceTree(head["leaves"], reduce or reduce_in_place)
@@ -460,6 +488,12 @@ class Agent:
         daemon.last_seen = time.monotonic()
         if kind == protocol.HEARTBEAT:
             return
+        if kind == protocol.STATS:
+            head = {
+                **head,
+                "agent_jobs": len(self.funcs),
+                "agent_job_bytes": self.funcs.bytes,
+            }
         task = head.get("task")
         if kind == protocol.RESULT and task in self.holding:
             self.holding.discard(task)

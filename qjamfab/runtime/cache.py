@@ -48,17 +48,26 @@ Size limit, per host (all daemons of a base share the directory): the
 filesystem and at most 64 GiB. A value is bytes, or a number with K, M, G
 or T (powers of 1024, optionally followed by B or iB): `20G`, `500M`,
 `1.5G`, `1000000`; 0 keeps every slice in memory only. Before a slice is
-written, the least recently used entries are removed until it fits. "Used"
-is the later of an entry's atime and mtime: a daemon sets the atime (not
-the mtime, which the check above compares) when it first uses an entry and
-at most every 30 s after. Never removed: entries this worker has pinned
-(the refs of the task it runs or waits for: `missing()` pins them) and
-entries any worker used in the last 5 minutes, which covers the other
-daemons' running tasks without talking to them. So the cache exceeds its
-limit only by what is in use. A slice bigger than the limit stays in memory
-only, as does one the disk has no room for, even when the disk fills up
-while it arrives. A worker whose file another removed drops its memory copy at the next
-check and the slice is fetched again.
+written, the least recently used entries are removed until it fits
+(`plan_eviction`). "Used" is the later of an entry's atime and mtime: a
+daemon sets the atime (not the mtime, which the check above compares) when
+it first uses an entry and at most every 30 s after. Never removed: the
+slice being written and the pinned entries: the refs of the task a worker
+of this host runs or waits for, in any session. Each cache object writes
+what it pins to a file of its own in `<directory>.pins/` (named by its
+process id, read by every process that evicts; a dead process's file is
+ignored and removed), so a pin holds across processes without any clock.
+So the cache exceeds its limit only by what tasks in flight need; when
+that alone is over the limit, the first process to find it says so once
+(on its stderr, which a worker forwards to the master) and records it in
+`<directory>.pins/over-limit`, which `pinned_over_limit` reads for
+`inv status`. A slice bigger than the limit stays in memory only, as does
+one the disk has no room for, even when the disk fills up while it
+arrives. A worker whose file another removed drops its memory copy at the
+next check and the slice is fetched again; and since a mapping keeps its
+file's disk space, each eviction is also marked in `<directory>.pins/evicted`
+(a byte more), so every worker drops its copies of evicted files before its
+next task.
 
 File layout: b"QJC3" | count: u32 | seal: 32 bytes | count x length: u64 |
 each part, padded to a multiple of 64 bytes from the start of the file.
@@ -69,6 +78,9 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import io
+import itertools
+import json
 import mmap
 import os
 import re
@@ -78,7 +90,8 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING
 
 from .. import protocol
@@ -100,12 +113,16 @@ _SEAL_TAG = b"qjamfab-cache-seal-1\0"
 _MAX_PARTS = 1 << 16  # a count above this is a damaged header
 _DISK_MARGIN = 16 << 20  # leave this much free on the disk
 _TOUCH_S = 30.0  # set an entry's atime this often in use
-IN_USE_S = 300.0  # an entry used this recently stays
+_OVER_LIMIT = "over-limit"  # in the pins directory: pinned alone > limit
+_EVICTED = "evicted"  # in the pins directory: a byte more per eviction
+_PIN_HEAD = struct.Struct("!QI")  # a pin file: length, crc32 of the refs
+_PIN_READS = 100  # tries to read a pin file not being rewritten
 _DEFAULT_SHARE = 4  # default limit: 1/4 of the filesystem...
 _DEFAULT_CAP = 64 << 30  # ...at most this
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NOTHING: frozenset[str] = frozenset()
+_instances = itertools.count()  # names each cache object's pin file
 
 
 class CacheLimitError(ValueError):
@@ -163,6 +180,47 @@ def cache_limit(directory: str, limit: int | str | None = None) -> int:
     return min(shutil.disk_usage(directory).total // _DEFAULT_SHARE, _DEFAULT_CAP)
 
 
+def pins_dir(directory: str) -> str:
+    """Where the cache objects of the cache in `directory` say what they
+    pin (outside it: the cache directory holds entries only)."""
+    return directory.rstrip(os.sep) + ".pins"
+
+
+def plan_eviction(
+    entries: Iterable[tuple[float, str, int]], limit: int, pinned: Collection[str]
+) -> tuple[list[str], int]:
+    """Which entries (last used, name, size) to remove, least recently used
+    first, so that the rest fit `limit`, never a pinned one; and the bytes
+    left. More than `limit` left means the pinned ones alone exceed it."""
+    ordered = sorted(entries)
+    total = sum(size for _, _, size in ordered)
+    victims = []
+    for _, name, size in ordered:
+        if total <= limit:
+            break
+        if name not in pinned:
+            victims.append(name)
+            total -= size
+    return victims, total
+
+
+def pinned_over_limit(directory: str) -> dict | None:
+    """What the cache in `directory` recorded the last time the entries
+    pinned for tasks in flight alone exceeded its limit: {"pinned": bytes,
+    "limit": bytes, "time": epoch seconds}, or None."""
+    try:
+        with open(os.path.join(pins_dir(directory), _OVER_LIMIT)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def forget_over_limit(directory: str) -> None:
+    """Drop that record (the cache was cleared): a next time is news."""
+    _remove(os.path.join(pins_dir(directory), _OVER_LIMIT))
+
+
 def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
@@ -204,6 +262,10 @@ class RefCache:
         secure_dir(directory)
         self.directory = directory
         self.limit = cache_limit(directory, limit)
+        self._pins = pins_dir(directory)
+        secure_dir(self._pins)
+        self._pin_file = os.path.join(self._pins, f"{os.getpid()}.{next(_instances)}")
+        self._pin_io: io.FileIO | None = None  # the pin file, once opened
         self._memory: dict[str, _Entry] = {}
         self._pinned: frozenset[str] = _NOTHING
         self._checked: frozenset[str] = _NOTHING  # what missing() just checked
@@ -211,6 +273,8 @@ class RefCache:
         self._damaged_total = 0
         # ref -> key checked elsewhere
         self._trusted: dict[str, tuple[int, ...]] = {}
+        self._evictions = os.path.join(self._pins, _EVICTED)
+        self._evictions_seen = -1  # its size when memory was last swept
         _tidy(directory)
 
     def _path(self, ref: str) -> str:
@@ -218,18 +282,84 @@ class RefCache:
 
     def pin(self, refs: Iterable[str]) -> None:
         """Keep these refs (the running or waiting task's) from eviction by
-        this worker, until the next pin()."""
-        self._pinned = frozenset(refs)
+        any process of this host, until the next pin(); pin(()) when no
+        task is in flight. One pwrite into this object's pin file: a
+        header (length, crc32) then the refs, which readers check."""
+        pinned = frozenset(refs)
+        if pinned == self._pinned:
+            return
+        self._pinned = pinned
+        data = "\n".join(sorted(pinned)).encode()
+        try:
+            if self._pin_io is None:
+                if not pinned:
+                    return
+                fd = os.open(
+                    self._pin_file,
+                    os.O_RDWR | os.O_CREAT | _NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                )
+                self._pin_io = os.fdopen(fd, "r+b", buffering=0)  # closed with us
+            os.pwrite(
+                self._pin_io.fileno(),
+                _PIN_HEAD.pack(len(data), zlib.crc32(data)) + data,
+                0,
+            )
+        except OSError:
+            pass  # a full disk: pinned for this process's evictions only
+
+    def _pinned_anywhere(self) -> set[str]:
+        """What every cache object of this host pins now: its pin file,
+        while its process lives (a dead one's file is removed)."""
+        pinned = set(self._pinned)
+        try:
+            names = os.listdir(self._pins)
+        except FileNotFoundError:
+            return pinned
+        for name in names:
+            pid = name.split(".", 1)[0]
+            path = os.path.join(self._pins, name)
+            if not pid.isdigit() or path == self._pin_file:
+                continue  # the over-limit record, or our own
+            if not pid_alive(int(pid)):
+                _remove(path)
+            else:
+                pinned.update(_read_pins(path))
+        return pinned
 
     def missing(self, refs: Iterable[str]) -> list[str]:
         """The refs not usable here, checking each one (a file read for the
         first time is verified; one in memory costs a stat). Pins `refs`:
         the worker asks this for the task it is about to run."""
         refs = list(refs)
-        pinned = self._pinned = frozenset(refs)
+        self.pin(refs)
+        pinned = self._pinned
+        self._drop_evicted()
         lacking = [r for r in refs if self._usable(r) is None]
         self._checked = pinned.difference(lacking) if lacking else pinned
         return lacking
+
+    def _drop_evicted(self) -> None:
+        """After any process here evicted: drop the memory copies whose
+        files are gone, but pinned ones. A mapping keeps its file's disk
+        space, so a daemon holding evicted slices would hold the disk
+        beyond the limit. One stat when nothing was evicted."""
+        try:
+            mark = os.stat(self._evictions).st_size
+        except FileNotFoundError:
+            mark = 0
+        if mark == self._evictions_seen:
+            return
+        self._evictions_seen = mark
+        for ref, entry in list(self._memory.items()):
+            if entry.key is None or ref in self._pinned:
+                continue
+            try:
+                st: os.stat_result | None = os.lstat(entry.path)
+            except FileNotFoundError:
+                st = None
+            if st is None or _key(st) != entry.key:
+                del self._memory[ref]
 
     def get(self, ref: str) -> object:
         """The slice of ref, checked (see the module docstring); raises
@@ -378,21 +508,18 @@ class RefCache:
         for n in lengths:
             offsets.append(_aligned(offsets[-1] + n))
         size = offsets.pop()
-        if not to_disk or not self._make_room(ref, size):
+        path = self._path(ref)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = self._reserve(ref, tmp, size) if to_disk else None
+        if fd is None:
             parts = [reader.read_part(n) for n in lengths]
             _check_pickle(ref, parts[0][:2] if parts else b"")
             return self.keep_in_memory(ref, parts, load)
-        path = self._path(ref)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(
-            tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | _NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
         digests: list = []  # digests, or futures of them
         overlap = size > _BLOCK  # small ones are hashed here and now
         try:
             # Hashed through a mapping of its full size: this file is ours
             # and no one else's yet, so it cannot shrink under it.
-            os.ftruncate(fd, size)
             written = memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_READ))
             _write_padded(fd, header)
             for offset, n in zip(offsets, lengths):
@@ -480,8 +607,11 @@ class RefCache:
         )
         return None
 
-    def _make_room(self, ref: str, size: int) -> bool:
-        """Evict for a new entry of `size` bytes; whether it goes to disk."""
+    def _reserve(self, ref: str, tmp: str, size: int) -> int | None:
+        """A descriptor of ref's temporary file `tmp`, at its full size
+        already (so that a writer evicting meanwhile counts it), with room
+        made for it; None when the slice stays in memory (bigger than the
+        limit, or no room on the disk)."""
         if size > self.limit:
             if self.limit:
                 print(
@@ -491,38 +621,92 @@ class RefCache:
                     file=sys.stderr,
                     flush=True,
                 )
-            return False
-        self._evict(size, keep=ref)
-        return shutil.disk_usage(self.directory).free >= size + _DISK_MARGIN
+            return None
+        fd = os.open(
+            tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | _NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            os.ftruncate(fd, size)  # sparse: reserves no disk blocks
+            self._evict(keep=ref)
+            if shutil.disk_usage(self.directory).free >= size + _DISK_MARGIN:
+                return fd
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                os.close(fd)
+                os.unlink(tmp)
+                raise
+        os.close(fd)
+        os.unlink(tmp)
+        return None
 
-    def _evict(self, incoming: int, keep: str) -> None:
-        """Remove least recently used entries until `incoming` more bytes
-        fit the limit, sparing pinned and recently used ones."""
-        entries, total = [], incoming
+    def _evict(self, keep: str) -> None:
+        """Remove least recently used entries until the cache, with the
+        slices being written (temporary files), fits the limit, sparing
+        what any process here pins and the entry `keep`."""
+        entries, inodes, writing = [], {}, {keep}
         for entry in os.scandir(self.directory):
-            if entry.name.endswith(".tmp"):
-                continue
             try:
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            total += st.st_size
-            entries.append(
-                (max(st.st_atime, st.st_mtime), entry.name, st.st_size, st.st_ino)
-            )
-        if total <= self.limit:
-            return
-        now = time.time()
-        for used, name, size, inode in sorted(entries):
-            if now - used < IN_USE_S:
-                break  # this and every later one are in use
-            if name in self._pinned or name == keep:
-                continue
+            if entry.name.endswith(".tmp"):
+                writing.add(entry.name)  # another's slice on its way in
+            entries.append((max(st.st_atime, st.st_mtime), entry.name, st.st_size))
+            inodes[entry.name] = st.st_ino
+        if sum(size for _, _, size in entries) <= self.limit:
+            return  # the common case: no pins to read
+        victims, total = plan_eviction(
+            entries, self.limit, self._pinned_anywhere() | writing
+        )
+        for name in victims:
             self._memory.pop(name, None)
-            _remove(os.path.join(self.directory, name), inode)
-            total -= size
-            if total <= self.limit:
-                return
+            _remove(os.path.join(self.directory, name), inodes[name])
+        if victims:
+            try:  # tell the others to drop their mappings of them
+                fd = os.open(
+                    self._evictions,
+                    os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                )
+                try:
+                    os.write(fd, b".")
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass  # a full disk: they drop them at their next use
+        if total > self.limit:
+            self._say_pinned_over(total)
+
+    def _say_pinned_over(self, pinned: int) -> None:
+        """Once per host and limit: what tasks in flight need exceeds the
+        limit. The first process to find it says so and records it."""
+        path = os.path.join(self._pins, _OVER_LIMIT)
+        record = json.dumps(
+            {"pinned": pinned, "limit": self.limit, "time": time.time()}
+        ).encode()
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            _write_file(tmp, record)
+            try:
+                os.link(tmp, path)  # whole, and only if no one said it first
+            except FileExistsError:
+                said = pinned_over_limit(self.directory)
+                if said is not None and said.get("limit") == self.limit:
+                    return  # said already
+                os.replace(tmp, path)  # said under another limit: news
+        except OSError:
+            pass  # a full disk: say it at least
+        finally:
+            _remove(tmp)
+        print(
+            f"qjamfab: the slices that tasks on this host need right now "
+            f"({pinned} bytes) exceed the cache limit ({self.limit} bytes), "
+            "so the cache holds more than its limit while they run: raise "
+            f"QJAMFAB_CACHE_LIMIT (or Master(cache_limit=...)) above {pinned} "
+            "bytes",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def drop_memory(self) -> None:
         self._memory.clear()
@@ -532,6 +716,7 @@ class RefCache:
         self._memory.clear()
         for name in os.listdir(self.directory):
             _remove(os.path.join(self.directory, name))
+        forget_over_limit(self.directory)
         return stats
 
     def stats(self) -> dict:
@@ -705,6 +890,36 @@ def _write_padded(fd: int, data: bytes, pad: int | None = None) -> int:
     while view:
         view = view[os.write(fd, view) :]
     return total
+
+
+def _read_pins(path: str) -> list[str]:
+    """The refs a pin file names. Its writer rewrites it in place: a read
+    that does not match its checksum caught a write half done, and is
+    tried again; never consistent, it counts as pinning nothing."""
+    for _ in range(_PIN_READS):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        if len(data) < _PIN_HEAD.size:
+            continue
+        length, crc = _PIN_HEAD.unpack_from(data)
+        body = data[_PIN_HEAD.size : _PIN_HEAD.size + length]
+        if len(body) == length and zlib.crc32(body) == crc:
+            return body.decode(errors="replace").split("\n") if length else []
+    return []
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """path (0600, emptied first if there) holds data."""
+    fd = os.open(
+        path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW | os.O_CLOEXEC, 0o600
+    )
+    try:
+        _write_padded(fd, data, 0)
+    finally:
+        os.close(fd)
 
 
 def _tidy(directory: str) -> None:

@@ -20,7 +20,7 @@ import sys
 import time
 
 from . import boot_code, default_base, secure_dir, this_runtime
-from .cache import cache_limit
+from .cache import cache_limit, forget_over_limit, pinned_over_limit
 from .packages import installed
 
 START_WAIT_S = 15.0
@@ -198,6 +198,7 @@ def status(base: str) -> dict:
     except ValueError:  # a bad QJAMFAB_CACHE_LIMIT: the daemons say so
         limit = None
     return {
+        "cache_pinned_over": pinned_over_limit(cache),
         "workers": live_workers(base),
         "cache_entries": entries,
         "cache_bytes": size,
@@ -248,6 +249,7 @@ def clear(base: str) -> dict:
             os.unlink(os.path.join(cache, name))
         except FileNotFoundError:
             pass
+    forget_over_limit(cache)
     return {"entries": before["cache_entries"], "bytes": before["cache_bytes"]}
 
 

@@ -52,6 +52,7 @@ from ..errors import ProtocolError
 from ..reduce import ReduceTree
 from . import default_base, secure_dir, stream_lock, this_runtime, write_locked
 from .cache import CacheEntryLost, CacheLimitError, RefCache, is_ref
+from .lru import JobCache, job_budget
 from .packages import use_in_daemon
 
 if TYPE_CHECKING:
@@ -348,13 +349,23 @@ def _check_head(kind: int, head: dict, parts: list) -> None:
 
 
 class Worker:
-    def __init__(self, name: str, base: str, cache: RefCache, capture: Capture):
+    def __init__(
+        self,
+        name: str,
+        base: str,
+        cache: RefCache,
+        capture: Capture,
+        jobs_budget: int | None = None,
+    ):
+        """`jobs_budget`: bytes of jobs kept (default: lru.job_budget)."""
         self.name = name
         self.base = base
         self.capture = capture
         self.cache = cache
-        self.jobs: dict[str, tuple] = {}  # function hash -> (mapfunc, reduce)
-        self.job_bytes: dict[str, bytes] = {}
+        # function hash -> (mapfunc, reduce), or its bytes until first used
+        self.jobs: JobCache[tuple | bytes] = JobCache(
+            job_budget() if jobs_budget is None else jobs_budget
+        )
         self.started = time.time()
         # Tasks not yet run, in order: [head, params parts, refs asked
         # for (False until blocked once)]
@@ -407,6 +418,8 @@ class Worker:
                     and self._run_next(channel)
                 ):
                     continue
+                if not self.pending:
+                    self.cache.pin(())  # no task in flight here
                 try:
                     kind, _, head, lengths = channel.reader.read_head()
                     if kind == protocol.REFS:  # straight into the cache
@@ -422,6 +435,7 @@ class Worker:
             stop.set()
             channel.close()
             self.capture.channel = None
+            self.cache.pin(())
 
     def _take_slice(self, channel: Channel, head: dict, lengths: list) -> None:
         ref = head["ref"]
@@ -456,7 +470,9 @@ class Worker:
 
     def handle(self, channel: Channel, kind: int, head: dict, parts: list) -> None:
         if kind == protocol.FUNC:
-            self.job_bytes[head["hash"]] = bytes(parts[0])
+            job = bytes(parts[0])
+            in_flight = {task[0]["func"] for task in self.pending}
+            self.jobs.put(head["hash"], job, len(job), pinned=in_flight)
         elif kind == protocol.TASK:
             if head["run"] != self.run_id:
                 # A new run: whatever an interrupted earlier run left waiting
@@ -469,13 +485,16 @@ class Worker:
             self.pending.append([head, self.run_params, False])
         elif kind == protocol.CLEAR:
             self.jobs.clear()
-            self.job_bytes.clear()
             channel.send(protocol.CLEAR, self.cache.clear())
             return
         elif kind == protocol.STATS:
             stats = self.cache.stats()
             stats.update(
-                pid=os.getpid(), name=self.name, uptime_s=time.time() - self.started
+                pid=os.getpid(),
+                name=self.name,
+                uptime_s=time.time() - self.started,
+                jobs=len(self.jobs),
+                job_bytes=self.jobs.bytes,
             )
             channel.send(protocol.STATS, stats)
             return
@@ -506,9 +525,7 @@ class Worker:
         if not self.pending:
             return False
         head, params_parts, asked = self.pending[0]
-        missing_func = (
-            head["func"] not in self.jobs and head["func"] not in self.job_bytes
-        )
+        missing_func = head["func"] not in self.jobs
         try:
             missing_refs = self.cache.missing(head["refs"] or ())
         except Exception as exc:
@@ -549,11 +566,14 @@ class Worker:
 
     def _job(self, func_hash: str) -> tuple:
         job = self.jobs.get(func_hash)
-        if job is None:
-            data = self.job_bytes.pop(func_hash)
-            if hashlib.sha256(data).hexdigest() != func_hash:
+        if job is None:  # _run_next saw it, and only a FUNC evicts
+            raise KeyError(f"job {func_hash} is not held here")
+        if isinstance(job, bytes):
+            if hashlib.sha256(job).hexdigest() != func_hash:
                 raise ValueError("job bytes do not match their hash")
-            job = self.jobs[func_hash] = pickle.loads(data)
+            loaded = pickle.loads(job)
+            self.jobs.put(func_hash, loaded, len(job))  # sized by its bytes
+            return loaded
         return job
 
     def _heartbeat(self, channel: Channel, stop: threading.Event) -> None:
@@ -860,6 +880,7 @@ def main(argv: list[str] | None = None) -> None:
         secure_dir(base)
         secure_dir(os.path.join(base, "log"))
         cache = RefCache(os.path.join(base, "cache"))
+        jobs_budget = job_budget()
     except (OSError, CacheLimitError) as exc:
         sys.exit(str(exc))  # its first line says what to do
     # Ctrl-C at the master's terminal is the master's to handle.
@@ -873,7 +894,7 @@ def main(argv: list[str] | None = None) -> None:
     os.dup2(devnull, 0)
     os.close(devnull)
     capture = Capture(os.path.join(base, "log", f"{args.name}-{os.getpid()}.out"))
-    worker = Worker(args.name, base, cache, capture)
+    worker = Worker(args.name, base, cache, capture, jobs_budget)
     # clear-cache reaches an idle daemon's memory this way.
     signal.signal(signal.SIGUSR1, lambda *_: worker.cache.drop_memory())
     if args.pipe:
