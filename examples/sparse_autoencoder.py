@@ -7,6 +7,7 @@ scipy.optimize.fmin_l_bfgs_b with m=10. Every cost evaluation is one
 `Master.run` over the cached patches.
 
     python examples/sparse_autoencoder.py [patches] [--iterations N]
+    python examples/sparse_autoencoder.py 100000 a b     # on hosts a and b
     QJAMFAB_HOSTS=a,b python examples/sparse_autoencoder.py 100000
     inv run examples/sparse_autoencoder.py --hosts=a,b -- 100000
 
@@ -323,21 +324,28 @@ def train(cost, theta0: np.ndarray, iterations: int):
 
 def main(argv: list[str] | None = None) -> int:
     from qjamfab import DataSet, Master
+    from qjamfab.hostspec import add_host_arguments, number_or_host, script_hosts
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("patches", nargs="?", type=int, default=10_000)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Hosts: --hosts=a,b, or after the arguments (as qjam's examples "
+        "took them); else $QJAMFAB_HOSTS, else local workers.",
+    )
+    parser.add_argument("patches", nargs="?", type=number_or_host(int), default=10_000)
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument(
         "--serial",
         action="store_true",
         help="also train with the serial code and compare",
     )
+    add_host_arguments(parser)
     args = parser.parse_args(argv)
+    hosts = script_hosts(parser, args)
 
     X = sample_patches(args.patches)
     theta0 = initial_theta()
     print(f"{args.patches} patches of 8x8, {HIDDEN} hidden units")
-    with Master() as master:
+    with Master(hosts) as master:
         cost = DistributedCost(master, DataSet(X))
         c0, g0 = cost(theta0)
         s0, sg0 = serial_cost(theta0, X)

@@ -88,6 +88,8 @@ def bare_python(tmp_path_factory) -> str:
     )
     python = str(venv / "bin" / "python")
     for module in ("joblib", "sklearn", "numpy"):
-        found = subprocess.run([python, "-c", f"import {module}"], capture_output=True)
+        found = subprocess.run(
+            [python, "-c", f"import {module}"], capture_output=True, timeout=60
+        )
         assert found.returncode != 0, f"the bare venv {venv} can import {module}"
     return python
