@@ -59,6 +59,18 @@ def test_sum_matrix():
     assert "on 2 workers" in proc.stdout, describe(proc)
 
 
+def test_sum_matrix_again_finds_its_slices_in_the_cache():
+    """The matrix is seeded: a second run (the same QJAMFAB_HOME) sends no
+    slice, rather than leaving a new matrix's slices in the cache."""
+    first = run_example("sum_matrix.py", 50)
+    assert first.returncode == 0, describe(first)
+    again = run_example("sum_matrix.py", 50)
+    assert again.returncode == 0, describe(again)
+    assert re.search(r": (\d+) slices, \1 cached, 0 sent", again.stdout), describe(
+        again
+    )
+
+
 def test_newton_sqrt():
     proc = run_example("newton_sqrt.py", 123456789)
     assert proc.returncode == 0, describe(proc)
