@@ -4,6 +4,7 @@ name host and worker, security properties and the rekey workaround."""
 
 import hashlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from qjamfab import (
     hostspec,
     openssh,
 )
+from tests.conftest import processes_mentioning
 from tests.jobs import (
     constant,
     exiting,
@@ -387,6 +389,26 @@ def test_worker_daemons_open_no_tcp_port(master3):
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
             if target.startswith("socket:["):
                 assert target[8:-1] not in listening
+
+
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+def test_daemons_agents_and_keepers_have_readable_names(master3, ssh):
+    """ps -e shows qjamfab-w<slot> for a daemon, qjamfab-keeper for its
+    keeper and qjamfab-agent for a host's agent, not "python3"; their
+    command lines still name the host's base directory."""
+    for worker, stats in master3.worker_stats().items():
+        host = worker.rsplit("-", 1)[0]
+        pid = stats["pid"]
+        assert re.fullmatch(r"qjamfab-w\d+", _comm(pid)), worker
+        names = sorted(_comm(p) for p in ssh[host].processes() if p != pid)
+        assert "qjamfab-agent" in names and "qjamfab-keeper" in names, names
+        # stop-workers and the tests' leftover checks find it by its base
+        found = processes_mentioning(ssh.homes[host])
+        assert any(line.startswith(f"{pid}: ") for line in found), found
 
 
 def test_worker_sockets_and_base_are_private(master3, ssh):
