@@ -6,6 +6,7 @@ KL sparsity penalty with target 0.002 and weight 4, optimised by
 scipy.optimize.fmin_l_bfgs_b with m=10. Every cost evaluation is one
 `Master.run` over the cached patches.
 
+    pip install 'qjamfab[examples]'     # scipy, for its L-BFGS
     python examples/sparse_autoencoder.py [patches] [--iterations N]
     python examples/sparse_autoencoder.py 100000 a b     # on hosts a and b
     QJAMFAB_HOSTS=a,b python examples/sparse_autoencoder.py 100000
@@ -341,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     add_host_arguments(parser)
     args = parser.parse_args(argv)
     hosts = script_hosts(parser, args)
+    try:  # before any work: train() needs it at the end
+        import scipy.optimize  # noqa: F401
+    except ImportError:
+        sys.exit(
+            "sparse_autoencoder.py needs scipy, which is not installed here: "
+            "pip install 'qjamfab[examples]' (or pip install scipy)"
+        )
 
     X = sample_patches(args.patches)
     theta0 = initial_theta()

@@ -17,13 +17,15 @@ EXAMPLES = ROOT / "examples"
 pytestmark = pytest.mark.timeout(150)
 
 
-def run_example(name, *args):
+def run_example(name, *args, path_first=None):
     env = dict(os.environ)  # holds this test's own QJAMFAB_HOME
     env["QJAMFAB_HOSTS"] = "local:2"
     # The examples import qjamfab: make this checkout importable whether or
     # not the package is installed.
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        ([str(path_first)] if path_first else [])
+        + [str(ROOT)]
+        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     )
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / name), *map(str, args)],
@@ -224,6 +226,29 @@ def test_examples_say_what_is_wrong_with_the_hosts(args, error):
     assert proc.returncode == 2, describe(proc)
     assert proc.stderr.splitlines()[-1].startswith(f"sum_matrix.py: error: {error}")
     assert proc.stdout == "", describe(proc)
+
+
+def test_sparse_autoencoder_without_scipy_says_to_install_the_extra(tmp_path):
+    fake = tmp_path / "scipy"  # shadows the installed scipy: not importable
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'scipy'\", name='scipy')\n"
+    )
+    proc = run_example("sparse_autoencoder.py", 100, path_first=tmp_path)
+    assert proc.returncode == 1, describe(proc)
+    assert proc.stderr == (
+        "sparse_autoencoder.py needs scipy, which is not installed here: "
+        "pip install 'qjamfab[examples]' (or pip install scipy)\n"
+    ), describe(proc)
+    assert proc.stdout == "", describe(proc)  # nothing done before
+
+
+def test_the_examples_extra_has_what_the_examples_import():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert any(req.startswith("scipy") for req in extras["examples"])
 
 
 def test_char_count_empty_file(tmp_path):
