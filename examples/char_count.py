@@ -4,6 +4,7 @@ The file's lines are the dataset; each worker counts letters in its lines
 with a Counter, and Counters add. The sample text ships beside this file.
 
     python examples/char_count.py [path]
+    python examples/char_count.py book.txt a b   # on hosts a and b
 """
 
 import argparse
@@ -12,6 +13,7 @@ import os
 import sys
 
 from qjamfab import DataSet, Master
+from qjamfab.hostspec import add_host_arguments, script_hosts
 
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample.txt")
 
@@ -23,8 +25,8 @@ def mapfunc(params, lines):
     return counts
 
 
-def main(lines: list) -> int:
-    with Master() as master:
+def main(lines: list, hosts: str | list[str] | None = None) -> int:
+    with Master(hosts) as master:
         counts = master.run(mapfunc, dataset=DataSet(lines))
     total = sum(counts.values())
     for letter, n in counts.most_common():
@@ -50,7 +52,8 @@ def text_lines(path: str) -> list:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="The hosts are $QJAMFAB_HOSTS (else local workers).",
+        epilog="Hosts: --hosts=a,b, or after the path (as qjam's examples "
+        "took them); else $QJAMFAB_HOSTS, else local workers.",
     )
     parser.add_argument(
         "path",
@@ -59,4 +62,7 @@ if __name__ == "__main__":
         default=SAMPLE,
         help="a UTF-8 text file (default: the sample beside this script)",
     )
-    sys.exit(main(parser.parse_args().path))
+    add_host_arguments(parser)
+    args = parser.parse_args()
+    hosts = script_hosts(parser, args)
+    sys.exit(main(args.path, hosts))

@@ -5,6 +5,7 @@ without a dataset runs once per worker); the master averages their answers
 and iterates, the shape of every iterative job qjamfab is for.
 
     python examples/newton_sqrt.py 123456789
+    python examples/newton_sqrt.py 123456789 a b     # on hosts a and b
 """
 
 import argparse
@@ -12,6 +13,7 @@ import math
 import sys
 
 from qjamfab import Master
+from qjamfab.hostspec import add_host_arguments, number_or_host, script_hosts
 
 
 def newton_step(params, _slice):
@@ -19,15 +21,16 @@ def newton_step(params, _slice):
     return x - (x * x - a) / (2 * x)
 
 
-def main(a: float, iterations: int = 60) -> int:
+def main(a: float, hosts: str | list[str] | None = None, iterations: int = 60) -> int:
     x = max(a, 1.0)
-    with Master() as master:
+    with Master(hosts) as master:
         for i in range(iterations):
             step = master.run(newton_step, params=(a, x)) / len(master.workers)
             if abs(step - x) <= 1e-12 * max(1.0, abs(x)):
                 break
             x = step
             print(f"iteration {i + 1}: {x!r}")
+        print(master.last_run)
     print(f"sqrt({a!r}) ~= {x!r} (math.sqrt: {math.sqrt(a)!r})")
     return 0 if math.isclose(x, math.sqrt(a), rel_tol=1e-9) else 1
 
@@ -48,9 +51,17 @@ def positive_number(text: str) -> float:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="The hosts are $QJAMFAB_HOSTS (else local workers).",
+        epilog="Hosts: --hosts=a,b, or after the arguments (as qjam's examples "
+        "took them); else $QJAMFAB_HOSTS, else local workers.",
     )
     parser.add_argument(
-        "a", nargs="?", type=positive_number, default=2.0, help="the number (default 2)"
+        "a",
+        nargs="?",
+        type=number_or_host(positive_number),
+        default=2.0,
+        help="the number (default 2)",
     )
-    sys.exit(main(parser.parse_args().a))
+    add_host_arguments(parser)
+    args = parser.parse_args()
+    hosts = script_hosts(parser, args)
+    sys.exit(main(args.a, hosts))

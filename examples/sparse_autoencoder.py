@@ -7,7 +7,9 @@ scipy's L-BFGS-B with m=10, through `qjamfab.minimize` (or, with
 --hand-wired, scipy.optimize.fmin_l_bfgs_b around `Master.run`). Every cost
 evaluation is one `Master.run` over the cached patches.
 
+    pip install 'qjamfab[examples]'     # scipy, for its L-BFGS
     python examples/sparse_autoencoder.py [patches] [--iterations N]
+    python examples/sparse_autoencoder.py 100000 a b     # on hosts a and b
     QJAMFAB_HOSTS=a,b python examples/sparse_autoencoder.py 100000
     inv run examples/sparse_autoencoder.py --hosts=a,b -- 100000
 
@@ -346,9 +348,14 @@ def train_with_minimize(
 
 def main(argv: list[str] | None = None) -> int:
     from qjamfab import DataSet, Master
+    from qjamfab.hostspec import add_host_arguments, number_or_host, script_hosts
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("patches", nargs="?", type=int, default=10_000)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Hosts: --hosts=a,b, or after the arguments (as qjam's examples "
+        "took them); else $QJAMFAB_HOSTS, else local workers.",
+    )
+    parser.add_argument("patches", nargs="?", type=number_or_host(int), default=10_000)
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument(
         "--hand-wired",
@@ -360,12 +367,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also train with the serial code and compare",
     )
+    add_host_arguments(parser)
     args = parser.parse_args(argv)
+    hosts = script_hosts(parser, args)
+    try:  # before any work: train() needs it at the end
+        import scipy.optimize  # noqa: F401
+    except ImportError:
+        sys.exit(
+            "sparse_autoencoder.py needs scipy, which is not installed here: "
+            "pip install 'qjamfab[examples]' (or pip install scipy)"
+        )
 
     X = sample_patches(args.patches)
     theta0 = initial_theta()
     print(f"{args.patches} patches of 8x8, {HIDDEN} hidden units")
-    with Master() as master:
+    with Master(hosts) as master:
         dataset = DataSet(X)
         cost = DistributedCost(master, dataset)
         c0, g0 = cost(theta0)

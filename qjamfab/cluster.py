@@ -29,7 +29,7 @@ from typing import TypedDict, Unpack
 from . import hosts as hostlib
 from . import runtime
 from .errors import HostError, PreflightFailed, QjamfabError
-from .hostspec import HostSpec
+from .hostspec import HostSpec, env_setting
 from .packages import Distribution, check_platform
 from .transport import sftp_upload, ssh_exec, tail
 
@@ -40,11 +40,9 @@ with open(os.path.join(os.path.dirname(runtime.__file__), "probe.py")) as _f:
 
 
 def remote_python() -> str:
-    return (
-        os.environ.get("QJAMFAB_REMOTE_PYTHON")
-        or os.environ.get("QJAM_REMOTE_PYTHON")
-        or "python3"
-    )
+    """The Python hosts run without a python= setting: $QJAMFAB_REMOTE_PYTHON,
+    else $QJAM_REMOTE_PYTHON, else python3."""
+    return env_setting("REMOTE_PYTHON")[0] or "python3"
 
 
 class _NoRuntime(QjamfabError):
@@ -99,7 +97,8 @@ class HostSession:
         if status == 127:
             raise PreflightFailed(
                 f"{self.name}: python {self.python!r} was not found: install "
-                f"python3 there, or set QJAMFAB_REMOTE_PYTHON to its path\n"
+                f"python3 there, or set {env_setting('REMOTE_PYTHON')[1]} to "
+                f"its path\n"
                 f"{tail(err)}",
                 host=self.name,
             )
@@ -121,7 +120,8 @@ class HostSession:
                 f"{self.name} runs Python {'.'.join(map(str, info['python']))} "
                 f"({info['executable']}), the master {ours[0]}.{ours[1]}: "
                 "cloudpickle needs the same minor version; set "
-                f"QJAMFAB_REMOTE_PYTHON to a python{ours[0]}.{ours[1]} there",
+                f"{env_setting('REMOTE_PYTHON')[1]} to a "
+                f"python{ours[0]}.{ours[1]} there",
                 host=self.name,
             )
         if not info["writable"]:

@@ -18,6 +18,10 @@ that `operator.add` (the run's reduce) concatenates slices in any order:
 `values` is the pickle of the list of return values (None where a call
 failed) and `errors` maps a failed call's position to `error_report()`:
 a call that raised, or whose result cannot be pickled.
+
+`call_batch` is the function the joblib backend (joblib_backend.py)
+submits for each batch: the batch's calls as plain (function, args,
+kwargs), so a host needs no joblib unless the calls themselves use it.
 """
 
 from __future__ import annotations
@@ -60,6 +64,19 @@ def apply_slice(params: tuple, chunk: list) -> list:
                 errors[len(values)] = error_report(exc, skip_frames=1)
                 values.append(None)
     return [(slice_no, pack_values(values, errors), errors)]
+
+
+def call_batch(calls: list) -> list:
+    """A joblib batch on a worker: each (fn, args, kwargs) in turn, their
+    results in order; the first to raise fails the batch, as in joblib's
+    BatchedCalls. Where joblib is installed, a Parallel inside a call runs
+    sequentially: the workers are one per core already."""
+    try:
+        from joblib import parallel_config
+    except ImportError:  # then no call here can start a Parallel either
+        return [fn(*args, **kwargs) for fn, args, kwargs in calls]
+    with parallel_config(backend="sequential"):
+        return [fn(*args, **kwargs) for fn, args, kwargs in calls]
 
 
 def _dumps(obj: object) -> bytes:

@@ -58,6 +58,7 @@ from .hostspec import (
     config_path,
     config_yes,
     destination,
+    env_setting,
     parse_hosts,
 )
 
@@ -333,8 +334,8 @@ def _map_error(
         return AuthenticationFailed(
             f"{label}: SSH authentication failed for user {conn.user!r} at "
             f"{conn.host}:{conn.port}: check the user (user@host, "
-            f"QJAMFAB_USER or User in ssh_config) and the key (IdentityFile "
-            f"in ssh_config, or install yours with `ssh-copy-id "
+            f"{env_setting('USER')[1]} or User in ssh_config) and the key "
+            f"(IdentityFile in ssh_config, or install yours with `ssh-copy-id "
             f"-p {conn.port} {conn.user}@{conn.host}`)\n"
             f"paramiko said: {e}",
             host=label,

@@ -10,16 +10,22 @@
 - `config_path`: which ssh_config file applies (the argument, else
   ``$QJAMFAB_SSH_CONFIG``, else the clients' defaults);
 - `config_option` / `config_yes`: reading an option of a Connection's
-  ssh_config, for hosts.py and knownhosts.py.
+  ssh_config, for hosts.py and knownhosts.py;
+- `env_setting`: a ``$QJAMFAB_*`` setting, else qjam's ``$QJAM_*``, and
+  which of the two it came from (for messages that name it);
+- `add_host_arguments` / `script_hosts`: hosts on a script's command line,
+  ``--hosts=a,b`` or after its own arguments (``sum_matrix.py 2000 a b``,
+  as qjam's examples took them).
 
 Stdlib only, plus qjamfab's errors: no SSH library is needed to parse specs.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,6 +42,10 @@ __all__ = [
     "config_path",
     "config_option",
     "config_yes",
+    "env_setting",
+    "add_host_arguments",
+    "number_or_host",
+    "script_hosts",
 ]
 
 
@@ -294,6 +304,70 @@ def split_destination(raw: str) -> tuple[str | None, str, int | None]:
     return (user or None), host, port
 
 
+# --- hosts on a script's command line ----------------------------------------
+
+
+class _LeadingHost(str):
+    """A word given where a script's optional number goes: its first host."""
+
+
+def add_host_arguments(parser: argparse.ArgumentParser) -> None:
+    """A script's hosts: ``--hosts=a,b``, or after its own positional
+    arguments (``script.py 2000 a b``, as qjam's examples took them). Add
+    them after the script's own positionals; read them with script_hosts."""
+    parser.add_argument(
+        "--hosts",
+        help="hosts, comma separated: local, local:N, [user@]host[:port], "
+        "or @FILE (default: $QJAMFAB_HOSTS, else local workers)",
+    )
+    parser.add_argument(
+        "host", nargs="*", help="hosts, as for --hosts, one per argument"
+    )
+
+
+def number_or_host(convert: Callable[[str], object]) -> Callable[[str], object]:
+    """The argparse type of a script's optional number that may be left out
+    before its hosts (``sum_matrix.py host1 host2``): a number goes through
+    `convert` (whose errors stand); any other word is the first host."""
+
+    def parse(text: str) -> object:
+        try:
+            float(text)
+        except ValueError:
+            return _LeadingHost(text)
+        return convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "number")
+    return parse
+
+
+def script_hosts(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> str | list[str] | None:
+    """The hosts add_host_arguments read, for Master(hosts): None when none
+    was given (then $QJAMFAB_HOSTS, else local workers). An argument of
+    number_or_host that was a host joins them, and gets its default back.
+    A bad host is a usage error (exit status 2)."""
+    hosts: list[str] = []
+    for name, value in vars(args).items():
+        if isinstance(value, _LeadingHost):
+            hosts.append(str(value))
+            setattr(args, name, parser.get_default(name))
+    hosts += args.host
+    if hosts and args.hosts:
+        parser.error(
+            f"hosts given twice, with --hosts={args.hosts} and as arguments "
+            f"({' '.join(hosts)}): give them one way"
+        )
+    chosen: str | list[str] | None = args.hosts or hosts or None
+    if chosen is not None:
+        try:
+            parse_hosts(chosen)
+        except BadHostSpec as exc:
+            parser.error(str(exc))
+    return chosen
+
+
 # --- where an SSH spec points ----------------------------------------------
 
 
@@ -307,8 +381,17 @@ def destination(spec: HostSpec) -> tuple[str | None, str, int | None]:
     """(user, host, port) of an SSH spec; the user from ``user@``, else
     $QJAMFAB_USER, else $QJAM_USER, else None (ssh_config decides)."""
     user, host, port = split_destination(spec.raw)
-    user = user or os.environ.get("QJAMFAB_USER") or os.environ.get("QJAM_USER") or None
-    return user, host, port
+    return user or env_setting("USER")[0], host, port
+
+
+def env_setting(name: str) -> tuple[str | None, str]:
+    """($QJAMFAB_<name>, else qjam's $QJAM_<name>; the variable it came
+    from). Unset or empty: (None, "QJAMFAB_<name>"), the one to suggest."""
+    for variable in (f"QJAMFAB_{name}", f"QJAM_{name}"):
+        value = os.environ.get(variable)
+        if value:
+            return value, variable
+    return None, f"QJAMFAB_{name}"
 
 
 # --- ssh_config options ----------------------------------------------------

@@ -17,11 +17,13 @@ and Dask backends use it) and the Master's Executor (futures.py):
 (`pip install 'qjamfab[joblib]'`); this module imports joblib, so import
 it only then.
 
-- Each batch joblib dispatches is one `Master.submit`: a `BatchedCalls`
-  object that travels by value with its functions and data, and runs on a
-  worker (where joblib, and scikit-learn for its estimators, must be
-  importable). Batches are sized by joblib's `AutoBatchingMixin`, as for
-  loky and Dask: batches grow until one takes at least 0.2 s.
+- Each batch joblib dispatches is one `Master.submit` of
+  `futures_remote.call_batch` over the batch's plain (function, args,
+  kwargs) calls, taken out of joblib's `BatchedCalls`: a host needs no
+  joblib, only what the calls use (scikit-learn for its estimators: ship
+  it with `packages=with_dependencies("scikit-learn")`). Batches are sized
+  by joblib's `AutoBatchingMixin`, as for loky and Dask: batches grow
+  until one takes at least 0.2 s.
 - `effective_n_jobs` is the worker count: `n_jobs=-1` (and `None`,
   scikit-learn's default, under this backend as under Dask's) means every
   worker, `-2` all but one, a positive n at most the workers. When that
@@ -52,6 +54,7 @@ try:
     from joblib import register_parallel_backend
     from joblib.parallel import (
         AutoBatchingMixin,
+        BatchedCalls,
         ParallelBackendBase,
         SequentialBackend,
     )
@@ -61,6 +64,7 @@ except ImportError as exc:  # pragma: no cover - only without joblib
         "pip install 'qjamfab[joblib]'"
     ) from exc
 
+from . import futures_remote
 from .master import Master
 
 NAME = "qjamfab"
@@ -163,7 +167,10 @@ class QjamfabBackend(AutoBatchingMixin, ParallelBackendBase):
     def submit(
         self, func: Callable[[], Any], callback: Callable[[Future], Any] | None = None
     ) -> Future:
-        future = self.master.submit(func)
+        if isinstance(func, BatchedCalls):  # joblib's wrapper stays here
+            future = self.master.submit(futures_remote.call_batch, func.items)
+        else:
+            future = self.master.submit(func)
         self._pending.add(future)
         future.add_done_callback(self._pending.discard)
         if callback is not None:

@@ -549,7 +549,8 @@ def describe(report: dict) -> str:
 
 def suggestion(module: str) -> str | None:
     """For a module a host lacks: `packages=['dist']` when this master has
-    the distribution that provides it, else None."""
+    the distribution that provides it (`packages=with_dependencies('dist')`
+    when it requires others), else None."""
     top = module.split(".", 1)[0]
     try:  # most distributions are named as their module: no scan
         owners = [metadata.distribution(top).metadata["Name"] or top]
@@ -557,4 +558,8 @@ def suggestion(module: str) -> str | None:
         owners = _module_owners(top)
     if not owners:
         return None
+    # A distribution that needs others here needs them there too.
+    needs = (_required(r) for r in metadata.distribution(owners[0]).requires or ())
+    if any(dep and canonical(dep) not in _RUNTIME_SHIPS for dep in needs):
+        return f"packages=with_dependencies({owners[0]!r})"
     return f"packages=[{owners[0]!r}]"

@@ -30,6 +30,7 @@ from .errors import (
     WorkerLost,
     describe_exit,
 )
+from .hostspec import env_setting
 from .reduce import ReduceMismatch, ReduceTree, reduce_in_place
 from .spill import SpilledNodes
 from .workers import LOST, Event, Inbox, Link, WorkerHandle
@@ -768,7 +769,7 @@ class Run:
                 if handle.link.on_dask
                 else f"install it for {python} there, "
                 + (f"ship it from here with Master(..., {ship}), " if ship else "")
-                + "or set QJAMFAB_REMOTE_PYTHON to a Python that has it"
+                + f"or set {env_setting('REMOTE_PYTHON')[1]} to a Python that has it"
             )
             return PreflightFailed(
                 f"{handle.host} lacks the Python module "

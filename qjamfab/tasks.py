@@ -24,8 +24,8 @@ columns at most with a status cut to fit), and exits with status 1 when any
 host failed (each failure's full text is printed below the table); a bad
 argument exits with status 2. A QjamfabError ends a task with one line (the
 traceback with --verbose), Ctrl-C with "interrupted" and status 130. `run`
-exits with the script's own status, and has the script's Masters log a
-summary line per run to stderr ($QJAMFAB_LOG_LEVEL).
+exits with the script's own status; with --verbose the script's Masters
+log their debug messages to stderr ($QJAMFAB_LOG_LEVEL).
 """
 
 from __future__ import annotations
@@ -631,8 +631,8 @@ def run(
     Runs SCRIPT ARGS with this Python, as `python SCRIPT ARGS` does, with
     QJAMFAB_HOSTS set to --hosts (and QJAMFAB_SSH_CONFIG to --ssh-config), so
     the script's Master() uses them (a Master given hosts of its own warns
-    that it ignores --hosts), and QJAMFAB_LOG_LEVEL=INFO (DEBUG with
-    --verbose), so it logs a summary of each run to stderr. A qjamfab error
+    that it ignores --hosts), and with --verbose QJAMFAB_LOG_LEVEL=DEBUG, so
+    it logs what its Masters do to stderr. A qjamfab error
     that ends the script prints its message alone (its traceback too with
     --verbose); Ctrl-C prints "interrupted" and exits 130.
     Its output streams through and its exit status is run's. Give ARGS after
@@ -683,13 +683,10 @@ def run(
     pythonpath = _pythonpath(env)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    # Each Master in the script logs a summary line per run (INFO) to
-    # stderr, and its debug messages with --verbose; a level the user set
-    # wins over INFO.
+    # Only with --verbose: a summary line per run (INFO) would repeat the
+    # RunStats a script prints itself. A level the user set stays.
     if verbose:
         env["QJAMFAB_LOG_LEVEL"] = "DEBUG"
-    else:
-        env.setdefault("QJAMFAB_LOG_LEVEL", "INFO")
     log.debug(
         "run: %s with QJAMFAB_HOSTS=%s%s",
         shlex.join([sys.executable, *command]),

@@ -32,6 +32,7 @@ from .errors import (
     WorkerLost,
     describe_exit,
 )
+from .hostspec import env_setting
 from .transport import Transport
 
 log = logging.getLogger("qjamfab")
@@ -175,7 +176,8 @@ class Link:
                     f"{self.label} runs Python {'.'.join(map(str, head['python']))}"
                     f" ({head['executable']}), the master {ours[0]}.{ours[1]}: "
                     "cloudpickle needs the same minor version; set "
-                    f"QJAMFAB_REMOTE_PYTHON to a python{ours[0]}.{ours[1]} there",
+                    f"{env_setting('REMOTE_PYTHON')[1]} to a "
+                    f"python{ours[0]}.{ours[1]} there",
                     host=self.label,
                 )
             )
@@ -276,7 +278,8 @@ class Link:
         if status == 127:
             return PreflightFailed(
                 f"{self.label}: python {self.python!r} was not found: install "
-                f"python3 there, or set QJAMFAB_REMOTE_PYTHON to its path\n"
+                f"python3 there, or set {env_setting('REMOTE_PYTHON')[1]} to "
+                f"its path\n"
                 f"{tail}",
                 host=self.label,
             )

@@ -2,6 +2,8 @@
 leave a process behind that names it."""
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -69,3 +71,25 @@ def ssh():
         cluster.stop_workers(
             hostspec.parse_hosts(servers.aliases), ssh_config=servers.ssh_config
         )
+
+
+@pytest.fixture(scope="session")
+def bare_python(tmp_path_factory) -> str:
+    """A Python with the standard library only (a venv without pip, made
+    once per session), for SSH hosts that lack what this one has: pass it
+    as a host setting, "host1 python=<it>". The SSH test hosts otherwise run
+    this machine's python3, which has the test extra (joblib, scikit-learn,
+    numpy)."""
+    venv = tmp_path_factory.mktemp("bare-python")
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)],
+        check=True,
+        timeout=120,
+    )
+    python = str(venv / "bin" / "python")
+    for module in ("joblib", "sklearn", "numpy"):
+        found = subprocess.run(
+            [python, "-c", f"import {module}"], capture_output=True, timeout=60
+        )
+        assert found.returncode != 0, f"the bare venv {venv} can import {module}"
+    return python

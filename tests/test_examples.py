@@ -17,13 +17,15 @@ EXAMPLES = ROOT / "examples"
 pytestmark = pytest.mark.timeout(150)
 
 
-def run_example(name, *args):
+def run_example(name, *args, path_first=None):
     env = dict(os.environ)  # holds this test's own QJAMFAB_HOME
     env["QJAMFAB_HOSTS"] = "local:2"
     # The examples import qjamfab: make this checkout importable whether or
     # not the package is installed.
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        ([str(path_first)] if path_first else [])
+        + [str(ROOT)]
+        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     )
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / name), *map(str, args)],
@@ -57,6 +59,18 @@ def test_sum_matrix():
         == 2500 * 2501 // 2
     )
     assert "on 2 workers" in proc.stdout, describe(proc)
+
+
+def test_sum_matrix_again_finds_its_slices_in_the_cache():
+    """The matrix is seeded: a second run (the same QJAMFAB_HOME) sends no
+    slice, rather than leaving a new matrix's slices in the cache."""
+    first = run_example("sum_matrix.py", 50)
+    assert first.returncode == 0, describe(first)
+    again = run_example("sum_matrix.py", 50)
+    assert again.returncode == 0, describe(again)
+    assert re.search(r": (\d+) slices, \1 cached, 0 sent", again.stdout), describe(
+        again
+    )
 
 
 def test_newton_sqrt():
@@ -123,8 +137,8 @@ def test_every_example_has_help(name):
     [
         (
             "sum_matrix.py",
-            "abc",
-            "argument n: 'abc' is not a positive integer: "
+            "1.5",
+            "argument n: '1.5' is not a positive integer: "
             "give the matrix's size, e.g. 1000",
         ),
         (
@@ -142,10 +156,15 @@ def test_every_example_has_help(name):
         ),
         (
             "newton_sqrt.py",
-            "two",
-            "argument a: 'two' is not a positive number: "
+            "inf",
+            "argument a: 'inf' is not a positive number: "
             "give the number whose square root to find, "
             "e.g. 2",
+        ),
+        (
+            "sparse_autoencoder.py",
+            "1.5",
+            "argument patches: invalid int value: '1.5'",
         ),
         (
             "char_count.py",
@@ -158,8 +177,78 @@ def test_every_example_has_help(name):
 def test_examples_say_what_is_wrong_with_an_argument(name, arg, error):
     proc = run_example(name, "--", arg)
     assert proc.returncode == 2, describe(proc)
-    assert proc.stderr.splitlines()[1:] == [f"{name}: error: {error}"], describe(proc)
+    # the usage (one line or more), then the error
+    assert proc.stderr.startswith(f"usage: {name} "), describe(proc)
+    assert proc.stderr.splitlines()[-1] == f"{name}: error: {error}", describe(proc)
     assert proc.stdout == "", describe(proc)
+
+
+@pytest.mark.parametrize(
+    "name, args, workers",
+    [
+        # as qjam's examples took hosts: after the script's own arguments
+        ("sum_matrix.py", [50, "local:3"], 3),
+        ("sum_matrix.py", [50, "local:1", "local:2"], 3),
+        # the number left out: the first word is a host (n is 1000)
+        ("sum_matrix.py", ["local:1"], 1),
+        ("sum_matrix.py", ["--hosts=local:1,local:3", 50], 4),
+        ("newton_sqrt.py", [123456789, "local:3"], 3),
+        ("char_count.py", [EXAMPLES / "sample.txt", "local:3"], 3),
+    ],
+)
+def test_examples_take_hosts_after_their_arguments(name, args, workers):
+    proc = run_example(name, *args)  # $QJAMFAB_HOSTS is local:2
+    assert proc.returncode == 0, describe(proc)
+    if name == "char_count.py":  # it prints no RunStats: the count is right
+        assert re.search(r"^\d+ letters in \d+ lines$", proc.stdout, re.M)
+    else:
+        assert re.search(rf"\bon {workers} workers?:", proc.stdout), describe(proc)
+    if args == ["local:1"]:
+        assert f"expected sum: {10**6 * (10**6 + 1) // 2}" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        (
+            ["50", "a,b"],
+            "host entry 'a,b' contains a comma: give one host per list item",
+        ),
+        (
+            ["--hosts=local:1", "50", "local:2"],
+            "hosts given twice, with --hosts=local:1 and as arguments (local:2): "
+            "give them one way",
+        ),
+    ],
+)
+def test_examples_say_what_is_wrong_with_the_hosts(args, error):
+    proc = run_example("sum_matrix.py", *args)
+    assert proc.returncode == 2, describe(proc)
+    assert proc.stderr.splitlines()[-1].startswith(f"sum_matrix.py: error: {error}")
+    assert proc.stdout == "", describe(proc)
+
+
+def test_sparse_autoencoder_without_scipy_says_to_install_the_extra(tmp_path):
+    fake = tmp_path / "scipy"  # shadows the installed scipy: not importable
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'scipy'\", name='scipy')\n"
+    )
+    proc = run_example("sparse_autoencoder.py", 100, path_first=tmp_path)
+    assert proc.returncode == 1, describe(proc)
+    assert proc.stderr == (
+        "sparse_autoencoder.py needs scipy, which is not installed here: "
+        "pip install 'qjamfab[examples]' (or pip install scipy)\n"
+    ), describe(proc)
+    assert proc.stdout == "", describe(proc)  # nothing done before
+
+
+def test_the_examples_extra_has_what_the_examples_import():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert any(req.startswith("scipy") for req in extras["examples"])
 
 
 def test_char_count_empty_file(tmp_path):

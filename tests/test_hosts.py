@@ -620,11 +620,25 @@ def test_wrong_user(sshd):
 @pytest.mark.parametrize("var", ["QJAMFAB_USER", "QJAM_USER"])
 def test_env_user_beats_ssh_config(sshd, monkeypatch, var):
     monkeypatch.setenv(var, "nosuchuser")
-    with pytest.raises(AuthenticationFailed, match="'nosuchuser'"):
+    with pytest.raises(AuthenticationFailed, match="'nosuchuser'") as info:
         connect("host1", ssh_config=sshd.ssh_config)
+    # The advice names the variable the user came from.
+    assert f"(user@host, {var} or User in ssh_config)" in str(info.value)
     # but user@ in the spec beats the environment
     conn = connect(f"{sshd.user}@host1", ssh_config=sshd.ssh_config)
     conn.close()
+
+
+def test_env_setting_says_which_variable_it_came_from(monkeypatch):
+    from qjamfab.hostspec import env_setting
+
+    assert env_setting("USER") == (None, "QJAMFAB_USER")
+    monkeypatch.setenv("QJAM_USER", "ann")
+    assert env_setting("USER") == ("ann", "QJAM_USER")
+    monkeypatch.setenv("QJAMFAB_USER", "")  # empty counts as unset
+    assert env_setting("USER") == ("ann", "QJAM_USER")
+    monkeypatch.setenv("QJAMFAB_USER", "bob")
+    assert env_setting("USER") == ("bob", "QJAMFAB_USER")
 
 
 def test_qjamfab_user_beats_qjam_user(sshd, monkeypatch):

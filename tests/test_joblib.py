@@ -2,19 +2,32 @@
 joblib.Parallel on the workers, effective_n_jobs, a Master of its own from
 $QJAMFAB_HOSTS, errors, nesting, and scikit-learn's n_jobs (GridSearchCV
 on load_digits gives the serial search's best params; cross_val_score and
-a RandomForest give the serial results)."""
+a RandomForest give the serial results).
+
+The SSH hosts run a bare Python (no joblib, scikit-learn or numpy): the
+backend needs nothing on them, and scikit-learn goes there with
+packages=with_dependencies("scikit-learn")."""
 
 import os
+import warnings
 
 import numpy as np
 import pytest
 
 joblib = pytest.importorskip("joblib")
 
-from qjamfab import Master, RemoteError  # noqa: E402
+from qjamfab import Master, PreflightFailed, RemoteError  # noqa: E402
+from qjamfab.packages import with_dependencies  # noqa: E402
 from tests.conftest import processes_mentioning  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
+
+
+def bare_hosts(request) -> list[str]:
+    """host1 and host2, each running the session's bare Python."""
+    ssh = request.getfixturevalue("ssh")
+    python = request.getfixturevalue("bare_python")
+    return [f"{alias} python={python}" for alias in ssh.aliases[:2]]
 
 
 @pytest.fixture(params=["local", "ssh"])
@@ -23,7 +36,7 @@ def master(request):
         m = Master("local:2")
     else:
         ssh = request.getfixturevalue("ssh")
-        m = Master(ssh.aliases[:2], workers_per_host=1, ssh_config=ssh.ssh_config)
+        m = Master(bare_hosts(request), workers_per_host=1, ssh_config=ssh.ssh_config)
     with m:
         yield m
 
@@ -189,10 +202,50 @@ def _grid_search(X, y, n_jobs):
     search = GridSearchCV(
         SVC(), {"C": [1, 10], "gamma": [1e-4, 1e-3, 1e-2]}, cv=3, n_jobs=n_jobs
     )
-    return search.fit(X, y)
+    # scikit-learn sends the warning filters with each task, and pytest's
+    # name its own classes: a bare host cannot import pytest.
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        return search.fit(X, y)
 
 
-def test_grid_search_gives_the_serial_best_params(master, digits):
+@pytest.fixture(params=["local", "ssh"])
+def sklearn_master(request):
+    """local:2, or two bare SSH hosts that get scikit-learn (and numpy,
+    scipy, joblib ...) from this machine with with_dependencies."""
+    if request.param == "local":
+        m = Master("local:2")
+    else:
+        ssh = request.getfixturevalue("ssh")
+        m = Master(
+            bare_hosts(request),
+            workers_per_host=1,
+            ssh_config=ssh.ssh_config,
+            packages=with_dependencies("scikit-learn"),
+        )
+    with m:
+        yield m
+
+
+def test_scikit_learn_on_bare_hosts_says_to_ship_it(request, digits):
+    ssh = request.getfixturevalue("ssh")
+    X, y = digits
+    hosts = bare_hosts(request)
+    with Master(hosts, workers_per_host=1, ssh_config=ssh.ssh_config) as m:
+        with joblib.parallel_config(backend="qjamfab", master=m):
+            with pytest.raises(
+                PreflightFailed,
+                match=r"^host\d lacks the Python module 'sklearn', which the job "
+                r"needs \(worker host\d-0\): install it for .* there, ship it from "
+                r"here with Master\(\.\.\., "
+                r"packages=with_dependencies\('scikit-learn'\)\)",
+            ):
+                _grid_search(X, y, n_jobs=-1)
+
+
+def test_grid_search_gives_the_serial_best_params(sklearn_master, digits):
+    master = sklearn_master
     X, y = digits
     serial = _grid_search(X, y, n_jobs=None)
     with joblib.parallel_config(backend="qjamfab", master=master):

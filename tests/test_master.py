@@ -59,6 +59,16 @@ def master2():
         yield m
 
 
+def test_local_workers_have_readable_names(master2, qjamfab_home):
+    """ps -e shows qjamfab-local-0, not "python3"; the command line still
+    names the base directory (the leftover check looks for it)."""
+    found = processes_mentioning(str(qjamfab_home))
+    for worker, stats in master2.worker_stats().items():
+        with open(f"/proc/{stats['pid']}/comm") as f:
+            assert f.read().strip() == f"qjamfab-{worker}"
+        assert any(line.startswith(f"{stats['pid']}: ") for line in found), found
+
+
 # --- the original qjam cases ---------------------------------------------
 
 

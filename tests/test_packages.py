@@ -176,6 +176,11 @@ def test_dependencies_only_when_asked():
 
 def test_a_missing_module_suggests_the_distribution_that_has_it():
     assert shipping.suggestion("numpy.linalg") == "packages=['numpy']"
+    # scikit-learn needs numpy, scipy, joblib ... there too
+    assert (
+        shipping.suggestion("sklearn.svm")
+        == "packages=with_dependencies('scikit-learn')"
+    )
     assert shipping.suggestion("no_such_module_here") is None
 
 

@@ -4,6 +4,7 @@ name host and worker, security properties and the rekey workaround."""
 
 import hashlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from qjamfab import (
     hostspec,
     openssh,
 )
+from tests.conftest import processes_mentioning
 from tests.jobs import (
     constant,
     exiting,
@@ -267,13 +269,14 @@ def test_stopped_daemons_start_in_the_one_connection(ssh):
     assert _connections(ssh, "host2") - before == 1
 
 
-def test_missing_remote_python(ssh, monkeypatch):
-    monkeypatch.setenv("QJAMFAB_REMOTE_PYTHON", "/nonexistent/python3")
+@pytest.mark.parametrize("var", ["QJAMFAB_REMOTE_PYTHON", "QJAM_REMOTE_PYTHON"])
+def test_missing_remote_python(ssh, monkeypatch, var):
+    monkeypatch.setenv(var, "/nonexistent/python3")
     with pytest.raises(
         PreflightFailed,
         match="^host1: python "
         "'/nonexistent/python3' was not found: install python3 "
-        "there, or set QJAMFAB_REMOTE_PYTHON",
+        f"there, or set {var} to its path\n",
     ):
         Master(["host1"], ssh_config=ssh.ssh_config)
 
@@ -388,6 +391,26 @@ def test_worker_daemons_open_no_tcp_port(master3):
                 assert target[8:-1] not in listening
 
 
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+def test_daemons_agents_and_keepers_have_readable_names(master3, ssh):
+    """ps -e shows qjamfab-w<slot> for a daemon, qjamfab-keeper for its
+    keeper and qjamfab-agent for a host's agent, not "python3"; their
+    command lines still name the host's base directory."""
+    for worker, stats in master3.worker_stats().items():
+        host = worker.rsplit("-", 1)[0]
+        pid = stats["pid"]
+        assert re.fullmatch(r"qjamfab-w\d+", _comm(pid)), worker
+        names = sorted(_comm(p) for p in ssh[host].processes() if p != pid)
+        assert "qjamfab-agent" in names and "qjamfab-keeper" in names, names
+        # stop-workers and the tests' leftover checks find it by its base
+        found = processes_mentioning(ssh.homes[host])
+        assert any(line.startswith(f"{pid}: ") for line in found), found
+
+
 def test_worker_sockets_and_base_are_private(master3, ssh):
     home = ssh.homes["host1"]
     assert os.stat(home).st_mode & 0o077 == 0
@@ -494,21 +517,16 @@ def test_two_gib_each_way_through_one_connection(ssh):
 
 
 def test_a_module_the_host_lacks_is_one_line_naming_host_and_module(
-    ssh, tmp_path, monkeypatch
+    ssh, bare_python, monkeypatch
 ):
-    """A host whose Python is a bare venv (no numpy): the runtime needs only
-    the standard library, and a numpy dataset fails naming host and module,
-    not as a lost worker."""
+    """A host whose Python is a bare venv (no numpy), set with qjam's
+    variable: the runtime needs only the standard library, and a numpy
+    dataset fails naming host and module, not as a lost worker, and the
+    advice names the variable the Python came from."""
     from qjamfab import cluster
 
-    venv = tmp_path / "bare"
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--without-pip", str(venv)],
-        check=True,
-        timeout=120,
-    )
-    python = str(venv / "bin" / "python")
-    monkeypatch.setenv("QJAMFAB_REMOTE_PYTHON", python)
+    python = bare_python
+    monkeypatch.setenv("QJAM_REMOTE_PYTHON", python)
     try:
         with Master(["host2"], workers_per_host=1, ssh_config=ssh.ssh_config) as m:
             assert m.run(constant) == 42
@@ -518,7 +536,8 @@ def test_a_module_the_host_lacks_is_one_line_naming_host_and_module(
                 match=(
                     r"^host2 lacks the Python module 'numpy', which a dataset "
                     r"slice needs \(worker host2-0\): install it for "
-                    rf"{python} there"
+                    rf"{python} there, .* or set QJAM_REMOTE_PYTHON to a Python "
+                    r"that has it\n"
                 ),
             ):
                 m.run(lambda p, x: float(x.sum()), dataset=DataSet(np.arange(100.0)))

@@ -234,6 +234,22 @@ def test_run_passes_args_env_and_exit_status(tmp_path):
     assert (seen["hosts"], seen["from_cli"]) == ("local:3", None), describe(proc)
 
 
+def test_run_prints_the_run_stats_once(tmp_path):
+    """What the script prints, once: no log line repeats its RunStats."""
+    script = tmp_path / "stats.py"
+    script.write_text(
+        textwrap.dedent("""
+        from qjamfab import Master
+        with Master() as m:
+            m.run(lambda p, s: 1)
+            print(m.last_run)
+    """)
+    )
+    proc = cli("inv", "run", str(script), "--hosts=local:1")
+    assert proc.returncode == 0, describe(proc)
+    assert (proc.stdout + proc.stderr).count("RunStats(") == 1, describe(proc)
+
+
 def test_run_missing_script():
     proc = cli("inv", "run", "examples/no_such_script.py", "--hosts=local")
     assert proc.returncode == 2, describe(proc)

@@ -42,6 +42,18 @@ def default_base() -> str:
     )
 
 
+def set_process_name(name: str) -> None:
+    """Name this process for `ps -e`, top and pgrep (Linux: its comm, 15
+    characters at most), rather than "python3" beside a boot script. The
+    command line stays: it names the base directory, which stop-workers
+    and the tests look for."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass  # no /proc (not Linux): the name is cosmetic
+
+
 @functools.lru_cache(maxsize=1)
 def bundle_files() -> dict[str, bytes]:
     """Relative path -> content of every file a worker needs."""

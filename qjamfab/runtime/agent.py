@@ -52,6 +52,7 @@ from . import (
     process_running,
     read_tail,
     secure_dir,
+    set_process_name,
     stream_lock,
     this_runtime,
     write_locked,
@@ -645,6 +646,7 @@ def _encode(value: object) -> list:
 
 
 def main() -> None:
+    set_process_name("qjamfab-agent")
     os.umask(0o077)
     base = default_base()
     try:

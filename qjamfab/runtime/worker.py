@@ -50,7 +50,14 @@ from typing import TYPE_CHECKING
 from .. import protocol
 from ..errors import ProtocolError
 from ..reduce import ReduceTree
-from . import default_base, secure_dir, stream_lock, this_runtime, write_locked
+from . import (
+    default_base,
+    secure_dir,
+    set_process_name,
+    stream_lock,
+    this_runtime,
+    write_locked,
+)
 from .cache import CacheEntryLost, CacheLimitError, RefCache, is_ref
 from .lru import JobCache, job_budget
 from .packages import use_in_daemon
@@ -868,11 +875,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     os.umask(0o077)
+    # "qjamfab-local-0"; a daemon, "worker-3", is "qjamfab-w3".
+    daemon = args.name.startswith("worker-")
+    set_process_name("qjamfab-" + ("w" + args.name[7:] if daemon else args.name))
     if args.socket:
         # A daemon's own exit status is known only to its parent: a small
         # keeper process, forked before anything starts, records it.
         child = os.fork()
         if child:
+            set_process_name("qjamfab-keeper")
             _keep(child, args.socket[: -len(".sock")] + ".exit")
     tune_malloc()
     base = os.path.expanduser(args.base or default_base())
