@@ -656,7 +656,7 @@ def run(
         )
     command = [path, *words[1:], *rest]
     env = dict(os.environ)
-    env["QJAMFAB_HOSTS"] = ",".join(s.raw for s in specs)
+    env["QJAMFAB_HOSTS"] = ",".join(s.entry for s in specs)  # with their settings
     # Hosts from --hosts or fab -H: a Master given others says it ignores
     # them (display.warn_if_cli_hosts_ignored).
     env.pop("QJAMFAB_HOSTS_FROM_CLI", None)

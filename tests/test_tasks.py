@@ -216,6 +216,44 @@ def test_run_passes_args_env_and_exit_status(tmp_path):
     assert (seen["hosts"], seen["from_cli"]) == ("local:3", None), describe(proc)
 
 
+def test_run_keeps_a_hosts_files_settings(tmp_path):
+    """inv run --hosts=@FILE: the script's Master() gets each entry's
+    workers= and env. settings, not only the host names."""
+    hosts = tmp_path / "lab.hosts"
+    hosts.write_text("# lab\nlocal  workers=2  env.QJF_LAB=w{worker}  # two\n")
+    script = tmp_path / "lab.py"
+    script.write_text(
+        textwrap.dedent("""
+        import json, os
+        from qjamfab import DataSet, Master
+        with Master() as m:
+            seen = m.run(lambda p, xs: {os.environ["QJF_LAB"]},
+                         dataset=DataSet(list(range(8))), reduce=set.union)
+            print(json.dumps({"hosts": os.environ["QJAMFAB_HOSTS"],
+                              "workers": len(m.workers), "env": sorted(seen)}))
+    """)
+    )
+    proc = cli("inv", "run", str(script), f"--hosts=@{hosts}")
+    assert proc.returncode == 0, describe(proc)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+        "hosts": "local workers=2 env.QJF_LAB=w{worker}",
+        "workers": 2,
+        "env": ["w0", "w1"],
+    }, describe(proc)
+
+
+def test_a_spec_as_an_entry_reads_back_the_same():
+    entries = [
+        "u@gpu1:2222 workers=4 python=/opt/py/bin/python env.CUDA={worker} env.X=a=b",
+        "local:3",
+        "LOCAL:2 workers=5",
+        "host2",
+    ]
+    specs = parse_hosts(entries)
+    assert [s.entry for s in specs][1] == "local:3"
+    assert parse_hosts(",".join(s.entry for s in specs)) == specs
+
+
 def test_run_missing_script():
     proc = cli("inv", "run", "examples/no_such_script.py", "--hosts=local")
     assert proc.returncode == 2, describe(proc)
