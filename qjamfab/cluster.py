@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypedDict, Unpack
+from typing import TYPE_CHECKING, TypedDict
 
 from . import hosts as hostlib
 from . import runtime
@@ -33,6 +33,8 @@ from .hostspec import HostSpec
 from .transport import sftp_upload, ssh_exec, tail
 
 if TYPE_CHECKING:
+    from typing import Unpack  # Python 3.11+: for annotations only (3.10 runs this)
+
     from .packages import Distribution
 
 log = logging.getLogger(__name__)
