@@ -33,7 +33,7 @@ from .hostspec import HostSpec
 from .transport import sftp_upload, ssh_exec, tail
 
 if TYPE_CHECKING:
-    from typing import Unpack  # Python 3.11+: for annotations only (3.10 runs this)
+    from typing_extensions import Unpack  # typing has it from 3.11 on
 
     from .packages import Distribution
 
