@@ -244,6 +244,7 @@ def _lifecycle(
     problem: Callable[[dict], str] = lambda info: "",
     footnote: Callable[[], str] = lambda: "",
     seconds: bool = True,
+    optional: Sequence[str] = ("seconds",),
 ) -> bool:
     """Run `action` on every host, print a table, exit 1 if any failed.
 
@@ -252,7 +253,8 @@ def _lifecycle(
     what is wrong with a host that answered but did not do all it was asked
     ("" when nothing); `footnote()` is printed under the table when not
     empty. The status column holds an error's first line (the table cuts it
-    to fit); the whole error is printed below the table.
+    to fit); the whole error is printed below the table. The `optional`
+    columns are left out, in that order, on a terminal too narrow for them.
     False when this was one of fab's per-host calls with nothing left to do.
     """
     _setup_logging(verbose)
@@ -296,7 +298,7 @@ def _lifecycle(
             failed_rows.append(len(rows))
         took = [f"{r.seconds:.2f}"] if seconds else []
         rows.append([r.host, *cells, *took, status])
-    display.print_table(headers, rows, align, failed=failed_rows)
+    display.print_table(headers, rows, align, failed=failed_rows, optional=optional)
     if footnote():
         print(footnote())
     for host, error in failed:
@@ -363,6 +365,7 @@ def bootstrap(
         "lllrlrl",
         row,
         footnote=lambda: "\n".join(shipped),
+        optional=("seconds", "cores", "numpy"),
     )
 
 
@@ -499,8 +502,9 @@ def status(
                 else []
             )
         ),
-        seconds=False,
-    )  # for 80 columns; a status query is quick
+        seconds=False,  # a status query is quick
+        optional=("uptime", "entries", "runtime", "limit"),
+    )
 
 
 def _runtimes(hashes: list[str], current: str) -> str | None:

@@ -135,6 +135,54 @@ def test_local_bootstrap_and_status():
     assert row["runtime"].endswith("*"), describe(proc)
 
 
+def test_status_fits_a_terminal_of_60_columns(tmp_path):
+    """`qjamfab status` in a real terminal (a pty) 60 columns wide: every
+    line fits, the columns that do not are named under the table."""
+    import fcntl
+    import pty
+    import re
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 60, 0, 0))
+    env = dict(os.environ, COLUMNS="60", LINES="24", TERM="xterm")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    try:
+        proc = subprocess.Popen(
+            [*_qjamfab_command(), "status", "--hosts=local"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=follower,
+            stderr=follower,
+        )
+        os.close(follower)
+        chunks = []
+        while True:  # until the program closes its end (EIO on Linux)
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.wait(timeout=60) == 0, b"".join(chunks)
+    finally:
+        os.close(leader)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode())
+    lines = [line.rstrip() for line in re.split(r"[\r\n]+", text)]
+    assert max(map(len, lines)) <= 60, lines
+    header = next(line for line in lines if line.startswith("host "))
+    every = ["host", "workers", "uptime", "entries", "cache", "limit", "runtime"]
+    shown = header.split()
+    assert shown[-1] == "status" and shown[:2] == ["host", "workers"], lines
+    hidden = [name for name in every if name not in shown]
+    assert hidden and f"(left out to fit: {', '.join(hidden)})" in lines, lines
+
+
 def test_local_start_status_stop_workers():
     try:
         proc = cli("inv", "start-workers", "--hosts=local", "--workers-per-host", "1")
