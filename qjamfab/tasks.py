@@ -55,7 +55,7 @@ from .hostspec import HostSpec, parse_hosts
 if TYPE_CHECKING:
     from fabric import Connection
 
-__all__ = ["ns"]
+__all__ = ["ns", "running_program"]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -64,7 +64,9 @@ log = logging.getLogger("qjamfab")
 
 _HELP = {
     "hosts": "comma-separated hosts: local, local:N, [user@]host[:port] or "
-    "ssh_config aliases (default: $QJAMFAB_HOSTS, else local)",
+    "ssh_config aliases; or @FILE, a hosts file of one host a line, each with "
+    "its settings (workers=N python=PATH env.NAME=VALUE) (default: "
+    "$QJAMFAB_HOSTS, else local)",
     "ssh-config": "ssh_config file for the SSH hosts (default: "
     "$QJAMFAB_SSH_CONFIG, else ~/.ssh/config)",
     "verbose": "log qjamfab's debug messages to stderr",
@@ -109,7 +111,7 @@ def _task(**options: object) -> Callable[[Callable], Task]:
 # --- the running program: Fabric's -H and the '--' remainder ------------------
 
 
-def _running_program() -> Program | None:
+def running_program() -> Program | None:
     """The Invoke Program (inv, fab, qjamfab) that is running this task.
 
     Invoke hands a task only its Context: the core arguments (Fabric's
@@ -133,7 +135,7 @@ def _remainder() -> list[str]:
 
     (Invoke keeps them only space-joined, as ``core.remainder``.)
     """
-    program = _running_program()
+    program = running_program()
     argv = list(getattr(program, "argv", None) or sys.argv)[1:]
     if "--" not in argv:
         return []
@@ -176,7 +178,7 @@ def _targets(
     local; the task's --ssh-config, else fab's -S/--ssh-config (or Fabric's
     ssh_config_path setting), else $QJAMFAB_SSH_CONFIG.
     """
-    program = _running_program()
+    program = running_program()
     if _is_connection(ctx):
         fab_hosts = _core_value(program, "hosts")
         if program is not None and fab_hosts:
@@ -630,7 +632,7 @@ def run(
     if script in ("--help", "-h"):
         # Invoke gives a positional argument the word after it, even --help:
         # show the help that 'inv --help run' shows.
-        program = _running_program()
+        program = running_program()
         try:
             if program is not None:
                 program.print_task_help("run")

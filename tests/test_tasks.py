@@ -347,6 +347,65 @@ def test_help_and_list():
     assert proc.returncode == 0 and "stop-workers" in proc.stdout, describe(proc)
 
 
+def test_qjamfab_help_speaks_for_qjamfab():
+    """qjamfab --help: its tasks, the options that matter, @FILE; not
+    Invoke's options for shell commands, which no task uses."""
+    proc = cli("qjamfab", "--help")
+    assert proc.returncode == 0, describe(proc)
+    for name in ("bootstrap", "start-workers", "status", "run", "stop-workers"):
+        assert f"  {name} " in proc.stdout, describe(proc)
+    for option in ("--help", "--list", "--version", "@FILE", "--hosts"):
+        assert option in proc.stdout, (option, describe(proc))
+    for option in (
+        "--prompt-for-sudo-password",
+        "--pty",
+        "--dry",
+        "-T",
+        "--warn-only",
+        "--echo",
+        "--write-pyc",
+        "--complete",
+        "Core options",
+        "Subcommands",
+    ):
+        assert option not in proc.stdout, (option, describe(proc))
+    proc = cli("qjamfab", "--pty", "status")  # gone, not silently accepted
+    assert proc.returncode != 0, describe(proc)
+    assert proc.stderr.startswith("no option named '--pty'"), describe(proc)
+
+
+def test_the_hosts_help_names_hosts_files():
+    proc = cli("qjamfab", "--help", "status")
+    assert proc.returncode == 0, describe(proc)
+    text = " ".join(proc.stdout.split())
+    assert "or @FILE, a hosts file of one host a line" in text, describe(proc)
+
+
+@pytest.mark.parametrize("front", ["qjamfab", "inv", "fab"])
+def test_a_typo_gets_the_nearest_task_name(front):
+    proc = cli(front, "statsu")
+    assert proc.returncode == 1, describe(proc)
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith("no task named 'statsu': did you mean 'status'? ("), first
+    assert "--list' lists them" in first, first
+
+
+def test_a_typo_in_an_option_or_help_gets_the_nearest_name():
+    proc = cli("qjamfab", "status", "--hsots=local")
+    assert proc.stderr.splitlines()[0] == (
+        "no option named '--hsots': did you mean '--hosts'? "
+        "('qjamfab --help status' lists its options)"
+    ), describe(proc)
+    proc = cli("qjamfab", "--help", "stauts")
+    assert proc.stderr.startswith("no task named 'stauts': did you mean 'status'?"), (
+        describe(proc)
+    )
+    proc = cli("qjamfab", "xyzzy")
+    assert proc.stderr.splitlines()[0] == (
+        "no task named 'xyzzy': ('qjamfab --list' lists them)"
+    ), describe(proc)
+
+
 def test_fab_without_hosts_flag():
     proc = cli("fab", "bootstrap", "--hosts=local")
     assert proc.returncode == 0, describe(proc)
