@@ -4,4 +4,7 @@ The tasks live in `qjamfab.tasks` (the same Collection serves ``fab`` through
 fabfile.py and the installed ``qjamfab`` program).
 """
 
+from qjamfab.cli import suggest_nearest_names
 from qjamfab.tasks import ns  # noqa: F401
+
+suggest_nearest_names()  # inv statsu: "did you mean 'status'?"

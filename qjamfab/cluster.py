@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypedDict, Unpack
+from typing import TYPE_CHECKING, TypedDict
 
 from . import hosts as hostlib
 from . import runtime
@@ -32,6 +32,9 @@ from .errors import HostError, PreflightFailed, QjamfabError
 from .hostspec import HostSpec, env_setting
 from .packages import Distribution, check_platform
 from .transport import sftp_upload, ssh_exec, tail
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing has it from 3.11 on
 
 log = logging.getLogger(__name__)
 

@@ -755,19 +755,27 @@ def print_table(
     failed: Iterable[int] = (),
     stream: TextIO | None = None,
     width: int | None = None,
+    optional: Sequence[str] = (),
 ) -> None:
     """Print a table: coloured through rich in a terminal, else plain.
 
     Lines fit `width` columns (default: the terminal's width; 80 when not a
-    terminal): the last column, a status whose full text the caller prints
-    below the table, is cut with "..." to the room the other columns leave
-    it, 10 characters at least. The other columns are never cut, so a row of
-    very long host names can still be wider.
+    terminal): the columns named in `optional` are left out, in that order,
+    while the table is too wide (a line under it names them); then the last
+    column, a status whose full text the caller prints below the table, is
+    cut with "..." to the room the other columns leave it, 10 characters at
+    least. The other columns are never cut, so a row of very long host
+    names can still be wider.
     """
     stream = sys.stdout if stream is None else stream
     terminal = is_terminal(stream)
     if width is None:
         width = _console(stream).width if terminal else 80
+    kept = _columns_that_fit(headers, rows, width, optional)
+    hidden = [str(h) for i, h in enumerate(headers) if i not in kept]
+    headers = [headers[i] for i in kept]
+    rows = [[r[i] for i in kept if i < len(r)] for r in rows]
+    align = "".join(align[i : i + 1] or "l" for i in kept)
     rows = _fit_last_column(headers, rows, width)
     if terminal:
         widths = _natural_widths(headers, rows)
@@ -778,7 +786,32 @@ def print_table(
         console.print(hosts_table(headers, rows, align, color=True, failed=failed))
     else:
         stream.write(render_table(headers, rows, align) + "\n")
+    if hidden:
+        stream.write(f"(left out to fit: {', '.join(hidden)})\n")
     stream.flush()
+
+
+_STATUS_MIN = 10  # the least of a status the table shows: "connect..."
+
+
+def _columns_that_fit(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    width: int,
+    optional: Sequence[str],
+) -> list[int]:
+    """The indexes of the columns to show: all, less the `optional` ones
+    (in their order) while the table would be wider than `width`."""
+    kept = list(range(len(headers)))
+    natural = _natural_widths(headers, rows)
+    droppable = [list(headers).index(name) for name in optional]
+    for index in droppable:
+        *others, last = kept
+        status = max(len(str(headers[last])), min(natural[last], _STATUS_MIN))
+        if sum(natural[i] + 2 for i in others) + status <= width:
+            break
+        kept.remove(index)
+    return kept
 
 
 def _fit_last_column(
@@ -787,7 +820,7 @@ def _fit_last_column(
     if not headers:
         return [list(r) for r in rows]
     widths = _natural_widths(headers[:-1], rows)
-    room = max(width - sum(w + 2 for w in widths), len(str(headers[-1])), 10)
+    room = max(width - sum(w + 2 for w in widths), len(str(headers[-1])), _STATUS_MIN)
     return [[*r[:-1], first_line(_cell(r[-1]), limit=room)] for r in rows]
 
 

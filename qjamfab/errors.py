@@ -13,6 +13,11 @@ class QjamfabError(Exception):
     """Base class of every qjamfab error."""
 
 
+class ConfigError(QjamfabError, ValueError):
+    """An argument of the Master (or a setting it reads) that it cannot use:
+    raised by its constructor, before anything starts (a ValueError too)."""
+
+
 # --- hosts and connections -------------------------------------------------
 
 

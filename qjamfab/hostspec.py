@@ -76,6 +76,20 @@ class HostSpec:
         """On this machine: worker processes, or in-process workers."""
         return self.kind in ("local", "inproc")
 
+    @property
+    def entry(self) -> str:
+        """This spec as an entry `parse_hosts` reads back the same: the host,
+        then its settings (``gpu1 workers=4 env.X={worker}``), so a child
+        process given it as $QJAMFAB_HOSTS keeps what a hosts file said."""
+        words = [self.raw]
+        counted = f"{self.kind}:{self.workers}"  # local:N gives its count already
+        if self.workers is not None and self.raw.lower() != counted:
+            words.append(f"workers={self.workers}")
+        if self.python is not None:
+            words.append(f"python={self.python}")
+        words += [f"env.{name}={value}" for name, value in self.env]
+        return " ".join(words)
+
     def __str__(self) -> str:
         return self.raw
 

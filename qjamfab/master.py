@@ -21,18 +21,19 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeGuard
 
 from . import display, engines, protocol, serialize
 from . import packages as shipping
 from .dataset import BaseDataSet, DataSet
 from .engines import EngineSettings, Host
-from .errors import QjamfabError, WorkerLost
+from .errors import ConfigError, QjamfabError, WorkerLost
 from .futures import FuturesMixin, closes_executor, exclusive
 from .hostspec import HostSpec
-from .openssh import openssh_client
+from .openssh import SSH_CLIENTS, openssh_client
 from .run import Run, RunSettings, RunStats, print_event_log
 from .runtime import default_base
-from .runtime.cache import parse_size
+from .runtime.cache import CacheLimitError, parse_size
 from .workers import Inbox, WorkerHandle
 
 log = logging.getLogger("qjamfab")
@@ -43,6 +44,77 @@ def _log_from_env() -> None:
     level = os.environ.get("QJAMFAB_LOG_LEVEL", "").strip()
     if level:
         display.log_to_stderr(level, "env")
+
+
+def _check_arguments(
+    *,
+    workers_per_host: object,
+    ssh_config: object,
+    heartbeat_timeout: object,
+    replicas: object,
+    straggler_factor: object,
+    ssh_client: object,
+    require_all: object,
+    cache_limit: object,
+) -> None:
+    """Raise ConfigError for the first of the Master's settings it cannot
+    use, whatever the hosts: a bad one fails here, not on some host later."""
+
+    def number(value: object) -> TypeGuard[float]:  # True is an int, not a number
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if workers_per_host is not None and not (
+        number(workers_per_host)
+        and isinstance(workers_per_host, int)
+        and workers_per_host >= 1
+    ):
+        raise ConfigError(
+            f"workers_per_host must be a positive int, not "
+            f"{workers_per_host!r}: give e.g. 2, or None for one per core"
+        )
+    if ssh_config is not None:
+        if not isinstance(ssh_config, (str, os.PathLike)):
+            raise ConfigError(
+                f"ssh_config must be a path, not {type(ssh_config).__name__}: "
+                "give the ssh_config file's path, or None for ~/.ssh/config"
+            )
+        if not os.path.exists(os.path.expanduser(ssh_config)):
+            raise ConfigError(
+                f"ssh_config file {os.fspath(ssh_config)!r} does not exist: fix "
+                "the path, or leave ssh_config out for ~/.ssh/config"
+            )
+    least = 2 * protocol.HEARTBEAT_INTERVAL_S
+    if not (number(heartbeat_timeout) and heartbeat_timeout >= least):
+        raise ConfigError(
+            f"heartbeat_timeout must be at least {least:g} s (twice the "
+            f"heartbeat interval), not {heartbeat_timeout!r}: a shorter one "
+            "would lose workers that are fine"
+        )
+    if not (number(replicas) and replicas in (1, 2)):
+        raise ConfigError(
+            f"replicas must be 1 or 2, not {replicas!r}: 2 runs every slice "
+            "on two workers at once, 1 (the default) on one"
+        )
+    if not (number(straggler_factor) and straggler_factor >= 1):
+        raise ConfigError(
+            f"straggler_factor must be a number of at least 1, not "
+            f"{straggler_factor!r}: a task this many times slower than the "
+            "median gets a backup copy (default 4)"
+        )
+    choice = ssh_client or os.environ.get("QJAMFAB_SSH_CLIENT") or "auto"
+    if not (isinstance(choice, str) and choice.lower() in SSH_CLIENTS):
+        source = "ssh_client" if ssh_client else "QJAMFAB_SSH_CLIENT"
+        raise ConfigError(
+            f"{source}={choice!r} is not an SSH client qjamfab can use: give "
+            "'openssh', 'paramiko' or 'auto' (openssh when installed)"
+        )
+    if not isinstance(require_all, bool):
+        raise ConfigError(f"require_all must be True or False, not {require_all!r}")
+    if cache_limit is not None:
+        try:
+            parse_size(str(cache_limit), env=None)
+        except CacheLimitError as exc:  # the runtime's own, not a QjamfabError
+            raise ConfigError(str(exc)) from None
 
 
 class Master(FuturesMixin):
@@ -71,26 +143,18 @@ class Master(FuturesMixin):
         cache_limit: int | str | None = None,
         packages: Sequence[str] | None = None,
     ):
-        if workers_per_host is not None and (
-            not isinstance(workers_per_host, int) or workers_per_host < 1
-        ):
-            raise ValueError(
-                f"workers_per_host must be a positive int, not "
-                f"{workers_per_host!r}: give e.g. 2, or None for one per core"
-            )
-        if replicas not in (1, 2):
-            raise ValueError(f"replicas must be 1 or 2, not {replicas!r}")
-        if not heartbeat_timeout >= 2 * protocol.HEARTBEAT_INTERVAL_S:
-            raise ValueError(
-                f"heartbeat_timeout must be at least "
-                f"{2 * protocol.HEARTBEAT_INTERVAL_S:g} s (twice the "
-                f"heartbeat interval), not {heartbeat_timeout!r}: a shorter "
-                "one would lose workers that are fine"
-            )
+        _check_arguments(
+            workers_per_host=workers_per_host,
+            ssh_config=ssh_config,
+            heartbeat_timeout=heartbeat_timeout,
+            replicas=replicas,
+            straggler_factor=straggler_factor,
+            ssh_client=ssh_client,
+            require_all=require_all,
+            cache_limit=cache_limit,
+        )
         self.require_all = require_all
         self._packages = shipping.resolve(packages)  # BadPackage here
-        if cache_limit is not None:  # a bad value fails here, not on hosts
-            parse_size(str(cache_limit), env=None)
         self.cache_limit = cache_limit
         _log_from_env()
         self._hosts: list[Host] = engines.hosts_for(

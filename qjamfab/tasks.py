@@ -56,7 +56,7 @@ from .hostspec import HostSpec, parse_hosts
 if TYPE_CHECKING:
     from fabric import Connection
 
-__all__ = ["ns"]
+__all__ = ["ns", "running_program"]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -65,7 +65,9 @@ log = logging.getLogger("qjamfab")
 
 _HELP = {
     "hosts": "comma-separated hosts: local, local:N, [user@]host[:port] or "
-    "ssh_config aliases (default: $QJAMFAB_HOSTS, else local)",
+    "ssh_config aliases; or @FILE, a hosts file of one host a line, each with "
+    "its settings (workers=N python=PATH env.NAME=VALUE) (default: "
+    "$QJAMFAB_HOSTS, else local)",
     "ssh-config": "ssh_config file for the SSH hosts (default: "
     "$QJAMFAB_SSH_CONFIG, else ~/.ssh/config)",
     "verbose": "log qjamfab's debug messages to stderr",
@@ -110,7 +112,7 @@ def _task(**options: object) -> Callable[[Callable], Task]:
 # --- the running program: Fabric's -H and the '--' remainder ------------------
 
 
-def _running_program() -> Program | None:
+def running_program() -> Program | None:
     """The Invoke Program (inv, fab, qjamfab) that is running this task.
 
     Invoke hands a task only its Context: the core arguments (Fabric's
@@ -134,7 +136,7 @@ def _remainder() -> list[str]:
 
     (Invoke keeps them only space-joined, as ``core.remainder``.)
     """
-    program = _running_program()
+    program = running_program()
     argv = list(getattr(program, "argv", None) or sys.argv)[1:]
     if "--" not in argv:
         return []
@@ -177,7 +179,7 @@ def _targets(
     local; the task's --ssh-config, else fab's -S/--ssh-config (or Fabric's
     ssh_config_path setting), else $QJAMFAB_SSH_CONFIG.
     """
-    program = _running_program()
+    program = running_program()
     if _is_connection(ctx):
         fab_hosts = _core_value(program, "hosts")
         if program is not None and fab_hosts:
@@ -245,6 +247,7 @@ def _lifecycle(
     problem: Callable[[dict], str] = lambda info: "",
     footnote: Callable[[], str] = lambda: "",
     seconds: bool = True,
+    optional: Sequence[str] = ("seconds",),
 ) -> bool:
     """Run `action` on every host, print a table, exit 1 if any failed.
 
@@ -253,7 +256,8 @@ def _lifecycle(
     what is wrong with a host that answered but did not do all it was asked
     ("" when nothing); `footnote()` is printed under the table when not
     empty. The status column holds an error's first line (the table cuts it
-    to fit); the whole error is printed below the table.
+    to fit); the whole error is printed below the table. The `optional`
+    columns are left out, in that order, on a terminal too narrow for them.
     False when this was one of fab's per-host calls with nothing left to do.
     """
     _setup_logging(verbose)
@@ -297,7 +301,7 @@ def _lifecycle(
             failed_rows.append(len(rows))
         took = [f"{r.seconds:.2f}"] if seconds else []
         rows.append([r.host, *cells, *took, status])
-    display.print_table(headers, rows, align, failed=failed_rows)
+    display.print_table(headers, rows, align, failed=failed_rows, optional=optional)
     if footnote():
         print(footnote())
     for host, error in failed:
@@ -364,6 +368,7 @@ def bootstrap(
         "lllrlrl",
         row,
         footnote=lambda: "\n".join(shipped),
+        optional=("seconds", "cores", "numpy"),
     )
 
 
@@ -515,8 +520,9 @@ def status(
                 else []
             )
         ),
-        seconds=False,
-    )  # for 80 columns; a status query is quick
+        seconds=False,  # a status query is quick
+        optional=("uptime", "entries", "runtime", "limit"),
+    )
 
 
 def _runtimes(hashes: list[str], current: str) -> str | None:
@@ -642,7 +648,7 @@ def run(
     if script in ("--help", "-h"):
         # Invoke gives a positional argument the word after it, even --help:
         # show the help that 'inv --help run' shows.
-        program = _running_program()
+        program = running_program()
         try:
             if program is not None:
                 program.print_task_help("run")
@@ -672,7 +678,7 @@ def run(
         )
     command = [path, *words[1:], *rest]
     env = dict(os.environ)
-    env["QJAMFAB_HOSTS"] = ",".join(s.raw for s in specs)
+    env["QJAMFAB_HOSTS"] = ",".join(s.entry for s in specs)  # with their settings
     # Hosts from --hosts or fab -H: a Master given others says it ignores
     # them (display.warn_if_cli_hosts_ignored).
     env.pop("QJAMFAB_HOSTS_FROM_CLI", None)

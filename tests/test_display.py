@@ -330,6 +330,51 @@ def test_print_table_never_cuts_the_other_columns():
     assert row == f"{host}  3.11.7  connect...", row  # 10 at least
 
 
+STATUS8_HEADERS = [
+    "host", "workers", "uptime", "entries", "cache", "limit", "runtime", "status"
+]  # fmt: skip
+STATUS8_ROWS = [
+    ["local", 2, "2h03m", 94, "164.0 MiB", "20G", "d9bfff6e* +1", "ok"],
+    ["host2", None, None, None, None, None, None, ERROR],
+]
+STATUS8_OPTIONAL = ("uptime", "entries", "runtime", "limit")
+
+
+@pytest.mark.parametrize("width", [60, 64, 70, 76])
+def test_a_status_table_fits_any_terminal_of_60_columns_or_more(monkeypatch, width):
+    """Too narrow for every column: the optional ones go, in their order,
+    and a line says which; the status is cut to what is left."""
+    monkeypatch.setenv("COLUMNS", str(width))
+    out = Terminal()
+    print_table(
+        STATUS8_HEADERS,
+        STATUS8_ROWS,
+        "lrrrrrll",
+        failed=[1],
+        stream=out,
+        optional=STATUS8_OPTIONAL,
+    )
+    lines = plain(out.getvalue()).splitlines()
+    assert max(map(len, lines)) <= width, lines
+    assert lines[0].startswith("host") and "status" in lines[0], lines
+    assert lines[2].split()[:2] == ["local", "2"], lines
+    assert lines[3].startswith("host2") and "connecti" in lines[3], lines
+    hidden = [h for h in STATUS8_OPTIONAL if h not in lines[0].split()]
+    assert hidden == list(STATUS8_OPTIONAL[: len(hidden)]), lines
+    if hidden:
+        assert lines[4] == f"(left out to fit: {', '.join(hidden)})", lines
+    else:
+        assert len(lines) == 4, lines
+
+
+def test_a_table_that_fits_keeps_every_column():
+    out = io.StringIO()
+    print_table(
+        STATUS8_HEADERS, STATUS8_ROWS[:1], stream=out, optional=STATUS8_OPTIONAL
+    )
+    assert out.getvalue().splitlines()[0].split() == STATUS8_HEADERS
+
+
 def test_colour_table_in_a_terminal():
     console, out = terminal()
     console.print(

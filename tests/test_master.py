@@ -19,6 +19,7 @@ from qjamfab import (
     BadJob,
     BadParams,
     BaseDataSet,
+    ConfigError,
     DataSet,
     Master,
     QjamfabError,
@@ -426,7 +427,7 @@ def test_malformed_host_string(hosts):
 @pytest.mark.parametrize("timeout", [0.5, 1.9, float("nan")])
 def test_a_heartbeat_timeout_the_heartbeats_cannot_meet_is_refused(timeout):
     with pytest.raises(
-        ValueError,
+        ConfigError,
         match=r"^heartbeat_timeout must be at "
         r"least 2 s \(twice the heartbeat interval\), not ",
     ):
@@ -434,8 +435,68 @@ def test_a_heartbeat_timeout_the_heartbeats_cannot_meet_is_refused(timeout):
 
 
 def test_workers_per_host_must_be_positive():
-    with pytest.raises(ValueError, match="^workers_per_host must be a positive"):
+    with pytest.raises(ConfigError, match="^workers_per_host must be a positive"):
         Master("local", workers_per_host=0)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (
+            {"heartbeat_timeout": 1},
+            "heartbeat_timeout must be at least 2 s (twice the heartbeat "
+            "interval), not 1: a shorter one would lose workers that are fine",
+        ),
+        (
+            {"workers_per_host": 0},
+            "workers_per_host must be a positive int, not 0: give e.g. 2, or "
+            "None for one per core",
+        ),
+        ({"workers_per_host": True}, "workers_per_host must be a positive int"),
+        (
+            {"replicas": 3},
+            "replicas must be 1 or 2, not 3: 2 runs every slice on two "
+            "workers at once, 1 (the default) on one",
+        ),
+        (
+            {"straggler_factor": 0.5},
+            "straggler_factor must be a number of at least 1, not 0.5: a task "
+            "this many times slower than the median gets a backup copy",
+        ),
+        (
+            {"cache_limit": "lots"},
+            "cache limit 'lots' is not a size: write bytes, or a number with "
+            "K, M, G or T (powers of 1024), e.g. 20G, 500M or 1.5G",
+        ),
+        (
+            {"ssh_client": "putty"},
+            "ssh_client='putty' is not an SSH client qjamfab can use: give "
+            "'openssh', 'paramiko' or 'auto' (openssh when installed)",
+        ),
+        (
+            {"require_all": "yes"},
+            "require_all must be True or False, not 'yes'",
+        ),
+        (
+            {"ssh_config": "/nonexistent/ssh_config"},
+            "ssh_config file '/nonexistent/ssh_config' does not exist: fix the "
+            "path, or leave ssh_config out for ~/.ssh/config",
+        ),
+    ],
+)
+def test_every_bad_argument_is_a_config_error_whatever_the_hosts(options, message):
+    """Checked before anything starts, with local hosts too; a ConfigError
+    is a QjamfabError and, as before, a ValueError."""
+    with pytest.raises(ConfigError) as info:
+        Master("local:1", **options)
+    assert isinstance(info.value, QjamfabError) and isinstance(info.value, ValueError)
+    assert str(info.value).startswith(message)
+
+
+def test_a_bad_ssh_client_from_the_environment_is_named(monkeypatch):
+    monkeypatch.setenv("QJAMFAB_SSH_CLIENT", "putty")
+    with pytest.raises(ConfigError, match="^QJAMFAB_SSH_CLIENT='putty' is not an"):
+        Master("local:1")
 
 
 def test_mapfunc_raising_gives_remote_traceback(master2):
@@ -649,7 +710,7 @@ def test_results_are_the_same_bits_whatever_the_grouping_and_faults(tmp_path):
 
 def test_a_cache_limit_is_checked_and_reaches_the_workers():
     with pytest.raises(
-        ValueError,
+        ConfigError,
         match=r"^cache limit '20 gigs' is not a "
         "size: write bytes, or a number with K, M, G or T",
     ):

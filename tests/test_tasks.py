@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import qjamfab
 from qjamfab import HostKeyError, cluster, runtime
 from qjamfab import cli as qjamfab_cli
 from qjamfab.hostspec import parse_hosts
@@ -153,6 +154,54 @@ def test_status_says_when_pinned_slices_exceeded_the_cache_limit(qjamfab_home):
     ), describe(proc)
 
 
+def test_status_fits_a_terminal_of_60_columns(tmp_path):
+    """`qjamfab status` in a real terminal (a pty) 60 columns wide: every
+    line fits, the columns that do not are named under the table."""
+    import fcntl
+    import pty
+    import re
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 60, 0, 0))
+    env = dict(os.environ, COLUMNS="60", LINES="24", TERM="xterm")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    try:
+        proc = subprocess.Popen(
+            [*_qjamfab_command(), "status", "--hosts=local"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=follower,
+            stderr=follower,
+        )
+        os.close(follower)
+        chunks = []
+        while True:  # until the program closes its end (EIO on Linux)
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.wait(timeout=60) == 0, b"".join(chunks)
+    finally:
+        os.close(leader)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode())
+    lines = [line.rstrip() for line in re.split(r"[\r\n]+", text)]
+    assert max(map(len, lines)) <= 60, lines
+    header = next(line for line in lines if line.startswith("host "))
+    every = ["host", "workers", "uptime", "entries", "cache", "limit", "runtime"]
+    shown = header.split()
+    assert shown[-1] == "status" and shown[:2] == ["host", "workers"], lines
+    hidden = [name for name in every if name not in shown]
+    assert hidden and f"(left out to fit: {', '.join(hidden)})" in lines, lines
+
+
 def test_local_start_status_stop_workers():
     try:
         proc = cli("inv", "start-workers", "--hosts=local", "--workers-per-host", "1")
@@ -250,6 +299,44 @@ def test_run_prints_the_run_stats_once(tmp_path):
     assert (proc.stdout + proc.stderr).count("RunStats(") == 1, describe(proc)
 
 
+def test_run_keeps_a_hosts_files_settings(tmp_path):
+    """inv run --hosts=@FILE: the script's Master() gets each entry's
+    workers= and env. settings, not only the host names."""
+    hosts = tmp_path / "lab.hosts"
+    hosts.write_text("# lab\nlocal  workers=2  env.QJF_LAB=w{worker}  # two\n")
+    script = tmp_path / "lab.py"
+    script.write_text(
+        textwrap.dedent("""
+        import json, os
+        from qjamfab import DataSet, Master
+        with Master() as m:
+            seen = m.run(lambda p, xs: {os.environ["QJF_LAB"]},
+                         dataset=DataSet(list(range(8))), reduce=set.union)
+            print(json.dumps({"hosts": os.environ["QJAMFAB_HOSTS"],
+                              "workers": len(m.workers), "env": sorted(seen)}))
+    """)
+    )
+    proc = cli("inv", "run", str(script), f"--hosts=@{hosts}")
+    assert proc.returncode == 0, describe(proc)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+        "hosts": "local workers=2 env.QJF_LAB=w{worker}",
+        "workers": 2,
+        "env": ["w0", "w1"],
+    }, describe(proc)
+
+
+def test_a_spec_as_an_entry_reads_back_the_same():
+    entries = [
+        "u@gpu1:2222 workers=4 python=/opt/py/bin/python env.CUDA={worker} env.X=a=b",
+        "local:3",
+        "LOCAL:2 workers=5",
+        "host2",
+    ]
+    specs = parse_hosts(entries)
+    assert [s.entry for s in specs][1] == "local:3"
+    assert parse_hosts(",".join(s.entry for s in specs)) == specs
+
+
 def test_run_missing_script():
     proc = cli("inv", "run", "examples/no_such_script.py", "--hosts=local")
     assert proc.returncode == 2, describe(proc)
@@ -282,7 +369,7 @@ def test_help_and_list():
     ):
         assert f"  {name} " in proc.stdout, describe(proc)
     proc = cli("qjamfab", "--version")
-    assert proc.returncode == 0 and "qjamfab 0.1.0" in proc.stdout, describe(proc)
+    assert proc.stdout == f"qjamfab {qjamfab.__version__}\n", describe(proc)
     proc = cli("inv", "bootstrap", "--help")
     assert proc.returncode == 0, describe(proc)
     assert "--hosts=STRING" in proc.stdout, describe(proc)
@@ -293,6 +380,65 @@ def test_help_and_list():
     assert "run SCRIPT" in proc.stdout and "--hosts" in proc.stdout, describe(proc)
     proc = cli("inv", "--list")
     assert proc.returncode == 0 and "stop-workers" in proc.stdout, describe(proc)
+
+
+def test_qjamfab_help_speaks_for_qjamfab():
+    """qjamfab --help: its tasks, the options that matter, @FILE; not
+    Invoke's options for shell commands, which no task uses."""
+    proc = cli("qjamfab", "--help")
+    assert proc.returncode == 0, describe(proc)
+    for name in ("bootstrap", "start-workers", "status", "run", "stop-workers"):
+        assert f"  {name} " in proc.stdout, describe(proc)
+    for option in ("--help", "--list", "--version", "@FILE", "--hosts"):
+        assert option in proc.stdout, (option, describe(proc))
+    for option in (
+        "--prompt-for-sudo-password",
+        "--pty",
+        "--dry",
+        "-T",
+        "--warn-only",
+        "--echo",
+        "--write-pyc",
+        "--complete",
+        "Core options",
+        "Subcommands",
+    ):
+        assert option not in proc.stdout, (option, describe(proc))
+    proc = cli("qjamfab", "--pty", "status")  # gone, not silently accepted
+    assert proc.returncode != 0, describe(proc)
+    assert proc.stderr.startswith("no option named '--pty'"), describe(proc)
+
+
+def test_the_hosts_help_names_hosts_files():
+    proc = cli("qjamfab", "--help", "status")
+    assert proc.returncode == 0, describe(proc)
+    text = " ".join(proc.stdout.split())
+    assert "or @FILE, a hosts file of one host a line" in text, describe(proc)
+
+
+@pytest.mark.parametrize("front", ["qjamfab", "inv", "fab"])
+def test_a_typo_gets_the_nearest_task_name(front):
+    proc = cli(front, "statsu")
+    assert proc.returncode == 1, describe(proc)
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith("no task named 'statsu': did you mean 'status'? ("), first
+    assert "--list' lists them" in first, first
+
+
+def test_a_typo_in_an_option_or_help_gets_the_nearest_name():
+    proc = cli("qjamfab", "status", "--hsots=local")
+    assert proc.stderr.splitlines()[0] == (
+        "no option named '--hsots': did you mean '--hosts'? "
+        "('qjamfab --help status' lists its options)"
+    ), describe(proc)
+    proc = cli("qjamfab", "--help", "stauts")
+    assert proc.stderr.startswith("no task named 'stauts': did you mean 'status'?"), (
+        describe(proc)
+    )
+    proc = cli("qjamfab", "xyzzy")
+    assert proc.stderr.splitlines()[0] == (
+        "no task named 'xyzzy': ('qjamfab --list' lists them)"
+    ), describe(proc)
 
 
 def test_fab_without_hosts_flag():
