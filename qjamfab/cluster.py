@@ -126,6 +126,8 @@ class HostSession:
                 f"QJAMFAB_REMOTE_PYTHON to a python{ours[0]}.{ours[1]} there",
                 host=self.name,
             )
+        if info["insecure"]:  # its line names the directory and what to do
+            raise PreflightFailed(f"{self.name}: {info['insecure']}", host=self.name)
         if not info["writable"]:
             raise PreflightFailed(
                 f"{self.name}: base directory {info['base']} is not writable "

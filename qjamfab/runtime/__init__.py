@@ -28,7 +28,7 @@ from collections.abc import Callable
 from .. import protocol
 
 # The one copy of the rule lives in probe.py, which must run standalone.
-from .probe import InsecureDirectory, secure_dir  # noqa: F401
+from .probe import InsecureDirectory, secure_dir, secure_dir_source  # noqa: F401
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SHIPPED = ("errors.py", "protocol.py", "reduce.py")
@@ -172,8 +172,11 @@ def bundle_zip() -> bytes:
 
 # Installs the bundle sent on stdin (a u64 length, then the zip) under a
 # staging name, then renames it into place: another session installing it
-# at the same time is harmless.
+# at the same time is harmless. Not before the base directory, its parents
+# and runtime/ have passed secure_dir (creating them): nothing is written
+# where another user could reach it.
 _INSTALL = """
+trusted(True, b, r)
 if not os.path.isdir(p):
     os.write(1, NEED)
     def rd(n):
@@ -185,8 +188,6 @@ if not os.path.isdir(p):
             d += c
         return d
     import io, shutil, struct, tempfile, zipfile
-    r = os.path.join(b, 'runtime')
-    os.makedirs(r, 0o700, exist_ok=True)
     s = tempfile.mkdtemp(prefix='.staging-', dir=r)
     zipfile.ZipFile(io.BytesIO(rd(struct.unpack('!Q', rd(8))[0]))).extractall(s)
     try:
@@ -197,6 +198,16 @@ else:
     os.write(1, HAVE)
 """
 
+# Exits with secure_dir's one line when a directory is not ours.
+_TRUSTED = """
+def trusted(create, *dirs):
+    try:
+        for d in dirs:
+            secure_dir(d, create)
+    except OSError as e:
+        sys.exit(str(e))
+"""
+
 
 def boot_code(module: str, install: bool = False) -> str:
     """`python -c` code that runs qjamfab.runtime.<module>.main() from the
@@ -205,15 +216,19 @@ def boot_code(module: str, install: bool = False) -> str:
     Without `install` it refuses to run when the bundle is absent, so a
     qjamfab installed on the host is never run in its place; with it, it
     first says whether the bundle is there (NEED_RUNTIME / HAVE_RUNTIME on
-    stdout) and installs one sent on stdin. It replaces sys.path[0] (the
-    current directory) so a `qjamfab/` folder there cannot shadow it.
+    stdout) and installs one sent on stdin. Either way the base directory,
+    runtime/ and the bundle must pass `secure_dir` (its source is part of
+    the code), before anything is written there or run from there. It
+    replaces sys.path[0] (the current directory) so a `qjamfab/` folder
+    there cannot shadow it.
     """
     head = (
-        "import os, sys\n"
+        "import os, stat, sys\n"
         "b = os.environ.get('QJAMFAB_HOME') or "
         "os.path.join(os.path.expanduser('~'), '.cache', 'qjamfab')\n"
         "os.umask(0o077)\n"
-        f"p = os.path.join(b, 'runtime', {bundle_hash()!r})\n"
+        "r = os.path.join(b, 'runtime')\n"
+        f"p = os.path.join(r, {bundle_hash()!r})\n" + secure_dir_source() + _TRUSTED
     )
     if install:
         head += f"NEED, HAVE = {NEED_RUNTIME!r}, {HAVE_RUNTIME!r}\n" + _INSTALL
@@ -221,6 +236,7 @@ def boot_code(module: str, install: bool = False) -> str:
         head += f"os.path.isdir(p) or sys.exit({NO_RUNTIME!r} + ' ' + p)\n"
     return (
         head
+        + "trusted(False, b, r, p)\n"
         + _CHECK.replace("HASH", repr(bundle_hash())).replace(
             "BAD", repr(CHANGED_RUNTIME)
         )
