@@ -30,6 +30,7 @@ from . import hosts as hostlib
 from . import runtime
 from .errors import HostError, PreflightFailed, QjamfabError
 from .hostspec import HostSpec
+from .runtime.manage import STOP_WAIT_S
 from .transport import sftp_upload, ssh_exec, tail
 
 if TYPE_CHECKING:
@@ -323,4 +324,21 @@ def clear_cache(
 def stop_workers(
     hosts: Sequence[HostSpec], **kw: Unpack[HostOptions]
 ) -> list[HostResult]:
-    return for_each_host(hosts, lambda s: s.manage_bootstrapped("stop"), **kw)
+    """Stop every worker daemon on these hosts; each host's answer comes
+    once its daemons and their keepers have exited. Info: "stopped" (how
+    many) and "killed" (the daemons that had not ended STOP_WAIT_S after
+    SIGTERM and were killed, with a warning)."""
+    return for_each_host(hosts, stop_host, **kw)
+
+
+def stop_host(session: HostSession) -> dict:
+    """stop_workers on one host."""
+    info = session.manage_bootstrapped("stop")
+    if info.get("killed"):
+        log.warning(
+            "%s: %s did not end within %g s of SIGTERM: killed (SIGKILL)",
+            session.name,
+            ", ".join(info["killed"]),
+            STOP_WAIT_S,
+        )
+    return info

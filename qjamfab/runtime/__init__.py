@@ -117,15 +117,30 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def process_running(pid: int) -> bool:
-    """Whether process `pid` is, seen from outside, running or ready to
-    (R, S, D): not stopped (SIGSTOP), not a zombie, not gone."""
+def process_stat(pid: int) -> tuple[str, int] | None:
+    """Process `pid`'s state letter (R, S, D, T, Z, ...) and its parent's
+    pid, from /proc; None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2 :][:1] in (b"R", b"S", b"D")
+        return None
+    state, ppid = stat[stat.rindex(b")") + 2 :].split()[:2]
+    return state.decode(), int(ppid)
+
+
+def process_running(pid: int) -> bool:
+    """Whether process `pid` is, seen from outside, running or ready to
+    (R, S, D): not stopped (SIGSTOP), not a zombie, not gone."""
+    stat = process_stat(pid)
+    return stat is not None and stat[0] in ("R", "S", "D")
+
+
+def process_ended(pid: int) -> bool:
+    """Whether process `pid` has exited: gone, or a zombie that only its
+    parent's wait keeps in the table."""
+    stat = process_stat(pid)
+    return stat is None or stat[0] in ("Z", "X")
 
 
 def stream_lock(socket_path: str) -> int:
