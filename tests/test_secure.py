@@ -14,6 +14,7 @@ import pytest
 
 from qjamfab import runtime
 from qjamfab.runtime import InsecureDirectory, probe, secure_dir
+from qjamfab.runtime import packages as runtime_packages
 from qjamfab.runtime.cache import RefCache
 
 pytestmark = pytest.mark.timeout(60)
@@ -352,3 +353,23 @@ def test_an_ssh_host_gets_nothing_written_where_another_user_can(request, ssh, l
     assert not result.ok and _first_line(result.error) == f"host1: {line}"
     assert _everything_under(watched) == before
     assert layout != "parent" or not os.path.lexists(host.home)
+
+
+@pytest.mark.parametrize(
+    "writer",
+    [
+        lambda base: runtime.ensure_local_bundle(base),
+        lambda base: RefCache(os.path.join(base, "cache")),
+        lambda base: runtime_packages.answer_offer(base, []),
+    ],
+    ids=["runtime", "cache", "packages"],
+)
+def test_no_writer_makes_a_directory_under_a_parent_others_can_write_to(
+    tmp_path, writer
+):
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    lab.chmod(0o777)
+    with pytest.raises(InsecureDirectory, match=rf"^{lab}, a parent of "):
+        writer(str(lab / "me" / "qjamfab"))
+    assert os.listdir(lab) == []
