@@ -191,7 +191,7 @@ def bundle_zip() -> bytes:
 # and runtime/ have passed secure_dir (creating them): nothing is written
 # where another user could reach it.
 _INSTALL = """
-trusted(True, b, r)
+trusted(True, b, rt)
 if not os.path.isdir(p):
     os.write(1, NEED)
     def rd(n):
@@ -203,7 +203,7 @@ if not os.path.isdir(p):
             d += c
         return d
     import io, shutil, struct, tempfile, zipfile
-    s = tempfile.mkdtemp(prefix='.staging-', dir=r)
+    s = tempfile.mkdtemp(prefix='.staging-', dir=rt)
     zipfile.ZipFile(io.BytesIO(rd(struct.unpack('!Q', rd(8))[0]))).extractall(s)
     try:
         os.rename(s, p)
@@ -242,8 +242,8 @@ def boot_code(module: str, install: bool = False) -> str:
         "b = os.environ.get('QJAMFAB_HOME') or "
         "os.path.join(os.path.expanduser('~'), '.cache', 'qjamfab')\n"
         "os.umask(0o077)\n"
-        "r = os.path.join(b, 'runtime')\n"
-        f"p = os.path.join(r, {bundle_hash()!r})\n" + secure_dir_source() + _TRUSTED
+        "rt = os.path.join(b, 'runtime')\n"
+        f"p = os.path.join(rt, {bundle_hash()!r})\n" + secure_dir_source() + _TRUSTED
     )
     if install:
         head += f"NEED, HAVE = {NEED_RUNTIME!r}, {HAVE_RUNTIME!r}\n" + _INSTALL
@@ -251,7 +251,7 @@ def boot_code(module: str, install: bool = False) -> str:
         head += f"os.path.isdir(p) or sys.exit({NO_RUNTIME!r} + ' ' + p)\n"
     return (
         head
-        + "trusted(False, b, r, p)\n"
+        + "trusted(False, b, rt, p)\n"
         + _CHECK.replace("HASH", repr(bundle_hash())).replace(
             "BAD", repr(CHANGED_RUNTIME)
         )

@@ -154,7 +154,7 @@ def secure_dir_source() -> str:
     """`secure_dir` and what it calls, as source: the runtime's boot code
     (runtime.boot_code) defines it from this, to check the base directory
     before it installs or runs anything there, when no qjamfab module is
-    on the host yet. Needs `os`, `stat` and `sys` imported."""
+    on the host yet. Needs `os` and `stat` imported."""
     import inspect
 
     return "\n".join(
