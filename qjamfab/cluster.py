@@ -31,6 +31,7 @@ from . import runtime
 from .errors import HostError, PreflightFailed, QjamfabError
 from .hostspec import HostSpec, env_setting
 from .packages import Distribution, check_platform
+from .runtime.manage import STOP_WAIT_S
 from .transport import sftp_upload, ssh_exec, tail
 
 if TYPE_CHECKING:
@@ -127,6 +128,8 @@ class HostSession:
                 f"python{ours[0]}.{ours[1]} there",
                 host=self.name,
             )
+        if info["insecure"]:  # its line names the directory and what to do
+            raise PreflightFailed(f"{self.name}: {info['insecure']}", host=self.name)
         if not info["writable"]:
             raise PreflightFailed(
                 f"{self.name}: base directory {info['base']} is not writable "
@@ -376,4 +379,21 @@ def clear_cache(
 def stop_workers(
     hosts: Sequence[HostSpec], **kw: Unpack[HostOptions]
 ) -> list[HostResult]:
-    return for_each_host(hosts, lambda s: s.manage_bootstrapped("stop"), **kw)
+    """Stop every worker daemon on these hosts; each host's answer comes
+    once its daemons and their keepers have exited. Info: "stopped" (how
+    many) and "killed" (the daemons that had not ended STOP_WAIT_S after
+    SIGTERM and were killed, with a warning)."""
+    return for_each_host(hosts, stop_host, **kw)
+
+
+def stop_host(session: HostSession) -> dict:
+    """stop_workers on one host."""
+    info = session.manage_bootstrapped("stop")
+    if info.get("killed"):
+        log.warning(
+            "%s: %s did not end within %g s of SIGTERM: killed (SIGKILL)",
+            session.name,
+            ", ".join(info["killed"]),
+            STOP_WAIT_S,
+        )
+    return info

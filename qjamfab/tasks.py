@@ -574,8 +574,15 @@ def stop_workers(
         cluster.stop_workers,
         ["host", "stopped", "seconds", "status"],
         "lrrl",
-        lambda info: [info.get("stopped")],
+        lambda info: [stopped_cell(info)],
     )
+
+
+def stopped_cell(info: dict) -> str:
+    """How many daemons stop-workers ended on a host, and how many of them
+    it had to kill."""
+    killed = len(info.get("killed", ()))
+    return f"{info.get('stopped')}" + (f" ({killed} killed)" if killed else "")
 
 
 # --- run ---------------------------------------------------------------------

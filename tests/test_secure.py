@@ -14,6 +14,7 @@ import pytest
 
 from qjamfab import runtime
 from qjamfab.runtime import InsecureDirectory, probe, secure_dir
+from qjamfab.runtime import packages as runtime_packages
 from qjamfab.runtime.cache import RefCache
 
 pytestmark = pytest.mark.timeout(60)
@@ -150,6 +151,7 @@ def test_a_parent_others_can_write_to_without_sticky_bit_is_refused(tmp_path):
         "under it; set QJAMFAB_HOME to a directory whose parents only you or "
         "root can write to"
     )
+    assert os.listdir(lab) == []  # refused before making me/qjamfab there
     lab.chmod(0o1777)
     secure_dir(str(lab / "me" / "qjamfab"))
 
@@ -264,3 +266,110 @@ def test_a_runtime_changed_after_it_was_installed_does_not_run(qjamfab_home):
         f"qjamfab: the runtime is not what was installed at {bundle}: "
         "remove that directory"
     )
+
+
+# --- nothing written before the refusal, on every path that writes -----------
+
+
+def _everything_under(path: str) -> list[str]:
+    return [os.path.join(r, n) for r, ds, fs in os.walk(path) for n in ds + fs]
+
+
+def _theirs(path, uid: int) -> None:
+    """A directory anyone can write to, owned by user `uid`."""
+    os.mkdir(path)
+    os.chmod(path, 0o777)
+    os.chown(path, uid, -1)
+
+
+def _untrusted(request, layout: str, home: str, spare: str) -> tuple[str, str]:
+    """Make `home` (absent) one of the layouts another user controls; `spare`
+    is a free path beside it. The directory to watch (nothing may appear in
+    it) and the first line of the refusal."""
+    if layout == "parent":  # 0777 without the sticky bit, above the base
+        lab = os.path.dirname(home)
+        os.chmod(lab, 0o777)
+        request.addfinalizer(lambda: os.chmod(lab, 0o700))
+        return lab, (
+            f"{lab}, a parent of {home}, has mode 0777 (owner {_me()}) and no "
+            "sticky bit: its group and other users can replace what is under "
+            "it; set QJAMFAB_HOME to a directory whose parents only you or root "
+            "can write to"
+        )
+    uid = request.getfixturevalue("other_user")
+    owner = f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    not_yours = (
+        f"is owned by {owner}, mode 0777, not by you: it could hold code or "
+        f"data that is not yours; {ADVICE}"
+    )
+    if layout == "theirs":
+        _theirs(home, uid)
+        request.addfinalizer(lambda: shutil.rmtree(home))
+        return home, f"{home} {not_yours}"
+    _theirs(spare, uid)
+    os.symlink(spare, home)
+    request.addfinalizer(lambda: (os.unlink(home), shutil.rmtree(spare)))
+    return spare, f"{home} (a symlink to {spare}) {not_yours}"
+
+
+LAYOUTS = ["theirs", "symlink", "parent"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_local_master_writes_nothing_where_another_user_can(
+    request, tmp_path, monkeypatch, layout
+):
+    from qjamfab import Master, PreflightFailed
+
+    (tmp_path / "lab").mkdir(mode=0o700)
+    home = str(tmp_path / "lab" / "qjamfab")
+    watched, line = _untrusted(request, layout, home, str(tmp_path / "lab" / "spare"))
+    monkeypatch.setenv("QJAMFAB_HOME", home)
+    with pytest.raises(PreflightFailed) as info:
+        Master("local:2")
+    assert _first_line(info.value) == line
+    assert _everything_under(watched) == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_an_ssh_host_gets_nothing_written_where_another_user_can(request, ssh, layout):
+    """The agent's boot code checks before it installs the runtime, and
+    inv bootstrap's preflight before it uploads anything."""
+    from qjamfab import Master, QjamfabError, cluster, hostspec
+
+    host = ssh["host1"]  # its sshd sets QJAMFAB_HOME=host.home
+    watched, line = _untrusted(
+        request, layout, host.home, os.path.join(host.dir, "spare")
+    )
+    before = _everything_under(watched)
+    with pytest.raises(QjamfabError) as info:
+        Master(["host1"], workers_per_host=2, ssh_config=ssh.ssh_config)
+    assert _first_line(info.value) == (f"host1 did not start (exit status 1): {line}")
+    assert _everything_under(watched) == before
+    [result] = cluster.bootstrap(
+        hostspec.parse_hosts(["host1"]), ssh_config=ssh.ssh_config
+    )
+    assert not result.ok and _first_line(result.error) == f"host1: {line}"
+    assert _everything_under(watched) == before
+    assert layout != "parent" or not os.path.lexists(host.home)
+
+
+@pytest.mark.parametrize(
+    "writer",
+    [
+        lambda base: runtime.ensure_local_bundle(base),
+        lambda base: RefCache(os.path.join(base, "cache")),
+        lambda base: runtime_packages.answer_offer(base, []),
+    ],
+    ids=["runtime", "cache", "packages"],
+)
+def test_no_writer_makes_a_directory_under_a_parent_others_can_write_to(
+    tmp_path, writer
+):
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    lab.chmod(0o777)
+    with pytest.raises(InsecureDirectory, match=rf"^{lab}, a parent of "):
+        writer(str(lab / "me" / "qjamfab"))
+    assert os.listdir(lab) == []

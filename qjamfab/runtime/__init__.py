@@ -28,7 +28,7 @@ from collections.abc import Callable
 from .. import protocol
 
 # The one copy of the rule lives in probe.py, which must run standalone.
-from .probe import InsecureDirectory, secure_dir  # noqa: F401
+from .probe import InsecureDirectory, secure_dir, secure_dir_source  # noqa: F401
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SHIPPED = ("errors.py", "protocol.py", "reduce.py")
@@ -129,15 +129,30 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def process_running(pid: int) -> bool:
-    """Whether process `pid` is, seen from outside, running or ready to
-    (R, S, D): not stopped (SIGSTOP), not a zombie, not gone."""
+def process_stat(pid: int) -> tuple[str, int] | None:
+    """Process `pid`'s state letter (R, S, D, T, Z, ...) and its parent's
+    pid, from /proc; None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2 :][:1] in (b"R", b"S", b"D")
+        return None
+    state, ppid = stat[stat.rindex(b")") + 2 :].split()[:2]
+    return state.decode(), int(ppid)
+
+
+def process_running(pid: int) -> bool:
+    """Whether process `pid` is, seen from outside, running or ready to
+    (R, S, D): not stopped (SIGSTOP), not a zombie, not gone."""
+    stat = process_stat(pid)
+    return stat is not None and stat[0] in ("R", "S", "D")
+
+
+def process_ended(pid: int) -> bool:
+    """Whether process `pid` has exited: gone, or a zombie that only its
+    parent's wait keeps in the table."""
+    stat = process_stat(pid)
+    return stat is None or stat[0] in ("Z", "X")
 
 
 def stream_lock(socket_path: str) -> int:
@@ -184,8 +199,11 @@ def bundle_zip() -> bytes:
 
 # Installs the bundle sent on stdin (a u64 length, then the zip) under a
 # staging name, then renames it into place: another session installing it
-# at the same time is harmless.
+# at the same time is harmless. Not before the base directory, its parents
+# and runtime/ have passed secure_dir (creating them): nothing is written
+# where another user could reach it.
 _INSTALL = """
+trusted(True, b, rt)
 if not os.path.isdir(p):
     os.write(1, NEED)
     def rd(n):
@@ -197,9 +215,7 @@ if not os.path.isdir(p):
             d += c
         return d
     import io, shutil, struct, tempfile, zipfile
-    r = os.path.join(b, 'runtime')
-    os.makedirs(r, 0o700, exist_ok=True)
-    s = tempfile.mkdtemp(prefix='.staging-', dir=r)
+    s = tempfile.mkdtemp(prefix='.staging-', dir=rt)
     zipfile.ZipFile(io.BytesIO(rd(struct.unpack('!Q', rd(8))[0]))).extractall(s)
     try:
         os.rename(s, p)
@@ -207,6 +223,16 @@ if not os.path.isdir(p):
         shutil.rmtree(s, ignore_errors=True)
 else:
     os.write(1, HAVE)
+"""
+
+# Exits with secure_dir's one line when a directory is not ours.
+_TRUSTED = """
+def trusted(create, *dirs):
+    try:
+        for d in dirs:
+            secure_dir(d, create)
+    except OSError as e:
+        sys.exit(str(e))
 """
 
 
@@ -217,15 +243,19 @@ def boot_code(module: str, install: bool = False) -> str:
     Without `install` it refuses to run when the bundle is absent, so a
     qjamfab installed on the host is never run in its place; with it, it
     first says whether the bundle is there (NEED_RUNTIME / HAVE_RUNTIME on
-    stdout) and installs one sent on stdin. It replaces sys.path[0] (the
-    current directory) so a `qjamfab/` folder there cannot shadow it.
+    stdout) and installs one sent on stdin. Either way the base directory,
+    runtime/ and the bundle must pass `secure_dir` (its source is part of
+    the code), before anything is written there or run from there. It
+    replaces sys.path[0] (the current directory) so a `qjamfab/` folder
+    there cannot shadow it.
     """
     head = (
-        "import os, sys\n"
+        "import os, stat, sys\n"
         "b = os.environ.get('QJAMFAB_HOME') or "
         "os.path.join(os.path.expanduser('~'), '.cache', 'qjamfab')\n"
         "os.umask(0o077)\n"
-        f"p = os.path.join(b, 'runtime', {bundle_hash()!r})\n"
+        "rt = os.path.join(b, 'runtime')\n"
+        f"p = os.path.join(rt, {bundle_hash()!r})\n" + secure_dir_source() + _TRUSTED
     )
     if install:
         head += f"NEED, HAVE = {NEED_RUNTIME!r}, {HAVE_RUNTIME!r}\n" + _INSTALL
@@ -233,6 +263,7 @@ def boot_code(module: str, install: bool = False) -> str:
         head += f"os.path.isdir(p) or sys.exit({NO_RUNTIME!r} + ' ' + p)\n"
     return (
         head
+        + "trusted(False, b, rt, p)\n"
         + _CHECK.replace("HASH", repr(bundle_hash())).replace(
             "BAD", repr(CHANGED_RUNTIME)
         )

@@ -18,12 +18,22 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
-from . import boot_code, default_base, secure_dir, this_runtime
+from . import (
+    boot_code,
+    default_base,
+    process_ended,
+    process_stat,
+    secure_dir,
+    this_runtime,
+)
 from .cache import cache_limit, forget_over_limit, pinned_over_limit
 from .packages import installed
 
 START_WAIT_S = 15.0
+STOP_WAIT_S = 5.0  # from SIGTERM to SIGKILL, and for SIGKILL to take
 
 
 def _run_dir(base: str) -> str:
@@ -95,7 +105,7 @@ def stop_other_runtimes(base: str) -> list[str]:
     runtime = this_runtime()
     return stop_daemons(
         base, [w for w in live_workers(base) if runtime not in cmdline(w["pid"])]
-    )
+    ).names
 
 
 def worker_env(template: dict[str, str], index: int) -> dict[str, str]:
@@ -167,7 +177,7 @@ def start(
             for w in live_workers(base)
             if env and env_differs(w["pid"], worker_env(env, w["slot"]))
         ],
-    )
+    ).names
     running = {w["name"] for w in live_workers(base)}
     missing = [k for k in range(count) if f"worker-{k}" not in running]
     failed = start_slots(
@@ -213,30 +223,68 @@ def status(base: str) -> dict:
 
 
 def stop(base: str) -> dict:
-    return {"stopped": len(stop_daemons(base, live_workers(base)))}
+    done = stop_daemons(base, live_workers(base))
+    return {"stopped": len(done.names), "killed": done.killed}
 
 
-def stop_daemons(base: str, workers: list[dict]) -> list[str]:
-    """End these daemons (SIGTERM, then SIGKILL after 5 s); their names."""
-    pids = {w["pid"] for w in workers}
+class Stopped(NamedTuple):
+    """What stop_daemons did: the daemons' names, and those of them that
+    (or whose keeper) had not ended STOP_WAIT_S after SIGTERM and were
+    killed."""
+
+    names: list[str]
+    killed: list[str]
+
+
+def stop_daemons(
+    base: str,
+    workers: list[dict],
+    clock: Callable[[], float] = time.monotonic,
+) -> Stopped:
+    """End these daemons and their keepers, and return once they have
+    exited: SIGTERM, then SIGKILL to what is left after STOP_WAIT_S."""
+    pids: dict[int, str] = {}
     for w in workers:
-        os.kill(w["pid"], signal.SIGTERM)
-
-    def left() -> list[dict]:
-        return [w for w in live_workers(base) if w["pid"] in pids]
-
-    deadline = time.monotonic() + 5
-    while left() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    for w in left():
-        os.kill(w["pid"], signal.SIGKILL)
+        pids[w["pid"]] = w["name"]
+        stat = process_stat(w["pid"])
+        # Its keeper is its parent, unless that ended and it was adopted.
+        if stat is not None and w["socket"] in cmdline(stat[1]):
+            pids[stat[1]] = w["name"]
+    for w in workers:
+        try:
+            os.kill(w["pid"], signal.SIGTERM)  # the keeper ignores it
+        except ProcessLookupError:
+            pass
+    left = _wait_ended(pids, clock)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _wait_ended(left, clock)
     for w in workers:
         for path in (w["socket"], w["socket"][:-5] + ".pid"):
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-    return [w["name"] for w in workers]
+    killed = set(left.values())
+    return Stopped(
+        [w["name"] for w in workers],
+        [w["name"] for w in workers if w["name"] in killed],
+    )
+
+
+def _wait_ended(pids: dict[int, str], clock: Callable[[], float]) -> dict[int, str]:
+    """Poll until these processes have exited, for up to STOP_WAIT_S; those
+    that have not."""
+    deadline = clock() + STOP_WAIT_S
+    left = dict(pids)
+    while True:
+        left = {pid: name for pid, name in left.items() if not process_ended(pid)}
+        if not left or clock() >= deadline:
+            return left
+        time.sleep(0.01)
 
 
 def clear(base: str) -> dict:

@@ -35,7 +35,9 @@ def _owner(uid: int) -> str:
 
 def secure_dir(path: str, create: bool = True) -> None:
     """Check that `path` is a directory only the current user can change,
-    creating it and its missing parents 0700 first when `create` is true.
+    creating it and its missing parents 0700 when `create` is true, but
+    only once what exists of the way there passes the parent rules below:
+    nothing is created where another user could reach it.
 
     Refused with `InsecureDirectory`:
     - the directory (after following symlinks) not owned by the current
@@ -51,19 +53,15 @@ def secure_dir(path: str, create: bool = True) -> None:
     Other OSErrors (no permission to create, a file in the way) propagate.
     """
     path = os.path.abspath(path)
-    uid = os.geteuid()
-    if create and not os.path.isdir(path):
+    if create and not os.path.lexists(path):
+        existing = os.path.dirname(path)
+        while not os.path.lexists(existing):
+            existing = os.path.dirname(existing)
+        _check_links(existing)
+        _check_parents(os.path.realpath(existing), path)
         _make_dirs(path)
-    prefix = os.sep
-    for part in path.split(os.sep)[1:]:
-        prefix = os.path.join(prefix, part)
-        st = os.lstat(prefix)
-        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (uid, 0):
-            raise InsecureDirectory(
-                f"{prefix} is a symlink (to {os.path.realpath(prefix)}) owned "
-                f"by {_owner(st.st_uid)}, who can point it elsewhere: remove "
-                f"it or set QJAMFAB_HOME to a directory of your own"
-            )
+    _check_links(path)
+    uid = os.geteuid()
     real = os.path.realpath(path)
     shown = path if real == path else f"{path} (a symlink to {real})"
     st = os.stat(real)
@@ -85,7 +83,30 @@ def secure_dir(path: str, create: bool = True) -> None:
             f"{_who(mode)} can plant code or data in it; run chmod 700 "
             f"{real} or set QJAMFAB_HOME to a directory of your own"
         )
-    parent = os.path.dirname(real)
+    _check_parents(os.path.dirname(real), shown)
+
+
+def _check_links(path: str) -> None:
+    """Refuse a symlink on the way to `path` (it included) that anyone but
+    us or root owns."""
+    uid = os.geteuid()
+    prefix = os.sep
+    for part in path.split(os.sep)[1:]:
+        prefix = os.path.join(prefix, part)
+        st = os.lstat(prefix)
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (uid, 0):
+            raise InsecureDirectory(
+                f"{prefix} is a symlink (to {os.path.realpath(prefix)}) owned "
+                f"by {_owner(st.st_uid)}, who can point it elsewhere: remove "
+                f"it or set QJAMFAB_HOME to a directory of your own"
+            )
+
+
+def _check_parents(parent: str, shown: str) -> None:
+    """Refuse `parent` (a real path) or any directory above it that
+    another user owns, or that group or others can write to without the
+    sticky bit: they could replace `shown`, below it."""
+    uid = os.geteuid()
     while True:
         st = os.stat(parent)
         mode = stat.S_IMODE(st.st_mode)
@@ -127,6 +148,27 @@ def _make_dirs(path: str) -> None:
             os.mkdir(directory, 0o700)
         except FileExistsError:
             pass  # made meanwhile by another process; checked next
+
+
+def secure_dir_source() -> str:
+    """`secure_dir` and what it calls, as source: the runtime's boot code
+    (runtime.boot_code) defines it from this, to check the base directory
+    before it installs or runs anything there, when no qjamfab module is
+    on the host yet. Needs `os` and `stat` imported."""
+    import inspect
+
+    return "\n".join(
+        inspect.getsource(o)
+        for o in (
+            InsecureDirectory,
+            _owner,
+            secure_dir,
+            _check_links,
+            _check_parents,
+            _who,
+            _make_dirs,
+        )
+    )
 
 
 def platform_info() -> dict:
