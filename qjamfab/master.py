@@ -31,7 +31,8 @@ from .errors import ConfigError, QjamfabError, WorkerLost
 from .futures import FuturesMixin, closes_executor, exclusive
 from .hostspec import HostSpec
 from .openssh import SSH_CLIENTS, openssh_client
-from .run import Run, RunSettings, RunStats, print_event_log
+from .run import Run, RunSettings
+from .runstats import RunStats, print_event_log
 from .runtime import default_base
 from .runtime.cache import CacheLimitError, parse_size
 from .workers import Inbox, WorkerHandle

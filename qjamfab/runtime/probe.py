@@ -16,6 +16,7 @@ import os
 import shutil
 import stat
 import sys
+import threading
 
 
 class InsecureDirectory(PermissionError):
@@ -154,7 +155,21 @@ def secure_dir_source() -> str:
     """`secure_dir` and what it calls, as source: the runtime's boot code
     (runtime.boot_code) defines it from this, to check the base directory
     before it installs or runs anything there, when no qjamfab module is
-    on the host yet. Needs `os` and `stat` imported."""
+    on the host yet. Needs `os` and `stat` imported. Read once: workers
+    start from several threads, and Python 3.11's parser (which inspect
+    uses for classes) is not safe to run in two threads at once."""
+    global _SOURCE
+    with _SOURCE_LOCK:
+        if _SOURCE is None:
+            _SOURCE = _read_secure_dir_source()
+    return _SOURCE
+
+
+_SOURCE: str | None = None
+_SOURCE_LOCK = threading.Lock()
+
+
+def _read_secure_dir_source() -> str:
     import inspect
 
     return "\n".join(
