@@ -611,3 +611,71 @@ def test_a_long_c_call_holding_the_gil_is_not_lost_over_ssh(ssh, workers):
         assert time.monotonic() - started > 2.0  # longer than the timeout
         assert m.last_run.lost_workers == []
         assert m.last_run.rerun_slices == 0
+
+
+class _StalledChannel:
+    """A paramiko channel whose window has room but whose socket takes
+    nothing: send blocks, as paramiko's does on a cut link, until the
+    connection is closed (then it fails as paramiko's does)."""
+
+    def __init__(self):
+        self.closed = False
+        self._timeout = None
+        self._gone = threading.Event()
+
+    def exec_command(self, command):
+        pass
+
+    def settimeout(self, seconds):
+        self._timeout = seconds
+
+    def gettimeout(self):
+        return self._timeout
+
+    def send_ready(self):
+        return True
+
+    def send(self, data):
+        self._gone.wait(30)
+        raise EOFError()
+
+    def get_transport(self):
+        return self
+
+    def open_session(self, window_size, timeout):
+        return self
+
+    def close(self):
+        self.closed = True
+        self._gone.set()
+
+
+class _FakeConnection:
+    host = "stalled"
+
+    def __init__(self, channel):
+        self.client = type("Client", (), {"get_transport": lambda _: channel})()
+
+    def close(self):
+        pass
+
+
+@pytest.mark.timeout(20)
+def test_a_paramiko_send_that_blocks_gives_up_at_the_read_timeout():
+    """paramiko's send blocks while the link takes nothing, though the
+    channel's window has room (issue 21 item 6): the transport gives up
+    after its read timeout (the Master's heartbeat timeout) with WorkerLost,
+    whatever paramiko's own timeout. The test's timeout is the bound."""
+    from qjamfab.transport import SSHChannelTransport
+
+    channel = _StalledChannel()
+    transport = SSHChannelTransport("stalled", _FakeConnection(channel), "agent")
+    transport.set_read_timeout(1.0)
+    try:
+        with pytest.raises(WorkerLost) as info:
+            transport.writev([b"x" * 1000])
+    finally:
+        transport.close()
+    assert str(info.value).startswith(
+        "stalled took nothing of what was sent to it for the heartbeat timeout"
+    )
