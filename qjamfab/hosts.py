@@ -27,10 +27,12 @@ rekeys on its own schedule).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import fabric
@@ -44,13 +46,14 @@ from paramiko.ssh_exception import (
     SSHException,
 )
 
-from . import knownhosts
+from . import display, knownhosts
 from .errors import (
     AuthenticationFailed,
     BadHostSpec,
     HostError,
     HostKeyError,
     HostUnreachable,
+    QjamfabError,
 )
 from .hostspec import (
     HostSpec,
@@ -61,13 +64,37 @@ from .hostspec import (
     parse_hosts,
 )
 
-__all__ = ["connect", "QjamfabConnection", "DEFAULT_KEEPALIVE", "REKEY_LIMIT"]
+__all__ = [
+    "connect",
+    "cannot_serve",
+    "QjamfabConnection",
+    "DEFAULT_KEEPALIVE",
+    "REKEY_LIMIT",
+]
 
 
 #: paramiko issue 822 workaround, applied once at import.
 REKEY_LIMIT = 2**40
 paramiko.packet.Packetizer.REKEY_BYTES = REKEY_LIMIT
 paramiko.packet.Packetizer.REKEY_PACKETS = REKEY_LIMIT
+
+
+class _HandshakeNoise(logging.Filter):
+    """paramiko logs the error that ends a handshake, traceback and all,
+    from its transport's thread (on stderr in a script without logging
+    set up), then raises it to `connect`, which says it as a qjamfab
+    error: drop those records, once said is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        thread = threading.current_thread()
+        return not (
+            record.levelno >= logging.ERROR
+            and isinstance(thread, paramiko.Transport)
+            and not thread.is_authenticated()
+        )
+
+
+logging.getLogger("paramiko.transport").addFilter(_HandshakeNoise())
 
 #: seconds between keepalive packets unless ssh_config's ServerAliveInterval
 DEFAULT_KEEPALIVE = 15
@@ -364,9 +391,14 @@ def _map_error(
         return HostUnreachable(
             f"{label}: the ProxyCommand for {where} failed: {e}", host=label
         )
-    if isinstance(e, EOFError):
+    if isinstance(e, EOFError) or (
+        # paramiko's banner error when the far end hung up at once
+        isinstance(e, SSHException)
+        and isinstance(e.__context__, (EOFError, ConnectionError))
+    ):
         return HostUnreachable(
-            f"{label}: {where} closed the connection during the SSH handshake",
+            f"{label}: {where} closed the connection during the SSH handshake: "
+            f"check that sshd listens on port {conn.port} there (and its log)",
             host=label,
         )
     if isinstance(e, SSHException):
@@ -390,4 +422,26 @@ def _map_error(
         )
     return HostUnreachable(
         f"{label}: connection to {where} failed: {type(e).__name__}: {e}", host=label
+    )
+
+
+def cannot_serve(failures: Sequence[tuple[str, QjamfabError]]) -> QjamfabError:
+    """One error for the hosts (label, error) that cannot serve: a lone
+    host's own; for several, one of the type they share (HostUnreachable
+    when all are) whose first line says so and whose next lines give each
+    host's reason, a line each."""
+    if len(failures) == 1:
+        return failures[0][1]
+    errors = [exc for _, exc in failures]
+    shared = next(
+        c
+        for c in type(errors[0]).__mro__
+        if issubclass(c, QjamfabError) and all(isinstance(e, c) for e in errors)
+    )
+    lines = "".join(
+        f"\n  {label}: {display.first_line(exc, label)}" for label, exc in failures
+    )
+    return shared(
+        f"{len(failures)} hosts cannot serve: fix each as its line says "
+        f"(or leave it out) and retry{lines}"
     )

@@ -244,15 +244,16 @@ class Master(FuturesMixin):
             except WorkerLost as exc:
                 if exc.exit_status != OPENSSH_FAILED:
                     raise
-                # paramiko says why (host key, auth, unreachable) or works.
-                conn = hostlib.connect(host.spec, ssh_config=self.ssh_config)
-                log.warning(
-                    "the OpenSSH client cannot reach %s (%s); using "
-                    "paramiko for its workers",
-                    host.spec.raw,
-                    (exc.stderr_tail or "no message").splitlines()[-1],
-                )
-                host.openssh_failed = True
+                why = (exc.stderr_tail or "no message").splitlines()[-1]
+            # paramiko says why (host key, auth, unreachable) or works; out
+            # of the except block, its error does not chain the OpenSSH one.
+            log.warning(
+                "the OpenSSH client cannot reach %s (%s); trying paramiko",
+                host.spec.raw,
+                why,
+            )
+            conn = hostlib.connect(host.spec, ssh_config=self.ssh_config)
+            host.openssh_failed = True
         else:
             conn = hostlib.connect(host.spec, ssh_config=self.ssh_config)
         link = Link(
@@ -300,7 +301,8 @@ class Master(FuturesMixin):
             and (self.require_all or not any(h.alive for h in self._handles()))
         ):
             self.close()
-            raise failed[0][1]
+            error = hostlib.cannot_serve([(h.spec.raw, exc) for h, exc in failed])
+            raise error.with_traceback(None) from None
         for host, exc in failed:
             log.warning(
                 "host %s is unavailable, retrying later: %s",

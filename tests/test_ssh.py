@@ -119,7 +119,7 @@ def test_failing_openssh_client_falls_back_to_paramiko(
         assert m.ssh_clients == {"host1": "paramiko"}
     assert (
         "the OpenSSH client cannot reach host1 (ssh: no route to the "
-        "moon); using paramiko for its workers" in caplog.text
+        "moon); trying paramiko" in caplog.text
     )
 
 
@@ -326,6 +326,62 @@ def test_an_unreachable_host_at_start_is_left_out(ssh, caplog):
     )
     with pytest.raises(HostUnreachable, match=f"^{down}: connection refused"):
         Master(["host1", down], require_all=True, **opts)
+
+
+@pytest.mark.timeout(90)
+def test_hosts_that_cannot_serve_end_a_script_with_a_line_each(ssh):
+    """From a plain script (issue 21 item 11): a wrong port (something
+    there hangs up at once) and an unknown alias end in one short error
+    naming each host's reason on a line of its own; the OpenSSH client's
+    failure is a warning, not a chained traceback; paramiko's own log of
+    the handshake error stays off stderr. (In a subprocess: under pytest,
+    logging is captured, so paramiko's noise would never reach fd 2.)"""
+    with socket.socket() as server:
+        server.bind(("127.0.0.2", 0))
+        server.listen(8)
+        port = server.getsockname()[1]
+
+        def hang_up():
+            while True:
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return
+                conn.close()
+
+        threading.Thread(target=hang_up, daemon=True).start()
+        script = (
+            "from qjamfab import Master\n"
+            f"Master(['host1:{port}', 'nosuchhost.invalid'], "
+            f"ssh_config={ssh.ssh_config!r})\n"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=80,
+            env={**os.environ, "PYTHONPATH": REPO},
+        )
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 1
+    assert lines[-3] == (
+        "qjamfab.errors.HostUnreachable: 2 hosts cannot serve: fix each as its "
+        "line says (or leave it out) and retry"
+    )
+    assert lines[-2].startswith(
+        f"  host1:{port}: {ssh.user}@127.0.0.2:{port} closed the connection "
+        f"during the SSH handshake: check that sshd listens on port {port}"
+    )
+    assert lines[-1].startswith(
+        "  nosuchhost.invalid: cannot resolve host name 'nosuchhost.invalid'"
+    )
+    assert proc.stderr.count("Traceback") == 1, proc.stderr
+    assert "During handling" not in proc.stderr
+    assert "WorkerLost" not in proc.stderr
+    assert "Exception (client)" not in proc.stderr
+    assert "protocol banner" not in proc.stderr
+    if openssh.openssh_client("auto") is not None:
+        assert f"the OpenSSH client cannot reach host1:{port} (" in proc.stderr
 
 
 def test_original_cases_on_three_hosts(master3):
