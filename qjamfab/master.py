@@ -237,7 +237,8 @@ class Master(FuturesMixin):
             and (self.require_all or not any(h.alive for h in self._handles()))
         ):
             self.close()
-            raise failed[0][1]
+            error = engines.cannot_serve([(h.spec.raw, exc) for h, exc in failed])
+            raise error.with_traceback(None) from None
         for host, exc in failed:
             log.warning(
                 "host %s is unavailable, retrying later: %s",

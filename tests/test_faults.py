@@ -146,6 +146,42 @@ def test_frozen_host_mid_run(ssh, client):
         assert _run_until_all_workers(m) == 3
 
 
+def _ignore_params(params, xs):
+    return sum(xs)
+
+
+@pytest.mark.timeout(60)
+def test_a_big_send_over_a_cut_link_gives_up_at_the_deadline(ssh, client):
+    """The link to a host cut before a run whose params (48 MiB, more than
+    the link's buffers hold) go to every worker: the send to it stalls,
+    gives up after the heartbeat timeout, the host is lost and the run ends
+    on the others (issue 21 item 6: over paramiko the send blocked until
+    the link came back). The test's timeout is the bound."""
+    import numpy as np
+
+    why_not = netns_available()
+    if why_not:
+        pytest.skip(f"{why_not}: the cut-link test runs as root")
+    big = np.ones(6 << 20)
+    ns = NetnsHost(ssh)
+    try:
+        with Master(
+            ["host1", ns.alias],
+            workers_per_host=1,
+            ssh_config=ns.ssh_config,
+            heartbeat_timeout=3.0,
+            ssh_client=client,
+        ) as m:
+            assert m.run(slow_sum, params=0, dataset=DATA) == EXPECTED
+            ns.cut()
+            assert m.run(_ignore_params, params=big, dataset=DATA) == EXPECTED
+            assert m.last_run.lost_workers == [f"{ns.alias}-0"]
+            ns.restore()
+    finally:
+        ns.restore()
+        ns.stop()
+
+
 def test_host_behind_a_cut_network_link(ssh):
     """A real link (veth into a network namespace) cut mid-run: the host goes
     silent, nothing is reset; the heartbeat deadline notices."""

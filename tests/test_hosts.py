@@ -14,14 +14,16 @@ import paramiko
 import paramiko.packet
 import pytest
 
+from qjamfab import engines, openssh
 from qjamfab import hosts as qhosts
-from qjamfab import openssh
 from qjamfab.errors import (
     AuthenticationFailed,
     BadHostSpec,
     HostError,
     HostKeyError,
     HostUnreachable,
+    QjamfabError,
+    WorkerLost,
 )
 from qjamfab.hosts import connect
 from qjamfab.hostspec import HostSpec, parse_hosts
@@ -781,3 +783,25 @@ def test_bad_settings_are_named(entry, message):
     with pytest.raises(BadHostSpec) as info:
         parse_hosts(entry)
     assert str(info.value).startswith(message)
+
+
+def test_hosts_that_cannot_serve_make_one_error_with_a_line_each():
+    lone = HostUnreachable("a: refused\nmore detail", host="a")
+    assert engines.cannot_serve([("a", lone)]) is lone
+    error = engines.cannot_serve(
+        [
+            ("a", lone),
+            ("b", AuthenticationFailed("b: SSH authentication failed\npara")),
+        ]
+    )
+    assert type(error) is HostError
+    assert str(error).splitlines() == [
+        "2 hosts cannot serve: fix each as its line says (or leave it out) and retry",
+        "  a: refused",
+        "  b: SSH authentication failed",
+    ]
+    mixed = engines.cannot_serve(
+        [("a", lone), ("c", WorkerLost("c did not start (exit status 1): boom"))]
+    )
+    assert type(mixed) is QjamfabError
+    assert str(mixed).splitlines()[2] == "  c: c did not start (exit status 1): boom"

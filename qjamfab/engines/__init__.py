@@ -24,7 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..errors import BadHostSpec
+from .. import display
+from ..errors import BadHostSpec, QjamfabError
 from ..hostspec import HostSpec, parse_hosts
 from ..workers import Inbox, WorkerHandle
 
@@ -130,3 +131,25 @@ def hosts_for(hosts: object, settings: EngineSettings) -> list[Host]:
         labels.add(host.label)
         made.append(host)
     return made
+
+
+def cannot_serve(failures: Sequence[tuple[str, QjamfabError]]) -> QjamfabError:
+    """One error for the hosts (label, error) that cannot serve: a lone
+    host's own; for several, one of the type they share (HostUnreachable
+    when all are) whose first line says so and whose next lines give each
+    host's reason, a line each."""
+    if len(failures) == 1:
+        return failures[0][1]
+    errors = [exc for _, exc in failures]
+    shared = next(
+        c
+        for c in type(errors[0]).__mro__
+        if issubclass(c, QjamfabError) and all(isinstance(e, c) for e in errors)
+    )
+    lines = "".join(
+        f"\n  {label}: {display.first_line(exc, label)}" for label, exc in failures
+    )
+    return shared(
+        f"{len(failures)} hosts cannot serve: fix each as its line says "
+        f"(or leave it out) and retry{lines}"
+    )

@@ -117,15 +117,16 @@ class SSHHost:
             except WorkerLost as exc:
                 if exc.exit_status != OPENSSH_FAILED:
                     raise
-                # paramiko says why (host key, auth, unreachable) or works.
-                conn = hostlib.connect(self.spec, ssh_config=settings.ssh_config)
-                log.warning(
-                    "the OpenSSH client cannot reach %s (%s); using "
-                    "paramiko for its workers",
-                    self.spec.raw,
-                    (exc.stderr_tail or "no message").splitlines()[-1],
-                )
-                self._openssh_failed = True
+                why = (exc.stderr_tail or "no message").splitlines()[-1]
+            # paramiko says why (host key, auth, unreachable) or works; out
+            # of the except block, its error does not chain the OpenSSH one.
+            log.warning(
+                "the OpenSSH client cannot reach %s (%s); trying paramiko",
+                self.spec.raw,
+                why,
+            )
+            conn = hostlib.connect(self.spec, ssh_config=settings.ssh_config)
+            self._openssh_failed = True
         else:
             conn = hostlib.connect(self.spec, ssh_config=settings.ssh_config)
         link = Link(
