@@ -18,13 +18,14 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import sys
 import time
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeAlias
 
-from . import dask_engine, display, openssh, protocol, runtime, serialize
+from . import dask_engine, display, openssh, protocol, runtime, serialize, slurm
 from . import hosts as hostlib
 from . import packages as shipping
 from .cluster import remote_python
@@ -169,7 +170,7 @@ class Master(FuturesMixin):
         new, failed = host.link.attach(
             missing or None,
             host.count,
-            IDLE_TIMEOUT_S,
+            slurm.IDLE_TIMEOUT_S if host.slurm else IDLE_TIMEOUT_S,
             self.cache_limit,
             dict(host.spec.env),
         )
@@ -223,6 +224,17 @@ class Master(FuturesMixin):
     def _open_link(self, host: _Host) -> Link:
         """One stream to the host's agent: through the OpenSSH client, or
         paramiko where it cannot reach the host (or is not wanted)."""
+        if host.slurm is not None:  # the agent as a job step on its node
+            python = host.spec.python or sys.executable
+            agent = [python, "-c", runtime.boot_code("agent", install=True)]
+            link = Link(
+                host.label,
+                host.slurm.transport(host.label, agent),
+                agent=True,
+                stall_timeout=self.heartbeat_timeout,
+            )
+            link.start_agent(python)
+            return link
         python = host.spec.python or remote_python()
         command = shlex.join([python, "-c", runtime.boot_code("agent", install=True)])
         ssh = None if host.openssh_failed else openssh_client(self.ssh_client)
@@ -320,7 +332,7 @@ class Master(FuturesMixin):
         hosts are not listed. (`ssh_client` is what was asked for.)"""
         clients: dict[str, str | None] = {}
         for h in self._hosts:
-            if not isinstance(h, _Host) or h.spec.is_local:
+            if not isinstance(h, _Host) or h.spec.is_local or h.slurm:
                 continue
             if h.link is None or not h.link.alive:
                 clients[h.label] = None
@@ -488,6 +500,7 @@ class _Host:
         self.link: Link | None = None
         self.handles: dict[int, WorkerHandle] = {}
         self.openssh_failed = False
+        self.slurm: slurm.SlurmNode | None = None
         self.failures = 0
         self.retry_at = 0.0
 
@@ -500,6 +513,15 @@ def _label_hosts(specs: list[HostSpec], workers_per_host: int | None) -> list[_H
     hosts: list[_Host] = []
     seen: set[str] = set()
     for spec in specs:
+        if spec.kind == "slurm":  # a host per node of the allocation
+            for node in slurm.allocation_for(spec).node_list():
+                host = _Host(
+                    spec, node.name, spec.workers or workers_per_host or node.cpus
+                )
+                host.slurm = node
+                hosts.append(host)
+                seen.add(node.name)
+            continue
         label = spec.kind if spec.is_local else spec.raw
         while label in seen:  # two entries for one host stay apart
             label += "'"
@@ -524,3 +546,5 @@ def _close_all(inbox: Inbox, hosts: Sequence[AnyHost]) -> None:
         elif host.link is not None:
             host.link.close()
             host.link = None
+        if isinstance(host, _Host) and host.slurm is not None:
+            host.slurm.allocation.release()
