@@ -216,8 +216,14 @@ def _slurm_options(raw: str, text: str) -> tuple[tuple[str, str], ...]:
     """The KEY=VALUE,... after 'slurm:' (empty for plain 'slurm')."""
     options: dict[str, str] = {}
     for item in text.split(",") if text.strip() else []:
-        key, eq, value = (part.strip() for part in item.partition("="))
-        if key not in SLURM_OPTIONS or not eq or not value:
+        key, _, value = (part.strip() for part in item.partition("="))
+        if key in SLURM_OPTIONS and not value:
+            example = "2" if key in _SLURM_COUNTS else "..."
+            raise BadHostSpec(
+                f"host spec {raw!r}: {key} needs a value: write e.g. {key}={example}",
+                host=raw,
+            )
+        if key not in SLURM_OPTIONS:
             raise BadHostSpec(
                 f"host spec {raw!r}: {item.strip()!r} is not a Slurm option: "
                 f"write slurm:KEY=VALUE,... with KEY one of {', '.join(SLURM_OPTIONS)}",
