@@ -13,7 +13,16 @@ import time
 
 import pytest
 
-from qjamfab import BadHostSpec, DataSet, HostUnreachable, Master, PreflightFailed
+from qjamfab import (
+    BadHostSpec,
+    DataSet,
+    HostUnreachable,
+    Master,
+    PreflightFailed,
+)
+from qjamfab import (
+    cluster as tasks,
+)
 from qjamfab.hostspec import parse_hosts
 from qjamfab.slurm import cpus_per_node
 from tests.conftest import processes_mentioning
@@ -255,3 +264,12 @@ def test_cpus_per_node_reads_slurms_counts():
     assert cpus_per_node("4") == [4]
     with pytest.raises(PreflightFailed, match=r"^cannot read Slurm's CPUs per node"):
         cpus_per_node("a lot")
+
+
+def test_the_host_tasks_say_they_do_not_reach_slurm_yet():
+    (result,) = tasks.status(parse_hosts("slurm"))
+    assert not result.ok
+    assert result.error.startswith(
+        "slurm: the host tasks (bootstrap, start-workers, status, clear-cache, "
+        "stop-workers) do not reach Slurm nodes yet: use Master('slurm')"
+    )
