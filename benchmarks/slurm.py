@@ -10,7 +10,9 @@ on this machine, 2 workers each (the node's CPUs, up to 2):
 - `slurm:` outside: `Master("slurm:nodes=1,cpus-per-node=2,time=5")`,
   which asks salloc for the allocation (granted at once on this idle
   node: no queue wait to exclude) and releases it on close;
-- `ssh`: `Master(["host1"], workers_per_host=2)`.
+- `ssh`: `Master(["host1"], workers_per_host=2)`;
+- and `slurm.request` alone: salloc granting the idle node (what
+  `slurm:` adds to a Master's ready time here, a queue wait aside).
 
 Each contender: ROUNDS Masters in a row in a fresh QJAMFAB_HOME. The first
 is cold (the runtime goes over the stream, the daemons start), the later
@@ -52,6 +54,21 @@ def _rounds(make, rounds: int, runs: int) -> dict:
     return {"ready_s": ready, "run_s": run_s}
 
 
+def _grants(rounds: int) -> dict:
+    """How long salloc takes to grant an idle node (and to release it)."""
+    from qjamfab import slurm
+
+    ready, release = [], []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        allocation = slurm.request({"nodes": "1", "cpus-per-node": str(WORKERS)})
+        ready.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        allocation.release()
+        release.append(time.perf_counter() - started)
+    return {"ready_s": ready, "run_s": [], "release_s": release}
+
+
 def _inside(rounds: int, runs: int) -> None:
     """Under salloc: print the rounds of Master("slurm") as JSON."""
     from qjamfab import Master
@@ -83,6 +100,7 @@ def measure(scale_name: str, log=print) -> dict:
             if done.returncode != 0:
                 raise RuntimeError(f"the run under salloc failed:\n{done.stderr}")
             rows["slurm (inside salloc)"] = json.loads(done.stdout.splitlines()[-1])
+        rows["salloc: granted, released"] = _grants(rounds)
         with local_home():
             spec = f"slurm:nodes=1,cpus-per-node={WORKERS},time=5"
             rows["slurm: (asks salloc)"] = _rounds(lambda: Master(spec), rounds, runs)
