@@ -67,6 +67,8 @@ _HOLDER = (
 # this long after their agent, unless a new session claims them first.
 IDLE_TIMEOUT_S = 5.0
 _PENDING_POLL_S = 2.0  # how often squeue is asked why a job still waits
+# What srun says when asked for a step of a job that has ended.
+_JOB_GONE = re.compile(r"Expired or invalid job|Invalid job id|already completing")
 _RELEASE_WAIT_S = 10.0  # for salloc to relinquish after its holder ends
 _COMMAND_TIMEOUT_S = 30.0  # scontrol, squeue, scancel
 # salloc options a spec may give, by their name in the spec.
@@ -203,8 +205,9 @@ class SlurmNode:
 
     def transport(self, label: str, argv: list[str]) -> SrunTransport:
         """`argv` as a one-task step on this node, spoken to over its pipes."""
+        job_id = self.allocation.job_id
         return SrunTransport(
-            label, srun_argv(self.allocation.job_id, self.name, self.cpus, argv)
+            label, job_id, srun_argv(job_id, self.name, self.cpus, argv)
         )
 
 
@@ -229,11 +232,25 @@ def srun_argv(job_id: str, node: str, cpus: int, argv: list[str]) -> list[str]:
 
 
 class SrunTransport(ProcessTransport):
-    """A node's agent, run as a job step by `srun`: one step per node."""
+    """A node's agent, run as a job step of Slurm job `job_id` by `srun`:
+    one step per node."""
 
     _what = "Slurm's srun"
     # srun waits for the step to end: the agent releases its daemons first.
     _close_wait_s = 2.0
+
+    def __init__(self, name: str, job_id: str, argv: list[str]):
+        super().__init__(name, argv)
+        self.job_id = job_id
+
+    def exit_report(self, log_path: str | None) -> tuple[int | None, str]:
+        status, text = super().exit_report(log_path)
+        if _JOB_GONE.search(text):  # srun's words for it are obscure
+            text += (
+                f"\nSlurm job {self.job_id} is over (its time limit, scancel "
+                "or a failed node): create a new Master for a new allocation"
+            )
+        return status, text
 
 
 def allocation_for(

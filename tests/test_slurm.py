@@ -169,6 +169,29 @@ def test_a_step_cancelled_mid_run_is_a_lost_worker(cluster, caplog):
         assert m.last_run.workers == 2 and not m.last_run.lost_workers
 
 
+def test_a_cancelled_allocation_loses_its_nodes_and_says_so(cluster, caplog):
+    """scancel of the whole job mid-run: its node's workers are lost, the
+    run ends right on the others, and the next one says the job is over."""
+    data = DataSet(list(range(60)), slice_size=5)
+    with Master("local:1,slurm:nodes=1,cpus-per-node=1,time=5") as m:
+        (job,) = cluster.jobs()
+        timer = threading.Timer(0.6, lambda: cluster.run("scancel", job))
+        timer.start()
+        try:
+            assert m.run(slow_sum, params=0.4, dataset=data) == sum(range(60))
+        finally:
+            timer.join()
+        assert m.last_run.lost_workers == [f"{cluster.node}-0"]
+        with caplog.at_level(logging.WARNING, logger="qjamfab"):
+            assert m.run(slow_sum, params=0, dataset=data) == sum(range(60))
+        assert m.last_run.workers == 1
+        said = [r.getMessage() for r in caplog.records if "unavailable" in r.message]
+        assert said and said[0].endswith(
+            f"Slurm job {job} is over (its time limit, scancel or a failed node): "
+            "create a new Master for a new allocation"
+        )
+
+
 def test_a_pending_allocation_says_why(cluster, caplog):
     """While Slurm has no room, the Master says that it waits, and why."""
     sbatch = ["sbatch", "--parsable", "--exclusive", "--output=/dev/null"]
