@@ -123,7 +123,8 @@ def cpus_per_node(text: str) -> list[int]:
         if m is None:
             raise PreflightFailed(
                 f"cannot read Slurm's CPUs per node {text!r} "
-                "(SLURM_JOB_CPUS_PER_NODE): give workers=N after 'slurm'",
+                "(SLURM_JOB_CPUS_PER_NODE): run the Master in the job's own "
+                "environment (salloc, sbatch), unchanged",
                 host="slurm",
             )
         counts += [int(m.group(1))] * int(m.group(2) or 1)
@@ -161,7 +162,8 @@ class Allocation:
         if len(counts) != len(nodes):
             raise PreflightFailed(
                 f"Slurm job {job_id} lists {len(nodes)} nodes but CPUs for "
-                f"{len(counts)} ({cpus_text!r}): give workers=N after 'slurm'",
+                f"{len(counts)} ({cpus_text!r}): run the Master in the job's "
+                "own environment (salloc, sbatch), unchanged",
                 host="slurm",
             )
         return cls(job_id, nodes, dict(zip(nodes, counts)))
@@ -192,7 +194,7 @@ class Allocation:
         return [SlurmNode(self, node) for node in self.nodes]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SlurmNode:
     """One node of an allocation: where one host agent runs."""
 
