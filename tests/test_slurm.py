@@ -19,6 +19,7 @@ from qjamfab import (
     HostUnreachable,
     Master,
     PreflightFailed,
+    slurm,
 )
 from qjamfab import (
     cluster as tasks,
@@ -101,6 +102,48 @@ def test_inside_an_allocation_the_master_runs_on_its_nodes(cluster, tmp_path):
     said = json.loads(done.stdout.strip().splitlines()[-1])
     assert said["workers"] == [f"{cluster.node}-{k}" for k in range(CPUS)]
     assert said["results"] == _expected(CPUS)
+
+
+def _read_exactly(transport, n: int) -> bytes:
+    got = bytearray()
+    buffer = memoryview(bytearray(1 << 16))
+    while len(got) < n:
+        k = transport.readinto(buffer)
+        assert k, f"the stream ended after {len(got)} of {n} bytes"
+        got += buffer[:k]
+    return bytes(got)
+
+
+def _write_all(transport, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        sent = transport.writev([view])
+        if not sent:
+            transport.wait_writable()
+        view = view[sent:]
+
+
+def test_an_srun_step_is_a_byte_stream(cluster):
+    """Bytes through a step's stdin and stdout come back as sent, a short
+    write without a newline at once (srun holds output for a newline
+    unless --unbuffered)."""
+    allocation = slurm.request({"nodes": "1", "cpus-per-node": "1", "time": "5"})
+    try:
+        (node,) = allocation.node_list()
+        transport = node.transport("echo", ["cat"])
+        try:
+            transport.set_read_timeout(10)
+            _write_all(transport, b"\x00\xff\r frame")
+            assert _read_exactly(transport, 9) == b"\x00\xff\r frame"
+            data = os.urandom(1 << 20)
+            sender = threading.Thread(target=_write_all, args=(transport, data))
+            sender.start()
+            assert _read_exactly(transport, len(data)) == data
+            sender.join()
+        finally:
+            transport.close()
+    finally:
+        allocation.release()
 
 
 def test_a_master_outside_asks_for_an_allocation_and_releases_it(cluster):
