@@ -4,6 +4,7 @@ Master asks for, on a real one-node Slurm (the `slurm` fixture)."""
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -84,22 +85,31 @@ with Master("slurm") as m:
 """
 
 
-def test_inside_an_allocation_the_master_runs_on_its_nodes(cluster, tmp_path):
-    """Master("slurm") under salloc: a worker per allocated CPU of the node,
-    the original qjam cases right."""
+@pytest.mark.parametrize("how", ["salloc", "sbatch"])
+def test_inside_an_allocation_the_master_runs_on_its_nodes(cluster, tmp_path, how):
+    """Master("slurm") in an allocation, under salloc or in a batch script:
+    a worker per allocated CPU of the node, the original qjam cases right."""
     script = tmp_path / "inside.py"
     script.write_text(_SCRIPT)
+    out = tmp_path / "out.txt"
+    ask = ["--nodes=1", "--ntasks=1", f"--cpus-per-task={CPUS}"]
+    command = [sys.executable, str(script)]
+    if how == "salloc":
+        argv = ["salloc", *ask, "--", *command]
+    else:
+        argv = ["sbatch", "--wait", f"--output={out}", *ask]
+        argv += ["--wrap", shlex.join(command)]
     done = subprocess.run(
-        ["salloc", "--nodes=1", "--ntasks=1", f"--cpus-per-task={CPUS}"]
-        + ["--", sys.executable, str(script)],
+        argv,
         env={**os.environ, "PYTHONPATH": REPO},
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=100,
     )
-    assert done.returncode == 0, done.stderr
-    said = json.loads(done.stdout.strip().splitlines()[-1])
+    said = done.stdout if how == "salloc" else out.read_text()
+    assert done.returncode == 0, done.stderr + said
+    said = json.loads(said.strip().splitlines()[-1])
     assert said["workers"] == [f"{cluster.node}-{k}" for k in range(CPUS)]
     assert said["results"] == _expected(CPUS)
 
