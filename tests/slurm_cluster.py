@@ -229,7 +229,8 @@ class SlurmCluster:
         memory = max(256, int(_available_mib() * 0.9))
         lines = [
             "ClusterName=qjamfab",
-            f"SlurmctldHost={self.node}",
+            # Addresses given: nothing depends on the name resolving.
+            f"SlurmctldHost={self.node}(127.0.0.1)",
             f"SlurmctldPort={_free_port()}",
             f"SlurmdPort={_free_port()}",
             "AuthType=auth/munge",
@@ -254,7 +255,7 @@ class SlurmCluster:
             "AccountingStorageType=accounting_storage/none",
             "KillWait=2",
             "InactiveLimit=0",
-            f"NodeName={self.node} CPUs={os.cpu_count() or 1} "
+            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} "
             f"RealMemory={memory} State=UNKNOWN",
             f"PartitionName=debug Nodes={self.node} Default=YES "
             "OverSubscribe=YES MaxTime=INFINITE State=UP",
