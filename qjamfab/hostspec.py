@@ -204,8 +204,9 @@ def _join_slurm_options(items: list[str]) -> list[str]:
     'slurm:nodes=2,time=1:00:00' is one entry."""
     entries: list[str] = []
     for item in items:
-        key = item.strip().partition("=")[0]
-        if entries and _is_slurm(entries[-1]) and key in SLURM_OPTIONS:
+        # Any KEY=VALUE, so that an unknown option is refused as one.
+        option = re.match(r"\s*[A-Za-z][\w.-]*=", item)
+        if entries and _is_slurm(entries[-1]) and option:
             entries[-1] += "," + item.strip()
         else:
             entries.append(item)

@@ -327,6 +327,7 @@ def test_slurm_specs_parse_with_their_options():
     [
         ("slurm:nodes=0", r"nodes='0' is not a positive number: write e.g. nodes=2"),
         ("slurm:gpus=2", r"'gpus=2' is not a Slurm option: write slurm:KEY=VALUE"),
+        ("slurm:nodes=1,gpus=2", r"'gpus=2' is not a Slurm option"),
         ("slurm:nodes", r"nodes needs a value: write e.g. nodes=2"),
     ],
 )
