@@ -29,6 +29,7 @@ from qjamfab.hostspec import parse_hosts
 from qjamfab.slurm import cpus_per_node
 from tests.conftest import processes_mentioning
 from tests.jobs import constant, inner_product, multiply_sum, sum_params
+from tests.sshd_hosts import sshd_available
 
 pytestmark = pytest.mark.timeout(120)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -350,3 +351,25 @@ def test_the_host_tasks_say_they_do_not_reach_slurm_yet():
         "slurm: the host tasks (bootstrap, start-workers, status, clear-cache, "
         "stop-workers) do not reach Slurm nodes yet: use Master('slurm')"
     )
+
+
+def test_slurm_benchmark_smoke(slurm, tmp_path, monkeypatch):
+    """benchmarks/slurm.py at its smallest: every contender measured."""
+    if not sshd_available():
+        pytest.skip("the benchmark compares with SSH: sshd is not installed")
+    from benchmarks import slurm as bench
+    from benchmarks.common import BLAS_VARS
+
+    for name in BLAS_VARS:  # the benchmark sets them: undone afterwards
+        monkeypatch.setenv(name, os.environ.get(name, "1"))
+
+    assert bench.main(["--scale", "tiny", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "slurm.json").read_text())
+    assert set(result["rows"]) == {
+        "slurm cluster start",
+        "slurm (inside salloc)",
+        "salloc: granted, released",
+        "slurm: (asks salloc)",
+        "ssh (OpenSSH)",
+    }
+    assert all(row["ready_s"] for row in result["rows"].values())
