@@ -9,6 +9,8 @@ engine names one:
 - `local` and `inproc` (engines/local.py): worker processes on this
   machine over their pipes, or the same runtime as threads of this process;
 - `ssh` (engines/ssh.py): one stream per host to the host's agent;
+- `slurm` (engines/slurm.py): the same agent as a job step per node of a
+  Slurm allocation (the step's stdin and stdout are the stream);
 - `dask` (engines/dask.py): an existing Dask cluster as one host.
 
 An engine registers a factory by host-spec kind (hostspec.py says the
@@ -86,7 +88,7 @@ class Engine:
 _ENGINES: dict[str, Engine] = {}
 # The engines of this package, imported when first needed (Dask only
 # when a Dask cluster is given, so distributed stays optional).
-_BUILTIN = ("local", "ssh", "dask")
+_BUILTIN = ("local", "ssh", "slurm", "dask")
 
 
 def register(engine: Engine) -> None:
@@ -125,11 +127,11 @@ def hosts_for(hosts: object, settings: EngineSettings) -> list[Host]:
                 f"use one of {', '.join(sorted(by_kind))}",
                 host=spec.raw,
             )
-        (host,) = make([spec], settings)
-        while host.label in labels:  # two entries for one host stay apart
-            host.label += "'"
-        labels.add(host.label)
-        made.append(host)
+        for host in make([spec], settings):  # a Slurm spec: a host per node
+            while host.label in labels:  # two entries for one host stay apart
+                host.label += "'"
+            labels.add(host.label)
+            made.append(host)
     return made
 
 
