@@ -135,14 +135,12 @@ def test_host_sshd_killed_mid_run_then_back(ssh):
 
 def test_frozen_host_mid_run(ssh, client):
     with _master(ssh, ssh_client=client) as m:
-        started = time.monotonic()
+        # Paused until the run ends: only the heartbeat deadline ends it.
         try:
             assert _run_with_fault(m, ssh["host2"].pause) == EXPECTED
-            elapsed = time.monotonic() - started
         finally:
             ssh["host2"].resume()
         assert m.last_run.lost_workers == ["host2-0"]
-        assert elapsed < 3.0 + 8  # the heartbeat deadline, plus the work
         assert _run_until_all_workers(m) == 3
 
 
@@ -196,9 +194,8 @@ def test_host_behind_a_cut_network_link(ssh):
             ssh_config=ns.ssh_config,
             heartbeat_timeout=3.0,
         ) as m:
-            started = time.monotonic()
+            # Cut until the run ends: only the heartbeat deadline ends it.
             assert _run_with_fault(m, ns.cut) == EXPECTED
-            assert time.monotonic() - started < 15
             assert m.last_run.lost_workers == [f"{ns.alias}-0"]
             ns.restore()
             assert _run_until_all_workers(m) == 3
@@ -207,18 +204,24 @@ def test_host_behind_a_cut_network_link(ssh):
         ns.stop()
 
 
-def test_straggler_gets_a_backup_copy(ssh):
+def test_straggler_gets_a_backup_copy(ssh, tmp_path):
+    release = str(tmp_path / "release")
+
     def slow_on_host2(params, xs):
+        # host2's copies wait until the run has ended: only backups end it.
         if os.environ.get("QJAMFAB_HOME", "").endswith("host2/qjamfab-home"):
-            time.sleep(8)
+            deadline = time.monotonic() + 30
+            while not os.path.exists(release) and time.monotonic() < deadline:
+                time.sleep(0.01)
         time.sleep(0.1)
         return sum(xs)
 
     try:
         with _master(ssh) as m:
-            started = time.monotonic()
-            assert m.run(slow_on_host2, dataset=DATA) == EXPECTED
-            assert time.monotonic() - started < 6
+            try:
+                assert m.run(slow_on_host2, dataset=DATA) == EXPECTED
+            finally:
+                open(release, "w").close()
             assert m.last_run.backup_tasks >= 1
             assert not m.last_run.lost_workers
     finally:
