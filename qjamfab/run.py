@@ -132,6 +132,9 @@ class Run:
         self.open_on: dict[Link, int] = {}  # open tasks per link
         self.times = policy.SliceTimes()
         self.kills: dict[int, list[str]] = {}
+        # Workers lost in this run: (name, how, the slices it was running).
+        self.losses: list[tuple[str, str, list[int]]] = []
+        self.exits = 0  # of those, processes that exited while running the job
         self.silent: set[Link] = set()  # lost to the heartbeat deadline
         self.sent_refs: set[str] = set()
         self.params_sent: set[WorkerHandle] = set()  # have this run's params
@@ -185,6 +188,11 @@ class Run:
                     if k < len(batches):
                         self._send_task(handle, self._new_group(batches[k]))
             self._collect()
+        except BaseException:
+            for handle, queue in self.queues.items():
+                if queue and handle.alive:
+                    handle.stale = True  # this run's job may run on there
+            raise
         finally:
             self.progress.close()
             self._count_bytes()
@@ -332,6 +340,7 @@ class Run:
         task = self.open.get(task_id) if task_id is not None else None
         if task is None or task.worker is not handle:
             return  # a discarded copy, or left from an interrupted run
+        handle.stale = False  # it works on this run now
         if kind == protocol.STATE:
             state = head["state"]
             if state == "cancelled":
@@ -531,6 +540,13 @@ class Run:
                 except WorkerLost as exc:
                     self._send_failed(target, exc)
 
+    def _losses_said(self) -> str:
+        """Each worker lost in this run, how, and what it was running."""
+        return "; ".join(
+            f"{name}: {how}" + (f", {self._slice_names(s)}" if s else "")
+            for name, how, s in self.losses
+        )
+
     def _slice_names(self, slices: list[int]) -> str:
         if self.refs is None:
             return "mapfunc(params, None)"
@@ -603,6 +619,8 @@ class Run:
         its host or its connection), so the slice it ran may be the cause."""
         handle.alive = False
         self.idle.discard(handle)
+        # A worker still on a failed run's task may die of that run's job.
+        died = died and not handle.stale
         if not handle.link.alive:
             self._host_lost(handle.link)
         parked = self.results.unpark(handle)
@@ -616,6 +634,8 @@ class Run:
         if handle.name not in self.stats.lost_workers:
             self.stats.lost_workers.append(handle.name)
         detail = describe_exit(status) if status is not None else reason
+        running = lost_tasks[0].slices if lost_tasks else []
+        self.losses.append((handle.name, detail, running))
         for task in lost_tasks:
             self._close(task)
         # Only the task it was running can have killed it, and only if it
@@ -628,6 +648,23 @@ class Run:
                     f"{' and '.join(self.kills[i])} (last: {detail}): fix "
                     f"mapfunc for this input; the workers are restarted for "
                     f"the next run{display.stderr_tail(handle.name, tail)}",
+                    worker=handle.name,
+                    exit_status=status,
+                    stderr_tail=tail,
+                )
+        # A process that exited (not killed by a signal) while running the
+        # job was ended by the job: twice in a run, on any slices, is the
+        # job's doing, not bad luck, and would take every worker down.
+        if died and running and status is not None and status >= 0:
+            self.exits += 1
+            if self.exits >= 2:
+                raise WorkerLost(
+                    f"the job ended {self.exits} workers by exiting while "
+                    f"running mapfunc ({self._losses_said()}): mapfunc (or "
+                    f"what it calls) exits its process, with sys.exit, "
+                    f"os._exit or exit(): fix mapfunc so it returns or "
+                    f"raises; the workers are restarted for the next run"
+                    f"{display.stderr_tail(handle.name, tail)}",
                     worker=handle.name,
                     exit_status=status,
                     stderr_tail=tail,
@@ -663,9 +700,14 @@ class Run:
     ) -> None:
         survivors = [h for h in self.workers if h.alive]
         if slices and not survivors:
+            what = (
+                f"worker {name} was lost ({detail}) running {self._slice_names(slices)}"
+                if len(self.losses) <= 1
+                else f"workers were lost ({self._losses_said()}) with "
+                f"{self._slice_names(slices)} still to run"
+            )
             raise WorkerLost(
-                f"worker {name} was lost ({detail}) running "
-                f"{self._slice_names(slices)}, and no worker is left: they are "
+                f"{what}, and no worker is left: they are "
                 f"restarted for the next run; check the job and the hosts"
                 f"{display.stderr_tail(name, tail)}",
                 worker=name,

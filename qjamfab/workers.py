@@ -63,6 +63,9 @@ class WorkerHandle:
         self.refs: set[str] = set()
         self.alive = True
         self.last_seen = time.monotonic()
+        # It may still be running a task of a run that failed: until it
+        # answers for the current run, its death is not that run's doing.
+        self.stale = False
         self.gone_tail = ""  # what the agent said when it ended
         self.gone_status: int | None = None
 
