@@ -12,6 +12,8 @@ the line before it, ``<!-- skip: needs a Slurm cluster -->``. Other languages
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,20 +112,27 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
     monkeypatch.setenv("QJAMFAB_HOSTS", "local:2")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__main__"}
-    try:
-        for block in runnable(page):
-            # Padded so that a traceback gives the page's own line numbers.
-            code = compile("\n" * block.line + block.source, str(page), "exec")
-            try:
-                exec(code, namespace)
-            except Exception as exc:
-                raise AssertionError(
-                    f"the example at {block.where} fails: {exc!r}"
-                ) from exc
-    finally:
-        for value in namespace.values():  # a failed page must not leave workers
-            if isinstance(value, Master):
-                value.close()
+    with contextlib.ExitStack() as stack:
+        if importlib.util.find_spec("dask") is not None:
+            import dask.config
+
+            # A LocalCluster's workers (and qjamfab's cache beside them)
+            # would otherwise stay in the system's temporary directory.
+            stack.enter_context(dask.config.set({"temporary-directory": str(tmp_path)}))
+        try:
+            for block in runnable(page):
+                # Padded so that a traceback gives the page's own line numbers.
+                code = compile("\n" * block.line + block.source, str(page), "exec")
+                try:
+                    exec(code, namespace)
+                except Exception as exc:
+                    raise AssertionError(
+                        f"the example at {block.where} fails: {exc!r}"
+                    ) from exc
+        finally:
+            for value in namespace.values():  # a failed page leaves no workers
+                if isinstance(value, Master):
+                    value.close()
 
 
 def layout_names() -> set[str]:
