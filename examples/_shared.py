@@ -48,8 +48,9 @@ def add_plot_argument(parser: argparse.ArgumentParser) -> None:
         "--plot",
         type=plot_path,
         metavar="FILE.png",
-        help="train again on 1, 2 and 4 workers and save a plot of the loss "
-        "against wall time (needs matplotlib)",
+        help="train again on 1, 2 and 4 workers (after an untimed iteration "
+        "that sends them the data) and save a plot of the loss against wall "
+        "time (needs matplotlib)",
     )
 
 
@@ -77,13 +78,20 @@ def hosts_for(hosts: str | list[str] | None, workers: int) -> list[str]:
 
 
 def curves_by_workers(
-    hosts: str | list[str] | None, train: Callable[[Master], Curve]
+    hosts: str | list[str] | None,
+    warm_up: Callable[[Master], object],
+    train: Callable[[Master], Curve],
 ) -> dict[int, Curve]:
-    """train(master) on a Master of 1, 2 and 4 workers of the hosts."""
+    """train(master) on a Master of 1, 2 and 4 workers of the hosts. Each
+    Master does warm_up(master) first, untimed: one run of the training's
+    job, so that the curves compare iterations, not how long sending the
+    slices took (or whether an earlier run left them in the workers'
+    cache), nor the workers' first steps."""
     curves = {}
     for count in WORKER_COUNTS:
         chosen = hosts_for(hosts, count)
         with Master(chosen) as master:
+            warm_up(master)
             curves[count] = curve = train(master)
             print(
                 f"--plot: {len(curve)} iterations in {curve[-1][0]:.2f} s on "

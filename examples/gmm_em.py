@@ -75,6 +75,12 @@ def precision_factors(covariances: np.ndarray) -> np.ndarray:
     return np.array([np.linalg.inv(L).T for L in factors])
 
 
+def e_step_params(mixture: tuple) -> tuple:
+    """What e_step needs of a mixture (weights, means, covariances)."""
+    weights, means, covariances = mixture
+    return np.log(weights), means, precision_factors(covariances)
+
+
 def e_step(params, points: np.ndarray) -> dict:
     """One slice's sufficient statistics and log-likelihood under the
     mixture params = (log weights, means, precision factors)."""
@@ -121,21 +127,21 @@ def em(
     """EM iterations: (mixture, log-likelihood of each iteration's starting
     mixture, negative log-likelihood curve)."""
     started = time.perf_counter()
-    weights, means, covariances = start
+    mixture = start
     logliks: list[float] = []
     curve: Curve = []
     for iteration in range(1, max_iter + 1):
-        params = (np.log(weights), means, precision_factors(covariances))
+        params = e_step_params(mixture)
         stats = master.run(e_step, params=params, dataset=dataset)
         logliks.append(stats["loglik"])
         curve.append((time.perf_counter() - started, -stats["loglik"]))
         if on_iteration is not None:
             on_iteration(iteration, stats["loglik"])
-        weights, means, covariances = m_step(stats, samples)
+        mixture = m_step(stats, samples)
         # As scikit-learn's: the last M-step is made before the check.
         if len(logliks) > 1 and logliks[-1] - logliks[-2] < tol * samples:
             break
-    return (weights, means, covariances), logliks, curve
+    return mixture, logliks, curve
 
 
 def first_decrease(logliks: list[float]) -> int | None:
@@ -254,7 +260,11 @@ def main() -> int:
         )
     same = compare_with_sklearn(X, start, mixture, args.tol, args.max_iter)
     if args.plot:
-        curves = curves_by_workers(hosts, lambda m: fit(m)[2])
+        curves = curves_by_workers(
+            hosts,
+            lambda m: m.run(e_step, params=e_step_params(start), dataset=dataset),
+            lambda m: fit(m)[2],
+        )
         save_plot(
             args.plot,
             curves,

@@ -188,7 +188,9 @@ def main() -> int:
     ok = compare_with_sklearn(X, start, centroids, args.max_iter)
     if args.plot:
         curves = curves_by_workers(
-            hosts, lambda m: lloyd(m, dataset, start, args.max_iter)[3]
+            hosts,
+            lambda m: m.run(cluster_sums, params=start, dataset=dataset),
+            lambda m: lloyd(m, dataset, start, args.max_iter)[3],
         )
         save_plot(
             args.plot,

@@ -203,7 +203,11 @@ def main() -> int:
     ok = compare_with_sklearn(X, y, theta, args.C) and bool(result.success)
     if args.plot:
         curves = curves_by_workers(
-            hosts, lambda m: train(m, dataset, args.features, args.C)[1]
+            hosts,
+            lambda m: m.run(
+                log_loss, params=np.zeros(args.features + 1), dataset=dataset
+            ),
+            lambda m: train(m, dataset, args.features, args.C)[1],
         )
         save_plot(
             args.plot,
