@@ -31,6 +31,17 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def positive_number(text: str) -> float:
+    """argparse type of a setting such as a tolerance: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
 def plot_path(text: str) -> str:
     """argparse type of --plot: a file in a folder that exists (checked
     before training, not after)."""

@@ -39,6 +39,7 @@ from _shared import (
     add_plot_argument,
     curves_by_workers,
     positive_int,
+    positive_number,
     require_matplotlib,
     save_plot,
 )
@@ -202,9 +203,10 @@ def main() -> int:
     parser.add_argument("--max-iter", type=positive_int, default=500)
     parser.add_argument(
         "--tol",
-        type=float,
-        default=1e-7,
-        help="stop when an iteration gains less log-likelihood per sample",
+        type=positive_number,
+        default=1e-5,
+        help="stop when an iteration gains less log-likelihood per sample "
+        "(default 1e-5)",
     )
     add_plot_argument(parser)
     add_host_arguments(parser)

@@ -37,6 +37,7 @@ from _shared import (
     add_plot_argument,
     curves_by_workers,
     positive_int,
+    positive_number,
     require_matplotlib,
     save_plot,
 )
@@ -129,19 +130,6 @@ def compare_with_sklearn(X, y, theta: np.ndarray, C: float) -> bool:
     return same
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a positive number: give the inverse of the "
-            "penalty's strength, e.g. 1"
-        )
-    return value
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -158,7 +146,7 @@ def main() -> int:
     parser.add_argument("--features", type=positive_int, default=20)
     parser.add_argument(
         "--C",
-        type=positive_float,
+        type=positive_number,
         default=1.0,
         help="scikit-learn's C: the inverse of the L2 penalty's strength",
     )

@@ -443,8 +443,12 @@ def test_plot_without_matplotlib_says_to_install_it(tmp_path, name):
         (
             "logistic_regression.py",
             ["--C", "-1"],
-            "argument --C: '-1' is not a positive number: give the inverse of "
-            "the penalty's strength, e.g. 1",
+            "argument --C: '-1' is not a positive number",
+        ),
+        (
+            "gmm_em.py",
+            ["--tol", "nan"],
+            "argument --tol: 'nan' is not a positive number",
         ),
         (
             "gmm_em.py",
