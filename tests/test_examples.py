@@ -124,7 +124,11 @@ def test_char_count_known_file(tmp_path):
     assert lines == 5
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.py")))
+# _shared.py is what the machine-learning examples import, not an example.
+SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_every_example_has_help(name):
     proc = run_example(name, "--help")
     assert proc.returncode == 0, describe(proc)
@@ -194,6 +198,7 @@ def test_examples_say_what_is_wrong_with_an_argument(name, arg, error):
         ("sum_matrix.py", ["--hosts=local:1,local:3", 50], 4),
         ("newton_sqrt.py", [123456789, "local:3"], 3),
         ("char_count.py", [EXAMPLES / "sample.txt", "local:3"], 3),
+        ("kmeans.py", [500, "--clusters", 3, "local:3"], 3),
     ],
 )
 def test_examples_take_hosts_after_their_arguments(name, args, workers):
@@ -249,6 +254,9 @@ def test_the_examples_extra_has_what_the_examples_import():
         "optional-dependencies"
     ]
     assert any(req.startswith("scipy") for req in extras["examples"])
+    assert any(req.startswith("matplotlib") for req in extras["examples"])
+    # the tests run the examples' --plot
+    assert any(req.startswith("matplotlib") for req in extras["test"])
 
 
 def test_char_count_empty_file(tmp_path):
@@ -272,3 +280,200 @@ def test_docstrings_give_inv_run_arguments_after_double_dash():
                 continue
             options = words[3 : words.index("--")] if "--" in words else words[3:]
             assert all(w.startswith("-") for w in options), (path.name, line)
+
+
+# --- the machine-learning examples -------------------------------------------
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def plot_args(tmp_path):
+    """--plot FILE when matplotlib is here (the test extra has it), else
+    nothing: the example's check still runs."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return [], None
+    path = tmp_path / "plot.png"
+    return ["--plot", path], path
+
+
+def check_plot(proc, path):
+    """The PNG --plot wrote: a picture with a line per worker count."""
+    if path is None:
+        return
+    assert re.search(rf"on 1, 2, 4 workers: {re.escape(str(path))}$", proc.stdout, re.M)
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE), data[:16]
+    width, height = (
+        int.from_bytes(data[16:20], "big"),
+        int.from_bytes(data[20:24], "big"),
+    )
+    assert (width, height) == (700, 450)
+    # trained again on 1, 2 and 4 of the local workers
+    runs = re.findall(
+        r"^--plot: \d+ iterations in \S+ s on (.*) \((.*)\)$", proc.stdout, re.M
+    )
+    assert runs == [
+        ("local-0", "local:2 workers=1"),
+        ("local-0, local-1", "local:2"),
+        ("local-0, local-1, local-2, local-3", "local:2 workers=4"),
+    ], describe(proc)
+
+
+def found(pattern, proc):
+    match = re.search(pattern, proc.stdout, re.M)
+    assert match, f"no line matching {pattern!r}\n" + describe(proc)
+    return match
+
+
+def test_kmeans_finds_scikit_learns_centroids(tmp_path):
+    pytest.importorskip("sklearn")
+    extra, png = plot_args(tmp_path)
+    proc = run_example("kmeans.py", 2000, "--dims", 3, "--clusters", 8, *extra)
+    assert proc.returncode == 0, describe(proc)
+    assert "on 2 workers" in proc.stdout, describe(proc)
+    inertias = [
+        float(x)
+        for x in re.findall(r"^iteration \d+: inertia (\S+),", proc.stdout, re.M)
+    ]
+    # Lloyd's steps never raise the inertia
+    assert inertias == sorted(inertias, reverse=True), describe(proc)
+    ours = found(r"^converged after (\d+) iterations in \S+ s: inertia (\S+)$", proc)
+    theirs = found(
+        r"^scikit-learn KMeans: (\d+) iterations, inertia (\S+); centroids the "
+        r"same: largest difference (\S+) \(tolerance 1e-08\)$",
+        proc,
+    )
+    assert ours[1] == theirs[1] == str(len(inertias)), describe(proc)
+    assert math.isclose(float(ours[2]), float(theirs[2]), rel_tol=1e-10)
+    assert float(theirs[3]) <= 1e-8
+    check_plot(proc, png)
+
+
+def test_logistic_regression_finds_scikit_learns_coefficients(tmp_path):
+    pytest.importorskip("sklearn")
+    extra, png = plot_args(tmp_path)
+    proc = run_example("logistic_regression.py", 2000, "--features", 5, *extra)
+    assert proc.returncode == 0, describe(proc)
+    assert "on 2 workers" in proc.stdout, describe(proc)
+    losses = [
+        float(x) for x in re.findall(r"^iteration \d+: loss (\S+)$", proc.stdout, re.M)
+    ]
+    assert losses and losses == sorted(losses, reverse=True), describe(proc)
+    final = found(
+        r"^L-BFGS-B: .* after (\d+) iterations, \d+ evaluations in \S+ s: "
+        r"loss (\S+), training accuracy (\S+)$",
+        proc,
+    )
+    assert int(final[1]) == len(losses)
+    assert float(final[2]) == losses[-1]
+    assert float(final[3]) > 0.8
+    same = found(
+        r"^scikit-learn LogisticRegression: \d+ iterations; coefficients the same: "
+        r"largest difference (\S+) \(tolerance 1e-06\)$",
+        proc,
+    )
+    assert float(same[1]) <= 1e-6
+    check_plot(proc, png)
+
+
+def test_gmm_em_log_likelihood_never_falls(tmp_path):
+    pytest.importorskip("sklearn")
+    extra, png = plot_args(tmp_path)
+    proc = run_example("gmm_em.py", 3000, *extra)
+    assert proc.returncode == 0, describe(proc)
+    assert "on 2 workers" in proc.stdout, describe(proc)
+    logliks = [
+        float(x)
+        for x in re.findall(r"^iteration \d+: log-likelihood (\S+)$", proc.stdout, re.M)
+    ]
+    assert len(logliks) > 5, describe(proc)
+    rises = [b - a for a, b in zip(logliks, logliks[1:])]
+    assert all(rise >= -1e-10 * abs(ll) for rise, ll in zip(rises, logliks)), rises
+    assert logliks[-1] > logliks[0] + 1000  # it learned something
+    found(rf"^log-likelihood non-decreasing over the {len(logliks)} iterations$", proc)
+    same = found(
+        r"^scikit-learn GaussianMixture: (\d+) iterations; weights, means and "
+        r"covariances the same: largest difference (\S+) \(tolerance 1e-08\)$",
+        proc,
+    )
+    assert int(same[1]) == len(logliks)
+    assert float(same[2]) <= 1e-8
+    check_plot(proc, png)
+
+
+ML_EXAMPLES = ["kmeans.py", "logistic_regression.py", "gmm_em.py"]
+
+
+@pytest.mark.parametrize("name", ML_EXAMPLES)
+def test_plot_without_matplotlib_says_to_install_it(tmp_path, name):
+    fake = tmp_path / "matplotlib"  # shadows the installed one: not importable
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'matplotlib'\", "
+        "name='matplotlib')\n"
+    )
+    proc = run_example(name, 100, "--plot", tmp_path / "x.png", path_first=tmp_path)
+    assert proc.returncode == 1, describe(proc)
+    assert proc.stderr == (
+        f"{name} --plot needs matplotlib, which is not installed here: "
+        "pip install 'qjamfab[examples]' (or pip install matplotlib)\n"
+    ), describe(proc)
+    assert proc.stdout == "", describe(proc)  # nothing done before
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    "name, args, error",
+    [
+        (
+            "kmeans.py",
+            ["--plot", "no-such-folder/k.png"],
+            "argument --plot: cannot save no-such-folder/k.png: there is no "
+            f"folder {ROOT / 'no-such-folder'}: give a file in an existing folder",
+        ),
+        ("kmeans.py", ["0"], "argument points: '0' is not a positive integer"),
+        (
+            "kmeans.py",
+            ["5", "--clusters", "6"],
+            "--clusters=6 is more than the 5 points: ask for fewer clusters or "
+            "more points",
+        ),
+        (
+            "logistic_regression.py",
+            ["--C", "-1"],
+            "argument --C: '-1' is not a positive number",
+        ),
+        (
+            "gmm_em.py",
+            ["--tol", "nan"],
+            "argument --tol: 'nan' is not a positive number",
+        ),
+        (
+            "gmm_em.py",
+            ["12", "--components", "4"],
+            "12 samples are too few for 4 full covariances in 3 dimensions: "
+            "give more than 12",
+        ),
+    ],
+)
+def test_ml_examples_say_what_is_wrong_with_an_argument(name, args, error):
+    proc = run_example(name, *args)
+    assert proc.returncode == 2, describe(proc)
+    assert proc.stderr.splitlines()[-1] == f"{name}: error: {error}", describe(proc)
+    assert proc.stdout == "", describe(proc)
+
+
+def test_plots_spread_their_workers_over_the_hosts(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    from _shared import hosts_for
+
+    assert hosts_for(["a", "b"], 1) == ["a workers=1"]
+    assert hosts_for(["a", "b"], 2) == ["a workers=1", "b workers=1"]
+    assert hosts_for("a,b,c", 4) == ["a workers=2", "b workers=1", "c workers=1"]
+    assert hosts_for(["a workers=8 env.X={worker}"], 4) == [
+        "a workers=4 env.X={worker}"
+    ]
+    monkeypatch.setenv("QJAMFAB_HOSTS", "local:2")
+    assert hosts_for(None, 4) == ["local:2 workers=4"]

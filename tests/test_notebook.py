@@ -5,6 +5,7 @@ print, a worker's prefixed print, and the HTML reprs of Master and RunStats.
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 import re
@@ -143,6 +144,17 @@ def test_notebook_runs_on_local_workers(tmp_path, monkeypatch):
     # logistic regression with a local module's function
     found = re.search(r"^accuracy: ([\d.]+)$", text, re.M)
     assert found and float(found[1]) >= 0.9, report
+    # its live loss curve: one output, updated in place (nbclient applies the
+    # updates) to the last iteration's
+    training = next(c for c in code if "def loss_and_gradient" in c.source)
+    curves = [o for o in training.outputs if o.output_type == "display_data"]
+    assert len(curves) == 1, report
+    caption = re.fullmatch(
+        r"iteration 100: mean log-loss ([\d.]+)", curves[0].data["text/plain"]
+    )
+    assert caption and 0 < float(caption[1]) < math.log(2), curves[0].data["text/plain"]
+    png = base64.b64decode(curves[0].data["image/png"])
+    assert png.startswith(b"\x89PNG\r\n\x1a\n"), png[:16]
 
     # HTML reprs: the Master (first cell, and again at the end with its
     # last run) and the RunStats of the last run
