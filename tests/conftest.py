@@ -93,3 +93,25 @@ def bare_python(tmp_path_factory) -> str:
         )
         assert found.returncode != 0, f"the bare venv {venv} can import {module}"
     return python
+
+
+@pytest.fixture
+def tasks(monkeypatch):
+    """The number of calls in each task the futures send, in order (and
+    the bytes of each task's payload, in tasks.payloads)."""
+    from qjamfab.stream import TaskStream
+
+    class Sizes(list):
+        payloads: list
+
+    sizes = Sizes()
+    sizes.payloads = []
+    real_send = TaskStream.send
+
+    def counting_send(self, handle, items, payload):
+        sizes.append(len(items))
+        sizes.payloads.append(len(payload))
+        return real_send(self, handle, items, payload)
+
+    monkeypatch.setattr(TaskStream, "send", counting_send)
+    return sizes
