@@ -83,7 +83,7 @@ import pickle
 import reprlib
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
@@ -291,29 +291,38 @@ class _Session:
                     call.fail(exc)
 
     def _loop(self, stream: TaskStream) -> None:
+        # The work is done in methods of their own so that no local here
+        # keeps a call (and so its result) alive: map's are not kept.
         state = self.state
         while True:
             stream.refill()
-            idle = stream.idle
-            with state.cond:
-                stopping = state.runs_waiting > 0
-                batches = [] if stopping else self._take(idle, len(stream.workers))
-                waiting = bool(state.queue or self.again)
-            for handle, calls in zip(idle, batches):
-                payload = self._payload(calls)
-                if payload is not None:
-                    stream.send(handle, calls, payload)
+            stopping, waiting = self._send_more(stream)
             if not stream.in_flight and (stopping or not waiting):
                 with state.cond:
                     if state.runs_waiting or not (state.queue or self.again):
                         state.queue.extendleft(reversed(self.again))
                         return
                 continue
-            tick = _IDLE_TICK_S if stream.idle else _BUSY_TICK_S
-            outcomes = stream.step(tick)
-            for outcome in outcomes:
-                self._outcome(outcome)
-            del outcomes  # a result yielded by map must not live on here
+            self._take_in(stream.step(_IDLE_TICK_S if stream.idle else _BUSY_TICK_S))
+
+    def _send_more(self, stream: TaskStream) -> tuple[bool, bool]:
+        """A task to each idle worker, unless a run waits; (whether one
+        does, whether calls wait)."""
+        state = self.state
+        idle = stream.idle
+        with state.cond:
+            stopping = state.runs_waiting > 0
+            batches = [] if stopping else self._take(idle, len(stream.workers))
+            waiting = bool(state.queue or self.again)
+        for handle, calls in zip(idle, batches):
+            payload = self._payload(calls)
+            if payload is not None:
+                stream.send(handle, calls, payload)
+        return stopping, waiting
+
+    def _take_in(self, outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
+            self._outcome(outcome)
 
     def _take(self, idle: list, workers: int) -> list[list[_Call]]:
         """The next task's calls for each idle worker (under cond)."""
@@ -505,7 +514,7 @@ class FuturesMixin(Executor):
             ]
         del items
         _state(self).enqueue(self, calls)
-        return _results([c.future for c in calls], chunksize > 1, deadline)
+        return _MapResults([c.future for c in calls], chunksize > 1, deadline)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Executor.shutdown: no new calls; cancel the queued ones if asked;
@@ -516,9 +525,28 @@ class FuturesMixin(Executor):
             self.close()
 
 
+class _MapResults(Iterator[Any]):
+    """map's iterator: closing it (or dropping it) cancels the items not
+    started, even before the first next()."""
+
+    def __init__(self, futures: list[Future], chunked: bool, deadline: float | None):
+        self._futures = futures
+        self._results = _results(futures, chunked, deadline)
+
+    def __next__(self) -> Any:
+        return next(self._results)
+
+    def close(self) -> None:
+        self._results.close()
+        for future in self._futures:
+            future.cancel()
+
+    __del__ = close
+
+
 def _results(
     futures: list[Future], chunked: bool, deadline: float | None
-) -> Iterator[Any]:
+) -> Generator[Any]:
     """map's results in order; none kept once yielded (the futures are
     popped, the value never bound here)."""
     futures.reverse()
