@@ -310,6 +310,29 @@ def test_run_from_another_thread_waits_for_the_futures_run(local2):
     assert [f.result(timeout=30) for f in futures] == [0, 1, 2, 3]
 
 
+def test_a_method_needing_the_workers_is_refused_in_a_done_callback(local2):
+    said = []
+    called = threading.Event()
+
+    def callback(future):
+        try:
+            local2.worker_stats()
+        except QjamfabError as exc:
+            said.append(str(exc))
+        called.set()
+
+    future = local2.submit(slow_identity, 1, delay=1.0)
+    future.add_done_callback(callback)
+    assert not future.done()  # so the callback runs on the dispatcher
+    assert called.wait(30)
+    assert said == [
+        "a future's done-callback called a Master method that needs the "
+        "workers (run, clear_cache, worker_stats): call it from your own "
+        "thread, after the future is done"
+    ]
+    assert local2.submit(square, 2).result(timeout=30) == 4
+
+
 # --- shutdown, close, cancel ----------------------------------------------------
 
 

@@ -9,6 +9,7 @@ backend needs nothing on them, and scikit-learn goes there with
 packages=with_dependencies("scikit-learn")."""
 
 import os
+import time
 import warnings
 
 import numpy as np
@@ -75,6 +76,26 @@ def test_parallel_runs_on_the_workers(master):
     assert [sq for _, sq in out] == [x * x for x in range(50)]
     assert {pid for pid, _ in out} == worker_pids  # every worker, not us
     assert not master.closed  # a given Master stays open
+
+
+def touch_after(path, seconds):
+    time.sleep(seconds)
+    with open(path, "w"):
+        pass
+    return path
+
+
+def test_generator_unordered_yields_results_as_they_finish(master, tmp_path):
+    slow = str(tmp_path / "slow")
+    quick = [str(tmp_path / f"quick{i}") for i in range(3)]
+    with joblib.parallel_config(backend="qjamfab", master=master):
+        results = joblib.Parallel(n_jobs=-1, return_as="generator_unordered")(
+            joblib.delayed(touch_after)(path, 1.5 if path == slow else 0.0)
+            for path in [slow, *quick]
+        )
+        first = next(results)
+        assert first in quick and not os.path.exists(slow)  # slow still runs
+        assert sorted([first, *results]) == sorted([slow, *quick])
 
 
 def test_effective_n_jobs_is_the_worker_count(master):
