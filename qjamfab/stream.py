@@ -208,7 +208,8 @@ class BatchSizer:
     at first; then enough for about `target_s` of work by the calls'
     mean time so far (each task's time on its worker, over its calls),
     growing at most `grow`-fold per task, and never more than a
-    1/(2 x workers) share of what waits, so every worker gets some."""
+    1/(2 x workers) share of what waits, so every worker gets some (unless
+    that share is less than a tenth of `target_s` of work)."""
 
     def __init__(self, target_s: float = 0.05, grow: int = 8):
         self.target_s = target_s
@@ -223,10 +224,14 @@ class BatchSizer:
         self.per_call_s = (
             mean if self.per_call_s is None else (self.per_call_s + mean) / 2
         )
-        ideal = self.target_s / max(self.per_call_s, 1e-7)
+        self.per_call_s = max(self.per_call_s, 1e-7)
+        ideal = self.target_s / self.per_call_s
         self.size = max(1, min(math.floor(ideal), self.size * self.grow))
 
     def next(self, waiting: int, workers: int) -> int:
         """Calls for the next task, when `waiting` wait for `workers`."""
-        share = max(1, waiting // (2 * max(1, workers)))
+        share = waiting // (2 * max(1, workers))
+        if self.per_call_s is not None:
+            # Work of a few ms is not worth a round trip of its own.
+            share = max(share, math.floor(self.target_s / 10 / self.per_call_s))
         return max(1, min(self.size, share, waiting))
