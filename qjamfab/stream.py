@@ -209,7 +209,8 @@ class BatchSizer:
     mean time so far (each task's time on its worker, over its calls),
     growing at most `grow`-fold per task, and never more than a
     1/(2 x workers) share of what waits, so every worker gets some (unless
-    that share is less than a tenth of `target_s` of work)."""
+    that share is less than a tenth of `target_s` of work: then up to
+    1/workers of it)."""
 
     def __init__(self, target_s: float = 0.05, grow: int = 8):
         self.target_s = target_s
@@ -230,8 +231,12 @@ class BatchSizer:
 
     def next(self, waiting: int, workers: int) -> int:
         """Calls for the next task, when `waiting` wait for `workers`."""
-        share = waiting // (2 * max(1, workers))
+        workers = max(1, workers)
+        share = waiting // (2 * workers)
         if self.per_call_s is not None:
-            # Work of a few ms is not worth a round trip of its own.
-            share = max(share, math.floor(self.target_s / 10 / self.per_call_s))
+            # Work of a few ms is not worth a round trip of its own; but
+            # what waits for several workers never goes to one: the
+            # estimate may be wrong about the next call (a slow one).
+            least = math.floor(self.target_s / 10 / self.per_call_s)
+            share = max(share, min(least, waiting // workers))
         return max(1, min(self.size, share, waiting))

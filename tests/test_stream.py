@@ -29,5 +29,6 @@ def test_each_worker_gets_a_share_of_what_waits():
     for _ in range(4):
         sizer.add(1, 0.001)  # 1 ms a call: 50 fill a task
     assert sizer.next(waiting=40, workers=2) == 10  # not all 40 to one
-    assert sizer.next(waiting=3, workers=2) == 3  # 3 ms: not worth splitting
+    assert sizer.next(waiting=8, workers=2) == 4  # 4 ms: not worth splitting
+    assert sizer.next(waiting=2, workers=2) == 1  # but one each when idle
     assert sizer.next(waiting=0, workers=2) == 1
