@@ -106,6 +106,10 @@ _STATE_LOCK = threading.Lock()  # creates each Master's _ExecutorState once
 # again: short while a worker is idle (a submit goes out at once), longer
 # while all are busy (a submit waits for one anyway).
 _IDLE_TICK_S = 0.002
+# A map with chunksize=1 makes one call per item up to this many per
+# worker, chunks of items beyond: a future costs some µs, a pool's chunk
+# next to nothing (10,000 trivial items: 0.26 s as 10,000 calls).
+_MAP_CALLS_PER_WORKER = 64
 _BUSY_TICK_S = 0.05
 
 S = TypeVar("S")  # the Master a decorated method is called on
@@ -505,6 +509,9 @@ class FuturesMixin(Executor):
         items = list(zip(*iterables))
         if not items:
             return iter(())
+        if chunksize == 1:  # qjamfab chooses: one item a call, but in big maps
+            most = _MAP_CALLS_PER_WORKER * max(1, len(self.workers))
+            chunksize = max(1, len(items) // most)
         if chunksize == 1:
             calls = [_Call(fn, args, None, "map()") for args in items]
         else:
