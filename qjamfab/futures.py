@@ -37,10 +37,11 @@ Collects the iterables at once (as the standard library does) and queues
 one call per item (chunksize=1, the default: batched adaptively as
 above; in a map of more than 64 items per worker, calls of as many items
 as make 64 per worker), or per `chunksize` items (a chunk is one call,
-its items each in their own `try` on the worker). It yields results in order, each as soon
-as it is in, and does not keep them once yielded. `timeout` counts from
-the call to `map`: `TimeoutError` when a result is not there in time.
-Closing the iterator, or a timeout, cancels the items not started.
+its items each in their own `try` on the worker). It yields results in
+order, each as soon as it is in, and does not keep them once yielded.
+`timeout` counts from the call to `map`: `TimeoutError` when a result is
+not there in time. Closing the iterator, or a timeout, cancels the items
+not started.
 
 Errors
 ------

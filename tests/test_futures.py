@@ -286,6 +286,31 @@ def test_worker_sigkilled_during_map_every_item_back_exactly_once(master):
     assert master.worker_stats()[victim]["pid"] != pid
 
 
+def test_a_silent_worker_is_lost_and_its_call_runs_elsewhere_once(tmp_path):
+    flag = str(tmp_path / "froze-once")
+
+    def freezes_once():
+        from qjamfab.engines import inproc  # a job's import: where it runs
+
+        if not os.path.exists(flag):
+            open(flag, "w").close()
+            inproc.freeze(6.0)  # no heartbeat, not computing: a stopped process
+        return "done"
+
+    with Master("inproc:2", heartbeat_timeout=2.0) as m:
+        frozen = m.submit(freezes_once)
+        while not os.path.exists(flag):
+            time.sleep(0.01)
+        calls = []
+        frozen.add_done_callback(calls.append)
+        # The other worker takes new calls meanwhile.
+        assert m.submit(square, 5).result(timeout=30) == 25
+        assert not frozen.done()
+        # At the heartbeat deadline the call runs again on a live worker.
+        assert frozen.result(timeout=30) == "done"
+        assert calls == [frozen]
+
+
 # --- runs and futures on one Master ------------------------------------------------
 
 
