@@ -1,52 +1,47 @@
 """`Master` as a `concurrent.futures.Executor`: `submit`, `map`, `shutdown`.
 
-This module owns the Executor side of a Master, built on its public
-behaviour only (`run`, `workers`, `close`): the queue of submitted calls,
-the dispatcher thread that turns them into runs, the lock that keeps runs
-one at a time, and how outcomes come back to futures.
+This module owns the Executor side of a Master: the queue of submitted
+calls, the dispatcher thread that sends them to the workers as a stream of
+tasks (stream.py), how outcomes come back to futures, and the run lock that
+`Master.run` and the futures share.
 
 How a call travels
 ------------------
 - `submit(fn, *args, **kwargs)` queues the call and returns a `Future` at
-  once. A dispatcher thread (started on demand, gone when the queue is
-  empty) takes *every* call queued meanwhile into one `Master.run`, so
-  1,000 submits are a few runs, not 1,000. It lingers up to 5 ms after a
-  submit while more keep coming (1 ms apart at most), so a loop of
-  submits lands in one run.
-- The calls of one run are cut into slices, about `SLICES_PER_WORKER` (4)
-  per worker, and travel as a `ListDataSet` of those slices: each slice is
-  the cloudpickle of its calls, so functions and arguments travel by value
-  like `run`'s jobs (lambdas, closures, notebook cells). A function that
-  several slices call (a map's, one submitted in a loop) is pickled once
-  and travels in the run's `params`, once per worker, so a closure over
-  big data is not copied into every slice; one called in a single slice
-  (a joblib batch, which carries its data) travels in it. The job is
-  always the same, `futures_remote.apply_slice` (sent once per worker,
-  then by hash); it runs each call in its own `try`.
-- Slices are content-addressed like any dataset: each is written to the
-  cache directory of the worker that runs it (and held in its memory).
-  That costs a small file per slice per run, kept until `m.clear_cache()`
-  or `inv clear-cache`; submitting the very same calls again finds them
-  there and sends no data. (Avoiding the cache for one-shot data would
-  need the TASK frame to carry its data inline: a protocol change.)
-- The run's reduce concatenates the slices' results (the default would
-  add lists element-wise); each is tagged with its slice number, so order
-  never depends on how workers combined them.
-- Everything else is `Master.run`'s: spread over all workers, work
-  stealing, backups of stragglers, and worker loss (a lost worker's
-  slices run again elsewhere, each result delivered once).
+  once. A dispatcher thread (started on demand, gone when nothing is queued
+  or in flight) sends queued calls to idle workers, one task per worker at
+  a time, and reads the answers: a future completes when its task's RESULT
+  arrives, so `wait`, `as_completed`, callbacks and `map` see each call as
+  it finishes, and calls submitted meanwhile go to workers as they free up.
+- A task carries its calls inline (runtime/calls.py): the cloudpickle of
+  their `(fn, args, kwargs)` is in the TASK frame itself, never written to
+  the workers' caches, and functions and arguments travel by value like
+  `run`'s jobs (lambdas, closures, notebook cells); a function several
+  calls of one task share is pickled once in it. Each call runs in its own
+  `try`.
+- Batching is adaptive, as joblib's auto-batching (stream.BatchSizer): a
+  task takes one call at first, then as many as fill about 50 ms by the
+  calls' mean time so far (growing 8-fold per task at most, shrinking at
+  once when calls get long), and never more than 1/(2 x workers) of what
+  waits, so 10,000 trivial calls are a few dozen tasks and a long call
+  does not hold back a quick one submitted beside it.
+- A worker lost while running a task: its calls run again on the others
+  (each future resolves once). A worker that *died* (its process ended)
+  may have been killed by one of its calls: those run again one per task,
+  and a call that killed two workers fails its own future with WorkerLost
+  naming it. Lost workers are restarted once nothing is in flight.
 
 `map(fn, *iterables, timeout=None, chunksize=1)`
 ------------------------------------------------
-Collects the iterables at once (as the standard library does), queues
-them as parts of `chunksize` items, and yields results in order.
-`chunksize` is the number of items per slice; the default, 1, lets
-qjamfab choose: 4 slices per worker, their sizes within one item of each
-other (10,000 items on 2 workers: 8 slices of 1,250, each worker running
-its share as one or two tasks; 20 items: 8 slices of 2 or 3).
-`timeout` counts from the call to `map`: `concurrent.futures.TimeoutError`
-when a result is not there in time, and the calls not started yet are
-cancelled.
+Collects the iterables at once (as the standard library does) and queues
+one call per item (chunksize=1, the default: batched adaptively as
+above; in a map of more than 64 items per worker, calls of as many items
+as make 64 per worker), or per `chunksize` items (a chunk is one call,
+its items each in their own `try` on the worker). It yields results in
+order, each as soon as it is in, and does not keep them once yielded.
+`timeout` counts from the call to `map`: `TimeoutError` when a result is
+not there in time. Closing the iterator, or a timeout, cancels the items
+not started.
 
 Errors
 ------
@@ -57,21 +52,20 @@ its pickle, with a `RemoteError` as its `__cause__` carrying the remote
 traceback (`.remote_traceback`), the way ProcessPoolExecutor chains a
 `_RemoteTraceback`. An exception that cannot be pickled or re-created
 here is raised as the `RemoteError` itself. A call whose function or
-arguments cannot be pickled fails its future with `BadJob`. A run that
-fails as a whole (every worker lost, or one call killing two workers
-with `os._exit` or a signal) fails every future of that run with its
-`WorkerLost`.
+arguments cannot be pickled fails its future with `BadJob`. When no worker
+is left and none can be started, the futures in flight and queued fail
+with that `WorkerLost`.
 
 Runs and futures on one Master
 ------------------------------
 The Master is not thread-safe, so every `run`, `clear_cache`,
 `worker_stats` and `close` takes the Master's run lock (`exclusive`), and
-so does the dispatcher: `m.run(...)` in your thread waits for the futures
-run in flight and the next futures run waits for yours. `m.last_run`
-describes whichever ran last. Results arrive when their run ends, so
-`as_completed` sees a run's futures finish together; calls submitted
-while a run is in flight go in the next one. Do not wait on a future
-from inside a done-callback (callbacks run on the dispatcher thread).
+so does the dispatcher while futures are in flight. A `run()` (from any
+other thread) waits until the tasks in flight finish, while no new task
+is sent (new submits queue meanwhile); it then has every worker, and the
+futures resume after it. `m.last_run` describes runs only. Callbacks run
+on the dispatcher thread: do not wait on a future there, nor call `run`,
+`clear_cache` or `worker_stats` (QjamfabError says so).
 
 `shutdown(wait=True, cancel_futures=False)` is `close()`: no new calls
 (`ExecutorShutdown`), queued ones run unless `cancel_futures`, then the
@@ -85,73 +79,92 @@ from __future__ import annotations
 import collections
 import collections.abc
 import functools
+import logging
 import numbers
-import operator
 import pickle
+import reprlib
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import cloudpickle
 
 from . import display, futures_remote, serialize
-from .dataset import SLICES_PER_WORKER, ListDataSet
-from .errors import BadJob, ExecutorShutdown, QjamfabError, RemoteError
+from .errors import BadJob, ExecutorShutdown, QjamfabError, RemoteError, WorkerLost
+from .runtime.calls import apply_chunk
+from .stream import BatchSizer, Failed, Finished, Lost, Outcome, TaskStream
+
+if TYPE_CHECKING:
+    from .stream import StreamTask
 
 cloudpickle.register_pickle_by_value(futures_remote)
 
-_LINGER_S = 0.001  # a submit within this of the last one joins its run
-_LINGER_MAX_S = 0.005  # ... but a run waits no longer than this for more
+log = logging.getLogger("qjamfab")
+
 _STATE_LOCK = threading.Lock()  # creates each Master's _ExecutorState once
+# How long the dispatcher waits for an answer before looking at its queue
+# again: short while a worker is idle (a submit goes out at once), longer
+# while all are busy (a submit waits for one anyway).
+_IDLE_TICK_S = 0.002
+# A map with chunksize=1 makes one call per item up to this many per
+# worker, chunks of items beyond: a future costs some µs, a pool's chunk
+# next to nothing (10,000 trivial items: 0.26 s as 10,000 calls).
+_MAP_CALLS_PER_WORKER = 64
+_BUSY_TICK_S = 0.05
 
 S = TypeVar("S")  # the Master a decorated method is called on
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class _Failure:
-    """One item of a map part that raised: re-raised when reached."""
-
-    __slots__ = ("exc",)
-
-    def __init__(self, exc: BaseException):
-        self.exc = exc
-
-
 class _Call:
-    """One submit (single) or one part of a map: fn over args_list."""
+    """One submit, or one chunk of a map (fn: apply_chunk)."""
 
-    __slots__ = ("fn", "args_list", "kwargs_list", "future", "single")
+    __slots__ = ("fn", "args", "kwargs", "future", "kills", "alone", "what")
 
-    def __init__(
-        self, fn: Callable, args_list: list, kwargs_list: list | None, single: bool
-    ):
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict | None, what: str):
         self.fn = fn
-        self.args_list = args_list
-        self.kwargs_list = kwargs_list
+        self.args = args
+        self.kwargs = kwargs or None
         self.future: Future = Future()
-        self.single = single
+        self.kills: list[str] = []  # workers that died running it
+        self.alone = False  # in a task of its own (it may kill workers)
+        self.what = what  # "submit()" or "map()", for messages
 
-    def group(self) -> tuple:
-        return (self.fn, self.args_list, self.kwargs_list)
+    def job(self) -> tuple:
+        return (self.fn, self.args, self.kwargs)
 
     def fail(self, exc: BaseException) -> None:
         if not self.future.done():
             self.future.set_exception(exc)
 
-    def deliver(self, values: list, errors: dict) -> None:
-        """values[i] is item i's result unless errors[i] (an exception)."""
-        if self.single:
-            if 0 in errors:
-                self.future.set_exception(errors[0])
-            else:
-                self.future.set_result(values[0])
-            return
-        for i, exc in errors.items():
-            values[i] = _Failure(exc)
-        self.future.set_result(values)
+    def describe(self) -> str:
+        if self.fn is apply_chunk:
+            fn, items = self.args
+            return f"a chunk of {len(items)} items of map({_name(fn)})"
+        args = [_SHOWN.repr(a) for a in self.args]
+        return f"{self.what[:-2]}({', '.join([_name(self.fn), *args])})"
+
+
+_SHOWN = reprlib.Repr()  # arguments, shortened, in messages
+_SHOWN.maxstring = _SHOWN.maxother = 30
+
+
+def _name(fn: object) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def _start(call: _Call) -> bool:
+    """Mark the call's future running; False if it was cancelled (its
+    waiters are told) or is done. A call sent again is running already."""
+    if call.future.running():
+        return True
+    try:
+        return call.future.set_running_or_notify_cancel()
+    except RuntimeError:  # done: it failed already
+        return False
 
 
 class _ExecutorState:
@@ -164,9 +177,11 @@ class _ExecutorState:
         self.thread: threading.Thread | None = None
         self.shut = False
         self.close_when_idle = False
-        self.linger_until = 0.0
+        self.runs_waiting = 0  # threads waiting for the run lock
+        self.streaming = False  # the dispatcher holds the workers
+        self.sizer = BatchSizer()
 
-    def enqueue(self, master: Any, calls: list[_Call], linger: bool) -> None:
+    def enqueue(self, master: Any, calls: list[_Call]) -> None:
         with self.cond:
             if self.shut:
                 raise ExecutorShutdown(
@@ -174,7 +189,6 @@ class _ExecutorState:
                     "close() was called); create a new Master for more work"
                 )
             self.queue.extend(calls)
-            self.linger_until = time.monotonic() + _LINGER_S if linger else 0.0
             if self.thread is not None:
                 self.cond.notify_all()
                 return
@@ -192,30 +206,42 @@ class _ExecutorState:
                 raise
             self.thread = thread
 
+    def lock_for_run(self) -> None:
+        """Take the run lock for a run (or another exclusive method): the
+        dispatcher stops sending tasks and lets go once those in flight
+        are done."""
+        if self.streaming and self.thread is threading.current_thread():
+            raise QjamfabError(
+                "a future's done-callback called a Master method that needs "
+                "the workers (run, clear_cache, worker_stats): call it from "
+                "your own thread, after the future is done"
+            )
+        with self.cond:
+            self.runs_waiting += 1
+        try:
+            self.run_lock.acquire()
+        finally:
+            with self.cond:
+                self.runs_waiting -= 1
+                self.cond.notify_all()
+
     def _dispatch_loop(self, master: Any) -> None:
         close = False
         while True:
             with self.cond:
-                first = time.monotonic()
-                while self.queue and time.monotonic() < min(
-                    self.linger_until, first + _LINGER_MAX_S
-                ):
-                    self.cond.wait(
-                        max(
-                            0.0,
-                            min(self.linger_until, first + _LINGER_MAX_S)
-                            - time.monotonic(),
-                        )
-                    )
+                while self.queue and self.runs_waiting:
+                    self.cond.wait()  # a run goes first
                 if not self.queue:
                     self.thread = None
                     close = self.close_when_idle
                     self.cond.notify_all()
                     break
-                batch = list(self.queue)
-                self.queue.clear()
-            _run_batch(master, self, batch)
-            del batch
+            with self.run_lock:
+                self.streaming = True
+                try:
+                    _Session(master, self).run()
+                finally:
+                    self.streaming = False
         if close:
             master.close()
 
@@ -226,7 +252,9 @@ class _ExecutorState:
             self.shut = True
             if cancel_futures:
                 while self.queue:
-                    self.queue.popleft().future.cancel()
+                    call = self.queue.popleft()
+                    if call.future.cancel():
+                        _start(call)  # tells wait() and as_completed()
             thread = self.thread
             if thread is threading.current_thread():
                 self.close_when_idle = True  # shut down from a callback
@@ -240,6 +268,153 @@ class _ExecutorState:
     def idle(self) -> bool:
         with self.cond:
             return self.thread is None
+
+
+class _Session:
+    """The dispatcher's hold on the workers: from its first task sent until
+    nothing is queued or in flight, or a run waits for the workers."""
+
+    def __init__(self, master: Any, state: _ExecutorState):
+        self.master = master
+        self.state = state
+        self.again: collections.deque[_Call] = collections.deque()  # first
+
+    def run(self) -> None:
+        stream: TaskStream | None = None
+        try:
+            stream = self.master.task_stream()
+            self._loop(stream)
+        except BaseException as exc:  # never leave a future pending
+            in_flight = [] if stream is None else list(stream.busy.values())
+            with self.state.cond:
+                queued = list(self.state.queue)
+                self.state.queue.clear()
+            for call in [c for t in in_flight for c in t.items] + [
+                *self.again,
+                *queued,
+            ]:
+                if _start(call):
+                    call.fail(exc)
+
+    def _loop(self, stream: TaskStream) -> None:
+        # The work is done in methods of their own so that no local here
+        # keeps a call (and so its result) alive: map's are not kept.
+        state = self.state
+        while True:
+            stream.refill()
+            stopping, waiting = self._send_more(stream)
+            if not stream.in_flight and (stopping or not waiting):
+                with state.cond:
+                    if state.runs_waiting or not (state.queue or self.again):
+                        state.queue.extendleft(reversed(self.again))
+                        return
+                continue
+            self._take_in(stream.step(_IDLE_TICK_S if stream.idle else _BUSY_TICK_S))
+
+    def _send_more(self, stream: TaskStream) -> tuple[bool, bool]:
+        """A task to each idle worker, unless a run waits; (whether one
+        does, whether calls wait)."""
+        state = self.state
+        idle = stream.idle
+        with state.cond:
+            stopping = state.runs_waiting > 0
+            batches = [] if stopping else self._take(idle, len(stream.workers))
+            waiting = bool(state.queue or self.again)
+        for handle, calls in zip(idle, batches):
+            payload = self._payload(calls)
+            if payload is not None:
+                stream.send(handle, calls, payload)
+        return stopping, waiting
+
+    def _take_in(self, outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
+            self._outcome(outcome)
+
+    def _take(self, idle: list, workers: int) -> list[list[_Call]]:
+        """The next task's calls for each idle worker (under cond)."""
+        batches: list[list[_Call]] = []
+        for _ in idle:
+            batch = self._next_batch(workers)
+            if not batch:
+                break
+            batches.append(batch)
+        return batches
+
+    def _next_batch(self, workers: int) -> list[_Call]:
+        again, queue = self.again, self.state.queue
+        if again and again[0].alone:
+            return [again.popleft()]
+        n = self.state.sizer.next(len(again) + len(queue), workers)
+        batch: list[_Call] = []
+        for source in (again, queue):
+            while source and len(batch) < n and not source[0].alone:
+                batch.append(source.popleft())
+        return batch
+
+    def _payload(self, calls: list[_Call]) -> bytes | None:
+        """Mark the calls running (dropping cancelled ones) and pickle them;
+        those that cannot be pickled fail with BadJob. None: nothing to
+        send."""
+        calls[:] = [c for c in calls if _start(c)]
+        serialize.register_local_modules()  # user modules travel by value
+        try:
+            return serialize.dumps_job([c.job() for c in calls]) if calls else None
+        except Exception:
+            pass
+        good = []
+        for call in calls:
+            try:
+                serialize.dumps_job(call.job())
+                good.append(call)
+            except Exception as exc:
+                call.fail(_unpicklable(call, exc))
+        calls[:] = good
+        return serialize.dumps_job([c.job() for c in good]) if good else None
+
+    def _outcome(self, outcome: Outcome) -> None:
+        task = outcome.task
+        if isinstance(outcome, Finished):
+            self.state.sizer.add(len(task.items), outcome.compute_s)
+            _deliver(task.items, outcome.payload)
+        elif isinstance(outcome, Failed):
+            for call in task.items:
+                call.fail(outcome.error)
+        else:
+            self._lost(task, outcome)
+
+    def _lost(self, task: StreamTask, lost: Lost) -> None:
+        """A worker ended running the task: its calls run again elsewhere;
+        if its process died, each alone, and one that killed two workers
+        fails."""
+        name = task.worker.name
+        again = []
+        for call in task.items:
+            if lost.died:
+                call.kills.append(name)
+                call.alone = True
+                if len(call.kills) >= 2:
+                    call.fail(
+                        WorkerLost(
+                            f"{call.describe()} killed workers "
+                            f"{' and '.join(call.kills)} (last: {lost.detail}): "
+                            "fix the function for these arguments; the "
+                            "workers are restarted"
+                            f"{display.stderr_tail(name, lost.tail)}",
+                            worker=name,
+                            exit_status=lost.status,
+                            stderr_tail=lost.tail,
+                        )
+                    )
+                    continue
+            again.append(call)
+        if again:
+            log.warning(
+                "worker %s lost (%s); running its %s again",
+                name,
+                lost.detail,
+                display.plural(len(again), "call"),
+            )
+        self.again.extendleft(reversed(again))
 
 
 def _state(master: Any) -> _ExecutorState:
@@ -259,12 +434,17 @@ def exclusive(
     method: Callable[Concatenate[S, P], R],
 ) -> Callable[Concatenate[S, P], R]:
     """Decorator for Master methods that talk to the workers: one at a
-    time per Master, whichever thread calls (the futures dispatcher too)."""
+    time per Master, whichever thread calls; futures in flight finish
+    their tasks first (see the module docstring)."""
 
     @functools.wraps(method)
     def one_at_a_time(self: S, *args: P.args, **kwargs: P.kwargs) -> R:
-        with _state(self).run_lock:
+        state = _state(self)
+        state.lock_for_run()
+        try:
             return method(self, *args, **kwargs)
+        finally:
+            state.run_lock.release()
 
     return one_at_a_time
 
@@ -297,11 +477,13 @@ class FuturesMixin(Executor):
 
         def close(self) -> None: ...
 
+        def task_stream(self) -> TaskStream: ...
+
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Run fn(*args, **kwargs) on a worker; its Future, at once."""
         _check_callable(fn, "submit")
-        call = _Call(fn, [args], [kwargs] if kwargs else None, single=True)
-        _state(self).enqueue(self, [call], linger=True)
+        call = _Call(fn, args, kwargs, "submit()")
+        _state(self).enqueue(self, [call])
         return call.future
 
     def map(
@@ -312,8 +494,8 @@ class FuturesMixin(Executor):
         chunksize: int = 1,
     ) -> Iterator[Any]:
         """fn over the items of the iterables, on the workers; results in
-        order. chunksize: items per slice; 1 (the default) lets qjamfab
-        choose (about 4 slices per worker)."""
+        order, each as soon as it is in. chunksize: items per call; 1 (the
+        default) lets qjamfab batch them adaptively."""
         _check_callable(fn, "map")
         chunksize = _check_chunksize(chunksize)
         deadline = (
@@ -329,17 +511,19 @@ class FuturesMixin(Executor):
         items = list(zip(*iterables))
         if not items:
             return iter(())
-        if chunksize == 1:  # let qjamfab choose: sizes within one
-            k = min(len(items), SLICES_PER_WORKER * max(1, len(self.workers)))
-            bounds = [i * len(items) // k for i in range(k + 1)]
+        if chunksize == 1:  # qjamfab chooses: one item a call, but in big maps
+            most = _MAP_CALLS_PER_WORKER * max(1, len(self.workers))
+            chunksize = max(1, len(items) // most)
+        if chunksize == 1:
+            calls = [_Call(fn, args, None, "map()") for args in items]
         else:
-            bounds = [*range(0, len(items), chunksize), len(items)]
-        calls = [
-            _Call(fn, items[a:b], None, single=False)
-            for a, b in zip(bounds, bounds[1:])
-        ]
-        _state(self).enqueue(self, calls, linger=False)
-        return _results([c.future for c in calls], deadline)
+            calls = [
+                _Call(apply_chunk, (fn, items[a : a + chunksize]), None, "map()")
+                for a in range(0, len(items), chunksize)
+            ]
+        del items
+        _state(self).enqueue(self, calls)
+        return _MapResults([c.future for c in calls], chunksize > 1, deadline)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Executor.shutdown: no new calls; cancel the queued ones if asked;
@@ -350,140 +534,61 @@ class FuturesMixin(Executor):
             self.close()
 
 
-def _results(futures: list[Future], deadline: float | None) -> Iterator[Any]:
+class _MapResults(Iterator[Any]):
+    """map's iterator: closing it (or dropping it) cancels the items not
+    started, even before the first next()."""
+
+    def __init__(self, futures: list[Future], chunked: bool, deadline: float | None):
+        self._futures = futures
+        self._results = _results(futures, chunked, deadline)
+
+    def __next__(self) -> Any:
+        return next(self._results)
+
+    def close(self) -> None:
+        self._results.close()
+        for future in self._futures:
+            future.cancel()
+
+    __del__ = close
+
+
+def _results(
+    futures: list[Future], chunked: bool, deadline: float | None
+) -> Generator[Any]:
+    """map's results in order; none kept once yielded (the futures are
+    popped, the value never bound here)."""
     futures.reverse()
     try:
         while futures:
-            future = futures.pop()
-            try:
-                outcomes = (
-                    future.result()
-                    if deadline is None
-                    else future.result(deadline - time.monotonic())
-                )
-            except BaseException:
-                future.cancel()
-                raise
-            for outcome in outcomes:
-                if type(outcome) is _Failure:
-                    raise outcome.exc
-                yield outcome
+            if not chunked:
+                yield _result_or_cancel(futures.pop(), deadline)
+                continue
+            values, errors = pickle.loads(_result_or_cancel(futures.pop(), deadline))
+            values.reverse()
+            for i in range(len(values)):
+                if i in errors:
+                    raise _rebuild(errors[i])
+                yield values.pop()
     finally:
         for future in futures:
             future.cancel()
 
 
-# --- one run -----------------------------------------------------------------
-
-
-def _run_batch(master: Any, state: _ExecutorState, batch: list[_Call]) -> None:
-    calls = [c for c in batch if c.future.set_running_or_notify_cancel()]
-    if not calls:
-        return
+def _result_or_cancel(future: Future, deadline: float | None) -> Any:
     try:
-        slices, shared = _payloads(_cut(calls, max(1, len(master.workers))))
-        if not slices:
-            return
-        with state.run_lock:
-            out = master.run(
-                futures_remote.apply_slice,
-                params=shared,
-                dataset=ListDataSet([p for _, p in slices], slice_size=1),
-                reduce=operator.add,
-                progress=False,
-            )
-        by_number = dict(enumerate(s for s, _ in slices))
-        for slice_no, blob, errors in out:
-            _deliver(by_number.pop(slice_no), blob, errors)
-        if by_number:
-            raise QjamfabError(
-                f"the run returned no result for {len(by_number)} slices: "
-                "this is a qjamfab bug, please report it"
-            )
-    except BaseException as exc:  # never leave a future pending
-        for call in calls:
-            call.fail(exc)
+        if deadline is None:
+            return future.result()
+        return future.result(deadline - time.monotonic())
+    finally:
+        future.cancel()  # a no-op once done
 
 
-def _cut(calls: list[_Call], n_workers: int) -> list[list[_Call]]:
-    """The slices of a run: each map part alone, the submits pooled into
-    about SLICES_PER_WORKER slices per worker."""
-    slices = [[c] for c in calls if not c.single]
-    single = [c for c in calls if c.single]
-    if single:
-        k = min(len(single), SLICES_PER_WORKER * n_workers)
-        bounds = [i * len(single) // k for i in range(k + 1)]
-        slices += [single[a:b] for a, b in zip(bounds, bounds[1:])]
-    return slices
-
-
-def _payloads(
-    slices: list[list[_Call]],
-) -> tuple[list[tuple[list[_Call], bytes]], tuple[bytes, ...]]:
-    """Each slice's calls and their pickle, and the run's params: the
-    pickles of the functions that several slices call (a map's, or one
-    submitted in a loop), which so travel once per worker, not once per
-    slice; the slices name them by index. A function called in one slice
-    only (a joblib batch) travels in that slice. Calls whose function or
-    arguments cannot be pickled fail their futures with BadJob and are
-    left out."""
-    serialize.register_local_modules()  # user modules travel by value
-    uses: dict[int, int] = {}
-    for calls in slices:
-        for fid in {id(c.fn) for c in calls}:
-            uses[fid] = uses.get(fid, 0) + 1
-    shared: list[bytes] = []
-    index: dict[int, int | None] = {}  # id(fn) -> its place in params
-    for calls in slices:
-        for call in calls:
-            fid = id(call.fn)
-            if uses[fid] < 2 or fid in index:
-                continue
-            try:
-                shared.append(serialize.dumps_job(call.fn))
-                index[fid] = len(shared) - 1
-            except Exception:
-                index[fid] = None  # its calls fail one by one below
-
-    def group(call: _Call) -> tuple:
-        fn = index.get(id(call.fn), call.fn)
-        return (call.fn if fn is None else fn, call.args_list, call.kwargs_list)
-
-    out: list[tuple[list[_Call], bytes]] = []
-    for calls in slices:
-        try:
-            payload = serialize.dumps_job((len(out), [group(c) for c in calls]))
-        except Exception:
-            good = []
-            for call in calls:
-                try:
-                    serialize.dumps_job(group(call))
-                    good.append(call)
-                except Exception as exc:
-                    call.fail(_unpicklable(call, exc))
-            if not good:
-                continue
-            calls = good
-            payload = serialize.dumps_job((len(out), [group(c) for c in calls]))
-        out.append((calls, payload))
-    return out, tuple(shared)
-
-
-def _unpicklable(call: _Call, exc: Exception) -> BadJob:
-    what = "submit()" if call.single else "map()"
-    err = BadJob(
-        f"the function or arguments given to {what} cannot be pickled "
-        f"({type(exc).__name__}: {exc}): pass a function and data that "
-        "cloudpickle can copy (no open files, locks, sockets, generators)"
-    )
-    err.__cause__ = exc
-    return err
-
-
-def _deliver(calls: list[_Call], blob: bytes, reports: dict) -> None:
-    errors = {i: _rebuild(r) for i, r in reports.items()}
+def _deliver(calls: list[_Call], payload: Any) -> None:
+    """A task's RESULT (runtime/calls.py's pack): each call's outcome to its
+    future."""
     try:
-        values = pickle.loads(blob)
+        values, reports = pickle.loads(payload)
     except Exception as exc:
         err = RemoteError(
             f"the results of {len(calls)} calls cannot be unpickled here "
@@ -493,14 +598,24 @@ def _deliver(calls: list[_Call], blob: bytes, reports: dict) -> None:
         for call in calls:
             call.fail(err)
         return
-    pos = 0
-    for call in calls:
-        n = len(call.args_list)
-        call.deliver(
-            values[pos : pos + n],
-            {i - pos: e for i, e in errors.items() if pos <= i < pos + n},
-        )
-        pos += n
+    for i, call in enumerate(calls):
+        if call.future.done():
+            continue
+        if i in reports:
+            call.future.set_exception(_rebuild(reports[i]))
+        else:
+            call.future.set_result(values[i])
+        values[i] = None
+
+
+def _unpicklable(call: _Call, exc: Exception) -> BadJob:
+    err = BadJob(
+        f"the function or arguments given to {call.what} cannot be pickled "
+        f"({type(exc).__name__}: {exc}): pass a function and data that "
+        "cloudpickle can copy (no open files, locks, sockets, generators)"
+    )
+    err.__cause__ = exc
+    return err
 
 
 def _rebuild(report: tuple) -> BaseException:
@@ -557,7 +672,7 @@ def _check_chunksize(chunksize: object) -> int:
     ):
         raise ValueError(
             f"chunksize must be a positive int, not {chunksize!r}: give the "
-            "items per slice, or 1 (the default) to let qjamfab choose"
+            "items per call, or 1 (the default) to let qjamfab batch them"
         )
     return int(chunksize)
 

@@ -35,6 +35,7 @@ from .run import Run, RunSettings
 from .runstats import RunStats, print_event_log
 from .runtime import default_base
 from .runtime.cache import CacheLimitError, parse_size
+from .stream import TaskStream
 from .workers import Inbox, WorkerHandle
 
 log = logging.getLogger("qjamfab")
@@ -355,6 +356,19 @@ class Master(FuturesMixin):
             self._split = run.split_next()
         log.info("run: %r", run.stats)
         return value
+
+    def task_stream(self) -> TaskStream:
+        """For the futures dispatcher (futures.py), which holds the run
+        lock: this Master's workers as a stream of tasks, lost ones
+        restarted first."""
+        self._check_open()
+        self._drain()
+
+        def restart() -> list[WorkerHandle]:
+            self._start_missing()
+            return self._live()
+
+        return TaskStream(self._inbox, restart, self.heartbeat_timeout)
 
     @exclusive
     def clear_cache(self) -> dict[str, dict]:

@@ -112,3 +112,25 @@ def slurm():
         )
     with SlurmCluster() as cluster:
         yield cluster
+
+
+@pytest.fixture
+def tasks(monkeypatch):
+    """The number of calls in each task the futures send, in order (and
+    the bytes of each task's payload, in tasks.payloads)."""
+    from qjamfab.stream import TaskStream
+
+    class Sizes(list):
+        payloads: list
+
+    sizes = Sizes()
+    sizes.payloads = []
+    real_send = TaskStream.send
+
+    def counting_send(self, handle, items, payload):
+        sizes.append(len(items))
+        sizes.payloads.append(len(payload))
+        return real_send(self, handle, items, payload)
+
+    monkeypatch.setattr(TaskStream, "send", counting_send)
+    return sizes

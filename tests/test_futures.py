@@ -97,43 +97,36 @@ def test_map_spreads_over_every_worker(master):
     assert len(pids) == 2 and os.getpid() not in pids
 
 
-def test_a_big_map_is_a_few_slices_per_worker(local2):
+def test_a_big_map_of_trivial_calls_is_a_few_dozen_tasks(local2, tasks):
+    assert list(local2.map(square, range(200))) == [x * x for x in range(200)]
+    assert sum(tasks) == 200  # up to 64 items a worker: a call each
+    assert tasks[0] == 1  # adaptive: one call first, then more
+    assert len(tasks) < 40, tasks  # not 200 round trips
+    tasks.clear()
     assert list(local2.map(square, range(10_000))) == [x * x for x in range(10_000)]
-    stats = local2.last_run
-    assert stats.slices == 8  # chunksize=1: qjamfab chooses, 4/worker
-    assert stats.workers == 2
+    assert sum(tasks) == 129  # beyond: chunks of 10,000 // 128 = 78 items
+    assert len(tasks) < 40, tasks
+    tasks.clear()
     assert list(local2.map(square, range(1000), chunksize=100)) == [
         x * x for x in range(1000)
     ]
-    assert local2.last_run.slices == 10  # an explicit chunksize is kept
-    assert list(local2.map(square, range(20))) == [x * x for x in range(20)]
-    assert local2.last_run.slices == 8  # of 2 or 3 items: 10 per worker
+    # An explicit chunksize: 10 calls of 100 items, batched as any calls.
+    assert sum(tasks) == 10
 
 
-def test_a_function_several_slices_call_travels_once_per_worker(local2):
+def test_a_function_a_task_calls_many_times_travels_once_in_it(local2, tasks):
     big = bytes(2_000_000)  # closed over by the function
     results = local2.map(lambda x: len(big) + x, range(80))
     assert list(results) == [2_000_000 + x for x in range(80)]
-    stats = local2.last_run
-    assert stats.slices == 8
-    # Twice (a copy per worker), not once per slice (8 times).
-    assert 4_000_000 < stats.bytes_sent < 5_000_000
-    assert stats.dataset_bytes_sent < 100_000
+    assert max(tasks) > 1
+    # Pickled once per task, however many calls it has.
+    assert all(2_000_000 < n < 2_100_000 for n in tasks.payloads)
 
 
-def test_submits_made_together_share_one_run(local2, monkeypatch):
-    runs = []
-    real_run = local2.run
-
-    def counting_run(*args, **kwargs):
-        runs.append(kwargs["dataset"].chunks())
-        return real_run(*args, **kwargs)
-
-    monkeypatch.setattr(local2, "run", counting_run)
+def test_submits_made_together_are_batched(local2, tasks):
     futures = [local2.submit(square, i) for i in range(300)]
     assert [f.result(timeout=30) for f in futures] == [i * i for i in range(300)]
-    assert len(runs) <= 10, runs  # not 300 round trips
-    assert max(runs) <= 8  # at most 4 slices per worker
+    assert len(tasks) < 60, tasks  # not 300 round trips
 
 
 def test_as_completed_and_wait_work(local2):
@@ -262,15 +255,16 @@ def test_map_timeout(master):
     assert list(master.map(slow_identity, [1, 2], [0.1, 0.1], timeout=30)) == [1, 2]
 
 
-def test_map_timeout_cancels_what_has_not_started(local2):
-    blocker = local2.submit(slow_identity, "blocker", delay=1.5)
-    while not blocker.running():
+def test_map_timeout_cancels_what_has_not_started(local2, tasks):
+    blockers = [local2.submit(slow_identity, "blocker", delay=1.5) for _ in range(2)]
+    while not all(b.running() for b in blockers):
         time.sleep(0.01)
-    results = local2.map(square, range(10), timeout=0.2)  # queued behind it
+    results = local2.map(square, range(10), timeout=0.2)  # queued behind them
     with pytest.raises(cf.TimeoutError):
         list(results)
-    assert blocker.result(timeout=30) == "blocker"
-    assert local2.last_run.slices == 1  # the map's run never happened
+    assert [b.result(timeout=30) for b in blockers] == ["blocker"] * 2
+    assert local2.submit(square, 3).result(timeout=30) == 9  # after the map's
+    assert tasks == [1, 1, 1]  # the map's calls were never sent
 
 
 # --- a worker lost mid-map ------------------------------------------------------
@@ -287,12 +281,34 @@ def test_worker_sigkilled_during_map_every_item_back_exactly_once(master):
         timer.cancel()
         timer.join()
     assert results == list(range(48))
-    stats = master.last_run
-    assert stats.lost_workers == [victim] and stats.rerun_slices >= 1
-    # The worker is replaced before the next run.
+    # The worker is replaced.
     assert list(master.map(square, range(10))) == [x * x for x in range(10)]
-    assert master.last_run.workers == 2
     assert master.worker_stats()[victim]["pid"] != pid
+
+
+def test_a_silent_worker_is_lost_and_its_call_runs_elsewhere_once(tmp_path):
+    flag = str(tmp_path / "froze-once")
+
+    def freezes_once():
+        from qjamfab.engines import inproc  # a job's import: where it runs
+
+        if not os.path.exists(flag):
+            open(flag, "w").close()
+            inproc.freeze(6.0)  # no heartbeat, not computing: a stopped process
+        return "done"
+
+    with Master("inproc:2", heartbeat_timeout=2.0) as m:
+        frozen = m.submit(freezes_once)
+        while not os.path.exists(flag):
+            time.sleep(0.01)
+        calls = []
+        frozen.add_done_callback(calls.append)
+        # The other worker takes new calls meanwhile.
+        assert m.submit(square, 5).result(timeout=30) == 25
+        assert not frozen.done()
+        # At the heartbeat deadline the call runs again on a live worker.
+        assert frozen.result(timeout=30) == "done"
+        assert calls == [frozen]
 
 
 # --- runs and futures on one Master ------------------------------------------------
@@ -323,12 +339,36 @@ def test_run_from_another_thread_waits_for_the_futures_run(local2):
     assert [f.result(timeout=30) for f in futures] == [0, 1, 2, 3]
 
 
+def test_a_method_needing_the_workers_is_refused_in_a_done_callback(local2):
+    said = []
+    called = threading.Event()
+
+    def callback(future):
+        try:
+            local2.worker_stats()
+        except QjamfabError as exc:
+            said.append(str(exc))
+        called.set()
+
+    future = local2.submit(slow_identity, 1, delay=1.0)
+    future.add_done_callback(callback)
+    assert not future.done()  # so the callback runs on the dispatcher
+    assert called.wait(30)
+    assert said == [
+        "a future's done-callback called a Master method that needs the "
+        "workers (run, clear_cache, worker_stats): call it from your own "
+        "thread, after the future is done"
+    ]
+    assert local2.submit(square, 2).result(timeout=30) == 4
+
+
 # --- shutdown, close, cancel ----------------------------------------------------
 
 
 def _queued_behind_a_blocker(m, n=5):
-    blocker = m.submit(slow_identity, "blocker", delay=1.0)
-    while not blocker.running():
+    """A blocker on each of the two workers; n calls queued behind them."""
+    blocker, other = (m.submit(slow_identity, "blocker", delay=1.0) for _ in "ab")
+    while not (blocker.running() and other.running()):
         time.sleep(0.01)
     return blocker, [m.submit(square, i) for i in range(n)]
 
@@ -421,8 +461,8 @@ def test_a_bad_chunksize_is_refused(local2, chunksize):
     with pytest.raises(
         ValueError,
         match=r"^chunksize must be a positive "
-        r"int, not .*: give the items per slice, or 1 \(the "
-        r"default\) to let qjamfab choose$",
+        r"int, not .*: give the items per call, or 1 \(the "
+        r"default\) to let qjamfab batch them$",
     ):
         local2.map(square, range(3), chunksize=chunksize)
 
@@ -447,17 +487,25 @@ def test_a_map_argument_that_is_not_iterable_is_refused(local2):
         local2.map(pow, range(3), 7)
 
 
-def test_every_worker_lost_fails_the_runs_futures_with_worker_lost():
+def test_a_call_that_kills_two_workers_fails_its_own_future_only():
     from qjamfab import WorkerLost
 
+    def exits_on_0(x):
+        if x == 0:
+            os._exit(9)
+        return x
+
     with Master("local:1") as m:
+        futures = [m.submit(exits_on_0, x) for x in range(3)]
         with pytest.raises(
             WorkerLost,
-            match=r"^worker local-0 was lost "
-            r"\(exit status 9\) .*and no worker is left",
+            match=r"^submit\(.*exits_on_0, 0\) killed workers local-0 and "
+            r"local-0 \(last: exit status 9\): fix the function for these "
+            r"arguments; the workers are restarted",
         ):
-            list(m.map(lambda x: os._exit(9) if x == 0 else x, range(2)))
-        # The worker is restarted for the next run.
+            futures[0].result(timeout=60)
+        assert [f.result(timeout=60) for f in futures[1:]] == [1, 2]
+        # The worker is restarted for what comes next.
         assert m.submit(square, 3).result(timeout=30) == 9
 
 

@@ -559,7 +559,9 @@ class DaskLink:
             if kind == protocol.TASK:
                 if head["params"]:
                     self._params = list(payload)
-                task = self._tasks[head["task"]] = _Task(head, self._params)
+                # Inline calls carry their own payload (runtime/calls.py).
+                own = list(payload) if head.get("calls") else self._params
+                task = self._tasks[head["task"]] = _Task(head, own)
                 self._submit(task, None)
             elif kind == protocol.FUNC:
                 self._funcs[head["hash"]] = bytes(payload[0])

@@ -59,6 +59,7 @@ from . import (
     write_locked,
 )
 from .cache import CacheEntryLost, CacheLimitError, RefCache, is_ref
+from .calls import run_calls
 from .lru import JobCache, job_budget
 from .packages import use_in_daemon
 
@@ -489,7 +490,9 @@ class Worker:
                 self.parked.clear()
             if head["params"]:
                 self.run_params = parts
-            self.pending.append([head, self.run_params, False])
+            # A TASK of inline calls carries its own payload (calls.py).
+            own = parts if head.get("calls") else self.run_params
+            self.pending.append([head, own, False])
         elif kind == protocol.CLEAR:
             self.jobs.clear()
             channel.send(protocol.CLEAR, self.cache.clear())
@@ -532,6 +535,10 @@ class Worker:
         if not self.pending:
             return False
         head, params_parts, asked = self.pending[0]
+        if head.get("calls"):  # inline calls: no job, no slices
+            self.pending.pop(0)
+            run_calls(self, channel, head, params_parts)
+            return True
         missing_func = head["func"] not in self.jobs
         try:
             missing_refs = self.cache.missing(head["refs"] or ())
