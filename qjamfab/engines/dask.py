@@ -46,7 +46,6 @@ import re
 import sys
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeGuard, cast
@@ -60,6 +59,7 @@ from ..errors import (
     WorkerLost,
 )
 from ..hostspec import HostSpec
+from ..runtime.task import error_fields
 from ..workers import LOST, Event, Inbox, Link, WorkerHandle
 from . import Engine, EngineSettings, register
 
@@ -674,12 +674,7 @@ class DaskLink:
                 return
             reply = {
                 "log": "",
-                "error": {
-                    "phase": "running qjamfab's task on Dask",
-                    "type": type(exc).__name__,
-                    "message": str(exc),
-                    "traceback": "".join(traceback.format_exception(exc)),
-                },
+                "error": error_fields("running qjamfab's task on Dask", exc),
             }
         finally:
             del scattered  # the worker has stored the slices
