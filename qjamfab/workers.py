@@ -19,7 +19,6 @@ import itertools
 import logging
 import select
 import struct
-import sys
 import time
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -32,7 +31,7 @@ from .errors import (
     WorkerLost,
     describe_exit,
 )
-from .hostspec import env_setting
+from .hostspec import env_setting, python_mismatch
 from .transport import Transport
 
 log = logging.getLogger("qjamfab")
@@ -169,18 +168,9 @@ class Link:
                 )
             )
         self._check_version(self.label, head)
-        theirs, ours = tuple(head["python"][:2]), sys.version_info[:2]
-        if theirs != ours:
-            raise self._fail(
-                PreflightFailed(
-                    f"{self.label} runs Python {'.'.join(map(str, head['python']))}"
-                    f" ({head['executable']}), the master {ours[0]}.{ours[1]}: "
-                    "cloudpickle needs the same minor version; set "
-                    f"{env_setting('REMOTE_PYTHON')[1]} to a "
-                    f"python{ours[0]}.{ours[1]} there",
-                    host=self.label,
-                )
-            )
+        mismatch = python_mismatch(self.label, head, self.label)
+        if mismatch is not None:
+            raise self._fail(mismatch)
         self.info = head
         return head
 
