@@ -12,6 +12,7 @@ import pytest
 from qjamfab import protocol
 from qjamfab.reduce import ReduceTree
 from qjamfab.runtime.task import (
+    check_job,
     combine,
     encode_result,
     error_fields,
@@ -99,9 +100,10 @@ def test_a_long_task_says_how_far_it_is_but_not_at_its_last_slice(monkeypatch):
 
 def test_a_job_whose_bytes_do_not_match_its_hash_is_refused():
     data = pickle.dumps((len, None))
-    assert load_job(data, hashlib.sha256(data).hexdigest()) == (len, None)
+    check_job(data, hashlib.sha256(data).hexdigest())
+    assert load_job(data) == (len, None)
     with pytest.raises(ValueError, match="job bytes do not match their hash"):
-        load_job(data + b".", hashlib.sha256(data).hexdigest())
+        check_job(data + b".", hashlib.sha256(data).hexdigest())
 
 
 def test_combine_makes_the_same_root_as_one_tree():

@@ -147,7 +147,7 @@ class QjamfabPlugin(WorkerPlugin):
         job = self.jobs[func_hash]
         self.jobs.move_to_end(func_hash)
         if isinstance(job, bytes):
-            job = self.jobs[func_hash] = load_job(job, func_hash)
+            job = self.jobs[func_hash] = load_job(job)  # checked by add_job
         return job
 
     def _trim_jobs(self) -> None:

@@ -438,7 +438,8 @@ class Agent:
             job = self.funcs.get(head["func"])
             if job is None:  # pinned from its run's first TASK: never
                 raise LookupError(f"job {head['func']} is not held on the host")
-            _, reduce = load_job(job, head["func"])
+            # Not hashed here: the daemons it passed these bytes on to do.
+            _, reduce = load_job(job)
             # Each result is let go of once combined.
             payload = combine(head["leaves"], reduce, map(self.held.pop, tasks))
         except Exception as exc:

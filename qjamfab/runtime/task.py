@@ -4,8 +4,8 @@ A worker daemon (worker.py), a host agent combining its workers' results
 (agent.py) and the Dask worker plugin (engines/dask_worker.py) all run a
 task the same way, phase by phase, and this module is that one way:
 
-- `load_job`: a job's bytes, checked against the hash they came under,
-  unpickled to (mapfunc, reduce);
+- `check_job`, `load_job`: a job's bytes, checked against the hash they
+  came under, unpickled to (mapfunc, reduce);
 - `execute`: mapfunc over a TASK's slices, combined in the run's fixed tree
   (reduce.ReduceTree), encoded; or, when anything raises, the ERROR
   head's fields naming the phase it raised in;
@@ -34,14 +34,15 @@ _PROGRESS_S = 0.25  # a task running longer says how far it is this often
 
 
 def check_job(data: bytes, func_hash: str) -> None:
-    """Raise ValueError unless `data` is the job `func_hash` names."""
+    """Raise ValueError unless `data` is the job `func_hash` names: once
+    per job and process, before its first load (hashing costs about as
+    much as unpickling)."""
     if hashlib.sha256(data).hexdigest() != func_hash:
         raise ValueError("job bytes do not match their hash")
 
 
-def load_job(data: bytes, func_hash: str) -> tuple:
-    """(mapfunc, reduce) from the bytes of job `func_hash`."""
-    check_job(data, func_hash)
+def load_job(data: bytes) -> tuple:
+    """(mapfunc, reduce) from a job's bytes."""
     return cast(tuple, pickle.loads(data))
 
 

@@ -58,7 +58,7 @@ from . import (
 from .cache import CacheEntryLost, CacheLimitError, RefCache, is_ref
 from .lru import JobCache, job_budget
 from .packages import use_in_daemon
-from .task import error_fields, execute, load_job
+from .task import check_job, error_fields, execute, load_job
 
 if TYPE_CHECKING:
     from types import FrameType, TracebackType
@@ -566,7 +566,8 @@ class Worker:
         if job is None:  # _run_next saw it, and only a FUNC evicts
             raise KeyError(f"job {func_hash} is not held here")
         if isinstance(job, bytes):
-            loaded = load_job(job, func_hash)
+            check_job(job, func_hash)
+            loaded = load_job(job)
             self.jobs.put(func_hash, loaded, len(job))  # sized by its bytes
             return loaded
         return job
