@@ -14,7 +14,8 @@ task the same way, phase by phase, and this module is that one way:
 - `encode_result`: pickle, else cloudpickle;
 - `error_fields`: the ERROR head's fields for an exception in a phase.
 
-Standard library and cloudpickle only: this file is shipped to hosts.
+Standard library, cloudpickle and the shipped protocol.py and reduce.py
+only: this file is shipped to hosts (runtime/__init__.py).
 """
 
 from __future__ import annotations
