@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, TypedDict
 from . import hosts as hostlib
 from . import runtime
 from .errors import BadHostSpec, HostError, PreflightFailed, QjamfabError
-from .hostspec import HostSpec, env_setting
+from .hostspec import HostSpec, env_setting, python_mismatch
 from .packages import Distribution, check_platform
 from .runtime.manage import STOP_WAIT_S
 from .transport import sftp_upload, ssh_exec, tail
@@ -125,16 +125,9 @@ class HostSession:
                 host=self.name,
             )
         info = self._answer(out, "the preflight probe")
-        theirs, ours = tuple(info["python"][:2]), sys.version_info[:2]
-        if theirs != ours:
-            raise PreflightFailed(
-                f"{self.name} runs Python {'.'.join(map(str, info['python']))} "
-                f"({info['executable']}), the master {ours[0]}.{ours[1]}: "
-                "cloudpickle needs the same minor version; set "
-                f"{env_setting('REMOTE_PYTHON')[1]} to a "
-                f"python{ours[0]}.{ours[1]} there",
-                host=self.name,
-            )
+        mismatch = python_mismatch(self.name, info, self.name)
+        if mismatch is not None:
+            raise mismatch
         if info["insecure"]:  # its line names the directory and what to do
             raise PreflightFailed(f"{self.name}: {info['insecure']}", host=self.name)
         if not info["writable"]:

@@ -13,6 +13,8 @@
   ssh_config, for hosts.py and knownhosts.py;
 - `env_setting`: a ``$QJAMFAB_*`` setting, else qjam's ``$QJAM_*``, and
   which of the two it came from (for messages that name it);
+- `python_mismatch`: the error for a host (or Dask worker) whose Python is
+  not this one's minor version, which cloudpickle needs;
 - `add_host_arguments` / `script_hosts`: hosts on a script's command line,
   ``--hosts=a,b`` or after its own arguments (``sum_matrix.py 2000 a b``,
   as qjam's examples took them).
@@ -25,11 +27,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import BadHostSpec
+from .errors import BadHostSpec, PreflightFailed
 
 if TYPE_CHECKING:
     import fabric
@@ -474,6 +477,29 @@ def env_setting(name: str) -> tuple[str | None, str]:
         if value:
             return value, variable
     return None, f"QJAMFAB_{name}"
+
+
+def python_mismatch(
+    who: str, info: dict, host: str, fix: str | None = None
+) -> PreflightFailed | None:
+    """None when `info["python"]` (a hello's or probe's [major, minor,
+    micro]) is this Python's minor version, else the error saying `who`
+    runs another (and `info["executable"]` when given) and what to do:
+    `fix`, where {python} stands for "python<major>.<minor>"; by default
+    setting QJAMFAB_REMOTE_PYTHON to one there."""
+    ours = sys.version_info[:2]
+    if tuple(info["python"][:2]) == ours:
+        return None
+    python = f"python{ours[0]}.{ours[1]}"
+    if fix is None:
+        fix = f"set {env_setting('REMOTE_PYTHON')[1]} to a {{python}} there"
+    executable = f" ({info['executable']})" if info.get("executable") else ""
+    return PreflightFailed(
+        f"{who} runs Python {'.'.join(map(str, info['python']))}{executable}, "
+        f"the master {ours[0]}.{ours[1]}: cloudpickle needs the same minor "
+        f"version; {fix.format(python=python)}",
+        host=host,
+    )
 
 
 # --- ssh_config options ----------------------------------------------------

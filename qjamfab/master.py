@@ -36,7 +36,7 @@ from .runstats import RunStats, print_event_log
 from .runtime import default_base
 from .runtime.cache import CacheLimitError, parse_size
 from .stream import TaskStream
-from .workers import Inbox, WorkerHandle
+from .workers import Event, Inbox, WorkerHandle, await_answer
 
 log = logging.getLogger("qjamfab")
 
@@ -391,17 +391,19 @@ class Master(FuturesMixin):
         return replies
 
     def _await(self, handle: WorkerHandle, kind: int) -> dict:
-        deadline = time.monotonic() + self.heartbeat_timeout
-        while time.monotonic() < deadline:
-            event = self._inbox.next_event(0.1)
-            if event is None:
-                continue
-            if event.source is handle and event.kind == kind:
-                return event.head
+        def take(event: Event) -> bool:
             if event.kind == protocol.LOG:
                 print_event_log(event)
-            if event.source is handle and not handle.alive:
-                break
+            return event.source is handle and not handle.alive
+
+        event = await_answer(
+            lambda: filter(None, [self._inbox.next_event(0.1)]),
+            lambda event: event.source is handle and event.kind == kind,
+            time.monotonic() + self.heartbeat_timeout,
+            take,
+        )
+        if event is not None:
+            return event.head
         raise WorkerLost(
             f"worker {handle.name} did not answer: it will be "
             "restarted before the next run",

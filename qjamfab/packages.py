@@ -61,7 +61,7 @@ from .runtime.packages import content_hash
 from .runtime.probe import platform_info
 
 if TYPE_CHECKING:
-    from .workers import Link
+    from .workers import Event, Link
 
 log = logging.getLogger("qjamfab")
 
@@ -498,32 +498,39 @@ def _send(link: Link, dist: Distribution) -> int:
 def _answer(link: Link, timeout: float, doing: str) -> dict:
     """The agent's next PACKAGES frame (also when a blocked send read it
     into the inbox)."""
+    from .workers import HANDSHAKE_TIMEOUT_S, await_answer  # (a cycle)
+
+    def is_answer(event: Event) -> bool:
+        return event.source is link and event.kind == protocol.PACKAGES
+
+    def read() -> list[Event]:
+        # Each read waits up to `timeout`: a stall ends the link.
+        if not link.alive:
+            _, tail = link.transport.exit_report(None)
+            said = tail.strip().splitlines()[-1] if tail.strip() else "it said nothing"
+            raise WorkerLost(
+                f"{link.label}: the agent did not {doing} in "
+                f"{timeout:g} s or ended ({said}): check the host's "
+                f"disk space and load, and retry"
+            )
+        return link.read_events()
+
+    def take(event: Event) -> bool:  # another's event, for the run to see
+        if link.inbox is not None:
+            link.inbox.pending.append(event)
+        return False
+
     link.transport.set_read_timeout(timeout)
     try:
-        while True:
-            pending = link.inbox.pending if link.inbox is not None else []
-            for event in list(pending):
-                if event.source is link and event.kind == protocol.PACKAGES:
-                    pending.remove(event)
-                    return event.head
-            if not link.alive:
-                _, tail = link.transport.exit_report(None)
-                said = (
-                    tail.strip().splitlines()[-1] if tail.strip() else "it said nothing"
-                )
-                raise WorkerLost(
-                    f"{link.label}: the agent did not {doing} in "
-                    f"{timeout:g} s or ended ({said}): check the host's "
-                    f"disk space and load, and retry"
-                )
-            for event in link.read_events():
-                if event.source is link and event.kind == protocol.PACKAGES:
-                    return event.head
-                if link.inbox is not None:
-                    link.inbox.pending.append(event)
+        pending = link.inbox.pending if link.inbox is not None else []
+        for event in list(pending):
+            if is_answer(event):
+                pending.remove(event)
+                return event.head
+        answer = await_answer(read, is_answer, take=take)
+        assert answer is not None  # never gives up: read() raises
+        return answer.head
     finally:
-        from .workers import HANDSHAKE_TIMEOUT_S
-
         if link.alive:
             link.transport.set_read_timeout(HANDSHAKE_TIMEOUT_S)
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import math
 import select
 import struct
-import sys
 import time
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple, TypeVar
 
 from . import display, protocol, runtime
 from .errors import (
@@ -32,7 +32,7 @@ from .errors import (
     WorkerLost,
     describe_exit,
 )
-from .hostspec import env_setting
+from .hostspec import env_setting, python_mismatch
 from .transport import Transport
 
 log = logging.getLogger("qjamfab")
@@ -184,18 +184,9 @@ class Link:
                 )
             )
         self._check_version(self.label, head)
-        theirs, ours = tuple(head["python"][:2]), sys.version_info[:2]
-        if theirs != ours:
-            raise self._fail(
-                PreflightFailed(
-                    f"{self.label} runs Python {'.'.join(map(str, head['python']))}"
-                    f" ({head['executable']}), the master {ours[0]}.{ours[1]}: "
-                    "cloudpickle needs the same minor version; set "
-                    f"{env_setting('REMOTE_PYTHON')[1]} to a "
-                    f"python{ours[0]}.{ours[1]} there",
-                    host=self.label,
-                )
-            )
+        mismatch = python_mismatch(self.label, head, self.label)
+        if mismatch is not None:
+            raise self._fail(mismatch)
         self.info = head
         return head
 
@@ -226,37 +217,43 @@ class Link:
             worker=protocol.AGENT,
         )
         hellos: dict[int, dict] = {}
-        deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
-        while True:
-            if time.monotonic() > deadline:
-                raise self._fail(
-                    WorkerLost(
-                        f"{self.label}: its workers did not start: no answer in "
-                        f"{HANDSHAKE_TIMEOUT_S:g} s; check the host's load"
-                    )
-                )
-            kind, worker, head = self._handshake_frame(self.label)
+
+        def hello(frame: tuple[int, int, dict]) -> bool:
+            kind, worker, head = frame
             if kind == protocol.HELLO and worker != protocol.AGENT:
                 self._check_version(f"worker {self.label}-{worker}", head)
                 hellos[worker] = head
-            elif kind == protocol.ATTACH:
-                break
+            return False
+
+        def frames() -> list[tuple[int, int, dict]]:
+            return [self._handshake_frame(self.label)]
+
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+        answer = await_answer(
+            frames, lambda f: f[0] == protocol.ATTACH, deadline, take=hello
+        )
+        if answer is None:
+            raise self._fail(
+                WorkerLost(
+                    f"{self.label}: its workers did not start: no answer in "
+                    f"{HANDSHAKE_TIMEOUT_S:g} s; check the host's load"
+                )
+            )
+        head = answer[2]
         if head.get("direct"):
             # A host of one worker: its daemon now has the stream itself,
             # and says HELLO on it (frames for worker 0, no agent between).
             self.agent = False
-            kind, worker, hello = self._handshake_frame(self.label)
-            while kind == protocol.HEARTBEAT and time.monotonic() < deadline:
-                # The agent beats for it from the start (runtime/agent.py).
-                kind, worker, hello = self._handshake_frame(self.label)
-            if kind != protocol.HELLO:
+            # The agent beats for it from the start (runtime/agent.py).
+            said = await_answer(frames, lambda f: f[0] != protocol.HEARTBEAT, deadline)
+            if said is None or said[0] != protocol.HELLO:
                 raise self._fail(
                     ProtocolError(
                         f"{self.label}: its worker did not take the stream: "
                         "restart it (stop-workers, then start-workers)"
                     )
                 )
-            hellos = {head["workers"][0]: hello}
+            hellos = {head["workers"][0]: said[2]}
         self.transport.set_read_timeout(self._stall_timeout)
         new = []
         for k in head["workers"]:
@@ -441,6 +438,30 @@ class Link:
         for handle in self.handles.values():
             handle.alive = False
         self.transport.close()
+
+
+_T = TypeVar("_T")
+
+
+def await_answer(
+    read: Callable[[], Iterable[_T]],
+    is_answer: Callable[[_T], bool],
+    deadline: float = math.inf,
+    take: Callable[[_T], bool] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> _T | None:
+    """The answer to a request: the first item that `is_answer`, of those
+    `read()` gives (each call may wait; it is called at least once).
+    `take` is given each item before the answer, and returns True to give
+    up. None when it gave up, or when `deadline` (by `clock`) passed."""
+    while True:
+        for item in read():
+            if is_answer(item):
+                return item
+            if take is not None and take(item):
+                return None
+        if clock() >= deadline:
+            return None
 
 
 class Inbox:

@@ -804,3 +804,32 @@ def test_hosts_that_cannot_serve_make_one_error_with_a_line_each():
     )
     assert type(mixed) is QjamfabError
     assert str(mixed).splitlines()[2] == "  c: c did not start (exit status 1): boom"
+
+
+def test_a_host_of_another_python_minor_version_is_refused(monkeypatch):
+    """One check for a host's probe, its agent and a Dask worker: the first
+    line names both versions, why it matters and what to set."""
+    import sys
+
+    from qjamfab.errors import PreflightFailed
+    from qjamfab.hostspec import python_mismatch
+
+    ours = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    same = {"python": [*sys.version_info[:2], 99], "executable": "/x/python3"}
+    assert python_mismatch("h1", same, "h1") is None
+    monkeypatch.setenv("QJAM_REMOTE_PYTHON", "python3")
+    other = {"python": [3, 1, 4], "executable": "/x/python3"}
+    problem = python_mismatch("h1", other, "h1")
+    assert isinstance(problem, PreflightFailed) and problem.host == "h1"
+    assert str(problem) == (
+        f"h1 runs Python 3.1.4 (/x/python3), the master {ours}: cloudpickle "
+        f"needs the same minor version; set QJAM_REMOTE_PYTHON to a "
+        f"python{ours} there"
+    )
+    problem = python_mismatch(
+        "Dask worker tcp://w:1", {"python": [3, 1, 4]}, "tcp://w:1", "use a {python}"
+    )
+    assert str(problem) == (
+        f"Dask worker tcp://w:1 runs Python 3.1.4, the master {ours}: "
+        f"cloudpickle needs the same minor version; use a python{ours}"
+    )

@@ -112,3 +112,46 @@ def test_no_hello_in_time_is_a_worker_that_did_not_start(monkeypatch):
         r"answer in 0.5 s; check the host's load",
     ):
         Link("a", transport, agent=False, stall_timeout=5.0).start_direct("a")
+
+
+def test_await_answer_takes_what_comes_first_and_returns_the_answer():
+    from qjamfab.workers import await_answer
+
+    batches = iter([[], ["log", "beat"], ["other", "answer", "late"]])
+    took: list[str] = []
+    answer = await_answer(
+        lambda: next(batches),
+        lambda item: item == "answer",
+        take=lambda item: took.append(item) or False,
+    )
+    assert answer == "answer" and took == ["log", "beat", "other"]
+
+
+def test_await_answer_gives_up_when_told_or_past_its_deadline():
+    from qjamfab.workers import await_answer
+
+    # `take` says the one asked is gone: no more reads.
+    reads = []
+    assert (
+        await_answer(
+            lambda: reads.append(1) or ["gone", "answer"],
+            lambda item: item == "answer",
+            take=lambda item: item == "gone",
+        )
+        is None
+    )
+    assert reads == [1]
+    # The deadline, by an injected clock: read once even when past it.
+    now = [10.0]
+
+    def read() -> list[str]:
+        now[0] += 1.0
+        reads.append(now[0])
+        return ["noise"]
+
+    reads.clear()
+    assert await_answer(read, lambda item: False, 12.0, clock=lambda: now[0]) is None
+    assert reads == [11.0, 12.0]
+    reads.clear()
+    assert await_answer(read, lambda item: False, 0.0, clock=lambda: now[0]) is None
+    assert reads == [13.0]

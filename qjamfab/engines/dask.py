@@ -46,7 +46,6 @@ import re
 import sys
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeGuard, cast
@@ -59,7 +58,8 @@ from ..errors import (
     QjamfabError,
     WorkerLost,
 )
-from ..hostspec import HostSpec
+from ..hostspec import HostSpec, python_mismatch
+from ..runtime.task import error_fields
 from ..workers import LOST, Event, Inbox, Link, WorkerHandle
 from . import Engine, EngineSettings, register
 
@@ -161,15 +161,11 @@ def check_hello(address: str, hello: dict | BaseException) -> QjamfabError | Non
             f"{hello['version']}, this Master {protocol.VERSION}: {install}",
             host=address,
         )
-    theirs, ours = tuple(hello["python"][:2]), sys.version_info[:2]
-    if theirs != ours:
-        return PreflightFailed(
-            f"Dask worker {address} runs Python "
-            f"{'.'.join(map(str, hello['python']))}, the master "
-            f"{ours[0]}.{ours[1]}: cloudpickle needs the same minor version; "
-            f"run the Dask workers with a python{ours[0]}.{ours[1]}",
-            host=address,
-        )
+    mismatch = python_mismatch(
+        f"Dask worker {address}", hello, address, "run the Dask workers with a {python}"
+    )
+    if mismatch is not None:
+        return mismatch
     if hello["error"]:
         return PreflightFailed(f"Dask worker {address}: {hello['error']}", host=address)
     return None
@@ -686,12 +682,7 @@ class DaskLink:
                 return
             reply = {
                 "log": "",
-                "error": {
-                    "phase": "running qjamfab's task on Dask",
-                    "type": type(exc).__name__,
-                    "message": str(exc),
-                    "traceback": "".join(traceback.format_exception(exc)),
-                },
+                "error": error_fields("running qjamfab's task on Dask", exc),
             }
         finally:
             del scattered  # the worker has stored the slices

@@ -30,7 +30,6 @@ sys.stdout and sys.stderr of the task's own thread.
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 import os
 import pickle
@@ -38,7 +37,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Iterable
 from typing import IO, TYPE_CHECKING, Any, TextIO, cast
 
@@ -46,9 +44,9 @@ from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .. import protocol
-from ..reduce import ReduceTree
 from ..runtime import calls
 from ..runtime.cache import CacheLimitError, RefCache
+from ..runtime.task import check_job, error_fields, execute, load_job
 from ..runtime.worker import c_stdio_flush, tune_malloc
 
 if TYPE_CHECKING:
@@ -142,8 +140,7 @@ class QjamfabPlugin(WorkerPlugin):
                 )
 
     def add_job(self, func_hash: str, data: bytes) -> None:
-        if hashlib.sha256(data).hexdigest() != func_hash:
-            raise ValueError("job bytes do not match their hash")
+        check_job(data, func_hash)
         self.jobs[func_hash] = data
         self._trim_jobs()
 
@@ -151,7 +148,7 @@ class QjamfabPlugin(WorkerPlugin):
         job = self.jobs[func_hash]
         self.jobs.move_to_end(func_hash)
         if isinstance(job, bytes):
-            job = self.jobs[func_hash] = pickle.loads(job)
+            job = self.jobs[func_hash] = load_job(job)  # checked by add_job
         return job
 
     def _trim_jobs(self) -> None:
@@ -277,7 +274,7 @@ def run_task(
             missing = cache.missing(head["refs"] or ())
         missing_func = head["func"] not in plugin.jobs
     except Exception as exc:
-        return {"log": "", "error": _error("setting up the task", exc)}
+        return {"log": "", "error": error_fields("setting up the task", exc)}
     if missing or missing_func:
         return {"blocked": {"refs": missing, "func": missing_func}}
     with _Capture(plugin) as capture:
@@ -301,60 +298,27 @@ def _run_calls(parts: list) -> dict:
 def _run(
     plugin: QjamfabPlugin, cache: RefCache, head: dict, params_parts: list
 ) -> dict:
-    """mapfunc over the task's slices, combined: as runtime/worker.py's
-    Worker._run, phase by phase."""
-    phase = "loading the job"
-    started = time.perf_counter()
+    """mapfunc over the task's slices, combined: the task core
+    (runtime/task.py) our own workers run."""
+
+    def piece(ref: str) -> object:
+        with plugin.lock:
+            return cache.get(ref)
+
     try:
-        mapfunc, reduce = plugin.job(head["func"])
-        phase = "loading params"
-        params = protocol.decode(params_parts)
-        # The run's fixed tree (reduce.ReduceTree), as on our own workers.
-        tree = ReduceTree(head["leaves"], reduce)
-        refs = head["refs"]
-        for i, index in enumerate(head["slices"]):
-            phase = "mapfunc"
-            if refs is None:
-                piece = None
-            else:
-                with plugin.lock:
-                    piece = cache.get(refs[i])
-            result = mapfunc(params, piece)
-            phase = "reduce"
-            tree.add(index, 1, result)
-        phase = "pickling the result"
-        parts = _encode_result(tree.items())
+        outcome = execute(head, lambda: plugin.job(head["func"]), params_parts, piece)
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
         if not isinstance(exc.code, (int, type(None))):
             print(exc.code, file=sys.stderr)  # as Python does on exit
         return {"exit": status}
-    except Exception as exc:
-        return {"error": _error(phase, exc)}
+    if outcome.error is not None:
+        return {"error": outcome.error}
     return {
-        "result": parts,
-        "compute_s": time.perf_counter() - started,
-        "slices": 0 if head["refs"] is None else len(head["refs"]),
+        "result": outcome.payload,
+        "compute_s": outcome.compute_s,
+        "slices": outcome.slices,
     }
-
-
-def _error(phase: str, exc: BaseException) -> dict:
-    return {
-        "phase": phase,
-        "type": type(exc).__name__,
-        "message": str(exc),
-        "traceback": traceback.format_exc(),
-    }
-
-
-def _encode_result(value: object) -> list:
-    # Plain pickle is several times faster; cloudpickle handles the rest.
-    try:
-        return protocol.encode(value, pickle.dumps)
-    except Exception:
-        import cloudpickle
-
-        return protocol.encode(value, cloudpickle.dumps)
 
 
 class _ThreadStream:

@@ -33,18 +33,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import pickle
 import select
 import socket
 import sys
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import cast
 
 from .. import protocol
-from ..reduce import ReduceTree, reduce_in_place
 from . import (
     default_base,
     manage,
@@ -61,6 +57,7 @@ from .cache import CacheLimitError, RefCache, cache_limit, parse_size
 from .lru import JobCache, job_budget
 from .packages import AgentPackages
 from .probe import platform_info
+from .task import combine, error_fields, load_job
 
 _CONNECT_WAIT_S = 15.0  # for a daemon to say "ready"
 _STALE_AFTER_S = 1.5 * protocol.HEARTBEAT_INTERVAL_S
@@ -441,17 +438,10 @@ class Agent:
             job = self.funcs.get(head["func"])
             if job is None:  # pinned from its run's first TASK: never
                 raise LookupError(f"job {head['func']} is not held on the host")
-            _, reduce = pickle.loads(job)
-            # What it holds it decoded itself: the default reduce may add
-            # arrays into them.
-            tree = ReduceTree(head["leaves"], reduce or reduce_in_place)
-            for task in tasks:
-                # A RESULT's payload: the nodes of its slices (worker.py)
-                nodes = cast(
-                    list[tuple[int, int, object]], protocol.decode(self.held.pop(task))
-                )
-                tree.add_all(nodes)
-            payload = _encode(tree.items())
+            # Not hashed here: the daemons it passed these bytes on to do.
+            _, reduce = load_job(job)
+            # Each result is let go of once combined.
+            payload = combine(head["leaves"], reduce, map(self.held.pop, tasks))
         except Exception as exc:
             for task in tasks:
                 self.held.pop(task, None)
@@ -461,10 +451,7 @@ class Agent:
                     "task": tasks[0],
                     "run": head["run"],
                     "tasks": tasks,
-                    "phase": "reduce on the host",
-                    "type": type(exc).__name__,
-                    "message": str(exc),
-                    "traceback": traceback.format_exc(),
+                    **error_fields("reduce on the host", exc),
                 },
             )
             return
@@ -634,15 +621,6 @@ def _exit_status(base: str, slot: int, pid: int) -> int | None:
 def _daemon_log(base: str, slot: int) -> str:
     text = read_tail(os.path.join(base, "log", f"worker-{slot}.daemon"), 2048)
     return text.strip().splitlines()[-1] if text.strip() else "no output"
-
-
-def _encode(value: object) -> list:
-    try:
-        return protocol.encode(value, pickle.dumps)
-    except Exception:
-        import cloudpickle
-
-        return protocol.encode(value, cloudpickle.dumps)
 
 
 def main() -> None:

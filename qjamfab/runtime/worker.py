@@ -32,11 +32,9 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
-import hashlib
 import io
 import json
 import os
-import pickle
 import select
 import signal
 import socket
@@ -49,7 +47,6 @@ from typing import TYPE_CHECKING
 
 from .. import protocol
 from ..errors import ProtocolError
-from ..reduce import ReduceTree
 from . import (
     default_base,
     secure_dir,
@@ -62,6 +59,7 @@ from .cache import CacheEntryLost, CacheLimitError, RefCache, is_ref
 from .calls import run_calls
 from .lru import JobCache, job_budget
 from .packages import use_in_daemon
+from .task import check_job, error_fields, execute, load_job
 
 if TYPE_CHECKING:
     from types import FrameType, TracebackType
@@ -69,7 +67,6 @@ if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
 _LOG_POLL_S = 0.05
-_PROGRESS_S = 0.25  # a task running longer says how far it is this often
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # Frame limits: a TASK head lists its refs (100,000 slices take 7 MB); a
@@ -547,14 +544,7 @@ class Worker:
             # the task's error, not the daemon's end.
             self.pending.pop(0)
             channel.send(
-                protocol.ERROR,
-                {
-                    **_reply(head),
-                    "phase": "loading a slice",
-                    "type": type(exc).__name__,
-                    "message": str(exc),
-                    "traceback": traceback.format_exc(),
-                },
+                protocol.ERROR, {**_reply(head), **error_fields("loading a slice", exc)}
             )
             return True
         if missing_func or missing_refs:
@@ -583,9 +573,8 @@ class Worker:
         if job is None:  # _run_next saw it, and only a FUNC evicts
             raise KeyError(f"job {func_hash} is not held here")
         if isinstance(job, bytes):
-            if hashlib.sha256(job).hexdigest() != func_hash:
-                raise ValueError("job bytes do not match their hash")
-            loaded = pickle.loads(job)
+            check_job(job, func_hash)
+            loaded = load_job(job)
             self.jobs.put(func_hash, loaded, len(job))  # sized by its bytes
             return loaded
         return job
@@ -606,70 +595,46 @@ class Worker:
                 return
 
     def _run(self, channel: Channel, head: dict, params_parts: list) -> None:
-        task = head["task"]
-        phase = "loading the job"
         self.capture.begin()
         self.busy = True
-        started = time.perf_counter()
+
+        def progress(done: int) -> None:  # for progress bars
+            channel.send(
+                protocol.STATE, {**_reply(head), "state": "progress", "done": done}
+            )
+
         try:
-            mapfunc, reduce = self._job(head["func"])
-            phase = "loading params"
-            params = protocol.decode(params_parts)
-            # Results combine in the run's fixed tree (reduce.ReduceTree):
-            # what this task sends on is the nodes its slices make.
-            tree = ReduceTree(head["leaves"], reduce)
-            refs = head["refs"]
-            report_at = started + _PROGRESS_S
-            for i, index in enumerate(head["slices"]):
-                phase = "mapfunc"
-                try:
-                    data = None if refs is None else self.cache.get(refs[i])
-                except CacheEntryLost:
-                    # Damaged or removed under this task: not the job's
-                    # fault. Queued again as never asked, it reports the
-                    # refs now missing and the master sends them.
-                    self.busy = False
-                    self.capture.end()
-                    self.pending.insert(0, [head, params_parts, False])
-                    return
-                result = mapfunc(params, data)
-                phase = "reduce"
-                tree.add(index, 1, result)
-                if time.perf_counter() >= report_at and i + 1 < len(refs or ()):
-                    # A long task says how far it is, for progress bars.
-                    report_at = time.perf_counter() + _PROGRESS_S
-                    channel.send(
-                        protocol.STATE,
-                        {**_reply(head), "state": "progress", "done": i + 1},
-                    )
-            phase = "pickling the result"
-            payload = _encode_result(tree.items())
-        except Exception as exc:
+            outcome = execute(
+                head,
+                lambda: self._job(head["func"]),
+                params_parts,
+                self.cache.get,
+                progress,
+                passes=(CacheEntryLost,),
+            )
+        except CacheEntryLost:
+            # A slice damaged or removed under this task: not the job's
+            # fault. Queued again as never asked, it reports the refs now
+            # missing and the master sends them.
             self.busy = False
             self.capture.end()
-            channel.send(
-                protocol.ERROR,
-                {
-                    **_reply(head),
-                    "phase": phase,
-                    "type": type(exc).__name__,
-                    "message": str(exc),
-                    "traceback": traceback.format_exc(),
-                },
-            )
+            self.pending.insert(0, [head, params_parts, False])
             return
-        compute_s = time.perf_counter() - started
         self.busy = False
         self.capture.end()
+        if outcome.error is not None:
+            channel.send(protocol.ERROR, {**_reply(head), **outcome.error})
+            return
         done = {
             **_reply(head),
-            "compute_s": compute_s,
-            "slices": 0 if head["refs"] is None else len(head["refs"]),
+            "compute_s": outcome.compute_s,
+            "slices": outcome.slices,
         }
+        payload = outcome.payload
         size = protocol.frame_size(payload)
         park = head.get("park")
         if park is not None and size >= park:
-            self.parked[task] = (done, payload)
+            self.parked[head["task"]] = (done, payload)
             channel.send(protocol.STATE, {**done, "state": "parked", "bytes": size})
         else:
             channel.send(protocol.RESULT, done, payload)
@@ -679,17 +644,6 @@ def _reply(task_head: dict) -> dict:
     """The head every answer about a task starts with: the task and its
     run (the master drops what names an earlier run)."""
     return {"task": task_head["task"], "run": task_head["run"]}
-
-
-def _encode_result(value: object) -> list:
-    # Plain pickle is several times faster; cloudpickle handles the rest
-    # (functions, classes that came by value).
-    try:
-        return protocol.encode(value, pickle.dumps)
-    except Exception:
-        import cloudpickle
-
-        return protocol.encode(value, cloudpickle.dumps)
 
 
 def _fd_channel(read_fd: int, write_fd: int, write_lock: int | None = None) -> Channel:
