@@ -137,7 +137,7 @@ def measure(scale_name: str, log=print) -> dict:
 
 
 def table(result: dict) -> str:
-    from qjamfab.display import render_table
+    from qjamfab.tables import render_table
 
     lines = []
     for workload, by_name in result["rows"].items():

@@ -96,7 +96,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import cloudpickle
 
-from . import display, futures_remote, serialize
+from . import futures_remote, serialize, text
 from .dataset import SLICES_PER_WORKER, ListDataSet
 from .errors import BadJob, ExecutorShutdown, QjamfabError, RemoteError
 
@@ -507,7 +507,7 @@ def _rebuild(report: tuple) -> BaseException:
     """The remote exception, re-created, with a RemoteError as its cause;
     or the RemoteError itself when it cannot be re-created."""
     what, type_name, message, trace, where, blob = report
-    trace = display.with_source_lines(trace.rstrip())
+    trace = text.with_source_lines(trace.rstrip())
     if what == "result":
         return RemoteError(
             f"a task's result, {_a(type_name)}, cannot be pickled to go back "
