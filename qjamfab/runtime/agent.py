@@ -57,9 +57,10 @@ from . import (
     this_runtime,
     write_locked,
 )
-from .cache import CacheLimitError, RefCache, cache_limit, parse_size
+from .cache import RefCache
 from .lru import JobCache, job_budget
 from .packages import AgentPackages
+from .pins import CacheLimitError, cache_limit, parse_size
 from .probe import platform_info
 
 _CONNECT_WAIT_S = 15.0  # for a daemon to say "ready"
