@@ -519,7 +519,7 @@ class Agent:
 
     def gone(self, daemon: _Daemon, reason: str) -> None:
         """The daemon's connection ended: say how, with its own exit
-        status when it died (its keeper records it, worker.py)."""
+        status when it died (its keeper records it, keeper.py)."""
         daemon.close()
         del self.daemons[daemon.index]
         pid = daemon.info.get("pid")
