@@ -13,7 +13,8 @@ with a task: this file makes that failure a one-line hint).
 import sys
 
 from qjamfab.cli import suggest_nearest_names
-from qjamfab.tasks import fab_hint_excepthook, ns  # noqa: F401
+from qjamfab.tasks import ns  # noqa: F401
+from qjamfab.tasks_run import fab_hint_excepthook
 
 sys.excepthook = fab_hint_excepthook(sys.excepthook)
 suggest_nearest_names()  # fab statsu: "did you mean 'status'?"

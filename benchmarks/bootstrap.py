@@ -105,7 +105,7 @@ def run(scale: Scale, log=print) -> dict:
 
 
 def table(rows: dict) -> str:
-    from qjamfab.display import render_table
+    from qjamfab.tables import render_table
 
     return render_table(
         [

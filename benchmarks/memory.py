@@ -174,7 +174,7 @@ def _mib(n) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    from qjamfab.display import render_table
+    from qjamfab.tables import render_table
 
     lines = []
     for r in rows:

@@ -290,7 +290,7 @@ def run(scale: Scale, log=print) -> dict:
 
 
 def table(rows: dict, workers) -> str:
-    from qjamfab.display import render_table
+    from qjamfab.tables import render_table
 
     lines = []
     for name, row in rows.items():

@@ -214,7 +214,7 @@ def measure(scale: str, log=print) -> dict:
 
 
 def table(result: dict) -> str:
-    from qjamfab.display import render_table
+    from qjamfab.tables import render_table
 
     rows = [
         [

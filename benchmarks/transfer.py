@@ -161,7 +161,7 @@ def run(scale: Scale, log=print) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    from qjamfab.display import render_table
+    from qjamfab.tables import render_table
 
     lines = [
         [

@@ -91,7 +91,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import cloudpickle
 
-from . import display, futures_remote, serialize
+from . import futures_remote, serialize, text
 from .errors import BadJob, ExecutorShutdown, QjamfabError, RemoteError, WorkerLost
 from .runtime.calls import apply_chunk
 from .stream import BatchSizer, Failed, Finished, Lost, Outcome, TaskStream
@@ -399,7 +399,7 @@ class _Session:
                             f"{' and '.join(call.kills)} (last: {lost.detail}): "
                             "fix the function for these arguments; the "
                             "workers are restarted"
-                            f"{display.stderr_tail(name, lost.tail)}",
+                            f"{text.stderr_tail(name, lost.tail)}",
                             worker=name,
                             exit_status=lost.status,
                             stderr_tail=lost.tail,
@@ -412,7 +412,7 @@ class _Session:
                 "worker %s lost (%s); running its %s again",
                 name,
                 lost.detail,
-                display.plural(len(again), "call"),
+                text.plural(len(again), "call"),
             )
         self.again.extendleft(reversed(again))
 
@@ -622,7 +622,7 @@ def _rebuild(report: tuple) -> BaseException:
     """The remote exception, re-created, with a RemoteError as its cause;
     or the RemoteError itself when it cannot be re-created."""
     what, type_name, message, trace, where, blob = report
-    trace = display.with_source_lines(trace.rstrip())
+    trace = text.with_source_lines(trace.rstrip())
     if what == "result":
         return RemoteError(
             f"a task's result, {_a(type_name)}, cannot be pickled to go back "

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeGuard
 
-from . import display, engines, protocol, serialize
+from . import display, engines, logs, protocol, serialize, text
 from . import packages as shipping
 from .dataset import BaseDataSet, DataSet
 from .engines import EngineSettings, Host
@@ -34,7 +34,7 @@ from .openssh import SSH_CLIENTS, openssh_client
 from .run import Run, RunSettings
 from .runstats import RunStats, print_event_log
 from .runtime import default_base
-from .runtime.cache import CacheLimitError, parse_size
+from .runtime.pins import CacheLimitError, parse_size
 from .stream import TaskStream
 from .workers import Event, Inbox, WorkerHandle, await_answer
 
@@ -45,7 +45,7 @@ def _log_from_env() -> None:
     """$QJAMFAB_LOG_LEVEL (INFO, DEBUG, ...): the "qjamfab" logger to stderr."""
     level = os.environ.get("QJAMFAB_LOG_LEVEL", "").strip()
     if level:
-        display.log_to_stderr(level, "env")
+        logs.log_to_stderr(level, "env")
 
 
 def _check_arguments(
@@ -172,7 +172,7 @@ class Master(FuturesMixin):
             ),
         )
         self.hosts: list[HostSpec] = [h.spec for h in self._hosts]
-        display.warn_if_cli_hosts_ignored(
+        logs.warn_if_cli_hosts_ignored(
             hosts if engines.claimed(hosts) is None else self.hosts[0].raw
         )
         self.ssh_client = ssh_client
@@ -244,7 +244,7 @@ class Master(FuturesMixin):
             log.warning(
                 "host %s is unavailable, retrying later: %s",
                 host.spec.raw,
-                display.first_line(exc),
+                text.first_line(exc),
             )
 
     @property
@@ -281,11 +281,11 @@ class Master(FuturesMixin):
         state = (
             "closed"
             if not self._finalizer.alive
-            else display.plural(sum(h.alive for h in self._handles()), "worker") + " up"
+            else text.plural(sum(h.alive for h in self._handles()), "worker") + " up"
         )
         return (
             f"Master({', '.join(s.raw for s in self.hosts)}: "
-            f"{display.plural(len(self.workers), 'worker')}, {state})"
+            f"{text.plural(len(self.workers), 'worker')}, {state})"
         )
 
     def _check_open(self) -> None:

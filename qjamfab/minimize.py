@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import display
+from . import display, text
 from .dataset import BaseDataSet, DataSet
 from .errors import BadJob, MissingDependency
 
@@ -97,7 +97,7 @@ def minimize(
             iterations,
             loss,
             evaluations,
-            display.format_duration(secs),
+            text.format_duration(secs),
         )
         bar.describe(f"minimize: loss {loss:.6g}")
         bar.advance()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from . import display
+from . import text
 from .errors import BadJob, PreflightFailed, QjamfabError, ReduceError, RemoteError
 from .workers import WorkerHandle
 
@@ -20,7 +20,7 @@ _NEEDED_BY = {
 def remote_error(handle: WorkerHandle, where: str, head: dict) -> QjamfabError:
     """The error for an ERROR `head` from `handle`, which was running
     `where` (e.g. "dataset slices 0, 1")."""
-    trace = display.with_source_lines(head["traceback"].rstrip())
+    trace = text.with_source_lines(head["traceback"].rstrip())
     if head["type"] == "ReduceMismatch":
         return ReduceError(
             f"{head['message']}\n(on worker {handle.name}, {where})\n{trace}"

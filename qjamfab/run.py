@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import display, policy, protocol, scheduler, serialize
+from . import display, policy, protocol, scheduler, serialize, text
 from . import results as result_flow
 from .dataset import BaseDataSet
 from .errors import ProtocolError, ReduceError, WorkerLost, describe_exit
@@ -389,7 +389,7 @@ class Run:
             log.warning(
                 "worker %s found %s damaged in its cache: sent again",
                 handle.name,
-                display.plural(len(head["damaged"]), "slice"),
+                text.plural(len(head["damaged"]), "slice"),
             )
         link = handle.link
         for ref in head.get("refs") or ():
@@ -647,7 +647,7 @@ class Run:
                     f"{self._slice_names([i])} killed workers "
                     f"{' and '.join(self.kills[i])} (last: {detail}): fix "
                     f"mapfunc for this input; the workers are restarted for "
-                    f"the next run{display.stderr_tail(handle.name, tail)}",
+                    f"the next run{text.stderr_tail(handle.name, tail)}",
                     worker=handle.name,
                     exit_status=status,
                     stderr_tail=tail,
@@ -664,7 +664,7 @@ class Run:
                     f"what it calls) exits its process, with sys.exit, "
                     f"os._exit or exit(): fix mapfunc so it returns or "
                     f"raises; the workers are restarted for the next run"
-                    f"{display.stderr_tail(handle.name, tail)}",
+                    f"{text.stderr_tail(handle.name, tail)}",
                     worker=handle.name,
                     exit_status=status,
                     stderr_tail=tail,
@@ -709,7 +709,7 @@ class Run:
             raise WorkerLost(
                 f"{what}, and no worker is left: they are "
                 f"restarted for the next run; check the job and the hosts"
-                f"{display.stderr_tail(name, tail)}",
+                f"{text.stderr_tail(name, tail)}",
                 worker=name,
                 exit_status=status,
                 stderr_tail=tail,

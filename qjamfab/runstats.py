@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from . import display
+from . import display, text
 from .workers import Event, WorkerHandle
 
 
@@ -36,7 +36,7 @@ class RunStats:
         compute = ", ".join(
             f"{name} {secs:.3f}s" for name, secs in self.worker_compute_s.items()
         )
-        plural = display.plural
+        plural = text.plural
         lost = (
             f"; lost {', '.join(self.lost_workers)}, re-ran "
             f"{plural(self.rerun_slices, 'slice')}"
@@ -45,9 +45,9 @@ class RunStats:
         )
         if self.backup_tasks:
             lost += f"; {plural(self.backup_tasks, 'backup task')}"
-        size = display.format_bytes
+        size = text.format_bytes
         return (
-            f"RunStats({display.format_duration(self.elapsed_s)} on "
+            f"RunStats({text.format_duration(self.elapsed_s)} on "
             f"{plural(self.workers, 'worker')}: "
             f"{plural(self.slices, 'slice')}, {self.slices_cached} cached, "
             f"{self.slices_sent} sent ({size(self.dataset_bytes_sent)}); "

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple, TypeVar
 
-from . import display, protocol, runtime
+from . import protocol, runtime, text
 from .errors import (
     PreflightFailed,
     ProtocolError,
@@ -303,7 +303,7 @@ class Link:
         return WorkerLost(
             f"{'worker ' if name != self.label else ''}{name} did not start "
             f"({describe_exit(status)}): {said}"
-            f"{display.stderr_tail(name, tail)}",
+            f"{text.stderr_tail(name, tail)}",
             worker=name,
             exit_status=status,
             stderr_tail=tail,

@@ -18,7 +18,9 @@ import pytest
 
 from qjamfab import protocol
 from qjamfab.runtime import cache as cache_module
-from qjamfab.runtime.cache import CacheEntryLost, CacheLimitError, RefCache, parse_size
+from qjamfab.runtime import pins
+from qjamfab.runtime.cache import CacheEntryLost, RefCache
+from qjamfab.runtime.pins import CacheLimitError, parse_size
 
 pytestmark = pytest.mark.timeout(30)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -472,7 +474,7 @@ def test_entries_another_process_pins_stay_and_it_is_said_once(cache_dir, capfd)
             "QJAMFAB_CACHE_LIMIT (or Master(cache_limit=...)) above "
             f"{3 * size} bytes"
         )
-        record = cache_module.pinned_over_limit(cache_dir)
+        record = pins.pinned_over_limit(cache_dir)
         assert (record["pinned"], record["limit"]) == (3 * size, 2 * size)
     # That process has ended: its pins with it.
     _send(refs, ENTRY + 5, "e5")
@@ -480,7 +482,7 @@ def test_entries_another_process_pins_stay_and_it_is_said_once(cache_dir, capfd)
     assert "need right now" not in capfd.readouterr().err
     # Cleared, the cache says it again the next time.
     refs.clear()
-    assert cache_module.pinned_over_limit(cache_dir) is None
+    assert pins.pinned_over_limit(cache_dir) is None
 
 
 def test_a_worker_drops_its_mappings_of_files_another_evicted(cache_dir):
@@ -501,7 +503,7 @@ def test_the_pins_of_a_process_that_died_are_dropped(cache_dir):
     size = _three_old_entries(cache_dir)
     with subprocess.Popen([sys.executable, "-c", "pass"]) as child:
         pass  # its pid is unused now
-    stale = os.path.join(cache_module.pins_dir(cache_dir), f"{child.pid}.0")
+    stale = os.path.join(pins.pins_dir(cache_dir), f"{child.pid}.0")
     with open(stale, "w") as f:
         f.write("e0\ne1")
     refs = RefCache(cache_dir, limit=2 * size)
@@ -522,7 +524,7 @@ def test_the_pins_of_a_process_that_died_are_dropped(cache_dir):
 )
 def test_the_eviction_plan(pinned, limit, victims, after):
     entries = [(3.0, "c", 20), (1.0, "a", 20), (2.0, "b", 20), (4.0, "d", 20)]
-    assert cache_module.plan_eviction(entries, limit, pinned) == (victims, after)
+    assert pins.plan_eviction(entries, limit, pinned) == (victims, after)
 
 
 def test_a_slice_bigger_than_the_limit_stays_in_memory(cache_dir, capfd):

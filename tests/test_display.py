@@ -1,5 +1,6 @@
-"""qjamfab.display: the run progress bar, the HTML reprs, the task tables and
-the per-host progress, rendered to consoles the tests capture."""
+"""qjamfab.display, tables, text and logs: the run progress bar, the HTML reprs,
+the task tables and the per-host progress, rendered to consoles the tests
+capture; the text helpers and the log handler."""
 
 from __future__ import annotations
 
@@ -17,19 +18,12 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from qjamfab import display
+from qjamfab import logs, tables, text
 from qjamfab.cluster import HostResult
-from qjamfab.display import (
-    HostProgress,
-    RunProgress,
-    master_html,
-    print_failure,
-    print_table,
-    render_table,
-    runstats_html,
-)
+from qjamfab.display import RunProgress, master_html, runstats_html
 from qjamfab.hostspec import HostSpec
 from qjamfab.runstats import RunStats
+from qjamfab.tables import HostProgress, print_failure, print_table, render_table
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -378,7 +372,7 @@ def test_a_table_that_fits_keeps_every_column():
 def test_colour_table_in_a_terminal():
     console, out = terminal()
     console.print(
-        display.hosts_table(
+        tables.hosts_table(
             ["host", "status"], [["a", "ok"], ["b", "down"]], color=True, failed=[1]
         )
     )
@@ -427,14 +421,14 @@ def test_host_progress_is_a_no_op_off_a_terminal():
 
 def test_format_bytes():
     assert [
-        display.format_bytes(n)
+        text.format_bytes(n)
         for n in (None, 0, 100, 1023, 1536, 3 * 1024**2, 1024**5 * 2)
     ] == ["-", "0 B", "100 B", "1023 B", "1.5 KiB", "3.0 MiB", "2048.0 TiB"]
 
 
 def test_format_duration():
     assert [
-        display.format_duration(s)
+        text.format_duration(s)
         for s in (
             None,
             0.0123,
@@ -449,34 +443,32 @@ def test_format_duration():
 
 
 def test_plural():
-    assert display.plural(1, "worker") == "1 worker"
-    assert display.plural(0, "host") == "0 hosts"
-    assert display.plural(2, "slice") == "2 slices"
-    assert display.plural(1, "entry", "entries") == "1 entry"
-    assert display.plural(3, "entry", "entries") == "3 entries"
+    assert text.plural(1, "worker") == "1 worker"
+    assert text.plural(0, "host") == "0 hosts"
+    assert text.plural(2, "slice") == "2 slices"
+    assert text.plural(1, "entry", "entries") == "1 entry"
+    assert text.plural(3, "entry", "entries") == "3 entries"
 
 
 def test_first_line():
     error = "\n  h2: connection refused by 127.0.0.9:22: start sshd  \ndetail"
     assert (
-        display.first_line(error)
-        == "h2: connection refused by 127.0.0.9:22: start sshd"
+        text.first_line(error) == "h2: connection refused by 127.0.0.9:22: start sshd"
     )
     assert (
-        display.first_line(error, "h2")
-        == "connection refused by 127.0.0.9:22: start sshd"
+        text.first_line(error, "h2") == "connection refused by 127.0.0.9:22: start sshd"
     )
-    assert display.first_line(error, "h2", 20) == "connection refuse..."
-    assert len(display.first_line(error, "h2", 20)) == 20
-    assert display.first_line(ValueError("bad\nworse")) == "bad"
-    assert display.first_line("") == display.first_line("\n \n") == "failed"
+    assert text.first_line(error, "h2", 20) == "connection refuse..."
+    assert len(text.first_line(error, "h2", 20)) == 20
+    assert text.first_line(ValueError("bad\nworse")) == "bad"
+    assert text.first_line("") == text.first_line("\n \n") == "failed"
 
 
 def test_stderr_tail_section_only_when_there_is_one():
-    assert display.stderr_tail("a-0", "") == ""
-    assert display.stderr_tail("a-0", " \n\n") == ""
+    assert text.stderr_tail("a-0", "") == ""
+    assert text.stderr_tail("a-0", " \n\n") == ""
     assert (
-        display.stderr_tail("a-0", "boom\nKilled\n")
+        text.stderr_tail("a-0", "boom\nKilled\n")
         == "\n--- stderr tail of a-0 ---\nboom\nKilled"
     )
 
@@ -491,11 +483,11 @@ def qjamfab_logger():
 
 
 def test_log_to_stderr_once_per_marker(qjamfab_logger, capsys):
-    display.log_to_stderr("info", "env")
-    display.log_to_stderr(logging.DEBUG, "env")  # replaces, not adds
+    logs.log_to_stderr("info", "env")
+    logs.log_to_stderr(logging.DEBUG, "env")  # replaces, not adds
     qjamfab_logger.debug("one line")
     assert capsys.readouterr().err == "qjamfab: DEBUG: one line\n"
-    display.log_to_stderr("INFO", "cli")  # another marker: added
+    logs.log_to_stderr("INFO", "cli")  # another marker: added
     qjamfab_logger.info("twice")
     assert capsys.readouterr().err == "qjamfab: INFO: twice\n" * 2
     qjamfab_logger.debug("not at INFO")
@@ -503,7 +495,7 @@ def test_log_to_stderr_once_per_marker(qjamfab_logger, capsys):
 
 
 def test_log_to_stderr_unknown_level_says_so(qjamfab_logger, capsys):
-    display.log_to_stderr("LOUD", "env")
+    logs.log_to_stderr("LOUD", "env")
     assert qjamfab_logger.level == logging.INFO
     assert capsys.readouterr().err.splitlines() == [
         "qjamfab: WARNING: log level 'LOUD' is not a level name: using INFO "
@@ -529,7 +521,7 @@ def test_warn_if_cli_hosts_ignored(monkeypatch, caplog, from_cli, given, hosts, 
     monkeypatch.setenv("QJAMFAB_HOSTS_FROM_CLI", from_cli)
     monkeypatch.setenv("QJAMFAB_HOSTS", given)
     with caplog.at_level(logging.WARNING, logger="qjamfab"):
-        display.warn_if_cli_hosts_ignored(hosts)
+        logs.warn_if_cli_hosts_ignored(hosts)
     named = hosts if isinstance(hosts, str) else ",".join(hosts or [])
     expected = (
         []
@@ -544,7 +536,7 @@ def test_warn_if_cli_hosts_ignored(monkeypatch, caplog, from_cli, given, hosts, 
 
 
 def test_compact_bytes_for_narrow_columns():
-    from qjamfab.display import format_bytes
+    from qjamfab.text import format_bytes
 
     assert [
         format_bytes(n, compact=True) for n in (100, 1536, 500 << 20, 63 << 30)

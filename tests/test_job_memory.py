@@ -9,8 +9,8 @@ import pytest
 
 from qjamfab import Master, protocol
 from qjamfab.runtime.agent import Agent
-from qjamfab.runtime.cache import CacheLimitError
 from qjamfab.runtime.lru import DEFAULT_BUDGET, JobCache, job_budget
+from qjamfab.runtime.pins import CacheLimitError
 
 pytestmark = pytest.mark.timeout(120)
 

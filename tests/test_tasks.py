@@ -137,7 +137,8 @@ def test_local_bootstrap_and_status():
 
 
 def test_status_says_when_pinned_slices_exceeded_the_cache_limit(qjamfab_home):
-    from qjamfab.runtime.cache import RefCache, pinned_over_limit, pins_dir
+    from qjamfab.runtime.cache import RefCache
+    from qjamfab.runtime.pins import pinned_over_limit, pins_dir
 
     cache = str(qjamfab_home / "cache")
     RefCache(cache)  # as a worker makes it

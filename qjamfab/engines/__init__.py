@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .. import display
+from .. import text
 from ..errors import BadHostSpec, QjamfabError
 from ..hostspec import HostSpec, parse_hosts
 from ..workers import Inbox, WorkerHandle
@@ -149,7 +149,7 @@ def cannot_serve(failures: Sequence[tuple[str, QjamfabError]]) -> QjamfabError:
         if issubclass(c, QjamfabError) and all(isinstance(e, c) for e in errors)
     )
     lines = "".join(
-        f"\n  {label}: {display.first_line(exc, label)}" for label, exc in failures
+        f"\n  {label}: {text.first_line(exc, label)}" for label, exc in failures
     )
     return shared(
         f"{len(failures)} hosts cannot serve: fix each as its line says "

@@ -1,10 +1,11 @@
 """qjamfab inside a Dask worker: the worker plugin and the functions the
-Master submits to it (see dask_engine.py for the Master's side).
+Master submits to it (see dask.py, dask_session.py and dask_link.py for
+the Master's side).
 
 This module runs in Dask worker processes, so qjamfab must be installed
-there (the same version as the Master's). Only dask_engine.py imports it,
-once a Master is given a Dask cluster: importing qjamfab never imports
-Dask.
+there (the same version as the Master's). Only dask_session.py and
+dask_link.py import it, once a Master is given a Dask cluster: importing
+qjamfab never imports Dask.
 
 `QjamfabPlugin` is registered once per cluster (idempotent: a second
 Master, or a new Client, finds the one already there) and lives as long as
@@ -45,9 +46,11 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from .. import protocol
 from ..runtime import calls
-from ..runtime.cache import CacheLimitError, RefCache
+from ..runtime.cache import RefCache
+from ..runtime.capture import c_stdio_flush
+from ..runtime.pins import CacheLimitError
 from ..runtime.task import check_job, error_fields, execute, load_job
-from ..runtime.worker import c_stdio_flush, tune_malloc
+from ..runtime.worker import tune_malloc
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -177,7 +180,7 @@ def _parts_reader(parts: list) -> protocol.FrameReader:
 def _ours(worker: Worker) -> QjamfabPlugin | None:
     """The worker's qjamfab plugin, None when it has none. (distributed
     types a worker's plugins as WorkerPlugin: the one under PLUGIN_NAME is
-    a QjamfabPlugin, registered by dask_engine.py.)"""
+    a QjamfabPlugin, registered by dask_session.py.)"""
     return cast("QjamfabPlugin | None", worker.plugins.get(PLUGIN_NAME))
 
 

@@ -26,7 +26,8 @@ import time
 
 from ..runtime import secure_dir
 from ..runtime.cache import RefCache
-from ..runtime.worker import Capture, Channel, Worker
+from ..runtime.capture import Capture
+from ..runtime.worker import Channel, Worker
 from ..transport import Transport
 
 

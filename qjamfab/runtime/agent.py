@@ -53,9 +53,10 @@ from . import (
     this_runtime,
     write_locked,
 )
-from .cache import CacheLimitError, RefCache, cache_limit, parse_size
+from .cache import RefCache
 from .lru import JobCache, job_budget
 from .packages import AgentPackages
+from .pins import CacheLimitError, cache_limit, parse_size
 from .probe import platform_info
 from .task import combine, error_fields, load_job
 
@@ -505,7 +506,7 @@ class Agent:
 
     def gone(self, daemon: _Daemon, reason: str) -> None:
         """The daemon's connection ended: say how, with its own exit
-        status when it died (its keeper records it, worker.py)."""
+        status when it died (its keeper records it, keeper.py)."""
         daemon.close()
         del self.daemons[daemon.index]
         pid = daemon.info.get("pid")

@@ -43,90 +43,48 @@ another slice's file copied over this one all fail the check.
 - Not covered: a file truncated while a task reads its mapping still raises
   SIGBUS; the check is made before each use, not during it.
 
-Size limit, per host (all daemons of a base share the directory): the
-`limit` argument, else `$QJAMFAB_CACHE_LIMIT`, else a quarter of the cache's
-filesystem and at most 64 GiB. A value is bytes, or a number with K, M, G
-or T (powers of 1024, optionally followed by B or iB): `20G`, `500M`,
-`1.5G`, `1000000`; 0 keeps every slice in memory only. Before a slice is
-written, the least recently used entries are removed until it fits
-(`plan_eviction`). "Used" is the later of an entry's atime and mtime: a
-daemon sets the atime (not the mtime, which the check above compares) when
-it first uses an entry and at most every 30 s after. Never removed: the
-slice being written and the pinned entries: the refs of the task a worker
-of this host runs or waits for, in any session. Each cache object writes
-what it pins to a file of its own in `<directory>.pins/` (named by its
-process id, read by every process that evicts; a dead process's file is
-ignored and removed), so a pin holds across processes without any clock.
-So the cache exceeds its limit only by what tasks in flight need; when
-that alone is over the limit, the first process to find it says so once
-(on its stderr, which a worker forwards to the master) and records it in
-`<directory>.pins/over-limit`, which `pinned_over_limit` reads for
-`inv status`. A slice bigger than the limit stays in memory only, as does
-one the disk has no room for, even when the disk fills up while it
-arrives. A worker whose file another removed drops its memory copy at the
-next check and the slice is fetched again; and since a mapping keeps its
-file's disk space, each eviction is also marked in `<directory>.pins/evicted`
-(a byte more), so every worker drops its copies of evicted files before its
-next task.
+Size limit, pins and eviction: see pins.py.
 
-File layout: b"QJC3" | count: u32 | seal: 32 bytes | count x length: u64 |
-each part, padded to a multiple of 64 bytes from the start of the file.
+This module owns `RefCache`, the entries in memory and their checks before
+use; the file format, its seal and its check are sealed.py's, the limit,
+the pins and the eviction plan pins.py's.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
-import hashlib
-import io
-import itertools
-import json
 import mmap
 import os
-import re
 import shutil
 import stat
-import struct
 import sys
-import threading
 import time
-import zlib
-from collections.abc import Callable, Collection, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
 
 from .. import protocol
-from . import pid_alive, secure_dir
-
-if TYPE_CHECKING:
-    from concurrent.futures import ThreadPoolExecutor
+from . import secure_dir
+from .pins import Pins, cache_limit, forget_over_limit, plan_eviction, touch
+from .sealed import (
+    Damage,
+    Layout,
+    check_pickle,
+    layout,
+    map_file,
+    read_landed,
+    remove,
+    tidy,
+    verify,
+    write_sealed,
+)
 
 # (device, inode, size, mtime in ns): a cache file as it was checked.
 FileKey = tuple[int, int, int, int]
 
-_MAGIC = b"QJC3"
-_PREFIX = struct.Struct("!4sI32s")  # magic, count, seal
-_SEAL_AT = 8  # offset of the seal in the file
-_LENGTH = struct.Struct("!Q")
-_ALIGN = 64
-_BLOCK = 8 << 20  # bytes hashed at a time
-_SEAL_TAG = b"qjamfab-cache-seal-1\0"
-_MAX_PARTS = 1 << 16  # a count above this is a damaged header
 _DISK_MARGIN = 16 << 20  # leave this much free on the disk
 _TOUCH_S = 30.0  # set an entry's atime this often in use
-_OVER_LIMIT = "over-limit"  # in the pins directory: pinned alone > limit
-_EVICTED = "evicted"  # in the pins directory: a byte more per eviction
-_PIN_HEAD = struct.Struct("!QI")  # a pin file: length, crc32 of the refs
-_PIN_READS = 100  # tries to read a pin file not being rewritten
-_DEFAULT_SHARE = 4  # default limit: 1/4 of the filesystem...
-_DEFAULT_CAP = 64 << 30  # ...at most this
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NOTHING: frozenset[str] = frozenset()
-_instances = itertools.count()  # names each cache object's pin file
-
-
-class CacheLimitError(ValueError):
-    """A cache size limit that is not a size."""
 
 
 class CacheEntryLost(LookupError):
@@ -143,90 +101,6 @@ def is_ref(ref: object) -> bool:
         and not ref.startswith(".")
         and "\0" not in ref
     )
-
-
-def parse_size(text: str, env: str | None = "QJAMFAB_CACHE_LIMIT") -> int:
-    """Bytes in a size such as `20G`, `500M`, `1.5G` or `1000000`; `env`
-    names the variable it came from, for the error."""
-    match = re.fullmatch(
-        r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?\s*", str(text), re.IGNORECASE
-    )
-    if not match:
-        shown = f"{env}={text!r}" if env else f"cache limit {text!r}"
-        example = f"{env}=20G, 500M or 1.5G" if env else "20G, 500M or 1.5G"
-        raise CacheLimitError(
-            f"{shown} is not a size: write bytes, or a number with K, M, G "
-            f"or T (powers of 1024), e.g. {example}"
-        )
-    scale = 1 << (10 * " KMGT".index(match.group(2).upper() or " "))
-    return int(float(match.group(1)) * scale)
-
-
-def cache_limit(directory: str, limit: int | str | None = None) -> int:
-    """The cache limit in bytes: `limit` (bytes or a size string), else
-    $QJAMFAB_CACHE_LIMIT, else the default (see the module docstring)."""
-    if isinstance(limit, str):
-        return parse_size(limit, None)
-    if limit is not None:
-        if limit < 0:
-            raise CacheLimitError(
-                f"cache limit {limit} is negative: give bytes (0 keeps "
-                "slices in memory only)"
-            )
-        return int(limit)
-    value = os.environ.get("QJAMFAB_CACHE_LIMIT", "").strip()
-    if value:
-        return parse_size(value)
-    return min(shutil.disk_usage(directory).total // _DEFAULT_SHARE, _DEFAULT_CAP)
-
-
-def pins_dir(directory: str) -> str:
-    """Where the cache objects of the cache in `directory` say what they
-    pin (outside it: the cache directory holds entries only)."""
-    return directory.rstrip(os.sep) + ".pins"
-
-
-def plan_eviction(
-    entries: Iterable[tuple[float, str, int]], limit: int, pinned: Collection[str]
-) -> tuple[list[str], int]:
-    """Which entries (last used, name, size) to remove, least recently used
-    first, so that the rest fit `limit`, never a pinned one; and the bytes
-    left. More than `limit` left means the pinned ones alone exceed it."""
-    ordered = sorted(entries)
-    total = sum(size for _, _, size in ordered)
-    victims = []
-    for _, name, size in ordered:
-        if total <= limit:
-            break
-        if name not in pinned:
-            victims.append(name)
-            total -= size
-    return victims, total
-
-
-def pinned_over_limit(directory: str) -> dict | None:
-    """What the cache in `directory` recorded the last time the entries
-    pinned for tasks in flight alone exceeded its limit: {"pinned": bytes,
-    "limit": bytes, "time": epoch seconds}, or None."""
-    try:
-        with open(os.path.join(pins_dir(directory), _OVER_LIMIT)) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def forget_over_limit(directory: str) -> None:
-    """Drop that record (the cache was cleared): a next time is news."""
-    _remove(os.path.join(pins_dir(directory), _OVER_LIMIT))
-
-
-def _aligned(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
-
-
-class _Damage(Exception):
-    """Why a cache file cannot be used."""
 
 
 class _Entry:
@@ -262,20 +136,14 @@ class RefCache:
         secure_dir(directory)
         self.directory = directory
         self.limit = cache_limit(directory, limit)
-        self._pins = pins_dir(directory)
-        secure_dir(self._pins)
-        self._pin_file = os.path.join(self._pins, f"{os.getpid()}.{next(_instances)}")
-        self._pin_io: io.FileIO | None = None  # the pin file, once opened
+        self._pins = Pins(directory)
         self._memory: dict[str, _Entry] = {}
-        self._pinned: frozenset[str] = _NOTHING
         self._checked: frozenset[str] = _NOTHING  # what missing() just checked
         self._damaged: list[str] = []
         self._damaged_total = 0
         # ref -> key checked elsewhere
         self._trusted: dict[str, tuple[int, ...]] = {}
-        self._evictions = os.path.join(self._pins, _EVICTED)
-        self._evictions_seen = -1  # its size when memory was last swept
-        _tidy(directory)
+        tidy(directory)
 
     def _path(self, ref: str) -> str:
         return os.path.join(self.directory, ref)
@@ -283,49 +151,8 @@ class RefCache:
     def pin(self, refs: Iterable[str]) -> None:
         """Keep these refs (the running or waiting task's) from eviction by
         any process of this host, until the next pin(); pin(()) when no
-        task is in flight. One pwrite into this object's pin file: a
-        header (length, crc32) then the refs, which readers check."""
-        pinned = frozenset(refs)
-        if pinned == self._pinned:
-            return
-        self._pinned = pinned
-        data = "\n".join(sorted(pinned)).encode()
-        try:
-            if self._pin_io is None:
-                if not pinned:
-                    return
-                fd = os.open(
-                    self._pin_file,
-                    os.O_RDWR | os.O_CREAT | _NOFOLLOW | os.O_CLOEXEC,
-                    0o600,
-                )
-                self._pin_io = os.fdopen(fd, "r+b", buffering=0)  # closed with us
-            os.pwrite(
-                self._pin_io.fileno(),
-                _PIN_HEAD.pack(len(data), zlib.crc32(data)) + data,
-                0,
-            )
-        except OSError:
-            pass  # a full disk: pinned for this process's evictions only
-
-    def _pinned_anywhere(self) -> set[str]:
-        """What every cache object of this host pins now: its pin file,
-        while its process lives (a dead one's file is removed)."""
-        pinned = set(self._pinned)
-        try:
-            names = os.listdir(self._pins)
-        except FileNotFoundError:
-            return pinned
-        for name in names:
-            pid = name.split(".", 1)[0]
-            path = os.path.join(self._pins, name)
-            if not pid.isdigit() or path == self._pin_file:
-                continue  # the over-limit record, or our own
-            if not pid_alive(int(pid)):
-                _remove(path)
-            else:
-                pinned.update(_read_pins(path))
-        return pinned
+        task is in flight (pins.py)."""
+        self._pins.pin(refs)
 
     def missing(self, refs: Iterable[str]) -> list[str]:
         """The refs not usable here, checking each one (a file read for the
@@ -333,7 +160,7 @@ class RefCache:
         the worker asks this for the task it is about to run."""
         refs = list(refs)
         self.pin(refs)
-        pinned = self._pinned
+        pinned = self._pins.refs
         self._drop_evicted()
         lacking = [r for r in refs if self._usable(r) is None]
         self._checked = pinned.difference(lacking) if lacking else pinned
@@ -344,15 +171,10 @@ class RefCache:
         files are gone, but pinned ones. A mapping keeps its file's disk
         space, so a daemon holding evicted slices would hold the disk
         beyond the limit. One stat when nothing was evicted."""
-        try:
-            mark = os.stat(self._evictions).st_size
-        except FileNotFoundError:
-            mark = 0
-        if mark == self._evictions_seen:
+        if not self._pins.evicted_since_last():
             return
-        self._evictions_seen = mark
         for ref, entry in list(self._memory.items()):
-            if entry.key is None or ref in self._pinned:
+            if entry.key is None or ref in self._pins.refs:
                 continue
             try:
                 st: os.stat_result | None = os.lstat(entry.path)
@@ -430,7 +252,7 @@ class RefCache:
                 now = time.monotonic()
                 if now - entry.touched > _TOUCH_S:
                     entry.touched = now
-                    _touch(entry.path)
+                    touch(entry.path)
                 return entry
             # Changed under the mapping: drop it without reading a byte
             # (the file may have shrunk), then check what is there now.
@@ -450,22 +272,22 @@ class RefCache:
             st = os.fstat(fd)
             try:
                 if not stat.S_ISREG(st.st_mode):
-                    raise _Damage("not a regular file")
+                    raise Damage("not a regular file")
                 try:
-                    offsets, lengths = _verify(
+                    offsets, lengths = verify(
                         fd, ref, st, self._trusted.pop(ref, None) != _key(st)
                     )
                 except OSError as exc:  # EIO: a bad disk
-                    raise _Damage(f"cannot be read: {exc.strerror}") from None
+                    raise Damage(f"cannot be read: {exc.strerror}") from None
                 if _key(os.fstat(fd)) != _key(st):
-                    raise _Damage("it changed while it was checked")
-                mapping, value = _map(fd, offsets, lengths, st.st_size)
-            except _Damage as exc:
+                    raise Damage("it changed while it was checked")
+                mapping, value = map_file(fd, offsets, lengths, st.st_size)
+            except Damage as exc:
                 self._drop_damaged(ref, str(exc), st.st_ino)
                 return None
         finally:
             os.close(fd)
-        _touch(path)
+        touch(path)
         entry = self._memory[ref] = _Entry(
             value, path, _key(st), mapping, time.monotonic()
         )
@@ -473,7 +295,7 @@ class RefCache:
 
     def _drop_damaged(self, ref: str, reason: str, inode: int | None = None) -> None:
         self._memory.pop(ref, None)
-        _remove(self._path(ref), inode)
+        remove(self._path(ref), inode)
         self._damaged.append(ref)
         self._damaged_total += 1
         print(
@@ -501,60 +323,24 @@ class RefCache:
         no room for it) it stays in memory whatever the room here."""
         if not is_ref(ref):
             raise ValueError(f"{ref!r} is not a ref")
-        count = len(lengths)
-        lengths_raw = b"".join(_LENGTH.pack(n) for n in lengths)
-        header = _PREFIX.pack(_MAGIC, count, bytes(32)) + lengths_raw
-        offsets = [_aligned(len(header))]
-        for n in lengths:
-            offsets.append(_aligned(offsets[-1] + n))
-        size = offsets.pop()
+        file = layout(lengths)
         path = self._path(ref)
         tmp = f"{path}.{os.getpid()}.tmp"
-        fd = self._reserve(ref, tmp, size) if to_disk else None
+        fd = self._reserve(ref, tmp, file.size) if to_disk else None
         if fd is None:
             parts = [reader.read_part(n) for n in lengths]
-            _check_pickle(ref, parts[0][:2] if parts else b"")
+            check_pickle(ref, parts[0][:2] if parts else b"")
             return self.keep_in_memory(ref, parts, load)
-        digests: list = []  # digests, or futures of them
-        overlap = size > _BLOCK  # small ones are hashed here and now
         try:
-            # Hashed through a mapping of its full size: this file is ours
-            # and no one else's yet, so it cannot shrink under it.
-            written = memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_READ))
-            _write_padded(fd, header)
-            for offset, n in zip(offsets, lengths):
-                for start in range(0, n, _BLOCK):
-                    # Hash each block as it lands, while the next arrives.
-                    k = min(_BLOCK, n - start)
-                    reader.copy_to(fd, k, source_fd)
-                    block = written[offset + start : offset + start + k]
-                    digests.append(
-                        _pool().submit(_digest, block) if overlap else _digest(block)
-                    )
-                _write_padded(fd, b"", _aligned(offset + n) - offset - n)
-            if overlap:
-                digests = [d.result() for d in digests]
-            seal = _seal(ref, count, lengths_raw, digests)
-            digests = []
-            _check_pickle(
-                ref, bytes(written[offsets[0] : offsets[0] + 2]) if lengths else b""
-            )
-            written.release()
-            os.pwrite(fd, seal, _SEAL_AT)
+            write_sealed(fd, ref, file, reader, source_fd)
             st = os.fstat(fd)
             if load:
-                mapping, value = _map(fd, offsets, lengths, st.st_size)
+                mapping, value = map_file(fd, file.offsets, lengths, st.st_size)
         except BaseException as exc:
-            if overlap and digests:
-                from concurrent.futures import wait
-
-                for d in digests:
-                    d.cancel()
-                wait(digests)  # they read the mapping
             try:
                 if not (isinstance(exc, OSError) and exc.errno in _DISK_FULL):
                     raise
-                kept = self._rescue(ref, exc, fd, offsets, lengths, reader, load)
+                kept = self._rescue(ref, exc, fd, file, reader, load)
             finally:
                 os.close(fd)
                 os.unlink(tmp)
@@ -570,25 +356,14 @@ class RefCache:
         ref: str,
         exc: OSError,
         fd: int,
-        offsets: list[int],
-        lengths: list[int],
+        file: Layout,
         reader: protocol.FrameReader,
         load: bool,
     ) -> list | None:
         """The disk filled up under ref's file (another writer) as it
         arrived: keep the slice in memory, from the bytes that landed in
         the file and the rest of the frame, still in the stream."""
-        landed = os.lseek(fd, 0, os.SEEK_CUR)  # copy_to took no more
-        parts = []
-        for offset, n in zip(offsets, lengths):
-            part = bytearray(n)
-            view = memoryview(part)
-            have = min(n, max(0, landed - offset))
-            for start in range(0, have, _BLOCK):
-                k = min(_BLOCK, have - start)
-                view[start : start + k] = os.pread(fd, k, offset + start)
-            reader.read_into(view[have:])
-            parts.append(part)
+        parts = read_landed(fd, file, reader)
         print(
             f"qjamfab: the disk of {self.directory} filled up while slice "
             f"{ref} arrived ({exc.strerror}): kept in memory only; free "
@@ -656,57 +431,15 @@ class RefCache:
         if sum(size for _, _, size in entries) <= self.limit:
             return  # the common case: no pins to read
         victims, total = plan_eviction(
-            entries, self.limit, self._pinned_anywhere() | writing
+            entries, self.limit, self._pins.anywhere() | writing
         )
         for name in victims:
             self._memory.pop(name, None)
-            _remove(os.path.join(self.directory, name), inodes[name])
+            remove(os.path.join(self.directory, name), inodes[name])
         if victims:
-            try:  # tell the others to drop their mappings of them
-                fd = os.open(
-                    self._evictions,
-                    os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW | os.O_CLOEXEC,
-                    0o600,
-                )
-                try:
-                    os.write(fd, b".")
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass  # a full disk: they drop them at their next use
+            self._pins.mark_evicted()  # the others drop their mappings
         if total > self.limit:
-            self._say_pinned_over(total)
-
-    def _say_pinned_over(self, pinned: int) -> None:
-        """Once per host and limit: what tasks in flight need exceeds the
-        limit. The first process to find it says so and records it."""
-        path = os.path.join(self._pins, _OVER_LIMIT)
-        record = json.dumps(
-            {"pinned": pinned, "limit": self.limit, "time": time.time()}
-        ).encode()
-        tmp = f"{path}.{os.getpid()}.tmp"
-        try:
-            _write_file(tmp, record)
-            try:
-                os.link(tmp, path)  # whole, and only if no one said it first
-            except FileExistsError:
-                said = pinned_over_limit(self.directory)
-                if said is not None and said.get("limit") == self.limit:
-                    return  # said already
-                os.replace(tmp, path)  # said under another limit: news
-        except OSError:
-            pass  # a full disk: say it at least
-        finally:
-            _remove(tmp)
-        print(
-            f"qjamfab: the slices that tasks on this host need right now "
-            f"({pinned} bytes) exceed the cache limit ({self.limit} bytes), "
-            "so the cache holds more than its limit while they run: raise "
-            f"QJAMFAB_CACHE_LIMIT (or Master(cache_limit=...)) above {pinned} "
-            "bytes",
-            file=sys.stderr,
-            flush=True,
-        )
+            self._pins.say_over_limit(total, self.limit)
 
     def drop_memory(self) -> None:
         self._memory.clear()
@@ -715,7 +448,7 @@ class RefCache:
         stats = self.stats()
         self._memory.clear()
         for name in os.listdir(self.directory):
-            _remove(os.path.join(self.directory, name))
+            remove(os.path.join(self.directory, name))
         forget_over_limit(self.directory)
         return stats
 
@@ -740,232 +473,3 @@ def _size(mapping: mmap.mmap) -> int:
         return mapping.size()
     except (OSError, ValueError):
         return -1
-
-
-@functools.lru_cache(maxsize=1)
-def _pool() -> ThreadPoolExecutor:
-    # Imported when first needed: 9 ms a worker start would pay otherwise.
-    from concurrent.futures import ThreadPoolExecutor
-
-    # A few threads: several daemons share the host's cores.
-    return ThreadPoolExecutor(
-        max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="qjamfab-seal"
-    )
-
-
-def _digest(block: memoryview) -> bytes:
-    return hashlib.sha256(block).digest()  # releases the GIL
-
-
-def _block_digest(fd: int, offset: int, n: int, buffers: threading.local) -> bytes:
-    """sha256 of n bytes of the file at offset, read with pread into this
-    thread's buffer: a file that shrank gives a short read, never the
-    SIGBUS a mapping would."""
-    buf = getattr(buffers, "buf", None)
-    if buf is None:
-        buf = buffers.buf = bytearray(_BLOCK)
-    view = memoryview(buf)[:n]
-    done = 0
-    while done < n:
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if not got:
-            raise _Damage(
-                f"truncated: it ends inside a part, before offset {offset + n}"
-            )
-        done += got
-    return hashlib.sha256(view).digest()
-
-
-def _seal(ref: str, count: int, lengths_raw: bytes, digests: list[bytes]) -> bytes:
-    h = hashlib.sha256(_SEAL_TAG)
-    h.update(ref.encode() + b"\0")
-    h.update(_PREFIX.pack(_MAGIC, count, bytes(32)) + lengths_raw)
-    for digest in digests:
-        h.update(digest)
-    return h.digest()
-
-
-def _verify(
-    fd: int, ref: str, st: os.stat_result, seal_too: bool = True
-) -> tuple[list[int], list[int]]:
-    """Check a cache file against its seal (its header only, without
-    `seal_too`), reading it with pread; the offsets and lengths of its
-    parts. Raises _Damage saying what is wrong."""
-    size = st.st_size
-    head = os.pread(fd, _PREFIX.size, 0)
-    if len(head) < _PREFIX.size:
-        raise _Damage(f"truncated to {size} bytes")
-    magic, count, seal = _PREFIX.unpack(head)
-    if magic != _MAGIC:
-        raise _Damage("not a cache file")
-    if count > _MAX_PARTS:
-        raise _Damage(f"its header says {count} parts")
-    lengths_raw = os.pread(fd, count * _LENGTH.size, _PREFIX.size)
-    if len(lengths_raw) < count * _LENGTH.size:
-        raise _Damage(f"truncated to {size} bytes")
-    lengths = list(struct.unpack(f"!{count}Q", lengths_raw))
-    pos = _aligned(_PREFIX.size + len(lengths_raw))
-    offsets: list[int] = []
-    blocks: list[tuple[int, int]] = []  # (offset, size) of each block hashed
-    for n in lengths:
-        offsets.append(pos)
-        blocks += [(pos + i, min(_BLOCK, n - i)) for i in range(0, n, _BLOCK)]
-        pos = _aligned(pos + n)
-    if size != pos:
-        raise _Damage(f"{size} bytes where its header says {pos}")
-    if not seal_too:
-        return offsets, lengths
-    buffers = threading.local()  # one block buffer per thread, this call
-    if len(blocks) > 1:
-        # (b[0], b[1], not *b: mypy cannot infer a lambda's star-arguments)
-        digests = list(
-            _pool().map(lambda b: _block_digest(fd, b[0], b[1], buffers), blocks)
-        )
-    else:
-        digests = [_block_digest(fd, *b, buffers) for b in blocks]
-    if _seal(ref, count, lengths_raw, digests) != seal:
-        raise _Damage("its bytes are not the ones written under this ref")
-    return offsets, lengths
-
-
-def _map(
-    fd: int, offsets: list[int], lengths: list[int], size: int
-) -> tuple[mmap.mmap, object]:
-    """(the mapping, the slice) of a checked cache file."""
-    mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
-    if len(mapping) != size:
-        raise _Damage(f"{len(mapping)} bytes now, {size} when checked")
-    data = memoryview(mapping)
-    return mapping, protocol.decode([data[o : o + n] for o, n in zip(offsets, lengths)])
-
-
-@functools.lru_cache(maxsize=1)
-def _utimensat() -> Callable[[str], int] | None:
-    """utimensat(2) with its arguments set (Linux), else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        func = ctypes.CDLL(None, use_errno=True).utimensat
-    except (ImportError, OSError, AttributeError):
-        return None
-
-    class Timespec(ctypes.Structure):
-        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
-    utime_now, utime_omit = (1 << 30) - 1, (1 << 30) - 2
-    times = (Timespec * 2)(Timespec(0, utime_now), Timespec(0, utime_omit))
-    at_fdcwd, at_symlink_nofollow = -100, 0x100
-    return lambda path: func(at_fdcwd, os.fsencode(path), times, at_symlink_nofollow)
-
-
-def _touch(path: str) -> None:
-    """Mark an entry used: its atime becomes now. The mtime is left alone
-    (os.utime would set it back, hiding a write made meanwhile from the
-    identity check). Without utimensat, eviction goes by write order."""
-    touch = _utimensat()
-    if touch is not None:
-        touch(path)
-
-
-def _check_pickle(ref: str, start: bytes | bytearray) -> None:
-    """A slice's payload is a protocol 5 pickle stream (protocol.encode):
-    refuse one that is not, before it is stored or passed on. (It is
-    unpickled only where it is used.)"""
-    if start != b"\x80\x05":
-        raise ValueError(
-            f"the payload sent for slice {ref} is not a pickle stream of protocol 5"
-        )
-
-
-def _write_padded(fd: int, data: bytes, pad: int | None = None) -> int:
-    """Write data then zeros up to the next 64-byte boundary (or `pad`
-    zeros); the bytes written."""
-    if pad is None:
-        pad = _aligned(len(data)) - len(data)
-    view = memoryview(data + bytes(pad))
-    total = len(view)
-    while view:
-        view = view[os.write(fd, view) :]
-    return total
-
-
-def _read_pins(path: str) -> list[str]:
-    """The refs a pin file names. Its writer rewrites it in place: a read
-    that does not match its checksum caught a write half done, and is
-    tried again; never consistent, it counts as pinning nothing."""
-    for _ in range(_PIN_READS):
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        if len(data) < _PIN_HEAD.size:
-            continue
-        length, crc = _PIN_HEAD.unpack_from(data)
-        body = data[_PIN_HEAD.size : _PIN_HEAD.size + length]
-        if len(body) == length and zlib.crc32(body) == crc:
-            return body.decode(errors="replace").split("\n") if length else []
-    return []
-
-
-def _write_file(path: str, data: bytes) -> None:
-    """path (0600, emptied first if there) holds data."""
-    fd = os.open(
-        path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW | os.O_CLOEXEC, 0o600
-    )
-    try:
-        _write_padded(fd, data, 0)
-    finally:
-        os.close(fd)
-
-
-def _tidy(directory: str) -> None:
-    """Remove what a worker finds in the cache that no one can use: entries
-    an older qjamfab wrote in another layout, anything that is not a
-    regular file (a symlink planted there), and temporary files of workers
-    that died writing them (`<ref>.<pid>.tmp`)."""
-    for entry in os.scandir(directory):
-        if entry.name.endswith(".tmp"):
-            if not _writer_alive(entry.name):
-                _remove(entry.path)
-            continue
-        try:
-            if not entry.is_file(follow_symlinks=False):
-                if not entry.is_dir(follow_symlinks=False):
-                    _remove(entry.path)
-                continue
-            # O_NOATIME: looking is not using (eviction goes by atime).
-            fd = os.open(
-                entry.path,
-                os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0),
-            )
-            try:
-                if os.pread(fd, len(_MAGIC), 0) != _MAGIC:
-                    _remove(entry.path)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass  # removed meanwhile
-
-
-def _writer_alive(tmp_name: str) -> bool:
-    """Whether the process named in `<ref>.<pid>.tmp` is still writing."""
-    try:
-        return pid_alive(int(tmp_name.split(".")[-2]))
-    except (ValueError, IndexError):
-        return False
-
-
-def _remove(path: str, inode: int | None = None) -> None:
-    """Unlink path, if it is still the file `inode` (when given): not a
-    fresh copy another worker renamed there meanwhile."""
-    try:
-        if inode is None or os.lstat(path).st_ino == inode:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass  # another worker here removed it first
-    except OSError:
-        pass  # a directory: nothing qjamfab made, left alone

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Collection
 from typing import Generic, TypeVar
 
-from .cache import parse_size
+from .pins import parse_size
 
 DEFAULT_BUDGET = 64 << 20
 V = TypeVar("V")

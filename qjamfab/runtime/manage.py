@@ -29,8 +29,8 @@ from . import (
     secure_dir,
     this_runtime,
 )
-from .cache import cache_limit, forget_over_limit, pinned_over_limit
 from .packages import installed
+from .pins import cache_limit, forget_over_limit, pinned_over_limit
 
 START_WAIT_S = 15.0
 STOP_WAIT_S = 5.0  # from SIGTERM to SIGKILL, and for SIGKILL to take

@@ -1,4 +1,4 @@
-"""The worker: message loop, output capture and heartbeats.
+"""The worker: its message loop, heartbeats and the daemon's socket.
 
 Runs as `python -c ... worker.main()` from a runtime bundle (see
 runtime/__init__.py), in one of two modes:
@@ -11,12 +11,11 @@ runtime/__init__.py), in one of two modes:
   `--idle-timeout` seconds without one.
 
 Before any user code runs, the protocol moves off fds 0 and 1, and fds 1 and
-2 point at a capture file, so nothing a job prints (from Python or C) can
-corrupt a frame. The capture is forwarded to the master as LOG frames; being
-a file, its tail survives a crash for the master to show. What a full disk
-has no room for is dropped, and the master told how much. The worker's own
-messages and tracebacks go to the stderr it was started with (a daemon's
-`log/worker-N.daemon`), never into the capture.
+2 point at a capture file (capture.py), so nothing a job prints (from Python
+or C) can corrupt a frame. The worker's own messages and tracebacks go to
+the stderr it was started with (a daemon's `log/worker-N.daemon`), never
+into the capture. A daemon's exit status is recorded by its keeper
+(keeper.py).
 
 A daemon's socket takes any client of the same user, so a daemon trusts no
 input: a client that does not say "serve" within _CLAIM_WAIT_S is dropped
@@ -30,8 +29,6 @@ worker's only client: bad input ends the worker, saying why on its stderr.
 from __future__ import annotations
 
 import argparse
-import errno
-import functools
 import io
 import json
 import os
@@ -55,20 +52,20 @@ from . import (
     this_runtime,
     write_locked,
 )
-from .cache import CacheEntryLost, CacheLimitError, RefCache, is_ref
+from .cache import CacheEntryLost, RefCache, is_ref
 from .calls import run_calls
+from .capture import Capture
+from .keeper import keep
 from .lru import JobCache, job_budget
 from .packages import use_in_daemon
+from .pins import CacheLimitError
 from .task import check_job, error_fields, execute, load_job
 
 if TYPE_CHECKING:
     from types import FrameType, TracebackType
 
-    from _typeshed import ReadableBuffer
 
-_LOG_POLL_S = 0.05
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # Frame limits: a TASK head lists its refs (100,000 slices take 7 MB); a
 # part (params, a job, a slice kept in memory) must also fit in memory.
 _MAX_HEAD = 64 << 20
@@ -148,140 +145,6 @@ class DaemonLog:
             self.exception(args.exc_type, args.exc_value, args.exc_traceback)
 
 
-class _CaptureStream(io.RawIOBase):
-    """fd 1 or 2 as Python code writes it: what a full disk has no room for
-    is dropped and counted, never an error in the job that printed it."""
-
-    def __init__(self, fd: int, capture: Capture):
-        super().__init__()
-        self._fd = fd
-        self._capture = capture
-
-    def writable(self) -> bool:
-        return True
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def write(self, data: ReadableBuffer) -> int:
-        view = memoryview(data).cast("B")
-        total = len(view)
-        try:
-            while view:
-                view = view[os.write(self._fd, view) :]
-        except OSError as exc:
-            if exc.errno not in _DISK_FULL:
-                raise
-            self._capture.dropped += len(view)
-        return total
-
-
-class Capture:
-    """fds 1 and 2 -> an append-only file, forwarded as LOG frames. Past
-    1 MiB forwarded, the file starts over between tasks: fds 1 and 2 move
-    to a fresh file under the same name, and what reached the old one is
-    read to its end first, so no line is lost."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.dropped = 0  # bytes Python code printed that found no room
-        sys.stdout = io.TextIOWrapper(
-            _CaptureStream(1, self), line_buffering=True, errors="replace"
-        )
-        sys.stderr = io.TextIOWrapper(
-            _CaptureStream(2, self), line_buffering=True, errors="replace"
-        )
-        self._fd = self._fresh_file()
-        self._forwarded = 0  # bytes of the file sent on so far
-        self._lock = threading.Lock()
-        self.channel: Channel | None = None
-        self._busy = False
-        threading.Thread(target=self._poll, daemon=True).start()
-
-    def _fresh_file(self) -> int:
-        """Point fds 1 and 2 at a new empty file named self.path; a
-        descriptor to read it."""
-        tmp = f"{self.path}.new"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
-        os.replace(tmp, self.path)
-        return os.open(self.path, os.O_RDONLY)
-
-    def _forward(self) -> None:
-        with self._lock:
-            # One fstat when nothing was printed: this runs after every task.
-            size = os.fstat(self._fd).st_size
-            data = b""
-            if size > self._forwarded:
-                data = os.pread(self._fd, size - self._forwarded, self._forwarded)
-                self._forwarded += len(data)
-            if self._forwarded > (1 << 20) and not self._busy:
-                data += self._start_over()
-            dropped, self.dropped = self.dropped, 0
-            if dropped:
-                data += (
-                    f"qjamfab: {dropped} bytes of output were dropped: "
-                    f"the disk of {os.path.dirname(self.path)} is full; "
-                    "free space there\n"
-                ).encode()
-            if data and self.channel is not None:
-                try:
-                    self.channel.send(
-                        protocol.LOG, {"text": data.decode("utf-8", "replace")}
-                    )
-                except OSError:
-                    pass  # the master is gone
-
-    def _start_over(self) -> bytes:
-        """Move fds 1 and 2 to a fresh file; what reached the old one since
-        it was last read."""
-        try:
-            old, self._fd = self._fd, self._fresh_file()
-        except OSError:  # no room for a new file: keep this one
-            return b""
-        data = b""
-        while rest := os.pread(old, 1 << 20, self._forwarded):
-            data += rest
-            self._forwarded += len(rest)
-        os.close(old)
-        self._forwarded = 0
-        return data
-
-    def _poll(self) -> None:
-        # A timer rather than an event set by begin(): waking this thread
-        # at the start of every task would cost each short task a switch.
-        while True:
-            time.sleep(_LOG_POLL_S)
-            if self._busy:
-                self._forward()
-
-    def begin(self) -> None:
-        self._busy = True
-
-    def end(self) -> None:
-        """Flush everything user code printed, before its result is sent."""
-        self._busy = False
-        c_stdio_flush()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        self._forward()
-
-
-@functools.lru_cache(maxsize=1)
-def _libc_fflush() -> Callable[..., int] | None:
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None).fflush
-    except (OSError, AttributeError):
-        return None
-
-
 def tune_malloc() -> None:
     """Keep freed memory up to 32 MiB blocks in the heap (glibc only).
 
@@ -298,13 +161,6 @@ def tune_malloc() -> None:
         return
     mallopt(_M_MMAP_THRESHOLD, 32 << 20)
     mallopt(_M_TRIM_THRESHOLD, 64 << 20)
-
-
-def c_stdio_flush() -> None:
-    """Flush C stdio buffers too: a C extension's printf sits in them."""
-    fflush = _libc_fflush()
-    if fflush is not None:
-        fflush(None)
 
 
 # The head keys a worker needs, by the kinds it takes.
@@ -802,25 +658,6 @@ def _serve_socket(
             pass
 
 
-def _keep(child: int, record: str) -> None:
-    """The daemon's keeper: wait for the daemon, record how it ended (its
-    exit status, or minus the signal that killed it) for the host agent to
-    tell the master, then exit."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-    while True:
-        try:
-            _, status = os.waitpid(child, 0)
-            break
-        except InterruptedError:
-            continue
-    tmp = f"{record}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"pid": child, "status": os.waitstatus_to_exitcode(status)}, f)
-    os.replace(tmp, record)
-    os._exit(0)
-
-
 def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
@@ -845,7 +682,7 @@ def main(argv: list[str] | None = None) -> None:
         child = os.fork()
         if child:
             set_process_name("qjamfab-keeper")
-            _keep(child, args.socket[: -len(".sock")] + ".exit")
+            keep(child, args.socket[: -len(".sock")] + ".exit")
     tune_malloc()
     base = os.path.expanduser(args.base or default_base())
     try:
