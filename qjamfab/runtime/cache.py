@@ -53,10 +53,17 @@ written, the least recently used entries are removed until it fits
 daemon sets the atime (not the mtime, which the check above compares) when
 it first uses an entry and at most every 30 s after. Never removed: the
 slice being written and the pinned entries: the refs of the task a worker
-of this host runs or waits for, in any session. Each cache object writes
-what it pins to a file of its own in `<directory>.pins/` (named by its
-process id, read by every process that evicts; a dead process's file is
-ignored and removed), so a pin holds across processes without any clock.
+runs or waits for, in any session, on this host or another sharing the
+directory (a home on NFS). Each cache object writes what it pins to a file
+of its own in `<directory>.pins/`, named `pin.<host>-<pid>.<n>` (host_id:
+which process table the pid belongs to) and read by every process that
+evicts. A file of this host counts while its process lives (a dead one's
+is removed). One of another host, whose pids mean nothing here, counts
+while it is younger than PIN_STALE_S: its writer touches it every
+PIN_REFRESH_S while it pins something (and writes it again if another host
+removed it as stale), so only the pins of a host down or stopped that long
+lapse. Temporary files (`<ref>.<host>-<pid>.tmp`) are judged the same way.
+Nothing here relies on flock, or on a pid of another host.
 So the cache exceeds its limit only by what tasks in flight need; when
 that alone is over the limit, the first process to find it says so once
 (on its stderr, which a worker forwards to the master) and records it in
@@ -90,12 +97,13 @@ import struct
 import sys
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING
 
 from .. import protocol
-from . import pid_alive, secure_dir
+from . import NETWORK_FS, fs_type, host_id, pid_alive, secure_dir
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
@@ -123,6 +131,10 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NOTHING: frozenset[str] = frozenset()
 _instances = itertools.count()  # names each cache object's pin file
+PIN_REFRESH_S = 60.0  # a pin file's writer touches it this often, and...
+PIN_STALE_S = 600.0  # ...another host's older than this pins nothing
+_pinning: weakref.WeakSet[RefCache] = weakref.WeakSet()  # kept fresh
+_refresher_started = threading.Lock()  # taken once, by the first pin file
 
 
 class CacheLimitError(ValueError):
@@ -256,16 +268,26 @@ def _key(st: os.stat_result) -> FileKey:
 
 
 class RefCache:
-    def __init__(self, directory: str, limit: int | str | None = None):
+    def __init__(
+        self,
+        directory: str,
+        limit: int | str | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
         """The cache in `directory` (created 0700 and checked to be ours),
-        holding at most `limit` bytes on disk (see cache_limit)."""
+        holding at most `limit` bytes on disk (see cache_limit). `clock`
+        (epoch seconds, as file times are) judges other hosts' pins."""
         secure_dir(directory)
+        self._clock = clock
+        # Another machine may read an entry the moment it is renamed in.
+        self._sync = fs_type(directory) in NETWORK_FS
         self.directory = directory
         self.limit = cache_limit(directory, limit)
         self._pins = pins_dir(directory)
         secure_dir(self._pins)
-        self._pin_file = os.path.join(self._pins, f"{os.getpid()}.{next(_instances)}")
+        self._pin_file = os.path.join(self._pins, f"pin.{holder()}.{next(_instances)}")
         self._pin_io: io.FileIO | None = None  # the pin file, once opened
+        self._pin_lock = threading.Lock()  # pin() and the refresher write it
         self._memory: dict[str, _Entry] = {}
         self._pinned: frozenset[str] = _NOTHING
         self._checked: frozenset[str] = _NOTHING  # what missing() just checked
@@ -275,7 +297,7 @@ class RefCache:
         self._trusted: dict[str, tuple[int, ...]] = {}
         self._evictions = os.path.join(self._pins, _EVICTED)
         self._evictions_seen = -1  # its size when memory was last swept
-        _tidy(directory)
+        _tidy(directory, clock())
 
     def _path(self, ref: str) -> str:
         return os.path.join(self.directory, ref)
@@ -288,11 +310,15 @@ class RefCache:
         pinned = frozenset(refs)
         if pinned == self._pinned:
             return
-        self._pinned = pinned
-        data = "\n".join(sorted(pinned)).encode()
+        with self._pin_lock:
+            self._pinned = pinned
+            self._write_pin()
+
+    def _write_pin(self) -> None:
+        data = "\n".join(sorted(self._pinned)).encode()
         try:
             if self._pin_io is None:
-                if not pinned:
+                if not self._pinned:
                     return
                 fd = os.open(
                     self._pin_file,
@@ -300,6 +326,7 @@ class RefCache:
                     0o600,
                 )
                 self._pin_io = os.fdopen(fd, "r+b", buffering=0)  # closed with us
+                _keep_fresh(self)
             os.pwrite(
                 self._pin_io.fileno(),
                 _PIN_HEAD.pack(len(data), zlib.crc32(data)) + data,
@@ -308,20 +335,37 @@ class RefCache:
         except OSError:
             pass  # a full disk: pinned for this process's evictions only
 
+    def refresh_pin(self) -> None:
+        """Show other hosts that this object's pins still hold (they judge
+        them by age): touch its pin file, or write it again if another
+        host removed it as stale."""
+        with self._pin_lock:
+            if self._pin_io is None or not self._pinned:
+                return
+            try:
+                if os.fstat(self._pin_io.fileno()).st_nlink:
+                    os.utime(self._pin_io.fileno())
+                    return
+            except OSError:
+                pass  # ESTALE: removed by another NFS client
+            self._pin_io.close()
+            self._pin_io = None
+            self._write_pin()
+
     def _pinned_anywhere(self) -> set[str]:
-        """What every cache object of this host pins now: its pin file,
-        while its process lives (a dead one's file is removed)."""
+        """What every cache object pins now: its pin file, while its holder
+        lives (a dead or stale one's file is removed)."""
         pinned = set(self._pinned)
         try:
             names = os.listdir(self._pins)
         except FileNotFoundError:
             return pinned
+        now = self._clock()
         for name in names:
-            pid = name.split(".", 1)[0]
             path = os.path.join(self._pins, name)
-            if not pid.isdigit() or path == self._pin_file:
+            if not name.startswith("pin.") or path == self._pin_file:
                 continue  # the over-limit record, or our own
-            if not pid_alive(int(pid)):
+            if not _holder_alive(name.split(".")[1], path, now):
                 _remove(path)
             else:
                 pinned.update(_read_pins(path))
@@ -509,7 +553,7 @@ class RefCache:
             offsets.append(_aligned(offsets[-1] + n))
         size = offsets.pop()
         path = self._path(ref)
-        tmp = f"{path}.{os.getpid()}.tmp"
+        tmp = f"{path}.{holder()}.tmp"
         fd = self._reserve(ref, tmp, size) if to_disk else None
         if fd is None:
             parts = [reader.read_part(n) for n in lengths]
@@ -559,6 +603,8 @@ class RefCache:
                 os.close(fd)
                 os.unlink(tmp)
             return kept
+        if self._sync:  # whole on the server before its name shows
+            os.fsync(fd)
         os.close(fd)
         os.replace(tmp, path)  # same inode, size, mtime: st is its key
         if load:
@@ -684,7 +730,7 @@ class RefCache:
         record = json.dumps(
             {"pinned": pinned, "limit": self.limit, "time": time.time()}
         ).encode()
-        tmp = f"{path}.{os.getpid()}.tmp"
+        tmp = f"{path}.{holder()}.tmp"
         try:
             _write_file(tmp, record)
             try:
@@ -922,14 +968,14 @@ def _write_file(path: str, data: bytes) -> None:
         os.close(fd)
 
 
-def _tidy(directory: str) -> None:
+def _tidy(directory: str, now: float) -> None:
     """Remove what a worker finds in the cache that no one can use: entries
     an older qjamfab wrote in another layout, anything that is not a
     regular file (a symlink planted there), and temporary files of workers
-    that died writing them (`<ref>.<pid>.tmp`)."""
+    that died writing them (`<ref>.<host>-<pid>.tmp`)."""
     for entry in os.scandir(directory):
         if entry.name.endswith(".tmp"):
-            if not _writer_alive(entry.name):
+            if not _holder_alive(entry.name.split(".")[-2], entry.path, now):
                 _remove(entry.path)
             continue
         try:
@@ -951,12 +997,40 @@ def _tidy(directory: str) -> None:
             pass  # removed meanwhile
 
 
-def _writer_alive(tmp_name: str) -> bool:
-    """Whether the process named in `<ref>.<pid>.tmp` is still writing."""
+def holder(pid: int | None = None) -> str:
+    """`<host>-<pid>`: process `pid` of this host (this process by
+    default), in the names of the files it writes into a cache that other
+    machines may share."""
+    return f"{host_id()}-{os.getpid() if pid is None else pid}"
+
+
+def _holder_alive(holder: str, path: str, now: float) -> bool:
+    """Whether the process named `holder` (see holder) still holds the
+    file at `path`: one of this host while it lives; one of another host
+    (or an older qjamfab's name) while the file is younger than
+    PIN_STALE_S at `now`."""
+    host, _, pid = holder.partition("-")
+    if host == host_id() and pid.isdigit():
+        return pid_alive(int(pid))
     try:
-        return pid_alive(int(tmp_name.split(".")[-2]))
-    except (ValueError, IndexError):
-        return False
+        return now - os.stat(path).st_mtime < PIN_STALE_S
+    except OSError:
+        return False  # gone meanwhile
+
+
+def _keep_fresh(cache: RefCache) -> None:
+    """Have this process's refresher touch `cache`'s pin file every
+    PIN_REFRESH_S (the refresher starts with the first pin file)."""
+    _pinning.add(cache)
+    if _refresher_started.acquire(blocking=False):
+        threading.Thread(target=_refresh_pins, name="qjamfab-pins", daemon=True).start()
+
+
+def _refresh_pins() -> None:
+    while True:
+        time.sleep(PIN_REFRESH_S)
+        for cache in list(_pinning):
+            cache.refresh_pin()
 
 
 def _remove(path: str, inode: int | None = None) -> None:

@@ -39,7 +39,7 @@ import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from . import default_base, secure_dir
+from . import default_base, host_dir, secure_dir
 
 if TYPE_CHECKING:
     import mmap
@@ -228,7 +228,8 @@ def _shadowed(path: str) -> list[str]:
 
 
 def _record_path(base: str, worker: str) -> str:
-    return os.path.join(base, "run", f"{worker}.packages")
+    # beside the daemon's pid file: a record of this host's daemon
+    return os.path.join(host_dir(base), f"{worker}.packages")
 
 
 def read_record(base: str, worker: str, pid: int) -> dict:
