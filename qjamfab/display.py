@@ -122,6 +122,15 @@ def format_duration(seconds: float | None) -> str:
     return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
 
 
+def home_kind(fs: str | None) -> str:
+    """How a host's base directory is set up, from its filesystem's type:
+    "shared (nfs4)" on one that other machines may mount (its slice cache
+    is then shared; sockets and pid files stay on the host), else "local"."""
+    from .runtime import NETWORK_FS
+
+    return f"shared ({fs})" if fs in NETWORK_FS else "local"
+
+
 def plural(n: int, word: str, words: str | None = None) -> str:
     """plural(1, "worker") -> "1 worker", plural(2, "worker") -> "2 workers";
     `words` for an irregular plural: plural(3, "entry", "entries")."""

@@ -451,6 +451,7 @@ def status(
     marked: list[bool] = []
     shipped: list[str] = []
     over: list[str] = []  # hosts whose tasks pinned more than the limit
+    shared: list[str] = []  # hosts whose base is on a network filesystem
 
     def row(info: dict) -> list:
         said = info.get("cache_pinned_over")
@@ -477,6 +478,16 @@ def status(
                     subsequent_indent="  ",
                 )
             )
+        home = display.home_kind(info.get("base_fs"))
+        if home.startswith("shared"):
+            shared.append(
+                textwrap.fill(
+                    f"{info['qjamfab_host']}: {home} home, per-host state in "
+                    f"{info.get('host_dir')}",
+                    80,
+                    subsequent_indent="  ",
+                )
+            )
         workers = info.get("workers") or []
         uptime = max((w.get("uptime_s", 0) for w in workers), default=None)
         marked.append(current in (info.get("runtimes") or []))
@@ -486,6 +497,7 @@ def status(
             info.get("cache_entries"),
             display.format_bytes(info.get("cache_bytes")),
             display.format_bytes(info.get("cache_limit"), compact=True),
+            home,
             _runtimes(info.get("runtimes") or [], current),
         ]
 
@@ -508,11 +520,22 @@ def status(
         ssh_config,
         verbose,
         action,
-        ["host", "workers", "uptime", "entries", "cache", "limit", "runtime", "status"],
-        "lrrrrrll",
+        [
+            "host",
+            "workers",
+            "uptime",
+            "entries",
+            "cache",
+            "limit",
+            "home",
+            "runtime",
+            "status",
+        ],
+        "lrrrrrlll",
         row,
         footnote=lambda: "\n".join(
-            shipped
+            shared
+            + shipped
             + over
             + (
                 ["(runtime* = this qjamfab's runtime, +N = N others)"]
@@ -521,7 +544,7 @@ def status(
             )
         ),
         seconds=False,  # a status query is quick
-        optional=("uptime", "entries", "runtime", "limit"),
+        optional=("uptime", "entries", "home", "runtime", "limit"),
     )
 
 
