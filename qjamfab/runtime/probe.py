@@ -19,6 +19,7 @@ import re
 import shutil
 import stat
 import sys
+import threading
 
 
 class InsecureDirectory(PermissionError):
@@ -244,11 +245,20 @@ def host_id() -> str:
     return hashlib.sha256("\0".join(ident).encode()).hexdigest()[:12]
 
 
+_SOURCE_LOCK = threading.Lock()
+
+
 def secure_dir_source() -> str:
     """`secure_dir` and what it calls, as source: the runtime's boot code
     (runtime.boot_code) defines it from this, to check the base directory
     before it installs or runs anything there, when no qjamfab module is
     on the host yet. Needs `os` and `stat` imported."""
+    with _SOURCE_LOCK:  # CPython 3.11's ast.parse fails in two threads at once
+        return _source()
+
+
+@functools.lru_cache(maxsize=1)
+def _source() -> str:
     import inspect
 
     return "\n".join(
