@@ -124,11 +124,12 @@ def format_duration(seconds: float | None) -> str:
 
 def home_kind(fs: str | None) -> str:
     """How a host's base directory is set up, from its filesystem's type:
-    "shared (nfs4)" on one that other machines may mount (its slice cache
-    is then shared; sockets and pid files stay on the host), else "local"."""
+    that type ("nfs4") when other machines may mount it (a shared home: the
+    slice cache is shared, sockets and pid files stay on the host), else
+    "local"."""
     from .runtime import NETWORK_FS
 
-    return f"shared ({fs})" if fs in NETWORK_FS else "local"
+    return fs if fs in NETWORK_FS else "local"
 
 
 def plural(n: int, word: str, words: str | None = None) -> str:

@@ -479,11 +479,11 @@ def status(
                 )
             )
         home = display.home_kind(info.get("base_fs"))
-        if home.startswith("shared"):
+        if home != "local":
             shared.append(
                 textwrap.fill(
-                    f"{info['qjamfab_host']}: {home} home, per-host state in "
-                    f"{info.get('host_dir')}",
+                    f"{info['qjamfab_host']}: shared home ({home}), per-host "
+                    f"state in {info.get('host_dir')}",
                     80,
                     subsequent_indent="  ",
                 )

@@ -554,8 +554,8 @@ def test_compact_bytes_for_narrow_columns():
 @pytest.mark.parametrize(
     "fs, shown",
     [
-        ("nfs4", "shared (nfs4)"),
-        ("fuse.sshfs", "shared (fuse.sshfs)"),
+        ("nfs4", "nfs4"),
+        ("fuse.sshfs", "fuse.sshfs"),
         ("ext4", "local"),
         (None, "local"),  # no mount table
     ],
