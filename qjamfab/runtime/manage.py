@@ -55,8 +55,19 @@ def cmdline(pid: int) -> str:
 
 def live_workers(base: str) -> list[dict]:
     """The daemons of this base that are alive, by their pid files."""
+    return _workers_in(host_dir(base))
+
+
+def legacy_workers(base: str) -> list[dict]:
+    """Daemons that an earlier qjamfab (per-host state in the base) runs
+    from `<base>/run/`: stop-workers and an upgraded Master stop them. A
+    pid there may be another host's (a shared base), but one counts only
+    when a process of this host has that socket on its command line."""
+    return _workers_in(os.path.join(base, "run"))
+
+
+def _workers_in(run: str) -> list[dict]:
     found = []
-    run = host_dir(base)
     for name in sorted(os.listdir(run)) if os.path.isdir(run) else ():
         if not (name.startswith("worker-") and name.endswith(".pid")):
             continue
@@ -104,7 +115,9 @@ def stop_other_runtimes(base: str) -> list[str]:
     this one's protocol: it is stopped, its disk cache kept."""
     runtime = this_runtime()
     return stop_daemons(
-        base, [w for w in live_workers(base) if runtime not in cmdline(w["pid"])]
+        base,
+        [w for w in live_workers(base) if runtime not in cmdline(w["pid"])]
+        + legacy_workers(base),
     ).names
 
 
@@ -225,7 +238,7 @@ def status(base: str) -> dict:
 
 
 def stop(base: str) -> dict:
-    done = stop_daemons(base, live_workers(base))
+    done = stop_daemons(base, live_workers(base) + legacy_workers(base))
     return {"stopped": len(done.names), "killed": done.killed}
 
 
