@@ -11,6 +11,7 @@ import time
 import pytest
 
 from qjamfab import DataSet, Master, cluster, hostspec
+from tests.conftest import processes_mentioning
 from tests.jobs import multiply_sum
 from tests.sshd_hosts import SshdHosts, sshd_available
 
@@ -25,6 +26,8 @@ def shared():
         pytest.skip("needs sshd, root and unshare (util-linux)")
     with SshdHosts(2, shared_home=True, pid_namespaces=True) as servers:
         yield servers
+    # Stopping the hosts ended every process of both namespaces.
+    assert not processes_mentioning(servers.shared_home)
 
 
 def _comm(pid: int) -> str:
