@@ -388,6 +388,10 @@ def test_host_state_is_in_the_runtime_dir_else_under_tmp(tmp_path, monkeypatch):
     assert probe.host_dir(str(tmp_path / "other")) != here  # one per base
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "absent"))
     assert os.path.dirname(probe.host_dir(base)) == f"/tmp/qjamfab-{os.geteuid()}"
+    if os.geteuid() == 0:  # another user's, as sudo leaves it
+        os.chown(xdg, 65534, 65534)
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+        assert probe.host_dir(base) == f"/tmp/qjamfab-0/{os.path.basename(here)}"
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     assert os.path.dirname(probe.host_dir(base)) == f"/tmp/qjamfab-{os.geteuid()}"
 

@@ -1004,12 +1004,12 @@ def holder(pid: int | None = None) -> str:
     return f"{host_id()}-{os.getpid() if pid is None else pid}"
 
 
-def _holder_alive(holder: str, path: str, now: float) -> bool:
-    """Whether the process named `holder` (see holder) still holds the
+def _holder_alive(who: str, path: str, now: float) -> bool:
+    """Whether the process `who` names (as holder() does) still holds the
     file at `path`: one of this host while it lives; one of another host
     (or an older qjamfab's name) while the file is younger than
     PIN_STALE_S at `now`."""
-    host, _, pid = holder.partition("-")
+    host, _, pid = who.partition("-")
     if host == host_id() and pid.isdigit():
         return pid_alive(int(pid))
     try:

@@ -194,12 +194,16 @@ def host_dir(base: str, runtime_dir: str | None = None) -> str:
     storage, because a base in a home directory is usually shared by every
     machine (NFS), where pids, flock and Unix sockets mean nothing to the
     others: `$XDG_RUNTIME_DIR/qjamfab` (`runtime_dir` in its place when
-    given) if that is a directory, else `/tmp/qjamfab-<uid>`; below it one
+    given) if that is a directory of ours, else `/tmp/qjamfab-<uid>`; below it one
     directory per base (a host may serve several), named by a hash of the
     base's real path."""
     if runtime_dir is None:
         runtime_dir = os.environ.get("XDG_RUNTIME_DIR", "")
-    if runtime_dir and os.path.isdir(runtime_dir):
+    try:  # another user's (sudo keeps it) is not ours to use
+        st = os.stat(runtime_dir) if runtime_dir else None
+    except OSError:
+        st = None
+    if st and stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
         top = os.path.join(runtime_dir, "qjamfab")
     else:  # not $TMPDIR: a batch job's, removed when the job ends
         top = f"/tmp/qjamfab-{os.geteuid()}"
