@@ -63,10 +63,10 @@ def child(
     (comma-separated), on those SSH hosts, 2 workers each; else 8 local."""
     import numpy as np
 
-    from qjamfab import Master, run
+    from qjamfab import Master, results
 
     if unbounded:
-        run.PARK_BYTES = run.HELD_BYTES = 1 << 62
+        results.PARK_BYTES = results.HELD_BYTES = 1 << 62
     peak = [0]
     done = threading.Event()
 
@@ -262,7 +262,7 @@ def table(result: dict) -> str:
 
 
 def targets(result: dict) -> list[dict]:
-    from qjamfab.run import HELD_BYTES
+    from qjamfab.results import HELD_BYTES
 
     shipped = [r for r in result["memory"] if r["config"] == "as shipped"]
     worst = max(shipped, key=lambda r: r["held_peak"])

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, TypedDict
 
 from . import hosts as hostlib
 from . import runtime
-from .errors import HostError, PreflightFailed, QjamfabError
+from .errors import BadHostSpec, HostError, PreflightFailed, QjamfabError
 from .hostspec import HostSpec, env_setting
 from .packages import Distribution, check_platform
 from .runtime.manage import STOP_WAIT_S
@@ -66,6 +66,13 @@ class HostSession:
         self.spec = spec
         self.name = spec.raw
         self.ssh_config = ssh_config
+        if spec.kind == "slurm":
+            raise BadHostSpec(
+                f"{spec.raw}: the host tasks (bootstrap, start-workers, status, "
+                "clear-cache, stop-workers) do not reach Slurm nodes yet: use "
+                "Master('slurm') in the allocation; its workers end with it",
+                host=spec.raw,
+            )
         if spec.is_local:
             self.conn = None
             self.python = sys.executable

@@ -27,8 +27,10 @@ rekeys on its own schedule).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -62,13 +64,36 @@ from .hostspec import (
     parse_hosts,
 )
 
-__all__ = ["connect", "QjamfabConnection", "DEFAULT_KEEPALIVE", "REKEY_LIMIT"]
+__all__ = [
+    "connect",
+    "QjamfabConnection",
+    "DEFAULT_KEEPALIVE",
+    "REKEY_LIMIT",
+]
 
 
 #: paramiko issue 822 workaround, applied once at import.
 REKEY_LIMIT = 2**40
 paramiko.packet.Packetizer.REKEY_BYTES = REKEY_LIMIT
 paramiko.packet.Packetizer.REKEY_PACKETS = REKEY_LIMIT
+
+
+class _HandshakeNoise(logging.Filter):
+    """paramiko logs the error that ends a handshake, traceback and all,
+    from its transport's thread (on stderr in a script without logging
+    set up), then raises it to `connect`, which says it as a qjamfab
+    error: drop those records, once said is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        thread = threading.current_thread()
+        return not (
+            record.levelno >= logging.ERROR
+            and isinstance(thread, paramiko.Transport)
+            and not thread.is_authenticated()
+        )
+
+
+logging.getLogger("paramiko.transport").addFilter(_HandshakeNoise())
 
 #: seconds between keepalive packets unless ssh_config's ServerAliveInterval
 DEFAULT_KEEPALIVE = 15
@@ -365,9 +390,14 @@ def _map_error(
         return HostUnreachable(
             f"{label}: the ProxyCommand for {where} failed: {e}", host=label
         )
-    if isinstance(e, EOFError):
+    if isinstance(e, EOFError) or (
+        # paramiko's banner error when the far end hung up at once
+        isinstance(e, SSHException)
+        and isinstance(e.__context__, (EOFError, ConnectionError))
+    ):
         return HostUnreachable(
-            f"{label}: {where} closed the connection during the SSH handshake",
+            f"{label}: {where} closed the connection during the SSH handshake: "
+            f"check that sshd listens on port {conn.port} there (and its log)",
             host=label,
         )
     if isinstance(e, SSHException):

@@ -31,7 +31,8 @@ from .errors import ConfigError, QjamfabError, WorkerLost
 from .futures import FuturesMixin, closes_executor, exclusive
 from .hostspec import HostSpec
 from .openssh import SSH_CLIENTS, openssh_client
-from .run import Run, RunSettings, RunStats, print_event_log
+from .run import Run, RunSettings
+from .runstats import RunStats, print_event_log
 from .runtime import default_base
 from .runtime.cache import CacheLimitError, parse_size
 from .workers import Inbox, WorkerHandle
@@ -236,7 +237,8 @@ class Master(FuturesMixin):
             and (self.require_all or not any(h.alive for h in self._handles()))
         ):
             self.close()
-            raise failed[0][1]
+            error = engines.cannot_serve([(h.spec.raw, exc) for h, exc in failed])
+            raise error.with_traceback(None) from None
         for host, exc in failed:
             log.warning(
                 "host %s is unavailable, retrying later: %s",

@@ -11,15 +11,17 @@ carries all of its workers' frames, and its agent (runtime/agent.py) sends
 them on to the right daemon. AGENT marks frames for or from the agent
 itself; on a stream to a single worker (local workers, the agent's own
 socket to each daemon) it is 0. Part 0 is the message head, a small
-pickled dict. The other parts are the
-payload, a pickled object split by pickle protocol 5 into its main stream and
-out-of-band buffers, so numpy arrays cross without being copied into a pickle
-(`encode` / `decode`). A REFS frame's payload is stored on the worker's disk
-exactly as it arrived.
+dict of plain data (str, int, float, bool, None, lists, dicts with str
+keys) as ASCII JSON: read without pickle, so a peer's head cannot run code
+here. The other parts are the payload, a pickled object split by pickle
+protocol 5 into its main stream and out-of-band buffers, so numpy arrays
+cross without being copied into a pickle (`encode` / `decode`). A REFS
+frame's payload is stored on the worker's disk exactly as it arrived.
 """
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import pickle
@@ -29,7 +31,7 @@ from collections.abc import Callable, Sequence
 
 from .errors import ProtocolError
 
-VERSION = 4
+VERSION = 5  # 5: heads are JSON (4 pickled them)
 AGENT = 0xFFFF  # the worker field of frames for or from a host's agent
 
 # Message kinds. qjam's five (TASK, STATE, REFS, RESULT, ERROR) plus what
@@ -110,6 +112,10 @@ _NOT_QJAMFAB = (
     f"the peer is not a qjamfab endpoint of protocol version "
     f"{VERSION}, or the stream was corrupted"
 )
+# ensure_ascii: a str with lone surrogates (a path decoded with
+# surrogateescape) crosses as an escape and comes back the same.
+_HEAD_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+_HEAD_DECODER = json.JSONDecoder()
 
 
 def encode(obj: object, dumps: Callable = pickle.dumps) -> list:
@@ -127,15 +133,48 @@ def decode(parts: Sequence) -> object:
     return pickle.loads(parts[0], buffers=parts[1:])
 
 
+def encode_head(head: dict) -> bytes:
+    """A frame head as bytes: JSON. Tuples become lists and dict keys
+    strings on the way; anything not plain data (bytes, sets, objects)
+    is a TypeError here, at the sender."""
+    return _HEAD_ENCODER.encode(head).encode("ascii")
+
+
+def decode_head(data: bytes | bytearray | mmap.mmap) -> dict:
+    """The inverse of encode_head; anything else, a pickle above all, is
+    refused with ProtocolError (never unpickled)."""
+    raw = bytes(data)
+    if raw[:1] == b"\x80":  # a pickle's PROTO opcode: an older qjamfab
+        raise ProtocolError(
+            f"a frame head that is a pickle, which protocol {VERSION} never "
+            "reads: the peer runs an older qjamfab runtime (stop its workers "
+            "with stop-workers and start again with this qjamfab) or is not "
+            "qjamfab"
+        )
+    try:
+        head = _HEAD_DECODER.decode(raw.decode("ascii"))
+    except (ValueError, RecursionError) as exc:  # not ASCII, not JSON, too deep
+        raise ProtocolError(
+            f"a frame head that is not JSON ({type(exc).__name__}: "
+            f"{str(exc):.200}): {_NOT_QJAMFAB}"
+        ) from None
+    if not isinstance(head, dict):
+        raise ProtocolError(
+            f"a frame head that is a {type(head).__name__}, not a dict: {_NOT_QJAMFAB}"
+        )
+    return head
+
+
 def frame(kind: int, head: dict, payload: Sequence = (), worker: int = 0) -> list:
     """The buffers that make up one frame, ready for a vectored write."""
-    return frame_raw(kind, pickle.dumps(head, protocol=5), payload, worker)
+    return frame_raw(kind, encode_head(head), payload, worker)
 
 
 def frame_raw(
     kind: int, head_bytes: bytes, payload: Sequence = (), worker: int = 0
 ) -> list:
-    """A frame from a head already pickled (the agent forwards heads)."""
+    """A frame from a head already encoded (encode_head); tests use it to
+    send heads no sender would."""
     lengths = [len(head_bytes), *(memoryview(p).nbytes for p in payload)]
     prefix = _HEADER.pack(_MAGIC, kind, worker, len(lengths)) + b"".join(
         _LENGTH.pack(n) for n in lengths
@@ -308,19 +347,7 @@ class FrameReader:
                 f"a frame head of {lengths[0]} bytes is over this endpoint's "
                 f"limit of {self.max_head}: {_NOT_QJAMFAB}"
             )
-        head_bytes = self.read_part(lengths[0])
-        try:
-            head = pickle.loads(head_bytes)
-        except Exception as exc:  # any pickle error: the bytes are no head
-            raise ProtocolError(
-                f"a frame head that cannot be unpickled "
-                f"({type(exc).__name__}: {exc}): {_NOT_QJAMFAB}"
-            ) from exc
-        if not isinstance(head, dict):
-            raise ProtocolError(
-                f"a frame head that is a {type(head).__name__}, not a dict: "
-                f"{_NOT_QJAMFAB}"
-            )
+        head = decode_head(self.read_part(lengths[0]))
         return kind, worker, head, lengths[1:]
 
     def copy_to(self, fd: int, n: int, source_fd: int | None = None) -> None:

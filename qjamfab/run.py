@@ -2,98 +2,31 @@
 
 `Run` plans slices onto workers (scheduler.py), sends tasks, and works
 through what they send back, on the caller's thread: it supplies what a
-blocked worker lacks, collects results, re-plans the groups of a lost
-worker, moves queued groups to workers that ran dry, starts backup copies of
-stragglers, and reduces. `RunStats` records what it did.
+blocked worker lacks, books finished copies, re-plans the groups of a lost
+worker, and acts on the policy's decisions (policy.py: moves to workers
+that ran dry, backups of stragglers, coverage). Results flow in through
+results.py; runstats.py says what the run did. Time is read from
+`RunSettings.clock` only, so tests drive a run with a clock of their own.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
-import re
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
-from . import display, protocol, scheduler, serialize
+from . import display, policy, protocol, scheduler, serialize
+from . import results as result_flow
 from .dataset import BaseDataSet
-from .errors import (
-    BadJob,
-    PreflightFailed,
-    ProtocolError,
-    QjamfabError,
-    ReduceError,
-    RemoteError,
-    WorkerLost,
-    describe_exit,
-)
-from .hostspec import env_setting
-from .reduce import ReduceMismatch, ReduceTree, reduce_in_place
-from .spill import SpilledNodes
+from .errors import ProtocolError, ReduceError, WorkerLost, describe_exit
+from .remote_errors import remote_error
+from .results import Node, ResultFlow, take_nodes
+from .runstats import RunStats, print_event_log
 from .workers import LOST, Event, Inbox, Link, WorkerHandle
 
 log = logging.getLogger("qjamfab")
-
-# A result this big waits at its worker until the master fetches it (one
-# at a time, in the order the tree combines them), so that results that
-# finish together do not all land in the master's memory at once.
-PARK_BYTES = 8 << 20
-# Tree nodes held on the master (waiting for their sibling) past this many
-# bytes wait in temporary files instead (spill.py).
-HELD_BYTES = 256 << 20
-
-
-@dataclass
-class RunStats:
-    """What one `Master.run` did."""
-
-    elapsed_s: float = 0.0
-    workers: int = 0
-    slices: int = 0
-    slices_sent: int = 0
-    slices_cached: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    dataset_bytes_sent: int = 0
-    worker_compute_s: dict[str, float] = field(default_factory=dict)
-    lost_workers: list[str] = field(default_factory=list)
-    rerun_slices: int = 0
-    backup_tasks: int = 0
-    replica_bytes_sent: int = 0
-    damaged_slices: int = 0
-    spilled_results: int = 0  # held nodes the master wrote to disk
-    tasks: int = 0  # tasks sent: copies and re-runs included
-    moved_tasks: int = 0  # queued tasks a worker that ran dry took
-
-    def __repr__(self) -> str:
-        compute = ", ".join(
-            f"{name} {secs:.3f}s" for name, secs in self.worker_compute_s.items()
-        )
-        plural = display.plural
-        lost = (
-            f"; lost {', '.join(self.lost_workers)}, re-ran "
-            f"{plural(self.rerun_slices, 'slice')}"
-            if self.lost_workers
-            else ""
-        )
-        if self.backup_tasks:
-            lost += f"; {plural(self.backup_tasks, 'backup task')}"
-        size = display.format_bytes
-        return (
-            f"RunStats({display.format_duration(self.elapsed_s)} on "
-            f"{plural(self.workers, 'worker')}: "
-            f"{plural(self.slices, 'slice')}, {self.slices_cached} cached, "
-            f"{self.slices_sent} sent ({size(self.dataset_bytes_sent)}); "
-            f"{size(self.bytes_sent)} sent, "
-            f"{size(self.bytes_received)} received; compute: "
-            f"{compute or '-'}{lost})"
-        )
-
-    def _repr_html_(self) -> str:
-        return display.runstats_html(self)
 
 
 class _Task:
@@ -117,12 +50,13 @@ class _Task:
         group: int,
         slices: list[int],
         held: bool,
+        now: float,
     ):
         self.id = task_id
         self.worker = worker
         self.group = group
         self.slices = slices
-        self.started = time.monotonic()
+        self.started = now
         self.held = held  # its result waits at the host's agent
         self.size = 0  # its result's bytes, once "done" or "parked" says
         # Moved away: open until its worker confirms the cancel (it may have
@@ -138,6 +72,9 @@ class RunSettings:
     straggler_factor: float
     replicas: int
     split: bool
+    # The run's only time source: the engines' heartbeats (last_seen) are
+    # read against it too.
+    clock: Callable[[], float] = field(default=time.monotonic)
 
 
 class Run:
@@ -147,15 +84,10 @@ class Run:
     different workers: a worker that runs dry takes a copy of a group still
     queued elsewhere, and a group running far longer than its peers gets a
     backup copy. The first copy to finish wins its group, the others are
-    cancelled or discarded, so every slice counts exactly once.
-
-    Results combine in one fixed tree over the slices (reduce.ReduceTree),
-    as they arrive: the value depends on the slices, not on how they were
-    grouped or where they ran. On a host with several workers in the run,
-    results wait at the host's agent ("held"): the master hears "done", and
-    once the host has no open task left it asks the agent to combine the
-    winners (COLLECT), so what crosses the network is a few tree nodes per
-    host. If the host is lost first, its held groups run again elsewhere.
+    cancelled or discarded, so every slice counts exactly once. Every
+    group without a value keeps a live copy counted on to run (coverage,
+    policy.uncovered): whatever moves, cancels, backups and losses
+    interleave, the run ends.
 
     Work per event is constant, besides what the event itself changes:
     each worker's open tasks are kept in order, idle workers in a set, and
@@ -176,8 +108,10 @@ class Run:
     ):
         self.inbox = inbox
         self.settings = settings
+        self.clock = settings.clock
         self.progress_enabled = progress
-        self.progress: display.RunProgress  # set by execute, as is self.tree
+        self.progress: display.RunProgress  # set by execute
+        self.results: ResultFlow[_Task]  # set by execute
         self.run_id = next(inbox.ids)
         self.workers = workers
         self.func_hash = func_hash
@@ -194,18 +128,13 @@ class Run:
         self.won: dict[int, _Task] = {}  # group -> winning copy
         self.replaced: set[int] = set()  # groups re-run slice by slice
         self.undelivered: set[int] = set()  # groups without a value
-        self.tree: ReduceTree  # results, as they arrive
         self.shown: dict[int, int] = {}  # group -> slices on the bar
-        self.held: dict[Link, list[_Task]] = {}  # done, at the agent
         self.open_on: dict[Link, int] = {}  # open tasks per link
-        self.to_collect: set[Link] = set()  # links done with tasks
-        self.collecting: dict[Link, list[_Task]] = {}
-        self.parked: list[_Task] = []  # won, waiting at their worker
-        self.fetching: _Task | None = None  # a parked result on its way
-        self.big_collect: Link | None = None  # a big COLLECT answer on its way
-        self.waiting_collect: set[Link] = set()  # big, for their turn
-        self.slice_seconds: list[float] = []  # sorted, per slice
+        self.times = policy.SliceTimes()
         self.kills: dict[int, list[str]] = {}
+        # Workers lost in this run: (name, how, the slices it was running).
+        self.losses: list[tuple[str, str, list[int]]] = []
+        self.exits = 0  # of those, processes that exited while running the job
         self.silent: set[Link] = set()  # lost to the heartbeat deadline
         self.sent_refs: set[str] = set()
         self.params_sent: set[WorkerHandle] = set()  # have this run's params
@@ -217,7 +146,7 @@ class Run:
         # combine them with: a host with several workers in the run.
         self.holds = {x for x in self.links if x.agent and links.count(x) > 1}
         self.counters = {x: (x.bytes_sent, x.bytes_received) for x in self.links}
-        self.started = time.monotonic()
+        self.started = self.clock()
         self.stats = RunStats(workers=len(workers))
 
     def execute(self) -> object:
@@ -232,15 +161,20 @@ class Run:
             )
             self.stats.slices = len(self.refs)
         self.leaves = len(self.refs) if self.refs is not None else len(plan)
-        # Values in the master's tree are its own (decoded here), so the
-        # default reduce may add arrays into them.
-        self.tree = ReduceTree(self.leaves, self.reduce or reduce_in_place)
-        self.tree.nodes = self.held_nodes = SpilledNodes(HELD_BYTES)
+        self.results = ResultFlow[_Task](
+            self.run_id,
+            self.func_hash,
+            self.leaves,
+            self.reduce,
+            self._send_failed,
+            lambda link: bool(self.open_on.get(link)),
+        )
         self.progress = display.RunProgress(
             len(self.refs) if self.refs is not None else len(plan),
             enabled=self.progress_enabled,
             unit="slices" if self.refs is not None else "tasks",
         )
+        tree = self.results.tree
         try:
             by_name = {h.name: h for h in self.workers}
             queues = [
@@ -254,31 +188,30 @@ class Run:
                     if k < len(batches):
                         self._send_task(handle, self._new_group(batches[k]))
             self._collect()
+        except BaseException:
+            for handle, queue in self.queues.items():
+                if queue and handle.alive:
+                    handle.stale = True  # this run's job may run on there
+            raise
         finally:
             self.progress.close()
             self._count_bytes()
-            self.stats.spilled_results = self.held_nodes.spilled
-            if not self.tree.complete:
-                self.held_nodes.close()  # an interrupted run: free its files
+            self.stats.spilled_results = self.results.nodes.spilled
+            if not tree.complete:
+                self.results.nodes.close()  # an interrupted run: free its files
         if self.refs is not None and self.settings.replicas > 1:
             self._replicate(self.refs)
-        return self.tree.result()
+        return tree.result()
 
     def split_next(self) -> bool:
-        """Whether the next run should send each worker's slices as two
-        tasks, so that one that runs dry can take some. Worth it only for
-        runs over 50 ms whose workers are uneven: this one moved work or
-        started backups, or, not split, had a worker compute 25 % longer
-        than another. (Two tasks cost a result more per worker.)"""
+        """Whether the next run splits each worker's slices (policy.py)."""
         stats = self.stats
-        if stats.elapsed_s <= 0.05:
-            return False
-        if stats.moved_tasks or stats.backup_tasks or stats.lost_workers:
-            return True
-        if self.split:
-            return False
-        compute = [s for s in stats.worker_compute_s.values() if s > 0]
-        return len(compute) > 1 and max(compute) > 1.25 * min(compute)
+        return policy.split_next(
+            stats.elapsed_s,
+            bool(stats.moved_tasks or stats.backup_tasks or stats.lost_workers),
+            self.split,
+            list(stats.worker_compute_s.values()),
+        )
 
     def _new_group(self, slices: list[int]) -> int:
         group = next(self.inbox.ids)
@@ -291,7 +224,7 @@ class Run:
     def _send_task(self, handle: WorkerHandle, group: int) -> None:
         slices = self.groups[group]
         held = handle.link in self.holds
-        task = _Task(next(self.inbox.ids), handle, group, slices, held)
+        task = _Task(next(self.inbox.ids), handle, group, slices, held, self.clock())
         self.stats.tasks += 1
         self._open(task)
         refs = None if self.refs is None else [self.refs[i] for i in slices]
@@ -311,7 +244,7 @@ class Run:
                     "leaves": self.leaves,
                     "params": with_params,
                     "hold": held,
-                    "park": None if held else PARK_BYTES,
+                    "park": None if held else result_flow.PARK_BYTES,
                 },
                 self.params_parts if with_params else (),
             )
@@ -336,15 +269,15 @@ class Run:
         queue.remove(task)
         self.queued -= bool(queue) if first else 1
         if first and queue:
-            queue[0].started = time.monotonic()  # the next starts now
+            queue[0].started = self.clock()  # the next starts now
         if not queue and task.worker.alive:
             self.idle.add(task.worker)
         link = task.worker.link
         self.open_on[link] -= 1
-        if not self.open_on[link] and self.held.get(link):
+        if not self.open_on[link]:
             # Its last open task ended (done, cancelled, moved or lost):
             # what it holds can be combined now.
-            self.to_collect.add(link)
+            self.results.host_idle(link)
 
     def _send_failed(self, handle: WorkerHandle, exc: WorkerLost) -> None:
         """A send to the worker failed: it is lost, handled as if its
@@ -353,23 +286,25 @@ class Run:
             handle.alive = False
             self.inbox.push_front(Event(handle, LOST, {"reason": str(exc)}, []))
 
+    def _cancel(self, task: _Task) -> None:
+        self._close(task)
+        try:
+            task.worker.send(protocol.CANCEL, {"task": task.id, "run": self.run_id})
+        except WorkerLost as exc:
+            self._send_failed(task.worker, exc)
+
     # --- events in ------------------------------------------------------
 
     def _collect(self) -> None:
         tick = min(0.25, self.settings.heartbeat_timeout / 4)
-        next_check = time.monotonic() + tick
+        next_check = self.clock() + tick
         while self.undelivered:
             event = self.inbox.next_event(tick)
             if event is not None:
                 self._event(event)
-            while self.to_collect:
-                link = self.to_collect.pop()
-                if link.alive and self.held.get(link) and not self.open_on[link]:
-                    self._collect_host(link)
-            if self.waiting_collect or self.parked:
-                self._next_big()  # whatever ended the last big transfer
-            if time.monotonic() >= next_check:
-                next_check = time.monotonic() + tick
+            self.results.ask()  # whatever ended the last big transfer
+            if self.clock() >= next_check:
+                next_check = self.clock() + tick
                 self._check_heartbeats()
                 self._balance(stragglers=True)
             elif self.idle and self.queued:
@@ -384,7 +319,7 @@ class Run:
             return  # an answer to an earlier run, which ended without it
         if isinstance(source, Link):  # the agent: COLLECT's answer
             if kind == protocol.RESULT:
-                self._collected(source, head, parts)
+                self._deliver(self.results.collected(source, head), take_nodes(parts))
             elif kind == protocol.ERROR:
                 raise ReduceError(
                     f"{head['phase']} on {source.label} raised {head['type']}"
@@ -396,45 +331,53 @@ class Run:
         if kind == LOST:
             self._lost(handle, head["reason"], head.get("died", False))
             return
-        fetched = self.fetching
-        if (
-            kind == protocol.RESULT
-            and fetched is not None
-            and fetched.worker is handle
-            and head.get("task") == fetched.id
-        ):
-            self.fetching = None
-            self._deliver([fetched], _take_nodes(parts))
-            self._next_big()
-            return
+        if kind == protocol.RESULT:
+            fetched = self.results.fetched(handle, head)
+            if fetched is not None:
+                self._deliver([fetched], take_nodes(parts))
+                return
         task_id = head.get("task")
         task = self.open.get(task_id) if task_id is not None else None
         if task is None or task.worker is not handle:
             return  # a discarded copy, or left from an interrupted run
+        handle.stale = False  # it works on this run now
         if kind == protocol.STATE:
-            if head["state"] == "cancelled":
+            state = head["state"]
+            if state == "cancelled":
                 self._close(task)
                 self._cover([task], handle.name, "its copy was cancelled")
-            elif head["state"] == "progress":
+            elif state == "progress":
                 self._progressed(task.group, head["done"])
-            elif head["state"] == "done":
-                self._done(task, head)
-            elif head["state"] == "parked":
-                self._parked(task, head)
+            elif state == "done":  # its value waits at the host's agent
+                if self._finished(task, head):
+                    self.results.hold(task, head.get("bytes", 0))
+            elif state == "parked":  # its big value waits at its worker
+                if self._finished(task, head):
+                    self.results.park(task, head["bytes"])
+                else:
+                    self._cancel_parked(task)
             else:
                 try:
                     self._supply(handle, head)
                 except WorkerLost as exc:
                     self._send_failed(handle, exc)
         elif kind == protocol.RESULT:
-            self._result(task, head, parts)
+            if self._finished(task, head):
+                self._deliver([task], take_nodes(parts))
         elif kind == protocol.ERROR:
-            raise self._remote_error(handle, task, head)
+            raise remote_error(handle, self._slice_names(task.slices), head)
         else:
             raise ProtocolError(
                 f"worker {handle.name} sent an unexpected "
                 f"{protocol.KIND_NAMES.get(kind, kind)} frame: restart it"
             )
+
+    def _cancel_parked(self, task: _Task) -> None:
+        """Another copy won: the parked value is dropped where it waits."""
+        try:
+            task.worker.send(protocol.CANCEL, {"task": task.id, "run": self.run_id})
+        except WorkerLost as exc:
+            self._send_failed(task.worker, exc)
 
     def _supply(self, handle: WorkerHandle, head: dict) -> None:
         """The worker is blocked: send the function and slices it lacks
@@ -459,7 +402,7 @@ class Run:
             self._supply_slice(handle, ref)
         task = self.open.get(head["task"])
         if task is not None:
-            task.started = time.monotonic()  # transfer time is not slowness
+            task.started = self.clock()  # transfer time is not slowness
 
     def _send_slice(self, handle: WorkerHandle, ref: str) -> int:
         # Only a run over a dataset has slices to send.
@@ -488,7 +431,7 @@ class Run:
             handle.refs.update(self.refs[i] for i in task.slices)
         compute = self.stats.worker_compute_s
         compute[handle.name] = compute.get(handle.name, 0.0) + head["compute_s"]
-        bisect.insort(self.slice_seconds, head["compute_s"] / max(1, len(task.slices)))
+        self.times.add(head["compute_s"], len(task.slices))
         if task.group in self.won or task.group in self.replaced:
             return False  # another copy won, or its slices run apart now
         self.won[task.group] = task
@@ -503,122 +446,6 @@ class Run:
             return []
         return [t for t in self.open.values() if t.group == group]
 
-    def _result(self, task: _Task, head: dict, parts: list) -> None:
-        if self._finished(task, head):
-            self._deliver([task], _take_nodes(parts))
-
-    def _done(self, task: _Task, head: dict) -> None:
-        """A held copy finished: its value waits at its host's agent."""
-        link = task.worker.link
-        if not self._finished(task, head):
-            return  # another copy won: no COLLECT names this one
-        task.size = head.get("bytes", 0)
-        self.held.setdefault(link, []).append(task)
-        if not self.open_on[link]:
-            self.to_collect.add(link)
-
-    def _parked(self, task: _Task, head: dict) -> None:
-        """A big result waits at its worker: fetch it in its turn."""
-        if not self._finished(task, head):
-            self._drop(task)  # another copy won
-            return
-        task.size = head["bytes"]
-        self.parked.append(task)
-        self._next_big()
-
-    def _collect_host(self, link: Link) -> None:
-        """Ask for what the host holds now, or, when it is big and another
-        big result is on its way, in its turn."""
-        if sum(t.size for t in self.held[link]) < PARK_BYTES:
-            self._ask_collect(link)
-        elif self.fetching is None and self.big_collect is None:
-            self.big_collect = link
-            self._ask_collect(link)
-        else:
-            self.waiting_collect.add(link)
-
-    def _next_big(self) -> None:
-        """Unless a big result is on its way: ask for the next, a host's
-        held results or a parked one, the first in the tree first. So the
-        master holds one big result incoming at a time."""
-        if self.fetching is not None or self.big_collect is not None:
-            return
-        hosts = [
-            x
-            for x in self.waiting_collect
-            if x.alive and self.held.get(x) and not self.open_on[x]
-        ]
-        # Those not ready (new tasks since) come back when their last ends.
-        self.waiting_collect = set(hosts)
-        first = {x: min(t.slices[0] for t in self.held[x]) for x in hosts}
-        if hosts and (
-            not self.parked
-            or min(first.values()) < min(t.slices[0] for t in self.parked)
-        ):
-            link = min(hosts, key=first.__getitem__)
-            self.waiting_collect.discard(link)
-            self.big_collect = link
-            self._ask_collect(link)
-            return
-        while self.fetching is None and self.parked:
-            task = min(self.parked, key=lambda t: t.slices[0])
-            self.parked.remove(task)
-            self.fetching = task
-            try:
-                task.worker.send(protocol.FETCH, {"task": task.id, "run": self.run_id})
-            except WorkerLost as exc:
-                self._send_failed(task.worker, exc)  # _lost re-runs it
-                return
-
-    def _drop(self, task: _Task) -> None:
-        try:
-            task.worker.send(protocol.CANCEL, {"task": task.id, "run": self.run_id})
-        except WorkerLost as exc:
-            self._send_failed(task.worker, exc)
-
-    def _unpark(self, handle: WorkerHandle) -> list[_Task]:
-        """The won results parked at a worker that is lost: their groups
-        are not won any more (they run again)."""
-        tasks = [t for t in self.parked if t.worker is handle]
-        if self.fetching is not None and self.fetching.worker is handle:
-            tasks.append(self.fetching)
-            self.fetching = None
-        for task in tasks:
-            if task in self.parked:
-                self.parked.remove(task)
-            del self.won[task.group]
-        return tasks
-
-    def _ask_collect(self, link: Link) -> None:
-        """Have the agent combine the winners it holds into their nodes."""
-        tasks = self.held.pop(link)
-        self.collecting.setdefault(link, []).extend(tasks)
-        try:
-            link.send(
-                protocol.COLLECT,
-                {
-                    "run": self.run_id,
-                    "func": self.func_hash,
-                    "leaves": self.leaves,
-                    "tasks": [t.id for t in tasks],
-                },
-                worker=protocol.AGENT,
-            )
-        except WorkerLost:
-            if self.big_collect is link:
-                self.big_collect = None  # its re-runs come back as results
-            for handle in link.handles.values():
-                if handle.alive:
-                    self._send_failed(handle, WorkerLost("its host is gone"))
-
-    def _collected(self, link: Link, head: dict, parts: list) -> None:
-        by_id = {t.id: t for t in self.collecting.get(link, ())}
-        self._deliver([by_id.pop(t) for t in head["tasks"]], _take_nodes(parts))
-        self.collecting[link] = list(by_id.values())
-        if self.big_collect is link and not self.collecting[link]:
-            self.big_collect = None
-            self._next_big()
-
     def _progressed(self, group: int, done: int) -> None:
         """The progress bar moves per slice, not per task: a long task
         reports its slices done as it goes (the first copy's count)."""
@@ -627,18 +454,10 @@ class Run:
             self.shown[group] = done
             self.progress.advance(done - shown)
 
-    def _deliver(self, tasks: list[_Task], nodes: list[_Node]) -> None:
+    def _deliver(self, tasks: list[_Task], nodes: list[Node]) -> None:
         """Results in: their nodes join the run's tree at once."""
         slices = [i for t in tasks for i in t.slices]
-        try:
-            self.tree.add_all(nodes)
-        except ReduceMismatch as exc:
-            raise ReduceError(f"{exc}") from exc
-        except Exception as exc:
-            raise ReduceError(
-                f"reduce failed on the master ({type(exc).__name__}: {exc}): "
-                "fix reduce(a, b) so it combines two results"
-            ) from exc
+        self.results.add(nodes)
         for task in tasks:
             self.undelivered.discard(task.group)
         self.progress.advance(
@@ -650,15 +469,11 @@ class Run:
                 self.refs[i] not in self.sent_refs for i in slices
             )
 
-    def _cancel(self, task: _Task) -> None:
-        self._close(task)
-        self._drop(task)
-
     # --- balance --------------------------------------------------------
 
     def _balance(self, stragglers: bool) -> None:
         """Give workers that ran dry a copy of queued or straggling groups."""
-        idle = [h for h in self.idle if h.alive]
+        idle = sorted((h for h in self.idle if h.alive), key=lambda h: h.name)
         if not idle or not self.open:
             return
         queued = (
@@ -666,30 +481,28 @@ class Run:
             if self.queued
             else []
         )
+        now = self.clock()
         late: list[_Task] = []
         if (
             not queued
             and stragglers
-            and self.slice_seconds
-            and time.monotonic() - self.started > 0.5
+            and self.times.seconds
+            and now - self.started > policy.BACKUP_AFTER_S
         ):
-            late = self._stragglers()
-        for handle in sorted(idle, key=lambda h: h.name):
-            # Moving a queued group costs its data unless the worker holds
-            # it, so only groups long enough to be worth it move.
-            candidates = [
-                t
-                for t in queued
-                if self._held(handle, t) == len(t.slices) or self._expected_s(t) > 0.2
-            ] or late
-            if not candidates:
-                return
-            task = max(
-                candidates, key=lambda t: (self._held(handle, t), len(t.slices), -t.id)
+            copies: dict[int, int] = {}
+            for task in self.open.values():
+                copies[task.group] = copies.get(task.group, 0) + 1
+            late = policy.stragglers(
+                [q[0] for q in self.queues.values() if q],
+                copies,
+                self.won,
+                self.times,
+                self.settings.straggler_factor,
+                now,
             )
-            backup = task in late
-            (late if backup else queued).remove(task)
-            if backup:
+        for decision in policy.balance(idle, queued, late, self._held, self.times):
+            handle, task = decision.worker, decision.copy
+            if decision.backup:
                 log.info(
                     "backup copy of %s on %s: %s is slow",
                     self._slice_names(task.slices),
@@ -703,27 +516,6 @@ class Run:
                 task.cancelling = True
                 self.stats.moved_tasks += 1
             self._send_task(handle, task.group)
-
-    def _expected_s(self, task: _Task) -> float:
-        """The task's likely compute time: the median slice's, per slice."""
-        if not self.slice_seconds:
-            return 0.0
-        return self.slice_seconds[len(self.slice_seconds) // 2] * len(task.slices)
-
-    def _stragglers(self) -> list[_Task]:
-        now = time.monotonic()
-        limit = self.settings.straggler_factor
-        copies: dict[int, int] = {}
-        for task in self.open.values():
-            copies[task.group] = copies.get(task.group, 0) + 1
-        return [
-            q[0]
-            for q in self.queues.values()
-            if q
-            and copies[q[0].group] == 1
-            and q[0].group not in self.won
-            and now - q[0].started > max(0.5, limit * self._expected_s(q[0]))
-        ]
 
     def _held(self, handle: WorkerHandle, task: _Task) -> int:
         if self.refs is None:
@@ -748,49 +540,11 @@ class Run:
                 except WorkerLost as exc:
                     self._send_failed(target, exc)
 
-    def _remote_error(
-        self, handle: WorkerHandle, task: _Task, head: dict
-    ) -> QjamfabError:
-        where = self._slice_names(task.slices)
-        trace = display.with_source_lines(head["traceback"].rstrip())
-        if head["type"] == "ReduceMismatch":
-            return ReduceError(
-                f"{head['message']}\n(on worker {handle.name}, {where})\n{trace}"
-            )
-        if head["type"] == "ModuleNotFoundError":
-            module = re.search(r"No module named '([^']+)'", head["message"])
-            python = handle.link.python or "its python"
-            from .packages import suggestion
-
-            ship = module and suggestion(module[1])
-            fix = (
-                "install it in the Dask workers' environment (for example with "
-                "distributed's PipInstall worker plugin)"
-                if handle.link.on_dask
-                else f"install it for {python} there, "
-                + (f"ship it from here with Master(..., {ship}), " if ship else "")
-                + f"or set {env_setting('REMOTE_PYTHON')[1]} to a Python that has it"
-            )
-            return PreflightFailed(
-                f"{handle.host} lacks the Python module "
-                f"{module[1] if module else head['message']!r}, which "
-                f"{_NEEDED_BY.get(head['phase'], 'the job')} needs (worker "
-                f"{handle.name}): {fix}\n{trace}",
-                host=handle.host,
-            )
-        if head["phase"] == "loading the job":
-            return BadJob(
-                f"worker {handle.name} cannot load the job ({head['type']}: "
-                f"{head['message']}): make what it uses importable there, "
-                f"or define it in your script\n{trace}"
-            )
-        return RemoteError(
-            f"{head['phase']} raised {head['type']}: {head['message']} "
-            f"(worker {handle.name}, {where}); fix the job and run again\n"
-            f"--- remote traceback ---\n{trace}",
-            worker=handle.name,
-            remote_type=head["type"],
-            remote_traceback=head["traceback"],
+    def _losses_said(self) -> str:
+        """Each worker lost in this run, how, and what it was running."""
+        return "; ".join(
+            f"{name}: {how}" + (f", {self._slice_names(s)}" if s else "")
+            for name, how, s in self.losses
         )
 
     def _slice_names(self, slices: list[int]) -> str:
@@ -803,21 +557,16 @@ class Run:
     # --- loss -----------------------------------------------------------
 
     def _check_heartbeats(self) -> None:
-        deadline = time.monotonic() - self.settings.heartbeat_timeout
+        deadline = self.clock() - self.settings.heartbeat_timeout
         waiting = [
             x
             for x in self.links
-            if x.alive
-            and (
-                x in self.collecting
-                and self.collecting[x]
-                or x in self.held
-                and self.held[x]
-            )
+            if x.alive and (self.results.collecting.get(x) or self.results.held.get(x))
         ]
         busy = [h for h, q in self.queues.items() if q and h.alive]
-        if self.fetching is not None and self.fetching.worker.alive:
-            busy.append(self.fetching.worker)
+        fetching = self.results.fetching
+        if fetching is not None and fetching.worker.alive:
+            busy.append(fetching.worker)
         if any(h.last_seen < deadline for h in busy) or any(
             x.last_seen < deadline for x in waiting
         ):
@@ -828,8 +577,8 @@ class Run:
                 self._host_silent(link)
         for handle in busy:
             if handle.alive and handle.last_seen < deadline:
-                if handle.link.transport.computing():
-                    handle.last_seen = time.monotonic()  # busy, not gone
+                if handle.link.computing():
+                    handle.last_seen = self.clock()  # busy, not gone
                     continue
                 if handle.link.agent and handle.link.last_seen >= deadline:
                     handle.alive = False  # its host answers; it does not
@@ -853,18 +602,14 @@ class Run:
     def _host_lost(self, link: Link) -> None:
         """Held results at a host that is gone are gone with it: their
         groups run again."""
-        tasks = self.held.pop(link, []) + self.collecting.pop(link, [])
-        self.waiting_collect.discard(link)
-        if self.big_collect is link:
-            self.big_collect = None
-            self._next_big()
+        tasks = self.results.host_lost(link)
         for task in tasks:
             if self.won.get(task.group) is task:
                 del self.won[task.group]
         if tasks:
             self._rerun(
                 [i for t in tasks for i in t.slices],
-                task.worker.name,
+                tasks[-1].worker.name,
                 "its host was lost",
             )
 
@@ -874,9 +619,13 @@ class Run:
         its host or its connection), so the slice it ran may be the cause."""
         handle.alive = False
         self.idle.discard(handle)
+        # A worker still on a failed run's task may die of that run's job.
+        died = died and not handle.stale
         if not handle.link.alive:
             self._host_lost(handle.link)
-        parked = self._unpark(handle)
+        parked = self.results.unpark(handle)
+        for task in parked:  # won, but the value is gone: they run again
+            del self.won[task.group]
         lost_tasks = list(self.queues.get(handle, ()))
         if not lost_tasks and not parked:
             return  # nothing of this run was on it
@@ -885,6 +634,8 @@ class Run:
         if handle.name not in self.stats.lost_workers:
             self.stats.lost_workers.append(handle.name)
         detail = describe_exit(status) if status is not None else reason
+        running = lost_tasks[0].slices if lost_tasks else []
+        self.losses.append((handle.name, detail, running))
         for task in lost_tasks:
             self._close(task)
         # Only the task it was running can have killed it, and only if it
@@ -901,8 +652,25 @@ class Run:
                     exit_status=status,
                     stderr_tail=tail,
                 )
+        # A process that exited (not killed by a signal) while running the
+        # job was ended by the job: twice in a run, on any slices, is the
+        # job's doing, not bad luck, and would take every worker down.
+        if died and running and status is not None and status >= 0:
+            self.exits += 1
+            if self.exits >= 2:
+                raise WorkerLost(
+                    f"the job ended {self.exits} workers by exiting while "
+                    f"running mapfunc ({self._losses_said()}): mapfunc (or "
+                    f"what it calls) exits its process, with sys.exit, "
+                    f"os._exit or exit(): fix mapfunc so it returns or "
+                    f"raises; the workers are restarted for the next run"
+                    f"{display.stderr_tail(handle.name, tail)}",
+                    worker=handle.name,
+                    exit_status=status,
+                    stderr_tail=tail,
+                )
         self._cover(lost_tasks + parked, handle.name, detail, status, tail)
-        self._next_big()
+        self.results.next_big()
 
     def _cover(
         self,
@@ -912,16 +680,12 @@ class Run:
         status: int | None = None,
         tail: str = "",
     ) -> None:
-        """Coverage, the run's invariant: every group without a value has
-        a live copy counted on to run. These copies ended without a
-        value: their groups that have no other such copy run again."""
-        counted = {t.group for t in self.open.values() if not t.cancelling}
+        """These copies ended without a value: keep coverage (policy.py)."""
         slices = [
             i
-            for t in tasks
-            if t.group in self.undelivered
-            and t.group not in self.won
-            and t.group not in counted
+            for t in policy.uncovered(
+                tasks, self.open.values(), self.undelivered, self.won
+            )
             for i in t.slices
         ]
         self._rerun(slices, name, detail, status, tail)
@@ -936,9 +700,14 @@ class Run:
     ) -> None:
         survivors = [h for h in self.workers if h.alive]
         if slices and not survivors:
+            what = (
+                f"worker {name} was lost ({detail}) running {self._slice_names(slices)}"
+                if len(self.losses) <= 1
+                else f"workers were lost ({self._losses_said()}) with "
+                f"{self._slice_names(slices)} still to run"
+            )
             raise WorkerLost(
-                f"worker {name} was lost ({detail}) running "
-                f"{self._slice_names(slices)}, and no worker is left: they are "
+                f"{what}, and no worker is left: they are "
                 f"restarted for the next run; check the job and the hosts"
                 f"{display.stderr_tail(name, tail)}",
                 worker=name,
@@ -975,39 +744,3 @@ class Run:
         for link, (sent, received) in self.counters.items():
             self.stats.bytes_sent += link.bytes_sent - sent
             self.stats.bytes_received += link.bytes_received - received
-
-
-_Node = tuple[int, int, Any]  # (lo, size, value): a reduce.ReduceTree node
-
-
-def _take_nodes(parts: list[Any]) -> list[_Node]:
-    """A RESULT's payload: the ReduceTree nodes it carries. The received
-    buffers then stay only as long as the values made from them (the
-    master's memory bound relies on it)."""
-    nodes = cast(list[_Node], protocol.decode(parts))  # unpickled: unchecked
-    parts.clear()
-    return nodes
-
-
-_NEEDED_BY = {
-    "loading the job": "the job",
-    "loading params": "the params",
-    "loading a slice": "a dataset slice",
-}
-
-
-def print_event_log(event: Event) -> None:
-    """Print a LOG event's text, prefixed by its worker (or host agent)."""
-    source = event.source
-    print_log(
-        source.name if isinstance(source, WorkerHandle) else source.label,
-        event.head["text"],
-    )
-
-
-def print_log(worker: str, text: str) -> None:
-    prefix = f"[{worker}] "
-    sys.stdout.write(
-        "".join(prefix + line + "\n" for line in text.rstrip("\n").split("\n"))
-    )
-    sys.stdout.flush()

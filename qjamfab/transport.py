@@ -22,6 +22,7 @@ import select
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
@@ -285,6 +286,7 @@ class OpenSSHTransport(ProcessTransport):
 _SSH_ERRORS = (paramiko.SSHException, OSError, EOFError)
 _WINDOW = 64 << 20  # a large window keeps bulk slices streaming
 _SEND_CHUNK = 32 << 10  # paramiko sends at most one packet per call
+_WATCH_S = 0.25  # how often a send under way is held to its deadline
 
 
 def _open_channel(conn: fabric.Connection, command: str, what: str) -> paramiko.Channel:
@@ -380,6 +382,17 @@ class SSHChannelTransport(Transport):
             conn.close()
             raise
         self._stderr = bytearray()  # its tail, for exit_report
+        # A send the far end stops taking (a cut link) blocks inside
+        # paramiko whatever the channel's timeout: its socket write retries
+        # until the connection closes. So a watchdog closes the connection
+        # when a send has taken longer than the read timeout, and that send
+        # then fails as the host lost.
+        self._send_started: float | None = None
+        self._cut = False
+        self._closed = threading.Event()
+        threading.Thread(
+            target=self._watch_sends, name=f"qjamfab-send-deadline-{name}", daemon=True
+        ).start()
 
     def fileno(self) -> int:
         # paramiko's fileno() turns readable for stderr too (a login
@@ -434,13 +447,20 @@ class SSHChannelTransport(Transport):
     def writev(self, views: list) -> int:
         if not self.channel.send_ready() and not self.channel.closed:
             return 0  # its window is full: see wait_writable
+        self._send_started = time.monotonic()
         try:
             sent = self.channel.send(bytes(views[0][:_SEND_CHUNK]))
         except _SSH_ERRORS as exc:
+            if self._cut or isinstance(exc, TimeoutError):
+                raise self._took_nothing() from None
             raise WorkerLost(
                 f"worker {self.name}: the SSH channel to {self.host} failed ({exc})",
                 worker=self.name,
             ) from exc
+        finally:
+            self._send_started = None
+        if self._cut:  # closed as the send ended: what it sent may be lost
+            raise self._took_nothing()
         if not sent:
             raise WorkerLost(
                 f"worker {self.name}: the SSH channel to {self.host} is closed",
@@ -448,7 +468,16 @@ class SSHChannelTransport(Transport):
             )
         return sent
 
+    def _watch_sends(self) -> None:
+        while not self._closed.wait(_WATCH_S):
+            started, limit = self._send_started, self.channel.gettimeout()
+            if started is not None and time.monotonic() - started > (limit or 3600):
+                self._cut = True
+                self.channel.get_transport().close()  # the send fails now
+                return
+
     def close(self) -> None:
+        self._closed.set()
         try:
             self.channel.close()
         except _SSH_ERRORS:

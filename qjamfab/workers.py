@@ -63,6 +63,9 @@ class WorkerHandle:
         self.refs: set[str] = set()
         self.alive = True
         self.last_seen = time.monotonic()
+        # It may still be running a task of a run that failed: until it
+        # answers for the current run, its death is not that run's doing.
+        self.stale = False
         self.gone_tail = ""  # what the agent said when it ended
         self.gone_status: int | None = None
 
@@ -96,8 +99,6 @@ class WorkerHandle:
 class Link:
     """One stream: to a host's agent (`agent` true) or to one worker."""
 
-    on_dask = False  # see dask_engine.DaskLink
-
     def __init__(
         self, label: str, transport: Transport, agent: bool, stall_timeout: float
     ):
@@ -116,6 +117,20 @@ class Link:
         self.python = ""  # what runs the agent, for messages
         self.inbox: Inbox | None = None  # set when added to one
         self.count = 0  # workers the agent attached at most
+
+    def install_advice(self, ship: str | None) -> str:
+        """How to give this host's workers a module they lack; `ship`:
+        the `packages=` argument that would ship it from here, if any."""
+        return (
+            f"install it for {self.python or 'its python'} there, "
+            + (f"ship it from here with Master(..., {ship}), " if ship else "")
+            + f"or set {env_setting('REMOTE_PYTHON')[1]} to a Python that has it"
+        )
+
+    def computing(self) -> bool:
+        """Whether the far end still computes (a process running, not
+        stopped) when its heartbeats are late."""
+        return self.transport.computing()
 
     def fileno(self) -> int:
         return self.transport.fileno()

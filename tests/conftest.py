@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests.slurm_cluster import SlurmCluster, slurm_available
 from tests.sshd_hosts import SshdHosts, sshd_available
 
 
@@ -100,3 +101,21 @@ def bare_python(tmp_path_factory) -> str:
         )
         assert found.returncode != 0, f"the bare venv {venv} can import {module}"
     return python
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A real one-node Slurm (tests/slurm_cluster.py) for the session. Its
+    commands need SLURM_CONF=slurm.conf in their environment."""
+    if not slurm_available():
+        if os.environ.get("QJAMFAB_REQUIRE_SLURM") == "1":
+            pytest.fail(
+                "Slurm is required (QJAMFAB_REQUIRE_SLURM=1) but not "
+                "installed: apt-get install -y slurm-wlm munge"
+            )
+        pytest.skip(
+            "Slurm is not installed: apt-get install -y slurm-wlm munge to "
+            "run the Slurm tests"
+        )
+    with SlurmCluster() as cluster:
+        yield cluster

@@ -1,8 +1,10 @@
 """A test host behind a real network link: an sshd in a network namespace
 joined to this one by a veth pair (root and iproute2 only).
 
-Its subnet, 10.213.77.0/30, exists only between this namespace and the one
-made here; a blackhole route for 10.213.77.0/24 is added before anything
+Its subnet, 10.213.N.0/30 (N from the pid, so that test runs at once on one
+machine, or one that leaked its namespace, do not collide), exists only
+between this namespace and the one made here; a blackhole route for
+10.213.N.0/24 is added before anything
 else and removed last, so no packet for it can ever leave the machine, even
 when the veth is gone. `cut()` blackholes the link both ways (the host stops
 answering, nothing is reset); `restore()` undoes it.
@@ -19,7 +21,7 @@ import time
 
 from tests.sshd_hosts import SshdHosts, _keygen
 
-SUBNET = "10.213.77"
+SUBNET = f"10.213.{20 + os.getpid() % 200}"
 LOCAL_ADDRESS = f"{SUBNET}.1"
 ADDRESS = f"{SUBNET}.2"
 
@@ -196,6 +198,8 @@ class NetnsHost:
         _ip("route", "del", "blackhole", f"{ADDRESS}/32", check=False)
         # Last: while it stands, nothing for the subnet leaves the machine.
         _ip("route", "del", "blackhole", f"{SUBNET}.0/24", check=False)
+        # Its files too, so the next test of the module can make one.
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 if __name__ == "__main__":  # manual check: python -m tests.netns_host

@@ -10,7 +10,7 @@ import logging
 import numpy as np
 import pytest
 
-from qjamfab import Master, protocol, run
+from qjamfab import Master, protocol, results
 from qjamfab.reduce import ReduceTree, add_in_place, default_reduce, reduce_in_place
 from qjamfab.spill import SpilledNodes, nbytes
 from tests.daemon_client import Daemon, job, result_value, task_head
@@ -172,8 +172,8 @@ def test_big_results_give_the_bits_of_small_ones(monkeypatch):
     with Master("local", workers_per_host=4) as m:
         whole = m.run(noisy, dataset=data, params=3000)
         assert m.last_run.spilled_results == 0
-        monkeypatch.setattr(run, "PARK_BYTES", 1000)  # every result parks
-        monkeypatch.setattr(run, "HELD_BYTES", 0)  # and waits on disk
+        monkeypatch.setattr(results, "PARK_BYTES", 1000)  # every result parks
+        monkeypatch.setattr(results, "HELD_BYTES", 0)  # and waits on disk
         parked = m.run(noisy, dataset=data, params=3000)
         assert m.last_run.spilled_results > 0
     assert parked.tobytes() == whole.tobytes()
@@ -201,7 +201,7 @@ def test_a_worker_lost_after_its_result_parked_loses_no_slice(monkeypatch, tmp_p
     data = np.arange(4.0).reshape(4, 1)
     with Master("local", workers_per_host=2) as m:
         m.run(lambda p, rows: 0, dataset=data)  # the slices in the cache
-    monkeypatch.setattr(run, "PARK_BYTES", 1000)
+    monkeypatch.setattr(results, "PARK_BYTES", 1000)
     with Master("local", workers_per_host=2) as m:
         # A Master's first run sends each worker its slices as two tasks.
         total = m.run(big_then_die, dataset=data, params=str(tmp_path))
@@ -218,8 +218,8 @@ def test_big_results_held_at_hosts_give_the_bits_of_small_ones(ssh, monkeypatch)
     data = np.arange(8.0).reshape(8, 1)
     with Master(["host1", "host2"], workers_per_host=2, ssh_config=ssh.ssh_config) as m:
         whole = m.run(noisy, dataset=data, params=3000)
-        monkeypatch.setattr(run, "PARK_BYTES", 1000)
-        monkeypatch.setattr(run, "HELD_BYTES", 0)
+        monkeypatch.setattr(results, "PARK_BYTES", 1000)
+        monkeypatch.setattr(results, "HELD_BYTES", 0)
         for _ in range(3):
             assert m.run(noisy, dataset=data, params=3000).tobytes() == whole.tobytes()
             assert m.last_run.lost_workers == []

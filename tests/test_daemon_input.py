@@ -58,17 +58,20 @@ def small(d: Daemon) -> bool:
 
 BAD_FRAMES = {
     "random bytes": random_bytes(),
-    "an unknown frame kind": b"".join(protocol.frame_raw(200, pickle.dumps({}))),
+    "an unknown frame kind": b"".join(protocol.frame(200, {})),
     "a head length of 2**62": header(protocol.TASK, [2**62]) + b"x" * 100,
     "a part over the limit": header(
-        protocol.FUNC, [len(pickle.dumps({"hash": "h"})), 2**40]
+        protocol.FUNC, [len(protocol.encode_head({"hash": "h"})), 2**40]
     )
-    + pickle.dumps({"hash": "h"}),
-    "a head that does not unpickle": b"".join(
-        protocol.frame_raw(protocol.TASK, b"\x80\x05this is not a pickle")
+    + protocol.encode_head({"hash": "h"}),
+    "a head that is not JSON": b"".join(
+        protocol.frame_raw(protocol.TASK, b'{"task": 1, this is not JSON')
+    ),
+    "a pickled head": b"".join(
+        protocol.frame_raw(protocol.TASK, pickle.dumps({"task": 1}, protocol=5))
     ),
     "a head that is not a dict": b"".join(
-        protocol.frame_raw(protocol.TASK, pickle.dumps([1, 2, 3]))
+        protocol.frame_raw(protocol.TASK, b"[1, 2, 3]")
     ),
     "a TASK missing keys": b"".join(protocol.frame(protocol.TASK, {"task": 1})),
     "a TASK naming a file outside the cache": b"".join(
@@ -118,7 +121,7 @@ def test_a_daemon_survives_every_bad_frame_in_turn(daemon):
 @pytest.mark.parametrize("kind", ["FUNC", "REFS"])
 def test_a_declared_4_gib_part_costs_no_memory_until_it_comes(daemon, kind):
     head = {"FUNC": {"hash": "h"}, "REFS": {"ref": "r1"}}[kind]
-    head_bytes = pickle.dumps(head)
+    head_bytes = protocol.encode_head(head)
     client = daemon.connect()
     before = daemon.rss()
     client.send_raw(
@@ -140,7 +143,7 @@ def test_a_part_bigger_than_free_memory_is_refused(daemon):
     available = protocol.available_memory()
     if available is None or 2 * available > worker_module._MAX_PART:
         pytest.skip("MemAvailable is unknown or above the part limit here")
-    head_bytes = pickle.dumps({"hash": "h"})
+    head_bytes = protocol.encode_head({"hash": "h"})
     client = daemon.connect()
     client.send_raw(
         header(protocol.FUNC, [len(head_bytes), 2 * available]) + head_bytes
@@ -413,8 +416,10 @@ def test_under_limits_a_big_part_is_a_mapping_filled_as_it_comes():
     assert all(isinstance(p, bytearray) for p in _reader(data).read()[3])
 
 
-def test_frame_reader_names_a_head_that_is_no_dict_or_no_pickle():
+def test_frame_reader_names_a_head_that_is_no_dict_or_no_json():
     with pytest.raises(ProtocolError, match="head that is a list, not a dict"):
-        _reader(b"".join(protocol.frame_raw(protocol.TASK, pickle.dumps([1])))).read()
-    with pytest.raises(ProtocolError, match="head that cannot be unpickled"):
-        _reader(b"".join(protocol.frame_raw(protocol.TASK, b"\x80\x05"))).read()
+        _reader(b"".join(protocol.frame_raw(protocol.TASK, b"[1]"))).read()
+    with pytest.raises(ProtocolError, match="head that is not JSON"):
+        _reader(b"".join(protocol.frame_raw(protocol.TASK, b'{"a": '))).read()
+    with pytest.raises(ProtocolError, match="head that is not JSON"):
+        _reader(b"".join(protocol.frame_raw(protocol.TASK, "{}é".encode()))).read()

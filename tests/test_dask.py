@@ -669,18 +669,18 @@ def test_a_script_that_never_closes_its_master_exits_at_once(tmp_path):
             print("result", m.run(lambda p, x: 42))
     """)
     )
-    started = time.monotonic()
     out = subprocess.run(
         [sys.executable, str(script)],
         capture_output=True,
         text=True,
-        timeout=60,
+        # Dask's own reconnect attempts last 30 s: a script that waits for
+        # them would not end within this.
+        timeout=25,
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": REPO},
     )
     assert "result 42" in out.stdout, out.stderr
     assert "Failed to reconnect" not in out.stderr
-    assert time.monotonic() - started < 8
 
 
 def test_importing_qjamfab_does_not_import_dask():

@@ -29,7 +29,7 @@ from qjamfab.display import (
     runstats_html,
 )
 from qjamfab.hostspec import HostSpec
-from qjamfab.master import RunStats
+from qjamfab.runstats import RunStats
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

@@ -135,15 +135,49 @@ def test_host_sshd_killed_mid_run_then_back(ssh):
 
 def test_frozen_host_mid_run(ssh, client):
     with _master(ssh, ssh_client=client) as m:
-        started = time.monotonic()
+        # Paused until the run ends: only the heartbeat deadline ends it.
         try:
             assert _run_with_fault(m, ssh["host2"].pause) == EXPECTED
-            elapsed = time.monotonic() - started
         finally:
             ssh["host2"].resume()
         assert m.last_run.lost_workers == ["host2-0"]
-        assert elapsed < 3.0 + 8  # the heartbeat deadline, plus the work
         assert _run_until_all_workers(m) == 3
+
+
+def _ignore_params(params, xs):
+    return sum(xs)
+
+
+@pytest.mark.timeout(60)
+def test_a_big_send_over_a_cut_link_gives_up_at_the_deadline(ssh, client):
+    """The link to a host cut before a run whose params (48 MiB, more than
+    the link's buffers hold) go to every worker: the send to it stalls,
+    gives up after the heartbeat timeout, the host is lost and the run ends
+    on the others (issue 21 item 6: over paramiko the send blocked until
+    the link came back). The test's timeout is the bound."""
+    import numpy as np
+
+    why_not = netns_available()
+    if why_not:
+        pytest.skip(f"{why_not}: the cut-link test runs as root")
+    big = np.ones(6 << 20)
+    ns = NetnsHost(ssh)
+    try:
+        with Master(
+            ["host1", ns.alias],
+            workers_per_host=1,
+            ssh_config=ns.ssh_config,
+            heartbeat_timeout=3.0,
+            ssh_client=client,
+        ) as m:
+            assert m.run(slow_sum, params=0, dataset=DATA) == EXPECTED
+            ns.cut()
+            assert m.run(_ignore_params, params=big, dataset=DATA) == EXPECTED
+            assert m.last_run.lost_workers == [f"{ns.alias}-0"]
+            ns.restore()
+    finally:
+        ns.restore()
+        ns.stop()
 
 
 def test_host_behind_a_cut_network_link(ssh):
@@ -160,9 +194,8 @@ def test_host_behind_a_cut_network_link(ssh):
             ssh_config=ns.ssh_config,
             heartbeat_timeout=3.0,
         ) as m:
-            started = time.monotonic()
+            # Cut until the run ends: only the heartbeat deadline ends it.
             assert _run_with_fault(m, ns.cut) == EXPECTED
-            assert time.monotonic() - started < 15
             assert m.last_run.lost_workers == [f"{ns.alias}-0"]
             ns.restore()
             assert _run_until_all_workers(m) == 3
@@ -171,18 +204,24 @@ def test_host_behind_a_cut_network_link(ssh):
         ns.stop()
 
 
-def test_straggler_gets_a_backup_copy(ssh):
+def test_straggler_gets_a_backup_copy(ssh, tmp_path):
+    release = str(tmp_path / "release")
+
     def slow_on_host2(params, xs):
+        # host2's copies wait until the run has ended: only backups end it.
         if os.environ.get("QJAMFAB_HOME", "").endswith("host2/qjamfab-home"):
-            time.sleep(8)
+            deadline = time.monotonic() + 30
+            while not os.path.exists(release) and time.monotonic() < deadline:
+                time.sleep(0.01)
         time.sleep(0.1)
         return sum(xs)
 
     try:
         with _master(ssh) as m:
-            started = time.monotonic()
-            assert m.run(slow_on_host2, dataset=DATA) == EXPECTED
-            assert time.monotonic() - started < 6
+            try:
+                assert m.run(slow_on_host2, dataset=DATA) == EXPECTED
+            finally:
+                open(release, "w").close()
             assert m.last_run.backup_tasks >= 1
             assert not m.last_run.lost_workers
     finally:

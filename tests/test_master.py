@@ -207,6 +207,7 @@ def test_a_balanced_run_is_followed_by_unsplit_ones(master2):
     assert master2.last_run.tasks == 2  # balanced before: one task each
 
 
+@pytest.mark.timeout(40)  # shorter than the heartbeat deadline
 def test_a_worker_found_dead_when_its_task_is_sent():
     """A send that fails (the worker died since the last read) loses the
     worker like the end of its stream: its slices run elsewhere.
@@ -237,7 +238,9 @@ def test_a_worker_found_dead_when_its_task_is_sent():
             os._exit(0)
         return child
 
-    with Master("local:2", heartbeat_timeout=5.0) as m:
+    # A heartbeat deadline longer than the test may take: the worker is
+    # found dead by its exit, not by its silence.
+    with Master("local:2", heartbeat_timeout=60.0) as m:
         pid = m.worker_stats()["local-1"]["pid"]
         child = m.run(leave_child_holding_output, params=pid)
         try:
@@ -250,7 +253,6 @@ def test_a_worker_found_dead_when_its_task_is_sent():
             data = DataSet(list(range(10)))
             assert m.run(multiply_sum, params=1, dataset=data) == 45
             assert m.last_run.lost_workers == ["local-1"]
-            assert m.last_run.elapsed_s < m.heartbeat_timeout  # not by silence
         finally:
             os.kill(child, signal.SIGKILL)  # the worker's, not ours to wait for
 
@@ -265,7 +267,10 @@ def test_params_go_once_per_worker_per_run(master2):
     )
     assert total == 28 + master2.last_run.slices
     stats = master2.last_run
-    assert stats.tasks == 4  # a first run splits: two tasks per worker
+    # A first run splits: two tasks per worker (and on a loaded machine a
+    # worker that runs dry may take a queued one, or a backup start: those
+    # copies go to workers that have the params already).
+    assert stats.tasks - stats.moved_tasks - stats.backup_tasks == 4
     assert (
         stats.slices == 8 and 2 * params.nbytes < stats.bytes_sent < 2.5 * params.nbytes
     )

@@ -2,15 +2,16 @@
 socket pairs, plus encode/decode with out-of-band numpy buffers."""
 
 import os
-import pickle
 import socket
+import sys
+import textwrap
 import threading
 
 import numpy as np
 import pytest
 
 from qjamfab import protocol
-from qjamfab.errors import ProtocolError
+from qjamfab.errors import ProtocolError, QjamfabError
 from qjamfab.protocol import (
     KIND_NAMES,
     FrameReader,
@@ -20,6 +21,8 @@ from qjamfab.protocol import (
     frame_size,
     write_all,
 )
+from qjamfab.transport import ProcessTransport
+from qjamfab.workers import Link
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -558,8 +561,8 @@ def test_frame_with_many_out_of_band_buffers(channel, count):
 
 
 def test_head_larger_than_reader_buffer(channel):
-    head = {"refs": [f"{i:064x}" for i in range(2000)]}  # ~150 KB pickled
-    assert len(pickle.dumps(head, protocol=5)) > 1 << 16
+    head = {"refs": [f"{i:064x}" for i in range(2000)]}  # ~130 KB encoded
+    assert len(protocol.encode_head(head)) > 1 << 16
     [(kind, got, payload)] = transfer(channel, [frame(protocol.TASK, head)])
     assert got == head and payload == []
 
@@ -588,3 +591,75 @@ def test_more_parts_than_the_header_can_count():
     kind, _, head, payload = FrameReader(readinto).read()
     back = decode(payload)
     assert len(back) == len(arrays) and int(back[-1][0]) == 69_999
+
+
+# --- frame heads are plain data (issue 21 item 7) ---------------------------
+
+
+def _hostile_peer(path: str) -> list[str]:
+    """argv of a fake host whose first frame's head is a pickle that,
+    unpickled, creates `path` (as a replaced python3 on a host could)."""
+    code = textwrap.dedent(f"""\
+        import os, pickle, sys
+        from qjamfab import protocol
+        class Evil:
+            def __reduce__(self):
+                return (open, ({path!r}, "w"))
+        head = pickle.dumps({{"version": protocol.VERSION, "x": Evil()}}, protocol=5)
+        for b in protocol.frame_raw(protocol.HELLO, head):
+            os.write(1, b)
+        sys.stdin.buffer.read()
+        """)
+    return [sys.executable, "-c", code]
+
+
+def test_a_host_answering_with_a_pickled_head_runs_nothing_here(tmp_path):
+    target = tmp_path / "created-by-the-host"
+    transport = ProcessTransport("evil", _hostile_peer(str(target)))
+    try:
+        transport.set_read_timeout(15)
+        with pytest.raises(ProtocolError) as info:
+            FrameReader(transport.readinto).read()
+    finally:
+        transport.close()
+    assert (
+        str(info.value)
+        .splitlines()[0]
+        .startswith(
+            "a frame head that is a pickle, which protocol "
+            f"{protocol.VERSION} never reads: the peer runs an older qjamfab "
+            "runtime (stop its workers"
+        )
+    )
+    assert not target.exists()
+
+
+def test_a_link_to_a_host_with_a_pickled_head_fails_and_runs_nothing(tmp_path):
+    target = tmp_path / "created-by-the-host"
+    link = Link(
+        "evil",
+        ProcessTransport("evil", _hostile_peer(str(target))),
+        agent=False,
+        stall_timeout=5.0,
+    )
+    with pytest.raises(QjamfabError, match="a frame head that is a pickle"):
+        link.start_direct("evil")
+    assert not target.exists()
+
+
+def test_heads_cross_as_plain_data():
+    head = {
+        "task": 3,
+        "refs": None,
+        "slices": (0, 1),  # a tuple arrives as a list
+        "compute_s": 0.25,
+        "params": True,
+        "base": "/home/u/\udcff",  # a path decoded with surrogateescape
+        "failed": {"2": "why"},
+    }
+    data = protocol.encode_head(head)
+    assert data.isascii() and not data.startswith(b"\x80")
+    assert protocol.decode_head(data) == {**head, "slices": [0, 1]}
+    for bad in ({"x": b"bytes"}, {"x": {1, 2}}, {"x": object()}):
+        with pytest.raises(TypeError):
+            protocol.encode_head(bad)

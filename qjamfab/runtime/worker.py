@@ -21,7 +21,7 @@ messages and tracebacks go to the stderr it was started with (a daemon's
 A daemon's socket takes any client of the same user, so a daemon trusts no
 input: a client that does not say "serve" within _CLAIM_WAIT_S is dropped
 (others are served meanwhile); a frame that breaks the protocol (bad header,
-a head that is not a small pickled dict, a kind or head a worker does not
+a head that is not a small JSON dict, a kind or head a worker does not
 take, a part bigger than what fits) ends that connection only, logged, and
 the daemon goes back to accepting. In `--pipe` mode the stream is the
 worker's only client: bad input ends the worker, saying why on its stderr.

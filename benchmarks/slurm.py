@@ -1,0 +1,174 @@
+"""Slurm vs SSH to the same machine: a Master ready, and a trivial run.
+
+On a real one-node Slurm started here (tests/slurm_cluster.py; its start
+is timed too) and one private OpenSSH server (tests/sshd_hosts.py), both
+on this machine, 2 workers each (the node's CPUs, up to 2):
+
+- `slurm` inside: `Master("slurm")` in a script run under
+  `salloc --nodes=1 --ntasks=1 --cpus-per-task=2` (the interpreter's start
+  and imports excluded);
+- `slurm:` outside: `Master("slurm:nodes=1,cpus-per-node=2,time=5")`,
+  which asks salloc for the allocation (granted at once on this idle
+  node: no queue wait to exclude) and releases it on close;
+- `ssh`: `Master(["host1"], workers_per_host=2)`;
+- and `slurm.request` alone: salloc granting the idle node (what
+  `slurm:` adds to a Master's ready time here, a queue wait aside).
+
+Each contender: ROUNDS Masters in a row in a fresh QJAMFAB_HOME. The first
+is cold (the runtime goes over the stream, the daemons start), the later
+ones warm (the previous Master's daemons are found: over Slurm they wait
+5 s for a next session). Each Master then does one run, then RUNS trivial
+runs (`lambda p, x: 1`, no dataset), timed one by one: median and p90.
+`python -m benchmarks.slurm [--scale quick|tiny]`; results in
+benchmarks/results/[SCALE/]slurm.json. Needs slurm-wlm and munge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from .common import env, local_home, percentile, ssh_hosts, standalone_main, target
+
+SIZES = {"full": (3, 50), "quick": (2, 20), "tiny": (2, 5)}  # rounds, runs
+WORKERS = min(2, os.cpu_count() or 1)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _rounds(make, rounds: int, runs: int) -> dict:
+    """ROUNDS Masters made by make(): ready seconds, trivial run seconds."""
+    ready, run_s = [], []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        with make() as m:
+            ready.append(time.perf_counter() - started)
+            assert m.run(lambda p, x: 1) == WORKERS
+            for _ in range(runs):
+                started = time.perf_counter()
+                m.run(lambda p, x: 1)
+                run_s.append(time.perf_counter() - started)
+    return {"ready_s": ready, "run_s": run_s}
+
+
+def _grants(rounds: int) -> dict:
+    """How long salloc takes to grant an idle node (and to release it)."""
+    from qjamfab.engines import slurm
+
+    ready, release = [], []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        allocation = slurm.request({"nodes": "1", "cpus-per-node": str(WORKERS)})
+        ready.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        allocation.release()
+        release.append(time.perf_counter() - started)
+    return {"ready_s": ready, "run_s": [], "release_s": release}
+
+
+def _inside(rounds: int, runs: int) -> None:
+    """Under salloc: print the rounds of Master("slurm") as JSON."""
+    from qjamfab import Master
+
+    print(json.dumps(_rounds(lambda: Master("slurm"), rounds, runs)))
+
+
+def measure(scale_name: str, log=print) -> dict:
+    from qjamfab import Master
+    from tests.slurm_cluster import SlurmCluster, slurm_available
+
+    rounds, runs = SIZES[scale_name]
+    if not slurm_available():
+        return {"skipped": "Slurm is not installed", "rows": {}}
+    rows = {}
+    with SlurmCluster() as cluster, env(SLURM_CONF=cluster.conf):
+        rows["slurm cluster start"] = {"ready_s": [cluster.started_s], "run_s": []}
+        with local_home():
+            done = subprocess.run(
+                ["salloc", "--nodes=1", "--ntasks=1", f"--cpus-per-task={WORKERS}"]
+                + ["--", sys.executable, "-m", "benchmarks.slurm", "--inside"]
+                + [str(rounds), str(runs)],
+                env={**os.environ, "PYTHONPATH": REPO},
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"the run under salloc failed:\n{done.stderr}")
+            rows["slurm (inside salloc)"] = json.loads(done.stdout.splitlines()[-1])
+        rows["salloc: granted, released"] = _grants(rounds)
+        with local_home():
+            spec = f"slurm:nodes=1,cpus-per-node={WORKERS},time=5"
+            rows["slurm: (asks salloc)"] = _rounds(lambda: Master(spec), rounds, runs)
+    with ssh_hosts(1, one_thread_python=False) as servers:
+        rows["ssh (OpenSSH)"] = _rounds(
+            lambda: Master(
+                ["host1"], workers_per_host=WORKERS, ssh_config=servers.ssh_config
+            ),
+            rounds,
+            runs,
+        )
+    return {"rows": rows, "rounds": rounds, "runs": runs, "workers": WORKERS}
+
+
+def _ms(values: list[float]) -> str:
+    return f"{1000 * values[0]:.0f}" if values else "-"
+
+
+def table(result: dict) -> str:
+    from qjamfab.display import render_table
+
+    if result.get("skipped"):
+        return result["skipped"]
+    lines = []
+    for name, row in result["rows"].items():
+        ready, runs = row["ready_s"], row["run_s"]
+        lines.append(
+            [
+                name,
+                _ms(ready),
+                _ms([statistics.median(ready[1:])]) if len(ready) > 1 else "-",
+                f"{1000 * statistics.median(runs):.1f}" if runs else "-",
+                f"{1000 * percentile(runs, 90):.1f}" if runs else "-",
+            ]
+        )
+    return render_table(
+        ["contender", "ready cold ms", "ready warm ms", "run median ms", "run p90 ms"],
+        lines,
+    )
+
+
+def targets(result: dict) -> list[dict]:
+    if result.get("skipped"):
+        return []
+    rows = result["rows"]
+    ssh = statistics.median(rows["ssh (OpenSSH)"]["run_s"])
+    out = []
+    for name in ("slurm (inside salloc)", "slurm: (asks salloc)"):
+        srun = statistics.median(rows[name]["run_s"])
+        out.append(
+            target(
+                f"trivial run, {name} vs SSH",
+                "within 2x of SSH",
+                round(srun / ssh, 2),
+                "x",
+                srun <= 2 * ssh,
+            )
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--inside"]:
+        _inside(int(argv[1]), int(argv[2]))
+        return 0
+    return standalone_main("slurm", __doc__, SIZES, measure, table, targets, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

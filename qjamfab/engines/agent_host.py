@@ -1,0 +1,87 @@
+"""A host reached as a byte stream to its agent (runtime/agent.py): the
+part every such engine shares. The engine opens the stream (`open_link`:
+an SSH session, an `srun` step, tomorrow `kubectl exec -i`); the agent
+installs the runtime if it is missing, starts the daemons that are not up
+and attaches them all in one pass, and the host's workers' frames share
+the one stream (workers.py's `Link`)."""
+
+from __future__ import annotations
+
+import time
+
+from ..errors import WorkerLost
+from ..hostspec import HostSpec
+from ..workers import Inbox, Link, WorkerHandle
+from . import EngineSettings
+
+# A daemon without a session for this long ends.
+IDLE_TIMEOUT_S = 3600.0
+
+
+class AgentHost:
+    """One host whose workers its agent attaches over one stream."""
+
+    client: str | None = ""  # what carries the stream, where it matters
+    idle_timeout_s = IDLE_TIMEOUT_S
+
+    def __init__(
+        self, spec: HostSpec, label: str, count: int | None, settings: EngineSettings
+    ):
+        self.spec = spec
+        self.label = label
+        self.count = count  # None until the agent says
+        self.link: Link | None = None
+        self.handles: dict[int, WorkerHandle] = {}
+        self.failures = 0
+        self.retry_at = 0.0
+        self.settings = settings
+
+    def open_link(self) -> Link:
+        """A new stream to the host's agent, started (`Link.start_agent`)."""
+        raise NotImplementedError
+
+    def prepare(self, inbox: Inbox) -> None:
+        if self.link is None or not self.link.alive:
+            self.link = self.open_link()
+            inbox.add(self.link)
+            if self.settings.packages:
+                from .. import packages as shipping
+
+                shipping.ship(self.link, self.settings.packages)
+        missing = (
+            None
+            if self.count is None
+            else [
+                k
+                for k in range(self.count)
+                if k not in self.handles or not self.handles[k].alive
+            ]
+        )
+        new, failed = self.link.attach(
+            missing or None,
+            self.count,
+            self.idle_timeout_s,
+            self.settings.cache_limit,
+            dict(self.spec.env),
+        )
+        if self.count is None:
+            self.count = self.link.count
+        for handle in new:
+            handle.last_seen = time.monotonic()
+            self.handles[handle.index] = handle
+        if failed:
+            reasons = "; ".join(
+                f"{self.label}-{k}: {why}" for k, why in sorted(failed.items())
+            )
+            raise WorkerLost(
+                f"{len(failed)} of the workers of {self.label} "
+                f"did not start: {reasons}",
+                worker=f"{self.label}-{min(failed)}",
+            )
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+        if self.link is not None:
+            self.link.close()
+            self.link = None
