@@ -560,6 +560,26 @@ def test_a_pin_file_is_kept_fresh_and_written_again_when_removed(cache_dir):
     assert _files(cache_dir) == ["e0", "e1", "e3"]  # still pinned
 
 
+@pytest.mark.parametrize("fs, synced", [("nfs4", True), ("ext4", False)])
+def test_a_slice_is_synced_before_its_name_shows_on_a_network_filesystem(
+    cache_dir, monkeypatch, fs, synced
+):
+    """Another machine may open it the moment it is renamed in; on a local
+    disk the seal covers a crash (a torn file is found and sent again)."""
+    monkeypatch.setattr(cache_module, "fs_type", lambda path: fs)
+    calls = []
+    fsync = os.fsync
+    monkeypatch.setattr(
+        os,
+        "fsync",
+        lambda fd: (calls.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd)),
+    )
+    _send(RefCache(cache_dir), ENTRY, "e0")
+    assert _files(cache_dir) == ["e0"]
+    path = os.path.join(cache_dir, "e0")
+    assert calls == ([f"{path}.{cache_module.holder()}.tmp"] if synced else [])
+
+
 def test_another_hosts_slice_on_its_way_in_stays_until_stale(tmp_path):
     directory = tmp_path / "cache"
     directory.mkdir()
