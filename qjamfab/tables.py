@@ -391,3 +391,13 @@ def _host_progress(console: Console | None) -> Progress:
         console=console,
         transient=True,
     )
+
+
+def home_kind(fs: str | None) -> str:
+    """How a host's base directory is set up, from its filesystem's type:
+    that type ("nfs4") when other machines may mount it (a shared home: the
+    slice cache is shared, sockets and pid files stay on the host), else
+    "local"."""
+    from .runtime import NETWORK_FS
+
+    return fs if fs in NETWORK_FS else "local"

@@ -40,7 +40,7 @@ from collections.abc import Callable
 
 from invoke import Collection, Context, Exit
 
-from . import cluster, text
+from . import cluster, tables, text
 from .hostspec import HostSpec
 from .tasks_common import lifecycle, qjamfab_task, running_program, task_help
 from .tasks_run import run
@@ -181,6 +181,7 @@ def status(
     marked: list[bool] = []
     shipped: list[str] = []
     over: list[str] = []  # hosts whose tasks pinned more than the limit
+    shared: list[str] = []  # hosts whose base is on a network filesystem
 
     def row(info: dict) -> list:
         said = info.get("cache_pinned_over")
@@ -207,6 +208,16 @@ def status(
                     subsequent_indent="  ",
                 )
             )
+        home = tables.home_kind(info.get("base_fs"))
+        if home != "local":
+            shared.append(
+                textwrap.fill(
+                    f"{info['qjamfab_host']}: shared home ({home}), per-host "
+                    f"state in {info.get('host_dir')}",
+                    80,
+                    subsequent_indent="  ",
+                )
+            )
         workers = info.get("workers") or []
         uptime = max((w.get("uptime_s", 0) for w in workers), default=None)
         marked.append(current in (info.get("runtimes") or []))
@@ -216,6 +227,7 @@ def status(
             info.get("cache_entries"),
             text.format_bytes(info.get("cache_bytes")),
             text.format_bytes(info.get("cache_limit"), compact=True),
+            home,
             _runtimes(info.get("runtimes") or [], current),
         ]
 
@@ -238,11 +250,22 @@ def status(
         ssh_config,
         verbose,
         action,
-        ["host", "workers", "uptime", "entries", "cache", "limit", "runtime", "status"],
-        "lrrrrrll",
+        [
+            "host",
+            "workers",
+            "uptime",
+            "entries",
+            "cache",
+            "limit",
+            "home",
+            "runtime",
+            "status",
+        ],
+        "lrrrrrlll",
         row,
         footnote=lambda: "\n".join(
-            shipped
+            shared
+            + shipped
             + over
             + (
                 ["(runtime* = this qjamfab's runtime, +N = N others)"]
@@ -251,7 +274,7 @@ def status(
             )
         ),
         seconds=False,  # a status query is quick
-        optional=("uptime", "entries", "runtime", "limit"),
+        optional=("uptime", "entries", "home", "runtime", "limit"),
     )
 
 

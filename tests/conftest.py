@@ -1,9 +1,12 @@
-"""Shared fixtures: every test gets its own QJAMFAB_HOME, and no test may
-leave a process behind that names it."""
+"""Shared fixtures: every test gets its own QJAMFAB_HOME and
+XDG_RUNTIME_DIR (where a host keeps its daemons' sockets and logs), and no
+test may leave a process behind that names its QJAMFAB_HOME."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -31,6 +34,9 @@ def processes_mentioning(text: str) -> list[str]:
 def qjamfab_home(tmp_path, monkeypatch):
     home = tmp_path / "qjamfab-home"
     monkeypatch.setenv("QJAMFAB_HOME", str(home))
+    # Short: Unix socket paths live under it (108 bytes at most).
+    runtime_dir = tempfile.mkdtemp(prefix="qjr-")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", runtime_dir)
     for name in (
         "QJAMFAB_HOSTS",
         "QJAMFAB_SSH_CONFIG",
@@ -45,6 +51,7 @@ def qjamfab_home(tmp_path, monkeypatch):
     while processes_mentioning(str(home)) and time.monotonic() < deadline:
         time.sleep(0.05)
     leftover = processes_mentioning(str(home))
+    shutil.rmtree(runtime_dir, ignore_errors=True)
     assert not leftover, f"the test left processes behind: {leftover}"
 
 

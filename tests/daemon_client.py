@@ -14,7 +14,6 @@ import sys
 import time
 
 from qjamfab import protocol, runtime, serialize
-from qjamfab.runtime import secure_dir
 
 
 class Client:
@@ -92,18 +91,17 @@ def result_value(parts: list) -> object:
 
 
 class Daemon:
-    """worker-0 of `base`, its stderr in log/worker-0.daemon (or
-    `stderr_path`), as manage.start_slots starts it."""
+    """worker-0 of `base`, its stderr in worker-0.daemon in the host's
+    directory for it (or `stderr_path`), as manage.start_slots starts it."""
 
     def __init__(
         self, base: str, env: dict | None = None, stderr_path: str | None = None
     ):
         self.base = base
         runtime.ensure_local_bundle(base)
-        for sub in ("log", "run"):
-            secure_dir(os.path.join(base, sub))
-        self.socket = os.path.join(base, "run", "worker-0.sock")
-        self.log_path = stderr_path or os.path.join(base, "log", "worker-0.daemon")
+        self.dir = runtime.secure_host_dir(base)
+        self.socket = os.path.join(self.dir, "worker-0.sock")
+        self.log_path = stderr_path or os.path.join(self.dir, "worker-0.daemon")
         with open(self.log_path, "ab") as err:
             self.process = subprocess.Popen(
                 [
@@ -125,7 +123,7 @@ class Daemon:
                 start_new_session=True,
                 env={**os.environ, **(env or {})},
             )
-        pid_file = os.path.join(base, "run", "worker-0.pid")
+        pid_file = os.path.join(self.dir, "worker-0.pid")
         deadline = time.monotonic() + 15
         while not (os.path.exists(pid_file) and os.path.exists(self.socket)):
             assert self.process.poll() is None, self.log()
@@ -135,7 +133,7 @@ class Daemon:
     @property
     def pid(self) -> int:
         """The daemon's (its keeper is the process started here)."""
-        with open(os.path.join(self.base, "run", "worker-0.pid")) as f:
+        with open(os.path.join(self.dir, "worker-0.pid")) as f:
             return int(f.read())
 
     def alive(self) -> bool:
@@ -162,7 +160,7 @@ class Daemon:
 
     def capture(self) -> str:
         """What the daemon's job output capture file holds."""
-        path = os.path.join(self.base, "log", f"worker-0-{self.pid}.out")
+        path = os.path.join(self.dir, f"worker-0-{self.pid}.out")
         with open(path, errors="replace") as f:
             return f.read()
 

@@ -2,9 +2,11 @@
 
 `SshdHosts(k)` starts K `sshd -D` processes as the current user (root or
 not), each listening on its own loopback address and a free port, with its own
-ed25519 host key and its own ``SetEnv QJAMFAB_HOME=<dir>`` so that hosts share
-no cache. It writes one client key, a known_hosts file holding every host key,
-and an ssh_config with the aliases ``host1`` .. ``hostK``::
+ed25519 host key, its own ``SetEnv QJAMFAB_HOME=<dir>`` so that hosts share
+no cache, and its own ``XDG_RUNTIME_DIR`` (host-local storage: where a host
+keeps its daemons' sockets and pid files). It writes one client key, a
+known_hosts file holding every host key, and an ssh_config with the aliases
+``host1`` .. ``hostK``::
 
     with SshdHosts(2) as hosts:
         subprocess.run(["ssh", "-F", hosts.ssh_config, "host1", "echo hi"])
@@ -16,12 +18,20 @@ Importable from tests and from an Invoke tasks file: nothing here imports
 pytest. Run ``python tests/sshd_hosts.py [K]`` to start K hosts by hand; it
 prints the ssh_config path and waits for Ctrl-C.
 
+Machines that share a home directory (NFS): ``SshdHosts(2,
+shared_home=True, pid_namespaces=True)`` gives every host the same
+QJAMFAB_HOME, and runs each sshd under ``unshare --pid --fork --mount-proc
+--kill-child`` (root only), so each host has a process table of its own:
+a pid of one means nothing to the other. `SshdHost.pid` is then unshare's
+(its sshd is pid 1 inside), and `kill_sshd()` takes the whole host down.
+
 Every process is accounted for: each sshd runs under a small Python parent
 that is a child subreaper (Linux), so whatever a host starts, even a daemon
 that detaches, stays in that host's process tree and orphans are reaped at
 once. `stop()` ends each tree deepest first (sessions, then per-connection
-sshd, then the listener) plus any process whose environment holds one of our
-QJAMFAB_HOME values. An atexit hook stops whatever is still running.
+sshd, then the listener) plus any process whose environment holds the host's
+XDG_RUNTIME_DIR or (unless shared) QJAMFAB_HOME. An atexit hook stops
+whatever is still running.
 """
 
 from __future__ import annotations
@@ -39,6 +49,8 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
+
+from qjamfab.runtime.probe import host_dir
 
 __all__ = ["SshdHosts", "SshdHost", "sshd_available", "find_sftp_server"]
 
@@ -216,7 +228,9 @@ class SshdHost:
         self.port = 0
         self.dir = os.path.join(owner.dir, self.alias)
         #: QJAMFAB_HOME the server sets for every session (not created here)
-        self.home = os.path.join(self.dir, "qjamfab-home")
+        self.home = owner.shared_home or os.path.join(self.dir, "qjamfab-home")
+        #: XDG_RUNTIME_DIR the server sets: this host's own storage
+        self.runtime_dir = os.path.join(self.dir, "run")
         self.config = os.path.join(self.dir, "sshd_config")
         self.log = os.path.join(self.dir, "sshd.log")
         self.pidfile = os.path.join(self.dir, "sshd.pid")
@@ -226,7 +240,7 @@ class SshdHost:
         self.proc: subprocess.Popen | None = None  # its reaper
         self._reapers: list[subprocess.Popen] = []  # every one started
         self._paused: set[int] = set()
-        os.makedirs(self.dir, mode=0o700)
+        os.makedirs(self.runtime_dir, mode=0o700)
 
     def __repr__(self):
         state = "running" if self.running else "stopped"
@@ -252,6 +266,11 @@ class SshdHost:
         """``user@address:port``, for code that takes Fabric host strings."""
         return f"{self.owner.user}@{self.address}:{self.port}"
 
+    @property
+    def host_dir(self) -> str:
+        """Where this host keeps its daemons' sockets, pid files and logs."""
+        return host_dir(self.home, self.runtime_dir)
+
     def log_tail(self, lines: int = 20) -> str:
         return _tail(self.log, lines)
 
@@ -276,7 +295,7 @@ class SshdHost:
             "PrintMotd no",
             "PrintLastLog no",
             "UseDNS no",
-            f"SetEnv QJAMFAB_HOME={self.home}",
+            f"SetEnv QJAMFAB_HOME={self.home} XDG_RUNTIME_DIR={self.runtime_dir}",
             f"Subsystem sftp {o.sftp_server}",
             f"LogLevel {o.log_level}",
         ] + extra
@@ -305,6 +324,7 @@ class SshdHost:
                     sys.executable,
                     "-c",
                     _REAPER,
+                    *self.owner.wrapper,
                     self.owner.sshd,
                     "-D",
                     "-f",
@@ -359,8 +379,9 @@ class SshdHost:
         self._reap()
         table = _process_table()
         roots = [p.pid for p in self._reapers if p.returncode is None]
-        entry = f"QJAMFAB_HOME={self.home}".encode()
-        roots += _pids_with_env(entry, table)
+        roots += _pids_with_env(f"XDG_RUNTIME_DIR={self.runtime_dir}".encode(), table)
+        if not self.owner.shared_home:  # else the other hosts' too
+            roots += _pids_with_env(f"QJAMFAB_HOME={self.home}".encode(), table)
         children: dict[int, list[int]] = {}
         for pid, ppid in table.items():
             children.setdefault(ppid, []).append(pid)
@@ -485,7 +506,9 @@ class SshdHosts:
     QJAMFAB_HOME), `user`, `dir`. ``hosts_obj["host1"]`` or ``[0]`` gives one
     `SshdHost` (`address`, `port`, `pid`, `stop()`, `kill()`, `pause()`,
     `resume()`, `start()`). `sshd_options` are more sshd_config lines for
-    every host (say, a second `HostKey`).
+    every host (say, a second `HostKey`). `shared_home`: one QJAMFAB_HOME
+    for every host; `pid_namespaces`: a process table of its own for each
+    (see the module's docstring).
     """
 
     def __init__(
@@ -497,6 +520,8 @@ class SshdHosts:
         log_level: str = "VERBOSE",
         keep_dir: bool | None = None,
         sshd_options: Sequence[str] = (),
+        shared_home: bool = False,
+        pid_namespaces: bool = False,
     ):
         if k < 1 or k > 250:
             raise ValueError(f"k must be 1..250, not {k}")
@@ -512,6 +537,17 @@ class SshdHosts:
         self.user = pwd.getpwuid(os.getuid()).pw_name
         self.dir = tempfile.mkdtemp(prefix="qjamfab-sshd-", dir=base_dir)
         os.chmod(self.dir, 0o700)
+        self.shared_home = os.path.join(self.dir, "qjamfab-home") if shared_home else ""
+        self.wrapper: list[str] = []
+        if pid_namespaces:
+            unshare = shutil.which("unshare")
+            if unshare is None or os.geteuid() != 0:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                raise RuntimeError(
+                    "hosts with a process table of their own need root and "
+                    "unshare (util-linux)"
+                )
+            self.wrapper = [unshare, "--pid", "--fork", "--mount-proc", "--kill-child"]
         if keep_dir is None:
             keep_dir = bool(os.environ.get("QJAMFAB_KEEP_SSHD_DIR"))
         self.keep_dir = keep_dir

@@ -118,8 +118,10 @@ def test_entries_of_an_older_layout_and_dead_writers_are_dropped(tmp_path):
     (directory / "oldref").write_bytes(b"\0\0\0\1" + bytes(16))
     ended = subprocess.Popen(["true"])
     ended.wait()
-    (directory / f"deadref.{ended.pid}.tmp").write_bytes(b"QJC2")  # crashed
-    being_written = f"newref.{os.getpid()}.tmp"
+    (directory / f"deadref.{pins.holder(ended.pid)}.tmp").write_bytes(
+        b"QJC2"
+    )  # crashed
+    being_written = f"newref.{pins.holder()}.tmp"
     (directory / being_written).write_bytes(b"")
     refs = RefCache(str(directory))
     assert refs.missing(["oldref"]) == ["oldref"]
@@ -503,13 +505,91 @@ def test_the_pins_of_a_process_that_died_are_dropped(cache_dir):
     size = _three_old_entries(cache_dir)
     with subprocess.Popen([sys.executable, "-c", "pass"]) as child:
         pass  # its pid is unused now
-    stale = os.path.join(pins.pins_dir(cache_dir), f"{child.pid}.0")
+    stale = os.path.join(pins.pins_dir(cache_dir), f"pin.{pins.holder(child.pid)}.0")
     with open(stale, "w") as f:
         f.write("e0\ne1")
     refs = RefCache(cache_dir, limit=2 * size)
     _send(refs, ENTRY + 3, "e3")
     assert _files(cache_dir) == ["e2", "e3"]
     assert not os.path.exists(stale)
+
+
+def _pin_of_another_host(cache_dir, *refs: str) -> str:
+    """A pin file as a worker of another machine sharing the cache writes
+    it (its pid may well be alive here: it means nothing)."""
+    writer = RefCache(cache_dir)
+    writer.pin(refs)
+    pin_dir = pins.pins_dir(cache_dir)
+    (mine,) = [n for n in os.listdir(pin_dir) if n.startswith("pin.")]
+    path = os.path.join(pin_dir, f"pin.0ther0host00-{os.getpid()}.0")
+    shutil.copy(os.path.join(pin_dir, mine), path)
+    writer.pin([])
+    return path
+
+
+def test_another_hosts_pins_hold_until_they_are_stale(cache_dir):
+    """Across machines a pid means nothing: another host's pin counts while
+    its writer keeps it fresh, and lapses PIN_STALE_S after it stopped."""
+    size = _three_old_entries(cache_dir)
+    pin = _pin_of_another_host(cache_dir, "e0", "e1")
+    written = os.stat(pin).st_mtime
+    now = [written + pins.PIN_STALE_S - 1]
+    refs = RefCache(cache_dir, limit=3 * size, clock=lambda: now[0])
+    _send(refs, ENTRY + 3, "e3")
+    assert _files(cache_dir) == ["e0", "e1", "e3"]  # e2 out, e0 and e1 kept
+    now[0] = written + pins.PIN_STALE_S + 1
+    _send(refs, ENTRY + 4, "e4")
+    assert _files(cache_dir) == ["e1", "e3", "e4"]  # e0 out: the pin lapsed
+    assert not os.path.exists(pin)
+
+
+def test_a_pin_file_is_kept_fresh_and_written_again_when_removed(cache_dir):
+    size = _three_old_entries(cache_dir)
+    refs = RefCache(cache_dir)
+    refs.pin(["e0", "e1"])
+    pin_dir = pins.pins_dir(cache_dir)
+    (pin,) = [n for n in os.listdir(pin_dir) if n.startswith("pin.")]
+    assert pin.startswith(f"pin.{pins.holder()}.")
+    path = os.path.join(pin_dir, pin)
+    os.utime(path, (1, 1))
+    refs.refresh_pin()
+    assert time.time() - os.stat(path).st_mtime < pins.PIN_STALE_S
+    os.unlink(path)  # another host found it stale
+    refs.refresh_pin()
+    _send(RefCache(cache_dir, limit=3 * size), ENTRY + 3, "e3")
+    assert _files(cache_dir) == ["e0", "e1", "e3"]  # still pinned
+
+
+@pytest.mark.parametrize("fs, synced", [("nfs4", True), ("ext4", False)])
+def test_a_slice_is_synced_before_its_name_shows_on_a_network_filesystem(
+    cache_dir, monkeypatch, fs, synced
+):
+    """Another machine may open it the moment it is renamed in; on a local
+    disk the seal covers a crash (a torn file is found and sent again)."""
+    monkeypatch.setattr(cache_module, "fs_type", lambda path: fs)
+    calls = []
+    fsync = os.fsync
+    monkeypatch.setattr(
+        os,
+        "fsync",
+        lambda fd: (calls.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd)),
+    )
+    _send(RefCache(cache_dir), ENTRY, "e0")
+    assert _files(cache_dir) == ["e0"]
+    path = os.path.join(cache_dir, "e0")
+    assert calls == ([f"{path}.{pins.holder()}.tmp"] if synced else [])
+
+
+def test_another_hosts_slice_on_its_way_in_stays_until_stale(tmp_path):
+    directory = tmp_path / "cache"
+    directory.mkdir()
+    arriving = directory / f"ref.0ther0host00-{os.getpid()}.tmp"
+    arriving.write_bytes(b"")
+    written = os.stat(arriving).st_mtime
+    RefCache(str(directory), clock=lambda: written + 1)
+    assert os.listdir(directory) == [arriving.name]
+    RefCache(str(directory), clock=lambda: written + pins.PIN_STALE_S + 1)
+    assert os.listdir(directory) == []
 
 
 @pytest.mark.parametrize(

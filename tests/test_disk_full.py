@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from qjamfab import protocol
-from qjamfab.runtime import secure_dir
+from qjamfab.runtime import host_dir, secure_dir
 from qjamfab.runtime.cache import RefCache
 from tests.daemon_client import Daemon, job, result_value, task_head
 
@@ -154,7 +154,7 @@ def test_a_daemon_keeps_a_slice_the_disk_filled_up_under(qjamfab_home):
 def test_a_job_that_prints_on_a_full_disk_succeeds(qjamfab_home, tmp_path):
     base = str(qjamfab_home)
     secure_dir(base)
-    with tmpfs(os.path.join(base, "log"), "2m") as log_dir:
+    with tmpfs(host_dir(base), "2m") as log_dir:
         daemon = Daemon(base, stderr_path=str(tmp_path / "daemon.err"))
         try:
             fill(log_dir)

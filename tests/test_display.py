@@ -541,3 +541,16 @@ def test_compact_bytes_for_narrow_columns():
     assert [
         format_bytes(n, compact=True) for n in (100, 1536, 500 << 20, 63 << 30)
     ] == ["100B", "1.5K", "500M", "63G"]
+
+
+@pytest.mark.parametrize(
+    "fs, shown",
+    [
+        ("nfs4", "nfs4"),
+        ("fuse.sshfs", "fuse.sshfs"),
+        ("ext4", "local"),
+        (None, "local"),  # no mount table
+    ],
+)
+def test_status_says_whether_a_hosts_home_is_shared(fs, shown):
+    assert tables.home_kind(fs) == shown

@@ -28,6 +28,7 @@ from qjamfab import (
     RunStats,
     WorkerLost,
 )
+from qjamfab.runtime import host_dir
 from tests.conftest import processes_mentioning
 from tests.jobs import (
     constant,
@@ -308,8 +309,9 @@ def test_new_master_reads_slices_from_disk(qjamfab_home):
 
 def test_cache_directories_are_private(master2, qjamfab_home):
     master2.run(multiply_sum, params=1, dataset=list(range(10)))
-    for sub in ("", "cache", "runtime", "log"):
+    for sub in ("", "cache", "runtime"):
         assert (qjamfab_home / sub).stat().st_mode & 0o077 == 0
+    assert os.stat(host_dir(str(qjamfab_home))).st_mode & 0o077 == 0
 
 
 def test_clear_cache_empties_memory_and_disk(master2, qjamfab_home):

@@ -26,7 +26,7 @@ from qjamfab import (
 )
 from qjamfab import packages as shipping
 from qjamfab.runtime import packages as host_packages
-from qjamfab.runtime.probe import platform_info
+from qjamfab.runtime.probe import platform_info, secure_host_dir
 from tests.test_tasks import cli, describe
 
 pytestmark = pytest.mark.timeout(60)
@@ -429,8 +429,8 @@ def test_a_daemon_records_its_packages_and_what_it_cannot_switch(
     tmp_path, monkeypatch, capsys
 ):
     base = tmp_path / "base"
-    (base / "run").mkdir(parents=True, mode=0o700)
-    os.chmod(base, 0o700)
+    base.mkdir(mode=0o700)
+    secure_host_dir(str(base))  # where its record goes
     root = base / "packages"
     fresh = root / ("a" * 16)
     shadow = root / ("b" * 16)
@@ -620,7 +620,7 @@ def test_inv_bootstrap_uploads_packages_a_master_then_uses(
         assert sends() == []
         # A daemon that holds another build of pluggy (as if an earlier
         # session shipped another version) is replaced by a fresh one.
-        record = os.path.join(ssh.homes["host3"], "run", "worker-0.packages")
+        record = os.path.join(ssh["host3"].host_dir, "worker-0.packages")
         with open(record) as f:
             held = json.load(f)
         assert held == {"pid": pid, "stale": [], "packages": {"pluggy": pure.hash}}

@@ -214,8 +214,11 @@ def test_the_probe_reports_an_insecure_base_and_writes_nothing(tmp_path, monkeyp
         ).stdout
     )
     assert report["insecure"] == "" and report["writable"] is True
-    assert sorted(os.listdir(base)) == ["cache", "log", "run", "runtime"]
+    assert sorted(os.listdir(base)) == ["cache", "runtime"]
     assert all(os.stat(base / d).st_mode & 0o777 == 0o700 for d in os.listdir(base))
+    # Sockets, pid files and logs: on the host, not in the (shared) base.
+    assert report["host_dir"] == probe.host_dir(str(base))
+    assert os.stat(report["host_dir"]).st_mode & 0o777 == 0o700
 
 
 @pytest.mark.parametrize(
@@ -373,3 +376,66 @@ def test_no_writer_makes_a_directory_under_a_parent_others_can_write_to(
     with pytest.raises(InsecureDirectory, match=rf"^{lab}, a parent of "):
         writer(str(lab / "me" / "qjamfab"))
     assert os.listdir(lab) == []
+
+
+def test_host_state_is_in_the_runtime_dir_else_under_tmp(tmp_path, monkeypatch):
+    base = str(tmp_path / "base")
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+    here = probe.host_dir(base)
+    assert os.path.dirname(here) == str(xdg / "qjamfab")
+    assert probe.host_dir(str(tmp_path / "other")) != here  # one per base
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "absent"))
+    assert os.path.dirname(probe.host_dir(base)) == f"/tmp/qjamfab-{os.geteuid()}"
+    if os.geteuid() == 0:  # another user's, as sudo leaves it
+        os.chown(xdg, 65534, 65534)
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+        assert probe.host_dir(base) == f"/tmp/qjamfab-0/{os.path.basename(here)}"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert os.path.dirname(probe.host_dir(base)) == f"/tmp/qjamfab-{os.geteuid()}"
+
+
+def test_a_host_dir_others_can_write_to_is_refused(tmp_path, monkeypatch):
+    xdg = tmp_path / "xdg"
+    (xdg / "qjamfab").mkdir(parents=True)
+    (xdg / "qjamfab").chmod(0o777)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+    with pytest.raises(InsecureDirectory) as refused:
+        probe.secure_host_dir(str(tmp_path / "base"))
+    assert str(refused.value) == (
+        f"{xdg}/qjamfab, a parent of {probe.host_dir(str(tmp_path / 'base'))}, "
+        f"has mode 0777 (owner {_me()}) and no sticky bit: its group and other "
+        "users can replace what is under it; set XDG_RUNTIME_DIR to a directory "
+        "whose parents only you or root can write to"
+    )
+
+
+def test_a_host_dir_on_a_network_filesystem_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setattr(probe, "fs_type", lambda path: "nfs4")
+    with pytest.raises(OSError) as refused:
+        probe.secure_host_dir(str(tmp_path / "base"))
+    assert str(refused.value) == (
+        f"{probe.host_dir(str(tmp_path / 'base'))}, where qjamfab keeps this "
+        "host's sockets and pid files, is on a network filesystem (nfs4) that "
+        "other machines may share: set XDG_RUNTIME_DIR to a directory on a "
+        "local disk"
+    )
+
+
+def test_the_filesystem_type_comes_from_the_mount_table(tmp_path):
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n"
+        "40 22 0:35 / /qjhome rw,relatime shared:1 - nfs4 srv:/home rw,vers=4.2\n"
+        "41 40 0:36 / /qjhome/a\\040b rw - tmpfs tmpfs rw\n"
+        "42 22 0:37 / /qjhome rw - fuse.sshfs srv:/ rw\n"  # mounted over it
+    )
+    table = str(mountinfo)
+    assert probe.fs_type("/qjhome/me/.cache", table) == "fuse.sshfs"
+    assert probe.fs_type("/qjhome/a b/x", table) == "tmpfs"
+    assert probe.fs_type("/qjhomework", table) == "ext4"
+    assert probe.fs_type("/", table) == "ext4"
+    assert probe.fs_type("/", str(tmp_path / "none")) is None
+    assert "fuse.sshfs" in probe.NETWORK_FS and "ext4" not in probe.NETWORK_FS

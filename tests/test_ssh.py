@@ -470,7 +470,7 @@ def test_daemons_agents_and_keepers_have_readable_names(master3, ssh):
 def test_worker_sockets_and_base_are_private(master3, ssh):
     home = ssh.homes["host1"]
     assert os.stat(home).st_mode & 0o077 == 0
-    run_dir = os.path.join(home, "run")
+    run_dir = ssh["host1"].host_dir
     assert os.stat(run_dir).st_mode & 0o077 == 0
     sockets = [n for n in os.listdir(run_dir) if n.endswith(".sock")]
     assert sockets
@@ -514,13 +514,17 @@ def test_daemon_of_another_runtime_is_replaced(ssh):
             "-c",
             runtime.boot_code("worker").replace(current, older, 1),
             "--socket",
-            os.path.join(home, "run", "worker-0.sock"),
+            os.path.join(ssh["host3"].host_dir, "worker-0.sock"),
             "--name",
             "worker-0",
             "--base",
             home,
         ],
-        env={**os.environ, "QJAMFAB_HOME": home},
+        env={
+            **os.environ,
+            "QJAMFAB_HOME": home,
+            "XDG_RUNTIME_DIR": ssh["host3"].runtime_dir,
+        },
         start_new_session=True,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -528,7 +532,7 @@ def test_daemon_of_another_runtime_is_replaced(ssh):
     )
     try:
         deadline = time.monotonic() + 10
-        while not os.path.exists(os.path.join(home, "run", "worker-0.pid")):
+        while not os.path.exists(os.path.join(ssh["host3"].host_dir, "worker-0.pid")):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         with Master(["host3"], workers_per_host=1, ssh_config=ssh.ssh_config) as m:

@@ -116,3 +116,46 @@ def test_killed_daemons_are_said_in_the_log_and_the_table(caplog):
     ]
     assert stopped_cell(info) == "3 (1 killed)"
     assert stopped_cell({"stopped": 3, "killed": []}) == "3"
+
+
+def test_stop_workers_ends_the_daemons_an_earlier_qjamfab_ran_from_the_base(
+    qjamfab_home,
+):
+    """Those kept their sockets and pid files in <base>/run/: after an
+    upgrade, stop-workers still finds and ends them."""
+    import subprocess
+    import sys
+
+    base = str(qjamfab_home)
+    runtime.ensure_local_bundle(base)
+    legacy = qjamfab_home / "run"
+    legacy.mkdir(mode=0o700)
+    old = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            runtime.boot_code("worker"),
+            "--socket",
+            str(legacy / "worker-0.sock"),
+            "--name",
+            "worker-0",
+            "--base",
+            base,
+        ],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not (legacy / "worker-0.pid").exists():
+            assert old.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        [stopped] = cluster.stop_workers(hostspec.parse_hosts(["local"]))
+        assert stopped.ok and stopped.info == {"stopped": 1, "killed": []}, stopped
+        assert old.wait(timeout=10) == 0  # its keeper, once the daemon ended
+        assert os.listdir(legacy) == ["worker-0.exit"]
+    finally:
+        if old.poll() is None:
+            old.kill()
+            old.wait()

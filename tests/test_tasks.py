@@ -134,6 +134,7 @@ def test_local_bootstrap_and_status():
         "ok",
     ), describe(proc)
     assert row["runtime"].endswith("*"), describe(proc)
+    assert row["home"] == "local", describe(proc)  # not on NFS
 
 
 def test_status_says_when_pinned_slices_exceeded_the_cache_limit(qjamfab_home):
@@ -196,7 +197,16 @@ def test_status_fits_a_terminal_of_60_columns(tmp_path):
     lines = [line.rstrip() for line in re.split(r"[\r\n]+", text)]
     assert max(map(len, lines)) <= 60, lines
     header = next(line for line in lines if line.startswith("host "))
-    every = ["host", "workers", "uptime", "entries", "cache", "limit", "runtime"]
+    every = [
+        "host",
+        "workers",
+        "uptime",
+        "entries",
+        "cache",
+        "limit",
+        "home",
+        "runtime",
+    ]
     shown = header.split()
     assert shown[-1] == "status" and shown[:2] == ["host", "workers"], lines
     hidden = [name for name in every if name not in shown]

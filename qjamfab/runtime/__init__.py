@@ -11,6 +11,9 @@ everywhere run the same code.
 `secure_dir` (defined in probe.py, which must stand alone) is the rule that
 the base directory and what qjamfab creates under it are ours: code and
 pickles are only ever read from directories no other user can change.
+What belongs to one host (daemons' sockets, pid files, claims, logs) lives
+in `host_dir(base)`, on host-local storage: the base is often a home
+directory that every machine of a lab shares.
 """
 
 from __future__ import annotations
@@ -28,7 +31,16 @@ from collections.abc import Callable
 from .. import protocol
 
 # The one copy of the rule lives in probe.py, which must run standalone.
-from .probe import InsecureDirectory, secure_dir, secure_dir_source  # noqa: F401
+from .probe import (  # noqa: F401
+    NETWORK_FS,
+    InsecureDirectory,
+    fs_type,
+    host_dir,
+    host_id,
+    secure_dir,
+    secure_dir_source,
+    secure_host_dir,
+)
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SHIPPED = ("errors.py", "protocol.py", "reduce.py")

@@ -43,11 +43,13 @@ from collections.abc import Callable, Sequence
 from .. import protocol
 from . import (
     default_base,
+    host_dir,
     manage,
     pid_alive,
     process_running,
     read_tail,
     secure_dir,
+    secure_host_dir,
     set_process_name,
     stream_lock,
     this_runtime,
@@ -192,7 +194,7 @@ class Agent:
                 self.avoid.add(self.daemons[k].slot)
                 self.daemons.pop(k).close()
         idle = float(head.get("idle_timeout", 3600.0))
-        run = os.path.join(self.base, "run")
+        run = host_dir(self.base)  # claims are this host's own
         claimed: list[tuple[int, int, int]] = []  # (index, slot, lock fd)
         slot = 0
         for index in indices:
@@ -602,7 +604,7 @@ def _try_lock(path: str) -> int | None:
 def _exit_status(base: str, slot: int, pid: int) -> int | None:
     """The exit status daemon `pid` in `slot` ended with, as its keeper
     recorded it; None when it is still running (waits 1 s for the record)."""
-    path = os.path.join(base, "run", f"worker-{slot}.exit")
+    path = os.path.join(host_dir(base), f"worker-{slot}.exit")
     deadline = time.monotonic() + 1.0
     while True:
         try:
@@ -620,7 +622,7 @@ def _exit_status(base: str, slot: int, pid: int) -> int | None:
 
 
 def _daemon_log(base: str, slot: int) -> str:
-    text = read_tail(os.path.join(base, "log", f"worker-{slot}.daemon"), 2048)
+    text = read_tail(os.path.join(host_dir(base), f"worker-{slot}.daemon"), 2048)
     return text.strip().splitlines()[-1] if text.strip() else "no output"
 
 
@@ -629,8 +631,9 @@ def main() -> None:
     os.umask(0o077)
     base = default_base()
     try:
-        for sub in ("", "run", "log", "cache"):
+        for sub in ("", "cache"):
             secure_dir(os.path.join(base, sub) if sub else base)
+        secure_host_dir(base)
     except OSError as exc:
         sys.exit(str(exc))  # its first line says what to do
     master_in, master_out = os.dup(0), os.dup(1)

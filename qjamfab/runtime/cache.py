@@ -59,11 +59,19 @@ import shutil
 import stat
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .. import protocol
-from . import secure_dir
-from .pins import Pins, cache_limit, forget_over_limit, plan_eviction, touch
+from . import NETWORK_FS, fs_type, secure_dir
+from .pins import (
+    Pins,
+    cache_limit,
+    forget_over_limit,
+    holder,
+    holder_alive,
+    plan_eviction,
+    touch,
+)
 from .sealed import (
     Damage,
     Layout,
@@ -130,29 +138,44 @@ def _key(st: os.stat_result) -> FileKey:
 
 
 class RefCache:
-    def __init__(self, directory: str, limit: int | str | None = None):
+    def __init__(
+        self,
+        directory: str,
+        limit: int | str | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
         """The cache in `directory` (created 0700 and checked to be ours),
-        holding at most `limit` bytes on disk (see cache_limit)."""
+        holding at most `limit` bytes on disk (see cache_limit). `clock`
+        (epoch seconds, as file times are) judges other hosts' pins."""
         secure_dir(directory)
+        # Another machine may read an entry the moment it is renamed in.
+        self._sync = fs_type(directory) in NETWORK_FS
         self.directory = directory
         self.limit = cache_limit(directory, limit)
-        self._pins = Pins(directory)
+        self._pins = Pins(directory, clock)
         self._memory: dict[str, _Entry] = {}
         self._checked: frozenset[str] = _NOTHING  # what missing() just checked
         self._damaged: list[str] = []
         self._damaged_total = 0
         # ref -> key checked elsewhere
         self._trusted: dict[str, tuple[int, ...]] = {}
-        tidy(directory)
+        now = clock()
+        tidy(directory, lambda who, path: holder_alive(who, path, now))
 
     def _path(self, ref: str) -> str:
         return os.path.join(self.directory, ref)
 
     def pin(self, refs: Iterable[str]) -> None:
         """Keep these refs (the running or waiting task's) from eviction by
-        any process of this host, until the next pin(); pin(()) when no
+        any process of this host or another sharing the directory, until
+        the next pin(); pin(()) when no
         task is in flight (pins.py)."""
         self._pins.pin(refs)
+
+    def refresh_pin(self) -> None:
+        """Show the hosts sharing the directory that the pins still hold
+        (this process's refresher does it every PIN_REFRESH_S)."""
+        self._pins.refresh()
 
     def missing(self, refs: Iterable[str]) -> list[str]:
         """The refs not usable here, checking each one (a file read for the
@@ -325,7 +348,7 @@ class RefCache:
             raise ValueError(f"{ref!r} is not a ref")
         file = layout(lengths)
         path = self._path(ref)
-        tmp = f"{path}.{os.getpid()}.tmp"
+        tmp = f"{path}.{holder()}.tmp"
         fd = self._reserve(ref, tmp, file.size) if to_disk else None
         if fd is None:
             parts = [reader.read_part(n) for n in lengths]
@@ -345,6 +368,8 @@ class RefCache:
                 os.close(fd)
                 os.unlink(tmp)
             return kept
+        if self._sync:  # whole on the server before its name shows
+            os.fsync(fd)
         os.close(fd)
         os.replace(tmp, path)  # same inode, size, mtime: st is its key
         if load:

@@ -2,11 +2,12 @@
 
 Run from the bundle as `python3 -c <boot manage> COMMAND ...`; answers one
 line of JSON. The host agent (agent.py) uses the same functions. Daemon k
-listens on `<base>/run/worker-k.sock` and records its pid in
-`worker-k.pid`; a pid counts as a worker only while its command line names
-that socket, so a recycled pid is never signalled. `start --count N`
-records N in `run/count`: the number of workers a later session's agent
-attaches when the Master does not say.
+listens on `<host dir>/worker-k.sock` and records its pid in
+`worker-k.pid`, in the host-local directory `host_dir(base)` (not under the
+base, which other machines may share); a pid counts as a worker only while
+its command line names that socket, so a recycled pid is never signalled.
+`start --count N` records N in `<host dir>/count`: the number of workers a
+later session's agent attaches when the Master does not say.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ from typing import NamedTuple
 from . import (
     boot_code,
     default_base,
+    fs_type,
+    host_dir,
     process_ended,
     process_stat,
     secure_dir,
+    secure_host_dir,
     this_runtime,
 )
 from .packages import installed
@@ -36,13 +40,9 @@ START_WAIT_S = 15.0
 STOP_WAIT_S = 5.0  # from SIGTERM to SIGKILL, and for SIGKILL to take
 
 
-def _run_dir(base: str) -> str:
-    return os.path.join(base, "run")
-
-
 def socket_path(base: str, k: int) -> str:
     """Where daemon worker-k listens."""
-    return os.path.join(_run_dir(base), f"worker-{k}.sock")
+    return os.path.join(host_dir(base), f"worker-{k}.sock")
 
 
 def cmdline(pid: int) -> str:
@@ -55,8 +55,19 @@ def cmdline(pid: int) -> str:
 
 def live_workers(base: str) -> list[dict]:
     """The daemons of this base that are alive, by their pid files."""
+    return _workers_in(host_dir(base))
+
+
+def legacy_workers(base: str) -> list[dict]:
+    """Daemons that an earlier qjamfab (per-host state in the base) runs
+    from `<base>/run/`: stop-workers and an upgraded Master stop them. A
+    pid there may be another host's (a shared base), but one counts only
+    when a process of this host has that socket on its command line."""
+    return _workers_in(os.path.join(base, "run"))
+
+
+def _workers_in(run: str) -> list[dict]:
     found = []
-    run = _run_dir(base)
     for name in sorted(os.listdir(run)) if os.path.isdir(run) else ():
         if not (name.startswith("worker-") and name.endswith(".pid")):
             continue
@@ -93,7 +104,7 @@ def recorded_count(base: str) -> int:
     """The worker count start-workers was last given here, else one per
     core."""
     try:
-        with open(os.path.join(_run_dir(base), "count")) as f:
+        with open(os.path.join(host_dir(base), "count")) as f:
             return max(1, int(f.read().strip()))
     except (OSError, ValueError):
         return os.cpu_count() or 1
@@ -104,7 +115,9 @@ def stop_other_runtimes(base: str) -> list[str]:
     this one's protocol: it is stopped, its disk cache kept."""
     runtime = this_runtime()
     return stop_daemons(
-        base, [w for w in live_workers(base) if runtime not in cmdline(w["pid"])]
+        base,
+        [w for w in live_workers(base) if runtime not in cmdline(w["pid"])]
+        + legacy_workers(base),
     ).names
 
 
@@ -150,7 +163,7 @@ def start_slots(
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=open(os.path.join(base, "log", f"{name}.daemon"), "ab"),
+            stderr=open(os.path.join(host_dir(base), f"{name}.daemon"), "ab"),
             env={**os.environ, **(envs or {}).get(k, {})},
             start_new_session=True,
             close_fds=True,
@@ -183,7 +196,7 @@ def start(
     failed = start_slots(
         base, missing, idle_timeout, {k: worker_env(env, k) for k in missing}
     )
-    with open(os.path.join(_run_dir(base), "count"), "w") as f:
+    with open(os.path.join(host_dir(base), "count"), "w") as f:
         f.write(f"{count}\n")
     return {
         "started": [f"worker-{k}" for k in missing if k not in failed],
@@ -215,6 +228,8 @@ def status(base: str) -> dict:
         "cache_limit": limit,
         "cores": os.cpu_count(),
         "base": base,
+        "base_fs": fs_type(base),
+        "host_dir": host_dir(base),
         "packages": installed(base),
         "runtimes": sorted(n for n in os.listdir(runtime) if not n.startswith("."))
         if os.path.isdir(runtime)
@@ -223,7 +238,7 @@ def status(base: str) -> dict:
 
 
 def stop(base: str) -> dict:
-    done = stop_daemons(base, live_workers(base))
+    done = stop_daemons(base, live_workers(base) + legacy_workers(base))
     return {"stopped": len(done.names), "killed": done.killed}
 
 
@@ -316,8 +331,8 @@ def main() -> None:
     base = default_base()
     try:
         secure_dir(base)
-        for sub in ("run", "log", "cache"):
-            secure_dir(os.path.join(base, sub))
+        secure_dir(os.path.join(base, "cache"))
+        secure_host_dir(base)
     except OSError as exc:
         sys.exit(str(exc))  # its first line says what to do
     if args.command == "start":

@@ -22,7 +22,8 @@ for its in-host reduce, each daemon when the agent sends it PACKAGES
 added stays (harmless to a session that does not use it). A daemon that
 already holds another build of a distribution a session ships (another
 hash, or the host's own copy imported before) records so in
-`<base>/run/<worker>.packages`; the next session's agent then replaces it
+`<host dir>/<worker>.packages` (host_dir: it is this host's daemon);
+the next session's agent then replaces it
 with a fresh daemon (`AgentPackages.conflicts`), as it does a daemon of
 another Python.
 """
@@ -39,7 +40,7 @@ import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from . import default_base, secure_dir
+from . import default_base, host_dir, secure_dir
 
 if TYPE_CHECKING:
     import mmap
@@ -228,7 +229,8 @@ def _shadowed(path: str) -> list[str]:
 
 
 def _record_path(base: str, worker: str) -> str:
-    return os.path.join(base, "run", f"{worker}.packages")
+    # beside the daemon's pid file: a record of this host's daemon
+    return os.path.join(host_dir(base), f"{worker}.packages")
 
 
 def read_record(base: str, worker: str, pid: int) -> dict:

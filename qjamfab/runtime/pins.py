@@ -46,11 +46,13 @@ import re
 import shutil
 import struct
 import sys
+import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Collection, Iterable
 
-from . import pid_alive, secure_dir
+from . import host_id, pid_alive, secure_dir
 from .sealed import remove, write_padded
 
 _OVER_LIMIT = "over-limit"  # in the pins directory: pinned alone > limit
@@ -61,6 +63,10 @@ _DEFAULT_SHARE = 4  # default limit: 1/4 of the filesystem...
 _DEFAULT_CAP = 64 << 30  # ...at most this
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _instances = itertools.count()  # names each cache object's pin file
+PIN_REFRESH_S = 60.0  # a pin file's writer touches it this often, and...
+PIN_STALE_S = 600.0  # ...another host's older than this pins nothing
+_pinning: weakref.WeakSet[Pins] = weakref.WeakSet()  # kept fresh
+_refresher_started = threading.Lock()  # taken once, by the first pin file
 
 
 class CacheLimitError(ValueError):
@@ -144,15 +150,24 @@ def forget_over_limit(directory: str) -> None:
 
 
 class Pins:
-    """What one cache object pins, in a pin file of its own (named by its
-    process id), and what the host's other cache objects pin and evict."""
+    """What one cache object pins, in a pin file of its own, and what the
+    other cache objects pin and evict: of this host, or of another sharing
+    the directory (a home on NFS). A pin file is `pin.<host>-<pid>.<n>`
+    (`holder()`): one of this host counts while its process lives (a dead
+    one's is removed); one of another host, whose pids mean nothing here,
+    while it is younger than PIN_STALE_S by `clock` (epoch seconds, as file
+    times are): its writer touches it every PIN_REFRESH_S while it pins
+    something, and writes it again if another host removed it as stale.
+    Nothing relies on flock, or on a pid of another host."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, clock: Callable[[], float] = time.time):
         self.directory = directory
         self.path = pins_dir(directory)
+        self._clock = clock
         secure_dir(self.path)
-        self._file = os.path.join(self.path, f"{os.getpid()}.{next(_instances)}")
+        self._file = os.path.join(self.path, f"pin.{holder()}.{next(_instances)}")
         self._io: io.FileIO | None = None  # the pin file, once opened
+        self._lock = threading.Lock()  # pin() and the refresher write it
         self.refs: frozenset[str] = frozenset()
         self._evictions = os.path.join(self.path, _EVICTED)
         self._evictions_seen = -1  # its size at the last evicted_since_last()
@@ -165,11 +180,15 @@ class Pins:
         pinned = frozenset(refs)
         if pinned == self.refs:
             return
-        self.refs = pinned
-        data = "\n".join(sorted(pinned)).encode()
+        with self._lock:
+            self.refs = pinned
+            self._write()
+
+    def _write(self) -> None:
+        data = "\n".join(sorted(self.refs)).encode()
         try:
             if self._io is None:
-                if not pinned:
+                if not self.refs:
                     return
                 fd = os.open(
                     self._file,
@@ -177,6 +196,7 @@ class Pins:
                     0o600,
                 )
                 self._io = os.fdopen(fd, "r+b", buffering=0)  # closed with us
+                _keep_fresh(self)
             os.pwrite(
                 self._io.fileno(),
                 _PIN_HEAD.pack(len(data), zlib.crc32(data)) + data,
@@ -185,20 +205,37 @@ class Pins:
         except OSError:
             pass  # a full disk: pinned for this process's evictions only
 
+    def refresh(self) -> None:
+        """Show other hosts that these pins still hold (they judge them by
+        age): touch the pin file, or write it again if another host
+        removed it as stale."""
+        with self._lock:
+            if self._io is None or not self.refs:
+                return
+            try:
+                if os.fstat(self._io.fileno()).st_nlink:
+                    os.utime(self._io.fileno())
+                    return
+            except OSError:
+                pass  # ESTALE: removed by another NFS client
+            self._io.close()
+            self._io = None
+            self._write()
+
     def anywhere(self) -> set[str]:
-        """What every cache object of this host pins now: its pin file,
-        while its process lives (a dead one's file is removed)."""
+        """What every cache object pins now: its pin file, while its holder
+        lives (a dead or stale one's file is removed)."""
         pinned = set(self.refs)
         try:
             names = os.listdir(self.path)
         except FileNotFoundError:
             return pinned
+        now = self._clock()
         for name in names:
-            pid = name.split(".", 1)[0]
             path = os.path.join(self.path, name)
-            if not pid.isdigit() or path == self._file:
+            if not name.startswith("pin.") or path == self._file:
                 continue  # the over-limit record, or our own
-            if not pid_alive(int(pid)):
+            if not holder_alive(name.split(".")[1], path, now):
                 remove(path)
             else:
                 pinned.update(_read_pins(path))
@@ -238,7 +275,7 @@ class Pins:
         record = json.dumps(
             {"pinned": pinned, "limit": limit, "time": time.time()}
         ).encode()
-        tmp = f"{path}.{os.getpid()}.tmp"
+        tmp = f"{path}.{holder()}.tmp"
         try:
             _write_file(tmp, record)
             try:
@@ -261,6 +298,42 @@ class Pins:
             file=sys.stderr,
             flush=True,
         )
+
+
+def holder(pid: int | None = None) -> str:
+    """`<host>-<pid>`: process `pid` of this host (this process by
+    default), in the names of the files it writes into a cache that other
+    machines may share."""
+    return f"{host_id()}-{os.getpid() if pid is None else pid}"
+
+
+def holder_alive(who: str, path: str, now: float) -> bool:
+    """Whether the process `who` names (as holder() does) still holds the
+    file at `path`: one of this host while it lives; one of another host
+    (or an older qjamfab's name) while the file is younger than
+    PIN_STALE_S at `now`."""
+    host, _, pid = who.partition("-")
+    if host == host_id() and pid.isdigit():
+        return pid_alive(int(pid))
+    try:
+        return now - os.stat(path).st_mtime < PIN_STALE_S
+    except OSError:
+        return False  # gone meanwhile
+
+
+def _keep_fresh(pins: Pins) -> None:
+    """Have this process's refresher touch `pins`' file every
+    PIN_REFRESH_S (the refresher starts with the first pin file)."""
+    _pinning.add(pins)
+    if _refresher_started.acquire(blocking=False):
+        threading.Thread(target=_refresh_pins, name="qjamfab-pins", daemon=True).start()
+
+
+def _refresh_pins() -> None:
+    while True:
+        time.sleep(PIN_REFRESH_S)
+        for pins in list(_pinning):
+            pins.refresh()
 
 
 def _read_pins(path: str) -> list[str]:

@@ -11,8 +11,11 @@ and that the base is writable.
 (which imports it from here) apply one rule.
 """
 
+import functools
+import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -34,11 +37,12 @@ def _owner(uid: int) -> str:
         return f"uid {uid}"
 
 
-def secure_dir(path: str, create: bool = True) -> None:
+def secure_dir(path: str, create: bool = True, setting: str = "QJAMFAB_HOME") -> None:
     """Check that `path` is a directory only the current user can change,
     creating it and its missing parents 0700 when `create` is true, but
     only once what exists of the way there passes the parent rules below:
-    nothing is created where another user could reach it.
+    nothing is created where another user could reach it. Its messages
+    say to set `setting` (the variable that chose the path) elsewhere.
 
     Refused with `InsecureDirectory`:
     - the directory (after following symlinks) not owned by the current
@@ -58,17 +62,17 @@ def secure_dir(path: str, create: bool = True) -> None:
         existing = os.path.dirname(path)
         while not os.path.lexists(existing):
             existing = os.path.dirname(existing)
-        _check_links(existing)
-        _check_parents(os.path.realpath(existing), path)
+        _check_links(existing, setting)
+        _check_parents(os.path.realpath(existing), path, setting)
         _make_dirs(path)
-    _check_links(path)
+    _check_links(path, setting)
     uid = os.geteuid()
     real = os.path.realpath(path)
     shown = path if real == path else f"{path} (a symlink to {real})"
     st = os.stat(real)
     if not stat.S_ISDIR(st.st_mode):
         raise NotADirectoryError(
-            f"{shown} is not a directory: remove it or set QJAMFAB_HOME to a "
+            f"{shown} is not a directory: remove it or set {setting} to a "
             f"directory of your own"
         )
     mode = stat.S_IMODE(st.st_mode)
@@ -76,18 +80,18 @@ def secure_dir(path: str, create: bool = True) -> None:
         raise InsecureDirectory(
             f"{shown} is owned by {_owner(st.st_uid)}, mode {mode:04o}, not "
             f"by you: it could hold code or data that is not yours; remove "
-            f"it or set QJAMFAB_HOME to a directory of your own"
+            f"it or set {setting} to a directory of your own"
         )
     if mode & 0o022:
         raise InsecureDirectory(
             f"{shown} (owner {_owner(st.st_uid)}) has mode {mode:04o}: "
             f"{_who(mode)} can plant code or data in it; run chmod 700 "
-            f"{real} or set QJAMFAB_HOME to a directory of your own"
+            f"{real} or set {setting} to a directory of your own"
         )
-    _check_parents(os.path.dirname(real), shown)
+    _check_parents(os.path.dirname(real), shown, setting)
 
 
-def _check_links(path: str) -> None:
+def _check_links(path: str, setting: str) -> None:
     """Refuse a symlink on the way to `path` (it included) that anyone but
     us or root owns."""
     uid = os.geteuid()
@@ -99,11 +103,11 @@ def _check_links(path: str) -> None:
             raise InsecureDirectory(
                 f"{prefix} is a symlink (to {os.path.realpath(prefix)}) owned "
                 f"by {_owner(st.st_uid)}, who can point it elsewhere: remove "
-                f"it or set QJAMFAB_HOME to a directory of your own"
+                f"it or set {setting} to a directory of your own"
             )
 
 
-def _check_parents(parent: str, shown: str) -> None:
+def _check_parents(parent: str, shown: str, setting: str) -> None:
     """Refuse `parent` (a real path) or any directory above it that
     another user owns, or that group or others can write to without the
     sticky bit: they could replace `shown`, below it."""
@@ -123,7 +127,7 @@ def _check_parents(parent: str, shown: str) -> None:
         if problem:
             raise InsecureDirectory(
                 f"{parent}, a parent of {shown}, {problem} can replace what "
-                f"is under it; set QJAMFAB_HOME to a directory whose parents "
+                f"is under it; set {setting} to a directory whose parents "
                 f"only you or root can write to"
             )
         if parent == os.path.dirname(parent):
@@ -149,6 +153,100 @@ def _make_dirs(path: str) -> None:
             os.mkdir(directory, 0o700)
         except FileExistsError:
             pass  # made meanwhile by another process; checked next
+
+
+# Filesystems that other machines may mount too (statfs types, as
+# /proc/self/mountinfo names them).
+NETWORK_FS = frozenset(
+    "nfs nfs4 cifs smb3 smbfs fuse.sshfs sshfs lustre gpfs afs ceph fuse.ceph "
+    "beegfs glusterfs fuse.glusterfs panfs pvfs2 orangefs ocfs2 gfs2 9p "
+    "fuse.s3fs fuse.gcsfuse fuse.juicefs".split()
+)
+
+
+def fs_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The type of the filesystem holding `path` ("ext4", "nfs4", ...), from
+    the mount table (os.statvfs does not say); None when unknown."""
+    real = os.path.realpath(path)
+    best, found = -1, None
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields, _, rest = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) < 5 or not rest:
+            continue
+        # Octal escapes: \040 is a space.
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), parts[4])
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        # The longest mount point holding it; of equal ones, the last mounted.
+        if inside and len(point) >= best:
+            best, found = len(point), rest.split()[0]
+    return found
+
+
+def host_dir(base: str, runtime_dir: str | None = None) -> str:
+    """Where this host keeps its state for the base directory `base`:
+    daemons' sockets, pid files, claims, exit records and logs. Host-local
+    storage, because a base in a home directory is usually shared by every
+    machine (NFS), where pids, flock and Unix sockets mean nothing to the
+    others: `$XDG_RUNTIME_DIR/qjamfab` (`runtime_dir` in its place when
+    given) if that is a directory of ours, else `/tmp/qjamfab-<uid>`; below it one
+    directory per base (a host may serve several), named by a hash of the
+    base's real path."""
+    if runtime_dir is None:
+        runtime_dir = os.environ.get("XDG_RUNTIME_DIR", "")
+    try:  # another user's (sudo keeps it) is not ours to use
+        st = os.stat(runtime_dir) if runtime_dir else None
+    except OSError:
+        st = None
+    if st and stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+        top = os.path.join(runtime_dir, "qjamfab")
+    else:  # not $TMPDIR: a batch job's, removed when the job ends
+        top = f"/tmp/qjamfab-{os.geteuid()}"
+    key = hashlib.sha256(os.path.realpath(base).encode()).hexdigest()[:16]
+    return os.path.join(top, key)
+
+
+def secure_host_dir(base: str) -> str:
+    """host_dir(base), created 0700 and checked like the base (secure_dir),
+    and not on a network filesystem; raises InsecureDirectory or OSError
+    with a one-line reason otherwise."""
+    path = host_dir(base)
+    secure_dir(path, setting="XDG_RUNTIME_DIR")
+    kind = fs_type(path)
+    if kind in NETWORK_FS:
+        raise OSError(
+            f"{path}, where qjamfab keeps this host's sockets and pid files, "
+            f"is on a network filesystem ({kind}) that other machines may "
+            f"share: set XDG_RUNTIME_DIR to a directory on a local disk"
+        )
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def host_id() -> str:
+    """Who this host is, for files that other machines sharing the base
+    also read: a hash of /etc/machine-id, the host name and this process's
+    pid namespace (pids mean something only within one; containers and
+    the tests' simulated hosts share a machine-id)."""
+    ident = []
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path) as f:
+                ident.append(f.read().strip())
+            break
+        except OSError:
+            continue
+    ident.append(os.uname().nodename)
+    try:
+        ident.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        pass
+    return hashlib.sha256("\0".join(ident).encode()).hexdigest()[:12]
 
 
 def secure_dir_source() -> str:
@@ -221,6 +319,8 @@ def probe(bundle_hash: str) -> dict:
         "runtime_present": False,
         "error": "",
         "insecure": "",
+        "host_dir": None,
+        "base_fs": None,
         **platform_info(),
     }
     try:  # the version without importing numpy (0.1 s)
@@ -231,8 +331,10 @@ def probe(bundle_hash: str) -> dict:
         pass
     try:
         secure_dir(base)
-        for sub in ("runtime", "cache", "run", "log"):
+        for sub in ("runtime", "cache"):
             secure_dir(os.path.join(base, sub))
+        report["host_dir"] = secure_host_dir(base)
+        report["base_fs"] = fs_type(base)
         check = os.path.join(base, f".write-check-{os.getpid()}")
         with open(check, "w") as f:
             f.write("ok")

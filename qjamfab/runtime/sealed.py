@@ -25,10 +25,10 @@ import mmap
 import os
 import struct
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 from .. import protocol
-from . import pid_alive
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
@@ -266,14 +266,16 @@ def remove(path: str, inode: int | None = None) -> None:
         pass  # a directory: nothing qjamfab made, left alone
 
 
-def tidy(directory: str) -> None:
+def tidy(directory: str, writing: Callable[[str, str], bool]) -> None:
     """Remove what a worker finds in the cache that no one can use: entries
     an older qjamfab wrote in another layout, anything that is not a
     regular file (a symlink planted there), and temporary files of workers
-    that died writing them (`<ref>.<pid>.tmp`)."""
+    that died writing them (`<ref>.<host>-<pid>.tmp`: `writing(who, path)`
+    says whether the writer `who` still writes it)."""
     for entry in os.scandir(directory):
         if entry.name.endswith(".tmp"):
-            if not _writer_alive(entry.name):
+            parts = entry.name.split(".")
+            if len(parts) < 3 or not writing(parts[-2], entry.path):
                 remove(entry.path)
             continue
         try:
@@ -293,11 +295,3 @@ def tidy(directory: str) -> None:
                 os.close(fd)
         except OSError:
             pass  # removed meanwhile
-
-
-def _writer_alive(tmp_name: str) -> bool:
-    """Whether the process named in `<ref>.<pid>.tmp` is still writing."""
-    try:
-        return pid_alive(int(tmp_name.split(".")[-2]))
-    except (ValueError, IndexError):
-        return False

@@ -47,6 +47,7 @@ from ..errors import ProtocolError
 from . import (
     default_base,
     secure_dir,
+    secure_host_dir,
     set_process_name,
     stream_lock,
     this_runtime,
@@ -687,7 +688,7 @@ def main(argv: list[str] | None = None) -> None:
     base = os.path.expanduser(args.base or default_base())
     try:
         secure_dir(base)
-        secure_dir(os.path.join(base, "log"))
+        logs = secure_host_dir(base)  # pid-named files: this host's own
         cache = RefCache(os.path.join(base, "cache"))
         jobs_budget = job_budget()
     except (OSError, CacheLimitError) as exc:
@@ -702,7 +703,7 @@ def main(argv: list[str] | None = None) -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    capture = Capture(os.path.join(base, "log", f"{args.name}-{os.getpid()}.out"))
+    capture = Capture(os.path.join(logs, f"{args.name}-{os.getpid()}.out"))
     worker = Worker(args.name, base, cache, capture, jobs_budget)
     # clear-cache reaches an idle daemon's memory this way.
     signal.signal(signal.SIGUSR1, lambda *_: worker.cache.drop_memory())
