@@ -51,7 +51,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
-from .. import protocol
+from .. import protocol, runtime
 from ..errors import (
     HostUnreachable,
     PreflightFailed,
@@ -65,6 +65,7 @@ from . import Engine, EngineSettings, register
 
 if TYPE_CHECKING:
     from distributed import Client, Future
+    from distributed.diagnostics.plugin import WorkerPlugin
 
 log = logging.getLogger("qjamfab")
 
@@ -312,6 +313,9 @@ class DaskSession:
 
         plugin = dask_worker.QjamfabPlugin()
         try:
+            # First the bundle, by value: the plugin, then every task,
+            # import from it (Dask workers need no qjamfab installed).
+            self.client.register_plugin(_installer())
             self.client.register_plugin(plugin)
         except Exception as exc:
             try:  # the scheduler keeps it for workers to come: take it back
@@ -830,3 +834,24 @@ class DaskLink:
 
 
 register(Engine("dask", claims=is_dask, make_for=dask_host))
+
+
+def _installer() -> WorkerPlugin:
+    """The plugin that installs qjamfab's worker bundle in each Dask
+    worker (dask_boot.py), pickled by value: the runtime, protocol,
+    errors and reduce as shipped to SSH hosts, and dask_worker.py (Dask
+    workers have their own cloudpickle)."""
+    import cloudpickle
+
+    from . import dask_boot, dask_worker
+
+    cloudpickle.register_pickle_by_value(dask_boot)
+    files = {
+        path: content
+        for path, content in runtime.bundle_files().items()
+        if path.startswith("qjamfab/")
+    }
+    files["qjamfab/engines/__init__.py"] = b'"""Engines in a Dask worker."""\n'
+    with open(dask_worker.__file__, "rb") as f:
+        files["qjamfab/engines/dask_worker.py"] = f.read()
+    return dask_boot.RuntimeInstaller(files)
