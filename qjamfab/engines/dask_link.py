@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import protocol
 from ..errors import ProtocolError, WorkerLost
@@ -208,11 +208,7 @@ class DaskLink:
     def _submit(self, task: _Task, slices: list | None) -> None:
         from .dask_worker import run_task
 
-        scattered = None
-        if slices:
-            [scattered] = self.client.scatter(
-                [slices], workers=[self.address], hash=False
-            )
+        scattered = self._scatter(slices) if slices else None
         # One opaque blob: Dask walks dicts and lists given as arguments
         # into task nodes of their own (2 ms a round trip, measured).
         blob = pickle.dumps(
@@ -233,6 +229,23 @@ class DaskLink:
         self.client.loop.add_callback(  # type: ignore[union-attr]
             self._await_reply, task.head["task"], task.future, scattered
         )
+
+    def _scatter(self, data: list) -> Any:
+        """Data onto this worker, within the heartbeat deadline: a frozen
+        worker would hold the Run's thread here, where no deadline is
+        checked."""
+        timeout = self.session.timeout
+        try:
+            [scattered] = self.client.scatter(
+                [data], workers=[self.address], hash=False, timeout=timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            raise WorkerLost(
+                f"Dask worker {self.address} took no data for {timeout:g} s "
+                f"({type(exc).__name__}): it is lost",
+                worker=self.handles[0].name if self.handles else self.address,
+            ) from exc
+        return scattered
 
     def _supplied(self) -> None:
         """After FUNC or REFS: submit again each blocked task that now has
@@ -255,9 +268,7 @@ class DaskLink:
         if spare:  # a replica: no task waits for it
             from .dask_worker import store
 
-            [scattered] = self.client.scatter(
-                [spare], workers=[self.address], hash=False
-            )
+            scattered = self._scatter(spare)
             future = self.client.submit(
                 store,
                 scattered,

@@ -20,10 +20,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .. import runtime
 from ..errors import HostUnreachable, PreflightFailed
 
 if TYPE_CHECKING:
     from distributed import Client
+    from distributed.diagnostics.plugin import WorkerPlugin
 
 log = logging.getLogger("qjamfab")
 
@@ -69,6 +71,9 @@ class DaskSession:
 
         plugin = dask_worker.QjamfabPlugin()
         try:
+            # First the bundle, by value: the plugin, then every task,
+            # import from it (Dask workers need no qjamfab installed).
+            self.client.register_plugin(_installer())
             self.client.register_plugin(plugin)
         except Exception as exc:
             try:  # the scheduler keeps it for workers to come: take it back
@@ -178,3 +183,24 @@ class DaskSession:
             self._thread.join(timeout=self.timeout)
         if self.owned:
             self.client.close()
+
+
+def _installer() -> WorkerPlugin:
+    """The plugin that installs qjamfab's worker bundle in each Dask
+    worker (dask_boot.py), pickled by value: the runtime, protocol,
+    errors and reduce as shipped to SSH hosts, and dask_worker.py (Dask
+    workers have their own cloudpickle)."""
+    import cloudpickle
+
+    from . import dask_boot, dask_worker
+
+    cloudpickle.register_pickle_by_value(dask_boot)
+    files = {
+        path: content
+        for path, content in runtime.bundle_files().items()
+        if path.startswith("qjamfab/")
+    }
+    files["qjamfab/engines/__init__.py"] = b'"""Engines in a Dask worker."""\n'
+    with open(dask_worker.__file__, "rb") as f:
+        files["qjamfab/engines/dask_worker.py"] = f.read()
+    return dask_boot.RuntimeInstaller(files)

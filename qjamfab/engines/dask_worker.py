@@ -2,10 +2,11 @@
 Master submits to it (see dask.py, dask_session.py and dask_link.py for
 the Master's side).
 
-This module runs in Dask worker processes, so qjamfab must be installed
-there (the same version as the Master's). Only dask_session.py and
-dask_link.py import it, once a Master is given a Dask cluster: importing
-qjamfab never imports Dask.
+This module runs in Dask worker processes, from the bundle the Master's
+first plugin installs there (dask_boot.py): Dask workers need nothing of
+qjamfab installed. Only dask_session.py and dask_link.py import it here,
+once a Master is given a Dask cluster: importing qjamfab never imports
+Dask.
 
 `QjamfabPlugin` is registered once per cluster (idempotent: a second
 Master, or a new Client, finds the one already there) and lives as long as
