@@ -373,3 +373,46 @@ def test_slurm_benchmark_smoke(slurm, tmp_path, monkeypatch):
         "ssh (OpenSSH)",
     }
     assert all(row["ready_s"] for row in result["rows"].values())
+
+
+def test_a_dask_slurm_cluster_whose_workers_lack_qjamfab(cluster, tmp_path):
+    """dask-jobqueue's SLURMCluster: two Dask workers as two Slurm jobs,
+    running a Python that cannot import qjamfab (no `site`, so no editable
+    install; a directory of their own, so no checkout on the path)."""
+    dask_jobqueue = pytest.importorskip("dask_jobqueue")
+    distributed = pytest.importorskip("distributed")
+    import importlib.util
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    bare = tmp_path / "bare-python"
+    bare.write_text(
+        "#!/bin/sh\n"
+        f"PYTHONPATH={shlex.quote(paths['purelib'])}:{shlex.quote(paths['platlib'])}"
+        f' exec {shlex.quote(sys.executable)} -S "$@"\n'
+    )
+    bare.chmod(0o755)
+    slurm_cluster = dask_jobqueue.SLURMCluster(
+        cores=1,
+        processes=1,
+        memory="1GB",
+        walltime="00:10:00",
+        python=str(bare),
+        local_directory=str(tmp_path / "dask"),
+        log_directory=str(tmp_path / "logs"),
+        job_extra_directives=[f"--chdir={tmp_path}"],
+        scheduler_options={"host": "127.0.0.1", "dashboard_address": None},
+    )
+    try:
+        slurm_cluster.scale(2)
+        with distributed.Client(slurm_cluster, set_as_default=False) as client:
+            client.wait_for_workers(2, timeout=90)
+            found = client.run(importlib.util.find_spec, "qjamfab")
+            assert set(found.values()) == {None}  # nothing of ours there
+            data = DataSet(list(range(100)), slice_size=10)
+            with Master(client) as m:
+                assert m.run(lambda p, xs: sum(xs), dataset=data) == sum(range(100))
+                assert m.run(lambda p, xs: sum(xs), dataset=data) == sum(range(100))
+                assert m.last_run.dataset_bytes_sent == 0
+    finally:
+        slurm_cluster.close()
