@@ -59,7 +59,7 @@ class Entry:
         return not self.errnos or getattr(exc, "errno", None) in self.errnos
 
 
-_GONE = "it is lost: its log or stderr tail says why it ended"
+_GONE = "the far end is gone: its log or stderr tail says why"
 _RETRY = "check that the host is up and retry"
 
 # Most specific first: the first entry that matches maps.
@@ -76,7 +76,7 @@ TABLE: tuple[Entry, ...] = (
     Entry(
         "builtins.TimeoutError",  # socket.timeout, asyncio's and Dask's too
         "it stopped answering",
-        "check the host's load and network, or raise the heartbeat timeout",
+        "check the host's load and network",
     ),
     Entry(
         "builtins.OSError",
@@ -104,6 +104,12 @@ TABLE: tuple[Entry, ...] = (
         "check the host's sshd (MaxSessions) and retry",
     ),
     Entry("paramiko.ssh_exception.SSHException", "the SSH connection failed", _RETRY),
+    Entry(
+        "builtins.OSError",
+        "the disk is full",
+        "free disk space there and retry",
+        errnos=frozenset({errno.ENOSPC, errno.EDQUOT}),
+    ),
     Entry("builtins.OSError", "the operating system refused", _RETRY),
 )
 
@@ -114,16 +120,21 @@ def entry_for(exc: BaseException) -> Entry | None:
 
 
 def translate(
-    exc: BaseException, what: str, worker: str | None = None, host: str | None = None
+    exc: BaseException,
+    what: str,
+    worker: str | None = None,
+    host: str | None = None,
+    advice: str | None = None,
 ) -> QjamfabError | None:
     """Ours for exc, raised while doing `what` (e.g. "sending to worker
     x"): a WorkerLost if `worker` is given, else the entry's HostError for
-    `host`; None if the table names no such exception."""
+    `host`; None if the table names no such exception. `advice`, if
+    given, replaces the entry's (a site that knows better)."""
     entry = entry_for(exc)
     if entry is None:
         return None
     said = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    message = f"{what} failed: {entry.happened} ({said}); {entry.advice}"
+    message = f"{what} failed: {entry.happened} ({said}); {advice or entry.advice}"
     if worker is not None:
         return WorkerLost(message, worker=worker)
     return entry.host(message, host=host)
@@ -131,7 +142,10 @@ def translate(
 
 @contextmanager
 def mapped(
-    what: str, worker: str | None = None, host: str | None = None
+    what: str,
+    worker: str | None = None,
+    host: str | None = None,
+    advice: str | None = None,
 ) -> Iterator[None]:
     """Re-raise a foreign exception of the table as ours (see translate),
     from the original; ours and those the table does not name pass."""
@@ -140,7 +154,7 @@ def mapped(
     except QjamfabError:
         raise
     except Exception as exc:
-        ours = translate(exc, what, worker, host)
+        ours = translate(exc, what, worker, host, advice)
         if ours is None:
             raise
         raise ours from exc

@@ -42,6 +42,7 @@ CASES: list[tuple[BaseException, type[QjamfabError]]] = [
     (paramiko.ChannelException(1, "prohibited"), HostUnreachable),
     (paramiko.SSHException("Channel closed."), HostUnreachable),
     (OSError(errno.ENOSPC, "No space left on device"), HostUnreachable),
+    (OSError(errno.EACCES, "Permission denied"), HostUnreachable),
 ]
 
 
@@ -81,6 +82,16 @@ def test_each_entry_maps_for_a_host(
 def test_more_specific_errnos_come_first() -> None:
     entry = foreign.entry_for(OSError(errno.ENOTCONN, "not connected"))
     assert entry is not None and entry.happened == "the stream failed"
+
+
+def test_a_site_that_knows_better_gives_its_own_advice() -> None:
+    with pytest.raises(HostUnreachable) as info:
+        with foreign.mapped("uploading to h", host="h", advice="free space there"):
+            raise OSError("Failure")
+    assert str(info.value) == (
+        "uploading to h failed: the operating system refused "
+        "(OSError: Failure); free space there"
+    )
 
 
 @pytest.mark.parametrize(
