@@ -131,3 +131,22 @@ def test_importing_it_imports_neither_paramiko_nor_dask() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_a_pipe_whose_far_end_ended_says_so() -> None:
+    """A link's send maps through the table (transport.py)."""
+    from qjamfab.transport import ProcessTransport
+
+    transport = ProcessTransport("w", [sys.executable, "-c", "pass"])
+    try:
+        transport.process.wait(timeout=30)
+        with pytest.raises(WorkerLost) as info:
+            transport.writev([b"x"])
+        assert str(info.value).startswith(
+            "sending to worker w on its pipe failed: the far end closed the "
+            "stream (BrokenPipeError: "
+        )
+        assert isinstance(info.value.__cause__, BrokenPipeError)
+        assert info.value.worker == "w"
+    finally:
+        transport.close()
