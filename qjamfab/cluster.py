@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, TypedDict
 from . import hosts as hostlib
 from . import runtime
 from .errors import BadHostSpec, HostError, PreflightFailed, QjamfabError
+from .foreign import mapped
 from .hostspec import HostSpec, env_setting, python_mismatch
 from .packages import Distribution, check_platform
 from .runtime.manage import STOP_WAIT_S
@@ -188,7 +189,11 @@ class HostSession:
                 continue
             data = dist.zip()
             path = f"{root}/.incoming-{uuid.uuid4().hex}.zip"
-            try:
+            with mapped(
+                f"{self.name}: uploading {dist} to {root}",
+                host=self.name,
+                advice="check free disk space there and retry",
+            ):
                 sftp = self.conn.client.open_sftp()
                 try:
                     with sftp.open(path, "wb") as f:
@@ -197,12 +202,6 @@ class HostSession:
                     sftp.chmod(path, 0o600)
                 finally:
                     sftp.close()
-            except Exception as exc:  # paramiko's and the socket's errors
-                raise HostError(
-                    f"{self.name}: uploading {dist} to {root} failed ({exc}):"
-                    " check free disk space there and retry",
-                    host=self.name,
-                ) from exc
             self._packages(["install", path, dist.hash], f"installing {dist}")
             report["sent"].append(str(dist))
             report["bytes"] += len(data)

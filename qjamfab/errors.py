@@ -2,8 +2,9 @@
 
 Each message's first line says what happened and what to do; detail (a
 remote traceback, a stderr tail) follows on later lines. Foreign exceptions
-(paramiko, socket, pickle) are mapped into this hierarchy where they arise:
-in transport.py, hosts.py and the Master's encoding step.
+(the OS's, paramiko's, Dask's) are mapped into this hierarchy by one table,
+foreign.py's, at the link boundary; connecting over SSH by hosts.py; what
+cannot be pickled where it is encoded (serialize.py, dataset.py).
 """
 
 from __future__ import annotations

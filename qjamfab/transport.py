@@ -8,8 +8,8 @@ command on this machine and speaks over its stdin and stdout;
 SSH host, its agent runs either under the system's OpenSSH client
 (`OpenSSHTransport`, the same pipes: preferred, C crypto is faster) or on a
 paramiko exec channel (`SSHChannelTransport`): one per host. OS and
-paramiko errors on a stream become qjamfab errors here (connecting is
-hosts.py's).
+paramiko errors on a stream become qjamfab errors here, by foreign.py's
+table (connecting is hosts.py's).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING
 import paramiko
 
 from . import runtime
-from .errors import HostUnreachable, PreflightFailed, WorkerLost
+from .errors import HostError, HostUnreachable, PreflightFailed, WorkerLost
+from .foreign import mapped
 
 if TYPE_CHECKING:
     import fabric
@@ -175,14 +176,11 @@ class ProcessTransport(Transport):
                 )
 
     def writev(self, views: list) -> int:
-        try:
-            return os.writev(self._in, views)
-        except BlockingIOError:
-            return 0  # full: see wait_writable
-        except (OSError, ValueError) as exc:
-            raise WorkerLost(
-                f"worker {self.name}: its pipe is closed ({exc})", worker=self.name
-            ) from exc
+        with mapped(f"sending to worker {self.name} on its pipe", worker=self.name):
+            try:
+                return os.writev(self._in, views)
+            except BlockingIOError:
+                return 0  # full: see wait_writable
 
     def wait_writable(self) -> bool:
         poller = select.poll()
@@ -290,17 +288,17 @@ _WATCH_S = 0.25  # how often a send under way is held to its deadline
 
 
 def _open_channel(conn: fabric.Connection, command: str, what: str) -> paramiko.Channel:
-    try:
-        channel = conn.client.get_transport().open_session(
-            window_size=_WINDOW, timeout=30
-        )
+    doing = f"opening an SSH channel to {conn.host} for {what}"
+    with mapped(doing, host=conn.host):
+        transport = conn.client.get_transport()
+        if transport is None:
+            raise HostUnreachable(
+                f"{doing} failed: the connection is closed: check that the "
+                "host is up and retry",
+                host=conn.host,
+            )
+        channel = transport.open_session(window_size=_WINDOW, timeout=30)
         channel.exec_command(command)
-    except (*_SSH_ERRORS, AttributeError) as exc:
-        raise HostUnreachable(
-            f"cannot open an SSH channel to {conn.host} for "
-            f"{what} ({exc}): check that the host is up",
-            host=conn.host,
-        ) from exc
     return channel
 
 
@@ -313,24 +311,18 @@ def ssh_exec(
     """Run command on the host: (exit status, stdout, stderr)."""
     channel = _open_channel(conn, command, "a command")
     try:
-        channel.settimeout(timeout)
-        if stdin:
-            channel.sendall(stdin)
-        channel.shutdown_write()
-        out = bytearray()
-        while chunk := channel.recv(1 << 16):
-            out += chunk
-        err = bytearray()
-        while chunk := channel.recv_stderr(1 << 16):
-            err += chunk
-        status = channel.recv_exit_status()
-    except _SSH_ERRORS as exc:
-        raise HostUnreachable(
-            f"{conn.host} stopped answering while running "
-            f"a command ({exc or type(exc).__name__}): check "
-            "the host and retry",
-            host=conn.host,
-        ) from exc
+        with mapped(f"running a command on {conn.host}", host=conn.host):
+            channel.settimeout(timeout)
+            if stdin:
+                channel.sendall(stdin)
+            channel.shutdown_write()
+            out = bytearray()
+            while chunk := channel.recv(1 << 16):
+                out += chunk
+            err = bytearray()
+            while chunk := channel.recv_stderr(1 << 16):
+                err += chunk
+            status = channel.recv_exit_status()
     finally:
         channel.close()
     return status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
@@ -340,7 +332,11 @@ def sftp_upload(
     conn: fabric.Connection, files: dict[str, bytes], staging: str, target: str
 ) -> None:
     """Write files under staging/ over SFTP, then rename staging to target."""
-    try:
+    with mapped(
+        f"uploading the runtime to {conn.host}",
+        host=conn.host,
+        advice="check free disk space there and retry",
+    ):
         sftp = conn.client.open_sftp()
         try:
             made: set[str] = set()
@@ -360,12 +356,6 @@ def sftp_upload(
                 pass
         finally:
             sftp.close()
-    except _SSH_ERRORS as exc:
-        raise HostUnreachable(
-            f"uploading the runtime to {conn.host} failed "
-            f"({exc}): check free disk space and retry",
-            host=conn.host,
-        ) from exc
 
 
 class SSHChannelTransport(Transport):
@@ -378,7 +368,7 @@ class SSHChannelTransport(Transport):
         self.conn = conn
         try:
             self.channel = _open_channel(conn, command, f"the agent of {name}")
-        except HostUnreachable:
+        except HostError:
             conn.close()
             raise
         self._stderr = bytearray()  # its tail, for exit_report
@@ -449,14 +439,15 @@ class SSHChannelTransport(Transport):
             return 0  # its window is full: see wait_writable
         self._send_started = time.monotonic()
         try:
-            sent = self.channel.send(bytes(views[0][:_SEND_CHUNK]))
-        except _SSH_ERRORS as exc:
-            if self._cut or isinstance(exc, TimeoutError):
-                raise self._took_nothing() from None
-            raise WorkerLost(
-                f"worker {self.name}: the SSH channel to {self.host} failed ({exc})",
+            with mapped(
+                f"sending to worker {self.name} on the SSH channel to {self.host}",
                 worker=self.name,
-            ) from exc
+            ):
+                sent = self.channel.send(bytes(views[0][:_SEND_CHUNK]))
+        except WorkerLost as lost:
+            if self._cut or isinstance(lost.__cause__, TimeoutError):
+                raise self._took_nothing() from None
+            raise
         finally:
             self._send_started = None
         if self._cut:  # closed as the send ended: what it sent may be lost

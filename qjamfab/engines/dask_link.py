@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import protocol
 from ..errors import ProtocolError, WorkerLost
+from ..foreign import mapped
 from ..runtime.task import error_fields
 from ..workers import LOST, Event, WorkerHandle
 from .dask_session import DaskSession
@@ -172,31 +173,32 @@ class DaskLink:
             memoryview(p).nbytes for p in payload
         )
         try:
-            if kind == protocol.TASK:
-                if head["params"]:
-                    self._params = list(payload)
-                # Inline calls carry their own payload (runtime/calls.py).
-                own = list(payload) if head.get("calls") else self._params
-                task = self._tasks[head["task"]] = _Task(head, own)
-                self._submit(task, None)
-            elif kind == protocol.FUNC:
-                self._funcs[head["hash"]] = bytes(payload[0])
-                self._supplied()
-            elif kind == protocol.REFS:
-                self._refs[head["ref"]] = list(payload)
-                self._supplied()
-            elif kind == protocol.CANCEL:
-                self._cancel(head["task"])
-            elif kind in (protocol.CLEAR, protocol.STATS):
-                self.client.loop.add_callback(  # type: ignore[union-attr]
-                    self._ask, kind
-                )
-            else:
-                raise ProtocolError(
-                    f"a Dask worker takes no "
-                    f"{protocol.KIND_NAMES.get(kind, kind)} frame"
-                )
-        except (OSError, TimeoutError, RuntimeError, ValueError) as exc:
+            with mapped(f"sending to worker {name} through Dask", worker=name):
+                if kind == protocol.TASK:
+                    if head["params"]:
+                        self._params = list(payload)
+                    # Inline calls carry their own payload (runtime/calls.py).
+                    own = list(payload) if head.get("calls") else self._params
+                    task = self._tasks[head["task"]] = _Task(head, own)
+                    self._submit(task, None)
+                elif kind == protocol.FUNC:
+                    self._funcs[head["hash"]] = bytes(payload[0])
+                    self._supplied()
+                elif kind == protocol.REFS:
+                    self._refs[head["ref"]] = list(payload)
+                    self._supplied()
+                elif kind == protocol.CANCEL:
+                    self._cancel(head["task"])
+                elif kind in (protocol.CLEAR, protocol.STATS):
+                    self.client.loop.add_callback(  # type: ignore[union-attr]
+                        self._ask, kind
+                    )
+                else:
+                    raise ProtocolError(
+                        f"a Dask worker takes no "
+                        f"{protocol.KIND_NAMES.get(kind, kind)} frame"
+                    )
+        except (RuntimeError, ValueError) as exc:  # a closed client's
             raise WorkerLost(
                 f"worker {name} is unreachable through Dask "
                 f"({type(exc).__name__}: {exc})",
@@ -235,16 +237,13 @@ class DaskLink:
         worker would hold the Run's thread here, where no deadline is
         checked."""
         timeout = self.session.timeout
-        try:
+        with mapped(
+            f"sending data to Dask worker {self.address} (deadline {timeout:g} s)",
+            worker=self.handles[0].name if self.handles else self.address,
+        ):
             [scattered] = self.client.scatter(
                 [data], workers=[self.address], hash=False, timeout=timeout
             )
-        except (OSError, TimeoutError) as exc:
-            raise WorkerLost(
-                f"Dask worker {self.address} took no data for {timeout:g} s "
-                f"({type(exc).__name__}): it is lost",
-                worker=self.handles[0].name if self.handles else self.address,
-            ) from exc
         return scattered
 
     def _supplied(self) -> None:

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import runtime
-from ..errors import HostUnreachable, PreflightFailed
+from ..errors import PreflightFailed
+from ..foreign import mapped
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -90,14 +91,12 @@ class DaskSession:
                 "(or the image they run)",
                 host=self.address,
             ) from exc
-        try:
+        with mapped(
+            f"asking the Dask scheduler at {self.address} for its workers",
+            host=self.address,
+            advice="check that it runs",
+        ):
             self.refresh()
-        except (OSError, TimeoutError) as exc:
-            raise HostUnreachable(
-                f"the Dask scheduler at {self.address} does not answer "
-                f"({type(exc).__name__}: {exc}): check that it runs",
-                host=self.address,
-            ) from exc
         self._thread = threading.Thread(
             target=self._watch, daemon=True, name="qjamfab-dask-watch"
         )

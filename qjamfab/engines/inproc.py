@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 
+from ..foreign import mapped
 from ..runtime import secure_dir
 from ..runtime.cache import RefCache
 from ..runtime.capture import Capture
@@ -130,16 +131,11 @@ class InProcessTransport(Transport):
                 raise TimeoutError(f"worker {self.name} sent nothing for {wait:g} s")
 
     def writev(self, views: list) -> int:
-        try:
-            return self._sock.sendmsg(views)
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            from ..errors import WorkerLost
-
-            raise WorkerLost(
-                f"worker {self.name}: its stream is closed ({exc})", worker=self.name
-            ) from exc
+        with mapped(f"sending to worker {self.name} on its socket", worker=self.name):
+            try:
+                return self._sock.sendmsg(views)
+            except BlockingIOError:
+                return 0  # full: see wait_writable
 
     def wait_writable(self) -> bool:
         readable, writable, _ = select.select(
