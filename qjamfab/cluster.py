@@ -79,11 +79,13 @@ def run_command(
 @dataclass(frozen=True)
 class CommandHost:
     """A host whose commands `runner` runs (e.g. through srun onto a Slurm
-    node), named `name`; `spec` gives its settings (python=, workers=)."""
+    node), named `name`; `spec` gives its settings (python=, workers=);
+    `cpus`, when known, the CPUs it may use (what "auto" workers means)."""
 
     spec: HostSpec
     name: str
     runner: Runner
+    cpus: int | None = None
 
 
 Target = HostSpec | CommandHost  # what the steps below act on
@@ -111,6 +113,7 @@ class HostSession:
         self.name = target_name(command or spec)
         self.ssh_config = ssh_config
         self.runner = command.runner if command else None
+        self.cpus = command.cpus if command else None
         if command is None and spec.kind == "slurm":
             raise BadHostSpec(
                 f"{spec.raw}: the nodes of a Slurm allocation are reached by "
@@ -118,9 +121,12 @@ class HostSession:
                 "cluster's functions: pass engines.slurm.command_hosts(spec)",
                 host=spec.raw,
             )
-        if command is not None or spec.is_local:
+        if command is not None:
             self.conn = None
             self.python = spec.python or sys.executable
+        elif spec.is_local:
+            self.conn = None
+            self.python = sys.executable
         else:
             self.conn = hostlib.connect(
                 spec, ssh_config=ssh_config, connect_timeout=connect_timeout
@@ -321,11 +327,12 @@ class HostSession:
     def start_workers(self, count: int | str = "auto") -> dict:
         """Start missing worker daemons (bootstrapping when needed): the
         host's own `workers=` setting, else `count`; with its `env.`
-        settings."""
+        settings. "auto": a command host's `cpus`, else the host's cores."""
         env = [a for k, v in self.spec.env for a in ("--env", f"{k}={v}")]
-        return self.manage_bootstrapped(
-            "start", "--count", str(self.spec.workers or count), *env
-        )
+        wanted = self.spec.workers or count
+        if wanted == "auto" and self.cpus is not None:
+            wanted = self.cpus
+        return self.manage_bootstrapped("start", "--count", str(wanted), *env)
 
     def close(self) -> None:
         if self.conn is not None:

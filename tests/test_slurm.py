@@ -348,7 +348,7 @@ _TASKS = """
 import json, subprocess, sys
 steps = [
     ["bootstrap"],
-    ["start-workers", "--workers-per-host=2"],
+    ["start-workers"],
     ["status"],
     ["clear-cache"],
     ["stop-workers"],
@@ -376,11 +376,12 @@ def test_the_host_tasks_act_on_the_nodes_of_the_allocation(
 ):
     """Inside salloc, every lifecycle task with --hosts=slurm runs on the
     allocation's node through srun, named by the node: the runtime sent
-    over srun's stdin, two daemons started and seen, stopped, none left."""
+    over srun's stdin, a daemon per allocated CPU (one, on a machine of
+    more) started and seen, stopped, none left."""
     script = tmp_path / "tasks.py"
     script.write_text(_TASKS)
     done = subprocess.run(
-        ["salloc", "--nodes=1", "--ntasks=1", f"--cpus-per-task={CPUS}", "--"]
+        ["salloc", "--nodes=1", "--ntasks=1", "--cpus-per-task=1", "--"]
         + [sys.executable, str(script)],
         env={**os.environ, "PYTHONPATH": REPO},
         cwd=REPO,
@@ -394,9 +395,9 @@ def test_the_host_tasks_act_on_the_nodes_of_the_allocation(
         assert status == 0, f"{name}: {out}{err}"
     node = cluster.node
     assert _row(steps[0][2], node)[-3] == "uploaded"  # bootstrap's runtime
-    assert _row(steps[1][2], node)[1:3] == ["2", "2"]  # started, running
-    assert _row(steps[2][2], node)[1] == "2"  # status: workers
-    assert _row(steps[4][2], node)[1::2] == ["2", "ok"]  # stop-workers: stopped
+    assert _row(steps[1][2], node)[1:3] == ["1", "1"]  # started, running
+    assert _row(steps[2][2], node)[1] == "1"  # status: workers
+    assert _row(steps[4][2], node)[1::2] == ["1", "ok"]  # stop-workers: stopped
     assert _row(steps[5][2], node)[1] == "0"  # status: none left
     assert not processes_mentioning(str(qjamfab_home))
 

@@ -309,14 +309,15 @@ def command_hosts(
     spec: HostSpec, env: Mapping[str, str] | None = None
 ) -> list[cluster.CommandHost]:
     """The nodes of the allocation this process runs in, as hosts the
-    lifecycle tasks reach through srun, named by their node. Outside an
+    lifecycle tasks reach through srun, named by their node, "auto" workers
+    the allocation's CPUs there (as for a Master). Outside an
     allocation, or given options (which would ask Slurm for a new one just
     to look at it), refused with what to do."""
     env = os.environ if env is None else env
     if spec.options or not env.get("SLURM_JOB_ID"):
         raise BadHostSpec(f"{spec.raw}: {TASKS_OUTSIDE}", host=spec.raw)
     return [
-        cluster.CommandHost(spec, node.name, node.run)
+        cluster.CommandHost(spec, node.name, node.run, node.cpus)
         for node in allocation_for(spec, env).node_list()
     ]
 
