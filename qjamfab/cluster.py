@@ -4,7 +4,9 @@
 runs workers with, and the runtime commands (`runtime/probe.py` before
 anything is uploaded, `runtime/manage.py` after). The functions at the
 bottom run one step on every host in parallel and return a `HostResult` per
-host, in the order given; one host failing never stops the others.
+host, in the order given; one host failing never stops the others. A host
+is a HostSpec (local, or SSH), or a `CommandHost`: one reached by running
+a command line (`srun` onto a Slurm node: `engines/slurm.py` makes them).
 
 Hosts run in a thread pool rather than a Fabric ThreadingGroup: each host
 needs its own sequence of steps, and a ThreadingGroup keys results by
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 import shlex
+import struct
 import subprocess
 import sys
 import time
@@ -54,6 +57,46 @@ class _NoRuntime(QjamfabError):
     """The host lacks this master's runtime bundle: bootstrap it."""
 
 
+Runner = Callable[[list[str], float, bytes], tuple[int, str, str]]
+"""Runs an argv on a host: (argv, timeout in seconds, its stdin) -> its exit
+status, stdout and stderr."""
+
+
+def run_command(
+    argv: list[str], timeout: float, stdin: bytes = b""
+) -> tuple[int, str, str]:
+    """argv here, as a Runner: exit status 127 when it is not found."""
+    try:
+        done = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout)
+    except FileNotFoundError:
+        return 127, "", "not found"
+    return (
+        done.returncode,
+        done.stdout.decode(errors="replace"),
+        done.stderr.decode(errors="replace"),
+    )
+
+
+@dataclass(frozen=True)
+class CommandHost:
+    """A host whose commands `runner` runs (e.g. through srun onto a Slurm
+    node), named `name`; `spec` gives its settings (python=, workers=);
+    `cpus`, when known, the CPUs it may use (what "auto" workers means)."""
+
+    spec: HostSpec
+    name: str
+    runner: Runner
+    cpus: int | None = None
+
+
+Target = HostSpec | CommandHost  # what the steps below act on
+
+
+def target_name(target: Target) -> str:
+    """A host's name in results and tables: a command host's, or its spec's."""
+    return target.name if isinstance(target, CommandHost) else target.raw
+
+
 class HostSession:
     """One host and the commands that set up and manage its workers."""
 
@@ -63,18 +106,26 @@ class HostSession:
         *,
         ssh_config: str | None = None,
         connect_timeout: float = 10.0,
+        command: CommandHost | None = None,
     ):
+        """`command`: the host is reached by its runner, not SSH; its
+        Python is the spec's python=, else this one (the same path)."""
         self.spec = spec
-        self.name = spec.raw
+        self.name = target_name(command or spec)
         self.ssh_config = ssh_config
-        if spec.kind == "slurm":
+        self.runner = command.runner if command else None
+        self.cpus = command.cpus if command else None
+        if command is None and spec.kind == "slurm":
             raise BadHostSpec(
-                f"{spec.raw}: the host tasks (bootstrap, start-workers, status, "
-                "clear-cache, stop-workers) do not reach Slurm nodes yet: use "
-                "Master('slurm') in the allocation; its workers end with it",
+                f"{spec.raw}: the nodes of a Slurm allocation are reached by "
+                "the tasks (inv status --hosts=slurm) run inside it, not by "
+                "cluster's functions: pass engines.slurm.command_hosts(spec)",
                 host=spec.raw,
             )
-        if spec.is_local:
+        if command is not None:
+            self.conn = None
+            self.python = spec.python or sys.executable
+        elif spec.is_local:
             self.conn = None
             self.python = sys.executable
         else:
@@ -90,18 +141,13 @@ class HostSession:
         transport = self.conn.client.get_transport()
         return transport is not None and transport.is_active()
 
-    def _python(self, args: list[str], timeout: float = 120.0) -> tuple[int, str, str]:
+    def _python(
+        self, args: list[str], timeout: float = 120.0, stdin: bytes = b""
+    ) -> tuple[int, str, str]:
+        """Our Python on the host; `stdin` only for local and command hosts."""
         if self.conn is None:
-            try:
-                done = subprocess.run(
-                    [self.python, *args],
-                    capture_output=True,
-                    text=True,
-                    timeout=timeout,
-                )
-            except FileNotFoundError:
-                done = subprocess.CompletedProcess(args, 127, "", "not found")
-            status, out, err = done.returncode, done.stdout, done.stderr
+            run = self.runner or run_command
+            status, out, err = run([self.python, *args], timeout, stdin)
         else:
             status, out, err = ssh_exec(
                 self.conn, shlex.join([self.python, *args]), timeout=timeout
@@ -146,7 +192,9 @@ class HostSession:
         info = self.preflight()
         info["runtime"] = "present"
         if not info["runtime_present"]:
-            if self.conn is None:
+            if self.runner is not None:
+                self._send_runtime()
+            elif self.conn is None:
                 runtime.ensure_local_bundle(info["base"])
             else:
                 root = f"{info['base']}/runtime"
@@ -162,6 +210,22 @@ class HostSession:
             info["packages"] = self.upload_packages(info, packages)
         return info
 
+    def _send_runtime(self) -> None:
+        """Install the bundle over the command's stdin, as an agent's boot
+        code takes it (the host may not share this machine's files); the
+        manage command it then runs, status, changes nothing."""
+        bundle = runtime.bundle_zip()
+        status, _, err = self._python(
+            ["-c", runtime.boot_code("manage", install=True), "status"],
+            stdin=struct.pack("!Q", len(bundle)) + bundle,
+        )
+        if status != 0:
+            raise HostError(
+                f"{self.name}: installing the runtime failed with exit status "
+                f"{status}: see the output below\n{tail(err)}",
+                host=self.name,
+            )
+
     def upload_packages(self, info: dict, dists: Sequence[Distribution]) -> dict:
         """`inv bootstrap --packages`: the same zips to the same place, over
         the session's SFTP, unpacked there by runtime/packages.py. `info` is
@@ -173,6 +237,9 @@ class HostSession:
             "on_host": [],
             "bytes": 0,
         }
+        if self.runner is not None:
+            report["note"] = "not sent (the node runs this Python: install there)"
+            return report
         if self.conn is None:
             report["note"] = "not needed (local workers run this Python)"
             return report
@@ -259,11 +326,12 @@ class HostSession:
     def start_workers(self, count: int | str = "auto") -> dict:
         """Start missing worker daemons (bootstrapping when needed): the
         host's own `workers=` setting, else `count`; with its `env.`
-        settings."""
+        settings. "auto": a command host's `cpus`, else the host's cores."""
         env = [a for k, v in self.spec.env for a in ("--env", f"{k}={v}")]
-        return self.manage_bootstrapped(
-            "start", "--count", str(self.spec.workers or count), *env
-        )
+        wanted = self.spec.workers or count
+        if wanted == "auto" and self.cpus is not None:
+            wanted = self.cpus
+        return self.manage_bootstrapped("start", "--count", str(wanted), *env)
 
     def close(self) -> None:
         if self.conn is not None:
@@ -282,7 +350,7 @@ class HostResult:
 
 
 def for_each_host(
-    hosts: Sequence[HostSpec],
+    hosts: Sequence[Target],
     step: Callable[[HostSession], dict],
     *,
     ssh_config: str | None = None,
@@ -296,26 +364,31 @@ def for_each_host(
     host's error, with its traceback in the debug log.
     """
 
-    def attempt(spec: HostSpec) -> HostResult:
+    def attempt(host: Target) -> HostResult:
         started = time.monotonic()
+        command, spec = (
+            (host, host.spec) if isinstance(host, CommandHost) else (None, host)
+        )
+        name = target_name(host)
         session = None
         try:
             session = HostSession(
-                spec, ssh_config=ssh_config, connect_timeout=connect_timeout
+                spec,
+                ssh_config=ssh_config,
+                connect_timeout=connect_timeout,
+                command=command,
             )
             info = step(session)
-            return HostResult(spec.raw, True, time.monotonic() - started, info)
+            return HostResult(name, True, time.monotonic() - started, info)
         except QjamfabError as exc:
-            return HostResult(
-                spec.raw, False, time.monotonic() - started, error=str(exc)
-            )
+            return HostResult(name, False, time.monotonic() - started, error=str(exc))
         except Exception as exc:  # a bug, not the host: keep the others
-            log.debug("%s: unexpected error", spec.raw, exc_info=True)
+            log.debug("%s: unexpected error", name, exc_info=True)
             return HostResult(
-                spec.raw,
+                name,
                 False,
                 time.monotonic() - started,
-                error=f"{spec.raw}: unexpected {type(exc).__name__}: {exc}: "
+                error=f"{name}: unexpected {type(exc).__name__}: {exc}: "
                 "run again with --verbose for the traceback, and "
                 "report it",
             )
@@ -323,8 +396,8 @@ def for_each_host(
             if session is not None:
                 session.close()
 
-    def one(spec: HostSpec) -> HostResult:
-        result = attempt(spec)
+    def one(host: Target) -> HostResult:
+        result = attempt(host)
         if on_result is not None:
             try:
                 on_result(result)
@@ -347,7 +420,7 @@ class HostOptions(TypedDict, total=False):
 
 
 def bootstrap(
-    hosts: Sequence[HostSpec],
+    hosts: Sequence[Target],
     packages: Sequence[Distribution] = (),
     **kw: Unpack[HostOptions],
 ) -> list[HostResult]:
@@ -356,7 +429,7 @@ def bootstrap(
 
 
 def start_workers(
-    hosts: Sequence[HostSpec], count: int | str = "auto", **kw: Unpack[HostOptions]
+    hosts: Sequence[Target], count: int | str = "auto", **kw: Unpack[HostOptions]
 ) -> list[HostResult]:
     return for_each_host(hosts, lambda s: s.start_workers(count), **kw)
 
@@ -365,18 +438,16 @@ def start_workers(
 # daemons of an earlier one.
 
 
-def status(hosts: Sequence[HostSpec], **kw: Unpack[HostOptions]) -> list[HostResult]:
+def status(hosts: Sequence[Target], **kw: Unpack[HostOptions]) -> list[HostResult]:
     return for_each_host(hosts, lambda s: s.manage_bootstrapped("status"), **kw)
 
 
-def clear_cache(
-    hosts: Sequence[HostSpec], **kw: Unpack[HostOptions]
-) -> list[HostResult]:
+def clear_cache(hosts: Sequence[Target], **kw: Unpack[HostOptions]) -> list[HostResult]:
     return for_each_host(hosts, lambda s: s.manage_bootstrapped("clear"), **kw)
 
 
 def stop_workers(
-    hosts: Sequence[HostSpec], **kw: Unpack[HostOptions]
+    hosts: Sequence[Target], **kw: Unpack[HostOptions]
 ) -> list[HostResult]:
     """Stop every worker daemon on these hosts; each host's answer comes
     once its daemons and their keepers have exited. Info: "stopped" (how

@@ -41,7 +41,6 @@ from collections.abc import Callable
 from invoke import Collection, Context, Exit
 
 from . import cluster, tables, text
-from .hostspec import HostSpec
 from .tasks_common import lifecycle, qjamfab_task, running_program, task_help
 from .tasks_run import run
 
@@ -133,7 +132,7 @@ def start_workers(
     count = _count(workers_per_host)
 
     def action(
-        specs: list[HostSpec],
+        specs: list[cluster.Target],
         /,
         *,
         ssh_config: str | None,
@@ -232,7 +231,7 @@ def status(
         ]
 
     def action(
-        specs: list[HostSpec],
+        specs: list[cluster.Target],
         /,
         *,
         ssh_config: str | None,

@@ -209,12 +209,26 @@ class Action(Protocol):
 
     def __call__(
         self,
-        specs: list[HostSpec],
+        specs: list[cluster.Target],
         /,
         *,
         ssh_config: str | None,
         on_result: Callable[[cluster.HostResult], None],
     ) -> list[cluster.HostResult]: ...
+
+
+def reach(specs: Sequence[HostSpec]) -> list[cluster.Target]:
+    """The hosts the tasks act on: each spec, but a "slurm" one is every
+    node of the allocation this runs in (run through srun)."""
+    reached: list[cluster.Target] = []
+    for spec in specs:
+        if spec.kind == "slurm":
+            from .engines import slurm  # only where Slurm is asked for
+
+            reached += slurm.command_hosts(spec)
+        else:
+            reached.append(spec)
+    return reached
 
 
 def lifecycle(
@@ -255,9 +269,12 @@ def lifecycle(
         ", ".join(s.raw for s in specs),
         ssh_config or "default",
     )
-    with tables.HostProgress(task_name, [s.raw for s in specs]) as shown:
+    reached = reach(specs)
+    with tables.HostProgress(
+        task_name, [cluster.target_name(t) for t in reached]
+    ) as shown:
         results = action(
-            specs,
+            reached,
             ssh_config=ssh_config,
             on_result=lambda r: shown.done(r, problem(r.info) if r.ok else ""),
         )

@@ -344,12 +344,93 @@ def test_cpus_per_node_reads_slurms_counts():
         cpus_per_node("a lot")
 
 
-def test_the_host_tasks_say_they_do_not_reach_slurm_yet():
+_TASKS = """
+import json, subprocess, sys
+steps = [
+    ["bootstrap"],
+    ["start-workers"],
+    ["status"],
+    ["clear-cache"],
+    ["stop-workers"],
+    ["status"],
+]
+said = []
+for step in steps:
+    done = subprocess.run(
+        [sys.executable, "-m", "invoke", *step, "--hosts=slurm"],
+        capture_output=True, text=True, timeout=60,
+    )
+    said.append([step[0], done.returncode, done.stdout, done.stderr])
+print(json.dumps(said))
+"""
+
+
+def _row(table: str, host: str) -> list[str]:
+    """The cells of `host`'s row in a task's plain-text table."""
+    (row,) = [line.split() for line in table.splitlines() if line.startswith(host)]
+    return row
+
+
+def test_the_host_tasks_act_on_the_nodes_of_the_allocation(
+    cluster, tmp_path, qjamfab_home
+):
+    """Inside salloc, every lifecycle task with --hosts=slurm runs on the
+    allocation's node through srun, named by the node: the runtime sent
+    over srun's stdin, a daemon per allocated CPU (one, on a machine of
+    more) started and seen, stopped, none left."""
+    script = tmp_path / "tasks.py"
+    script.write_text(_TASKS)
+    done = subprocess.run(
+        ["salloc", "--nodes=1", "--ntasks=1", "--cpus-per-task=1", "--"]
+        + [sys.executable, str(script)],
+        env={**os.environ, "PYTHONPATH": REPO},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+    steps = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, status, out, err in steps:
+        assert status == 0, f"{name}: {out}{err}"
+    node = cluster.node
+    assert _row(steps[0][2], node)[-3] == "uploaded"  # bootstrap's runtime
+    assert _row(steps[1][2], node)[1:3] == ["1", "1"]  # started, running
+    assert _row(steps[2][2], node)[1] == "1"  # status: workers
+    assert _row(steps[4][2], node)[1::2] == ["1", "ok"]  # stop-workers: stopped
+    assert _row(steps[5][2], node)[1] == "0"  # status: none left
+    assert not processes_mentioning(str(qjamfab_home))
+
+
+@pytest.mark.parametrize("hosts", ["slurm", "slurm:nodes=1,time=5"])
+@pytest.mark.timeout(60)
+def test_the_host_tasks_outside_an_allocation_say_to_run_inside_one(hosts):
+    """Outside an allocation, or asked for a new one, the tasks refuse in
+    one line (asking Slurm for nodes just to look at them would be wrong)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_JOB")}
+    done = subprocess.run(
+        [sys.executable, "-m", "invoke", "status", f"--hosts={hosts}"],
+        env={**env, "PYTHONPATH": REPO},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines()[0] == (
+        f"status failed: {hosts}: the host tasks reach the nodes of the Slurm "
+        "allocation they run in: run them inside it (salloc, sbatch), e.g. "
+        "salloc --nodes=2 inv status --hosts=slurm; they never ask Slurm for one"
+    )
+
+
+def test_cluster_functions_given_slurm_say_how_its_nodes_are_reached():
     (result,) = tasks.status(parse_hosts("slurm"))
     assert not result.ok
     assert result.error.startswith(
-        "slurm: the host tasks (bootstrap, start-workers, status, clear-cache, "
-        "stop-workers) do not reach Slurm nodes yet: use Master('slurm')"
+        "slurm: the nodes of a Slurm allocation are reached by the tasks "
+        "(inv status --hosts=slurm) run inside it"
     )
 
 

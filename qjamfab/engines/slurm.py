@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .. import runtime
+from .. import cluster, runtime
 from ..errors import BadHostSpec, HostUnreachable, PreflightFailed
 from ..hostspec import HostSpec
 from ..transport import ProcessTransport
@@ -45,6 +45,7 @@ __all__ = [
     "SlurmNode",
     "SrunTransport",
     "allocation_for",
+    "command_hosts",
     "cpus_per_node",
     "srun_argv",
 ]
@@ -54,6 +55,11 @@ log = logging.getLogger("qjamfab")
 SRUN_MISSING = (
     "Slurm's srun is not installed on this machine: run the Master on a "
     "Slurm login or compute node, or install Slurm's client commands"
+)
+TASKS_OUTSIDE = (
+    "the host tasks reach the nodes of the Slurm allocation they run in: run "
+    "them inside it (salloc, sbatch), e.g. salloc --nodes=2 inv status "
+    "--hosts=slurm; they never ask Slurm for one"
 )
 NOT_IN_ALLOCATION = (
     "'slurm' outside a Slurm allocation: run inside one (salloc, sbatch), or "
@@ -217,6 +223,17 @@ class SlurmNode:
             label, job_id, srun_argv(job_id, self.name, self.cpus, argv)
         )
 
+    def run(
+        self, argv: list[str], timeout: float, stdin: bytes
+    ) -> tuple[int, str, str]:
+        """`argv` as a one-task step on this node, to its end (a
+        cluster.Runner)."""
+        return cluster.run_command(
+            srun_argv(self.allocation.job_id, self.name, self.cpus, argv),
+            timeout,
+            stdin,
+        )
+
 
 def srun_argv(job_id: str, node: str, cpus: int, argv: list[str]) -> list[str]:
     """srun running argv as one task on node, its stdin and stdout a byte
@@ -286,6 +303,23 @@ def allocation_for(
             )
         return Allocation.from_env(job_id, nodelist, cpus)
     return request(options, clock)
+
+
+def command_hosts(
+    spec: HostSpec, env: Mapping[str, str] | None = None
+) -> list[cluster.CommandHost]:
+    """The nodes of the allocation this process runs in, as hosts the
+    lifecycle tasks reach through srun, named by their node, "auto" workers
+    the allocation's CPUs there (as for a Master). Outside an
+    allocation, or given options (which would ask Slurm for a new one just
+    to look at it), refused with what to do."""
+    env = os.environ if env is None else env
+    if spec.options or not env.get("SLURM_JOB_ID"):
+        raise BadHostSpec(f"{spec.raw}: {TASKS_OUTSIDE}", host=spec.raw)
+    return [
+        cluster.CommandHost(spec, node.name, node.run, node.cpus)
+        for node in allocation_for(spec, env).node_list()
+    ]
 
 
 def salloc_argv(options: Mapping[str, str]) -> list[str]:
