@@ -2,8 +2,9 @@
 
 This module owns the Executor side of a Master: the queue of submitted
 calls, the dispatcher thread that sends them to the workers as a stream of
-tasks (stream.py), how outcomes come back to futures, and the run lock that
-`Master.run` and the futures share.
+tasks (stream.py), and the run lock that `Master.run` and the futures
+share. A call and how its outcome reaches its future are
+futures_calls.py's; map's calls and its result iterator futures_map.py's.
 
 How a call travels
 ------------------
@@ -80,20 +81,17 @@ import collections
 import collections.abc
 import functools
 import logging
-import numbers
-import pickle
-import reprlib
 import threading
-import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import cloudpickle
 
 from . import futures_remote, serialize, text
-from .errors import BadJob, ExecutorShutdown, QjamfabError, RemoteError, WorkerLost
-from .runtime.calls import apply_chunk
+from .errors import BadJob, ExecutorShutdown, QjamfabError, WorkerLost
+from .futures_calls import Call, deliver, start, unpicklable
+from .futures_map import MapResults, check_chunksize, deadline_of, map_calls
 from .stream import BatchSizer, Failed, Finished, Lost, Outcome, TaskStream
 
 if TYPE_CHECKING:
@@ -108,63 +106,11 @@ _STATE_LOCK = threading.Lock()  # creates each Master's _ExecutorState once
 # again: short while a worker is idle (a submit goes out at once), longer
 # while all are busy (a submit waits for one anyway).
 _IDLE_TICK_S = 0.002
-# A map with chunksize=1 makes one call per item up to this many per
-# worker, chunks of items beyond: a future costs some µs, a pool's chunk
-# next to nothing (10,000 trivial items: 0.26 s as 10,000 calls).
-_MAP_CALLS_PER_WORKER = 64
 _BUSY_TICK_S = 0.05
 
 S = TypeVar("S")  # the Master a decorated method is called on
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-class _Call:
-    """One submit, or one chunk of a map (fn: apply_chunk)."""
-
-    __slots__ = ("fn", "args", "kwargs", "future", "kills", "alone", "what")
-
-    def __init__(self, fn: Callable, args: tuple, kwargs: dict | None, what: str):
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs or None
-        self.future: Future = Future()
-        self.kills: list[str] = []  # workers that died running it
-        self.alone = False  # in a task of its own (it may kill workers)
-        self.what = what  # "submit()" or "map()", for messages
-
-    def job(self) -> tuple:
-        return (self.fn, self.args, self.kwargs)
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(exc)
-
-    def describe(self) -> str:
-        if self.fn is apply_chunk:
-            fn, items = self.args
-            return f"a chunk of {len(items)} items of map({_name(fn)})"
-        args = [_SHOWN.repr(a) for a in self.args]
-        return f"{self.what[:-2]}({', '.join([_name(self.fn), *args])})"
-
-
-_SHOWN = reprlib.Repr()  # arguments, shortened, in messages
-_SHOWN.maxstring = _SHOWN.maxother = 30
-
-
-def _name(fn: object) -> str:
-    return getattr(fn, "__qualname__", None) or type(fn).__name__
-
-
-def _start(call: _Call) -> bool:
-    """Mark the call's future running; False if it was cancelled (its
-    waiters are told) or is done. A call sent again is running already."""
-    if call.future.running():
-        return True
-    try:
-        return call.future.set_running_or_notify_cancel()
-    except RuntimeError:  # done: it failed already
-        return False
 
 
 class _ExecutorState:
@@ -173,7 +119,7 @@ class _ExecutorState:
     def __init__(self) -> None:
         self.run_lock = threading.RLock()
         self.cond = threading.Condition()
-        self.queue: collections.deque[_Call] = collections.deque()
+        self.queue: collections.deque[Call] = collections.deque()
         self.thread: threading.Thread | None = None
         self.shut = False
         self.close_when_idle = False
@@ -181,7 +127,7 @@ class _ExecutorState:
         self.streaming = False  # the dispatcher holds the workers
         self.sizer = BatchSizer()
 
-    def enqueue(self, master: Any, calls: list[_Call]) -> None:
+    def enqueue(self, master: Any, calls: list[Call]) -> None:
         with self.cond:
             if self.shut:
                 raise ExecutorShutdown(
@@ -254,7 +200,7 @@ class _ExecutorState:
                 while self.queue:
                     call = self.queue.popleft()
                     if call.future.cancel():
-                        _start(call)  # tells wait() and as_completed()
+                        start(call)  # tells wait() and as_completed()
             thread = self.thread
             if thread is threading.current_thread():
                 self.close_when_idle = True  # shut down from a callback
@@ -277,7 +223,7 @@ class _Session:
     def __init__(self, master: Any, state: _ExecutorState):
         self.master = master
         self.state = state
-        self.again: collections.deque[_Call] = collections.deque()  # first
+        self.again: collections.deque[Call] = collections.deque()  # first
 
     def run(self) -> None:
         stream: TaskStream | None = None
@@ -293,7 +239,7 @@ class _Session:
                 *self.again,
                 *queued,
             ]:
-                if _start(call):
+                if start(call):
                     call.fail(exc)
 
     def _loop(self, stream: TaskStream) -> None:
@@ -330,9 +276,9 @@ class _Session:
         for outcome in outcomes:
             self._outcome(outcome)
 
-    def _take(self, idle: list, workers: int) -> list[list[_Call]]:
+    def _take(self, idle: list, workers: int) -> list[list[Call]]:
         """The next task's calls for each idle worker (under cond)."""
-        batches: list[list[_Call]] = []
+        batches: list[list[Call]] = []
         for _ in idle:
             batch = self._next_batch(workers)
             if not batch:
@@ -340,22 +286,22 @@ class _Session:
             batches.append(batch)
         return batches
 
-    def _next_batch(self, workers: int) -> list[_Call]:
+    def _next_batch(self, workers: int) -> list[Call]:
         again, queue = self.again, self.state.queue
         if again and again[0].alone:
             return [again.popleft()]
         n = self.state.sizer.next(len(again) + len(queue), workers)
-        batch: list[_Call] = []
+        batch: list[Call] = []
         for source in (again, queue):
             while source and len(batch) < n and not source[0].alone:
                 batch.append(source.popleft())
         return batch
 
-    def _payload(self, calls: list[_Call]) -> bytes | None:
+    def _payload(self, calls: list[Call]) -> bytes | None:
         """Mark the calls running (dropping cancelled ones) and pickle them;
         those that cannot be pickled fail with BadJob. None: nothing to
         send."""
-        calls[:] = [c for c in calls if _start(c)]
+        calls[:] = [c for c in calls if start(c)]
         serialize.register_local_modules()  # user modules travel by value
         try:
             return serialize.dumps_job([c.job() for c in calls]) if calls else None
@@ -367,7 +313,7 @@ class _Session:
                 serialize.dumps_job(call.job())
                 good.append(call)
             except Exception as exc:
-                call.fail(_unpicklable(call, exc))
+                call.fail(unpicklable(call, exc))
         calls[:] = good
         return serialize.dumps_job([c.job() for c in good]) if good else None
 
@@ -375,7 +321,7 @@ class _Session:
         task = outcome.task
         if isinstance(outcome, Finished):
             self.state.sizer.add(len(task.items), outcome.compute_s)
-            _deliver(task.items, outcome.payload)
+            deliver(task.items, outcome.payload)
         elif isinstance(outcome, Failed):
             for call in task.items:
                 call.fail(outcome.error)
@@ -482,7 +428,7 @@ class FuturesMixin(Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Run fn(*args, **kwargs) on a worker; its Future, at once."""
         _check_callable(fn, "submit")
-        call = _Call(fn, args, kwargs, "submit()")
+        call = Call(fn, args, kwargs, "submit()")
         _state(self).enqueue(self, [call])
         return call.future
 
@@ -497,33 +443,13 @@ class FuturesMixin(Executor):
         order, each as soon as it is in. chunksize: items per call; 1 (the
         default) lets qjamfab batch them adaptively."""
         _check_callable(fn, "map")
-        chunksize = _check_chunksize(chunksize)
-        deadline = (
-            None if timeout is None else time.monotonic() + _check_timeout(timeout)
-        )
-        for k, it in enumerate(iterables):
-            if not isinstance(it, collections.abc.Iterable):
-                raise TypeError(
-                    f"map() argument {k + 2} is {_a(type(it).__name__)}, "
-                    "which is not iterable: pass the function, then one "
-                    "iterable per parameter, e.g. m.map(f, range(10))"
-                )
-        items = list(zip(*iterables))
-        if not items:
+        chunksize = check_chunksize(chunksize)
+        deadline = deadline_of(timeout)
+        calls, chunked = map_calls(fn, iterables, chunksize, len(self.workers))
+        if not calls:
             return iter(())
-        if chunksize == 1:  # qjamfab chooses: one item a call, but in big maps
-            most = _MAP_CALLS_PER_WORKER * max(1, len(self.workers))
-            chunksize = max(1, len(items) // most)
-        if chunksize == 1:
-            calls = [_Call(fn, args, None, "map()") for args in items]
-        else:
-            calls = [
-                _Call(apply_chunk, (fn, items[a : a + chunksize]), None, "map()")
-                for a in range(0, len(items), chunksize)
-            ]
-        del items
         _state(self).enqueue(self, calls)
-        return _MapResults([c.future for c in calls], chunksize > 1, deadline)
+        return MapResults([c.future for c in calls], chunked, deadline)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Executor.shutdown: no new calls; cancel the queued ones if asked;
@@ -534,156 +460,15 @@ class FuturesMixin(Executor):
             self.close()
 
 
-class _MapResults(Iterator[Any]):
-    """map's iterator: closing it (or dropping it) cancels the items not
-    started, even before the first next()."""
-
-    def __init__(self, futures: list[Future], chunked: bool, deadline: float | None):
-        self._futures = futures
-        self._results = _results(futures, chunked, deadline)
-
-    def __next__(self) -> Any:
-        return next(self._results)
-
-    def close(self) -> None:
-        self._results.close()
-        for future in self._futures:
-            future.cancel()
-
-    __del__ = close
-
-
-def _results(
-    futures: list[Future], chunked: bool, deadline: float | None
-) -> Generator[Any]:
-    """map's results in order; none kept once yielded (the futures are
-    popped, the value never bound here)."""
-    futures.reverse()
-    try:
-        while futures:
-            if not chunked:
-                yield _result_or_cancel(futures.pop(), deadline)
-                continue
-            values, errors = pickle.loads(_result_or_cancel(futures.pop(), deadline))
-            values.reverse()
-            for i in range(len(values)):
-                if i in errors:
-                    raise _rebuild(errors[i])
-                yield values.pop()
-    finally:
-        for future in futures:
-            future.cancel()
-
-
-def _result_or_cancel(future: Future, deadline: float | None) -> Any:
-    try:
-        if deadline is None:
-            return future.result()
-        return future.result(deadline - time.monotonic())
-    finally:
-        future.cancel()  # a no-op once done
-
-
-def _deliver(calls: list[_Call], payload: Any) -> None:
-    """A task's RESULT (runtime/calls.py's pack): each call's outcome to its
-    future."""
-    try:
-        values, reports = pickle.loads(payload)
-    except Exception as exc:
-        err = RemoteError(
-            f"the results of {len(calls)} calls cannot be unpickled here "
-            f"({type(exc).__name__}: {exc}): return types this Python can "
-            "import (builtins, numpy, your own modules)"
-        )
-        for call in calls:
-            call.fail(err)
-        return
-    for i, call in enumerate(calls):
-        if call.future.done():
-            continue
-        if i in reports:
-            call.future.set_exception(_rebuild(reports[i]))
-        else:
-            call.future.set_result(values[i])
-        values[i] = None
-
-
-def _unpicklable(call: _Call, exc: Exception) -> BadJob:
-    err = BadJob(
-        f"the function or arguments given to {call.what} cannot be pickled "
-        f"({type(exc).__name__}: {exc}): pass a function and data that "
-        "cloudpickle can copy (no open files, locks, sockets, generators)"
-    )
-    err.__cause__ = exc
-    return err
-
-
-def _rebuild(report: tuple) -> BaseException:
-    """The remote exception, re-created, with a RemoteError as its cause;
-    or the RemoteError itself when it cannot be re-created."""
-    what, type_name, message, trace, where, blob = report
-    trace = text.with_source_lines(trace.rstrip())
-    if what == "result":
-        return RemoteError(
-            f"a task's result, {_a(type_name)}, cannot be pickled to go back "
-            f"to the master ({message}; on {where}): return data that "
-            f"pickle can copy\n--- remote error ---\n{trace}",
-            worker=where,
-            remote_type=type_name,
-            remote_traceback=trace,
-        )
-    remote = RemoteError(
-        f"a task raised {type_name}: {message} (on {where}); fix the "
-        f"function or its arguments\n--- remote traceback ---\n{trace}",
-        worker=where,
-        remote_type=type_name,
-        remote_traceback=trace,
-    )
-    try:
-        exc = pickle.loads(blob) if blob is not None else None
-    except Exception:
-        exc = None
-    if not isinstance(exc, BaseException):
-        return remote
-    exc.__cause__ = remote
-    return exc
-
-
 # --- checks ------------------------------------------------------------------
-
-
-def _a(noun: str) -> str:
-    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def _check_callable(fn: object, where: str) -> None:
     if not callable(fn):
         raise BadJob(
-            f"{where}() needs a function first, not {_a(type(fn).__name__)}: "
+            f"{where}() needs a function first, not {text.a_or_an(type(fn).__name__)}: "
             f"pass a callable, e.g. m.{where}(f, x)"
         )
-
-
-def _check_chunksize(chunksize: object) -> int:
-    if (
-        isinstance(chunksize, bool)
-        or not isinstance(chunksize, numbers.Integral)
-        or chunksize < 1
-    ):
-        raise ValueError(
-            f"chunksize must be a positive int, not {chunksize!r}: give the "
-            "items per call, or 1 (the default) to let qjamfab batch them"
-        )
-    return int(chunksize)
-
-
-def _check_timeout(timeout: object) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-        raise TypeError(
-            f"timeout must be a number of seconds or None, not "
-            f"{timeout!r}: e.g. timeout=30"
-        )
-    return float(timeout)
 
 
 __all__ = ["FuturesMixin", "exclusive", "closes_executor"]

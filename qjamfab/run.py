@@ -5,8 +5,10 @@ through what they send back, on the caller's thread: it supplies what a
 blocked worker lacks, books finished copies, re-plans the groups of a lost
 worker, and acts on the policy's decisions (policy.py: moves to workers
 that ran dry, backups of stragglers, coverage). Results flow in through
-results.py; runstats.py says what the run did. Time is read from
-`RunSettings.clock` only, so tests drive a run with a clock of their own.
+results.py, data goes out through supply.py, losses.py keeps what was
+lost and when the job is to blame; runstats.py says what the run did.
+Time is read from `RunSettings.clock` only, so tests drive a run with a
+clock of their own.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import display, policy, protocol, scheduler, serialize, text
+from . import display, policy, protocol, scheduler
 from . import results as result_flow
 from .dataset import BaseDataSet
 from .errors import ProtocolError, ReduceError, WorkerLost, describe_exit
+from .losses import Losses
 from .remote_errors import remote_error
 from .results import Node, ResultFlow, take_nodes
 from .runstats import RunStats, print_event_log
+from .supply import Supply
 from .workers import LOST, Event, Inbox, Link, WorkerHandle
 
 log = logging.getLogger("qjamfab")
@@ -119,7 +123,6 @@ class Run:
         self.params_parts = params_parts
         self.dataset = dataset
         self.refs = dataset.refs() if dataset is not None else None
-        self.ref_index: dict[str, int] | None = None  # built when data moves
         self.reduce = reduce
         self.open: dict[int, _Task] = {}  # task id -> live copy
         self.queues: dict[WorkerHandle, list[_Task]] = {h: [] for h in workers}
@@ -131,12 +134,7 @@ class Run:
         self.shown: dict[int, int] = {}  # group -> slices on the bar
         self.open_on: dict[Link, int] = {}  # open tasks per link
         self.times = policy.SliceTimes()
-        self.kills: dict[int, list[str]] = {}
-        # Workers lost in this run: (name, how, the slices it was running).
-        self.losses: list[tuple[str, str, list[int]]] = []
-        self.exits = 0  # of those, processes that exited while running the job
-        self.silent: set[Link] = set()  # lost to the heartbeat deadline
-        self.sent_refs: set[str] = set()
+        self.losses = Losses(over_dataset=self.refs is not None)
         self.params_sent: set[WorkerHandle] = set()  # have this run's params
         self.split = settings.split
         self.queued = 0  # open tasks not yet running
@@ -148,6 +146,7 @@ class Run:
         self.counters = {x: (x.bytes_sent, x.bytes_received) for x in self.links}
         self.started = self.clock()
         self.stats = RunStats(workers=len(workers))
+        self.supply = Supply(dataset, self.refs, func_hash, func_bytes, self.stats)
 
     def execute(self) -> object:
         if self.refs is None:
@@ -200,7 +199,9 @@ class Run:
             if not tree.complete:
                 self.results.nodes.close()  # an interrupted run: free its files
         if self.refs is not None and self.settings.replicas > 1:
-            self._replicate(self.refs)
+            self.supply.replicate(
+                self.workers, self.settings.replicas, self._send_failed
+            )
         return tree.result()
 
     def split_next(self) -> bool:
@@ -365,7 +366,7 @@ class Run:
             if self._finished(task, head):
                 self._deliver([task], take_nodes(parts))
         elif kind == protocol.ERROR:
-            raise remote_error(handle, self._slice_names(task.slices), head)
+            raise remote_error(handle, self.losses.names(task.slices), head)
         else:
             raise ProtocolError(
                 f"worker {handle.name} sent an unexpected "
@@ -380,48 +381,11 @@ class Run:
             self._send_failed(task.worker, exc)
 
     def _supply(self, handle: WorkerHandle, head: dict) -> None:
-        """The worker is blocked: send the function and slices it lacks
-        (a slice once per host: its agent stores it for all its workers)."""
-        if head.get("func"):
-            handle.send(protocol.FUNC, {"hash": self.func_hash}, [self.func_bytes])
-        if head.get("damaged"):
-            self.stats.damaged_slices += len(head["damaged"])
-            log.warning(
-                "worker %s found %s damaged in its cache: sent again",
-                handle.name,
-                text.plural(len(head["damaged"]), "slice"),
-            )
-        link = handle.link
-        for ref in head.get("refs") or ():
-            if (
-                link.agent
-                and ref in self.sent_refs
-                and all(ref in h.refs for h in link.handles.values())
-            ):
-                continue  # on its way to the host already
-            self._supply_slice(handle, ref)
+        """The worker is blocked: send what it lacks (supply.py)."""
+        self.supply.blocked(handle, head)
         task = self.open.get(head["task"])
         if task is not None:
             task.started = self.clock()  # transfer time is not slowness
-
-    def _send_slice(self, handle: WorkerHandle, ref: str) -> int:
-        # Only a run over a dataset has slices to send.
-        assert self.dataset is not None and self.refs is not None
-        if self.ref_index is None:
-            self.ref_index = {r: i for i, r in enumerate(self.refs)}
-        i = self.ref_index[ref]
-        payload = serialize.encode_slice(self.dataset.slice(i), i)
-        size = handle.send(protocol.REFS, {"ref": ref}, payload)
-        del payload
-        self.dataset.release(i)
-        for other in handle.link.handles.values() if handle.link.agent else (handle,):
-            other.refs.add(ref)  # on the host's disk: any worker there
-        return size
-
-    def _supply_slice(self, handle: WorkerHandle, ref: str) -> None:
-        self.stats.dataset_bytes_sent += self._send_slice(handle, ref)
-        self.sent_refs.add(ref)
-        self.stats.slices_sent += 1
 
     def _finished(self, task: _Task, head: dict) -> bool:
         """Book a finished copy; whether it wins its group."""
@@ -466,7 +430,7 @@ class Run:
         )
         if self.refs is not None:
             self.stats.slices_cached += sum(
-                self.refs[i] not in self.sent_refs for i in slices
+                self.refs[i] not in self.supply.sent_refs for i in slices
             )
 
     # --- balance --------------------------------------------------------
@@ -505,7 +469,7 @@ class Run:
             if decision.backup:
                 log.info(
                     "backup copy of %s on %s: %s is slow",
-                    self._slice_names(task.slices),
+                    self.losses.names(task.slices),
                     handle.name,
                     task.worker.name,
                 )
@@ -521,38 +485,6 @@ class Run:
         if self.refs is None:
             return 0
         return sum(self.refs[i] in handle.refs for i in task.slices)
-
-    def _replicate(self, refs: list[str]) -> None:
-        """Place a second copy of each slice on a worker of another host."""
-        live = [h for h in self.workers if h.alive]
-        for i, ref in enumerate(refs):
-            holders = [h for h in live if ref in h.refs]
-            if not holders or len(holders) >= self.settings.replicas:
-                continue
-            hosts = {h.host for h in holders}
-            others = [h for h in live if h not in holders]
-            elsewhere = [h for h in others if h.host not in hosts]
-            choices = elsewhere or others
-            if choices:
-                target = choices[i % len(choices)]
-                try:
-                    self.stats.replica_bytes_sent += self._send_slice(target, ref)
-                except WorkerLost as exc:
-                    self._send_failed(target, exc)
-
-    def _losses_said(self) -> str:
-        """Each worker lost in this run, how, and what it was running."""
-        return "; ".join(
-            f"{name}: {how}" + (f", {self._slice_names(s)}" if s else "")
-            for name, how, s in self.losses
-        )
-
-    def _slice_names(self, slices: list[int]) -> str:
-        if self.refs is None:
-            return "mapfunc(params, None)"
-        return f"dataset slice{'s' if len(slices) > 1 else ''} " + ", ".join(
-            map(str, slices)
-        )
 
     # --- loss -----------------------------------------------------------
 
@@ -591,7 +523,6 @@ class Run:
 
     def _host_silent(self, link: Link) -> None:
         """The whole stream went silent: it is closed, its workers lost."""
-        self.silent.add(link)
         for event in link.lost(
             f"no heartbeat for {self.settings.heartbeat_timeout:g} s", died=False
         ):
@@ -635,40 +566,9 @@ class Run:
             self.stats.lost_workers.append(handle.name)
         detail = describe_exit(status) if status is not None else reason
         running = lost_tasks[0].slices if lost_tasks else []
-        self.losses.append((handle.name, detail, running))
         for task in lost_tasks:
             self._close(task)
-        # Only the task it was running can have killed it, and only if it
-        # died: a host that went silent says nothing about the slice.
-        for i in lost_tasks[0].slices if died and lost_tasks else ():
-            self.kills.setdefault(i, []).append(handle.name)
-            if len(self.kills[i]) >= 2:
-                raise WorkerLost(
-                    f"{self._slice_names([i])} killed workers "
-                    f"{' and '.join(self.kills[i])} (last: {detail}): fix "
-                    f"mapfunc for this input; the workers are restarted for "
-                    f"the next run{text.stderr_tail(handle.name, tail)}",
-                    worker=handle.name,
-                    exit_status=status,
-                    stderr_tail=tail,
-                )
-        # A process that exited (not killed by a signal) while running the
-        # job was ended by the job: twice in a run, on any slices, is the
-        # job's doing, not bad luck, and would take every worker down.
-        if died and running and status is not None and status >= 0:
-            self.exits += 1
-            if self.exits >= 2:
-                raise WorkerLost(
-                    f"the job ended {self.exits} workers by exiting while "
-                    f"running mapfunc ({self._losses_said()}): mapfunc (or "
-                    f"what it calls) exits its process, with sys.exit, "
-                    f"os._exit or exit(): fix mapfunc so it returns or "
-                    f"raises; the workers are restarted for the next run"
-                    f"{text.stderr_tail(handle.name, tail)}",
-                    worker=handle.name,
-                    exit_status=status,
-                    stderr_tail=tail,
-                )
+        self.losses.record(handle.name, detail, running, died, status, tail)
         self._cover(lost_tasks + parked, handle.name, detail, status, tail)
         self.results.next_big()
 
@@ -700,27 +600,14 @@ class Run:
     ) -> None:
         survivors = [h for h in self.workers if h.alive]
         if slices and not survivors:
-            what = (
-                f"worker {name} was lost ({detail}) running {self._slice_names(slices)}"
-                if len(self.losses) <= 1
-                else f"workers were lost ({self._losses_said()}) with "
-                f"{self._slice_names(slices)} still to run"
-            )
-            raise WorkerLost(
-                f"{what}, and no worker is left: they are "
-                f"restarted for the next run; check the job and the hosts"
-                f"{text.stderr_tail(name, tail)}",
-                worker=name,
-                exit_status=status,
-                stderr_tail=tail,
-            )
+            raise self.losses.none_left(name, detail, slices, status, tail)
         if not slices:
             return
         log.warning(
             "worker %s lost (%s); re-running %s on the others",
             name,
             detail,
-            self._slice_names(slices),
+            self.losses.names(slices),
         )
         busy = {h.name: len(q) for h, q in self.queues.items()}
         by_name = {h.name: h for h in survivors}

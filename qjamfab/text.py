@@ -77,6 +77,11 @@ def plural(n: int, word: str, words: str | None = None) -> str:
     return f"{n} {word if n == 1 else (words or word + 's')}"
 
 
+def a_or_an(noun: str) -> str:
+    """a_or_an("int") -> "an int"; a_or_an("list") -> "a list"."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
 def first_line(
     text: str | BaseException, host: str = "", limit: int | None = None
 ) -> str:

@@ -23,7 +23,7 @@ import pytest
 
 from qjamfab import protocol, runtime
 from qjamfab.errors import ProtocolError
-from qjamfab.runtime import worker as worker_module
+from qjamfab.runtime import serving
 from tests.daemon_client import Daemon, job, result_value, serves, task_head
 
 pytestmark = pytest.mark.timeout(60)
@@ -141,7 +141,7 @@ def test_a_declared_4_gib_part_costs_no_memory_until_it_comes(daemon, kind):
 
 def test_a_part_bigger_than_free_memory_is_refused(daemon):
     available = protocol.available_memory()
-    if available is None or 2 * available > worker_module._MAX_PART:
+    if available is None or 2 * available > serving._MAX_PART:
         pytest.skip("MemAvailable is unknown or above the part limit here")
     head_bytes = protocol.encode_head({"hash": "h"})
     client = daemon.connect()
@@ -183,7 +183,7 @@ def test_a_client_that_says_nothing_delays_no_one_and_is_dropped(daemon):
         assert silent.closed_by_peer(within=1)
         assert slow.closed_by_peer(within=1)
         # With no one claiming, each is dropped after the claim wait.
-        wait = worker_module._CLAIM_WAIT_S
+        wait = serving._CLAIM_WAIT_S
         t0 = time.monotonic()
         for client in [daemon.connect(claim=False) for _ in range(2)]:
             assert client.closed_by_peer(within=wait + 3)

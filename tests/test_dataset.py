@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from qjamfab import dataset as ds_mod
+from qjamfab.content_refs import content_ref
 from qjamfab.dataset import (
     SLICES_PER_WORKER,
     ArrayDataSet,
@@ -20,7 +21,6 @@ from qjamfab.dataset import (
     ListDataSet,
     NpyFileDataSet,
     TextMatrixDataSet,
-    content_ref,
 )
 from qjamfab.errors import BadDataSet
 

@@ -28,7 +28,8 @@ from ..foreign import mapped
 from ..runtime import secure_dir
 from ..runtime.cache import RefCache
 from ..runtime.capture import Capture
-from ..runtime.worker import Channel, Worker
+from ..runtime.serving import Channel
+from ..runtime.worker import Worker
 from ..transport import Transport
 
 

@@ -10,9 +10,8 @@ one sshd session and one agent, whatever its worker count.
 
 What it does besides passing frames on:
 
-- ATTACH: claims daemons for this session (a lock file per daemon slot,
-  held while attached, so two sessions never share one), starts missing
-  ones, and forwards each one's HELLO.
+- ATTACH: claims daemons for this session, starts missing ones
+  (daemons.py), and forwards each one's HELLO.
 - REFS: a slice goes into the host's cache once, and every daemon is told
   it is there: a slice crosses the network once per host.
 - TASK with `hold`: the result stays here; the master is told "done", and
@@ -30,23 +29,19 @@ waits on it. Exit when the stream ends: daemons stay up, with their cache.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import select
 import socket
 import sys
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from .. import protocol
 from . import (
+    daemons,
     default_base,
-    host_dir,
     manage,
     pid_alive,
-    process_running,
     read_tail,
     secure_dir,
     secure_host_dir,
@@ -56,73 +51,14 @@ from . import (
     write_locked,
 )
 from .cache import RefCache
+from .daemons import Daemon, Peer
 from .lru import JobCache, job_budget
 from .packages import AgentPackages
 from .pins import CacheLimitError, cache_limit, parse_size
 from .probe import platform_info
 from .task import combine, error_fields, load_job
 
-_CONNECT_WAIT_S = 15.0  # for a daemon to say "ready"
 _STALE_AFTER_S = 1.5 * protocol.HEARTBEAT_INTERVAL_S
-
-
-class _Peer:
-    """One end the agent reads frames from and queues writes to."""
-
-    def __init__(
-        self, read_fd: int, write_fd: int, readinto: Callable[[memoryview], int]
-    ):
-        self.read_fd = read_fd
-        self.write_fd = write_fd
-        self.reader = protocol.FrameReader(readinto)
-        self.out: deque[memoryview] = deque()  # waiting to be written
-        self.closed = False
-
-    def queue(self, buffers: list) -> None:
-        self.out.extend(
-            memoryview(b).cast("B") for b in buffers if memoryview(b).nbytes
-        )
-
-    def flush(self) -> None:
-        """Write what the far end takes now, without blocking."""
-        while self.out:
-            try:
-                n = os.writev(self.write_fd, list(self.out)[:512])
-            except BlockingIOError:
-                return
-            while n:
-                if n >= len(self.out[0]):
-                    n -= len(self.out.popleft())
-                else:
-                    self.out[0] = self.out[0][n:]
-                    n = 0
-
-
-class _Daemon(_Peer):
-    """A daemon this session claimed: its socket and what it said."""
-
-    def __init__(
-        self, index: int, slot: int, sock: socket.socket, info: dict, lock_fd: int
-    ):
-        # Writes are queued (non-blocking); a read takes a whole frame,
-        # waiting inside it: the daemon writes frames whole.
-        sock.setblocking(False)
-        super().__init__(sock.fileno(), sock.fileno(), _blocking_recv(sock))
-        self.index = index  # the worker's number in the master's view
-        self.slot = slot  # worker-<slot> on this host
-        self.sock = sock
-        self.info = info
-        self.lock_fd = lock_fd
-        self.last_seen = time.monotonic()
-
-    def running(self) -> bool:
-        """Seen from outside: its process exists and is not stopped."""
-        return process_running(self.info["pid"])
-
-    def close(self) -> None:
-        self.closed = True
-        self.sock.close()
-        os.close(self.lock_fd)
 
 
 class _HandedOver(Exception):
@@ -133,10 +69,10 @@ class Agent:
     def __init__(self, base: str, master_in: int, master_out: int):
         self.base = base
         reader = os.fdopen(master_in, "rb", buffering=0, closefd=False)
-        self.master = _Peer(master_in, master_out, reader.readinto)
+        self.master = Peer(master_in, master_out, reader.readinto)
         os.set_blocking(master_out, False)
         self.cache = RefCache(os.path.join(base, "cache"))
-        self.daemons: dict[int, _Daemon] = {}
+        self.daemons: dict[int, Daemon] = {}
         self.funcs: JobCache[bytes] = JobCache(job_budget())  # for COLLECT
         self.run_func: str | None = None  # the job of self.run
         self.holding: set[int] = set()  # held tasks not yet done
@@ -194,21 +130,6 @@ class Agent:
                 self.avoid.add(self.daemons[k].slot)
                 self.daemons.pop(k).close()
         idle = float(head.get("idle_timeout", 3600.0))
-        run = host_dir(self.base)  # claims are this host's own
-        claimed: list[tuple[int, int, int]] = []  # (index, slot, lock fd)
-        slot = 0
-        for index in indices:
-            while True:
-                fd = (
-                    None
-                    if slot in self.avoid
-                    else _try_lock(os.path.join(run, f"worker-{slot}.lock"))
-                )
-                slot += 1
-                if fd is not None:
-                    claimed.append((index, slot - 1, fd))
-                    break
-        manage.stop_other_runtimes(self.base)
         template = head.get("env") or {}
         if template.get("QJAMFAB_JOB_CACHE"):  # the host's setting (env.NAME=)
             try:
@@ -217,46 +138,12 @@ class Agent:
                 )
             except CacheLimitError:
                 pass  # its daemons do not start, and say why
-        envs = {s: manage.worker_env(template, i) for i, s, _ in claimed}
-        # A claimed daemon run by another Python (QJAMFAB_REMOTE_PYTHON
-        # changed) or with other env. settings is replaced.
-        manage.stop_daemons(
-            self.base,
-            [
-                w
-                for w in manage.live_workers(self.base)
-                if w["slot"] in envs
-                and (
-                    manage.cmdline(w["pid"]).split(" ", 1)[0] != sys.executable
-                    or manage.env_differs(w["pid"], envs[w["slot"]])
-                    or self.packages.conflicts(w)
-                )
-            ],
+        attached, failed = daemons.attach(
+            self.base, indices, self.avoid, idle, template, self.packages.conflicts
         )
-        alive = {w["name"] for w in manage.live_workers(self.base)}
-        missing = [s for _, s, _ in claimed if f"worker-{s}" not in alive]
-        failed: dict[int, str] = {}
-        not_started = set(manage.start_slots(self.base, missing, idle, envs))
-        for index, slot, fd in claimed:
-            if slot in not_started:
-                os.close(fd)
-                failed[index] = (
-                    f"worker-{slot} did not start in "
-                    f"{manage.START_WAIT_S:g} s: " + _daemon_log(self.base, slot)
-                )
-                continue
-            try:
-                try:
-                    self.daemons[index] = self._connect(index, slot, fd)
-                except OSError:
-                    # It ended as we came (a task its last session left
-                    # ended it): start a fresh one.
-                    if manage.start_slots(self.base, [slot], idle, envs):
-                        raise
-                    self.daemons[index] = self._connect(index, slot, fd)
-            except OSError as exc:
-                os.close(fd)
-                failed[index] = f"worker-{slot}: {exc}"
+        for daemon, hello in attached:
+            self.daemons[daemon.index] = daemon
+            self.tell(protocol.HELLO, hello, worker=daemon.index)
         self.packages.tell_daemons(self.daemons.values())
         # One worker has nothing to combine or share with: the daemon takes
         # the stream itself (two fewer hops per frame), and the agent only
@@ -279,7 +166,7 @@ class Agent:
         if direct:
             self.hand_over(next(iter(self.daemons.values())))
 
-    def hand_over(self, daemon: _Daemon) -> None:
+    def hand_over(self, daemon: Daemon) -> None:
         """Give the daemon the master's stream (SCM_RIGHTS, once it says it
         is ready for it), then wait for its connection to end: a GONE frame
         then says how it ended, and the agent exits."""
@@ -314,7 +201,7 @@ class Agent:
             pass  # the master hung up first: nobody to tell
         raise _HandedOver
 
-    def _beat_for(self, daemon: _Daemon, lock: int) -> None:
+    def _beat_for(self, daemon: Daemon, lock: int) -> None:
         """Until the daemon's connection ends: its heartbeats, from outside
         its interpreter, while its process runs (stopped or gone: none).
         A C call holding its GIL stops its own thread, not these."""
@@ -333,26 +220,6 @@ class Agent:
                     write_locked(lock, lambda v: os.writev(write_fd, v), beat)
                 except OSError:
                     beating = False  # the master hung up: the daemon ends next
-
-    def _connect(self, index: int, slot: int, lock_fd: int) -> _Daemon:
-        """Connect to daemon worker-<slot>, claim it ("serve") and forward
-        its HELLO as worker `index`."""
-        path = manage.socket_path(self.base, slot)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(_CONNECT_WAIT_S)
-            sock.connect(path)
-            reader = protocol.FrameReader(sock.recv_into)
-            info = json.loads(reader.read_line(4096))
-            sock.sendall(b"serve\n")
-            kind, _, hello, _ = reader.read()
-            if kind != protocol.HELLO or reader.buffered():
-                raise OSError("the daemon did not say HELLO")
-        except (OSError, ValueError, EOFError, protocol.ProtocolError) as exc:
-            sock.close()
-            raise OSError(f"cannot attach to {path}: {exc}") from exc
-        self.tell(protocol.HELLO, hello, worker=index)
-        return _Daemon(index, slot, sock, info, lock_fd)
 
     # --- frames from the master -------------------------------------------
 
@@ -470,7 +337,7 @@ class Agent:
 
     # --- frames from daemons ----------------------------------------------
 
-    def from_daemon(self, daemon: _Daemon) -> None:
+    def from_daemon(self, daemon: Daemon) -> None:
         try:
             kind, _, head, parts = daemon.reader.read()
         except (EOFError, OSError, protocol.ProtocolError) as exc:
@@ -506,7 +373,7 @@ class Agent:
             self.holding.discard(task)
         self.tell(kind, head, parts, worker=daemon.index)
 
-    def gone(self, daemon: _Daemon, reason: str) -> None:
+    def gone(self, daemon: Daemon, reason: str) -> None:
         """The daemon's connection ended: say how, with its own exit
         status when it died (its keeper records it, keeper.py)."""
         daemon.close()
@@ -514,7 +381,7 @@ class Agent:
         pid = daemon.info.get("pid")
         tail, status = "", None
         if pid:
-            status = _exit_status(self.base, daemon.slot, pid)
+            status = daemons.exit_status(self.base, daemon.slot, pid)
             if status is not None or not pid_alive(pid):
                 tail = read_tail(daemon.info.get("log", ""), 4096)
         self.tell(
@@ -575,55 +442,6 @@ class Agent:
                         while not daemon.closed and daemon.reader.buffered():
                             self.from_daemon(daemon)
             self.beat()
-
-
-def _blocking_recv(sock: socket.socket) -> Callable[[memoryview], int]:
-    """recv_into that waits for data on a non-blocking socket."""
-
-    def readinto(view: memoryview) -> int:
-        while True:
-            try:
-                return sock.recv_into(view)
-            except BlockingIOError:
-                select.select([sock], [], [])
-
-    return readinto
-
-
-def _try_lock(path: str) -> int | None:
-    """An exclusive lock on path, or None when another session holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _exit_status(base: str, slot: int, pid: int) -> int | None:
-    """The exit status daemon `pid` in `slot` ended with, as its keeper
-    recorded it; None when it is still running (waits 1 s for the record)."""
-    path = os.path.join(host_dir(base), f"worker-{slot}.exit")
-    deadline = time.monotonic() + 1.0
-    while True:
-        try:
-            with open(path) as f:
-                record = json.load(f)
-            if record.get("pid") == pid:
-                return int(record["status"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        if time.monotonic() > deadline or (
-            pid_alive(pid) and time.monotonic() > deadline - 0.8
-        ):
-            return None
-        time.sleep(0.02)
-
-
-def _daemon_log(base: str, slot: int) -> str:
-    text = read_tail(os.path.join(host_dir(base), f"worker-{slot}.daemon"), 2048)
-    return text.strip().splitlines()[-1] if text.strip() else "no output"
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ offset: one copy of the data (the page cache), whether it just arrived or a
 restarted worker, or another worker on the same host, finds it on disk.
 
 A slice is its hash. A ref is the master's sha256 of the slice's content
-(dataset.py's content_ref). The worker does not recompute it: a text
+(content_refs.py's content_ref). The worker does not recompute it: a text
 matrix's ref hashes its text, not the array the worker gets, and other
 objects' refs hash a protocol-4 pickle that cannot be rebuilt byte for byte
 from the protocol-5 stream that arrives. Instead, when the file is written

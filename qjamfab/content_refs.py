@@ -1,0 +1,100 @@
+"""Content refs: a slice's name, the sha256 of its content.
+
+Equal content has equal refs in any process on any machine, so a worker's
+cache is keyed by them (runtime/cache.py). Arrays hash their dtype, shape
+and bytes; a text matrix's rows hash their bytes (parsing is a pure
+function of them); anything else hashes its pickle. Each kind is tagged,
+so two kinds never share a ref.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import pickle
+import types
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from qjamfab.errors import BadDataSet
+
+_HASH_BLOCK = 8 << 20  # arrays larger than this hash their blocks in parallel
+_ARRAY_TAG = b"qjamfab-ndarray\0"
+_PICKLE_TAG = b"qjamfab-pickle4\0"
+_TEXT_TAG = b"qjamfab-textrows\0"
+
+
+def content_ref(obj: Any) -> str:
+    """Hex sha256 of a slice's content, equal for equal content anywhere.
+
+    Arrays hash dtype, shape and C-order bytes (no copy when contiguous),
+    over 8 MiB as the digests of their 8 MiB blocks, hashed in parallel;
+    anything else hashes its protocol-4 pickle.
+    """
+    h = hashlib.sha256()
+    if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
+        # Object arrays hold pointers, so they go through pickle instead.
+        h.update(_ARRAY_TAG)
+        # dtype_to_descr is dtype.str for plain dtypes and keeps field names
+        # for structured ones (where dtype.str is just '|V<n>').
+        descr = np.lib.format.dtype_to_descr(obj.dtype)
+        h.update(f"{descr!r}{obj.shape!r}\0".encode())
+        data = np.ascontiguousarray(obj).reshape(-1).view(np.uint8)
+        if len(data) <= _HASH_BLOCK:
+            h.update(data.data)  # its memoryview: numpy's stubs for 3.11 lack Buffer
+        else:
+            # A tree: the digests of its blocks, hashed on every core.
+            h.update(b"blocks\0")
+            blocks = [
+                data[i : i + _HASH_BLOCK] for i in range(0, len(data), _HASH_BLOCK)
+            ]
+            for digest in _hash_pool().map(_block_digest, blocks):
+                h.update(digest)
+        return h.hexdigest()
+    h.update(_PICKLE_TAG)
+    try:
+        _pickle_into(h, obj, fast=True)
+    except ValueError:
+        # Fast mode refuses cyclic objects; the ordinary pickle is still
+        # deterministic, only sensitive to which equal objects are shared.
+        h = hashlib.sha256(_PICKLE_TAG)
+        _pickle_into(h, obj, fast=False)
+    return h.hexdigest()
+
+
+def text_rows_ref(data: bytes) -> str:
+    """Hex sha256 of a text matrix's rows, from their bytes."""
+    h = hashlib.sha256(_TEXT_TAG)
+    h.update(data)
+    return h.hexdigest()
+
+
+def _block_digest(block: np.ndarray) -> bytes:
+    return hashlib.sha256(block.data).digest()  # releases the GIL
+
+
+@functools.lru_cache(maxsize=1)
+def _hash_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(
+        max_workers=os.cpu_count() or 1, thread_name_prefix="qjamfab-hash"
+    )
+
+
+def _pickle_into(h: Any, obj: Any, *, fast: bool) -> None:
+    """Stream obj's pickle into hash h without building the bytes.
+
+    Fast mode turns off the memo, so two equal objects pickle the same
+    whether or not they share sub-objects.
+    """
+    pickler = pickle.Pickler(types.SimpleNamespace(write=h.update), protocol=4)
+    pickler.fast = fast
+    try:
+        pickler.dump(obj)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        raise BadDataSet(
+            f"a {type(obj).__name__} slice cannot be pickled ({exc}): keep "
+            "slices to plain data (numbers, str, lists, numpy arrays)"
+        ) from exc

@@ -1,0 +1,103 @@
+"""A run's data supply: what a blocked worker lacks, and replicas.
+
+A worker that lacks the run's function or some of its slices says so and
+waits; `Supply` sends them, a slice once per host (its agent stores it
+for all its workers there). After a run over a dataset it places a second
+copy of each slice on a worker of another host (`RunSettings.replicas`).
+What it sent is counted in the run's `RunStats`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from . import protocol, serialize, text
+from .dataset import BaseDataSet
+from .errors import WorkerLost
+from .runstats import RunStats
+from .workers import WorkerHandle
+
+log = logging.getLogger("qjamfab")
+
+
+class Supply:
+    """Sends one run's function and slices to the workers that lack them."""
+
+    def __init__(
+        self,
+        dataset: BaseDataSet | None,
+        refs: list[str] | None,
+        func_hash: str,
+        func_bytes: bytes,
+        stats: RunStats,
+    ):
+        self.dataset = dataset
+        self.refs = refs
+        self.func_hash = func_hash
+        self.func_bytes = func_bytes
+        self.stats = stats
+        self.sent_refs: set[str] = set()  # slices this run sent
+        self._index: dict[str, int] | None = None  # built when data moves
+
+    def blocked(self, handle: WorkerHandle, head: dict) -> None:
+        """The worker is blocked (its STATE head says on what): send the
+        function and the slices it lacks. Raises WorkerLost if a send fails."""
+        if head.get("func"):
+            handle.send(protocol.FUNC, {"hash": self.func_hash}, [self.func_bytes])
+        if head.get("damaged"):
+            self.stats.damaged_slices += len(head["damaged"])
+            log.warning(
+                "worker %s found %s damaged in its cache: sent again",
+                handle.name,
+                text.plural(len(head["damaged"]), "slice"),
+            )
+        link = handle.link
+        for ref in head.get("refs") or ():
+            if (
+                link.agent
+                and ref in self.sent_refs
+                and all(ref in h.refs for h in link.handles.values())
+            ):
+                continue  # on its way to the host already
+            self.stats.dataset_bytes_sent += self._send_slice(handle, ref)
+            self.sent_refs.add(ref)
+            self.stats.slices_sent += 1
+
+    def replicate(
+        self,
+        workers: list[WorkerHandle],
+        replicas: int,
+        send_failed: Callable[[WorkerHandle, WorkerLost], None],
+    ) -> None:
+        """Place a second copy of each slice on a worker of another host."""
+        assert self.refs is not None  # only a run over a dataset replicates
+        live = [h for h in workers if h.alive]
+        for i, ref in enumerate(self.refs):
+            holders = [h for h in live if ref in h.refs]
+            if not holders or len(holders) >= replicas:
+                continue
+            hosts = {h.host for h in holders}
+            others = [h for h in live if h not in holders]
+            elsewhere = [h for h in others if h.host not in hosts]
+            choices = elsewhere or others
+            if choices:
+                target = choices[i % len(choices)]
+                try:
+                    self.stats.replica_bytes_sent += self._send_slice(target, ref)
+                except WorkerLost as exc:
+                    send_failed(target, exc)
+
+    def _send_slice(self, handle: WorkerHandle, ref: str) -> int:
+        # Only a run over a dataset has slices to send.
+        assert self.dataset is not None and self.refs is not None
+        if self._index is None:
+            self._index = {r: i for i, r in enumerate(self.refs)}
+        i = self._index[ref]
+        payload = serialize.encode_slice(self.dataset.slice(i), i)
+        size = handle.send(protocol.REFS, {"ref": ref}, payload)
+        del payload
+        self.dataset.release(i)
+        for other in handle.link.handles.values() if handle.link.agent else (handle,):
+            other.refs.add(ref)  # on the host's disk: any worker there
+        return size
