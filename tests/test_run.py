@@ -65,7 +65,9 @@ def test_a_worker_that_runs_dry_takes_a_queued_task_it_holds():
         assert m.last_run.tasks == 2
         assert m.run(slow_on_first_half, params=0.2, dataset=DATA) == TOTAL
         assert m.last_run.moved_tasks >= 1
-        assert m.last_run.tasks == 4 + m.last_run.moved_tasks
+        # (a loaded machine may start a backup of a slow copy too)
+        stats = m.last_run
+        assert stats.tasks == 4 + stats.moved_tasks + stats.backup_tasks
         assert m.last_run.dataset_bytes_sent == 0
 
 
