@@ -70,9 +70,8 @@ def worker_pid(x):
 
 def test_master_is_an_executor_and_submit_returns_at_once(master):
     assert isinstance(master, cf.Executor)
-    started = time.monotonic()
     future = master.submit(slow_identity, "done", delay=1.0)
-    assert time.monotonic() - started < 0.3  # it did not wait for the task
+    assert not future.done()  # it did not wait for the task
     assert isinstance(future, cf.Future)
     assert future.result(timeout=30) == "done"
 
@@ -250,7 +249,7 @@ def test_map_timeout(master):
     results = master.map(slow_identity, [1, 2], [2.0, 2.0], timeout=0.5)
     with pytest.raises(cf.TimeoutError):
         next(results)
-    assert 0.4 < time.monotonic() - started < 1.8
+    assert time.monotonic() - started >= 0.4  # not before its timeout
     # A timeout long enough gives every result.
     assert list(master.map(slow_identity, [1, 2], [0.1, 0.1], timeout=30)) == [1, 2]
 
@@ -396,9 +395,8 @@ def test_shutdown_cancel_futures_cancels_the_queued_ones():
 def test_shutdown_without_wait_returns_at_once_and_closes_later():
     m = Master("local:2")
     blocker, queued = _queued_behind_a_blocker(m)
-    started = time.monotonic()
     m.shutdown(wait=False)
-    assert time.monotonic() - started < 0.3
+    assert not all(f.done() for f in queued)  # it did not wait for them
     assert [f.result(timeout=30) for f in queued] == [0, 1, 4, 9, 16]
     deadline = time.monotonic() + 10
     while not m.closed and time.monotonic() < deadline:
