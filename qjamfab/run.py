@@ -289,6 +289,11 @@ class Run:
 
     def _cancel(self, task: _Task) -> None:
         self._close(task)
+        self._drop(task)
+
+    def _drop(self, task: _Task) -> None:
+        """Tell the worker to drop the copy: not run it if queued, forget
+        its parked value if it won too late."""
         try:
             task.worker.send(protocol.CANCEL, {"task": task.id, "run": self.run_id})
         except WorkerLost as exc:
@@ -356,7 +361,7 @@ class Run:
                 if self._finished(task, head):
                     self.results.park(task, head["bytes"])
                 else:
-                    self._cancel_parked(task)
+                    self._drop(task)  # another copy won
             else:
                 try:
                     self._supply(handle, head)
@@ -372,13 +377,6 @@ class Run:
                 f"worker {handle.name} sent an unexpected "
                 f"{protocol.KIND_NAMES.get(kind, kind)} frame: restart it"
             )
-
-    def _cancel_parked(self, task: _Task) -> None:
-        """Another copy won: the parked value is dropped where it waits."""
-        try:
-            task.worker.send(protocol.CANCEL, {"task": task.id, "run": self.run_id})
-        except WorkerLost as exc:
-            self._send_failed(task.worker, exc)
 
     def _supply(self, handle: WorkerHandle, head: dict) -> None:
         """The worker is blocked: send what it lacks (supply.py)."""

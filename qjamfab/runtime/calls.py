@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import protocol
+from .task import error_fields
 
 if TYPE_CHECKING:
     from .worker import Channel, Worker
@@ -73,12 +74,7 @@ def execute(parts: list) -> tuple[float, bytes]:
 
 def load_error(exc: Exception) -> dict:
     """The ERROR head's fields for a payload that cannot be unpickled."""
-    return {
-        "phase": PHASE,
-        "type": type(exc).__name__,
-        "message": str(exc),
-        "traceback": traceback.format_exc(),
-    }
+    return error_fields(PHASE, exc)
 
 
 def apply_chunk(fn: Callable, items: list) -> bytes:
