@@ -79,6 +79,10 @@ PACKAGES = 16  # master -> agent: {offer}, {install} + [zip] or {use}; the
 # daemon: {paths, packages} to put on sys.path
 FETCH = 17  # master -> worker: {task}; a parked result, answered by
 # its RESULT
+PARAMS = 18  # a run's params, before its first TASK (whose params is
+# then false): master -> agent {run} + the params; agent or master ->
+# worker {run, path}: they are in shared memory there
+# (runtime/shared_params.py), or {run} + the params
 
 KIND_NAMES = {
     HELLO: "HELLO",
@@ -98,6 +102,7 @@ KIND_NAMES = {
     GONE: "GONE",
     PACKAGES: "PACKAGES",
     FETCH: "FETCH",
+    PARAMS: "PARAMS",
 }
 
 HEARTBEAT_INTERVAL_S = 1.0

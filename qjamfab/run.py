@@ -24,6 +24,7 @@ from . import results as result_flow
 from .dataset import BaseDataSet
 from .errors import ProtocolError, ReduceError, WorkerLost, describe_exit
 from .losses import Losses
+from .params_place import ParamsPlacement
 from .remote_errors import remote_error
 from .results import Node, ResultFlow, take_nodes
 from .runstats import RunStats, print_event_log
@@ -120,7 +121,6 @@ class Run:
         self.workers = workers
         self.func_hash = func_hash
         self.func_bytes = func_bytes
-        self.params_parts = params_parts
         self.dataset = dataset
         self.refs = dataset.refs() if dataset is not None else None
         self.reduce = reduce
@@ -140,6 +140,7 @@ class Run:
         self.queued = 0  # open tasks not yet running
         links = [h.link for h in workers]
         self.links = list(dict.fromkeys(links))
+        self.params = ParamsPlacement(self.run_id, params_parts, links)
         # Results are held at the agent only where there is something to
         # combine them with: a host with several workers in the run.
         self.holds = {x for x in self.links if x.agent and links.count(x) > 1}
@@ -194,6 +195,7 @@ class Run:
             raise
         finally:
             self.progress.close()
+            self.params.close()
             self._count_bytes()
             self.stats.spilled_results = self.results.nodes.spilled
             if not tree.complete:
@@ -234,6 +236,8 @@ class Run:
                 handle.send(protocol.FUNC, {"hash": self.func_hash}, [self.func_bytes])
                 handle.funcs.add(self.func_hash)
             with_params = handle not in self.params_sent
+            if with_params:
+                with_params = self.params.before_first_task(handle)
             handle.send(
                 protocol.TASK,
                 {
@@ -247,7 +251,7 @@ class Run:
                     "hold": held,
                     "park": None if held else result_flow.PARK_BYTES,
                 },
-                self.params_parts if with_params else (),
+                self.params.parts if with_params else (),
             )
             self.params_sent.add(handle)
         except WorkerLost as exc:

@@ -106,6 +106,7 @@ class Link:
         self.transport = transport
         self.agent = agent  # frames pass through a host's agent
         self.remote = agent  # a host's stream (even when direct)
+        self.local = False  # to a worker process on this machine
         self.reader = protocol.FrameReader(transport.readinto)
         self.handles: dict[int, WorkerHandle] = {}
         self.info: dict = {}  # the agent's HELLO

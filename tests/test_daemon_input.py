@@ -24,6 +24,7 @@ import pytest
 from qjamfab import protocol, runtime
 from qjamfab.errors import ProtocolError
 from qjamfab.runtime import serving
+from qjamfab.runtime.shared_params import HostParams
 from tests.daemon_client import Daemon, job, result_value, serves, task_head
 
 pytestmark = pytest.mark.timeout(60)
@@ -86,6 +87,9 @@ BAD_FRAMES = {
     ),
     "a REFS of a bad stored key": b"".join(
         protocol.frame(protocol.REFS, {"ref": "r1", "stored": 7})
+    ),
+    "a PARAMS naming a file that is no shared params": b"".join(
+        protocol.frame(protocol.PARAMS, {"run": 1, "path": "/etc/passwd"})
     ),
 }
 
@@ -423,3 +427,44 @@ def test_frame_reader_names_a_head_that_is_no_dict_or_no_json():
         _reader(b"".join(protocol.frame_raw(protocol.TASK, b'{"a": '))).read()
     with pytest.raises(ProtocolError, match="head that is not JSON"):
         _reader(b"".join(protocol.frame_raw(protocol.TASK, "{}é".encode()))).read()
+
+
+def test_params_shared_on_the_host_are_mapped_and_used(daemon):
+    """A PARAMS frame naming shared memory this process wrote: the task
+    after it (params false) runs on them."""
+    shared = HostParams.from_parts(1, protocol.encode(np.arange(100_000.0)))
+    func, data = job(lambda params, _: float(params.sum()))
+    client = daemon.connect()
+    try:
+        head, payload = shared.for_worker("worker-0", 1)
+        assert "path" in head and not payload
+        client.send(protocol.PARAMS, {**head, "run": "run-1"}, payload)
+        client.send(protocol.FUNC, {"hash": func}, [data])
+        client.send(protocol.TASK, task_head(1, func, params=False))
+        kind, head, parts = client.next()
+        assert kind == protocol.RESULT, head
+        assert result_value(parts) == float(np.arange(100_000.0).sum())
+    finally:
+        client.close()
+        shared.close()
+
+
+def test_params_that_cannot_be_mapped_fail_the_task_saying_why(daemon):
+    path = f"/proc/{os.getpid()}/fd/999999"  # a descriptor no one holds
+    func, data = job(lambda params, _: params)
+    client = daemon.connect()
+    try:
+        client.send(protocol.PARAMS, {"run": "run-1", "path": path})
+        client.send(protocol.FUNC, {"hash": func}, [data])
+        client.send(protocol.TASK, task_head(1, func, params=False))
+        kind, head, _ = client.next()
+        assert kind == protocol.ERROR, head
+        assert head["phase"] == "loading params"
+        assert head["message"].startswith(
+            f"the run's params, written once for this host at {path}, cannot "
+            "be mapped here (FileNotFoundError"
+        )
+        assert "set QJAMFAB_SHARE_PARAMS=0 on the master" in head["message"]
+    finally:
+        client.close()
+    serves(daemon)  # the daemon goes on

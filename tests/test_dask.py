@@ -180,6 +180,13 @@ def test_one_worker_per_dask_worker_thread(master, client):
     assert "dask-0, dask-1" in html and address in html
 
 
+def test_big_params_go_as_task_arguments(master):
+    import numpy as np
+
+    params = np.ones(1 << 17)  # 1 MiB: shared memory elsewhere
+    assert master.run(lambda p, _: float(p.sum()), params) == 2.0 * params.size
+
+
 def test_lambda_closure_and_local_module(master):
     assert (
         master.run(

@@ -159,6 +159,7 @@ def test_kind_names_maps_every_kind():
         15: "GONE",
         16: "PACKAGES",
         17: "FETCH",
+        18: "PARAMS",
     }
     assert KIND_NAMES == expected
     for value, name in expected.items():

@@ -123,6 +123,7 @@ class DaskLink:
 
     agent = False
     remote = False  # WorkerLost from send names the worker already
+    local = False  # params go as Dask task arguments (params_place.py)
     python = ""  # what runs the worker, for messages: Dask's own
 
     @staticmethod

@@ -51,6 +51,7 @@ class LocalHost:
             agent=False,
             stall_timeout=self._settings.heartbeat_timeout,
         )
+        link.local = self.spec.kind == "local"  # inproc: threads, no copies
         return link.start_direct(name)
 
     def prepare(self, inbox: Inbox) -> None:

@@ -56,6 +56,7 @@ from .lru import JobCache, job_budget
 from .packages import AgentPackages
 from .pins import CacheLimitError, cache_limit, parse_size
 from .probe import platform_info
+from .shared_params import HostParams
 from .task import combine, error_fields, load_job
 
 _STALE_AFTER_S = 1.5 * protocol.HEARTBEAT_INTERVAL_S
@@ -81,6 +82,7 @@ class Agent:
         self.run: int | None = None  # the run tasks belong to
         self.avoid: set[int] = set()  # slots whose daemon froze
         self.packages = AgentPackages(base)  # shipped: runtime/packages.py
+        self.params: HostParams | None = None  # the run's, from PARAMS
 
     # --- to the master --------------------------------------------------
 
@@ -129,6 +131,8 @@ class Agent:
                 # and do not take its slot again.
                 self.avoid.add(self.daemons[k].slot)
                 self.daemons.pop(k).close()
+            if self.params is not None:
+                self.params.told.discard(k)  # a new daemon has not got them
         idle = float(head.get("idle_timeout", 3600.0))
         template = head.get("env") or {}
         if template.get("QJAMFAB_JOB_CACHE"):  # the host's setting (env.NAME=)
@@ -238,6 +242,9 @@ class Agent:
         if kind == protocol.PACKAGES and worker == protocol.AGENT:
             self.packages.handle(self, head, lengths)
             return
+        if kind == protocol.PARAMS and worker == protocol.AGENT:
+            self.params_in(head["run"], lengths)
+            return
         parts = [self.master.reader.read_part(n) for n in lengths]
         if worker == protocol.AGENT:
             if kind == protocol.ATTACH:
@@ -256,6 +263,9 @@ class Agent:
                 self.run_func = head["func"]
                 self.held.clear()
                 self.holding.clear()
+                if self.params is not None and self.params.run != self.run:
+                    self.params.close()
+                    self.params = None
             if head.get("hold"):
                 self.holding.add(head["task"])
                 if self.funcs.get(head["func"]) is None:
@@ -278,7 +288,20 @@ class Agent:
             return
         daemon = self.daemons.get(worker)
         if daemon is not None and not daemon.closed:
+            if kind == protocol.TASK and self.params is not None:
+                params = self.params.for_worker(worker, head["run"])
+                if params is not None:
+                    daemon.queue(protocol.frame(protocol.PARAMS, *params))
             daemon.queue(protocol.frame(kind, head, parts))
+
+    def params_in(self, run: int, lengths: list[int]) -> None:
+        """A run's params, once for the host: into shared memory, where
+        each daemon maps them, else kept here and passed on to each."""
+        if self.params is not None:
+            self.params.close()
+        self.params = HostParams.receive(
+            run, lengths, self.master.reader, self.master.read_fd
+        )
 
     def _stored(self, ref: str, worker: int, parts: list | None) -> None:
         """Tell every daemon the slice is in the cache; when it stayed off

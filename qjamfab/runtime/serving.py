@@ -27,6 +27,7 @@ from .. import protocol
 from ..errors import ProtocolError
 from . import stream_lock, this_runtime, write_locked
 from .cache import is_ref
+from .shared_params import is_shared_params_path
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -119,6 +120,7 @@ _NEEDS = {
     protocol.REFS: ("ref",),
     protocol.CANCEL: ("task",),
     protocol.FETCH: ("task",),
+    protocol.PARAMS: ("run",),
     protocol.CLEAR: (),
     protocol.STATS: (),
     protocol.ATTACH: (),
@@ -149,6 +151,12 @@ def check_head(kind: int, head: dict, parts: list) -> None:
         and all(is_ref(r) for r in head["refs"])
     ):
         bad = "its refs are not a list of refs"
+    elif (
+        kind == protocol.PARAMS
+        and "path" in head
+        and not is_shared_params_path(head["path"])
+    ):
+        bad = f"{head['path']!r:.80} is not where a host shares params"
     elif kind == protocol.REFS and not is_ref(head["ref"]):
         bad = f"{head['ref']!r:.80} is not a ref"
     if bad:

@@ -63,6 +63,7 @@ from .serving import (
     fd_channel,
     serve_socket,
 )
+from .shared_params import open_params
 from .task import check_job, error_fields, execute, load_job
 
 if TYPE_CHECKING:
@@ -114,6 +115,7 @@ class Worker:
         self.pending: list[list] = []
         self.run_id: int | None = None
         self.run_params: list = []  # the params parts of run_id
+        self.params_error: OSError | None = None  # why they are not here
         # Big results of run_id waiting for the master's FETCH: task id ->
         # (RESULT head, payload). The master pulls them one at a time, in
         # the order its tree combines them, so it never holds them all.
@@ -216,17 +218,17 @@ class Worker:
             in_flight = {task[0]["func"] for task in self.pending}
             self.jobs.put(head["hash"], job, len(job), pinned=in_flight)
         elif kind == protocol.TASK:
-            if head["run"] != self.run_id:
-                # A new run: whatever an interrupted earlier run left waiting
-                # for data will never get it.
-                self.run_id = head["run"]
-                self.pending.clear()
-                self.parked.clear()
+            self._begin_run(head["run"])
             if head["params"]:
                 self.run_params = parts
             # A TASK of inline calls carries its own payload (calls.py).
             own = parts if head.get("calls") else self.run_params
             self.pending.append([head, own, False])
+        elif kind == protocol.PARAMS:
+            self._begin_run(head["run"])
+            self.run_params = parts
+            if "path" in head:
+                self.run_params = self._map_params(head["path"])
         elif kind == protocol.CLEAR:
             self.jobs.clear()
             channel.send(protocol.CLEAR, self.cache.clear())
@@ -262,6 +264,29 @@ class Worker:
             for entry in queued:
                 self.pending.remove(entry)
                 channel.send(protocol.STATE, {**_reply(entry[0]), "state": "cancelled"})
+
+    def _begin_run(self, run: int) -> None:
+        if run != self.run_id:
+            # A new run: whatever an interrupted earlier run left waiting
+            # for data will never get it.
+            self.run_id = run
+            self.pending.clear()
+            self.parked.clear()
+
+    def _map_params(self, path: str) -> list:
+        """The run's params, shared on this host; or, when they cannot be
+        mapped, an empty list: its tasks fail saying why (`_run`)."""
+        self.params_error = None
+        try:
+            return open_params(path)
+        except (OSError, ValueError) as exc:
+            self.params_error = OSError(
+                f"the run's params, written once for this host at {path}, "
+                f"cannot be mapped here ({type(exc).__name__}: {exc}); set "
+                "QJAMFAB_SHARE_PARAMS=0 on the master to send them to each "
+                "worker instead"
+            )
+            return []
 
     def _run_next(self, channel: Channel) -> bool:
         """Run the first queued task if it has all it needs (True), else
@@ -332,6 +357,10 @@ class Worker:
                 return
 
     def _run(self, channel: Channel, head: dict, params_parts: list) -> None:
+        if not params_parts and self.params_error is not None:
+            fields = error_fields("loading params", self.params_error)
+            channel.send(protocol.ERROR, {**_reply(head), **fields})
+            return
         self.capture.begin()
         self.busy = True
 
