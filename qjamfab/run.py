@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import display, policy, protocol, scheduler
+from . import display, liveness, policy, protocol, scheduler
 from . import results as result_flow
 from .dataset import BaseDataSet
 from .errors import ProtocolError, ReduceError, WorkerLost, describe_exit
@@ -491,46 +491,24 @@ class Run:
     # --- loss -----------------------------------------------------------
 
     def _check_heartbeats(self) -> None:
-        deadline = self.clock() - self.settings.heartbeat_timeout
+        busy = [h for h, q in self.queues.items() if q]
+        fetching = self.results.fetching
+        if fetching is not None:
+            busy.append(fetching.worker)
         waiting = [
             x
             for x in self.links
-            if x.alive and (self.results.collecting.get(x) or self.results.held.get(x))
+            if self.results.collecting.get(x) or self.results.held.get(x)
         ]
-        busy = [h for h, q in self.queues.items() if q and h.alive]
-        fetching = self.results.fetching
-        if fetching is not None and fetching.worker.alive:
-            busy.append(fetching.worker)
-        if any(h.last_seen < deadline for h in busy) or any(
-            x.last_seen < deadline for x in waiting
-        ):
-            # Heartbeats may wait unread while we were sending: read them.
-            self.inbox.read_available()
-        for link in waiting:
-            if link.alive and link.last_seen < deadline:
-                self._host_silent(link)
-        for handle in busy:
-            if handle.alive and handle.last_seen < deadline:
-                if handle.link.computing():
-                    handle.last_seen = self.clock()  # busy, not gone
-                    continue
-                if handle.link.agent and handle.link.last_seen >= deadline:
-                    handle.alive = False  # its host answers; it does not
-                else:
-                    self._host_silent(handle.link)
-                    continue
-                self._lost(
-                    handle, f"no heartbeat for {self.settings.heartbeat_timeout:g} s"
-                )
-
-    def _host_silent(self, link: Link) -> None:
-        """The whole stream went silent: it is closed, its workers lost."""
-        for event in link.lost(
-            f"no heartbeat for {self.settings.heartbeat_timeout:g} s", died=False
-        ):
-            self.inbox.push_front(event)
-        link.close()
-        self._host_lost(link)
+        timeout = self.settings.heartbeat_timeout
+        silent = liveness.judge(busy, waiting, timeout, self.clock, self.inbox)
+        reason = f"no heartbeat for {timeout:g} s"
+        for link in silent.hosts:
+            liveness.silence(link, self.inbox, reason)
+            self._host_lost(link)
+        for handle in silent.workers:
+            handle.alive = False  # its host answers; it does not
+            self._lost(handle, reason)
 
     def _host_lost(self, link: Link) -> None:
         """Held results at a host that is gone are gone with it: their

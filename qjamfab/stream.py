@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import protocol
+from . import liveness, protocol
 from .errors import QjamfabError, WorkerLost, describe_exit
 from .remote_errors import remote_error
 from .runstats import print_event_log
@@ -183,24 +183,14 @@ class TaskStream:
     def _check_heartbeats(self) -> None:
         """A busy worker silent for heartbeat_timeout s is lost (unless its
         process still computes); a silent host, with all its workers."""
-        deadline = self.clock() - self.heartbeat_timeout
-        late = [h for h in self.busy if h.alive and h.last_seen < deadline]
-        if not late:
-            return
-        self.inbox.read_available()  # beats may wait unread
+        silent = liveness.judge(
+            self.busy, (), self.heartbeat_timeout, self.clock, self.inbox
+        )
         reason = f"no heartbeat for {self.heartbeat_timeout:g} s"
-        for handle in late:
-            if not handle.alive or handle.last_seen >= deadline:
-                continue
-            link = handle.link
-            if link.computing():
-                handle.last_seen = self.clock()  # busy, not gone
-            elif link.agent and link.last_seen >= deadline:
-                self._unreachable(handle, reason)  # its host answers
-            elif link.alive:
-                for lost in link.lost(reason, died=False):
-                    self.inbox.push_front(lost)
-                link.close()
+        for handle in silent.workers:
+            self._unreachable(handle, reason)  # its host answers
+        for link in silent.hosts:
+            liveness.silence(link, self.inbox, reason)
 
 
 class BatchSizer:
