@@ -65,6 +65,7 @@ def bootstrap(
     verbose: bool = False,
 ) -> None:
     """Preflight every host and upload the worker runtime (parallel, idempotent)."""
+    from . import package_ship
     from . import packages as shipping
 
     names = shipping.resolve(packages)  # a bad name: one line, no host
@@ -76,7 +77,7 @@ def bootstrap(
         if info.get("packages"):
             shipped.append(
                 textwrap.fill(
-                    shipping.describe(info["packages"]), 80, subsequent_indent="  "
+                    package_ship.describe(info["packages"]), 80, subsequent_indent="  "
                 )
             )
         return [

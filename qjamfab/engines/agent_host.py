@@ -45,9 +45,9 @@ class AgentHost:
             self.link = self.open_link()
             inbox.add(self.link)
             if self.settings.packages:
-                from .. import packages as shipping
+                from .. import package_ship
 
-                shipping.ship(self.link, self.settings.packages)
+                package_ship.ship(self.link, self.settings.packages)
         missing = (
             None
             if self.count is None
