@@ -43,6 +43,9 @@ class EngineSettings:
     cache_limit: int | str | None = None
     packages: Sequence[Any] = ()  # packages.Distribution to ship
     base: str = ""  # this machine's base directory (local workers)
+    # Start-up waits (a Slurm job pending) on a terminal line: None when
+    # stdout is a terminal (display.StatusLine).
+    progress: bool | None = None
 
 
 class Host(Protocol):
