@@ -523,6 +523,9 @@ def test_slurm_benchmark_smoke(slurm, tmp_path, monkeypatch):
         "ssh (OpenSSH)",
     }
     assert all(row["ready_s"] for row in result["rows"].values())
+    sae = result["sae"]["rows"]
+    assert set(sae) == {"slurm: (srun streams)", "ssh (OpenSSH)"}
+    assert all(row["evals"] == 2 for row in sae.values())
 
 
 def test_a_dask_slurm_cluster_whose_workers_lack_qjamfab(cluster, tmp_path):
