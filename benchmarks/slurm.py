@@ -28,6 +28,11 @@ a slower spell of this shared machine hits both alike: per contender the
 median evaluation and the master overhead (wall minus the busiest
 worker's compute).
 
+Last, what a message costs through srun's stdin and stdout: a child that
+echoes each message back (an 8-byte length, then the bytes), its round
+trip by message size, run through `srun --unbuffered` and over plain
+pipes: median and slowest ms.
+
 `python -m benchmarks.slurm [--scale quick|tiny]`; results in
 benchmarks/results/[SCALE/]slurm.json. Needs slurm-wlm and munge.
 """
@@ -119,6 +124,60 @@ def _sae_paired(masters: dict, patches: int, rounds: int, block: int) -> dict:
     return {"patches": patches, "rows": out}
 
 
+_ECHO = """
+import os
+while True:
+    head = os.read(0, 8)
+    if not head:
+        break
+    n, got = int(head), b""
+    while len(got) < n:
+        got += os.read(0, n - len(got))
+    os.write(1, head + got)
+"""
+ECHO_SIZES = (100, 1000, 2000, 4000, 26_000, 200_000)  # bytes per message
+
+
+def _echo(argv: list[str], reps: int) -> dict:
+    """Round trips of messages of each size through a child's stdin and
+    stdout: {size: [median ms, slowest ms]}."""
+    child = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+    )
+    assert child.stdin is not None and child.stdout is not None
+    out = {}
+    for n in ECHO_SIZES:
+        times = []
+        for _ in range(reps):
+            started = time.perf_counter()
+            child.stdin.write(b"%08d" % n + b"x" * n)
+            got = 0
+            while got < 8 + n:
+                got += len(child.stdout.read(8 + n - got))
+            times.append(1000 * (time.perf_counter() - started))
+        out[str(n)] = [statistics.median(times), max(times)]
+    child.stdin.close()
+    child.wait()
+    child.stdout.close()
+    return out
+
+
+def _echoes(reps: int) -> dict:
+    """_echo over plain pipes and through srun, on an allocation of ours."""
+    from qjamfab.engines import slurm
+
+    pipes = _echo([sys.executable, "-c", _ECHO], reps)
+    allocation = slurm.request({"nodes": "1", "cpus-per-node": "1"})
+    try:
+        node = allocation.nodes[0]
+        argv = slurm.srun_argv(
+            allocation.job_id, node, 1, [sys.executable, "-c", _ECHO]
+        )
+        return {"pipes": pipes, "srun": _echo(argv, reps)}
+    finally:
+        allocation.release()
+
+
 def _inside(rounds: int, runs: int) -> None:
     """Under salloc: print the rounds of Master("slurm") as JSON."""
     from qjamfab import Master
@@ -169,6 +228,7 @@ def measure(scale_name: str, log=print) -> dict:
                 sae_rounds,
                 block,
             )
+        echoes = _echoes(runs)
     with ssh_hosts(1, one_thread_python=False) as servers:
         rows["ssh (OpenSSH)"] = _rounds(
             lambda: Master(
@@ -180,6 +240,7 @@ def measure(scale_name: str, log=print) -> dict:
     return {
         "rows": rows,
         "sae": sae,
+        "echo": echoes,
         "rounds": rounds,
         "runs": runs,
         "workers": WORKERS,
@@ -231,6 +292,14 @@ def table(result: dict) -> str:
                     str(row["evals"]),
                 ]
                 for name, row in sae["rows"].items()
+            ],
+        )
+        + "\n\nround trip of one message, median / slowest ms:\n"
+        + render_table(
+            ["stream", *(f"{n} B" for n in ECHO_SIZES)],
+            [
+                [name, *(f"{a:.1f} / {b:.1f}" for a, b in row.values())]
+                for name, row in result["echo"].items()
             ],
         )
     )

@@ -526,6 +526,8 @@ def test_slurm_benchmark_smoke(slurm, tmp_path, monkeypatch):
     sae = result["sae"]["rows"]
     assert set(sae) == {"slurm: (srun streams)", "ssh (OpenSSH)"}
     assert all(row["evals"] == 2 for row in sae.values())
+    assert set(result["echo"]) == {"pipes", "srun"}
+    assert all(len(row) == len(bench.ECHO_SIZES) for row in result["echo"].values())
 
 
 def test_a_dask_slurm_cluster_whose_workers_lack_qjamfab(cluster, tmp_path):
