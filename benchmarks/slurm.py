@@ -19,6 +19,20 @@ is cold (the runtime goes over the stream, the daemons start), the later
 ones warm (the previous Master's daemons are found: over Slurm they wait
 5 s for a next session). Each Master then does one run, then RUNS trivial
 runs (`lambda p, x: 1`, no dataset), timed one by one: median and p90.
+
+Then the sparse autoencoder's cost and gradient (benchmarks/sae.py's
+example), paired: a `slurm:` Master and an SSH one (2 workers each, one
+BLAS thread in every worker) up at once, the patches shipped to both, then
+timed in alternating blocks of evaluations at the same parameters, so that
+a slower spell of this shared machine hits both alike: per contender the
+median evaluation and the master overhead (wall minus the busiest
+worker's compute).
+
+Last, what a message costs through srun's stdin and stdout: a child that
+echoes each message back (an 8-byte length, then the bytes), its round
+trip by message size, run through `srun --unbuffered` and over plain
+pipes: median and slowest ms.
+
 `python -m benchmarks.slurm [--scale quick|tiny]`; results in
 benchmarks/results/[SCALE/]slurm.json. Needs slurm-wlm and munge.
 """
@@ -35,6 +49,8 @@ import time
 from .common import env, local_home, percentile, ssh_hosts, standalone_main, target
 
 SIZES = {"full": (3, 50), "quick": (2, 20), "tiny": (2, 5)}  # rounds, runs
+# The autoencoder, paired: patches, rounds, evaluations per block.
+SAE = {"full": (100_000, 8, 5), "quick": (10_000, 3, 4), "tiny": (1_000, 1, 2)}
 WORKERS = min(2, os.cpu_count() or 1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,6 +85,99 @@ def _grants(rounds: int) -> dict:
     return {"ready_s": ready, "run_s": [], "release_s": release}
 
 
+def _sae_paired(masters: dict, patches: int, rounds: int, block: int) -> dict:
+    """The autoencoder's evaluations on each Master, in alternating blocks
+    at the same parameters: median seconds, overhead ms, evaluations."""
+    import numpy as np
+
+    from qjamfab import DataSet
+
+    from .sae import load_example
+
+    sae = load_example()
+    theta0 = sae.initial_theta()
+    X = sae.sample_patches(patches)
+    costs = {name: sae.DistributedCost(m, DataSet(X)) for name, m in masters.items()}
+    first = [cost(theta0)[0] for cost in costs.values()]  # ships the patches
+    assert np.allclose(first, first[0]), first
+    for cost in costs.values():
+        cost.seconds.clear()
+        cost.compute_seconds.clear()
+    rng = np.random.default_rng(7)
+    for _ in range(rounds):
+        thetas = [
+            theta0 + 0.01 * rng.standard_normal(theta0.size) for _ in range(block)
+        ]
+        for cost in costs.values():
+            for theta in thetas:
+                cost(theta)
+    out = {}
+    for name, cost in costs.items():
+        secs = np.array(cost.seconds)
+        overhead = secs - np.array(cost.compute_seconds)
+        out[name] = {
+            "median_eval_s": float(np.median(secs)),
+            "p90_eval_s": float(np.percentile(secs, 90)),
+            "overhead_ms": float(np.median(overhead) * 1e3),
+            "evals": len(secs),
+        }
+    return {"patches": patches, "rows": out}
+
+
+_ECHO = """
+import os
+while True:
+    head = os.read(0, 8)
+    if not head:
+        break
+    n, got = int(head), b""
+    while len(got) < n:
+        got += os.read(0, n - len(got))
+    os.write(1, head + got)
+"""
+ECHO_SIZES = (100, 1000, 2000, 4000, 26_000, 200_000)  # bytes per message
+
+
+def _echo(argv: list[str], reps: int) -> dict:
+    """Round trips of messages of each size through a child's stdin and
+    stdout: {size: [median ms, slowest ms]}."""
+    child = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+    )
+    assert child.stdin is not None and child.stdout is not None
+    out = {}
+    for n in ECHO_SIZES:
+        times = []
+        for _ in range(reps):
+            started = time.perf_counter()
+            child.stdin.write(b"%08d" % n + b"x" * n)
+            got = 0
+            while got < 8 + n:
+                got += len(child.stdout.read(8 + n - got))
+            times.append(1000 * (time.perf_counter() - started))
+        out[str(n)] = [statistics.median(times), max(times)]
+    child.stdin.close()
+    child.wait()
+    child.stdout.close()
+    return out
+
+
+def _echoes(reps: int) -> dict:
+    """_echo over plain pipes and through srun, on an allocation of ours."""
+    from qjamfab.engines import slurm
+
+    pipes = _echo([sys.executable, "-c", _ECHO], reps)
+    allocation = slurm.request({"nodes": "1", "cpus-per-node": "1"})
+    try:
+        node = allocation.nodes[0]
+        argv = slurm.srun_argv(
+            allocation.job_id, node, 1, [sys.executable, "-c", _ECHO]
+        )
+        return {"pipes": pipes, "srun": _echo(argv, reps)}
+    finally:
+        allocation.release()
+
+
 def _inside(rounds: int, runs: int) -> None:
     """Under salloc: print the rounds of Master("slurm") as JSON."""
     from qjamfab import Master
@@ -101,9 +210,25 @@ def measure(scale_name: str, log=print) -> dict:
                 raise RuntimeError(f"the run under salloc failed:\n{done.stderr}")
             rows["slurm (inside salloc)"] = json.loads(done.stdout.splitlines()[-1])
         rows["salloc: granted, released"] = _grants(rounds)
+        spec = f"slurm:nodes=1,cpus-per-node={WORKERS},time=5"
         with local_home():
-            spec = f"slurm:nodes=1,cpus-per-node={WORKERS},time=5"
             rows["slurm: (asks salloc)"] = _rounds(lambda: Master(spec), rounds, runs)
+        patches, sae_rounds, block = SAE[scale_name]
+        with (
+            local_home(),
+            ssh_hosts(1) as servers,
+            Master(spec.replace("time=5", "time=30")) as srun,
+            Master(
+                ["host1"], workers_per_host=WORKERS, ssh_config=servers.ssh_config
+            ) as ssh,
+        ):
+            sae = _sae_paired(
+                {"slurm: (srun streams)": srun, "ssh (OpenSSH)": ssh},
+                patches,
+                sae_rounds,
+                block,
+            )
+        echoes = _echoes(runs)
     with ssh_hosts(1, one_thread_python=False) as servers:
         rows["ssh (OpenSSH)"] = _rounds(
             lambda: Master(
@@ -112,7 +237,14 @@ def measure(scale_name: str, log=print) -> dict:
             rounds,
             runs,
         )
-    return {"rows": rows, "rounds": rounds, "runs": runs, "workers": WORKERS}
+    return {
+        "rows": rows,
+        "sae": sae,
+        "echo": echoes,
+        "rounds": rounds,
+        "runs": runs,
+        "workers": WORKERS,
+    }
 
 
 def _ms(values: list[float]) -> str:
@@ -136,9 +268,40 @@ def table(result: dict) -> str:
                 f"{1000 * percentile(runs, 90):.1f}" if runs else "-",
             ]
         )
-    return render_table(
-        ["contender", "ready cold ms", "ready warm ms", "run median ms", "run p90 ms"],
-        lines,
+    sae = result["sae"]
+    return (
+        render_table(
+            [
+                "contender",
+                "ready cold ms",
+                "ready warm ms",
+                "run median ms",
+                "run p90 ms",
+            ],
+            lines,
+        )
+        + f"\n\nautoencoder, {sae['patches']} patches, paired:\n"
+        + render_table(
+            ["contender", "eval median ms", "eval p90 ms", "overhead ms", "evals"],
+            [
+                [
+                    name,
+                    f"{1000 * row['median_eval_s']:.1f}",
+                    f"{1000 * row['p90_eval_s']:.1f}",
+                    f"{row['overhead_ms']:.1f}",
+                    str(row["evals"]),
+                ]
+                for name, row in sae["rows"].items()
+            ],
+        )
+        + "\n\nround trip of one message, median / slowest ms:\n"
+        + render_table(
+            ["stream", *(f"{n} B" for n in ECHO_SIZES)],
+            [
+                [name, *(f"{a:.1f} / {b:.1f}" for a, b in row.values())]
+                for name, row in result["echo"].items()
+            ],
+        )
     )
 
 
@@ -159,6 +322,20 @@ def targets(result: dict) -> list[dict]:
                 srun <= 2 * ssh,
             )
         )
+    sae = result["sae"]["rows"]
+    ratio = (
+        sae["slurm: (srun streams)"]["median_eval_s"]
+        / sae["ssh (OpenSSH)"]["median_eval_s"]
+    )
+    out.append(
+        target(
+            "autoencoder evaluation, srun streams vs SSH",
+            "within 10% of SSH",
+            round(ratio, 3),
+            "x",
+            ratio <= 1.1,
+        )
+    )
     return out
 
 

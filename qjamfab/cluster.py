@@ -122,6 +122,12 @@ class HostSession:
                 "cluster's functions: pass engines.slurm.command_hosts(spec)",
                 host=spec.raw,
             )
+        if command is None and spec.kind == "command":
+            raise BadHostSpec(
+                f"{spec.raw}: a command host is reached through its command: "
+                "pass engines.command.command_host(spec) to cluster's functions",
+                host=spec.raw,
+            )
         if command is not None:
             self.conn = None
             self.python = spec.python or sys.executable

@@ -5,6 +5,9 @@
   `delay_s`, and it is transient, so an iterative loop of short runs prints
   nothing and a long run leaves nothing behind. While no bar is shown it
   costs an integer add per `advance()`, and rich is not even imported.
+- `StatusLine`: a transient line that says what start-up waits for (a Slurm
+  job pending, and why), shown and updated in a terminal, cleared when
+  done; where none is shown the caller logs instead.
 - `master_html`, `runstats_html`: the HTML that Jupyter shows for a `Master`
   and a `RunStats` (their ``_repr_html_``). Everything is escaped.
 
@@ -31,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover - annotations only
     from rich.text import Text
 
 
-__all__ = ["RunProgress", "master_html", "runstats_html"]
+__all__ = ["RunProgress", "StatusLine", "master_html", "runstats_html"]
 
 # --- the progress bar of a run ------------------------------------------------
 
@@ -271,6 +274,73 @@ def _new_progress_bar(console: Console | None, unit: str) -> Progress:
         console=console,
         transient=True,
     )
+
+
+# --- a status line while starting up -----------------------------------------
+
+
+class StatusLine:
+    """One transient line saying what the Master waits for.
+
+    ``enabled=None`` shows it only when sys.stdout is a terminal (never in
+    a Jupyter kernel); ``True`` always (to `console` if given, else to
+    sys.stdout as a terminal); ``False`` never. `show(text)` draws or
+    updates the line and says whether it is on screen (when not, the
+    caller logs `text` instead); `close()` clears it.
+    """
+
+    def __init__(self, enabled: bool | None = None, *, console: Console | None = None):
+        if enabled is None:
+            enabled = (
+                console.is_terminal if console is not None else is_terminal()
+            ) and not _in_jupyter()
+        self._enabled = enabled
+        self._console = console
+        self._status: Any = None  # the rich Status, once shown
+
+    @property
+    def shown(self) -> bool:
+        """Whether the line is on screen now."""
+        return self._status is not None
+
+    def show(self, text: str) -> bool:
+        """Draw the line (or change its text); False when none is shown."""
+        if not self._enabled:
+            return False
+        try:
+            if self._status is None:
+                from rich.console import Console
+                from rich.status import Status
+                from rich.text import Text
+
+                console = self._console or Console(force_terminal=True)
+                self._status = Status(Text(text), console=console)
+                self._status.start()
+            else:
+                from rich.text import Text
+
+                self._status.update(Text(text))
+        except Exception:  # a display problem never fails a start
+            self._enabled = False
+            self._status = None
+            return False
+        return True
+
+    def close(self) -> None:
+        """Clear the line (if shown); later calls do nothing."""
+        status, self._status = self._status, None
+        self._enabled = False
+        if status is not None:
+            try:
+                status.stop()
+            except Exception:  # pragma: no cover - a broken terminal
+                pass
+
+    def __enter__(self) -> StatusLine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # --- HTML for Jupyter -----------------------------------------------------------

@@ -1,7 +1,8 @@
 """Host specs: what the user wrote, and where an SSH spec points.
 
 `parse_hosts` turns host entries (``"local"``, ``"local:4"``,
-``"user@host:port"``, ssh_config aliases) into `HostSpec` values, raising
+``"user@host:port"``, ssh_config aliases; ``slurm:...`` and ``command:...``
+read by hostkinds.py) into `HostSpec` values, raising
 `BadHostSpec` for malformed ones. This module also owns, for an SSH spec:
 
 - `split_destination`: ``[user@]host[:port]`` into (user, host, port);
@@ -33,6 +34,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import BadHostSpec, PreflightFailed
+from .hostkinds import (
+    command_line,
+    is_command,
+    is_slurm,
+    join_slurm_options,
+    slurm_options,
+)
 
 if TYPE_CHECKING:
     import fabric
@@ -58,9 +66,11 @@ __all__ = [
 @dataclass(frozen=True)
 class HostSpec:
     """One host entry. `kind` is "local", "inproc" (workers as threads of
-    this process: inproc.py), "ssh" or "slurm" (the nodes of a Slurm
+    this process: inproc.py), "ssh", "slurm" (the nodes of a Slurm
     allocation: slurm.py; `options` are its ``slurm:KEY=VALUE,...``
-    settings, asking Slurm for one); `workers` is N for
+    settings, asking Slurm for one) or "command" (a command line that
+    starts python3 somewhere: command.py; `options` hold it as
+    ("command", CMD)); `workers` is N for
     ``local:N`` or a ``workers=N`` setting, else None; `python` and `env`
     are its ``python=PATH`` and ``env.NAME=VALUE`` settings (VALUE may name
     ``{worker}``, the worker's number on the host). Duplicate entries are
@@ -101,20 +111,9 @@ class HostSpec:
 
 
 _HOW = (
-    "write hosts as 'local', 'local:N', 'slurm[:nodes=N,...]' or "
-    "'[user@]host[:port]', comma separated"
+    "write hosts as 'local', 'local:N', 'slurm[:nodes=N,...]', "
+    "'command:CMD' or '[user@]host[:port]', comma separated"
 )
-# What a "slurm:" spec may ask of Slurm (slurm.py turns them into salloc's).
-SLURM_OPTIONS = (
-    "nodes",
-    "cpus-per-node",
-    "time",
-    "partition",
-    "account",
-    "qos",
-    "constraint",
-)
-_SLURM_COUNTS = ("nodes", "cpus-per-node")
 _SETTINGS = "workers=N, python=PATH or env.NAME=VALUE"
 
 
@@ -142,7 +141,7 @@ def parse_hosts(hosts: None | str | Sequence[str]) -> list[HostSpec]:
         source = hosts.strip()
         hosts = _read_hosts_file(source[1:])
     if isinstance(hosts, str):
-        entries = _join_slurm_options(hosts.split(","))
+        entries = join_slurm_options(hosts.split(","))
         if not hosts.strip():
             entries = []
     elif isinstance(hosts, Sequence):
@@ -154,7 +153,7 @@ def parse_hosts(hosts: None | str | Sequence[str]) -> list[HostSpec]:
                     f"{type(item).__name__}, not a string: {_HOW}",
                     host=repr(item),
                 )
-            if "," in item and not _is_slurm(item):
+            if "," in item and not (is_slurm(item) or is_command(item)):
                 raise BadHostSpec(
                     f"host entry {item!r} contains a comma: give one host per "
                     f"list item, or pass one comma-separated string",
@@ -181,6 +180,10 @@ def _parse_entry(entry: str, index: int, source: str, whole: object) -> HostSpec
             f"host entry {index} in {source} ({whole!r}) is empty: remove the "
             f"extra comma or blank item",
             host="",
+        )
+    if is_command(raw):  # the rest is a command line, spaces and all
+        return HostSpec(
+            raw, "command", None, options=command_line(raw, raw.partition(":")[2])
         )
     if any(c.isspace() for c in raw):
         words = raw.split()
@@ -217,56 +220,9 @@ def _parse_entry(entry: str, index: int, source: str, whole: object) -> HostSpec
             )
         return HostSpec(raw, kind, n)
     if kind == "slurm":
-        return HostSpec(raw, "slurm", None, options=_slurm_options(raw, tail))
+        return HostSpec(raw, "slurm", None, options=slurm_options(raw, tail))
     split_destination(raw)  # validates
     return HostSpec(raw, "ssh", None)
-
-
-def _is_slurm(entry: str) -> bool:
-    return entry.strip().partition(":")[0].lower() == "slurm"
-
-
-def _join_slurm_options(items: list[str]) -> list[str]:
-    """Comma-split entries with a slurm entry's options joined back to it:
-    'slurm:nodes=2,time=1:00:00' is one entry."""
-    entries: list[str] = []
-    for item in items:
-        # Any KEY=VALUE, so that an unknown option is refused as one.
-        option = re.match(r"\s*[A-Za-z][\w.-]*=", item)
-        if entries and _is_slurm(entries[-1]) and option:
-            entries[-1] += "," + item.strip()
-        else:
-            entries.append(item)
-    return entries
-
-
-def _slurm_options(raw: str, text: str) -> tuple[tuple[str, str], ...]:
-    """The KEY=VALUE,... after 'slurm:' (empty for plain 'slurm')."""
-    options: dict[str, str] = {}
-    for item in text.split(",") if text.strip() else []:
-        key, _, value = (part.strip() for part in item.partition("="))
-        if key in SLURM_OPTIONS and not value:
-            example = "2" if key in _SLURM_COUNTS else "..."
-            raise BadHostSpec(
-                f"host spec {raw!r}: {key} needs a value: write e.g. {key}={example}",
-                host=raw,
-            )
-        if key not in SLURM_OPTIONS:
-            raise BadHostSpec(
-                f"host spec {raw!r}: {item.strip()!r} is not a Slurm option: "
-                f"write slurm:KEY=VALUE,... with KEY one of {', '.join(SLURM_OPTIONS)}",
-                host=raw,
-            )
-        if key in _SLURM_COUNTS and not (
-            value.isascii() and value.isdigit() and int(value) > 0
-        ):
-            raise BadHostSpec(
-                f"host spec {raw!r}: {key}={value!r} is not a positive "
-                f"number: write e.g. {key}=2",
-                host=raw,
-            )
-        options[key] = value
-    return tuple(options.items())
 
 
 def _is_hosts_file(text: str) -> bool:

@@ -128,7 +128,9 @@ class Master(FuturesMixin):
     auto takes the system's OpenSSH client when installed, and a host it
     fails on falls back to paramiko with a warning. `packages` names
     distributions installed here to ship to SSH hosts that lack them
-    (packages.py).
+    (packages.py). `progress` shows what start-up waits for (a Slurm job
+    pending, and why) on a line: None in a terminal, True always, False
+    never (logging says it instead).
     """
 
     def __init__(
@@ -144,6 +146,7 @@ class Master(FuturesMixin):
         require_all: bool = False,
         cache_limit: int | str | None = None,
         packages: Sequence[str] | None = None,
+        progress: bool | None = None,
     ):
         _check_arguments(
             workers_per_host=workers_per_host,
@@ -169,6 +172,7 @@ class Master(FuturesMixin):
                 cache_limit=cache_limit,
                 packages=self._packages,
                 base=default_base(),
+                progress=progress,
             ),
         )
         self.hosts: list[HostSpec] = [h.spec for h in self._hosts]

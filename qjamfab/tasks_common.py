@@ -219,13 +219,18 @@ class Action(Protocol):
 
 def reach(specs: Sequence[HostSpec]) -> list[cluster.Target]:
     """The hosts the tasks act on: each spec, but a "slurm" one is every
-    node of the allocation this runs in (run through srun)."""
+    node of the allocation this runs in (run through srun), and a
+    "command" one is reached through its command."""
     reached: list[cluster.Target] = []
     for spec in specs:
         if spec.kind == "slurm":
             from .engines import slurm  # only where Slurm is asked for
 
             reached += slurm.command_hosts(spec)
+        elif spec.kind == "command":
+            from .engines import command
+
+            reached.append(command.command_host(spec))
         else:
             reached.append(spec)
     return reached

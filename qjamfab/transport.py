@@ -51,6 +51,13 @@ class Transport(ABC):
     """A byte stream to one worker."""
 
     name: str
+    # Who printed what came before an agent's first words, and what to do
+    # about it (workers.py's Link says so): over SSH, a login shell.
+    preamble = (
+        "the host's shell",
+        "make the login shell print nothing for non-interactive sessions "
+        "(e.g. in .bashrc)",
+    )
 
     @abstractmethod
     def readinto(self, view: memoryview) -> int:

@@ -168,11 +168,11 @@ class Link:
             bundle = runtime.bundle_zip()
             self._write([struct.pack("!Q", len(bundle)), bundle])
         elif line != runtime.HAVE_RUNTIME:
+            who, fix = self.transport.preamble
             raise self._fail(
                 PreflightFailed(
-                    f"{self.label}: the host's shell printed {line[:80]!r} "
-                    "before qjamfab's agent started: make the login shell print "
-                    "nothing for non-interactive sessions (e.g. in .bashrc)",
+                    f"{self.label}: {who} printed {line[:80]!r} "
+                    f"before qjamfab's agent started: {fix}",
                     host=self.label,
                 )
             )

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from qjamfab import logs, tables, text
 from qjamfab.cluster import HostResult
-from qjamfab.display import RunProgress, master_html, runstats_html
+from qjamfab.display import RunProgress, StatusLine, master_html, runstats_html
 from qjamfab.hostspec import HostSpec
 from qjamfab.runstats import RunStats
 from qjamfab.tables import HostProgress, print_failure, print_table, render_table
@@ -48,6 +48,31 @@ def progress_threads() -> list[threading.Thread]:
         for t in threading.enumerate()
         if t.name == "qjamfab-progress" and t.is_alive()
     ]
+
+
+# --- StatusLine ----------------------------------------------------------------
+
+
+def test_a_status_line_shows_updates_and_clears_its_text():
+    console, out = terminal()
+    line = StatusLine(True, console=console)
+    for reason in ("Priority", "Resources"):
+        assert line.show(f"Slurm job 7 pending: {reason}") and line.shown
+        deadline = time.monotonic() + 10  # drawn by rich's refresh thread
+        while f"pending: {reason}" not in plain(out.getvalue()):
+            assert time.monotonic() < deadline, out.getvalue()
+            time.sleep(0.02)
+    line.close()
+    assert not line.shown
+    assert out.getvalue().rstrip().endswith("\x1b[2K")  # the line erased
+    assert not line.show("again")  # closed: the caller logs instead
+
+
+def test_no_status_line_off_a_terminal_or_when_off():
+    console = Console(file=io.StringIO(), force_terminal=False)
+    assert not StatusLine(console=console).show("waiting")
+    assert not StatusLine(False).show("waiting")
+    assert not StatusLine().show("waiting")  # pytest's stdout: no terminal
 
 
 # --- RunProgress ---------------------------------------------------------------

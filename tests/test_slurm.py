@@ -4,6 +4,9 @@ Master asks for, on a real one-node Slurm (the `slurm` fixture)."""
 import json
 import logging
 import os
+import pty
+import re
+import select
 import shlex
 import signal
 import subprocess
@@ -246,8 +249,8 @@ def test_a_cancelled_allocation_loses_its_nodes_and_says_so(cluster, caplog):
         )
 
 
-def test_a_pending_allocation_says_why(cluster, caplog):
-    """While Slurm has no room, the Master says that it waits, and why."""
+def _hold_the_node(cluster) -> str:
+    """A job holding the whole node until cancelled: the next one pends."""
     sbatch = ["sbatch", "--parsable", "--exclusive", "--output=/dev/null"]
     blocker = cluster.run(*sbatch, "--wrap", "sleep 300").stdout.strip()
     _wait_until(
@@ -258,6 +261,13 @@ def test_a_pending_allocation_says_why(cluster, caplog):
         20,
         "the blocking job did not start",
     )
+    return blocker
+
+
+def test_a_pending_allocation_says_why(cluster, caplog):
+    """While Slurm has no room, the Master says that it waits, and why:
+    through logging where no line can show it (not a terminal)."""
+    blocker = _hold_the_node(cluster)
     masters: list[Master] = []
     thread = threading.Thread(
         target=lambda: masters.append(Master("slurm:nodes=1,cpus-per-node=1,time=5"))
@@ -280,6 +290,65 @@ def test_a_pending_allocation_says_why(cluster, caplog):
     (m,) = masters
     with m:
         assert m.run(constant) == 42
+
+
+_ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def test_a_pending_allocation_shows_on_the_terminal_line(cluster, tmp_path):
+    """In a terminal the wait is on the start-up line ("Slurm job N pending:
+    Resources"), not in the log; once granted the line is cleared and the
+    Master runs."""
+    blocker = _hold_the_node(cluster)
+    script = tmp_path / "pending.py"
+    script.write_text(
+        textwrap.dedent("""
+        from qjamfab import Master
+        from tests.jobs import constant
+        with Master("slurm:nodes=1,cpus-per-node=1,time=5") as m:
+            print("READY", m.run(constant), flush=True)
+        """)
+    )
+    main, terminal = pty.openpty()
+    child = subprocess.Popen(
+        [sys.executable, str(script)],
+        env={**os.environ, "PYTHONPATH": REPO, "QJAMFAB_LOG_LEVEL": "WARNING"},
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    seen = bytearray()
+
+    def read_until(pattern: bytes, timeout_s: float) -> re.Match:
+        deadline = time.monotonic() + timeout_s
+        while (found := re.search(pattern, _ANSI.sub(b"", seen))) is None:
+            assert time.monotonic() < deadline, f"no {pattern!r} in {bytes(seen)!r}"
+            if select.select([main], [], [], 0.2)[0]:
+                try:
+                    seen.extend(os.read(main, 1 << 16))
+                except OSError:  # the child is gone: its terminal closed
+                    pass
+        return found
+
+    try:
+        pending = read_until(rb"Slurm job (\d+) pending: Resources", 40)
+        assert pending.group(1).decode() != blocker
+        assert pending.group(1).decode() in cluster.jobs()
+        cluster.run("scancel", blocker)
+        read_until(rb"READY 42", 60)
+        assert child.wait(timeout=30) == 0
+    finally:
+        cluster.run("scancel", blocker)
+        child.kill()
+        child.wait()
+        os.close(main)
+    # Shown on the line, so not logged as well; and the line was cleared
+    # (rich's transient status erases it) before the Master's output.
+    text = _ANSI.sub(b"", seen).decode(errors="replace")
+    assert "WARNING" not in text and "pending" not in text.split("READY")[1]
+    assert b"\x1b[2K" in seen  # erase line: cleared
 
 
 def test_a_refused_allocation_says_why_in_one_line(cluster):
@@ -454,6 +523,11 @@ def test_slurm_benchmark_smoke(slurm, tmp_path, monkeypatch):
         "ssh (OpenSSH)",
     }
     assert all(row["ready_s"] for row in result["rows"].values())
+    sae = result["sae"]["rows"]
+    assert set(sae) == {"slurm: (srun streams)", "ssh (OpenSSH)"}
+    assert all(row["evals"] == 2 for row in sae.values())
+    assert set(result["echo"]) == {"pipes", "srun"}
+    assert all(len(row) == len(bench.ECHO_SIZES) for row in result["echo"].values())
 
 
 def test_a_dask_slurm_cluster_whose_workers_lack_qjamfab(cluster, tmp_path):

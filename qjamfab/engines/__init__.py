@@ -11,6 +11,8 @@ engine names one:
 - `ssh` (engines/ssh.py): one stream per host to the host's agent;
 - `slurm` (engines/slurm.py): the same agent as a job step per node of a
   Slurm allocation (the step's stdin and stdout are the stream);
+- `command` (engines/command.py): the same agent under a command line of
+  the user's (`docker exec -i BOX python3`), its stdin and stdout the stream;
 - `dask` (engines/dask.py): an existing Dask cluster as one host.
 
 An engine registers a factory by host-spec kind (hostspec.py says the
@@ -43,6 +45,9 @@ class EngineSettings:
     cache_limit: int | str | None = None
     packages: Sequence[Any] = ()  # packages.Distribution to ship
     base: str = ""  # this machine's base directory (local workers)
+    # Start-up waits (a Slurm job pending) on a terminal line: None when
+    # stdout is a terminal (display.StatusLine).
+    progress: bool | None = None
 
 
 class Host(Protocol):
@@ -88,7 +93,7 @@ class Engine:
 _ENGINES: dict[str, Engine] = {}
 # The engines of this package, imported when first needed (Dask only
 # when a Dask cluster is given, so distributed stays optional).
-_BUILTIN = ("local", "ssh", "slurm", "dask")
+_BUILTIN = ("local", "ssh", "slurm", "command", "dask")
 
 
 def register(engine: Engine) -> None:

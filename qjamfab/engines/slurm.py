@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .. import cluster, runtime
+from .. import cluster, display, runtime
 from ..errors import BadHostSpec, HostUnreachable, PreflightFailed
 from ..hostspec import HostSpec
 from ..transport import ProcessTransport
@@ -281,10 +281,12 @@ def allocation_for(
     spec: HostSpec,
     env: Mapping[str, str] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    progress: bool | None = None,
 ) -> Allocation:
     """The allocation a "slurm" spec means: with options, a new one asked
-    of Slurm (waiting while it is pending); without, the one this process
-    runs in ($SLURM_JOB_ID)."""
+    of Slurm (waiting while it is pending, said on a status line as
+    `progress` says); without, the one this process runs in
+    ($SLURM_JOB_ID)."""
     env = os.environ if env is None else env
     _need("srun")
     options = dict(spec.options)
@@ -302,7 +304,7 @@ def allocation_for(
                 host=spec.raw,
             )
         return Allocation.from_env(job_id, nodelist, cpus)
-    return request(options, clock)
+    return request(options, clock, display.StatusLine(progress))
 
 
 def command_hosts(
@@ -336,11 +338,13 @@ def salloc_argv(options: Mapping[str, str]) -> list[str]:
 
 
 def request(
-    options: Mapping[str, str], clock: Callable[[], float] = time.monotonic
+    options: Mapping[str, str],
+    clock: Callable[[], float] = time.monotonic,
+    status: display.StatusLine | None = None,
 ) -> Allocation:
-    """Ask Slurm for an allocation and wait for it, saying through logging
-    why it is pending; it is held until `Allocation.release` or the end of
-    this process."""
+    """Ask Slurm for an allocation and wait for it, saying why it is
+    pending on `status` (cleared once granted), else through logging; it
+    is held until `Allocation.release` or the end of this process."""
     holder = subprocess.Popen(
         salloc_argv(options),
         stdin=subprocess.PIPE,
@@ -349,14 +353,19 @@ def request(
         # Ctrl-C at the terminal is the Master's to handle.
         start_new_session=True,
     )
+    status = status or display.StatusLine(False)
     try:
-        return _granted(holder, clock)
+        return _granted(holder, clock, status)
     except BaseException:
         _give_up(holder)
         raise
+    finally:
+        status.close()
 
 
-def _granted(holder: subprocess.Popen, clock: Callable[[], float]) -> Allocation:
+def _granted(
+    holder: subprocess.Popen, clock: Callable[[], float], status: display.StatusLine
+) -> Allocation:
     """Read salloc until its holder says what was granted."""
     assert holder.stdout is not None and holder.stderr is not None
     said = bytearray()  # salloc's stderr
@@ -395,7 +404,9 @@ def _granted(holder: subprocess.Popen, clock: Callable[[], float]) -> Allocation
             now = _pending_reason(job_id)
             if now and now != reason:
                 reason = now
-                log.warning("Slurm job %s pending: %s", job_id, reason)
+                said_now = f"Slurm job {job_id} pending: {reason}"
+                if not status.show(said_now):
+                    log.warning("%s", said_now)
     holder.wait()
     raise HostUnreachable(
         "Slurm did not grant the allocation: "
@@ -463,7 +474,7 @@ def _make(specs: Sequence[HostSpec], settings: EngineSettings) -> list[Host]:
     return [
         SlurmHost(spec, node, settings)
         for spec in specs
-        for node in allocation_for(spec).node_list()
+        for node in allocation_for(spec, progress=settings.progress).node_list()
     ]
 
 
