@@ -149,6 +149,11 @@ def check_head(kind: int, head: dict, parts: list) -> None:
         and all(is_ref(r) for r in head["refs"])
     ):
         bad = "its refs are not a list of refs"
+    elif kind == protocol.TASK and not (
+        isinstance(head.get("broadcasts", []), list)
+        and all(is_ref(r) for r in head.get("broadcasts", []))
+    ):
+        bad = "its broadcasts are not a list of refs"
     elif kind == protocol.REFS and not is_ref(head["ref"]):
         bad = f"{head['ref']!r:.80} is not a ref"
     if bad:
