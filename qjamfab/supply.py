@@ -110,10 +110,16 @@ class Supply:
         return size
 
     def _send_broadcast(self, handle: WorkerHandle, ref: str) -> int:
-        return self._send_ref(handle, ref, self.broadcasts[ref])
+        # Flagged: a host's agent that has no room for it on disk hands it
+        # to all its workers, as they are all counted on to have it.
+        return self._send_ref(
+            handle, ref, self.broadcasts[ref], {"ref": ref, "broadcast": True}
+        )
 
-    def _send_ref(self, handle: WorkerHandle, ref: str, payload: list) -> int:
-        size = handle.send(protocol.REFS, {"ref": ref}, payload)
+    def _send_ref(
+        self, handle: WorkerHandle, ref: str, payload: list, head: dict | None = None
+    ) -> int:
+        size = handle.send(protocol.REFS, head or {"ref": ref}, payload)
         for other in handle.link.handles.values() if handle.link.agent else (handle,):
             other.refs.add(ref)  # on the host's disk: any worker there
         return size

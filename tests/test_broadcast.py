@@ -164,3 +164,17 @@ def test_ssh_hosts_get_it_once_per_host_and_keep_it_for_the_next_master(ssh):
         assert m.run(_lookup, {"table": shared, "k": 1}, data) == expected
         assert m.last_run.broadcasts_sent == 1
         assert table.nbytes <= m.last_run.broadcast_bytes_sent < 2 * table.nbytes
+
+
+def test_a_host_with_no_room_on_disk_hands_it_to_all_its_workers(ssh):
+    table = np.arange(100_000, dtype=np.float64)
+    shared = Broadcast(table)
+    opts = dict(workers_per_host=2, ssh_config=ssh.ssh_config, cache_limit=0)
+    with Master(ssh.aliases[:1], **opts) as m:
+        assert m.run(_lookup, {"table": shared, "k": 1}) == 2 * _expected(table, 1)
+        # Sent once; both workers ran their own task (none waited for a
+        # backup copy of it on the other).
+        assert m.last_run.broadcasts_sent == 1 and not m.last_run.backup_tasks
+        assert set(m.last_run.worker_compute_s) == set(m.workers)
+        assert m.run(_lookup, {"table": shared, "k": 1}) == 2 * _expected(table, 1)
+        assert m.last_run.broadcasts_sent == 0
