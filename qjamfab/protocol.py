@@ -52,7 +52,8 @@ STATE = 3  # worker -> master: {task, state: "blocked", refs, func};
 # "cancelled"; "parked" {compute_s, slices, bytes}: the result
 # waits for FETCH (or CANCEL drops it); from the agent "done"
 # {compute_s, slices, bytes} for a held task
-REFS = 4  # master -> worker: {ref}; payload = the slice. From the
+REFS = 4  # master -> worker: {ref, broadcast?}; payload = the slice
+# (or a Broadcast: for every worker of the host). From the
 # agent to its daemons {ref, stored: file key}, no payload:
 # the slice is in the host's cache, sealed, as that file; or
 # {ref, memory: true} + the slice: no room for it on disk
