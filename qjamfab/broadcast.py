@@ -14,7 +14,8 @@ cache keeps it in memory) and hands mapfunc the value itself in its place
 (runtime/task.py's `execute`).
 
 A Broadcast must not change: each run checks, before anything is sent,
-that the value still pickles to the same main stream and that its
+that the value still pickles to the same main stream (unless made with
+`check=False`: then that stream is the one made first) and that its
 out-of-band buffers (numpy arrays' data, which are not copied) have the
 same crc32 checksums; a change raises BadParams. Pickled any other way
 (futures' arguments, a user's own pickle) a Broadcast travels inline and
@@ -36,25 +37,35 @@ class Broadcast:
 
     Put it anywhere inside a run's params; mapfunc receives the value in
     its place. Raises BadParams when the value cannot be pickled or holds
-    another Broadcast; a run raises BadParams when the value changed since.
+    another Broadcast. Each run raises BadParams when the value changed
+    since: it pickles the value again and compares, and checksums its
+    numpy arrays' data (not copied: only a checksum tells a change there).
+    With `check=False` the value is taken as it is now, pickled once:
+    later changes to its objects are not seen, by the check or by the
+    workers, which saves pickling it each run (about 0.3-0.5 s for a dict
+    of a million words); an array's data changed in place still fails.
     """
 
-    __slots__ = ("value", "ref", "nbytes", "_main", "_checksums")
+    __slots__ = ("value", "ref", "nbytes", "check", "_parts", "_checksums")
     made = 0  # Broadcasts made in this process: none, no params look for one
 
-    def __init__(self, value: object):
+    def __init__(self, value: object, *, check: bool = True):
+        # Pickled once with the hook that refuses a Broadcast inside; one
+        # put there later changes the pickle, which the check sees.
         parts = serialize.encode_broadcast(value, _refuse_nested)
         self.value = value
+        self.check = check
         self.ref = payload_ref(parts)
         self.nbytes = protocol.frame_size(parts)  # what one REFS frame carries
-        self._main = bytes(parts[0])
+        # The main stream is bytes (a snapshot); arrays' buffers are views.
+        self._parts = parts
         self._checksums = checksums(parts[1:])
         Broadcast.made += 1
 
     def payload(self) -> list:
         """The value's payload parts, checked unchanged since it was made."""
-        parts = serialize.encode_broadcast(self.value, _refuse_nested)
-        if parts[0] != self._main or checksums(parts[1:]) != self._checksums:
+        parts = serialize.encode_broadcast(self.value) if self.check else self._parts
+        if parts[0] != self._parts[0] or checksums(parts[1:]) != self._checksums:
             raise BadParams(
                 f"a Broadcast's value (a {type(self.value).__name__}) changed "
                 "since the Broadcast was made: wrap the new value in a new "

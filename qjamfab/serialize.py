@@ -313,7 +313,7 @@ def encode_params(params: object, persistent_id: PersistentId | None = None) -> 
     return _encode(params, BadParams, "params", persistent_id)
 
 
-def encode_broadcast(value: object, persistent_id: PersistentId) -> list:
+def encode_broadcast(value: object, persistent_id: PersistentId | None = None) -> list:
     """A Broadcast's value as payload parts (broadcast.py)."""
     register_local_modules()
     return _encode(value, BadParams, "a Broadcast's value", persistent_id)

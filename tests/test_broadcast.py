@@ -134,6 +134,21 @@ def test_a_value_changed_after_it_was_made_fails_the_next_run(kind):
         assert m.run(job, Broadcast(value)) == job(value, None)
 
 
+def test_without_the_check_a_changed_object_is_not_seen_a_changed_array_is():
+    table = np.arange(1_000, dtype=np.float64)
+    value = {"t": table, "n": 1}
+    shared = Broadcast(value, check=False)
+    job = lambda p, _: float(p["t"].sum()) + p["n"]  # noqa: E731
+    expected = float(table.sum()) + 1
+    with Master("local:1") as m:
+        assert m.run(job, shared) == expected
+        value["n"] = 2  # not seen: the value as it was when made
+        assert m.run(job, shared) == expected
+        table[0] += 1.0  # the array's data is not copied: refused
+        with pytest.raises(BadParams, match="changed since the Broadcast was made"):
+            m.run(job, shared)
+
+
 # --- SSH hosts ---------------------------------------------------------------
 
 
