@@ -87,8 +87,8 @@ def payload_ref(parts: list) -> str:
 
 def checksums(parts: list) -> tuple[int, ...]:
     """crc32 of every 8 MiB block of `parts`, on every core: a check that
-    the bytes are still the ones a payload_ref was made of, at a third of
-    sha256's cost (about 13 ms per 100 MiB on 2 cores)."""
+    the bytes are still the ones a payload_ref was made of, at less than
+    half sha256's cost (25 ms against 58 ms per 100 MiB on one core)."""
     return tuple(_hash_pool().map(zlib.crc32, _blocks(parts)))
 
 

@@ -360,10 +360,11 @@ class Master(FuturesMixin):
         log.info("run: %r", run.stats)
         return value
 
-    def broadcast(self, value: object) -> Broadcast:
-        """`qjamfab.Broadcast(value)`: put it in params; it crosses to each
-        host once, and stays in the hosts' caches for later sessions."""
-        return Broadcast(value)
+    def broadcast(self, value: object, *, check: bool = True) -> Broadcast:
+        """`qjamfab.Broadcast(value, check=check)`: put it in params; it
+        crosses to each host once, and stays in the hosts' caches for later
+        sessions."""
+        return Broadcast(value, check=check)
 
     def task_stream(self) -> TaskStream:
         """For the futures dispatcher (futures.py), which holds the run
