@@ -38,8 +38,10 @@ def test_local_workers_get_it_once_and_a_new_master_finds_it_on_disk():
     with Master("local:2") as m:
         assert m.run(_lookup, {"table": shared, "k": 2}) == 2 * _expected(table, 2)
         first = m.last_run
-        assert first.broadcasts_sent == 2  # each local worker is a link
-        assert first.broadcast_bytes_sent >= 2 * table.nbytes
+        # Each local worker is a link of its own: one asking after the
+        # other stored it finds it on the disk they share.
+        assert first.broadcasts_sent in (1, 2)
+        assert first.broadcast_bytes_sent >= first.broadcasts_sent * table.nbytes
         assert first.bytes_sent >= first.broadcast_bytes_sent
         assert m.run(_lookup, {"table": shared, "k": 3}) == 2 * _expected(table, 3)
         second = m.last_run
@@ -51,8 +53,8 @@ def test_local_workers_get_it_once_and_a_new_master_finds_it_on_disk():
         assert m.last_run.bytes_sent < 10_000
         m.clear_cache()  # a host that lost its cache gets it again
         assert m.run(_lookup, {"table": shared, "k": 1}) == 2 * _expected(table, 1)
-        assert m.last_run.broadcasts_sent == 2
-        assert m.last_run.broadcast_bytes_sent >= 2 * table.nbytes
+        assert m.last_run.broadcasts_sent in (1, 2)
+        assert m.last_run.broadcast_bytes_sent >= table.nbytes
 
 
 def test_with_a_dataset_and_unpickled_once_per_worker_process():

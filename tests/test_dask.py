@@ -365,8 +365,10 @@ def test_a_broadcast_crosses_once_and_a_new_master_finds_it(client):
     expected = 2 * float(table.sum())
     with Master(client) as m:
         assert m.run(lambda p, _: float(p["t"].sum()), {"t": shared}) == expected
-        assert m.last_run.broadcasts_sent == 2  # one per Dask worker
-        assert m.last_run.broadcast_bytes_sent >= 2 * table.nbytes
+        # At most one per Dask worker (one may find the other's on the
+        # disk they share).
+        assert m.last_run.broadcasts_sent in (1, 2)
+        assert m.last_run.broadcast_bytes_sent >= table.nbytes
         assert m.run(lambda p, _: float(p["t"].sum()), {"t": shared}) == expected
         assert m.last_run.broadcast_bytes_sent == 0
     with Master(client) as m:
