@@ -103,13 +103,15 @@ def encode_params(params: object) -> tuple[list, dict[str, list]]:
     Raises BadParams."""
     if not Broadcast.made:
         return serialize.encode_params(params), {}
-    found: dict[str, Broadcast] = {}
+    # By object: two Broadcasts of equal content share a ref, yet each is
+    # checked (either may have changed since).
+    found: dict[int, Broadcast] = {}
 
     def persistent_id(obj: object) -> str | None:
         if type(obj) is not Broadcast:
             return None
-        found[obj.ref] = obj
+        found[id(obj)] = obj
         return obj.ref
 
     parts = serialize.encode_params(params, persistent_id)
-    return parts, {ref: b.payload() for ref, b in found.items()}
+    return parts, {b.ref: b.payload() for b in found.values()}

@@ -136,6 +136,17 @@ def test_a_value_changed_after_it_was_made_fails_the_next_run(kind):
         assert m.run(job, Broadcast(value)) == job(value, None)
 
 
+def test_each_of_two_broadcasts_of_equal_content_is_checked():
+    first, second = np.arange(10.0), np.arange(10.0)
+    params = [Broadcast(first), Broadcast(second)]
+    assert params[0].ref == params[1].ref
+    with Master("inproc:1") as m:
+        assert m.run(lambda p, _: float(p[0].sum() + p[1].sum()), params) == 90.0
+        first[0] = 5.0
+        with pytest.raises(BadParams, match="changed since the Broadcast was made"):
+            m.run(lambda p, _: float(p[0].sum() + p[1].sum()), params)
+
+
 def test_without_the_check_a_changed_object_is_not_seen_a_changed_array_is():
     table = np.arange(1_000, dtype=np.float64)
     value = {"t": table, "n": 1}
