@@ -11,7 +11,11 @@ workers (local:2 where sshd is not installed):
 - second run (median of 5): time and bytes;
 - a second Master on the same hosts (a new session), its first run;
 - the same array as plain params, for comparison: every run sends it to
-  every worker.
+  every worker;
+- for each, the memory it added to the workers once a job read it all
+  (their proportional set size, summed: the Broadcast is mapped from the
+  host's cache file, so the workers of a host share one copy; plain
+  params are one per worker).
 """
 
 from __future__ import annotations
@@ -31,17 +35,40 @@ def first_value(params, rows):
     return float(params["table"][0])
 
 
+def total(params, rows):
+    return float(params["table"].sum())  # reads every page of it
+
+
 def _timed(m, params) -> tuple[float, object]:
     started = time.perf_counter()
     m.run(first_value, params)
     return time.perf_counter() - started, m.last_run
 
 
+def _workers_pss_mib(m) -> float | None:
+    """The workers' proportional set size, summed (MiB): memory they share
+    (a Broadcast mapped from the host's cache file) counts once in all.
+    None where their /proc is not this machine's."""
+    total = 0
+    for stats in m.worker_stats().values():
+        try:
+            with open(f"/proc/{stats['pid']}/smaps_rollup") as f:
+                total += sum(int(x.split()[1]) for x in f if x.startswith("Pss:"))
+        except OSError:
+            return None
+    return total / 1024
+
+
 def _session(m, params, log) -> dict:
+    m.run(first_value, {"table": np.zeros(1)})  # the job's imports, first
+    before = _workers_pss_mib(m)
     first_s, first = _timed(m, params)
     again = [_timed(m, params) for _ in range(RUNS)]
     second_s = statistics.median(s for s, _ in again)
+    m.run(total, params)
+    after = _workers_pss_mib(m)
     row = {
+        "workers_pss_added_mib": None if None in (before, after) else after - before,
         "first_run_s": first_s,
         "first_run_broadcast_bytes": first.broadcast_bytes_sent,
         "first_run_bytes_sent": first.bytes_sent,
@@ -104,6 +131,9 @@ def table(result: dict) -> str:
             f"{r['second_run_s'] * 1e3:.1f}",
             format_bytes(r["second_run_broadcast_bytes"]),
             format_bytes(r["second_run_bytes_sent"]),
+            "-"
+            if r["workers_pss_added_mib"] is None
+            else f"{r['workers_pss_added_mib']:.0f}",
         ]
 
     rows = [
@@ -125,9 +155,10 @@ def table(result: dict) -> str:
             "second run ms",
             "its Broadcast sent",
             "all sent",
+            "workers' PSS added, MiB",
         ],
         rows,
-        "lrrrrrr",
+        "lrrrrrrr",
     )
 
 
