@@ -74,6 +74,12 @@ class Broadcast:
             )
         return parts
 
+    def __copy__(self) -> Broadcast:
+        return self  # it does not change: copies may share it
+
+    def __deepcopy__(self, memo: dict) -> Broadcast:
+        return self  # (else __reduce__ would make a copy its bare value)
+
     def __reduce__(self) -> tuple:
         # Outside a run's params (futures' arguments, a user's pickle) it
         # travels inline and arrives as its value, which is what mapfunc

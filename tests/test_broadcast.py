@@ -78,6 +78,15 @@ def test_in_process_workers_and_a_broadcast_as_the_whole_params():
         assert m.last_run.broadcast_bytes_sent == 0
 
 
+def test_copies_of_params_share_their_broadcasts():
+    import copy
+
+    shared = Broadcast(np.arange(5))
+    params = {"t": shared, "lr": [0.1]}
+    assert copy.deepcopy(params)["t"] is shared
+    assert copy.copy(shared) is shared
+
+
 def test_pickled_outside_a_run_it_travels_inline_as_its_value():
     table = np.arange(5)
     copy = pickle.loads(pickle.dumps({"t": Broadcast(table)}))
