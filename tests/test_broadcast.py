@@ -24,6 +24,10 @@ def _lookup(params, rows):
 
 
 def _identity(params, rows):
+    import sys
+
+    # Held, so that a fresh copy per task could not reuse a freed one's id.
+    sys.__dict__.setdefault("_broadcast_test_held", []).append(params["table"])
     return [(os.getpid(), id(params["table"]))]
 
 
