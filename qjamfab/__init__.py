@@ -8,6 +8,7 @@
 The public names live in private-ish modules and are re-exported here.
 """
 
+from .broadcast import Broadcast
 from .dataset import (
     ArrayDataSet,
     BaseDataSet,
@@ -45,6 +46,7 @@ __all__ = [
     "Master",
     "RunStats",
     "minimize",
+    "Broadcast",
     "DataSet",
     "BaseDataSet",
     "ListDataSet",

@@ -14,6 +14,7 @@ import hashlib
 import os
 import pickle
 import types
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,6 +26,7 @@ _HASH_BLOCK = 8 << 20  # arrays larger than this hash their blocks in parallel
 _ARRAY_TAG = b"qjamfab-ndarray\0"
 _PICKLE_TAG = b"qjamfab-pickle4\0"
 _TEXT_TAG = b"qjamfab-textrows\0"
+_PAYLOAD_TAG = b"qjamfab-payload5\0"
 
 
 def content_ref(obj: Any) -> str:
@@ -72,8 +74,45 @@ def text_rows_ref(data: bytes) -> str:
     return h.hexdigest()
 
 
+def payload_ref(parts: list) -> str:
+    """Hex sha256 of an encoded payload (protocol.encode's parts): its
+    part lengths and the digests of its 8 MiB blocks, hashed on every
+    core. A Broadcast's ref: what is hashed is exactly what is sent."""
+    h = hashlib.sha256(_PAYLOAD_TAG)
+    h.update(repr([memoryview(p).nbytes for p in parts]).encode())
+    for digest in _map(_view_digest, _blocks(parts)):
+        h.update(digest)
+    return h.hexdigest()
+
+
+def checksums(parts: list) -> tuple[int, ...]:
+    """crc32 of every 8 MiB block of `parts`, on every core: a check that
+    the bytes are still the ones a payload_ref was made of, at less than
+    half sha256's cost (25 ms against 58 ms per 100 MiB on one core)."""
+    return tuple(_map(zlib.crc32, _blocks(parts)))
+
+
+def _map(func: Any, blocks: list[memoryview]) -> Any:
+    """func over the blocks: on every core when one is a full block, else
+    here (many small buffers would cost more in handing over)."""
+    if any(len(b) == _HASH_BLOCK for b in blocks):
+        return _hash_pool().map(func, blocks)
+    return map(func, blocks)
+
+
+def _blocks(parts: list) -> list[memoryview]:
+    views = [memoryview(p).cast("B") for p in parts]
+    return [
+        v[i : i + _HASH_BLOCK] for v in views for i in range(0, len(v), _HASH_BLOCK)
+    ]
+
+
 def _block_digest(block: np.ndarray) -> bytes:
-    return hashlib.sha256(block.data).digest()  # releases the GIL
+    return _view_digest(block.data)
+
+
+def _view_digest(view: memoryview) -> bytes:
+    return hashlib.sha256(view).digest()  # releases the GIL
 
 
 @functools.lru_cache(maxsize=1)

@@ -25,6 +25,8 @@ from typing import TypeGuard
 
 from . import display, engines, logs, protocol, serialize, text
 from . import packages as shipping
+from .broadcast import Broadcast
+from .broadcast import encode_params as encode_run_params
 from .dataset import BaseDataSet, DataSet
 from .engines import EngineSettings, Host
 from .errors import ConfigError, QjamfabError, WorkerLost
@@ -328,7 +330,7 @@ class Master(FuturesMixin):
         started = time.perf_counter()
         mapfunc, reduce = serialize.job_functions(job, reduce)
         func_hash, func_bytes = serialize.encode_job(mapfunc, reduce)
-        params_parts = serialize.encode_params(params)
+        params_parts, broadcasts = encode_run_params(params)
         if dataset is not None and not isinstance(dataset, BaseDataSet):
             dataset = DataSet(dataset)
         self._drain()
@@ -351,6 +353,7 @@ class Master(FuturesMixin):
                 split=self._split,
             ),
             progress,
+            broadcasts,
         )
         try:
             value = run.execute()
@@ -360,6 +363,12 @@ class Master(FuturesMixin):
             self._split = run.split_next()
         log.info("run: %r", run.stats)
         return value
+
+    def broadcast(self, value: object, *, check: bool = True) -> Broadcast:
+        """`qjamfab.Broadcast(value, check=check)`: put it in params; it
+        crosses to each host once, and stays in the hosts' caches for later
+        sessions."""
+        return Broadcast(value, check=check)
 
     def task_stream(self) -> TaskStream:
         """For the futures dispatcher (futures.py), which holds the run

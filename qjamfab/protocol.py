@@ -21,6 +21,7 @@ frame's payload is stored on the worker's disk exactly as it arrived.
 
 from __future__ import annotations
 
+import io
 import json
 import mmap
 import os
@@ -44,12 +45,15 @@ TASK = 2  # master -> worker: {task, run, func, refs, slices, leaves,
 # the run's params again); slices: their indices, leaves: how
 # many the run has (results combine in reduce.ReduceTree);
 # hold: the agent keeps the result for COLLECT; park: a result
-# of this many bytes or more waits at the worker for FETCH
+# of this many bytes or more waits at the worker for FETCH;
+# broadcasts (optional): the refs the params name, held in the
+# cache as slices are (a worker lacking one is blocked on it)
 STATE = 3  # worker -> master: {task, state: "blocked", refs, func};
 # "cancelled"; "parked" {compute_s, slices, bytes}: the result
 # waits for FETCH (or CANCEL drops it); from the agent "done"
 # {compute_s, slices, bytes} for a held task
-REFS = 4  # master -> worker: {ref}; payload = the slice. From the
+REFS = 4  # master -> worker: {ref, broadcast?}; payload = the slice
+# (or a Broadcast: for every worker of the host). From the
 # agent to its daemons {ref, stored: file key}, no payload:
 # the slice is in the host's cache, sealed, as that file; or
 # {ref, memory: true} + the slice: no room for it on disk
@@ -133,9 +137,16 @@ def encode(obj: object, dumps: Callable = pickle.dumps) -> list:
     return [main, *(b.raw() for b in buffers)]
 
 
-def decode(parts: Sequence) -> object:
-    """The inverse of encode."""
-    return pickle.loads(parts[0], buffers=parts[1:])
+def decode(
+    parts: Sequence, persistent_load: Callable[[str], object] | None = None
+) -> object:
+    """The inverse of encode; `persistent_load` gives the object a
+    persistent id names (a run's params name their broadcasts so)."""
+    if persistent_load is None:
+        return pickle.loads(parts[0], buffers=parts[1:])
+    unpickler = pickle.Unpickler(io.BytesIO(parts[0]), buffers=parts[1:])
+    unpickler.persistent_load = persistent_load  # type: ignore[method-assign]
+    return unpickler.load()
 
 
 def encode_head(head: dict) -> bytes:

@@ -110,7 +110,10 @@ class Run:
         reduce: Callable[[Any, Any], Any] | None,
         settings: RunSettings,
         progress: bool | None = None,
+        broadcasts: dict[str, list] | None = None,
     ):
+        """`broadcasts`: the payload of each Broadcast in params, by ref
+        (broadcast.py's encode_params)."""
         self.inbox = inbox
         self.settings = settings
         self.clock = settings.clock
@@ -147,7 +150,11 @@ class Run:
         self.counters = {x: (x.bytes_sent, x.bytes_received) for x in self.links}
         self.started = self.clock()
         self.stats = RunStats(workers=len(workers))
-        self.supply = Supply(dataset, self.refs, func_hash, func_bytes, self.stats)
+        self.supply = Supply(
+            dataset, self.refs, func_hash, func_bytes, self.stats, broadcasts
+        )
+        # Broadcasts travel as slices do: each TASK names them.
+        self.broadcast_head = {"broadcasts": list(broadcasts)} if broadcasts else {}
 
     def execute(self) -> object:
         if self.refs is None:
@@ -250,6 +257,7 @@ class Run:
                     "params": with_params,
                     "hold": held,
                     "park": None if held else result_flow.PARK_BYTES,
+                    **self.broadcast_head,
                 },
                 self.params.parts if with_params else (),
             )

@@ -31,6 +31,8 @@ class RunStats:
     spilled_results: int = 0  # held nodes the master wrote to disk
     tasks: int = 0  # tasks sent: copies and re-runs included
     moved_tasks: int = 0  # queued tasks a worker that ran dry took
+    broadcasts_sent: int = 0  # Broadcasts sent to workers lacking them
+    broadcast_bytes_sent: int = 0  # their bytes (in bytes_sent too)
 
     def __repr__(self) -> str:
         compute = ", ".join(
@@ -46,6 +48,11 @@ class RunStats:
         if self.backup_tasks:
             lost += f"; {plural(self.backup_tasks, 'backup task')}"
         size = text.format_bytes
+        if self.broadcasts_sent:
+            lost += (
+                f"; {plural(self.broadcasts_sent, 'broadcast')} sent "
+                f"({size(self.broadcast_bytes_sent)})"
+            )
         return (
             f"RunStats({text.format_duration(self.elapsed_s)} on "
             f"{plural(self.workers, 'worker')}: "

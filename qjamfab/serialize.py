@@ -57,16 +57,25 @@ class _JobPickler(cloudpickle.Pickler):
     )
 
 
+PersistentId = Callable[[object], object]
+
+
 def dumps_job(
     obj: object,
     protocol: int = 5,
     buffer_callback: Callable[[pickle.PickleBuffer], object] | None = None,
+    persistent_id: PersistentId | None = None,
 ) -> bytes:
     """cloudpickle as jobs travel: functions and classes by value, code
     keeping its file name (for remote tracebacks). Call
-    register_local_modules() first so the user's own modules go by value."""
+    register_local_modules() first so the user's own modules go by value.
+    `persistent_id` (pickle's hook) may name objects that travel apart
+    (a Broadcast: broadcast.py)."""
     out = io.BytesIO()
-    _JobPickler(out, protocol=protocol, buffer_callback=buffer_callback).dump(obj)
+    pickler = _JobPickler(out, protocol=protocol, buffer_callback=buffer_callback)
+    if persistent_id is not None:
+        pickler.persistent_id = persistent_id
+    pickler.dump(obj)
     return out.getvalue()
 
 
@@ -272,9 +281,24 @@ def _plain(value: object, depth: int = 0) -> bool:
     )
 
 
-def _encode(value: object, error: type[QjamfabError], what: str) -> list:
+def _encode(
+    value: object,
+    error: type[QjamfabError],
+    what: str,
+    persistent_id: PersistentId | None = None,
+) -> list:
+    # Plain data holds no object that persistent_id would name.
+    dumps = (
+        pickle.dumps
+        if _plain(value)
+        else dumps_job
+        if persistent_id is None
+        else functools.partial(dumps_job, persistent_id=persistent_id)
+    )
     try:
-        return protocol.encode(value, pickle.dumps if _plain(value) else dumps_job)
+        return protocol.encode(value, dumps)
+    except QjamfabError:
+        raise  # persistent_id's own, saying what is wrong
     except Exception as exc:
         raise error(
             f"{what} of type {type(value).__name__} cannot be pickled "
@@ -283,9 +307,16 @@ def _encode(value: object, error: type[QjamfabError], what: str) -> list:
         ) from exc
 
 
-def encode_params(params: object) -> list:
+def encode_params(params: object, persistent_id: PersistentId | None = None) -> list:
+    """A run's params as payload parts; `persistent_id` as in dumps_job."""
     register_local_modules()
-    return _encode(params, BadParams, "params")
+    return _encode(params, BadParams, "params", persistent_id)
+
+
+def encode_broadcast(value: object, persistent_id: PersistentId | None = None) -> list:
+    """A Broadcast's value as payload parts (broadcast.py)."""
+    register_local_modules()
+    return _encode(value, BadParams, "a Broadcast's value", persistent_id)
 
 
 def encode_slice(value: object, index: int) -> list:

@@ -1,7 +1,8 @@
 """A run's data supply: what a blocked worker lacks, and replicas.
 
-A worker that lacks the run's function or some of its slices says so and
-waits; `Supply` sends them, a slice once per host (its agent stores it
+A worker that lacks the run's function, some of its slices or a Broadcast
+of its params says so and waits; `Supply` sends them, a slice or a
+Broadcast once per host (its agent stores it
 for all its workers there). After a run over a dataset it places a second
 copy of each slice on a worker of another host (`RunSettings.replicas`).
 What it sent is counted in the run's `RunStats`.
@@ -31,8 +32,12 @@ class Supply:
         func_hash: str,
         func_bytes: bytes,
         stats: RunStats,
+        broadcasts: dict[str, list] | None = None,
     ):
+        """`broadcasts`: the payload of each Broadcast in the run's params,
+        by ref (broadcast.py); a worker lacking one gets it as a slice."""
         self.dataset = dataset
+        self.broadcasts = broadcasts or {}
         self.refs = refs
         self.func_hash = func_hash
         self.func_bytes = func_bytes
@@ -60,8 +65,12 @@ class Supply:
                 and all(ref in h.refs for h in link.handles.values())
             ):
                 continue  # on its way to the host already
-            self.stats.dataset_bytes_sent += self._send_slice(handle, ref)
             self.sent_refs.add(ref)
+            if ref in self.broadcasts:
+                self.stats.broadcast_bytes_sent += self._send_broadcast(handle, ref)
+                self.stats.broadcasts_sent += 1
+                continue
+            self.stats.dataset_bytes_sent += self._send_slice(handle, ref)
             self.stats.slices_sent += 1
 
     def replicate(
@@ -95,9 +104,22 @@ class Supply:
             self._index = {r: i for i, r in enumerate(self.refs)}
         i = self._index[ref]
         payload = serialize.encode_slice(self.dataset.slice(i), i)
-        size = handle.send(protocol.REFS, {"ref": ref}, payload)
+        size = self._send_ref(handle, ref, payload)
         del payload
         self.dataset.release(i)
+        return size
+
+    def _send_broadcast(self, handle: WorkerHandle, ref: str) -> int:
+        # Flagged: a host's agent that has no room for it on disk hands it
+        # to all its workers, as they are all counted on to have it.
+        return self._send_ref(
+            handle, ref, self.broadcasts[ref], {"ref": ref, "broadcast": True}
+        )
+
+    def _send_ref(
+        self, handle: WorkerHandle, ref: str, payload: list, head: dict | None = None
+    ) -> int:
+        size = handle.send(protocol.REFS, head or {"ref": ref}, payload)
         for other in handle.link.handles.values() if handle.link.agent else (handle,):
             other.refs.add(ref)  # on the host's disk: any worker there
         return size

@@ -239,3 +239,17 @@ def test_reduce_benchmark_smoke(tmp_path):
     assert {r["config"] for r in rows} == {"as shipped", "unbounded"}
     assert saved["verify"]["verify_mb_per_s"] > 0
     assert any(t["target"].startswith("master peak memory") for t in saved["targets"])
+
+
+@pytest.mark.timeout(120)
+def test_broadcast_benchmark_smoke(tmp_path):
+    """`python -m benchmarks.broadcast` at a tiny size: it measured the
+    three sessions and wrote broadcast.json with both targets met."""
+    from benchmarks import broadcast as broadcast_bench
+
+    assert broadcast_bench.main(["--scale", "tiny", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "broadcast.json") as f:
+        saved = json.load(f)
+    assert saved["broadcast"]["first_run_broadcast_bytes"] >= saved["bytes"]
+    assert saved["plain"]["second_run_bytes_sent"] >= saved["bytes"]
+    assert [t["met"] for t in saved["targets"]] == [True, True]

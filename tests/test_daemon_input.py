@@ -78,6 +78,11 @@ BAD_FRAMES = {
     "a TASK naming a file outside the cache": b"".join(
         protocol.frame(protocol.TASK, task_head(1, "f", refs=["../../etc/passwd"]))
     ),
+    "a TASK naming a broadcast outside the cache": b"".join(
+        protocol.frame(
+            protocol.TASK, {**task_head(1, "f"), "broadcasts": ["../../etc/passwd"]}
+        )
+    ),
     "a FUNC without the job": b"".join(protocol.frame(protocol.FUNC, {"hash": "h"})),
     "a FETCH of a result not parked": b"".join(
         protocol.frame(protocol.FETCH, {"task": 7})

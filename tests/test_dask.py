@@ -364,6 +364,25 @@ def test_new_master_and_client_find_the_slices(client):
     assert client.status == "running"
 
 
+def test_a_broadcast_crosses_once_and_a_new_master_finds_it(client):
+    from qjamfab import Broadcast
+
+    table = np.arange(100_000, dtype=np.float64)
+    shared = Broadcast(table)
+    expected = 2 * float(table.sum())
+    with Master(client) as m:
+        assert m.run(lambda p, _: float(p["t"].sum()), {"t": shared}) == expected
+        # At most one per Dask worker (one may find the other's on the
+        # disk they share).
+        assert m.last_run.broadcasts_sent in (1, 2)
+        assert m.last_run.broadcast_bytes_sent >= table.nbytes
+        assert m.run(lambda p, _: float(p["t"].sum()), {"t": shared}) == expected
+        assert m.last_run.broadcast_bytes_sent == 0
+    with Master(client) as m:
+        assert m.run(lambda p, _: float(p["t"].sum()), {"t": shared}) == expected
+        assert m.last_run.broadcast_bytes_sent == 0
+
+
 def test_replicas_go_to_the_other_worker(client):
     data = DataSet(
         np.arange(8000, dtype=np.float64).reshape(80, 100) + 0.5, slice_size=10

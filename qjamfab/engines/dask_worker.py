@@ -50,7 +50,7 @@ from ..runtime import calls
 from ..runtime.cache import RefCache
 from ..runtime.capture import c_stdio_flush
 from ..runtime.pins import CacheLimitError
-from ..runtime.task import check_job, error_fields, execute, load_job
+from ..runtime.task import check_job, error_fields, execute, load_job, task_refs
 from ..runtime.worker import tune_malloc
 
 if TYPE_CHECKING:
@@ -275,7 +275,7 @@ def run_task(
             plugin.store(slices)
         cache = plugin.cache()
         with plugin.lock:
-            missing = cache.missing(head["refs"] or ())
+            missing = cache.missing(task_refs(head))
         missing_func = head["func"] not in plugin.jobs
     except Exception as exc:
         return {"log": "", "error": error_fields("setting up the task", exc)}

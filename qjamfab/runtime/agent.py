@@ -237,7 +237,9 @@ class Agent:
                 self.master.read_fd,
                 load=False,
             )
-            self._stored(head["ref"], worker, parts)
+            # A Broadcast is for every worker here, a slice for the one asking.
+            everyone = self.daemons if head.get("broadcast") else None
+            self._stored(head["ref"], worker, parts, everyone)
             return
         if kind == protocol.PACKAGES and worker == protocol.AGENT:
             self.packages.handle(self, head, lengths)
@@ -303,15 +305,21 @@ class Agent:
             run, lengths, self.master.reader, self.master.read_fd
         )
 
-    def _stored(self, ref: str, worker: int, parts: list | None) -> None:
+    def _stored(
+        self, ref: str, worker: int, parts: list | None, everyone: dict | None
+    ) -> None:
         """Tell every daemon the slice is in the cache; when it stayed off
-        the disk (no room: `parts`), send it on to its worker."""
+        the disk (no room: `parts`), send it on to its worker, or to
+        `everyone` (a Broadcast's daemons: all)."""
         if parts is not None:
-            daemon = self.daemons.get(worker)
-            if daemon is not None and not daemon.closed:
-                daemon.queue(
-                    protocol.frame(protocol.REFS, {"ref": ref, "memory": True}, parts)
-                )
+            for k in everyone or (worker,):
+                daemon = self.daemons.get(k)
+                if daemon is not None and not daemon.closed:
+                    daemon.queue(
+                        protocol.frame(
+                            protocol.REFS, {"ref": ref, "memory": True}, parts
+                        )
+                    )
             return
         key = self.cache.file_key(ref)
         if key is None:  # removed already (a clear): workers will ask for it

@@ -157,6 +157,11 @@ def check_head(kind: int, head: dict, parts: list) -> None:
         and not is_shared_params_path(head["path"])
     ):
         bad = f"{head['path']!r:.80} is not where a host shares params"
+    elif kind == protocol.TASK and not (
+        isinstance(head.get("broadcasts", []), list)
+        and all(is_ref(r) for r in head.get("broadcasts", []))
+    ):
+        bad = "its broadcasts are not a list of refs"
     elif kind == protocol.REFS and not is_ref(head["ref"]):
         bad = f"{head['ref']!r:.80} is not a ref"
     if bad:

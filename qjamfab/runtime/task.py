@@ -4,6 +4,7 @@ A worker daemon (worker.py), a host agent combining its workers' results
 (agent.py) and the Dask worker plugin (engines/dask_worker.py) all run a
 task the same way, phase by phase, and this module is that one way:
 
+- `task_refs`: what a TASK needs in the cache (slices, broadcasts);
 - `check_job`, `load_job`: a job's bytes, checked against the hash they
   came under, unpickled to (mapfunc, reduce);
 - `execute`: mapfunc over a TASK's slices, combined in the run's fixed tree
@@ -32,6 +33,12 @@ from .. import protocol
 from ..reduce import ReduceTree, reduce_in_place
 
 _PROGRESS_S = 0.25  # a task running longer says how far it is this often
+
+
+def task_refs(head: dict) -> list:
+    """What a TASK needs in the cache: its slices and its params'
+    broadcasts."""
+    return [*(head["refs"] or ()), *head.get("broadcasts", ())]
 
 
 def check_job(data: bytes, func_hash: str) -> None:
@@ -100,7 +107,11 @@ def execute(
     try:
         mapfunc, reduce = job()
         phase = "loading params"
-        params = protocol.decode(params_parts)
+        # Each Broadcast in params comes from the cache, unpickled there
+        # once per process (broadcast.py).
+        params = protocol.decode(
+            params_parts, get_slice if head.get("broadcasts") else None
+        )
         # What this task sends on is the nodes its slices make in the run's
         # fixed tree: whoever combines them, the root is the same.
         tree = ReduceTree(head["leaves"], reduce)

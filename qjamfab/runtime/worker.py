@@ -64,7 +64,7 @@ from .serving import (
     serve_socket,
 )
 from .shared_params import open_params
-from .task import check_job, error_fields, execute, load_job
+from .task import check_job, error_fields, execute, load_job, task_refs
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -300,7 +300,7 @@ class Worker:
             return True
         missing_func = head["func"] not in self.jobs
         try:
-            missing_refs = self.cache.missing(head["refs"] or ())
+            missing_refs = self.cache.missing(task_refs(head))
         except Exception as exc:
             # A slice this Python cannot unpickle (a module it lacks):
             # the task's error, not the daemon's end.
