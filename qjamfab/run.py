@@ -189,11 +189,18 @@ class Run:
                 for name, slices in plan.items()
             ]
             # Every worker's first task before anyone's second: on a busy
-            # machine the last worker to get one would start late.
-            for k in range(max((len(b) for _, b in queues), default=0)):
-                for handle, batches in queues:
-                    if k < len(batches):
-                        self._send_task(handle, self._new_group(batches[k]))
+            # machine the last worker to get one would start late. One
+            # write per host for them all.
+            for link in self.links:
+                link.hold()
+            try:
+                for k in range(max((len(b) for _, b in queues), default=0)):
+                    for handle, batches in queues:
+                        if k < len(batches):
+                            self._send_task(handle, self._new_group(batches[k]))
+            finally:
+                for link in self.links:
+                    link.release()
             self._collect()
         except BaseException:
             for handle, queue in self.queues.items():

@@ -107,6 +107,7 @@ class Link:
         self.agent = agent  # frames pass through a host's agent
         self.remote = agent  # a host's stream (even when direct)
         self.local = False  # to a worker process on this machine
+        self.held: list | None = None  # frames sent while held (hold)
         self.reader = protocol.FrameReader(transport.readinto)
         self.handles: dict[int, WorkerHandle] = {}
         self.info: dict = {}  # the agent's HELLO
@@ -357,7 +358,12 @@ class Link:
         worker: int = 0,
         to: str | None = None,
     ) -> int:
-        size = self._write(protocol.frame(kind, head, payload, worker))
+        buffers = protocol.frame(kind, head, payload, worker)
+        if self.held is not None:
+            self.held.extend(buffers)
+            size = protocol.frame_size(buffers)
+        else:
+            size = self._write(buffers)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "-> %s %s %s (%d bytes)",
@@ -367,6 +373,22 @@ class Link:
                 size,
             )
         return size
+
+    def hold(self) -> None:
+        """Keep what is sent from now on, to write it at `release`: a
+        run's first tasks to a host's workers cost one write, not one
+        each."""
+        self.held = []
+
+    def release(self) -> None:
+        """Write what `hold` kept. A failure is the link's loss, already
+        queued as its workers' events (as `_write` does)."""
+        buffers, self.held = self.held, None
+        if buffers and self.alive:
+            try:
+                self._write(buffers)
+            except WorkerLost:
+                pass
 
     def read_events(self) -> list[Event]:
         """Read the next frame: what it means, as events (none for a

@@ -64,6 +64,12 @@ class ScriptedLink:
     def computing(self) -> bool:
         return False  # silent means gone
 
+    def hold(self) -> None:
+        pass  # frames are kept in order anyway
+
+    def release(self) -> None:
+        pass
+
     def install_advice(self, ship: str | None) -> str:
         return "install it"
 

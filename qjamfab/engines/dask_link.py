@@ -126,6 +126,12 @@ class DaskLink:
     local = False  # params go as Dask task arguments (params_place.py)
     python = ""  # what runs the worker, for messages: Dask's own
 
+    def hold(self) -> None:
+        """Sends are Dask operations, each on its way at once."""
+
+    def release(self) -> None:
+        pass
+
     @staticmethod
     def install_advice(ship: str | None) -> str:
         """What a worker lacks is installed Dask's way."""
