@@ -50,8 +50,9 @@ TASK = 2  # master -> worker: {task, run, func, refs, slices, leaves,
 # cache as slices are (a worker lacking one is blocked on it)
 STATE = 3  # worker -> master: {task, state: "blocked", refs, func};
 # "cancelled"; "parked" {compute_s, slices, bytes}: the result
-# waits for FETCH (or CANCEL drops it); from the agent "done"
-# {compute_s, slices, bytes} for a held task
+# waits for FETCH (or CANCEL drops it); from the agent (AGENT),
+# {state: "done", tasks: [[worker, task, run, compute_s, slices,
+# bytes], ...]}: held tasks done since its last such note
 REFS = 4  # master -> worker: {ref, broadcast?}; payload = the slice
 # (or a Broadcast: for every worker of the host). From the
 # agent to its daemons {ref, stored: file key}, no payload:

@@ -410,6 +410,8 @@ class Link:
                     if k not in stale:
                         h.last_seen = now
                 return []
+            if kind == protocol.STATE and head.get("state") == "done":
+                return self._done(head, now)
             return [Event(self, kind, head, parts)]
         handle = self.handles.get(worker if self.agent else 0)
         if handle is None or not handle.alive:
@@ -440,6 +442,26 @@ class Link:
                 sum(len(p) for p in parts),
             )
         return [Event(handle, kind, head, parts)]
+
+    def _done(self, head: dict, now: float) -> list[Event]:
+        """The agent's note of held tasks done: an event for each, as if
+        its worker had said it."""
+        events = []
+        try:
+            for k, task, run, compute_s, slices, size in head["tasks"]:
+                handle = self.handles.get(k)
+                if handle is None or not handle.alive:
+                    continue
+                handle.last_seen = now
+                note = {"task": task, "run": run, "state": "done"}
+                note.update(compute_s=compute_s, slices=slices, bytes=size)
+                events.append(Event(handle, protocol.STATE, note, []))
+        except (KeyError, TypeError, ValueError) as exc:
+            return self.lost(
+                f"the agent's note of tasks done is not one ({exc}): restart "
+                "the Master (its agent runs another qjamfab runtime)"
+            )
+        return events
 
     def lost(self, reason: str, died: bool | None = None) -> list[Event]:
         """The stream ended: every live worker on it is lost. A local

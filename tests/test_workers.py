@@ -155,3 +155,52 @@ def test_await_answer_gives_up_when_told_or_past_its_deadline():
     reads.clear()
     assert await_answer(read, lambda item: False, 0.0, clock=lambda: now[0]) is None
     assert reads == [13.0]
+
+
+def test_an_agents_note_of_tasks_done_is_one_event_per_task():
+    from qjamfab import protocol
+    from qjamfab.workers import Link, WorkerHandle
+
+    class Stub:
+        def __init__(self, data: bytes):
+            self.data = memoryview(data)
+
+        def readinto(self, view):
+            n = min(len(view), len(self.data))
+            view[:n], self.data = self.data[:n], self.data[n:]
+            return n
+
+        def close(self):
+            pass
+
+    def link_reading(*frames):
+        link = Link("h", Stub(b"".join(b"".join(f) for f in frames)), True, 5.0)
+        for k in (0, 1):
+            link.handles[k] = WorkerHandle(link, k, f"h-{k}", {})
+        return link
+
+    note = [[0, 7, 3, 0.5, 2, 100], [1, 8, 3, 0.25, 1, 50], [5, 9, 3, 0, 1, 1]]
+    done = protocol.frame(
+        protocol.STATE, {"state": "done", "tasks": note}, (), protocol.AGENT
+    )
+    events = link_reading(done).read_events()
+    assert [(e.source.name, e.head["task"], e.head["bytes"]) for e in events] == [
+        ("h-0", 7, 100),
+        ("h-1", 8, 50),
+    ]  # worker 5 is no one's
+    assert events[0].head == {
+        "task": 7,
+        "run": 3,
+        "state": "done",
+        "compute_s": 0.5,
+        "slices": 2,
+        "bytes": 100,
+    }
+    bad = protocol.frame(
+        protocol.STATE, {"state": "done", "tasks": [[0, 7]]}, (), protocol.AGENT
+    )
+    link = link_reading(bad)
+    lost = link.read_events()
+    assert not link.alive and len(lost) == 2
+    reason = lost[0].head["reason"]
+    assert reason.startswith("the agent's note of tasks done is not one")

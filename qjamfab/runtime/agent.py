@@ -83,6 +83,9 @@ class Agent:
         self.avoid: set[int] = set()  # slots whose daemon froze
         self.packages = AgentPackages(base)  # shipped: runtime/packages.py
         self.params: HostParams | None = None  # the run's, from PARAMS
+        # Held tasks done, not yet told: [worker, task, run, compute_s,
+        # slices, bytes] each (tell_done)
+        self.done: list[list] = []
 
     # --- to the master --------------------------------------------------
 
@@ -93,7 +96,19 @@ class Agent:
         payload: Sequence = (),
         worker: int = protocol.AGENT,
     ) -> None:
+        if self.done:  # before anything after them, in order
+            self.tell_done()
         self.master.queue(protocol.frame(kind, head, payload, worker))
+
+    def tell_done(self) -> None:
+        """The held tasks done since the last call, in one frame: the
+        master reads one frame per host, not one per worker."""
+        notes, self.done = self.done, []
+        self.master.queue(
+            protocol.frame(
+                protocol.STATE, {"state": "done", "tasks": notes}, (), protocol.AGENT
+            )
+        )
 
     def hello(self) -> dict:
         try:
@@ -387,17 +402,16 @@ class Agent:
         if kind == protocol.RESULT and task in self.holding:
             self.holding.discard(task)
             self.held[task] = parts
-            self.tell(
-                protocol.STATE,
-                {
-                    "task": task,
-                    "run": head["run"],
-                    "state": "done",
-                    "compute_s": head["compute_s"],
-                    "slices": head["slices"],
-                    "bytes": sum(len(p) for p in parts),
-                },
-                worker=daemon.index,
+            size = sum(len(p) for p in parts)
+            self.done.append(
+                [
+                    daemon.index,
+                    task,
+                    head["run"],
+                    head["compute_s"],
+                    head["slices"],
+                    size,
+                ]
             )
             return
         if kind == protocol.ERROR or head.get("state") == "cancelled":
@@ -438,6 +452,8 @@ class Agent:
     def serve(self) -> None:
         self.tell(protocol.HELLO, self.hello())
         while True:
+            if self.done:
+                self.tell_done()
             self.master.flush()
             for daemon in list(self.daemons.values()):
                 daemon.flush()
