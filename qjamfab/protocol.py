@@ -118,6 +118,39 @@ _HEAD_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 _HEAD_DECODER = json.JSONDecoder()
 
 
+def _one_shot_encoder() -> Callable[[dict], str]:
+    """JSONEncoder.encode without building its C encoder at every call
+    (half its time for a TASK head): the C encoder that encode() makes,
+    made once. Where this Python's json has none, or makes it otherwise,
+    encode() itself."""
+    try:
+        from json.encoder import (  # type: ignore[attr-defined]
+            c_make_encoder,
+            encode_basestring_ascii,
+        )
+
+        c_encode = c_make_encoder(
+            None,  # check_circular=False: no markers
+            _HEAD_ENCODER.default,
+            encode_basestring_ascii,
+            None,
+            ":",
+            ",",
+            False,
+            False,
+            True,
+        )
+        sample = {"a": [1, 2.5, None, True, "\udcff"], "b": {"c": "d"}}
+        if "".join(c_encode(sample, 0)) == _HEAD_ENCODER.encode(sample):
+            return lambda head: "".join(c_encode(head, 0))
+    except (ImportError, TypeError):
+        pass
+    return _HEAD_ENCODER.encode
+
+
+_encode_json = _one_shot_encoder()
+
+
 def encode(obj: object, dumps: Callable = pickle.dumps) -> list:
     """Pickle obj (protocol 5) into [main stream, *out-of-band buffers]."""
     buffers: list = []
@@ -137,13 +170,13 @@ def encode_head(head: dict) -> bytes:
     """A frame head as bytes: JSON. Tuples become lists and dict keys
     strings on the way; anything not plain data (bytes, sets, objects)
     is a TypeError here, at the sender."""
-    return _HEAD_ENCODER.encode(head).encode("ascii")
+    return _encode_json(head).encode("ascii")
 
 
 def decode_head(data: bytes | bytearray | mmap.mmap) -> dict:
     """The inverse of encode_head; anything else, a pickle above all, is
     refused with ProtocolError (never unpickled)."""
-    raw = bytes(data)
+    raw = data if isinstance(data, (bytes, bytearray)) else bytes(data)
     if raw[:1] == b"\x80":  # a pickle's PROTO opcode: an older qjamfab
         raise ProtocolError(
             f"a frame head that is a pickle, which protocol {VERSION} never "
@@ -152,7 +185,7 @@ def decode_head(data: bytes | bytearray | mmap.mmap) -> dict:
             "qjamfab"
         )
     try:
-        head = _HEAD_DECODER.decode(raw.decode("ascii"))
+        head = _parse(raw.decode("ascii"))
     except (ValueError, RecursionError) as exc:  # not ASCII, not JSON, too deep
         raise ProtocolError(
             f"a frame head that is not JSON ({type(exc).__name__}: "
@@ -163,6 +196,17 @@ def decode_head(data: bytes | bytearray | mmap.mmap) -> dict:
             f"a frame head that is a {type(head).__name__}, not a dict: {_NOT_QJAMFAB}"
         )
     return head
+
+
+def _parse(text: str) -> object:
+    """JSONDecoder.decode(text): a head as encode_head writes it (no
+    whitespace around) in one scan, without decode()'s two regex matches;
+    anything else through decode() itself, which says what is wrong."""
+    try:
+        head, end = _HEAD_DECODER.scan_once(text, 0)  # type: ignore[attr-defined]
+    except StopIteration:  # no value at the start: decode() raises
+        end = -1
+    return head if end == len(text) else _HEAD_DECODER.decode(text)
 
 
 def frame(kind: int, head: dict, payload: Sequence = (), worker: int = 0) -> list:
