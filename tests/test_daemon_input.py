@@ -423,3 +423,34 @@ def test_frame_reader_names_a_head_that_is_no_dict_or_no_json():
         _reader(b"".join(protocol.frame_raw(protocol.TASK, b'{"a": '))).read()
     with pytest.raises(ProtocolError, match="head that is not JSON"):
         _reader(b"".join(protocol.frame_raw(protocol.TASK, "{}é".encode()))).read()
+
+
+def test_a_handed_stream_takes_its_lock_only_for_frames_a_pipe_may_split(
+    tmp_path, monkeypatch
+):
+    """On the master's stream handed over by the agent (a pipe the agent
+    also writes heartbeats to), a frame of one buffer up to PIPE_BUF is
+    one atomic write and skips the lock; a bigger one holds it."""
+    locked = []
+    monkeypatch.setattr(
+        serving, "write_locked", lambda lock, writev, buffers: locked.append(buffers)
+    )
+    read_fd, write_fd = os.pipe()
+    lock = os.open(tmp_path / "stream.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    channel = serving.fd_channel(read_fd, write_fd, lock)
+    try:
+        channel.send(protocol.RESULT, {"task": 1, "run": 1}, [b"x" * 100])
+        assert locked == []
+        kind, _, head, parts = protocol.FrameReader(
+            lambda view: os.readv(read_fd, [view])
+        ).read()
+        assert (kind, head, bytes(parts[0])) == (
+            protocol.RESULT,
+            {"task": 1, "run": 1},
+            b"x" * 100,
+        )
+        channel.send(protocol.RESULT, {"task": 2, "run": 1}, [b"x" * 5000])
+        assert len(locked) == 1
+    finally:
+        for fd in (read_fd, write_fd, lock):
+            os.close(fd)
