@@ -21,6 +21,7 @@ frame's payload is stored on the worker's disk exactly as it arrived.
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -299,12 +300,12 @@ class FrameReader:
             raise EOFError("stream closed")
         self._end += n
 
-    def _read_small(self, n: int) -> bytes:
+    def _buffer(self, n: int) -> int:
+        """Wait until n bytes (at most the buffer's size) are buffered;
+        where they start in it."""
         while self._end - self._start < n:
             self._fill()
-        data = bytes(self._buf[self._start : self._start + n])
-        self._start += n
-        return data
+        return self._start
 
     def read_line(self, limit: int) -> bytes:
         """Bytes up to and including the next newline (at most `limit`):
@@ -321,6 +322,11 @@ class FrameReader:
     def read_part(self, n: int) -> bytearray | mmap.mmap:
         """The next n bytes: a bytearray, or under limits a mapping when
         n is 1 MiB or more."""
+        start = self._start
+        if n <= self._end - start and (self.max_part is None or n <= self.max_part):
+            # Buffered whole (a head, a small payload): one slice copies it.
+            self._start = start + n
+            return self._buf[start : start + n]
         out = self._allocate(n)
         self.read_into(memoryview(out))
         return out
@@ -381,11 +387,12 @@ class FrameReader:
         """The next frame's kind, worker, head and payload part lengths.
         The parts follow in the stream: read them with `read_part` or
         `copy_to`."""
-        magic, kind, worker, nparts = _HEADER.unpack(self._read_small(_HEADER.size))
+        start = self._buffer(_HEADER.size)
+        magic, kind, worker, nparts = _HEADER.unpack_from(self._buf, start)
+        self._start = start + _HEADER.size
         if magic != _MAGIC or nparts < 1:
             raise ProtocolError(f"bad frame header {magic!r}: {_NOT_QJAMFAB}")
-        raw = self.read_part(_LENGTH.size * nparts)
-        lengths = [_LENGTH.unpack_from(raw, i * _LENGTH.size)[0] for i in range(nparts)]
+        lengths = list(_lengths(nparts).unpack(self.read_part(_LENGTH.size * nparts)))
         if self.max_head is not None and lengths[0] > self.max_head:
             raise ProtocolError(
                 f"a frame head of {lengths[0]} bytes is over this endpoint's "
@@ -419,6 +426,12 @@ class FrameReader:
             )
             self._start += written
             n -= written
+
+
+@functools.lru_cache(maxsize=64)
+def _lengths(nparts: int) -> struct.Struct:
+    """The lengths of a frame of nparts parts, as one struct."""
+    return struct.Struct(f"!{nparts}Q")
 
 
 def available_memory() -> int | None:
