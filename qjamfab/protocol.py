@@ -221,9 +221,9 @@ def frame_raw(
     """A frame from a head already encoded (encode_head); tests use it to
     send heads no sender would."""
     lengths = [len(head_bytes), *(memoryview(p).nbytes for p in payload)]
-    prefix = _HEADER.pack(_MAGIC, kind, worker, len(lengths)) + b"".join(
-        _LENGTH.pack(n) for n in lengths
-    )
+    prefix = _HEADER.pack(_MAGIC, kind, worker, len(lengths)) + _lengths(
+        len(lengths)
+    ).pack(*lengths)
     if sum(lengths) - lengths[0] < 4096:
         # Small frames leave in one piece: one syscall, one SSH packet.
         return [b"".join([prefix, head_bytes, *payload])]
@@ -242,6 +242,16 @@ def write_all(
     """Write every byte of buffers with writev, which may write partially;
     when it writes nothing (a non-blocking stream that is full), call
     `blocked()`, which waits for room (or raises)."""
+    if len(buffers) == 1 and type(buffers[0]) is bytes and buffers[0]:
+        # A small frame is one bytes object (frame_raw): mostly written
+        # whole by the first call.
+        whole = buffers[0]
+        written = writev([whole])
+        if written == len(whole):
+            return
+        buffers = [memoryview(whole)[written:]]
+        if not written and blocked is not None:
+            blocked()
     views = [memoryview(b).cast("B") for b in buffers if memoryview(b).nbytes]
     while views:
         written = writev(views[:_IOV_MAX])
