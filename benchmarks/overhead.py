@@ -30,7 +30,7 @@ clients, the workers: from /proc):
     python -m benchmarks.overhead [--rounds 40] [--block 50] [--qjamfab DIR]
 
 `--qjamfab DIR` times the qjamfab in DIR (another commit's tree, e.g.
-`git archive 2b90029 | tar -x -C DIR`), its workers included.
+`mkdir DIR && git archive 2b90029 | tar -x -C DIR`), its workers included.
 """
 
 from __future__ import annotations
