@@ -302,18 +302,22 @@ def sshd_missing() -> str:
 
 _WRAPPER = """#!/bin/sh
 # python with one BLAS thread: the benchmark's remote Python
-OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \\
+{extra}OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \\
 VECLIB_MAXIMUM_THREADS=1 NUMEXPR_NUM_THREADS=1 exec {python} "$@"
 """
 
 
 @contextlib.contextmanager
-def ssh_hosts(k: int, *, one_thread_python: bool = True):
+def ssh_hosts(
+    k: int, *, one_thread_python: bool = True, python_path: str | None = None
+):
     """K private OpenSSH servers on 127.0.0.2.. (tests.sshd_hosts), for one
     benchmark. Their sessions run workers with a one-BLAS-thread wrapper of
     this Python (QJAMFAB_REMOTE_PYTHON) unless `one_thread_python` is
-    false. At the end the workers are stopped (cluster.stop_workers) and
-    the servers with everything under them."""
+    false; `python_path` is put on that wrapper's PYTHONPATH (the
+    profile's worker-side sitecustomize). At the end the workers are
+    stopped (cluster.stop_workers) and the servers with everything under
+    them."""
     from qjamfab import cluster, hostspec
     from tests.sshd_hosts import SshdHosts
 
@@ -322,7 +326,8 @@ def ssh_hosts(k: int, *, one_thread_python: bool = True):
     try:
         wrapper = os.path.join(servers.dir, "python-1-blas-thread")
         with open(wrapper, "w") as f:
-            f.write(_WRAPPER.format(python=sys.executable))
+            extra = f"PYTHONPATH={python_path} " if python_path else ""
+            f.write(_WRAPPER.format(python=sys.executable, extra=extra))
         os.chmod(wrapper, 0o700)
         python = wrapper if one_thread_python else None
         with env(

@@ -21,14 +21,27 @@ The targets come from a paired measurement of 2 workers: Pool, local and
 SSH open at once and timed in alternating blocks (`paired`). This shared
 2-core VM has slower spells that last seconds; timing each in its own
 stretch can skew a ratio by 30 %.
+
+Its own command, against execnet (`pip install execnet`) on the same 2
+SSH hosts, each contender open at once and timed in alternating blocks,
+with the CPU each spends per run (the master process, its OpenSSH
+clients, the workers: from /proc):
+
+    python -m benchmarks.overhead [--rounds 40] [--block 50] [--qjamfab DIR]
+
+`--qjamfab DIR` times the qjamfab in DIR (another commit's tree, e.g.
+`mkdir DIR && git archive 2b90029 | tar -x -C DIR`), its workers included.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import multiprocessing
 import os
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -43,6 +56,7 @@ from .common import (
     target,
 )
 
+TICK = os.sysconf("SC_CLK_TCK")
 SLICES_PER_WORKER = 4
 ROWS_PER_SLICE = 16
 
@@ -336,3 +350,195 @@ def targets(pairs: dict) -> list[dict]:
             f"{local / pool:.2f}x Pool",
         ),
     ]
+
+
+# --- against execnet, CPU included (its own command) -------------------------------
+
+# Runs in each execnet gateway: the slices arrive once (a warm cache), then
+# each params message is one trivial run over them, answered by its sum.
+_EXECNET_WORKER = """
+import os
+slices = channel.receive()
+channel.send(os.getpid())
+def trivial(params, rows):
+    return 0
+while True:
+    params = channel.receive()
+    if params is None:
+        break
+    total = 0
+    for rows in slices:
+        total += trivial(params, rows)
+    channel.send(total)
+"""
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process pid so far, 0 when gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def _ssh_children() -> list[int]:
+    """This process's OpenSSH clients (qjamfab's and execnet's streams)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index(b"(") + 1 : stat.rindex(b")")]
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        if comm == b"ssh" and ppid == os.getpid():
+            pids.append(int(entry))
+    return pids
+
+
+@contextlib.contextmanager
+def execnet_runner(servers, hosts: int):
+    """(a function timing n trivial runs over execnet gateways to `hosts`
+    SSH hosts, the gateways' pids)."""
+    import execnet
+
+    dataset = _dataset(hosts)
+    slices = [np.asarray(s).tobytes() for s in dataset.for_workers(hosts)]
+    per = len(slices) // hosts
+    python = os.environ.get("QJAMFAB_REMOTE_PYTHON") or "python3"
+    group = execnet.Group()
+    try:
+        channels, pids = [], []
+        for k, alias in enumerate(servers.aliases[:hosts]):
+            gateway = group.makegateway(
+                f"ssh={alias}//ssh_config={servers.ssh_config}//python={python}"
+            )
+            channel = gateway.remote_exec(_EXECNET_WORKER)
+            channel.send(slices[k * per : (k + 1) * per])
+            pids.append(channel.receive())
+            channels.append(channel)
+
+        def runs(n: int) -> list[float]:
+            out = []
+            for _ in range(n):
+                started = time.perf_counter()
+                for channel in channels:
+                    channel.send(1)
+                sum(channel.receive() for channel in channels)
+                out.append(time.perf_counter() - started)
+            return out
+
+        runs(20)  # warm-up
+        yield runs, pids
+        for channel in channels:
+            channel.send(None)
+    finally:
+        group.terminate(timeout=5)
+
+
+def _worker_pids(master) -> list[int]:
+    return [s["pid"] for s in master.worker_stats().values()]
+
+
+def versus_execnet(rounds: int, block: int) -> dict:
+    """The trivial run on 2 SSH hosts x 1 worker, qjamfab and execnet, and
+    on local:2, all open at once and timed in alternating blocks of
+    `block` runs: per contender, wall time (median, min, ...) and CPU
+    per run (this process, its OpenSSH clients, the workers)."""
+    from qjamfab import Master
+
+    from .common import ssh_hosts
+
+    names = ("execnet ssh 2x1", "qjamfab ssh 2x1", "qjamfab local:2")
+    times: dict[str, list[float]] = {name: [] for name in names}
+    cpu = {name: {"master": 0.0, "ssh clients": 0.0, "workers": 0.0} for name in names}
+    load = os.getloadavg()[0]
+    with (
+        ssh_hosts(2) as servers,
+        local_home(),
+        execnet_runner(servers, 2) as (execnet_runs, execnet_pids),
+    ):
+        ssh_before = set(_ssh_children())
+        with (
+            Master(
+                servers.aliases[:2], workers_per_host=1, ssh_config=servers.ssh_config
+            ) as remote,
+            Master("local:2") as local,
+        ):
+            runners = {
+                names[0]: (execnet_runs, execnet_pids, sorted(ssh_before)),
+                names[1]: (
+                    master_runner(remote, 2),
+                    _worker_pids(remote),
+                    sorted(set(_ssh_children()) - ssh_before),
+                ),
+                names[2]: (master_runner(local, 2), _worker_pids(local), []),
+            }
+            for _ in range(rounds):
+                for name, (timed, workers, clients) in runners.items():
+                    before = (
+                        time.process_time(),
+                        sum(map(_proc_cpu, clients)),
+                        sum(map(_proc_cpu, workers)),
+                    )
+                    times[name] += timed(block)
+                    after = (
+                        time.process_time(),
+                        sum(map(_proc_cpu, clients)),
+                        sum(map(_proc_cpu, workers)),
+                    )
+                    for key, b, a in zip(cpu[name], before, after):
+                        cpu[name][key] += a - b
+    import qjamfab
+
+    out: dict = {
+        "qjamfab": os.path.dirname(os.path.dirname(qjamfab.__file__)),
+        "rounds": rounds,
+        "block": block,
+        "load_before": load,
+        "load_after": os.getloadavg()[0],
+    }
+    for name in names:
+        n = len(times[name])
+        out[name] = {
+            **summary_ms(times[name]),
+            "cpu_ms_per_run": {k: v / n * 1e3 for k, v in cpu[name].items()},
+        }
+    execnet_median = out[names[0]]["median_ms"]
+    for name in names[1:]:
+        out[name]["vs_execnet"] = out[name]["median_ms"] / execnet_median
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead")
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--block", type=int, default=50)
+    parser.add_argument("--qjamfab", help="time the qjamfab of this tree")
+    args = parser.parse_args(argv)
+    if args.qjamfab:
+        sys.path.insert(0, os.path.abspath(args.qjamfab))
+    out = versus_execnet(args.rounds, args.block)
+    for name, row in out.items():
+        if isinstance(row, dict):
+            cpu = ", ".join(f"{k} {v:.3f}" for k, v in row["cpu_ms_per_run"].items())
+            vs = f" ({row['vs_execnet']:.2f}x execnet)" if "vs_execnet" in row else ""
+            print(
+                f"{name:16} median {row['median_ms']:.3f} ms, min "
+                f"{row['min_ms']:.3f}{vs}; CPU ms/run: {cpu}"
+            )
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    from .common import one_blas_thread
+
+    one_blas_thread()
+    sys.exit(main())

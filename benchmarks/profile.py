@@ -8,6 +8,9 @@ under benchmarks/results/profile/:
 
 - `<path>-cprofile.txt`: cProfile of the calling thread (the one running
   Master.run), sorted by own time and by cumulative time;
+- `trivial-worker-cprofile.txt`: cProfile of a worker daemon's main
+  thread over the same runs (its Python loads a sitecustomize from a
+  private directory that profiles between two SIGUSR2s);
 - `<path>-phases.txt`: time per run spent inside the Master's steps,
   their cumulative times read from that cProfile's stats by file and
   function name (nothing in qjamfab is wrapped or patched);
@@ -225,6 +228,63 @@ def phases_report(profiler: cProfile.Profile, runs: int) -> str:
     return "\n".join(lines)
 
 
+# --- the worker daemons' cProfile ---------------------------------------------------
+
+# Put on the SSH hosts' PYTHONPATH: a worker daemon (or its keeper) starts
+# a profiler at the first SIGUSR2 and writes it out at the second.
+_WORKER_SITECUSTOMIZE = """\
+import os, signal, sys
+if "--socket" in sys.argv:
+    import cProfile
+    _profile = cProfile.Profile()
+    _on = []
+    def _toggle(*_):
+        if _on:
+            _profile.disable()
+            _on.clear()
+            _profile.dump_stats(os.path.join({out!r}, f"worker-{{os.getpid()}}.prof"))
+        else:
+            _on.append(1)
+            _profile.enable()
+    signal.signal(signal.SIGUSR2, _toggle)
+"""
+
+
+def worker_profiler_dir() -> str:
+    """A directory holding the sitecustomize above; the profiles land there."""
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="qjamfab-worker-profile-")
+    with open(os.path.join(path, "sitecustomize.py"), "w") as f:
+        f.write(_WORKER_SITECUSTOMIZE.format(out=path))
+    return path
+
+
+def toggle_worker_profilers(pids) -> None:
+    import signal
+
+    for pid in pids:
+        os.kill(pid, signal.SIGUSR2)
+
+
+def worker_profile_text(path: str, pid: int, runs: int) -> str:
+    prof = os.path.join(path, f"worker-{pid}.prof")
+    deadline = time.monotonic() + 10
+    while not os.path.exists(prof) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # the dump may still be in progress
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    out.write(
+        f"cProfile of a worker daemon's main thread, {runs} runs (one task "
+        "each)\n\n== by own time ==\n"
+    )
+    stats.sort_stats("tottime").print_stats(30)
+    out.write("\n== by cumulative time ==\n")
+    stats.sort_stats("cumtime").print_stats(30)
+    return out.getvalue()
+
+
 # --- py-spy ------------------------------------------------------------------------
 
 
@@ -318,7 +378,8 @@ def trivial_path(runs: int) -> list[str]:
     from .overhead import _dataset, trivial
 
     written = []
-    with ssh_hosts(2) as servers:
+    profiles = worker_profiler_dir()
+    with ssh_hosts(2, python_path=profiles) as servers:
         with Master(
             servers.aliases, workers_per_host=1, ssh_config=servers.ssh_config
         ) as m:
@@ -338,12 +399,21 @@ def trivial_path(runs: int) -> list[str]:
                 _write("trivial-cpu.txt", cpu_report(before, after, runs, wall))
             )
 
-            # 2. cProfile of the calling thread, and the steps read from it
+            # 2. cProfile of the calling thread, and the steps read from it;
+            # of the workers' main threads too
+            toggle_worker_profilers(pids.values())
             profiler = cProfile.Profile()
             profiler.enable()
             for _ in range(runs):
                 m.run(trivial, 1, data)
             profiler.disable()
+            toggle_worker_profilers(pids.values())
+            written.append(
+                _write(
+                    "trivial-worker-cprofile.txt",
+                    worker_profile_text(profiles, next(iter(pids.values())), runs),
+                )
+            )
             written.append(
                 _write("trivial-cprofile.txt", _cprofile_text(profiler, runs))
             )
@@ -371,6 +441,7 @@ def trivial_path(runs: int) -> list[str]:
                             _write(f"trivial-pyspy-{name}.txt", summarize_pyspy(raw))
                         )
                         os.unlink(raw)
+    shutil.rmtree(profiles, ignore_errors=True)
     return written
 
 

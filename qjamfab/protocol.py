@@ -21,6 +21,7 @@ frame's payload is stored on the worker's disk exactly as it arrived.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import mmap
@@ -128,6 +129,39 @@ _HEAD_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 _HEAD_DECODER = json.JSONDecoder()
 
 
+def _one_shot_encoder() -> Callable[[dict], str]:
+    """JSONEncoder.encode without building its C encoder at every call
+    (half its time for a TASK head): the C encoder that encode() makes,
+    made once. Where this Python's json has none, or makes it otherwise,
+    encode() itself."""
+    try:
+        from json.encoder import (  # type: ignore[attr-defined]
+            c_make_encoder,
+            encode_basestring_ascii,
+        )
+
+        c_encode = c_make_encoder(
+            None,  # check_circular=False: no markers
+            _HEAD_ENCODER.default,
+            encode_basestring_ascii,
+            None,
+            ":",
+            ",",
+            False,
+            False,
+            True,
+        )
+        sample = {"a": [1, 2.5, None, True, "\udcff"], "b": {"c": "d"}}
+        if "".join(c_encode(sample, 0)) == _HEAD_ENCODER.encode(sample):
+            return lambda head: "".join(c_encode(head, 0))
+    except (ImportError, TypeError):
+        pass
+    return _HEAD_ENCODER.encode
+
+
+_encode_json = _one_shot_encoder()
+
+
 def encode(obj: object, dumps: Callable = pickle.dumps) -> list:
     """Pickle obj (protocol 5) into [main stream, *out-of-band buffers]."""
     buffers: list = []
@@ -154,13 +188,13 @@ def encode_head(head: dict) -> bytes:
     """A frame head as bytes: JSON. Tuples become lists and dict keys
     strings on the way; anything not plain data (bytes, sets, objects)
     is a TypeError here, at the sender."""
-    return _HEAD_ENCODER.encode(head).encode("ascii")
+    return _encode_json(head).encode("ascii")
 
 
 def decode_head(data: bytes | bytearray | mmap.mmap) -> dict:
     """The inverse of encode_head; anything else, a pickle above all, is
     refused with ProtocolError (never unpickled)."""
-    raw = bytes(data)
+    raw = data if isinstance(data, (bytes, bytearray)) else bytes(data)
     if raw[:1] == b"\x80":  # a pickle's PROTO opcode: an older qjamfab
         raise ProtocolError(
             f"a frame head that is a pickle, which protocol {VERSION} never "
@@ -169,7 +203,7 @@ def decode_head(data: bytes | bytearray | mmap.mmap) -> dict:
             "qjamfab"
         )
     try:
-        head = _HEAD_DECODER.decode(raw.decode("ascii"))
+        head = _parse(raw.decode("ascii"))
     except (ValueError, RecursionError) as exc:  # not ASCII, not JSON, too deep
         raise ProtocolError(
             f"a frame head that is not JSON ({type(exc).__name__}: "
@@ -180,6 +214,17 @@ def decode_head(data: bytes | bytearray | mmap.mmap) -> dict:
             f"a frame head that is a {type(head).__name__}, not a dict: {_NOT_QJAMFAB}"
         )
     return head
+
+
+def _parse(text: str) -> object:
+    """JSONDecoder.decode(text): a head as encode_head writes it (no
+    whitespace around) in one scan, without decode()'s two regex matches;
+    anything else through decode() itself, which says what is wrong."""
+    try:
+        head, end = _HEAD_DECODER.scan_once(text, 0)  # type: ignore[attr-defined]
+    except StopIteration:  # no value at the start: decode() raises
+        end = -1
+    return head if end == len(text) else _HEAD_DECODER.decode(text)
 
 
 def frame(kind: int, head: dict, payload: Sequence = (), worker: int = 0) -> list:
@@ -193,9 +238,9 @@ def frame_raw(
     """A frame from a head already encoded (encode_head); tests use it to
     send heads no sender would."""
     lengths = [len(head_bytes), *(memoryview(p).nbytes for p in payload)]
-    prefix = _HEADER.pack(_MAGIC, kind, worker, len(lengths)) + b"".join(
-        _LENGTH.pack(n) for n in lengths
-    )
+    prefix = _HEADER.pack(_MAGIC, kind, worker, len(lengths)) + _lengths(
+        len(lengths)
+    ).pack(*lengths)
     if sum(lengths) - lengths[0] < 4096:
         # Small frames leave in one piece: one syscall, one SSH packet.
         return [b"".join([prefix, head_bytes, *payload])]
@@ -214,6 +259,16 @@ def write_all(
     """Write every byte of buffers with writev, which may write partially;
     when it writes nothing (a non-blocking stream that is full), call
     `blocked()`, which waits for room (or raises)."""
+    if len(buffers) == 1 and type(buffers[0]) is bytes and buffers[0]:
+        # A small frame is one bytes object (frame_raw): mostly written
+        # whole by the first call.
+        whole = buffers[0]
+        written = writev([whole])
+        if written == len(whole):
+            return
+        buffers = [memoryview(whole)[written:]]
+        if not written and blocked is not None:
+            blocked()
     views = [memoryview(b).cast("B") for b in buffers if memoryview(b).nbytes]
     while views:
         written = writev(views[:_IOV_MAX])
@@ -272,12 +327,12 @@ class FrameReader:
             raise EOFError("stream closed")
         self._end += n
 
-    def _read_small(self, n: int) -> bytes:
+    def _buffer(self, n: int) -> int:
+        """Wait until n bytes (at most the buffer's size) are buffered;
+        where they start in it."""
         while self._end - self._start < n:
             self._fill()
-        data = bytes(self._buf[self._start : self._start + n])
-        self._start += n
-        return data
+        return self._start
 
     def read_line(self, limit: int) -> bytes:
         """Bytes up to and including the next newline (at most `limit`):
@@ -294,6 +349,11 @@ class FrameReader:
     def read_part(self, n: int) -> bytearray | mmap.mmap:
         """The next n bytes: a bytearray, or under limits a mapping when
         n is 1 MiB or more."""
+        start = self._start
+        if n <= self._end - start and (self.max_part is None or n <= self.max_part):
+            # Buffered whole (a head, a small payload): one slice copies it.
+            self._start = start + n
+            return self._buf[start : start + n]
         out = self._allocate(n)
         self.read_into(memoryview(out))
         return out
@@ -354,11 +414,12 @@ class FrameReader:
         """The next frame's kind, worker, head and payload part lengths.
         The parts follow in the stream: read them with `read_part` or
         `copy_to`."""
-        magic, kind, worker, nparts = _HEADER.unpack(self._read_small(_HEADER.size))
+        start = self._buffer(_HEADER.size)
+        magic, kind, worker, nparts = _HEADER.unpack_from(self._buf, start)
+        self._start = start + _HEADER.size
         if magic != _MAGIC or nparts < 1:
             raise ProtocolError(f"bad frame header {magic!r}: {_NOT_QJAMFAB}")
-        raw = self.read_part(_LENGTH.size * nparts)
-        lengths = [_LENGTH.unpack_from(raw, i * _LENGTH.size)[0] for i in range(nparts)]
+        lengths = list(_lengths(nparts).unpack(self.read_part(_LENGTH.size * nparts)))
         if self.max_head is not None and lengths[0] > self.max_head:
             raise ProtocolError(
                 f"a frame head of {lengths[0]} bytes is over this endpoint's "
@@ -392,6 +453,12 @@ class FrameReader:
             )
             self._start += written
             n -= written
+
+
+@functools.lru_cache(maxsize=64)
+def _lengths(nparts: int) -> struct.Struct:
+    """The lengths of a frame of nparts parts, as one struct."""
+    return struct.Struct(f"!{nparts}Q")
 
 
 def available_memory() -> int | None:

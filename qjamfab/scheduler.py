@@ -33,13 +33,16 @@ def plan(
 
     unplaced: list[int] = []
     for i, ref in enumerate(refs):
-        holders = [w for w in workers if ref in held.get(w, ()) and has_room(w)]
         home = workers[i * count // n]
-        if home in holders:
+        if ref in held.get(home, ()) and has_room(home):
             # Where the contiguous layout puts it: ranges of slices stay
             # together, so their results combine early (reduce.ReduceTree).
+            # Asked first: on cached data every slice is at home, and the
+            # other workers need not be looked at (per run, per slice).
             place(home, i)
-        elif holders:
+            continue
+        holders = [w for w in workers if ref in held.get(w, ()) and has_room(w)]
+        if holders:
             place(min(holders, key=lambda w: len(load[w])), i)
         else:
             unplaced.append(i)

@@ -183,11 +183,15 @@ class ProcessTransport(Transport):
                 )
 
     def writev(self, views: list) -> int:
-        with mapped(f"sending to worker {self.name} on its pipe", worker=self.name):
-            try:
-                return os.writev(self._in, views)
-            except BlockingIOError:
-                return 0  # full: see wait_writable
+        try:
+            return os.writev(self._in, views)
+        except BlockingIOError:
+            return 0  # full: see wait_writable
+        except Exception:
+            # Mapped when it fails only: a context manager around every
+            # write costs a trivial run more than the write's own Python.
+            with mapped(f"sending to worker {self.name} on its pipe", worker=self.name):
+                raise
 
     def wait_writable(self) -> bool:
         poller = select.poll()

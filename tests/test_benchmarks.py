@@ -253,3 +253,19 @@ def test_broadcast_benchmark_smoke(tmp_path):
     assert saved["broadcast"]["first_run_broadcast_bytes"] >= saved["bytes"]
     assert saved["plain"]["second_run_bytes_sent"] >= saved["bytes"]
     assert [t["met"] for t in saved["targets"]] == [True, True]
+
+
+@pytest.mark.skipif(sshd_available() is None, reason="needs OpenSSH's sshd")
+def test_the_trivial_run_against_execnet_is_timed_in_one_process_with_cpu():
+    """benchmarks.overhead's own command: qjamfab and execnet on the same 2
+    SSH hosts, and local:2, each with times and CPU per run."""
+    pytest.importorskip("execnet")
+    from benchmarks.overhead import versus_execnet
+
+    out = versus_execnet(rounds=2, block=3)
+    for name in ("execnet ssh 2x1", "qjamfab ssh 2x1", "qjamfab local:2"):
+        row = out[name]
+        assert row["n"] == 6 and row["median_ms"] > 0
+        assert set(row["cpu_ms_per_run"]) == {"master", "ssh clients", "workers"}
+        assert row["cpu_ms_per_run"]["master"] > 0
+    assert out["qjamfab ssh 2x1"]["vs_execnet"] > 0

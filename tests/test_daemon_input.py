@@ -473,3 +473,34 @@ def test_params_that_cannot_be_mapped_fail_the_task_saying_why(daemon):
     finally:
         client.close()
     serves(daemon)  # the daemon goes on
+
+
+def test_a_handed_stream_takes_its_lock_only_for_frames_a_pipe_may_split(
+    tmp_path, monkeypatch
+):
+    """On the master's stream handed over by the agent (a pipe the agent
+    also writes heartbeats to), a frame of one buffer up to PIPE_BUF is
+    one atomic write and skips the lock; a bigger one holds it."""
+    locked = []
+    monkeypatch.setattr(
+        serving, "write_locked", lambda lock, writev, buffers: locked.append(buffers)
+    )
+    read_fd, write_fd = os.pipe()
+    lock = os.open(tmp_path / "stream.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    channel = serving.fd_channel(read_fd, write_fd, lock)
+    try:
+        channel.send(protocol.RESULT, {"task": 1, "run": 1}, [b"x" * 100])
+        assert locked == []
+        kind, _, head, parts = protocol.FrameReader(
+            lambda view: os.readv(read_fd, [view])
+        ).read()
+        assert (kind, head, bytes(parts[0])) == (
+            protocol.RESULT,
+            {"task": 1, "run": 1},
+            b"x" * 100,
+        )
+        channel.send(protocol.RESULT, {"task": 2, "run": 1}, [b"x" * 5000])
+        assert len(locked) == 1
+    finally:
+        for fd in (read_fd, write_fd, lock):
+            os.close(fd)

@@ -664,3 +664,25 @@ def test_heads_cross_as_plain_data():
     for bad in ({"x": b"bytes"}, {"x": {1, 2}}, {"x": object()}):
         with pytest.raises(TypeError):
             protocol.encode_head(bad)
+
+
+def test_head_codec_is_plain_json_either_way():
+    """encode_head writes what json.dumps writes (compact, ASCII), and
+    decode_head reads any JSON dict the way json.loads does: around
+    whitespace too; trailing data is refused as before."""
+    import json
+
+    heads = [
+        {"task": 7, "run": 6, "refs": ["a" * 64] * 4, "park": None, "x": 1.5e-07},
+        {"text": "caf\u00e9 \udcff\n", "nested": {"k": [True, False, [], {}]}},
+        {},
+    ]
+    for head in heads:
+        data = protocol.encode_head(head)
+        assert data == json.dumps(head, separators=(",", ":")).encode("ascii")
+        assert protocol.decode_head(data) == json.loads(data)
+        assert protocol.decode_head(b" \n" + data + b" ") == head
+    with pytest.raises(ProtocolError, match="not JSON .*Extra data"):
+        protocol.decode_head(b'{"task":1}{"task":2}')
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        protocol.encode_head({"x": b"bytes"})

@@ -17,6 +17,7 @@ import json
 import os
 import select
 import socket
+import stat
 import threading
 import time
 import traceback
@@ -49,13 +50,19 @@ class Channel:
         writev: Callable[[list], int],
         read_fd: int,
         write_lock: int | None = None,
+        atomic: int = 0,
     ):
+        """`write_lock`: a lock file held while writing a frame to a stream
+        another process writes too; `atomic`: frames of one buffer up to
+        this size need no lock (a pipe's PIPE_BUF: such a write is never
+        interleaved with another's)."""
         self.reader = protocol.FrameReader(
             readinto, max_head=_MAX_HEAD, max_part=_MAX_PART
         )
         self._writev = writev
         self.read_fd = read_fd
-        self.write_lock = write_lock  # a stream another process writes too
+        self.write_lock = write_lock
+        self.atomic = atomic
         self._lock = threading.Lock()
         self.open = True
 
@@ -70,7 +77,10 @@ class Channel:
         with self._lock:
             if not self.open:
                 return
-            if self.write_lock is None:
+            if self.write_lock is None or (
+                len(buffers) == 1 and len(buffers[0]) <= self.atomic
+            ):
+                # Two syscalls fewer per small frame (a task's RESULT).
                 protocol.write_all(self._writev, buffers)
             else:
                 write_locked(self.write_lock, self._writev, buffers)
@@ -184,7 +194,11 @@ class Served(Protocol):
 def fd_channel(read_fd: int, write_fd: int, write_lock: int | None = None) -> Channel:
     reader = io.FileIO(read_fd, "r", closefd=False)
     return Channel(
-        reader.readinto, lambda views: os.writev(write_fd, views), read_fd, write_lock
+        reader.readinto,
+        lambda views: os.writev(write_fd, views),
+        read_fd,
+        write_lock,
+        select.PIPE_BUF if stat.S_ISFIFO(os.fstat(write_fd).st_mode) else 0,
     )
 
 
