@@ -125,7 +125,7 @@ def attach(
             if w["slot"] in envs
             and (
                 manage.cmdline(w["pid"]).split(" ", 1)[0] != sys.executable
-                or manage.env_differs(w["pid"], envs[w["slot"]])
+                or manage.env_differs(w, envs[w["slot"]])
                 or conflicts(w)
             )
         ],

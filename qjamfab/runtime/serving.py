@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .. import protocol
 from ..errors import ProtocolError
-from . import stream_lock, this_runtime, write_locked
+from . import process_start, stream_lock, this_runtime, write_locked
 from .cache import is_ref
 
 if TYPE_CHECKING:
@@ -269,7 +269,9 @@ def serve_socket(
     bound_inode = os.stat(path).st_ino
     pid_path = path[: -len(".sock")] + ".pid"
     with open(pid_path, "w") as f:
-        f.write(f"{os.getpid()}\n")
+        # Its start time too: a daemon forked by the template (forkserver.py)
+        # has the template's command line, not one naming this socket.
+        f.write(f"{os.getpid()} {process_start(os.getpid())}\n")
     listener.listen(8)
     listener.setblocking(False)
     ready_line = (
