@@ -1,5 +1,7 @@
-"""Worker daemons forked from a warm per-host template (runtime/forkserver.py):
-a session's daemons are the template's (through their keepers), with random streams
+"""Worker daemons forked from a warm per-host template (runtime/forkserver.py),
+and each session's jobs in daemons fresh for it: a job of an earlier
+session that patched a builtin is never seen by the next one; a session's
+daemons are the template's (through their keepers), with random streams
 of their own; stop-workers ends the template and leaves nothing;
 QJAMFAB_FORKSERVER=0 starts each daemon as its own Python; a template that
 died is started again; env. settings read when a library loads reach the
@@ -55,6 +57,26 @@ def _wait_for(condition, what: str, within: float = 20.0):
     raise AssertionError(f"not within {within:g} s: {what}")
 
 
+@pytest.mark.parametrize("count", [1, 2])
+@pytest.mark.parametrize("setting", ["", OFF], ids=["forked", "off"])
+def test_a_builtin_patched_by_a_session_is_not_seen_by_the_next(ssh, count, setting):
+    host = f"host1 {setting}".strip()
+    opts = dict(workers_per_host=count, ssh_config=ssh.ssh_config)
+
+    def patch_sum(params, dataset):
+        import builtins
+
+        real = builtins.sum
+        builtins.sum = lambda it, start=0: real(it, start) + 10
+        return 0
+
+    with Master([host], **opts) as a:
+        a.run(patch_sum)
+        assert a.run(lambda p, d: sum(range(100))) == count * 4960  # patched
+    with Master([host], **opts) as b:
+        assert b.run(lambda p, d: sum(range(100))) == count * 4950
+
+
 def test_a_sessions_daemons_are_forked_from_the_template_with_streams_of_their_own(
     ssh,
 ):
@@ -89,8 +111,9 @@ def test_fork_server_off_starts_each_daemon_as_its_own_python(ssh):
 
 def test_settings_read_as_libraries_load_reach_the_daemons(ssh):
     """OPENBLAS_NUM_THREADS is read as numpy loads, in the template: a value
-    every daemon shares restarts the template with it, and a setting read
-    later (QF_TEST_X) reaches forked daemons as it is."""
+    every daemon shares restarts the template with it, one that differs
+    between daemons gets them started afresh, and a setting read later
+    (QF_TEST_X) reaches forked daemons as it is."""
 
     def env(params, dataset):
         import os
@@ -101,6 +124,8 @@ def test_settings_read_as_libraries_load_reach_the_daemons(ssh):
     for setting, seen, forked in [
         ("env.QF_TEST_X=w{worker}", [("w0", None), ("w1", None)], True),
         ("env.OPENBLAS_NUM_THREADS=1", [(None, "1")] * 2, True),
+        ("env.OPENBLAS_NUM_THREADS={worker}", [(None, "0"), (None, "1")], False),
+        ("", [(None, None)] * 2, True),
     ]:
         with Master([f"host3 {setting}".strip()], **opts) as m:
             assert sorted(m.run(env, reduce=_concat)) == seen, setting

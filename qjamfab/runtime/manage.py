@@ -13,6 +13,7 @@ later session's agent attaches when the Master does not say.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import signal
@@ -100,10 +101,28 @@ def _workers_in(run: str) -> list[dict]:
                 "pid": pid,
                 "socket": sock,
                 "uptime_s": time.time() - started,
+                "served": _served(os.path.join(run, name[:-4] + ".served"), pid),
                 "forked": sock not in cmdline(pid),
             }
         )
     return found
+
+
+def _served(path: str, pid: int) -> str | None:
+    """The session daemon `pid` served (its agent wrote `path`: "PID
+    SESSION", "-" for a session without a name), None if none yet."""
+    try:
+        with open(path) as f:
+            said = f.read().split()
+    except OSError:
+        return None
+    return said[1] if len(said) == 2 and said[0] == str(pid) else None
+
+
+def mark_served(worker_socket: str, pid: int, session: str | None) -> None:
+    """Record that daemon `pid` serves `session` (see retire_served)."""
+    with open(worker_socket[: -len(".sock")] + ".served", "w") as f:
+        f.write(f"{pid} {session or '-'}\n")
 
 
 def recorded_count(base: str) -> int:
@@ -218,7 +237,7 @@ def start_slots(
 def start(
     base: str, count: int, idle_timeout: float, env: dict[str, str] | None = None
 ) -> dict:
-    replaced = stop_other_runtimes(base)
+    replaced = stop_other_runtimes(base) + retire_served(base)
     env = env or {}
     replaced += stop_daemons(
         base,
@@ -287,6 +306,31 @@ def stop(base: str) -> dict:
     }
 
 
+def retire_served(base: str, session: str | None = None) -> list[str]:
+    """Stop the daemons that served a session other than `session` and
+    whose slot no session claims: no later session runs its jobs beside
+    what an earlier one's left in them."""
+    retired = []
+    for w in live_workers(base):
+        if w["served"] is None or (session and w["served"] == session):
+            continue
+        fd = os.open(
+            os.path.join(host_dir(base), f"{w['name']}.lock"),
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # its session is still on
+            os.close(fd)
+            continue
+        try:
+            retired += stop_daemons(base, [w]).names
+        finally:
+            os.close(fd)
+    return retired
+
+
 class Stopped(NamedTuple):
     """What stop_daemons did: the daemons' names, and those of them that
     (or whose keeper) had not ended STOP_WAIT_S after SIGTERM and were
@@ -326,7 +370,7 @@ def stop_daemons(
     _wait_ended(left, clock)
     for w in workers:
         stem = w["socket"][: -len(".sock")]
-        for path in (w["socket"], stem + ".pid"):
+        for path in (w["socket"], stem + ".pid", stem + ".served"):
             try:
                 os.unlink(path)
             except FileNotFoundError:
