@@ -93,8 +93,16 @@ def test_a_sessions_daemons_are_forked_from_the_template_with_streams_of_their_o
         info = _status("host2", ssh_config=ssh.ssh_config)
     assert len(drawn) == 3
     tmpl = info["template"]
-    assert tmpl["preloaded"] == ["qjamfab.runtime", "cloudpickle", "numpy"]
-    assert tmpl["threads"] == 1  # no BLAS pool, no thread: safe to fork
+    # numpy, once the first daemons were forked; no BLAS pool, no thread.
+    preloaded = _wait_for(
+        lambda: (
+            _status("host2", ssh_config=ssh.ssh_config)["template"]["preloaded"]
+            == ["qjamfab.runtime", "cloudpickle", "numpy"]
+            and _status("host2", ssh_config=ssh.ssh_config)["template"]
+        ),
+        "the template preloaded numpy",
+    )
+    assert preloaded["threads"] == 1 and preloaded["pid"] == tmpl["pid"]
     assert {_template_of(pid) for pid, _, _ in drawn} == {tmpl["pid"]}
     assert len({r for _, r, _ in drawn}) == 3
     assert len({r for _, _, r in drawn}) == 3

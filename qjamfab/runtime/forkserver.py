@@ -2,7 +2,8 @@
 
 Run from the bundle as `python3 -c <boot forkserver> --socket PATH ...`
 (manage.py starts it and asks it for daemons). It imports what every worker
-imports (the runtime, cloudpickle, numpy when installed) and then starts
+imports (the runtime and cloudpickle; numpy too, when installed, once the
+first daemons are forked, so a cold start does not wait for it) and starts
 no thread: numpy's OpenBLAS starts its pool as it loads, and stops it
 before each fork (its own fork handler), so one throwaway fork leaves the
 template with its main thread alone. It listens on `<host dir>/template.sock`
@@ -31,6 +32,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import NoReturn
 
 from . import default_base, secure_dir, secure_host_dir, set_process_name
@@ -41,24 +43,28 @@ _REQUEST_WAIT_S = 5.0  # for a client to send its whole request
 
 
 def preload() -> list[str]:
-    """Import what every worker imports, and leave no thread running; the
+    """Import the runtime and cloudpickle, as every worker does; the
     modules preloaded."""
     import cloudpickle  # noqa: F401  the runtime's vendored copy
 
     from . import worker  # noqa: F401  the runtime: cache, calls, task, ...
 
-    loaded = ["qjamfab.runtime", "cloudpickle"]
+    return ["qjamfab.runtime", "cloudpickle"]
+
+
+def preload_numpy() -> bool:
+    """Import numpy when the host has it, and leave no thread running;
+    whether it did. Not before the first daemons are forked: a cold start
+    does not wait for it."""
     try:
         import numpy  # noqa: F401
     except ImportError:
-        return loaded
+        return False
     # OpenBLAS started its thread pool as numpy loaded; its fork handler
     # stops the pool before a fork, and nothing here calls BLAS again.
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
-    os.waitpid(pid, 0)
-    return [*loaded, "numpy"]
+    if os.fork() == 0:
+        os._exit(0)  # the kernel reaps it: SIGCHLD is ignored here
+    return True
 
 
 def threads() -> int:
@@ -160,14 +166,30 @@ def _request(conn: socket.socket) -> dict:
     return request
 
 
-def serve(listener: socket.socket, run: str, base: str, idle_timeout: float) -> None:
+def serve(
+    listener: socket.socket,
+    run: str,
+    base: str,
+    idle_timeout: float,
+    when_idle: Callable[[], None] | None = None,
+) -> None:
     """Fork the daemons each connection asks for, until idle_timeout
-    passes without a request (never, when <= 0)."""
+    passes without a request (never, when <= 0); `when_idle` is called
+    once, the first time no request waits after one was answered."""
     last = time.monotonic()
+    answered = False
     while True:
         wait = None if idle_timeout <= 0 else last + idle_timeout - time.monotonic()
         if wait is not None and wait <= 0:
             return
+        if (
+            answered
+            and when_idle is not None
+            and not select.select([listener], [], [], 0)[0]
+        ):
+            when_idle()
+            when_idle = None
+            continue
         if not select.select([listener], [], [], wait)[0]:
             continue
         try:
@@ -206,6 +228,15 @@ def serve(listener: socket.socket, run: str, base: str, idle_timeout: float) -> 
                 conn.sendall(json.dumps({"pids": pids}).encode() + b"\n")
             except OSError:
                 pass  # the client left: its daemons start all the same
+            answered = True
+
+
+def _record(pid_path: str, preloaded: list[str]) -> None:
+    """Say who the template is, what it preloaded and that it runs no
+    thread (read by template.py and `inv status`)."""
+    with open(f"{pid_path}.tmp", "w") as f:
+        json.dump({"pid": os.getpid(), "preloaded": preloaded, "threads": threads()}, f)
+    os.replace(f"{pid_path}.tmp", pid_path)
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
@@ -242,11 +273,14 @@ def main(argv: list[str] | None = None) -> None:
     os.replace(tmp, args.socket)
     bound = os.stat(args.socket).st_ino
     pid_path = args.socket[: -len(".sock")] + ".pid"
-    with open(f"{pid_path}.tmp", "w") as f:
-        json.dump({"pid": os.getpid(), "preloaded": preloaded, "threads": threads()}, f)
-    os.replace(f"{pid_path}.tmp", pid_path)
+    _record(pid_path, preloaded)
+
+    def numpy_too() -> None:
+        if preload_numpy():
+            _record(pid_path, [*preloaded, "numpy"])
+
     try:
-        serve(listener, run, base, args.idle_timeout)
+        serve(listener, run, base, args.idle_timeout, numpy_too)
     finally:
         listener.close()
         try:

@@ -310,7 +310,7 @@ def retire_served(base: str, session: str | None = None) -> list[str]:
     """Stop the daemons that served a session other than `session` and
     whose slot no session claims: no later session runs its jobs beside
     what an earlier one's left in them."""
-    retired = []
+    ended, locks = [], []
     for w in live_workers(base):
         if w["served"] is None or (session and w["served"] == session):
             continue
@@ -319,16 +319,17 @@ def retire_served(base: str, session: str | None = None) -> list[str]:
             os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
             0o600,
         )
+        locks.append(fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # its session is still on
-            os.close(fd)
             continue
-        try:
-            retired += stop_daemons(base, [w]).names
-        finally:
+        ended.append(w)
+    try:
+        return stop_daemons(base, ended).names  # all at once
+    finally:
+        for fd in locks:
             os.close(fd)
-    return retired
 
 
 class Stopped(NamedTuple):
