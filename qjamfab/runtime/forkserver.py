@@ -22,6 +22,7 @@ Shipped to hosts with the runtime: stdlib only, numpy when present.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -49,6 +50,9 @@ def preload() -> list[str]:
 
     from . import worker  # noqa: F401  the runtime: cache, calls, task, ...
 
+    # What is loaded stays out of the collector's sight: a child's
+    # collections would otherwise write to (and copy) every shared page.
+    gc.freeze()
     return ["qjamfab.runtime", "cloudpickle"]
 
 
@@ -64,6 +68,7 @@ def preload_numpy() -> bool:
     # stops the pool before a fork, and nothing here calls BLAS again.
     if os.fork() == 0:
         os._exit(0)  # the kernel reaps it: SIGCHLD is ignored here
+    gc.freeze()
     return True
 
 
