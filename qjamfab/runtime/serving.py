@@ -265,6 +265,7 @@ def serve_socket(
         listener.bind(tmp)
     finally:
         os.umask(old_umask)
+    listener.listen(8)  # before the name appears: no connect is refused
     os.replace(tmp, path)  # a restarted daemon takes over the name atomically
     bound_inode = os.stat(path).st_ino
     pid_path = path[: -len(".sock")] + ".pid"
@@ -272,7 +273,6 @@ def serve_socket(
         # Its start time too: a daemon forked by the template (forkserver.py)
         # has the template's command line, not one naming this socket.
         f.write(f"{os.getpid()} {process_start(os.getpid())}\n")
-    listener.listen(8)
     listener.setblocking(False)
     ready_line = (
         json.dumps(
