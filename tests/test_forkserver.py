@@ -83,9 +83,13 @@ def test_a_sessions_daemons_are_forked_from_the_template_with_streams_of_their_o
     def draw(params, dataset):
         import os
         import random
+        import signal
 
         import numpy as np
 
+        # The template ignores SIGCHLD (the kernel reaps its children): a
+        # worker that kept that would lose its own children's exit status.
+        assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL
         return [(os.getpid(), random.random(), float(np.random.random()))]
 
     with Master(["host2"], workers_per_host=3, ssh_config=ssh.ssh_config) as m:
