@@ -199,10 +199,12 @@ class Link:
         idle_timeout: float,
         cache_limit: int | str | None = None,
         env: dict[str, str] | None = None,
+        session: str | None = None,
     ) -> tuple[list[WorkerHandle], dict]:
         """Ask the agent for these workers (or `count`, or as many as the
         host was started with), its cache held to `cache_limit` (None:
-        the host's own), with `env` settings ({worker}: each one's number):
+        the host's own), with `env` settings ({worker}: each one's number),
+        for `session` (daemons that served another are not attached):
         the new handles, and {index: reason} for those that could not be
         attached."""
         self.transport.set_read_timeout(HANDSHAKE_TIMEOUT_S)
@@ -214,6 +216,7 @@ class Link:
                 "idle_timeout": idle_timeout,
                 "cache_limit": cache_limit,
                 "env": env or {},
+                "session": session,
                 "direct": not self.handles,
             },
             worker=protocol.AGENT,

@@ -134,7 +134,7 @@ class Daemon:
     def pid(self) -> int:
         """The daemon's (its keeper is the process started here)."""
         with open(os.path.join(self.dir, "worker-0.pid")) as f:
-            return int(f.read())
+            return int(f.read().split()[0])  # then its start time
 
     def alive(self) -> bool:
         try:

@@ -18,22 +18,7 @@ def _total(params, rows):
     return int(rows.sum())
 
 
-def test_damaged_and_truncated_files_on_hosts_are_sent_again(ssh):
-    opts = dict(workers_per_host=1, ssh_config=ssh.ssh_config)
-    data = np.arange(400_000, dtype=np.int64)
-    dataset = DataSet(data, slice_size=50_000)
-    aliases = ssh.aliases[:2]
-    with Master(aliases, **opts) as m:
-        m.clear_cache()
-        assert m.run(_total, dataset=dataset) == int(data.sum())
-        pids = {name: s["pid"] for name, s in m.worker_stats().items()}
-    files = [
-        os.path.join(ssh.homes[a], "cache", n)
-        for a in aliases
-        for n in os.listdir(os.path.join(ssh.homes[a], "cache"))
-        if not n.endswith(".tmp")
-    ]
-    assert len(files) == 8
+def _damage(files: list[str]) -> None:
     time.sleep(0.02)  # mtimes move by the kernel's clock tick
     for i, path in enumerate(files):
         if i % 2:  # a flipped byte inside the array
@@ -44,8 +29,27 @@ def test_damaged_and_truncated_files_on_hosts_are_sent_again(ssh):
                 f.write(bytes([byte[0] ^ 0x10]))
         else:  # the daemon maps this file: reading past the end kills
             os.truncate(path, os.path.getsize(path) // 2)
-    # The daemons still hold every slice in memory, mapped from these files.
+
+
+def test_damaged_and_truncated_files_on_hosts_are_sent_again(ssh):
+    opts = dict(workers_per_host=1, ssh_config=ssh.ssh_config)
+    data = np.arange(400_000, dtype=np.int64)
+    dataset = DataSet(data, slice_size=50_000)
+    aliases = ssh.aliases[:2]
     with Master(aliases, **opts) as m:
+        m.clear_cache()
+        assert m.run(_total, dataset=dataset) == int(data.sum())
+        pids = {name: s["pid"] for name, s in m.worker_stats().items()}
+        files = [
+            os.path.join(ssh.homes[a], "cache", n)
+            for a in aliases
+            for n in os.listdir(os.path.join(ssh.homes[a], "cache"))
+            if not n.endswith(".tmp")
+        ]
+        assert len(files) == 8
+        _damage(files)
+        # The daemons still hold every slice in memory, mapped from these
+        # files (a later session's daemons are fresh, and read them anew).
         assert m.run(_total, dataset=dataset) == int(data.sum())
         assert m.last_run.slices_sent == 8
         assert m.last_run.damaged_slices == 8

@@ -1,8 +1,9 @@
 """Machines that share a home directory (NFS): two hosts, each with a
 process table of its own (its sshd under `unshare --pid`) and its own
-XDG_RUNTIME_DIR, sharing one QJAMFAB_HOME. Each keeps its daemons to itself
-(found again by the next session, never counted or signalled by the other
-host), and a slice one host stored is found by the other."""
+XDG_RUNTIME_DIR, sharing one QJAMFAB_HOME. Each keeps its daemons (and its
+template) to itself (never counted or signalled by the other host; the
+next session on a host gets fresh ones), and a slice one host stored is
+found by the other."""
 
 import os
 import shutil
@@ -84,13 +85,17 @@ def test_hosts_sharing_a_home_keep_their_daemons_to_themselves(shared):
     with Master(["host1", "host2"], **opts) as m:
         assert m.run(multiply_sum, params=1, dataset=DataSet(DATA)) == TOTAL
         assert m.last_run.dataset_bytes_sent == 0
-        assert _pids(m, "host1") < first  # warm, found again
+        # Fresh daemons for this session; the first session's retired.
+        again = _pids(m, "host1")
+        assert len(again) == 1 and again.isdisjoint(first)
         second = _pids(m, "host2")
     assert len(second) == 1 and second == _daemons(host2)
-    assert first == _daemons(host1)  # host2's session left them alone
+    assert again == _daemons(host1)
     with Master(["host2"], **opts) as m:
         assert m.run(multiply_sum, params=2, dataset=DataSet(DATA)) == 2 * TOTAL
-        assert _pids(m, "host2") == second
+        third = _pids(m, "host2")
+        assert third.isdisjoint(second)
+    assert again == _daemons(host1)  # host2's session left them alone
     # Each host counts its own daemons, not the other's.
     results = cluster.status(
         hostspec.parse_hosts(["host1", "host2"]), ssh_config=shared.ssh_config
@@ -102,7 +107,7 @@ def test_hosts_sharing_a_home_keep_their_daemons_to_themselves(shared):
     # Stopping one host's daemons leaves the other's running.
     _stop(shared, "host1")
     assert _daemons(host1) == set()
-    assert _daemons(host2) == second
+    assert _daemons(host2) == third
     _stop(shared, "host2")
     deadline = time.monotonic() + 10
     while any(_comm(p).startswith("qjamfab") for h in shared for p in h.processes()):

@@ -54,7 +54,7 @@ def _start_and_stop(specs, **kw) -> tuple[dict, list[str]]:
 def test_local_stop_workers_returns_when_daemons_and_keepers_are_gone():
     info, left = _start_and_stop(hostspec.parse_hosts(["local"]))
     assert left == []
-    assert info == {"stopped": 4, "killed": []}
+    assert info == {"stopped": 4, "killed": [], "template": True}
 
 
 def test_stop_workers_over_ssh_returns_when_they_are_gone(ssh):
@@ -62,7 +62,7 @@ def test_stop_workers_over_ssh_returns_when_they_are_gone(ssh):
         hostspec.parse_hosts(["host1"]), ssh_config=ssh.ssh_config
     )
     assert left == []
-    assert info == {"stopped": 4, "killed": []}
+    assert info == {"stopped": 4, "killed": [], "template": True}
 
 
 def test_a_daemon_that_does_not_end_is_killed_after_the_bound_and_named(
@@ -93,6 +93,7 @@ def test_a_daemon_that_does_not_end_is_killed_after_the_bound_and_named(
     finally:
         if not runtime.process_ended(stuck["pid"]):
             os.kill(stuck["pid"], signal.SIGKILL)
+        cluster.stop_workers(specs)  # the template they were forked from
     assert done.names == ["worker-0", "worker-1", "worker-2"]
     assert done.killed == ["worker-1"]
 
@@ -152,7 +153,11 @@ def test_stop_workers_ends_the_daemons_an_earlier_qjamfab_ran_from_the_base(
             assert old.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
         [stopped] = cluster.stop_workers(hostspec.parse_hosts(["local"]))
-        assert stopped.ok and stopped.info == {"stopped": 1, "killed": []}, stopped
+        assert stopped.ok and stopped.info == {
+            "stopped": 1,
+            "killed": [],
+            "template": False,
+        }, stopped
         assert old.wait(timeout=10) == 0  # its keeper, once the daemon ended
         assert os.listdir(legacy) == ["worker-0.exit"]
     finally:

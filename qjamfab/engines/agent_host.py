@@ -7,6 +7,7 @@ the one stream (workers.py's `Link`)."""
 
 from __future__ import annotations
 
+import secrets
 import time
 
 from ..errors import WorkerLost
@@ -35,6 +36,9 @@ class AgentHost:
         self.failures = 0
         self.retry_at = 0.0
         self.settings = settings
+        # This Master's claim on the host: a reconnect may attach the
+        # daemons it served, no other session may.
+        self.session = secrets.token_hex(8)
 
     def open_link(self) -> Link:
         """A new stream to the host's agent, started (`Link.start_agent`)."""
@@ -63,6 +67,7 @@ class AgentHost:
             self.idle_timeout_s,
             self.settings.cache_limit,
             dict(self.spec.env),
+            self.session,
         )
         if self.count is None:
             self.count = self.link.count

@@ -153,6 +153,18 @@ def process_stat(pid: int) -> tuple[str, int] | None:
     return state.decode(), int(ppid)
 
 
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, from /proc): with
+    its pid, what names one process, a recycled pid never matching; None
+    when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
 def process_running(pid: int) -> bool:
     """Whether process `pid` is, seen from outside, running or ready to
     (R, S, D): not stopped (SIGSTOP), not a zombie, not gone."""

@@ -158,7 +158,13 @@ class Agent:
             except CacheLimitError:
                 pass  # its daemons do not start, and say why
         attached, failed = daemons.attach(
-            self.base, indices, self.avoid, idle, template, self.packages.conflicts
+            self.base,
+            indices,
+            self.avoid,
+            idle,
+            template,
+            self.packages.conflicts,
+            head.get("session"),
         )
         for daemon, hello in attached:
             self.daemons[daemon.index] = daemon

@@ -93,12 +93,15 @@ def attach(
     idle: float,
     template: dict,
     conflicts: Callable[[dict], bool],
+    session: str | None = None,
 ) -> tuple[list[tuple[Daemon, dict]], dict[int, str]]:
     """Claim a daemon for each worker index (a lock file per slot, held
     while attached; never a slot in `avoid`), start those missing, and
     connect: the daemons with their HELLOs, in order, and why the others
     failed. `template`: the env. settings of the session's workers;
-    `conflicts`: whether a live daemon holds other shipped packages."""
+    `conflicts`: whether a live daemon holds other shipped packages;
+    `session`: the Master's, whose daemons (and no other's) a reconnect
+    may attach again."""
     run = host_dir(base)  # claims are this host's own
     claimed: list[tuple[int, int, int]] = []  # (index, slot, lock fd)
     slot = 0
@@ -114,9 +117,11 @@ def attach(
                 claimed.append((index, slot - 1, fd))
                 break
     manage.stop_other_runtimes(base)
+    manage.retire_served(base, session)  # of ended sessions, in other slots
     envs = {s: manage.worker_env(template, i) for i, s, _ in claimed}
-    # A claimed daemon run by another Python (QJAMFAB_REMOTE_PYTHON
-    # changed) or with other env. settings is replaced.
+    # A claimed daemon that served another session, or run by another
+    # Python (QJAMFAB_REMOTE_PYTHON changed) or with other env. settings,
+    # is replaced: each session's jobs run in daemons fresh for it.
     manage.stop_daemons(
         base,
         [
@@ -124,8 +129,9 @@ def attach(
             for w in manage.live_workers(base)
             if w["slot"] in envs
             and (
-                manage.cmdline(w["pid"]).split(" ", 1)[0] != sys.executable
-                or manage.env_differs(w["pid"], envs[w["slot"]])
+                (w["served"] is not None and w["served"] != session)
+                or manage.cmdline(w["pid"]).split(" ", 1)[0] != sys.executable
+                or manage.env_differs(w, envs[w["slot"]])
                 or conflicts(w)
             )
         ],
@@ -145,22 +151,25 @@ def attach(
             continue
         try:
             try:
-                attached.append(_connect(base, index, slot, fd))
+                attached.append(_connect(base, index, slot, fd, session))
             except OSError:
                 # It ended as we came (a task its last session left
                 # ended it): start a fresh one.
                 if manage.start_slots(base, [slot], idle, envs):
                     raise
-                attached.append(_connect(base, index, slot, fd))
+                attached.append(_connect(base, index, slot, fd, session))
         except OSError as exc:
             os.close(fd)
             failed[index] = f"worker-{slot}: {exc}"
     return attached, failed
 
 
-def _connect(base: str, index: int, slot: int, lock_fd: int) -> tuple[Daemon, dict]:
-    """Connect to daemon worker-<slot>, claim it ("serve") and forward
-    its HELLO (which it answers "serve" with), to forward as worker `index`."""
+def _connect(
+    base: str, index: int, slot: int, lock_fd: int, session: str | None
+) -> tuple[Daemon, dict]:
+    """Connect to daemon worker-<slot>, claim it ("serve") for `session`
+    and forward its HELLO (which it answers "serve" with), to forward as
+    worker `index`."""
     path = manage.socket_path(base, slot)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -172,6 +181,7 @@ def _connect(base: str, index: int, slot: int, lock_fd: int) -> tuple[Daemon, di
         kind, _, hello, _ = reader.read()
         if kind != protocol.HELLO or reader.buffered():
             raise OSError("the daemon did not say HELLO")
+        manage.mark_served(path, info["pid"], session)
     except (OSError, ValueError, EOFError, protocol.ProtocolError) as exc:
         sock.close()
         raise OSError(f"cannot attach to {path}: {exc}") from exc

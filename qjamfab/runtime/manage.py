@@ -13,6 +13,7 @@ later session's agent attaches when the Master does not say.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import signal
@@ -28,9 +29,11 @@ from . import (
     fs_type,
     host_dir,
     process_ended,
+    process_start,
     process_stat,
     secure_dir,
     secure_host_dir,
+    template,
     this_runtime,
 )
 from .packages import installed
@@ -73,12 +76,15 @@ def _workers_in(run: str) -> list[dict]:
             continue
         try:
             with open(os.path.join(run, name)) as f:
-                pid = int(f.read().strip())
+                word, *start = f.read().split()
+            pid = int(word)
             os.kill(pid, 0)
         except (OSError, ValueError):
             continue
         sock = os.path.join(run, name[:-4] + ".sock")
-        if sock not in cmdline(pid):
+        # Started by exec, its command line names the socket; forked from
+        # the template, its start time is the one its pid file records.
+        if sock not in cmdline(pid) and start != [str(process_start(pid))]:
             continue
         try:  # an exiting worker may remove its pid file meanwhile
             started = os.stat(os.path.join(run, name)).st_mtime
@@ -95,9 +101,28 @@ def _workers_in(run: str) -> list[dict]:
                 "pid": pid,
                 "socket": sock,
                 "uptime_s": time.time() - started,
+                "served": _served(os.path.join(run, name[:-4] + ".served"), pid),
+                "forked": sock not in cmdline(pid),
             }
         )
     return found
+
+
+def _served(path: str, pid: int) -> str | None:
+    """The session daemon `pid` served (its agent wrote `path`: "PID
+    SESSION", "-" for a session without a name), None if none yet."""
+    try:
+        with open(path) as f:
+            said = f.read().split()
+    except OSError:
+        return None
+    return said[1] if len(said) == 2 and said[0] == str(pid) else None
+
+
+def mark_served(worker_socket: str, pid: int, session: str | None) -> None:
+    """Record that daemon `pid` serves `session` (see retire_served)."""
+    with open(worker_socket[: -len(".sock")] + ".served", "w") as f:
+        f.write(f"{pid} {session or '-'}\n")
 
 
 def recorded_count(base: str) -> int:
@@ -126,14 +151,40 @@ def worker_env(template: dict[str, str], index: int) -> dict[str, str]:
     return {k: v.replace("{worker}", str(index)) for k, v in template.items()}
 
 
-def env_differs(pid: int, wanted: dict[str, str]) -> bool:
-    """Whether daemon `pid` runs with other values for these variables."""
+def env_differs(worker: dict, wanted: dict[str, str]) -> bool:
+    """Whether daemon `worker` (as live_workers lists it) runs with other
+    values for these variables."""
+    have = environ_of(worker["pid"])
+    record = fork_record(worker)
+    if record is not None:  # /proc shows the template's: add its own
+        have.update(record["env"])
+    return any(have.get(k) != v for k, v in wanted.items())
+
+
+def fork_record(worker: dict) -> dict | None:
+    """What the template recorded forking daemon `worker`: its keeper's
+    pid and its env. settings; None for a daemon started by exec."""
+    if not worker.get("forked"):
+        return None
+    try:
+        with open(worker["socket"][: -len(".sock")] + ".env") as f:
+            record = json.load(f)
+        stat = process_stat(worker["pid"])
+        if stat is not None and record["keeper"] == stat[1]:
+            return {"keeper": stat[1], "env": dict(record["env"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    """The environment process `pid` was started with ({} if unreadable)."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
-            have = dict(e.split(b"=", 1) for e in f.read().split(b"\0") if b"=" in e)
+            data = f.read().decode(errors="replace")
     except OSError:
-        return False
-    return any(have.get(k.encode()) != v.encode() for k, v in wanted.items())
+        return {}
+    return dict(e.split("=", 1) for e in data.split("\0") if "=" in e)
 
 
 def start_slots(
@@ -143,9 +194,14 @@ def start_slots(
     envs: dict[int, dict[str, str]] | None = None,
 ) -> list[int]:
     """Start daemons worker-<slot> for these slots, all at once (slot k
-    with envs[k] added to its environment), and wait until each listens;
-    the slots that did not start in time."""
+    with envs[k] added to its environment): forked from the host's template
+    (forkserver.py) when it is on, else each its own Python. Wait until
+    each listens; the slots that did not start in time."""
+    envs = envs or {}
+    forked = template.fork_slots(base, slots, idle_timeout, envs)
     for k in slots:
+        if k in forked:
+            continue
         name = f"worker-{k}"
         subprocess.Popen(
             [
@@ -164,7 +220,7 @@ def start_slots(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=open(os.path.join(host_dir(base), f"{name}.daemon"), "ab"),
-            env={**os.environ, **(envs or {}).get(k, {})},
+            env={**os.environ, **envs.get(k, {})},
             start_new_session=True,
             close_fds=True,
         )
@@ -181,14 +237,14 @@ def start_slots(
 def start(
     base: str, count: int, idle_timeout: float, env: dict[str, str] | None = None
 ) -> dict:
-    replaced = stop_other_runtimes(base)
+    replaced = stop_other_runtimes(base) + retire_served(base)
     env = env or {}
     replaced += stop_daemons(
         base,
         [
             w
             for w in live_workers(base)
-            if env and env_differs(w["pid"], worker_env(env, w["slot"]))
+            if env and env_differs(w, worker_env(env, w["slot"]))
         ],
     ).names
     running = {w["name"] for w in live_workers(base)}
@@ -223,6 +279,7 @@ def status(base: str) -> dict:
     return {
         "cache_pinned_over": pinned_over_limit(cache),
         "workers": live_workers(base),
+        "template": template.live_template(base),
         "cache_entries": entries,
         "cache_bytes": size,
         "cache_limit": limit,
@@ -238,8 +295,41 @@ def status(base: str) -> dict:
 
 
 def stop(base: str) -> dict:
-    done = stop_daemons(base, live_workers(base) + legacy_workers(base))
-    return {"stopped": len(done.names), "killed": done.killed}
+    """End the host's daemons and its template."""
+    workers = live_workers(base) + legacy_workers(base)
+    found = template.live_template(base)
+    done = stop_daemons(base, workers + ([found] if found else []))
+    return {
+        "stopped": len(workers),
+        "killed": done.killed,
+        "template": found is not None,
+    }
+
+
+def retire_served(base: str, session: str | None = None) -> list[str]:
+    """Stop the daemons that served a session other than `session` and
+    whose slot no session claims: no later session runs its jobs beside
+    what an earlier one's left in them."""
+    ended, locks = [], []
+    for w in live_workers(base):
+        if w["served"] is None or (session and w["served"] == session):
+            continue
+        fd = os.open(
+            os.path.join(host_dir(base), f"{w['name']}.lock"),
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )
+        locks.append(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # its session is still on
+            continue
+        ended.append(w)
+    try:
+        return stop_daemons(base, ended).names  # all at once
+    finally:
+        for fd in locks:
+            os.close(fd)
 
 
 class Stopped(NamedTuple):
@@ -263,7 +353,9 @@ def stop_daemons(
         pids[w["pid"]] = w["name"]
         stat = process_stat(w["pid"])
         # Its keeper is its parent, unless that ended and it was adopted.
-        if stat is not None and w["socket"] in cmdline(stat[1]):
+        if stat is not None and (
+            w["socket"] in cmdline(stat[1]) or fork_record(w) is not None
+        ):
             pids[stat[1]] = w["name"]
     for w in workers:
         try:
@@ -278,7 +370,8 @@ def stop_daemons(
             pass
     _wait_ended(left, clock)
     for w in workers:
-        for path in (w["socket"], w["socket"][:-5] + ".pid"):
+        stem = w["socket"][: -len(".sock")]
+        for path in (w["socket"], stem + ".pid", stem + ".served"):
             try:
                 os.unlink(path)
             except FileNotFoundError:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .. import protocol
 from ..errors import ProtocolError
-from . import stream_lock, this_runtime, write_locked
+from . import process_start, stream_lock, this_runtime, write_locked
 from .cache import is_ref
 from .shared_params import is_shared_params_path
 
@@ -292,12 +292,14 @@ def serve_socket(
         listener.bind(tmp)
     finally:
         os.umask(old_umask)
+    listener.listen(8)  # before the name appears: no connect is refused
     os.replace(tmp, path)  # a restarted daemon takes over the name atomically
     bound_inode = os.stat(path).st_ino
     pid_path = path[: -len(".sock")] + ".pid"
     with open(pid_path, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    listener.listen(8)
+        # Its start time too: a daemon forked by the template (forkserver.py)
+        # has the template's command line, not one naming this socket.
+        f.write(f"{os.getpid()} {process_start(os.getpid())}\n")
     listener.setblocking(False)
     ready_line = (
         json.dumps(
