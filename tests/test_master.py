@@ -257,9 +257,12 @@ def test_a_worker_found_dead_when_its_task_is_sent():
             os.kill(child, signal.SIGKILL)  # the worker's, not ours to wait for
 
 
-def test_params_go_once_per_worker_per_run(master2):
+def test_params_go_once_per_worker_per_run(master2, monkeypatch):
     """A run split into several tasks per worker (so idle workers can take
-    some) still sends its params to each worker once."""
+    some) still sends its params to each worker once, when they go by
+    worker (QJAMFAB_SHARE_PARAMS=0; shared, they cross once per host:
+    tests/test_params_shared.py)."""
+    monkeypatch.setenv("QJAMFAB_SHARE_PARAMS", "0")
     params = np.arange(100_000, dtype=np.float64)  # 800 kB
     data = DataSet(list(range(8)))
     total = master2.run(
