@@ -89,6 +89,11 @@ PARAMS = 18  # a run's params, before its first TASK (whose params is
 # then false): master -> agent {run} + the params; agent or master ->
 # worker {run, path}: they are in shared memory there
 # (runtime/shared_params.py), or {run} + the params
+TASKS = 19  # master -> agent: a run's first tasks for the host's workers
+# in one frame: a TASK head without task, slices, refs and params, and
+# tasks: [[worker, task, slices, refs, params], ...]; payload = the
+# params when an entry's params is true. The agent passes each on as
+# that worker's TASK
 
 KIND_NAMES = {
     HELLO: "HELLO",
@@ -109,6 +114,7 @@ KIND_NAMES = {
     PACKAGES: "PACKAGES",
     FETCH: "FETCH",
     PARAMS: "PARAMS",
+    TASKS: "TASKS",
 }
 
 HEARTBEAT_INTERVAL_S = 1.0

@@ -29,7 +29,7 @@ from .remote_errors import remote_error
 from .results import Node, ResultFlow, take_nodes
 from .runstats import RunStats, print_event_log
 from .supply import Supply
-from .workers import LOST, Event, Inbox, Link, WorkerHandle
+from .workers import DONE, LOST, Event, Inbox, Link, WorkerHandle
 
 log = logging.getLogger("qjamfab")
 
@@ -190,14 +190,19 @@ class Run:
             ]
             # Every worker's first task before anyone's second: on a busy
             # machine the last worker to get one would start late. One
-            # write per host for them all.
+            # write per host for them all, and where an agent combines,
+            # one TASKS frame for that host's tasks.
+            first: dict[Link, list] = {link: [] for link in self.holds}
             for link in self.links:
                 link.hold()
             try:
                 for k in range(max((len(b) for _, b in queues), default=0)):
                     for handle, batches in queues:
                         if k < len(batches):
-                            self._send_task(handle, self._new_group(batches[k]))
+                            group = self._new_group(batches[k])
+                            self._send_task(handle, group, first.get(handle.link))
+                for link, entries in first.items():
+                    self._send_tasks(link, entries)
             finally:
                 for link in self.links:
                     link.release()
@@ -238,7 +243,11 @@ class Run:
 
     # --- tasks out ------------------------------------------------------
 
-    def _send_task(self, handle: WorkerHandle, group: int) -> None:
+    def _send_task(
+        self, handle: WorkerHandle, group: int, first: list | None = None
+    ) -> None:
+        """A copy of the group for the worker: its TASK, or an entry in
+        `first`, its host's first tasks (`_send_tasks`)."""
         slices = self.groups[group]
         held = handle.link in self.holds
         task = _Task(next(self.inbox.ids), handle, group, slices, held, self.clock())
@@ -252,25 +261,47 @@ class Run:
             with_params = handle not in self.params_sent
             if with_params:
                 with_params = self.params.before_first_task(handle)
+            self.params_sent.add(handle)
+            if first is not None:
+                first.append([handle.index, task.id, slices, refs, with_params])
+                return
             handle.send(
                 protocol.TASK,
                 {
                     "task": task.id,
-                    "run": self.run_id,
-                    "func": self.func_hash,
                     "refs": refs,
                     "slices": slices,
-                    "leaves": self.leaves,
                     "params": with_params,
-                    "hold": held,
-                    "park": None if held else result_flow.PARK_BYTES,
-                    **self.broadcast_head,
+                    **self._task_head(held),
                 },
                 self.params.parts if with_params else (),
             )
-            self.params_sent.add(handle)
         except WorkerLost as exc:
             self._send_failed(handle, exc)
+
+    def _task_head(self, held: bool) -> dict:
+        """What every TASK of the run says (`held`: to a host that keeps
+        its results for COLLECT)."""
+        return {
+            "run": self.run_id,
+            "func": self.func_hash,
+            "leaves": self.leaves,
+            "hold": held,
+            "park": None if held else result_flow.PARK_BYTES,
+            **self.broadcast_head,
+        }
+
+    def _send_tasks(self, link: Link, entries: list) -> None:
+        """A host's first tasks of the run, in one frame to its agent,
+        which passes each on as its worker's TASK (protocol.TASKS). The
+        link is held: a failed write is its loss, at `release`."""
+        if entries:
+            link.send(
+                protocol.TASKS,
+                {**self._task_head(True), "tasks": entries},
+                self.params.parts if any(entry[4] for entry in entries) else (),
+                worker=protocol.AGENT,
+            )
 
     def _open(self, task: _Task) -> None:
         self.open[task.id] = task
@@ -340,6 +371,11 @@ class Run:
         if kind == protocol.LOG:
             print_event_log(event)
             return
+        if kind == DONE:  # held tasks done at a host
+            for handle, task_id, run, compute_s, size in head["tasks"]:
+                if run == self.run_id:
+                    self._held_done(handle, task_id, compute_s, size)
+            return
         if head.get("run", self.run_id) != self.run_id:
             return  # an answer to an earlier run, which ended without it
         if isinstance(source, Link):  # the agent: COLLECT's answer
@@ -373,11 +409,8 @@ class Run:
                 self._cover([task], handle.name, "its copy was cancelled")
             elif state == "progress":
                 self._progressed(task.group, head["done"])
-            elif state == "done":  # its value waits at the host's agent
-                if self._finished(task, head):
-                    self.results.hold(task, head.get("bytes", 0))
             elif state == "parked":  # its big value waits at its worker
-                if self._finished(task, head):
+                if self._finished(task, head["compute_s"]):
                     self.results.park(task, head["bytes"])
                 else:
                     self._drop(task)  # another copy won
@@ -387,7 +420,7 @@ class Run:
                 except WorkerLost as exc:
                     self._send_failed(handle, exc)
         elif kind == protocol.RESULT:
-            if self._finished(task, head):
+            if self._finished(task, head["compute_s"]):
                 self._deliver([task], take_nodes(parts))
         elif kind == protocol.ERROR:
             raise remote_error(handle, self.losses.names(task.slices), head)
@@ -404,15 +437,26 @@ class Run:
         if task is not None:
             task.started = self.clock()  # transfer time is not slowness
 
-    def _finished(self, task: _Task, head: dict) -> bool:
+    def _held_done(
+        self, handle: WorkerHandle, task_id: int, compute_s: float, size: int
+    ) -> None:
+        """A task done whose value waits at the host's agent."""
+        task = self.open.get(task_id)
+        if task is None or task.worker is not handle:
+            return  # a discarded copy
+        handle.stale = False
+        if self._finished(task, compute_s):
+            self.results.hold(task, size)
+
+    def _finished(self, task: _Task, compute_s: float) -> bool:
         """Book a finished copy; whether it wins its group."""
         self._close(task)
         handle = task.worker
         if self.refs is not None:
             handle.refs.update(self.refs[i] for i in task.slices)
         compute = self.stats.worker_compute_s
-        compute[handle.name] = compute.get(handle.name, 0.0) + head["compute_s"]
-        self.times.add(head["compute_s"], len(task.slices))
+        compute[handle.name] = compute.get(handle.name, 0.0) + compute_s
+        self.times.add(compute_s, len(task.slices))
         if task.group in self.won or task.group in self.replaced:
             return False  # another copy won, or its slices run apart now
         self.won[task.group] = task

@@ -38,6 +38,9 @@ from .transport import Transport
 log = logging.getLogger("qjamfab")
 
 LOST = -1  # event kind: the worker's stream or daemon ended
+# Event kind, from a Link: held tasks done at its host (its agent's
+# note), head {"tasks": [(handle, task, run, compute_s, bytes), ...]}
+DONE = -2
 HANDSHAKE_TIMEOUT_S = 30.0
 
 
@@ -447,24 +450,21 @@ class Link:
         return [Event(handle, kind, head, parts)]
 
     def _done(self, head: dict, now: float) -> list[Event]:
-        """The agent's note of held tasks done: an event for each, as if
-        its worker had said it."""
-        events = []
+        """The agent's note of held tasks done: one DONE event for the
+        host, naming each live worker's."""
+        done = []
         try:
-            for k, task, run, compute_s, slices, size in head["tasks"]:
+            for k, task, run, compute_s, _, size in head["tasks"]:
                 handle = self.handles.get(k)
-                if handle is None or not handle.alive:
-                    continue
-                handle.last_seen = now
-                note = {"task": task, "run": run, "state": "done"}
-                note.update(compute_s=compute_s, slices=slices, bytes=size)
-                events.append(Event(handle, protocol.STATE, note, []))
+                if handle is not None and handle.alive:
+                    handle.last_seen = now
+                    done.append((handle, task, run, float(compute_s), size))
         except (KeyError, TypeError, ValueError) as exc:
             return self.lost(
                 f"the agent's note of tasks done is not one ({exc}): restart "
                 "the Master (its agent runs another qjamfab runtime)"
             )
-        return events
+        return [Event(self, DONE, {"tasks": done}, [])] if done else []
 
     def lost(self, reason: str, died: bool | None = None) -> list[Event]:
         """The stream ended: every live worker on it is lost. A local

@@ -157,9 +157,9 @@ def test_await_answer_gives_up_when_told_or_past_its_deadline():
     assert reads == [13.0]
 
 
-def test_an_agents_note_of_tasks_done_is_one_event_per_task():
+def test_an_agents_note_of_tasks_done_is_one_event_for_the_host():
     from qjamfab import protocol
-    from qjamfab.workers import Link, WorkerHandle
+    from qjamfab.workers import DONE, Link, WorkerHandle
 
     class Stub:
         def __init__(self, data: bytes):
@@ -183,19 +183,16 @@ def test_an_agents_note_of_tasks_done_is_one_event_per_task():
     done = protocol.frame(
         protocol.STATE, {"state": "done", "tasks": note}, (), protocol.AGENT
     )
-    events = link_reading(done).read_events()
-    assert [(e.source.name, e.head["task"], e.head["bytes"]) for e in events] == [
-        ("h-0", 7, 100),
-        ("h-1", 8, 50),
+    link = link_reading(done)
+    (event,) = link.read_events()
+    assert event.source is link and event.kind == DONE
+    assert [
+        (h.name, task, run, compute_s, size)
+        for h, task, run, compute_s, size in event.head["tasks"]
+    ] == [
+        ("h-0", 7, 3, 0.5, 100),
+        ("h-1", 8, 3, 0.25, 50),
     ]  # worker 5 is no one's
-    assert events[0].head == {
-        "task": 7,
-        "run": 3,
-        "state": "done",
-        "compute_s": 0.5,
-        "slices": 2,
-        "bytes": 100,
-    }
     bad = protocol.frame(
         protocol.STATE, {"state": "done", "tasks": [[0, 7]]}, (), protocol.AGENT
     )

@@ -14,6 +14,8 @@ What it does besides passing frames on:
   (daemons.py), and forwards each one's HELLO.
 - REFS: a slice goes into the host's cache once, and every daemon is told
   it is there: a slice crosses the network once per host.
+- TASKS: a run's first tasks for the host's workers in one frame, passed
+  on to each as its TASK.
 - TASK with `hold`: the result stays here; the master is told "done", and
   COLLECT later combines the named results in the run's fixed tree
   (reduce.ReduceTree) with the job's reduce: one RESULT for the host.
@@ -40,15 +42,14 @@ from .. import protocol
 from . import (
     daemons,
     default_base,
+    handover,
     manage,
     pid_alive,
     read_tail,
     secure_dir,
     secure_host_dir,
     set_process_name,
-    stream_lock,
     this_runtime,
-    write_locked,
 )
 from .cache import RefCache
 from .daemons import Daemon, Peer
@@ -57,7 +58,7 @@ from .packages import AgentPackages
 from .pins import CacheLimitError, cache_limit, parse_size
 from .probe import platform_info
 from .shared_params import HostParams
-from .task import combine, error_fields, load_job
+from .task import collect
 
 _STALE_AFTER_S = 1.5 * protocol.HEARTBEAT_INTERVAL_S
 
@@ -192,59 +193,16 @@ class Agent:
             self.hand_over(next(iter(self.daemons.values())))
 
     def hand_over(self, daemon: Daemon) -> None:
-        """Give the daemon the master's stream (SCM_RIGHTS, once it says it
-        is ready for it), then wait for its connection to end: a GONE frame
-        then says how it ended, and the agent exits."""
-        while self.master.out:  # the ATTACH answer first, whole
-            self.master.flush()
-            if self.master.out:
-                select.select([], [self.master.write_fd], [], 1.0)
-        daemon.queue(protocol.frame(protocol.ATTACH, {}))
-        while daemon.out:
-            daemon.flush()
-        while True:  # its heartbeats may come first
-            kind, _, head, parts = daemon.reader.read()
-            if kind == protocol.STATE and head.get("state") == "ready":
-                break
-            if kind != protocol.HEARTBEAT:
-                self.tell(kind, head, parts, worker=daemon.index)
-        daemon.sock.setblocking(True)
-        socket.send_fds(
-            daemon.sock, [b"s"], [self.master.read_fd, self.master.write_fd]
-        )
-        os.close(self.master.read_fd)
-        os.set_blocking(self.master.write_fd, True)
-        lock = stream_lock(manage.socket_path(self.base, daemon.slot))
-        try:
-            self._beat_for(daemon, lock)
-        finally:
-            os.close(lock)
+        """Give the daemon the master's stream and beat for it until its
+        connection ends (handover.py); a GONE frame then says how it
+        ended, and the agent exits."""
+        handover.give_stream(self.master, daemon, self.base, self.tell)
         self.gone(daemon, "its daemon ended")
         try:
             self.master.flush()
         except OSError:
             pass  # the master hung up first: nobody to tell
         raise _HandedOver
-
-    def _beat_for(self, daemon: Daemon, lock: int) -> None:
-        """Until the daemon's connection ends: its heartbeats, from outside
-        its interpreter, while its process runs (stopped or gone: none).
-        A C call holding its GIL stops its own thread, not these."""
-        beat = protocol.frame(protocol.HEARTBEAT, {}, worker=daemon.index)
-        write_fd = self.master.write_fd
-        beating = True
-        while True:
-            if select.select([daemon.sock], [], [], protocol.HEARTBEAT_INTERVAL_S)[0]:
-                try:
-                    if not daemon.sock.recv(4096):
-                        return
-                except OSError:
-                    return
-            elif beating and daemon.running():
-                try:
-                    write_locked(lock, lambda v: os.writev(write_fd, v), beat)
-                except OSError:
-                    beating = False  # the master hung up: the daemon ends next
 
     # --- frames from the master -------------------------------------------
 
@@ -274,41 +232,63 @@ class Agent:
                 self.attach(head)
             elif kind == protocol.COLLECT:
                 self.collect(head)
+            elif kind == protocol.TASKS:
+                self.tasks_in(head, parts)
             return
         if kind == protocol.FUNC:
             job = bytes(parts[0])
             in_flight = () if self.run_func is None else (self.run_func,)
             self.funcs.put(head["hash"], job, len(job), pinned=in_flight)
         elif kind == protocol.TASK:
-            if head["run"] != self.run:
-                # A new run: what an earlier one left held is nobody's.
-                self.run = head["run"]
-                self.run_func = head["func"]
-                self.held.clear()
-                self.holding.clear()
-                if self.params is not None and self.params.run != self.run:
-                    self.params.close()
-                    self.params = None
-            if head.get("hold"):
-                self.holding.add(head["task"])
-                if self.funcs.get(head["func"]) is None:
-                    # Dropped here since the master sent it: COLLECT will
-                    # need it, so ask as a worker lacking it does.
-                    self.tell(
-                        protocol.STATE,
-                        {
-                            "task": head["task"],
-                            "state": "blocked",
-                            "refs": [],
-                            "func": True,
-                        },
-                        worker=worker,
-                    )
+            self.task_in(worker, head)
         elif kind == protocol.CANCEL and head["task"] in self.held:
             # Finished already: whether it counts is COLLECT's to say (its
             # "done" may be on its way to the master); the next run drops
             # what no COLLECT took.
             return
+        self.to_daemon(kind, worker, head, parts)
+
+    def tasks_in(self, head: dict, parts: list) -> None:
+        """A run's first tasks for this host's workers, in one frame: each
+        goes on as its worker's TASK, with the params where it says."""
+        common = {key: value for key, value in head.items() if key != "tasks"}
+        for worker, task, slices, refs, params in head["tasks"]:
+            one = {**common, "task": task, "slices": slices, "refs": refs}
+            one["params"] = params
+            self.task_in(worker, one)
+            self.to_daemon(protocol.TASK, worker, one, parts if params else [])
+
+    def task_in(self, worker: int, head: dict) -> None:
+        """A TASK on its way to a worker: a new run forgets what the last
+        one left here; a held task's result will stay here."""
+        if head["run"] != self.run:
+            # A new run: what an earlier one left held is nobody's.
+            self.run = head["run"]
+            self.run_func = head["func"]
+            self.held.clear()
+            self.holding.clear()
+            if self.params is not None and self.params.run != self.run:
+                self.params.close()
+                self.params = None
+        if head.get("hold"):
+            self.holding.add(head["task"])
+            if self.funcs.get(head["func"]) is None:
+                # Dropped here since the master sent it: COLLECT will
+                # need it, so ask as a worker lacking it does.
+                self.tell(
+                    protocol.STATE,
+                    {
+                        "task": head["task"],
+                        "state": "blocked",
+                        "refs": [],
+                        "func": True,
+                    },
+                    worker=worker,
+                )
+
+    def to_daemon(self, kind: int, worker: int, head: dict, parts: list) -> None:
+        """Pass a frame on to worker's daemon; before a TASK, the run's
+        params where they are on this host."""
         daemon = self.daemons.get(worker)
         if daemon is not None and not daemon.closed:
             if kind == protocol.TASK and self.params is not None:
@@ -352,40 +332,8 @@ class Agent:
                 )
 
     def collect(self, head: dict) -> None:
-        """Combine held results in the run's fixed tree, with the job's
-        reduce: the nodes that make go back as one RESULT."""
-        started = time.perf_counter()
-        tasks = head["tasks"]
-        try:
-            job = self.funcs.get(head["func"])
-            if job is None:  # pinned from its run's first TASK: never
-                raise LookupError(f"job {head['func']} is not held on the host")
-            # Not hashed here: the daemons it passed these bytes on to do.
-            _, reduce = load_job(job)
-            # Each result is let go of once combined.
-            payload = combine(head["leaves"], reduce, map(self.held.pop, tasks))
-        except Exception as exc:
-            for task in tasks:
-                self.held.pop(task, None)
-            self.tell(
-                protocol.ERROR,
-                {
-                    "task": tasks[0],
-                    "run": head["run"],
-                    "tasks": tasks,
-                    **error_fields("reduce on the host", exc),
-                },
-            )
-            return
-        self.tell(
-            protocol.RESULT,
-            {
-                "tasks": tasks,
-                "run": head["run"],
-                "compute_s": time.perf_counter() - started,
-            },
-            payload,
-        )
+        """Combine held results (task.collect): one RESULT, or an ERROR."""
+        self.tell(*collect(head, self.funcs.get(head["func"]), self.held))
 
     # --- frames from daemons ----------------------------------------------
 

@@ -11,7 +11,7 @@ task the same way, phase by phase, and this module is that one way:
   (reduce.ReduceTree), encoded; or, when anything raises, the ERROR
   head's fields naming the phase it raised in;
 - `combine`: encoded results (their tree nodes) combined in that tree and
-  encoded again, as a host agent's COLLECT does;
+  encoded again; `collect`, a host agent's COLLECT answered with it;
 - `encode_result`: pickle, else cloudpickle;
 - `error_fields`: the ERROR head's fields for an exception in a phase.
 
@@ -151,3 +151,35 @@ def combine(leaves: int, reduce: Callable | None, results: Iterable[list]) -> li
         del parts  # its buffers now live only as long as the values made of them
         tree.add_all(nodes)
     return encode_result(tree.items())
+
+
+def collect(
+    head: dict, job: bytes | None, held: dict[int, list]
+) -> tuple[int, dict, list]:
+    """A host agent's COLLECT: the held results it names (taken out of
+    `held`) combined in the run's fixed tree with the job's reduce; the
+    answer as (kind, head, payload): one RESULT, or an ERROR."""
+    started = time.perf_counter()
+    tasks = head["tasks"]
+    try:
+        if job is None:  # pinned from its run's first TASK: never
+            raise LookupError(f"job {head['func']} is not held on the host")
+        # Not hashed here: the daemons it passed these bytes on to do.
+        _, reduce = load_job(job)
+        # Each result is let go of once combined.
+        payload = combine(head["leaves"], reduce, map(held.pop, tasks))
+    except Exception as exc:
+        for task in tasks:
+            held.pop(task, None)
+        fields = error_fields("reduce on the host", exc)
+        return (
+            protocol.ERROR,
+            {"task": tasks[0], "run": head["run"], "tasks": tasks, **fields},
+            [],
+        )
+    elapsed = time.perf_counter() - started
+    return (
+        protocol.RESULT,
+        {"tasks": tasks, "run": head["run"], "compute_s": elapsed},
+        payload,
+    )
