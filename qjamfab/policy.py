@@ -20,7 +20,7 @@ BACKUP_AFTER_S = 0.5
 
 
 class Copy(Protocol):
-    """What the policy reads of a task copy (run.py's _Task)."""
+    """What the policy reads of a task copy (copies.TaskCopy)."""
 
     @property
     def id(self) -> int: ...

@@ -34,7 +34,7 @@ Node = tuple[int, int, Any]  # (lo, size, value): a reduce.ReduceTree node
 
 
 class Copy(Protocol):
-    """What the flow needs of a task copy (run.py's _Task)."""
+    """What the flow needs of a task copy (copies.TaskCopy)."""
 
     id: int
     worker: WorkerHandle

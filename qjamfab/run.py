@@ -1,12 +1,14 @@
 """One `Master.run`: groups of slices out, results in, failures absorbed.
 
-`Run` plans slices onto workers (scheduler.py), sends tasks, and works
+`Run` plans slices onto workers (scheduler.py), sends tasks (dispatch.py), and works
 through what they send back, on the caller's thread: it supplies what a
 blocked worker lacks, books finished copies, re-plans the groups of a lost
 worker, and acts on the policy's decisions (policy.py: moves to workers
 that ran dry, backups of stragglers, coverage). Results flow in through
 results.py, data goes out through supply.py, losses.py keeps what was
-lost and when the job is to blame; runstats.py says what the run did.
+lost and when the job is to blame; runstats.py says what the run did;
+copies.py books the task copies on workers, groups.py the groups they
+are copies of.
 Time is read from `RunSettings.clock` only, so tests drive a run with a
 clock of their own.
 """
@@ -20,11 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import display, liveness, policy, protocol, scheduler
-from . import results as result_flow
+from .copies import Copies, TaskCopy
 from .dataset import BaseDataSet
+from .dispatch import Dispatch
 from .errors import ProtocolError, ReduceError, WorkerLost, describe_exit
+from .groups import Groups
 from .losses import Losses
-from .params_place import ParamsPlacement
 from .remote_errors import remote_error
 from .results import Node, ResultFlow, take_nodes
 from .runstats import RunStats, print_event_log
@@ -32,41 +35,6 @@ from .supply import Supply
 from .workers import DONE, LOST, Event, Inbox, Link, WorkerHandle
 
 log = logging.getLogger("qjamfab")
-
-
-class _Task:
-    """One copy of a group of slices sent to one worker."""
-
-    __slots__ = (
-        "id",
-        "worker",
-        "group",
-        "slices",
-        "started",
-        "held",
-        "size",
-        "cancelling",
-    )
-
-    def __init__(
-        self,
-        task_id: int,
-        worker: WorkerHandle,
-        group: int,
-        slices: list[int],
-        held: bool,
-        now: float,
-    ):
-        self.id = task_id
-        self.worker = worker
-        self.group = group
-        self.slices = slices
-        self.started = now
-        self.held = held  # its result waits at the host's agent
-        self.size = 0  # its result's bytes, once "done" or "parked" says
-        # Moved away: open until its worker confirms the cancel (it may have
-        # started it already), but no longer counted on to run.
-        self.cancelling = False
 
 
 @dataclass
@@ -119,42 +87,33 @@ class Run:
         self.clock = settings.clock
         self.progress_enabled = progress
         self.progress: display.RunProgress  # set by execute
-        self.results: ResultFlow[_Task]  # set by execute
+        self.results: ResultFlow[TaskCopy]  # set by execute
         self.run_id = next(inbox.ids)
         self.workers = workers
         self.func_hash = func_hash
-        self.func_bytes = func_bytes
         self.dataset = dataset
         self.refs = dataset.refs() if dataset is not None else None
         self.reduce = reduce
-        self.open: dict[int, _Task] = {}  # task id -> live copy
-        self.queues: dict[WorkerHandle, list[_Task]] = {h: [] for h in workers}
-        self.idle: set[WorkerHandle] = set(workers)
-        self.groups: dict[int, list[int]] = {}  # group id -> its slices
-        self.won: dict[int, _Task] = {}  # group -> winning copy
-        self.replaced: set[int] = set()  # groups re-run slice by slice
-        self.undelivered: set[int] = set()  # groups without a value
-        self.shown: dict[int, int] = {}  # group -> slices on the bar
-        self.open_on: dict[Link, int] = {}  # open tasks per link
+        self.copies = Copies(workers)
+        self.groups = Groups()
         self.times = policy.SliceTimes()
         self.losses = Losses(over_dataset=self.refs is not None)
-        self.params_sent: set[WorkerHandle] = set()  # have this run's params
         self.split = settings.split
-        self.queued = 0  # open tasks not yet running
-        links = [h.link for h in workers]
-        self.links = list(dict.fromkeys(links))
-        self.params = ParamsPlacement(self.run_id, params_parts, links)
-        # Results are held at the agent only where there is something to
-        # combine them with: a host with several workers in the run.
-        self.holds = {x for x in self.links if x.agent and links.count(x) > 1}
+        self.dispatch = Dispatch(
+            self.run_id,
+            workers,
+            (func_hash, func_bytes),
+            params_parts,
+            self.refs,
+            broadcasts,
+        )
+        self.links = self.dispatch.links
         self.counters = {x: (x.bytes_sent, x.bytes_received) for x in self.links}
         self.started = self.clock()
         self.stats = RunStats(workers=len(workers))
         self.supply = Supply(
             dataset, self.refs, func_hash, func_bytes, self.stats, broadcasts
         )
-        # Broadcasts travel as slices do: each TASK names them.
-        self.broadcast_head = {"broadcasts": list(broadcasts)} if broadcasts else {}
 
     def execute(self) -> object:
         if self.refs is None:
@@ -167,14 +126,14 @@ class Run:
                 {h.name: h.refs for h in self.workers},
             )
             self.stats.slices = len(self.refs)
-        self.leaves = len(self.refs) if self.refs is not None else len(plan)
-        self.results = ResultFlow[_Task](
+        self.leaves = self.dispatch.leaves
+        self.results = ResultFlow[TaskCopy](
             self.run_id,
             self.func_hash,
             self.leaves,
             self.reduce,
             self._send_failed,
-            lambda link: bool(self.open_on.get(link)),
+            self.copies.on_host,
         )
         self.progress = display.RunProgress(
             len(self.refs) if self.refs is not None else len(plan),
@@ -192,7 +151,7 @@ class Run:
             # machine the last worker to get one would start late. One
             # write per host for them all, and where an agent combines,
             # one TASKS frame for that host's tasks.
-            first: dict[Link, list] = {link: [] for link in self.holds}
+            first: dict[Link, list] = {link: [] for link in self.dispatch.holds}
             for link in self.links:
                 link.hold()
             try:
@@ -202,19 +161,19 @@ class Run:
                             group = self._new_group(batches[k])
                             self._send_task(handle, group, first.get(handle.link))
                 for link, entries in first.items():
-                    self._send_tasks(link, entries)
+                    self.dispatch.send_first(link, entries)
             finally:
                 for link in self.links:
                     link.release()
             self._collect()
         except BaseException:
-            for handle, queue in self.queues.items():
+            for handle, queue in self.copies.queues.items():
                 if queue and handle.alive:
                     handle.stale = True  # this run's job may run on there
             raise
         finally:
             self.progress.close()
-            self.params.close()
+            self.dispatch.close()
             self._count_bytes()
             self.stats.spilled_results = self.results.nodes.spilled
             if not tree.complete:
@@ -237,8 +196,7 @@ class Run:
 
     def _new_group(self, slices: list[int]) -> int:
         group = next(self.inbox.ids)
-        self.groups[group] = slices
-        self.undelivered.add(group)
+        self.groups.add(group, slices)
         return group
 
     # --- tasks out ------------------------------------------------------
@@ -246,89 +204,27 @@ class Run:
     def _send_task(
         self, handle: WorkerHandle, group: int, first: list | None = None
     ) -> None:
-        """A copy of the group for the worker: its TASK, or an entry in
-        `first`, its host's first tasks (`_send_tasks`)."""
-        slices = self.groups[group]
-        held = handle.link in self.holds
-        task = _Task(next(self.inbox.ids), handle, group, slices, held, self.clock())
+        """A copy of the group for the worker, sent (dispatch.py), or an
+        entry in `first`, its host's first tasks."""
+        held = self.dispatch.held(handle)
+        slices = self.groups.slices[group]
+        task = TaskCopy(next(self.inbox.ids), handle, group, slices, held, self.clock())
         self.stats.tasks += 1
         self._open(task)
-        refs = None if self.refs is None else [self.refs[i] for i in slices]
         try:
-            if self.func_hash not in handle.funcs:
-                handle.send(protocol.FUNC, {"hash": self.func_hash}, [self.func_bytes])
-                handle.funcs.add(self.func_hash)
-            with_params = handle not in self.params_sent
-            if with_params:
-                with_params = self.params.before_first_task(handle)
-            self.params_sent.add(handle)
-            if first is not None:
-                first.append([handle.index, task.id, slices, refs, with_params])
-                return
-            handle.send(
-                protocol.TASK,
-                {
-                    "task": task.id,
-                    "refs": refs,
-                    "slices": slices,
-                    "params": with_params,
-                    **self._task_head(held),
-                },
-                self.params.parts if with_params else (),
-            )
+            self.dispatch.send(task, first)
         except WorkerLost as exc:
             self._send_failed(handle, exc)
 
-    def _task_head(self, held: bool) -> dict:
-        """What every TASK of the run says (`held`: to a host that keeps
-        its results for COLLECT)."""
-        return {
-            "run": self.run_id,
-            "func": self.func_hash,
-            "leaves": self.leaves,
-            "hold": held,
-            "park": None if held else result_flow.PARK_BYTES,
-            **self.broadcast_head,
-        }
+    def _open(self, task: TaskCopy) -> None:
+        self.copies.add(task)
 
-    def _send_tasks(self, link: Link, entries: list) -> None:
-        """A host's first tasks of the run, in one frame to its agent,
-        which passes each on as its worker's TASK (protocol.TASKS). The
-        link is held: a failed write is its loss, at `release`."""
-        if entries:
-            link.send(
-                protocol.TASKS,
-                {**self._task_head(True), "tasks": entries},
-                self.params.parts if any(entry[4] for entry in entries) else (),
-                worker=protocol.AGENT,
-            )
-
-    def _open(self, task: _Task) -> None:
-        self.open[task.id] = task
-        queue = self.queues[task.worker]
-        self.queued += bool(queue)
-        queue.append(task)
-        self.idle.discard(task.worker)
-        link = task.worker.link
-        self.open_on[link] = self.open_on.get(link, 0) + 1
-
-    def _close(self, task: _Task) -> None:
+    def _close(self, task: TaskCopy) -> None:
         """The task is no longer open (finished, cancelled or lost)."""
-        del self.open[task.id]
-        queue = self.queues[task.worker]
-        first = queue[0] is task
-        queue.remove(task)
-        self.queued -= bool(queue) if first else 1
-        if first and queue:
-            queue[0].started = self.clock()  # the next starts now
-        if not queue and task.worker.alive:
-            self.idle.add(task.worker)
-        link = task.worker.link
-        self.open_on[link] -= 1
-        if not self.open_on[link]:
-            # Its last open task ended (done, cancelled, moved or lost):
-            # what it holds can be combined now.
-            self.results.host_idle(link)
+        if self.copies.remove(task, self.clock()):
+            # Its host's last open task ended (done, cancelled, moved or
+            # lost): what it holds can be combined now.
+            self.results.host_idle(task.worker.link)
 
     def _send_failed(self, handle: WorkerHandle, exc: WorkerLost) -> None:
         """A send to the worker failed: it is lost, handled as if its
@@ -337,11 +233,11 @@ class Run:
             handle.alive = False
             self.inbox.push_front(Event(handle, LOST, {"reason": str(exc)}, []))
 
-    def _cancel(self, task: _Task) -> None:
+    def _cancel(self, task: TaskCopy) -> None:
         self._close(task)
         self._drop(task)
 
-    def _drop(self, task: _Task) -> None:
+    def _drop(self, task: TaskCopy) -> None:
         """Tell the worker to drop the copy: not run it if queued, forget
         its parked value if it won too late."""
         try:
@@ -354,7 +250,7 @@ class Run:
     def _collect(self) -> None:
         tick = min(0.25, self.settings.heartbeat_timeout / 4)
         next_check = self.clock() + tick
-        while self.undelivered:
+        while self.groups.undelivered:
             event = self.inbox.next_event(tick)
             if event is not None:
                 self._event(event)
@@ -363,7 +259,7 @@ class Run:
                 next_check = self.clock() + tick
                 self._check_heartbeats()
                 self._balance(stragglers=True)
-            elif self.idle and self.queued:
+            elif self.copies.idle and self.copies.queued:
                 self._balance(stragglers=False)
 
     def _event(self, event: Event) -> None:
@@ -398,7 +294,7 @@ class Run:
                 self._deliver([fetched], take_nodes(parts))
                 return
         task_id = head.get("task")
-        task = self.open.get(task_id) if task_id is not None else None
+        task = self.copies.open.get(task_id) if task_id is not None else None
         if task is None or task.worker is not handle:
             return  # a discarded copy, or left from an interrupted run
         handle.stale = False  # it works on this run now
@@ -433,7 +329,7 @@ class Run:
     def _supply(self, handle: WorkerHandle, head: dict) -> None:
         """The worker is blocked: send what it lacks (supply.py)."""
         self.supply.blocked(handle, head)
-        task = self.open.get(head["task"])
+        task = self.copies.open.get(head["task"])
         if task is not None:
             task.started = self.clock()  # transfer time is not slowness
 
@@ -441,14 +337,14 @@ class Run:
         self, handle: WorkerHandle, task_id: int, compute_s: float, size: int
     ) -> None:
         """A task done whose value waits at the host's agent."""
-        task = self.open.get(task_id)
+        task = self.copies.open.get(task_id)
         if task is None or task.worker is not handle:
             return  # a discarded copy
         handle.stale = False
         if self._finished(task, compute_s):
             self.results.hold(task, size)
 
-    def _finished(self, task: _Task, compute_s: float) -> bool:
+    def _finished(self, task: TaskCopy, compute_s: float) -> bool:
         """Book a finished copy; whether it wins its group."""
         self._close(task)
         handle = task.worker
@@ -457,37 +353,33 @@ class Run:
         compute = self.stats.worker_compute_s
         compute[handle.name] = compute.get(handle.name, 0.0) + compute_s
         self.times.add(compute_s, len(task.slices))
-        if task.group in self.won or task.group in self.replaced:
+        if not self.groups.win(task):
             return False  # another copy won, or its slices run apart now
-        self.won[task.group] = task
         for other in self._other_copies(task.group):
             self._cancel(other)
         return True
 
-    def _other_copies(self, group: int) -> list[_Task]:
+    def _other_copies(self, group: int) -> list[TaskCopy]:
         """The group's other open copies: only backups and moves make
         them, so without those there is nothing to look for."""
         if not (self.stats.backup_tasks or self.stats.moved_tasks):
             return []
-        return [t for t in self.open.values() if t.group == group]
+        return self.copies.of_group(group)
 
     def _progressed(self, group: int, done: int) -> None:
         """The progress bar moves per slice, not per task: a long task
         reports its slices done as it goes (the first copy's count)."""
-        shown = self.shown.get(group, 0)
-        if group in self.undelivered and done > shown:
-            self.shown[group] = done
-            self.progress.advance(done - shown)
+        more = self.groups.progressed(group, done)
+        if more:
+            self.progress.advance(more)
 
-    def _deliver(self, tasks: list[_Task], nodes: list[Node]) -> None:
+    def _deliver(self, tasks: list[TaskCopy], nodes: list[Node]) -> None:
         """Results in: their nodes join the run's tree at once."""
         slices = [i for t in tasks for i in t.slices]
         self.results.add(nodes)
-        for task in tasks:
-            self.undelivered.discard(task.group)
+        shown = self.groups.delivered(tasks)
         self.progress.advance(
-            (len(slices) if self.refs is not None else len(tasks))
-            - sum(self.shown.pop(t.group, 0) for t in tasks)
+            (len(slices) if self.refs is not None else len(tasks)) - shown
         )
         if self.refs is not None:
             self.stats.slices_cached += sum(
@@ -498,29 +390,22 @@ class Run:
 
     def _balance(self, stragglers: bool) -> None:
         """Give workers that ran dry a copy of queued or straggling groups."""
-        idle = sorted((h for h in self.idle if h.alive), key=lambda h: h.name)
-        if not idle or not self.open:
+        idle = sorted((h for h in self.copies.idle if h.alive), key=lambda h: h.name)
+        if not idle or not self.copies.open:
             return
-        queued = (
-            [t for q in self.queues.values() for t in q[1:] if t.group not in self.won]
-            if self.queued
-            else []
-        )
+        queued = self.copies.waiting(self.groups.won)
         now = self.clock()
-        late: list[_Task] = []
+        late: list[TaskCopy] = []
         if (
             not queued
             and stragglers
             and self.times.seconds
             and now - self.started > policy.BACKUP_AFTER_S
         ):
-            copies: dict[int, int] = {}
-            for task in self.open.values():
-                copies[task.group] = copies.get(task.group, 0) + 1
             late = policy.stragglers(
-                [q[0] for q in self.queues.values() if q],
-                copies,
-                self.won,
+                self.copies.running(),
+                self.copies.per_group(),
+                self.groups.won,
                 self.times,
                 self.settings.straggler_factor,
                 now,
@@ -542,7 +427,7 @@ class Run:
                 self.stats.moved_tasks += 1
             self._send_task(handle, task.group)
 
-    def _held(self, handle: WorkerHandle, task: _Task) -> int:
+    def _held(self, handle: WorkerHandle, task: TaskCopy) -> int:
         if self.refs is None:
             return 0
         return sum(self.refs[i] in handle.refs for i in task.slices)
@@ -550,7 +435,7 @@ class Run:
     # --- loss -----------------------------------------------------------
 
     def _check_heartbeats(self) -> None:
-        busy = [h for h, q in self.queues.items() if q]
+        busy = self.copies.busy()
         fetching = self.results.fetching
         if fetching is not None:
             busy.append(fetching.worker)
@@ -574,8 +459,7 @@ class Run:
         groups run again."""
         tasks = self.results.host_lost(link)
         for task in tasks:
-            if self.won.get(task.group) is task:
-                del self.won[task.group]
+            self.groups.unwin(task)
         if tasks:
             self._rerun(
                 [i for t in tasks for i in t.slices],
@@ -588,15 +472,15 @@ class Run:
         slice by slice, on the survivors. `died`: its process ended (not
         its host or its connection), so the slice it ran may be the cause."""
         handle.alive = False
-        self.idle.discard(handle)
+        self.copies.idle.discard(handle)
         # A worker still on a failed run's task may die of that run's job.
         died = died and not handle.stale
         if not handle.link.alive:
             self._host_lost(handle.link)
         parked = self.results.unpark(handle)
         for task in parked:  # won, but the value is gone: they run again
-            del self.won[task.group]
-        lost_tasks = list(self.queues.get(handle, ()))
+            self.groups.unwin(task)
+        lost_tasks = self.copies.on_worker(handle)
         if not lost_tasks and not parked:
             return  # nothing of this run was on it
         status, tail = handle.exit_report()
@@ -613,7 +497,7 @@ class Run:
 
     def _cover(
         self,
-        tasks: list[_Task],
+        tasks: list[TaskCopy],
         name: str,
         detail: str,
         status: int | None = None,
@@ -623,7 +507,10 @@ class Run:
         slices = [
             i
             for t in policy.uncovered(
-                tasks, self.open.values(), self.undelivered, self.won
+                tasks,
+                self.copies.open.values(),
+                self.groups.undelivered,
+                self.groups.won,
             )
             for i in t.slices
         ]
@@ -648,18 +535,10 @@ class Run:
             detail,
             self.losses.names(slices),
         )
-        busy = {h.name: len(q) for h, q in self.queues.items()}
+        busy = {h.name: len(q) for h, q in self.copies.queues.items()}
         by_name = {h.name: h for h in survivors}
-        for group in [
-            g
-            for g in self.groups
-            if g in self.undelivered
-            and g not in self.won
-            and set(self.groups[g]) <= set(slices)
-        ]:
-            self.undelivered.discard(group)  # replaced by one per slice
-            self.replaced.add(group)
-            self.progress.advance(-self.shown.pop(group, 0))
+        # Their groups are replaced by one per slice.
+        self.progress.advance(-self.groups.replace_within(slices))
         for worker, i in scheduler.replan(
             slices, self.refs, list(by_name), {h.name: h.refs for h in survivors}, busy
         ):
