@@ -1,16 +1,15 @@
 """One `Master.run`: groups of slices out, results in, failures absorbed.
 
-`Run` plans slices onto workers (scheduler.py), sends tasks (dispatch.py), and works
-through what they send back, on the caller's thread: it supplies what a
-blocked worker lacks, books finished copies, re-plans the groups of a lost
-worker, and acts on the policy's decisions (policy.py: moves to workers
-that ran dry, backups of stragglers, coverage). Results flow in through
-results.py, data goes out through supply.py, losses.py keeps what was
-lost and when the job is to blame; runstats.py says what the run did;
-copies.py books the task copies on workers, groups.py the groups they
-are copies of.
-Time is read from `RunSettings.clock` only, so tests drive a run with a
-clock of their own.
+`Run` plans slices onto workers (scheduler.py), sends tasks (dispatch.py)
+and works through what they send back, on the caller's thread: it
+supplies what a blocked worker lacks, books finished copies, re-plans the
+groups of a lost worker, and acts on the policy's decisions (policy.py:
+moves to workers that ran dry, backups of stragglers, coverage). Results
+flow in through results.py, data goes out through supply.py, losses.py
+keeps what was lost and when the job is to blame; runstats.py says what
+the run did; copies.py books the task copies on workers, groups.py the
+groups they are copies of. Time is read from `RunSettings.clock` only,
+so tests drive a run with a clock of their own.
 """
 
 from __future__ import annotations
