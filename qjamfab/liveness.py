@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-from .workers import Inbox, Link, WorkerHandle
+from .inbox import Inbox
+from .workers import Link, WorkerHandle
 
 
 class Silent(NamedTuple):

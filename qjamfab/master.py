@@ -25,6 +25,7 @@ from typing import TypeGuard
 
 from . import display, engines, logs, protocol, serialize, text
 from . import packages as shipping
+from .answers import await_answer
 from .broadcast import Broadcast
 from .broadcast import encode_params as encode_run_params
 from .dataset import BaseDataSet, DataSet
@@ -32,13 +33,14 @@ from .engines import EngineSettings, Host
 from .errors import ConfigError, QjamfabError, WorkerLost
 from .futures import FuturesMixin, closes_executor, exclusive
 from .hostspec import HostSpec
+from .inbox import Inbox
 from .openssh import SSH_CLIENTS, openssh_client
 from .run import Run, RunSettings
 from .runstats import RunStats, print_event_log
 from .runtime import default_base
 from .runtime.pins import CacheLimitError, parse_size
 from .stream import TaskStream
-from .workers import Event, Inbox, WorkerHandle, await_answer
+from .workers import Event, WorkerHandle
 
 log = logging.getLogger("qjamfab")
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from . import protocol
+from .answers import await_answer
 from .errors import PreflightFailed, WorkerLost
 from .packages import Distribution, check_platform
 
@@ -101,7 +102,7 @@ def _send(link: Link, dist: Distribution) -> int:
 def _answer(link: Link, timeout: float, doing: str) -> dict:
     """The agent's next PACKAGES frame (also when a blocked send read it
     into the inbox)."""
-    from .workers import HANDSHAKE_TIMEOUT_S, await_answer  # (a cycle)
+    from .workers import HANDSHAKE_TIMEOUT_S  # (a cycle)
 
     def is_answer(event: Event) -> bool:
         return event.source is link and event.kind == protocol.PACKAGES
@@ -119,13 +120,13 @@ def _answer(link: Link, timeout: float, doing: str) -> dict:
         return link.read_events()
 
     def take(event: Event) -> bool:  # another's event, for the run to see
-        if link.inbox is not None:
-            link.inbox.pending.append(event)
+        if link.pending is not None:
+            link.pending.append(event)
         return False
 
     link.transport.set_read_timeout(timeout)
     try:
-        pending = link.inbox.pending if link.inbox is not None else []
+        pending = link.pending if link.pending is not None else []
         for event in list(pending):
             if is_answer(event):
                 pending.remove(event)

@@ -26,12 +26,13 @@ from .dataset import BaseDataSet
 from .dispatch import Dispatch
 from .errors import ProtocolError, ReduceError, WorkerLost, describe_exit
 from .groups import Groups
+from .inbox import Inbox
 from .losses import Losses
 from .remote_errors import remote_error
 from .results import Node, ResultFlow, take_nodes
 from .runstats import RunStats, print_event_log
 from .supply import Supply
-from .workers import DONE, LOST, Event, Inbox, Link, WorkerHandle
+from .workers import DONE, LOST, Event, Link, WorkerHandle
 
 log = logging.getLogger("qjamfab")
 

@@ -23,9 +23,10 @@ from typing import Any
 
 from . import liveness, protocol
 from .errors import QjamfabError, WorkerLost, describe_exit
+from .inbox import Inbox
 from .remote_errors import remote_error
 from .runstats import print_event_log
-from .workers import LOST, Event, Inbox, Link, WorkerHandle
+from .workers import LOST, Event, Link, WorkerHandle
 
 
 class StreamTask:

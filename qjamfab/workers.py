@@ -1,30 +1,26 @@
-"""Workers as the Master sees them: streams, handles and the inbox.
+"""Workers as the Master sees them: streams and handles.
 
 A `Link` is one byte stream (transport.py) and the workers it reaches:
 to an SSH host it is the host's one stream to its agent
 (runtime/agent.py), carrying every worker's frames, each naming its worker;
 to a local worker it is that worker's pipe. A `WorkerHandle` is one worker:
 its identity as data (host label, index), what it holds (function hashes,
-slice refs), whether it is alive. The `Inbox` owns the links and what they
-sent: it waits on all of them at once (poll) and reads on the caller's
-thread, so a result reaches the caller without a thread switch; a `Run`
-is handed the inbox, not the Master. A stream's end, or one that stalls
-inside a frame, is a LOST event for each of its workers.
+slice refs), whether it is alive. A link turns each frame it reads into
+events for the Master's inbox (inbox.py). A stream's end, or one that
+stalls inside a frame, is a LOST event for each of its workers.
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
-import math
-import select
 import struct
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import NamedTuple, TypeVar
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from . import protocol, runtime, text
+from .answers import await_answer
 from .errors import (
     PreflightFailed,
     ProtocolError,
@@ -120,7 +116,8 @@ class Link:
         self.bytes_received = 0
         self._stall_timeout = stall_timeout
         self.python = ""  # what runs the agent, for messages
-        self.inbox: Inbox | None = None  # set when added to one
+        # The events its inbox (inbox.py) has yet to hand out, once in one.
+        self.pending: collections.deque[Event] | None = None
         self.count = 0  # workers the agent attached at most
 
     def install_advice(self, ship: str | None) -> str:
@@ -340,8 +337,8 @@ class Link:
         except WorkerLost as exc:
             # A frame cut short leaves the stream unusable: every worker on
             # it is lost, and the events say so.
-            if self.inbox is not None:
-                self.inbox.pending.extendleft(self.lost(str(exc)))
+            if self.pending is not None:
+                self.pending.extendleft(self.lost(str(exc)))
             self.close()
             raise
         self.bytes_sent += size
@@ -351,10 +348,10 @@ class Link:
         """The stream is full: while waiting for room, take in what the
         far end sends (it may be waiting for us to read)."""
         if self.transport.wait_writable():
-            if self.inbox is None:  # starting: nothing to read it for yet
+            if self.pending is None:  # starting: nothing to read it for yet
                 time.sleep(0.001)
             else:
-                self.inbox.pending.extend(self.read_events())
+                self.pending.extend(self.read_events())
 
     def send(
         self,
@@ -486,86 +483,3 @@ class Link:
         for handle in self.handles.values():
             handle.alive = False
         self.transport.close()
-
-
-_T = TypeVar("_T")
-
-
-def await_answer(
-    read: Callable[[], Iterable[_T]],
-    is_answer: Callable[[_T], bool],
-    deadline: float = math.inf,
-    take: Callable[[_T], bool] | None = None,
-    clock: Callable[[], float] = time.monotonic,
-) -> _T | None:
-    """The answer to a request: the first item that `is_answer`, of those
-    `read()` gives (each call may wait; it is called at least once).
-    `take` is given each item before the answer, and returns True to give
-    up. None when it gave up, or when `deadline` (by `clock`) passed."""
-    while True:
-        for item in read():
-            if is_answer(item):
-                return item
-            if take is not None and take(item):
-                return None
-        if clock() >= deadline:
-            return None
-
-
-class Inbox:
-    """Every link of a Master and the events read from them, in order."""
-
-    def __init__(self) -> None:
-        self.links: list[Link] = []
-        self.pending: collections.deque[Event] = collections.deque()
-        self.ids = itertools.count(1)  # of runs, groups and tasks: unique
-
-    def add(self, link: Link) -> None:
-        """Read this link too (links that ended are dropped)."""
-        self.links = [x for x in self.links if x.alive] + [link]
-        link.inbox = self
-
-    def push_front(self, event: Event) -> None:
-        self.pending.appendleft(event)
-
-    def poll(self, timeout: float) -> bool:
-        """Read a frame from each link that has input, waiting up to
-        `timeout` s for one; whether any was read."""
-        live = [x for x in self.links if x.alive]
-        ready = [x for x in live if x.reader.buffered()]
-        if not ready and live:
-            by_fd = {x.fileno(): x for x in live}
-            poller = select.poll()  # unlike select(), any number of fds
-            for fd in by_fd:
-                poller.register(fd, select.POLLIN)
-            ready = [
-                by_fd[fd]
-                for fd, _ in poller.poll(max(0.0, timeout) * 1000)
-                if by_fd[fd].transport.has_input()
-            ]
-        elif not live and timeout > 0:
-            time.sleep(timeout)
-        for link in ready:
-            self.pending.extend(link.read_events())
-        return bool(ready)
-
-    def next_event(self, timeout: float) -> Event | None:
-        """The next event, or None after `timeout` s without one."""
-        deadline = time.monotonic() + timeout
-        while not self.pending:
-            self.poll(deadline - time.monotonic())
-            if time.monotonic() >= deadline:
-                break
-        return self.pending.popleft() if self.pending else None
-
-    def read_available(self, limit_s: float = 1.0) -> None:
-        """Read what has arrived, without waiting for more; for at most
-        limit_s s, since workers never stop sending (heartbeats)."""
-        deadline = time.monotonic() + limit_s
-        while self.poll(0) and time.monotonic() < deadline:
-            pass
-
-    def close(self) -> None:
-        for link in self.links:
-            link.close()
-        self.links = []

@@ -146,8 +146,9 @@ def test_remote_stderr_does_not_stall_reading(ssh):
     stdout. The far end here speaks the protocol after such a warning."""
     import shlex
 
+    from qjamfab.inbox import Inbox
     from qjamfab.transport import SSHChannelTransport
-    from qjamfab.workers import Inbox, Link
+    from qjamfab.workers import Link
 
     code = textwrap.dedent("""\
         import os, sys

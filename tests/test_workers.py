@@ -10,8 +10,9 @@ import time
 import pytest
 
 from qjamfab import protocol
+from qjamfab.inbox import Inbox
 from qjamfab.transport import ProcessTransport
-from qjamfab.workers import LOST, Inbox, Link, WorkerHandle
+from qjamfab.workers import LOST, Link, WorkerHandle
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -115,7 +116,7 @@ def test_no_hello_in_time_is_a_worker_that_did_not_start(monkeypatch):
 
 
 def test_await_answer_takes_what_comes_first_and_returns_the_answer():
-    from qjamfab.workers import await_answer
+    from qjamfab.answers import await_answer
 
     batches = iter([[], ["log", "beat"], ["other", "answer", "late"]])
     took: list[str] = []
@@ -128,7 +129,7 @@ def test_await_answer_takes_what_comes_first_and_returns_the_answer():
 
 
 def test_await_answer_gives_up_when_told_or_past_its_deadline():
-    from qjamfab.workers import await_answer
+    from qjamfab.answers import await_answer
 
     # `take` says the one asked is gone: no more reads.
     reads = []

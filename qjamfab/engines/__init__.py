@@ -31,7 +31,8 @@ from typing import Any, Protocol
 from .. import text
 from ..errors import BadHostSpec, QjamfabError
 from ..hostspec import HostSpec, parse_hosts
-from ..workers import Inbox, WorkerHandle
+from ..inbox import Inbox
+from ..workers import WorkerHandle
 
 
 @dataclass(frozen=True)

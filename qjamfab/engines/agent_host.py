@@ -12,7 +12,8 @@ import time
 
 from ..errors import WorkerLost
 from ..hostspec import HostSpec
-from ..workers import Inbox, Link, WorkerHandle
+from ..inbox import Inbox
+from ..workers import Link, WorkerHandle
 from . import EngineSettings
 
 # A daemon without a session for this long ends.

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, TypeGuard, cast
 from .. import protocol
 from ..errors import HostUnreachable, PreflightFailed, QjamfabError, WorkerLost
 from ..hostspec import HostSpec, python_mismatch
-from ..workers import Inbox, Link, WorkerHandle
+from ..inbox import Inbox
+from ..workers import Link, WorkerHandle
 from . import Engine, EngineSettings, register
 from .dask_link import DaskLink
 from .dask_session import DaskSession
