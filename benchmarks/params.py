@@ -9,9 +9,10 @@ slow spell of this shared VM hits both alike. Params of 1, 25 and 100
 MiB (a float64 array); the job reads one value per page of them (every
 page mapped) and returns a float.
 
-- SSH: 1 host x 1 worker, 2 x 1 and 2 x 4 (private sshds on loopback,
-  all on this machine's cores): bytes the master sent per run, and wall
-  time per run;
+- SSH: 1 host x 1 worker, 1 x 4, 2 x 1 and 2 x 4 (private sshds on
+  loopback, all on this machine's cores; the four Masters open at once
+  and run by run in turn, so their ratios are paired): bytes the master
+  sent per run, and wall time per run;
 - local:4: wall time per run;
 - local:2, 100 MiB: the proportional set size (Pss, /proc/PID/smaps_rollup)
   of the master and of its workers after a run, less after a run of tiny
@@ -43,6 +44,9 @@ MiB = 1 << 20
 # scale -> (params sizes in MiB, runs per configuration)
 SIZES = {"full": ((1, 25, 100), 5), "quick": ((1, 25), 3), "tiny": ((1,), 1)}
 MODES = {"shared": None, "per worker": "0"}  # QJAMFAB_SHARE_PARAMS
+# (hosts, workers per host); 1 x 4 against 1 x 1 is what one real host
+# sees, 2 x 4 against 2 x 1 has all 8 workers on these cores
+SSH_LAYOUTS = ((1, 1), (1, 4), (2, 1), (2, 4))
 
 
 def touch(params, data):
@@ -60,23 +64,28 @@ def _params(mib: int):
     return np.ones(mib * MiB // 8, dtype=np.float64)
 
 
-def _timed_runs(master, params, runs: int) -> dict:
-    """Both modes in turn, run by run: {mode: (seconds, bytes sent)}."""
-    expected = float(params[::512].sum()) * len(master.workers)
-    times: dict[str, list[float]] = {m: [] for m in MODES}
-    sent: dict[str, int] = {}
+def _timed_runs(masters: dict, params, runs: int) -> dict:
+    """Every Master and both modes in turn, run by run: {name: {mode:
+    (median seconds, bytes sent)}}."""
+    times: dict = {name: {m: [] for m in MODES} for name in masters}
+    sent: dict = {name: {} for name in masters}
     for i in range(runs + 1):  # the first round warms up, untimed
-        for mode, value in MODES.items():
-            with env(QJAMFAB_SHARE_PARAMS=value):
-                started = time.perf_counter()
-                got = master.run(touch, params, reduce=_add, progress=False)
-                if i:
-                    times[mode].append(time.perf_counter() - started)
-            assert got == expected, (got, expected)
-            sent[mode] = master.last_run.bytes_sent
+        for name, master in masters.items():
+            expected = float(params[::512].sum()) * len(master.workers)
+            for mode, value in MODES.items():
+                with env(QJAMFAB_SHARE_PARAMS=value):
+                    started = time.perf_counter()
+                    got = master.run(touch, params, reduce=_add, progress=False)
+                    if i:
+                        times[name][mode].append(time.perf_counter() - started)
+                assert got == expected, (got, expected)
+                sent[name][mode] = master.last_run.bytes_sent
     return {
-        mode: {"s": statistics.median(times[mode]), "bytes_sent": sent[mode]}
-        for mode in MODES
+        name: {
+            mode: {"s": statistics.median(t), "bytes_sent": sent[name][mode]}
+            for mode, t in by_mode.items()
+        }
+        for name, by_mode in times.items()
     }
 
 
@@ -169,23 +178,30 @@ def measure(scale_name: str, log=print) -> dict:
         stack.enter_context(local_home())
         with Master("local:4") as m:
             result["local:4"] = {
-                str(mib): _timed_runs(m, _params(mib), runs) for mib in sizes
+                str(mib): _timed_runs({"local:4": m}, _params(mib), runs)["local:4"]
+                for mib in sizes
             }
         with Master("local:2") as m:
             result["memory_local2_mib"] = _memory(m, max(sizes))
         log(f"  params local: {result['local:4']}")
         if not sshd_missing():
             servers = stack.enter_context(ssh_hosts(2))
-            for hosts, per_host in ((1, 1), (2, 1), (2, 4)):
-                name = f"{hosts} x {per_host}"
-                with Master(
-                    servers.aliases[:hosts],
-                    workers_per_host=per_host,
-                    ssh_config=servers.ssh_config,
-                ) as m:
-                    result["ssh"][name] = {
-                        str(mib): _timed_runs(m, _params(mib), runs) for mib in sizes
-                    }
+            # All at once, run by run in turn: the ratios are paired.
+            masters = {
+                f"{hosts} x {per_host}": stack.enter_context(
+                    Master(
+                        servers.aliases[:hosts],
+                        workers_per_host=per_host,
+                        ssh_config=servers.ssh_config,
+                    )
+                )
+                for hosts, per_host in SSH_LAYOUTS
+            }
+            by_size = {
+                str(mib): _timed_runs(masters, _params(mib), runs) for mib in sizes
+            }
+            for name in masters:
+                result["ssh"][name] = {mib: got[name] for mib, got in by_size.items()}
                 log(f"  params ssh {name}: {result['ssh'][name]}")
     result["dask"] = _dask(sizes, runs, log)
     return result
@@ -230,6 +246,14 @@ def table(result: dict) -> str:
     )
 
 
+def _one_host(ssh: dict, mib: str) -> str:
+    """1 x 4 against 1 x 1, as one real host sees it, if measured."""
+    if "1 x 4" not in ssh:
+        return ""
+    four, one = (ssh[n][mib]["shared"]["s"] for n in ("1 x 4", "1 x 1"))
+    return f"; one host, 1 x 4 vs 1 x 1: {four / one:.2f}x"
+
+
 def targets(result: dict) -> list[dict]:
     out = []
     ssh = result["ssh"]
@@ -260,7 +284,8 @@ def targets(result: dict) -> list[dict]:
                 ratio <= 1.3,
                 f"{ssh['2 x 4'][big]['shared']['s'] * 1e3:.0f} ms vs "
                 f"{ssh['2 x 1'][big]['shared']['s'] * 1e3:.0f} ms; per worker "
-                f"{ssh['2 x 4'][big]['per worker']['s'] * 1e3:.0f} ms",
+                f"{ssh['2 x 4'][big]['per worker']['s'] * 1e3:.0f} ms"
+                + _one_host(ssh, big),
             )
         )
     mem = result["memory_local2_mib"]
