@@ -1,7 +1,8 @@
 """What a run sends its workers to start a task copy: the job once per
 worker, the params where params_place.py puts them, the TASK head; and a
 run's first tasks to a host whose agent serves several of its workers as
-one TASKS frame, which the agent passes on as each worker's TASK.
+one TASKS frame, which the agent passes on as each worker's TASK. Where
+an agent serves the worker, the job goes once to the agent.
 """
 
 from __future__ import annotations
@@ -55,8 +56,7 @@ class Dispatch:
         slices = task.slices
         refs = None if self.refs is None else [self.refs[i] for i in slices]
         if self.func_hash not in handle.funcs:
-            handle.send(protocol.FUNC, {"hash": self.func_hash}, [self.func_bytes])
-            handle.funcs.add(self.func_hash)
+            self._send_job(handle)
         with_params = handle not in self.params_sent
         if with_params:
             with_params = self.params.before_first_task(handle)
@@ -90,6 +90,24 @@ class Dispatch:
 
     def close(self) -> None:
         self.params.close()
+
+    def _send_job(self, handle: WorkerHandle) -> None:
+        """The job, to a worker that has not had it: once per host where an
+        agent serves the worker (it hands the job to each of its workers
+        with their first TASK of it), else to the worker. A worker that
+        lost it after all asks again (supply.py)."""
+        link = handle.link
+        if not link.agent:
+            handle.send(protocol.FUNC, {"hash": self.func_hash}, [self.func_bytes])
+        elif self.func_hash not in link.jobs:
+            link.send(
+                protocol.FUNC,
+                {"hash": self.func_hash},
+                [self.func_bytes],
+                worker=protocol.AGENT,
+            )
+            link.jobs.add(self.func_hash)
+        handle.funcs.add(self.func_hash)
 
     def _task_head(self, held: bool) -> dict:
         """What every TASK of the run says (`held`: to a host that keeps

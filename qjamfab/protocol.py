@@ -63,7 +63,9 @@ RESULT = 5  # worker -> master: {task, compute_s, slices}; payload =
 # [(lo, size, value)], ReduceTree nodes. From the agent:
 # {tasks} for a COLLECT
 ERROR = 6  # worker -> master: {task, type, message, traceback}
-FUNC = 7  # master -> worker: {hash}; payload = [cloudpickled job]
+FUNC = 7  # master -> worker: {hash}; payload = [cloudpickled job]. To the
+# agent (AGENT): for every worker of the host, each given it before its
+# first TASK of that job
 HEARTBEAT = 8  # worker -> master, every HEARTBEAT_INTERVAL_S while
 # connected; the agent's own: {stale: [silent workers]}; for a
 # daemon it handed the stream to: {}, in its place, while it runs

@@ -109,6 +109,7 @@ class Link:
         self.held: list | None = None  # frames sent while held (hold)
         self.reader = protocol.FrameReader(transport.readinto)
         self.handles: dict[int, WorkerHandle] = {}
+        self.jobs: set[str] = set()  # job hashes sent to its agent (FUNC)
         self.info: dict = {}  # the agent's HELLO
         self.alive = True
         self.last_seen = time.monotonic()

@@ -234,11 +234,14 @@ class Agent:
                 self.collect(head)
             elif kind == protocol.TASKS:
                 self.tasks_in(head, parts)
+            elif kind == protocol.FUNC:  # for every worker here
+                self.job_in(head["hash"], parts)
             return
         if kind == protocol.FUNC:
-            job = bytes(parts[0])
-            in_flight = () if self.run_func is None else (self.run_func,)
-            self.funcs.put(head["hash"], job, len(job), pinned=in_flight)
+            self.job_in(head["hash"], parts)
+            daemon = self.daemons.get(worker)
+            if daemon is not None:
+                daemon.jobs.add(head["hash"])
         elif kind == protocol.TASK:
             self.task_in(worker, head)
         elif kind == protocol.CANCEL and head["task"] in self.held:
@@ -286,16 +289,30 @@ class Agent:
                     worker=worker,
                 )
 
+    def job_in(self, job_hash: str, parts: list) -> None:
+        """A job, kept for COLLECT and for the workers here without it."""
+        job = bytes(parts[0])
+        in_flight = () if self.run_func is None else (self.run_func,)
+        self.funcs.put(job_hash, job, len(job), pinned=in_flight)
+
     def to_daemon(self, kind: int, worker: int, head: dict, parts: list) -> None:
-        """Pass a frame on to worker's daemon; before a TASK, the run's
-        params where they are on this host."""
+        """Pass a frame on to worker's daemon; before a TASK, its job if it
+        has not had it from here, and the run's params where they are on
+        this host."""
         daemon = self.daemons.get(worker)
-        if daemon is not None and not daemon.closed:
-            if kind == protocol.TASK and self.params is not None:
+        if daemon is None or daemon.closed:
+            return
+        if kind == protocol.TASK:
+            func = head["func"]
+            job = None if func in daemon.jobs else self.funcs.get(func)
+            if job is not None:  # else it has it, or asks the master
+                daemon.queue(protocol.frame(protocol.FUNC, {"hash": func}, [job]))
+                daemon.jobs.add(func)
+            if self.params is not None:
                 params = self.params.for_worker(worker, head["run"])
                 if params is not None:
                     daemon.queue(protocol.frame(protocol.PARAMS, *params))
-            daemon.queue(protocol.frame(kind, head, parts))
+        daemon.queue(protocol.frame(kind, head, parts))
 
     def params_in(self, run: int, lengths: list[int]) -> None:
         """A run's params, once for the host: into shared memory, where

@@ -75,6 +75,7 @@ class Daemon(Peer):
         self.info = info
         self.lock_fd = lock_fd
         self.last_seen = time.monotonic()
+        self.jobs: set[str] = set()  # job hashes passed on to it (FUNC)
 
     def running(self) -> bool:
         """Seen from outside: its process exists and is not stopped."""
