@@ -160,6 +160,7 @@ def test_kind_names_maps_every_kind():
         16: "PACKAGES",
         17: "FETCH",
         18: "PARAMS",
+        19: "TASKS",
     }
     assert KIND_NAMES == expected
     for value, name in expected.items():
