@@ -223,6 +223,7 @@ def test_a_worker_found_dead_when_its_task_is_sent():
     def leave_child_holding_output(target_pid, _):
         if os.getpid() != target_pid:
             return 0
+        ready_r, ready_w = os.pipe()
         child = os.fork()
         if child == 0:  # keep the write ends, close the read ends
             for name in os.listdir("/proc/self/fd"):
@@ -234,8 +235,15 @@ def test_a_worker_found_dead_when_its_task_is_sent():
                         os.close(fd)
                 except OSError:
                     pass
+            os.write(ready_w, b"x")  # the worker's input has no reader here
+            os.close(ready_w)
             time.sleep(60)
             os._exit(0)
+        # Returned once the child closed them: on a busy machine it may
+        # not have run yet, and the worker's input would keep a reader.
+        os.close(ready_w)
+        os.read(ready_r, 1)
+        os.close(ready_r)
         return child
 
     # A heartbeat deadline longer than the test may take: the worker is
