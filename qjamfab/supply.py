@@ -5,7 +5,10 @@ of its params says so and waits; `Supply` sends them, a slice or a
 Broadcast once per host (its agent stores it
 for all its workers there). After a run over a dataset it places a second
 copy of each slice on a worker of another host (`RunSettings.replicas`).
-What it sent is counted in the run's `RunStats`.
+What it sent is counted in the run's `RunStats`. A slice that is an array
+over 8 MiB goes with the digests of its blocks, which hashing it for its ref
+made already: the host seals its cache file with them instead of hashing
+the slice again (runtime/sealed.py).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from . import protocol, serialize, text
+import numpy as np
+
+from . import content_refs, protocol, serialize, text
 from .dataset import BaseDataSet
 from .errors import WorkerLost
 from .runstats import RunStats
@@ -103,9 +108,14 @@ class Supply:
         if self._index is None:
             self._index = {r: i for i, r in enumerate(self.refs)}
         i = self._index[ref]
-        payload = serialize.encode_slice(self.dataset.slice(i), i)
-        size = self._send_ref(handle, ref, payload)
-        del payload
+        value = self.dataset.slice(i)
+        payload = serialize.encode_slice(value, i)
+        head: dict = {"ref": ref}
+        blocks = _known_blocks(ref, value, payload)
+        if blocks is not None:
+            head["blocks"] = blocks
+        size = self._send_ref(handle, ref, payload, head)
+        del payload, value
         self.dataset.release(i)
         return size
 
@@ -123,3 +133,20 @@ class Supply:
         for other in handle.link.handles.values() if handle.link.agent else (handle,):
             other.refs.add(ref)  # on the host's disk: any worker there
         return size
+
+
+def _known_blocks(ref: str, value: object, payload: list) -> list | None:
+    """A REFS head's "blocks" for this slice: per payload part, the hex
+    digests of its 8 MiB blocks, or None where the host is to hash it. Known
+    for the buffer of a C-contiguous array that hashing gave its ref blocks:
+    the payload's second part is then exactly the bytes hashed."""
+    digests = content_refs.block_digests(ref)
+    if (
+        digests is None
+        or len(payload) != 2
+        or not isinstance(value, np.ndarray)
+        or not value.flags.c_contiguous
+        or memoryview(payload[1]).nbytes != value.nbytes
+    ):
+        return None
+    return [None, [d.hex() for d in digests]]
