@@ -208,6 +208,7 @@ class Run:
                     handle.stale = True  # this run's job may run on there
             raise
         finally:
+            self.supply.close()
             self.progress.close()
             self.params.close()
             self._count_bytes()
@@ -399,10 +400,13 @@ class Run:
 
     def _supply(self, handle: WorkerHandle, head: dict) -> None:
         """The worker is blocked: send what it lacks (supply.py)."""
-        self.supply.blocked(handle, head)
         task = self.open.get(head["task"])
-        if task is not None:
-            task.started = self.clock()  # transfer time is not slowness
+
+        def sent() -> None:
+            if task is not None:
+                task.started = self.clock()  # transfer time is not slowness
+
+        self.supply.blocked(handle, head, sent)
 
     def _finished(self, task: _Task, head: dict) -> bool:
         """Book a finished copy; whether it wins its group."""

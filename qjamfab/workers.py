@@ -33,6 +33,7 @@ from .errors import (
     describe_exit,
 )
 from .hostspec import env_setting, python_mismatch
+from .outbox import Outbox
 from .transport import Transport
 
 log = logging.getLogger("qjamfab")
@@ -69,11 +70,15 @@ class WorkerHandle:
         self.gone_tail = ""  # what the agent said when it ended
         self.gone_status: int | None = None
 
-    def send(self, kind: int, head: dict, payload: Sequence = ()) -> int:
+    def send(
+        self, kind: int, head: dict, payload: Sequence = (), queued: bool = False
+    ) -> int:
+        """Send a frame to this worker; `queued`: Link.send_queued."""
+        worker = self.index if self.link.agent else 0
         try:
-            return self.link.send(
-                kind, head, payload, self.index if self.link.agent else 0, to=self.name
-            )
+            if queued:
+                return self.link.send_queued(kind, head, payload, worker)
+            return self.link.send(kind, head, payload, worker, to=self.name)
         except WorkerLost as exc:
             if not self.link.remote:
                 raise
@@ -108,6 +113,7 @@ class Link:
         self.remote = agent  # a host's stream (even when direct)
         self.local = False  # to a worker process on this machine
         self.held: list | None = None  # frames sent while held (hold)
+        self.outbox = Outbox(lambda views: self.transport.writev(views))
         self.reader = protocol.FrameReader(transport.readinto)
         self.handles: dict[int, WorkerHandle] = {}
         self.info: dict = {}  # the agent's HELLO
@@ -332,17 +338,49 @@ class Link:
 
     def _write(self, buffers: list) -> int:
         size = protocol.frame_size(buffers)
+        queued = self.outbox.take()  # first: frames keep their order
         try:
-            protocol.write_all(self.transport.writev, buffers, self._blocked)
+            protocol.write_all(self.transport.writev, queued + buffers, self._blocked)
         except WorkerLost as exc:
-            # A frame cut short leaves the stream unusable: every worker on
-            # it is lost, and the events say so.
-            if self.inbox is not None:
-                self.inbox.pending.extendleft(self.lost(str(exc)))
-            self.close()
+            self._cut(exc)
             raise
+        if queued:
+            self.outbox.written()
         self.bytes_sent += size
         return size
+
+    def _cut(self, exc: WorkerLost) -> None:
+        # A frame cut short leaves the stream unusable: every worker on
+        # it is lost, and the events say so (once: lost() names only the
+        # workers still alive).
+        if self.inbox is not None:
+            self.inbox.pending.extendleft(self.lost(str(exc)))
+        self.close()
+
+    def send_queued(
+        self, kind: int, head: dict, payload: Sequence = (), worker: int = 0
+    ) -> int:
+        """`send` for a big frame (a slice), without waiting for the stream
+        to take it: the rest waits in the outbox (outbox.py), written as
+        the stream drains while the Master reads and sends to others.
+        Where the stream cannot be polled for room, `send`."""
+        if self.held is not None or self.transport.write_fileno() is None:
+            return self.send(kind, head, payload, worker)
+        buffers = protocol.frame(kind, head, payload, worker)
+        self.outbox.add(buffers)
+        size = protocol.frame_size(buffers)
+        self.bytes_sent += size
+        self.flush()
+        return size
+
+    def flush(self) -> None:
+        """Write what the outbox holds, as far as the stream takes it now.
+        WorkerLost if the stream is lost (its workers' LOST events queued)."""
+        try:
+            self.outbox.flush()
+        except WorkerLost as exc:
+            self._cut(exc)
+            raise
 
     def _blocked(self) -> None:
         """The stream is full: while waiting for room, take in what the
@@ -485,6 +523,7 @@ class Link:
         self.alive = False
         for handle in self.handles.values():
             handle.alive = False
+        self.outbox.drop()
         self.transport.close()
 
 
@@ -535,14 +574,29 @@ class Inbox:
         ready = [x for x in live if x.reader.buffered()]
         if not ready and live:
             by_fd = {x.fileno(): x for x in live}
+            # Links with frames queued: written as they take them.
+            writing = {
+                fd: x
+                for x in live
+                if x.outbox and (fd := x.transport.write_fileno()) is not None
+            }
             poller = select.poll()  # unlike select(), any number of fds
-            for fd in by_fd:
-                poller.register(fd, select.POLLIN)
-            ready = [
-                by_fd[fd]
-                for fd, _ in poller.poll(max(0.0, timeout) * 1000)
-                if by_fd[fd].transport.has_input()
-            ]
+            for fd in by_fd.keys() | writing.keys():
+                poller.register(
+                    fd,
+                    (select.POLLIN if fd in by_fd else 0)
+                    | (select.POLLOUT if fd in writing else 0),
+                )
+            ready = []
+            for fd, events in poller.poll(max(0.0, timeout) * 1000):
+                if fd in writing and events & (select.POLLOUT | select.POLLERR):
+                    try:
+                        writing[fd].flush()
+                    except WorkerLost:
+                        continue  # its LOST events are pending
+                if fd in by_fd and events & ~select.POLLOUT:
+                    if by_fd[fd].transport.has_input():
+                        ready.append(by_fd[fd])
         elif not live and timeout > 0:
             time.sleep(timeout)
         for link in ready:
