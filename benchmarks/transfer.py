@@ -46,14 +46,16 @@ def _array(mib: int, salt: int) -> np.ndarray:
     return a.reshape(-1, 64)
 
 
-def openssh_cat(ssh_config: str, aliases: list[str], data: np.ndarray) -> float:
-    """Seconds for `ssh host 'cat > /dev/null'` to each host at once, fed
-    its share of data's rows (one thread each), from start to exit."""
+def openssh_cat(
+    ssh_config: str, aliases: list[str], data: np.ndarray, command="cat > /dev/null"
+) -> float:
+    """Seconds for `ssh host 'cat > /dev/null'` (or `command`) to each host
+    at once, fed its share of data's rows (one thread each), start to exit."""
     shares = np.array_split(data, len(aliases))
     started = time.perf_counter()
     procs = [
         subprocess.Popen(
-            ["ssh", "-F", ssh_config, alias, "cat > /dev/null"],
+            ["ssh", "-F", ssh_config, alias, command],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
