@@ -11,17 +11,20 @@ so nothing is cached yet) is run with a trivial job on one SSH worker:
   this process, from the start of ssh to its exit, minus the same with no
   bytes (connection, authentication and remote shell, which qjamfab's first
   run does not pay: its Master is connected already): OpenSSH's streaming
-  time, the baseline of the ratio;
+  time, the baseline of the ratio. With several hosts, one such ssh per
+  host at once, each fed its share of the rows (as the Master cuts them);
 - second run: the time (median of 20 runs) and the dataset bytes sent
   (should be 0), which should not grow with the size.
 
-The largest size is also shipped to two hosts at once (one worker each).
+The largest size is also shipped to two hosts at once (one worker each),
+against OpenSSH to the same two hosts at once.
 """
 
 from __future__ import annotations
 
 import statistics
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -43,26 +46,45 @@ def _array(mib: int, salt: int) -> np.ndarray:
     return a.reshape(-1, 64)
 
 
-def openssh_cat(ssh_config: str, alias: str, data: np.ndarray) -> float:
-    view = memoryview(data.reshape(-1).view(np.uint8))
+def openssh_cat(
+    ssh_config: str, aliases: list[str], data: np.ndarray, command="cat > /dev/null"
+) -> float:
+    """Seconds for `ssh host 'cat > /dev/null'` (or `command`) to each host
+    at once, fed its share of data's rows (one thread each), start to exit."""
+    shares = np.array_split(data, len(aliases))
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        ["ssh", "-F", ssh_config, alias, "cat > /dev/null"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    procs = [
+        subprocess.Popen(
+            ["ssh", "-F", ssh_config, alias, command],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for alias in aliases
+    ]
+    feeders = [
+        threading.Thread(target=_feed, args=(p, s)) for p, s in zip(procs, shares)
+    ]
+    for feeder in feeders:
+        feeder.start()
+    for feeder in feeders:
+        feeder.join()
+    for proc in procs:
+        err = proc.stderr.read()
+        if proc.wait(60) != 0:
+            raise RuntimeError(f"ssh cat failed: {err.decode(errors='replace')}")
+    return time.perf_counter() - started
+
+
+def _feed(proc: subprocess.Popen, data: np.ndarray) -> None:
+    view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
     chunk = 1 << 20
     for i in range(0, len(view), chunk):
         proc.stdin.write(view[i : i + chunk])
     proc.stdin.close()
-    err = proc.stderr.read()
-    if proc.wait(60) != 0:
-        raise RuntimeError(f"ssh cat failed: {err.decode(errors='replace')}")
-    return time.perf_counter() - started
 
 
-def _one_size(m, servers, mib: int, salt: int, repeats: int, log) -> dict:
+def _one_size(m, servers, mib: int, salt: int, repeats: int, log, hosts=1) -> dict:
     from qjamfab import DataSet
 
     data = _array(mib, salt)
@@ -90,12 +112,10 @@ def _one_size(m, servers, mib: int, salt: int, repeats: int, log) -> dict:
         started = time.perf_counter()
         m.run(rows_of, dataset=dataset)
         resend.append(time.perf_counter() - started)
-    ssh = [
-        openssh_cat(servers.ssh_config, servers.aliases[0], data)
-        for _ in range(repeats)
-    ]
+    aliases = servers.aliases[:hosts]
+    ssh = [openssh_cat(servers.ssh_config, aliases, data) for _ in range(repeats)]
     ssh_setup = statistics.median(
-        openssh_cat(servers.ssh_config, servers.aliases[0], data[:0])
+        openssh_cat(servers.ssh_config, aliases, data[:0])
         for _ in range(max(3, repeats))
     )
     ssh_stream = max(1e-6, statistics.median(ssh) - ssh_setup)
@@ -103,6 +123,7 @@ def _one_size(m, servers, mib: int, salt: int, repeats: int, log) -> dict:
         "mib": mib,
         "bytes": nbytes,
         "workers": len(m.workers),
+        "hosts": hosts,
         "first_run_s": first,
         "first_run_dataset_bytes": first_stats.dataset_bytes_sent,
         "first_run_backup_tasks": getattr(first_stats, "backup_tasks", None),
@@ -156,7 +177,7 @@ def run(scale: Scale, log=print) -> dict:
                 servers.aliases[:2], workers_per_host=1, ssh_config=servers.ssh_config
             ) as m:
                 mib = max(scale.transfer_mib)
-                rows.append(_one_size(m, servers, mib, 100, 1, log))
+                rows.append(_one_size(m, servers, mib, 100, 3, log, hosts=2))
     return {"rows": rows, "table": table(rows), "targets": targets(rows)}
 
 
@@ -221,6 +242,21 @@ def targets(rows: list[dict]) -> list[dict]:
             all(r["second_run_dataset_bytes"] == 0 for r in rows),
         ),
     ]
+    for r in rows:
+        if r.get("hosts", 1) > 1:
+            out.append(
+                target(
+                    f"first run of {r['mib']} MiB to {r['hosts']} SSH hosts vs "
+                    "OpenSSH to the same hosts at once",
+                    ">= 0.95x OpenSSH",
+                    round(r["first_vs_openssh"], 3),
+                    "x",
+                    r["first_vs_openssh"] >= 0.95,
+                    f"{r['first_run_mb_s']:.0f} vs "
+                    f"{r['openssh_stream_mb_s']:.0f} MB/s streaming; re-send "
+                    f"{r['resend_vs_openssh']:.2f}x",
+                )
+            )
     # "Not growing with size": the largest size's second run within 1.5x
     # (+ 1 ms of noise) of the smallest's.
     growth = big["second_run_s"] / small["second_run_s"]

@@ -4,7 +4,10 @@ Equal content has equal refs in any process on any machine, so a worker's
 cache is keyed by them (runtime/cache.py). Arrays hash their dtype, shape
 and bytes; a text matrix's rows hash their bytes (parsing is a pure
 function of them); anything else hashes its pickle. Each kind is tagged,
-so two kinds never share a ref.
+so two kinds never share a ref. An array's ref over 8 MiB is made of the
+digests of its 8 MiB blocks, and `block_digests` keeps them for the refs
+hashed last: they are the digests a host's cache seals the slice's array
+buffer with (runtime/sealed.py), so the host need not hash it again.
 """
 
 from __future__ import annotations
@@ -13,20 +16,26 @@ import functools
 import hashlib
 import os
 import pickle
+import threading
 import types
 import zlib
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from qjamfab import protocol
 from qjamfab.errors import BadDataSet
 
-_HASH_BLOCK = 8 << 20  # arrays larger than this hash their blocks in parallel
+_HASH_BLOCK = protocol.HASH_BLOCK  # arrays over this hash their blocks in parallel
+_DIGESTS_KEPT = 4096  # refs whose block digests block_digests keeps
 _ARRAY_TAG = b"qjamfab-ndarray\0"
 _PICKLE_TAG = b"qjamfab-pickle4\0"
 _TEXT_TAG = b"qjamfab-textrows\0"
 _PAYLOAD_TAG = b"qjamfab-payload5\0"
+_digests: OrderedDict[str, tuple[bytes, ...]] = OrderedDict()
+_digests_lock = threading.Lock()
 
 
 def content_ref(obj: Any) -> str:
@@ -53,8 +62,16 @@ def content_ref(obj: Any) -> str:
             blocks = [
                 data[i : i + _HASH_BLOCK] for i in range(0, len(data), _HASH_BLOCK)
             ]
-            for digest in _hash_pool().map(_block_digest, blocks):
+            digests = tuple(_hash_pool().map(_block_digest, blocks))
+            for digest in digests:
                 h.update(digest)
+            ref = h.hexdigest()
+            with _digests_lock:
+                _digests[ref] = digests
+                _digests.move_to_end(ref)
+                while len(_digests) > _DIGESTS_KEPT:
+                    _digests.popitem(last=False)
+            return ref
         return h.hexdigest()
     h.update(_PICKLE_TAG)
     try:
@@ -65,6 +82,14 @@ def content_ref(obj: Any) -> str:
         h = hashlib.sha256(_PICKLE_TAG)
         _pickle_into(h, obj, fast=False)
     return h.hexdigest()
+
+
+def block_digests(ref: str) -> tuple[bytes, ...] | None:
+    """The sha256 digests of the 8 MiB blocks of the array whose ref is
+    `ref` (its C-order bytes), when this process hashed it as one over
+    8 MiB lately; else None."""
+    with _digests_lock:
+        return _digests.get(ref)
 
 
 def text_rows_ref(data: bytes) -> str:

@@ -13,6 +13,7 @@ import itertools
 import select
 import time
 
+from .errors import WorkerLost
 from .workers import Event, Link
 
 
@@ -39,14 +40,29 @@ class Inbox:
         ready = [x for x in live if x.reader.buffered()]
         if not ready and live:
             by_fd = {x.fileno(): x for x in live}
+            # Links with frames queued: written as they take them.
+            writing = {
+                fd: x
+                for x in live
+                if x.outbox and (fd := x.transport.write_fileno()) is not None
+            }
             poller = select.poll()  # unlike select(), any number of fds
-            for fd in by_fd:
-                poller.register(fd, select.POLLIN)
-            ready = [
-                by_fd[fd]
-                for fd, _ in poller.poll(max(0.0, timeout) * 1000)
-                if by_fd[fd].transport.has_input()
-            ]
+            for fd in by_fd.keys() | writing.keys():
+                poller.register(
+                    fd,
+                    (select.POLLIN if fd in by_fd else 0)
+                    | (select.POLLOUT if fd in writing else 0),
+                )
+            ready = []
+            for fd, events in poller.poll(max(0.0, timeout) * 1000):
+                if fd in writing and events & (select.POLLOUT | select.POLLERR):
+                    try:
+                        writing[fd].flush()
+                    except WorkerLost:
+                        continue  # its LOST events are pending
+                if fd in by_fd and events & ~select.POLLOUT:
+                    if by_fd[fd].transport.has_input():
+                        ready.append(by_fd[fd])
         elif not live and timeout > 0:
             time.sleep(timeout)
         for link in ready:

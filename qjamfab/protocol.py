@@ -120,6 +120,11 @@ KIND_NAMES = {
 }
 
 HEARTBEAT_INTERVAL_S = 1.0
+# A big buffer is hashed in blocks of this size, on both ends alike: a
+# master's ref of an array (content_refs.py) and a host's cache seal
+# (runtime/sealed.py), so the master's digests of a slice's blocks serve
+# as the host's, sent in its REFS head ("blocks").
+HASH_BLOCK = 8 << 20
 
 _MAGIC = b"QJ"
 _HEADER = struct.Struct("!2sBHH")

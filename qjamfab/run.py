@@ -172,6 +172,7 @@ class Run:
                     handle.stale = True  # this run's job may run on there
             raise
         finally:
+            self.supply.close()
             self.progress.close()
             self.dispatch.close()
             self._count_bytes()
@@ -328,10 +329,13 @@ class Run:
 
     def _supply(self, handle: WorkerHandle, head: dict) -> None:
         """The worker is blocked: send what it lacks (supply.py)."""
-        self.supply.blocked(handle, head)
         task = self.copies.open.get(head["task"])
-        if task is not None:
-            task.started = self.clock()  # transfer time is not slowness
+
+        def sent() -> None:
+            if task is not None:
+                task.started = self.clock()  # transfer time is not slowness
+
+        self.supply.blocked(handle, head, sent)
 
     def _held_done(
         self, handle: WorkerHandle, task_id: int, compute_s: float, size: int

@@ -75,6 +75,11 @@ class Transport(ABC):
     def fileno(self) -> int:
         """A descriptor that poll() reports readable when input waits."""
 
+    def write_fileno(self) -> int | None:
+        """A descriptor that poll() reports writable when writev can take
+        bytes; None when there is none (then a frame is written whole)."""
+        return None
+
     def has_input(self) -> bool:
         """After fileno() polled readable: whether readinto has bytes (or
         the end of the stream) to give now."""
@@ -161,6 +166,9 @@ class ProcessTransport(Transport):
 
     def fileno(self) -> int:
         return self._out.fileno()
+
+    def write_fileno(self) -> int | None:
+        return self._in
 
     def set_read_timeout(self, seconds: float) -> None:
         self._read_timeout = seconds

@@ -29,6 +29,7 @@ from .errors import (
     describe_exit,
 )
 from .hostspec import env_setting, python_mismatch
+from .outbox import Outbox
 from .transport import Transport
 
 log = logging.getLogger("qjamfab")
@@ -68,11 +69,15 @@ class WorkerHandle:
         self.gone_tail = ""  # what the agent said when it ended
         self.gone_status: int | None = None
 
-    def send(self, kind: int, head: dict, payload: Sequence = ()) -> int:
+    def send(
+        self, kind: int, head: dict, payload: Sequence = (), queued: bool = False
+    ) -> int:
+        """Send a frame to this worker; `queued`: Link.send_queued."""
+        worker = self.index if self.link.agent else 0
         try:
-            return self.link.send(
-                kind, head, payload, self.index if self.link.agent else 0, to=self.name
-            )
+            if queued:
+                return self.link.send_queued(kind, head, payload, worker, self.name)
+            return self.link.send(kind, head, payload, worker, to=self.name)
         except WorkerLost as exc:
             if not self.link.remote:
                 raise
@@ -107,6 +112,7 @@ class Link:
         self.remote = agent  # a host's stream (even when direct)
         self.local = False  # to a worker process on this machine
         self.held: list | None = None  # frames sent while held (hold)
+        self.outbox = Outbox(lambda views: self.transport.writev(views))
         self.reader = protocol.FrameReader(transport.readinto)
         self.handles: dict[int, WorkerHandle] = {}
         self.jobs: set[str] = set()  # job hashes sent to its agent (FUNC)
@@ -333,17 +339,55 @@ class Link:
 
     def _write(self, buffers: list) -> int:
         size = protocol.frame_size(buffers)
+        queued = self.outbox.take()  # first: frames keep their order
         try:
-            protocol.write_all(self.transport.writev, buffers, self._blocked)
+            protocol.write_all(self.transport.writev, queued + buffers, self._blocked)
         except WorkerLost as exc:
-            # A frame cut short leaves the stream unusable: every worker on
-            # it is lost, and the events say so.
-            if self.pending is not None:
-                self.pending.extendleft(self.lost(str(exc)))
-            self.close()
+            self._cut(exc)
             raise
+        if queued:
+            self.outbox.written()
         self.bytes_sent += size
         return size
+
+    def _cut(self, exc: WorkerLost) -> None:
+        # A frame cut short leaves the stream unusable: every worker on
+        # it is lost, and the events say so (once: lost() names only the
+        # workers still alive).
+        if self.pending is not None:
+            self.pending.extendleft(self.lost(str(exc)))
+        self.close()
+
+    def send_queued(
+        self,
+        kind: int,
+        head: dict,
+        payload: Sequence = (),
+        worker: int = 0,
+        to: str | None = None,
+    ) -> int:
+        """`send` for a big frame (a slice), without waiting for the stream
+        to take it: the rest waits in the outbox (outbox.py), written as
+        the stream drains while the Master reads and sends to others.
+        Where the stream cannot be polled for room, `send`."""
+        if self.held is not None or self.transport.write_fileno() is None:
+            return self.send(kind, head, payload, worker, to)
+        buffers = protocol.frame(kind, head, payload, worker)
+        self.outbox.add(buffers)
+        size = protocol.frame_size(buffers)
+        self.bytes_sent += size
+        self._logged(kind, head, size, to)
+        self.flush()
+        return size
+
+    def flush(self) -> None:
+        """Write what the outbox holds, as far as the stream takes it now.
+        WorkerLost if the stream is lost (its workers' LOST events queued)."""
+        try:
+            self.outbox.flush()
+        except WorkerLost as exc:
+            self._cut(exc)
+            raise
 
     def _blocked(self) -> None:
         """The stream is full: while waiting for room, take in what the
@@ -368,6 +412,10 @@ class Link:
             size = protocol.frame_size(buffers)
         else:
             size = self._write(buffers)
+        self._logged(kind, head, size, to)
+        return size
+
+    def _logged(self, kind: int, head: dict, size: int, to: str | None) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "-> %s %s %s (%d bytes)",
@@ -376,7 +424,6 @@ class Link:
                 head,
                 size,
             )
-        return size
 
     def hold(self) -> None:
         """Keep what is sent from now on, to write it at `release`: a
@@ -483,4 +530,5 @@ class Link:
         self.alive = False
         for handle in self.handles.values():
             handle.alive = False
+        self.outbox.drop()
         self.transport.close()

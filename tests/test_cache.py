@@ -16,9 +16,9 @@ import time
 import numpy as np
 import pytest
 
-from qjamfab import protocol
+from qjamfab import content_refs, protocol
 from qjamfab.runtime import cache as cache_module
-from qjamfab.runtime import pins
+from qjamfab.runtime import pins, sealed
 from qjamfab.runtime.cache import CacheEntryLost, RefCache
 from qjamfab.runtime.pins import CacheLimitError, parse_size
 
@@ -128,10 +128,12 @@ def test_entries_of_an_older_layout_and_dead_writers_are_dropped(tmp_path):
     assert sorted(os.listdir(directory)) == [being_written]
 
 
-def _send(refs: RefCache, value, ref: str) -> None:
-    """Receive `value` into an existing cache, as a worker does."""
+def _send(refs: RefCache, value, ref: str, blocks=None) -> None:
+    """Receive `value` into an existing cache, as a worker does; `blocks`:
+    the REFS head's digests of its parts' blocks, as a master sends them."""
     read_fd, write_fd = os.pipe()
-    frame = protocol.frame(protocol.REFS, {"ref": ref}, protocol.encode(value))
+    head = {"ref": ref} if blocks is None else {"ref": ref, "blocks": blocks}
+    frame = protocol.frame(protocol.REFS, head, protocol.encode(value))
     writer = threading.Thread(
         target=lambda: (
             protocol.write_all(lambda v: os.writev(write_fd, v), frame),
@@ -142,7 +144,7 @@ def _send(refs: RefCache, value, ref: str) -> None:
     try:
         reader = protocol.FrameReader(lambda v: os.readv(read_fd, [v]))
         _, _, head, lengths = reader.read_head()
-        refs.receive(ref, lengths, reader, read_fd)
+        refs.receive(ref, lengths, reader, read_fd, blocks=head.get("blocks"))
     finally:
         writer.join()
         os.close(read_fd)
@@ -202,6 +204,61 @@ def test_a_slice_of_several_hash_blocks_verifies_and_a_middle_one_fails(cache_di
     np.testing.assert_array_equal(refs.get("r1"), big)
     _flip(os.path.join(cache_dir, "r1"), 12 << 20)  # in the second block
     assert RefCache(cache_dir).missing(["r1"]) == ["r1"]
+
+
+BIG = np.arange(20 << 17, dtype=np.float64)  # 20 MiB: three hash blocks
+
+
+def _master_blocks(value) -> list:
+    """The REFS head's "blocks" a master sends with this array slice: its
+    ref's block digests for the buffer part, nothing for the main stream."""
+    digests = content_refs.block_digests(content_refs.content_ref(value))
+    assert digests is not None and len(digests) == 3
+    return [None, [d.hex() for d in digests]]
+
+
+def test_the_masters_block_digests_seal_the_file_without_hashing_it_again(
+    cache_dir, tmp_path, monkeypatch
+):
+    hashed = []
+    real = sealed._digest
+    monkeypatch.setattr(sealed, "_digest", lambda b: hashed.append(len(b)) or real(b))
+    _send(RefCache(cache_dir), BIG, "r1", _master_blocks(BIG))
+    main_stream = hashed  # only the payload's small first part was hashed here
+    assert len(main_stream) == 1 and main_stream[0] < 4096
+    hashed_here = str(tmp_path / "hashed-here")
+    _send(RefCache(hashed_here), BIG, "r1")
+    with open(os.path.join(cache_dir, "r1"), "rb") as a:
+        with open(os.path.join(hashed_here, "r1"), "rb") as b:
+            assert a.read() == b.read()  # the same seal, byte for byte
+    refs = RefCache(cache_dir)
+    assert refs.missing(["r1"]) == []
+    np.testing.assert_array_equal(refs.get("r1"), BIG)
+
+
+def test_a_wrong_block_digest_from_the_sender_fails_the_next_check(cache_dir):
+    blocks = _master_blocks(BIG)
+    blocks[1][1] = "00" * 32
+    _send(RefCache(cache_dir), BIG, "r1", blocks)
+    assert RefCache(cache_dir).missing(["r1"]) == ["r1"]  # damaged: sent again
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "not a list",
+        [None],  # not one entry per part
+        [None, ["00" * 32]],  # too few digests for three blocks
+        [None, ["zz" * 32] * 3],  # not hex
+        [None, ["00" * 31] * 3],  # not sha256 digests
+        [None, [1, 2, 3]],
+    ],
+)
+def test_block_digests_that_do_not_fit_the_parts_are_ignored_and_hashed(cache_dir, bad):
+    _send(RefCache(cache_dir), BIG, "r1", bad)
+    refs = RefCache(cache_dir)
+    assert refs.missing(["r1"]) == []
+    np.testing.assert_array_equal(refs.get("r1"), BIG)
 
 
 def test_a_damaged_header_or_pickle_stream_is_found_too(cache_dir):

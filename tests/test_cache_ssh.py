@@ -57,3 +57,25 @@ def test_damaged_and_truncated_files_on_hosts_are_sent_again(ssh):
         assert sum(s["damaged"] for s in m.worker_stats().values()) == 8
         assert m.run(_total, dataset=dataset) == int(data.sum())
         assert m.last_run.slices_sent == 0
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_slices_sealed_with_the_masters_digests_pass_the_next_sessions_check(
+    ssh, order
+):
+    """A C-ordered array's slices over 8 MiB travel with the master's
+    digests of their blocks and are sealed with them, unhashed on the host
+    (an F-ordered array's are not contiguous: hashed there). Either way
+    the next session's fresh daemons check the files and use them."""
+    opts = dict(workers_per_host=1, ssh_config=ssh.ssh_config)
+    data = np.array(np.arange(3 << 20, dtype=np.float64).reshape(-1, 8), order=order)
+    dataset = DataSet(data, slice_size=len(data) // 2)  # 12 MiB a slice
+    aliases = ssh.aliases[:2]
+    with Master(aliases, **opts) as m:
+        m.clear_cache()
+        assert m.run(_total, dataset=dataset) == int(data.sum())
+        assert m.last_run.slices_sent >= 2
+    with Master(aliases, **opts) as m:
+        assert m.run(_total, dataset=dataset) == int(data.sum())
+        assert m.last_run.damaged_slices == 0
+        assert sum(s["damaged"] for s in m.worker_stats().values()) == 0

@@ -202,3 +202,97 @@ def test_an_agents_note_of_tasks_done_is_one_event_for_the_host():
     assert not link.alive and len(lost) == 2
     reason = lost[0].head["reason"]
     assert reason.startswith("the agent's note of tasks done is not one")
+
+
+# --- frames queued in a link's outbox ------------------------------------------
+
+BIG = bytes(range(256)) * (16 << 10)  # 4 MiB: more than a pipe holds
+
+# Reads frames and says what each was: (kind, head, bytes of its payload).
+READER = """\
+reader = protocol.FrameReader(lambda v: os.readv(0, [v]))
+while True:
+    kind, _, head, lengths = reader.read_head()
+    got = sum(len(reader.read_part(n)) for n in lengths)
+    send(protocol.STATS, {"kind": kind, "head": head, "bytes": got})
+"""
+
+
+def _until(inbox, found, timeout=10.0):
+    """Poll the inbox until `found(events so far)`; the events."""
+    deadline = time.monotonic() + timeout
+    while not found(list(inbox.pending)) and time.monotonic() < deadline:
+        inbox.poll(0.1)
+    return list(inbox.pending)
+
+
+def test_a_peer_that_takes_nothing_does_not_hold_up_a_queued_frame_to_another():
+    a = _peer("a", "time.sleep(30)")  # reads nothing
+    b = _peer("b", READER)
+    inbox = Inbox()
+    for handle in (a, b):
+        inbox.add(handle.link)
+    try:
+        size = a.send(protocol.REFS, {"ref": "x"}, [BIG], queued=True)
+        assert size > len(BIG) and a.link.outbox  # the pipe took part of it
+        b.send(protocol.REFS, {"ref": "y"}, [BIG], queued=True)
+        events = _until(inbox, lambda events: len(events) == 1)
+        assert [(e.source.name, e.head) for e in events] == [
+            ("b", {"kind": protocol.REFS, "head": {"ref": "y"}, "bytes": len(BIG)})
+        ]
+        assert a.link.outbox and not b.link.outbox
+    finally:
+        a.close()
+        b.close()
+
+
+def test_queued_frames_go_first_and_say_when_they_have_left():
+    a = _peer("a", READER)
+    inbox = Inbox()
+    inbox.add(a.link)
+    left = []
+    try:
+        a.send(protocol.REFS, {"ref": "x"}, [BIG], queued=True)
+        a.link.outbox.when_drained(lambda: left.append("x"))
+        assert left == []  # still queued: a pipe takes 1 MiB at most
+        a.send(protocol.CLEAR, {"n": 1})  # written whole, after the queue
+        assert left == ["x"] and not a.link.outbox
+        a.link.outbox.when_drained(lambda: left.append("now"))
+        assert left == ["x", "now"]  # nothing queued: at once
+        events = _until(inbox, lambda events: len(events) == 2)
+        assert [(e.head["kind"], e.head["bytes"]) for e in events] == [
+            (protocol.REFS, len(BIG)),
+            (protocol.CLEAR, 0),
+        ]
+    finally:
+        a.close()
+
+
+def test_the_outbox_writes_what_the_stream_takes_in_order():
+    from qjamfab.outbox import Outbox
+
+    out = bytearray()
+    room = [5]  # what the stream takes until it is full
+
+    def writev(views):
+        data = b"".join(bytes(v) for v in views)[: room[0]]
+        out.extend(data)
+        room[0] -= len(data)
+        return len(data)
+
+    box = Outbox(writev)
+    drained = []
+    box.add([b"abc", b"", memoryview(b"defgh"), bytearray(b"ij")])
+    box.when_drained(lambda: drained.append(1))
+    box.flush()
+    assert out == b"abcde" and box and drained == []
+    box.flush()  # full: takes nothing, no wait
+    assert out == b"abcde" and box
+    room[0] = 100
+    box.flush()
+    assert out == b"abcdefghij" and not box and drained == [1]
+    box.add([b"kl"])
+    box.when_drained(lambda: drained.append(2))
+    box.drop()
+    box.flush()
+    assert out == b"abcdefghij" and drained == [1]

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from .. import protocol
 from ..errors import ProtocolError, WorkerLost
 from ..foreign import mapped
+from ..outbox import Outbox
 from ..runtime.task import error_fields
 from ..workers import LOST, Event, WorkerHandle
 from .dask_session import DaskSession
@@ -117,6 +118,10 @@ class _Task:
         self.needs_func = False
 
 
+def _never_written(views: list) -> int:
+    raise AssertionError("a Dask link queues nothing")
+
+
 class DaskLink:
     """One qjamfab worker on a Dask worker, as the inbox and the Run see
     a link: protocol messages in (`send`), events out (`read_events`)."""
@@ -154,6 +159,7 @@ class DaskLink:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.reader = self.transport = _Mailbox()
+        self.outbox = Outbox(_never_written)  # nothing waits: see send_queued
         self._tasks: dict[int, _Task] = {}
         self._funcs: dict[str, bytes] = {}  # FUNC not yet sent on
         self._refs: dict[str, list] = {}  # REFS not yet sent on
@@ -164,6 +170,17 @@ class DaskLink:
         return self.transport.fileno()
 
     # --- frames out ------------------------------------------------------
+
+    def send_queued(
+        self,
+        kind: int,
+        head: dict,
+        payload: Sequence = (),
+        worker: int = 0,
+        to: str | None = None,
+    ) -> int:
+        """Sends are Dask operations, each on its way at once: `send`."""
+        return self.send(kind, head, payload, worker, to)
 
     def send(
         self,

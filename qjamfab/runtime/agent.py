@@ -215,6 +215,7 @@ class Agent:
                 self.master.reader,
                 self.master.read_fd,
                 load=False,
+                blocks=head.get("blocks"),
             )
             # A Broadcast is for every worker here, a slice for the one asking.
             everyone = self.daemons if head.get("broadcast") else None

@@ -76,6 +76,7 @@ from .sealed import (
     Damage,
     Layout,
     check_pickle,
+    known_digests,
     layout,
     map_file,
     read_landed,
@@ -336,6 +337,7 @@ class RefCache:
         source_fd: int | None,
         load: bool = True,
         to_disk: bool = True,
+        blocks: object = None,
     ) -> list | None:
         """Take a REFS payload off the stream into the cache and seal it.
         Without room on the disk, or bigger than the limit, it is kept in
@@ -343,7 +345,9 @@ class RefCache:
         Without `load` (the host agent, which only stores) nothing is
         unpickled: a slice that stays off the disk is returned as its raw
         parts, for the agent to pass on. Without `to_disk` (the agent found
-        no room for it) it stays in memory whatever the room here."""
+        no room for it) it stays in memory whatever the room here. `blocks`
+        is the REFS head's digests of its parts' blocks where the master sent
+        them (sealed.known_digests): those parts are not hashed here."""
         if not is_ref(ref):
             raise ValueError(f"{ref!r} is not a ref")
         file = layout(lengths)
@@ -355,7 +359,8 @@ class RefCache:
             check_pickle(ref, parts[0][:2] if parts else b"")
             return self.keep_in_memory(ref, parts, load)
         try:
-            write_sealed(fd, ref, file, reader, source_fd)
+            known = known_digests(blocks, lengths)
+            write_sealed(fd, ref, file, reader, source_fd, known)
             st = os.fstat(fd)
             if load:
                 mapping, value = map_file(fd, file.offsets, lengths, st.st_size)

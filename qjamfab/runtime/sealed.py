@@ -6,7 +6,11 @@ The seal is sha256 over a tag, the ref, the header (seal zeroed) and the
 sha256 of every 8 MiB block of every part (cache.py's docstring says why a
 ref is sealed, not recomputed). `layout` gives a new file's header and
 where its parts go; `write_sealed` writes one from the stream, each block
-hashed on a few threads as soon as it lands, while the next arrives;
+hashed on a few threads as soon as it lands, while the next arrives, or
+not at all when the sender gave its digest (`known_digests`: the master
+hashed a slice's array in the same blocks to make its ref, and the bytes
+come from it over the authenticated channel, as the ref does; what landed
+is checked against them by the next `verify`);
 `verify` checks a file with pread (never through a mapping, which a
 shrinking file would turn into SIGBUS), and `map_file` maps a checked one
 copy-on-write into the slice. Any problem with a file is a `Damage` saying
@@ -38,7 +42,7 @@ _PREFIX = struct.Struct("!4sI32s")  # magic, count, seal
 _SEAL_AT = 8  # offset of the seal in the file
 _LENGTH = struct.Struct("!Q")
 _ALIGN = 64
-_BLOCK = 8 << 20  # bytes hashed at a time
+_BLOCK = protocol.HASH_BLOCK  # bytes hashed at a time
 _SEAL_TAG = b"qjamfab-cache-seal-1\0"
 _MAX_PARTS = 1 << 16  # a count above this is a damaged header
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -72,26 +76,51 @@ def layout(lengths: list[int]) -> Layout:
     return Layout(lengths, header, lengths_raw, offsets[:-1], offsets[-1])
 
 
+def known_digests(blocks: object, lengths: list[int]) -> list[list[bytes] | None]:
+    """A REFS head's "blocks" (per part: None, or the hex sha256 of each of
+    its 8 MiB blocks) as digests per part; None for a part whose entry is
+    missing or malformed (the wrong count, not hex): that part is hashed."""
+    known: list[list[bytes] | None] = [None] * len(lengths)
+    if not isinstance(blocks, list) or len(blocks) != len(lengths):
+        return known
+    for i, (hexes, n) in enumerate(zip(blocks, lengths)):
+        if not isinstance(hexes, list) or len(hexes) != -(-n // _BLOCK):
+            continue
+        try:
+            digests = [bytes.fromhex(x) for x in hexes]
+        except (TypeError, ValueError):
+            continue
+        if all(len(d) == 32 for d in digests):
+            known[i] = digests
+    return known
+
+
 def write_sealed(
     fd: int,
     ref: str,
     file: Layout,
     reader: protocol.FrameReader,
     source_fd: int | None,
+    known: list[list[bytes] | None] | None = None,
 ) -> None:
     """Write ref's parts from the stream into `fd` (sized to `file.size`
     already) as a sealed file, hashing each block as it lands while the
-    next arrives. An exception leaves no hashing thread reading `fd`."""
+    next arrives, except the parts whose digests are `known`
+    (`known_digests`). An exception leaves no hashing thread reading `fd`."""
     digests: list = []  # digests, or futures of them
     overlap = file.size > _BLOCK  # small ones are hashed here and now
     offsets, lengths = file.offsets, file.lengths
+    given = known or [None] * len(lengths)
     try:
         # Hashed through a mapping of its full size: this file is ours
         # and no one else's yet, so it cannot shrink under it.
         written = memoryview(mmap.mmap(fd, file.size, access=mmap.ACCESS_READ))
         write_padded(fd, file.header)
-        for offset, n in zip(offsets, lengths):
-            for start in range(0, n, _BLOCK):
+        for offset, n, sent in zip(offsets, lengths, given):
+            if sent is not None:
+                reader.copy_to(fd, n, source_fd)
+                digests += sent
+            for start in range(0, n if sent is None else 0, _BLOCK):
                 k = min(_BLOCK, n - start)
                 reader.copy_to(fd, k, source_fd)
                 block = written[offset + start : offset + start + k]
@@ -100,7 +129,7 @@ def write_sealed(
                 )
             write_padded(fd, b"", _aligned(offset + n) - offset - n)
         if overlap:
-            digests = [d.result() for d in digests]
+            digests = [d if isinstance(d, bytes) else d.result() for d in digests]
         sealed = _seal(ref, len(lengths), file.lengths_raw, digests)
         digests = []
         check_pickle(
@@ -109,12 +138,13 @@ def write_sealed(
         written.release()
         os.pwrite(fd, sealed, _SEAL_AT)
     except BaseException:
-        if overlap and digests:
+        futures = [d for d in digests if not isinstance(d, bytes)]
+        if futures:
             from concurrent.futures import wait
 
-            for d in digests:
+            for d in futures:
                 d.cancel()
-            wait(digests)  # they read the mapping
+            wait(futures)  # they read the mapping
         raise
 
 

@@ -194,6 +194,7 @@ class Worker:
                     channel.read_fd,
                     load=False,
                     to_disk=not head.get("memory"),
+                    blocks=head.get("blocks"),
                 )
                 if parts is None:  # sealed just now: no need to hash again
                     key = self.cache.file_key(ref)
