@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from tests import dask_clusters
+from tests.engines import ENGINES, Engine
 from tests.slurm_cluster import SlurmCluster, slurm_available
 from tests.sshd_hosts import SshdHosts, sshd_available
 
@@ -79,6 +81,26 @@ def ssh():
         cluster.stop_workers(
             hostspec.parse_hosts(servers.aliases), ssh_config=servers.ssh_config
         )
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory):
+    """A real Dask LocalCluster of two worker processes, one thread each,
+    and a Client of it, for one test module: (cluster, client). Skips when
+    Dask's distributed is not installed."""
+    cluster, before = dask_clusters.start_cluster(
+        tmp_path_factory, n_workers=2, threads_per_worker=1
+    )
+    client = dask_clusters.distributed.Client(cluster, set_as_default=False)
+    yield cluster, client
+    dask_clusters.stop_cluster(cluster, client, before)
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request) -> Engine:
+    """Each engine in turn (tests/engines.py): inproc, local, ssh (the
+    `ssh` fixture's host1) and dask (the module's `dask_cluster`)."""
+    return Engine(request.param, request.getfixturevalue)
 
 
 @pytest.fixture(scope="session")
