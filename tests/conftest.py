@@ -83,11 +83,13 @@ def ssh():
         )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dask_cluster(tmp_path_factory):
     """A real Dask LocalCluster of two worker processes, one thread each,
-    and a Client of it, for one test module: (cluster, client). Skips when
-    Dask's distributed is not installed."""
+    and a Client of it, for the session (its start and stop take seconds):
+    (cluster, client). A test that kills, stops or adds its workers leaves
+    two running when it ends. Skips when Dask's distributed is not
+    installed."""
     cluster, before = dask_clusters.start_cluster(
         tmp_path_factory, n_workers=2, threads_per_worker=1
     )
@@ -99,7 +101,7 @@ def dask_cluster(tmp_path_factory):
 @pytest.fixture(params=ENGINES)
 def engine(request) -> Engine:
     """Each engine in turn (tests/engines.py): inproc, local, ssh (the
-    `ssh` fixture's host1) and dask (the module's `dask_cluster`)."""
+    `ssh` fixture's host1) and dask (the session's `dask_cluster`)."""
     return Engine(request.param, request.getfixturevalue)
 
 
