@@ -87,15 +87,11 @@ def ssh():
 def dask_cluster(tmp_path_factory):
     """A real Dask LocalCluster of two worker processes, one thread each,
     and a Client of it, for the session (its start and stop take seconds):
-    (cluster, client). A test that kills, stops or adds its workers leaves
-    two running when it ends. Skips when Dask's distributed is not
+    (cluster, client). test_dask.py, whose tests kill, stop and add Dask
+    workers, has one of its own. Skips when Dask's distributed is not
     installed."""
-    cluster, before = dask_clusters.start_cluster(
-        tmp_path_factory, n_workers=2, threads_per_worker=1
-    )
-    client = dask_clusters.distributed.Client(cluster, set_as_default=False)
-    yield cluster, client
-    dask_clusters.stop_cluster(cluster, client, before)
+    with dask_clusters.cluster_of_two(tmp_path_factory) as both:
+        yield both
 
 
 @pytest.fixture(params=ENGINES)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -66,6 +68,18 @@ def stop_cluster(cluster, client, before) -> None:
         time.sleep(0.1)
     left = set(children()) - before
     assert not left, f"the cluster left processes behind: {_describe(left)}"
+
+
+@contextmanager
+def cluster_of_two(tmp_path_factory) -> Iterator[tuple]:
+    """A cluster of two worker processes, one thread each, and a Client of
+    it: (cluster, client), stopped (and checked) at the end."""
+    cluster, before = start_cluster(tmp_path_factory, n_workers=2, threads_per_worker=1)
+    client = distributed.Client(cluster, set_as_default=False)
+    try:
+        yield cluster, client
+    finally:
+        stop_cluster(cluster, client, before)
 
 
 def _describe(pids) -> list[str]:

@@ -28,6 +28,7 @@ from qjamfab import (
 )
 from qjamfab.engines import dask as dask_engine
 from tests.dask_clusters import (
+    cluster_of_two,
     distributed,
     need_dask,
     pids,
@@ -42,6 +43,14 @@ from tests.jobs import (
 
 pytestmark = pytest.mark.timeout(120)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory):
+    """This module's own cluster, not the session's: its tests kill, stop
+    and add Dask workers."""
+    with cluster_of_two(tmp_path_factory) as both:
+        yield both
 
 
 @pytest.fixture
