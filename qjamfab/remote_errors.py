@@ -22,9 +22,7 @@ def remote_error(handle: WorkerHandle, where: str, head: dict) -> QjamfabError:
     `where` (e.g. "dataset slices 0, 1")."""
     trace = text.with_source_lines(head["traceback"].rstrip())
     if head["type"] == "ReduceMismatch":
-        return ReduceError(
-            f"{head['message']}\n(on worker {handle.name}, {where})\n{trace}"
-        )
+        return _mismatch(head, f"on worker {handle.name}, {where}", trace)
     if head["type"] == "ModuleNotFoundError":
         module = re.search(r"No module named '([^']+)'", head["message"])
         from .packages import suggestion
@@ -51,3 +49,20 @@ def remote_error(handle: WorkerHandle, where: str, head: dict) -> QjamfabError:
         remote_type=head["type"],
         remote_traceback=head["traceback"],
     )
+
+
+def collect_error(host: str, head: dict) -> ReduceError:
+    """The error for an ERROR `head` from `host`'s agent, which was
+    combining its workers' results (COLLECT)."""
+    trace = head["traceback"].rstrip()
+    if head["type"] == "ReduceMismatch":  # the default reduce, as anywhere
+        return _mismatch(head, f"combining on {host}", trace)
+    return ReduceError(
+        f"{head['phase']} on {host} raised {head['type']}: {head['message']}: "
+        f"fix reduce(a, b) so it combines two results\n{trace}"
+    )
+
+
+def _mismatch(head: dict, where: str, trace: str) -> ReduceError:
+    """Results the default reduce cannot combine: its own message first."""
+    return ReduceError(f"{head['message']}\n({where})\n{trace}")

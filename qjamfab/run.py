@@ -24,11 +24,11 @@ from . import display, liveness, policy, protocol, scheduler
 from .copies import Copies, TaskCopy
 from .dataset import BaseDataSet
 from .dispatch import Dispatch
-from .errors import ProtocolError, ReduceError, WorkerLost, describe_exit
+from .errors import ProtocolError, WorkerLost, describe_exit
 from .groups import Groups
 from .inbox import Inbox
 from .losses import Losses
-from .remote_errors import remote_error
+from .remote_errors import collect_error, remote_error
 from .results import Node, ResultFlow, take_nodes
 from .runstats import RunStats, print_event_log
 from .supply import Supply
@@ -279,11 +279,7 @@ class Run:
             if kind == protocol.RESULT:
                 self._deliver(self.results.collected(source, head), take_nodes(parts))
             elif kind == protocol.ERROR:
-                raise ReduceError(
-                    f"{head['phase']} on {source.label} raised {head['type']}"
-                    f": {head['message']}: fix reduce(a, b) so it combines "
-                    f"two results\n{head['traceback'].rstrip()}"
-                )
+                raise collect_error(source.label, head)
             return
         handle = source
         if kind == LOST:

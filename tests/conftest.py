@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from tests import dask_clusters
+from tests.engines import ENGINES, Engine
 from tests.slurm_cluster import SlurmCluster, slurm_available
 from tests.sshd_hosts import SshdHosts, sshd_available
 
@@ -79,6 +81,24 @@ def ssh():
         cluster.stop_workers(
             hostspec.parse_hosts(servers.aliases), ssh_config=servers.ssh_config
         )
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(tmp_path_factory):
+    """A real Dask LocalCluster of two worker processes, one thread each,
+    and a Client of it, for the session (its start and stop take seconds):
+    (cluster, client). test_dask.py, whose tests kill, stop and add Dask
+    workers, has one of its own. Skips when Dask's distributed is not
+    installed."""
+    with dask_clusters.cluster_of_two(tmp_path_factory) as both:
+        yield both
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request) -> Engine:
+    """Each engine in turn (tests/engines.py): inproc, local, ssh (the
+    `ssh` fixture's host1) and dask (the session's `dask_cluster`)."""
+    return Engine(request.param, request.getfixturevalue)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,9 @@
 """Master.run on a Dask cluster: a real LocalCluster (worker processes, one
-thread each, with nannies), the behaviour tests that make sense on an
-engine, and what is Dask's own (loss of a Dask worker, new Clients and
-Masters on the same cluster, workers that join)."""
+thread each, with nannies; tests/dask_clusters.py), and what is Dask's own:
+what a Master shows, big params, a job's exit leaving the Dask workers up,
+loss of a Dask worker, new Clients and Masters on the same cluster,
+workers that join, and what is refused. What every engine does alike (the
+original qjam cases, errors, caching) is in test_behaviour.py."""
 
 import asyncio
 import os
@@ -16,114 +18,44 @@ import numpy as np
 import pytest
 
 from qjamfab import (
-    BadDataSet,
-    BadJob,
-    BadParams,
     DataSet,
     HostUnreachable,
     Master,
     PreflightFailed,
     QjamfabError,
-    ReduceError,
-    RemoteError,
     WorkerLost,
     protocol,
 )
 from qjamfab.engines import dask as dask_engine
+from tests.dask_clusters import (
+    cluster_of_two,
+    distributed,
+    need_dask,
+    pids,
+    start_cluster,
+    stop_cluster,
+)
 from tests.jobs import (
     constant,
     exiting,
     printing,
-    raising,
-    sum_params,
-    uses_helpers,
-    with_reduce,
 )
-
-try:
-    import distributed
-except ImportError:  # the tests that need no Dask still run
-    distributed = None
 
 pytestmark = pytest.mark.timeout(120)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _children() -> list[int]:
-    """Processes whose parent is this one (the cluster's workers), but
-    multiprocessing's resource tracker, which Python keeps until it ends."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmdline = f.read()
-            except (OSError, IndexError, ValueError):
-                continue
-            if parent == os.getpid() and b"resource_tracker" not in cmdline:
-                found.append(int(pid))
-    return found
-
-
-def _need_dask() -> None:
-    if distributed is None:
-        pytest.skip(
-            "distributed is not installed: pip install "
-            "'qjamfab[dask]' to run the Dask tests"
-        )
-
-
-def _start_cluster(tmp_path_factory, **options):
-    _need_dask()
-    before = set(_children())
-    cluster = distributed.LocalCluster(
-        processes=True,
-        dashboard_address=":0",
-        local_directory=str(tmp_path_factory.mktemp("dask")),
-        **options,
-    )
-    return cluster, before
-
-
-def _stop_cluster(cluster, client, before) -> None:
-    client.close()
-    cluster.close()
-    deadline = time.monotonic() + 10
-    while set(_children()) - before and time.monotonic() < deadline:
-        time.sleep(0.1)
-    left = set(_children()) - before
-    assert not left, f"the cluster left processes behind: {_describe(left)}"
-
-
-def _describe(pids) -> list[str]:
-    out = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode()
-            with open(f"/proc/{pid}/status") as f:
-                state = [x for x in f if x.startswith("State")][0].strip()
-        except OSError:
-            continue
-        out.append(f"{pid} ({state}): {cmdline}")
-    return out
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    cluster, before = _start_cluster(
-        tmp_path_factory, n_workers=2, threads_per_worker=1
-    )
-    client = distributed.Client(cluster, set_as_default=False)
-    yield cluster, client
-    _stop_cluster(cluster, client, before)
+def dask_cluster(tmp_path_factory):
+    """This module's own cluster, not the session's: its tests kill, stop
+    and add Dask workers."""
+    with cluster_of_two(tmp_path_factory) as both:
+        yield both
 
 
 @pytest.fixture
-def client(cluster):
-    cluster, client = cluster
+def client(dask_cluster):
+    _, client = dask_cluster
     client.wait_for_workers(2, timeout=60)
     return client
 
@@ -158,22 +90,10 @@ def _clients(client) -> set[str]:
     )
 
 
-def _pids(client) -> dict[str, int]:
-    """Dask worker name -> pid."""
-    names = {
-        a: str(w["name"])
-        for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
-    }
-    return {names[a]: pid for a, pid in client.run(os.getpid).items()}
-
-
 # --- what runs ---------------------------------------------------------------
 
 
-def test_one_worker_per_dask_worker_thread(master, client):
-    assert master.workers == ["dask-0", "dask-1"]
-    assert master.run(constant) == 84
-    assert master.run(sum_params, params=[1, 2, 3, 6, 7, 9]) == 56
+def test_a_master_shows_the_scheduler_it_uses(master, client):
     address = client.scheduler.address
     assert repr(master).startswith(f"Master({address}: 2 workers")
     html = master._repr_html_()
@@ -185,84 +105,6 @@ def test_big_params_go_as_task_arguments(master):
 
     params = np.ones(1 << 17)  # 1 MiB: shared memory elsewhere
     assert master.run(lambda p, _: float(p.sum()), params) == 2.0 * params.size
-
-
-def test_lambda_closure_and_local_module(master):
-    assert (
-        master.run(
-            lambda p, xs: p * sum(xs), params=3, dataset=DataSet(list(range(100)))
-        )
-        == 14850
-    )
-    offset = 1000
-
-    def shifted(params, xs):
-        return sum(x + offset for x in xs)
-
-    assert master.run(shifted, dataset=list(range(10))) == 45 + 10 * offset
-    assert master.run(uses_helpers, dataset=list(range(10))) == 450
-
-
-def test_module_reduce_and_the_default_reduce(master):
-    assert master.run(with_reduce, dataset=DataSet(list(range(3, 60)))) == [3, 59]
-    data = DataSet(np.arange(600, dtype=np.float64).reshape(60, 10))
-    total, count = master.run(lambda p, x: (x.sum(axis=0), len(x)), dataset=data)
-    assert count == 60
-    np.testing.assert_array_equal(
-        total, np.arange(600, dtype=np.float64).reshape(60, 10).sum(axis=0)
-    )
-
-
-def test_remote_error_carries_the_remote_traceback(master):
-    with pytest.raises(RemoteError) as info:
-        master.run(raising, params=5)
-    err = info.value
-    first = str(err).splitlines()[0]
-    assert first.startswith("mapfunc raised ValueError: bad value 5 (worker dask-")
-    assert "fix the job" in first and err.remote_type == "ValueError"
-    assert 'raising.py", line 2, in helper_that_fails' in err.remote_traceback
-    _still_usable(master)
-
-
-class _Unloadable:
-    """Pickles on the master, cannot be unpickled on a worker."""
-
-    def __reduce__(self):
-        return (_fail_to_load, ())
-
-
-def _fail_to_load():
-    raise ImportError("No module named 'only_on_the_master'")
-
-
-def test_bad_job_params_and_dataset(master):
-    from tests.jobs import no_mapfunc
-
-    with pytest.raises(
-        BadJob,
-        match=r"^module tests\.jobs\.no_mapfunc has "
-        r"no mapfunc\(params, slice\): define one",
-    ):
-        master.run(no_mapfunc)
-    poison = _Unloadable()
-    with pytest.raises(
-        BadJob,
-        match=r"^worker dask-\d cannot load the job "
-        r"\(ImportError: No module named 'only_on_the_master'"
-        r"\): make what it uses importable there",
-    ):
-        master.run(lambda p, x: poison)
-    with pytest.raises(
-        BadParams,
-        match=r"^params of type lock cannot be "
-        "pickled .*: send data that pickle can copy",
-    ):
-        master.run(constant, params=threading.Lock())
-    with pytest.raises(BadDataSet, match="^cannot slice a dict"):
-        master.run(constant, dataset={"a": 1})
-    with pytest.raises(BadDataSet, match="empty"):
-        master.run(constant, dataset=[])
-    _still_usable(master)
 
 
 def _needs_a_module_nobody_has(params, _):
@@ -283,17 +125,8 @@ def test_a_module_the_dask_workers_lack_says_to_install_it_there(master):
     _still_usable(master)
 
 
-def test_results_the_reduce_cannot_combine(master):
-    with pytest.raises(ReduceError, match="^cannot combine results of lengths"):
-        master.run(
-            lambda p, xs: list(range(len(xs))),
-            dataset=DataSet(list(range(7)), slice_size=2),
-        )
-    _still_usable(master)
-
-
 def test_sys_exit_is_a_lost_worker_and_the_master_stays_usable(master, client):
-    pids = _pids(client)
+    before = pids(client)
     with pytest.raises(WorkerLost) as info:
         master.run(exiting)
     err = info.value
@@ -303,20 +136,7 @@ def test_sys_exit_is_a_lost_worker_and_the_master_stays_usable(master, client):
     assert "about to exit" in err.stderr_tail
     _still_usable(master)
     assert master.last_run.workers == 2
-    assert _pids(client) == pids  # the Dask workers themselves stay up
-
-
-def test_prints_reach_the_terminal_prefixed_by_the_worker(master, capfd):
-    assert master.run(printing) == 84
-    out = capfd.readouterr().out
-    for worker in ("dask-0", "dask-1"):
-        for text in (
-            "hello from python print",
-            "hello from python stderr",
-            "hello from fd 1",
-            "hello from C printf",
-        ):
-            assert f"[{worker}] {text}" in out
+    assert pids(client) == before  # the Dask workers themselves stay up
 
 
 def test_futures_run_on_the_dask_workers(master):
@@ -325,21 +145,6 @@ def test_futures_run_on_the_dask_workers(master):
 
 
 # --- where the data is ---------------------------------------------------------
-
-
-def test_second_run_sends_no_dataset_bytes(master):
-    data = DataSet(np.arange(100000, dtype=np.float64).reshape(1000, 100))
-    expected = float(np.arange(100000).sum())
-    assert master.run(lambda p, x: float(x.sum()), dataset=data) == expected
-    first = master.last_run
-    assert first.slices_sent == first.slices > 0
-    assert first.dataset_bytes_sent > 800000
-    assert master.run(lambda p, x: float(x.sum()), dataset=data) == expected
-    second = master.last_run
-    assert second.dataset_bytes_sent == 0 and second.slices_sent == 0
-    assert second.slices_cached == second.slices
-    assert second.bytes_sent < 5000
-    assert set(second.worker_compute_s) == {"dask-0", "dask-1"}
 
 
 def test_new_master_and_client_find_the_slices(client):
@@ -396,18 +201,6 @@ def test_replicas_go_to_the_other_worker(client):
         assert stats.replica_bytes_sent == stats.dataset_bytes_sent > 0
 
 
-def test_clear_cache_and_worker_stats(master):
-    master.run(lambda p, xs: sum(xs), dataset=list(range(40)))
-    stats = master.worker_stats()
-    assert set(stats) == {"dask-0", "dask-1"}
-    assert all(s["entries"] > 0 and s["pid"] > 0 for s in stats.values())
-    removed = master.clear_cache()
-    assert sum(r["entries"] for r in removed.values()) > 0
-    assert all(s["entries"] == 0 for s in master.worker_stats().values())
-    assert master.run(lambda p, xs: sum(xs), dataset=list(range(40))) == 780
-    assert master.last_run.slices_sent == master.last_run.slices
-
-
 # --- losing and gaining Dask workers ------------------------------------------------
 
 
@@ -419,7 +212,7 @@ def _slow_sum(params, xs):
 def test_a_dask_worker_killed_mid_run(master, client):
     data = DataSet(list(range(160)), slice_size=10)
     assert master.run(_slow_sum, dataset=data) == sum(range(160))
-    pid = _pids(client)["0"]
+    pid = pids(client)["0"]
     killer = threading.Timer(0.4, os.kill, (pid, signal.SIGKILL))
     killer.start()
     try:
@@ -430,14 +223,14 @@ def test_a_dask_worker_killed_mid_run(master, client):
     assert stats.lost_workers == ["dask-0"] and stats.rerun_slices >= 1
     client.wait_for_workers(2, timeout=60)  # the nanny restarted it
     _uses(master, 2)
-    assert _pids(client)["0"] != pid
+    assert pids(client)["0"] != pid
     assert master.run(_slow_sum, dataset=data) == sum(range(160))
     assert master.last_run.workers == 2 and not master.last_run.lost_workers
     assert master.last_run.dataset_bytes_sent == 0  # on this machine's disk
 
 
 def test_a_frozen_dask_worker_is_lost_to_its_heartbeat(client):
-    pid = _pids(client)["1"]
+    pid = pids(client)["1"]
     # No backup copies: the frozen worker's group waits for its heartbeat.
     with Master(client, heartbeat_timeout=2.0, straggler_factor=100) as m:
         data = DataSet(list(range(40)), slice_size=2)
@@ -454,8 +247,8 @@ def test_a_frozen_dask_worker_is_lost_to_its_heartbeat(client):
         assert m.last_run.workers == 2
 
 
-def test_workers_that_join_are_used_from_the_next_run(cluster, master):
-    cluster, client = cluster
+def test_workers_that_join_are_used_from_the_next_run(dask_cluster, master):
+    cluster, client = dask_cluster
     assert master.run(constant) == 84
     cluster.scale(3)
     try:
@@ -474,9 +267,7 @@ def test_workers_that_join_are_used_from_the_next_run(cluster, master):
 
 
 def test_several_threads_per_dask_worker(tmp_path_factory, capfd):
-    cluster, before = _start_cluster(
-        tmp_path_factory, n_workers=1, threads_per_worker=2
-    )
+    cluster, before = start_cluster(tmp_path_factory, n_workers=1, threads_per_worker=2)
     client = distributed.Client(cluster, set_as_default=False)
     try:
         with Master(client) as m:
@@ -488,14 +279,14 @@ def test_several_threads_per_dask_worker(tmp_path_factory, capfd):
             assert f"[{worker}] hello from python print" in out
             assert f"[{worker}] hello from python stderr" in out
     finally:
-        _stop_cluster(cluster, client, before)
+        stop_cluster(cluster, client, before)
 
 
 # --- what is refused, and why ---------------------------------------------------------
 
 
 def test_a_cluster_without_workers(tmp_path_factory):
-    cluster, before = _start_cluster(tmp_path_factory, n_workers=0)
+    cluster, before = start_cluster(tmp_path_factory, n_workers=0)
     client = distributed.Client(cluster, set_as_default=False)
     try:
         with pytest.raises(
@@ -505,13 +296,11 @@ def test_a_cluster_without_workers(tmp_path_factory):
         ):
             Master(client)
     finally:
-        _stop_cluster(cluster, client, before)
+        stop_cluster(cluster, client, before)
 
 
 def test_a_cache_directory_others_can_write_is_refused(tmp_path_factory):
-    cluster, before = _start_cluster(
-        tmp_path_factory, n_workers=1, threads_per_worker=1
-    )
+    cluster, before = start_cluster(tmp_path_factory, n_workers=1, threads_per_worker=1)
     client = distributed.Client(cluster, set_as_default=False)
     try:
         [local] = client.run(lambda dask_worker: dask_worker.local_directory).values()
@@ -528,13 +317,13 @@ def test_a_cache_directory_others_can_write_is_refused(tmp_path_factory):
         ):
             Master(client)
     finally:
-        _stop_cluster(cluster, client, before)
+        stop_cluster(cluster, client, before)
 
 
 def test_a_bad_cache_limit_on_the_workers_is_refused(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    _need_dask()
+    need_dask()
 
     from qjamfab.engines import dask_worker
 
@@ -629,7 +418,7 @@ def test_workers_that_cannot_load_qjamfab_are_refused(client, monkeypatch):
 
 
 def test_unreachable_scheduler(monkeypatch):
-    _need_dask()
+    need_dask()
     monkeypatch.setattr(dask_engine, "CONNECT_TIMEOUT_S", 0.5)
     with pytest.raises(
         HostUnreachable,
@@ -682,7 +471,7 @@ def test_without_distributed_the_error_says_what_to_install(monkeypatch):
 
 
 def test_a_script_that_never_closes_its_master_exits_at_once(tmp_path):
-    _need_dask()
+    need_dask()
     script = tmp_path / "unclosed.py"
     script.write_text(
         textwrap.dedent("""

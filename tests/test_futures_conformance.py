@@ -13,8 +13,7 @@ import weakref
 
 import pytest
 
-from qjamfab import Master
-from tests.test_dask import _start_cluster, _stop_cluster
+from tests.engines import Engine
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,36 +47,13 @@ class Box:
         self.value = value
 
 
-@pytest.fixture(scope="module")
-def dask_client(tmp_path_factory):
-    import distributed
-
-    cluster, before = _start_cluster(
-        tmp_path_factory, n_workers=2, threads_per_worker=1
-    )
-    client = distributed.Client(cluster, set_as_default=False)
-    yield client
-    _stop_cluster(cluster, client, before)
-
-
 @pytest.fixture(params=["local", "ssh", "dask"])
 def executor(request):
-    """A Master of two workers: local processes, one SSH host, or Dask."""
-    if request.param == "local":
-        m = Master("local:2")
-    elif request.param == "ssh":
-        ssh = request.getfixturevalue("ssh")
-        m = Master(
-            ssh.aliases[:1],
-            workers_per_host=2,
-            ssh_config=ssh.ssh_config,
-            heartbeat_timeout=3.0,
-        )
-    else:
-        client = request.getfixturevalue("dask_client")
-        client.wait_for_workers(2, timeout=60)
-        m = Master(client)
-    with m:
+    """A Master of two worker processes: local, on one SSH host, or Dask
+    (tests/engines.py)."""
+    engine = Engine(request.param, request.getfixturevalue)
+    options = {"heartbeat_timeout": 3.0} if engine.kind == "ssh" else {}
+    with engine.master(**options) as m:
         yield m
 
 

@@ -1,5 +1,5 @@
-"""What a run takes in is its own: replayed failure sequences over every
-engine of ours (inproc, local, SSH), through one fixture.
+"""What a run takes in is its own: replayed failure sequences over the
+engines (the `engine` fixture, tests/engines.py).
 
 - A slice that kills two workers of one host fails its run; the next run on
   the same Master is right and raises nothing (an answer the failed run
@@ -7,49 +7,31 @@ engine of ours (inproc, local, SSH), through one fixture.
 - A queued group moved to a worker that ran dry, whose new copy is then
   killed while the old copy's cancel is still unconfirmed, runs again: the
   run ends with the right sum instead of waiting forever.
+
+On Dask (where a job's exit ends the worker it ran on, not the Dask
+worker) the second runs as it is; the first does not, for now: the run
+fails as it should, but the slice its error names is at times another of
+the killed workers' tasks (slice 5 or 6 for slice 7), which the test
+rightly refuses. That is a fault in how losses are counted on Dask,
+not of the replay (it is reported), and the test joins the others when
+that is fixed.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 
 import pytest
 
 from qjamfab import DataSet, Master, RemoteError, WorkerLost
+from tests.engines import die
 
 pytestmark = pytest.mark.timeout(60)
 
-ENGINES = ["inproc", "local", "ssh"]
 
-
-@pytest.fixture(params=ENGINES)
-def engine(request):
-    """A factory of Masters of one host with two workers, on each engine."""
-    kind = request.param
-
-    def make(**options) -> Master:
-        if kind == "ssh":
-            ssh = request.getfixturevalue("ssh")
-            return Master(
-                ["host1"], workers_per_host=2, ssh_config=ssh.ssh_config, **options
-            )
-        return Master(f"{kind}:2", **options)
-
-    make.kind = kind  # type: ignore[attr-defined]
-    return make
-
-
-def _die(kind: str) -> None:
-    if kind == "inproc":
-        from qjamfab.engines import inproc  # a job's import: where it runs
-
-        inproc.die(9)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
+@pytest.mark.parametrize("engine", ["inproc", "local", "ssh"], indirect=True)
 def test_the_run_after_a_slice_killed_two_workers_is_right(engine):
     kind = engine.kind
 
@@ -58,11 +40,11 @@ def test_the_run_after_a_slice_killed_two_workers_is_right(engine):
             # The last slice: once the others are in (held at the host,
             # where it has an agent, and asked for), its worker dies.
             time.sleep(0.2)
-            _die(kind)
+            die(kind)
         return sum(xs)
 
     data = DataSet(list(range(16)), slice_size=2)
-    with engine() as m:
+    with engine.master() as m:
         for _ in range(3):
             with pytest.raises(WorkerLost, match=r"^dataset slice 7 killed workers"):
                 m.run(dies_on_15, dataset=data)
@@ -95,14 +77,14 @@ def test_a_moved_group_whose_new_copy_is_killed_runs_again(engine, tmp_path):
             os.path.exists(os.path.join(scratch, f"ran-{me}-{k}")) for k in (2, 3)
         ):
             open(os.path.join(scratch, "moved-died"), "w").close()
-            _die(kind)
+            die(kind)
         else:
             time.sleep(0.3)  # long enough that moving slice 1 pays
         open(os.path.join(scratch, f"ran-{me}-{i}"), "w").close()
         return i + 1
 
     data = DataSet([0, 1, 2, 3], slice_size=1)
-    with engine(straggler_factor=1000) as m:
+    with engine.master(straggler_factor=1000) as m:
         assert m.run(job, dataset=data) == 10
         stats = m.last_run
     assert os.path.exists(os.path.join(scratch, "moved-died"))

@@ -1,6 +1,8 @@
-"""Master over SSH against real OpenSSH servers on 127.0.0.x: the original
-qjam cases, caching per host, warm second sessions, output and errors that
-name host and worker, security properties and the rekey workaround."""
+"""Master over SSH against real OpenSSH servers on 127.0.0.x: several hosts
+through each SSH client, caching per host, warm second sessions, the
+daemons' names and privacy, hosts that cannot serve, security properties
+and the rekey workaround. What every engine does alike (the original qjam
+cases, errors, losses, caching) is in test_behaviour.py."""
 
 import hashlib
 import os
@@ -30,10 +32,6 @@ from qjamfab import (
 from tests.conftest import processes_mentioning
 from tests.jobs import (
     constant,
-    exiting,
-    hard_exit,
-    inner_product,
-    killed,
     multiply_sum,
     printing,
     raising,
@@ -297,27 +295,6 @@ def test_down_host_fails_fast(ssh, tmp_path):
     assert "127.0.0.9" in str(info.value).splitlines()[0]
 
 
-@pytest.mark.parametrize(
-    "job,status,how",
-    [
-        (exiting, 3, "exit status 3"),
-        (hard_exit, 7, "exit status 7"),
-        (killed, -9, "killed by SIGKILL"),
-    ],
-    ids=["sys.exit", "os._exit", "SIGKILL"],
-)
-def test_a_lost_worker_says_its_own_exit_over_ssh(ssh, job, status, how):
-    """The daemon's own status or signal, as for local workers."""
-    with Master(["host3"], workers_per_host=1, ssh_config=ssh.ssh_config) as m:
-        with pytest.raises(
-            WorkerLost,
-            match=rf"^worker host3-0 was lost "
-            rf"\({how}\) running mapfunc\(params, None\)",
-        ):
-            m.run(job)
-        assert m.run(constant) == 42
-
-
 def test_an_unreachable_host_at_start_is_left_out(ssh, caplog):
     """The Master starts with the hosts that answer; with require_all it
     refuses instead."""
@@ -392,24 +369,11 @@ def test_hosts_that_cannot_serve_end_a_script_with_a_line_each(ssh):
         assert f"the OpenSSH client cannot reach host1:{port} (" in proc.stderr
 
 
-def test_original_cases_on_three_hosts(master3):
+def test_each_host_serves_and_names_its_worker(master3, capfd):
+    """Through each SSH client; what runs is tested on every engine in
+    test_behaviour.py."""
     assert master3.workers == ["host1-0", "host2-0", "host3-0"]
     assert master3.run(constant) == 126
-    assert master3.run(sum_params, params=[1, 2, 3, 6, 7, 9]) == 84
-    assert (
-        master3.run(multiply_sum, params=3, dataset=DataSet(list(range(100)))) == 14850
-    )
-    assert (
-        master3.run(
-            inner_product,
-            params=[2, 4],
-            dataset=DataSet([[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]]),
-        )
-        == 170
-    )
-
-
-def test_output_and_errors_name_host_and_worker(master3, capfd):
     assert master3.run(printing) == 126
     out = capfd.readouterr().out
     for worker in master3.workers:
@@ -672,29 +636,6 @@ def test_a_worker_count_given_to_start_workers_sticks(ssh):
     with Master(["host3"], ssh_config=ssh.ssh_config) as m:
         assert m.workers == ["host3-0"]
         assert m.run(constant) == 42
-
-
-@pytest.mark.parametrize("workers", [1, 2], ids=["direct", "through the agent"])
-def test_a_long_c_call_holding_the_gil_is_not_lost_over_ssh(ssh, workers):
-    """Its own heartbeat thread stops; the host's agent, which sees the
-    process running, beats for it (a host of one worker: on the stream it
-    handed the daemon, under the stream's lock)."""
-    with Master(
-        ["host1"],
-        workers_per_host=workers,
-        ssh_config=ssh.ssh_config,
-        heartbeat_timeout=2.0,
-    ) as m:
-        started = time.monotonic()
-        assert m.run(
-            # Over 2 s in C code holding the GIL, here (2.3 s per 10**8
-            # measured under load, about 1 s idle).
-            lambda p, xs: sum(range(3 * 10**8)) and sum(xs),
-            dataset=DataSet(list(range(2 * workers)), slice_size=2),
-        ) == sum(range(2 * workers))
-        assert time.monotonic() - started > 2.0  # longer than the timeout
-        assert m.last_run.lost_workers == []
-        assert m.last_run.rerun_slices == 0
 
 
 class _StalledChannel:

@@ -428,7 +428,10 @@ class Agent:
                 self.tell_done()
             self.master.flush()
             for daemon in list(self.daemons.values()):
-                daemon.flush()
+                try:
+                    daemon.flush()
+                except OSError as exc:  # it ended with frames on their way
+                    self.gone(daemon, f"its connection broke ({exc.strerror})")
             poller = select.poll()
             poller.register(self.master.read_fd, select.POLLIN)
             if self.master.out:
