@@ -199,3 +199,10 @@ def test_the_template_drops_a_bad_request_and_serves_the_next(qjamfab_home):
     )
     assert _template_of(up[0]["pid"]) == tmpl["pid"]
     cluster.stop_workers(hostspec.parse_hosts(["local"]))
+
+
+def test_run_from_the_package_the_runtime_is_named_by_its_bundle_hash():
+    """The master (and a test) calling host-side code names the runtime as
+    a host running the installed bundle does: by the bundle's hash, not by
+    the checkout's directory name (a template would look out of date)."""
+    assert runtime.this_runtime() == runtime.bundle_hash()

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import io
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -125,9 +126,18 @@ def ensure_local_bundle(base: str) -> str:
 
 
 def this_runtime() -> str:
-    """On a host, the content hash naming the bundle this code runs from
-    (its directory's name)."""
-    return os.path.basename(os.path.dirname(_PACKAGE_DIR))
+    """The content hash naming the bundle this code runs from: on a host,
+    its directory's name; run from the package itself (the master, the
+    tests), the hash its bundle is installed under."""
+    name = os.path.basename(os.path.dirname(_PACKAGE_DIR))
+    if re.fullmatch(r"[0-9a-f]{16}", name):
+        return name
+    return _source_bundle_hash()
+
+
+@functools.lru_cache(maxsize=1)
+def _source_bundle_hash() -> str:
+    return bundle_hash()
 
 
 def pid_alive(pid: int) -> bool:
