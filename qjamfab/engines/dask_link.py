@@ -209,7 +209,11 @@ class DaskLink:
                     self._funcs[head["hash"]] = bytes(payload[0])
                     self._supplied()
                 elif kind == protocol.REFS:
-                    self._refs[head["ref"]] = list(payload)
+                    # Dask pickles what it scatters: a memoryview (a part of
+                    # a slice as supply.py may hand it over) cannot be.
+                    self._refs[head["ref"]] = [
+                        bytes(p) if isinstance(p, memoryview) else p for p in payload
+                    ]
                     self._supplied()
                 elif kind == protocol.CANCEL:
                     self._cancel(head["task"])
