@@ -52,14 +52,16 @@ the pins and the eviction plan pins.py's.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import mmap
 import os
 import shutil
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from .. import protocol
 from . import NETWORK_FS, fs_type, secure_dir
@@ -376,7 +378,8 @@ class RefCache:
         if self._sync:  # whole on the server before its name shows
             os.fsync(fd)
         os.close(fd)
-        os.replace(tmp, path)  # same inode, size, mtime: st is its key
+        with self._sizing():  # an eviction's listing never misses it mid-rename
+            os.replace(tmp, path)  # same inode, size, mtime: st is its key
         if load:
             self._memory[ref] = _Entry(value, path, _key(st), mapping, time.monotonic())
         return None
@@ -431,8 +434,9 @@ class RefCache:
             tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | _NOFOLLOW | os.O_CLOEXEC, 0o600
         )
         try:
-            os.ftruncate(fd, size)  # sparse: reserves no disk blocks
-            self._evict(keep=ref)
+            with self._sizing():
+                os.ftruncate(fd, size)  # sparse: reserves no disk blocks
+                self._evict(keep=ref)
             if shutil.disk_usage(self.directory).free >= size + _DISK_MARGIN:
                 return fd
         except OSError as exc:
@@ -443,6 +447,32 @@ class RefCache:
         os.close(fd)
         os.unlink(tmp)
         return None
+
+    @contextlib.contextmanager
+    def _sizing(self) -> Iterator[None]:
+        """Held by this host's processes around what changes the cache's
+        size: reserving (with the eviction that makes room) and renaming an
+        entry in. Without it two workers storing at once could each list
+        the directory while the other's entry was mid-rename, miss it, and
+        leave the cache an entry over its limit. Where the filesystem has
+        no locks, unlocked."""
+        try:
+            fd = os.open(
+                self.directory.rstrip(os.sep) + ".lock",
+                os.O_RDWR | os.O_CREAT | _NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+            )
+        except OSError:
+            yield
+            return
+        try:
+            # Opened per use: flock excludes open files, and a forked
+            # worker must not share its parent's.
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def _evict(self, keep: str) -> None:
         """Remove least recently used entries until the cache, with the
