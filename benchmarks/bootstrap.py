@@ -23,7 +23,8 @@ from .common import Scale, env, ssh_hosts, sshd_missing, target
 
 
 def _rounds(servers, rounds: int, cold: bool) -> tuple[list[float], list]:
-    from qjamfab import cluster, hostspec
+    from qjamfab import hostspec
+    from qjamfab.engines import cluster
 
     specs = hostspec.parse_hosts(servers.aliases)
     times, per_host = [], []
@@ -45,7 +46,8 @@ def _rounds(servers, rounds: int, cold: bool) -> tuple[list[float], list]:
 
 
 def _master_ready(servers, cold: bool) -> float:
-    from qjamfab import Master, cluster, hostspec
+    from qjamfab import Master, hostspec
+    from qjamfab.engines import cluster
 
     if cold:
         cluster.stop_workers(
@@ -105,7 +107,7 @@ def run(scale: Scale, log=print) -> dict:
 
 
 def table(rows: dict) -> str:
-    from qjamfab.tables import render_table
+    from qjamfab.display.tables import render_table
 
     return render_table(
         [

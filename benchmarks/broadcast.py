@@ -119,8 +119,8 @@ def measure(scale: str, log=print) -> dict:
 
 
 def table(result: dict) -> str:
-    from qjamfab.tables import render_table
-    from qjamfab.text import format_bytes
+    from qjamfab.display.tables import render_table
+    from qjamfab.display.text import format_bytes
 
     def line(name: str, r: dict) -> list:
         return [

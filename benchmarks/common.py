@@ -318,7 +318,8 @@ def ssh_hosts(
     profile's worker-side sitecustomize). At the end the workers are
     stopped (cluster.stop_workers) and the servers with everything under
     them."""
-    from qjamfab import cluster, hostspec
+    from qjamfab import hostspec
+    from qjamfab.engines import cluster
     from tests.sshd_hosts import SshdHosts
 
     servers = SshdHosts(k, log_level="ERROR")

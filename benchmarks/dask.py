@@ -235,7 +235,7 @@ def measure(scale_name: str, log=print) -> dict:
 
 
 def table(result: dict) -> str:
-    from qjamfab.tables import render_table
+    from qjamfab.display.tables import render_table
 
     rows = []
     for name, ms in result["trivial_ms"].items():

@@ -247,7 +247,7 @@ def _files(home: str) -> int:
 
 
 def table(result: dict) -> str:
-    from qjamfab.tables import render_table
+    from qjamfab.display.tables import render_table
 
     lines = []
     for workload, by_name in result["rows"].items():

@@ -127,7 +127,8 @@ def child(path: str, ssh_config: str, aliases: list[str]) -> dict:
 
 
 def run(scale: Scale, log=print) -> dict:
-    from qjamfab import cluster, hostspec
+    from qjamfab import hostspec
+    from qjamfab.engines import cluster
 
     why_not = sshd_missing()
     if why_not:
@@ -174,7 +175,7 @@ def _mib(n) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    from qjamfab.tables import render_table
+    from qjamfab.display.tables import render_table
 
     lines = []
     for r in rows:

@@ -190,7 +190,7 @@ def _echo(send, recv, rounds: int, size: int = 100) -> list[float]:
 
 
 def time_paramiko_echo(alias: str, ssh_config: str, rounds: int) -> list[float]:
-    from qjamfab import hosts
+    from qjamfab.engines.ssh import hosts
 
     conn = hosts.connect(alias, ssh_config=ssh_config)
     try:
@@ -304,7 +304,7 @@ def run(scale: Scale, log=print) -> dict:
 
 
 def table(rows: dict, workers) -> str:
-    from qjamfab.tables import render_table
+    from qjamfab.display.tables import render_table
 
     lines = []
     for name, row in rows.items():

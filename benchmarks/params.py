@@ -208,7 +208,7 @@ def measure(scale_name: str, log=print) -> dict:
 
 
 def table(result: dict) -> str:
-    from qjamfab.tables import render_table
+    from qjamfab.display.tables import render_table
 
     rows = []
     configs = {f"SSH {k}": v for k, v in result["ssh"].items()}

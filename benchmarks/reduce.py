@@ -63,7 +63,8 @@ def child(
     (comma-separated), on those SSH hosts, 2 workers each; else 8 local."""
     import numpy as np
 
-    from qjamfab import Master, results
+    from qjamfab import Master
+    from qjamfab.core import results
 
     if unbounded:
         results.PARK_BYTES = results.HELD_BYTES = 1 << 62
@@ -214,7 +215,7 @@ def measure(scale: str, log=print) -> dict:
 
 
 def table(result: dict) -> str:
-    from qjamfab.tables import render_table
+    from qjamfab.display.tables import render_table
 
     rows = [
         [
@@ -262,7 +263,7 @@ def table(result: dict) -> str:
 
 
 def targets(result: dict) -> list[dict]:
-    from qjamfab.results import HELD_BYTES
+    from qjamfab.core.results import HELD_BYTES
 
     shipped = [r for r in result["memory"] if r["config"] == "as shipped"]
     worst = max(shipped, key=lambda r: r["held_peak"])

@@ -308,7 +308,7 @@ def run(scale: Scale, log=print) -> dict:
 
 def table(rows: dict, sizes) -> str:
     """The paper's layout: mean seconds per iteration (speed-up)."""
-    from qjamfab.tables import render_table
+    from qjamfab.display.tables import render_table
 
     headers = ["workers"] + [
         f"{n // 1000}k patches" if n >= 1000 else f"{n} patches" for n in sizes

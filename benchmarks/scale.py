@@ -54,7 +54,8 @@ def _host_cpu(servers) -> float:
 
 
 def _ready(servers, aliases, per_host: int, cold: bool) -> dict:
-    from qjamfab import Master, cluster, hostspec
+    from qjamfab import Master, hostspec
+    from qjamfab.engines import cluster
 
     specs = hostspec.parse_hosts(aliases)
     if cold:
@@ -95,7 +96,8 @@ def _start_cost(servers, alias: str, workers: int, fork: bool, cold: bool) -> di
     ready and the CPU the host's processes used meanwhile (those alive once
     it is ready: the previous session's daemons, retired meanwhile, only
     exited)."""
-    from qjamfab import Master, cluster, hostspec
+    from qjamfab import Master, hostspec
+    from qjamfab.engines import cluster
 
     spec = alias if fork else f"{alias} env.QJAMFAB_FORKSERVER=0"
     if cold:

@@ -252,7 +252,7 @@ def _ms(values: list[float]) -> str:
 
 
 def table(result: dict) -> str:
-    from qjamfab.tables import render_table
+    from qjamfab.display.tables import render_table
 
     if result.get("skipped"):
         return result["skipped"]

@@ -182,7 +182,7 @@ def run(scale: Scale, log=print) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    from qjamfab.tables import render_table
+    from qjamfab.display.tables import render_table
 
     lines = [
         [

@@ -8,8 +8,8 @@
 The public names live in private-ish modules and are re-exported here.
 """
 
-from .broadcast import Broadcast
-from .dataset import (
+from .data.broadcast import Broadcast
+from .data.dataset import (
     ArrayDataSet,
     BaseDataSet,
     DataSet,
@@ -38,8 +38,8 @@ from .errors import (
     RemoteError,
     WorkerLost,
 )
+from .frontends.minimize import minimize
 from .master import Master, RunStats
-from .minimize import minimize
 from .version import __version__ as __version__
 
 __all__ = [
@@ -82,7 +82,7 @@ def _register_joblib_backend() -> None:
     if importlib.util.find_spec("joblib") is None:
         return
     try:
-        from . import joblib_backend
+        from .frontends import joblib_backend
 
         joblib_backend.register()
     except Exception as exc:  # a broken joblib must not break qjamfab

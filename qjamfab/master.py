@@ -23,24 +23,26 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeGuard
 
-from . import display, engines, logs, protocol, serialize, text
-from . import packages as shipping
-from .answers import await_answer
-from .broadcast import Broadcast
-from .broadcast import encode_params as encode_run_params
-from .dataset import BaseDataSet, DataSet
+from . import display, engines, protocol
+from .core.run import Run, RunSettings
+from .core.runstats import RunStats, print_event_log
+from .data import serialize
+from .data.broadcast import Broadcast
+from .data.broadcast import encode_params as encode_run_params
+from .data.dataset import BaseDataSet, DataSet
+from .display import logs, text
 from .engines import EngineSettings, Host
+from .engines.ssh.openssh import SSH_CLIENTS, openssh_client
 from .errors import ConfigError, QjamfabError, WorkerLost
-from .futures import FuturesMixin, closes_executor, exclusive
+from .frontends.futures import FuturesMixin, closes_executor, exclusive
+from .frontends.stream import TaskStream
 from .hostspec import HostSpec
-from .inbox import Inbox
-from .openssh import SSH_CLIENTS, openssh_client
-from .run import Run, RunSettings
-from .runstats import RunStats, print_event_log
+from .links import packages as shipping
+from .links.answers import await_answer
+from .links.inbox import Inbox
+from .links.workers import Event, WorkerHandle
 from .runtime import default_base
 from .runtime.pins import CacheLimitError, parse_size
-from .stream import TaskStream
-from .workers import Event, WorkerHandle
 
 log = logging.getLogger("qjamfab")
 

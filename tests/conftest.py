@@ -71,7 +71,8 @@ def ssh():
             "OpenSSH sshd is not installed: apt-get install -y "
             "openssh-server to run the SSH tests"
         )
-    from qjamfab import cluster, hostspec
+    from qjamfab import hostspec
+    from qjamfab.engines import cluster
 
     with SshdHosts(3) as servers:
         yield servers
@@ -145,7 +146,7 @@ def slurm():
 def tasks(monkeypatch):
     """The number of calls in each task the futures send, in order (and
     the bytes of each task's payload, in tasks.payloads)."""
-    from qjamfab.stream import TaskStream
+    from qjamfab.frontends.stream import TaskStream
 
     class Sizes(list):
         payloads: list

@@ -13,7 +13,8 @@ import subprocess
 import sys
 import time
 
-from qjamfab import protocol, runtime, serialize
+from qjamfab import protocol, runtime
+from qjamfab.data import serialize
 
 
 class Client:

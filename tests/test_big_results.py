@@ -10,9 +10,10 @@ import logging
 import numpy as np
 import pytest
 
-from qjamfab import Master, protocol, results
+from qjamfab import Master, protocol
+from qjamfab.core import results
+from qjamfab.core.spill import SpilledNodes, nbytes
 from qjamfab.reduce import ReduceTree, add_in_place, default_reduce, reduce_in_place
-from qjamfab.spill import SpilledNodes, nbytes
 from tests.daemon_client import Daemon, job, result_value, task_head
 
 pytestmark = pytest.mark.timeout(120)

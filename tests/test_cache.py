@@ -16,7 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from qjamfab import content_refs, protocol
+from qjamfab import protocol
+from qjamfab.data import content_refs
 from qjamfab.runtime import cache as cache_module
 from qjamfab.runtime import pins, sealed
 from qjamfab.runtime.cache import CacheEntryLost, RefCache

@@ -12,14 +12,8 @@ import time
 
 import pytest
 
-from qjamfab import (
-    BadHostSpec,
-    DataSet,
-    HostUnreachable,
-    Master,
-    PreflightFailed,
-    cluster,
-)
+from qjamfab import BadHostSpec, DataSet, HostUnreachable, Master, PreflightFailed
+from qjamfab.engines import cluster
 from qjamfab.engines.command import command_argv, command_host
 from qjamfab.hostspec import parse_hosts
 from tests.jobs import constant, inner_product, multiply_sum, sum_params
@@ -239,7 +233,7 @@ def test_a_command_that_prints_something_else_says_what():
 
 
 def test_a_command_that_says_nothing_is_given_up(monkeypatch):
-    from qjamfab import workers
+    from qjamfab.links import workers
 
     monkeypatch.setattr(workers, "HANDSHAKE_TIMEOUT_S", 1.0)
     command = f"{PY} -c 'import time; time.sleep(60)'"

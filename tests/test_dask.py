@@ -26,7 +26,7 @@ from qjamfab import (
     WorkerLost,
     protocol,
 )
-from qjamfab.engines import dask as dask_engine
+from qjamfab.engines.dask import engine as dask_engine
 from tests.dask_clusters import (
     cluster_of_two,
     distributed,
@@ -325,7 +325,7 @@ def test_a_bad_cache_limit_on_the_workers_is_refused(tmp_path, monkeypatch):
 
     need_dask()
 
-    from qjamfab.engines import dask_worker
+    from qjamfab.engines.dask import worker as dask_worker
 
     monkeypatch.setenv("QJAMFAB_CACHE_LIMIT", "lots")  # the worker's env
     worker = SimpleNamespace(
@@ -393,7 +393,7 @@ def test_an_asynchronous_client_is_refused(client):
 def test_workers_that_cannot_load_qjamfab_are_refused(client, monkeypatch):
     import importlib
 
-    from qjamfab.engines import dask_worker
+    from qjamfab.engines.dask import worker as dask_worker
 
     # What a Dask worker without qjamfab meets when the plugin arrives.
     monkeypatch.setattr(dask_worker.QjamfabPlugin, "name", "qjamfab-broken")

@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from qjamfab import dataset as ds_mod
-from qjamfab.content_refs import content_ref
-from qjamfab.dataset import (
+from qjamfab.data import dataset as ds_mod
+from qjamfab.data.content_refs import content_ref
+from qjamfab.data.dataset import (
     SLICES_PER_WORKER,
     ArrayDataSet,
     BaseDataSet,
@@ -96,7 +96,7 @@ def test_cyclic_slice_still_gets_a_ref():
 
 SUBPROCESS_REFS = """
 import json, numpy as np
-from qjamfab.dataset import DataSet
+from qjamfab.data.dataset import DataSet
 print(json.dumps([
     DataSet(range(120)).refs(),
     DataSet(["alpha", "beta", "gamma", "delta"], 2).refs(),

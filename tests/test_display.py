@@ -18,12 +18,24 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from qjamfab import logs, tables, text
-from qjamfab.cluster import HostResult
-from qjamfab.display import RunProgress, StatusLine, master_html, runstats_html
+from qjamfab.core.runstats import RunStats
+from qjamfab.display import (
+    RunProgress,
+    StatusLine,
+    logs,
+    master_html,
+    runstats_html,
+    tables,
+    text,
+)
+from qjamfab.display.tables import (
+    HostProgress,
+    print_failure,
+    print_table,
+    render_table,
+)
+from qjamfab.engines.cluster import HostResult
 from qjamfab.hostspec import HostSpec
-from qjamfab.runstats import RunStats
-from qjamfab.tables import HostProgress, print_failure, print_table, render_table
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -561,7 +573,7 @@ def test_warn_if_cli_hosts_ignored(monkeypatch, caplog, from_cli, given, hosts, 
 
 
 def test_compact_bytes_for_narrow_columns():
-    from qjamfab.text import format_bytes
+    from qjamfab.display.text import format_bytes
 
     assert [
         format_bytes(n, compact=True) for n in (100, 1536, 500 << 20, 63 << 30)

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from qjamfab import DataSet, Master, WorkerLost, cluster, hostspec
+from qjamfab import DataSet, Master, WorkerLost, hostspec
+from qjamfab.engines import cluster
 from tests.netns_host import NetnsHost, netns_available
 
 pytestmark = pytest.mark.timeout(120)

@@ -10,7 +10,6 @@ import paramiko
 import pytest
 from distributed.comm.core import CommClosedError
 
-from qjamfab import foreign
 from qjamfab.errors import (
     AuthenticationFailed,
     HostKeyError,
@@ -18,6 +17,7 @@ from qjamfab.errors import (
     QjamfabError,
     WorkerLost,
 )
+from qjamfab.links import foreign
 
 
 class _BadHostKey(paramiko.BadHostKeyException):
@@ -124,7 +124,7 @@ def test_importing_it_imports_neither_paramiko_nor_dask() -> None:
         "spec = importlib.util.find_spec('qjamfab')\n"
         "pkg.__path__ = spec.submodule_search_locations\n"
         "sys.modules['qjamfab'] = pkg\n"
-        "import qjamfab.foreign\n"
+        "import qjamfab.links.foreign\n"
         "print(sorted(m for m in ('paramiko', 'distributed') if m in sys.modules))"
     )
     out = subprocess.run(
@@ -135,7 +135,7 @@ def test_importing_it_imports_neither_paramiko_nor_dask() -> None:
 
 def test_a_pipe_whose_far_end_ended_says_so() -> None:
     """A link's send maps through the table (transport.py)."""
-    from qjamfab.transport import ProcessTransport
+    from qjamfab.links.transport import ProcessTransport
 
     transport = ProcessTransport("w", [sys.executable, "-c", "pass"])
     try:

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from qjamfab import Master, cluster, hostspec, runtime
+from qjamfab import Master, hostspec, runtime
+from qjamfab.engines import cluster
 from qjamfab.runtime import manage, template
 from tests.conftest import processes_mentioning
 

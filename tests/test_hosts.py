@@ -1,5 +1,5 @@
-"""qjamfab.hostspec, qjamfab.hosts and qjamfab.openssh: host spec parsing,
-the OpenSSH command line, and connect() against private sshd servers
+"""qjamfab.hostspec, qjamfab.engines.ssh.hosts and qjamfab.engines.ssh.openssh:
+host spec parsing, the OpenSSH command line, and connect() against private sshd servers
 (tests/sshd_hosts.py) on 127.0.0.2, 127.0.0.3, ..."""
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ import paramiko
 import paramiko.packet
 import pytest
 
-from qjamfab import engines, openssh
-from qjamfab import hosts as qhosts
+from qjamfab import engines
+from qjamfab.engines.ssh import hosts as qhosts
+from qjamfab.engines.ssh import openssh
+from qjamfab.engines.ssh.hosts import connect
 from qjamfab.errors import (
     AuthenticationFailed,
     BadHostSpec,
@@ -25,7 +27,6 @@ from qjamfab.errors import (
     QjamfabError,
     WorkerLost,
 )
-from qjamfab.hosts import connect
 from qjamfab.hostspec import HostSpec, parse_hosts
 
 try:

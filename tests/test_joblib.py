@@ -18,7 +18,7 @@ import pytest
 joblib = pytest.importorskip("joblib")
 
 from qjamfab import Master, PreflightFailed, RemoteError  # noqa: E402
-from qjamfab.packages import with_dependencies  # noqa: E402
+from qjamfab.links.packages import with_dependencies  # noqa: E402
 from tests.conftest import processes_mentioning  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
@@ -62,7 +62,7 @@ def nested_parallel(x):
 def test_backend_is_registered_on_import():
     from joblib.parallel import BACKENDS
 
-    from qjamfab.joblib_backend import QjamfabBackend
+    from qjamfab.frontends.joblib_backend import QjamfabBackend
 
     assert BACKENDS["qjamfab"] is QjamfabBackend
 

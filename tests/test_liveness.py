@@ -1,7 +1,7 @@
 """liveness.judge: who is gone when silent, with the test's own clock and
 stand-in workers, hosts and inbox (no processes, no sleeps)."""
 
-from qjamfab import liveness
+from qjamfab.core import liveness
 
 
 class FakeLink:

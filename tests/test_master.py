@@ -15,14 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from qjamfab import (
-    BadHostSpec,
-    BaseDataSet,
-    ConfigError,
-    DataSet,
-    Master,
-    QjamfabError,
-)
+from qjamfab import BadHostSpec, BaseDataSet, ConfigError, DataSet, Master, QjamfabError
 from qjamfab.runtime import host_dir
 from tests.conftest import processes_mentioning
 from tests.jobs import (

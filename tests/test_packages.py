@@ -15,16 +15,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from qjamfab import (
-    BadPackage,
-    DataSet,
-    Master,
-    PreflightFailed,
-    cluster,
-    hostspec,
-    protocol,
-)
-from qjamfab import packages as shipping
+from qjamfab import BadPackage, DataSet, Master, PreflightFailed, hostspec, protocol
+from qjamfab.engines import cluster
+from qjamfab.links import packages as shipping
 from qjamfab.runtime import packages as host_packages
 from qjamfab.runtime.probe import platform_info, secure_host_dir
 from tests.test_tasks import cli, describe

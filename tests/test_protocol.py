@@ -12,6 +12,8 @@ import pytest
 
 from qjamfab import protocol
 from qjamfab.errors import ProtocolError, QjamfabError
+from qjamfab.links.transport import ProcessTransport
+from qjamfab.links.workers import Link
 from qjamfab.protocol import (
     KIND_NAMES,
     FrameReader,
@@ -21,8 +23,6 @@ from qjamfab.protocol import (
     frame_size,
     write_all,
 )
-from qjamfab.transport import ProcessTransport
-from qjamfab.workers import Link
 
 pytestmark = pytest.mark.timeout(20)
 

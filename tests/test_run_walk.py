@@ -17,10 +17,11 @@ from collections import deque
 
 import pytest
 
-from qjamfab import ListDataSet, WorkerLost, policy, protocol
+from qjamfab import ListDataSet, WorkerLost, protocol
+from qjamfab.core import policy
+from qjamfab.core.run import Run, RunSettings
+from qjamfab.links.workers import LOST, Event, WorkerHandle
 from qjamfab.reduce import ReduceTree
-from qjamfab.run import Run, RunSettings
-from qjamfab.workers import LOST, Event, WorkerHandle
 
 STEPS = 20_000  # a walk that takes more has not ended: the run hangs
 

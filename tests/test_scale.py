@@ -9,7 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from qjamfab import DataSet, Master, cluster, hostspec
+from qjamfab import DataSet, Master, hostspec
+from qjamfab.engines import cluster
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from qjamfab.scheduler import plan, replan
+from qjamfab.core.scheduler import plan, replan
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -339,7 +339,8 @@ def test_a_local_master_writes_nothing_where_another_user_can(
 def test_an_ssh_host_gets_nothing_written_where_another_user_can(request, ssh, layout):
     """The agent's boot code checks before it installs the runtime, and
     inv bootstrap's preflight before it uploads anything."""
-    from qjamfab import Master, QjamfabError, cluster, hostspec
+    from qjamfab import Master, QjamfabError, hostspec
+    from qjamfab.engines import cluster
 
     host = ssh["host1"]  # its sshd sets QJAMFAB_HOME=host.home
     watched, line = _untrusted(

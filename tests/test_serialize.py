@@ -4,7 +4,8 @@ can have changed; every change a user can make still reaches the workers."""
 import numpy as np
 import pytest
 
-from qjamfab import Master, serialize
+from qjamfab import Master
+from qjamfab.data import serialize
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from qjamfab import DataSet, Master, cluster, hostspec
+from qjamfab import DataSet, Master, hostspec
+from qjamfab.engines import cluster
 from tests.conftest import processes_mentioning
 from tests.jobs import multiply_sum
 from tests.sshd_hosts import SshdHosts, sshd_available

@@ -17,16 +17,8 @@ import time
 
 import pytest
 
-from qjamfab import (
-    BadHostSpec,
-    DataSet,
-    HostUnreachable,
-    Master,
-    PreflightFailed,
-)
-from qjamfab import (
-    cluster as tasks,
-)
+from qjamfab import BadHostSpec, DataSet, HostUnreachable, Master, PreflightFailed
+from qjamfab.engines import cluster as tasks
 from qjamfab.engines import slurm as slurm_engine
 from qjamfab.engines.slurm import cpus_per_node
 from qjamfab.hostspec import parse_hosts

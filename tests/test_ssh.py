@@ -25,10 +25,9 @@ from qjamfab import (
     PreflightFailed,
     RemoteError,
     WorkerLost,
-    hosts,
     hostspec,
-    openssh,
 )
+from qjamfab.engines.ssh import hosts, openssh
 from tests.conftest import processes_mentioning
 from tests.jobs import (
     constant,
@@ -144,9 +143,9 @@ def test_remote_stderr_does_not_stall_reading(ssh):
     stdout. The far end here speaks the protocol after such a warning."""
     import shlex
 
-    from qjamfab.inbox import Inbox
-    from qjamfab.transport import SSHChannelTransport
-    from qjamfab.workers import Link
+    from qjamfab.links.inbox import Inbox
+    from qjamfab.links.transport import SSHChannelTransport
+    from qjamfab.links.workers import Link
 
     code = textwrap.dedent("""\
         import os, sys
@@ -183,8 +182,8 @@ def test_much_remote_stderr_does_not_stall_the_openssh_client(ssh):
     its frames through."""
     import shlex
 
-    from qjamfab.transport import OpenSSHTransport
-    from qjamfab.workers import Link
+    from qjamfab.links.transport import OpenSSHTransport
+    from qjamfab.links.workers import Link
 
     code = textwrap.dedent("""\
         import os, sys
@@ -262,7 +261,7 @@ def test_second_master_finds_warm_workers_and_caches(ssh):
 def test_stopped_daemons_start_in_the_one_connection(ssh):
     """Where no daemon listens, the agent starts them all and they attach,
     over the one connection the Master opened."""
-    from qjamfab import cluster
+    from qjamfab.engines import cluster
 
     cluster.stop_workers(hostspec.parse_hosts(["host2"]), ssh_config=ssh.ssh_config)
     before = _connections(ssh, "host2")
@@ -465,7 +464,8 @@ def test_daemon_of_another_runtime_is_replaced(ssh):
     another protocol) is stopped and a current one started in its place."""
     import shutil
 
-    from qjamfab import cluster, runtime
+    from qjamfab import runtime
+    from qjamfab.engines import cluster
 
     host3 = hostspec.parse_hosts(["host3"])
     assert cluster.bootstrap(host3, ssh_config=ssh.ssh_config)[0].ok
@@ -552,7 +552,7 @@ def test_a_module_the_host_lacks_is_one_line_naming_host_and_module(
     variable: the runtime needs only the standard library, and a numpy
     dataset fails naming host and module, not as a lost worker, and the
     advice names the variable the Python came from."""
-    from qjamfab import cluster
+    from qjamfab.engines import cluster
 
     python = bare_python
     monkeypatch.setenv("QJAM_REMOTE_PYTHON", python)
@@ -600,7 +600,7 @@ def test_hosts_that_differ_have_their_own_workers_python_and_env(ssh, tmp_path):
     """Per-host settings, from a hosts file as a lab would keep one: a
     worker count, a Python, environment variables per worker (each worker
     of a GPU host its own GPU)."""
-    from qjamfab import cluster
+    from qjamfab.engines import cluster
 
     hosts_file = tmp_path / "hosts"
     hosts_file.write_text(
@@ -628,7 +628,7 @@ def test_hosts_that_differ_have_their_own_workers_python_and_env(ssh, tmp_path):
 
 
 def test_a_worker_count_given_to_start_workers_sticks(ssh):
-    from qjamfab import cluster
+    from qjamfab.engines import cluster
 
     specs = hostspec.parse_hosts(["host3"])
     cluster.stop_workers(specs, ssh_config=ssh.ssh_config)
@@ -691,7 +691,7 @@ def test_a_paramiko_send_that_blocks_gives_up_at_the_read_timeout():
     channel's window has room (issue 21 item 6): the transport gives up
     after its read timeout (the Master's heartbeat timeout) with WorkerLost,
     whatever paramiko's own timeout. The test's timeout is the bound."""
-    from qjamfab.transport import SSHChannelTransport
+    from qjamfab.links.transport import SSHChannelTransport
 
     channel = _StalledChannel()
     transport = SSHChannelTransport("stalled", _FakeConnection(channel), "agent")

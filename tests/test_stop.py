@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from qjamfab import cluster, hostspec, runtime
+from qjamfab import hostspec, runtime
+from qjamfab.engines import cluster
 from qjamfab.runtime import manage
 
 pytestmark = pytest.mark.timeout(120)
@@ -107,9 +108,9 @@ class _Session:
 
 
 def test_killed_daemons_are_said_in_the_log_and_the_table(caplog):
-    from qjamfab.tasks import stopped_cell
+    from qjamfab.cli.tasks import stopped_cell
 
-    with caplog.at_level("WARNING", logger="qjamfab.cluster"):
+    with caplog.at_level("WARNING", logger="qjamfab.engines.cluster"):
         info = cluster.stop_host(_Session())  # type: ignore[arg-type]
     assert caplog.messages == [
         f"host1: worker-1 did not end within {manage.STOP_WAIT_S:g} s of "

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 import qjamfab
-from qjamfab import HostKeyError, cluster, runtime
+from qjamfab import HostKeyError, runtime
 from qjamfab import cli as qjamfab_cli
+from qjamfab.engines import cluster
 from qjamfab.hostspec import parse_hosts
 
 try:

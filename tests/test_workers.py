@@ -10,9 +10,9 @@ import time
 import pytest
 
 from qjamfab import protocol
-from qjamfab.inbox import Inbox
-from qjamfab.transport import ProcessTransport
-from qjamfab.workers import LOST, Link, WorkerHandle
+from qjamfab.links.inbox import Inbox
+from qjamfab.links.transport import ProcessTransport
+from qjamfab.links.workers import LOST, Link, WorkerHandle
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -100,8 +100,8 @@ def test_a_stream_that_stalls_inside_a_frame_is_lost():
 
 
 def test_no_hello_in_time_is_a_worker_that_did_not_start(monkeypatch):
-    from qjamfab import workers
     from qjamfab.errors import WorkerLost
+    from qjamfab.links import workers
 
     monkeypatch.setattr(workers, "HANDSHAKE_TIMEOUT_S", 0.5)
     transport = ProcessTransport(
@@ -116,7 +116,7 @@ def test_no_hello_in_time_is_a_worker_that_did_not_start(monkeypatch):
 
 
 def test_await_answer_takes_what_comes_first_and_returns_the_answer():
-    from qjamfab.answers import await_answer
+    from qjamfab.links.answers import await_answer
 
     batches = iter([[], ["log", "beat"], ["other", "answer", "late"]])
     took: list[str] = []
@@ -129,7 +129,7 @@ def test_await_answer_takes_what_comes_first_and_returns_the_answer():
 
 
 def test_await_answer_gives_up_when_told_or_past_its_deadline():
-    from qjamfab.answers import await_answer
+    from qjamfab.links.answers import await_answer
 
     # `take` says the one asked is gone: no more reads.
     reads = []
@@ -160,7 +160,7 @@ def test_await_answer_gives_up_when_told_or_past_its_deadline():
 
 def test_an_agents_note_of_tasks_done_is_one_event_for_the_host():
     from qjamfab import protocol
-    from qjamfab.workers import DONE, Link, WorkerHandle
+    from qjamfab.links.workers import DONE, Link, WorkerHandle
 
     class Stub:
         def __init__(self, data: bytes):
@@ -269,7 +269,7 @@ def test_queued_frames_go_first_and_say_when_they_have_left():
 
 
 def test_the_outbox_writes_what_the_stream_takes_in_order():
-    from qjamfab.outbox import Outbox
+    from qjamfab.links.outbox import Outbox
 
     out = bytearray()
     room = [5]  # what the stream takes until it is full

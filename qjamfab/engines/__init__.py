@@ -28,11 +28,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .. import text
+from ..display import text
 from ..errors import BadHostSpec, QjamfabError
 from ..hostspec import HostSpec, parse_hosts
-from ..inbox import Inbox
-from ..workers import WorkerHandle
+from ..links.inbox import Inbox
+from ..links.workers import WorkerHandle
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class Engine:
 _ENGINES: dict[str, Engine] = {}
 # The engines of this package, imported when first needed (Dask only
 # when a Dask cluster is given, so distributed stays optional).
-_BUILTIN = ("local", "ssh", "slurm", "command", "dask")
+_BUILTIN = ("local", "ssh.engine", "slurm", "command", "dask.engine")
 
 
 def register(engine: Engine) -> None:

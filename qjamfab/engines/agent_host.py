@@ -12,8 +12,8 @@ import time
 
 from ..errors import WorkerLost
 from ..hostspec import HostSpec
-from ..inbox import Inbox
-from ..workers import Link, WorkerHandle
+from ..links.inbox import Inbox
+from ..links.workers import Link, WorkerHandle
 from . import EngineSettings
 
 # A daemon without a session for this long ends.
@@ -50,7 +50,7 @@ class AgentHost:
             self.link = self.open_link()
             inbox.add(self.link)
             if self.settings.packages:
-                from .. import package_ship
+                from ..links import package_ship
 
                 package_ship.ship(self.link, self.settings.packages)
         missing = (

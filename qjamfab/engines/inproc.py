@@ -24,13 +24,13 @@ import socket
 import threading
 import time
 
-from ..foreign import mapped
+from ..links.foreign import mapped
+from ..links.transport import Transport
 from ..runtime import secure_dir
 from ..runtime.cache import RefCache
 from ..runtime.capture import Capture
 from ..runtime.serving import Channel
 from ..runtime.worker import Worker
-from ..transport import Transport
 
 
 class _Died(BaseException):

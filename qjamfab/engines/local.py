@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import QjamfabError
 from ..hostspec import HostSpec
-from ..inbox import Inbox
-from ..transport import LocalPipeTransport, Transport
-from ..workers import Link, WorkerHandle
+from ..links.inbox import Inbox
+from ..links.transport import LocalPipeTransport, Transport
+from ..links.workers import Link, WorkerHandle
 from . import Engine, EngineSettings, Host, register
 from .inproc import InProcessTransport
 

@@ -32,12 +32,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .. import cluster, display, runtime
+from .. import display, runtime
 from ..errors import BadHostSpec, HostUnreachable, PreflightFailed
 from ..hostspec import HostSpec
-from ..transport import ProcessTransport
-from ..workers import Link
-from . import Engine, EngineSettings, Host, register
+from ..links.transport import ProcessTransport
+from ..links.workers import Link
+from . import Engine, EngineSettings, Host, cluster, register
 from .agent_host import AgentHost
 
 __all__ = [

@@ -289,7 +289,7 @@ def platform_info() -> dict:
     this Python: the OS, the machine, the extension file suffixes this
     interpreter imports (they carry its ABI tag) and the C library. The
     master compares them with a package's files before shipping it
-    (qjamfab/packages.py)."""
+    (qjamfab/links/packages.py)."""
     import importlib.machinery
 
     try:

@@ -42,12 +42,7 @@ from typing import TYPE_CHECKING
 
 from .. import protocol
 from ..errors import ProtocolError
-from . import (
-    default_base,
-    secure_dir,
-    secure_host_dir,
-    set_process_name,
-)
+from . import default_base, secure_dir, secure_host_dir, set_process_name
 from .cache import CacheEntryLost, RefCache
 from .calls import run_calls
 from .capture import Capture
@@ -55,14 +50,7 @@ from .keeper import keep
 from .lru import JobCache, job_budget
 from .packages import use_in_daemon
 from .pins import CacheLimitError
-from .serving import (
-    Channel,
-    DaemonLog,
-    HandOver,
-    check_head,
-    fd_channel,
-    serve_socket,
-)
+from .serving import Channel, DaemonLog, HandOver, check_head, fd_channel, serve_socket
 from .shared_params import open_params
 from .task import check_job, error_fields, execute, load_job, task_refs
 

@@ -1,0 +1,117 @@
+"""A run's task copies on its workers: which are open, each worker's
+queue in order, which workers ran dry, open copies per host.
+
+A copy (`TaskCopy`) is one group of slices sent to one worker; a group may
+have several (moves, backups). `Copies` books them as they open and close,
+in constant work per copy, so that `Run` (run.py) asks it what is queued,
+running, idle or open on a host instead of keeping that state itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from ..links.workers import Link, WorkerHandle
+
+
+class TaskCopy:
+    """One copy of a group of slices sent to one worker."""
+
+    __slots__ = (
+        "id",
+        "worker",
+        "group",
+        "slices",
+        "started",
+        "held",
+        "size",
+        "cancelling",
+    )
+
+    def __init__(
+        self,
+        task_id: int,
+        worker: WorkerHandle,
+        group: int,
+        slices: list[int],
+        held: bool,
+        now: float,
+    ):
+        self.id = task_id
+        self.worker = worker
+        self.group = group
+        self.slices = slices
+        self.started = now
+        self.held = held  # its result waits at the host's agent
+        self.size = 0  # its result's bytes, once "done" or "parked" says
+        # Moved away: open until its worker confirms the cancel (it may have
+        # started it already), but no longer counted on to run.
+        self.cancelling = False
+
+
+class Copies:
+    """The open copies of one run, by id, by worker (in the order they
+    run) and by host."""
+
+    def __init__(self, workers: Sequence[WorkerHandle]):
+        self.open: dict[int, TaskCopy] = {}  # task id -> live copy
+        self.queues: dict[WorkerHandle, list[TaskCopy]] = {h: [] for h in workers}
+        self.idle: set[WorkerHandle] = set(workers)
+        self.queued = 0  # open copies not yet running
+        self._on_host: dict[Link, int] = {}
+
+    def add(self, task: TaskCopy) -> None:
+        self.open[task.id] = task
+        queue = self.queues[task.worker]
+        self.queued += bool(queue)
+        queue.append(task)
+        self.idle.discard(task.worker)
+        link = task.worker.link
+        self._on_host[link] = self._on_host.get(link, 0) + 1
+
+    def remove(self, task: TaskCopy, now: float) -> bool:
+        """The copy is no longer open (finished, cancelled or lost); the
+        next in its worker's queue starts `now`. Whether it was the last
+        open copy on its host."""
+        del self.open[task.id]
+        queue = self.queues[task.worker]
+        first = queue[0] is task
+        queue.remove(task)
+        self.queued -= bool(queue) if first else 1
+        if first and queue:
+            queue[0].started = now
+        if not queue and task.worker.alive:
+            self.idle.add(task.worker)
+        link = task.worker.link
+        self._on_host[link] -= 1
+        return not self._on_host[link]
+
+    def on_host(self, link: Link) -> bool:
+        """Whether any copy is open on the host."""
+        return bool(self._on_host.get(link))
+
+    def of_group(self, group: int) -> list[TaskCopy]:
+        return [t for t in self.open.values() if t.group == group]
+
+    def per_group(self) -> dict[int, int]:
+        """How many open copies each group has."""
+        copies: dict[int, int] = {}
+        for task in self.open.values():
+            copies[task.group] = copies.get(task.group, 0) + 1
+        return copies
+
+    def waiting(self, won: Iterable[int] | set[int]) -> list[TaskCopy]:
+        """Queued copies (not yet running) of groups not won."""
+        if not self.queued:
+            return []
+        return [t for q in self.queues.values() for t in q[1:] if t.group not in won]
+
+    def running(self) -> list[TaskCopy]:
+        """Each busy worker's copy at the head of its queue."""
+        return [q[0] for q in self.queues.values() if q]
+
+    def busy(self) -> list[WorkerHandle]:
+        return [h for h, q in self.queues.items() if q]
+
+    def on_worker(self, handle: WorkerHandle) -> list[TaskCopy]:
+        return list(self.queues.get(handle, ()))

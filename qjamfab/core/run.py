@@ -1,0 +1,552 @@
+"""One `Master.run`: groups of slices out, results in, failures absorbed.
+
+`Run` plans slices onto workers (scheduler.py), sends tasks (dispatch.py)
+and works through what they send back, on the caller's thread: it
+supplies what a blocked worker lacks, books finished copies, re-plans the
+groups of a lost worker, and acts on the policy's decisions (policy.py:
+moves to workers that ran dry, backups of stragglers, coverage). Results
+flow in through results.py, data goes out through supply.py, losses.py
+keeps what was lost and when the job is to blame; runstats.py says what
+the run did; copies.py books the task copies on workers, groups.py the
+groups they are copies of. Time is read from `RunSettings.clock` only,
+so tests drive a run with a clock of their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import display, protocol
+from ..data.dataset import BaseDataSet
+from ..errors import ProtocolError, WorkerLost, describe_exit
+from ..links.inbox import Inbox
+from ..links.workers import DONE, LOST, Event, Link, WorkerHandle
+from . import liveness, policy, scheduler
+from .copies import Copies, TaskCopy
+from .dispatch import Dispatch
+from .groups import Groups
+from .losses import Losses
+from .remote_errors import collect_error, remote_error
+from .results import Node, ResultFlow, take_nodes
+from .runstats import RunStats, print_event_log
+from .supply import Supply
+
+log = logging.getLogger("qjamfab")
+
+
+@dataclass
+class RunSettings:
+    """What a run takes from its Master's settings."""
+
+    heartbeat_timeout: float
+    straggler_factor: float
+    replicas: int
+    split: bool
+    # The run's only time source: the engines' heartbeats (last_seen) are
+    # read against it too.
+    clock: Callable[[], float] = field(default=time.monotonic)
+
+
+class Run:
+    """The state of one `Master.run`: tasks out, results in.
+
+    Slices travel in groups; a group may have several copies (tasks) on
+    different workers: a worker that runs dry takes a copy of a group still
+    queued elsewhere, and a group running far longer than its peers gets a
+    backup copy. The first copy to finish wins its group, the others are
+    cancelled or discarded, so every slice counts exactly once. Every
+    group without a value keeps a live copy counted on to run (coverage,
+    policy.uncovered): whatever moves, cancels, backups and losses
+    interleave, the run ends.
+
+    Work per event is constant, besides what the event itself changes:
+    each worker's open tasks are kept in order, idle workers in a set, and
+    slice times sorted as they arrive.
+    """
+
+    def __init__(
+        self,
+        inbox: Inbox,
+        workers: list[WorkerHandle],
+        func_hash: str,
+        func_bytes: bytes,
+        params_parts: list[Any],
+        dataset: BaseDataSet | None,
+        reduce: Callable[[Any, Any], Any] | None,
+        settings: RunSettings,
+        progress: bool | None = None,
+        broadcasts: dict[str, list] | None = None,
+    ):
+        """`broadcasts`: the payload of each Broadcast in params, by ref
+        (broadcast.py's encode_params)."""
+        self.inbox = inbox
+        self.settings = settings
+        self.clock = settings.clock
+        self.progress_enabled = progress
+        self.progress: display.RunProgress  # set by execute
+        self.results: ResultFlow[TaskCopy]  # set by execute
+        self.run_id = next(inbox.ids)
+        self.workers = workers
+        self.func_hash = func_hash
+        self.dataset = dataset
+        self.refs = dataset.refs() if dataset is not None else None
+        self.reduce = reduce
+        self.copies = Copies(workers)
+        self.groups = Groups()
+        self.times = policy.SliceTimes()
+        self.losses = Losses(over_dataset=self.refs is not None)
+        self.split = settings.split
+        self.dispatch = Dispatch(
+            self.run_id,
+            workers,
+            (func_hash, func_bytes),
+            params_parts,
+            self.refs,
+            broadcasts,
+        )
+        self.links = self.dispatch.links
+        self.counters = {x: (x.bytes_sent, x.bytes_received) for x in self.links}
+        self.started = self.clock()
+        self.stats = RunStats(workers=len(workers))
+        self.supply = Supply(
+            dataset, self.refs, func_hash, func_bytes, self.stats, broadcasts
+        )
+
+    def execute(self) -> object:
+        if self.refs is None:
+            # No dataset: every worker runs mapfunc(params, None) once.
+            plan = {h.name: [i] for i, h in enumerate(self.workers)}
+        else:
+            plan = scheduler.plan(
+                self.refs,
+                [h.name for h in self.workers],
+                {h.name: h.refs for h in self.workers},
+            )
+            self.stats.slices = len(self.refs)
+        self.leaves = self.dispatch.leaves
+        self.results = ResultFlow[TaskCopy](
+            self.run_id,
+            self.func_hash,
+            self.leaves,
+            self.reduce,
+            self._send_failed,
+            self.copies.on_host,
+        )
+        self.progress = display.RunProgress(
+            len(self.refs) if self.refs is not None else len(plan),
+            enabled=self.progress_enabled,
+            unit="slices" if self.refs is not None else "tasks",
+        )
+        tree = self.results.tree
+        try:
+            by_name = {h.name: h for h in self.workers}
+            queues = [
+                (by_name[name], scheduler.batches(slices, self.split))
+                for name, slices in plan.items()
+            ]
+            # Every worker's first task before anyone's second: on a busy
+            # machine the last worker to get one would start late. One
+            # write per host for them all, and where an agent combines,
+            # one TASKS frame for that host's tasks.
+            first: dict[Link, list] = {link: [] for link in self.dispatch.holds}
+            for link in self.links:
+                link.hold()
+            try:
+                for k in range(max((len(b) for _, b in queues), default=0)):
+                    for handle, batches in queues:
+                        if k < len(batches):
+                            group = self._new_group(batches[k])
+                            self._send_task(handle, group, first.get(handle.link))
+                for link, entries in first.items():
+                    self.dispatch.send_first(link, entries)
+            finally:
+                for link in self.links:
+                    link.release()
+            self._collect()
+        except BaseException:
+            for handle, queue in self.copies.queues.items():
+                if queue and handle.alive:
+                    handle.stale = True  # this run's job may run on there
+            raise
+        finally:
+            self.supply.close()
+            self.progress.close()
+            self.dispatch.close()
+            self._count_bytes()
+            self.stats.spilled_results = self.results.nodes.spilled
+            if not tree.complete:
+                self.results.nodes.close()  # an interrupted run: free its files
+        if self.refs is not None and self.settings.replicas > 1:
+            self.supply.replicate(
+                self.workers, self.settings.replicas, self._send_failed
+            )
+        return tree.result()
+
+    def split_next(self) -> bool:
+        """Whether the next run splits each worker's slices (policy.py)."""
+        stats = self.stats
+        return policy.split_next(
+            stats.elapsed_s,
+            bool(stats.moved_tasks or stats.backup_tasks or stats.lost_workers),
+            self.split,
+            list(stats.worker_compute_s.values()),
+        )
+
+    def _new_group(self, slices: list[int]) -> int:
+        group = next(self.inbox.ids)
+        self.groups.add(group, slices)
+        return group
+
+    # --- tasks out ------------------------------------------------------
+
+    def _send_task(
+        self, handle: WorkerHandle, group: int, first: list | None = None
+    ) -> None:
+        """A copy of the group for the worker, sent (dispatch.py), or an
+        entry in `first`, its host's first tasks."""
+        held = self.dispatch.held(handle)
+        slices = self.groups.slices[group]
+        task = TaskCopy(next(self.inbox.ids), handle, group, slices, held, self.clock())
+        self.stats.tasks += 1
+        self._open(task)
+        try:
+            self.dispatch.send(task, first)
+        except WorkerLost as exc:
+            self._send_failed(handle, exc)
+
+    def _open(self, task: TaskCopy) -> None:
+        self.copies.add(task)
+
+    def _close(self, task: TaskCopy) -> None:
+        """The task is no longer open (finished, cancelled or lost)."""
+        if self.copies.remove(task, self.clock()):
+            # Its host's last open task ended (done, cancelled, moved or
+            # lost): what it holds can be combined now.
+            self.results.host_idle(task.worker.link)
+
+    def _send_failed(self, handle: WorkerHandle, exc: WorkerLost) -> None:
+        """A send to the worker failed: it is lost, handled as if its
+        stream had ended (the event comes next in the run's loop)."""
+        if handle.alive:
+            handle.alive = False
+            self.inbox.push_front(Event(handle, LOST, {"reason": str(exc)}, []))
+
+    def _cancel(self, task: TaskCopy) -> None:
+        self._close(task)
+        self._drop(task)
+
+    def _drop(self, task: TaskCopy) -> None:
+        """Tell the worker to drop the copy: not run it if queued, forget
+        its parked value if it won too late."""
+        try:
+            task.worker.send(protocol.CANCEL, {"task": task.id, "run": self.run_id})
+        except WorkerLost as exc:
+            self._send_failed(task.worker, exc)
+
+    # --- events in ------------------------------------------------------
+
+    def _collect(self) -> None:
+        tick = min(0.25, self.settings.heartbeat_timeout / 4)
+        next_check = self.clock() + tick
+        while self.groups.undelivered:
+            event = self.inbox.next_event(tick)
+            if event is not None:
+                self._event(event)
+            self.results.ask()  # whatever ended the last big transfer
+            if self.clock() >= next_check:
+                next_check = self.clock() + tick
+                self._check_heartbeats()
+                self._balance(stragglers=True)
+            elif self.copies.idle and self.copies.queued:
+                self._balance(stragglers=False)
+
+    def _event(self, event: Event) -> None:
+        source, kind, head, parts = event
+        if kind == protocol.LOG:
+            print_event_log(event)
+            return
+        if kind == DONE:  # held tasks done at a host
+            for handle, task_id, run, compute_s, size in head["tasks"]:
+                if run == self.run_id:
+                    self._held_done(handle, task_id, compute_s, size)
+            return
+        if head.get("run", self.run_id) != self.run_id:
+            return  # an answer to an earlier run, which ended without it
+        if isinstance(source, Link):  # the agent: COLLECT's answer
+            if kind == protocol.RESULT:
+                self._deliver(self.results.collected(source, head), take_nodes(parts))
+            elif kind == protocol.ERROR:
+                raise collect_error(source.label, head)
+            return
+        handle = source
+        if kind == LOST:
+            self._lost(handle, head["reason"], head.get("died", False))
+            return
+        if kind == protocol.RESULT:
+            fetched = self.results.fetched(handle, head)
+            if fetched is not None:
+                self._deliver([fetched], take_nodes(parts))
+                return
+        task_id = head.get("task")
+        task = self.copies.open.get(task_id) if task_id is not None else None
+        if task is None or task.worker is not handle:
+            return  # a discarded copy, or left from an interrupted run
+        handle.stale = False  # it works on this run now
+        if kind == protocol.STATE:
+            state = head["state"]
+            if state == "cancelled":
+                self._close(task)
+                self._cover([task], handle.name, "its copy was cancelled")
+            elif state == "progress":
+                self._progressed(task.group, head["done"])
+            elif state == "parked":  # its big value waits at its worker
+                if self._finished(task, head["compute_s"]):
+                    self.results.park(task, head["bytes"])
+                else:
+                    self._drop(task)  # another copy won
+            else:
+                try:
+                    self._supply(handle, head)
+                except WorkerLost as exc:
+                    self._send_failed(handle, exc)
+        elif kind == protocol.RESULT:
+            if self._finished(task, head["compute_s"]):
+                self._deliver([task], take_nodes(parts))
+        elif kind == protocol.ERROR:
+            raise remote_error(handle, self.losses.names(task.slices), head)
+        else:
+            raise ProtocolError(
+                f"worker {handle.name} sent an unexpected "
+                f"{protocol.KIND_NAMES.get(kind, kind)} frame: restart it"
+            )
+
+    def _supply(self, handle: WorkerHandle, head: dict) -> None:
+        """The worker is blocked: send what it lacks (supply.py)."""
+        task = self.copies.open.get(head["task"])
+
+        def sent() -> None:
+            if task is not None:
+                task.started = self.clock()  # transfer time is not slowness
+
+        self.supply.blocked(handle, head, sent)
+
+    def _held_done(
+        self, handle: WorkerHandle, task_id: int, compute_s: float, size: int
+    ) -> None:
+        """A task done whose value waits at the host's agent."""
+        task = self.copies.open.get(task_id)
+        if task is None or task.worker is not handle:
+            return  # a discarded copy
+        handle.stale = False
+        if self._finished(task, compute_s):
+            self.results.hold(task, size)
+
+    def _finished(self, task: TaskCopy, compute_s: float) -> bool:
+        """Book a finished copy; whether it wins its group."""
+        self._close(task)
+        handle = task.worker
+        if self.refs is not None:
+            handle.refs.update(self.refs[i] for i in task.slices)
+        compute = self.stats.worker_compute_s
+        compute[handle.name] = compute.get(handle.name, 0.0) + compute_s
+        self.times.add(compute_s, len(task.slices))
+        if not self.groups.win(task):
+            return False  # another copy won, or its slices run apart now
+        for other in self._other_copies(task.group):
+            self._cancel(other)
+        return True
+
+    def _other_copies(self, group: int) -> list[TaskCopy]:
+        """The group's other open copies: only backups and moves make
+        them, so without those there is nothing to look for."""
+        if not (self.stats.backup_tasks or self.stats.moved_tasks):
+            return []
+        return self.copies.of_group(group)
+
+    def _progressed(self, group: int, done: int) -> None:
+        """The progress bar moves per slice, not per task: a long task
+        reports its slices done as it goes (the first copy's count)."""
+        more = self.groups.progressed(group, done)
+        if more:
+            self.progress.advance(more)
+
+    def _deliver(self, tasks: list[TaskCopy], nodes: list[Node]) -> None:
+        """Results in: their nodes join the run's tree at once."""
+        slices = [i for t in tasks for i in t.slices]
+        self.results.add(nodes)
+        shown = self.groups.delivered(tasks)
+        self.progress.advance(
+            (len(slices) if self.refs is not None else len(tasks)) - shown
+        )
+        if self.refs is not None:
+            self.stats.slices_cached += sum(
+                self.refs[i] not in self.supply.sent_refs for i in slices
+            )
+
+    # --- balance --------------------------------------------------------
+
+    def _balance(self, stragglers: bool) -> None:
+        """Give workers that ran dry a copy of queued or straggling groups."""
+        idle = sorted((h for h in self.copies.idle if h.alive), key=lambda h: h.name)
+        if not idle or not self.copies.open:
+            return
+        queued = self.copies.waiting(self.groups.won)
+        now = self.clock()
+        late: list[TaskCopy] = []
+        if (
+            not queued
+            and stragglers
+            and self.times.seconds
+            and now - self.started > policy.BACKUP_AFTER_S
+        ):
+            late = policy.stragglers(
+                self.copies.running(),
+                self.copies.per_group(),
+                self.groups.won,
+                self.times,
+                self.settings.straggler_factor,
+                now,
+            )
+        for decision in policy.balance(idle, queued, late, self._held, self.times):
+            handle, task = decision.worker, decision.copy
+            if decision.backup:
+                log.info(
+                    "backup copy of %s on %s: %s is slow",
+                    self.losses.names(task.slices),
+                    handle.name,
+                    task.worker.name,
+                )
+                self.stats.backup_tasks += 1
+            else:
+                self._cancel(task)  # it was only queued: move it
+                self._open(task)  # until the worker confirms
+                task.cancelling = True
+                self.stats.moved_tasks += 1
+            self._send_task(handle, task.group)
+
+    def _held(self, handle: WorkerHandle, task: TaskCopy) -> int:
+        if self.refs is None:
+            return 0
+        return sum(self.refs[i] in handle.refs for i in task.slices)
+
+    # --- loss -----------------------------------------------------------
+
+    def _check_heartbeats(self) -> None:
+        busy = self.copies.busy()
+        fetching = self.results.fetching
+        if fetching is not None:
+            busy.append(fetching.worker)
+        waiting = [
+            x
+            for x in self.links
+            if self.results.collecting.get(x) or self.results.held.get(x)
+        ]
+        timeout = self.settings.heartbeat_timeout
+        silent = liveness.judge(busy, waiting, timeout, self.clock, self.inbox)
+        reason = f"no heartbeat for {timeout:g} s"
+        for link in silent.hosts:
+            liveness.silence(link, self.inbox, reason)
+            self._host_lost(link)
+        for handle in silent.workers:
+            handle.alive = False  # its host answers; it does not
+            self._lost(handle, reason)
+
+    def _host_lost(self, link: Link) -> None:
+        """Held results at a host that is gone are gone with it: their
+        groups run again."""
+        tasks = self.results.host_lost(link)
+        for task in tasks:
+            self.groups.unwin(task)
+        if tasks:
+            self._rerun(
+                [i for t in tasks for i in t.slices],
+                tasks[-1].worker.name,
+                "its host was lost",
+            )
+
+    def _lost(self, handle: WorkerHandle, reason: str, died: bool = False) -> None:
+        """A worker ended: its groups without another live copy re-run,
+        slice by slice, on the survivors. `died`: its process ended (not
+        its host or its connection), so the slice it ran may be the cause."""
+        handle.alive = False
+        self.copies.idle.discard(handle)
+        # A worker still on a failed run's task may die of that run's job.
+        died = died and not handle.stale
+        if not handle.link.alive:
+            self._host_lost(handle.link)
+        parked = self.results.unpark(handle)
+        for task in parked:  # won, but the value is gone: they run again
+            self.groups.unwin(task)
+        lost_tasks = self.copies.on_worker(handle)
+        if not lost_tasks and not parked:
+            return  # nothing of this run was on it
+        status, tail = handle.exit_report()
+        handle.close()
+        if handle.name not in self.stats.lost_workers:
+            self.stats.lost_workers.append(handle.name)
+        detail = describe_exit(status) if status is not None else reason
+        running = lost_tasks[0].slices if lost_tasks else []
+        for task in lost_tasks:
+            self._close(task)
+        self.losses.record(handle.name, detail, running, died, status, tail)
+        self._cover(lost_tasks + parked, handle.name, detail, status, tail)
+        self.results.next_big()
+
+    def _cover(
+        self,
+        tasks: list[TaskCopy],
+        name: str,
+        detail: str,
+        status: int | None = None,
+        tail: str = "",
+    ) -> None:
+        """These copies ended without a value: keep coverage (policy.py)."""
+        slices = [
+            i
+            for t in policy.uncovered(
+                tasks,
+                self.copies.open.values(),
+                self.groups.undelivered,
+                self.groups.won,
+            )
+            for i in t.slices
+        ]
+        self._rerun(slices, name, detail, status, tail)
+
+    def _rerun(
+        self,
+        slices: list[int],
+        name: str,
+        detail: str,
+        status: int | None = None,
+        tail: str = "",
+    ) -> None:
+        survivors = [h for h in self.workers if h.alive]
+        if slices and not survivors:
+            raise self.losses.none_left(name, detail, slices, status, tail)
+        if not slices:
+            return
+        log.warning(
+            "worker %s lost (%s); re-running %s on the others",
+            name,
+            detail,
+            self.losses.names(slices),
+        )
+        busy = {h.name: len(q) for h, q in self.copies.queues.items()}
+        by_name = {h.name: h for h in survivors}
+        # Their groups are replaced by one per slice.
+        self.progress.advance(-self.groups.replace_within(slices))
+        for worker, i in scheduler.replan(
+            slices, self.refs, list(by_name), {h.name: h.refs for h in survivors}, busy
+        ):
+            self.stats.rerun_slices += 1
+            self._send_task(by_name[worker], self._new_group([i]))
+
+    def _count_bytes(self) -> None:
+        for link, (sent, received) in self.counters.items():
+            self.stats.bytes_sent += link.bytes_sent - sent
+            self.stats.bytes_received += link.bytes_received - received

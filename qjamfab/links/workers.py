@@ -1,0 +1,535 @@
+"""Workers as the Master sees them: streams and handles.
+
+A `Link` is one byte stream (transport.py) and the workers it reaches:
+to an SSH host it is the host's one stream to its agent
+(runtime/agent.py), carrying every worker's frames, each naming its worker;
+to a local worker it is that worker's pipe. A `WorkerHandle` is one worker:
+its identity as data (host label, index), what it holds (function hashes,
+slice refs), whether it is alive. A link turns each frame it reads into
+events for the Master's inbox (inbox.py). A stream's end, or one that
+stalls inside a frame, is a LOST event for each of its workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import struct
+import time
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from .. import protocol, runtime
+from ..display import text
+from ..errors import (
+    PreflightFailed,
+    ProtocolError,
+    QjamfabError,
+    WorkerLost,
+    describe_exit,
+)
+from ..hostspec import env_setting, python_mismatch
+from .answers import await_answer
+from .outbox import Outbox
+from .transport import Transport
+
+log = logging.getLogger("qjamfab")
+
+LOST = -1  # event kind: the worker's stream or daemon ended
+# Event kind, from a Link: held tasks done at its host (its agent's
+# note), head {"tasks": [(handle, task, run, compute_s, bytes), ...]}
+DONE = -2
+HANDSHAKE_TIMEOUT_S = 30.0
+
+
+class Event(NamedTuple):
+    """Something a worker (or a host's agent: `source` is its Link) sent."""
+
+    source: WorkerHandle | Link
+    kind: int
+    head: dict
+    parts: list
+
+
+class WorkerHandle:
+    """One worker: where it is, what it holds, whether it is alive."""
+
+    def __init__(self, link: Link, index: int, name: str, hello: dict):
+        self.link = link
+        self.index = index  # its number on its host
+        self.name = name  # "<host label>-<index>"
+        self.host = link.label
+        self.hello = hello
+        self.funcs: set[str] = set()
+        self.refs: set[str] = set()
+        self.alive = True
+        self.last_seen = time.monotonic()
+        # It may still be running a task of a run that failed: until it
+        # answers for the current run, its death is not that run's doing.
+        self.stale = False
+        self.gone_tail = ""  # what the agent said when it ended
+        self.gone_status: int | None = None
+
+    def send(
+        self, kind: int, head: dict, payload: Sequence = (), queued: bool = False
+    ) -> int:
+        """Send a frame to this worker; `queued`: Link.send_queued."""
+        worker = self.index if self.link.agent else 0
+        try:
+            if queued:
+                return self.link.send_queued(kind, head, payload, worker, self.name)
+            return self.link.send(kind, head, payload, worker, to=self.name)
+        except WorkerLost as exc:
+            if not self.link.remote:
+                raise
+            raise WorkerLost(
+                f"worker {self.name} is unreachable ({exc})", worker=self.name
+            ) from exc
+
+    def exit_report(self) -> tuple[int | None, str]:
+        """After it ended: (exit status if known, its output's tail)."""
+        if self.gone_status is not None or (self.link.agent and self.link.alive):
+            return self.gone_status, self.gone_tail
+        return self.link.transport.exit_report(self.hello.get("log"))
+
+    def close(self) -> None:
+        self.alive = False
+        if not self.link.agent:
+            self.link.close()
+
+    def __repr__(self) -> str:
+        return f"<WorkerHandle {self.name}{'' if self.alive else ' lost'}>"
+
+
+class Link:
+    """One stream: to a host's agent (`agent` true) or to one worker."""
+
+    def __init__(
+        self, label: str, transport: Transport, agent: bool, stall_timeout: float
+    ):
+        self.label = label
+        self.transport = transport
+        self.agent = agent  # frames pass through a host's agent
+        self.remote = agent  # a host's stream (even when direct)
+        self.local = False  # to a worker process on this machine
+        self.held: list | None = None  # frames sent while held (hold)
+        self.outbox = Outbox(lambda views: self.transport.writev(views))
+        self.reader = protocol.FrameReader(transport.readinto)
+        self.handles: dict[int, WorkerHandle] = {}
+        self.jobs: set[str] = set()  # job hashes sent to its agent (FUNC)
+        self.info: dict = {}  # the agent's HELLO
+        self.alive = True
+        self.last_seen = time.monotonic()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._stall_timeout = stall_timeout
+        self.python = ""  # what runs the agent, for messages
+        # The events its inbox (inbox.py) has yet to hand out, once in one.
+        self.pending: collections.deque[Event] | None = None
+        self.count = 0  # workers the agent attached at most
+
+    def install_advice(self, ship: str | None) -> str:
+        """How to give this host's workers a module they lack; `ship`:
+        the `packages=` argument that would ship it from here, if any."""
+        return (
+            f"install it for {self.python or 'its python'} there, "
+            + (f"ship it from here with Master(..., {ship}), " if ship else "")
+            + f"or set {env_setting('REMOTE_PYTHON')[1]} to a Python that has it"
+        )
+
+    def computing(self) -> bool:
+        """Whether the far end still computes (a process running, not
+        stopped) when its heartbeats are late."""
+        return self.transport.computing()
+
+    def fileno(self) -> int:
+        return self.transport.fileno()
+
+    # --- starting -------------------------------------------------------
+
+    def start_direct(self, name: str) -> WorkerHandle:
+        """A stream to one worker: its HELLO makes its handle."""
+        self.transport.set_read_timeout(HANDSHAKE_TIMEOUT_S)
+        event = self._handshake_frame(name)
+        if event[0] != protocol.HELLO:
+            raise self._fail(
+                ProtocolError(
+                    f"worker {name} sent {protocol.KIND_NAMES.get(event[0])} "
+                    "before HELLO: restart it"
+                )
+            )
+        self._check_version(name, event[2])
+        handle = self.handles[0] = WorkerHandle(self, 0, name, event[2])
+        self.transport.set_read_timeout(self._stall_timeout)
+        return handle
+
+    def start_agent(self, python: str) -> dict:
+        """The agent's first words: install the runtime if it asks, then
+        its HELLO, checked against this master (version, Python).
+        `python` is what the host was asked to run it with."""
+        self.python = python
+        self.transport.set_read_timeout(HANDSHAKE_TIMEOUT_S)
+        try:
+            line = self.reader.read_line(256)
+        except (EOFError, OSError, TimeoutError, ProtocolError) as exc:
+            raise self._failed_start(exc) from exc
+        if line == runtime.NEED_RUNTIME:
+            bundle = runtime.bundle_zip()
+            self._write([struct.pack("!Q", len(bundle)), bundle])
+        elif line != runtime.HAVE_RUNTIME:
+            who, fix = self.transport.preamble
+            raise self._fail(
+                PreflightFailed(
+                    f"{self.label}: {who} printed {line[:80]!r} "
+                    f"before qjamfab's agent started: {fix}",
+                    host=self.label,
+                )
+            )
+        kind, _, head = self._handshake_frame(self.label)
+        if kind != protocol.HELLO or not head.get("agent"):
+            raise self._fail(
+                ProtocolError(
+                    f"{self.label}: the agent did not say HELLO: restart with "
+                    "this qjamfab's runtime (stop-workers, then start-workers)"
+                )
+            )
+        self._check_version(self.label, head)
+        mismatch = python_mismatch(self.label, head, self.label)
+        if mismatch is not None:
+            raise self._fail(mismatch)
+        self.info = head
+        return head
+
+    def attach(
+        self,
+        indices: list[int] | None,
+        count: int | None,
+        idle_timeout: float,
+        cache_limit: int | str | None = None,
+        env: dict[str, str] | None = None,
+        session: str | None = None,
+    ) -> tuple[list[WorkerHandle], dict]:
+        """Ask the agent for these workers (or `count`, or as many as the
+        host was started with), its cache held to `cache_limit` (None:
+        the host's own), with `env` settings ({worker}: each one's number),
+        for `session` (daemons that served another are not attached):
+        the new handles, and {index: reason} for those that could not be
+        attached."""
+        self.transport.set_read_timeout(HANDSHAKE_TIMEOUT_S)
+        self.send(
+            protocol.ATTACH,
+            {
+                "workers": indices,
+                "count": count,
+                "idle_timeout": idle_timeout,
+                "cache_limit": cache_limit,
+                "env": env or {},
+                "session": session,
+                "direct": not self.handles,
+            },
+            worker=protocol.AGENT,
+        )
+        hellos: dict[int, dict] = {}
+
+        def hello(frame: tuple[int, int, dict]) -> bool:
+            kind, worker, head = frame
+            if kind == protocol.HELLO and worker != protocol.AGENT:
+                self._check_version(f"worker {self.label}-{worker}", head)
+                hellos[worker] = head
+            return False
+
+        def frames() -> list[tuple[int, int, dict]]:
+            return [self._handshake_frame(self.label)]
+
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+        answer = await_answer(
+            frames, lambda f: f[0] == protocol.ATTACH, deadline, take=hello
+        )
+        if answer is None:
+            raise self._fail(
+                WorkerLost(
+                    f"{self.label}: its workers did not start: no answer in "
+                    f"{HANDSHAKE_TIMEOUT_S:g} s; check the host's load"
+                )
+            )
+        head = answer[2]
+        if head.get("direct"):
+            # A host of one worker: its daemon now has the stream itself,
+            # and says HELLO on it (frames for worker 0, no agent between).
+            self.agent = False
+            # The agent beats for it from the start (runtime/agent.py).
+            said = await_answer(frames, lambda f: f[0] != protocol.HEARTBEAT, deadline)
+            if said is None or said[0] != protocol.HELLO:
+                raise self._fail(
+                    ProtocolError(
+                        f"{self.label}: its worker did not take the stream: "
+                        "restart it (stop-workers, then start-workers)"
+                    )
+                )
+            hellos = {head["workers"][0]: said[2]}
+        self.transport.set_read_timeout(self._stall_timeout)
+        new = []
+        for k in head["workers"]:
+            if k in hellos:
+                handle = WorkerHandle(self, k, f"{self.label}-{k}", hellos[k])
+                self.handles[k] = handle
+                new.append(handle)
+        self.count = head["count"]
+        return new, {int(k): v for k, v in head["failed"].items()}
+
+    def _handshake_frame(self, name: str) -> tuple[int, int, dict]:
+        """The next frame while starting (its payload dropped)."""
+        try:
+            kind, worker, head, _ = self.reader.read()
+        except TimeoutError as exc:
+            raise self._fail(
+                WorkerLost(
+                    f"worker {name} did not start: no answer in "
+                    f"{HANDSHAKE_TIMEOUT_S:g} s; check the host's load and its "
+                    "python",
+                    worker=name,
+                )
+            ) from exc
+        except (EOFError, ProtocolError, OSError) as exc:
+            raise self._failed_start(exc, name) from exc
+        return kind, worker, head
+
+    def _failed_start(
+        self, exc: BaseException, name: str | None = None
+    ) -> QjamfabError:
+        status, tail = self.transport.exit_report(None)
+        self.close()
+        name = name or self.label
+        if status == 127:
+            return PreflightFailed(
+                f"{self.label}: python {self.python!r} was not found: install "
+                f"python3 there, or set {env_setting('REMOTE_PYTHON')[1]} to "
+                f"its path\n"
+                f"{tail}",
+                host=self.label,
+            )
+        said = (
+            tail.splitlines()[-1]
+            if tail.strip()
+            else f"it wrote nothing ({type(exc).__name__}: {exc})"
+        )
+        return WorkerLost(
+            f"{'worker ' if name != self.label else ''}{name} did not start "
+            f"({describe_exit(status)}): {said}"
+            f"{text.stderr_tail(name, tail)}",
+            worker=name,
+            exit_status=status,
+            stderr_tail=tail,
+        )
+
+    def _check_version(self, name: str, head: dict) -> None:
+        if head.get("version") != protocol.VERSION:
+            raise self._fail(
+                ProtocolError(
+                    f"{name} speaks protocol {head.get('version')}, not "
+                    f"{protocol.VERSION}: restart it with this qjamfab's runtime "
+                    "(stop-workers, then start-workers)"
+                )
+            )
+
+    def _fail(self, exc: QjamfabError) -> QjamfabError:
+        self.close()
+        return exc
+
+    # --- running --------------------------------------------------------
+
+    def _write(self, buffers: list) -> int:
+        size = protocol.frame_size(buffers)
+        queued = self.outbox.take()  # first: frames keep their order
+        try:
+            protocol.write_all(self.transport.writev, queued + buffers, self._blocked)
+        except WorkerLost as exc:
+            self._cut(exc)
+            raise
+        if queued:
+            self.outbox.written()
+        self.bytes_sent += size
+        return size
+
+    def _cut(self, exc: WorkerLost) -> None:
+        # A frame cut short leaves the stream unusable: every worker on
+        # it is lost, and the events say so (once: lost() names only the
+        # workers still alive).
+        if self.pending is not None:
+            self.pending.extendleft(self.lost(str(exc)))
+        self.close()
+
+    def send_queued(
+        self,
+        kind: int,
+        head: dict,
+        payload: Sequence = (),
+        worker: int = 0,
+        to: str | None = None,
+    ) -> int:
+        """`send` for a big frame (a slice), without waiting for the stream
+        to take it: the rest waits in the outbox (outbox.py), written as
+        the stream drains while the Master reads and sends to others.
+        Where the stream cannot be polled for room, `send`."""
+        if self.held is not None or self.transport.write_fileno() is None:
+            return self.send(kind, head, payload, worker, to)
+        buffers = protocol.frame(kind, head, payload, worker)
+        self.outbox.add(buffers)
+        size = protocol.frame_size(buffers)
+        self.bytes_sent += size
+        self._logged(kind, head, size, to)
+        self.flush()
+        return size
+
+    def flush(self) -> None:
+        """Write what the outbox holds, as far as the stream takes it now.
+        WorkerLost if the stream is lost (its workers' LOST events queued)."""
+        try:
+            self.outbox.flush()
+        except WorkerLost as exc:
+            self._cut(exc)
+            raise
+
+    def _blocked(self) -> None:
+        """The stream is full: while waiting for room, take in what the
+        far end sends (it may be waiting for us to read)."""
+        if self.transport.wait_writable():
+            if self.pending is None:  # starting: nothing to read it for yet
+                time.sleep(0.001)
+            else:
+                self.pending.extend(self.read_events())
+
+    def send(
+        self,
+        kind: int,
+        head: dict,
+        payload: Sequence = (),
+        worker: int = 0,
+        to: str | None = None,
+    ) -> int:
+        buffers = protocol.frame(kind, head, payload, worker)
+        if self.held is not None:
+            self.held.extend(buffers)
+            size = protocol.frame_size(buffers)
+        else:
+            size = self._write(buffers)
+        self._logged(kind, head, size, to)
+        return size
+
+    def _logged(self, kind: int, head: dict, size: int, to: str | None) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "-> %s %s %s (%d bytes)",
+                to or self.label,
+                protocol.KIND_NAMES.get(kind, kind),
+                head,
+                size,
+            )
+
+    def hold(self) -> None:
+        """Keep what is sent from now on, to write it at `release`: a
+        run's first tasks to a host's workers cost one write, not one
+        each."""
+        self.held = []
+
+    def release(self) -> None:
+        """Write what `hold` kept. A failure is the link's loss, already
+        queued as its workers' events (as `_write` does)."""
+        buffers, self.held = self.held, None
+        if buffers and self.alive:
+            try:
+                self._write(buffers)
+            except WorkerLost:
+                pass
+
+    def read_events(self) -> list[Event]:
+        """Read the next frame: what it means, as events (none for a
+        heartbeat)."""
+        try:
+            kind, worker, head, parts = self.reader.read()
+        except (EOFError, OSError, ProtocolError, QjamfabError) as exc:
+            # A stream that stalls inside a frame is lost, not dead.
+            return self.lost(
+                str(exc) or type(exc).__name__,
+                False if isinstance(exc, TimeoutError) else None,
+            )
+        now = self.last_seen = time.monotonic()
+        self.bytes_received += sum(len(p) for p in parts)
+        if self.agent and worker == protocol.AGENT:
+            if kind == protocol.HEARTBEAT:
+                stale = set(head.get("stale", ()))
+                for k, h in self.handles.items():
+                    if k not in stale:
+                        h.last_seen = now
+                return []
+            if kind == protocol.STATE and head.get("state") == "done":
+                return self._done(head, now)
+            return [Event(self, kind, head, parts)]
+        handle = self.handles.get(worker if self.agent else 0)
+        if handle is None or not handle.alive:
+            return []
+        handle.last_seen = now
+        if kind == protocol.HEARTBEAT:
+            return []
+        if kind == protocol.GONE:
+            handle.alive = False
+            handle.gone_tail = head.get("tail", "")
+            handle.gone_status = head.get("status")
+            if not self.agent:  # a direct stream ends with its worker
+                self.close()
+            return [
+                Event(
+                    handle,
+                    LOST,
+                    {"reason": head["reason"], "died": handle.gone_status is not None},
+                    [],
+                )
+            ]
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "<- %s %s %s (%d payload bytes)",
+                handle.name,
+                protocol.KIND_NAMES.get(kind, kind),
+                head,
+                sum(len(p) for p in parts),
+            )
+        return [Event(handle, kind, head, parts)]
+
+    def _done(self, head: dict, now: float) -> list[Event]:
+        """The agent's note of held tasks done: one DONE event for the
+        host, naming each live worker's."""
+        done = []
+        try:
+            for k, task, run, compute_s, _, size in head["tasks"]:
+                handle = self.handles.get(k)
+                if handle is not None and handle.alive:
+                    handle.last_seen = now
+                    done.append((handle, task, run, float(compute_s), size))
+        except (KeyError, TypeError, ValueError) as exc:
+            return self.lost(
+                f"the agent's note of tasks done is not one ({exc}): restart "
+                "the Master (its agent runs another qjamfab runtime)"
+            )
+        return [Event(self, DONE, {"tasks": done}, [])] if done else []
+
+    def lost(self, reason: str, died: bool | None = None) -> list[Event]:
+        """The stream ended: every live worker on it is lost. A local
+        worker's stream ends when its process does (`died`); a host's when
+        its connection or agent does, which says nothing of its workers."""
+        self.alive = False
+        died = (not self.remote) if died is None else died
+        events = [
+            Event(h, LOST, {"reason": reason, "died": died}, [])
+            for h in self.handles.values()
+            if h.alive
+        ]
+        for handle in self.handles.values():
+            handle.alive = False
+        return events
+
+    def close(self) -> None:
+        self.alive = False
+        for handle in self.handles.values():
+            handle.alive = False
+        self.outbox.drop()
+        self.transport.close()
