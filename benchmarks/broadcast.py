@@ -120,7 +120,7 @@ def measure(scale: str, log=print) -> dict:
 
 def table(result: dict) -> str:
     from qjamfab.display.tables import render_table
-    from qjamfab.display.text import format_bytes
+    from qjamfab.text import format_bytes
 
     def line(name: str, r: dict) -> list:
         return [

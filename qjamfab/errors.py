@@ -123,7 +123,7 @@ class MissingDependency(QjamfabError, ImportError):
     ImportError): `qjamfab.minimize` without scipy."""
 
 
-# --- the Executor (futures.py) ---------------------------------------------
+# --- the Executor (futures/executor.py) ---------------------------------------------
 
 
 class ExecutorShutdown(QjamfabError, RuntimeError):

@@ -33,14 +33,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .engines.hostkinds import (
+from .errors import BadHostSpec, PreflightFailed
+from .hostkinds import (
     command_line,
     is_command,
     is_slurm,
     join_slurm_options,
     slurm_options,
 )
-from .errors import BadHostSpec, PreflightFailed
 
 if TYPE_CHECKING:
     import fabric

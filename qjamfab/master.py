@@ -23,19 +23,19 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeGuard
 
-from . import display, engines, protocol
+from . import display, engines, protocol, text
 from .core.run import Run, RunSettings
 from .core.runstats import RunStats, print_event_log
 from .data import serialize
 from .data.broadcast import Broadcast
 from .data.broadcast import encode_params as encode_run_params
 from .data.dataset import BaseDataSet, DataSet
-from .display import logs, text
+from .display import logs
 from .engines import EngineSettings, Host
 from .engines.ssh.openssh import SSH_CLIENTS, openssh_client
 from .errors import ConfigError, QjamfabError, WorkerLost
-from .frontends.futures import FuturesMixin, closes_executor, exclusive
-from .frontends.stream import TaskStream
+from .futures.executor import FuturesMixin, closes_executor, exclusive
+from .futures.stream import TaskStream
 from .hostspec import HostSpec
 from .links import packages as shipping
 from .links.answers import await_answer
@@ -45,6 +45,8 @@ from .runtime import default_base
 from .runtime.pins import CacheLimitError, parse_size
 
 log = logging.getLogger("qjamfab")
+# A run's stats show as a table in notebooks, drawn by the display layer.
+RunStats.render_html = display.runstats_html
 
 
 def _log_from_env() -> None:
@@ -178,7 +180,7 @@ class Master(FuturesMixin):
                 cache_limit=cache_limit,
                 packages=self._packages,
                 base=default_base(),
-                progress=progress,
+                status=lambda: display.StatusLine(progress),
             ),
         )
         self.hosts: list[HostSpec] = [h.spec for h in self._hosts]
@@ -356,7 +358,7 @@ class Master(FuturesMixin):
                 replicas=self.replicas,
                 split=self._split,
             ),
-            progress,
+            lambda total, unit: display.RunProgress(total, enabled=progress, unit=unit),
             broadcasts,
         )
         try:
@@ -375,7 +377,7 @@ class Master(FuturesMixin):
         return Broadcast(value, check=check)
 
     def task_stream(self) -> TaskStream:
-        """For the futures dispatcher (futures.py), which holds the run
+        """For the futures dispatcher (futures/executor.py), which holds the run
         lock: this Master's workers as a stream of tasks, lost ones
         restarted first."""
         self._check_open()

@@ -146,7 +146,7 @@ def slurm():
 def tasks(monkeypatch):
     """The number of calls in each task the futures send, in order (and
     the bytes of each task's payload, in tasks.payloads)."""
-    from qjamfab.frontends.stream import TaskStream
+    from qjamfab.futures.stream import TaskStream
 
     class Sizes(list):
         payloads: list

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
+from qjamfab import text
 from qjamfab.core.runstats import RunStats
 from qjamfab.display import (
     RunProgress,
@@ -26,7 +27,6 @@ from qjamfab.display import (
     master_html,
     runstats_html,
     tables,
-    text,
 )
 from qjamfab.display.tables import (
     HostProgress,
@@ -573,7 +573,7 @@ def test_warn_if_cli_hosts_ignored(monkeypatch, caplog, from_cli, given, hosts, 
 
 
 def test_compact_bytes_for_narrow_columns():
-    from qjamfab.display.text import format_bytes
+    from qjamfab.text import format_bytes
 
     assert [
         format_bytes(n, compact=True) for n in (100, 1536, 500 << 20, 63 << 30)

@@ -1,6 +1,6 @@
 """stream.BatchSizer, the futures' adaptive batching: pure, no workers."""
 
-from qjamfab.frontends.stream import BatchSizer
+from qjamfab.futures.stream import BatchSizer
 
 
 def test_a_batch_starts_at_one_call():

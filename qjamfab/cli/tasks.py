@@ -40,7 +40,8 @@ from collections.abc import Callable
 
 from invoke import Collection, Context, Exit
 
-from ..display import tables, text
+from .. import text
+from ..display import tables
 from ..engines import cluster
 from .tasks_common import lifecycle, qjamfab_task, running_program, task_help
 from .tasks_run import run
@@ -344,7 +345,8 @@ def stopped_cell(info: dict) -> str:
 
 def _bench_root() -> str | None:
     """The source checkout holding benchmarks/ (it is not installed)."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the checkout holding qjamfab/ (this module is in qjamfab/cli/)
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for root in (here, os.getcwd()):
         if os.path.isfile(os.path.join(root, "benchmarks", "__main__.py")):
             return root

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeGuard, TypeVar
 
 from invoke import Context, Exit, Program, Task, task
 
-from ..display import logs, tables, text
+from .. import text
+from ..display import logs, tables
 from ..engines import cluster
 from ..errors import QjamfabError
 from ..hostspec import HostSpec, parse_hosts

@@ -47,7 +47,8 @@ def _script_words(script: str) -> list[str]:
 def _pythonpath(env: dict) -> str | None:
     """PYTHONPATH for the script, so that it imports this qjamfab even from
     a source checkout that is not installed."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the checkout holding qjamfab/ (this module is in qjamfab/cli/)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     installed = set(site.getsitepackages())
     try:
         installed.add(site.getusersitepackages())

@@ -1,5 +1,5 @@
 """Whether silent workers and hosts are gone: one judgement, for runs
-(run.py) and task streams (stream.py).
+(run.py) and task streams (futures/stream.py).
 
 What each engine observes feeds it: every frame a worker or a host's
 agent sends (heartbeats included, the agent's naming the workers it finds

@@ -9,7 +9,7 @@ loss leaves to run stays with the Run (run.py).
 
 from __future__ import annotations
 
-from ..display import text
+from .. import text
 from ..errors import WorkerLost
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from ..display import text
+from .. import text
 from ..errors import BadJob, PreflightFailed, QjamfabError, ReduceError, RemoteError
 from ..links.workers import WorkerHandle
 

@@ -18,9 +18,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from .. import display, protocol
+from .. import protocol
 from ..data.dataset import BaseDataSet
 from ..errors import ProtocolError, WorkerLost, describe_exit
 from ..links.inbox import Inbox
@@ -36,6 +36,30 @@ from .runstats import RunStats, print_event_log
 from .supply import Supply
 
 log = logging.getLogger("qjamfab")
+
+
+class Progress(Protocol):
+    """A run's progress bar (the display layer's RunProgress)."""
+
+    def advance(self, n: int) -> None:
+        """Count `n` more slices or tasks done (negative: taken back)."""
+
+    def close(self) -> None:
+        """The run ended: take the bar down."""
+
+
+ProgressFactory = Callable[[int, str], Progress]  # (total, unit) -> bar
+
+
+class _NoProgress:
+    def __init__(self, total: int, unit: str):
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass
@@ -78,16 +102,18 @@ class Run:
         dataset: BaseDataSet | None,
         reduce: Callable[[Any, Any], Any] | None,
         settings: RunSettings,
-        progress: bool | None = None,
+        progress: ProgressFactory | None = None,
         broadcasts: dict[str, list] | None = None,
     ):
-        """`broadcasts`: the payload of each Broadcast in params, by ref
-        (broadcast.py's encode_params)."""
+        """`progress` makes the run's progress bar (total, unit): the
+        display layer's, from the Master; none without. `broadcasts`: the
+        payload of each Broadcast in params, by ref (broadcast.py's
+        encode_params)."""
         self.inbox = inbox
         self.settings = settings
         self.clock = settings.clock
-        self.progress_enabled = progress
-        self.progress: display.RunProgress  # set by execute
+        self.new_progress: ProgressFactory = progress or _NoProgress
+        self.progress: Progress  # set by execute
         self.results: ResultFlow[TaskCopy]  # set by execute
         self.run_id = next(inbox.ids)
         self.workers = workers
@@ -136,10 +162,9 @@ class Run:
             self._send_failed,
             self.copies.on_host,
         )
-        self.progress = display.RunProgress(
+        self.progress = self.new_progress(
             len(self.refs) if self.refs is not None else len(plan),
-            enabled=self.progress_enabled,
-            unit="slices" if self.refs is not None else "tasks",
+            "slices" if self.refs is not None else "tasks",
         )
         tree = self.results.tree
         try:

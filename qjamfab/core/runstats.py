@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from .. import display
-from ..display import text
+from .. import text
 from ..links.workers import Event, WorkerHandle
 
 
@@ -64,8 +65,12 @@ class RunStats:
             f"{compute or '-'}{lost})"
         )
 
-    def _repr_html_(self) -> str:
-        return display.runstats_html(self)
+    # The notebook view: the display layer's renderer, which the Master
+    # sets (the run logic sits below display and imports none of it).
+    render_html: ClassVar[Callable[..., str] | None] = None  # (RunStats) -> html
+
+    def _repr_html_(self) -> str | None:
+        return self.render_html(self) if self.render_html else None
 
 
 def print_event_log(event: Event) -> None:

@@ -20,10 +20,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .. import protocol
+from .. import protocol, text
 from ..data import content_refs, serialize
 from ..data.dataset import BaseDataSet
-from ..display import text
 from ..errors import WorkerLost
 from ..links.workers import Link, WorkerHandle
 from .runstats import RunStats

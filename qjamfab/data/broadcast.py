@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import operator
 
-from .. import protocol
-from ..display import text
+from .. import protocol, text
 from ..errors import BadParams
 from . import serialize
 from .content_refs import checksums, payload_ref

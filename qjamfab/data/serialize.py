@@ -35,7 +35,8 @@ _INSTALLED_PREFIXES = tuple(
         sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")
     }
 )
-_PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__)) + os.sep
+# qjamfab's own directory (this module is in qjamfab/data/)
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__))) + os.sep
 _local_by_name: dict[str, bool] = {}
 
 

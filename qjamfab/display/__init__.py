@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .text import format_bytes, format_duration, is_terminal, plural
+from ..text import format_bytes, format_duration, is_terminal, plural
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from rich.console import Console

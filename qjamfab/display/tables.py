@@ -22,7 +22,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Literal, Protocol, TextIO
 
-from .text import first_line, is_terminal
+from ..text import first_line, is_terminal
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from rich.box import Box

@@ -8,12 +8,12 @@ engine names one:
 
 - `local` and `inproc` (engines/local.py): worker processes on this
   machine over their pipes, or the same runtime as threads of this process;
-- `ssh` (engines/ssh.py): one stream per host to the host's agent;
+- `ssh` (engines/ssh/engine.py): one stream per host to the host's agent;
 - `slurm` (engines/slurm.py): the same agent as a job step per node of a
   Slurm allocation (the step's stdin and stdout are the stream);
 - `command` (engines/command.py): the same agent under a command line of
   the user's (`docker exec -i BOX python3`), its stdin and stdout the stream;
-- `dask` (engines/dask.py): an existing Dask cluster as one host.
+- `dask` (engines/dask/engine.py): an existing Dask cluster as one host.
 
 An engine registers a factory by host-spec kind (hostspec.py says the
 kind of each entry of `Master(hosts)`); one that recognises a `hosts`
@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..display import text
+from .. import text
 from ..errors import BadHostSpec, QjamfabError
 from ..hostspec import HostSpec, parse_hosts
 from ..links.inbox import Inbox
@@ -46,9 +46,9 @@ class EngineSettings:
     cache_limit: int | str | None = None
     packages: Sequence[Any] = ()  # packages.Distribution to ship
     base: str = ""  # this machine's base directory (local workers)
-    # Start-up waits (a Slurm job pending) on a terminal line: None when
-    # stdout is a terminal (display.StatusLine).
-    progress: bool | None = None
+    # Where start-up waits (a Slurm job pending) are said: the Master's
+    # status line (display.StatusLine); None: through logging only.
+    status: Callable[[], StatusLine] | None = None
 
 
 class Host(Protocol):
@@ -78,6 +78,16 @@ class Host(Protocol):
 
 
 HostsFactory = Callable[[Sequence[HostSpec], EngineSettings], list[Host]]
+
+
+class StatusLine(Protocol):
+    """One line that says what start-up waits for (the display layer's)."""
+
+    def show(self, text: str) -> bool:
+        """Show `text`; False when nothing is shown (then log it)."""
+
+    def close(self) -> None:
+        """Clear the line."""
 
 
 @dataclass(frozen=True)

@@ -19,15 +19,15 @@ import shutil
 from collections.abc import Sequence
 
 from .. import runtime
-from ..display.text import stderr_tail
 from ..errors import HostUnreachable, PreflightFailed, WorkerLost, describe_exit
+from ..hostkinds import ARGS
 from ..hostspec import HostSpec
 from ..links import workers
 from ..links.transport import ProcessTransport
 from ..links.workers import Link
+from ..text import stderr_tail
 from . import Engine, EngineSettings, Host, cluster, register
 from .agent_host import AgentHost
-from .hostkinds import ARGS
 
 __all__ = ["CommandTransport", "command_argv", "command_host"]
 

@@ -32,12 +32,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .. import display, runtime
+from .. import runtime
 from ..errors import BadHostSpec, HostUnreachable, PreflightFailed
 from ..hostspec import HostSpec
 from ..links.transport import ProcessTransport
 from ..links.workers import Link
-from . import Engine, EngineSettings, Host, cluster, register
+from . import Engine, EngineSettings, Host, StatusLine, cluster, register
 from .agent_host import AgentHost
 
 __all__ = [
@@ -281,12 +281,11 @@ def allocation_for(
     spec: HostSpec,
     env: Mapping[str, str] | None = None,
     clock: Callable[[], float] = time.monotonic,
-    progress: bool | None = None,
+    status: StatusLine | None = None,
 ) -> Allocation:
     """The allocation a "slurm" spec means: with options, a new one asked
-    of Slurm (waiting while it is pending, said on a status line as
-    `progress` says); without, the one this process runs in
-    ($SLURM_JOB_ID)."""
+    of Slurm (waiting while it is pending, said on `status` if given);
+    without, the one this process runs in ($SLURM_JOB_ID)."""
     env = os.environ if env is None else env
     _need("srun")
     options = dict(spec.options)
@@ -304,7 +303,7 @@ def allocation_for(
                 host=spec.raw,
             )
         return Allocation.from_env(job_id, nodelist, cpus)
-    return request(options, clock, display.StatusLine(progress))
+    return request(options, clock, status)
 
 
 def command_hosts(
@@ -337,10 +336,20 @@ def salloc_argv(options: Mapping[str, str]) -> list[str]:
     return argv + ["--job-name=qjamfab", "--", "/bin/sh", "-c", _HOLDER]
 
 
+class _Unshown:
+    """No status line: what start-up waits for goes to the log."""
+
+    def show(self, text: str) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
 def request(
     options: Mapping[str, str],
     clock: Callable[[], float] = time.monotonic,
-    status: display.StatusLine | None = None,
+    status: StatusLine | None = None,
 ) -> Allocation:
     """Ask Slurm for an allocation and wait for it, saying why it is
     pending on `status` (cleared once granted), else through logging; it
@@ -353,7 +362,7 @@ def request(
         # Ctrl-C at the terminal is the Master's to handle.
         start_new_session=True,
     )
-    status = status or display.StatusLine(False)
+    status = status or _Unshown()
     try:
         return _granted(holder, clock, status)
     except BaseException:
@@ -364,7 +373,7 @@ def request(
 
 
 def _granted(
-    holder: subprocess.Popen, clock: Callable[[], float], status: display.StatusLine
+    holder: subprocess.Popen, clock: Callable[[], float], status: StatusLine
 ) -> Allocation:
     """Read salloc until its holder says what was granted."""
     assert holder.stdout is not None and holder.stderr is not None
@@ -474,7 +483,9 @@ def _make(specs: Sequence[HostSpec], settings: EngineSettings) -> list[Host]:
     return [
         SlurmHost(spec, node, settings)
         for spec in specs
-        for node in allocation_for(spec, progress=settings.progress).node_list()
+        for node in allocation_for(
+            spec, status=settings.status() if settings.status else None
+        ).node_list()
     ]
 
 

@@ -3,7 +3,7 @@
 
 This module owns the adapter between joblib's documented backend API
 (`ParallelBackendBase`, `register_parallel_backend`, as joblib's own loky
-and Dask backends use it) and the Master's Executor (futures.py):
+and Dask backends use it) and the Master's Executor (futures/executor.py):
 
     import joblib
     from qjamfab import Master
@@ -38,7 +38,7 @@ it only then.
 - Nested `Parallel` calls (a `Parallel` inside a task) run sequentially
   on the worker: the workers are already one per core.
 - When a task raises, joblib re-raises it (the remote traceback is its
-  `__cause__`, see futures.py) and `abort_everything` cancels the batches
+  `__cause__`, see futures/executor.py) and `abort_everything` cancels the batches
   not yet started.
 """
 
@@ -64,8 +64,8 @@ except ImportError as exc:  # pragma: no cover - only without joblib
         "pip install 'qjamfab[joblib]'"
     ) from exc
 
+from ..futures import remote as futures_remote
 from ..master import Master
-from . import futures_remote
 
 NAME = "qjamfab"
 

@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import display
+from .. import display, text
 from ..data.dataset import BaseDataSet, DataSet
-from ..display import text
 from ..errors import BadJob, MissingDependency
 
 if TYPE_CHECKING:

@@ -19,8 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from .. import protocol, runtime
-from ..display import text
+from .. import protocol, runtime, text
 from ..errors import (
     PreflightFailed,
     ProtocolError,

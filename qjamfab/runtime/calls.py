@@ -1,5 +1,5 @@
-"""A TASK of inline calls, on a worker: the futures path (futures.py,
-stream.py) sends calls in the frame itself, not through the slice cache.
+"""A TASK of inline calls, on a worker: the futures path (futures/executor.py,
+futures/stream.py) sends calls in the frame itself, not through the slice cache.
 
 The TASK head says `calls: n` (its `refs` None, its `func` unused); its one
 payload part is the master's cloudpickle of n `(fn, args, kwargs or None)`.
@@ -11,7 +11,7 @@ maps a failed call's position to `error_report()`: a call that raised, or
 whose result cannot be pickled. A payload that cannot be unpickled here (a
 module this Python lacks) is the task's ERROR, phase "loading the calls".
 
-The master side reads `error_report()`'s tuples back (futures.py), so this
+The master side reads `error_report()`'s tuples back (futures/executor.py), so this
 module is also imported there; here it uses only the standard library and
 the worker's vendored cloudpickle.
 """

@@ -1,7 +1,7 @@
 """The task core: what every place that runs a job does with it.
 
 A worker daemon (worker.py), a host agent combining its workers' results
-(agent.py) and the Dask worker plugin (engines/dask_worker.py) all run a
+(agent.py) and the Dask worker plugin (engines/dask/worker.py) all run a
 task the same way, phase by phase, and this module is that one way:
 
 - `task_refs`: what a TASK needs in the cache (slices, broadcasts);

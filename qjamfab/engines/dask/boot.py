@@ -4,7 +4,7 @@ each Dask worker, so that Dask workers need nothing of ours installed,
 as our SSH hosts need nothing.
 
 The bundle is the host runtime (runtime/, protocol, errors, reduce) and
-engines/dask_worker.py, the part that runs in a Dask worker: written under
+worker.py, the part that runs in a Dask worker: written under
 `qjamfab-runtime/<hash>/` next to the worker's local directory (0700, its
 files checked against the hash before each use), put first on
 `sys.path`, so the `qjamfab` worker plugin registered next, and the tasks

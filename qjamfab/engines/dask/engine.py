@@ -6,13 +6,13 @@ in the Master's host list where SSH hosts would be. The Master and its
 to `WorkerHandle`s and reads `Event`s from the inbox. Here, what carries
 them is Dask, built from its own pieces:
 
-- `DaskSession` (dask_session.py) holds the Client: it registers the
-  worker plugin (dask_worker.py) once and watches the scheduler for
+- `DaskSession` (session.py) holds the Client: it registers the
+  worker plugin (worker.py) once and watches the scheduler for
   workers lost, joined and alive.
 - One qjamfab worker per Dask worker thread (Dask's unit of work, as a
   core is ours), named `dask-<n>`; a Dask worker's name keeps its
   numbers across restarts by its nanny. Each is a `WorkerHandle` on a
-  `DaskLink` (dask_link.py) of its own, the way a local worker has a Link
+  `DaskLink` (link.py) of its own, the way a local worker has a Link
   of its own, so the Run treats its loss alone. A DaskLink turns frames
   into Dask operations (submits pinned to the worker, scatters, cancels)
   and their results into the inbox's events.

@@ -104,6 +104,13 @@ class _Mailbox:
                 os.close(self._write)
 
 
+def _picklable(parts: Sequence) -> list:
+    """Parts Dask can pickle (it pickles what it scatters and a task's
+    arguments): a memoryview, as protocol.encode gives a numpy buffer and
+    supply.py a slice's part, cannot be pickled; its bytes can."""
+    return [bytes(p) if isinstance(p, memoryview) else p for p in parts]
+
+
 class _Task:
     """A TASK sent to a Dask worker: submitted (`future`), or waiting for
     what its worker lacks (`missing` refs, `needs_func`)."""
@@ -200,20 +207,16 @@ class DaskLink:
             with mapped(f"sending to worker {name} through Dask", worker=name):
                 if kind == protocol.TASK:
                     if head["params"]:
-                        self._params = list(payload)
+                        self._params = _picklable(payload)
                     # Inline calls carry their own payload (runtime/calls.py).
-                    own = list(payload) if head.get("calls") else self._params
+                    own = _picklable(payload) if head.get("calls") else self._params
                     task = self._tasks[head["task"]] = _Task(head, own)
                     self._submit(task, None)
                 elif kind == protocol.FUNC:
                     self._funcs[head["hash"]] = bytes(payload[0])
                     self._supplied()
                 elif kind == protocol.REFS:
-                    # Dask pickles what it scatters: a memoryview (a part of
-                    # a slice as supply.py may hand it over) cannot be.
-                    self._refs[head["ref"]] = [
-                        bytes(p) if isinstance(p, memoryview) else p for p in payload
-                    ]
+                    self._refs[head["ref"]] = _picklable(payload)
                     self._supplied()
                 elif kind == protocol.CANCEL:
                     self._cancel(head["task"])

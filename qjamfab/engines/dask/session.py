@@ -2,12 +2,12 @@
 and what the scheduler says of its workers.
 
 `DaskSession` (in the DaskHost's `link` slot, so the Master's close closes
-it) registers the worker plugin (dask_worker.py) once, and a watcher thread
+it) registers the worker plugin (worker.py) once, and a watcher thread
 asks the scheduler every second or less which Dask workers are up
 (`scheduler.identity`): a worker that is no longer there is a LOST event for
 the links on it, one whose scheduler heartbeat moved keeps their
 `last_seen` fresh (so the Run's heartbeat check works as for SSH hosts),
-and one that joined gets handles before the next run (dask.py's DaskHost).
+and one that joined gets handles before the next run (engine.py's DaskHost).
 """
 
 from __future__ import annotations
@@ -186,8 +186,8 @@ class DaskSession:
 
 def _installer() -> WorkerPlugin:
     """The plugin that installs qjamfab's worker bundle in each Dask
-    worker (dask_boot.py), pickled by value: the runtime, protocol,
-    errors and reduce as shipped to SSH hosts, and dask_worker.py (Dask
+    worker (boot.py), pickled by value: the runtime, protocol,
+    errors and reduce as shipped to SSH hosts, and worker.py (Dask
     workers have their own cloudpickle)."""
     import cloudpickle
 
@@ -201,6 +201,7 @@ def _installer() -> WorkerPlugin:
         if path.startswith("qjamfab/")
     }
     files["qjamfab/engines/__init__.py"] = b'"""Engines in a Dask worker."""\n'
+    files["qjamfab/engines/dask/__init__.py"] = b'"""qjamfab in a Dask worker."""\n'
     with open(dask_worker.__file__, "rb") as f:
         files["qjamfab/engines/dask/worker.py"] = f.read()
     return dask_boot.RuntimeInstaller(files)

@@ -1,10 +1,10 @@
 """qjamfab inside a Dask worker: the worker plugin and the functions the
-Master submits to it (see dask.py, dask_session.py and dask_link.py for
+Master submits to it (see engine.py, session.py and link.py for
 the Master's side).
 
 This module runs in Dask worker processes, from the bundle the Master's
-first plugin installs there (dask_boot.py): Dask workers need nothing of
-qjamfab installed. Only dask_session.py and dask_link.py import it here,
+first plugin installs there (boot.py): Dask workers need nothing of
+qjamfab installed. Only session.py and link.py import it here,
 once a Master is given a Dask cluster: importing qjamfab never imports
 Dask.
 
@@ -181,7 +181,7 @@ def _parts_reader(parts: list) -> protocol.FrameReader:
 def _ours(worker: Worker) -> QjamfabPlugin | None:
     """The worker's qjamfab plugin, None when it has none. (distributed
     types a worker's plugins as WorkerPlugin: the one under PLUGIN_NAME is
-    a QjamfabPlugin, registered by dask_session.py.)"""
+    a QjamfabPlugin, registered by session.py.)"""
     return cast("QjamfabPlugin | None", worker.plugins.get(PLUGIN_NAME))
 
 

@@ -1,7 +1,7 @@
 """What the joblib backend (joblib_backend.py) submits for each batch, run
 on a worker.
 
-This module is never imported on a worker: futures.py registers it with
+This module is never imported on a worker: executor.py registers it with
 `cloudpickle.register_pickle_by_value`, so `call_batch` travels by value
 inside the calls (runtime/calls.py runs them). So it uses only the
 standard library, and joblib where the host has it.

@@ -5,7 +5,7 @@ runtime/calls.py's `apply_chunk`). `deliver` takes a task's RESULT (the
 values and error reports runtime/calls.py packs) to its calls' futures;
 `rebuild` re-creates a remote exception, chained to a `RemoteError`
 carrying the remote traceback; `unpicklable` is the error of a call that
-cannot be pickled. The dispatching is futures.py's.
+cannot be pickled. The dispatching is executor.py's.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from ..display import text
+from .. import text
 from ..errors import BadJob, RemoteError
 from ..runtime.calls import apply_chunk
 

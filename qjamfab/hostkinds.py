@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import shlex
 
-from ..errors import BadHostSpec
+from .errors import BadHostSpec
 
 __all__ = [
     "ARGS",

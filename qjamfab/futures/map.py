@@ -4,7 +4,7 @@
 or one per chunk of items (a chunk runs as one call, each item in its own
 `try`: runtime/calls.py's `apply_chunk`); `MapResults` yields their
 results in order, each as soon as it is in, keeping none once yielded,
-and cancels the items not started when closed. futures.py queues the
+and cancels the items not started when closed. executor.py queues the
 calls.
 """
 
@@ -18,9 +18,9 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-from ..display import text
+from .. import text
 from ..runtime.calls import apply_chunk
-from .futures_calls import Call, rebuild
+from .calls import Call, rebuild
 
 # A map with chunksize=1 makes one call per item up to this many per
 # worker, chunks of items beyond: a future costs some µs, a pool's chunk

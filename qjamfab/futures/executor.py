@@ -4,7 +4,7 @@ This module owns the Executor side of a Master: the queue of submitted
 calls, the dispatcher thread that sends them to the workers as a stream of
 tasks (stream.py), and the run lock that `Master.run` and the futures
 share. A call and how its outcome reaches its future are
-futures_calls.py's; map's calls and its result iterator futures_map.py's.
+calls.py's; map's calls and its result iterator map.py's.
 
 How a call travels
 ------------------
@@ -88,12 +88,12 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import cloudpickle
 
+from .. import text
 from ..data import serialize
-from ..display import text
 from ..errors import BadJob, ExecutorShutdown, QjamfabError, WorkerLost
-from . import futures_remote
-from .futures_calls import Call, deliver, start, unpicklable
-from .futures_map import MapResults, check_chunksize, deadline_of, map_calls
+from . import remote as futures_remote
+from .calls import Call, deliver, start, unpicklable
+from .map import MapResults, check_chunksize, deadline_of, map_calls
 from .stream import BatchSizer, Failed, Finished, Lost, Outcome, TaskStream
 
 if TYPE_CHECKING:

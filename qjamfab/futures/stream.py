@@ -1,6 +1,6 @@
 """Calls as a stream of tasks: sent to idle workers, answered one by one.
 
-A `TaskStream` is what the futures dispatcher (futures.py) holds while
+A `TaskStream` is what the futures dispatcher (executor.py) holds while
 futures are in flight, under the Master's run lock: the Master's inbox and
 live workers, one task at a time per worker. A task is a TASK of inline
 calls (runtime/calls.py: the calls' pickle travels in the frame, never
