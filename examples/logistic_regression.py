@@ -42,8 +42,7 @@ from _shared import (
     save_plot,
 )
 
-from qjamfab import DataSet, Master
-from qjamfab.frontends import minimize
+from qjamfab import DataSet, Master, minimize
 from qjamfab.hostspec import add_host_arguments, number_or_host, script_hosts
 
 CHECK_TOLERANCE = 1e-6  # largest difference from scikit-learn's coefficients

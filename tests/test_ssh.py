@@ -143,8 +143,8 @@ def test_remote_stderr_does_not_stall_reading(ssh):
     stdout. The far end here speaks the protocol after such a warning."""
     import shlex
 
+    from qjamfab.engines.ssh.channel import SSHChannelTransport
     from qjamfab.links.inbox import Inbox
-    from qjamfab.links.transport import SSHChannelTransport
     from qjamfab.links.workers import Link
 
     code = textwrap.dedent("""\
@@ -182,7 +182,7 @@ def test_much_remote_stderr_does_not_stall_the_openssh_client(ssh):
     its frames through."""
     import shlex
 
-    from qjamfab.links.transport import OpenSSHTransport
+    from qjamfab.engines.ssh.openssh import OpenSSHTransport
     from qjamfab.links.workers import Link
 
     code = textwrap.dedent("""\
@@ -691,7 +691,7 @@ def test_a_paramiko_send_that_blocks_gives_up_at_the_read_timeout():
     channel's window has room (issue 21 item 6): the transport gives up
     after its read timeout (the Master's heartbeat timeout) with WorkerLost,
     whatever paramiko's own timeout. The test's timeout is the bound."""
-    from qjamfab.links.transport import SSHChannelTransport
+    from qjamfab.engines.ssh.channel import SSHChannelTransport
 
     channel = _StalledChannel()
     transport = SSHChannelTransport("stalled", _FakeConnection(channel), "agent")

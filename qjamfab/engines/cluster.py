@@ -34,9 +34,10 @@ from ..errors import BadHostSpec, HostError, PreflightFailed, QjamfabError
 from ..hostspec import HostSpec, env_setting, python_mismatch
 from ..links.foreign import mapped
 from ..links.packages import Distribution, check_platform
-from ..links.transport import sftp_upload, ssh_exec, tail
+from ..links.transport import tail
 from ..runtime.manage import STOP_WAIT_S
 from .ssh import hosts as hostlib
+from .ssh.channel import sftp_upload, ssh_exec
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing has it from 3.11 on

@@ -1,6 +1,6 @@
 """Foreign exceptions become qjamfab's here: one table, used at the link
-boundary (transport.py's streams and SSH channels, the in-process and Dask
-engines) through `mapped`.
+boundary (transport.py's streams, the SSH engine's channels, the
+in-process and Dask engines) through `mapped`.
 
 As httpx's `HTTPCORE_EXC_MAP` and mitogen's `io_op`: a link's code wraps
 its reads, writes and waits in `with mapped("sending to worker x",

@@ -16,14 +16,14 @@ from collections.abc import Sequence
 from ... import runtime
 from ...errors import WorkerLost
 from ...hostspec import HostSpec
-from ...links.transport import OPENSSH_FAILED, OpenSSHTransport, SSHChannelTransport
 from ...links.workers import Link
 from .. import Engine, EngineSettings, Host, register
 from ..agent_host import AgentHost
 from ..cluster import remote_python
 from . import hosts as hostlib
 from . import openssh
-from .openssh import openssh_client
+from .channel import SSHChannelTransport
+from .openssh import OPENSSH_FAILED, OpenSSHTransport, openssh_client
 
 log = logging.getLogger("qjamfab")
 

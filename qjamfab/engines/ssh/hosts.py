@@ -19,7 +19,8 @@ that
 Connecting is where paramiko and socket exceptions become qjamfab errors, for
 connections: `connect` raises only qjamfab `HostError` subclasses, each with
 ``.host`` set and a first line naming the host (`_map_error`). Errors on a
-worker's stream, once connected, are mapped in transport.py. Importing this
+worker's stream, once connected, are mapped where it is read and written
+(links/transport.py, channel.py). Importing this
 module raises paramiko's rekey thresholds to 2**40 (paramiko issue 822: a
 client-initiated rekey under heavy traffic can time out; the server still
 rekeys on its own schedule).

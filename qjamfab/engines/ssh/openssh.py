@@ -3,8 +3,9 @@
 `openssh_client` picks the client (``$QJAMFAB_SSH_CLIENT``: auto, openssh or
 paramiko); `openssh_command` is the argv that runs a command on an SSH host
 spec through it, with the same destination and ssh_config file as
-`hosts.connect` (hostspec.py resolves both). Running it and mapping its
-failures is transport.py's.
+`hosts.connect` (hostspec.py resolves both). `OpenSSHTransport` runs it
+as a host agent's stream (a ProcessTransport: links/transport.py maps its
+failures).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import shutil
 
 from ...errors import BadHostSpec
 from ...hostspec import HostSpec, config_path, destination
+from ...links.transport import ProcessTransport
 
 __all__ = ["SSH_CLIENTS", "openssh_client", "openssh_command"]
 
@@ -69,3 +71,18 @@ def openssh_command(
     ]
     argv += (["-l", user] if user else []) + (["-p", str(port)] if port else [])
     return argv + ["--", host, command]
+
+
+OPENSSH_FAILED = 255  # ssh's exit status for its own errors
+
+
+class OpenSSHTransport(ProcessTransport):
+    """A host's agent, run by the system's OpenSSH client
+    (`openssh.openssh_command`): one connection per host."""
+
+    _what = "the OpenSSH client"
+
+    # Its agent releases the host's daemons as it ends, for the next
+    # session to attach (a loaded host may take a while); a silent host
+    # would make ssh wait for its keepalive timeout, so not longer.
+    _close_wait_s = 1.0
