@@ -24,8 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeGuard
 
 from . import display, engines, protocol, text
-from .core.run import Run, RunSettings
+from .core.run import Run
 from .core.runstats import RunStats, print_event_log
+from .core.settings import RunSettings
 from .data import serialize
 from .data.broadcast import Broadcast
 from .data.broadcast import encode_params as encode_run_params

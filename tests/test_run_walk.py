@@ -19,7 +19,8 @@ import pytest
 
 from qjamfab import ListDataSet, WorkerLost, protocol
 from qjamfab.core import policy
-from qjamfab.core.run import Run, RunSettings
+from qjamfab.core.run import Run
+from qjamfab.core.settings import RunSettings
 from qjamfab.links.workers import LOST, Event, WorkerHandle
 from qjamfab.reduce import ReduceTree
 
@@ -223,7 +224,6 @@ def test_every_walk_ends_with_every_slice_counted_once(seed):
             split=rng.random() < 0.7,
             clock=clock,
         ),
-        progress=False,
     )
     try:
         value = run.execute()

@@ -7,7 +7,7 @@ an agent serves the worker, the job goes once to the agent.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import protocol
@@ -75,6 +75,31 @@ class Dispatch:
             },
             self.params.parts if with_params else (),
         )
+
+    def first_wave(
+        self,
+        queues: list[tuple[WorkerHandle, list[list[int]]]],
+        start: Callable[[WorkerHandle, list[int], list | None], None],
+    ) -> None:
+        """Start a run's planned batches, each worker's in order, through
+        `start(worker, batch, first)`. Every worker's first task before
+        anyone's second: on a busy machine the last worker to get one
+        would start late. One write per host for them all, and where an
+        agent combines, one TASKS frame for that host's tasks (`first`,
+        the list its entries go in; None elsewhere)."""
+        first: dict[Link, list] = {link: [] for link in self.holds}
+        for link in self.links:
+            link.hold()
+        try:
+            for k in range(max((len(b) for _, b in queues), default=0)):
+                for handle, batches in queues:
+                    if k < len(batches):
+                        start(handle, batches[k], first.get(handle.link))
+            for link, entries in first.items():
+                self.send_first(link, entries)
+        finally:
+            for link in self.links:
+                link.release()
 
     def send_first(self, link: Link, entries: list) -> None:
         """A host's first tasks of the run, in one frame to its agent

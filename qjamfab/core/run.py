@@ -15,10 +15,8 @@ so tests drive a run with a clock of their own.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from .. import protocol
 from ..data.dataset import BaseDataSet
@@ -33,46 +31,10 @@ from .losses import Losses
 from .remote_errors import collect_error, remote_error
 from .results import Node, ResultFlow, take_nodes
 from .runstats import RunStats, print_event_log
+from .settings import NoProgress, Progress, ProgressFactory, RunSettings
 from .supply import Supply
 
 log = logging.getLogger("qjamfab")
-
-
-class Progress(Protocol):
-    """A run's progress bar (the display layer's RunProgress)."""
-
-    def advance(self, n: int) -> None:
-        """Count `n` more slices or tasks done (negative: taken back)."""
-
-    def close(self) -> None:
-        """The run ended: take the bar down."""
-
-
-ProgressFactory = Callable[[int, str], Progress]  # (total, unit) -> bar
-
-
-class _NoProgress:
-    def __init__(self, total: int, unit: str):
-        pass
-
-    def advance(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-@dataclass
-class RunSettings:
-    """What a run takes from its Master's settings."""
-
-    heartbeat_timeout: float
-    straggler_factor: float
-    replicas: int
-    split: bool
-    # The run's only time source: the engines' heartbeats (last_seen) are
-    # read against it too.
-    clock: Callable[[], float] = field(default=time.monotonic)
 
 
 class Run:
@@ -112,7 +74,7 @@ class Run:
         self.inbox = inbox
         self.settings = settings
         self.clock = settings.clock
-        self.new_progress: ProgressFactory = progress or _NoProgress
+        self.new_progress: ProgressFactory = progress or NoProgress
         self.progress: Progress  # set by execute
         self.results: ResultFlow[TaskCopy]  # set by execute
         self.run_id = next(inbox.ids)
@@ -169,28 +131,15 @@ class Run:
         tree = self.results.tree
         try:
             by_name = {h.name: h for h in self.workers}
-            queues = [
-                (by_name[name], scheduler.batches(slices, self.split))
-                for name, slices in plan.items()
-            ]
-            # Every worker's first task before anyone's second: on a busy
-            # machine the last worker to get one would start late. One
-            # write per host for them all, and where an agent combines,
-            # one TASKS frame for that host's tasks.
-            first: dict[Link, list] = {link: [] for link in self.dispatch.holds}
-            for link in self.links:
-                link.hold()
-            try:
-                for k in range(max((len(b) for _, b in queues), default=0)):
-                    for handle, batches in queues:
-                        if k < len(batches):
-                            group = self._new_group(batches[k])
-                            self._send_task(handle, group, first.get(handle.link))
-                for link, entries in first.items():
-                    self.dispatch.send_first(link, entries)
-            finally:
-                for link in self.links:
-                    link.release()
+            self.dispatch.first_wave(
+                [
+                    (by_name[name], scheduler.batches(slices, self.split))
+                    for name, slices in plan.items()
+                ],
+                lambda handle, batch, first: self._send_task(
+                    handle, self._new_group(batch), first
+                ),
+            )
             self._collect()
         except BaseException:
             for handle, queue in self.copies.queues.items():

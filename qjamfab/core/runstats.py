@@ -70,7 +70,8 @@ class RunStats:
     render_html: ClassVar[Callable[..., str] | None] = None  # (RunStats) -> html
 
     def _repr_html_(self) -> str | None:
-        return self.render_html(self) if self.render_html else None
+        render = RunStats.render_html  # read on the class: not bound to self
+        return render(self) if render else None
 
 
 def print_event_log(event: Event) -> None:
