@@ -19,6 +19,7 @@ import pytest
 
 from qjamfab import ListDataSet, WorkerLost, protocol
 from qjamfab.core import policy
+from qjamfab.core.copies import Copies, TaskCopy
 from qjamfab.core.run import Run
 from qjamfab.core.settings import RunSettings
 from qjamfab.links.workers import LOST, Event, WorkerHandle
@@ -269,3 +270,21 @@ def test_stragglers_are_judged_against_the_clock_given():
     # A group with a second copy already, or won, gets no more.
     assert policy.stragglers([slow], {1: 2}, {}, times, 4.0, now=1.0) == []
     assert policy.stragglers([slow], copies, {1}, times, 4.0, now=1.0) == []
+
+
+def test_a_lost_worker_is_blamed_for_the_copy_its_link_names():
+    """The slices a lost worker was running: the copy its link names
+    (Dask's, whose workers run copies in an order of their own), else the
+    head of its queue; none for a copy not open on it."""
+    clock = Clock()
+    a, b = (
+        WorkerHandle(ScriptedLink(f"w{k}", clock), 0, f"w-{k}", {}) for k in range(2)
+    )
+    copies = Copies([a, b])
+    for task_id, worker, slices in ((1, a, [0, 1]), (2, a, [2]), (3, b, [3])):
+        copies.add(TaskCopy(task_id, worker, task_id, slices, False, clock()))
+    assert copies.ran(a, None) == [0, 1]
+    assert copies.ran(a, 2) == [2]
+    assert copies.ran(a, 3) == []  # w-1's copy
+    assert copies.ran(a, 99) == []  # no open copy: an earlier run's
+    assert copies.ran(b, None) == [3]

@@ -113,5 +113,16 @@ class Copies:
     def busy(self) -> list[WorkerHandle]:
         return [h for h, q in self.queues.items() if q]
 
+    def ran(self, handle: WorkerHandle, named: int | None) -> list[int]:
+        """The slices the worker was running when it ended: the head of
+        its queue, or the copy its link `named` (Dask, whose worker runs
+        copies in its own order); none when that copy is not the
+        worker's open one (an earlier run's)."""
+        if named is None:
+            queue = self.queues.get(handle)
+            return queue[0].slices if queue else []
+        task = self.open.get(named)
+        return task.slices if task is not None and task.worker is handle else []
+
     def on_worker(self, handle: WorkerHandle) -> list[TaskCopy]:
         return list(self.queues.get(handle, ()))

@@ -258,7 +258,9 @@ class Run:
             return
         handle = source
         if kind == LOST:
-            self._lost(handle, head["reason"], head.get("died", False))
+            self._lost(
+                handle, head["reason"], head.get("died", False), head.get("task")
+            )
             return
         if kind == protocol.RESULT:
             fetched = self.results.fetched(handle, head)
@@ -442,10 +444,17 @@ class Run:
                 "its host was lost",
             )
 
-    def _lost(self, handle: WorkerHandle, reason: str, died: bool = False) -> None:
+    def _lost(
+        self,
+        handle: WorkerHandle,
+        reason: str,
+        died: bool = False,
+        ran: int | None = None,
+    ) -> None:
         """A worker ended: its groups without another live copy re-run,
         slice by slice, on the survivors. `died`: its process ended (not
-        its host or its connection), so the slice it ran may be the cause."""
+        its host or its connection), so the slice it ran may be the cause;
+        `ran`: the copy it was running, where its link knows (copies.py)."""
         handle.alive = False
         self.copies.idle.discard(handle)
         # A worker still on a failed run's task may die of that run's job.
@@ -463,7 +472,7 @@ class Run:
         if handle.name not in self.stats.lost_workers:
             self.stats.lost_workers.append(handle.name)
         detail = describe_exit(status) if status is not None else reason
-        running = lost_tasks[0].slices if lost_tasks else []
+        running = self.copies.ran(handle, ran)
         for task in lost_tasks:
             self._close(task)
         self.losses.record(handle.name, detail, running, died, status, tail)

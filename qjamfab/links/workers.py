@@ -34,7 +34,9 @@ from .transport import Transport
 
 log = logging.getLogger("qjamfab")
 
-LOST = -1  # event kind: the worker's stream or daemon ended
+# Event kind: the worker's stream or daemon ended, head {"reason", "died"}
+# and, from a link that knows it, "task": the copy it was running.
+LOST = -1
 # Event kind, from a Link: held tasks done at its host (its agent's
 # note), head {"tasks": [(handle, task, run, compute_s, bytes), ...]}
 DONE = -2

@@ -432,7 +432,9 @@ class DaskLink:
         else:
             self.transport.exit = (reply["exit"], text)
             events += self.lost(
-                f"the job called sys.exit (exit status {reply['exit']})", died=True
+                f"the job called sys.exit (exit status {reply['exit']})",
+                died=True,
+                task=task_id,
             )
         return events
 
@@ -449,14 +451,22 @@ class DaskLink:
 
     # --- the end ---------------------------------------------------------
 
-    def lost(self, reason: str, died: bool | None = None) -> list[Event]:
+    def lost(
+        self, reason: str, died: bool | None = None, task: int | None = None
+    ) -> list[Event]:
         """The worker is gone: its LOST event, its tasks dropped. `died`:
-        its process ended running a task (not: the scheduler lost it)."""
+        its process ended running a task (not: the scheduler lost it);
+        `task`: that task. Dask runs a worker's tasks in an order of its
+        own, not the order they were sent in (seen: a slice sent after
+        another run first; and a task sent back for what it lacked is
+        submitted again behind later ones), so the Run cannot take the
+        first of the worker's queue for the one that ended it."""
         self.alive = False
+        head: dict = {"reason": reason, "died": bool(died)}
+        if task is not None:
+            head["task"] = task
         events = [
-            Event(h, LOST, {"reason": reason, "died": bool(died)}, [])
-            for h in self.handles.values()
-            if h.alive
+            Event(h, LOST, dict(head), []) for h in self.handles.values() if h.alive
         ]
         for handle in self.handles.values():
             handle.alive = False
