@@ -2,11 +2,12 @@
 
 `Run` plans slices onto workers (scheduler.py), sends tasks (dispatch.py)
 and works through what they send back, on the caller's thread: it
-supplies what a blocked worker lacks, books finished copies, re-plans the
-groups of a lost worker, and acts on the policy's decisions (policy.py:
-moves to workers that ran dry, backups of stragglers, coverage). Results
-flow in through results.py, data goes out through supply.py, losses.py
-keeps what was lost and when the job is to blame; runstats.py says what
+supplies what a blocked worker lacks, books finished copies, and acts on
+the policy's decisions (policy.py: moves to workers that ran dry, backups
+of stragglers). Losses go to recovery.py (coverage kept, slices re-planned
+on the survivors). Results flow in through results.py, data goes out
+through supply.py, losses.py keeps what was lost and when the job is to
+blame; runstats.py says what
 the run did; copies.py books the task copies on workers, groups.py the
 groups they are copies of. Time is read from `RunSettings.clock` only,
 so tests drive a run with a clock of their own.
@@ -20,14 +21,15 @@ from typing import Any
 
 from .. import protocol
 from ..data.dataset import BaseDataSet
-from ..errors import ProtocolError, WorkerLost, describe_exit
+from ..errors import ProtocolError, WorkerLost
 from ..links.inbox import Inbox
 from ..links.workers import DONE, LOST, Event, Link, WorkerHandle
-from . import liveness, policy, scheduler
+from . import policy, scheduler
 from .copies import Copies, TaskCopy
 from .dispatch import Dispatch
 from .groups import Groups
 from .losses import Losses
+from .recovery import Recovery
 from .remote_errors import collect_error, remote_error
 from .results import Node, ResultFlow, take_nodes
 from .runstats import RunStats, print_event_log
@@ -102,6 +104,11 @@ class Run:
         self.stats = RunStats(workers=len(workers))
         self.supply = Supply(
             dataset, self.refs, func_hash, func_bytes, self.stats, broadcasts
+        )
+        self.recovery = Recovery(
+            self,
+            lambda handle, slices: self._send_task(handle, self._new_group(slices)),
+            self._close,
         )
 
     def execute(self) -> object:
@@ -233,7 +240,7 @@ class Run:
             self.results.ask()  # whatever ended the last big transfer
             if self.clock() >= next_check:
                 next_check = self.clock() + tick
-                self._check_heartbeats()
+                self.recovery.check_heartbeats()
                 self._balance(stragglers=True)
             elif self.copies.idle and self.copies.queued:
                 self._balance(stragglers=False)
@@ -258,7 +265,7 @@ class Run:
             return
         handle = source
         if kind == LOST:
-            self._lost(
+            self.recovery.lost(
                 handle, head["reason"], head.get("died", False), head.get("task")
             )
             return
@@ -276,7 +283,7 @@ class Run:
             state = head["state"]
             if state == "cancelled":
                 self._close(task)
-                self._cover([task], handle.name, "its copy was cancelled")
+                self.recovery.cover([task], handle.name, "its copy was cancelled")
             elif state == "progress":
                 self._progressed(task.group, head["done"])
             elif state == "parked":  # its big value waits at its worker
@@ -408,126 +415,6 @@ class Run:
         if self.refs is None:
             return 0
         return sum(self.refs[i] in handle.refs for i in task.slices)
-
-    # --- loss -----------------------------------------------------------
-
-    def _check_heartbeats(self) -> None:
-        busy = self.copies.busy()
-        fetching = self.results.fetching
-        if fetching is not None:
-            busy.append(fetching.worker)
-        waiting = [
-            x
-            for x in self.links
-            if self.results.collecting.get(x) or self.results.held.get(x)
-        ]
-        timeout = self.settings.heartbeat_timeout
-        silent = liveness.judge(busy, waiting, timeout, self.clock, self.inbox)
-        reason = f"no heartbeat for {timeout:g} s"
-        for link in silent.hosts:
-            liveness.silence(link, self.inbox, reason)
-            self._host_lost(link)
-        for handle in silent.workers:
-            handle.alive = False  # its host answers; it does not
-            self._lost(handle, reason)
-
-    def _host_lost(self, link: Link) -> None:
-        """Held results at a host that is gone are gone with it: their
-        groups run again."""
-        tasks = self.results.host_lost(link)
-        for task in tasks:
-            self.groups.unwin(task)
-        if tasks:
-            self._rerun(
-                [i for t in tasks for i in t.slices],
-                tasks[-1].worker.name,
-                "its host was lost",
-            )
-
-    def _lost(
-        self,
-        handle: WorkerHandle,
-        reason: str,
-        died: bool = False,
-        ran: int | None = None,
-    ) -> None:
-        """A worker ended: its groups without another live copy re-run,
-        slice by slice, on the survivors. `died`: its process ended (not
-        its host or its connection), so the slice it ran may be the cause;
-        `ran`: the copy it was running, where its link knows (copies.py)."""
-        handle.alive = False
-        self.copies.idle.discard(handle)
-        # A worker still on a failed run's task may die of that run's job.
-        died = died and not handle.stale
-        if not handle.link.alive:
-            self._host_lost(handle.link)
-        parked = self.results.unpark(handle)
-        for task in parked:  # won, but the value is gone: they run again
-            self.groups.unwin(task)
-        lost_tasks = self.copies.on_worker(handle)
-        if not lost_tasks and not parked:
-            return  # nothing of this run was on it
-        status, tail = handle.exit_report()
-        handle.close()
-        if handle.name not in self.stats.lost_workers:
-            self.stats.lost_workers.append(handle.name)
-        detail = describe_exit(status) if status is not None else reason
-        running = self.copies.ran(handle, ran)
-        for task in lost_tasks:
-            self._close(task)
-        self.losses.record(handle.name, detail, running, died, status, tail)
-        self._cover(lost_tasks + parked, handle.name, detail, status, tail)
-        self.results.next_big()
-
-    def _cover(
-        self,
-        tasks: list[TaskCopy],
-        name: str,
-        detail: str,
-        status: int | None = None,
-        tail: str = "",
-    ) -> None:
-        """These copies ended without a value: keep coverage (policy.py)."""
-        slices = [
-            i
-            for t in policy.uncovered(
-                tasks,
-                self.copies.open.values(),
-                self.groups.undelivered,
-                self.groups.won,
-            )
-            for i in t.slices
-        ]
-        self._rerun(slices, name, detail, status, tail)
-
-    def _rerun(
-        self,
-        slices: list[int],
-        name: str,
-        detail: str,
-        status: int | None = None,
-        tail: str = "",
-    ) -> None:
-        survivors = [h for h in self.workers if h.alive]
-        if slices and not survivors:
-            raise self.losses.none_left(name, detail, slices, status, tail)
-        if not slices:
-            return
-        log.warning(
-            "worker %s lost (%s); re-running %s on the others",
-            name,
-            detail,
-            self.losses.names(slices),
-        )
-        busy = {h.name: len(q) for h, q in self.copies.queues.items()}
-        by_name = {h.name: h for h in survivors}
-        # Their groups are replaced by one per slice.
-        self.progress.advance(-self.groups.replace_within(slices))
-        for worker, i in scheduler.replan(
-            slices, self.refs, list(by_name), {h.name: h.refs for h in survivors}, busy
-        ):
-            self.stats.rerun_slices += 1
-            self._send_task(by_name[worker], self._new_group([i]))
 
     def _count_bytes(self) -> None:
         for link, (sent, received) in self.counters.items():
