@@ -65,7 +65,7 @@ class WorkerHandle:
     def send(
         self, kind: int, head: dict, payload: Sequence = (), queued: bool = False
     ) -> int:
-        """Send a frame to this worker; `queued`: Link.send_queued."""
+        """Send a frame to this worker; `queued`: see Link.send."""
         worker = self.index if self.link.agent else 0
         try:
             if queued:

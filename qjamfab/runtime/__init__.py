@@ -14,6 +14,11 @@ pickles are only ever read from directories no other user can change.
 What belongs to one host (daemons' sockets, pid files, claims, logs) lives
 in `host_dir(base)`, on host-local storage: the base is often a home
 directory that every machine of a lab shares.
+
+It also holds what the runtime's processes share: a runtime entry point
+started detached (`start_detached`), a Unix socket to listen on
+(`listen_unix`), a process's state and start time, the lock of a
+handed-over stream.
 """
 
 from __future__ import annotations
