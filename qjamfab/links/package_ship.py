@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from .. import protocol
 from ..errors import PreflightFailed, WorkerLost
 from .answers import await_answer
 from .handshake import HANDSHAKE_TIMEOUT_S
 from .packages import Distribution, check_platform
-
-if TYPE_CHECKING:
-    from .workers import Event, Link
+from .workers import Event, Link
 
 log = logging.getLogger("qjamfab")
 
