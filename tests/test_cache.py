@@ -19,7 +19,7 @@ import pytest
 from qjamfab import protocol
 from qjamfab.data import content_refs
 from qjamfab.runtime import cache as cache_module
-from qjamfab.runtime import pins, sealed
+from qjamfab.runtime import cache_disk, pins, sealed
 from qjamfab.runtime.cache import CacheEntryLost, RefCache
 from qjamfab.runtime.pins import CacheLimitError, parse_size
 
@@ -98,7 +98,7 @@ def test_without_room_on_disk_the_slice_stays_in_memory(tmp_path, monkeypatch):
     def full(path):
         return real(path)._replace(free=0)
 
-    monkeypatch.setattr(cache_module.shutil, "disk_usage", full)
+    monkeypatch.setattr(cache_disk.shutil, "disk_usage", full)
     refs, _ = _receive(tmp_path, "pipe", np.arange(1000))
     np.testing.assert_array_equal(refs.get("r1"), np.arange(1000))
     assert os.listdir(tmp_path / "cache") == []
@@ -624,7 +624,7 @@ def test_a_slice_is_synced_before_its_name_shows_on_a_network_filesystem(
 ):
     """Another machine may open it the moment it is renamed in; on a local
     disk the seal covers a crash (a torn file is found and sent again)."""
-    monkeypatch.setattr(cache_module, "fs_type", lambda path: fs)
+    monkeypatch.setattr(cache_disk, "fs_type", lambda path: fs)
     calls = []
     fsync = os.fsync
     monkeypatch.setattr(

@@ -233,9 +233,9 @@ def test_a_command_that_prints_something_else_says_what():
 
 
 def test_a_command_that_says_nothing_is_given_up(monkeypatch):
-    from qjamfab.links import workers
+    from qjamfab.links import handshake
 
-    monkeypatch.setattr(workers, "HANDSHAKE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(handshake, "HANDSHAKE_TIMEOUT_S", 1.0)
     command = f"{PY} -c 'import time; time.sleep(60)'"
     with pytest.raises(HostUnreachable) as info:
         Master(f"command:{command}")

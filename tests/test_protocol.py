@@ -12,6 +12,7 @@ import pytest
 
 from qjamfab import protocol
 from qjamfab.errors import ProtocolError, QjamfabError
+from qjamfab.links.handshake import start_direct
 from qjamfab.links.transport import ProcessTransport
 from qjamfab.links.workers import Link
 from qjamfab.protocol import (
@@ -645,7 +646,7 @@ def test_a_link_to_a_host_with_a_pickled_head_fails_and_runs_nothing(tmp_path):
         stall_timeout=5.0,
     )
     with pytest.raises(QjamfabError, match="a frame head that is a pickle"):
-        link.start_direct("evil")
+        start_direct(link, "evil")
     assert not target.exists()
 
 

@@ -144,6 +144,7 @@ def test_remote_stderr_does_not_stall_reading(ssh):
     import shlex
 
     from qjamfab.engines.ssh.channel import SSHChannelTransport
+    from qjamfab.links.handshake import start_direct
     from qjamfab.links.inbox import Inbox
     from qjamfab.links.workers import Link
 
@@ -164,7 +165,7 @@ def test_remote_stderr_does_not_stall_reading(ssh):
             agent=False,
             stall_timeout=5.0,
         )
-        handle = link.start_direct("w")
+        handle = start_direct(link, "w")
         inbox = Inbox()
         inbox.add(link)
         time.sleep(0.3)  # the warning has arrived
@@ -183,6 +184,7 @@ def test_much_remote_stderr_does_not_stall_the_openssh_client(ssh):
     import shlex
 
     from qjamfab.engines.ssh.openssh import OpenSSHTransport
+    from qjamfab.links.handshake import start_direct
     from qjamfab.links.workers import Link
 
     code = textwrap.dedent("""\
@@ -200,7 +202,7 @@ def test_much_remote_stderr_does_not_stall_the_openssh_client(ssh):
         ssh_config=ssh.ssh_config,
     )
     link = Link("w", OpenSSHTransport("w", argv), agent=False, stall_timeout=5.0)
-    assert link.start_direct("w").hello["version"] > 0
+    assert start_direct(link, "w").hello["version"] > 0
     status, tail = link.transport.exit_report(None)
     assert status == 0 and tail.endswith("noise noise last words")
     assert len(tail) <= 1 << 16  # its tail: what the master shows

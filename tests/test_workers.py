@@ -10,6 +10,7 @@ import time
 import pytest
 
 from qjamfab import protocol
+from qjamfab.links.handshake import start_direct
 from qjamfab.links.inbox import Inbox
 from qjamfab.links.transport import ProcessTransport
 from qjamfab.links.workers import LOST, Link, WorkerHandle
@@ -34,7 +35,7 @@ def _peer(name: str, script: str, stall_timeout: float = 5.0) -> WorkerHandle:
         agent=False,
         stall_timeout=stall_timeout,
     )
-    return link.start_direct(name)
+    return start_direct(link, name)
 
 
 def read_events(handles, timeout):
@@ -101,9 +102,9 @@ def test_a_stream_that_stalls_inside_a_frame_is_lost():
 
 def test_no_hello_in_time_is_a_worker_that_did_not_start(monkeypatch):
     from qjamfab.errors import WorkerLost
-    from qjamfab.links import workers
+    from qjamfab.links import handshake
 
-    monkeypatch.setattr(workers, "HANDSHAKE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(handshake, "HANDSHAKE_TIMEOUT_S", 0.5)
     transport = ProcessTransport(
         "a", [sys.executable, "-c", "import sys; sys.stdin.buffer.read()"]
     )
@@ -112,7 +113,7 @@ def test_no_hello_in_time_is_a_worker_that_did_not_start(monkeypatch):
         match=r"^worker a did not start: no "
         r"answer in 0.5 s; check the host's load",
     ):
-        Link("a", transport, agent=False, stall_timeout=5.0).start_direct("a")
+        start_direct(Link("a", transport, agent=False, stall_timeout=5.0), "a")
 
 
 def test_await_answer_takes_what_comes_first_and_returns_the_answer():

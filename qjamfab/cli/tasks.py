@@ -38,12 +38,18 @@ import textwrap
 import time
 from collections.abc import Callable
 
-from invoke import Collection, Context, Exit
+from invoke import Collection, Context, Exit, Task
 
 from .. import text
 from ..display import tables
 from ..engines import cluster
-from .tasks_common import lifecycle, qjamfab_task, running_program, task_help
+from .tasks_common import (
+    Action,
+    lifecycle,
+    qjamfab_task,
+    running_program,
+    task_help,
+)
 from .tasks_run import run
 
 __all__ = ["ns", "running_program"]
@@ -291,46 +297,47 @@ def _runtimes(hashes: list[str], current: str) -> str | None:
     return cell + (f" +{len(hashes) - 1}" if len(hashes) > 1 else "")
 
 
-@qjamfab_task(help=task_help())
-def clear_cache(
-    c: Context,
-    hosts: str | None = None,
-    ssh_config: str | None = None,
-    verbose: bool = False,
-) -> None:
-    """Empty the workers' caches (memory and disk) on every host."""
-    lifecycle(
-        c,
-        "clear-cache",
-        hosts,
-        ssh_config,
-        verbose,
-        cluster.clear_cache,
-        ["host", "entries removed", "bytes removed", "seconds", "status"],
-        "lrrrl",
-        lambda info: [info.get("entries"), text.format_bytes(info.get("bytes"))],
-    )
+def _table_task(
+    name: str,
+    doc: str,
+    action: Action,
+    headers: list[str],
+    align: str,
+    row: Callable[[dict], list],
+) -> Task:
+    """The task `name`, which only runs `action` on every host and shows
+    `row(info)`'s cells for each in the table (tasks_common.lifecycle)."""
+
+    def body(
+        c: Context,
+        hosts: str | None = None,
+        ssh_config: str | None = None,
+        verbose: bool = False,
+    ) -> None:
+        lifecycle(c, name, hosts, ssh_config, verbose, action, headers, align, row)
+
+    body.__name__ = body.__qualname__ = name.replace("-", "_")
+    body.__doc__ = doc
+    return qjamfab_task(help=task_help())(body)
 
 
-@qjamfab_task(help=task_help())
-def stop_workers(
-    c: Context,
-    hosts: str | None = None,
-    ssh_config: str | None = None,
-    verbose: bool = False,
-) -> None:
-    """Stop the long-lived workers on every host."""
-    lifecycle(
-        c,
-        "stop-workers",
-        hosts,
-        ssh_config,
-        verbose,
-        cluster.stop_workers,
-        ["host", "stopped", "seconds", "status"],
-        "lrrl",
-        lambda info: [stopped_cell(info)],
-    )
+# Each action is looked up in cluster when the task runs.
+clear_cache = _table_task(
+    "clear-cache",
+    "Empty the workers' caches (memory and disk) on every host.",
+    lambda specs, **kw: cluster.clear_cache(specs, **kw),
+    ["host", "entries removed", "bytes removed", "seconds", "status"],
+    "lrrrl",
+    lambda info: [info.get("entries"), text.format_bytes(info.get("bytes"))],
+)
+stop_workers = _table_task(
+    "stop-workers",
+    "Stop the long-lived workers on every host.",
+    lambda specs, **kw: cluster.stop_workers(specs, **kw),
+    ["host", "stopped", "seconds", "status"],
+    "lrrl",
+    lambda info: [stopped_cell(info)],
+)
 
 
 def stopped_cell(info: dict) -> str:

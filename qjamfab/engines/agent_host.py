@@ -12,6 +12,7 @@ import time
 
 from ..errors import WorkerLost
 from ..hostspec import HostSpec
+from ..links.handshake import attach
 from ..links.inbox import Inbox
 from ..links.workers import Link, WorkerHandle
 from . import EngineSettings
@@ -42,7 +43,7 @@ class AgentHost:
         self.session = secrets.token_hex(8)
 
     def open_link(self) -> Link:
-        """A new stream to the host's agent, started (`Link.start_agent`)."""
+        """A new stream to the host's agent, started (handshake.start_agent)."""
         raise NotImplementedError
 
     def prepare(self, inbox: Inbox) -> None:
@@ -62,7 +63,8 @@ class AgentHost:
                 if k not in self.handles or not self.handles[k].alive
             ]
         )
-        new, failed = self.link.attach(
+        new, failed = attach(
+            self.link,
             missing or None,
             self.count,
             self.idle_timeout_s,

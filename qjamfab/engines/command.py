@@ -22,7 +22,7 @@ from .. import runtime
 from ..errors import HostUnreachable, PreflightFailed, WorkerLost, describe_exit
 from ..hostkinds import ARGS
 from ..hostspec import HostSpec
-from ..links import workers
+from ..links import handshake
 from ..links.transport import ProcessTransport
 from ..links.workers import Link
 from ..text import stderr_tail
@@ -77,12 +77,12 @@ class CommandHost(AgentHost):
             stall_timeout=self.settings.heartbeat_timeout,
         )
         try:
-            link.start_agent(self.command)
+            handshake.start_agent(link, self.command)
         except WorkerLost as exc:  # it ended, or never spoke
             tail = exc.stderr_tail.strip()
             said = tail.splitlines()[-1] if tail else "it wrote nothing"
             ended = (
-                f"said nothing for {workers.HANDSHAKE_TIMEOUT_S:g} s"
+                f"said nothing for {handshake.HANDSHAKE_TIMEOUT_S:g} s"
                 if isinstance(exc.__cause__, TimeoutError)
                 else f"ended ({describe_exit(exc.exit_status)})"
             )

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import QjamfabError
 from ..hostspec import HostSpec
+from ..links.handshake import start_direct
 from ..links.inbox import Inbox
 from ..links.transport import LocalPipeTransport, Transport
 from ..links.workers import Link, WorkerHandle
@@ -53,7 +54,7 @@ class LocalHost:
             stall_timeout=self._settings.heartbeat_timeout,
         )
         link.local = self.spec.kind == "local"  # inproc: threads, no copies
-        return link.start_direct(name)
+        return start_direct(link, name)
 
     def prepare(self, inbox: Inbox) -> None:
         missing = [

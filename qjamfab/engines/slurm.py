@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from .. import runtime
 from ..errors import BadHostSpec, HostUnreachable, PreflightFailed
 from ..hostspec import HostSpec
+from ..links.handshake import start_agent
 from ..links.transport import ProcessTransport
 from ..links.workers import Link
 from . import Engine, EngineSettings, Host, StatusLine, cluster, register
@@ -471,7 +472,7 @@ class SlurmHost(AgentHost):
             agent=True,
             stall_timeout=self.settings.heartbeat_timeout,
         )
-        link.start_agent(python)
+        start_agent(link, python)
         return link
 
     def close(self) -> None:

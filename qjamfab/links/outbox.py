@@ -1,7 +1,7 @@
 """Frames waiting for one stream to take them, written as it drains.
 
 A slice for one host must not hold up the next host's: the Master queues
-big frames (workers.py's `Link.send_queued`) in the link's `Outbox` and
+big frames (workers.py's `Link.send`, `queued`) in the link's `Outbox` and
 writes them as far as the stream takes them without waiting, again each
 time the inbox's poll finds it writable, so the slices for several hosts
 stream at once. A frame written whole (`Link.send`) goes after what is

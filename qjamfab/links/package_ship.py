@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from .. import protocol
 from ..errors import PreflightFailed, WorkerLost
 from .answers import await_answer
+from .handshake import HANDSHAKE_TIMEOUT_S
 from .packages import Distribution, check_platform
-
-if TYPE_CHECKING:
-    from .workers import Event, Link
+from .workers import Event, Link
 
 log = logging.getLogger("qjamfab")
 
@@ -102,7 +100,6 @@ def _send(link: Link, dist: Distribution) -> int:
 def _answer(link: Link, timeout: float, doing: str) -> dict:
     """The agent's next PACKAGES frame (also when a blocked send read it
     into the inbox)."""
-    from .workers import HANDSHAKE_TIMEOUT_S  # (a cycle)
 
     def is_answer(event: Event) -> bool:
         return event.source is link and event.kind == protocol.PACKAGES

@@ -44,7 +44,7 @@ class Transport(ABC):
 
     name: str
     # Who printed what came before an agent's first words, and what to do
-    # about it (workers.py's Link says so): over SSH, a login shell.
+    # about it (handshake.py says so): over SSH, a login shell.
     preamble = (
         "the host's shell",
         "make the login shell print nothing for non-interactive sessions "

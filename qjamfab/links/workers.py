@@ -7,28 +7,22 @@ to a local worker it is that worker's pipe. A `WorkerHandle` is one worker:
 its identity as data (host label, index), what it holds (function hashes,
 slice refs), whether it is alive. A link turns each frame it reads into
 events for the Master's inbox (inbox.py). A stream's end, or one that
-stalls inside a frame, is a LOST event for each of its workers.
+stalls inside a frame, is a LOST event for each of its workers. How a
+link starts (the handshake, attaching a host's workers) is handshake.py's.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import logging
-import struct
 import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from .. import protocol, runtime, text
-from ..errors import (
-    PreflightFailed,
-    ProtocolError,
-    QjamfabError,
-    WorkerLost,
-    describe_exit,
-)
-from ..hostspec import env_setting, python_mismatch
-from .answers import await_answer
+from .. import protocol
+from ..errors import ProtocolError, QjamfabError, WorkerLost
+from ..hostspec import env_setting
 from .outbox import Outbox
 from .transport import Transport
 
@@ -40,7 +34,6 @@ LOST = -1
 # Event kind, from a Link: held tasks done at its host (its agent's
 # note), head {"tasks": [(handle, task, run, compute_s, bytes), ...]}
 DONE = -2
-HANDSHAKE_TIMEOUT_S = 30.0
 
 
 class Event(NamedTuple):
@@ -74,7 +67,7 @@ class WorkerHandle:
     def send(
         self, kind: int, head: dict, payload: Sequence = (), queued: bool = False
     ) -> int:
-        """Send a frame to this worker; `queued`: Link.send_queued."""
+        """Send a frame to this worker; `queued`: see Link.send."""
         worker = self.index if self.link.agent else 0
         try:
             if queued:
@@ -123,7 +116,7 @@ class Link:
         self.last_seen = time.monotonic()
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._stall_timeout = stall_timeout
+        self.stall_timeout = stall_timeout  # after the handshake
         self.python = ""  # what runs the agent, for messages
         # The events its inbox (inbox.py) has yet to hand out, once in one.
         self.pending: collections.deque[Event] | None = None
@@ -146,200 +139,10 @@ class Link:
     def fileno(self) -> int:
         return self.transport.fileno()
 
-    # --- starting -------------------------------------------------------
-
-    def start_direct(self, name: str) -> WorkerHandle:
-        """A stream to one worker: its HELLO makes its handle."""
-        self.transport.set_read_timeout(HANDSHAKE_TIMEOUT_S)
-        event = self._handshake_frame(name)
-        if event[0] != protocol.HELLO:
-            raise self._fail(
-                ProtocolError(
-                    f"worker {name} sent {protocol.KIND_NAMES.get(event[0])} "
-                    "before HELLO: restart it"
-                )
-            )
-        self._check_version(name, event[2])
-        handle = self.handles[0] = WorkerHandle(self, 0, name, event[2])
-        self.transport.set_read_timeout(self._stall_timeout)
-        return handle
-
-    def start_agent(self, python: str) -> dict:
-        """The agent's first words: install the runtime if it asks, then
-        its HELLO, checked against this master (version, Python).
-        `python` is what the host was asked to run it with."""
-        self.python = python
-        self.transport.set_read_timeout(HANDSHAKE_TIMEOUT_S)
-        try:
-            line = self.reader.read_line(256)
-        except (EOFError, OSError, TimeoutError, ProtocolError) as exc:
-            raise self._failed_start(exc) from exc
-        if line == runtime.NEED_RUNTIME:
-            bundle = runtime.bundle_zip()
-            self._write([struct.pack("!Q", len(bundle)), bundle])
-        elif line != runtime.HAVE_RUNTIME:
-            who, fix = self.transport.preamble
-            raise self._fail(
-                PreflightFailed(
-                    f"{self.label}: {who} printed {line[:80]!r} "
-                    f"before qjamfab's agent started: {fix}",
-                    host=self.label,
-                )
-            )
-        kind, _, head = self._handshake_frame(self.label)
-        if kind != protocol.HELLO or not head.get("agent"):
-            raise self._fail(
-                ProtocolError(
-                    f"{self.label}: the agent did not say HELLO: restart with "
-                    "this qjamfab's runtime (stop-workers, then start-workers)"
-                )
-            )
-        self._check_version(self.label, head)
-        mismatch = python_mismatch(self.label, head, self.label)
-        if mismatch is not None:
-            raise self._fail(mismatch)
-        self.info = head
-        return head
-
-    def attach(
-        self,
-        indices: list[int] | None,
-        count: int | None,
-        idle_timeout: float,
-        cache_limit: int | str | None = None,
-        env: dict[str, str] | None = None,
-        session: str | None = None,
-    ) -> tuple[list[WorkerHandle], dict]:
-        """Ask the agent for these workers (or `count`, or as many as the
-        host was started with), its cache held to `cache_limit` (None:
-        the host's own), with `env` settings ({worker}: each one's number),
-        for `session` (daemons that served another are not attached):
-        the new handles, and {index: reason} for those that could not be
-        attached."""
-        self.transport.set_read_timeout(HANDSHAKE_TIMEOUT_S)
-        self.send(
-            protocol.ATTACH,
-            {
-                "workers": indices,
-                "count": count,
-                "idle_timeout": idle_timeout,
-                "cache_limit": cache_limit,
-                "env": env or {},
-                "session": session,
-                "direct": not self.handles,
-            },
-            worker=protocol.AGENT,
-        )
-        hellos: dict[int, dict] = {}
-
-        def hello(frame: tuple[int, int, dict]) -> bool:
-            kind, worker, head = frame
-            if kind == protocol.HELLO and worker != protocol.AGENT:
-                self._check_version(f"worker {self.label}-{worker}", head)
-                hellos[worker] = head
-            return False
-
-        def frames() -> list[tuple[int, int, dict]]:
-            return [self._handshake_frame(self.label)]
-
-        deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
-        answer = await_answer(
-            frames, lambda f: f[0] == protocol.ATTACH, deadline, take=hello
-        )
-        if answer is None:
-            raise self._fail(
-                WorkerLost(
-                    f"{self.label}: its workers did not start: no answer in "
-                    f"{HANDSHAKE_TIMEOUT_S:g} s; check the host's load"
-                )
-            )
-        head = answer[2]
-        if head.get("direct"):
-            # A host of one worker: its daemon now has the stream itself,
-            # and says HELLO on it (frames for worker 0, no agent between).
-            self.agent = False
-            # The agent beats for it from the start (runtime/agent.py).
-            said = await_answer(frames, lambda f: f[0] != protocol.HEARTBEAT, deadline)
-            if said is None or said[0] != protocol.HELLO:
-                raise self._fail(
-                    ProtocolError(
-                        f"{self.label}: its worker did not take the stream: "
-                        "restart it (stop-workers, then start-workers)"
-                    )
-                )
-            hellos = {head["workers"][0]: said[2]}
-        self.transport.set_read_timeout(self._stall_timeout)
-        new = []
-        for k in head["workers"]:
-            if k in hellos:
-                handle = WorkerHandle(self, k, f"{self.label}-{k}", hellos[k])
-                self.handles[k] = handle
-                new.append(handle)
-        self.count = head["count"]
-        return new, {int(k): v for k, v in head["failed"].items()}
-
-    def _handshake_frame(self, name: str) -> tuple[int, int, dict]:
-        """The next frame while starting (its payload dropped)."""
-        try:
-            kind, worker, head, _ = self.reader.read()
-        except TimeoutError as exc:
-            raise self._fail(
-                WorkerLost(
-                    f"worker {name} did not start: no answer in "
-                    f"{HANDSHAKE_TIMEOUT_S:g} s; check the host's load and its "
-                    "python",
-                    worker=name,
-                )
-            ) from exc
-        except (EOFError, ProtocolError, OSError) as exc:
-            raise self._failed_start(exc, name) from exc
-        return kind, worker, head
-
-    def _failed_start(
-        self, exc: BaseException, name: str | None = None
-    ) -> QjamfabError:
-        status, tail = self.transport.exit_report(None)
-        self.close()
-        name = name or self.label
-        if status == 127:
-            return PreflightFailed(
-                f"{self.label}: python {self.python!r} was not found: install "
-                f"python3 there, or set {env_setting('REMOTE_PYTHON')[1]} to "
-                f"its path\n"
-                f"{tail}",
-                host=self.label,
-            )
-        said = (
-            tail.splitlines()[-1]
-            if tail.strip()
-            else f"it wrote nothing ({type(exc).__name__}: {exc})"
-        )
-        return WorkerLost(
-            f"{'worker ' if name != self.label else ''}{name} did not start "
-            f"({describe_exit(status)}): {said}"
-            f"{text.stderr_tail(name, tail)}",
-            worker=name,
-            exit_status=status,
-            stderr_tail=tail,
-        )
-
-    def _check_version(self, name: str, head: dict) -> None:
-        if head.get("version") != protocol.VERSION:
-            raise self._fail(
-                ProtocolError(
-                    f"{name} speaks protocol {head.get('version')}, not "
-                    f"{protocol.VERSION}: restart it with this qjamfab's runtime "
-                    "(stop-workers, then start-workers)"
-                )
-            )
-
-    def _fail(self, exc: QjamfabError) -> QjamfabError:
-        self.close()
-        return exc
-
-    # --- running --------------------------------------------------------
-
-    def _write(self, buffers: list) -> int:
+    def write(self, buffers: list) -> int:
+        """Write these buffers (whole frames, or the runtime's bundle as
+        the agent starts) after what the outbox holds, waiting for the
+        stream to take them all; their size."""
         size = protocol.frame_size(buffers)
         queued = self.outbox.take()  # first: frames keep their order
         try:
@@ -359,28 +162,6 @@ class Link:
         if self.pending is not None:
             self.pending.extendleft(self.lost(str(exc)))
         self.close()
-
-    def send_queued(
-        self,
-        kind: int,
-        head: dict,
-        payload: Sequence = (),
-        worker: int = 0,
-        to: str | None = None,
-    ) -> int:
-        """`send` for a big frame (a slice), without waiting for the stream
-        to take it: the rest waits in the outbox (outbox.py), written as
-        the stream drains while the Master reads and sends to others.
-        Where the stream cannot be polled for room, `send`."""
-        if self.held is not None or self.transport.write_fileno() is None:
-            return self.send(kind, head, payload, worker, to)
-        buffers = protocol.frame(kind, head, payload, worker)
-        self.outbox.add(buffers)
-        size = protocol.frame_size(buffers)
-        self.bytes_sent += size
-        self._logged(kind, head, size, to)
-        self.flush()
-        return size
 
     def flush(self) -> None:
         """Write what the outbox holds, as far as the stream takes it now.
@@ -407,15 +188,30 @@ class Link:
         payload: Sequence = (),
         worker: int = 0,
         to: str | None = None,
+        queued: bool = False,
     ) -> int:
+        """Send a frame (to `worker` of a host's agent; `to` names it in
+        the log); its size. `queued`, for a big frame (a slice): without
+        waiting for the stream to take it, the rest waiting in the outbox
+        (outbox.py), written as the stream drains while the Master reads
+        and sends to others; where the stream cannot be polled for room,
+        as any other."""
         buffers = protocol.frame(kind, head, payload, worker)
         if self.held is not None:
             self.held.extend(buffers)
             size = protocol.frame_size(buffers)
+        elif queued and self.transport.write_fileno() is not None:
+            self.outbox.add(buffers)
+            size = protocol.frame_size(buffers)
+            self.bytes_sent += size
+            self.flush()
         else:
-            size = self._write(buffers)
+            size = self.write(buffers)
         self._logged(kind, head, size, to)
         return size
+
+    # What a WorkerHandle sends a slice with (a DaskLink's queues nothing).
+    send_queued = functools.partialmethod(send, queued=True)
 
     def _logged(self, kind: int, head: dict, size: int, to: str | None) -> None:
         if log.isEnabledFor(logging.DEBUG):
@@ -435,11 +231,11 @@ class Link:
 
     def release(self) -> None:
         """Write what `hold` kept. A failure is the link's loss, already
-        queued as its workers' events (as `_write` does)."""
+        queued as its workers' events (as `write` does)."""
         buffers, self.held = self.held, None
         if buffers and self.alive:
             try:
-                self._write(buffers)
+                self.write(buffers)
             except WorkerLost:
                 pass
 

@@ -14,6 +14,11 @@ pickles are only ever read from directories no other user can change.
 What belongs to one host (daemons' sockets, pid files, claims, logs) lives
 in `host_dir(base)`, on host-local storage: the base is often a home
 directory that every machine of a lab shares.
+
+It also holds what the runtime's processes share: a runtime entry point
+started detached (`start_detached`), a Unix socket to listen on
+(`listen_unix`), a process's state and start time, the lock of a
+handed-over stream.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ import io
 import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -197,6 +205,23 @@ def stream_lock(socket_path: str) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
+def listen_unix(path: str, backlog: int) -> tuple[socket.socket, int]:
+    """A Unix socket listening at `path` (0600), and its inode: bound under
+    a temporary name and renamed over `path` once it listens, so no connect
+    to the name is refused and a restarted process takes the name over
+    atomically."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    old_umask = os.umask(0o177)  # the socket is born 0600
+    try:
+        listener.bind(tmp)
+    finally:
+        os.umask(old_umask)
+    listener.listen(backlog)
+    os.replace(tmp, path)
+    return listener, os.stat(path).st_ino
+
+
 def write_locked(lock_fd: int, writev: Callable[[list], int], buffers: list) -> None:
     """Write one frame's buffers whole while holding the stream's lock."""
     fcntl.flock(lock_fd, fcntl.LOCK_EX)
@@ -303,6 +328,24 @@ def boot_code(module: str, install: bool = False) -> str:
         )
         + f"sys.path[0:1] = [p]\nfrom qjamfab.runtime.{module} import main\nmain()\n"
     )
+
+
+def start_detached(
+    module: str, args: list[str], log: str, env: dict[str, str]
+) -> subprocess.Popen:
+    """qjamfab.runtime.<module>.main() from the bundle (`boot_code`) with
+    `args`, as a process of its own: in a new session (it outlives whoever
+    started it), with no stdin or stdout, its stderr appended to `log`."""
+    with open(log, "ab") as stderr:
+        return subprocess.Popen(
+            [sys.executable, "-c", boot_code(module), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
 
 
 CHANGED_RUNTIME = "qjamfab: the runtime is not what was installed"

@@ -1,16 +1,11 @@
 """The worker's slice cache: refs held in memory and in `<base>/cache/`,
 each checked against what was written under its name, the whole bounded in
-size. It owns the cache file layout, the check of a file before each use,
-and which entries leave when the cache is full.
+size. It owns the entries in memory and the check of each before use.
 
-Receiving. A slice arrives as a REFS frame whose payload (pickle protocol 5
-main stream plus out-of-band buffers) goes straight from the stream into its
-cache file, by splice when the stream is a pipe: the bytes never pass
-through this process. The file is written under a temporary name and
-renamed, so no reader ever sees a half-written entry. The slice in memory is
-then the file memory-mapped copy-on-write, each buffer at a 64-byte aligned
-offset: one copy of the data (the page cache), whether it just arrived or a
-restarted worker, or another worker on the same host, finds it on disk.
+A slice arrives into its file (cache_disk.py), and is then that file
+memory-mapped copy-on-write, each buffer at a 64-byte aligned offset: one
+copy of the data, whether it just arrived or a restarted worker, or another
+worker on the same host, finds it on disk.
 
 A slice is its hash. A ref is the master's sha256 of the slice's content
 (content_refs.py's content_ref). The worker does not recompute it: a text
@@ -46,55 +41,28 @@ another slice's file copied over this one all fail the check.
 Size limit, pins and eviction: see pins.py.
 
 This module owns `RefCache`, the entries in memory and their checks before
-use; the file format, its seal and its check are sealed.py's, the limit,
-the pins and the eviction plan pins.py's.
+use; receiving a slice into its file, making room and evicting are
+cache_disk.py's, the file format, its seal and its check sealed.py's, the
+limit, the pins and the eviction plan pins.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import mmap
 import os
-import shutil
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 from .. import protocol
-from . import NETWORK_FS, fs_type, secure_dir
-from .pins import (
-    Pins,
-    cache_limit,
-    forget_over_limit,
-    holder,
-    holder_alive,
-    plan_eviction,
-    touch,
-)
-from .sealed import (
-    Damage,
-    Layout,
-    check_pickle,
-    known_digests,
-    layout,
-    map_file,
-    read_landed,
-    remove,
-    tidy,
-    verify,
-    write_sealed,
-)
+from . import secure_dir
+from .cache_disk import CacheDisk, FileKey, key_of
+from .pins import Pins, cache_limit, touch
+from .sealed import Damage, map_file, remove, verify
 
-# (device, inode, size, mtime in ns): a cache file as it was checked.
-FileKey = tuple[int, int, int, int]
-
-_DISK_MARGIN = 16 << 20  # leave this much free on the disk
 _TOUCH_S = 30.0  # set an entry's atime this often in use
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NOTHING: frozenset[str] = frozenset()
 
 
@@ -136,10 +104,6 @@ class _Entry:
         self.touched = touched
 
 
-def _key(st: os.stat_result) -> FileKey:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 class RefCache:
     def __init__(
         self,
@@ -151,19 +115,30 @@ class RefCache:
         holding at most `limit` bytes on disk (see cache_limit). `clock`
         (epoch seconds, as file times are) judges other hosts' pins."""
         secure_dir(directory)
-        # Another machine may read an entry the moment it is renamed in.
-        self._sync = fs_type(directory) in NETWORK_FS
         self.directory = directory
-        self.limit = cache_limit(directory, limit)
         self._pins = Pins(directory, clock)
         self._memory: dict[str, _Entry] = {}
+        self._disk = CacheDisk(
+            directory,
+            cache_limit(directory, limit),
+            self._pins,
+            lambda ref: self._memory.pop(ref, None),
+            clock(),
+        )
         self._checked: frozenset[str] = _NOTHING  # what missing() just checked
         self._damaged: list[str] = []
         self._damaged_total = 0
         # ref -> key checked elsewhere
         self._trusted: dict[str, tuple[int, ...]] = {}
-        now = clock()
-        tidy(directory, lambda who, path: holder_alive(who, path, now))
+
+    @property
+    def limit(self) -> int:
+        """The most bytes the cache keeps on disk (pins.cache_limit)."""
+        return self._disk.limit
+
+    @limit.setter
+    def limit(self, limit: int) -> None:
+        self._disk.limit = limit
 
     def _path(self, ref: str) -> str:
         return os.path.join(self.directory, ref)
@@ -206,7 +181,7 @@ class RefCache:
                 st: os.stat_result | None = os.lstat(entry.path)
             except FileNotFoundError:
                 st = None
-            if st is None or _key(st) != entry.key:
+            if st is None or key_of(st) != entry.key:
                 del self._memory[ref]
 
     def get(self, ref: str) -> object:
@@ -221,10 +196,7 @@ class RefCache:
                 st = os.lstat(entry.path)
             except FileNotFoundError:
                 st = None
-            if (
-                st is not None
-                and (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == entry.key
-            ):
+            if st is not None and key_of(st) == entry.key:
                 return entry.value
             if (
                 st is None
@@ -253,7 +225,7 @@ class RefCache:
     def file_key(self, ref: str) -> FileKey | None:
         """(device, inode, size, mtime) of ref's file, None without one."""
         try:
-            return _key(os.lstat(self._path(ref)))
+            return key_of(os.lstat(self._path(ref)))
         except FileNotFoundError:
             return None
 
@@ -274,7 +246,7 @@ class RefCache:
             except FileNotFoundError:
                 self._memory.pop(ref, None)
                 return None
-            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == entry.key:
+            if key_of(st) == entry.key:
                 now = time.monotonic()
                 if now - entry.touched > _TOUCH_S:
                     entry.touched = now
@@ -301,11 +273,11 @@ class RefCache:
                     raise Damage("not a regular file")
                 try:
                     offsets, lengths = verify(
-                        fd, ref, st, self._trusted.pop(ref, None) != _key(st)
+                        fd, ref, st, self._trusted.pop(ref, None) != key_of(st)
                     )
                 except OSError as exc:  # EIO: a bad disk
                     raise Damage(f"cannot be read: {exc.strerror}") from None
-                if _key(os.fstat(fd)) != _key(st):
+                if key_of(os.fstat(fd)) != key_of(st):
                     raise Damage("it changed while it was checked")
                 mapping, value = map_file(fd, offsets, lengths, st.st_size)
             except Damage as exc:
@@ -315,7 +287,7 @@ class RefCache:
             os.close(fd)
         touch(path)
         entry = self._memory[ref] = _Entry(
-            value, path, _key(st), mapping, time.monotonic()
+            value, path, key_of(st), mapping, time.monotonic()
         )
         return entry
 
@@ -352,59 +324,20 @@ class RefCache:
         them (sealed.known_digests): those parts are not hashed here."""
         if not is_ref(ref):
             raise ValueError(f"{ref!r} is not a ref")
-        file = layout(lengths)
-        path = self._path(ref)
-        tmp = f"{path}.{holder()}.tmp"
-        fd = self._reserve(ref, tmp, file.size) if to_disk else None
-        if fd is None:
-            parts = [reader.read_part(n) for n in lengths]
-            check_pickle(ref, parts[0][:2] if parts else b"")
-            return self.keep_in_memory(ref, parts, load)
-        try:
-            known = known_digests(blocks, lengths)
-            write_sealed(fd, ref, file, reader, source_fd, known)
-            st = os.fstat(fd)
-            if load:
-                mapping, value = map_file(fd, file.offsets, lengths, st.st_size)
-        except BaseException as exc:
-            try:
-                if not (isinstance(exc, OSError) and exc.errno in _DISK_FULL):
-                    raise
-                kept = self._rescue(ref, exc, fd, file, reader, load)
-            finally:
-                os.close(fd)
-                os.unlink(tmp)
-            return kept
-        if self._sync:  # whole on the server before its name shows
-            os.fsync(fd)
-        os.close(fd)
-        with self._sizing():  # an eviction's listing never misses it mid-rename
-            os.replace(tmp, path)  # same inode, size, mtime: st is its key
-        if load:
-            self._memory[ref] = _Entry(value, path, _key(st), mapping, time.monotonic())
-        return None
-
-    def _rescue(
-        self,
-        ref: str,
-        exc: OSError,
-        fd: int,
-        file: Layout,
-        reader: protocol.FrameReader,
-        load: bool,
-    ) -> list | None:
-        """The disk filled up under ref's file (another writer) as it
-        arrived: keep the slice in memory, from the bytes that landed in
-        the file and the rest of the frame, still in the stream."""
-        parts = read_landed(fd, file, reader)
-        print(
-            f"qjamfab: the disk of {self.directory} filled up while slice "
-            f"{ref} arrived ({exc.strerror}): kept in memory only; free "
-            "space there to cache slices on disk",
-            file=sys.stderr,
-            flush=True,
+        stored = self._disk.store(
+            ref, lengths, reader, source_fd, load, to_disk, blocks
         )
-        return self.keep_in_memory(ref, parts, load)
+        if isinstance(stored, list):
+            return self.keep_in_memory(ref, stored, load)
+        if load:
+            self._memory[ref] = _Entry(
+                stored.value,
+                self._path(ref),
+                stored.key,
+                stored.mapping,
+                time.monotonic(),
+            )
+        return None
 
     def keep_in_memory(self, ref: str, parts: list, load: bool = True) -> list | None:
         """The slice in memory only; its raw parts back without `load`."""
@@ -415,109 +348,17 @@ class RefCache:
         )
         return None
 
-    def _reserve(self, ref: str, tmp: str, size: int) -> int | None:
-        """A descriptor of ref's temporary file `tmp`, at its full size
-        already (so that a writer evicting meanwhile counts it), with room
-        made for it; None when the slice stays in memory (bigger than the
-        limit, or no room on the disk)."""
-        if size > self.limit:
-            if self.limit:
-                print(
-                    f"qjamfab: slice {ref} ({size} bytes) is bigger than "
-                    f"the cache limit ({self.limit} bytes): kept in memory "
-                    "only; raise QJAMFAB_CACHE_LIMIT to keep it on disk",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            return None
-        fd = os.open(
-            tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | _NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-        try:
-            with self._sizing():
-                os.ftruncate(fd, size)  # sparse: reserves no disk blocks
-                self._evict(keep=ref)
-            if shutil.disk_usage(self.directory).free >= size + _DISK_MARGIN:
-                return fd
-        except OSError as exc:
-            if exc.errno not in _DISK_FULL:
-                os.close(fd)
-                os.unlink(tmp)
-                raise
-        os.close(fd)
-        os.unlink(tmp)
-        return None
-
-    @contextlib.contextmanager
-    def _sizing(self) -> Iterator[None]:
-        """Held by this host's processes around what changes the cache's
-        size: reserving (with the eviction that makes room) and renaming an
-        entry in. Without it two workers storing at once could each list
-        the directory while the other's entry was mid-rename, miss it, and
-        leave the cache an entry over its limit. Where the filesystem has
-        no locks, unlocked."""
-        try:
-            fd = os.open(
-                self.directory.rstrip(os.sep) + ".lock",
-                os.O_RDWR | os.O_CREAT | _NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-            )
-        except OSError:
-            yield
-            return
-        try:
-            # Opened per use: flock excludes open files, and a forked
-            # worker must not share its parent's.
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
-
-    def _evict(self, keep: str) -> None:
-        """Remove least recently used entries until the cache, with the
-        slices being written (temporary files), fits the limit, sparing
-        what any process here pins and the entry `keep`."""
-        entries, inodes, writing = [], {}, {keep}
-        for entry in os.scandir(self.directory):
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if entry.name.endswith(".tmp"):
-                writing.add(entry.name)  # another's slice on its way in
-            entries.append((max(st.st_atime, st.st_mtime), entry.name, st.st_size))
-            inodes[entry.name] = st.st_ino
-        if sum(size for _, _, size in entries) <= self.limit:
-            return  # the common case: no pins to read
-        victims, total = plan_eviction(
-            entries, self.limit, self._pins.anywhere() | writing
-        )
-        for name in victims:
-            self._memory.pop(name, None)
-            remove(os.path.join(self.directory, name), inodes[name])
-        if victims:
-            self._pins.mark_evicted()  # the others drop their mappings
-        if total > self.limit:
-            self._pins.say_over_limit(total, self.limit)
-
     def drop_memory(self) -> None:
         self._memory.clear()
 
     def clear(self) -> dict:
         stats = self.stats()
         self._memory.clear()
-        for name in os.listdir(self.directory):
-            remove(os.path.join(self.directory, name))
-        forget_over_limit(self.directory)
+        self._disk.clear()
         return stats
 
     def stats(self) -> dict:
-        entries = disk_bytes = 0
-        for entry in os.scandir(self.directory):
-            if not entry.name.endswith(".tmp"):
-                entries += 1
-                disk_bytes += entry.stat(follow_symlinks=False).st_size
+        entries, disk_bytes = self._disk.usage()
         return {
             "entries": entries,
             "bytes": disk_bytes,

@@ -36,7 +36,13 @@ import traceback
 from collections.abc import Callable
 from typing import NoReturn
 
-from . import default_base, secure_dir, secure_host_dir, set_process_name
+from . import (
+    default_base,
+    listen_unix,
+    secure_dir,
+    secure_host_dir,
+    set_process_name,
+)
 
 TEMPLATE = "template"  # its files in the host dir: template.sock, .pid, .log
 _NAME = re.compile(r"worker-[0-9]{1,6}")
@@ -267,16 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    tmp = f"{args.socket}.{os.getpid()}.tmp"
-    old_umask = os.umask(0o177)  # the socket is born 0600
-    try:
-        listener.bind(tmp)
-    finally:
-        os.umask(old_umask)
-    listener.listen(64)
-    os.replace(tmp, args.socket)
-    bound = os.stat(args.socket).st_ino
+    listener, bound = listen_unix(args.socket, 64)
     pid_path = args.socket[: -len(".sock")] + ".pid"
     _record(pid_path, preloaded)
 

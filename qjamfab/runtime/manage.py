@@ -17,14 +17,12 @@ import fcntl
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from typing import NamedTuple
 
 from . import (
-    boot_code,
     default_base,
     fs_type,
     host_dir,
@@ -33,6 +31,7 @@ from . import (
     process_stat,
     secure_dir,
     secure_host_dir,
+    start_detached,
     template,
     this_runtime,
 )
@@ -203,26 +202,12 @@ def start_slots(
         if k in forked:
             continue
         name = f"worker-{k}"
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                boot_code("worker"),
-                "--socket",
-                socket_path(base, k),
-                "--name",
-                name,
-                "--base",
-                base,
-                "--idle-timeout",
-                str(idle_timeout),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=open(os.path.join(host_dir(base), f"{name}.daemon"), "ab"),
-            env={**os.environ, **envs.get(k, {})},
-            start_new_session=True,
-            close_fds=True,
+        start_detached(
+            "worker",
+            ["--socket", socket_path(base, k), "--name", name]
+            + ["--base", base, "--idle-timeout", str(idle_timeout)],
+            os.path.join(host_dir(base), f"{name}.daemon"),
+            {**os.environ, **envs.get(k, {})},
         )
     deadline = time.monotonic() + START_WAIT_S
     waiting = set(slots)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .. import protocol
 from ..errors import ProtocolError
-from . import process_start, stream_lock, this_runtime, write_locked
+from . import listen_unix, process_start, stream_lock, this_runtime, write_locked
 from .cache import is_ref
 from .shared_params import is_shared_params_path
 
@@ -285,16 +285,7 @@ def serve_socket(
     then flow over the connection until it ends. A connection that breaks
     the protocol is closed and logged, and the next one served."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    old_umask = os.umask(0o177)  # the socket is born 0600
-    try:
-        listener.bind(tmp)
-    finally:
-        os.umask(old_umask)
-    listener.listen(8)  # before the name appears: no connect is refused
-    os.replace(tmp, path)  # a restarted daemon takes over the name atomically
-    bound_inode = os.stat(path).st_ino
+    listener, bound_inode = listen_unix(path, 8)
     pid_path = path[: -len(".sock")] + ".pid"
     with open(pid_path, "w") as f:
         # Its start time too: a daemon forked by the template (forkserver.py)

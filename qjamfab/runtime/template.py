@@ -13,11 +13,17 @@ import fcntl
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 
-from . import boot_code, forkserver, host_dir, manage, process_ended, this_runtime
+from . import (
+    forkserver,
+    host_dir,
+    manage,
+    process_ended,
+    start_detached,
+    this_runtime,
+)
 
 FORKSERVER = "QJAMFAB_FORKSERVER"  # "0": every daemon its own Python
 # Read as an interpreter or a library (BLAS, OpenMP) starts: the template
@@ -105,26 +111,12 @@ def ensure_template(
         if found is not None:
             manage.stop_daemons(base, [found])
         path = template_socket(base)
-        with open(path[: -len(".sock")] + ".log", "ab") as log:
-            started = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    boot_code("forkserver"),
-                    "--socket",
-                    path,
-                    "--base",
-                    base,
-                    "--idle-timeout",
-                    str(idle_timeout),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                env=env,
-                start_new_session=True,
-                close_fds=True,
-            )
+        started = start_detached(
+            "forkserver",
+            ["--socket", path, "--base", base, "--idle-timeout", str(idle_timeout)],
+            path[: -len(".sock")] + ".log",
+            env,
+        )
         deadline = time.monotonic() + manage.START_WAIT_S
         while time.monotonic() < deadline and started.poll() is None:
             found = live_template(base)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from ... import runtime
 from ...errors import WorkerLost
 from ...hostspec import HostSpec
+from ...links.handshake import start_agent
 from ...links.workers import Link
 from .. import Engine, EngineSettings, Host, register
 from ..agent_host import AgentHost
@@ -68,7 +69,7 @@ class SSHHost(AgentHost):
                 stall_timeout=settings.heartbeat_timeout,
             )
             try:
-                link.start_agent(python)
+                start_agent(link, python)
                 return link
             except WorkerLost as exc:
                 if exc.exit_status != OPENSSH_FAILED:
@@ -91,7 +92,7 @@ class SSHHost(AgentHost):
             agent=True,
             stall_timeout=settings.heartbeat_timeout,
         )
-        link.start_agent(python)
+        start_agent(link, python)
         return link
 
 
