@@ -16,7 +16,7 @@ import pytest
 
 from qjamfab import Master, hostspec, runtime
 from qjamfab.engines import cluster
-from qjamfab.runtime import manage, template
+from qjamfab.runtime import manage, procs, template
 from tests.conftest import processes_mentioning
 
 pytestmark = pytest.mark.timeout(120)
@@ -119,7 +119,7 @@ def test_fork_server_off_starts_each_daemon_as_its_own_python(ssh):
         info = _status("host3", ssh_config=ssh.ssh_config)
     assert [w["forked"] for w in info["workers"]] == [False, False]
     for w in info["workers"]:
-        assert w["socket"] in manage.cmdline(w["pid"])
+        assert w["socket"] in procs.cmdline(w["pid"])
 
 
 def test_settings_read_as_libraries_load_reach_the_daemons(ssh):

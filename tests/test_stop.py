@@ -11,7 +11,7 @@ import pytest
 
 from qjamfab import hostspec, runtime
 from qjamfab.engines import cluster
-from qjamfab.runtime import manage
+from qjamfab.runtime import manage, procs
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -85,11 +85,11 @@ def test_a_daemon_that_does_not_end_is_killed_after_the_bound_and_named(
         # The bound passes once the others have ended: they were never
         # killed, whatever the load.
         return time.monotonic() + (
-            0 if _still_there({p: pids[p] for p in healthy}) else manage.STOP_WAIT_S
+            0 if _still_there({p: pids[p] for p in healthy}) else procs.STOP_WAIT_S
         )
 
     try:
-        done = manage.stop_daemons(base, workers, clock=clock)
+        done = procs.stop_daemons(base, workers, clock=clock)
         assert _still_there(pids) == []
     finally:
         if not runtime.process_ended(stuck["pid"]):
@@ -113,7 +113,7 @@ def test_killed_daemons_are_said_in_the_log_and_the_table(caplog):
     with caplog.at_level("WARNING", logger="qjamfab.engines.cluster"):
         info = cluster.stop_host(_Session())  # type: ignore[arg-type]
     assert caplog.messages == [
-        f"host1: worker-1 did not end within {manage.STOP_WAIT_S:g} s of "
+        f"host1: worker-1 did not end within {procs.STOP_WAIT_S:g} s of "
         "SIGTERM: killed (SIGKILL)"
     ]
     assert stopped_cell(info) == "3 (1 killed)"

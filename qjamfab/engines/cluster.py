@@ -35,7 +35,7 @@ from ..hostspec import HostSpec, env_setting, python_mismatch
 from ..links.foreign import mapped
 from ..links.packages import Distribution, check_platform
 from ..links.transport import tail
-from ..runtime.manage import STOP_WAIT_S
+from ..runtime.procs import STOP_WAIT_S
 from .ssh import hosts as hostlib
 from .ssh.channel import sftp_upload, ssh_exec
 

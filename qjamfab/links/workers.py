@@ -14,7 +14,6 @@ link starts (the handshake, attaching a host's workers) is handshake.py's.
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -70,9 +69,7 @@ class WorkerHandle:
         """Send a frame to this worker; `queued`: see Link.send."""
         worker = self.index if self.link.agent else 0
         try:
-            if queued:
-                return self.link.send_queued(kind, head, payload, worker, self.name)
-            return self.link.send(kind, head, payload, worker, to=self.name)
+            return self.link.send(kind, head, payload, worker, self.name, queued)
         except WorkerLost as exc:
             if not self.link.remote:
                 raise
@@ -209,9 +206,6 @@ class Link:
             size = self.write(buffers)
         self._logged(kind, head, size, to)
         return size
-
-    # What a WorkerHandle sends a slice with (a DaskLink's queues nothing).
-    send_queued = functools.partialmethod(send, queued=True)
 
     def _logged(self, kind: int, head: dict, size: int, to: str | None) -> None:
         if log.isEnabledFor(logging.DEBUG):

@@ -24,35 +24,10 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-from .. import protocol
 from .task import error_fields
 
-if TYPE_CHECKING:
-    from .worker import Channel, Worker
-
 PHASE = "loading the calls"  # the ERROR of a payload that cannot be loaded
-
-
-def run_calls(worker: Worker, channel: Channel, head: dict, parts: list) -> None:
-    """Run a TASK of inline calls and send its one RESULT (or ERROR)."""
-    reply = {"task": head["task"], "run": head["run"]}
-    worker.capture.begin()
-    worker.busy = True
-    try:
-        compute_s, payload = execute(parts)
-    except Exception as exc:
-        channel.send(protocol.ERROR, {**reply, **load_error(exc)})
-        return
-    finally:
-        worker.busy = False
-        worker.capture.end()
-    channel.send(
-        protocol.RESULT,
-        {**reply, "compute_s": compute_s, "calls": head["calls"]},
-        [payload],
-    )
 
 
 def execute(parts: list) -> tuple[float, bytes]:

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 
 from .. import protocol
-from . import host_dir, manage, pid_alive, process_running, read_tail
+from . import host_dir, manage, pid_alive, process_running, procs, read_tail
 
 _CONNECT_WAIT_S = 15.0  # for a daemon to say "ready"
 
@@ -123,7 +123,7 @@ def attach(
     # A claimed daemon that served another session, or run by another
     # Python (QJAMFAB_REMOTE_PYTHON changed) or with other env. settings,
     # is replaced: each session's jobs run in daemons fresh for it.
-    manage.stop_daemons(
+    procs.stop_daemons(
         base,
         [
             w
@@ -131,7 +131,7 @@ def attach(
             if w["slot"] in envs
             and (
                 (w["served"] is not None and w["served"] != session)
-                or manage.cmdline(w["pid"]).split(" ", 1)[0] != sys.executable
+                or procs.cmdline(w["pid"]).split(" ", 1)[0] != sys.executable
                 or manage.env_differs(w, envs[w["slot"]])
                 or conflicts(w)
             )
@@ -147,7 +147,7 @@ def attach(
             os.close(fd)
             failed[index] = (
                 f"worker-{slot} did not start in "
-                f"{manage.START_WAIT_S:g} s: " + _daemon_log(base, slot)
+                f"{procs.START_WAIT_S:g} s: " + _daemon_log(base, slot)
             )
             continue
         try:

@@ -19,8 +19,8 @@ import time
 from . import (
     forkserver,
     host_dir,
-    manage,
     process_ended,
+    procs,
     start_detached,
     this_runtime,
 )
@@ -70,7 +70,7 @@ def live_template(base: str) -> dict | None:
         started = os.stat(pid_path).st_mtime
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    line = manage.cmdline(pid)
+    line = procs.cmdline(pid)
     if path not in line or process_ended(pid):
         return None
     return {
@@ -105,11 +105,11 @@ def ensure_template(
         if (
             found is not None
             and found["current"]
-            and _read_at_start(manage.environ_of(found["pid"])) == _read_at_start(env)
+            and _read_at_start(procs.environ_of(found["pid"])) == _read_at_start(env)
         ):
             return found
         if found is not None:
-            manage.stop_daemons(base, [found])
+            procs.stop_daemons(base, [found])
         path = template_socket(base)
         started = start_detached(
             "forkserver",
@@ -117,7 +117,7 @@ def ensure_template(
             path[: -len(".sock")] + ".log",
             env,
         )
-        deadline = time.monotonic() + manage.START_WAIT_S
+        deadline = time.monotonic() + procs.START_WAIT_S
         while time.monotonic() < deadline and started.poll() is None:
             found = live_template(base)
             if found is not None and found["pid"] == started.pid:
@@ -146,7 +146,7 @@ def fork_slots(
         template = ensure_template(base, idle_timeout, shared)
         if template is None:
             return set()
-        have = manage.environ_of(template["pid"])
+        have = procs.environ_of(template["pid"])
         wanted = [
             k
             for k in slots
@@ -163,7 +163,7 @@ def fork_slots(
         }
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-                conn.settimeout(manage.START_WAIT_S)
+                conn.settimeout(procs.START_WAIT_S)
                 conn.connect(template["socket"])
                 conn.sendall(json.dumps(request).encode() + b"\n")
                 answer = conn.makefile("rb").readline()
@@ -171,5 +171,5 @@ def fork_slots(
             return set(wanted[: len(json.loads(answer)["pids"])])
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        manage.stop_daemons(base, [template])  # it died or hung: a new one
+        procs.stop_daemons(base, [template])  # it died or hung: a new one
     return set()

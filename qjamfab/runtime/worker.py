@@ -42,9 +42,8 @@ from typing import TYPE_CHECKING
 
 from .. import protocol
 from ..errors import ProtocolError
-from . import default_base, secure_dir, secure_host_dir, set_process_name
+from . import calls, default_base, secure_dir, secure_host_dir, set_process_name
 from .cache import CacheEntryLost, RefCache
-from .calls import run_calls
 from .capture import Capture
 from .keeper import keep
 from .lru import JobCache, job_budget
@@ -277,6 +276,26 @@ class Worker:
             )
             return []
 
+    def _run_calls(self, channel: Channel, head: dict, parts: list) -> None:
+        """Run a TASK of inline calls (calls.py) and send its one RESULT
+        (or ERROR)."""
+        reply = {"task": head["task"], "run": head["run"]}
+        self.capture.begin()
+        self.busy = True
+        try:
+            compute_s, payload = calls.execute(parts)
+        except Exception as exc:
+            channel.send(protocol.ERROR, {**reply, **calls.load_error(exc)})
+            return
+        finally:
+            self.busy = False
+            self.capture.end()
+        channel.send(
+            protocol.RESULT,
+            {**reply, "compute_s": compute_s, "calls": head["calls"]},
+            [payload],
+        )
+
     def _run_next(self, channel: Channel) -> bool:
         """Run the first queued task if it has all it needs (True), else
         report once what it lacks (False)."""
@@ -285,7 +304,7 @@ class Worker:
         head, params_parts, asked = self.pending[0]
         if head.get("calls"):  # inline calls: no job, no slices
             self.pending.pop(0)
-            run_calls(self, channel, head, params_parts)
+            self._run_calls(channel, head, params_parts)
             return True
         missing_func = head["func"] not in self.jobs
         try:

@@ -166,7 +166,7 @@ class DaskLink:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.reader = self.transport = _Mailbox()
-        self.outbox = Outbox(_never_written)  # nothing waits: see send_queued
+        self.outbox = Outbox(_never_written)  # nothing waits: see send
         self._tasks: dict[int, _Task] = {}
         self._funcs: dict[str, bytes] = {}  # FUNC not yet sent on
         self._refs: dict[str, list] = {}  # REFS not yet sent on
@@ -178,17 +178,6 @@ class DaskLink:
 
     # --- frames out ------------------------------------------------------
 
-    def send_queued(
-        self,
-        kind: int,
-        head: dict,
-        payload: Sequence = (),
-        worker: int = 0,
-        to: str | None = None,
-    ) -> int:
-        """Sends are Dask operations, each on its way at once: `send`."""
-        return self.send(kind, head, payload, worker, to)
-
     def send(
         self,
         kind: int,
@@ -196,7 +185,10 @@ class DaskLink:
         payload: Sequence = (),
         worker: int = 0,
         to: str | None = None,
+        queued: bool = False,
     ) -> int:
+        """Sends are Dask operations, each on its way at once: `queued`
+        (a big frame that may wait in a stream's outbox) changes nothing."""
         name = to or self.address
         if not self.alive:
             raise WorkerLost(f"worker {name} is gone", worker=name)
