@@ -58,7 +58,9 @@ class ScriptedLink:
         self.bytes_sent = self.bytes_received = 0
         self.inbound: deque[tuple[int, dict]] = deque()
 
-    def send(self, kind: int, head: dict, payload=(), worker=0, to="") -> int:
+    def send(
+        self, kind: int, head: dict, payload=(), worker=0, to="", queued=False
+    ) -> int:
         if not self.alive:
             raise WorkerLost(f"worker {to}: its stream is closed", worker=to)
         self.inbound.append((kind, dict(head)))

@@ -69,7 +69,7 @@ class WorkerHandle:
         """Send a frame to this worker; `queued`: see Link.send."""
         worker = self.index if self.link.agent else 0
         try:
-            return self.link.send(kind, head, payload, worker, self.name, queued)
+            return self.link.send(kind, head, payload, worker, self.name, queued=queued)
         except WorkerLost as exc:
             if not self.link.remote:
                 raise
