@@ -3,14 +3,13 @@ documented semantics (the `concurrent.futures` docs for `Executor`,
 `Future`, `wait` and `as_completed`), over two local workers, one SSH host
 with two workers, and a Dask cluster of two. Quick calls take tens of ms;
 where the semantics need a slow call beside them, it is held until the
-test has seen what it must see while that call runs (`held`, the `gate`
-fixture), or takes 1.5 s where it must end on its own while the Master
-waits for it; the tests assert what is done and what is not, never how
-long it took."""
+test has seen what it must see while that call runs (tests/gates.py: the
+`gate` fixture, asked for after `executor`), or takes 1.5 s where it must
+end on its own while the Master waits for it; the tests assert what is
+done and what is not, never how long it took."""
 
 import concurrent.futures as cf
 import gc
-import os
 import threading
 import time
 import weakref
@@ -18,6 +17,7 @@ import weakref
 import pytest
 
 from tests.engines import Engine
+from tests.gates import held
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,18 +30,6 @@ def mul(a, b):
 
 def sleep_then(x, seconds=0.02):
     time.sleep(seconds)
-    return x
-
-
-def held(x, gate=None):
-    """x, once the file `gate` exists (at once without one): a call that
-    runs until the test lets it end. At most a minute, so that a test that
-    fails before it opens its gate leaves no worker held for long."""
-    deadline = time.monotonic() + 60
-    while gate is not None and not os.path.exists(gate):
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.005)
     return x
 
 
@@ -71,26 +59,6 @@ def executor(request):
     options = {"heartbeat_timeout": 3.0} if engine.kind == "ssh" else {}
     with engine.master(**options) as m:
         yield m
-
-
-class Gate:
-    """A file held calls wait for (`held`): `open()` lets them end."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def open(self) -> None:
-        with open(self.path, "w"):
-            pass
-
-
-@pytest.fixture
-def gate(executor, tmp_path):
-    """A Gate of this test's; opened at the end before the Master closes
-    (it comes after `executor`), so no call stays held."""
-    opened = Gate(str(tmp_path / "gate"))
-    yield opened
-    opened.open()
 
 
 def _until(condition, what, seconds=30.0):
