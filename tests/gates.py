@@ -1,8 +1,8 @@
-"""Calls held until the test lets them end: `held` runs on a worker and
-returns once the file of a `Gate` exists, which the test creates when it
-has seen what it must see while the call runs (the `gate` fixture in
-tests/conftest.py). Certain where a sleeping call is only likely still
-running, and no test waits out the rest of a sleep."""
+"""Calls held until the test lets them end: `held` and `touch_when_open`
+run on a worker and return once the file of a `Gate` exists, which the
+test creates when it has seen what it must see while the call runs (the
+`gate` fixture in tests/conftest.py). Certain where a sleeping call is
+only likely still running, and no test waits out the rest of a sleep."""
 
 import os
 import time
@@ -20,6 +20,14 @@ def held(x, gate=None):
             break
         time.sleep(0.005)
     return x
+
+
+def touch_when_open(path, gate=None):
+    """Creates the file `path` once `gate` exists (at once without one)."""
+    held(None, gate)
+    with open(path, "w"):
+        pass
+    return path
 
 
 class Gate:

@@ -17,7 +17,7 @@ import weakref
 import pytest
 
 from tests.engines import Engine
-from tests.gates import held
+from tests.gates import held, touch_when_open
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,13 +35,6 @@ def sleep_then(x, seconds=0.02):
 
 def raises(message):
     raise ValueError(message)
-
-
-def touch_when_open(path, gate=None):
-    held(None, gate)
-    with open(path, "w"):
-        pass
-    return path
 
 
 class Box:
