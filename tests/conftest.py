@@ -8,11 +8,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from tests import dask_clusters
 from tests.engines import ENGINES, Engine
+from tests.gates import Gate
 from tests.slurm_cluster import SlurmCluster, slurm_available
 from tests.sshd_hosts import SshdHosts, sshd_available
 
@@ -140,6 +142,16 @@ def slurm():
         )
     with SlurmCluster() as cluster:
         yield cluster
+
+
+@pytest.fixture
+def gate(tmp_path) -> Iterator[Gate]:
+    """A Gate (tests/gates.py) in this test's tmp_path, opened at the end
+    at the latest. Ask for it after the Master's fixture, so that it opens
+    before that Master closes and no call stays held."""
+    opened = Gate(str(tmp_path / "gate"))
+    yield opened
+    opened.open()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import pytest
 
 from qjamfab import BadJob, DataSet, ExecutorShutdown, Master, QjamfabError, RemoteError
 from tests.conftest import processes_mentioning
+from tests.gates import held
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -68,11 +69,12 @@ def worker_pid(x):
 # --- submit and map -------------------------------------------------------
 
 
-def test_master_is_an_executor_and_submit_returns_at_once(master):
+def test_master_is_an_executor_and_submit_returns_at_once(master, gate):
     assert isinstance(master, cf.Executor)
-    future = master.submit(slow_identity, "done", delay=1.0)
+    future = master.submit(held, "done", gate.path)
     assert not future.done()  # it did not wait for the task
     assert isinstance(future, cf.Future)
+    gate.open()
     assert future.result(timeout=30) == "done"
 
 
@@ -244,23 +246,25 @@ def test_sys_exit_in_a_task_fails_its_future_not_the_worker(local2):
 # --- map's timeout ----------------------------------------------------------
 
 
-def test_map_timeout(master):
+def test_map_timeout(master, gate):
     started = time.monotonic()
-    results = master.map(slow_identity, [1, 2], [2.0, 2.0], timeout=0.5)
+    results = master.map(held, [1, 2], [gate.path] * 2, timeout=0.5)
     with pytest.raises(cf.TimeoutError):
         next(results)
     assert time.monotonic() - started >= 0.4  # not before its timeout
+    gate.open()
     # A timeout long enough gives every result.
     assert list(master.map(slow_identity, [1, 2], [0.1, 0.1], timeout=30)) == [1, 2]
 
 
-def test_map_timeout_cancels_what_has_not_started(local2, tasks):
-    blockers = [local2.submit(slow_identity, "blocker", delay=1.5) for _ in range(2)]
+def test_map_timeout_cancels_what_has_not_started(local2, gate, tasks):
+    blockers = [local2.submit(held, "blocker", gate.path) for _ in range(2)]
     while not all(b.running() for b in blockers):
         time.sleep(0.01)
     results = local2.map(square, range(10), timeout=0.2)  # queued behind them
     with pytest.raises(cf.TimeoutError):
         list(results)
+    gate.open()
     assert [b.result(timeout=30) for b in blockers] == ["blocker"] * 2
     assert local2.submit(square, 3).result(timeout=30) == 9  # after the map's
     assert tasks == [1, 1, 1]  # the map's calls were never sent
@@ -338,7 +342,7 @@ def test_run_from_another_thread_waits_for_the_futures_run(local2):
     assert [f.result(timeout=30) for f in futures] == [0, 1, 2, 3]
 
 
-def test_a_method_needing_the_workers_is_refused_in_a_done_callback(local2):
+def test_a_method_needing_the_workers_is_refused_in_a_done_callback(local2, gate):
     said = []
     called = threading.Event()
 
@@ -349,9 +353,10 @@ def test_a_method_needing_the_workers_is_refused_in_a_done_callback(local2):
             said.append(str(exc))
         called.set()
 
-    future = local2.submit(slow_identity, 1, delay=1.0)
+    future = local2.submit(held, 1, gate.path)
     future.add_done_callback(callback)
     assert not future.done()  # so the callback runs on the dispatcher
+    gate.open()
     assert called.wait(30)
     assert said == [
         "a future's done-callback called a Master method that needs the "
@@ -364,9 +369,15 @@ def test_a_method_needing_the_workers_is_refused_in_a_done_callback(local2):
 # --- shutdown, close, cancel ----------------------------------------------------
 
 
-def _queued_behind_a_blocker(m, n=5):
-    """A blocker on each of the two workers; n calls queued behind them."""
-    blocker, other = (m.submit(slow_identity, "blocker", delay=1.0) for _ in "ab")
+def _queued_behind_a_blocker(m, n=5, gate=None):
+    """A blocker on each of the two workers (held until the gate opens, or
+    1 s without one); n calls queued behind them."""
+    blocker, other = (
+        m.submit(held, "blocker", gate.path)
+        if gate
+        else m.submit(slow_identity, "blocker", delay=1.0)
+        for _ in "ab"
+    )
     while not (blocker.running() and other.running()):
         time.sleep(0.01)
     return blocker, [m.submit(square, i) for i in range(n)]
@@ -392,11 +403,12 @@ def test_shutdown_cancel_futures_cancels_the_queued_ones():
     assert m.closed
 
 
-def test_shutdown_without_wait_returns_at_once_and_closes_later():
+def test_shutdown_without_wait_returns_at_once_and_closes_later(gate):
     m = Master("local:2")
-    blocker, queued = _queued_behind_a_blocker(m)
+    blocker, queued = _queued_behind_a_blocker(m, gate=gate)
     m.shutdown(wait=False)
     assert not all(f.done() for f in queued)  # it did not wait for them
+    gate.open()
     assert [f.result(timeout=30) for f in queued] == [0, 1, 4, 9, 16]
     deadline = time.monotonic() + 10
     while not m.closed and time.monotonic() < deadline:
@@ -411,10 +423,11 @@ def test_leaving_the_with_block_waits_for_submitted_futures():
     assert [f.result(timeout=0) for f in futures] == [0, 1, 2, 3]
 
 
-def test_a_queued_future_can_be_cancelled_a_running_one_not(local2):
-    blocker, queued = _queued_behind_a_blocker(local2, n=2)
+def test_a_queued_future_can_be_cancelled_a_running_one_not(local2, gate):
+    blocker, queued = _queued_behind_a_blocker(local2, n=2, gate=gate)
     assert not blocker.cancel()
     assert queued[0].cancel() and queued[0].cancelled()
+    gate.open()
     assert queued[1].result(timeout=30) == 1
     assert blocker.result(timeout=30) == "blocker"
 

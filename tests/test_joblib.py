@@ -9,7 +9,6 @@ backend needs nothing on them, and scikit-learn goes there with
 packages=with_dependencies("scikit-learn")."""
 
 import os
-import time
 import warnings
 
 import numpy as np
@@ -20,6 +19,7 @@ joblib = pytest.importorskip("joblib")
 from qjamfab import Master, PreflightFailed, RemoteError  # noqa: E402
 from qjamfab.links.packages import with_dependencies  # noqa: E402
 from tests.conftest import processes_mentioning  # noqa: E402
+from tests.gates import touch_when_open  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -78,23 +78,17 @@ def test_parallel_runs_on_the_workers(master):
     assert not master.closed  # a given Master stays open
 
 
-def touch_after(path, seconds):
-    time.sleep(seconds)
-    with open(path, "w"):
-        pass
-    return path
-
-
-def test_generator_unordered_yields_results_as_they_finish(master, tmp_path):
+def test_generator_unordered_yields_results_as_they_finish(master, gate, tmp_path):
     slow = str(tmp_path / "slow")
     quick = [str(tmp_path / f"quick{i}") for i in range(3)]
     with joblib.parallel_config(backend="qjamfab", master=master):
         results = joblib.Parallel(n_jobs=-1, return_as="generator_unordered")(
-            joblib.delayed(touch_after)(path, 1.5 if path == slow else 0.0)
+            joblib.delayed(touch_when_open)(path, gate.path if path == slow else None)
             for path in [slow, *quick]
         )
         first = next(results)
         assert first in quick and not os.path.exists(slow)  # slow still runs
+        gate.open()
         assert sorted([first, *results]) == sorted([slow, *quick])
 
 

@@ -48,6 +48,15 @@ def cluster(slurm, qjamfab_home, monkeypatch):
     )
 
 
+@pytest.fixture
+def short_idle(monkeypatch):
+    """The node's daemons end 1 s after their agent instead of 5
+    (slurm.IDLE_TIMEOUT_S), for a test whose Master runs in this process and
+    that is not about daemons a next session claims: `cluster` waits at the
+    end for them to be gone, and need not wait out the 5 s."""
+    monkeypatch.setattr(slurm_engine.SlurmHost, "idle_timeout_s", 1.0)
+
+
 def _wait_until(condition, timeout_s, what):
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -152,7 +161,7 @@ def test_an_srun_step_is_a_byte_stream(cluster):
         allocation.release()
 
 
-def test_a_master_outside_asks_for_an_allocation_and_releases_it(cluster):
+def test_a_master_outside_asks_for_an_allocation_and_releases_it(cluster, short_idle):
     with Master(f"slurm:nodes=1,cpus-per-node={CPUS},time=5") as m:
         assert m.workers == [f"{cluster.node}-{k}" for k in range(CPUS)]
         assert len(cluster.jobs()) == 1
@@ -256,7 +265,7 @@ def _hold_the_node(cluster) -> str:
     return blocker
 
 
-def test_a_pending_allocation_says_why(cluster, caplog):
+def test_a_pending_allocation_says_why(cluster, short_idle, caplog):
     """While Slurm has no room, the Master says that it waits, and why:
     through logging where no line can show it (not a terminal)."""
     blocker = _hold_the_node(cluster)
