@@ -645,9 +645,14 @@ def test_a_link_to_a_host_with_a_pickled_head_fails_and_runs_nothing(tmp_path):
         agent=False,
         stall_timeout=5.0,
     )
-    with pytest.raises(QjamfabError, match="a frame head that is a pickle"):
+    with pytest.raises(QjamfabError, match="a frame head that is a pickle") as exc:
         start_direct(link, "evil")
     assert not target.exists()
+    # It wrote something, only not our protocol; and it ended at the end
+    # of its input rather than being waited for and killed.
+    assert "what it wrote is not qjamfab's protocol" in str(exc.value)
+    assert "wrote nothing" not in str(exc.value)
+    assert exc.value.exit_status == 0  # type: ignore[attr-defined]
 
 
 def test_heads_cross_as_plain_data():

@@ -204,11 +204,13 @@ def _failed_start(
             f"{tail}",
             host=link.label,
         )
-    said = (
-        tail.splitlines()[-1]
-        if tail.strip()
-        else f"it wrote nothing ({type(exc).__name__}: {exc})"
-    )
+    if tail.strip():
+        said = tail.splitlines()[-1]
+    elif isinstance(exc, ProtocolError):  # it wrote, but no frame of ours
+        said = f"what it wrote is not qjamfab's protocol ({exc})"
+    else:
+        said = f"it wrote nothing ({type(exc).__name__}: {exc})"
+
     return WorkerLost(
         f"{'worker ' if name != link.label else ''}{name} did not start "
         f"({describe_exit(status)}): {said}"

@@ -222,6 +222,12 @@ class ProcessTransport(Transport):
 
     def exit_report(self, log_path: str | None) -> tuple[int | None, str]:
         try:
+            # A far end still reading its input (one that failed to start
+            # and waits for more) ends at end of input, not 5 s later.
+            self._stdin.close()
+        except OSError:
+            pass
+        try:
             status = self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.process.kill()
