@@ -193,9 +193,14 @@ def test_a_worker_lost_after_its_result_parked_loses_no_slice(monkeypatch, tmp_p
         import numpy as np
 
         mine = os.path.join(markers, str(os.getpid()))
-        if os.path.exists(mine) and not os.path.exists(markers + "/died"):
-            open(markers + "/died", "w").close()
-            os.kill(os.getpid(), 9)
+        if os.path.exists(mine):
+            died = markers + "/died"
+            try:  # O_EXCL: of two workers starting a second task at once, one dies
+                os.close(os.open(died, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), 9)
         open(mine, "w").close()
         return np.full(2000, float(np.asarray(rows).ravel()[0] + 1))
 
