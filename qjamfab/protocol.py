@@ -45,8 +45,11 @@ TASK = 2  # master -> worker: {task, run, func, refs, slices, leaves,
 # sent with a run's first task to a worker only (params false:
 # the run's params again); slices: their indices, leaves: how
 # many the run has (results combine in reduce.ReduceTree);
-# hold: the agent keeps the result for COLLECT; park: a result
-# of this many bytes or more waits at the worker for FETCH;
+# hold: the agent keeps the result for COLLECT; offer (with
+# hold): held results of the run under this many bytes are
+# combined and sent unasked once none is left to finish on
+# the host; park: a result of this many bytes or more waits
+# at the worker for FETCH;
 # broadcasts (optional): the refs the params name, held in the
 # cache as slices are (a worker lacking one is blocked on it)
 STATE = 3  # worker -> master: {task, state: "blocked", refs, func};
@@ -61,7 +64,8 @@ REFS = 4  # master -> worker: {ref, broadcast?}; payload = the slice
 # {ref, memory: true} + the slice: no room for it on disk
 RESULT = 5  # worker -> master: {task, compute_s, slices}; payload =
 # [(lo, size, value)], ReduceTree nodes. From the agent:
-# {tasks} for a COLLECT
+# {tasks} for a COLLECT; {tasks, notes} offered (notes: as
+# "done" says, of tasks not told yet)
 ERROR = 6  # worker -> master: {task, type, message, traceback}
 FUNC = 7  # master -> worker: {hash}; payload = [cloudpickled job]. To the
 # agent (AGENT): for every worker of the host, each given it before its

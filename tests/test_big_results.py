@@ -218,16 +218,52 @@ def test_a_worker_lost_after_its_result_parked_loses_no_slice(monkeypatch, tmp_p
     assert stats.rerun_slices in (1, 2), stats
 
 
-def test_big_results_held_at_hosts_give_the_bits_of_small_ones(ssh, monkeypatch):
+def _asked(caplog) -> list[str]:
+    """The COLLECTs the master sent, from its debug log of frames out."""
+    sent = [r.getMessage() for r in caplog.records if r.getMessage().startswith("-> ")]
+    return [line for line in sent if " COLLECT " in line]
+
+
+def test_small_results_held_at_hosts_come_combined_unasked(ssh, caplog):
+    """A host's agent sends its workers' small results combined once they
+    are all in, with its notes of them: one frame per host per run, no
+    COLLECT asked, and the bits of the run's tree."""
+    data = np.arange(8.0).reshape(8, 1)
+    expected = tree_sum([noisy(100, [i]) for i in range(8)])
+    unasked = 0
+    with Master(["host1", "host2"], workers_per_host=2, ssh_config=ssh.ssh_config) as m:
+        for _ in range(5):
+            caplog.clear()
+            with caplog.at_level(logging.DEBUG, logger="qjamfab"):
+                total = m.run(noisy, dataset=data, params=100)
+            assert total.tobytes() == expected.tobytes()
+            stats = m.last_run
+            assert stats.lost_workers == []
+            # A copy moved late may finish at its first host too, and lose:
+            # that host's offer is declined and its winners asked for.
+            if not (stats.moved_tasks or stats.backup_tasks):
+                assert _asked(caplog) == []
+                unasked += 1
+    assert unasked >= 3
+
+
+def test_big_results_held_at_hosts_give_the_bits_of_small_ones(
+    ssh, monkeypatch, caplog
+):
     """On hosts of several workers the agent holds the results; big ones
-    come one host at a time, the first in the tree first."""
+    are asked for (COLLECT), one host at a time, the first in the tree
+    first."""
     data = np.arange(8.0).reshape(8, 1)
     with Master(["host1", "host2"], workers_per_host=2, ssh_config=ssh.ssh_config) as m:
         whole = m.run(noisy, dataset=data, params=3000)
         monkeypatch.setattr(results, "PARK_BYTES", 1000)
         monkeypatch.setattr(results, "HELD_BYTES", 0)
         for _ in range(3):
-            assert m.run(noisy, dataset=data, params=3000).tobytes() == whole.tobytes()
+            with caplog.at_level(logging.DEBUG, logger="qjamfab"):
+                total = m.run(noisy, dataset=data, params=3000)
+            assert total.tobytes() == whole.tobytes()
             assert m.last_run.lost_workers == []
+            assert _asked(caplog), "a big result held at a host is asked for"
+            caplog.clear()
     # The agents add into what they hold: still the bits of the tree.
     assert whole.tobytes() == tree_sum([noisy(3000, [i]) for i in range(8)]).tobytes()

@@ -7,6 +7,11 @@ clock moves on, so moves to workers that ran dry, backup copies, cancels
 confirmed late and losses mix in every order. Whatever the order, the run
 must end (within a bound of steps) with every slice counted exactly once,
 or with one of the errors that say the workers are gone.
+
+Some walks put several workers behind one scripted host agent, as the
+runtime's agent does (runtime/agent.py): it holds their results, notes
+them done, offers them combined once none of its held tasks is left, and
+answers COLLECT; losing one of its workers leaves the others.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from qjamfab.core import policy
 from qjamfab.core.copies import Copies, TaskCopy
 from qjamfab.core.run import Run
 from qjamfab.core.settings import RunSettings
-from qjamfab.links.workers import LOST, Event, WorkerHandle
+from qjamfab.links.workers import DONE, LOST, Event, Link, WorkerHandle
 from qjamfab.reduce import ReduceTree
 
 STEPS = 20_000  # a walk that takes more has not ended: the run hangs
@@ -41,29 +46,38 @@ class _Ended:
         return None, ""
 
 
-class ScriptedLink:
-    """One worker's stream, as a Run sees it: frames out are kept for the
-    walk's worker to read; nothing is ever really sent."""
+class ScriptedLink(Link):
+    """One worker's stream (or a host agent's), as a Run sees it: frames
+    out are kept for the walk's worker to read; nothing is ever really
+    sent. A Link, as what a Run hears from an agent comes from one; none
+    of Link's own state is made (no transport)."""
 
     agent = False
     remote = False
     python = ""
     transport = _Ended()  # what WorkerHandle.exit_report asks of a link
 
-    def __init__(self, label: str, clock: Clock):
+    def __init__(self, label: str, clock: Clock, agent: bool = False):
         self.label = label
+        self.agent = agent
         self.alive = True
         self.handles: dict[int, WorkerHandle] = {}
+        self.jobs: set[str] = set()
         self.last_seen = clock()
         self.bytes_sent = self.bytes_received = 0
-        self.inbound: deque[tuple[int, dict]] = deque()
+        self.inbound: deque[tuple[int, dict, int]] = deque()
+        # The scripted agent's: held values by task, held tasks not done,
+        # held values not offered yet.
+        self.held: dict[int, list] = {}
+        self.holding: set[int] = set()
+        self.unoffered: list[int] = []
 
     def send(
         self, kind: int, head: dict, payload=(), worker=0, to="", queued=False
     ) -> int:
         if not self.alive:
             raise WorkerLost(f"worker {to}: its stream is closed", worker=to)
-        self.inbound.append((kind, dict(head)))
+        self.inbound.append((kind, dict(head), worker))
         return 0
 
     def computing(self) -> bool:
@@ -97,7 +111,9 @@ class Walk:
     """The scripted workers and the inbox a Run reads: each call for an
     event takes one random step of the world."""
 
-    def __init__(self, seed: int, workers: int, kills: int, clock: Clock):
+    def __init__(
+        self, seed: int, workers: int, kills: int, clock: Clock, per_host: int = 1
+    ):
         self.rng = random.Random(seed)
         self.clock = clock
         self.ids = itertools.count(1)
@@ -106,12 +122,15 @@ class Walk:
         self.steps = 0
         self.handles = []
         self.queue: dict[WorkerHandle, list[dict]] = {}
-        for k in range(workers):
-            link = ScriptedLink(f"w{k}", clock)
-            handle = link.handles[0] = WorkerHandle(link, 0, f"w-{k}", {})
-            self.handles.append(handle)
-            self.queue[handle] = []
-        self.leaves = 0
+        for h in range(0, workers, per_host):
+            link = ScriptedLink(f"w{h}", clock, agent=per_host > 1)
+            for k in range(min(per_host, workers - h)):
+                handle = WorkerHandle(link, k, f"w{h}-{k}", {})
+                link.handles[k] = handle
+                self.handles.append(handle)
+                self.queue[handle] = []
+        self.leaves = self.run_id = 0
+        self.offers = self.collects = 0  # what the agents answered
 
     # --- the inbox a Run reads --------------------------------------------
 
@@ -132,14 +151,29 @@ class Walk:
         for h in live:  # heartbeats, but for a frozen worker
             if not getattr(h, "frozen", False):
                 h.last_seen = self.clock()
+        # An agent beats and reads its frames whatever its workers do.
+        agents = [x for x in dict.fromkeys(h.link for h in self.handles) if x.agent]
+        for link in agents:
+            if link.alive:
+                link.last_seen = self.clock()
         if not live:
             return None
+        talking = [x for x in agents if x.alive and x.inbound]
+        if talking and self.rng.random() < 0.3:
+            return self._read(next(iter(self.rng.choice(talking).handles.values())))
         handle = self.rng.choice(live)
         roll = self.rng.random()
         if roll < 0.08 and self.kills_left:
             self.kills_left -= 1
             died = self.rng.random() < 0.5
-            events = handle.link.lost("killed", died=died)
+            if handle.link.agent and self.rng.random() < 0.7:
+                # One worker of the host: its agent says it is gone; the
+                # agent still counts its held tasks as not done (no offer).
+                handle.alive = False
+                self.queue[handle].clear()
+                return Event(handle, LOST, {"reason": "gone", "died": died}, [])
+            # A host's stream that ends does not say a worker died.
+            events = handle.link.lost("killed", died=died and not handle.link.agent)
             self.pending.extend(events)
             return self.pending.popleft() if self.pending else None
         if roll < 0.12 and self.kills_left:
@@ -157,57 +191,111 @@ class Walk:
     # --- a scripted worker ------------------------------------------------
 
     def _read(self, handle: WorkerHandle) -> Event | None:
-        """The worker reads every frame that came: tasks queue, a cancel
-        of one not started is confirmed."""
-        out = None
-        while handle.link.inbound:
-            kind, head = handle.link.inbound.popleft()
-            if kind == protocol.TASK:
-                self.leaves = head["leaves"]
-                self.queue[handle].append(head)
+        """The worker (every worker of its host, behind an agent) reads
+        every frame that came: tasks queue, a cancel of one not started
+        is confirmed, the agent answers COLLECT."""
+        link = handle.link
+        while link.inbound:
+            kind, head, worker = link.inbound.popleft()
+            if kind == protocol.TASKS:  # a host's first tasks, one frame
+                common = {k: v for k, v in head.items() if k != "tasks"}
+                for k, task, slices, _, _ in head["tasks"]:
+                    self._task(link, k, {**common, "task": task, "slices": slices})
+            elif kind == protocol.TASK:
+                self._task(link, worker, head)
+            elif kind == protocol.COLLECT:
+                self.collects += 1
+                self._combined(link, head["tasks"], {"tasks": head["tasks"]})
             elif kind == protocol.CANCEL:
-                queued = [
-                    t for t in self.queue[handle][1:] if t["task"] == head["task"]
-                ]
-                for task in queued:
-                    self.queue[handle].remove(task)
-                    self.pending.append(
-                        Event(
-                            handle,
-                            protocol.STATE,
-                            {
-                                "task": task["task"],
-                                "run": task["run"],
-                                "state": "cancelled",
-                            },
-                            [],
-                        )
-                    )
-        if self.pending:
-            out = self.pending.popleft()
-        return out
+                self._cancel(link.handles[worker], head)
+        return self.pending.popleft() if self.pending else None
 
-    def _finish(self, handle: WorkerHandle) -> Event:
+    def _task(self, link: ScriptedLink, worker: int, head: dict) -> None:
+        self.leaves, self.run_id = head["leaves"], head["run"]
+        handle = link.handles[worker]
+        if head.get("hold"):
+            link.holding.add(head["task"])
+        if handle.alive:  # else its agent drops it: the master hears it is gone
+            self.queue[handle].append(head)
+
+    def _cancel(self, handle: WorkerHandle, head: dict) -> None:
+        queued = [t for t in self.queue[handle][1:] if t["task"] == head["task"]]
+        for task in queued:
+            self.queue[handle].remove(task)
+            handle.link.holding.discard(task["task"])
+            self.pending.append(
+                Event(
+                    handle,
+                    protocol.STATE,
+                    {"task": task["task"], "run": task["run"], "state": "cancelled"},
+                    [],
+                )
+            )
+        self._offer(handle.link, [], head["run"])
+
+    def _finish(self, handle: WorkerHandle) -> Event | None:
         task = self.queue[handle].pop(0)
         tree = ReduceTree(task["leaves"], None)
         for i in task["slices"]:
             tree.add(i, 1, i + 1)  # slice i's value
+        compute_s = self.rng.choice((0.01, 0.1, 1.0))
+        nodes = tree.items()
+        link = handle.link
+        if task.get("hold"):  # the value stays at the agent: a note goes
+            link.holding.discard(task["task"])
+            link.held[task["task"]] = nodes
+            link.unoffered.append(task["task"])
+            note = (handle, task["task"], task["run"], compute_s, 1)
+            if not self._offer(link, [note], task["run"]):
+                self.pending.append(
+                    Event(link, DONE, {"tasks": [note], "offer": None}, [])
+                )
+            return self.pending.popleft()
         head = {
             "task": task["task"],
             "run": task["run"],
-            "compute_s": self.rng.choice((0.01, 0.1, 1.0)),
+            "compute_s": compute_s,
             "slices": len(task["slices"]),
         }
-        return Event(handle, protocol.RESULT, head, protocol.encode(tree.items()))
+        return Event(handle, protocol.RESULT, head, protocol.encode(nodes))
+
+    def _offer(self, link: ScriptedLink, notes: list, task_run: int) -> bool:
+        """As the agent does once no held task is left: what it holds and
+        has not offered, combined, after the last notes."""
+        if link.holding:
+            return False
+        tasks = [t for t in link.unoffered if t in link.held]  # not collected
+        link.unoffered = []
+        if not tasks:
+            return False
+        self.offers += 1
+        self.pending.append(Event(link, DONE, {"tasks": notes, "offer": task_run}, []))
+        self._combined(link, tasks, {"tasks": tasks, "notes": []}, keep=True)
+        return True
+
+    def _combined(
+        self, link: ScriptedLink, tasks: list[int], head: dict, keep: bool = False
+    ) -> None:
+        """The held values of `tasks` in one tree, from the agent; an
+        offer (`keep`) leaves them held for a COLLECT."""
+        tree = ReduceTree(self.leaves, None)
+        for task in tasks:
+            # add_all takes the nodes out of the list it is given
+            tree.add_all(list(link.held[task]) if keep else link.held.pop(task))
+        head = {**head, "run": self.run_id}
+        self.pending.append(
+            Event(link, protocol.RESULT, head, protocol.encode(tree.items()))
+        )
 
 
-@pytest.mark.parametrize("seed", range(150))
-def test_every_walk_ends_with_every_slice_counted_once(seed):
+def _walk(seed: int, per_host: int = 1) -> Walk | None:
+    """One walk's run, checked; the walk, or None when it ended with the
+    workers gone."""
     clock = Clock()
     rng = random.Random(seed)
-    workers = rng.choice((2, 3, 4))
+    workers = rng.choice((2, 3, 4)) * per_host
     kills = rng.choice((0, 1, 2, workers))
-    walk = Walk(seed, workers, kills, clock)
+    walk = Walk(seed, workers, kills, clock, per_host)
     n = rng.choice((4, 8, 13))
     data = ListDataSet(list(range(n)), slice_size=1)
     for handle in walk.handles:
@@ -234,8 +322,28 @@ def test_every_walk_ends_with_every_slice_counted_once(seed):
         # Only when the workers are gone, or one slice killed two.
         assert kills >= 2, exc
         assert "no worker is left" in str(exc) or "killed workers" in str(exc)
-        return
+        return None
     assert value == sum(range(1, n + 1))  # each slice's value, once
+    return walk
+
+
+@pytest.mark.parametrize("seed", range(150))
+def test_every_walk_ends_with_every_slice_counted_once(seed):
+    _walk(seed)
+
+
+@pytest.mark.parametrize("seed", range(150))
+def test_every_walk_over_host_agents_ends_with_every_slice_counted_once(seed):
+    _walk(seed, per_host=2 + seed % 2)
+
+
+def test_walks_over_host_agents_take_offers_and_ask_for_the_rest():
+    """Both ways results leave an agent happen in these walks: offered
+    combined unasked, and asked for with COLLECT (a host that lost a
+    worker, or whose offer named a copy that did not win)."""
+    walks = [w for w in (_walk(seed, per_host=2) for seed in range(40)) if w]
+    assert sum(w.offers for w in walks) > len(walks)
+    assert sum(w.collects for w in walks) > 0
 
 
 def test_the_move_then_kill_sequence_reruns_the_group():

@@ -136,12 +136,14 @@ class Dispatch:
 
     def _task_head(self, held: bool) -> dict:
         """What every TASK of the run says (`held`: to a host that keeps
-        its results for COLLECT)."""
+        its results for COLLECT, and offers them combined unasked while
+        they are small: results.py)."""
         return {
             "run": self.run_id,
             "func": self.func_hash,
             "leaves": self.leaves,
             "hold": held,
             "park": None if held else result_flow.PARK_BYTES,
+            **({"offer": result_flow.PARK_BYTES} if held else {}),
             **self.broadcast_head,
         }

@@ -3,9 +3,11 @@ the big ones brought in one at a time.
 
 Results join the run's `reduce.ReduceTree` as they arrive (its held nodes
 under a memory budget: spill.py). Where a host's agent holds its workers'
-results (a host with several workers in the run), the master asks it to
-combine the winners once the host has no open task left (COLLECT), so a
-few tree nodes per host cross the network. A big result waits at its
+results (a host with several workers in the run), it combines them, so a
+few tree nodes per host cross the network: small ones unasked once its
+tasks are done (an offer, taken when it holds exactly the winners), else
+when the master asks for the winners once the host has no open task left
+(COLLECT). A big result waits at its
 worker ("parked") until fetched (FETCH). Of big transfers, one is on its
 way at a time, the first in the tree first: the master's memory holds one
 big result incoming, whatever finishes together.
@@ -79,6 +81,7 @@ class ResultFlow(Generic[T]):
         self.fetching: T | None = None  # a parked result on its way
         self.big_collect: Link | None = None  # a big COLLECT answer on its way
         self.waiting_collect: set[Link] = set()  # big, for their turn
+        self.offers: set[Link] = set()  # hosts whose combined results come unasked
 
     # --- results in -----------------------------------------------------
 
@@ -121,6 +124,25 @@ class ResultFlow(Generic[T]):
         self.fetching = None
         return task
 
+    def offer_coming(self, link: Link) -> None:
+        """The host's agent sends what it holds combined, unasked: not to
+        be asked for it meanwhile."""
+        self.offers.add(link)
+
+    def offered(self, link: Link, head: dict) -> list[T]:
+        """The copies whose values an offer brings, when it brings exactly
+        the winners held there; else none, and the winners are asked for
+        (the agent kept their values)."""
+        self.offers.discard(link)
+        held = self.held.get(link, [])
+        if sorted(t.id for t in held) != sorted(head["tasks"]):
+            if held and not self._host_busy(link):
+                self.to_collect.add(link)
+            return []
+        del self.held[link]
+        self.to_collect.discard(link)
+        return held
+
     def collected(self, link: Link, head: dict) -> list[T]:
         """The copies whose values a COLLECT answer brings."""
         by_id = {t.id: t for t in self.collecting.get(link, ())}
@@ -137,6 +159,8 @@ class ResultFlow(Generic[T]):
         the next big result if none is on its way."""
         while self.to_collect:
             link = self.to_collect.pop()
+            if link in self.offers:
+                continue  # its offer decides
             if link.alive and self.held.get(link) and not self._host_busy(link):
                 self._collect_host(link)
         if self.waiting_collect or self.parked:
@@ -224,6 +248,7 @@ class ResultFlow(Generic[T]):
         """The results held at a host that is gone: gone with it."""
         tasks = self.held.pop(link, []) + self.collecting.pop(link, [])
         self.waiting_collect.discard(link)
+        self.offers.discard(link)
         if self.big_collect is link:
             self.big_collect = None
             self.next_big()

@@ -254,11 +254,17 @@ class Run:
             for handle, task_id, run, compute_s, size in head["tasks"]:
                 if run == self.run_id:
                     self._held_done(handle, task_id, compute_s, size)
+            if head["offer"] == self.run_id and isinstance(source, Link):
+                self.results.offer_coming(source)  # their values come next
             return
         if head.get("run", self.run_id) != self.run_id:
             return  # an answer to an earlier run, which ended without it
-        if isinstance(source, Link):  # the agent: COLLECT's answer
-            if kind == protocol.RESULT:
+        if isinstance(source, Link):  # the agent: COLLECT's answer, or an offer
+            if kind == protocol.RESULT and "notes" in head:
+                tasks = self.results.offered(source, head)
+                if tasks:
+                    self._deliver(tasks, take_nodes(parts))
+            elif kind == protocol.RESULT:
                 self._deliver(self.results.collected(source, head), take_nodes(parts))
             elif kind == protocol.ERROR:
                 raise collect_error(source.label, head)

@@ -254,7 +254,11 @@ class Link:
                         h.last_seen = now
                 return []
             if kind == protocol.STATE and head.get("state") == "done":
-                return self._done(head, now)
+                return self._done(head["tasks"], now, offer=None)
+            if kind == protocol.RESULT and "notes" in head:
+                # Offered unasked: the notes of its last tasks come first.
+                done = self._done(head["notes"], now, offer=head.get("run"))
+                return done + [Event(self, kind, head, parts)] if self.alive else done
             return [Event(self, kind, head, parts)]
         handle = self.handles.get(worker if self.agent else 0)
         if handle is None or not handle.alive:
@@ -286,12 +290,13 @@ class Link:
             )
         return [Event(handle, kind, head, parts)]
 
-    def _done(self, head: dict, now: float) -> list[Event]:
+    def _done(self, notes: list, now: float, offer: object) -> list[Event]:
         """The agent's note of held tasks done: one DONE event for the
-        host, naming each live worker's."""
+        host, naming each live worker's; `offer`: the run whose combined
+        results come right after it (not to be asked for), else None."""
         done = []
         try:
-            for k, task, run, compute_s, _, size in head["tasks"]:
+            for k, task, run, compute_s, _, size in notes:
                 handle = self.handles.get(k)
                 if handle is not None and handle.alive:
                     handle.last_seen = now
@@ -301,7 +306,9 @@ class Link:
                 f"the agent's note of tasks done is not one ({exc}): restart "
                 "the Master (its agent runs another qjamfab runtime)"
             )
-        return [Event(self, DONE, {"tasks": done}, [])] if done else []
+        if not done and offer is None:
+            return []
+        return [Event(self, DONE, {"tasks": done, "offer": offer}, [])]
 
     def lost(self, reason: str, died: bool | None = None) -> list[Event]:
         """The stream ended: every live worker on it is lost. A local

@@ -19,6 +19,11 @@ What it does besides passing frames on:
 - TASK with `hold`: the result stays here; the master is told "done", and
   COLLECT later combines the named results in the run's fixed tree
   (reduce.ReduceTree) with the job's reduce: one RESULT for the host.
+  With `offer`, once no held task of the run is left to finish here, the
+  agent combines what it holds under that many bytes unasked and sends
+  it with its last notes: the master takes it when it names exactly the
+  winners, else asks COLLECT for them (the values stay here for that),
+  so a run's results cost one frame per host, not a round trip.
 - Liveness: daemons' heartbeats end here; the agent sends one heartbeat
   for the host, naming the workers that are stale: silent and, seen from
   outside their interpreter, not running (stopped or gone). A worker busy
@@ -36,7 +41,7 @@ import select
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .. import protocol
 from . import (
@@ -58,7 +63,7 @@ from .packages import AgentPackages
 from .pins import CacheLimitError, cache_limit, parse_size
 from .probe import platform_info
 from .shared_params import HostParams
-from .task import collect
+from .task import collect, load_job
 
 _STALE_AFTER_S = 1.5 * protocol.HEARTBEAT_INTERVAL_S
 
@@ -76,11 +81,17 @@ class Agent:
         self.cache = RefCache(os.path.join(base, "cache"))
         self.daemons: dict[int, Daemon] = {}
         self.funcs: JobCache[bytes] = JobCache(job_budget())  # for COLLECT
+        self.reduce: tuple[str, Callable | None] | None = None  # the last loaded
         self.run_func: str | None = None  # the job of self.run
         self.holding: set[int] = set()  # held tasks not yet done
         self.held: dict[int, list] = {}  # task id -> result parts
+        # The run's: combine and offer held results of fewer bytes unasked
+        # (None: wait for COLLECT); held tasks not offered yet, in order.
+        self.offer_below: int | None = None
+        self.unoffered: list[int] = []
         self.beat_at = 0.0
         self.run: int | None = None  # the run tasks belong to
+        self.leaves = 0  # of the run's tree
         self.avoid: set[int] = set()  # slots whose daemon froze
         self.packages = AgentPackages(base)  # shipped: runtime/packages.py
         self.params: HostParams | None = None  # the run's, from PARAMS
@@ -103,13 +114,53 @@ class Agent:
 
     def tell_done(self) -> None:
         """The held tasks done since the last call, in one frame: the
-        master reads one frame per host, not one per worker."""
+        master reads one frame per host, not one per worker. With the
+        combined results when they are offered (`offer`)."""
         notes, self.done = self.done, []
-        self.master.queue(
-            protocol.frame(
-                protocol.STATE, {"state": "done", "tasks": notes}, (), protocol.AGENT
+        offer = self.offer()
+        if offer is not None:
+            kind, head, payload = offer
+            head["notes"] = notes
+            self.master.queue(protocol.frame(kind, head, payload, protocol.AGENT))
+        elif notes:
+            self.master.queue(
+                protocol.frame(
+                    protocol.STATE,
+                    {"state": "done", "tasks": notes},
+                    (),
+                    protocol.AGENT,
+                )
             )
+
+    def can_offer(self) -> bool:
+        """Whether the run's held results are all in, some not offered."""
+        return (
+            self.offer_below is not None and not self.holding and bool(self.unoffered)
         )
+
+    def offer(self) -> tuple[int, dict, list] | None:
+        """The held results not offered yet, combined as COLLECT would
+        (RESULT {tasks, offered}, or an ERROR), when every held task of the
+        run is done here and they are small; None otherwise."""
+        if not self.can_offer():
+            return None
+        tasks = [t for t in self.unoffered if t in self.held]
+        self.unoffered = []
+        if not tasks:
+            return None
+        size = sum(len(p) for t in tasks for p in self.held[t])
+        if self.offer_below is None or size >= self.offer_below:
+            return None  # big: in the master's order, by COLLECT
+        # Combined from copies: a reduce adds into what it decodes, and
+        # the values stay here for a COLLECT should the master decline.
+        values = {t: [bytearray(p) for p in self.held[t]] for t in tasks}
+        head: dict = {
+            "run": self.run,
+            "func": self.run_func,
+            "leaves": self.leaves,
+            "tasks": tasks,
+        }
+        return collect(head, self.reduce_of, values)
 
     def hello(self) -> dict:
         try:
@@ -271,6 +322,9 @@ class Agent:
             self.run_func = head["func"]
             self.held.clear()
             self.holding.clear()
+            self.unoffered.clear()
+            self.leaves = head["leaves"]
+            self.offer_below = head.get("offer")
             if self.params is not None and self.params.run != self.run:
                 self.params.close()
                 self.params = None
@@ -351,7 +405,19 @@ class Agent:
 
     def collect(self, head: dict) -> None:
         """Combine held results (task.collect): one RESULT, or an ERROR."""
-        self.tell(*collect(head, self.funcs.get(head["func"]), self.held))
+        self.tell(*collect(head, self.reduce_of, self.held))
+
+    def reduce_of(self, job_hash: str) -> Callable | None:
+        """The job's reduce, loaded once for the runs of one job."""
+        if self.reduce is not None and self.reduce[0] == job_hash:
+            return self.reduce[1]
+        job = self.funcs.get(job_hash)
+        if job is None:  # pinned from its run's first TASK: never
+            raise LookupError(f"job {job_hash} is not held on the host")
+        # Not hashed here: the daemons it passed these bytes on to do.
+        _, reduce = load_job(job)
+        self.reduce = (job_hash, reduce)
+        return reduce
 
     # --- frames from daemons ----------------------------------------------
 
@@ -374,6 +440,7 @@ class Agent:
         if kind == protocol.RESULT and task in self.holding:
             self.holding.discard(task)
             self.held[task] = parts
+            self.unoffered.append(task)
             size = sum(len(p) for p in parts)
             self.done.append(
                 [
@@ -424,7 +491,7 @@ class Agent:
     def serve(self) -> None:
         self.tell(protocol.HELLO, self.hello())
         while True:
-            if self.done:
+            if self.done or self.can_offer():
                 self.tell_done()
             self.master.flush()
             for daemon in list(self.daemons.values()):

@@ -154,18 +154,16 @@ def combine(leaves: int, reduce: Callable | None, results: Iterable[list]) -> li
 
 
 def collect(
-    head: dict, job: bytes | None, held: dict[int, list]
+    head: dict, reduce_of: Callable[[str], Callable | None], held: dict[int, list]
 ) -> tuple[int, dict, list]:
     """A host agent's COLLECT: the held results it names (taken out of
-    `held`) combined in the run's fixed tree with the job's reduce; the
+    `held`) combined in the run's fixed tree with the job's reduce
+    (`reduce_of(job hash)`: LookupError when the host lacks the job); the
     answer as (kind, head, payload): one RESULT, or an ERROR."""
     started = time.perf_counter()
     tasks = head["tasks"]
     try:
-        if job is None:  # pinned from its run's first TASK: never
-            raise LookupError(f"job {head['func']} is not held on the host")
-        # Not hashed here: the daemons it passed these bytes on to do.
-        _, reduce = load_job(job)
+        reduce = reduce_of(head["func"])
         # Each result is let go of once combined.
         payload = combine(head["leaves"], reduce, map(held.pop, tasks))
     except Exception as exc:
