@@ -16,7 +16,8 @@ What it does besides passing frames on:
   it is there: a slice crosses the network once per host.
 - TASKS: a run's first tasks for the host's workers in one frame, passed
   on to each as its TASK.
-- TASK with `hold`: the result stays here; the master is told "done", and
+- TASK with `hold`: the result stays here; the master is told "done"
+  (within _NOTES_WAIT_S, several tasks' notes in one frame), and
   COLLECT later combines the named results in the run's fixed tree
   (reduce.ReduceTree) with the job's reduce: one RESULT for the host.
   With `offer`, once no held task of the run is left to finish here, the
@@ -66,6 +67,11 @@ from .shared_params import HostParams
 from .task import collect, load_job
 
 _STALE_AFTER_S = 1.5 * protocol.HEARTBEAT_INTERVAL_S
+# Notes of held tasks done wait this long for the host's other tasks (all
+# of them go with the offer, in its frame): the master learns of a worker
+# that ran dry this much later, well under the time a move must save
+# (policy.MOVE_WORTH_S), and reads one frame per host on a short run.
+_NOTES_WAIT_S = 0.05
 
 
 class _HandedOver(Exception):
@@ -96,8 +102,9 @@ class Agent:
         self.packages = AgentPackages(base)  # shipped: runtime/packages.py
         self.params: HostParams | None = None  # the run's, from PARAMS
         # Held tasks done, not yet told: [worker, task, run, compute_s,
-        # slices, bytes] each (tell_done)
+        # slices, bytes] each (tell_done), due by notes_due
         self.done: list[list] = []
+        self.notes_due = 0.0
 
     # --- to the master --------------------------------------------------
 
@@ -442,6 +449,8 @@ class Agent:
             self.held[task] = parts
             self.unoffered.append(task)
             size = sum(len(p) for p in parts)
+            if not self.done:
+                self.notes_due = time.monotonic() + _NOTES_WAIT_S
             self.done.append(
                 [
                     daemon.index,
@@ -491,7 +500,7 @@ class Agent:
     def serve(self) -> None:
         self.tell(protocol.HELLO, self.hello())
         while True:
-            if self.done or self.can_offer():
+            if self.can_offer() or (self.done and time.monotonic() >= self.notes_due):
                 self.tell_done()
             self.master.flush()
             for daemon in list(self.daemons.values()):
@@ -510,7 +519,8 @@ class Agent:
                     daemon.read_fd,
                     select.POLLIN | (select.POLLOUT if daemon.out else 0),
                 )
-            wait = max(0.0, self.beat_at - time.monotonic())
+            due = min(self.beat_at, self.notes_due) if self.done else self.beat_at
+            wait = max(0.0, due - time.monotonic())
             for fd, events in poller.poll(wait * 1000):
                 if fd == self.master.read_fd and events & (
                     select.POLLIN | select.POLLHUP | select.POLLERR
