@@ -147,8 +147,8 @@ class Agent:
 
     def offer(self) -> tuple[int, dict, list] | None:
         """The held results not offered yet, combined as COLLECT would
-        (RESULT {tasks, offered}, or an ERROR), when every held task of the
-        run is done here and they are small; None otherwise."""
+        (a RESULT naming their tasks, or an ERROR), when every held task of
+        the run is done here and they are small; None otherwise."""
         if not self.can_offer():
             return None
         tasks = [t for t in self.unoffered if t in self.held]
