@@ -16,15 +16,11 @@ What it does besides passing frames on:
   it is there: a slice crosses the network once per host.
 - TASKS: a run's first tasks for the host's workers in one frame, passed
   on to each as its TASK.
-- TASK with `hold`: the result stays here; the master is told "done"
-  (within _NOTES_WAIT_S, several tasks' notes in one frame), and
-  COLLECT later combines the named results in the run's fixed tree
+- TASK with `hold`: the result stays here (held.py); the master is told
+  "done", gets the results combined unasked once the run's held tasks
+  here are done (an offer), or asks for them with COLLECT, which
+  combines the named results in the run's fixed tree
   (reduce.ReduceTree) with the job's reduce: one RESULT for the host.
-  With `offer`, once no held task of the run is left to finish here, the
-  agent combines what it holds under that many bytes unasked and sends
-  it with its last notes: the master takes it when it names exactly the
-  winners, else asks COLLECT for them (the values stay here for that),
-  so a run's results cost one frame per host, not a round trip.
 - Liveness: daemons' heartbeats end here; the agent sends one heartbeat
   for the host, naming the workers that are stale: silent and, seen from
   outside their interpreter, not running (stopped or gone). A worker busy
@@ -42,7 +38,7 @@ import select
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from .. import protocol
 from . import (
@@ -59,19 +55,14 @@ from . import (
 )
 from .cache import RefCache
 from .daemons import Daemon, Peer
+from .held import HeldResults
 from .lru import JobCache, job_budget
 from .packages import AgentPackages
 from .pins import CacheLimitError, cache_limit, parse_size
 from .probe import platform_info
 from .shared_params import HostParams
-from .task import collect, load_job
 
 _STALE_AFTER_S = 1.5 * protocol.HEARTBEAT_INTERVAL_S
-# Notes of held tasks done wait this long for the host's other tasks (all
-# of them go with the offer, in its frame): the master learns of a worker
-# that ran dry this much later, well under the time a move must save
-# (policy.MOVE_WORTH_S), and reads one frame per host on a short run.
-_NOTES_WAIT_S = 0.05
 
 
 class _HandedOver(Exception):
@@ -87,24 +78,11 @@ class Agent:
         self.cache = RefCache(os.path.join(base, "cache"))
         self.daemons: dict[int, Daemon] = {}
         self.funcs: JobCache[bytes] = JobCache(job_budget())  # for COLLECT
-        self.reduce: tuple[str, Callable | None] | None = None  # the last loaded
-        self.run_func: str | None = None  # the job of self.run
-        self.holding: set[int] = set()  # held tasks not yet done
-        self.held: dict[int, list] = {}  # task id -> result parts
-        # The run's: combine and offer held results of fewer bytes unasked
-        # (None: wait for COLLECT); held tasks not offered yet, in order.
-        self.offer_below: int | None = None
-        self.unoffered: list[int] = []
+        self.results = HeldResults(self.funcs)  # the run's, held here
         self.beat_at = 0.0
-        self.run: int | None = None  # the run tasks belong to
-        self.leaves = 0  # of the run's tree
         self.avoid: set[int] = set()  # slots whose daemon froze
         self.packages = AgentPackages(base)  # shipped: runtime/packages.py
         self.params: HostParams | None = None  # the run's, from PARAMS
-        # Held tasks done, not yet told: [worker, task, run, compute_s,
-        # slices, bytes] each (tell_done), due by notes_due
-        self.done: list[list] = []
-        self.notes_due = 0.0
 
     # --- to the master --------------------------------------------------
 
@@ -115,59 +93,16 @@ class Agent:
         payload: Sequence = (),
         worker: int = protocol.AGENT,
     ) -> None:
-        if self.done:  # before anything after them, in order
-            self.tell_done()
+        self.tell_done()  # before anything after them, in order
         self.master.queue(protocol.frame(kind, head, payload, worker))
 
     def tell_done(self) -> None:
-        """The held tasks done since the last call, in one frame: the
-        master reads one frame per host, not one per worker. With the
-        combined results when they are offered (`offer`)."""
-        notes, self.done = self.done, []
-        offer = self.offer()
-        if offer is not None:
-            kind, head, payload = offer
-            head["notes"] = notes
-            self.master.queue(protocol.frame(kind, head, payload, protocol.AGENT))
-        elif notes:
-            self.master.queue(
-                protocol.frame(
-                    protocol.STATE,
-                    {"state": "done", "tasks": notes},
-                    (),
-                    protocol.AGENT,
-                )
-            )
-
-    def can_offer(self) -> bool:
-        """Whether the run's held results are all in, some not offered."""
-        return (
-            self.offer_below is not None and not self.holding and bool(self.unoffered)
-        )
-
-    def offer(self) -> tuple[int, dict, list] | None:
-        """The held results not offered yet, combined as COLLECT would
-        (a RESULT naming their tasks, or an ERROR), when every held task of
-        the run is done here and they are small; None otherwise."""
-        if not self.can_offer():
-            return None
-        tasks = [t for t in self.unoffered if t in self.held]
-        self.unoffered = []
-        if not tasks:
-            return None
-        size = sum(len(p) for t in tasks for p in self.held[t])
-        if self.offer_below is None or size >= self.offer_below:
-            return None  # big: in the master's order, by COLLECT
-        # Combined from copies: a reduce adds into what it decodes, and
-        # the values stay here for a COLLECT should the master decline.
-        values = {t: [bytearray(p) for p in self.held[t]] for t in tasks}
-        head: dict = {
-            "run": self.run,
-            "func": self.run_func,
-            "leaves": self.leaves,
-            "tasks": tasks,
-        }
-        return collect(head, self.reduce_of, values)
+        """The held tasks done since the last call, in one frame (with
+        their results, when offered): the master reads one frame per host,
+        not one per worker."""
+        frame = self.results.frame()
+        if frame is not None:
+            self.master.queue(frame)
 
     def hello(self) -> dict:
         try:
@@ -303,7 +238,7 @@ class Agent:
                 daemon.jobs.add(head["hash"])
         elif kind == protocol.TASK:
             self.task_in(worker, head)
-        elif kind == protocol.CANCEL and head["task"] in self.held:
+        elif kind == protocol.CANCEL and head["task"] in self.results.held:
             # Finished already: whether it counts is COLLECT's to say (its
             # "done" may be on its way to the master); the next run drops
             # what no COLLECT took.
@@ -323,20 +258,11 @@ class Agent:
     def task_in(self, worker: int, head: dict) -> None:
         """A TASK on its way to a worker: a new run forgets what the last
         one left here; a held task's result will stay here."""
-        if head["run"] != self.run:
-            # A new run: what an earlier one left held is nobody's.
-            self.run = head["run"]
-            self.run_func = head["func"]
-            self.held.clear()
-            self.holding.clear()
-            self.unoffered.clear()
-            self.leaves = head["leaves"]
-            self.offer_below = head.get("offer")
-            if self.params is not None and self.params.run != self.run:
-                self.params.close()
-                self.params = None
-        if head.get("hold"):
-            self.holding.add(head["task"])
+        held = self.results.task(head)
+        if self.params is not None and self.params.run != head["run"]:
+            self.params.close()  # an earlier run's
+            self.params = None
+        if held:
             if self.funcs.get(head["func"]) is None:
                 # Dropped here since the master sent it: COLLECT will
                 # need it, so ask as a worker lacking it does.
@@ -354,7 +280,8 @@ class Agent:
     def job_in(self, job_hash: str, parts: list) -> None:
         """A job, kept for COLLECT and for the workers here without it."""
         job = bytes(parts[0])
-        in_flight = () if self.run_func is None else (self.run_func,)
+        func = self.results.func  # the current run's
+        in_flight = () if func is None else (func,)
         self.funcs.put(job_hash, job, len(job), pinned=in_flight)
 
     def to_daemon(self, kind: int, worker: int, head: dict, parts: list) -> None:
@@ -411,20 +338,8 @@ class Agent:
                 )
 
     def collect(self, head: dict) -> None:
-        """Combine held results (task.collect): one RESULT, or an ERROR."""
-        self.tell(*collect(head, self.reduce_of, self.held))
-
-    def reduce_of(self, job_hash: str) -> Callable | None:
-        """The job's reduce, loaded once for the runs of one job."""
-        if self.reduce is not None and self.reduce[0] == job_hash:
-            return self.reduce[1]
-        job = self.funcs.get(job_hash)
-        if job is None:  # pinned from its run's first TASK: never
-            raise LookupError(f"job {job_hash} is not held on the host")
-        # Not hashed here: the daemons it passed these bytes on to do.
-        _, reduce = load_job(job)
-        self.reduce = (job_hash, reduce)
-        return reduce
+        """Combine held results (held.py): one RESULT, or an ERROR."""
+        self.tell(*self.results.collect(head))
 
     # --- frames from daemons ----------------------------------------------
 
@@ -443,27 +358,10 @@ class Agent:
                 "agent_jobs": len(self.funcs),
                 "agent_job_bytes": self.funcs.bytes,
             }
-        task = head.get("task")
-        if kind == protocol.RESULT and task in self.holding:
-            self.holding.discard(task)
-            self.held[task] = parts
-            self.unoffered.append(task)
-            size = sum(len(p) for p in parts)
-            if not self.done:
-                self.notes_due = time.monotonic() + _NOTES_WAIT_S
-            self.done.append(
-                [
-                    daemon.index,
-                    task,
-                    head["run"],
-                    head["compute_s"],
-                    head["slices"],
-                    size,
-                ]
-            )
-            return
+        if kind == protocol.RESULT and self.results.result(daemon.index, head, parts):
+            return  # held here: noted
         if kind == protocol.ERROR or head.get("state") == "cancelled":
-            self.holding.discard(task)
+            self.results.ended(head.get("task"))
         self.tell(kind, head, parts, worker=daemon.index)
 
     def gone(self, daemon: Daemon, reason: str) -> None:
@@ -500,7 +398,7 @@ class Agent:
     def serve(self) -> None:
         self.tell(protocol.HELLO, self.hello())
         while True:
-            if self.can_offer() or (self.done and time.monotonic() >= self.notes_due):
+            if self.results.due():
                 self.tell_done()
             self.master.flush()
             for daemon in list(self.daemons.values()):
@@ -519,7 +417,9 @@ class Agent:
                     daemon.read_fd,
                     select.POLLIN | (select.POLLOUT if daemon.out else 0),
                 )
-            due = min(self.beat_at, self.notes_due) if self.done else self.beat_at
+            due = self.beat_at
+            if self.results.done:
+                due = min(due, self.results.notes_due)
             wait = max(0.0, due - time.monotonic())
             for fd, events in poller.poll(wait * 1000):
                 if fd == self.master.read_fd and events & (
