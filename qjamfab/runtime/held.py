@@ -29,10 +29,14 @@ NOTES_WAIT_S = 0.05
 
 
 class HeldResults:
-    """One agent's held results, for the run its last TASK named."""
+    """One agent's held results, for the run its last TASK named. Time is
+    read from `clock` only."""
 
-    def __init__(self, jobs: JobCache[bytes]):
+    def __init__(
+        self, jobs: JobCache[bytes], clock: Callable[[], float] = time.monotonic
+    ):
         self.jobs = jobs  # the agent's, by hash: each job's reduce is in it
+        self.clock = clock
         self.reduce: tuple[str, Callable | None] | None = None  # the last loaded
         self.run: int | None = None  # the run tasks belong to
         self.func: str | None = None  # its job
@@ -74,7 +78,7 @@ class HeldResults:
         self.held[task] = parts
         self.unoffered.append(task)
         if not self.done:
-            self.notes_due = time.monotonic() + NOTES_WAIT_S
+            self.notes_due = self.clock() + NOTES_WAIT_S
         size = sum(len(p) for p in parts)
         self.done.append(
             [worker, task, head["run"], head["compute_s"], head["slices"], size]
@@ -89,9 +93,7 @@ class HeldResults:
 
     def due(self) -> bool:
         """Whether the notes (or an offer) should go now."""
-        return self.can_offer() or (
-            bool(self.done) and time.monotonic() >= self.notes_due
-        )
+        return self.can_offer() or (bool(self.done) and self.clock() >= self.notes_due)
 
     def can_offer(self) -> bool:
         """Whether the run's held results are all in, some not offered."""
