@@ -93,7 +93,8 @@ class Agent:
         payload: Sequence = (),
         worker: int = protocol.AGENT,
     ) -> None:
-        self.tell_done()  # before anything after them, in order
+        if self.results.done:  # before anything after them, in order
+            self.tell_done()
         self.master.queue(protocol.frame(kind, head, payload, worker))
 
     def tell_done(self) -> None:
