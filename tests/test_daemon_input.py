@@ -187,7 +187,9 @@ def test_a_client_that_says_nothing_delays_no_one_and_is_dropped(daemon):
     try:
         t0 = time.monotonic()
         serves(daemon)
-        assert time.monotonic() - t0 < 2.0, "the next client waited"
+        # Served well before the silent clients' claim wait ran out.
+        waited = time.monotonic() - t0
+        assert waited < serving._CLAIM_WAIT_S - 1, f"the next client waited {waited}"
         # Claimed by another: the daemon let go of the two waiting.
         assert silent.closed_by_peer(within=1)
         assert slow.closed_by_peer(within=1)
