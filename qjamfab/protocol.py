@@ -85,7 +85,7 @@ COLLECT = 14  # master -> agent: {run, func, leaves, tasks: [held task
 # ids]}; answered by RESULT {tasks}, their nodes combined
 # with the job's reduce
 GONE = 15  # agent -> master, for worker k: its daemon's connection
-# ended {reason, tail}
+# ended {reason, tail, status, task: the one it ran, or null}
 PACKAGES = 16  # master -> agent: {offer}, {install} + [zip] or {use}; the
 # agent answers offer and use (runtime/packages.py); agent ->
 # daemon: {paths, packages} to put on sys.path

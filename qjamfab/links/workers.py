@@ -276,7 +276,11 @@ class Link:
                 Event(
                     handle,
                     LOST,
-                    {"reason": head["reason"], "died": handle.gone_status is not None},
+                    {
+                        "reason": head["reason"],
+                        "died": handle.gone_status is not None,
+                        "task": head.get("task"),  # what it ran, where known
+                    },
                     [],
                 )
             ]

@@ -46,8 +46,6 @@ from . import (
     default_base,
     handover,
     manage,
-    pid_alive,
-    read_tail,
     secure_dir,
     secure_host_dir,
     set_process_name,
@@ -63,6 +61,9 @@ from .probe import platform_info
 from .shared_params import HostParams
 
 _STALE_AFTER_S = 1.5 * protocol.HEARTBEAT_INTERVAL_S
+# What a daemon says of a task when it no longer runs or waits to run it.
+_ANSWERS = (protocol.RESULT, protocol.ERROR)
+_ANSWERED = ("cancelled", "parked")
 
 
 class _HandedOver(Exception):
@@ -290,9 +291,12 @@ class Agent:
         has not had it from here, and the run's params where they are on
         this host."""
         daemon = self.daemons.get(worker)
-        if daemon is None or daemon.closed:
+        if daemon is None or daemon.closed or daemon.broken:
             return
         if kind == protocol.TASK:
+            if head["run"] != daemon.run:  # it drops an earlier run's queued
+                daemon.run, daemon.tasks = head["run"], []
+            daemon.tasks.append(head["task"])
             func = head["func"]
             job = None if func in daemon.jobs else self.funcs.get(func)
             if job is not None:  # else it has it, or asks the master
@@ -348,7 +352,7 @@ class Agent:
         try:
             kind, _, head, parts = daemon.reader.read()
         except (EOFError, OSError, protocol.ProtocolError) as exc:
-            self.gone(daemon, str(exc) or type(exc).__name__)
+            self.gone(daemon, daemon.broken or str(exc) or type(exc).__name__)
             return
         daemon.last_seen = time.monotonic()
         if kind == protocol.HEARTBEAT:
@@ -359,6 +363,11 @@ class Agent:
                 "agent_jobs": len(self.funcs),
                 "agent_job_bytes": self.funcs.bytes,
             }
+        if kind in _ANSWERS or head.get("state") in _ANSWERED:
+            try:
+                daemon.tasks.remove(head["task"])
+            except (KeyError, ValueError):
+                pass  # a task of an earlier session's, or none
         if kind == protocol.RESULT and self.results.result(daemon.index, head, parts):
             return  # held here: noted
         if kind == protocol.ERROR or head.get("state") == "cancelled":
@@ -370,15 +379,13 @@ class Agent:
         status when it died (its keeper records it, keeper.py)."""
         daemon.close()
         del self.daemons[daemon.index]
-        pid = daemon.info.get("pid")
-        tail, status = "", None
-        if pid:
-            status = daemons.exit_status(self.base, daemon.slot, pid)
-            if status is not None or not pid_alive(pid):
-                tail = read_tail(daemon.info.get("log", ""), 4096)
+        status, tail = daemon.ended(self.base)
+        # The task it was running: the master's own view may be behind
+        # (notes of tasks done wait here a while, held.py).
+        running = daemon.tasks[0] if daemon.tasks else None
         self.tell(
             protocol.GONE,
-            {"reason": reason, "tail": tail, "status": status},
+            {"reason": reason, "tail": tail, "status": status, "task": running},
             worker=daemon.index,
         )
 
@@ -402,11 +409,8 @@ class Agent:
             if self.results.due():
                 self.tell_done()
             self.master.flush()
-            for daemon in list(self.daemons.values()):
-                try:
-                    daemon.flush()
-                except OSError as exc:  # it ended with frames on their way
-                    self.gone(daemon, f"its connection broke ({exc.strerror})")
+            for daemon in self.daemons.values():
+                daemon.send_queued()
             poller = select.poll()
             poller.register(self.master.read_fd, select.POLLIN)
             if self.master.out:
@@ -416,7 +420,8 @@ class Agent:
                 by_fd[daemon.read_fd] = daemon
                 poller.register(
                     daemon.read_fd,
-                    select.POLLIN | (select.POLLOUT if daemon.out else 0),
+                    select.POLLIN
+                    | (select.POLLOUT if daemon.out and not daemon.broken else 0),
                 )
             due = self.beat_at
             if self.results.done:

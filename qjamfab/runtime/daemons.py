@@ -76,6 +76,25 @@ class Daemon(Peer):
         self.lock_fd = lock_fd
         self.last_seen = time.monotonic()
         self.jobs: set[str] = set()  # job hashes passed on to it (FUNC)
+        self.broken: str | None = None  # why writing to it failed
+        # Tasks of `run` passed on to it and not answered, in order: it
+        # runs them in order, so the first is the one it was running if it
+        # dies.
+        self.run: int | None = None
+        self.tasks: list[int] = []
+
+    def send_queued(self) -> None:
+        """Flush, unless writing to it failed: then it is `broken`, and
+        nothing more goes to it. It ended with frames on their way to it:
+        what it wrote before it ended (a result) is still read, then its
+        end, which the agent reports."""
+        if self.broken is not None:
+            return
+        try:
+            self.flush()
+        except OSError as exc:
+            self.broken = f"its connection broke ({exc.strerror})"
+            self.out.clear()
 
     def running(self) -> bool:
         """Seen from outside: its process exists and is not stopped."""
@@ -85,6 +104,17 @@ class Daemon(Peer):
         self.closed = True
         self.sock.close()
         os.close(self.lock_fd)
+
+    def ended(self, base: str) -> tuple[int | None, str]:
+        """Its connection ended: its exit status (None while it runs, or
+        unknown) and, once it is gone, the tail of its log."""
+        pid = self.info.get("pid")
+        if not pid:
+            return None, ""
+        status = exit_status(base, self.slot, pid)
+        if status is None and pid_alive(pid):
+            return None, ""
+        return status, read_tail(self.info.get("log", ""), 4096)
 
 
 def attach(
