@@ -1,5 +1,6 @@
 """The engines the behaviour suites run on, behind one fixture (`engine`
-in tests/conftest.py): in-process threads (`inproc`), local worker
+in tests/conftest.py): one host whose agent and workers are threads of
+this process (`inproc`), local worker
 processes (`local`), one SSH host of the `ssh` fixture (`ssh`: host1, so a
 host of several workers has its agent) and a real Dask LocalCluster of two
 worker processes (`dask`). An `Engine` makes Masters of that kind and

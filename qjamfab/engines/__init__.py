@@ -6,8 +6,10 @@ handles are what a `Run` speaks to (workers.py); `close` lets it go. How
 the workers are reached is the engine's alone, and nothing outside an
 engine names one:
 
-- `local` and `inproc` (engines/local.py): worker processes on this
-  machine over their pipes, or the same runtime as threads of this process;
+- `local` (engines/local.py): worker processes on this machine, each
+  over its pipes;
+- `inproc` (engines/inproc.py): one host whose agent and workers are
+  threads of this process, the agent at the end of a pair of pipes;
 - `ssh` (engines/ssh/engine.py): one stream per host to the host's agent;
 - `slurm` (engines/slurm.py): the same agent as a job step per node of a
   Slurm allocation (the step's stdin and stdout are the stream);
@@ -104,7 +106,7 @@ class Engine:
 _ENGINES: dict[str, Engine] = {}
 # The engines of this package, imported when first needed (Dask only
 # when a Dask cluster is given, so distributed stays optional).
-_BUILTIN = ("local", "ssh.engine", "slurm", "command", "dask.engine")
+_BUILTIN = ("local", "inproc", "ssh.engine", "slurm", "command", "dask.engine")
 
 
 def register(engine: Engine) -> None:

@@ -1,16 +1,22 @@
-"""In-process workers: `Master("inproc:N")` runs N workers as threads of
-this process, each the real worker runtime (runtime/worker.py) at the far
-end of a socketpair, so the Master's and Run's logic (placement, balancing,
-stealing, loss and re-planning, backups, the split rule) is tested through
-public behaviour without processes or hosts, in the spirit of Dask's
-`inproc://` comm and httpx's `MockTransport`.
+"""The `inproc` engine: `Master("inproc:N")` is one host whose agent and N
+workers are threads of this process. The agent is the real host agent
+(runtime/agent.py) at the far end of a pair of pipes, as over SSH; each
+worker is the real worker runtime (runtime/worker.py) at the far end of a
+socketpair, as a daemon's socket. So the Master's and Run's logic
+(placement, balancing, stealing, loss and re-planning, backups, the split
+rule) and the agent's (results held and offered, COLLECT) are tested
+through public behaviour without processes or hosts, in the spirit of
+Dask's `inproc://` comm and httpx's `MockTransport`.
 
-What differs from a worker process: what a job prints goes straight to
-this process's stdout and stderr (no capture, no `[worker]` prefix), and a
-job acts out failures with these calls, made from inside mapfunc:
+What differs from an SSH host: what a job prints goes straight to this
+process's stdout and stderr (no capture, no `[worker]` prefix); there are
+no daemon processes to claim, keep or stop (workers end with their
+Master); a host of one worker keeps its agent between (no handover); and
+a job acts out failures with these calls, made from inside mapfunc:
 
 - `die(status)`: its worker ends as if its process exited with `status`
-  (its stream closes; the Master sees the worker lost, with that status);
+  (its socket closes; the agent says how it ended, and the Master sees
+  the worker lost, with that status);
 - `freeze(seconds)`: its worker stops its heartbeats and answers nothing
   for that long, as if its process were stopped (SIGSTOP); seen from
   outside it is not running, so the heartbeat deadline applies.
@@ -21,16 +27,27 @@ from __future__ import annotations
 import os
 import select
 import socket
+import sys
 import threading
 import time
+from collections.abc import Sequence
 
+from ..hostspec import HostSpec
+from ..links import handshake
 from ..links.foreign import mapped
 from ..links.transport import Transport
-from ..runtime import secure_dir
+from ..links.workers import Link
+from ..runtime import HAVE_RUNTIME, secure_dir, secure_host_dir
+from ..runtime.agent import Agent
 from ..runtime.cache import RefCache
 from ..runtime.capture import Capture
+from ..runtime.daemons import Daemon
 from ..runtime.serving import Channel
 from ..runtime.worker import Worker
+from . import Engine, EngineSettings, Host, register
+from .agent_host import AgentHost
+
+_JOIN_S = 2.0  # for a thread to end once its stream has
 
 
 class _Died(BaseException):
@@ -51,14 +68,14 @@ def die(status: int = 1) -> None:
 
 def freeze(seconds: float) -> None:
     """Stop the calling job's worker for `seconds`, as if stopped."""
-    transport: InProcessTransport = _workers.transport
-    transport.worker.heartbeats = False
-    transport.frozen = True
+    worker: _WorkerThread = _workers.current
+    worker.runtime.heartbeats = False
+    worker.frozen = True
     try:
         time.sleep(seconds)
     finally:
-        transport.frozen = False
-        transport.worker.heartbeats = True
+        worker.frozen = False
+        worker.runtime.heartbeats = True
 
 
 class _NoCapture(Capture):
@@ -80,41 +97,132 @@ class _NoCapture(Capture):
         pass
 
 
-class InProcessTransport(Transport):
-    """A worker thread at the far end of a socketpair."""
+class _WorkerThread:
+    """One worker: the worker runtime serving one end of a socketpair."""
 
-    def __init__(self, name: str, base: str):
-        self.name = name
+    def __init__(self, name: str, base: str, far: socket.socket):
         self.frozen = False
-        self.status: int | None = None
-        self._read_timeout: float | None = None
-        self._sock, far = socket.socketpair()
-        self._sock.setblocking(False)
-        secure_dir(base)
-        self.worker = Worker(
+        self.status: int | None = None  # its "exit status", once ended
+        self.runtime = Worker(
             name, base, RefCache(os.path.join(base, "cache")), _NoCapture()
         )
-        self.worker.exit_on_hangup = False  # it would end this process
-        self._thread = threading.Thread(
+        self.runtime.exit_on_hangup = False  # it would end this process
+        self.thread = threading.Thread(
             target=self._serve, args=(far,), name=f"qjamfab-inproc-{name}", daemon=True
         )
-        self._thread.start()
+        self.thread.start()
 
     def _serve(self, far: socket.socket) -> None:
-        _workers.transport = self
-        fd = far.fileno()
+        _workers.current = self
         try:
-            self.worker.serve(Channel(far.recv_into, far.sendmsg, fd))
+            self.runtime.serve(Channel(far.recv_into, far.sendmsg, far.fileno()))
             self.status = 0
         except _Died as died:
             self.status = died.status
-        except OSError:  # the master closed the stream meanwhile
+        except OSError:  # the agent closed the socket meanwhile
             self.status = 0
         finally:
             far.close()
 
+
+class _ThreadDaemon(Daemon):
+    """A worker thread as the agent sees a daemon: no process, no claim."""
+
+    def __init__(self, index: int, sock: socket.socket, worker: _WorkerThread):
+        super().__init__(index, index, sock, {"pid": os.getpid(), "log": ""}, -1)
+        self.worker = worker
+
+    def running(self) -> bool:
+        return self.worker.thread.is_alive() and not self.worker.frozen
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+
+    def ended(self, base: str) -> tuple[int | None, str]:
+        self.worker.thread.join(_JOIN_S)  # its status is set as it ends
+        return self.worker.status, ""
+
+
+class _ThreadAgent(Agent):
+    """The host agent, its daemons threads."""
+
+    hands_over = False  # its daemons cannot take a stream: they are threads
+
+    def __init__(self, label: str, base: str, master_in: int, master_out: int):
+        super().__init__(base, master_in, master_out)
+        self.label = label
+
+    def start_daemons(
+        self, indices: list[int], idle: float, template: dict, session: str | None
+    ) -> tuple[list[tuple[Daemon, dict]], dict[int, str]]:
+        attached: list[tuple[Daemon, dict]] = []
+        failed: dict[int, str] = {}
+        for k in indices:
+            near, far = socket.socketpair()
+            daemon = _ThreadDaemon(
+                k, near, _WorkerThread(f"{self.label}-{k}", self.base, far)
+            )
+            # Its HELLO comes first, written whole.
+            if not select.select([near], [], [], handshake.HANDSHAKE_TIMEOUT_S)[0]:
+                daemon.close()
+                failed[k] = "it did not say HELLO"
+                continue
+            kind, _, hello, _ = daemon.reader.read()
+            attached.append((daemon, hello))
+        return attached, failed
+
+    def run(self) -> None:
+        """Serve until the master's stream ends, then let the workers go
+        and wait for those that are not frozen to end."""
+        try:
+            self.serve()
+        finally:
+            workers = [
+                d.worker for d in self.daemons.values() if isinstance(d, _ThreadDaemon)
+            ]
+            for daemon in list(self.daemons.values()):
+                daemon.close()
+            for worker in workers:
+                if not worker.frozen:
+                    worker.thread.join(_JOIN_S)
+
+
+class _AgentThreadTransport(Transport):
+    """A host agent thread at the far end of two pipes, as an SSH
+    session's stdin and stdout."""
+
+    def __init__(self, label: str, base: str):
+        self.name = label
+        self._read_timeout: float | None = None
+        self._closed = False
+        to_agent, self._in = os.pipe()
+        self._out, from_agent = os.pipe()
+        os.set_blocking(self._in, False)
+        os.set_blocking(self._out, False)
+        os.write(from_agent, HAVE_RUNTIME)  # what the agent's boot says
+        agent = _ThreadAgent(label, base, to_agent, from_agent)
+        self._thread = threading.Thread(
+            target=self._serve,
+            args=(agent, to_agent, from_agent),
+            name=f"qjamfab-inproc-agent-{label}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    @staticmethod
+    def _serve(agent: _ThreadAgent, to_agent: int, from_agent: int) -> None:
+        try:
+            agent.run()
+        finally:
+            os.close(to_agent)
+            os.close(from_agent)
+
     def fileno(self) -> int:
-        return self._sock.fileno()
+        return self._out
+
+    def write_fileno(self) -> int | None:
+        return self._in
 
     def set_read_timeout(self, seconds: float) -> None:
         self._read_timeout = seconds
@@ -122,41 +230,67 @@ class InProcessTransport(Transport):
     def readinto(self, view: memoryview) -> int:
         while True:
             try:
-                return self._sock.recv_into(view)
+                return os.readv(self._out, [view])
             except BlockingIOError:
                 pass
             except OSError:
                 return 0
             wait = self._read_timeout
-            if not select.select([self._sock], [], [], wait)[0]:
-                raise TimeoutError(f"worker {self.name} sent nothing for {wait:g} s")
+            if not select.select([self._out], [], [], wait)[0]:
+                raise TimeoutError(f"{self.name} sent nothing for {wait:g} s")
 
     def writev(self, views: list) -> int:
-        with mapped(f"sending to worker {self.name} on its socket", worker=self.name):
+        with mapped(f"sending to {self.name}'s agent on its pipe", worker=self.name):
             try:
-                return self._sock.sendmsg(views)
+                return os.writev(self._in, views)
             except BlockingIOError:
                 return 0  # full: see wait_writable
 
     def wait_writable(self) -> bool:
         readable, writable, _ = select.select(
-            [self._sock], [self._sock], [], self._read_timeout
+            [self._out], [self._in], [], self._read_timeout
         )
         if not readable and not writable:
             raise self._took_nothing()
         return bool(readable)
 
-    def computing(self) -> bool:
-        return self._thread.is_alive() and not self.frozen
-
     def close(self) -> None:
-        try:
-            self._sock.close()
-        except OSError:
-            pass
-        if not self.frozen:
-            self._thread.join(2.0)
+        # Once only: a descriptor closed twice may by then be another's.
+        if not self._closed:
+            self._closed = True
+            os.close(self._in)
+            os.close(self._out)
+        self._thread.join(2 * _JOIN_S)
 
     def exit_report(self, log_path: str | None) -> tuple[int | None, str]:
-        self._thread.join(2.0)
-        return self.status, ""
+        self._thread.join(2 * _JOIN_S)
+        return None, ""
+
+
+class InProcessHost(AgentHost):
+    """`inproc[:N]`: one host of N workers, its agent and workers threads."""
+
+    def __init__(self, spec: HostSpec, settings: EngineSettings):
+        count = spec.workers or settings.workers_per_host or os.cpu_count() or 1
+        super().__init__(spec, spec.kind, count, settings)
+
+    def open_link(self) -> Link:
+        base = self.settings.base
+        for path in (base, os.path.join(base, "cache")):
+            secure_dir(path)
+        secure_host_dir(base)
+        link = Link(
+            self.label,
+            _AgentThreadTransport(self.label, base),
+            agent=True,
+            stall_timeout=self.settings.heartbeat_timeout,
+        )
+        handshake.start_agent(link, sys.executable)
+        return link
+
+
+def _make(specs: Sequence[HostSpec], settings: EngineSettings) -> list[Host]:
+    return [InProcessHost(spec, settings) for spec in specs]
+
+
+register(Engine("inproc", ("inproc",), _make))

@@ -1,8 +1,7 @@
-"""The `local` and `inproc` engines: workers on this machine.
-
-`local[:N]`: N worker processes, each over its own pipes (one `Link` per
-worker, no agent between), ending with their Master. `inproc[:N]`: the
-same runtime as threads of this process (inproc.py), for tests.
+"""The `local` engine: `local[:N]`, N worker processes on this machine,
+each over its own pipes (one `Link` per worker, no agent between), ending
+with their Master. (`inproc[:N]`, its workers threads behind a host agent
+thread, is inproc.py.)
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from ..links.inbox import Inbox
 from ..links.transport import LocalPipeTransport, Transport
 from ..links.workers import Link, WorkerHandle
 from . import Engine, EngineSettings, Host, register
-from .inproc import InProcessTransport
 
 
 class LocalHost:
@@ -38,8 +36,6 @@ class LocalHost:
         self._settings = settings
 
     def _transport(self, name: str, k: int) -> Transport:
-        if self.spec.kind == "inproc":
-            return InProcessTransport(name, self._settings.base)
         env = self.spec.worker_env(k)
         if self._settings.cache_limit is not None:
             env["QJAMFAB_CACHE_LIMIT"] = str(self._settings.cache_limit)
@@ -53,7 +49,7 @@ class LocalHost:
             agent=False,
             stall_timeout=self._settings.heartbeat_timeout,
         )
-        link.local = self.spec.kind == "local"  # inproc: threads, no copies
+        link.local = True
         return start_direct(link, name)
 
     def prepare(self, inbox: Inbox) -> None:
@@ -86,4 +82,4 @@ def _make(specs: Sequence[HostSpec], settings: EngineSettings) -> list[Host]:
     return [LocalHost(spec, settings) for spec in specs]
 
 
-register(Engine("local", ("local", "inproc"), _make))
+register(Engine("local", ("local",), _make))

@@ -71,6 +71,12 @@ class _HandedOver(Exception):
 
 
 class Agent:
+    """A host's agent over the master's stream (`master_in`, `master_out`).
+    Where its daemons come from is `start_daemons` (processes, here;
+    threads, for the in-process engine)."""
+
+    hands_over = True  # a host of one worker: its daemon takes the stream
+
     def __init__(self, base: str, master_in: int, master_out: int):
         self.base = base
         reader = os.fdopen(master_in, "rb", buffering=0, closefd=False)
@@ -153,14 +159,8 @@ class Agent:
                 )
             except CacheLimitError:
                 pass  # its daemons do not start, and say why
-        attached, failed = daemons.attach(
-            self.base,
-            indices,
-            self.avoid,
-            idle,
-            template,
-            self.packages.conflicts,
-            head.get("session"),
+        attached, failed = self.start_daemons(
+            indices, idle, template, head.get("session")
         )
         for daemon, hello in attached:
             self.daemons[daemon.index] = daemon
@@ -170,7 +170,8 @@ class Agent:
         # the stream itself (two fewer hops per frame), and the agent only
         # waits to say how it ended.
         direct = (
-            bool(head.get("direct"))
+            self.hands_over
+            and bool(head.get("direct"))
             and count == 1
             and not failed
             and len(self.daemons) == 1
@@ -186,6 +187,21 @@ class Agent:
         )
         if direct:
             self.hand_over(next(iter(self.daemons.values())))
+
+    def start_daemons(
+        self, indices: list[int], idle: float, template: dict, session: str | None
+    ) -> tuple[list[tuple[Daemon, dict]], dict[int, str]]:
+        """Claim, start and connect the daemons of these worker indices
+        (daemons.py): each with its HELLO, and why the others failed."""
+        return daemons.attach(
+            self.base,
+            indices,
+            self.avoid,
+            idle,
+            template,
+            self.packages.conflicts,
+            session,
+        )
 
     def hand_over(self, daemon: Daemon) -> None:
         """Give the daemon the master's stream and beat for it until its
