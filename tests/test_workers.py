@@ -82,6 +82,29 @@ def test_end_of_stream_is_lost_and_the_handle_is_left_out_after():
         a.close()
 
 
+def test_what_a_worker_wrote_before_it_ended_comes_before_its_loss():
+    """A worker writes a frame (say, its last result) and ends; a send to
+    it then fails: that frame is still read, and its loss, which says what
+    failed, comes after it."""
+    from qjamfab import WorkerLost
+
+    a = _peer("a", 'send(protocol.STATS, {"n": 1}); sys.exit(0)')
+    inbox = Inbox()
+    inbox.add(a.link)
+    try:
+        a.link.transport.process.wait(10)
+        with pytest.raises(WorkerLost):
+            a.link.send(protocol.STATS, {})
+        events = list(inbox.pending)
+        assert _kinds(events) == [("a", protocol.STATS), ("a", LOST)]
+        assert events[0][2] == {"n": 1}
+        assert events[1][2]["reason"].startswith(
+            "sending to worker a on its pipe failed: the far end closed the stream"
+        ), events[1][2]
+    finally:
+        a.close()
+
+
 def test_a_stream_that_stalls_inside_a_frame_is_lost():
     a = _peer(
         "a",

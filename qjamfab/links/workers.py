@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import select
 import time
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -24,6 +25,9 @@ from ..errors import ProtocolError, QjamfabError, WorkerLost
 from ..hostspec import env_setting
 from .outbox import Outbox
 from .transport import Transport
+
+_READ_ERRORS = (EOFError, OSError, ProtocolError, QjamfabError)
+_FAR_END_GONE = (BrokenPipeError, ConnectionResetError)  # as a write says
 
 log = logging.getLogger("qjamfab")
 
@@ -155,9 +159,12 @@ class Link:
     def _cut(self, exc: WorkerLost) -> None:
         # A frame cut short leaves the stream unusable: every worker on
         # it is lost, and the events say so (once: lost() names only the
-        # workers still alive).
+        # workers still alive). Where the far end is gone, what it wrote
+        # before it ended comes first: a result it sent as it died counts.
         if self.pending is not None:
-            self.pending.extendleft(self.lost(str(exc)))
+            if self.alive and isinstance(exc.__cause__, _FAR_END_GONE):
+                self.pending.extend(self._written_before_its_end())
+            self.pending.extend(self.lost(str(exc)))
         self.close()
 
     def flush(self) -> None:
@@ -237,13 +244,33 @@ class Link:
         """Read the next frame: what it means, as events (none for a
         heartbeat)."""
         try:
-            kind, worker, head, parts = self.reader.read()
-        except (EOFError, OSError, ProtocolError, QjamfabError) as exc:
+            frame = self.reader.read()
+        except _READ_ERRORS as exc:
             # A stream that stalls inside a frame is lost, not dead.
             return self.lost(
                 str(exc) or type(exc).__name__,
                 False if isinstance(exc, TimeoutError) else None,
             )
+        return self._events(*frame)
+
+    def _written_before_its_end(self) -> list[Event]:
+        """The far end is gone (a write to it failed): the frames it wrote
+        before it ended, all there to read without waiting, as events, up
+        to the stream's end (whose loss the write says)."""
+        waiting = select.poll()
+        waiting.register(self.fileno(), select.POLLIN)
+        events: list[Event] = []
+        while self.reader.buffered() or (
+            waiting.poll(0) and self.transport.has_input()
+        ):
+            try:
+                frame = self.reader.read()
+            except _READ_ERRORS:
+                break
+            events.extend(self._events(*frame))
+        return events
+
+    def _events(self, kind: int, worker: int, head: dict, parts: list) -> list[Event]:
         now = self.last_seen = time.monotonic()
         self.bytes_received += sum(len(p) for p in parts)
         if self.agent and worker == protocol.AGENT:
