@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from qjamfab import protocol
+from qjamfab import WorkerLost, protocol
 from qjamfab.links.handshake import start_direct
 from qjamfab.links.inbox import Inbox
 from qjamfab.links.transport import ProcessTransport
@@ -23,7 +23,7 @@ def _peer(name: str, script: str, stall_timeout: float = 5.0) -> WorkerHandle:
     (with `send(kind, head)` and `os`, `sys`, `time` at hand)."""
     code = textwrap.dedent("""\
         import os, sys, time
-        from qjamfab import protocol
+        from qjamfab import WorkerLost, protocol
         def send(kind, head):
             for b in protocol.frame(kind, head):
                 os.write(1, b)
@@ -78,6 +78,11 @@ def test_end_of_stream_is_lost_and_the_handle_is_left_out_after():
         events = read_events([a], 5)
         assert _kinds(events) == [("a", LOST)] and not a.alive
         assert read_events([a], 0) == []
+        # A send after the loss says so and writes nothing.
+        sent = a.link.bytes_sent
+        with pytest.raises(WorkerLost, match=r"^worker a is gone: its stream ended$"):
+            a.send(protocol.STATS, {})
+        assert a.link.bytes_sent == sent
     finally:
         a.close()
 
@@ -86,8 +91,6 @@ def test_what_a_worker_wrote_before_it_ended_comes_before_its_loss():
     """A worker writes a frame (say, its last result) and ends; a send to
     it then fails: that frame is still read, and its loss, which says what
     failed, comes after it."""
-    from qjamfab import WorkerLost
-
     a = _peer("a", 'send(protocol.STATS, {"n": 1}); sys.exit(0)')
     inbox = Inbox()
     inbox.add(a.link)

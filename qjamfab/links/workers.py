@@ -200,6 +200,9 @@ class Link:
         (outbox.py), written as the stream drains while the Master reads
         and sends to others; where the stream cannot be polled for room,
         as any other."""
+        if not self.alive:  # its loss is known: say so, write nothing
+            name = to or self.label
+            raise WorkerLost(f"worker {name} is gone: its stream ended", worker=name)
         buffers = protocol.frame(kind, head, payload, worker)
         if self.held is not None:
             self.held.extend(buffers)
