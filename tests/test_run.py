@@ -188,3 +188,20 @@ def test_heartbeats_left_unread_while_the_master_sends_count():
     with Master("inproc:2", heartbeat_timeout=2.0) as m:
         assert m.run(quick, dataset=data) == 6
         assert m.last_run.lost_workers == []
+
+
+def test_an_in_process_agent_that_fails_says_why(monkeypatch):
+    """The agent is a thread here: what it raised is what a process's
+    stderr would have said, and the Master's error shows it."""
+
+    def fails(self):
+        raise RuntimeError("the agent broke")
+
+    monkeypatch.setattr(inproc._ThreadAgent, "hello", fails)
+    with pytest.raises(WorkerLost) as info:
+        Master("inproc:2")
+    message = str(info.value)
+    assert message.splitlines()[0] == (
+        "inproc did not start (exit status unknown): RuntimeError: the agent broke"
+    ), message
+    assert "Traceback" in message and ", in fails" in message  # where it raised

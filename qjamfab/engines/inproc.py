@@ -30,6 +30,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Sequence
 
 from ..hostspec import HostSpec
@@ -196,6 +197,7 @@ class _AgentThreadTransport(Transport):
         self.name = label
         self._read_timeout: float | None = None
         self._closed = False
+        self._failure = ""  # the agent's traceback, as a process's stderr
         to_agent, self._in = os.pipe()
         self._out, from_agent = os.pipe()
         os.set_blocking(self._in, False)
@@ -210,10 +212,11 @@ class _AgentThreadTransport(Transport):
         )
         self._thread.start()
 
-    @staticmethod
-    def _serve(agent: _ThreadAgent, to_agent: int, from_agent: int) -> None:
+    def _serve(self, agent: _ThreadAgent, to_agent: int, from_agent: int) -> None:
         try:
             agent.run()
+        except Exception:
+            self._failure = traceback.format_exc()
         finally:
             os.close(to_agent)
             os.close(from_agent)
@@ -264,7 +267,7 @@ class _AgentThreadTransport(Transport):
 
     def exit_report(self, log_path: str | None) -> tuple[int | None, str]:
         self._thread.join(2 * _JOIN_S)
-        return None, ""
+        return None, self._failure
 
 
 class InProcessHost(AgentHost):
