@@ -169,7 +169,7 @@ class _ThreadAgent(Agent):
                 daemon.close()
                 failed[k] = "it did not say HELLO"
                 continue
-            kind, _, hello, _ = daemon.reader.read()
+            _, _, hello, _ = daemon.reader.read()
             attached.append((daemon, hello))
         return attached, failed
 
