@@ -35,8 +35,7 @@ from collections.abc import Sequence
 
 from ..hostspec import HostSpec
 from ..links import handshake
-from ..links.foreign import mapped
-from ..links.transport import Transport
+from ..links.transport import PipesTransport
 from ..links.workers import Link
 from ..runtime import HAVE_RUNTIME, secure_dir, secure_host_dir
 from ..runtime.agent import Agent
@@ -189,19 +188,15 @@ class _ThreadAgent(Agent):
                     worker.thread.join(_JOIN_S)
 
 
-class _AgentThreadTransport(Transport):
+class _AgentThreadTransport(PipesTransport):
     """A host agent thread at the far end of two pipes, as an SSH
     session's stdin and stdout."""
 
     def __init__(self, label: str, base: str):
-        self.name = label
-        self._read_timeout: float | None = None
-        self._closed = False
         self._failure = ""  # the agent's traceback, as a process's stderr
-        to_agent, self._in = os.pipe()
-        self._out, from_agent = os.pipe()
-        os.set_blocking(self._in, False)
-        os.set_blocking(self._out, False)
+        to_agent, write_fd = os.pipe()
+        read_fd, from_agent = os.pipe()
+        super().__init__(label, read_fd, write_fd)
         os.write(from_agent, HAVE_RUNTIME)  # what the agent's boot says
         agent = _ThreadAgent(label, base, to_agent, from_agent)
         self._thread = threading.Thread(
@@ -221,48 +216,12 @@ class _AgentThreadTransport(Transport):
             os.close(to_agent)
             os.close(from_agent)
 
-    def fileno(self) -> int:
-        return self._out
-
-    def write_fileno(self) -> int | None:
-        return self._in
-
-    def set_read_timeout(self, seconds: float) -> None:
-        self._read_timeout = seconds
-
-    def readinto(self, view: memoryview) -> int:
-        while True:
-            try:
-                return os.readv(self._out, [view])
-            except BlockingIOError:
-                pass
-            except OSError:
-                return 0
-            wait = self._read_timeout
-            if not select.select([self._out], [], [], wait)[0]:
-                raise TimeoutError(f"{self.name} sent nothing for {wait:g} s")
-
-    def writev(self, views: list) -> int:
-        with mapped(f"sending to {self.name}'s agent on its pipe", worker=self.name):
-            try:
-                return os.writev(self._in, views)
-            except BlockingIOError:
-                return 0  # full: see wait_writable
-
-    def wait_writable(self) -> bool:
-        readable, writable, _ = select.select(
-            [self._out], [self._in], [], self._read_timeout
-        )
-        if not readable and not writable:
-            raise self._took_nothing()
-        return bool(readable)
-
     def close(self) -> None:
         # Once only: a descriptor closed twice may by then be another's.
-        if not self._closed:
-            self._closed = True
-            os.close(self._in)
-            os.close(self._out)
+        if self._read_fd >= 0:
+            os.close(self._write_fd)
+            os.close(self._read_fd)
+            self._closed_fds(read=True)
         self._thread.join(2 * _JOIN_S)
 
     def exit_report(self, log_path: str | None) -> tuple[int | None, str]:

@@ -2,8 +2,9 @@
 
 `Transport` is the seam between the Master and how a worker or a host is
 reached: `readinto` and `writev` move bytes, `close` ends the stream,
-`exit_report` says how the far end ended. `ProcessTransport` starts any
-command on this machine and speaks over its stdin and stdout;
+`exit_report` says how the far end ended. `PipesTransport` speaks over
+a pair of pipes; `ProcessTransport` is one that starts any command on
+this machine and speaks over its stdin and stdout;
 `LocalPipeTransport` is one that starts a worker process. The SSH
 engine's streams build on these (engines/ssh/: the OpenSSH client's
 pipes, or a paramiko channel). OS errors on a stream become qjamfab
@@ -107,7 +108,83 @@ class Transport(ABC):
         )
 
 
-class ProcessTransport(Transport):
+class PipesTransport(Transport):
+    """A stream over two pipes, both non-blocking: frames are read from
+    `read_fd` and written to `write_fd` (a process's stdout and stdin, or
+    an in-process agent's pair). Closing them is the subclass's."""
+
+    def __init__(self, name: str, read_fd: int, write_fd: int):
+        self.name = name
+        self._read_fd = read_fd
+        self._write_fd = write_fd
+        # A raw file: its readinto gives None while the pipe is empty, and
+        # costs less than os.readv.
+        self._reader = io.FileIO(read_fd, "rb", closefd=False)
+        self._read_timeout: float | None = None
+        for fd in (read_fd, write_fd):
+            try:  # fewer wake-ups per slice streamed
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+            except OSError:
+                pass
+            os.set_blocking(fd, False)
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def write_fileno(self) -> int | None:
+        return self._write_fd
+
+    def set_read_timeout(self, seconds: float) -> None:
+        self._read_timeout = seconds
+
+    def readinto(self, view: memoryview) -> int:
+        while True:
+            try:
+                n = self._reader.readinto(view)
+            except (OSError, ValueError):
+                return 0
+            if n is not None:
+                return n
+            # Nothing yet: wait, within limits.
+            poller = select.poll()
+            poller.register(self._read_fd, select.POLLIN)
+            wait = self._read_timeout
+            if not poller.poll(None if wait is None else wait * 1000):
+                raise TimeoutError(
+                    f"worker {self.name} sent nothing for {self._read_timeout:g} s"
+                )
+
+    def writev(self, views: list) -> int:
+        try:
+            return os.writev(self._write_fd, views)
+        except BlockingIOError:
+            return 0  # full: see wait_writable
+        except Exception:
+            # Mapped when it fails only: a context manager around every
+            # write costs a trivial run more than the write's own Python.
+            with mapped(f"sending to worker {self.name} on its pipe", worker=self.name):
+                raise
+
+    def _closed_fds(self, read: bool) -> None:
+        """The write end (and the read end) closed: no read or write may
+        reach a descriptor that now has the number of another's."""
+        self._write_fd = -1
+        if read:
+            self._read_fd = -1
+            self._reader.close()  # not its descriptor: reads give 0 now
+
+    def wait_writable(self) -> bool:
+        poller = select.poll()
+        poller.register(self._write_fd, select.POLLOUT)
+        poller.register(self._read_fd, select.POLLIN)
+        wait = self._read_timeout
+        ready = dict(poller.poll(None if wait is None else wait * 1000))
+        if not ready:
+            raise self._took_nothing()
+        return self._read_fd in ready
+
+
+class ProcessTransport(PipesTransport):
     """A process started here from `argv` (with `env`, else this one's
     environment), spoken to over its stdin and stdout: whatever speaks the
     protocol there (a worker: `LocalPipeTransport`; an agent under the
@@ -141,67 +218,12 @@ class ProcessTransport(Transport):
                 worker=name,
             ) from exc
         stdin, stdout = self.process.stdin, self.process.stdout
-        # Pipes both (PIPE above); bufsize=0 makes stdout a raw FileIO, whose
-        # readinto gives None while the non-blocking pipe is empty.
+        # Pipes both (PIPE above), closed as files (stdin: the far end's
+        # end of input).
         assert stdin is not None and isinstance(stdout, io.FileIO)
         self._stdin = stdin
-        self._in = stdin.fileno()
         self._out = stdout
-        self._read_timeout: float | None = None
-        for fd in (self._in, self._out.fileno()):
-            try:  # fewer wake-ups per slice streamed
-                fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
-            except OSError:
-                pass
-        os.set_blocking(self._out.fileno(), False)
-        os.set_blocking(self._in, False)
-
-    def fileno(self) -> int:
-        return self._out.fileno()
-
-    def write_fileno(self) -> int | None:
-        return self._in
-
-    def set_read_timeout(self, seconds: float) -> None:
-        self._read_timeout = seconds
-
-    def readinto(self, view: memoryview) -> int:
-        while True:
-            try:
-                n = self._out.readinto(view)
-            except (OSError, ValueError):
-                return 0
-            if n is not None:
-                return n
-            # Nothing yet (the pipe is non-blocking): wait, within limits.
-            poller = select.poll()
-            poller.register(self._out, select.POLLIN)
-            wait = self._read_timeout
-            if not poller.poll(None if wait is None else wait * 1000):
-                raise TimeoutError(
-                    f"worker {self.name} sent nothing for {self._read_timeout:g} s"
-                )
-
-    def writev(self, views: list) -> int:
-        try:
-            return os.writev(self._in, views)
-        except BlockingIOError:
-            return 0  # full: see wait_writable
-        except Exception:
-            # Mapped when it fails only: a context manager around every
-            # write costs a trivial run more than the write's own Python.
-            with mapped(f"sending to worker {self.name} on its pipe", worker=self.name):
-                raise
-
-    def wait_writable(self) -> bool:
-        poller = select.poll()
-        poller.register(self._in, select.POLLOUT)
-        poller.register(self._out, select.POLLIN)
-        wait = self._read_timeout
-        ready = dict(poller.poll(None if wait is None else wait * 1000))
-        if not ready:
-            raise self._took_nothing()
-        return self._out.fileno() in ready
+        super().__init__(name, stdout.fileno(), stdin.fileno())
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -219,6 +241,7 @@ class ProcessTransport(Transport):
                 stream.close()
             except OSError:
                 pass
+        self._closed_fds(read=True)
 
     def exit_report(self, log_path: str | None) -> tuple[int | None, str]:
         try:
@@ -227,6 +250,7 @@ class ProcessTransport(Transport):
             self._stdin.close()
         except OSError:
             pass
+        self._closed_fds(read=False)
         try:
             status = self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
