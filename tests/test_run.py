@@ -48,30 +48,44 @@ def test_an_uneven_run_makes_the_next_one_split_again():
         assert m.last_run.tasks == 6  # uneven before: split
 
 
+def _slow_on_first_half(params, xs):
+    time.sleep(params if xs[0] < 24 else 0.0)
+    return sum(xs)
+
+
 def test_a_worker_that_runs_dry_takes_a_queued_task_it_holds():
     """Moving a queued task costs its data unless the idle worker holds
-    it: with a second copy of every slice (replicas=2), it moves. On one
-    host the second copy costs nothing: its workers share the host's
-    cache, where the agent put each slice once."""
-
-    def slow_on_first_half(params, xs):
-        time.sleep(params if xs[0] < 24 else 0.0)
-        return sum(xs)
-
+    it: with a second copy of every slice (replicas=2), the master moves
+    it. (Local workers: no host agent between them and the master.)"""
     # No backup copies (a loaded machine may start one): moves only.
-    with Master("inproc:2", replicas=2, straggler_factor=1000) as m:
-        assert m.run(slow_on_first_half, params=0.05, dataset=DATA) == TOTAL
-        assert m.last_run.replica_bytes_sent == 0
+    with Master("local:2", replicas=2, straggler_factor=1000) as m:
+        assert m.run(_slow_on_first_half, params=0.05, dataset=DATA) == TOTAL
         # Unsplit now; uneven, so the next run splits again.
-        assert m.run(slow_on_first_half, params=0.05, dataset=DATA) == TOTAL
+        assert m.run(_slow_on_first_half, params=0.05, dataset=DATA) == TOTAL
         assert m.last_run.tasks - m.last_run.backup_tasks == 2
-        assert m.run(slow_on_first_half, params=0.2, dataset=DATA) == TOTAL
-        assert m.last_run.moved_tasks >= 1
-        assert m.last_run.dataset_bytes_sent == 0  # the moved task's slices held
-        # (a loaded machine may start a backup of a slow copy too)
+        assert m.run(_slow_on_first_half, params=0.2, dataset=DATA) == TOTAL
         stats = m.last_run
+        assert stats.moved_tasks >= 1 and stats.moved_at_hosts == 0
+        assert stats.dataset_bytes_sent == 0  # the moved task's slices held
+        # (a loaded machine may start a backup of a slow copy too)
         assert stats.tasks == 4 + stats.moved_tasks + stats.backup_tasks
-        assert m.last_run.dataset_bytes_sent == 0
+
+
+def test_a_host_s_worker_that_runs_dry_takes_a_sibling_s_waiting_task():
+    """On one host, a run's tasks wait at its agent, each worker running
+    one at a time, and a worker that runs dry takes a sibling's: the same
+    task, moved at the host, with no new copy sent. The slices are in the
+    host's cache already: a second copy of them costs nothing there."""
+    with Master("inproc:2", replicas=2, straggler_factor=1000) as m:
+        assert m.run(_slow_on_first_half, params=0.05, dataset=DATA) == TOTAL
+        assert m.last_run.replica_bytes_sent == 0
+        assert m.run(_slow_on_first_half, params=0.05, dataset=DATA) == TOTAL
+        assert m.last_run.tasks - m.last_run.backup_tasks == 2
+        assert m.run(_slow_on_first_half, params=0.2, dataset=DATA) == TOTAL
+        stats = m.last_run
+        assert stats.moved_at_hosts >= 1, stats
+        assert stats.dataset_bytes_sent == 0
+        assert stats.tasks == 4 + stats.moved_tasks + stats.backup_tasks
 
 
 def test_a_straggler_gets_a_backup_copy_and_the_first_result_wins():
@@ -143,9 +157,12 @@ def test_a_frozen_worker_is_lost_to_the_heartbeat_deadline(tmp_path):
         if 20 in xs and not os.path.exists(flag):
             open(flag, "w").close()
             inproc.freeze(5)
+        time.sleep(0.01)
         return sum(xs)
 
-    with Master("inproc:3", heartbeat_timeout=2.0) as m:
+    # No backup copy of the frozen task (it would end the run first): the
+    # median slice's 10 ms times 1000 is far past the deadline.
+    with Master("inproc:3", heartbeat_timeout=2.0, straggler_factor=1000) as m:
         # Frozen for longer than the deadline: only the deadline ends the
         # run with a worker lost (waiting out the freeze would lose none).
         assert m.run(freezes_once, params=str(tmp_path), dataset=DATA) == TOTAL

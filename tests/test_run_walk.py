@@ -11,7 +11,9 @@ or with one of the errors that say the workers are gone.
 Some walks put several workers behind one scripted host agent, as the
 runtime's agent does (runtime/agent.py): it holds their results, notes
 them done, offers them combined once none of its held tasks is left, and
-answers COLLECT; losing one of its workers leaves the others.
+answers COLLECT; a worker of it that runs dry takes a sibling's last
+queued task, the move told with its note (runtime/host_queue.py); losing
+one of its workers leaves the others.
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ class Walk:
                 self.queue[handle] = []
         self.leaves = self.run_id = 0
         self.offers = self.collects = 0  # what the agents answered
+        self.moves = 0  # tasks an agent moved between its workers
 
     # --- the inbox a Run reads --------------------------------------------
 
@@ -156,11 +159,12 @@ class Walk:
         for link in agents:
             if link.alive:
                 link.last_seen = self.clock()
+        talking = [x for x in agents if x.alive and x.inbound]
+        # An agent whose workers are all gone still answers (COLLECT).
+        if talking and (not live or self.rng.random() < 0.3):
+            return self._read(next(iter(self.rng.choice(talking).handles.values())))
         if not live:
             return None
-        talking = [x for x in agents if x.alive and x.inbound]
-        if talking and self.rng.random() < 0.3:
-            return self._read(next(iter(self.rng.choice(talking).handles.values())))
         handle = self.rng.choice(live)
         roll = self.rng.random()
         if roll < 0.08 and self.kills_left:
@@ -207,7 +211,9 @@ class Walk:
                 self.collects += 1
                 self._combined(link, head["tasks"], {"tasks": head["tasks"]})
             elif kind == protocol.CANCEL:
-                self._cancel(link.handles[worker], head)
+                # To the worker the task is on now: its host's agent knows.
+                on = [h for h in link.handles.values() if self._queued(h, head)]
+                self._cancel(on[0] if on else link.handles[worker], head)
         return self.pending.popleft() if self.pending else None
 
     def _task(self, link: ScriptedLink, worker: int, head: dict) -> None:
@@ -217,6 +223,9 @@ class Walk:
             link.holding.add(head["task"])
         if handle.alive:  # else its agent drops it: the master hears it is gone
             self.queue[handle].append(head)
+
+    def _queued(self, handle: WorkerHandle, head: dict) -> bool:
+        return any(t["task"] == head["task"] for t in self.queue[handle][1:])
 
     def _cancel(self, handle: WorkerHandle, head: dict) -> None:
         queued = [t for t in self.queue[handle][1:] if t["task"] == head["task"]]
@@ -246,10 +255,10 @@ class Walk:
             link.held[task["task"]] = nodes
             link.unoffered.append(task["task"])
             note = (handle, task["task"], task["run"], compute_s, 1)
+            moved = [] if self.queue[handle] else self._take_for(handle)
             if not self._offer(link, [note], task["run"]):
-                self.pending.append(
-                    Event(link, DONE, {"tasks": [note], "offer": None}, [])
-                )
+                head = {"tasks": [note], "moved": moved, "offer": None}
+                self.pending.append(Event(link, DONE, head, []))
             return self.pending.popleft()
         head = {
             "task": task["task"],
@@ -258,6 +267,22 @@ class Walk:
             "slices": len(task["slices"]),
         }
         return Event(handle, protocol.RESULT, head, protocol.encode(nodes))
+
+    def _take_for(self, handle: WorkerHandle) -> list:
+        """As the host's agent does for a worker that ran dry: the last
+        held task queued behind a sibling's running one, moved to it."""
+        siblings = [
+            h
+            for h in handle.link.handles.values()
+            if h is not handle and h.alive and len(self.queue[h]) > 1
+        ]
+        if not siblings or not self.queue[siblings[0]][-1].get("hold"):
+            return []
+        source = max(siblings, key=lambda h: len(self.queue[h]))
+        task = self.queue[source].pop()
+        self.queue[handle].append(task)
+        self.moves += 1
+        return [(task["task"], source, handle)]
 
     def _offer(self, link: ScriptedLink, notes: list, task_run: int) -> bool:
         """As the agent does once no held task is left: what it holds and
@@ -269,7 +294,8 @@ class Walk:
         if not tasks:
             return False
         self.offers += 1
-        self.pending.append(Event(link, DONE, {"tasks": notes, "offer": task_run}, []))
+        head = {"tasks": notes, "moved": [], "offer": task_run}
+        self.pending.append(Event(link, DONE, head, []))
         self._combined(link, tasks, {"tasks": tasks, "notes": []}, keep=True)
         return True
 
@@ -288,15 +314,9 @@ class Walk:
         )
 
 
-def _walk(seed: int, per_host: int = 1) -> Walk | None:
-    """One walk's run, checked; the walk, or None when it ended with the
-    workers gone."""
-    clock = Clock()
-    rng = random.Random(seed)
-    workers = rng.choice((2, 3, 4)) * per_host
-    kills = rng.choice((0, 1, 2, workers))
-    walk = Walk(seed, workers, kills, clock, per_host)
-    n = rng.choice((4, 8, 13))
+def _execute(walk: Walk, n: int, straggler_factor: float, split: bool) -> object:
+    """A Run over the walk's workers, all holding `n` slices of one each,
+    executed: its value."""
     data = ListDataSet(list(range(n)), slice_size=1)
     for handle in walk.handles:
         handle.refs.update(data.refs())  # every worker holds the data
@@ -310,14 +330,26 @@ def _walk(seed: int, per_host: int = 1) -> Walk | None:
         None,
         RunSettings(
             heartbeat_timeout=3.0,
-            straggler_factor=rng.choice((1.0, 4.0)),
+            straggler_factor=straggler_factor,
             replicas=1,
-            split=rng.random() < 0.7,
-            clock=clock,
+            split=split,
+            clock=walk.clock,
         ),
     )
+    return run.execute()
+
+
+def _walk(seed: int, per_host: int = 1) -> Walk | None:
+    """One walk's run, checked; the walk, or None when it ended with the
+    workers gone."""
+    clock = Clock()
+    rng = random.Random(seed)
+    workers = rng.choice((2, 3, 4)) * per_host
+    kills = rng.choice((0, 1, 2, workers))
+    walk = Walk(seed, workers, kills, clock, per_host)
+    n = rng.choice((4, 8, 13))
     try:
-        value = run.execute()
+        value = _execute(walk, n, rng.choice((1.0, 4.0)), rng.random() < 0.7)
     except WorkerLost as exc:
         # Only when the workers are gone, or one slice killed two.
         assert kills >= 2, exc
@@ -343,6 +375,7 @@ def test_walks_over_host_agents_take_offers_and_ask_for_the_rest():
     worker, or whose offer named a copy that did not win)."""
     walks = [w for w in (_walk(seed, per_host=2) for seed in range(40)) if w]
     assert sum(w.offers for w in walks) > len(walks)
+    assert sum(w.moves for w in walks) > 0  # and moves at hosts mix in
     assert sum(w.collects for w in walks) > 0
 
 
@@ -398,3 +431,41 @@ def test_a_lost_worker_is_blamed_for_the_copy_its_link_names():
     assert copies.ran(a, 3) == []  # w-1's copy
     assert copies.ran(a, 99) == []  # no open copy: an earlier run's
     assert copies.ran(b, None) == [3]
+
+
+def test_a_task_moved_at_its_host_to_a_worker_lost_meanwhile_runs_again():
+    """A host's agent moves a waiting task to a worker whose loss the
+    master has seen first (a failed send, say): the task is not booked on
+    the lost worker, where it would never end, but runs again."""
+
+    class Scripted(Walk):
+        def __init__(self) -> None:
+            super().__init__(0, workers=2, kills=0, clock=Clock(), per_host=2)
+            self.script = [self._tasks_read, self._one_lost, self._moved_to_it]
+
+        def next_event(self, timeout: float) -> Event | None:
+            if self.script and not self.pending:
+                return self.script.pop(0)()
+            return super().next_event(timeout)
+
+        def _tasks_read(self) -> Event | None:
+            return self._read(self.handles[0])
+
+        def _one_lost(self) -> Event:
+            lost = self.handles[1]
+            lost.alive = False
+            self.queue[lost].clear()
+            return Event(lost, LOST, {"reason": "gone", "died": True}, [])
+
+        def _moved_to_it(self) -> Event:
+            source, lost = self.handles
+            task = self.queue[source].pop()  # waiting behind its first
+            self.moved = task["task"]
+            head = {"tasks": [], "moved": [(task["task"], source, lost)]}
+            return Event(source.link, DONE, {**head, "offer": None}, [])
+
+    walk = Scripted()
+    # No backup copies: a backup of a copy stuck on the lost worker would
+    # end the run too.
+    assert _execute(walk, 4, straggler_factor=1e9, split=True) == 1 + 2 + 3 + 4
+    assert walk.moved  # the script ran to its end

@@ -62,10 +62,7 @@ class Copies:
 
     def add(self, task: TaskCopy) -> None:
         self.open[task.id] = task
-        queue = self.queues[task.worker]
-        self.queued += bool(queue)
-        queue.append(task)
-        self.idle.discard(task.worker)
+        self._enqueue(task)
         link = task.worker.link
         self._on_host[link] = self._on_host.get(link, 0) + 1
 
@@ -74,6 +71,28 @@ class Copies:
         next in its worker's queue starts `now`. Whether it was the last
         open copy on its host."""
         del self.open[task.id]
+        self._dequeue(task, now)
+        link = task.worker.link
+        self._on_host[link] -= 1
+        return not self._on_host[link]
+
+    def move(self, task: TaskCopy, worker: WorkerHandle, now: float) -> None:
+        """The open copy's host gave it to another of its workers (the
+        host's agent, runtime/host_queue.py): it runs there, and starts
+        `now` if that worker had nothing else."""
+        self._dequeue(task, now)
+        task.worker = worker
+        if not self.queues[worker]:
+            task.started = now
+        self._enqueue(task)
+
+    def _enqueue(self, task: TaskCopy) -> None:
+        queue = self.queues[task.worker]
+        self.queued += bool(queue)
+        queue.append(task)
+        self.idle.discard(task.worker)
+
+    def _dequeue(self, task: TaskCopy, now: float) -> None:
         queue = self.queues[task.worker]
         first = queue[0] is task
         queue.remove(task)
@@ -82,9 +101,6 @@ class Copies:
             queue[0].started = now
         if not queue and task.worker.alive:
             self.idle.add(task.worker)
-        link = task.worker.link
-        self._on_host[link] -= 1
-        return not self._on_host[link]
 
     def on_host(self, link: Link) -> bool:
         """Whether any copy is open on the host."""

@@ -250,7 +250,9 @@ class Run:
         if kind == protocol.LOG:
             print_event_log(event)
             return
-        if kind == DONE:  # held tasks done at a host
+        if kind == DONE:  # held tasks done (or moved) at a host
+            for task_id, source, to in head["moved"]:
+                self._moved_at_host(task_id, source, to)
             for handle, task_id, run, compute_s, size in head["tasks"]:
                 if run == self.run_id:
                     self._held_done(handle, task_id, compute_s, size)
@@ -322,6 +324,22 @@ class Run:
                 task.started = self.clock()  # transfer time is not slowness
 
         self.supply.blocked(handle, head, sent)
+
+    def _moved_at_host(
+        self, task_id: int, source: WorkerHandle, to: WorkerHandle
+    ) -> None:
+        """The host's agent gave a task that waited there for `source` to
+        `to`, another of its workers that ran dry: it runs there now. To a
+        worker no longer in the run, or lost already, it is lost with it."""
+        task = self.copies.open.get(task_id)
+        if task is None or task.worker is not source:
+            return  # a discarded copy
+        if to in self.copies.queues and to.alive:
+            self.copies.move(task, to, self.clock())
+            self.stats.moved_at_hosts += 1
+            return
+        self._close(task)
+        self.recovery.cover([task], to.name, "it moved to a worker that was lost")
 
     def _held_done(
         self, handle: WorkerHandle, task_id: int, compute_s: float, size: int

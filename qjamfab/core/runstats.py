@@ -33,6 +33,9 @@ class RunStats:
     spilled_results: int = 0  # held nodes the master wrote to disk
     tasks: int = 0  # tasks sent: copies and re-runs included
     moved_tasks: int = 0  # queued tasks a worker that ran dry took
+    # Of a host's held tasks, those its agent gave a worker there that ran
+    # dry (the same task, moved at the host: none sent, none in `tasks`).
+    moved_at_hosts: int = 0
     broadcasts_sent: int = 0  # Broadcasts sent to workers lacking them
     broadcast_bytes_sent: int = 0  # their bytes (in bytes_sent too)
 

@@ -284,10 +284,11 @@ class Link:
                         h.last_seen = now
                 return []
             if kind == protocol.STATE and head.get("state") == "done":
-                return self._done(head["tasks"], now, offer=None)
+                return self._done(head["tasks"], head.get("moved"), now, offer=None)
             if kind == protocol.RESULT and "notes" in head:
                 # Offered unasked: the notes of its last tasks come first.
-                done = self._done(head["notes"], now, offer=head.get("run"))
+                notes, moved = head["notes"], head.get("moved")
+                done = self._done(notes, moved, now, offer=head.get("run"))
                 return done + [Event(self, kind, head, parts)] if self.alive else done
             return [Event(self, kind, head, parts)]
         handle = self.handles.get(worker if self.agent else 0)
@@ -324,12 +325,18 @@ class Link:
             )
         return [Event(handle, kind, head, parts)]
 
-    def _done(self, notes: list, now: float, offer: object) -> list[Event]:
+    def _done(
+        self, notes: list, moved: list | None, now: float, offer: object
+    ) -> list[Event]:
         """The agent's note of held tasks done: one DONE event for the
-        host, naming each live worker's; `offer`: the run whose combined
-        results come right after it (not to be asked for), else None."""
-        done = []
+        host, naming each live worker's, and the tasks it moved from one
+        of its workers to another (task, from, to); `offer`: the run whose
+        combined results come right after it (not to be asked for), else
+        None."""
+        done, moves = [], []
         try:
+            for task, source, to in moved or ():
+                moves.append((task, self.handles[source], self.handles[to]))
             for k, task, run, compute_s, _, size in notes:
                 handle = self.handles.get(k)
                 if handle is not None and handle.alive:
@@ -340,9 +347,10 @@ class Link:
                 f"the agent's note of tasks done is not one ({exc}): restart "
                 "the Master (its agent runs another qjamfab runtime)"
             )
-        if not done and offer is None:
+        if not done and not moves and offer is None:
             return []
-        return [Event(self, DONE, {"tasks": done, "offer": offer}, [])]
+        head = {"tasks": done, "moved": moves, "offer": offer}
+        return [Event(self, DONE, head, [])]
 
     def lost(self, reason: str, died: bool | None = None) -> list[Event]:
         """The stream ended: every live worker on it is lost. A local

@@ -21,6 +21,8 @@ What it does besides passing frames on:
   here are done (an offer), or asks for them with COLLECT, which
   combines the named results in the run's fixed tree
   (reduce.ReduceTree) with the job's reduce: one RESULT for the host.
+  Each worker runs one held task at a time; the rest wait here, and a
+  worker that runs dry takes a sibling's (host_queue.py).
 - Liveness: daemons' heartbeats end here; the agent sends one heartbeat
   for the host, naming the workers that are stale: silent and, seen from
   outside their interpreter, not running (stopped or gone). A worker busy
@@ -54,10 +56,11 @@ from . import (
 from .cache import RefCache
 from .daemons import Daemon, Peer
 from .held import HeldResults
+from .host_queue import HostQueue
 from .lru import JobCache, job_budget
 from .packages import AgentPackages
 from .pins import CacheLimitError, cache_limit, parse_size
-from .probe import platform_info
+from .probe import host_info
 from .shared_params import HostParams
 
 _STALE_AFTER_S = 1.5 * protocol.HEARTBEAT_INTERVAL_S
@@ -86,6 +89,7 @@ class Agent:
         self.daemons: dict[int, Daemon] = {}
         self.funcs: JobCache[bytes] = JobCache(job_budget())  # for COLLECT
         self.results = HeldResults(self.funcs)  # the run's, held here
+        self.queue = HostQueue()  # the run's held tasks waiting here
         self.beat_at = 0.0
         self.avoid: set[int] = set()  # slots whose daemon froze
         self.packages = AgentPackages(base)  # shipped: runtime/packages.py
@@ -100,7 +104,7 @@ class Agent:
         payload: Sequence = (),
         worker: int = protocol.AGENT,
     ) -> None:
-        if self.results.done:  # before anything after them, in order
+        if self.results.untold():  # before anything after them, in order
             self.tell_done()
         self.master.queue(protocol.frame(kind, head, payload, worker))
 
@@ -113,24 +117,14 @@ class Agent:
             self.master.queue(frame)
 
     def hello(self) -> dict:
-        try:
-            from importlib.metadata import version
-
-            numpy = version("numpy")
-        except Exception:
-            numpy = None
         return {
             "version": protocol.VERSION,
             "agent": True,
-            "python": list(sys.version_info[:3]),
-            "executable": sys.executable,
-            "cores": os.cpu_count(),
             "base": self.base,
             "runtime": this_runtime(),
-            "numpy": numpy,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            **platform_info(),
+            **host_info(),
         }
 
     # --- attaching --------------------------------------------------------
@@ -256,11 +250,21 @@ class Agent:
                 daemon.jobs.add(head["hash"])
         elif kind == protocol.TASK:
             self.task_in(worker, head)
-        elif kind == protocol.CANCEL and head["task"] in self.results.held:
-            # Finished already: whether it counts is COLLECT's to say (its
-            # "done" may be on its way to the master); the next run drops
-            # what no COLLECT took.
-            return
+        elif kind == protocol.CANCEL:
+            if head["task"] in self.results.held:
+                # Finished already: whether it counts is COLLECT's to say
+                # (its "done" may be on its way to the master); the next
+                # run drops what no COLLECT took.
+                return
+            waited_for = self.queue.cancel(head["task"])
+            if waited_for is not None:  # never started: answered here
+                self.results.ended(head["task"])
+                state = {"task": head["task"], "run": head["run"]}
+                self.tell(
+                    protocol.STATE, {**state, "state": "cancelled"}, worker=waited_for
+                )
+                return
+            worker = self.queue.route(head["task"], worker)
         self.to_daemon(kind, worker, head, parts)
 
     def tasks_in(self, head: dict, parts: list) -> None:
@@ -281,19 +285,12 @@ class Agent:
             self.params.close()  # an earlier run's
             self.params = None
         if held:
+            self.queue.new_task(head)
             if self.funcs.get(head["func"]) is None:
                 # Dropped here since the master sent it: COLLECT will
                 # need it, so ask as a worker lacking it does.
-                self.tell(
-                    protocol.STATE,
-                    {
-                        "task": head["task"],
-                        "state": "blocked",
-                        "refs": [],
-                        "func": True,
-                    },
-                    worker=worker,
-                )
+                state = {"task": head["task"], "state": "blocked", "refs": []}
+                self.tell(protocol.STATE, {**state, "func": True}, worker=worker)
 
     def job_in(self, job_hash: str, parts: list) -> None:
         """A job, kept for COLLECT and for the workers here without it."""
@@ -312,6 +309,11 @@ class Agent:
         if kind == protocol.TASK:
             if head["run"] != daemon.run:  # it drops an earlier run's queued
                 daemon.run, daemon.tasks = head["run"], []
+            if head.get("hold"):
+                if daemon.tasks and not head["params"]:
+                    self.queue.wait(worker, head)  # one at a time
+                    return
+                self.queue.passed(worker, head)
             daemon.tasks.append(head["task"])
             func = head["func"]
             job = None if func in daemon.jobs else self.funcs.get(func)
@@ -340,23 +342,17 @@ class Agent:
         the disk (no room: `parts`), send it on to its worker, or to
         `everyone` (a Broadcast's daemons: all)."""
         if parts is not None:
-            for k in everyone or (worker,):
-                daemon = self.daemons.get(k)
-                if daemon is not None and not daemon.closed:
-                    daemon.queue(
-                        protocol.frame(
-                            protocol.REFS, {"ref": ref, "memory": True}, parts
-                        )
-                    )
-            return
-        key = self.cache.file_key(ref)
-        if key is None:  # removed already (a clear): workers will ask for it
-            return
-        for daemon in self.daemons.values():  # sealed here: no need to hash
-            if not daemon.closed:
-                daemon.queue(
-                    protocol.frame(protocol.REFS, {"ref": ref, "stored": list(key)})
-                )
+            head, to = {"ref": ref, "memory": True}, everyone or (worker,)
+        else:
+            key = self.cache.file_key(ref)
+            if key is None:  # removed already (a clear): workers ask for it
+                return
+            # Sealed here: no need to hash.
+            head, to, parts = {"ref": ref, "stored": list(key)}, self.daemons, []
+        for k in to:
+            daemon = self.daemons.get(k)
+            if daemon is not None and not daemon.closed:
+                daemon.queue(protocol.frame(protocol.REFS, head, parts))
 
     def collect(self, head: dict) -> None:
         """Combine held results (held.py): one RESULT, or an ERROR."""
@@ -374,36 +370,48 @@ class Agent:
         if kind == protocol.HEARTBEAT:
             return
         if kind == protocol.STATS:
-            head = {
-                **head,
-                "agent_jobs": len(self.funcs),
-                "agent_job_bytes": self.funcs.bytes,
-            }
+            jobs = {"agent_jobs": len(self.funcs), "agent_job_bytes": self.funcs.bytes}
+            head = {**head, **jobs}
         if kind in _ANSWERS or head.get("state") in _ANSWERED:
             try:
                 daemon.tasks.remove(head["task"])
             except (KeyError, ValueError):
                 pass  # a task of an earlier session's, or none
+            if not daemon.tasks:
+                self.next_task(daemon)
         if kind == protocol.RESULT and self.results.result(daemon.index, head, parts):
             return  # held here: noted
         if kind == protocol.ERROR or head.get("state") == "cancelled":
             self.results.ended(head.get("task"))
         self.tell(kind, head, parts, worker=daemon.index)
 
+    def next_task(self, daemon: Daemon) -> None:
+        """The daemon ran dry: its next held task waiting here, else a
+        sibling's (host_queue.py); the master is told of a move first."""
+        if daemon.run != self.queue.run or daemon.closed or daemon.broken:
+            return  # no task of the run yet (nor its params), or its end next
+        live = {k for k, d in self.daemons.items() if not d.closed and not d.broken}
+        task = self.queue.next_for(daemon.index, live)
+        if task is None:
+            return
+        head, source = task
+        if source != daemon.index:
+            self.results.move(head["task"], source, daemon.index)
+        self.to_daemon(protocol.TASK, daemon.index, head, [])
+
     def gone(self, daemon: Daemon, reason: str) -> None:
         """The daemon's connection ended: say how, with its own exit
         status when it died (its keeper records it, keeper.py)."""
         daemon.close()
         del self.daemons[daemon.index]
+        for task in self.queue.drop(daemon.index):
+            self.results.ended(task)  # the master runs it again
         status, tail = daemon.ended(self.base)
         # The task it was running: the master's own view may be behind
         # (notes of tasks done wait here a while, held.py).
         running = daemon.tasks[0] if daemon.tasks else None
-        self.tell(
-            protocol.GONE,
-            {"reason": reason, "tail": tail, "status": status, "task": running},
-            worker=daemon.index,
-        )
+        end = {"reason": reason, "tail": tail, "status": status, "task": running}
+        self.tell(protocol.GONE, end, worker=daemon.index)
 
     # --- the loop ---------------------------------------------------------
 

@@ -51,6 +51,9 @@ class HeldResults:
         # slices, bytes] each, due by notes_due.
         self.done: list[list] = []
         self.notes_due = 0.0
+        # Held tasks a worker here took from another (stealing.py), not yet
+        # told: [task, from worker, to worker] each, told at once.
+        self.moved: list[list[int]] = []
 
     def task(self, head: dict) -> bool:
         """A TASK on its way to a worker: a new run forgets what the last
@@ -64,6 +67,7 @@ class HeldResults:
             self.held.clear()
             self.holding.clear()
             self.unoffered.clear()
+            self.moved.clear()
         if head.get("hold"):
             self.holding.add(head["task"])
             return True
@@ -91,9 +95,22 @@ class HeldResults:
         if task is not None:
             self.holding.discard(task)
 
+    def move(self, task: int, source: int, to: int) -> None:
+        """A held task went from worker `source` to worker `to` here: the
+        master is told before anything `to` says of it."""
+        self.moved.append([task, source, to])
+
+    def untold(self) -> bool:
+        """Whether notes wait to be told (before any other frame)."""
+        return bool(self.done or self.moved)
+
     def due(self) -> bool:
         """Whether the notes (or an offer) should go now."""
-        return self.can_offer() or (bool(self.done) and self.clock() >= self.notes_due)
+        return (
+            bool(self.moved)
+            or self.can_offer()
+            or (bool(self.done) and self.clock() >= self.notes_due)
+        )
 
     def can_offer(self) -> bool:
         """Whether the run's held results are all in, some not offered."""
@@ -106,13 +123,16 @@ class HeldResults:
         frame, with the combined results when they are offered; None
         when there is nothing to tell."""
         notes, self.done = self.done, []
+        moved, self.moved = self.moved, []
         offer = self._offer()
         if offer is not None:
             kind, head, payload = offer
             head["notes"] = notes
+            if moved:
+                head["moved"] = moved
             return protocol.frame(kind, head, payload, protocol.AGENT)
-        if notes:
-            head = {"state": "done", "tasks": notes}
+        if notes or moved:
+            head = {"state": "done", "tasks": notes, "moved": moved}
             return protocol.frame(protocol.STATE, head, (), protocol.AGENT)
         return None
 
