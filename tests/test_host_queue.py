@@ -171,6 +171,19 @@ def test_a_worker_that_runs_dry_takes_a_sibling_s_last_waiting_task(host):
     assert [1, 3] in told and [0, 2] in told and [1, 4] in told, told
 
 
+def test_a_host_that_keeps_slices_off_its_disk_does_not_move_tasks(host):
+    """With cache_limit 0 a slice lives in the memory of the worker that
+    ran it: a move would send it again in every later run (each run puts
+    a slice back where the layout has it). The master decides, as for
+    local workers, weighing the data."""
+    host.agent.cache.limit = 0
+    host.to_daemon(0), host.to_daemon(1)
+    host.answer(1, protocol.RESULT, _result(4))
+    assert _tasks(host.to_daemon(1)) == []
+    host.answer(0, protocol.RESULT, _result(1))
+    assert _tasks(host.to_daemon(0)) == [2]  # its own, still one at a time
+
+
 def test_a_waiting_task_the_master_cancels_is_answered_by_the_agent(host):
     host.to_daemon(0), host.to_master()
     host.send(protocol.CANCEL, {"task": 2, "run": RUN}, worker=0)

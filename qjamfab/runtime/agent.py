@@ -259,10 +259,8 @@ class Agent:
             waited_for = self.queue.cancel(head["task"])
             if waited_for is not None:  # never started: answered here
                 self.results.ended(head["task"])
-                state = {"task": head["task"], "run": head["run"]}
-                self.tell(
-                    protocol.STATE, {**state, "state": "cancelled"}, worker=waited_for
-                )
+                state = {"task": head["task"], "run": head["run"], "state": "cancelled"}
+                self.tell(protocol.STATE, state, worker=waited_for)
                 return
             worker = self.queue.route(head["task"], worker)
         self.to_daemon(kind, worker, head, parts)
@@ -391,7 +389,9 @@ class Agent:
         if daemon.run != self.queue.run or daemon.closed or daemon.broken:
             return  # no task of the run yet (nor its params), or its end next
         live = {k for k, d in self.daemons.items() if not d.closed and not d.broken}
-        task = self.queue.next_for(daemon.index, live)
+        # Off the disk (cache_limit 0) a slice lives in one worker: the
+        # master, which weighs that, moves tasks between them.
+        task = self.queue.next_for(daemon.index, live if self.cache.limit else set())
         if task is None:
             return
         head, source = task
