@@ -433,7 +433,7 @@ def test_a_lost_worker_is_blamed_for_the_copy_its_link_names():
     assert copies.ran(b, None) == [3]
 
 
-def test_a_task_moved_at_its_host_to_a_worker_lost_meanwhile_runs_again():
+def test_a_task_moved_at_its_host_to_a_worker_lost_meanwhile_runs_again(caplog):
     """A host's agent moves a waiting task to a worker whose loss the
     master has seen first (a failed send, say): the task is not booked on
     the lost worker, where it would never end, but runs again."""
@@ -469,3 +469,8 @@ def test_a_task_moved_at_its_host_to_a_worker_lost_meanwhile_runs_again():
     # end the run too.
     assert _execute(walk, 4, straggler_factor=1e9, split=True) == 1 + 2 + 3 + 4
     assert walk.moved  # the script ran to its end
+    said = [r.getMessage() for r in caplog.records]
+    assert any(
+        m.startswith("worker w0-1 lost (its host gave it a waiting task as it ended)")
+        for m in said
+    ), said

@@ -329,8 +329,9 @@ class Run:
         self, task_id: int, source: WorkerHandle, to: WorkerHandle
     ) -> None:
         """The host's agent gave a task that waited there for `source` to
-        `to`, another of its workers that ran dry: it runs there now. To a
-        worker no longer in the run, or lost already, it is lost with it."""
+        `to`, another of its workers that ran dry: it runs there now. One
+        given to a worker not in the run, or seen lost already, runs again
+        elsewhere, as that worker's other tasks do."""
         task = self.copies.open.get(task_id)
         if task is None or task.worker is not source:
             return  # a discarded copy
@@ -339,7 +340,8 @@ class Run:
             self.stats.moved_at_hosts += 1
             return
         self._close(task)
-        self.recovery.cover([task], to.name, "it moved to a worker that was lost")
+        detail = "its host gave it a waiting task as it ended"
+        self.recovery.cover([task], to.name, detail)
 
     def _held_done(
         self, handle: WorkerHandle, task_id: int, compute_s: float, size: int

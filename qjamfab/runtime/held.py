@@ -1,6 +1,7 @@
 """What a host agent keeps of a run's results (TASKs with `hold`): which
 held tasks still run here, their values, the notes of those done that the
-master has not been told, and what it has offered.
+master has not been told (with the held tasks moved from one of its
+workers to another, host_queue.py), and what it has offered.
 
 A held task's value stays here; the master is told it is done in a note
 (several tasks' notes in one frame, within NOTES_WAIT_S). Once none of
@@ -51,7 +52,7 @@ class HeldResults:
         # slices, bytes] each, due by notes_due.
         self.done: list[list] = []
         self.notes_due = 0.0
-        # Held tasks a worker here took from another (stealing.py), not yet
+        # Held tasks a worker here took from another (host_queue.py), not yet
         # told: [task, from worker, to worker] each, told at once.
         self.moved: list[list[int]] = []
 
