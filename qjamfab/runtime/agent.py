@@ -252,9 +252,8 @@ class Agent:
             self.task_in(worker, head)
         elif kind == protocol.CANCEL:
             if head["task"] in self.results.held:
-                # Finished already: whether it counts is COLLECT's to say
-                # (its "done" may be on its way to the master); the next
-                # run drops what no COLLECT took.
+                # Done already: COLLECT says whether it counts (its "done"
+                # may be on its way); the next run drops what none took.
                 return
             waited_for = self.queue.cancel(head["task"])
             if waited_for is not None:  # never started: answered here
@@ -388,9 +387,10 @@ class Agent:
         sibling's (host_queue.py); the master is told of a move first."""
         if daemon.run != self.queue.run or daemon.closed or daemon.broken:
             return  # no task of the run yet (nor its params), or its end next
+        if not self.queue.waits():
+            return  # one task per worker (a trivial run): nothing to give
         live = {k for k, d in self.daemons.items() if not d.closed and not d.broken}
-        # Off the disk (cache_limit 0) a slice lives in one worker: the
-        # master, which weighs that, moves tasks between them.
+        # cache_limit 0: a slice lives in one worker; the master moves tasks.
         task = self.queue.next_for(daemon.index, live if self.cache.limit else set())
         if task is None:
             return

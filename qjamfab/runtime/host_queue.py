@@ -44,6 +44,10 @@ class HostQueue:
         """A held task went on to `worker`'s daemon."""
         self.where[head["task"]] = worker
 
+    def waits(self) -> bool:
+        """Whether any task waits here."""
+        return any(self.waiting.values())
+
     def next_for(self, worker: int, live: set[int]) -> tuple[dict, int] | None:
         """For a worker that ran dry: its own next waiting task, else the
         last waiting task of the live sibling with the most; with the
