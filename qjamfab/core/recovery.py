@@ -13,7 +13,7 @@ from typing import Protocol
 
 from ..errors import describe_exit
 from ..links.inbox import Inbox
-from ..links.workers import Link, WorkerHandle
+from ..links.workers import LOST, Link, WorkerHandle
 from . import liveness, policy, scheduler
 from .copies import Copies, TaskCopy
 from .groups import Groups
@@ -148,6 +148,24 @@ class Recovery:
         ]
         self._rerun(slices, name, detail, status, tail)
 
+    def _handle_losses_read(self) -> None:
+        """Handle now the losses of the run's workers that are read but
+        still pending. One poll reads every link, so workers that ended
+        together are all dead before the first of their ends is handled:
+        the run's last error must count them all (two exits: the job's
+        doing) and name each."""
+        pending = self.run.inbox.pending
+        workers = set(map(id, self.run.workers))
+        while event := next(
+            (e for e in pending if e.kind == LOST and id(e.source) in workers), None
+        ):
+            pending.remove(event)
+            head = event.head
+            assert isinstance(event.source, WorkerHandle)
+            self.lost(
+                event.source, head["reason"], head.get("died", False), head.get("task")
+            )
+
     def _rerun(
         self,
         slices: list[int],
@@ -158,6 +176,7 @@ class Recovery:
     ) -> None:
         survivors = [h for h in self.run.workers if h.alive]
         if slices and not survivors:
+            self._handle_losses_read()  # may raise the job's own error
             raise self.run.losses.none_left(name, detail, slices, status, tail)
         if not slices:
             return
