@@ -195,6 +195,10 @@ def test_suite_smoke(tmp_path):
         assert mem["master"]["vm_hwm"] >= mem["master"]["peak_rss_anon"] > 0
         boot = next(iter(bench["bootstrap"]["rows"].values()))
         assert boot["cold_s"] > 0 and boot["warm_s"] > 0
+        # Each layout's ready times come with OpenSSH's alone, their floor.
+        layouts = bench["scale"]["rows"]
+        assert set(layouts) == {"1 x 1", "2 x 2"}
+        assert all(r["openssh_s"] > 0 for r in layouts.values())
     targets = [t for r in bench.values() for t in r["targets"]]
     assert all({"target", "goal", "measured", "met"} <= set(t) for t in targets)
     if ssh:
