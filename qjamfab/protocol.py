@@ -100,6 +100,9 @@ TASKS = 19  # master -> agent: a run's first tasks for the host's workers
 # tasks: [[worker, task, slices, refs, params], ...]; payload = the
 # params when an entry's params is true. The agent passes each on as
 # that worker's TASK
+SPOOL = 20  # either way over a stream that holds big frames back (srun):
+# {name}; the frame itself is in that file of the session's spool
+# directory, which both ends see (runtime/spool.py)
 
 KIND_NAMES = {
     HELLO: "HELLO",
@@ -121,6 +124,7 @@ KIND_NAMES = {
     FETCH: "FETCH",
     PARAMS: "PARAMS",
     TASKS: "TASKS",
+    SPOOL: "SPOOL",
 }
 
 HEARTBEAT_INTERVAL_S = 1.0
@@ -266,6 +270,11 @@ def frame_raw(
 
 def frame_size(buffers: Sequence) -> int:
     return sum(memoryview(b).nbytes for b in buffers)
+
+
+def frame_kind(buffers: Sequence) -> int:
+    """The kind of the frame whose buffers these are (frame's)."""
+    return int(memoryview(buffers[0]).cast("B")[2])
 
 
 def write_all(

@@ -169,6 +169,23 @@ def test_a_master_outside_asks_for_an_allocation_and_releases_it(cluster, short_
     _wait_until(lambda: not cluster.jobs(), 20, "the allocation was not released")
 
 
+def test_big_frames_cross_srun_through_the_shared_spool(cluster, monkeypatch):
+    """srun holds back a frame of more than 1024 bytes about 44 ms each
+    way: params and results that big go through the spool directory (the
+    node sees this machine's), both ways, and the runs' values are right."""
+    import numpy as np
+
+    from tests.test_spool import PARAMS, _Counted, scale
+
+    counted = _Counted(monkeypatch)
+    data = DataSet(list(range(8)), slice_size=1)
+    with Master(f"slurm:nodes=1,cpus-per-node={CPUS},time=5") as m:
+        for run in range(3):
+            total = m.run(scale, params=PARAMS + run, dataset=data)
+            assert np.array_equal(total, (PARAMS + run) * 28.0)
+    assert counted.out >= 3 and counted.read >= 3
+
+
 def test_the_allocation_is_released_when_the_master_is_killed(cluster, tmp_path):
     script = tmp_path / "killed.py"
     script.write_text(

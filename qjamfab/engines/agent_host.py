@@ -7,7 +7,9 @@ the one stream (workers.py's `Link`)."""
 
 from __future__ import annotations
 
+import os
 import secrets
+import shutil
 import time
 
 from ..errors import WorkerLost
@@ -15,6 +17,7 @@ from ..hostspec import HostSpec
 from ..links.handshake import attach
 from ..links.inbox import Inbox
 from ..links.workers import Link, WorkerHandle
+from ..runtime import spool
 from . import EngineSettings
 
 # A daemon without a session for this long ends.
@@ -26,6 +29,10 @@ class AgentHost:
 
     client: str | None = ""  # what carries the stream, where it matters
     idle_timeout_s = IDLE_TIMEOUT_S
+    # Whether the stream holds big frames back (srun): they then go
+    # through a directory under this machine's base, if the host sees it
+    # too (a home shared by NFS; runtime/spool.py).
+    spools = False
 
     def __init__(
         self, spec: HostSpec, label: str, count: int | None, settings: EngineSettings
@@ -41,15 +48,18 @@ class AgentHost:
         # This Master's claim on the host: a reconnect may attach the
         # daemons it served, no other session may.
         self.session = secrets.token_hex(8)
+        self.spool_dir: str | None = None  # this link's, while it lives
 
     def open_link(self) -> Link:
         """A new stream to the host's agent, started (handshake.start_agent)."""
         raise NotImplementedError
 
     def prepare(self, inbox: Inbox) -> None:
+        offer = None
         if self.link is None or not self.link.alive:
             self.link = self.open_link()
             inbox.add(self.link)
+            offer = self._new_spool()
             if self.settings.packages:
                 from ..links import package_ship
 
@@ -71,6 +81,7 @@ class AgentHost:
             self.settings.cache_limit,
             dict(self.spec.env),
             self.session,
+            offer,
         )
         if self.count is None:
             self.count = self.link.count
@@ -87,9 +98,26 @@ class AgentHost:
                 worker=f"{self.label}-{min(failed)}",
             )
 
+    def _new_spool(self) -> dict | None:
+        """A fresh spool directory for a new link, offered to its agent
+        with ATTACH; the last link's removed."""
+        self._drop_spool()
+        if not self.spools:
+            return None
+        self.spool_dir = os.path.join(
+            self.settings.base, "spool", f"{self.session}-{secrets.token_hex(4)}"
+        )
+        return {"dir": self.spool_dir, "token": spool.make(self.spool_dir)}
+
+    def _drop_spool(self) -> None:
+        if self.spool_dir is not None:
+            shutil.rmtree(self.spool_dir, ignore_errors=True)
+            self.spool_dir = None
+
     def close(self) -> None:
         for handle in self.handles.values():
             handle.close()
         if self.link is not None:
             self.link.close()
             self.link = None
+        self._drop_spool()

@@ -27,6 +27,7 @@ from ..errors import (
     describe_exit,
 )
 from ..hostspec import env_setting, python_mismatch
+from ..runtime import spool
 from .answers import await_answer
 from .workers import Link, WorkerHandle
 
@@ -99,13 +100,15 @@ def attach(
     cache_limit: int | str | None = None,
     env: dict[str, str] | None = None,
     session: str | None = None,
+    spool_offer: dict | None = None,
 ) -> tuple[list[WorkerHandle], dict]:
     """Ask the agent for these workers (or `count`, or as many as the
     host was started with), its cache held to `cache_limit` (None:
     the host's own), with `env` settings ({worker}: each one's number),
-    for `session` (daemons that served another are not attached):
-    the new handles, and {index: reason} for those that could not be
-    attached."""
+    for `session` (daemons that served another are not attached), big
+    frames through the spool directory `spool_offer` names if the host
+    sees it (runtime/spool.py): the new handles, and {index: reason} for
+    those that could not be attached."""
     link.transport.set_read_timeout(HANDSHAKE_TIMEOUT_S)
     link.send(
         protocol.ATTACH,
@@ -117,6 +120,7 @@ def attach(
             "env": env or {},
             "session": session,
             "direct": not link.handles,
+            **({"spool": spool_offer} if spool_offer else {}),
         },
         worker=protocol.AGENT,
     )
@@ -145,6 +149,8 @@ def attach(
             ),
         )
     head = answer[2]
+    if spool_offer and head.get("spool"):  # the host sees the directory
+        link.spool = spool.Spool(spool_offer["dir"], "m-")
     if head.get("direct"):
         # A host of one worker: its daemon now has the stream itself,
         # and says HELLO on it (frames for worker 0, no agent between).

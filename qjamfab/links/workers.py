@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import select
 import time
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from typing import NamedTuple
 from .. import protocol
 from ..errors import ProtocolError, QjamfabError, WorkerLost
 from ..hostspec import env_setting
+from ..runtime import spool
 from .outbox import Outbox
 from .transport import Transport
 
@@ -122,6 +124,9 @@ class Link:
         # The events its inbox (inbox.py) has yet to hand out, once in one.
         self.pending: collections.deque[Event] | None = None
         self.count = 0  # workers the agent attached at most
+        # Big frames through a directory both ends see, where the stream
+        # holds them back (srun; runtime/spool.py): set once both agree.
+        self.spool: spool.Spool | None = None
 
     def install_advice(self, ship: str | None) -> str:
         """How to give this host's workers a module they lack; `ship`:
@@ -204,6 +209,10 @@ class Link:
             name = to or self.label
             raise WorkerLost(f"worker {name} is gone: its stream ended", worker=name)
         buffers = protocol.frame(kind, head, payload, worker)
+        if self.spool is not None:
+            whole = protocol.frame_size(buffers)
+            buffers = self.spool.out(buffers)
+            self.bytes_sent += whole - protocol.frame_size(buffers)
         if self.held is not None:
             self.held.extend(buffers)
             size = protocol.frame_size(buffers)
@@ -247,7 +256,7 @@ class Link:
         """Read the next frame: what it means, as events (none for a
         heartbeat)."""
         try:
-            frame = self.reader.read()
+            frame = self.read_frame()
         except _READ_ERRORS as exc:
             # A stream that stalls inside a frame is lost, not dead.
             return self.lost(
@@ -255,6 +264,17 @@ class Link:
                 False if isinstance(exc, TimeoutError) else None,
             )
         return self._events(*frame)
+
+    def read_frame(self) -> tuple[int, int, dict, list]:
+        """The next frame, from its spool file where the stream says so."""
+        frame = self.reader.read()
+        if frame[0] != protocol.SPOOL or self.spool is None:
+            return frame
+        fd = self.spool.take(frame[2])
+        try:
+            return spool.read_frame(fd)
+        finally:
+            os.close(fd)
 
     def _written_before_its_end(self) -> list[Event]:
         """The far end is gone (a write to it failed): the frames it wrote
@@ -267,7 +287,7 @@ class Link:
             waiting.poll(0) and self.transport.has_input()
         ):
             try:
-                frame = self.reader.read()
+                frame = self.read_frame()
             except _READ_ERRORS:
                 break
             events.extend(self._events(*frame))

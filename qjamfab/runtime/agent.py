@@ -62,6 +62,7 @@ from .packages import AgentPackages
 from .pins import CacheLimitError, cache_limit, parse_size
 from .probe import host_info
 from .shared_params import HostParams
+from .spool import Spool, shared
 
 _STALE_AFTER_S = 1.5 * protocol.HEARTBEAT_INTERVAL_S
 # What a daemon says of a task when it no longer runs or waits to run it.
@@ -94,6 +95,7 @@ class Agent:
         self.avoid: set[int] = set()  # slots whose daemon froze
         self.packages = AgentPackages(base)  # shipped: runtime/packages.py
         self.params: HostParams | None = None  # the run's, from PARAMS
+        self.spool: Spool | None = None  # big frames through files (spool.py)
 
     # --- to the master --------------------------------------------------
 
@@ -106,7 +108,7 @@ class Agent:
     ) -> None:
         if self.results.untold():  # before anything after them, in order
             self.tell_done()
-        self.master.queue(protocol.frame(kind, head, payload, worker))
+        self.to_master(protocol.frame(kind, head, payload, worker))
 
     def tell_done(self) -> None:
         """The held tasks done since the last call, in one frame (with
@@ -114,7 +116,10 @@ class Agent:
         not one per worker."""
         frame = self.results.frame()
         if frame is not None:
-            self.master.queue(frame)
+            self.to_master(frame)
+
+    def to_master(self, frame: list) -> None:
+        self.master.queue(frame if self.spool is None else self.spool.out(frame))
 
     def hello(self) -> dict:
         return {
@@ -163,8 +168,13 @@ class Agent:
         # One worker has nothing to combine or share with: the daemon takes
         # the stream itself (two fewer hops per frame), and the agent only
         # waits to say how it ended.
+        # A stream that holds big frames back (srun): they go through the
+        # spool directory, if this host sees the master's (spool.py).
+        spool: dict = head.get("spool") or {}
+        spooling = bool(spool) and shared(spool["dir"], spool["token"])
         direct = (
             self.hands_over
+            and not spooling  # its daemon would have to spool too
             and bool(head.get("direct"))
             and count == 1
             and not failed
@@ -177,8 +187,11 @@ class Agent:
                 "failed": failed,
                 "count": count,
                 "direct": direct,
+                "spool": spooling,
             },
         )
+        if spooling:
+            self.spool = Spool(spool["dir"], f"a{os.getpid()}-")
         if direct:
             self.hand_over(next(iter(self.daemons.values())))
 
@@ -213,6 +226,9 @@ class Agent:
 
     def from_master(self) -> None:
         kind, worker, head, lengths = self.master.reader.read_head()
+        if kind == protocol.SPOOL and self.spool is not None:
+            self.from_spool(self.spool.take(head))
+            return
         if kind == protocol.REFS and lengths:
             parts = self.cache.receive(
                 head["ref"],
@@ -331,6 +347,19 @@ class Agent:
         self.params = HostParams.receive(
             run, lengths, self.master.reader, self.master.read_fd
         )
+
+    def from_spool(self, fd: int) -> None:
+        """The frame a SPOOL frame names, read from its file as from the
+        master's stream (which it stands in for meanwhile)."""
+        stream = self.master.reader, self.master.read_fd
+        file = os.fdopen(fd, "rb", buffering=0)
+        self.master.reader = protocol.FrameReader(file.readinto)
+        self.master.read_fd = fd
+        try:
+            self.from_master()
+        finally:
+            self.master.reader, self.master.read_fd = stream
+            file.close()
 
     def _stored(
         self, ref: str, worker: int, parts: list | None, everyone: dict | None
