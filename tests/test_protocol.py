@@ -162,6 +162,7 @@ def test_kind_names_maps_every_kind():
         17: "FETCH",
         18: "PARAMS",
         19: "TASKS",
+        20: "SPOOL",
     }
     assert KIND_NAMES == expected
     for value, name in expected.items():
