@@ -192,3 +192,30 @@ def test_a_host_that_cannot_trust_the_directory_keeps_to_the_stream(
         total = m.run(scale, params=PARAMS, dataset=data)
         assert np.array_equal(total, PARAMS * 28.0)
     assert (counted.out, counted.read) == (0, 0)
+
+
+def test_a_new_directory_clears_those_of_ended_processes_here(tmp_path):
+    """A Master killed by SIGKILL leaves its spool directory: the next one
+    made on this machine removes it, and no other (a live process's, or
+    another machine's in a shared home)."""
+    import socket
+    import subprocess
+
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    host = socket.gethostname()
+    root = tmp_path / "spool"
+    gone = int(ended.stdout)
+    left = f"{host}:{gone}:s1-aa"
+    # A live process's here; another machine's whose name starts as ours.
+    keep = [f"{host}:{os.getpid()}:s2-bb", f"{host}-gpu:{gone}:s3-cc"]
+    for name in [left, *keep]:
+        spool.make(str(root / name))
+    directory, token = spool.new_dir(str(root), "s4")
+    assert spool.shared(directory, token)
+    assert os.path.basename(directory).startswith(f"{host}:{os.getpid()}:s4-")
+    assert sorted(os.listdir(root)) == sorted([*keep, os.path.basename(directory)])

@@ -104,10 +104,9 @@ class AgentHost:
         self._drop_spool()
         if not self.spools:
             return None
-        self.spool_dir = os.path.join(
-            self.settings.base, "spool", f"{self.session}-{secrets.token_hex(4)}"
-        )
-        return {"dir": self.spool_dir, "token": spool.make(self.spool_dir)}
+        root = os.path.join(self.settings.base, "spool")
+        self.spool_dir, token = spool.new_dir(root, self.session)
+        return {"dir": self.spool_dir, "token": token}
 
     def _drop_spool(self) -> None:
         if self.spool_dir is not None:

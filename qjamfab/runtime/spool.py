@@ -22,13 +22,33 @@ import contextlib
 import itertools
 import os
 import secrets
+import shutil
+import socket
 
 from .. import protocol
 from ..errors import ProtocolError
+from . import pid_alive
 
 SPOOL_OVER = 1000  # bytes; srun forwards up to 1024 at once
 _STREAMED = (protocol.REFS, protocol.PACKAGES)  # big: they stream whole
 _TOKEN = "token"
+
+
+def new_dir(root: str, session: str) -> tuple[str, str]:
+    """A new spool directory under `root` for this process, and its token.
+    Those that processes of this machine that ended left there (a Master
+    killed by SIGKILL) are removed first; its name says whose it is."""
+    host = socket.gethostname()
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(root):
+            made_on, _, rest = name.partition(":")
+            pid = rest.partition(":")[0]
+            if made_on == host and pid.isdigit() and not pid_alive(int(pid)):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    # host:pid:session-n (no host name has a colon)
+    name = f"{host}:{os.getpid()}:{session}-{secrets.token_hex(4)}"
+    directory = os.path.join(root, name)
+    return directory, make(directory)
 
 
 def make(directory: str) -> str:
