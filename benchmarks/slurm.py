@@ -1,4 +1,4 @@
-"""Slurm vs SSH to the same machine: a Master ready, and a trivial run.
+"""Slurm vs SSH to the same machine: a Master ready, runs, a first run.
 
 On a real one-node Slurm started here (tests/slurm_cluster.py; its start
 is timed too) and one private OpenSSH server (tests/sshd_hosts.py), both
@@ -27,6 +27,9 @@ timed in alternating blocks of evaluations at the same parameters, so that
 a slower spell of this shared machine hits both alike: per contender the
 median evaluation and the master overhead (wall minus the busiest
 worker's compute).
+
+With the same pair, each one's first run of fresh rows (100 MiB at full
+scale; the slices stream on srun), in turn: median seconds and MB/s.
 
 Last, what a message costs through srun's stdin and stdout: a child that
 echoes each message back (an 8-byte length, then the bytes), its round
@@ -59,6 +62,8 @@ from .common import (
 SIZES = {"full": (3, 50), "quick": (2, 20), "tiny": (2, 5)}  # rounds, runs
 # The autoencoder, paired: patches, rounds, evaluations per block.
 SAE = {"full": (100_000, 8, 5), "quick": (10_000, 3, 4), "tiny": (1_000, 1, 2)}
+# A first run's slices, paired: MiB of fresh rows, rounds.
+FIRST_RUN = {"full": (100, 3), "quick": (25, 2), "tiny": (2, 1)}
 WORKERS = min(2, os.cpu_count() or 1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,6 +135,33 @@ def _sae_paired(masters: dict, patches: int, rounds: int, block: int) -> dict:
             "evals": len(secs),
         }
     return {"patches": patches, "rows": out}
+
+
+def _first_runs(masters: dict, mib: int, rounds: int) -> dict:
+    """Each Master's first run of `mib` MiB of fresh rows (slices stream
+    on srun, not through the spool), in turn, `rounds` times: median
+    seconds and MB/s."""
+    from qjamfab import DataSet
+
+    from .transfer import _array, rows_of
+
+    seconds: dict[str, list[float]] = {name: [] for name in masters}
+    for r in range(rounds):
+        for k, (name, m) in enumerate(masters.items()):
+            data = _array(mib, 200 + r * len(masters) + k)  # nothing cached
+            started = time.perf_counter()
+            assert m.run(rows_of, dataset=DataSet(data)) == data.shape[0]
+            seconds[name].append(time.perf_counter() - started)
+    return {
+        "mib": mib,
+        "rows": {
+            name: {
+                "median_s": statistics.median(s),
+                "mb_s": mib * 2**20 / statistics.median(s) / 1e6,
+            }
+            for name, s in seconds.items()
+        },
+    }
 
 
 _ECHO = """
@@ -246,12 +278,9 @@ def measure(scale_name: str, log=print) -> dict:
                 ["host1"], workers_per_host=WORKERS, ssh_config=servers.ssh_config
             ) as ssh,
         ):
-            sae = _sae_paired(
-                {"slurm: (srun streams)": srun, "ssh (OpenSSH)": ssh},
-                patches,
-                sae_rounds,
-                block,
-            )
+            pair = {"slurm: (srun streams)": srun, "ssh (OpenSSH)": ssh}
+            sae = _sae_paired(pair, patches, sae_rounds, block)
+            first_runs = _first_runs(pair, *FIRST_RUN[scale_name])
         echoes = _echoes(runs)
     with ssh_hosts(1, one_thread_python=False) as servers:
         rows["ssh (OpenSSH)"] = _rounds(
@@ -264,6 +293,7 @@ def measure(scale_name: str, log=print) -> dict:
     return {
         "rows": rows,
         "sae": sae,
+        "first_run": first_runs,
         "echo": echoes,
         "rounds": rounds,
         "runs": runs,
@@ -316,6 +346,14 @@ def table(result: dict) -> str:
                     str(row["evals"]),
                 ]
                 for name, row in sae["rows"].items()
+            ],
+        )
+        + f"\n\nfirst run of {result['first_run']['mib']} MiB, paired:\n"
+        + render_table(
+            ["contender", "median s", "MB/s"],
+            [
+                [name, f"{row['median_s']:.2f}", f"{row['mb_s']:.0f}"]
+                for name, row in result["first_run"]["rows"].items()
             ],
         )
         + "\n\nround trip of one message, median / slowest ms:\n"

@@ -544,6 +544,8 @@ def test_slurm_benchmark_smoke(slurm, tmp_path, monkeypatch):
     sae = result["sae"]["rows"]
     assert set(sae) == {"slurm: (srun streams)", "ssh (OpenSSH)"}
     assert all(row["evals"] == 2 for row in sae.values())
+    first = result["first_run"]["rows"]
+    assert set(first) == set(sae) and all(r["mb_s"] > 0 for r in first.values())
     assert set(result["echo"]) == {"pipes", "srun"}
     assert all(len(row) == len(bench.ECHO_SIZES) for row in result["echo"].values())
 
