@@ -20,6 +20,7 @@ from qjamfab.errors import ProtocolError
 from qjamfab.hostspec import parse_hosts
 from qjamfab.links.workers import LOST
 from qjamfab.runtime import spool
+from tests.test_held import _reads_from
 from tests.test_workers import _peer, read_events
 
 pytestmark = pytest.mark.timeout(90)
@@ -39,7 +40,7 @@ def test_big_frames_go_through_the_directory_and_small_ones_stay(tmp_path):
     assert out.out(refs) is refs  # slices stream whole
     big = protocol.frame(protocol.RESULT, {"task": 2}, [bytes(range(256)) * 20])
     kind, _, head, parts = protocol.FrameReader(
-        _reader(b"".join(bytes(b) for b in out.out(big)))
+        _reads_from(b"".join(bytes(b) for b in out.out(big)))
     ).read()
     assert (kind, out.frames) == (protocol.SPOOL, 1)
     fd = out.take(head)
@@ -50,19 +51,6 @@ def test_big_frames_go_through_the_directory_and_small_ones_stay(tmp_path):
         os.close(fd)
     assert (kind, head) == (protocol.RESULT, {"task": 2})
     assert bytes(parts[0]) == bytes(range(256)) * 20
-
-
-def _reader(data: bytes):
-    view = memoryview(data)
-
-    def readinto(buffer: memoryview) -> int:
-        nonlocal view
-        n = min(len(buffer), len(view))
-        buffer[:n] = view[:n]
-        view = view[n:]
-        return n
-
-    return readinto
 
 
 def test_a_directory_this_end_cannot_trust_is_not_shared(tmp_path):

@@ -165,13 +165,13 @@ class Agent:
             self.daemons[daemon.index] = daemon
             self.tell(protocol.HELLO, hello, worker=daemon.index)
         self.packages.tell_daemons(self.daemons.values())
-        # One worker has nothing to combine or share with: the daemon takes
-        # the stream itself (two fewer hops per frame), and the agent only
-        # waits to say how it ended.
         # A stream that holds big frames back (srun): they go through the
         # spool directory, if this host sees the master's (spool.py).
         spool: dict = head.get("spool") or {}
         spooling = bool(spool) and shared(spool["dir"], spool["token"])
+        # One worker has nothing to combine or share with: the daemon takes
+        # the stream itself (two fewer hops per frame), and the agent only
+        # waits to say how it ended.
         direct = (
             self.hands_over
             and not spooling  # its daemon would have to spool too
