@@ -62,7 +62,7 @@ from .packages import AgentPackages
 from .pins import CacheLimitError, cache_limit, parse_size
 from .probe import host_info
 from .shared_params import HostParams
-from .spool import Spool, shared
+from .spool import Spool, file_reader, shared
 
 _STALE_AFTER_S = 1.5 * protocol.HEARTBEAT_INTERVAL_S
 # What a daemon says of a task when it no longer runs or waits to run it.
@@ -352,14 +352,12 @@ class Agent:
         """The frame a SPOOL frame names, read from its file as from the
         master's stream (which it stands in for meanwhile)."""
         stream = self.master.reader, self.master.read_fd
-        file = os.fdopen(fd, "rb", buffering=0)
-        self.master.reader = protocol.FrameReader(file.readinto)
-        self.master.read_fd = fd
+        self.master.reader, self.master.read_fd = file_reader(fd), fd
         try:
             self.from_master()
         finally:
             self.master.reader, self.master.read_fd = stream
-            file.close()
+            os.close(fd)
 
     def _stored(
         self, ref: str, worker: int, parts: list | None, everyone: dict | None

@@ -129,6 +129,11 @@ class Spool:
         return fd
 
 
+def file_reader(fd: int) -> protocol.FrameReader:
+    """A reader of the frame in a spooled file (`take`'s)."""
+    return protocol.FrameReader(lambda view: os.readv(fd, [view]))
+
+
 def read_frame(fd: int) -> tuple:
     """The one frame in a spooled file: (kind, worker, head, parts)."""
-    return protocol.FrameReader(lambda view: os.readv(fd, [view])).read()
+    return file_reader(fd).read()
