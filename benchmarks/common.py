@@ -30,11 +30,24 @@ USED_DIRS: list[str] = []
 
 
 def one_blas_thread() -> None:
-    """One BLAS thread in this process and in every process it starts
-    (local workers inherit the environment). Call before numpy is imported
-    to affect this process too."""
+    """One BLAS thread, and the library's own choice of kernels, in this
+    process and in every process it starts (local workers and srun's
+    inherit the environment). sshd gives SSH workers a clean environment:
+    a machine's kernel settings (here OPENBLAS_CORETYPE=Haswell on an AMD
+    CPU) would otherwise reach the master and its local and Slurm workers
+    alone, and make their compute slower or faster than the SSH workers'.
+    Call before numpy is imported to affect this process too."""
+    for name in [k for k in os.environ if _blas_tuning(k)]:
+        del os.environ[name]
     for name in BLAS_VARS:
         os.environ[name] = "1"
+
+
+def _blas_tuning(name: str) -> bool:
+    """Whether an environment variable picks a BLAS library's kernels or
+    sizes (not its thread count, which is one everywhere)."""
+    prefixes = ("OPENBLAS_", "GOTOBLAS", "MKL_", "NVPL_", "BLIS_")
+    return name.startswith(prefixes) and name not in BLAS_VARS
 
 
 if ROOT not in sys.path:  # tests.sshd_hosts, and the examples/ folder

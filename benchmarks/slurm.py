@@ -50,7 +50,6 @@ import sys
 import time
 
 from .common import (
-    BLAS_VARS,
     env,
     local_home,
     percentile,
@@ -225,13 +224,6 @@ def _inside(rounds: int, runs: int) -> None:
     print(json.dumps(_rounds(lambda: Master("slurm"), rounds, runs)))
 
 
-def _blas_tuning(name: str) -> bool:
-    """Whether an environment variable picks a BLAS library's kernels or
-    sizes (not its thread count, which both sides set to one)."""
-    prefixes = ("OPENBLAS_", "GOTOBLAS", "MKL_", "NVPL_", "BLIS_")
-    return name.startswith(prefixes) and name not in BLAS_VARS
-
-
 def measure(scale_name: str, log=print) -> dict:
     from qjamfab import Master
     from tests.slurm_cluster import SlurmCluster, slurm_available
@@ -240,15 +232,13 @@ def measure(scale_name: str, log=print) -> dict:
     if not slurm_available():
         return {"skipped": "Slurm is not installed", "rows": {}}
     rows = {}
-    # srun gives the nodes' workers this process's environment; sshd gives
-    # the SSH workers a clean one (and benchmarks' one BLAS thread). A
-    # machine's BLAS kernel settings (here OPENBLAS_CORETYPE=Haswell on an
-    # AMD CPU) then reach the Slurm workers alone: 40 against 32 ms of
-    # compute per evaluation. Both get the library's own choice.
-    tuning = {k: None for k in os.environ if _blas_tuning(k)}
+    # srun gives the nodes' workers this process's environment, which
+    # one_blas_thread (standalone_main) rid of this machine's BLAS kernel
+    # settings: with them, the Slurm workers alone took 40 against 32 ms
+    # of compute per evaluation.
     with (
         SlurmCluster() as cluster,
-        env(SLURM_CONF=cluster.conf, **tuning),
+        env(SLURM_CONF=cluster.conf),
     ):
         rows["slurm cluster start"] = {"ready_s": [cluster.started_s], "run_s": []}
         with local_home():

@@ -145,6 +145,16 @@ def slurm():
 
 
 @pytest.fixture
+def restored_environ() -> Iterator[None]:
+    """The environment as it was, back after the test: a benchmark's main
+    called in this process sets its BLAS variables (one_blas_thread)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture
 def gate(tmp_path) -> Iterator[Gate]:
     """A Gate (tests/gates.py) in this test's tmp_path, opened at the end
     at the latest. Ask for it after the Master's fixture, so that it opens

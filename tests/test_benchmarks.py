@@ -198,7 +198,9 @@ def test_suite_smoke(tmp_path):
         # Each layout's ready times come with OpenSSH's alone, their floor.
         layouts = bench["scale"]["rows"]
         assert set(layouts) == {"1 x 1", "2 x 2"}
-        assert all(r["openssh_s"] > 0 for r in layouts.values())
+        assert all(
+            r["openssh_s"] > 0 and r["ssh_session_s"] > 0 for r in layouts.values()
+        )
     targets = [t for r in bench.values() for t in r["targets"]]
     assert all({"target", "goal", "measured", "met"} <= set(t) for t in targets)
     if ssh:
@@ -229,7 +231,7 @@ def test_suite_smoke(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_reduce_benchmark_smoke(tmp_path):
+def test_reduce_benchmark_smoke(tmp_path, restored_environ):
     """`python -m benchmarks.reduce` at a tiny size: every configuration
     ran and was right, and it wrote reduce.json with its targets."""
     from benchmarks import reduce as reduce_bench
@@ -246,7 +248,7 @@ def test_reduce_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_broadcast_benchmark_smoke(tmp_path):
+def test_broadcast_benchmark_smoke(tmp_path, restored_environ):
     """`python -m benchmarks.broadcast` at a tiny size: it measured the
     three sessions and wrote broadcast.json with both targets met."""
     from benchmarks import broadcast as broadcast_bench
@@ -273,3 +275,21 @@ def test_the_trivial_run_against_execnet_is_timed_in_one_process_with_cpu():
         assert set(row["cpu_ms_per_run"]) == {"master", "ssh clients", "workers"}
         assert row["cpu_ms_per_run"]["master"] > 0
     assert out["qjamfab ssh 2x1"]["vs_execnet"] > 0
+
+
+def test_benchmarks_run_one_blas_thread_with_the_librarys_own_kernels(
+    restored_environ,
+):
+    """A machine's BLAS kernel settings would reach the master and its
+    local and Slurm workers but not SSH workers (sshd cleans their
+    environment): the benchmarks drop them, and keep one BLAS thread."""
+    from benchmarks.common import BLAS_VARS, one_blas_thread
+
+    os.environ.update(
+        OPENBLAS_CORETYPE="Haswell", MKL_ENABLE_INSTRUCTIONS="AVX2", PATH_KEPT="x"
+    )
+    one_blas_thread()
+    assert "OPENBLAS_CORETYPE" not in os.environ
+    assert "MKL_ENABLE_INSTRUCTIONS" not in os.environ
+    assert os.environ["PATH_KEPT"] == "x"
+    assert all(os.environ[name] == "1" for name in BLAS_VARS)

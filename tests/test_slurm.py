@@ -521,15 +521,11 @@ def test_cluster_functions_given_slurm_say_how_its_nodes_are_reached():
     )
 
 
-def test_slurm_benchmark_smoke(slurm, tmp_path, monkeypatch):
+def test_slurm_benchmark_smoke(slurm, tmp_path, restored_environ):
     """benchmarks/slurm.py at its smallest: every contender measured."""
     if not sshd_available():
         pytest.skip("the benchmark compares with SSH: sshd is not installed")
     from benchmarks import slurm as bench
-    from benchmarks.common import BLAS_VARS
-
-    for name in BLAS_VARS:  # the benchmark sets them: undone afterwards
-        monkeypatch.setenv(name, os.environ.get(name, "1"))
 
     assert bench.main(["--scale", "tiny", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "slurm.json").read_text())
