@@ -19,9 +19,16 @@ under benchmarks/results/profile/:
   sshd processes of the hosts and of the worker daemons (from /proc);
 - `<path>-pyspy-*.txt` when py-spy is installed: sampled stacks (all
   threads, idle included) of the master and of a worker, aggregated by
-  function (own samples and inclusive samples).
+  function (own samples and inclusive samples);
+- `trivial-timeline.txt`: each run's master path in three stretches,
+  medians: from `Master.run`'s call to its first frame written (the
+  master's work before any worker can start), from there to the last
+  frame read (the workers' work, the streams and the master's work in
+  between), and from there to `run` returning.
 
-Nothing here changes qjamfab: it is only profiled and observed.
+Nothing here changes qjamfab: it is only profiled and observed (the
+timeline wraps two methods, the transport's write and the link's read,
+with a time stamp each, for its own runs only).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import io
 import os
 import pstats
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -441,8 +449,63 @@ def trivial_path(runs: int) -> list[str]:
                             _write(f"trivial-pyspy-{name}.txt", summarize_pyspy(raw))
                         )
                         os.unlink(raw)
+            # 4. the master's path per run, in three stretches
+            written.append(
+                _write("trivial-timeline.txt", timeline(m, data, runs, trivial))
+            )
     shutil.rmtree(profiles, ignore_errors=True)
     return written
+
+
+def timeline(master, data, runs: int, job) -> str:
+    """Per run: call -> first frame written -> last frame read -> return,
+    from time stamps taken by the transport's write and the link's read
+    (wrapped for these runs only), medians in microseconds."""
+    from qjamfab.links import transport, workers
+
+    stamps: dict[str, list[float]] = {"write": [], "read": []}
+    clock = time.perf_counter
+    real_write = transport.PipesTransport.writev
+    real_read = workers.Link.read_events
+
+    def writev(self, buffers):
+        stamps["write"].append(clock())
+        return real_write(self, buffers)
+
+    def read_events(self):
+        stamps["read"].append(clock())
+        return real_read(self)
+
+    spans: dict[str, list[float]] = {"before": [], "between": [], "after": []}
+    transport.PipesTransport.writev = writev  # type: ignore[method-assign]
+    workers.Link.read_events = read_events  # type: ignore[method-assign]
+    try:
+        for _ in range(runs):
+            stamps["write"].clear()
+            stamps["read"].clear()
+            started = clock()
+            master.run(job, 1, data)
+            ended = clock()
+            spans["before"].append(stamps["write"][0] - started)
+            spans["between"].append(stamps["read"][-1] - stamps["write"][0])
+            spans["after"].append(ended - stamps["read"][-1])
+    finally:
+        transport.PipesTransport.writev = real_write  # type: ignore[method-assign]
+        workers.Link.read_events = real_read  # type: ignore[method-assign]
+    rows = [
+        ("Master.run called -> its first frame written", spans["before"]),
+        ("first frame written -> last frame read", spans["between"]),
+        ("last frame read -> Master.run returns", spans["after"]),
+    ]
+    total = statistics.median(sum(parts) for parts in zip(*(spans[k] for k in spans)))
+    return "\n".join(
+        [
+            f"the master's path per trivial run, {runs} runs, median us "
+            "(time stamps at the transport's write and the link's read)",
+            *(f"{name:48} {statistics.median(xs) * 1e6:8.1f}" for name, xs in rows),
+            f"{'whole run':48} {total * 1e6:8.1f}",
+        ]
+    )
 
 
 def transfer_path(mib: int, resends: int = 2) -> list[str]:

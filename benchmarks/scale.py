@@ -16,15 +16,17 @@ configurations under the same conditions:
 - one host's workers, 1 and 8, forked from its template and each its own
   Python (QJAMFAB_FORKSERVER=0), cold and warm: ready, and the CPU the
   host's processes used to start them;
-- the floor under the ready times: OpenSSH alone starting a Python on
-  each host at once (`ssh host python3 -c pass`, one client per host),
-  in the same rounds: every session costs the hosts' sshds (key exchange,
-  session, login shell) on these same 2 cores.
+- the floor under the ready times, in the same rounds: OpenSSH alone
+  starting on each host at once the Python qjamfab's hosts run (`ssh host
+  PYTHON -c pass`, one client per host), and a session alone (`ssh host
+  true`): every session costs the hosts' sshds (key exchange, session,
+  the login shell and what its rc file runs) on these same 2 cores.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -81,14 +83,14 @@ def _ready(servers, aliases, per_host: int, cold: bool) -> dict:
     }
 
 
-def _openssh_ready(servers, aliases) -> float:
-    """Seconds for OpenSSH alone to start a Python on every host at once
-    (one `ssh host python3 -c pass` per host): what any tool that runs an
-    agent over SSH pays before its own work."""
+def _openssh_ready(servers, aliases, command: str) -> float:
+    """Seconds for OpenSSH alone to run `command` on every host at once
+    (one `ssh host COMMAND` per host): what any tool that runs an agent
+    over SSH pays before its own work."""
     started = time.perf_counter()
     procs = [
         subprocess.Popen(
-            ["ssh", "-F", servers.ssh_config, alias, "python3 -c pass"],
+            ["ssh", "-F", servers.ssh_config, alias, command],
             stdin=subprocess.DEVNULL,
         )
         for alias in aliases
@@ -185,6 +187,8 @@ def run(scale: Scale, log=print) -> dict:
     )
     rounds = 3 if scale.name == "full" else 1
     runs = 300 if scale.name == "full" else 30
+    from qjamfab.engines import cluster
+
     rows: dict = {}
     with ssh_hosts(n_hosts) as servers:
         big, small = servers.aliases, servers.aliases[:1]
@@ -203,16 +207,24 @@ def run(scale: Scale, log=print) -> dict:
                     r["host_cpu_s"] for r in results
                 )
                 row["ssh_clients"] = results[-1]["ssh_clients"]
-            row["openssh_s"] = statistics.median(
-                _openssh_ready(servers, aliases) for _ in range(rounds)
-            )
+            # The Python qjamfab's hosts run (this benchmark's wrapper of
+            # this Python), as qjamfab starts it; and the session alone.
+            python = shlex.quote(cluster.remote_python())
+            for key, command in (
+                ("openssh_s", f"{python} -c pass"),
+                ("ssh_session_s", "true"),
+            ):
+                row[key] = statistics.median(
+                    _openssh_ready(servers, aliases, command) for _ in range(rounds)
+                )
             row["master_cpu_ms"] = 1e3 * _master_cpu_per_run(
                 servers, aliases, workers, runs
             )
             log(
                 f"  {label}: ready cold {row['cold_s']:.2f} s (hosts' CPU "
                 f"{row['cold_host_cpu_s']:.2f} s), warm {row['warm_s']:.2f} s"
-                f"; OpenSSH alone {row['openssh_s']:.2f} s"
+                f"; OpenSSH alone {row['openssh_s']:.2f} s (a session alone "
+                f"{row['ssh_session_s']:.2f} s)"
                 f"; master CPU per trivial run {row['master_cpu_ms']:.3f} ms;"
                 f" {row['ssh_clients']} OpenSSH clients"
             )
@@ -222,12 +234,13 @@ def run(scale: Scale, log=print) -> dict:
     table = "\n".join(
         [
             f"{'layout':>8} {'cold s':>8} {'hosts CPU s':>12} {'warm s':>8} "
-            f"{'OpenSSH s':>10} {'master ms/run':>14} {'ssh':>4}"
+            f"{'OpenSSH s':>10} {'session s':>10} {'master ms/run':>14} "
+            f"{'ssh':>4}"
         ]
         + [
             f"{k:>8} {r['cold_s']:8.2f} {r['cold_host_cpu_s']:12.2f} "
             f"{r['warm_s']:8.2f} {r['openssh_s']:10.2f} "
-            f"{r['master_cpu_ms']:14.3f} "
+            f"{r['ssh_session_s']:10.2f} {r['master_cpu_ms']:14.3f} "
             f"{r['ssh_clients']:4d}"
             for k, r in rows.items()
         ]
@@ -241,7 +254,10 @@ def run(scale: Scale, log=print) -> dict:
     floor = (
         f"; OpenSSH alone, a Python started on each host at once: "
         f"{many['openssh_s']:.2f} s vs {one['openssh_s']:.2f} s "
-        f"({many['openssh_s'] / one['openssh_s']:.2f}x)"
+        f"({many['openssh_s'] / one['openssh_s']:.2f}x); a session alone "
+        f"(ssh host true): {many['ssh_session_s']:.2f} s vs "
+        f"{one['ssh_session_s']:.2f} s "
+        f"({many['ssh_session_s'] / one['ssh_session_s']:.2f}x)"
     )
     targets = [
         target(
