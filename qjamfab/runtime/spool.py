@@ -81,7 +81,6 @@ class Spool:
         self.directory = directory
         self.prefix = prefix  # each end's files apart from the other's
         self.names = itertools.count(1)
-        self.frames = 0  # spooled by this end
 
     def out(self, buffers: list) -> list:
         """A frame's buffers to write on the stream: a SPOOL frame instead
@@ -103,7 +102,6 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             return buffers
-        self.frames += 1
         return protocol.frame(protocol.SPOOL, {"name": name})
 
     def take(self, head: dict) -> int:
