@@ -293,3 +293,27 @@ def test_benchmarks_run_one_blas_thread_with_the_librarys_own_kernels(
     assert "MKL_ENABLE_INSTRUCTIONS" not in os.environ
     assert os.environ["PATH_KEPT"] == "x"
     assert all(os.environ[name] == "1" for name in BLAS_VARS)
+
+
+@pytest.mark.timeout(180)
+def test_history_times_the_trivial_run_at_each_commit_in_turn(restored_environ):
+    """`python -m benchmarks.history REV ...`: a commit's own qjamfab,
+    exported and timed in a child of its own, once per pass."""
+    import shutil
+    import subprocess
+
+    from benchmarks import common, history
+
+    if (
+        shutil.which("git") is None
+        or subprocess.run(
+            ["git", "-C", common.ROOT, "rev-parse", "HEAD"], capture_output=True
+        ).returncode
+    ):
+        pytest.skip("needs a git clone of the repository")
+    rows = history.measure(["HEAD"], passes=2, runs=20)
+    assert list(rows) == ["HEAD"]
+    row = rows["HEAD"]
+    assert len(row["passes"]) == 2
+    assert row["master_ms"] > 0 and row["wall_ms"] > 0
+    assert row["workers_ms"] >= 0  # /proc counts whole clock ticks
