@@ -148,7 +148,10 @@ def measure_verify(mb: int, rounds: int) -> dict:
     from qjamfab.runtime.cache import RefCache
 
     first, second, plain = [], [], []
-    with tempfile.TemporaryDirectory(prefix="qjamfab-bench-verify-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="qjamfab-bench-verify-") as parent:
+        # The cache keeps its lock and pins beside its directory: in here.
+        tmp = os.path.join(parent, "cache")
+        os.mkdir(tmp, 0o700)
         value = np.arange(mb * MB // 8, dtype=np.float64)
         parts = protocol.encode(value)
         for k in range(rounds):

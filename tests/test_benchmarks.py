@@ -234,9 +234,15 @@ def test_suite_smoke(tmp_path):
 def test_reduce_benchmark_smoke(tmp_path, restored_environ):
     """`python -m benchmarks.reduce` at a tiny size: every configuration
     ran and was right, and it wrote reduce.json with its targets."""
+    import glob
+    import tempfile
+
     from benchmarks import reduce as reduce_bench
 
+    leftovers = os.path.join(tempfile.gettempdir(), "qjamfab-bench-verify-*")
+    before = set(glob.glob(leftovers))
     assert reduce_bench.main(["--scale", "tiny", "--out", str(tmp_path)]) == 0
+    assert set(glob.glob(leftovers)) == before  # its cache's lock and pins too
     with open(tmp_path / "reduce.json") as f:
         saved = json.load(f)
     rows = saved["memory"]
