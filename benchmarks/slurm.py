@@ -232,10 +232,10 @@ def measure(scale_name: str, log=print) -> dict:
     if not slurm_available():
         return {"skipped": "Slurm is not installed", "rows": {}}
     rows = {}
-    # srun gives the nodes' workers this process's environment, which
-    # one_blas_thread (standalone_main) rid of this machine's BLAS kernel
-    # settings: with them, the Slurm workers alone took 40 against 32 ms
-    # of compute per evaluation.
+    # srun gives the nodes' workers this process's environment, from which
+    # one_blas_thread (in standalone_main) dropped this machine's BLAS
+    # kernel settings: with them, the Slurm workers alone took 40 against
+    # 32 ms of compute per evaluation.
     with (
         SlurmCluster() as cluster,
         env(SLURM_CONF=cluster.conf),
